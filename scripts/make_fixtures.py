@@ -1,0 +1,847 @@
+#!/usr/bin/env python3
+"""Generate tiny random MoE reference fixtures for moe-harness.
+
+Builds small RANDOM checkpoints with Hugging Face transformers (the reference implementation), converts some of
+them to MLX 4-bit with mlx-lm's own code, and writes for every fixture under tests/fixtures/models/<name>/:
+
+  config.json                 as the real layout has it (hub spelling, transformers-5 spelling, or mlx-lm output)
+  model*.safetensors[.index]  weights (HF per-expert hub keys, or MLX stacked switch_mlp keys)
+  reference.safetensors       tensor `logits`: f32 [T, vocab] for the fixed token sequence (HF, float32)
+  reference.json              tokens, per-layer routing captured from the HF forward, greedy continuation, versions
+
+Everything is seeded; re-running gives byte-identical weights and references for the same package versions
+(pinned in scripts/requirements-fixtures.txt).
+
+Usage:  python scripts/make_fixtures.py [--out tests/fixtures/models] [--only glm4_moe,qwen3_moe,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+torch.set_num_interop_threads(1)
+
+import safetensors  # noqa: E402
+import transformers  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+import mlx.core as mx  # noqa: E402
+import mlx_lm  # noqa: E402
+from mlx.utils import tree_map, tree_map_with_path  # noqa: E402
+from mlx_lm.utils import load_model as mlx_load_model  # noqa: E402
+from mlx_lm.utils import quantize_model as mlx_quantize_model  # noqa: E402
+from mlx_lm.utils import save_config as mlx_save_config  # noqa: E402
+from mlx_lm.utils import save_model as mlx_save_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+T = 12  # reference sequence length
+PROMPT_LEN = 4
+GEN_LEN = 8
+ROUTING_MARGIN = 1e-4  # min gap between k-th and (k+1)-th choice score (and between kept/dropped groups)
+GREEDY_MARGIN = 1e-3  # min gap top1 - top2 logit at every greedy step
+W_STD = 0.05
+NORM_STD = 0.1
+BIAS_STD = 0.05
+ESCB_STD = 0.1  # e_score_correction_bias
+Q_GROUP, Q_BITS = 64, 4
+
+VERSIONS = {
+    "python": platform.python_version(),
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "mlx": mx.__version__,
+    "mlx-lm": mlx_lm.__version__,
+    "numpy": np.__version__,
+    "safetensors": safetensors.__version__,
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub-spelling configs (what the original checkpoints on the hub look like)
+# ----------------------------------------------------------------------------------------------------------------
+
+GLM_HUB = {
+    "architectures": ["Glm4MoeForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "pad_token_id": None,
+    "eos_token_id": None,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "hidden_size": 128,
+    "partial_rotary_factor": 0.5,
+    "initializer_range": 0.02,
+    "intermediate_size": 128,
+    "max_position_embeddings": 4096,
+    "model_type": "glm4_moe",
+    "moe_intermediate_size": 64,
+    "norm_topk_prob": True,
+    "num_attention_heads": 4,
+    "n_group": 2,
+    "topk_group": 1,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "num_nextn_predict_layers": 1,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "transformers_version": transformers.__version__,
+    "use_cache": True,
+    "use_qk_norm": True,
+    "vocab_size": 256,
+}
+
+QWEN_HUB = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "decoder_sparse_step": 1,
+    "head_dim": 16,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "initializer_range": 0.02,
+    "intermediate_size": 128,
+    "max_position_embeddings": 4096,
+    "max_window_layers": 3,
+    "mlp_only_layers": [0],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 64,
+    "norm_topk_prob": True,
+    "num_attention_heads": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 2,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "transformers_version": transformers.__version__,
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 256,
+}
+
+MIXTRAL_HUB = {
+    "architectures": ["MixtralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 4096,
+    "model_type": "mixtral",
+    "num_attention_heads": 4,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "transformers_version": transformers.__version__,
+    "use_cache": True,
+    "vocab_size": 256,
+}
+
+LLAMA_HUB = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "initializer_range": 0.02,
+    "intermediate_size": 128,
+    "max_position_embeddings": 4096,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "transformers_version": transformers.__version__,
+    "use_cache": True,
+    "vocab_size": 256,
+}
+
+FAMILIES = {
+    "glm4_moe": {"hub": GLM_HUB, "seed": 1000, "router": "sigmoid_noaux_tc"},
+    "qwen3_moe": {"hub": QWEN_HUB, "seed": 2000, "router": "softmax_topk"},
+    "mixtral": {"hub": MIXTRAL_HUB, "seed": 3000, "router": "softmax_topk"},
+    "llama": {"hub": LLAMA_HUB, "seed": 4000, "router": None},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def load_hf(path: Path, dtype=torch.float32):
+    """Load a checkpoint dir with HF transformers, eager attention + eager experts, f32 compute."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+    )
+    model.eval()
+    return model
+
+
+def build_random_hf(hub_cfg: dict, seed: int):
+    """Instantiate an HF model from a hub-spelling config and fill it with seeded random values."""
+    with tempfile.TemporaryDirectory() as td:
+        write_json(Path(td) / "config.json", hub_cfg)
+        cfg = AutoConfig.from_pretrained(td)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        cfg, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + NORM_STD * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(BIAS_STD * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(W_STD * torch.randn(p.shape, generator=g))
+        for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(ESCB_STD * torch.randn(b.shape, generator=g))
+    model.eval()
+    return model
+
+
+class RouterCapture:
+    """Forward hooks on every `mlp.gate` router; records (layer, input, logits, weights, indices) per call."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handles = []
+        for li, layer in enumerate(model.model.layers):
+            gate = getattr(getattr(layer, "mlp", None), "gate", None)
+            if gate is not None and isinstance(gate, torch.nn.Module) and not isinstance(gate, torch.nn.Linear):
+                self.handles.append(gate.register_forward_hook(self._hook(li)))
+
+    def _hook(self, li):
+        def fn(module, inputs, outputs):
+            logits, weights, idx = outputs
+            self.calls.append(
+                {
+                    "layer": li,
+                    "x": inputs[0].detach().reshape(-1, inputs[0].shape[-1]).clone(),
+                    "logits": logits.detach().float().clone(),
+                    "weights": weights.detach().float().clone(),
+                    "idx": idx.detach().clone(),
+                    "module": module,
+                }
+            )
+
+        return fn
+
+    def reset(self):
+        self.calls = []
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def check_router_call(call, cfg, router_kind):
+    """Independent check of one captured router call: returns (min_margin, n_bias_changed).
+
+    Recomputes the selection from the captured logits with our own code ONLY to (a) measure the tie margin and
+    (b) assert that it agrees with what HF selected. Reference routing always comes from the HF outputs.
+    """
+    logits = call["logits"]
+    k = cfg.num_experts_per_tok
+    hf_sets = [set(r.tolist()) for r in call["idx"]]
+    min_margin = float("inf")
+    changed = 0
+    if router_kind == "sigmoid_noaux_tc":
+        module = call["module"]
+        bias = module.e_score_correction_bias.detach().float()
+        G, TG = cfg.n_group, cfg.topk_group
+        s = logits.sigmoid()
+
+        def select(c):
+            nonlocal min_margin
+            E = c.shape[-1]
+            gs = c.view(-1, G, E // G).topk(2, dim=-1).values.sum(-1)
+            gsorted = gs.sort(dim=-1, descending=True).values
+            if G > TG:
+                min_margin = min(min_margin, float((gsorted[:, TG - 1] - gsorted[:, TG]).min()))
+            gsel = gs.topk(TG, dim=-1).indices
+            gmask = torch.zeros_like(gs).scatter_(1, gsel, 1.0).bool()
+            emask = gmask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
+            cm = c.masked_fill(~emask, float("-inf"))
+            cs = cm.sort(dim=-1, descending=True).values
+            gap = cs[:, k - 1] - cs[:, k]
+            min_margin = min(min_margin, float(gap.min()))
+            return [set(r.tolist()) for r in cm.topk(k, dim=-1).indices]
+
+        mine = select(s + bias)
+        saved = min_margin
+        nobias = select(s)  # what zero bias would have routed
+        min_margin = saved
+        changed = sum(1 for a, b in zip(mine, nobias) if a != b)
+    else:
+        p = torch.softmax(logits, dim=-1)
+        ps = p.sort(dim=-1, descending=True).values
+        min_margin = float((ps[:, k - 1] - ps[:, k]).min())
+        mine = [set(r.tolist()) for r in p.topk(k, dim=-1).indices]
+    assert mine == hf_sets, "own recomputation disagrees with HF router selection"
+    return min_margin, changed
+
+
+def run_reference(model, tokens, cfg, router_kind):
+    """Full forward of the T tokens in f32 + greedy generation with KV cache. Returns dict of results."""
+    cap = RouterCapture(model)
+    ids = torch.tensor([tokens], dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False)
+    logits = out.logits[0].float().clone()
+    routing, routing_w = {}, {}
+    margins = []
+    bias_changed = 0
+    for call in cap.calls:
+        m, ch = check_router_call(call, cfg, router_kind)
+        margins.append(m)
+        bias_changed += ch
+        ids_l, w_l = [], []
+        for r_idx, r_w in zip(call["idx"].tolist(), call["weights"].tolist()):
+            order = sorted(range(len(r_idx)), key=lambda j: r_idx[j])
+            ids_l.append([int(r_idx[j]) for j in order])
+            w_l.append([float(r_w[j]) for j in order])
+        routing[str(call["layer"])] = ids_l
+        routing_w[str(call["layer"])] = w_l
+    # greedy with KV cache through HF generate
+    cap.reset()
+    prompt = tokens[:PROMPT_LEN]
+    with torch.no_grad():
+        # explicit all-ones attention_mask: otherwise generate() infers one from pad_token_id and would mask
+        # prompt tokens that happen to equal it
+        gen = model.generate(
+            torch.tensor([prompt], dtype=torch.long),
+            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=GEN_LEN,
+            min_new_tokens=GEN_LEN,
+            eos_token_id=None,
+            pad_token_id=cfg.vocab_size - 1,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    generated = gen.sequences[0, PROMPT_LEN:].tolist()
+    assert len(generated) == GEN_LEN
+    greedy_margin = float("inf")
+    for step_logits in gen.logits:
+        top2 = step_logits[0].float().topk(2).values
+        greedy_margin = min(greedy_margin, float(top2[0] - top2[1]))
+    gen_router_margin = float("inf")
+    for call in cap.calls:
+        m, _ = check_router_call(call, cfg, router_kind)
+        gen_router_margin = min(gen_router_margin, m)
+    cap.close()
+    # cross-check generate() against a no-cache argmax loop
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(GEN_LEN):
+            lg = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+            seq.append(int(lg.argmax()))
+    assert seq[PROMPT_LEN:] == generated, (seq, generated)
+    return {
+        "logits": logits,
+        "routing": routing,
+        "routing_weights": routing_w,
+        "generated": generated,
+        "min_routing_margin": min(margins) if margins else None,
+        "min_gen_routing_margin": gen_router_margin if cap.calls else None,
+        "min_greedy_margin": greedy_margin,
+        "bias_changed": bias_changed,
+    }
+
+
+def margins_ok(ref) -> bool:
+    ok = ref["min_greedy_margin"] > GREEDY_MARGIN
+    for key in ("min_routing_margin", "min_gen_routing_margin"):
+        if ref[key] is not None:
+            ok = ok and ref[key] > ROUTING_MARGIN
+    return ok
+
+
+def moe_layers(cfg) -> list[int]:
+    mt = cfg.model_type
+    n = cfg.num_hidden_layers
+    if mt == "glm4_moe":
+        return [i for i in range(n) if i >= cfg.first_k_dense_replace]
+    if mt == "qwen3_moe":
+        return [
+            i
+            for i in range(n)
+            if i not in cfg.mlp_only_layers and cfg.num_experts > 0 and (i + 1) % cfg.decoder_sparse_step == 0
+        ]
+    if mt == "mixtral":
+        return list(range(n))
+    return []
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def write_reference(out: Path, family, dtype_desc, tokens, ref, notes, extra=None):
+    save_file({"logits": ref["logits"].contiguous()}, str(out / "reference.safetensors"))
+    obj = {
+        "family": family,
+        "dtype": dtype_desc,
+        "tokens": tokens,
+        "routing": ref["routing"],
+        "routing_weights": ref["routing_weights"],
+        "greedy": {"prompt": tokens[:PROMPT_LEN], "generated": ref["generated"]},
+        "versions": VERSIONS,
+        "notes": notes,
+        "checks": {
+            "min_routing_margin": ref["min_routing_margin"],
+            "min_generation_routing_margin": ref["min_gen_routing_margin"],
+            "min_greedy_logit_margin": ref["min_greedy_margin"],
+            "routing_margin_threshold": ROUTING_MARGIN,
+            "greedy_margin_threshold": GREEDY_MARGIN,
+        },
+    }
+    if extra:
+        obj.update(extra)
+    write_json(out / "reference.json", obj)
+
+
+def verify_reload(path: Path, tokens, expect_logits, tol=1e-5, dtype=torch.float32):
+    m = load_hf(path, dtype=dtype)
+    with torch.no_grad():
+        lg = m(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].float()
+    diff = float((lg - expect_logits).abs().max())
+    assert diff <= tol, f"{path.name}: reload logits differ by {diff}"
+    return diff
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MTP extra layer (GLM): tensors under model.layers.{num_hidden_layers} that an engine must ignore
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def glm_mtp_tensors(cfg, seed) -> dict:
+    g = torch.Generator().manual_seed(seed + 777)
+    H, E, I = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    p = f"model.layers.{cfg.num_hidden_layers}"
+
+    def r(*shape, std=W_STD, base=0.0):
+        return (base + std * torch.randn(shape, generator=g)).float()
+
+    return {
+        f"{p}.eh_proj.weight": r(H, 2 * H),
+        f"{p}.enorm.weight": r(H, std=NORM_STD, base=1.0),
+        f"{p}.hnorm.weight": r(H, std=NORM_STD, base=1.0),
+        f"{p}.shared_head.norm.weight": r(H, std=NORM_STD, base=1.0),
+        f"{p}.input_layernorm.weight": r(H, std=NORM_STD, base=1.0),
+        f"{p}.post_attention_layernorm.weight": r(H, std=NORM_STD, base=1.0),
+        f"{p}.mlp.gate.weight": r(E, H),
+        f"{p}.mlp.gate.e_score_correction_bias": r(E, std=ESCB_STD),
+        f"{p}.mlp.experts.0.gate_proj.weight": r(I, H),
+        f"{p}.mlp.experts.0.up_proj.weight": r(I, H),
+        f"{p}.mlp.experts.0.down_proj.weight": r(H, I),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLX conversion + numpy dequantization
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mlx_convert_4bit(src: Path, dst: Path) -> dict:
+    """Replicates `mlx_lm.convert(hf_path=src, mlx_path=dst, quantize=True, q_group_size=64, q_bits=4,
+    dtype="bfloat16")` with mlx-lm's own functions (convert() itself insists on a tokenizer, which these tiny
+    fixtures do not have): load_model -> cast floats to bf16 (model.cast_predicate) -> quantize_model (with the
+    model's quant_predicate) -> save_model -> save_config."""
+    model, config = mlx_load_model(src, lazy=False)
+    dtype = mx.bfloat16
+    cast_predicate = getattr(model, "cast_predicate", lambda _: True)
+
+    def set_dtype(k, v):
+        if cast_predicate(k) and mx.issubdtype(v.dtype, mx.floating):
+            return v.astype(dtype)
+        return v
+
+    model.update(tree_map_with_path(set_dtype, model.parameters()))
+    model, config = mlx_quantize_model(model, config, Q_GROUP, Q_BITS, mode="affine")
+    mlx_save_model(dst, model)
+    mlx_save_config(config, config_path=dst / "config.json")
+    return config
+
+
+def mlx_tensors_as_numpy(path: Path) -> dict:
+    arrs = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        for k, v in mx.load(str(f)).items():
+            arrs[k] = v
+    out = {}
+    for k, v in arrs.items():
+        if v.dtype == mx.uint32:
+            out[k] = (np.array(v), "uint32", v)
+        else:
+            out[k] = (np.array(v.astype(mx.float32)), str(v.dtype).replace("mlx.core.", ""), v)
+    return out
+
+
+def np_dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int, bits: int) -> np.ndarray:
+    """w = scales * q + biases (float32); element j of a uint32 word sits at bits j*bits .. j*bits+bits (LSB first)."""
+    per = 32 // bits
+    mask = np.uint32((1 << bits) - 1)
+    shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits)).astype(np.uint32)
+    q = (wq[..., None] >> shifts) & mask  # [..., out, in/per, per]
+    q = q.reshape(*wq.shape[:-1], wq.shape[-1] * per).astype(np.float32)
+    n_in = q.shape[-1]
+    qg = q.reshape(*q.shape[:-1], n_in // group_size, group_size)
+    w = scales.astype(np.float32)[..., None] * qg + biases.astype(np.float32)[..., None]
+    return w.reshape(*q.shape[:-1], n_in).astype(np.float32)
+
+
+def mlx_to_hf_f32(mlx_dir: Path, qcfg: dict, hub_cfg: dict, hf_dir: Path) -> dict:
+    """Dequantize an MLX checkpoint in float32 (numpy) and write it as an HF hub-layout f32 checkpoint.
+    Returns info about quantized tensors (dtypes, shapes, cross-check errors)."""
+    t = mlx_tensors_as_numpy(mlx_dir)
+    default = qcfg["quantization"]
+    info = {"quantized_modules": {}, "unquantized": {}, "max_rel_err_vs_mx_dequantize": 0.0}
+    dense = {}
+    bases = sorted({k[: -len(".scales")] for k in t if k.endswith(".scales")})
+    for base in bases:
+        wq, wdt, wmx = t[base + ".weight"]
+        sc, sdt, smx = t[base + ".scales"]
+        bi, bdt, bmx = t[base + ".biases"]
+        params = qcfg["quantization"].get(base, default)
+        gs, bits = params["group_size"], params["bits"]
+        assert wdt == "uint32"
+        w = np_dequantize(wq, sc, bi, gs, bits)
+        ref = np.array(mx.dequantize(wmx, smx, bmx, group_size=gs, bits=bits, mode="affine").astype(mx.float32))
+        scale = float(np.abs(w).max()) + 1e-12
+        rel = float(np.abs(ref - w).max()) / scale
+        assert rel < 2.0**-7, f"numpy dequant vs mx.dequantize mismatch on {base}: {rel}"
+        info["max_rel_err_vs_mx_dequantize"] = max(info["max_rel_err_vs_mx_dequantize"], rel)
+        info["quantized_modules"][base] = {
+            "bits": bits,
+            "group_size": gs,
+            "weight": [list(wq.shape), wdt],
+            "scales": [list(sc.shape), sdt],
+            "biases": [list(bi.shape), bdt],
+        }
+        dense[base + ".weight"] = w
+    for k, (arr, dt, _) in t.items():
+        if any(k == b + s for b in bases for s in (".weight", ".scales", ".biases")):
+            continue
+        dense[k] = arr.astype(np.float32)
+        info["unquantized"][k] = [list(arr.shape), dt]
+    # un-stack experts back to hub per-expert keys
+    hf = {}
+    for k, v in dense.items():
+        if ".switch_mlp." in k:
+            pre, post = k.split(".switch_mlp.")
+            proj = post.split(".")[0]
+            for e in range(v.shape[0]):
+                if "block_sparse_moe" in pre:
+                    wname = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[proj]
+                    hf[f"{pre}.experts.{e}.{wname}.weight"] = torch.from_numpy(np.ascontiguousarray(v[e]))
+                else:
+                    hf[f"{pre}.experts.{e}.{proj}.weight"] = torch.from_numpy(np.ascontiguousarray(v[e]))
+        else:
+            hf[k] = torch.from_numpy(np.ascontiguousarray(v))
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    save_file(hf, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    write_json(hf_dir / "config.json", hub_cfg)
+    return info
+
+
+def mlx_logits(mlx_dir: Path, tokens, f32: bool = False) -> np.ndarray:
+    """mlx-lm's own forward of the saved MLX checkpoint. f32=True upcasts every floating parameter (scales,
+    biases, norms, unquantized weights) to float32 first, so it must match the HF float32 reference closely."""
+    model, _ = mlx_load_model(mlx_dir, lazy=False)
+    if f32:
+        model.update(
+            tree_map(lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v, model.parameters())
+        )
+    out = model(mx.array([tokens]))
+    return np.array(out[0].astype(mx.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-family generation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shard_glm(model, cfg, extra: dict, out: Path):
+    """save_pretrained with a small max_shard_size; the MTP tensors are appended to the state dict so they land in
+    the last shard, as in the real GLM checkpoints."""
+    sd = dict(model.state_dict())
+    sd.update(extra)
+    model.save_pretrained(str(out), state_dict=sd, max_shard_size="1MB")
+
+
+def family_tokens(seed, vocab):
+    rng = np.random.RandomState(seed)
+    return [int(x) for x in rng.randint(0, vocab, size=T)]
+
+
+def make_family(family: str, out_root: Path, summary: list):
+    spec = FAMILIES[family]
+    hub = spec["hub"]
+    router = spec["router"]
+    for attempt in range(40):
+        seed = spec["seed"] + attempt
+        staging = Path(tempfile.mkdtemp(prefix=f"fx_{family}_"))
+        try:
+            ok, produced = try_family(family, hub, router, seed, staging)
+        except AssertionError as e:
+            print(f"[{family}] seed {seed}: assertion {e}; reseeding")
+            ok, produced = False, []
+        if ok:
+            for name, meta in produced:
+                dst = out_root / name
+                if dst.exists():
+                    shutil.rmtree(dst)
+                shutil.copytree(staging / name, dst)
+                for f in dst.iterdir():
+                    f.chmod(0o644)
+                summary.append((name, dir_size(dst), meta))
+            shutil.rmtree(staging)
+            print(f"[{family}] done with seed {seed}")
+            return
+        shutil.rmtree(staging)
+    raise SystemExit(f"{family}: no seed passed the margin checks")
+
+
+def common_notes(cfg):
+    return (
+        "Random tiny model generated by scripts/make_fixtures.py. Weights: normal(0, 0.05); RMSNorm weights 1 + "
+        "normal(0, 0.1); attention biases normal(0, 0.05); e_score_correction_bias normal(0, 0.1) (GLM). Reference "
+        "computed with HF transformers in float32, attn_implementation=eager, experts_implementation=eager. "
+        "routing[layer][t] = expert ids chosen for token t (sorted ascending), captured by a forward hook on the "
+        "HF router module (mlp.gate); routing_weights are the HF router's weights for those ids (same order). "
+        f"MoE layers: {moe_layers(cfg)}. Greedy: HF generate(do_sample=False) with KV cache from the first "
+        f"{PROMPT_LEN} tokens, cross-checked with a no-cache argmax loop."
+    )
+
+
+def try_family(family, hub, router, seed, staging: Path):
+    produced = []
+    tokens = family_tokens(seed, hub["vocab_size"])
+    model = build_random_hf(hub, seed)
+    cfg = model.config
+
+    # ---------------- f32 (hub config spelling) ----------------
+    if family == "glm4_moe":
+        name32 = "glm4_moe-f32-sharded"
+    elif family == "llama":
+        name32 = "llama-dense"
+    else:
+        name32 = f"{family}-f32"
+    d32 = staging / name32
+    ref32 = run_reference(model, tokens, cfg, router)
+    if not margins_ok(ref32):
+        print(f"[{family}] seed {seed}: f32 margins too small {ref32['min_routing_margin']}, "
+              f"{ref32['min_gen_routing_margin']}, {ref32['min_greedy_margin']}")
+        return False, []
+    if family == "glm4_moe":
+        if ref32["bias_changed"] == 0:
+            print(f"[{family}] seed {seed}: e_score_correction_bias changes no routing decision; reseeding")
+            return False, []
+        extra = glm_mtp_tensors(cfg, seed)
+        shard_glm(model, cfg, extra, d32)
+        assert (d32 / "model.safetensors.index.json").exists()
+        assert len(list(d32.glob("model-*.safetensors"))) >= 2
+    else:
+        model.save_pretrained(str(d32))
+    t5_cfg32 = json.load(open(d32 / "config.json"))
+    write_json(d32 / "config.json", hub)  # hub spelling on disk
+    (d32 / "generation_config.json").unlink(missing_ok=True)
+    diff = verify_reload(d32, tokens, ref32["logits"], tol=1e-5)
+    notes = common_notes(cfg) + " Config in hub (original) spelling: top-level rope_theta"
+    if family == "glm4_moe":
+        notes += (
+            ", partial_rotary_factor. Saved sharded by HF save_pretrained(max_shard_size='1MB'); transformers "
+            "5.24 save_pretrained already writes hub per-expert keys (revert_weight_conversion), no manual "
+            f"conversion. Extra MTP-style tensors under model.layers.{cfg.num_hidden_layers}.* (index == "
+            "num_hidden_layers, incl. a gate and expert 0) are in the last shard and MUST be ignored. "
+            f"routing_weights include routed_scaling_factor={cfg.routed_scaling_factor}. The nonzero "
+            f"e_score_correction_bias changes {ref32['bias_changed']} (token, layer) expert sets vs zero bias."
+        )
+    elif family == "qwen3_moe":
+        notes += ", num_experts (hub spelling; transformers 5 would write num_local_experts)."
+    elif family == "mixtral":
+        notes += "; hub keys block_sparse_moe.experts.{e}.w1/w2/w3 + block_sparse_moe.gate (written by HF save)."
+    else:
+        notes += ". Dense model: no experts; the engine must refuse it."
+    notes += f" HF reload max |logit diff| = {diff:.3g}."
+    ref32["bias_changed"] = ref32.get("bias_changed", 0)
+    write_reference(d32, family, "float32", tokens, ref32, notes,
+                    extra={"seed": seed, "moe_layers": moe_layers(cfg), "layout": "hf"})
+    produced.append((name32, {"ref": ref32, "config_keys": sorted(hub.keys())}))
+
+    if family == "llama":
+        return True, produced
+
+    # ---------------- bf16 (transformers-5 re-serialisation) ----------------
+    if family in ("glm4_moe", "qwen3_moe"):
+        name16 = f"{family}-bf16"
+        d16 = staging / name16
+        m16 = AutoModelForCausalLM.from_pretrained(str(d32), dtype=torch.bfloat16)
+        m16.save_pretrained(str(d16))  # config.json in transformers-5 spelling, single model.safetensors
+        (d16 / "generation_config.json").unlink(missing_ok=True)
+        del m16
+        assert (d16 / "model.safetensors").exists() and not (d16 / "model.safetensors.index.json").exists()
+        ref_model16 = load_hf(d16, dtype=torch.float32)  # bf16 weights upcast to f32
+        ref16 = run_reference(ref_model16, tokens, ref_model16.config, router)
+        if not margins_ok(ref16):
+            print(f"[{family}] seed {seed}: bf16 margins too small; reseeding")
+            return False, []
+        dts = {}
+        with safe_open(str(d16 / "model.safetensors"), "pt") as f:
+            for k in f.keys():
+                dts.setdefault(f.get_slice(k).get_dtype(), []).append(k)
+        notes16 = common_notes(cfg) + (
+            " Written by HF: from_pretrained(<f32 fixture>, dtype=bfloat16).save_pretrained(): transformers-5 config "
+            "spelling (rope_parameters {rope_theta, rope_type, partial_rotary_factor}, dtype, "
+            + ("n_routed_experts, num_nextn_predict_layers" if family == "glm4_moe" else "num_local_experts")
+            + "). Reference: the bf16 weights loaded and upcast to float32."
+        )
+        if family == "glm4_moe":
+            notes16 += (
+                " HF keeps mlp.gate.weight and e_score_correction_bias in F32 (_keep_in_fp32_modules_strict): "
+                "mixed-dtype checkpoint. The MTP tensors of the source are dropped by HF (not written)."
+                f" routing_weights include routed_scaling_factor={cfg.routed_scaling_factor}."
+            )
+        tensor_dtypes = {dt: len(v) for dt, v in dts.items()}
+        f32_keys = sorted(dts.get("F32", []))
+        write_reference(d16, family, "bfloat16", tokens, ref16, notes16,
+                        extra={"seed": seed, "moe_layers": moe_layers(cfg), "layout": "hf",
+                               "tensor_dtype_counts": tensor_dtypes, "f32_tensors": f32_keys})
+        produced.append((name16, {"ref": ref16}))
+
+    # ---------------- mlx 4-bit ----------------
+    name4 = f"{family}-mlx4"
+    d4 = staging / name4
+    qcfg = mlx_convert_4bit(d32, d4)
+    hf_tmp = staging / "_hf_dequant"
+    info = mlx_to_hf_f32(d4, qcfg, hub, hf_tmp)
+    ref_model4 = load_hf(hf_tmp, dtype=torch.float32)
+    ref4 = run_reference(ref_model4, tokens, ref_model4.config, router)
+    shutil.rmtree(hf_tmp)
+    if not margins_ok(ref4):
+        print(f"[{family}] seed {seed}: mlx4 margins too small; reseeding")
+        return False, []
+    ml = mlx_logits(d4, tokens)
+    mlx_diff = float(np.abs(ml - ref4["logits"].numpy()).max())
+    ml32 = mlx_logits(d4, tokens, f32=True)
+    mlx32_diff = float(np.abs(ml32 - ref4["logits"].numpy()).max())
+    assert mlx32_diff < 1e-3, f"mlx-lm f32 forward disagrees with the dequantized HF reference: {mlx32_diff}"
+    argmax_agree = int((ml.argmax(-1) == ref4["logits"].numpy().argmax(-1)).sum())
+    notes4 = common_notes(cfg) + (
+        " Converted with mlx-lm's own code (equivalent to mlx_lm.convert --dtype bfloat16 -q --q-group-size 64 "
+        "--q-bits 4): load_model(<f32 hub fixture>) -> cast floats to bf16 (cast_predicate) -> quantize_model "
+        "-> save_model/save_config. Reference: HF float32 model whose weights are the numpy float32 dequantized "
+        "values scales*q+biases (cross-checked vs mx.dequantize), unquantized tensors = stored values upcast. "
+        f"mlx-lm's own forward with all float params upcast to f32 matches the reference to {mlx32_diff:.3g} "
+        f"(asserted < 1e-3); its native bf16 forward differs by max |logit diff| {mlx_diff:.3g} "
+        f"(argmax agrees on {argmax_agree}/{T} positions), informational only. Quantized linears with a bias "
+        "(GLM q/k/v) store BOTH `.bias` (the Linear bias) and `.biases` (quantization offsets)."
+    )
+    if family == "glm4_moe":
+        notes4 += (
+            " mlx-lm's sanitize dropped the MTP layer; the router gate (MoEGate) is not quantized (bf16 weight, f32 "
+            f"e_score_correction_bias). routing_weights include routed_scaling_factor={cfg.routed_scaling_factor}."
+        )
+    elif family == "qwen3_moe":
+        notes4 += " qwen3_moe quant_predicate quantizes every mlp.gate router at 8 bits (per-module override in config)."
+    elif family == "mixtral":
+        notes4 += " mixtral has no quant_predicate: router block_sparse_moe.gate is 4-bit."
+    write_reference(d4, family, "mlx-affine-4bit-g64", tokens, ref4, notes4,
+                    extra={"seed": seed, "moe_layers": moe_layers(cfg), "layout": "mlx",
+                           "quantization": info, "mlx_lm_logits_max_abs_diff": mlx_diff,
+                           "mlx_lm_f32_logits_max_abs_diff": mlx32_diff,
+                           "mlx_lm_argmax_agree": argmax_agree})
+    produced.append((name4, {"ref": ref4, "quant": info}))
+    return True, produced
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "models"))
+    ap.add_argument("--only", default="glm4_moe,qwen3_moe,mixtral,llama")
+    args = ap.parse_args()
+    out_root = Path(args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for fam in args.only.split(","):
+        make_family(fam.strip(), out_root, summary)
+    print("\n=== summary ===")
+    print("versions:", json.dumps(VERSIONS))
+    total = 0
+    for name, size, meta in summary:
+        ref = meta["ref"]
+        total += size
+        print(
+            f"{name:24s} {size/1024:8.1f} KiB  routing layers={list(ref['routing'].keys())} "
+            f"min_margin={ref['min_routing_margin']} greedy={ref['generated']} "
+            f"greedy_margin={ref['min_greedy_margin']:.4g}"
+        )
+    print(f"total {total/1024/1024:.2f} MiB in {out_root}")
+
+
+if __name__ == "__main__":
+    main()

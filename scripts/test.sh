@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command of the README: installs what the tests need on a fresh machine, then runs them.
+#   bash scripts/test.sh            (CI runs exactly this through .ci/run)
+# Rust: the toolchain must exist (rustup). Python: the notebook test needs jupyter + polars +
+# matplotlib; they come from PyPI (scripts/requirements-test.txt) and are installed if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -c "import polars, matplotlib, nbconvert, nbformat, ipykernel" 2>/dev/null; then
+  python3 -m pip install -q -r scripts/requirements-test.txt
+fi
+cargo test --all-targets "$@"

@@ -1,0 +1,294 @@
+//! Command-line parsing (clap) and dispatch. Stage one: raw validated values from the command
+//! line; stage two: the library objects built from them.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use moe_harness::config::QuantParams;
+use moe_harness::engine::{Engine, EngineConfig, MissMode, Sampler};
+use moe_harness::experts::cache::Budget;
+use moe_harness::experts::policies::PolicySpec;
+use moe_harness::inspect;
+use moe_harness::io::{parse_size, write_atomic, write_npy_f32};
+
+#[derive(Parser)]
+#[command(name = "harness", version, about = "Lazy expert loading for Mixture-of-Experts LLMs: engine, cache policies, experiments")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compatibility report for a checkpoint directory or a bare config.json.
+    Inspect(InspectArgs),
+    /// Full-sequence prefill: write logits (NumPy f32 [T, vocab]) and optionally the routing.
+    Logits(LogitsArgs),
+    /// Generate text or tokens through the lazy-expert engine.
+    Generate(GenerateArgs),
+    /// Run an experiment file: every policy × budget cell over its prompts, with traces,
+    /// summaries and plots under results/<experiment>/<run-id>/.
+    Run(RunArgs),
+    /// Redraw the plots of a results directory from its Parquet files.
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Experiment TOML, e.g. experiments/default.toml.
+    experiment: PathBuf,
+    /// Results root (default: the experiment's `output.dir`, else ./results).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// CI-friendly quick mode: 3 prompts, 1 warm-up, at most 8 new tokens.
+    #[arg(long)]
+    quick: bool,
+    /// Run again even if complete results exist.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A results directory (results/<experiment>/<run-id>).
+    dir: PathBuf,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Checkpoint directory or config.json.
+    path: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Bits assumed when estimating sizes from a bare config.
+    #[arg(long, default_value_t = 4)]
+    bits: usize,
+    /// Group size assumed when estimating sizes from a bare config.
+    #[arg(long, default_value_t = 64)]
+    group_size: usize,
+}
+
+/// Cache options shared by every engine command.
+#[derive(Args, Clone)]
+pub struct CacheArgs {
+    /// Expert slots per MoE layer.
+    #[arg(long, conflicts_with = "budget")]
+    pub capacity: Option<usize>,
+    /// Expert bytes across all layers, e.g. 512MiB, 2GB (checkpoint bytes of the experts).
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// How a byte budget is shared: one global pool, or split equally per layer.
+    #[arg(long, default_value = "global", value_parser = ["global", "per-layer"])]
+    pub pool: String,
+    /// Eviction policy: lru, lfu, lfu-decay0.9, lcp-0.25-128, lookahead, static-N…
+    #[arg(long, default_value = "lru")]
+    pub policy: String,
+    /// Miss handling: load (exact) or skip (drop the missing expert, renormalise).
+    #[arg(long, default_value = "load")]
+    pub miss: String,
+}
+
+impl CacheArgs {
+    /// Builds the engine configuration.
+    pub fn engine_config(&self, moe_layers: usize) -> Result<EngineConfig> {
+        let budget = match (self.capacity, &self.budget) {
+            (Some(n), _) => Budget::SlotsPerLayer(n),
+            (None, Some(s)) => {
+                let b = parse_size(s).with_context(|| format!("--budget {s}"))?;
+                if self.pool == "per-layer" {
+                    Budget::BytesPerLayer(b / moe_layers.max(1) as u64)
+                } else {
+                    Budget::BytesGlobal(b)
+                }
+            }
+            (None, None) => Budget::Unlimited,
+        };
+        let policy = PolicySpec::parse(&self.policy).with_context(|| format!("--policy {}", self.policy))?;
+        let miss: MissMode = self.miss.parse().context("--miss")?;
+        Ok(EngineConfig { budget, policy, miss, record_trace: false })
+    }
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long)]
+    tokens: String,
+    /// Output .npy file (f32 [T, vocab]).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write routing JSON: {"<layer>": [[experts of token 0], …]}.
+    #[arg(long)]
+    routing: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (needs the model's tokenizer.json).
+    #[arg(long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Prompt token ids, comma-separated.
+    #[arg(long)]
+    tokens: Option<String>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+/// Parses the command line and runs the command.
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Inspect(a) => cmd_inspect(a),
+        Cmd::Logits(a) => cmd_logits(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Generate(a) => cmd_generate(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Run(a) => {
+            let exp = moe_harness::experiment::load(&a.experiment, true)?;
+            let opts = moe_harness::run::RunOptions { out_root: a.out, quick: a.quick, force: a.force, progress: true };
+            moe_harness::run::run(&exp, &opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Plot(a) => {
+            moe_harness::report::plot_dir(&a.dir)?;
+            eprintln!("plots written to {}", a.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<ExitCode> {
+    let est = QuantParams { bits: a.bits, group_size: a.group_size };
+    if !matches!(a.bits, 2 | 4 | 8) || a.group_size == 0 {
+        bail!("--bits must be 2, 4 or 8 and --group-size positive");
+    }
+    let r = inspect::inspect(&a.path, est)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{r}");
+    }
+    // A report was produced either way; a model the engine cannot run still exits non-zero so
+    // scripts can branch on it.
+    Ok(if r.verdict.runs() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+/// Parses `1,2,3` into token ids.
+pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    let toks: Result<Vec<u32>> = s
+        .split(',')
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: `{t}` is not a token id (expected comma-separated non-negative integers)")))
+        .collect();
+    let toks = toks?;
+    if toks.is_empty() {
+        bail!("--tokens: no token ids given");
+    }
+    Ok(toks)
+}
+
+fn open_engine(model: &Path, cache: &CacheArgs, record: bool) -> Result<Engine> {
+    let spec = moe_harness::config::load(model)?;
+    let mut cfg = cache.engine_config(spec.num_moe_layers())?;
+    cfg.record_trace = record;
+    Ok(Engine::open_with_spec(model, spec, candle_core::Device::Cpu, cfg)?)
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let tokens = parse_tokens(&a.tokens)?;
+    let mut engine = open_engine(&a.model, &a.cache, false)?;
+    let (logits, routing) = engine.logits(&tokens)?;
+    let flat: Vec<f32> = logits.iter().flatten().copied().collect();
+    write_npy_f32(&a.out, &flat, &[logits.len(), engine.spec().vocab_size])?;
+    if let Some(path) = &a.routing {
+        let map: serde_json::Map<String, serde_json::Value> = routing
+            .iter()
+            .map(|(l, routes)| (l.to_string(), serde_json::json!(routes.iter().map(|r| &r.experts).collect::<Vec<_>>())))
+            .collect();
+        write_atomic(path, serde_json::to_string(&map)?.as_bytes())?;
+    }
+    let s = engine.stats();
+    eprintln!(
+        "wrote {} ({} × {}); cache: {} accesses, {} hits, {} misses, {} expert bytes read",
+        a.out.display(),
+        logits.len(),
+        engine.spec().vocab_size,
+        s.cache.accesses,
+        s.cache.hits,
+        s.cache.accesses - s.cache.hits,
+        s.bytes_read
+    );
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let tok_path = a.model.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+    } else {
+        None
+    };
+    let prompt: Vec<u32> = match (&a.prompt, &a.tokens) {
+        (Some(text), _) => {
+            let tk = tokenizer.as_ref().with_context(|| format!("--prompt needs {} (or pass --tokens)", tok_path.display()))?;
+            tk.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
+        }
+        (None, Some(t)) => parse_tokens(t)?,
+        (None, None) => bail!("give --prompt TEXT or --tokens IDS"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let mut engine = open_engine(&a.model, &a.cache, false)?;
+    let mut sampler = Sampler::new(a.temperature, a.seed);
+    let stop: Vec<u32> = tokenizer
+        .as_ref()
+        .and_then(|t| t.token_to_id("<|endoftext|>"))
+        .into_iter()
+        .collect();
+    let g = engine.generate(&prompt, a.max_tokens, &mut sampler, &stop)?;
+    match &tokenizer {
+        Some(tk) => {
+            let text = tk.decode(&g.tokens, false).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            println!("{}{}", a.prompt.as_deref().unwrap_or(""), text);
+        }
+        None => println!("{}", g.tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
+    }
+    let s = engine.stats();
+    let misses = s.cache.accesses - s.cache.hits;
+    eprintln!(
+        "[{}] cache: {} accesses, hit rate {:.1}% ({} misses), {:.1} MB read, load {:.3}s, resident {:.1} MB | prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens)",
+        engine.config().policy,
+        s.cache.accesses,
+        100.0 * s.cache.hits as f64 / s.cache.accesses.max(1) as f64,
+        misses,
+        s.bytes_read as f64 / 1e6,
+        s.load_seconds,
+        s.resident_bytes as f64 / 1e6,
+        g.prefill_tps(),
+        g.prompt_len,
+        g.decode_tps(),
+        g.tokens.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! Model configuration: reads a checkpoint's `config.json`, dispatches on `model_type` to the
+//! family file under `models/` that knows HF's field names, and resolves it into one
+//! family-agnostic [`ModelSpec`] that the loader, the engine and `inspect` share.
+//!
+//! Both spellings of a config load: hub originals (top-level `rope_theta`,
+//! `partial_rotary_factor`, Qwen `num_experts`) and transformers ≥ 5 re-serialisations
+//! (`rope_parameters`, Qwen `num_local_experts`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::models;
+
+/// MoE model types this harness runs.
+pub const SUPPORTED_MOE: &[&str] = &["glm4_moe", "qwen3_moe", "mixtral"];
+
+/// Dense model types we recognise, so we can refuse them with the right reason.
+const KNOWN_DENSE: &[&str] = &[
+    "llama", "mistral", "mistral3", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "phi", "phi3", "glm", "glm4", "gpt2", "gpt_neox", "falcon", "starcoder2",
+    "olmo", "olmo2", "cohere", "granite", "exaone",
+];
+
+/// Which family file implements the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// GLM-4.5 / 4.6 / 4.7 (`glm4_moe`).
+    Glm4Moe,
+    /// Qwen3-MoE (`qwen3_moe`).
+    Qwen3Moe,
+    /// Mixtral (`mixtral`).
+    Mixtral,
+}
+
+/// Attention geometry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttentionSpec {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA).
+    pub num_kv_heads: usize,
+    /// Per-head dimension.
+    pub head_dim: usize,
+    /// Leading dimensions of each head that RoPE rotates (`head_dim * partial_rotary_factor`).
+    pub rotary_dim: usize,
+    /// RMSNorm over each query/key head before RoPE.
+    pub qk_norm: bool,
+    /// Bias on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Qwen3-MoE with `attention_bias`).
+    pub o_bias: bool,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Sliding attention window, if any.
+    pub sliding_window: Option<usize>,
+}
+
+/// How a router turns logits into (expert ids, weights).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RouterSpec {
+    /// `softmax` over all experts, top-k, optional renormalisation (Qwen3-MoE).
+    SoftmaxTopK {
+        /// Renormalise the k weights to sum to one.
+        norm_topk_prob: bool,
+    },
+    /// Top-k of the logits, softmax over those k (Mixtral).
+    TopKSoftmax,
+    /// Sigmoid scores with `e_score_correction_bias` and group-limited selection (DeepSeek-V3, GLM-4.x).
+    SigmoidNoauxTc {
+        /// Number of expert groups.
+        n_group: usize,
+        /// Groups kept per token.
+        topk_group: usize,
+        /// Renormalise the k weights.
+        norm_topk_prob: bool,
+        /// Final multiplier on the weights.
+        routed_scaling_factor: f64,
+    },
+}
+
+impl RouterSpec {
+    /// Short name used in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RouterSpec::SoftmaxTopK { .. } => "softmax-topk",
+            RouterSpec::TopKSoftmax => "topk-softmax",
+            RouterSpec::SigmoidNoauxTc { .. } => "sigmoid-noaux_tc",
+        }
+    }
+}
+
+/// Routed-expert geometry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MoeSpec {
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts selected per token.
+    pub top_k: usize,
+    /// Intermediate size of one routed expert.
+    pub intermediate_size: usize,
+    /// Router semantics.
+    pub router: RouterSpec,
+    /// Intermediate size of the always-on shared expert block, if any.
+    pub shared_intermediate: Option<usize>,
+    /// Decoder layers whose MLP is a MoE block.
+    pub moe_layers: Vec<usize>,
+}
+
+/// Tensor-name scheme of a family (relative to `…layers.{i}.`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyScheme {
+    /// The MLP module: `mlp` or `block_sparse_moe`.
+    pub mlp: &'static str,
+    /// Per-expert projection names in (gate, up, down) order: `gate_proj…` or `w1, w3, w2`.
+    pub expert_proj: [&'static str; 3],
+    /// Shared-expert module name, if the family has one.
+    pub shared: Option<&'static str>,
+}
+
+/// MLX affine quantization parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct QuantParams {
+    /// Consecutive inputs sharing one scale and bias.
+    pub group_size: usize,
+    /// Bits per weight.
+    pub bits: usize,
+}
+
+/// The `quantization` block of an MLX config.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QuantSpec {
+    /// Default parameters.
+    pub default: Option<QuantParams>,
+    /// Per-module overrides keyed by module path; `None` means "left unquantized".
+    pub overrides: BTreeMap<String, Option<QuantParams>>,
+}
+
+impl QuantSpec {
+    /// Parameters in force for a module path (without `.weight`).
+    pub fn for_module(&self, module: &str) -> Option<QuantParams> {
+        match self.overrides.get(module) {
+            Some(p) => *p,
+            None => self.default,
+        }
+    }
+}
+
+/// A resolved, family-agnostic model description.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelSpec {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// `model_type` as written in the config.
+    pub model_type: String,
+    /// Implementing family.
+    pub family: Family,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// Decoder layers (MTP layers beyond this are ignored).
+    pub num_layers: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Attention.
+    pub attention: AttentionSpec,
+    /// Intermediate size of dense MLP layers.
+    pub dense_intermediate: usize,
+    /// Routed experts.
+    pub moe: MoeSpec,
+    /// `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Tensor naming.
+    pub keys: KeyScheme,
+    /// MLX quantization block, if any.
+    pub quantization: Option<QuantSpec>,
+}
+
+impl ModelSpec {
+    /// Number of MoE layers.
+    pub fn num_moe_layers(&self) -> usize {
+        self.moe.moe_layers.len()
+    }
+    /// Whether decoder layer `i` is a MoE layer.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe.moe_layers.binary_search(&i).is_ok()
+    }
+    /// Weight elements of one routed expert (gate + up + down).
+    pub fn expert_elements(&self) -> u64 {
+        3 * self.hidden_size as u64 * self.moe.intermediate_size as u64
+    }
+}
+
+/// Reads `config.json` (given a checkpoint directory or the file itself) into a [`ModelSpec`].
+pub fn load(path: &Path) -> Result<ModelSpec> {
+    let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&file, format!("not valid JSON: {e}")))?;
+    from_value(&file, value)
+}
+
+/// Resolves an already-parsed config (see [`load`]).
+pub fn from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpec> {
+    let model_type = match value.get("model_type") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(_) => return Err(Error::config(file, "model_type", "must be a string")),
+        None => return Err(Error::config(file, "model_type", "missing")),
+    };
+    let quantization = parse_quantization(file, &value)?;
+    let mut spec = match model_type.as_str() {
+        "glm4_moe" => models::glm4_moe::Config::parse(file, &value)?.spec(file)?,
+        "qwen3_moe" => models::qwen3_moe::Config::parse(file, &value)?.spec(file)?,
+        "mixtral" => models::mixtral::Config::parse(file, &value)?.spec(file)?,
+        t if KNOWN_DENSE.contains(&t) => {
+            return Err(Error::DenseModel {
+                path: file.to_path_buf(),
+                model_type,
+                supported: SUPPORTED_MOE.join(", "),
+            })
+        }
+        _ => {
+            return Err(Error::UnknownModel {
+                path: file.to_path_buf(),
+                model_type,
+                supported: SUPPORTED_MOE.join(", "),
+            })
+        }
+    };
+    spec.quantization = quantization;
+    validate(file, &spec)?;
+    Ok(spec)
+}
+
+/// Deserialises a family's flat HF config struct, naming the file and field on error.
+pub fn parse_family<T: serde::de::DeserializeOwned>(file: &Path, value: &serde_json::Value) -> Result<T> {
+    serde_json::from_value(value.clone()).map_err(|e| {
+        let msg = e.to_string();
+        // serde_json names the field in its message (`missing field `x``, `invalid type … for key`).
+        let field = msg
+            .split('`')
+            .nth(1)
+            .map(str::to_string)
+            .unwrap_or_else(|| "?".to_string());
+        Error::config(file, field, msg)
+    })
+}
+
+/// RoPE settings in either spelling: `rope_parameters` (transformers ≥ 5) or top level (hub).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeFields {
+    /// Top-level base (hub spelling).
+    pub rope_theta: Option<f64>,
+    /// Top-level partial factor (hub spelling).
+    pub partial_rotary_factor: Option<f64>,
+    /// Hub spelling of scaling.
+    pub rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 spelling.
+    pub rope_parameters: Option<serde_json::Value>,
+}
+
+impl RopeFields {
+    /// Resolves (theta, partial_rotary_factor), rejecting scaling types this engine lacks.
+    pub fn resolve(&self, file: &Path, default_theta: f64, default_partial: f64) -> Result<(f64, f64)> {
+        let mut theta = self.rope_theta;
+        let mut partial = self.partial_rotary_factor;
+        let mut scaling = self.rope_scaling.clone();
+        if let Some(p) = &self.rope_parameters {
+            let obj = p
+                .as_object()
+                .ok_or_else(|| Error::config(file, "rope_parameters", "must be an object"))?;
+            if let Some(t) = obj.get("rope_theta") {
+                theta = Some(t.as_f64().ok_or_else(|| {
+                    Error::config(file, "rope_parameters.rope_theta", "must be a number")
+                })?);
+            }
+            if let Some(f) = obj.get("partial_rotary_factor") {
+                partial = Some(f.as_f64().ok_or_else(|| {
+                    Error::config(file, "rope_parameters.partial_rotary_factor", "must be a number")
+                })?);
+            }
+            scaling = Some(p.clone());
+        }
+        if let Some(s) = scaling.filter(|s| !s.is_null()) {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(Error::config(
+                    file,
+                    "rope_scaling.rope_type",
+                    format!("`{kind}` is not supported by this engine for this family (supported: default)"),
+                ));
+            }
+        }
+        Ok((theta.unwrap_or(default_theta), partial.unwrap_or(default_partial)))
+    }
+}
+
+fn parse_quantization(file: &Path, value: &serde_json::Value) -> Result<Option<QuantSpec>> {
+    let q = match value.get("quantization").or_else(|| value.get("quantization_config")) {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(q) => q,
+    };
+    let obj = q
+        .as_object()
+        .ok_or_else(|| Error::config(file, "quantization", "must be an object"))?;
+    if let Some(m) = obj.get("quant_method").and_then(|m| m.as_str()) {
+        // HF-style quantization configs (fp8, gptq, awq…) are a different format altogether.
+        if !matches!(m, "mlx" | "affine") {
+            return Err(Error::config(
+                file,
+                "quantization_config.quant_method",
+                format!("`{m}` is not supported (supported: MLX affine `quantization` with group_size/bits)"),
+            ));
+        }
+    }
+    let mut spec = QuantSpec::default();
+    let get_params = |field: &str, v: &serde_json::Value| -> Result<QuantParams> {
+        let p: QuantParams = serde_json::from_value(v.clone())
+            .map_err(|e| Error::config(file, field, format!("expected {{group_size, bits}}: {e}")))?;
+        if !matches!(p.bits, 2 | 4 | 8) {
+            return Err(Error::config(file, field, format!("bits = {} not supported (supported: 2, 4, 8)", p.bits)));
+        }
+        if p.group_size == 0 {
+            return Err(Error::config(file, field, "group_size must be positive"));
+        }
+        Ok(p)
+    };
+    if obj.contains_key("bits") || obj.contains_key("group_size") {
+        let mut d = serde_json::Map::new();
+        for k in ["group_size", "bits"] {
+            if let Some(v) = obj.get(k) {
+                d.insert(k.to_string(), v.clone());
+            }
+        }
+        spec.default = Some(get_params("quantization", &serde_json::Value::Object(d))?);
+    }
+    for (k, v) in obj {
+        match v {
+            serde_json::Value::Object(_) => {
+                spec.overrides.insert(k.clone(), Some(get_params(&format!("quantization.{k}"), v)?));
+            }
+            serde_json::Value::Bool(false) => {
+                spec.overrides.insert(k.clone(), None);
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(spec))
+}
+
+fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
+    let positive = [
+        ("vocab_size", s.vocab_size),
+        ("hidden_size", s.hidden_size),
+        ("num_hidden_layers", s.num_layers),
+        ("num_attention_heads", s.attention.num_heads),
+        ("num_key_value_heads", s.attention.num_kv_heads),
+        ("head_dim", s.attention.head_dim),
+        ("routed experts", s.moe.num_experts),
+        ("num_experts_per_tok", s.moe.top_k),
+        ("moe_intermediate_size", s.moe.intermediate_size),
+    ];
+    for (field, v) in positive {
+        if v == 0 {
+            return Err(Error::config(file, field, "must be positive"));
+        }
+    }
+    if s.attention.num_heads % s.attention.num_kv_heads != 0 {
+        return Err(Error::config(
+            file,
+            "num_key_value_heads",
+            format!("{} does not divide num_attention_heads {}", s.attention.num_kv_heads, s.attention.num_heads),
+        ));
+    }
+    if s.moe.top_k > s.moe.num_experts {
+        return Err(Error::config(
+            file,
+            "num_experts_per_tok",
+            format!("{} exceeds the number of routed experts {}", s.moe.top_k, s.moe.num_experts),
+        ));
+    }
+    if s.attention.rotary_dim % 2 != 0 || s.attention.rotary_dim > s.attention.head_dim {
+        return Err(Error::config(
+            file,
+            "partial_rotary_factor",
+            format!("gives rotary dim {} for head_dim {}", s.attention.rotary_dim, s.attention.head_dim),
+        ));
+    }
+    if let RouterSpec::SigmoidNoauxTc { n_group, topk_group, .. } = s.moe.router {
+        if n_group == 0 || s.moe.num_experts % n_group != 0 {
+            return Err(Error::config(
+                file,
+                "n_group",
+                format!("{n_group} does not divide the {} routed experts", s.moe.num_experts),
+            ));
+        }
+        if topk_group == 0 || topk_group > n_group {
+            return Err(Error::config(file, "topk_group", format!("{topk_group} must be in 1..={n_group}")));
+        }
+        if s.moe.num_experts / n_group < 2 {
+            return Err(Error::config(file, "n_group", "each group needs at least 2 experts (group score = sum of top-2)"));
+        }
+    }
+    if s.moe.moe_layers.is_empty() {
+        return Err(Error::config(file, "num_hidden_layers", "the config describes no MoE layer"));
+    }
+    Ok(())
+}

@@ -1,0 +1,507 @@
+//! The lazy-expert engine: a [`Model`] with resident dense weights, an [`ExpertStore`] that reads
+//! experts on demand, and the bounded cache ([`CacheCore`] deciding, this module holding the
+//! materialised tensors). It runs prefill and decode, records the routing trace, and counts
+//! hits, misses, bytes read and load time.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::config::{self, ModelSpec};
+use crate::error::{Error, Result};
+use crate::experts::cache::{Budget, CacheCore, CacheOptions, CacheStats, Phase};
+use crate::experts::policies::FrequencyProfile;
+use crate::experts::policies::PolicySpec;
+use crate::experts::store::{ExpertStore, ExpertWeights};
+use crate::experts::ExpertKey;
+use crate::models::layers::{argmax, rows};
+use crate::models::moe::{ExpertAccess, Route};
+use crate::models::{KvCache, Model, Routing};
+use crate::weights::{layout, Checkpoint};
+
+/// What to do when a selected expert is not resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissMode {
+    /// Load it and run it (exact).
+    #[default]
+    Load,
+    /// Run the token without it, renormalising the remaining weights (flash-moe skip-fallback).
+    /// The expert is still brought into the cache for later tokens, as a background loader would.
+    Skip,
+}
+
+impl std::str::FromStr for MissMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "load" => Ok(MissMode::Load),
+            "skip" => Ok(MissMode::Skip),
+            _ => Err(Error::Input(format!("unknown miss mode `{s}` (known: load, skip)"))),
+        }
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Cache budget.
+    pub budget: Budget,
+    /// Eviction policy (and prefetch, for `lookahead`).
+    pub policy: PolicySpec,
+    /// Miss handling.
+    pub miss: MissMode,
+    /// Keep a per-(token, layer) routing trace.
+    pub record_trace: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            budget: Budget::Unlimited,
+            policy: PolicySpec::parse("lru").expect("lru is a policy"),
+            miss: MissMode::Load,
+            record_trace: false,
+        }
+    }
+}
+
+/// One row of the routing trace: one token at one MoE layer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepRecord {
+    /// Prompt index within the run.
+    pub prompt: u32,
+    /// Forward call within the prompt: 0 = prefill, k = k-th decoded token.
+    pub step: u32,
+    /// Absolute token position.
+    pub pos: u32,
+    /// Prefill or decode.
+    pub phase: Phase,
+    /// Decoder layer.
+    pub layer: u32,
+    /// Selected experts, router order.
+    pub experts: Vec<u32>,
+    /// Their weights.
+    pub weights: Vec<f32>,
+    /// Experts the router lookahead predicted for this layer (decode with `lookahead` only).
+    pub lookahead: Option<Vec<u32>>,
+    /// Per selected expert: was it resident when demanded.
+    pub hits: Vec<bool>,
+    /// Nanoseconds spent loading experts during this step (demand misses and prefetches).
+    pub load_ns: u64,
+}
+
+/// Counters of the engine beyond the cache's own.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStats {
+    /// Cache statistics (hits, misses, prefetches, resident bytes).
+    pub cache: CacheStats,
+    /// Expert bytes read from disk.
+    pub bytes_read: u64,
+    /// Seconds spent reading and materialising experts.
+    pub load_seconds: f64,
+    /// Checkpoint bytes of the experts resident now.
+    pub resident_bytes: u64,
+}
+
+/// Result of [`Engine::generate`].
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New tokens (without the prompt).
+    pub tokens: Vec<u32>,
+    /// Prefill wall time.
+    pub prefill: Duration,
+    /// Decode wall time (all decode steps).
+    pub decode: Duration,
+    /// Prompt length.
+    pub prompt_len: usize,
+    /// Logits each new token was sampled from (only when asked for).
+    pub step_logits: Vec<Vec<f32>>,
+}
+
+impl Generation {
+    /// Prompt tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prompt_len as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    /// Generated tokens per second (the first token comes from prefill, so decode runs len-1 steps).
+    pub fn decode_tps(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Token sampling.
+#[derive(Debug)]
+pub enum Sampler {
+    /// Argmax.
+    Greedy,
+    /// Softmax at a temperature, seeded.
+    Temperature {
+        /// Temperature (> 0).
+        t: f32,
+        /// Seeded generator.
+        rng: StdRng,
+    },
+}
+
+impl Sampler {
+    /// Greedy when `temperature` is 0, else seeded sampling.
+    pub fn new(temperature: f32, seed: u64) -> Self {
+        if temperature <= 0.0 {
+            Sampler::Greedy
+        } else {
+            Sampler::Temperature { t: temperature, rng: StdRng::seed_from_u64(seed) }
+        }
+    }
+    /// Picks the next token.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        match self {
+            Sampler::Greedy => argmax(logits) as u32,
+            Sampler::Temperature { t, rng } => {
+                let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let p: Vec<f64> = logits.iter().map(|&l| (((l - m) / *t) as f64).exp()).collect();
+                let mut r = rng.random::<f64>() * p.iter().sum::<f64>();
+                for (i, &pi) in p.iter().enumerate() {
+                    r -= pi;
+                    if r <= 0.0 {
+                        return i as u32;
+                    }
+                }
+                (p.len() - 1) as u32
+            }
+        }
+    }
+}
+
+/// The lazy-expert engine.
+pub struct Engine {
+    /// Dense model.
+    pub model: Model,
+    /// Expert handles and the miss path.
+    pub store: ExpertStore,
+    core: CacheCore,
+    payload: Vec<Vec<Option<Arc<ExpertWeights>>>>,
+    cfg: EngineConfig,
+    trace: Vec<StepRecord>,
+    load_time: Duration,
+    prompt: u32,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.model.spec.model_type).field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Engine {
+    /// Opens a checkpoint directory: reads the config, validates every tensor header, loads the
+    /// dense weights and builds expert handles (no expert bytes are read).
+    pub fn open(dir: &Path, device: Device, cfg: EngineConfig) -> Result<Self> {
+        let spec = config::load(dir)?;
+        Self::open_with_spec(dir, spec, device, cfg)
+    }
+
+    /// As [`Engine::open`] with an already-resolved spec.
+    pub fn open_with_spec(dir: &Path, spec: ModelSpec, device: Device, cfg: EngineConfig) -> Result<Self> {
+        if cfg.policy.needs_future() {
+            return Err(Error::Input(format!(
+                "policy `{}` needs the future of the trace: use it with `harness simulate` on a recorded trace, not in the live engine",
+                cfg.policy
+            )));
+        }
+        let ck = Arc::new(Checkpoint::open(dir)?);
+        let prefix = layout::detect_prefix(&ck)?;
+        let experts = layout::detect_experts(&ck, &spec, &prefix)?;
+        let store = ExpertStore::new(ck.clone(), &spec, &prefix, experts, device.clone())?;
+        check_budget(&spec, &store, &cfg.budget)?;
+        let model = Model::load(&ck, &spec, &prefix, &device)?;
+        let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
+        let core = CacheCore::new(&cfg.policy, cfg.budget, &moe_layers)?;
+        let payload = (0..spec.num_layers)
+            .map(|l| if spec.is_moe_layer(l) { vec![None; spec.moe.num_experts] } else { Vec::new() })
+            .collect();
+        Ok(Engine { model, store, core, payload, cfg, trace: Vec::new(), load_time: Duration::ZERO, prompt: 0 })
+    }
+
+    /// The resolved model spec.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.model.spec
+    }
+
+    /// The engine settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Replaces the cache configuration (policy, budget, miss mode, tracing): the cache restarts
+    /// empty. The dense model stays loaded.
+    pub fn reconfigure(&mut self, cfg: EngineConfig) -> Result<()> {
+        self.reconfigure_with(cfg, None)
+    }
+
+    /// As [`Engine::reconfigure`], with a frequency profile for `static-N` policies.
+    pub fn reconfigure_with(&mut self, cfg: EngineConfig, profile: Option<FrequencyProfile>) -> Result<()> {
+        if cfg.policy.needs_future() {
+            return Err(Error::Input(format!("policy `{}` needs the future of the trace: use `harness simulate`", cfg.policy)));
+        }
+        check_budget(&self.model.spec, &self.store, &cfg.budget)?;
+        let moe_layers: Vec<u32> = self.model.spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
+        self.core = CacheCore::with_options(&cfg.policy, cfg.budget, &moe_layers, CacheOptions { classic: false, profile })?;
+        self.cfg = cfg;
+        self.payload.iter_mut().flatten().for_each(|p| *p = None);
+        self.load_time = Duration::ZERO;
+        Ok(())
+    }
+
+    /// Checkpoint bytes of all routed experts.
+    pub fn total_expert_bytes(&self) -> u64 {
+        let spec = &self.model.spec;
+        spec.moe
+            .moe_layers
+            .iter()
+            .flat_map(|&l| (0..spec.moe.num_experts as u32).map(move |e| ExpertKey { layer: l as u32, expert: e }))
+            .map(|k| self.store.expert_bytes(k))
+            .sum()
+    }
+
+    /// Empties the cache and zeroes its counters (the trace is kept).
+    pub fn reset_cache(&mut self) {
+        self.core.reset();
+        self.payload.iter_mut().flatten().for_each(|p| *p = None);
+        self.load_time = Duration::ZERO;
+    }
+
+    /// Sets the prompt index written into trace rows.
+    pub fn set_prompt(&mut self, prompt: u32) {
+        self.prompt = prompt;
+    }
+
+    /// Takes the recorded trace.
+    pub fn take_trace(&mut self) -> Vec<StepRecord> {
+        std::mem::take(&mut self.trace)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            cache: self.core.stats().clone(),
+            bytes_read: self.store.bytes_read(),
+            load_seconds: self.load_time.as_secs_f64(),
+            resident_bytes: self.core.resident_bytes(),
+        }
+    }
+
+    /// One forward call over `tokens` after what `kv` holds.
+    pub fn forward(&mut self, tokens: &[u32], kv: &mut KvCache, step: u32, last_only: bool) -> Result<(Vec<Vec<f32>>, Routing)> {
+        let phase = if step == 0 { Phase::Prefill } else { Phase::Decode };
+        let Engine { model, store, core, payload, cfg, trace, load_time, prompt } = self;
+        let mut access = Access {
+            store,
+            core,
+            payload,
+            cfg,
+            trace: cfg.record_trace.then_some(trace),
+            load_time,
+            prompt: *prompt,
+            step,
+            phase,
+            cur: None,
+            pending: Vec::new(),
+        };
+        let (logits, routing) = model.forward(tokens, kv, &mut access, last_only)?;
+        Ok((rows(&logits)?, routing))
+    }
+
+    /// Full-sequence prefill from an empty KV cache: logits `[T][vocab]` and routing.
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<(Vec<Vec<f32>>, Routing)> {
+        let mut kv = KvCache::default();
+        self.forward(tokens, &mut kv, 0, false)
+    }
+
+    /// Prefill then decode up to `max_new` tokens (stopping early at any of `stop`).
+    pub fn generate(&mut self, prompt: &[u32], max_new: usize, sampler: &mut Sampler, stop: &[u32]) -> Result<Generation> {
+        self.generate_with(prompt, max_new, sampler, stop, false)
+    }
+
+    /// As [`Engine::generate`]; with `keep_logits` the sampled-from logits of every step are kept.
+    pub fn generate_with(&mut self, prompt: &[u32], max_new: usize, sampler: &mut Sampler, stop: &[u32], keep_logits: bool) -> Result<Generation> {
+        let mut kv = KvCache::default();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        if max_new == 0 {
+            return Ok(Generation { tokens: out, prefill: Duration::ZERO, decode: Duration::ZERO, prompt_len: prompt.len(), step_logits: Vec::new() });
+        }
+        let mut kept = Vec::new();
+        let (mut logits, _) = self.forward(prompt, &mut kv, 0, true)?;
+        let mut next = sampler.sample(&logits[0]);
+        let prefill = t0.elapsed();
+        out.push(next);
+        if keep_logits {
+            kept.push(logits.swap_remove(0));
+        }
+        let t1 = Instant::now();
+        let mut step = 1;
+        while out.len() < max_new && !stop.contains(&next) {
+            let (mut logits, _) = self.forward(&[next], &mut kv, step, true)?;
+            next = sampler.sample(&logits[0]);
+            out.push(next);
+            if keep_logits {
+                kept.push(logits.swap_remove(0));
+            }
+            step += 1;
+        }
+        Ok(Generation { tokens: out, prefill, decode: t1.elapsed(), prompt_len: prompt.len(), step_logits: kept })
+    }
+}
+
+/// Rejects budgets below one token's working set (top-k experts of one layer).
+fn check_budget(spec: &ModelSpec, store: &ExpertStore, budget: &Budget) -> Result<()> {
+    let k = spec.moe.top_k;
+    let largest = spec
+        .moe
+        .moe_layers
+        .iter()
+        .map(|&l| {
+            let mut sizes: Vec<u64> = (0..spec.moe.num_experts as u32).map(|e| store.expert_bytes(ExpertKey { layer: l as u32, expert: e })).collect();
+            sizes.sort_unstable_by(|a, b| b.cmp(a));
+            sizes[..k].iter().sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    match *budget {
+        Budget::SlotsPerLayer(n) if n < k => Err(Error::Input(format!(
+            "capacity {n} is below top-k = {k}: one token's experts of a layer could not all be resident (smallest legal capacity: {k})"
+        ))),
+        Budget::BytesPerLayer(b) | Budget::BytesGlobal(b) if b < largest => Err(Error::Input(format!(
+            "budget {b} bytes is below one token's working set: {k} experts of a layer need {largest} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The engine side of [`ExpertAccess`]: resolves experts through the cache, loading misses.
+struct Access<'a> {
+    store: &'a ExpertStore,
+    core: &'a mut CacheCore,
+    payload: &'a mut Vec<Vec<Option<Arc<ExpertWeights>>>>,
+    cfg: &'a EngineConfig,
+    trace: Option<&'a mut Vec<StepRecord>>,
+    load_time: &'a mut Duration,
+    prompt: u32,
+    step: u32,
+    phase: Phase,
+    cur: Option<Current>,
+    /// Lookahead predictions made for (pos, layer), waiting for that step.
+    pending: Vec<(u32, u32, Vec<u32>)>,
+}
+
+struct Current {
+    layer: u32,
+    pos: u32,
+    hits: Vec<bool>,
+    load_ns: u64,
+}
+
+impl Access<'_> {
+    fn evict(&mut self, keys: &[ExpertKey]) {
+        for k in keys {
+            self.payload[k.layer as usize][k.expert as usize] = None;
+        }
+    }
+
+    fn load(&mut self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
+        let t = Instant::now();
+        let w = self.store.load(key)?;
+        let dt = t.elapsed();
+        *self.load_time += dt;
+        if let Some(c) = self.cur.as_mut() {
+            c.load_ns += dt.as_nanos() as u64;
+        }
+        self.payload[key.layer as usize][key.expert as usize] = Some(w.clone());
+        Ok(w)
+    }
+}
+
+impl ExpertAccess for Access<'_> {
+    fn begin_step(&mut self, layer: u32, pos: usize, route: &Route) -> Result<()> {
+        self.core.begin_step(layer, self.phase, &route.experts)?;
+        self.cur = Some(Current { layer, pos: pos as u32, hits: Vec::new(), load_ns: 0 });
+        Ok(())
+    }
+
+    fn fetch(&mut self, key: ExpertKey) -> Result<Option<Arc<ExpertWeights>>> {
+        let size = self.store.expert_bytes(key);
+        let out = self.core.access(key, size, u64::MAX)?;
+        self.evict(&out.evicted);
+        if let Some(c) = self.cur.as_mut() {
+            c.hits.push(out.hit);
+        }
+        let resident = self.payload[key.layer as usize][key.expert as usize].clone();
+        match (out.hit, resident) {
+            (true, Some(w)) => Ok(Some(w)),
+            (true, None) => Err(Error::Input(format!("internal: cache reports {key:?} resident but holds no tensors"))),
+            (false, _) => {
+                let w = self.load(key)?;
+                Ok(match self.cfg.miss {
+                    MissMode::Load => Some(w),
+                    MissMode::Skip => None,
+                })
+            }
+        }
+    }
+
+    fn end_step(&mut self, route: &Route, prediction: Option<(u32, &[u32])>) -> Result<()> {
+        let cur = self.cur.take().expect("end_step after begin_step");
+        // Prefetch the predicted experts of the next MoE layer (decode only), before the step's
+        // pins are released, as the simulator replays it.
+        if let (Some((next_layer, experts)), Phase::Decode) = (prediction, self.phase) {
+            self.cur = Some(Current { layer: cur.layer, pos: cur.pos, hits: Vec::new(), load_ns: 0 });
+            for &e in experts {
+                let key = ExpertKey { layer: next_layer, expert: e };
+                let out = self.core.prefetch(key, self.store.expert_bytes(key), u64::MAX);
+                self.evict(&out.evicted);
+                if out.issued && self.payload[key.layer as usize][key.expert as usize].is_none() {
+                    self.load(key)?;
+                }
+            }
+            let extra = self.cur.take().map_or(0, |c| c.load_ns);
+            self.pending.push((cur.pos, next_layer, experts.to_vec()));
+            self.record(cur, route, extra);
+        } else {
+            self.record(cur, route, 0);
+        }
+        self.core.end_step();
+        Ok(())
+    }
+
+    fn wants_lookahead(&self) -> bool {
+        self.phase == Phase::Decode && self.cfg.policy.prefetch()
+    }
+}
+
+impl Access<'_> {
+    fn record(&mut self, cur: Current, route: &Route, extra_ns: u64) {
+        let lookahead = self
+            .pending
+            .iter()
+            .position(|(p, l, _)| *p == cur.pos && *l == cur.layer)
+            .map(|i| self.pending.swap_remove(i).2);
+        if let Some(trace) = self.trace.as_mut() {
+            trace.push(StepRecord {
+                prompt: self.prompt,
+                step: self.step,
+                pos: cur.pos,
+                phase: self.phase,
+                layer: cur.layer,
+                experts: route.experts.clone(),
+                weights: route.weights.clone(),
+                lookahead,
+                hits: cur.hits,
+                load_ns: cur.load_ns + extra_ns,
+            });
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! Experiment files: a TOML that names a model, policies, budgets, miss handling, prompts and
+//! generation settings. Two stages, as in ripgrep: a raw serde struct that rejects unknown keys,
+//! then a resolved [`Experiment`] with every path checked and every list expanded into a sweep
+//! of [`Cell`]s (the cartesian product; each cell is one run).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::MissMode;
+use crate::error::{Error, Result};
+use crate::experts::policies::PolicySpec;
+use crate::io::parse_size;
+
+/// A value or a list of values (`policy = "lru"` or `policy = ["lru", "lfu"]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    /// One value.
+    One(T),
+    /// A list.
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The experiment file as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExperiment {
+    /// Experiment name (default: the file stem); names the results directory.
+    pub name: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Which model.
+    pub model: RawModel,
+    /// Policies, budgets, miss handling.
+    #[serde(default)]
+    pub cache: RawCache,
+    /// Prompts.
+    pub prompts: RawPrompts,
+    /// Generation.
+    #[serde(default)]
+    pub generation: RawGeneration,
+    /// Output.
+    #[serde(default)]
+    pub output: RawOutput,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// Checkpoint directory, relative to the experiment file.
+    pub path: Option<String>,
+    /// Environment variable that, when set, overrides `path` (for big local models).
+    pub env: Option<String>,
+    /// Bundled `config.json` for `harness inspect` when the weights are absent.
+    pub config: Option<String>,
+    /// Where to get the weights, shown when they are missing.
+    pub download: Option<String>,
+    /// `cpu` (default), `cuda` or `metal`.
+    pub backend: Option<String>,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// Policy name(s).
+    #[serde(default = "default_policy")]
+    pub policy: OneOrMany<String>,
+    /// Expert slots per MoE layer.
+    pub capacity: Option<OneOrMany<usize>>,
+    /// Byte budgets: sizes (`512MiB`) or fractions of total expert bytes (`25%`, `0.25`).
+    pub budget: Option<OneOrMany<toml::Value>>,
+    /// `global` (one pool, default) or `per-layer` for byte budgets.
+    pub pool: Option<String>,
+    /// `load` (default) and/or `skip`.
+    #[serde(default = "default_miss")]
+    pub miss: OneOrMany<String>,
+    /// Keep the cache between prompts, as in a serving session (default true).
+    #[serde(default = "yes")]
+    pub carry_over: bool,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache { policy: default_policy(), capacity: None, budget: None, pool: None, miss: default_miss(), carry_over: true }
+    }
+}
+
+/// `[prompts]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrompts {
+    /// A file: plain text (one prompt per line) or JSONL with `prompt` and optional `id`.
+    pub file: Option<String>,
+    /// Prompts inline.
+    pub inline: Option<Vec<String>>,
+    /// Wrap each prompt in the model's chat template (`tokenizer_config.json`).
+    #[serde(default)]
+    pub chat_template: bool,
+    /// Leading prompts run first and excluded from statistics.
+    #[serde(default)]
+    pub warmup: usize,
+    /// Use only the first N prompts (after warm-up).
+    pub limit: Option<usize>,
+}
+
+/// `[generation]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGeneration {
+    /// New tokens per prompt.
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    /// Sampling seed.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for RawGeneration {
+    fn default() -> Self {
+        RawGeneration { max_new_tokens: default_max_new(), temperature: 0.0, seed: 0 }
+    }
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutput {
+    /// Results root, relative to the experiment file (default: `results/` of the working directory).
+    pub dir: Option<String>,
+    /// Also draw plots after the run (default true).
+    pub plots: Option<bool>,
+}
+
+fn default_policy() -> OneOrMany<String> {
+    OneOrMany::One("lru".into())
+}
+fn default_miss() -> OneOrMany<String> {
+    OneOrMany::One("load".into())
+}
+fn default_max_new() -> usize {
+    32
+}
+fn yes() -> bool {
+    true
+}
+
+/// A budget as the experiment states it (fractions resolve once the model is known).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetSpec {
+    /// No limit.
+    Unlimited,
+    /// Expert slots per MoE layer.
+    Capacity(usize),
+    /// Bytes.
+    Bytes(u64),
+    /// Fraction of the model's total expert bytes.
+    Fraction(f64),
+}
+
+impl std::fmt::Display for BudgetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BudgetSpec::Unlimited => write!(f, "unlimited"),
+            BudgetSpec::Capacity(n) => write!(f, "cap{n}"),
+            BudgetSpec::Bytes(b) => write!(f, "{b}B"),
+            BudgetSpec::Fraction(x) => write!(f, "{}pct", x * 100.0),
+        }
+    }
+}
+
+/// One run of the sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// Stable id, e.g. `lru_cap8_load`.
+    pub id: String,
+    /// Policy.
+    #[serde(serialize_with = "ser_display")]
+    pub policy: PolicySpec,
+    /// Budget.
+    pub budget: BudgetSpec,
+    /// Miss handling.
+    pub miss: MissMode,
+}
+
+fn ser_display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
+}
+
+/// One prompt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prompt {
+    /// Its id (line number or JSONL `id`).
+    pub id: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// A resolved experiment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Experiment {
+    /// Name.
+    pub name: String,
+    /// The experiment file.
+    pub file: PathBuf,
+    /// Checkpoint directory.
+    pub model_dir: PathBuf,
+    /// Backend name.
+    pub backend: String,
+    /// Sweep cells.
+    pub cells: Vec<Cell>,
+    /// `global` or `per-layer`.
+    pub pool: String,
+    /// Keep the cache between prompts.
+    pub carry_over: bool,
+    /// Warm-up prompts (run first, excluded from statistics).
+    pub warmup: Vec<Prompt>,
+    /// Measured prompts.
+    pub prompts: Vec<Prompt>,
+    /// Apply the chat template.
+    pub chat_template: bool,
+    /// Generation settings.
+    pub generation: RawGeneration,
+    /// Results root.
+    pub out_root: PathBuf,
+    /// Draw plots.
+    pub plots: bool,
+    /// The file as parsed (written back into the results).
+    pub raw: RawExperiment,
+}
+
+/// Reads and resolves an experiment file. `check_model` verifies the model directory exists.
+pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    let raw: RawExperiment = toml::from_str(&text).map_err(|e| Error::format(file, format!("{}", e.to_string().trim_end())))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let name = raw.name.clone().unwrap_or_else(|| file.file_stem().map_or("experiment".into(), |s| s.to_string_lossy().into_owned()));
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(Error::config(file, "name", format!("`{name}` cannot name a results directory")));
+    }
+    let model_dir = resolve_model(file, base, &raw.model, check_model)?;
+    let backend = raw.model.backend.clone().unwrap_or_else(|| "cpu".into());
+    if !matches!(backend.as_str(), "cpu" | "cuda" | "metal") {
+        return Err(Error::config(file, "model.backend", format!("`{backend}` (known: cpu, cuda, metal)")));
+    }
+    let pool = raw.cache.pool.clone().unwrap_or_else(|| "global".into());
+    if !matches!(pool.as_str(), "global" | "per-layer") {
+        return Err(Error::config(file, "cache.pool", format!("`{pool}` (known: global, per-layer)")));
+    }
+    let policies: Vec<PolicySpec> = raw
+        .cache
+        .policy
+        .to_vec()
+        .iter()
+        .map(|p| PolicySpec::parse(p).map_err(|e| Error::config(file, "cache.policy", e.to_string())))
+        .collect::<Result<_>>()?;
+    if let Some(p) = policies.iter().find(|p| p.needs_future()) {
+        return Err(Error::config(
+            file,
+            "cache.policy",
+            format!("`{p}` needs the future of the trace; the runner replays it automatically as the bound on every plot (use `harness simulate` for more)"),
+        ));
+    }
+    let mut budgets = Vec::new();
+    for c in raw.cache.capacity.as_ref().map(|c| c.to_vec()).unwrap_or_default() {
+        if c == 0 {
+            return Err(Error::config(file, "cache.capacity", "must be at least 1"));
+        }
+        budgets.push(BudgetSpec::Capacity(c));
+    }
+    for b in raw.cache.budget.as_ref().map(|b| b.to_vec()).unwrap_or_default() {
+        budgets.push(parse_budget(file, &b)?);
+    }
+    if budgets.is_empty() {
+        budgets.push(BudgetSpec::Unlimited);
+    }
+    let misses: Vec<MissMode> = raw
+        .cache
+        .miss
+        .to_vec()
+        .iter()
+        .map(|m| m.parse().map_err(|e: Error| Error::config(file, "cache.miss", e.to_string())))
+        .collect::<Result<_>>()?;
+    let mut cells = Vec::new();
+    for p in &policies {
+        for b in &budgets {
+            for m in &misses {
+                let id = format!("{p}_{b}_{}", if *m == MissMode::Load { "load" } else { "skip" });
+                if cells.iter().any(|c: &Cell| c.id == id) {
+                    return Err(Error::config(file, "cache", format!("cell `{id}` appears twice (duplicate list entries?)")));
+                }
+                cells.push(Cell { id, policy: p.clone(), budget: *b, miss: *m });
+            }
+        }
+    }
+    let mut prompts = read_prompts(file, base, &raw.prompts)?;
+    if raw.prompts.warmup >= prompts.len() {
+        return Err(Error::config(
+            file,
+            "prompts.warmup",
+            format!("{} warm-up prompts leave none of the {} prompts to measure", raw.prompts.warmup, prompts.len()),
+        ));
+    }
+    let mut measured = prompts.split_off(raw.prompts.warmup);
+    if let Some(n) = raw.prompts.limit {
+        measured.truncate(n.max(1));
+    }
+    if raw.generation.temperature < 0.0 || !raw.generation.temperature.is_finite() {
+        return Err(Error::config(file, "generation.temperature", "must be finite and ≥ 0"));
+    }
+    let out_root = match &raw.output.dir {
+        Some(d) => base.join(d),
+        None => PathBuf::from("results"),
+    };
+    Ok(Experiment {
+        name,
+        file: file.to_path_buf(),
+        model_dir,
+        backend,
+        cells,
+        pool,
+        carry_over: raw.cache.carry_over,
+        warmup: prompts,
+        prompts: measured,
+        chat_template: raw.prompts.chat_template,
+        generation: raw.generation.clone(),
+        out_root,
+        plots: raw.output.plots.unwrap_or(true),
+        raw,
+    })
+}
+
+fn resolve_model(file: &Path, base: &Path, m: &RawModel, check: bool) -> Result<PathBuf> {
+    let from_env = m.env.as_ref().and_then(|v| std::env::var_os(v)).map(PathBuf::from);
+    let dir = match (&from_env, &m.path) {
+        (Some(d), _) => d.clone(),
+        (None, Some(p)) => base.join(p),
+        (None, None) => return Err(Error::config(file, "model.path", "missing (give `path`, or `env` naming a variable that holds the path)")),
+    };
+    if check && !dir.join("config.json").exists() {
+        let mut msg = format!("no model at {} (no config.json there)", dir.display());
+        if let Some(v) = &m.env {
+            msg.push_str(&format!("; put the checkpoint there or set ${v} to its directory"));
+        }
+        if let Some(d) = &m.download {
+            msg.push_str(&format!("; get it from {d}"));
+        }
+        if let Some(c) = &m.config {
+            msg.push_str(&format!("; `harness inspect {}` sizes it without the weights", base.join(c).display()));
+        }
+        return Err(Error::config(file, if from_env.is_some() { m.env.as_deref().unwrap_or("model.env") } else { "model.path" }, msg));
+    }
+    Ok(dir)
+}
+
+fn parse_budget(file: &Path, v: &toml::Value) -> Result<BudgetSpec> {
+    let bad = |msg: String| Error::config(file, "cache.budget", msg);
+    match v {
+        toml::Value::Float(f) if *f > 0.0 && *f <= 1.0 => Ok(BudgetSpec::Fraction(*f)),
+        toml::Value::Integer(i) if *i > 0 => Ok(BudgetSpec::Bytes(*i as u64)),
+        toml::Value::String(s) if s.trim_end().ends_with('%') => {
+            let x: f64 = s.trim_end().trim_end_matches('%').trim().parse().map_err(|_| bad(format!("`{s}` is not a percentage")))?;
+            if !(x > 0.0 && x <= 100.0) {
+                return Err(bad(format!("`{s}` must be in (0, 100]%")));
+            }
+            Ok(BudgetSpec::Fraction(x / 100.0))
+        }
+        toml::Value::String(s) => Ok(BudgetSpec::Bytes(parse_size(s).map_err(|e| bad(e.to_string()))?)),
+        other => Err(bad(format!("`{other}`: give a size (\"512MiB\"), a byte count, or a fraction (\"25%\" or 0.25)"))),
+    }
+}
+
+fn read_prompts(file: &Path, base: &Path, p: &RawPrompts) -> Result<Vec<Prompt>> {
+    let mut out = Vec::new();
+    if let Some(f) = &p.file {
+        let path = base.join(f);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let jsonl = path.extension().is_some_and(|x| x == "jsonl");
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            if jsonl {
+                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::format(&path, format!("line {}: {e}", i + 1)))?;
+                let text = v
+                    .get("prompt")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| Error::format(&path, format!("line {}: missing string field `prompt`", i + 1)))?;
+                let id = v.get("id").map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).unwrap_or_else(|| (i + 1).to_string());
+                out.push(Prompt { id, text: text.to_string() });
+            } else {
+                out.push(Prompt { id: (i + 1).to_string(), text: line.replace("\\n", "\n") });
+            }
+        }
+    }
+    for (i, t) in p.inline.iter().flatten().enumerate() {
+        out.push(Prompt { id: format!("inline-{}", i + 1), text: t.clone() });
+    }
+    if out.is_empty() {
+        return Err(Error::config(file, "prompts", "no prompts (give `file` or `inline`)"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, body: &str) -> PathBuf {
+        let p = dir.join("e.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn sweep_is_the_cartesian_product() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "[model]\npath = \"m\"\n[cache]\npolicy = [\"lru\", \"lfu\"]\ncapacity = [4, 8]\nbudget = [\"25%\", \"1MiB\"]\n[prompts]\ninline = [\"a\", \"b\"]\nwarmup = 1\n",
+        );
+        let e = load(&f, false).unwrap();
+        assert_eq!(e.cells.len(), 2 * 4);
+        assert_eq!(e.cells[0].id, "lru_cap4_load");
+        assert!(e.cells.iter().any(|c| c.budget == BudgetSpec::Fraction(0.25)));
+        assert!(e.cells.iter().any(|c| c.budget == BudgetSpec::Bytes(1 << 20)));
+        assert_eq!(e.warmup.len(), 1);
+        assert_eq!(e.prompts.len(), 1);
+        assert_eq!(e.model_dir, d.path().join("m"));
+    }
+
+    #[test]
+    fn typos_and_bad_values_name_the_key_and_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\npolicyy = \"lru\"\n[prompts]\ninline = [\"a\"]\n");
+        let err = load(&f, false).unwrap_err().to_string();
+        assert!(err.contains("policyy") && err.contains("e.toml"), "{err}");
+        let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\npolicy = \"mru\"\n[prompts]\ninline = [\"a\"]\n");
+        let err = load(&f, false).unwrap_err().to_string();
+        assert!(err.contains("cache.policy") && err.contains("mru") && err.contains("lru"), "{err}");
+        let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\nbudget = \"12 parsecs\"\n[prompts]\ninline = [\"a\"]\n");
+        assert!(load(&f, false).unwrap_err().to_string().contains("cache.budget"));
+        let f = write(d.path(), "[model]\npath = \"nowhere\"\nenv = \"MOE_HARNESS_TEST_UNSET_VAR\"\ndownload = \"hf.co/x\"\n[prompts]\ninline = [\"a\"]\n");
+        let err = load(&f, true).unwrap_err().to_string();
+        assert!(err.contains("nowhere") && err.contains("MOE_HARNESS_TEST_UNSET_VAR") && err.contains("hf.co/x"), "{err}");
+        let f = write(d.path(), "[model]\npath = \"m\"\n[prompts]\nfile = \"missing.txt\"\n");
+        assert!(load(&f, false).unwrap_err().to_string().contains("missing.txt"));
+    }
+}

@@ -1,0 +1,1580 @@
+//! The one access driver of the expert cache, shared verbatim by the live engine and the trace
+//! simulator so that both give the same hit counts on the same trace.
+//!
+//! It follows libCacheSim's `cache_get_base`: *find* → on a miss *evict until it fits* → *insert*.
+//! [`CacheCore`] owns the resident set (keys and sizes, never payloads: the engine keeps those,
+//! keyed by [`ExpertKey`], and frees what [`AccessOutcome::evicted`] names), the budget
+//! accounting, the pins, and one [`Policy`] instance per pool; the policy only names victims.
+//!
+//! # Pools and budgets
+//! [`Budget::SlotsPerLayer`], [`Budget::BytesPerLayer`] and [`Budget::Unlimited`] give every MoE
+//! layer its own pool (and its own policy instance); [`Budget::BytesGlobal`] puts all layers in one
+//! pool, so victims may come from any layer. Resident bytes never exceed the budget.
+//!
+//! # Steps and pins
+//! The engine runs one *step* per (token, MoE layer): [`CacheCore::begin_step`] names the experts
+//! the router picked; they are pinned (never victims) until [`CacheCore::end_step`], so a
+//! just-loaded expert is never evicted by the same step. A step's clock tick (one per
+//! `begin_step` of that layer) is the time unit of `lcp` and `lfu-decay`. If a demand cannot fit
+//! because everything else is pinned or protected, the access fails with
+//! [`CacheError::BudgetTooSmall`].
+//!
+//! In *classic* mode ([`CacheOptions::classic`], [`CacheCore::new_classic`]) there are no pins and
+//! every access is its own step of its layer, exactly like a libCacheSim cache per pool: this is
+//! what the oracle tests compare against libCacheSim.
+//!
+//! # Prefetch
+//! [`CacheCore::prefetch`] inserts an expert without a demand. It never evicts pinned entries or
+//! other still-protected prefetches, and is dropped when nothing can make room. A prefetched
+//! entry (or a predicted one that was already resident) is *protected* until the end of the next
+//! step of its layer; after that it is an ordinary entry. Demand misses take unprotected victims
+//! first and fall back to protected ones only when nothing else can make room (a wrong
+//! prediction must not make a demand fail); only pinned entries are never demand victims.
+//! Counters: issued, used (demanded while still resident: precision = used / issued), wasted
+//! (evicted before any demand), recall = used / (used + demand misses).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::policies::{
+    Access, FrequencyProfile, Guard, InsertKind, Policy, PolicyError, PolicySpec, PoolContext,
+    CHOSEN, PINNED, PROTECTED,
+};
+use super::ExpertKey;
+
+/// Sentinel for "no id assigned".
+const NO_ID: u32 = u32::MAX;
+/// Expert ids at or above this are rejected (they would make the per-layer id map huge).
+pub const MAX_EXPERT_ID: u32 = 1 << 20;
+
+/// Which part of generation a step belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Processing the prompt.
+    Prefill,
+    /// Generating tokens one at a time.
+    Decode,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Prefill => "prefill",
+            Phase::Decode => "decode",
+        })
+    }
+}
+
+impl FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "prefill" => Ok(Phase::Prefill),
+            "decode" => Ok(Phase::Decode),
+            other => Err(format!(
+                "unknown phase `{other}`; expected prefill or decode"
+            )),
+        }
+    }
+}
+
+/// How much the cache may hold.
+///
+/// String form (for CLI and TOML, parsed by [`Budget::parse`], given back by `Display`):
+/// `unlimited`; `8` (slots per layer); `512MiB/layer` (bytes per layer); `16GiB` (bytes, one
+/// global pool). Byte units: `B`, `KB`/`MB`/`GB`/`TB` (powers of 1000) and
+/// `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), case-insensitive, decimals allowed (`1.5GiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Budget {
+    /// Nothing is ever evicted.
+    Unlimited,
+    /// Each MoE layer holds at most this many experts, whatever their size.
+    SlotsPerLayer(usize),
+    /// Each MoE layer holds at most this many bytes of experts.
+    BytesPerLayer(u64),
+    /// All layers together hold at most this many bytes (one shared pool).
+    BytesGlobal(u64),
+}
+
+/// A budget string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "bad cache budget `{given}`: {reason}; expected `unlimited`, slots per layer (`8`), \
+     bytes per layer (`512MiB/layer`) or global bytes (`16GiB`)"
+)]
+pub struct BudgetError {
+    /// The string as given.
+    pub given: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Budget {
+    /// Parses the string form (see the type doc).
+    pub fn parse(s: &str) -> Result<Budget, BudgetError> {
+        let err = |reason: &str| BudgetError {
+            given: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let t = s.trim();
+        let lower = t.to_ascii_lowercase();
+        if lower == "unlimited" || lower == "all" {
+            return Ok(Budget::Unlimited);
+        }
+        if let Some(rest) = lower.strip_suffix("/layer") {
+            let rest = rest.trim();
+            if let Ok(n) = rest.parse::<usize>() {
+                return Ok(Budget::SlotsPerLayer(n));
+            }
+            return parse_bytes(rest)
+                .map(Budget::BytesPerLayer)
+                .ok_or_else(|| err("not a byte size"));
+        }
+        let digits = lower.strip_suffix("slots").unwrap_or(&lower).trim();
+        if let Ok(n) = digits.parse::<usize>() {
+            return Ok(Budget::SlotsPerLayer(n));
+        }
+        parse_bytes(&lower)
+            .map(Budget::BytesGlobal)
+            .ok_or_else(|| err("not a slot count or a byte size with a unit"))
+    }
+
+    /// True if every layer has its own pool.
+    pub fn per_layer(&self) -> bool {
+        !matches!(self, Budget::BytesGlobal(_))
+    }
+
+    /// The slot count of [`Budget::SlotsPerLayer`].
+    pub fn slots(&self) -> Option<usize> {
+        match self {
+            Budget::SlotsPerLayer(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// The byte count of a byte budget (per layer or global).
+    pub fn bytes(&self) -> Option<u64> {
+        match self {
+            Budget::BytesPerLayer(b) | Budget::BytesGlobal(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// Capacity of one pool in budget units (slots or bytes).
+    fn pool_capacity(&self) -> u64 {
+        match self {
+            Budget::Unlimited => u64::MAX,
+            Budget::SlotsPerLayer(n) => *n as u64,
+            Budget::BytesPerLayer(b) | Budget::BytesGlobal(b) => *b,
+        }
+    }
+
+    /// Budget units charged for an expert of `size` bytes.
+    #[inline]
+    fn cost(&self, size: u64) -> u64 {
+        match self {
+            Budget::SlotsPerLayer(_) => 1,
+            _ => size,
+        }
+    }
+
+    fn unit(&self) -> &'static str {
+        match self {
+            Budget::SlotsPerLayer(_) => "slots",
+            _ => "bytes",
+        }
+    }
+}
+
+/// Parses `<number><unit>` into bytes (see [`Budget`]); `None` if malformed.
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult);
+    }
+    let x: f64 = num.parse().ok()?;
+    let bytes = (x * mult as f64).round();
+    (x.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// Formats bytes exactly with the unit giving the smallest number (binary units win ties):
+/// `512MiB`, `2GB`, `1000B`.
+pub fn format_bytes(b: u64) -> String {
+    const UNITS: [(&str, u64); 8] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("TB", 1_000_000_000_000),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+    ];
+    let mut best = (b, "B");
+    for (unit, m) in UNITS {
+        if b >= m && b % m == 0 && b / m < best.0 {
+            best = (b / m, unit);
+        }
+    }
+    format!("{}{}", best.0, best.1)
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Unlimited => f.write_str("unlimited"),
+            Budget::SlotsPerLayer(n) => write!(f, "{n}"),
+            Budget::BytesPerLayer(b) => write!(f, "{}/layer", format_bytes(*b)),
+            Budget::BytesGlobal(b) => f.write_str(&format_bytes(*b)),
+        }
+    }
+}
+
+impl FromStr for Budget {
+    type Err = BudgetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Budget::parse(s)
+    }
+}
+
+impl TryFrom<String> for Budget {
+    type Error = BudgetError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Budget::parse(&s)
+    }
+}
+
+impl From<Budget> for String {
+    fn from(b: Budget) -> String {
+        b.to_string()
+    }
+}
+
+/// Errors of the access driver.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CacheError {
+    /// The policy name or its construction failed.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// No MoE layers were given.
+    #[error("the expert cache needs at least one MoE layer")]
+    NoLayers,
+    /// A MoE layer was listed twice.
+    #[error("MoE layer {0} is listed twice")]
+    DuplicateLayer(u32),
+    /// A budget of zero holds nothing.
+    #[error("cache budget `{0}` holds nothing")]
+    ZeroBudget(Budget),
+    /// `static-<N>` leaves no slot for the other experts.
+    #[error(
+        "`{policy}` pins {n} experts per layer but the budget has {slots} slots per layer; \
+         it needs more than {n}"
+    )]
+    StaticTooLarge {
+        /// Canonical policy name.
+        policy: String,
+        /// Experts pinned per layer.
+        n: usize,
+        /// Slots per layer.
+        slots: usize,
+    },
+    /// The layer is not one of the cache's MoE layers.
+    #[error("layer {layer} is not a MoE layer of this cache (MoE layers: {known})")]
+    UnknownLayer {
+        /// The layer asked for.
+        layer: u32,
+        /// The MoE layers, comma-separated.
+        known: String,
+    },
+    /// The expert id is absurdly large.
+    #[error("expert id {expert} of layer {layer} is out of range (ids must be < {MAX_EXPERT_ID})")]
+    ExpertOutOfRange {
+        /// Layer.
+        layer: u32,
+        /// Expert id.
+        expert: u32,
+    },
+    /// A demand access outside an open step of its layer (pinned mode only).
+    #[error("access to layer {layer} outside a step of that layer (open step: {open})")]
+    OutsideStep {
+        /// The access's layer.
+        layer: u32,
+        /// The open step's layer, or `none`.
+        open: String,
+    },
+    /// `begin_step` while another step is open.
+    #[error("begin_step for layer {layer} while the step of layer {open} is still open")]
+    StepOpen {
+        /// The new step's layer.
+        layer: u32,
+        /// The open step's layer.
+        open: u32,
+    },
+    /// One expert alone exceeds its pool's whole budget.
+    #[error(
+        "expert {expert} of layer {layer} needs {need} {unit}, more than the whole budget of its \
+         pool ({cap} {unit})"
+    )]
+    TooLarge {
+        /// Layer.
+        layer: u32,
+        /// Expert.
+        expert: u32,
+        /// Units needed.
+        need: u64,
+        /// Pool capacity.
+        cap: u64,
+        /// `slots` or `bytes`.
+        unit: &'static str,
+    },
+    /// A demand cannot fit: everything resident is pinned by the current step.
+    #[error(
+        "budget below one token's working set: layer {layer} needs {need} {unit} for expert \
+         {expert}, but {used} of the pool's {cap} {unit} are held by {locked} experts pinned by \
+         the current step"
+    )]
+    BudgetTooSmall {
+        /// Layer of the demanded expert.
+        layer: u32,
+        /// The demanded expert.
+        expert: u32,
+        /// Units it needs.
+        need: u64,
+        /// Units in use in its pool.
+        used: u64,
+        /// Pool capacity.
+        cap: u64,
+        /// Resident entries pinned by the step (not evictable).
+        locked: usize,
+        /// `slots` or `bytes`.
+        unit: &'static str,
+    },
+}
+
+/// Hits and accesses of one phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PhaseStats {
+    /// Demand accesses.
+    pub accesses: u64,
+    /// Of which hits.
+    pub hits: u64,
+}
+
+/// Hits and accesses of one MoE layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LayerStats {
+    /// Decoder layer index.
+    pub layer: u32,
+    /// Demand accesses.
+    pub accesses: u64,
+    /// Of which hits.
+    pub hits: u64,
+}
+
+/// Prefetch counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PrefetchStats {
+    /// Prefetches that loaded an expert.
+    pub issued: u64,
+    /// Bytes they loaded.
+    pub bytes: u64,
+    /// Prefetches skipped because the expert was already resident.
+    pub already_resident: u64,
+    /// Prefetches dropped because nothing could be evicted (or the expert can never fit).
+    pub dropped: u64,
+    /// Issued prefetches whose expert was demanded while still resident.
+    pub used: u64,
+    /// Issued prefetches evicted before any demand.
+    pub wasted: u64,
+    /// Bytes of the wasted ones.
+    pub wasted_bytes: u64,
+}
+
+/// Counters of a [`CacheCore`] since construction or [`CacheCore::reset`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CacheStats {
+    /// Demand accesses.
+    pub accesses: u64,
+    /// Demand hits (including first demands of prefetched experts).
+    pub hits: u64,
+    /// Demand misses (each one loaded an expert).
+    pub misses: u64,
+    /// Prefill-phase accesses and hits.
+    pub prefill: PhaseStats,
+    /// Decode-phase accesses and hits.
+    pub decode: PhaseStats,
+    /// Per MoE layer, in the order the layers were given.
+    pub per_layer: Vec<LayerStats>,
+    /// Entries evicted.
+    pub evictions: u64,
+    /// Bytes loaded by demand misses.
+    pub bytes_loaded: u64,
+    /// Bytes resident now.
+    pub resident_bytes: u64,
+    /// Largest `resident_bytes` seen.
+    pub peak_resident_bytes: u64,
+    /// Prefetch counters.
+    pub prefetch: PrefetchStats,
+}
+
+impl CacheStats {
+    /// hits / accesses (0 when there were none).
+    pub fn hit_rate(&self) -> f64 {
+        ratio(self.hits, self.accesses)
+    }
+
+    /// Used prefetches / issued prefetches; `None` if none was issued.
+    pub fn prefetch_precision(&self) -> Option<f64> {
+        (self.prefetch.issued > 0).then(|| ratio(self.prefetch.used, self.prefetch.issued))
+    }
+
+    /// Used prefetches / (used prefetches + demand misses): the share of the loads the demand
+    /// path needed that prefetching had already done; `None` if there was nothing to load.
+    pub fn prefetch_recall(&self) -> Option<f64> {
+        let need = self.prefetch.used + self.misses;
+        (need > 0).then(|| ratio(self.prefetch.used, need))
+    }
+}
+
+/// `a / b`, 0 when `b` is 0.
+pub(crate) fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Result of a demand access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessOutcome {
+    /// The expert was resident.
+    pub hit: bool,
+    /// Experts evicted to make room (the engine frees their payloads).
+    pub evicted: Vec<ExpertKey>,
+    /// The hit was the first demand of a prefetched expert.
+    pub was_prefetched: bool,
+}
+
+/// Result of a demand access whose evictions went into a caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessInfo {
+    /// The expert was resident.
+    pub hit: bool,
+    /// The hit was the first demand of a prefetched expert.
+    pub was_prefetched: bool,
+}
+
+/// Result of a prefetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchOutcome {
+    /// The expert was loaded (false: already resident, or dropped for lack of room).
+    pub issued: bool,
+    /// Experts evicted to make room.
+    pub evicted: Vec<ExpertKey>,
+}
+
+/// Construction options beyond spec, budget and layers.
+#[derive(Debug, Clone, Default)]
+pub struct CacheOptions {
+    /// Classic (libCacheSim) mode: no pins, every access its own step.
+    pub classic: bool,
+    /// Expert use counts, required by `static-<N>`.
+    pub profile: Option<FrequencyProfile>,
+}
+
+/// Flag bit: the entry is resident. (The flag byte array is small and hot; keeping residency
+/// there, not in [`Entry`], keeps the hit path off the larger entry array.)
+const RESIDENT: u8 = 8;
+/// Flag bit: loaded by a (recorded) prefetch and not demanded since.
+const UNUSED_PREFETCH: u8 = 16;
+
+/// The cold part of an entry, touched on loads and evictions only.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: ExpertKey,
+    size: u64,
+    cost: u64,
+    /// Protected while its layer's completed steps are below this.
+    protect_until: u64,
+}
+
+#[derive(Debug)]
+struct Pool {
+    policy: Box<dyn Policy>,
+    cap: u64,
+    used: u64,
+    seq: u64,
+    entries: Vec<Entry>,
+    /// Per entry id: guard bits ([`PINNED`], [`PROTECTED`], [`CHOSEN`]) and state bits
+    /// ([`RESIDENT`], [`UNUSED_PREFETCH`]).
+    flags: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerState {
+    pool: u32,
+    /// Expert id → entry id in the pool.
+    ids: Vec<u32>,
+    /// Entry ids with the PROTECTED bit, to clear when their step ends.
+    protected: Vec<u32>,
+}
+
+/// The expert cache's resident set and access driver (see the module doc).
+#[derive(Debug)]
+pub struct CacheCore {
+    spec: PolicySpec,
+    budget: Budget,
+    options: CacheOptions,
+    moe_layers: Vec<u32>,
+    /// Layer number → position in `moe_layers` (or NO_ID).
+    layer_pos: Vec<u32>,
+    layers: Vec<LayerState>,
+    pools: Vec<Pool>,
+    /// Per layer position: steps begun (pinned mode) or accesses (classic mode).
+    clocks: Vec<u64>,
+    /// Per layer position: steps ended.
+    completed: Vec<u64>,
+    open: Option<u32>,
+    phase: Phase,
+    pinned: Vec<(u32, u32)>,
+    victims: Vec<u32>,
+    recording: bool,
+    stats: CacheStats,
+}
+
+impl CacheCore {
+    /// A pinned-mode cache (the engine's): `moe_layers` are the decoder layers with routed
+    /// experts, in execution order.
+    pub fn new(spec: &PolicySpec, budget: Budget, moe_layers: &[u32]) -> Result<Self, CacheError> {
+        Self::with_options(spec, budget, moe_layers, CacheOptions::default())
+    }
+
+    /// A classic-mode cache: no pins, every access stands alone (libCacheSim semantics).
+    pub fn new_classic(
+        spec: &PolicySpec,
+        budget: Budget,
+        moe_layers: &[u32],
+    ) -> Result<Self, CacheError> {
+        Self::with_options(
+            spec,
+            budget,
+            moe_layers,
+            CacheOptions {
+                classic: true,
+                profile: None,
+            },
+        )
+    }
+
+    /// A cache with explicit [`CacheOptions`] (classic mode, frequency profile).
+    pub fn with_options(
+        spec: &PolicySpec,
+        budget: Budget,
+        moe_layers: &[u32],
+        options: CacheOptions,
+    ) -> Result<Self, CacheError> {
+        if moe_layers.is_empty() {
+            return Err(CacheError::NoLayers);
+        }
+        if budget.pool_capacity() == 0 {
+            return Err(CacheError::ZeroBudget(budget));
+        }
+        if let (PolicySpec::Static { n }, Budget::SlotsPerLayer(slots)) = (spec.eviction(), budget)
+        {
+            if *n >= slots {
+                return Err(CacheError::StaticTooLarge {
+                    policy: spec.to_string(),
+                    n: *n,
+                    slots,
+                });
+            }
+        }
+        let max_layer = *moe_layers.iter().max().expect("non-empty") as usize;
+        let mut layer_pos = vec![NO_ID; max_layer + 1];
+        for (p, &l) in moe_layers.iter().enumerate() {
+            if layer_pos[l as usize] != NO_ID {
+                return Err(CacheError::DuplicateLayer(l));
+            }
+            layer_pos[l as usize] = p as u32;
+        }
+        let n_pools = if budget.per_layer() {
+            moe_layers.len()
+        } else {
+            1
+        };
+        let mut pools = Vec::with_capacity(n_pools);
+        for p in 0..n_pools {
+            let ctx = PoolContext {
+                moe_layers,
+                pool_layers: if budget.per_layer() {
+                    &moe_layers[p..p + 1]
+                } else {
+                    moe_layers
+                },
+                profile: options.profile.as_ref(),
+            };
+            pools.push(Pool {
+                policy: spec.build(&ctx)?,
+                cap: budget.pool_capacity(),
+                used: 0,
+                seq: 0,
+                entries: Vec::new(),
+                flags: Vec::new(),
+            });
+        }
+        let layers = (0..moe_layers.len())
+            .map(|p| LayerState {
+                pool: if budget.per_layer() { p as u32 } else { 0 },
+                ids: Vec::new(),
+                protected: Vec::new(),
+            })
+            .collect();
+        let stats = CacheStats {
+            per_layer: moe_layers
+                .iter()
+                .map(|&layer| LayerStats {
+                    layer,
+                    ..LayerStats::default()
+                })
+                .collect(),
+            ..CacheStats::default()
+        };
+        Ok(CacheCore {
+            spec: spec.clone(),
+            budget,
+            options,
+            moe_layers: moe_layers.to_vec(),
+            layer_pos,
+            layers,
+            pools,
+            clocks: vec![0; moe_layers.len()],
+            completed: vec![0; moe_layers.len()],
+            open: None,
+            phase: Phase::Decode,
+            pinned: Vec::new(),
+            victims: Vec::new(),
+            recording: true,
+            stats,
+        })
+    }
+
+    /// The policy this cache runs.
+    pub fn spec(&self) -> &PolicySpec {
+        &self.spec
+    }
+
+    /// The budget this cache enforces.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// True in classic (unpinned) mode.
+    pub fn is_classic(&self) -> bool {
+        self.options.classic
+    }
+
+    /// The MoE layers, in the order given.
+    pub fn moe_layers(&self) -> &[u32] {
+        &self.moe_layers
+    }
+
+    /// Turns counting on or off (on after construction and [`reset`](Self::reset)). While off,
+    /// accesses and prefetches change the cache exactly as usual but no counter moves except
+    /// `resident_bytes` and `peak_resident_bytes`; prefetches issued while off never count as
+    /// used or wasted. Used to replay warm-up prompts without measuring them.
+    pub fn set_recording(&mut self, on: bool) {
+        self.recording = on;
+    }
+
+    /// Counters since construction or the last [`reset`](Self::reset).
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Bytes resident now.
+    pub fn resident_bytes(&self) -> u64 {
+        self.stats.resident_bytes
+    }
+
+    /// True if `key` is resident.
+    pub fn contains(&self, key: ExpertKey) -> bool {
+        self.lookup(key)
+            .is_some_and(|(p, id)| self.pools[p].flags[id as usize] & RESIDENT != 0)
+    }
+
+    /// All resident experts, by pool then load order of first appearance.
+    pub fn resident(&self) -> Vec<ExpertKey> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.entries
+                    .iter()
+                    .zip(&p.flags)
+                    .filter(|(_, f)| **f & RESIDENT != 0)
+                    .map(|(e, _)| e.key)
+            })
+            .collect()
+    }
+
+    /// Empties the cache and zeroes every counter (same spec, budget, layers and options).
+    pub fn reset(&mut self) {
+        let options = self.options.clone();
+        *self = Self::with_options(&self.spec, self.budget, &self.moe_layers, options)
+            .expect("arguments were validated at construction");
+    }
+
+    /// Opens the step of `layer` (one token through one MoE layer) and pins `experts`, the
+    /// experts the router picked, until [`end_step`](Self::end_step). Pinning them up front means
+    /// a resident expert demanded later in the step cannot be evicted by an earlier miss of the
+    /// same step. (An empty slice is allowed: each expert is then pinned at its access.)
+    /// In classic mode this only records the phase.
+    pub fn begin_step(
+        &mut self,
+        layer: u32,
+        phase: Phase,
+        experts: &[u32],
+    ) -> Result<(), CacheError> {
+        let lp = self.layer_index(layer)?;
+        if let Some(open) = self.open {
+            return Err(CacheError::StepOpen {
+                layer,
+                open: self.moe_layers[open as usize],
+            });
+        }
+        self.open = Some(lp as u32);
+        self.phase = phase;
+        if self.options.classic {
+            return Ok(());
+        }
+        self.clocks[lp] += 1;
+        for &e in experts {
+            let (pi, id) = self.id_of(lp, e)?;
+            self.pin(pi, id);
+        }
+        Ok(())
+    }
+
+    /// Closes the open step: unpins its experts and ends the protection of prefetches whose
+    /// protected step this was. Does nothing if no step is open.
+    pub fn end_step(&mut self) {
+        let Some(lp) = self.open.take() else {
+            return;
+        };
+        for (pi, id) in self.pinned.drain(..) {
+            self.pools[pi as usize].flags[id as usize] &= !PINNED;
+        }
+        if !self.options.classic {
+            let lp = lp as usize;
+            self.completed[lp] = self.clocks[lp];
+            self.expire_protection(lp);
+        }
+    }
+
+    /// Demand access of `key` (`size` bytes; `next_use` = position of its next demand for
+    /// Belady, `u64::MAX` if unknown): find → on a miss evict until it fits → insert.
+    pub fn access(
+        &mut self,
+        key: ExpertKey,
+        size: u64,
+        next_use: u64,
+    ) -> Result<AccessOutcome, CacheError> {
+        let mut evicted = Vec::new();
+        let info = self.access_into(key, size, next_use, &mut evicted)?;
+        Ok(AccessOutcome {
+            hit: info.hit,
+            evicted,
+            was_prefetched: info.was_prefetched,
+        })
+    }
+
+    /// [`access`](Self::access) appending evicted keys to `evicted` instead of allocating (the
+    /// simulator's hot path). On error nothing changed.
+    pub fn access_into(
+        &mut self,
+        key: ExpertKey,
+        size: u64,
+        next_use: u64,
+        evicted: &mut Vec<ExpertKey>,
+    ) -> Result<AccessInfo, CacheError> {
+        let lp = self.layer_index(key.layer)?;
+        let classic = self.options.classic;
+        if !classic && self.open != Some(lp as u32) {
+            return Err(CacheError::OutsideStep {
+                layer: key.layer,
+                open: self
+                    .open
+                    .map_or("none".into(), |p| self.moe_layers[p as usize].to_string()),
+            });
+        }
+        let (pi, id) = self.id_of(lp, key.expert)?;
+        let clock = if classic {
+            self.clocks[lp] + 1
+        } else {
+            self.clocks[lp]
+        };
+        let pool = &mut self.pools[pi];
+        let info = if pool.flags[id as usize] & RESIDENT != 0 {
+            pool.seq += 1;
+            let access = Access {
+                key,
+                layer_pos: lp as u32,
+                clock,
+                next_use,
+                seq: pool.seq,
+            };
+            pool.policy.on_hit(id, &access);
+            let f = &mut pool.flags[id as usize];
+            let was_prefetched = *f & UNUSED_PREFETCH != 0;
+            *f &= !UNUSED_PREFETCH;
+            if was_prefetched && self.recording {
+                self.stats.prefetch.used += 1;
+            }
+            AccessInfo {
+                hit: true,
+                was_prefetched,
+            }
+        } else {
+            let cost = self.budget.cost(size);
+            if cost > pool.cap {
+                return Err(CacheError::TooLarge {
+                    layer: key.layer,
+                    expert: key.expert,
+                    need: cost,
+                    cap: pool.cap,
+                    unit: self.budget.unit(),
+                });
+            }
+            if classic {
+                // The previous access of this layer has ended: its clock tick is visible to
+                // the policy when choosing victims.
+                self.clocks[lp] = clock;
+            }
+            let fits = select_victims(pool, &self.clocks, &mut self.victims, cost, PREFETCH_MASK)
+                || select_victims(pool, &self.clocks, &mut self.victims, cost, DEMAND_MASK);
+            if !fits {
+                let locked = pool
+                    .flags
+                    .iter()
+                    .filter(|f| **f & RESIDENT != 0 && **f & PINNED != 0)
+                    .count();
+                let err = CacheError::BudgetTooSmall {
+                    layer: key.layer,
+                    expert: key.expert,
+                    need: cost,
+                    used: pool.used,
+                    cap: pool.cap,
+                    locked,
+                    unit: self.budget.unit(),
+                };
+                if classic {
+                    self.clocks[lp] -= 1;
+                }
+                return Err(err);
+            }
+            evict_victims(
+                pool,
+                &self.victims,
+                &mut self.stats,
+                self.recording,
+                evicted,
+            );
+            pool.seq += 1;
+            let access = Access {
+                key,
+                layer_pos: lp as u32,
+                clock,
+                next_use,
+                seq: pool.seq,
+            };
+            insert(pool, id, size, cost, &mut self.stats);
+            pool.policy.on_insert(id, &access, InsertKind::Demand);
+            if self.recording {
+                self.stats.misses += 1;
+                self.stats.bytes_loaded += size;
+            }
+            AccessInfo {
+                hit: false,
+                was_prefetched: false,
+            }
+        };
+        if self.recording {
+            let hit = u64::from(info.hit);
+            self.stats.accesses += 1;
+            self.stats.hits += hit;
+            let ls = &mut self.stats.per_layer[lp];
+            ls.accesses += 1;
+            ls.hits += hit;
+            let ps = match self.phase {
+                Phase::Prefill => &mut self.stats.prefill,
+                Phase::Decode => &mut self.stats.decode,
+            };
+            ps.accesses += 1;
+            ps.hits += hit;
+        }
+        if classic {
+            self.clocks[lp] = clock;
+            self.completed[lp] = clock;
+            self.expire_protection(lp);
+        } else {
+            self.pin(pi, id);
+        }
+        Ok(info)
+    }
+
+    /// Loads `key` without a demand (router lookahead). Never evicts pinned entries or
+    /// still-protected prefetches; dropped when nothing can make room. The loaded entry is
+    /// protected until the end of the next step of its layer. A prefetch is only a hint: one for
+    /// a layer the cache does not know (or an out-of-range expert id) is dropped, not an error.
+    pub fn prefetch(&mut self, key: ExpertKey, size: u64, next_use: u64) -> PrefetchOutcome {
+        let mut evicted = Vec::new();
+        let issued = self.prefetch_into(key, size, next_use, &mut evicted);
+        PrefetchOutcome { issued, evicted }
+    }
+
+    /// [`prefetch`](Self::prefetch) appending evicted keys to `evicted`; returns whether it was
+    /// issued.
+    pub fn prefetch_into(
+        &mut self,
+        key: ExpertKey,
+        size: u64,
+        next_use: u64,
+        evicted: &mut Vec<ExpertKey>,
+    ) -> bool {
+        let Some((lp, pi, id)) = self
+            .layer_index(key.layer)
+            .and_then(|lp| self.id_of(lp, key.expert).map(|(pi, id)| (lp, pi, id)))
+            .ok()
+        else {
+            self.stats.prefetch.dropped += u64::from(self.recording);
+            return false;
+        };
+        let pool = &mut self.pools[pi];
+        if pool.flags[id as usize] & RESIDENT != 0 {
+            self.stats.prefetch.already_resident += u64::from(self.recording);
+            // Predicted again: protect it like a fresh prefetch, without counting a use.
+            if pool.flags[id as usize] & PROTECTED == 0 {
+                pool.flags[id as usize] |= PROTECTED;
+                pool.entries[id as usize].protect_until = self.clocks[lp] + 1;
+                self.layers[lp].protected.push(id);
+            }
+            return false;
+        }
+        let cost = self.budget.cost(size);
+        if cost > pool.cap
+            || !select_victims(pool, &self.clocks, &mut self.victims, cost, PREFETCH_MASK)
+        {
+            self.stats.prefetch.dropped += u64::from(self.recording);
+            return false;
+        }
+        evict_victims(
+            pool,
+            &self.victims,
+            &mut self.stats,
+            self.recording,
+            evicted,
+        );
+        pool.seq += 1;
+        let access = Access {
+            key,
+            layer_pos: lp as u32,
+            clock: self.clocks[lp],
+            next_use,
+            seq: pool.seq,
+        };
+        insert(pool, id, size, cost, &mut self.stats);
+        let e = &mut pool.entries[id as usize];
+        if self.recording {
+            pool.flags[id as usize] |= UNUSED_PREFETCH;
+        }
+        e.protect_until = self.clocks[lp] + 1;
+        pool.flags[id as usize] |= PROTECTED;
+        pool.policy.on_insert(id, &access, InsertKind::Prefetch);
+        self.layers[lp].protected.push(id);
+        if self.recording {
+            self.stats.prefetch.issued += 1;
+            self.stats.prefetch.bytes += size;
+        }
+        true
+    }
+
+    fn layer_index(&self, layer: u32) -> Result<usize, CacheError> {
+        match self.layer_pos.get(layer as usize) {
+            Some(&p) if p != NO_ID => Ok(p as usize),
+            _ => Err(CacheError::UnknownLayer {
+                layer,
+                known: self
+                    .moe_layers
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    fn lookup(&self, key: ExpertKey) -> Option<(usize, u32)> {
+        let lp = self.layer_index(key.layer).ok()?;
+        let ls = &self.layers[lp];
+        let id = *ls.ids.get(key.expert as usize)?;
+        (id != NO_ID).then_some((ls.pool as usize, id))
+    }
+
+    /// (pool index, entry id) of an expert, assigning an id on first sight.
+    #[inline]
+    fn id_of(&mut self, lp: usize, expert: u32) -> Result<(usize, u32), CacheError> {
+        let ls = &mut self.layers[lp];
+        let e = expert as usize;
+        if let Some(&id) = ls.ids.get(e) {
+            if id != NO_ID {
+                return Ok((ls.pool as usize, id));
+            }
+        }
+        let layer = self.moe_layers[lp];
+        if expert >= MAX_EXPERT_ID {
+            return Err(CacheError::ExpertOutOfRange { layer, expert });
+        }
+        if ls.ids.len() <= e {
+            ls.ids.resize(e + 1, NO_ID);
+        }
+        let pool = &mut self.pools[ls.pool as usize];
+        let id = pool.entries.len() as u32;
+        pool.entries.push(Entry {
+            key: ExpertKey { layer, expert },
+            size: 0,
+            cost: 0,
+            protect_until: 0,
+        });
+        pool.flags.push(0);
+        ls.ids[e] = id;
+        Ok((ls.pool as usize, id))
+    }
+
+    #[inline]
+    fn pin(&mut self, pi: usize, id: u32) {
+        let f = &mut self.pools[pi].flags[id as usize];
+        if *f & PINNED == 0 {
+            *f |= PINNED;
+            self.pinned.push((pi as u32, id));
+        }
+    }
+
+    fn expire_protection(&mut self, lp: usize) {
+        let ls = &mut self.layers[lp];
+        if ls.protected.is_empty() {
+            return;
+        }
+        let done = self.completed[lp];
+        let pool = &mut self.pools[ls.pool as usize];
+        ls.protected.retain(|&id| {
+            let resident = pool.flags[id as usize] & RESIDENT != 0;
+            if pool.entries[id as usize].protect_until <= done || !resident {
+                pool.flags[id as usize] &= !PROTECTED;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// Flag bits that block a prefetch's (and a demand's first-choice) victims.
+const PREFETCH_MASK: u8 = PINNED | PROTECTED | CHOSEN;
+/// Flag bits that block a demand's fallback victims.
+const DEMAND_MASK: u8 = PINNED | CHOSEN;
+
+/// Picks victims until `cost` more units fit, among entries with no flag bit of `mask`, without
+/// evicting; false (and nothing picked) if those entries are not enough.
+fn select_victims(
+    pool: &mut Pool,
+    clocks: &[u64],
+    victims: &mut Vec<u32>,
+    cost: u64,
+    mask: u8,
+) -> bool {
+    victims.clear();
+    let mut freed = 0u64;
+    let mut ok = true;
+    while (pool.used - freed).saturating_add(cost) > pool.cap {
+        let v = pool
+            .policy
+            .to_evict(&Guard::with_mask(&pool.flags, clocks, mask));
+        match v {
+            Some(v) => {
+                debug_assert!(
+                    pool.flags[v as usize] & RESIDENT != 0,
+                    "victim not resident"
+                );
+                pool.flags[v as usize] |= CHOSEN;
+                freed += pool.entries[v as usize].cost;
+                victims.push(v);
+            }
+            None => {
+                ok = false;
+                break;
+            }
+        }
+    }
+    for &v in victims.iter() {
+        pool.flags[v as usize] &= !CHOSEN;
+    }
+    if !ok {
+        victims.clear();
+    }
+    ok
+}
+
+fn evict_victims(
+    pool: &mut Pool,
+    victims: &[u32],
+    stats: &mut CacheStats,
+    recording: bool,
+    evicted: &mut Vec<ExpertKey>,
+) {
+    for &v in victims {
+        pool.policy.remove(v);
+        let e = &pool.entries[v as usize];
+        let f = &mut pool.flags[v as usize];
+        let unused_prefetch = *f & UNUSED_PREFETCH != 0;
+        *f &= !(RESIDENT | UNUSED_PREFETCH);
+        pool.used -= e.cost;
+        stats.resident_bytes -= e.size;
+        stats.evictions += u64::from(recording);
+        if unused_prefetch {
+            stats.prefetch.wasted += 1;
+            stats.prefetch.wasted_bytes += e.size;
+        }
+        evicted.push(e.key);
+    }
+}
+
+fn insert(pool: &mut Pool, id: u32, size: u64, cost: u64, stats: &mut CacheStats) {
+    let e = &mut pool.entries[id as usize];
+    e.size = size;
+    e.cost = cost;
+    let f = &mut pool.flags[id as usize];
+    *f = (*f | RESIDENT) & !UNUSED_PREFETCH;
+    pool.used += cost;
+    assert!(pool.used <= pool.cap, "cache over budget");
+    stats.resident_bytes += size;
+    stats.peak_resident_bytes = stats.peak_resident_bytes.max(stats.resident_bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(layer: u32, expert: u32) -> ExpertKey {
+        ExpertKey { layer, expert }
+    }
+
+    fn spec(s: &str) -> PolicySpec {
+        PolicySpec::parse(s).unwrap()
+    }
+
+    /// Runs one step of `layer` demanding `experts` (unit size); returns the hit pattern.
+    fn step(c: &mut CacheCore, layer: u32, experts: &[u32]) -> String {
+        c.begin_step(layer, Phase::Decode, experts).unwrap();
+        let s = experts
+            .iter()
+            .map(|&e| {
+                if c.access(k(layer, e), 1, u64::MAX).unwrap().hit {
+                    'H'
+                } else {
+                    'm'
+                }
+            })
+            .collect();
+        c.end_step();
+        s
+    }
+
+    #[test]
+    fn budget_strings_round_trip() {
+        for (given, canonical, parsed) in [
+            ("unlimited", "unlimited", Budget::Unlimited),
+            ("8", "8", Budget::SlotsPerLayer(8)),
+            ("8slots", "8", Budget::SlotsPerLayer(8)),
+            ("16/layer", "16", Budget::SlotsPerLayer(16)),
+            (
+                "512MiB/layer",
+                "512MiB/layer",
+                Budget::BytesPerLayer(512 << 20),
+            ),
+            ("1.5GiB", "1536MiB", Budget::BytesGlobal(1536 << 20)),
+            ("2GB", "2GB", Budget::BytesGlobal(2_000_000_000)),
+            ("1000b", "1KB", Budget::BytesGlobal(1000)),
+            ("4 KiB", "4KiB", Budget::BytesGlobal(4096)),
+            ("100b", "100B", Budget::BytesGlobal(100)),
+        ] {
+            let b = Budget::parse(given).unwrap();
+            assert_eq!(b, parsed, "{given}");
+            assert_eq!(b.to_string(), canonical, "{given}");
+            assert_eq!(Budget::parse(canonical).unwrap(), b);
+        }
+        for bad in ["", "lots", "12XB", "-3", "1.5"] {
+            assert!(Budget::parse(bad).is_err(), "{bad} accepted");
+        }
+        let json = serde_json::to_string(&Budget::BytesPerLayer(1 << 30)).unwrap();
+        assert_eq!(json, "\"1GiB/layer\"");
+    }
+
+    #[test]
+    fn construction_is_validated() {
+        let lru = spec("lru");
+        assert_eq!(
+            CacheCore::new(&lru, Budget::SlotsPerLayer(2), &[]).unwrap_err(),
+            CacheError::NoLayers
+        );
+        assert_eq!(
+            CacheCore::new(&lru, Budget::SlotsPerLayer(0), &[1]).unwrap_err(),
+            CacheError::ZeroBudget(Budget::SlotsPerLayer(0))
+        );
+        assert_eq!(
+            CacheCore::new(&lru, Budget::SlotsPerLayer(2), &[1, 3, 1]).unwrap_err(),
+            CacheError::DuplicateLayer(1)
+        );
+        let e = CacheCore::new(&spec("static-2"), Budget::SlotsPerLayer(4), &[1]).unwrap_err();
+        assert!(
+            matches!(e, CacheError::Policy(PolicyError::NeedsProfile { .. })),
+            "{e}"
+        );
+        let opts = CacheOptions {
+            classic: false,
+            profile: Some(FrequencyProfile::new()),
+        };
+        let e = CacheCore::with_options(&spec("static-4"), Budget::SlotsPerLayer(4), &[1], opts)
+            .unwrap_err();
+        assert!(
+            matches!(e, CacheError::StaticTooLarge { n: 4, slots: 4, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_layer_and_step_misuse_are_errors() {
+        let mut c = CacheCore::new(&spec("lru"), Budget::SlotsPerLayer(2), &[1, 3]).unwrap();
+        let e = c.begin_step(2, Phase::Decode, &[]).unwrap_err();
+        assert!(e.to_string().contains("MoE layers: 1, 3"), "{e}");
+        assert!(matches!(
+            c.access(k(1, 0), 1, u64::MAX).unwrap_err(),
+            CacheError::OutsideStep { layer: 1, .. }
+        ));
+        c.begin_step(1, Phase::Decode, &[0]).unwrap();
+        assert!(matches!(
+            c.begin_step(3, Phase::Decode, &[]).unwrap_err(),
+            CacheError::StepOpen { layer: 3, open: 1 }
+        ));
+        assert!(matches!(
+            c.access(k(3, 0), 1, u64::MAX).unwrap_err(),
+            CacheError::OutsideStep { layer: 3, .. }
+        ));
+        assert!(matches!(
+            c.access(k(1, MAX_EXPERT_ID), 1, u64::MAX).unwrap_err(),
+            CacheError::ExpertOutOfRange { .. }
+        ));
+        c.end_step();
+        c.end_step(); // no-op
+        assert_eq!(c.stats().accesses, 0);
+        // A prefetch is a hint: an unknown layer is dropped, not an error.
+        assert!(!c.prefetch(k(2, 0), 1, u64::MAX).issued);
+        assert_eq!(c.stats().prefetch.dropped, 1);
+    }
+
+    #[test]
+    fn per_layer_slots_are_independent_pools() {
+        // Two layers with 2 slots each under LRU: layer 3's traffic never evicts layer 1.
+        let mut c = CacheCore::new(&spec("lru"), Budget::SlotsPerLayer(2), &[1, 3]).unwrap();
+        assert_eq!(step(&mut c, 1, &[0, 1]), "mm");
+        assert_eq!(step(&mut c, 3, &[0, 1]), "mm");
+        assert_eq!(step(&mut c, 3, &[2, 5]), "mm");
+        assert_eq!(step(&mut c, 1, &[1, 0]), "HH");
+        let s = c.stats();
+        assert_eq!((s.accesses, s.hits, s.misses, s.evictions), (8, 2, 6, 2));
+        assert_eq!(
+            s.per_layer[0],
+            LayerStats {
+                layer: 1,
+                accesses: 4,
+                hits: 2
+            }
+        );
+        assert_eq!(
+            s.per_layer[1],
+            LayerStats {
+                layer: 3,
+                accesses: 4,
+                hits: 0
+            }
+        );
+        assert_eq!(s.decode.accesses, 8);
+        assert_eq!(c.resident_bytes(), 4);
+        assert!(c.contains(k(3, 2)) && !c.contains(k(3, 0)));
+    }
+
+    #[test]
+    fn step_pins_all_demanded_experts_up_front() {
+        // LRU, 2 slots. Resident 0 (older) and 1. Step demands [2, 0]: the miss on 2 must not
+        // evict 0 (pinned by the step although accessed second), so it evicts 1, and 0 hits.
+        let mut c = CacheCore::new(&spec("lru"), Budget::SlotsPerLayer(2), &[0]).unwrap();
+        step(&mut c, 0, &[0]);
+        step(&mut c, 0, &[1]);
+        assert_eq!(step(&mut c, 0, &[2, 0]), "mH");
+        assert!(c.contains(k(0, 2)) && c.contains(k(0, 0)) && !c.contains(k(0, 1)));
+        // Classic mode on the same sequence: the miss on 2 evicts 0, which then misses.
+        let mut c = CacheCore::new_classic(&spec("lru"), Budget::SlotsPerLayer(2), &[0]).unwrap();
+        let hits: Vec<bool> = [0, 1, 2, 0]
+            .iter()
+            .map(|&e| c.access(k(0, e), 1, u64::MAX).unwrap().hit)
+            .collect();
+        assert_eq!(hits, [false, false, false, false]);
+    }
+
+    #[test]
+    fn without_an_up_front_list_experts_are_pinned_at_access() {
+        // begin_step with no list: a just-loaded expert is still never evicted by its own step.
+        let mut c = CacheCore::new(&spec("lru"), Budget::SlotsPerLayer(1), &[0]).unwrap();
+        c.begin_step(0, Phase::Decode, &[]).unwrap();
+        assert!(!c.access(k(0, 0), 1, u64::MAX).unwrap().hit);
+        assert!(matches!(
+            c.access(k(0, 1), 1, u64::MAX).unwrap_err(),
+            CacheError::BudgetTooSmall { locked: 1, .. }
+        ));
+        c.end_step();
+        assert_eq!(step(&mut c, 0, &[1]), "m");
+    }
+
+    #[test]
+    fn working_set_above_budget_is_a_clear_error() {
+        let mut c = CacheCore::new(&spec("lru"), Budget::SlotsPerLayer(2), &[4]).unwrap();
+        c.begin_step(4, Phase::Decode, &[0, 1, 2]).unwrap();
+        c.access(k(4, 0), 1, u64::MAX).unwrap();
+        c.access(k(4, 1), 1, u64::MAX).unwrap();
+        let e = c.access(k(4, 2), 1, u64::MAX).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("budget below one token's working set: layer 4"),
+            "{msg}"
+        );
+        assert!(matches!(
+            e,
+            CacheError::BudgetTooSmall {
+                locked: 2,
+                cap: 2,
+                ..
+            }
+        ));
+        // Nothing changed: the failed access is not counted and nothing was evicted.
+        assert_eq!((c.stats().accesses, c.stats().evictions), (2, 0));
+        // Bytes: an expert larger than the whole pool.
+        let mut c = CacheCore::new(&spec("lru"), Budget::BytesPerLayer(100), &[0]).unwrap();
+        c.begin_step(0, Phase::Decode, &[0]).unwrap();
+        assert!(matches!(
+            c.access(k(0, 0), 101, u64::MAX).unwrap_err(),
+            CacheError::TooLarge {
+                need: 101,
+                cap: 100,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn byte_budget_evicts_until_it_fits() {
+        // 100 bytes per layer. 40 + 40 resident; a 70-byte expert needs both evicted (LRU).
+        let mut c = CacheCore::new(&spec("lru"), Budget::BytesPerLayer(100), &[0]).unwrap();
+        for (e, size) in [(0, 40), (1, 40)] {
+            c.begin_step(0, Phase::Prefill, &[e]).unwrap();
+            c.access(k(0, e), size, u64::MAX).unwrap();
+            c.end_step();
+        }
+        c.begin_step(0, Phase::Decode, &[2]).unwrap();
+        let out = c.access(k(0, 2), 70, u64::MAX).unwrap();
+        c.end_step();
+        assert_eq!(out.evicted, vec![k(0, 0), k(0, 1)]);
+        assert_eq!(c.resident_bytes(), 70);
+        assert_eq!(c.stats().peak_resident_bytes, 80);
+        assert_eq!(c.stats().prefill.accesses, 2);
+        assert_eq!(c.stats().bytes_loaded, 150);
+    }
+
+    #[test]
+    fn global_budget_takes_victims_from_any_layer() {
+        // One 3-byte pool over layers 0 and 1 (unit sizes), LRU.
+        let mut c = CacheCore::new(&spec("lru"), Budget::BytesGlobal(3), &[0, 1]).unwrap();
+        step(&mut c, 0, &[0, 1]);
+        step(&mut c, 1, &[0]);
+        step(&mut c, 1, &[1]); // evicts layer 0's expert 0, the least recent overall
+        assert!(!c.contains(k(0, 0)) && c.contains(k(0, 1)));
+        assert_eq!(c.resident().len(), 3);
+        assert!(c.stats().peak_resident_bytes <= 3);
+    }
+
+    #[test]
+    fn prefetch_is_protected_for_one_step_then_ordinary() {
+        // Layers 0 and 1, 2 slots each, LRU.
+        let mut c = CacheCore::new(&spec("lookahead"), Budget::SlotsPerLayer(2), &[0, 1]).unwrap();
+        step(&mut c, 1, &[0, 1]); // layer 1 holds 0, 1
+                                  // During layer 0's step, prefetch experts 2 and 3 of layer 1.
+        c.begin_step(0, Phase::Decode, &[0]).unwrap();
+        c.access(k(0, 0), 1, u64::MAX).unwrap();
+        let p = c.prefetch(k(1, 2), 1, u64::MAX);
+        assert!(p.issued);
+        assert_eq!(p.evicted, vec![k(1, 0)]);
+        let p = c.prefetch(k(1, 3), 1, u64::MAX);
+        assert_eq!(p.evicted, vec![k(1, 1)]);
+        // Both slots now hold protected prefetches: a third one is dropped, evicting nothing.
+        let p = c.prefetch(k(1, 4), 1, u64::MAX);
+        assert!(!p.issued && p.evicted.is_empty());
+        // Already resident: not issued.
+        assert!(!c.prefetch(k(1, 2), 1, u64::MAX).issued);
+        c.end_step();
+        // Layer 1's next step demands 2 (prefetched: hit) and 5. Only 3 is not pinned, and it
+        // is protected: a demand falls back to protected victims rather than failing.
+        c.begin_step(1, Phase::Decode, &[2, 5]).unwrap();
+        let o = c.access(k(1, 2), 1, u64::MAX).unwrap();
+        assert!(o.hit && o.was_prefetched);
+        assert_eq!(
+            c.access(k(1, 5), 1, u64::MAX).unwrap().evicted,
+            vec![k(1, 3)]
+        );
+        c.end_step();
+        // Layer 0 again; prefetch 6 into layer 1: 2's protection ended with layer 1's step, so
+        // it is an ordinary LRU victim now.
+        assert_eq!(step(&mut c, 0, &[0]), "H");
+        c.begin_step(0, Phase::Decode, &[0]).unwrap();
+        assert_eq!(c.prefetch(k(1, 6), 1, u64::MAX).evicted, vec![k(1, 2)]);
+        c.end_step();
+        // Layer 1 demands 7: 5 is the LRU victim (and 6 is protected during this step).
+        c.begin_step(1, Phase::Decode, &[7]).unwrap();
+        assert_eq!(
+            c.access(k(1, 7), 1, u64::MAX).unwrap().evicted,
+            vec![k(1, 5)]
+        );
+        c.end_step();
+        // Protection over: 6 (never demanded) is the LRU victim: wasted.
+        c.begin_step(1, Phase::Decode, &[8]).unwrap();
+        assert_eq!(
+            c.access(k(1, 8), 1, u64::MAX).unwrap().evicted,
+            vec![k(1, 6)]
+        );
+        c.end_step();
+        let s = c.stats();
+        assert_eq!(s.prefetch.issued, 3);
+        assert_eq!(s.prefetch.dropped, 1);
+        assert_eq!(s.prefetch.already_resident, 1);
+        assert_eq!(s.prefetch.used, 1);
+        assert_eq!((s.prefetch.wasted, s.prefetch.wasted_bytes), (2, 2));
+        assert_eq!(s.prefetch_precision(), Some(1.0 / 3.0));
+        // Misses: layer 1's 0, 1, 5, 7, 8 and layer 0's 0 -> 6; recall = 1 / (1 + 6).
+        assert_eq!(s.misses, 6);
+        assert_eq!(s.prefetch_recall(), Some(1.0 / 7.0));
+    }
+
+    #[test]
+    fn demand_prefers_unprotected_victims() {
+        // Layer 1 with 3 slots, LFU. Resident: 0 (count 3), 1 (count 1). A prefetch of 2 has
+        // count 0, the lowest. The next layer-1 step demands 3: LFU's favourite victim is the
+        // protected 2, so 1 is evicted instead; after that step 2 is fair game.
+        let mut c =
+            CacheCore::new(&spec("lookahead-lfu"), Budget::SlotsPerLayer(3), &[0, 1]).unwrap();
+        step(&mut c, 1, &[0]);
+        step(&mut c, 1, &[0]);
+        step(&mut c, 1, &[0, 1]);
+        c.begin_step(0, Phase::Decode, &[9]).unwrap();
+        c.access(k(0, 9), 1, u64::MAX).unwrap();
+        assert!(c.prefetch(k(1, 2), 1, u64::MAX).issued);
+        c.end_step();
+        c.begin_step(1, Phase::Decode, &[3]).unwrap();
+        assert_eq!(
+            c.access(k(1, 3), 1, u64::MAX).unwrap().evicted,
+            vec![k(1, 1)]
+        );
+        c.end_step();
+        c.begin_step(1, Phase::Decode, &[4]).unwrap();
+        assert_eq!(
+            c.access(k(1, 4), 1, u64::MAX).unwrap().evicted,
+            vec![k(1, 2)]
+        );
+        c.end_step();
+    }
+
+    #[test]
+    fn prefetch_never_evicts_pinned_experts() {
+        // Global pool of 2 bytes over layers 0, 1: layer 0's step pins both resident experts.
+        let mut c = CacheCore::new(&spec("lookahead"), Budget::BytesGlobal(2), &[0, 1]).unwrap();
+        c.begin_step(0, Phase::Decode, &[0, 1]).unwrap();
+        c.access(k(0, 0), 1, u64::MAX).unwrap();
+        c.access(k(0, 1), 1, u64::MAX).unwrap();
+        let p = c.prefetch(k(1, 7), 1, u64::MAX);
+        assert!(!p.issued && p.evicted.is_empty());
+        c.end_step();
+        // Unpinned now: the prefetch evicts the LRU one.
+        let p = c.prefetch(k(1, 7), 1, u64::MAX);
+        assert_eq!(p.evicted, vec![k(0, 0)]);
+    }
+
+    #[test]
+    fn reset_forgets_everything() {
+        let mut c = CacheCore::new(&spec("lfu"), Budget::SlotsPerLayer(2), &[0]).unwrap();
+        step(&mut c, 0, &[0, 1]);
+        c.reset();
+        assert_eq!(c.stats().accesses, 0);
+        assert_eq!(c.resident_bytes(), 0);
+        assert!(!c.contains(k(0, 0)));
+        assert_eq!(step(&mut c, 0, &[0]), "m");
+    }
+
+    #[test]
+    fn classic_mode_ticks_the_clock_per_access() {
+        // lcp-0.25-2 in classic mode must reproduce the policy's unit test sequence
+        // (one step per access): "mHmmHmm".
+        let mut c =
+            CacheCore::new_classic(&spec("lcp-0.25-2"), Budget::SlotsPerLayer(2), &[0]).unwrap();
+        let s: String = [1, 1, 2, 3, 2, 1, 3]
+            .iter()
+            .map(|&e| {
+                if c.access(k(0, e), 1, u64::MAX).unwrap().hit {
+                    'H'
+                } else {
+                    'm'
+                }
+            })
+            .collect();
+        assert_eq!(s, "mHmmHmm");
+    }
+
+    #[test]
+    fn stepped_lcp_counts_steps_not_accesses() {
+        // lcp-0.25-1, 3 slots, one layer. Priority = count · 0.25^(steps since last use).
+        // s1 [0]: 0 count 1. s2 [0, 1]: 0 hits (count 2), 1 loads (count 1); both last used in
+        // step 2. s3 [2, 3]: 2 loads into the free slot; 3 needs a victim among 0 and 1 (2 is
+        // pinned): 0 = 2·0.25 = 0.5, 1 = 1·0.25 = 0.25 -> 1 goes. With a per-access clock, 0
+        // (access 2) would be one access older than 1 (access 3) and lose: 2·0.25^4 < 0.25^3.
+        let mut c = CacheCore::new(&spec("lcp-0.25-1"), Budget::SlotsPerLayer(3), &[0]).unwrap();
+        assert_eq!(step(&mut c, 0, &[0]), "m");
+        assert_eq!(step(&mut c, 0, &[0, 1]), "Hm");
+        assert_eq!(step(&mut c, 0, &[2, 3]), "mm");
+        assert!(c.contains(k(0, 0)) && !c.contains(k(0, 1)));
+    }
+}

@@ -1,0 +1,713 @@
+//! Eviction policies: which resident expert leaves the cache when room is needed.
+//!
+//! This module exists so that every policy sits behind one small interface ([`Policy`]) and is
+//! named by one string ([`PolicySpec`]) that the CLI, the TOML experiment files, the Parquet traces
+//! and the plot labels all share. A policy only keeps its own metadata and names victims
+//! ([`Policy::to_evict`], libCacheSim's peek); it never holds payloads and never decides whether
+//! something fits: that is the job of the one access driver, [`crate::experts::cache::CacheCore`].
+//!
+//! Policies are instantiated once per *pool* (one per MoE layer, or one for a global byte budget)
+//! and see entries by a dense per-pool id (`u32`) chosen by the driver, so their metadata lives
+//! in plain vectors instead of hash maps.
+//!
+//! # Policy names
+//! | name | meaning |
+//! |---|---|
+//! | `lru` | least recently used (demand hits and inserts refresh recency) |
+//! | `lfu` | in-cache frequency, counter 1 on insert, forgotten on eviction; ties: least recently used first (libCacheSim `LFU`) |
+//! | `lfu-decay<f>` | like `lfu`, but every count is multiplied by `f` (0 < f < 1) at every step of the entry's layer; `lfu-decay` = `lfu-decay0.9` |
+//! | `lcp-<base>-<horizon>` | flash-moe "least critical priority" `count · base^(steps_since_use / horizon)`, lowest evicted; `lcp` = `lcp-0.25-128` |
+//! | `lookahead`, `lookahead-<policy>` | eviction by `<policy>` (default `lru`); the cache also prefetches the router's next-layer prediction |
+//! | `belady` | evicts the resident expert whose next demand is farthest (from next-use positions carried by each access; offline only) |
+//! | `static-<N>` | the `N` most frequent experts of each layer in a frequency profile are never evicted once loaded; the rest is LRU |
+//!
+//! "Step" is the logical clock of a layer: one step per (token, MoE layer) forward visit, i.e. per
+//! `begin_step` of that layer. In the driver's classic (unpinned) mode every access is its own step.
+
+mod belady;
+mod lcp;
+mod lfu;
+mod lfu_decay;
+mod lru;
+mod static_hot;
+
+pub use belady::Belady;
+pub use lcp::Lcp;
+pub use lfu::Lfu;
+pub use lfu_decay::LfuDecay;
+pub use lru::Lru;
+pub use static_hot::StaticHot;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::ExpertKey;
+
+/// The names [`PolicySpec::parse`] accepts, as listed in its error messages.
+pub const KNOWN_POLICIES: &str = "lru, lfu, lfu-decay<f> (e.g. lfu-decay0.9), lcp or \
+     lcp-<base>-<horizon> (e.g. lcp-0.25-128), lookahead or lookahead-<policy> (e.g. lookahead-lfu), \
+     belady, static-<N> (e.g. static-8)";
+
+/// Errors of policy names and policy construction.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// The name matches no known policy.
+    #[error("unknown eviction policy `{name}`; known policies: {known}")]
+    Unknown {
+        /// The name as given.
+        name: String,
+        /// The accepted names ([`KNOWN_POLICIES`]).
+        known: &'static str,
+    },
+    /// The policy is known but a parameter is malformed or out of range.
+    #[error("bad parameter in eviction policy `{name}`: {reason}")]
+    BadParameter {
+        /// The name as given.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `static-<N>` was built without a frequency profile.
+    #[error("eviction policy `{name}` needs a frequency profile (expert use counts per layer)")]
+    NeedsProfile {
+        /// The canonical policy name.
+        name: String,
+    },
+}
+
+/// A parsed, validated policy name with its parameters. [`fmt::Display`] gives the canonical
+/// string back (`lcp` displays as `lcp-0.25-128`), which is the value stored in traces and plots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum PolicySpec {
+    /// `lru`.
+    Lru,
+    /// `lfu`: in-cache frequency with libCacheSim's tie-break.
+    Lfu,
+    /// `lfu-decay<factor>`: frequencies multiplied by `factor` at every step of the entry's layer.
+    LfuDecay {
+        /// Per-step multiplier, 0 < factor < 1.
+        factor: f64,
+    },
+    /// `lcp-<base>-<horizon>`: priority `count · base^(steps_since_use / horizon)`.
+    Lcp {
+        /// Decay base, 0 < base <= 1.
+        base: f64,
+        /// Steps over which the priority is multiplied by `base`, > 0.
+        horizon: f64,
+    },
+    /// `lookahead-<policy>`: eviction by the inner policy, plus router-lookahead prefetching.
+    Lookahead(Box<PolicySpec>),
+    /// `belady`: farthest next use; needs next-use positions (simulator only).
+    Belady,
+    /// `static-<n>`: the `n` hottest experts per layer (from a profile) are never evicted; LRU
+    /// for the rest.
+    Static {
+        /// Experts pinned per layer.
+        n: usize,
+    },
+}
+
+impl PolicySpec {
+    /// Parses a policy name (case-insensitive, surrounding spaces ignored).
+    pub fn parse(name: &str) -> Result<PolicySpec, PolicyError> {
+        let lower = name.trim().to_ascii_lowercase();
+        let s = lower.as_str();
+        let bad = |reason: String| PolicyError::BadParameter {
+            name: name.to_string(),
+            reason,
+        };
+        let num = |text: &str, what: &str| -> Result<f64, PolicyError> {
+            text.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| bad(format!("{what} `{text}` is not a number")))
+        };
+        match s {
+            "lru" => return Ok(PolicySpec::Lru),
+            "lfu" => return Ok(PolicySpec::Lfu),
+            "belady" => return Ok(PolicySpec::Belady),
+            "lcp" => {
+                return Ok(PolicySpec::Lcp {
+                    base: 0.25,
+                    horizon: 128.0,
+                })
+            }
+            "lfu-decay" => return Ok(PolicySpec::LfuDecay { factor: 0.9 }),
+            "lookahead" => return Ok(PolicySpec::Lookahead(Box::new(PolicySpec::Lru))),
+            _ => {}
+        }
+        if let Some(rest) = s.strip_prefix("lookahead-") {
+            let inner = PolicySpec::parse(rest)?;
+            if matches!(inner, PolicySpec::Lookahead(_)) {
+                return Err(bad("lookahead cannot wrap another lookahead".into()));
+            }
+            return Ok(PolicySpec::Lookahead(Box::new(inner)));
+        }
+        if let Some(rest) = s.strip_prefix("lfu-decay") {
+            let rest = rest.strip_prefix('-').unwrap_or(rest);
+            let factor = num(rest, "decay factor")?;
+            if !(factor > 0.0 && factor < 1.0) {
+                return Err(bad(format!("decay factor {factor} must be in (0, 1)")));
+            }
+            return Ok(PolicySpec::LfuDecay { factor });
+        }
+        if let Some(rest) = s.strip_prefix("lcp-") {
+            let (b, h) = rest
+                .split_once('-')
+                .ok_or_else(|| bad("expected lcp-<base>-<horizon>, e.g. lcp-0.25-128".into()))?;
+            let base = num(b, "base")?;
+            let horizon = num(h, "horizon")?;
+            if !(base > 0.0 && base <= 1.0) {
+                return Err(bad(format!("base {base} must be in (0, 1]")));
+            }
+            if horizon <= 0.0 {
+                return Err(bad(format!("horizon {horizon} must be > 0")));
+            }
+            return Ok(PolicySpec::Lcp { base, horizon });
+        }
+        if let Some(rest) = s.strip_prefix("static-") {
+            let n: usize = rest
+                .parse()
+                .map_err(|_| bad(format!("`{rest}` is not a whole number of experts")))?;
+            if n == 0 {
+                return Err(bad("static-0 pins nothing: use lru".into()));
+            }
+            return Ok(PolicySpec::Static { n });
+        }
+        Err(PolicyError::Unknown {
+            name: name.to_string(),
+            known: KNOWN_POLICIES,
+        })
+    }
+
+    /// True when the driver (simulator or engine) should issue router-lookahead prefetches.
+    pub fn prefetch(&self) -> bool {
+        matches!(self, PolicySpec::Lookahead(_))
+    }
+
+    /// True when accesses must carry real next-use positions (Belady): only the simulator can
+    /// run such a policy; the live engine must refuse it.
+    pub fn needs_future(&self) -> bool {
+        matches!(self.eviction(), PolicySpec::Belady)
+    }
+
+    /// True when construction needs a [`FrequencyProfile`] (`static-<N>`).
+    pub fn needs_profile(&self) -> bool {
+        matches!(self.eviction(), PolicySpec::Static { .. })
+    }
+
+    /// The policy that chooses victims (the inner policy of `lookahead-<policy>`).
+    pub fn eviction(&self) -> &PolicySpec {
+        match self {
+            PolicySpec::Lookahead(inner) => inner,
+            other => other,
+        }
+    }
+
+    /// Builds one policy instance for one pool of the cache.
+    pub fn build(&self, ctx: &PoolContext<'_>) -> Result<Box<dyn Policy>, PolicyError> {
+        Ok(match self.eviction() {
+            PolicySpec::Lru => Box::new(Lru::new()),
+            PolicySpec::Lfu => Box::new(Lfu::new()),
+            PolicySpec::LfuDecay { factor } => Box::new(LfuDecay::new(*factor)),
+            PolicySpec::Lcp { base, horizon } => Box::new(Lcp::new(*base, *horizon)),
+            PolicySpec::Belady => Box::new(Belady::new()),
+            PolicySpec::Static { n } => {
+                let profile = ctx.profile.ok_or_else(|| PolicyError::NeedsProfile {
+                    name: self.to_string(),
+                })?;
+                Box::new(StaticHot::new(*n, ctx.moe_layers, ctx.pool_layers, profile))
+            }
+            PolicySpec::Lookahead(_) => unreachable!("eviction() unwraps lookahead"),
+        })
+    }
+}
+
+impl fmt::Display for PolicySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicySpec::Lru => write!(f, "lru"),
+            PolicySpec::Lfu => write!(f, "lfu"),
+            PolicySpec::LfuDecay { factor } => write!(f, "lfu-decay{factor}"),
+            PolicySpec::Lcp { base, horizon } => write!(f, "lcp-{base}-{horizon}"),
+            PolicySpec::Lookahead(inner) if **inner == PolicySpec::Lru => write!(f, "lookahead"),
+            PolicySpec::Lookahead(inner) => write!(f, "lookahead-{inner}"),
+            PolicySpec::Belady => write!(f, "belady"),
+            PolicySpec::Static { n } => write!(f, "static-{n}"),
+        }
+    }
+}
+
+impl FromStr for PolicySpec {
+    type Err = PolicyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PolicySpec::parse(s)
+    }
+}
+
+impl TryFrom<String> for PolicySpec {
+    type Error = PolicyError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        PolicySpec::parse(&s)
+    }
+}
+
+impl From<PolicySpec> for String {
+    fn from(p: PolicySpec) -> String {
+        p.to_string()
+    }
+}
+
+/// What a policy instance is built for: the model's MoE layers (a [`Access::layer_pos`] indexes
+/// this slice), the layers of this pool and, for `static-<N>`, the frequency profile.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolContext<'a> {
+    /// All MoE layer indices of the model, in execution order.
+    pub moe_layers: &'a [u32],
+    /// The layers whose experts this pool holds (one layer, or all for a global budget).
+    pub pool_layers: &'a [u32],
+    /// Expert use counts, needed by `static-<N>`.
+    pub profile: Option<&'a FrequencyProfile>,
+}
+
+/// How an entry entered the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertKind {
+    /// Loaded because it was demanded (a miss): counts as one use.
+    Demand,
+    /// Loaded by a prefetch: not a use yet (frequency-based policies start it at 0).
+    Prefetch,
+}
+
+/// One event as a policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    /// The expert.
+    pub key: ExpertKey,
+    /// Index of `key.layer` in the model's MoE layers ([`PoolContext::moe_layers`]).
+    pub layer_pos: u32,
+    /// The layer's step clock now (see the module doc).
+    pub clock: u64,
+    /// Position of this expert's next demand access (Belady); `u64::MAX` if none or unknown.
+    pub next_use: u64,
+    /// A counter of the pool's hit/insert events, strictly increasing: recency for tie-breaks.
+    pub seq: u64,
+}
+
+/// Guard bit: demanded in the open step.
+pub(crate) const PINNED: u8 = 1;
+/// Guard bit: a prefetch still protected until the end of the next step of its layer.
+pub(crate) const PROTECTED: u8 = 2;
+/// Guard bit: already chosen as a victim for the eviction in progress.
+pub(crate) const CHOSEN: u8 = 4;
+
+/// The driver's read-only view given to [`Policy::to_evict`]: which ids may be victims, and each
+/// layer's step clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Guard<'a> {
+    flags: &'a [u8],
+    clocks: &'a [u64],
+    mask: u8,
+}
+
+impl<'a> Guard<'a> {
+    /// A guard over per-id flag bytes (any bit set = not evictable) and per-layer-position step
+    /// clocks.
+    pub fn new(flags: &'a [u8], clocks: &'a [u64]) -> Self {
+        Self::with_mask(flags, clocks, u8::MAX)
+    }
+
+    /// A guard where only the flag bits in `mask` block eviction.
+    pub(crate) fn with_mask(flags: &'a [u8], clocks: &'a [u64], mask: u8) -> Self {
+        Guard {
+            flags,
+            clocks,
+            mask,
+        }
+    }
+
+    /// True if entry `id` may be evicted now (not pinned, not protected, not already chosen).
+    /// `id` must be an id the driver assigned (every such id has a flag byte).
+    #[inline]
+    pub fn evictable(&self, id: u32) -> bool {
+        self.flags[id as usize] & self.mask == 0
+    }
+
+    /// The step clock of the layer at `layer_pos` now.
+    #[inline]
+    pub fn clock(&self, layer_pos: u32) -> u64 {
+        self.clocks[layer_pos as usize]
+    }
+}
+
+/// One eviction policy instance (one per pool). The driver calls exactly one of
+/// [`on_hit`](Policy::on_hit) / [`on_insert`](Policy::on_insert) per demand access (and
+/// `on_insert` per issued prefetch), asks [`to_evict`](Policy::to_evict) for a victim until the
+/// new entry fits, then [`remove`](Policy::remove)s each victim before inserting.
+pub trait Policy: fmt::Debug + Send {
+    /// A resident entry was demanded.
+    fn on_hit(&mut self, id: u32, access: &Access);
+    /// An entry became resident (it was not resident before).
+    fn on_insert(&mut self, id: u32, access: &Access, kind: InsertKind);
+    /// Names the resident entry to evict next among those the guard allows, without changing any
+    /// state; `None` when no resident entry is evictable.
+    fn to_evict(&self, guard: &Guard<'_>) -> Option<u32>;
+    /// Forgets a resident entry (evicted or dropped).
+    fn remove(&mut self, id: u32);
+}
+
+/// Expert use counts per layer, e.g. counted from a trace; `static-<N>` pins the top `N` of each
+/// layer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FrequencyProfile {
+    counts: BTreeMap<u32, Vec<u64>>,
+}
+
+impl FrequencyProfile {
+    /// An empty profile.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `n` uses of `key`.
+    pub fn add(&mut self, key: ExpertKey, n: u64) {
+        let v = self.counts.entry(key.layer).or_default();
+        let e = key.expert as usize;
+        if v.len() <= e {
+            v.resize(e + 1, 0);
+        }
+        v[e] += n;
+    }
+
+    /// Replaces the counts of `layer` (`counts[e]` = uses of expert `e`).
+    pub fn set_layer(&mut self, layer: u32, counts: Vec<u64>) {
+        self.counts.insert(layer, counts);
+    }
+
+    /// Uses of `key` counted so far.
+    pub fn count(&self, key: ExpertKey) -> u64 {
+        self.counts
+            .get(&key.layer)
+            .and_then(|v| v.get(key.expert as usize))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The `n` most used experts of `layer`, most used first; ties go to the lower expert id;
+    /// experts never used are never listed (so fewer than `n` may come back).
+    pub fn top(&self, layer: u32, n: usize) -> Vec<u32> {
+        let Some(v) = self.counts.get(&layer) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<u32> = (0..v.len() as u32).filter(|&e| v[e as usize] > 0).collect();
+        ids.sort_by(|&a, &b| v[b as usize].cmp(&v[a as usize]).then(a.cmp(&b)));
+        ids.truncate(n);
+        ids
+    }
+}
+
+/// The resident entries of a scanning policy with their metadata `M`, stored contiguously so a
+/// victim scan reads one array (O(1) insert/remove/lookup by id, O(resident) scan).
+#[derive(Debug, Clone)]
+pub(crate) struct ScanSet<M> {
+    slots: Vec<(u32, M)>,
+    pos: Vec<u32>,
+}
+
+impl<M> Default for ScanSet<M> {
+    fn default() -> Self {
+        ScanSet {
+            slots: Vec::new(),
+            pos: Vec::new(),
+        }
+    }
+}
+
+impl<M> ScanSet<M> {
+    const ABSENT: u32 = u32::MAX;
+
+    /// Inserts `id` with metadata `m` (replacing the metadata if present).
+    pub(crate) fn insert(&mut self, id: u32, m: M) {
+        ensure(&mut self.pos, id, Self::ABSENT);
+        let p = self.pos[id as usize];
+        if p == Self::ABSENT {
+            self.pos[id as usize] = self.slots.len() as u32;
+            self.slots.push((id, m));
+        } else {
+            self.slots[p as usize].1 = m;
+        }
+    }
+
+    /// Removes `id` if present.
+    pub(crate) fn remove(&mut self, id: u32) {
+        let Some(&p) = self.pos.get(id as usize) else {
+            return;
+        };
+        if p == Self::ABSENT {
+            return;
+        }
+        self.slots.swap_remove(p as usize);
+        if let Some(&(moved, _)) = self.slots.get(p as usize) {
+            self.pos[moved as usize] = p;
+        }
+        self.pos[id as usize] = Self::ABSENT;
+    }
+
+    /// The metadata of resident `id`.
+    #[inline]
+    pub(crate) fn get_mut(&mut self, id: u32) -> &mut M {
+        let p = self.pos[id as usize];
+        &mut self.slots[p as usize].1
+    }
+
+    /// All resident (id, metadata) pairs, in no particular order.
+    #[inline]
+    pub(crate) fn slots(&self) -> &[(u32, M)] {
+        &self.slots
+    }
+}
+
+/// `base^(age / horizon)` with the first ages precomputed (same bits as computing it directly).
+#[derive(Debug, Clone)]
+pub(crate) struct DecayTable {
+    base: f64,
+    horizon: f64,
+    table: Vec<f64>,
+}
+
+impl DecayTable {
+    const LEN: u64 = 1024;
+
+    pub(crate) fn new(base: f64, horizon: f64) -> Self {
+        let table = (0..Self::LEN)
+            .map(|a| base.powf(a as f64 / horizon))
+            .collect();
+        DecayTable {
+            base,
+            horizon,
+            table,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn at(&self, age: u64) -> f64 {
+        if age < Self::LEN {
+            self.table[age as usize]
+        } else {
+            self.base.powf(age as f64 / self.horizon)
+        }
+    }
+}
+
+/// Grows `v` so that index `id` exists.
+#[inline]
+pub(crate) fn ensure<T: Clone>(v: &mut Vec<T>, id: u32, fill: T) {
+    let i = id as usize;
+    if v.len() <= i {
+        v.resize(i + 1, fill);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! A tiny single-pool harness to drive a policy directly in unit tests.
+    use super::*;
+
+    /// Drives one policy as a unit-size cache of `cap` entries (classic: every access a step).
+    pub(crate) struct Harness {
+        pub(crate) policy: Box<dyn Policy>,
+        pub(crate) cap: usize,
+        pub(crate) resident: Vec<bool>,
+        pub(crate) flags: Vec<u8>,
+        pub(crate) clock: [u64; 1],
+        pub(crate) seq: u64,
+    }
+
+    impl Harness {
+        pub(crate) fn new(policy: Box<dyn Policy>, cap: usize) -> Self {
+            Harness {
+                policy,
+                cap,
+                resident: vec![false; 64],
+                flags: vec![0; 64],
+                clock: [0],
+                seq: 0,
+            }
+        }
+
+        /// One access of expert `e`; returns (hit, evicted victim).
+        pub(crate) fn access(&mut self, e: u32, next_use: u64) -> (bool, Option<u32>) {
+            self.clock[0] += 1;
+            self.seq += 1;
+            let a = Access {
+                key: ExpertKey {
+                    layer: 0,
+                    expert: e,
+                },
+                layer_pos: 0,
+                clock: self.clock[0],
+                next_use,
+                seq: self.seq,
+            };
+            if self.resident[e as usize] {
+                self.policy.on_hit(e, &a);
+                return (true, None);
+            }
+            let mut victim = None;
+            if self.resident.iter().filter(|r| **r).count() >= self.cap {
+                let v = self
+                    .policy
+                    .to_evict(&Guard::new(&self.flags, &self.clock))
+                    .expect("victim");
+                self.policy.remove(v);
+                self.resident[v as usize] = false;
+                victim = Some(v);
+            }
+            self.policy.on_insert(e, &a, InsertKind::Demand);
+            self.resident[e as usize] = true;
+            (false, victim)
+        }
+
+        /// Runs a sequence; returns the hit/miss string (`H`/`m`).
+        pub(crate) fn run(&mut self, seq: &[u32]) -> String {
+            seq.iter()
+                .map(|&e| if self.access(e, u64::MAX).0 { 'H' } else { 'm' })
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_to_canonical() {
+        for (given, canonical) in [
+            ("lru", "lru"),
+            ("LFU", "lfu"),
+            ("lfu-decay", "lfu-decay0.9"),
+            ("lfu-decay0.5", "lfu-decay0.5"),
+            ("lfu-decay-0.75", "lfu-decay0.75"),
+            ("lcp", "lcp-0.25-128"),
+            ("lcp-0.5-64", "lcp-0.5-64"),
+            ("lookahead", "lookahead"),
+            ("lookahead-lru", "lookahead"),
+            ("lookahead-lfu", "lookahead-lfu"),
+            ("lookahead-lcp", "lookahead-lcp-0.25-128"),
+            ("belady", "belady"),
+            (" static-8 ", "static-8"),
+        ] {
+            let p = PolicySpec::parse(given).unwrap();
+            assert_eq!(p.to_string(), canonical, "{given}");
+            assert_eq!(PolicySpec::parse(canonical).unwrap(), p, "{canonical}");
+        }
+    }
+
+    #[test]
+    fn flags_follow_the_spec() {
+        let p = PolicySpec::parse("lookahead-belady").unwrap();
+        assert!(p.prefetch() && p.needs_future() && !p.needs_profile());
+        let p = PolicySpec::parse("static-4").unwrap();
+        assert!(!p.prefetch() && !p.needs_future() && p.needs_profile());
+        assert!(!PolicySpec::Lru.prefetch() && !PolicySpec::Lru.needs_future());
+    }
+
+    #[test]
+    fn bad_names_are_explained() {
+        let e = PolicySpec::parse("arc").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("unknown eviction policy `arc`"), "{msg}");
+        for k in ["lru", "lfu", "lcp", "lookahead", "belady", "static"] {
+            assert!(msg.contains(k), "{msg} lacks {k}");
+        }
+        for bad in [
+            "lcp-2-128",
+            "lcp-0.25",
+            "lcp-0.25--1",
+            "lfu-decay1.5",
+            "lfu-decayx",
+            "static-0",
+            "static-x",
+            "lookahead-lookahead",
+            "lookahead-nope",
+        ] {
+            assert!(PolicySpec::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn serde_uses_the_canonical_string() {
+        let p = PolicySpec::parse("lcp").unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), "\"lcp-0.25-128\"");
+        let back: PolicySpec = serde_json::from_str("\"lookahead-lfu\"").unwrap();
+        assert_eq!(back.to_string(), "lookahead-lfu");
+        assert!(serde_json::from_str::<PolicySpec>("\"fifo\"").is_err());
+    }
+
+    #[test]
+    fn static_needs_a_profile() {
+        let ctx = PoolContext {
+            moe_layers: &[0],
+            pool_layers: &[0],
+            profile: None,
+        };
+        let e = PolicySpec::parse("static-2")
+            .unwrap()
+            .build(&ctx)
+            .unwrap_err();
+        assert!(matches!(e, PolicyError::NeedsProfile { .. }));
+    }
+
+    #[test]
+    fn profile_top_orders_by_count_then_id() {
+        let mut p = FrequencyProfile::new();
+        let k = |e| ExpertKey {
+            layer: 3,
+            expert: e,
+        };
+        p.add(k(5), 2);
+        p.add(k(1), 7);
+        p.add(k(2), 2);
+        p.add(k(9), 0);
+        assert_eq!(p.top(3, 3), vec![1, 2, 5]);
+        assert_eq!(p.top(3, 10), vec![1, 2, 5]);
+        assert_eq!(p.top(4, 3), Vec::<u32>::new());
+        assert_eq!(p.count(k(1)), 7);
+    }
+
+    #[test]
+    fn scan_set_swap_removes() {
+        let mut r = ScanSet::default();
+        for i in [3u32, 1, 4, 5] {
+            r.insert(i, i * 10);
+        }
+        r.insert(4, 41);
+        r.remove(1);
+        r.remove(1);
+        r.remove(77);
+        let mut v = r.slots().to_vec();
+        v.sort();
+        assert_eq!(v, vec![(3, 30), (4, 41), (5, 50)]);
+        r.remove(5);
+        r.insert(1, 11);
+        *r.get_mut(3) += 1;
+        let mut v = r.slots().to_vec();
+        v.sort();
+        assert_eq!(v, vec![(1, 11), (3, 31), (4, 41)]);
+        assert_eq!(*r.get_mut(4), 41);
+    }
+
+    #[test]
+    fn decay_table_matches_powf() {
+        let t = DecayTable::new(0.25, 128.0);
+        for age in [0u64, 1, 64, 1023, 1024, 5000] {
+            assert_eq!(t.at(age), 0.25f64.powf(age as f64 / 128.0));
+        }
+        assert_eq!(t.at(64), 0.5);
+    }
+}

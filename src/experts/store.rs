@@ -1,0 +1,237 @@
+//! The expert store: for every routed expert, a handle naming the exact byte ranges of its three
+//! projections in the shard files, and the miss path that reads exactly those bytes (positioned
+//! reads, never the whole tensor), dequantizes them and materialises f32 matrices.
+//!
+//! Building the store reads headers only: zero expert bytes are read at load time.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{ModelSpec, QuantParams};
+use crate::error::{Error, Result};
+use crate::weights::layout::{ExpertLayout, Prefix};
+use crate::weights::{quant, quantized_parts, Checkpoint, DType};
+
+use super::ExpertKey;
+
+/// A byte range in one shard.
+#[derive(Debug, Clone, Copy)]
+pub struct ByteRange {
+    /// Shard index.
+    pub shard: usize,
+    /// Absolute offset in the shard file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Where one projection matrix `[rows, cols]` of an expert is stored.
+#[derive(Debug, Clone)]
+pub enum ProjSource {
+    /// Plain floats.
+    Float {
+        /// Data range.
+        data: ByteRange,
+        /// Element type.
+        dtype: DType,
+    },
+    /// MLX affine quantized.
+    Quant {
+        /// Packed words.
+        weight: ByteRange,
+        /// Scales.
+        scales: ByteRange,
+        /// Biases.
+        biases: ByteRange,
+        /// Scale/bias element type.
+        scale_dtype: DType,
+        /// Bits and group size.
+        params: QuantParams,
+    },
+}
+
+impl ProjSource {
+    fn bytes(&self) -> u64 {
+        match self {
+            ProjSource::Float { data, .. } => data.len,
+            ProjSource::Quant { weight, scales, biases, .. } => weight.len + scales.len + biases.len,
+        }
+    }
+}
+
+/// Handle of one routed expert: gate, up, down projection sources.
+#[derive(Debug, Clone)]
+pub struct ExpertHandle {
+    /// (gate `[I, H]`, up `[I, H]`, down `[H, I]`).
+    pub proj: [ProjSource; 3],
+    /// Checkpoint bytes of the expert (all three projections, scales and biases included).
+    pub bytes: u64,
+}
+
+/// A materialised expert, ready to run.
+#[derive(Debug)]
+pub struct ExpertWeights {
+    /// Gate rows followed by up rows: `[2I, H]`.
+    pub gate_up: Tensor,
+    /// Down projection `[H, I]`.
+    pub down: Tensor,
+    /// Checkpoint bytes this expert accounts for in the cache budget.
+    pub bytes: u64,
+}
+
+/// All routed experts of a checkpoint, by layer.
+#[derive(Debug)]
+pub struct ExpertStore {
+    ck: Arc<Checkpoint>,
+    hidden: usize,
+    inter: usize,
+    /// Handles indexed by decoder layer (empty for dense layers), then expert id.
+    handles: Vec<Vec<ExpertHandle>>,
+    layout: ExpertLayout,
+    device: Device,
+}
+
+impl ExpertStore {
+    /// Builds handles for every expert of every MoE layer, validating names, dtypes and shapes
+    /// against the config. Reads no expert bytes.
+    pub fn new(ck: Arc<Checkpoint>, spec: &ModelSpec, prefix: &Prefix, layout: ExpertLayout, device: Device) -> Result<Self> {
+        let (h, i, e_n) = (spec.hidden_size, spec.moe.intermediate_size, spec.moe.num_experts);
+        let dims = [(i, h), (i, h), (h, i)];
+        let quant = spec.quantization.as_ref();
+        let mut handles = vec![Vec::new(); spec.num_layers];
+        for &layer in &spec.moe.moe_layers {
+            let mut experts = Vec::with_capacity(e_n);
+            match layout {
+                ExpertLayout::PerExpert => {
+                    for e in 0..e_n {
+                        let proj: Vec<ProjSource> = (0..3)
+                            .map(|p| {
+                                let module = prefix.layer(layer, &format!("{}.experts.{e}.{}", spec.keys.mlp, spec.keys.expert_proj[p]));
+                                source(&ck, quant, &module, None, dims[p])
+                            })
+                            .collect::<Result<_>>()?;
+                        experts.push(handle(proj));
+                    }
+                }
+                ExpertLayout::Stacked => {
+                    let names = ["gate_proj", "up_proj", "down_proj"];
+                    let stacked: Vec<ProjSource> = (0..3)
+                        .map(|p| {
+                            let module = prefix.layer(layer, &format!("{}.switch_mlp.{}", spec.keys.mlp, names[p]));
+                            source(&ck, quant, &module, Some(e_n), dims[p])
+                        })
+                        .collect::<Result<_>>()?;
+                    for e in 0..e_n {
+                        let slice = |r: &ByteRange| ByteRange { shard: r.shard, offset: r.offset + e as u64 * (r.len / e_n as u64), len: r.len / e_n as u64 };
+                        let proj = stacked
+                            .iter()
+                            .map(|s| match s {
+                                ProjSource::Float { data, dtype } => ProjSource::Float { data: slice(data), dtype: *dtype },
+                                ProjSource::Quant { weight, scales, biases, scale_dtype, params } => ProjSource::Quant {
+                                    weight: slice(weight),
+                                    scales: slice(scales),
+                                    biases: slice(biases),
+                                    scale_dtype: *scale_dtype,
+                                    params: *params,
+                                },
+                            })
+                            .collect();
+                        experts.push(handle(proj));
+                    }
+                }
+            }
+            handles[layer] = experts;
+        }
+        Ok(ExpertStore { ck, hidden: h, inter: i, handles, layout, device })
+    }
+
+    /// The handle of an expert.
+    pub fn handle(&self, key: ExpertKey) -> &ExpertHandle {
+        &self.handles[key.layer as usize][key.expert as usize]
+    }
+
+    /// Checkpoint bytes of one expert (what the cache budget counts).
+    pub fn expert_bytes(&self, key: ExpertKey) -> u64 {
+        self.handle(key).bytes
+    }
+
+    /// The detected layout.
+    pub fn layout(&self) -> ExpertLayout {
+        self.layout
+    }
+
+    /// Expert bytes read from disk so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.ck.bytes_read()
+    }
+
+    /// The miss path: reads exactly the expert's byte ranges and materialises it in f32.
+    pub fn load(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
+        let hd = self.handle(key);
+        let (h, i) = (self.hidden, self.inter);
+        let dims = [(i, h), (i, h), (h, i)];
+        let mut mats: Vec<Vec<f32>> = Vec::with_capacity(3);
+        let mut buf = Vec::new();
+        for (p, src) in hd.proj.iter().enumerate() {
+            let (rows, cols) = dims[p];
+            let mut out = Vec::new();
+            match src {
+                ProjSource::Float { data, dtype } => {
+                    self.read(data, &mut buf)?;
+                    out = crate::weights::safetensors::to_f32(&buf, *dtype)
+                        .map_err(|m| Error::format(self.ck.shard_path(data.shard), m))?;
+                }
+                ProjSource::Quant { weight, scales, biases, scale_dtype, params } => {
+                    let mut sb = Vec::new();
+                    let mut bb = Vec::new();
+                    self.read(weight, &mut buf)?;
+                    self.read(scales, &mut sb)?;
+                    self.read(biases, &mut bb)?;
+                    quant::dequantize_into(&buf, &sb, &bb, *scale_dtype, *params, cols, &mut out)
+                        .map_err(|m| Error::format(self.ck.shard_path(weight.shard), format!("expert {key:?}: {m}")))?;
+                }
+            }
+            debug_assert_eq!(out.len(), rows * cols);
+            mats.push(out);
+        }
+        let down = Tensor::from_vec(mats.pop().expect("3 projections"), (h, i), &self.device)?;
+        let mut gate_up = mats.swap_remove(0);
+        gate_up.extend_from_slice(&mats[0]);
+        let gate_up = Tensor::from_vec(gate_up, (2 * i, h), &self.device)?;
+        Ok(Arc::new(ExpertWeights { gate_up, down, bytes: hd.bytes }))
+    }
+
+    fn read(&self, r: &ByteRange, buf: &mut Vec<u8>) -> Result<()> {
+        buf.resize(r.len as usize, 0);
+        self.ck.read_at(r.shard, r.offset, buf)
+    }
+}
+
+fn handle(proj: Vec<ProjSource>) -> ExpertHandle {
+    let bytes = proj.iter().map(ProjSource::bytes).sum();
+    let proj: [ProjSource; 3] = proj.try_into().expect("3 projections");
+    ExpertHandle { proj, bytes }
+}
+
+fn range(e: &crate::weights::TensorEntry) -> ByteRange {
+    ByteRange { shard: e.shard, offset: e.offset, len: e.len }
+}
+
+/// Resolves one projection (optionally stacked over `experts`) to its byte ranges.
+fn source(ck: &Checkpoint, quant: Option<&crate::config::QuantSpec>, module: &str, experts: Option<usize>, (rows, cols): (usize, usize)) -> Result<ProjSource> {
+    let lead: Vec<usize> = experts.into_iter().collect();
+    if ck.get(&format!("{module}.scales")).is_some() {
+        let (w, s, b, params) = quantized_parts(ck, quant, module, &lead, rows, cols)?;
+        return Ok(ProjSource::Quant { weight: range(w), scales: range(s), biases: range(b), scale_dtype: s.dtype, params });
+    }
+    let key = format!("{module}.weight");
+    let e = ck.require(&key)?;
+    let mut shape = lead;
+    shape.extend([rows, cols]);
+    ck.check_shape(&key, e, &shape)?;
+    if !matches!(e.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(ck.tensor_err(&key, e, format!("dtype {:?} is not a float type and there are no `.scales` (not MLX-quantized)", e.dtype)));
+    }
+    Ok(ProjSource::Float { data: range(e), dtype: e.dtype })
+}

@@ -1,0 +1,255 @@
+//! Building blocks shared by the decoder families: RMSNorm, linear layers, RoPE (full and
+//! partial, rotate-half convention), GQA attention with a KV cache, and the SwiGLU MLP.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{AttentionSpec, QuantSpec};
+use crate::error::Result;
+use crate::weights::{load_matrix, Checkpoint};
+
+/// Loads a plain f32 vector (norm weights, biases).
+pub fn load_vec(ck: &Checkpoint, key: &str, n: usize, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(ck.f32_vec(key, &[n])?, n, dev)?)
+}
+
+/// RMSNorm over the last dimension.
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// Loads `{module}.weight` of size `n`.
+    pub fn load(ck: &Checkpoint, module: &str, n: usize, eps: f64, dev: &Device) -> Result<Self> {
+        Ok(RmsNorm { weight: load_vec(ck, &format!("{module}.weight"), n, dev)?, eps: eps as f32 })
+    }
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+/// `y = x Wᵀ (+ b)` with `W` `[out, in]` held in f32.
+#[derive(Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{module}.weight` (float or MLX-quantized) and, if `bias`, `{module}.bias`.
+    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Self> {
+        let w = Tensor::from_vec(load_matrix(ck, quant, module, out, inp)?, (out, inp), dev)?;
+        let bias = if bias { Some(load_vec(ck, &format!("{module}.bias"), out, dev)?) } else { None };
+        Ok(Linear { weight: w, bias })
+    }
+    /// Wraps an existing matrix.
+    pub fn from_weight(weight: Tensor) -> Self {
+        Linear { weight, bias: None }
+    }
+    /// The weight matrix.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// Applies the layer to `x` `[T, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate x) · up x)` (dense layers and shared experts).
+#[derive(Debug)]
+pub struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    /// Loads `{module}.{names[0..3]}` (gate, up, down).
+    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, names: [&str; 3], hidden: usize, inter: usize, dev: &Device) -> Result<Self> {
+        let l = |n: &str, o, i| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, false, dev);
+        Ok(Mlp { gate: l(names[0], inter, hidden)?, up: l(names[1], inter, hidden)?, down: l(names[2], hidden, inter)? })
+    }
+    /// Applies the MLP to `x` `[T, H]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+/// Runs one routed expert (`gate_up` `[2I, H]`, `down` `[H, I]`) on `x` `[T, H]`.
+pub fn expert_forward(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let i = down.dim(1)?;
+    let gu = x.matmul(&gate_up.t()?)?;
+    let g = candle_nn::ops::silu(&gu.narrow(1, 0, i)?)?;
+    let u = gu.narrow(1, i, i)?;
+    Ok((g * u)?.matmul(&down.t()?)?)
+}
+
+/// Rotary position tables for the rotate-half convention.
+#[derive(Debug)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// `inv_freq[i] = 1 / theta^(2i / rotary_dim)`, computed in f32 as HF does.
+    pub fn new(theta: f64, rotary_dim: usize) -> Self {
+        let inv_freq = (0..rotary_dim / 2)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32))
+            .collect();
+        Rope { inv_freq }
+    }
+    /// `(cos, sin)`, each `[T, rotary_dim / 2]`, for positions `pos0 .. pos0 + t`.
+    pub fn tables(&self, pos0: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let n = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * n);
+        let mut sin = Vec::with_capacity(t * n);
+        for p in pos0..pos0 + t {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((Tensor::from_vec(cos, (t, n), dev)?, Tensor::from_vec(sin, (t, n), dev)?))
+    }
+}
+
+/// Applies RoPE to the first `2 · cos.dim(1)` dims of `x` `[1, heads, T, head_dim]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rd = 2 * cos.dim(1)?;
+    let hd = x.dim(D::Minus1)?;
+    let rot = candle_nn::rotary_emb::rope(&x.narrow(3, 0, rd)?.contiguous()?, cos, sin)?;
+    if rd == hd {
+        return Ok(rot);
+    }
+    Ok(Tensor::cat(&[rot, x.narrow(3, rd, hd - rd)?], 3)?)
+}
+
+/// Keys and values of one layer, `[1, kv_heads, S, head_dim]`.
+#[derive(Debug, Default, Clone)]
+pub struct LayerKv {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerKv {
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            None => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// Grouped-query attention with optional per-head q/k RMSNorm and q/k/v bias.
+#[derive(Debug)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    spec: AttentionSpec,
+    rope: Rope,
+}
+
+impl Attention {
+    /// Loads `{module}.{q,k,v,o}_proj` (+ `q_norm`, `k_norm`).
+    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, hidden: usize, spec: &AttentionSpec, eps: f64, dev: &Device) -> Result<Self> {
+        let (nh, nkv, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let l = |n: &str, o, i, b| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, b, dev);
+        let norm = |n: &str| RmsNorm::load(ck, &format!("{module}.{n}"), hd, eps, dev);
+        Ok(Attention {
+            q: l("q_proj", nh * hd, hidden, spec.qkv_bias)?,
+            k: l("k_proj", nkv * hd, hidden, spec.qkv_bias)?,
+            v: l("v_proj", nkv * hd, hidden, spec.qkv_bias)?,
+            o: l("o_proj", hidden, nh * hd, spec.o_bias)?,
+            q_norm: if spec.qk_norm { Some(norm("q_norm")?) } else { None },
+            k_norm: if spec.qk_norm { Some(norm("k_norm")?) } else { None },
+            rope: Rope::new(spec.rope_theta, spec.rotary_dim),
+            spec: spec.clone(),
+        })
+    }
+
+    /// Attends `x` `[T, H]` at positions `pos0..pos0+T` over the cached keys plus its own.
+    pub fn forward(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Tensor> {
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim);
+        let dev = x.device();
+        let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let mut y = y.reshape((t, n, hd))?;
+            if let Some(norm) = norm {
+                y = norm.forward(&y)?;
+            }
+            Ok(y.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
+        };
+        let q = heads(self.q.forward(x)?, nh, &self.q_norm)?;
+        let k = heads(self.k.forward(x)?, nkv, &self.k_norm)?;
+        let v = heads(self.v.forward(x)?, nkv, &None)?;
+        let (q, k) = if self.spec.rotary_dim > 0 {
+            let (cos, sin) = self.rope.tables(pos0, t, dev)?;
+            (apply_rope(&q, &cos, &sin)?, apply_rope(&k, &cos, &sin)?)
+        } else {
+            (q, k)
+        };
+        let (k, v) = kv.append(k, v)?;
+        let s = k.dim(2)?;
+        let rep = nh / nkv;
+        let expand = |y: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(y);
+            }
+            Ok(y.unsqueeze(2)?.expand((1, nkv, rep, s, hd))?.reshape((1, nh, s, hd))?)
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let scale = (hd as f64).powf(-0.5);
+        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        // Causal (and sliding-window) mask: query i sits at absolute position pos0 + i; the cache
+        // holds positions 0..s.
+        let past = s - t;
+        let window = self.spec.sliding_window;
+        let needs_mask = t > 1 || window.is_some_and(|w| s > w);
+        if needs_mask {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    let qp = past + i;
+                    (0..s).map(move |j| {
+                        let visible = j <= qp && window.is_none_or(|w| qp - j < w);
+                        if visible { 0.0 } else { f32::NEG_INFINITY }
+                    })
+                })
+                .collect();
+            att = att.broadcast_add(&Tensor::from_vec(mask, (t, s), dev)?)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?; // [1, nh, T, hd]
+        let y = y.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        self.o.forward(&y)
+    }
+}
+
+/// Index of the maximum of a slice (first on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Converts a `[T, N]` tensor into rows of f32.
+pub fn rows(x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(x.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}

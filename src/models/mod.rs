@@ -1,0 +1,175 @@
+//! Model families. Each family file (`glm4_moe`, `qwen3_moe`, `mixtral`) mirrors its HF config
+//! and resolves it into a [`ModelSpec`]; the shared decoder below runs any of them, with dense
+//! weights resident and routed experts resolved per token through an [`moe::ExpertAccess`].
+
+pub mod glm4_moe;
+pub mod layers;
+pub mod mixtral;
+pub mod moe;
+pub mod qwen3_moe;
+
+use candle_core::{Device, Tensor};
+
+use crate::config::ModelSpec;
+use crate::error::{Error, Result};
+use crate::weights::layout::Prefix;
+use crate::weights::{load_matrix, Checkpoint};
+
+use layers::{Attention, LayerKv, Linear, Mlp, RmsNorm};
+use moe::{ExpertAccess, MoeBlock, Route};
+
+/// The feed-forward part of a decoder layer.
+#[derive(Debug)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    ffn: Ffn,
+}
+
+/// Per-sequence KV cache.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Routing decisions of one forward call: `(decoder layer, per-token routes)` for each MoE layer.
+pub type Routing = Vec<(u32, Vec<Route>)>;
+
+/// A decoder-only MoE language model with lazily resolved experts.
+#[derive(Debug)]
+pub struct Model {
+    /// The resolved configuration.
+    pub spec: ModelSpec,
+    /// Where its tensors live.
+    pub prefix: Prefix,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    device: Device,
+}
+
+impl Model {
+    /// Loads every dense tensor (attention, norms, embeddings, routers, shared experts, dense
+    /// layers). Routed experts are not touched.
+    pub fn load(ck: &Checkpoint, spec: &ModelSpec, prefix: &Prefix, dev: &Device) -> Result<Self> {
+        let quant = spec.quantization.as_ref();
+        let (h, v) = (spec.hidden_size, spec.vocab_size);
+        let embed_mod = format!("{}embed_tokens", prefix.model);
+        let embed_vec = load_matrix(ck, quant, &embed_mod, v, h)?;
+        let embed = Tensor::from_vec(embed_vec, (v, h), dev)?;
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for i in 0..spec.num_layers {
+            let ffn = if spec.is_moe_layer(i) {
+                Ffn::Moe(MoeBlock::load(ck, spec, &prefix.layer(i, spec.keys.mlp), i, dev)?)
+            } else {
+                Ffn::Dense(Mlp::load(
+                    ck,
+                    quant,
+                    &prefix.layer(i, "mlp"),
+                    ["gate_proj", "up_proj", "down_proj"],
+                    h,
+                    spec.dense_intermediate,
+                    dev,
+                )?)
+            };
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::load(ck, &prefix.layer(i, "input_layernorm"), h, spec.rms_norm_eps, dev)?,
+                attn: Attention::load(ck, quant, &prefix.layer(i, "self_attn"), h, &spec.attention, spec.rms_norm_eps, dev)?,
+                post_norm: RmsNorm::load(ck, &prefix.layer(i, "post_attention_layernorm"), h, spec.rms_norm_eps, dev)?,
+                ffn,
+            });
+        }
+        let lm_head = if spec.tie_word_embeddings && ck.get(&format!("{}.weight", prefix.lm_head)).is_none() {
+            Linear::from_weight(embed.clone())
+        } else {
+            Linear::load(ck, quant, &prefix.lm_head, v, h, false, dev)?
+        };
+        Ok(Model {
+            norm: RmsNorm::load(ck, &format!("{}norm", prefix.model), h, spec.rms_norm_eps, dev)?,
+            spec: spec.clone(),
+            prefix: prefix.clone(),
+            embed,
+            layers,
+            lm_head,
+            device: dev.clone(),
+        })
+    }
+
+    /// The compute device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs `tokens` after the `kv.len()` tokens already cached; returns logits `[T, vocab]`
+    /// (only the last row when `last_only`) and the routing of every MoE layer.
+    pub fn forward(&self, tokens: &[u32], kv: &mut KvCache, access: &mut dyn ExpertAccess, last_only: bool) -> Result<(Tensor, Routing)> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary (vocab_size = {})", self.spec.vocab_size)));
+        }
+        if tokens.is_empty() {
+            return Err(Error::Input("empty token sequence".into()));
+        }
+        if kv.layers.is_empty() {
+            kv.layers = vec![LayerKv::default(); self.layers.len()];
+        }
+        let pos0 = kv.len;
+        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &self.device)?;
+        let mut h = self.embed.index_select(&ids, 0)?;
+        let mut routing = Vec::new();
+        let lookahead = access.wants_lookahead();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.attn.forward(&layer.input_norm.forward(&h)?, pos0, &mut kv.layers[i])?;
+            h = (h + a)?;
+            let x = layer.post_norm.forward(&h)?;
+            let y = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&x)?,
+                Ffn::Moe(moe) => {
+                    let routes = moe.router.route(&x)?;
+                    // Router lookahead: the next MoE layer's norm and router applied to the hidden
+                    // state available now predict the experts that layer will ask for.
+                    let next = if lookahead { self.next_moe(i) } else { None };
+                    let predictions = match next {
+                        Some((j, nl, nm)) => Some((j as u32, nm.router.route(&nl.post_norm.forward(&h)?)?)),
+                        None => None,
+                    };
+                    let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));
+                    let y = moe.forward(&x, pos0, &routes, pred_ref, access)?;
+                    routing.push((moe.layer, routes));
+                    y
+                }
+            };
+            h = (h + y)?;
+        }
+        kv.len += tokens.len();
+        let h = if last_only { h.narrow(0, tokens.len() - 1, 1)? } else { h };
+        let logits = self.lm_head.forward(&self.norm.forward(&h)?)?;
+        Ok((logits, routing))
+    }
+
+    fn next_moe(&self, i: usize) -> Option<(usize, &DecoderLayer, &MoeBlock)> {
+        self.layers.iter().enumerate().skip(i + 1).find_map(|(j, l)| match &l.ffn {
+            Ffn::Moe(m) => Some((j, l, m)),
+            Ffn::Dense(_) => None,
+        })
+    }
+}

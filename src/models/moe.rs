@@ -1,0 +1,202 @@
+//! The MoE block: router (both kinds), shared experts, and the per-token routed-expert loop that
+//! resolves every selected expert through an [`ExpertAccess`] (the engine's bounded cache), so
+//! experts are loaded only when a router selects them.
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{ModelSpec, QuantSpec, RouterSpec};
+use crate::error::Result;
+use crate::experts::store::ExpertWeights;
+use crate::experts::ExpertKey;
+use crate::weights::Checkpoint;
+
+use super::layers::{expert_forward, rows, Linear, Mlp};
+
+/// One token's routing decision: expert ids (in the router's top-k order) and their weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Selected experts.
+    pub experts: Vec<u32>,
+    /// Their weights (after renormalisation and scaling).
+    pub weights: Vec<f32>,
+}
+
+/// How the MoE block obtains experts: the engine implements this over its cache.
+pub trait ExpertAccess {
+    /// Starts the step of token `pos` at MoE `layer`: the route's experts are pinned until `end_step`.
+    fn begin_step(&mut self, layer: u32, pos: usize, route: &Route) -> Result<()>;
+    /// Resolves an expert; `None` means "skip it" (skip-on-miss mode).
+    fn fetch(&mut self, key: ExpertKey) -> Result<Option<std::sync::Arc<ExpertWeights>>>;
+    /// Ends the step, after the demand accesses; `prediction` is the router-lookahead guess for the
+    /// next MoE layer of this token, if lookahead is on.
+    fn end_step(&mut self, route: &Route, prediction: Option<(u32, &[u32])>) -> Result<()>;
+    /// Whether the caller should compute router-lookahead predictions.
+    fn wants_lookahead(&self) -> bool;
+}
+
+/// A router: gate matrix plus selection rule.
+#[derive(Debug)]
+pub struct Router {
+    gate: Linear,
+    bias: Option<Vec<f32>>,
+    spec: RouterSpec,
+    top_k: usize,
+}
+
+impl Router {
+    /// Loads `{module}.weight` (and `e_score_correction_bias` for sigmoid routers).
+    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, spec: &ModelSpec, dev: &Device) -> Result<Self> {
+        let e = spec.moe.num_experts;
+        let gate = Linear::load(ck, quant, module, e, spec.hidden_size, false, dev)?;
+        let bias = match spec.moe.router {
+            RouterSpec::SigmoidNoauxTc { .. } => Some(ck.f32_vec(&format!("{module}.e_score_correction_bias"), &[e])?),
+            _ => None,
+        };
+        Ok(Router { gate, bias, spec: spec.moe.router.clone(), top_k: spec.moe.top_k })
+    }
+
+    /// Routes every row of `x` `[T, H]`.
+    pub fn route(&self, x: &Tensor) -> Result<Vec<Route>> {
+        let logits = rows(&self.gate.forward(x)?)?;
+        Ok(logits.iter().map(|l| self.select(l)).collect())
+    }
+
+    /// Selection rule on one token's logits, as in HF transformers.
+    pub fn select(&self, logits: &[f32]) -> Route {
+        let k = self.top_k;
+        match &self.spec {
+            RouterSpec::SoftmaxTopK { norm_topk_prob } => {
+                let p = softmax(logits);
+                let ids = top_k(&p, k);
+                let mut w: Vec<f32> = ids.iter().map(|&i| p[i]).collect();
+                if *norm_topk_prob {
+                    let s: f32 = w.iter().sum();
+                    w.iter_mut().for_each(|x| *x /= s);
+                }
+                Route { experts: ids.iter().map(|&i| i as u32).collect(), weights: w }
+            }
+            RouterSpec::TopKSoftmax => {
+                let p = softmax(logits);
+                let ids = top_k(&p, k);
+                let s: f32 = ids.iter().map(|&i| p[i]).sum();
+                Route { experts: ids.iter().map(|&i| i as u32).collect(), weights: ids.iter().map(|&i| p[i] / s).collect() }
+            }
+            RouterSpec::SigmoidNoauxTc { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
+                let scores: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+                let bias = self.bias.as_deref().unwrap_or(&[]);
+                let mut choice: Vec<f32> = scores.iter().enumerate().map(|(i, s)| s + bias.get(i).copied().unwrap_or(0.0)).collect();
+                let per = choice.len() / n_group;
+                let group_scores: Vec<f32> = (0..*n_group)
+                    .map(|g| {
+                        let grp = &choice[g * per..(g + 1) * per];
+                        top_k(grp, 2).iter().map(|&i| grp[i]).sum()
+                    })
+                    .collect();
+                let keep = top_k(&group_scores, *topk_group);
+                for g in 0..*n_group {
+                    if !keep.contains(&g) {
+                        // HF transformers 5 masks dropped groups with -inf (4.x used 0.0).
+                        choice[g * per..(g + 1) * per].iter_mut().for_each(|c| *c = f32::NEG_INFINITY);
+                    }
+                }
+                let ids = top_k(&choice, k);
+                let mut w: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
+                if *norm_topk_prob {
+                    let s: f32 = w.iter().sum::<f32>() + 1e-20;
+                    w.iter_mut().for_each(|x| *x /= s);
+                }
+                w.iter_mut().for_each(|x| *x *= *routed_scaling_factor as f32);
+                Route { experts: ids.iter().map(|&i| i as u32).collect(), weights: w }
+            }
+        }
+    }
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// Indices of the `k` largest values, largest first (lower index first on ties).
+pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// A MoE block: router, shared experts, and routed experts resolved through [`ExpertAccess`].
+#[derive(Debug)]
+pub struct MoeBlock {
+    /// Decoder layer index.
+    pub layer: u32,
+    /// The router.
+    pub router: Router,
+    shared: Option<Mlp>,
+}
+
+impl MoeBlock {
+    /// Loads the router and shared experts of decoder layer `layer` under `module` (`…layers.{i}.mlp`).
+    pub fn load(ck: &Checkpoint, spec: &ModelSpec, module: &str, layer: usize, dev: &Device) -> Result<Self> {
+        let quant = spec.quantization.as_ref();
+        let router = Router::load(ck, quant, &format!("{module}.gate"), spec, dev)?;
+        let shared = match (spec.keys.shared, spec.moe.shared_intermediate) {
+            (Some(name), Some(inter)) => Some(Mlp::load(
+                ck,
+                quant,
+                &format!("{module}.{name}"),
+                ["gate_proj", "up_proj", "down_proj"],
+                spec.hidden_size,
+                inter,
+                dev,
+            )?),
+            _ => None,
+        };
+        Ok(MoeBlock { layer: layer as u32, router, shared })
+    }
+
+    /// Runs the block on `x` `[T, H]` (already normalised) given its routes; `predictions[t]` is
+    /// the lookahead guess for the next MoE layer (`next_layer`) of token `t`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pos0: usize,
+        routes: &[Route],
+        predictions: Option<(u32, &[Route])>,
+        access: &mut dyn ExpertAccess,
+    ) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(routes.len());
+        for (t, route) in routes.iter().enumerate() {
+            let xt = x.narrow(0, t, 1)?;
+            access.begin_step(self.layer, pos0 + t, route)?;
+            let mut acc: Option<Tensor> = None;
+            let mut kept = 0f32;
+            for (&e, &w) in route.experts.iter().zip(&route.weights) {
+                let Some(ew) = access.fetch(ExpertKey { layer: self.layer, expert: e })? else { continue };
+                kept += w;
+                let y = (expert_forward(&xt, &ew.gate_up, &ew.down)? * w as f64)?;
+                acc = Some(match acc {
+                    Some(a) => (a + y)?,
+                    None => y,
+                });
+            }
+            let pred = predictions.map(|(l, p)| (l, p[t].experts.as_slice()));
+            access.end_step(route, pred)?;
+            let total: f32 = route.weights.iter().sum();
+            let y = match acc {
+                // Skip-on-miss: the kept experts are renormalised to the full routed weight.
+                Some(a) if kept < total => (a * (total / kept) as f64)?,
+                Some(a) => a,
+                None => xt.zeros_like()?,
+            };
+            outs.push(y);
+        }
+        let routed = Tensor::cat(&outs, 0)?;
+        Ok(match &self.shared {
+            Some(s) => (routed + s.forward(x)?)?,
+            None => routed,
+        })
+    }
+}

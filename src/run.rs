@@ -1,0 +1,430 @@
+//! The experiment runner behind `harness run`: loads the model once, runs every sweep cell
+//! (policy × budget × miss mode) over the prompts through the real engine, and writes
+//! `results/<experiment>/<run-id>/` — `trace.parquet`, `summary.parquet`, `summary.json`, the
+//! experiment file, `env.json` and plots. Everything is written into a hidden temp directory that
+//! is renamed when complete; an interrupted run resumes there, skipping finished cells.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, EngineConfig, MissMode, Sampler, StepRecord};
+use crate::error::{Error, Result};
+use crate::experiment::{BudgetSpec, Cell, Experiment};
+use crate::experts::cache::{Budget, Phase};
+use crate::experts::policies::PolicySpec;
+use crate::io::write_atomic;
+use crate::trace::{self, CellRow};
+
+/// Options of one `harness run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Results root (overrides the experiment's).
+    pub out_root: Option<PathBuf>,
+    /// CI-friendly quick mode: 3 prompts, 8 new tokens.
+    pub quick: bool,
+    /// Redo a run whose results already exist.
+    pub force: bool,
+    /// Show a progress bar (only on a terminal).
+    pub progress: bool,
+}
+
+/// One row of `summary.parquet` / `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CellSummary {
+    /// Cell id.
+    pub cell: String,
+    /// Policy name (with parameters).
+    pub policy: String,
+    /// Slots per layer, when the budget is a capacity.
+    pub capacity: Option<u64>,
+    /// Byte budget, when the budget is in bytes (fractions resolved).
+    pub budget_bytes: Option<u64>,
+    /// Budget as a fraction of total expert bytes.
+    pub budget_fraction: f64,
+    /// `global` or `per-layer` for byte budgets.
+    pub pool: String,
+    /// `load` or `skip`.
+    pub miss: String,
+    /// Measured prompts.
+    pub prompts: u64,
+    /// Tokens generated over the measured prompts.
+    pub tokens_generated: u64,
+    /// Expert demand accesses.
+    pub accesses: u64,
+    /// Of which hits.
+    pub hits: u64,
+    /// hits / accesses.
+    pub hit_rate: f64,
+    /// Hit rate during prefill.
+    pub hit_rate_prefill: f64,
+    /// Hit rate during decode.
+    pub hit_rate_decode: f64,
+    /// Belady (offline optimal) hit rate on this cell's own trace at this budget.
+    pub belady_hit_rate: f64,
+    /// Prefetches issued.
+    pub prefetch_issued: u64,
+    /// Prefetched experts used before eviction / issued.
+    pub prefetch_precision: Option<f64>,
+    /// Prefetches used / (prefetches used + demand misses): the share of loads prefetching covered.
+    pub prefetch_recall: Option<f64>,
+    /// Expert bytes read from disk.
+    pub bytes_read: u64,
+    /// Seconds reading and materialising experts.
+    pub load_seconds: f64,
+    /// Prompt tokens per second.
+    pub prefill_tps: f64,
+    /// Decoded tokens per second.
+    pub decode_tps: f64,
+    /// Mean time to first token.
+    pub ttft_seconds: f64,
+    /// Peak resident set of the process so far (VmHWM).
+    pub peak_rss_bytes: u64,
+    /// Peak checkpoint bytes of resident experts.
+    pub expert_resident_bytes: u64,
+    /// Skip mode: mean KL(exact ‖ skip) of the next-token distributions.
+    pub kl_mean: Option<f64>,
+    /// Skip mode: fraction of steps whose argmax equals the exact one.
+    pub top1_agreement: Option<f64>,
+}
+
+/// Runs an experiment; returns the results directory.
+pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
+    let mut exp = exp.clone();
+    if opts.quick {
+        exp.prompts.truncate(3);
+        exp.warmup.truncate(1);
+        exp.generation.max_new_tokens = exp.generation.max_new_tokens.min(8);
+    }
+    if exp.backend != "cpu" {
+        return Err(Error::Input(format!(
+            "{}: backend `{}`: this build runs on the CPU only (build with --features {} on a machine with that device)",
+            exp.file.display(),
+            exp.backend,
+            exp.backend
+        )));
+    }
+    let root = opts.out_root.clone().unwrap_or_else(|| exp.out_root.clone());
+    let run_id = run_id(&exp, opts.quick)?;
+    let final_dir = root.join(&exp.name).join(&run_id);
+    let tmp_dir = root.join(&exp.name).join(format!(".{run_id}.partial"));
+    if final_dir.exists() {
+        if !opts.force {
+            eprintln!("results already complete at {} (use --force to run again)", final_dir.display());
+            return Ok(final_dir);
+        }
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::create_dir_all(tmp_dir.join("cells")).map_err(|e| Error::io(&tmp_dir, e))?;
+
+    let tok_path = exp.model_dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| Error::format(&tok_path, format!("cannot load the tokenizer: {e}")))?;
+    let template = if exp.chat_template { Some(crate::chat::ChatTemplate::load(&exp.model_dir)?) } else { None };
+    let encode = |text: &str| -> Result<Vec<u32>> {
+        let text = match &template {
+            Some(t) => t.render(text)?,
+            None => text.to_string(),
+        };
+        let ids = tokenizer.encode(text.as_str(), false).map_err(|e| Error::Input(format!("tokenizing a prompt: {e}")))?.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err(Error::Input(format!("prompt {text:?} encodes to no tokens")));
+        }
+        Ok(ids)
+    };
+    let all: Vec<(bool, Vec<u32>)> = exp
+        .warmup
+        .iter()
+        .map(|p| Ok((true, encode(&p.text)?)))
+        .chain(exp.prompts.iter().map(|p| Ok((false, encode(&p.text)?))))
+        .collect::<Result<_>>()?;
+    let stop: Vec<u32> = tokenizer.token_to_id("<|endoftext|>").into_iter().collect();
+
+    let mut engine = Engine::open(&exp.model_dir, candle_core::Device::Cpu, EngineConfig::default())?;
+    let total_expert_bytes = engine.total_expert_bytes();
+    let progress = progress_bar(opts.progress, (exp.cells.len() * all.len()) as u64);
+    let mut summaries = Vec::new();
+    for cell in &exp.cells {
+        let done = tmp_dir.join("cells").join(format!("{}.json", cell.id));
+        if done.exists() {
+            let s: CellSummary = serde_json::from_str(&std::fs::read_to_string(&done).map_err(|e| Error::io(&done, e))?)
+                .map_err(|e| Error::format(&done, e.to_string()))?;
+            summaries.push(s);
+            progress.inc(all.len() as u64);
+            continue;
+        }
+        progress.set_message(cell.id.clone());
+        let s = run_cell(&mut engine, &exp, cell, &all, &stop, total_expert_bytes, &tmp_dir, &progress)?;
+        write_atomic(&done, serde_json::to_string_pretty(&s).map_err(|e| Error::Input(e.to_string()))?.as_bytes())?;
+        summaries.push(s);
+    }
+    progress.finish_and_clear();
+
+    // Merge the cells into the run's files.
+    let mut rows = Vec::new();
+    for cell in &exp.cells {
+        rows.extend(trace::read(&tmp_dir.join("cells").join(format!("{}.parquet", cell.id)))?);
+    }
+    trace::write(&tmp_dir.join("trace.parquet"), &rows)?;
+    crate::report::write_summary(&tmp_dir, &summaries)?;
+    std::fs::copy(&exp.file, tmp_dir.join("experiment.toml")).map_err(|e| Error::io(&exp.file, e))?;
+    write_atomic(&tmp_dir.join("env.json"), serde_json::to_string_pretty(&env_info(&exp, opts.quick)).unwrap_or_default().as_bytes())?;
+    if exp.plots {
+        crate::report::plot_dir(&tmp_dir)?;
+    }
+    std::fs::remove_dir_all(tmp_dir.join("cells")).map_err(|e| Error::io(&tmp_dir, e))?;
+    std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    eprintln!("{}", crate::report::summary_table(&summaries));
+    eprintln!("results: {}", final_dir.display());
+    Ok(final_dir)
+}
+
+/// Resolves a cell's budget against the model.
+pub fn resolve_budget(b: BudgetSpec, pool: &str, total_expert_bytes: u64, moe_layers: usize) -> Budget {
+    let bytes = |n: u64| if pool == "per-layer" { Budget::BytesPerLayer(n / moe_layers.max(1) as u64) } else { Budget::BytesGlobal(n) };
+    match b {
+        BudgetSpec::Unlimited => Budget::Unlimited,
+        BudgetSpec::Capacity(n) => Budget::SlotsPerLayer(n),
+        BudgetSpec::Bytes(n) => bytes(n),
+        BudgetSpec::Fraction(f) => bytes((f * total_expert_bytes as f64).round() as u64),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_cell(
+    engine: &mut Engine,
+    exp: &Experiment,
+    cell: &Cell,
+    prompts: &[(bool, Vec<u32>)],
+    stop: &[u32],
+    total_expert_bytes: u64,
+    tmp_dir: &Path,
+    progress: &ProgressBar,
+) -> Result<CellSummary> {
+    let spec = engine.spec().clone();
+    let budget = resolve_budget(cell.budget, &exp.pool, total_expert_bytes, spec.num_moe_layers());
+    let cfg = EngineConfig { budget, policy: cell.policy.clone(), miss: cell.miss, record_trace: true };
+    engine.reconfigure(cfg.clone()).map_err(|e| Error::Input(format!("cell `{}`: {e}", cell.id)))?;
+    let _ = engine.take_trace();
+    let mut sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
+    let (mut prefill_s, mut decode_s, mut prefill_tok, mut decode_tok, mut ttft, mut measured) = (0.0, 0.0, 0u64, 0u64, 0.0, 0u64);
+    let mut generated = Vec::new();
+    let mut stats_before = None;
+    let mut bytes_before = 0;
+    let mut load_before = 0.0;
+    for (i, (warm, ids)) in prompts.iter().enumerate() {
+        if !exp.carry_over && i > 0 {
+            engine.reset_cache();
+        }
+        if !warm && stats_before.is_none() {
+            let s = engine.stats();
+            bytes_before = s.bytes_read;
+            load_before = s.load_seconds;
+            stats_before = Some(s.cache);
+        }
+        engine.set_prompt(i as u32);
+        let keep = cell.miss == MissMode::Skip && !warm;
+        let g = engine.generate_with(ids, exp.generation.max_new_tokens, &mut sampler, stop, keep)?;
+        if !warm {
+            measured += 1;
+            prefill_s += g.prefill.as_secs_f64();
+            decode_s += g.decode.as_secs_f64();
+            prefill_tok += g.prompt_len as u64;
+            decode_tok += g.tokens.len().saturating_sub(1) as u64;
+            ttft += g.prefill.as_secs_f64();
+            generated.push((ids.clone(), g));
+        }
+        progress.inc(1);
+    }
+    let stats = engine.stats();
+    let before = stats_before.unwrap_or_default();
+    let rows: Vec<CellRow> = engine.take_trace().into_iter().map(|rec| CellRow { cell: cell.id.clone(), rec }).collect();
+    // Hit counts come from the trace of the measured prompts (warm-up rows excluded).
+    let warm_n = prompts.iter().filter(|p| p.0).count() as u32;
+    let (mut acc, mut hit, mut acc_p, mut hit_p) = (0u64, 0u64, 0u64, 0u64);
+    for r in rows.iter().filter(|r| r.rec.prompt >= warm_n) {
+        let h = r.rec.hits.iter().filter(|&&h| h).count() as u64;
+        acc += r.rec.hits.len() as u64;
+        hit += h;
+        if r.rec.phase == Phase::Prefill {
+            acc_p += r.rec.hits.len() as u64;
+            hit_p += h;
+        }
+    }
+    trace::write(&tmp_dir.join("cells").join(format!("{}.parquet", cell.id)), &rows)?;
+    let belady = belady_hit_rate(engine, &rows, budget, exp.carry_over, warm_n)?;
+    let (kl, top1) = if cell.miss == MissMode::Skip { drift(engine, &generated)? } else { (None, None) };
+    // Restore the cell's configuration after the exact re-run of the drift check.
+    if cell.miss == MissMode::Skip {
+        engine.reconfigure(cfg)?;
+    }
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let issued = stats.cache.prefetch.issued - before.prefetch.issued;
+    let used = stats.cache.prefetch.used - before.prefetch.used;
+    let capacity = match budget {
+        Budget::SlotsPerLayer(n) => Some(n as u64),
+        _ => None,
+    };
+    let fraction = match budget {
+        Budget::Unlimited => 1.0,
+        Budget::SlotsPerLayer(n) => n as f64 / spec.moe.num_experts as f64,
+        Budget::BytesGlobal(b) => b as f64 / total_expert_bytes as f64,
+        Budget::BytesPerLayer(b) => (b * spec.num_moe_layers() as u64) as f64 / total_expert_bytes as f64,
+    };
+    Ok(CellSummary {
+        cell: cell.id.clone(),
+        policy: cell.policy.to_string(),
+        capacity,
+        budget_bytes: budget.bytes(),
+        budget_fraction: fraction.min(1.0),
+        pool: exp.pool.clone(),
+        miss: if cell.miss == MissMode::Load { "load".into() } else { "skip".into() },
+        prompts: measured,
+        tokens_generated: generated.iter().map(|(_, g)| g.tokens.len() as u64).sum(),
+        accesses: acc,
+        hits: hit,
+        hit_rate: ratio(hit, acc),
+        hit_rate_prefill: ratio(hit_p, acc_p),
+        hit_rate_decode: ratio(hit - hit_p, acc - acc_p),
+        belady_hit_rate: belady,
+        prefetch_issued: issued,
+        prefetch_precision: (issued > 0).then(|| ratio(used, issued)),
+        // Recall as the cache defines it: prefetches used / (used + demand misses).
+        prefetch_recall: (issued > 0).then(|| ratio(used, used + (acc - hit))),
+        bytes_read: stats.bytes_read - bytes_before,
+        load_seconds: stats.load_seconds - load_before,
+        prefill_tps: prefill_tok as f64 / prefill_s.max(1e-9),
+        decode_tps: decode_tok as f64 / decode_s.max(1e-9),
+        ttft_seconds: ttft / measured.max(1) as f64,
+        peak_rss_bytes: peak_rss(),
+        expert_resident_bytes: stats.cache.peak_resident_bytes,
+        kl_mean: kl,
+        top1_agreement: top1,
+    })
+}
+
+/// Belady's hit rate on a cell's own trace at the cell's budget (measured prompts only).
+fn belady_hit_rate(engine: &Engine, rows: &[CellRow], budget: Budget, carry_over: bool, warm_n: u32) -> Result<f64> {
+    let spec = engine.spec();
+    let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
+    let belady = PolicySpec::parse("belady").expect("belady is a policy");
+    let size = |k| engine.store.expert_bytes(k);
+    let groups: Vec<Vec<crate::simulate::TraceRow>> = if carry_over {
+        vec![rows.iter().map(|r| crate::simulate::TraceRow::from(&r.rec)).collect()]
+    } else {
+        let mut by: BTreeMap<u32, Vec<_>> = BTreeMap::new();
+        for r in rows {
+            by.entry(r.rec.prompt).or_default().push(crate::simulate::TraceRow::from(&r.rec));
+        }
+        by.into_values().collect()
+    };
+    let (mut acc, mut hit) = (0u64, 0u64);
+    for g in groups {
+        let res = crate::simulate::simulate_rows(&g, &belady, budget, &size, &moe_layers, false, |row| row.prompt >= warm_n)?;
+        acc += res.accesses;
+        hit += res.hits;
+    }
+    Ok(if acc == 0 { 0.0 } else { hit as f64 / acc as f64 })
+}
+
+/// KL(exact ‖ skip) and top-1 agreement of a skip cell's sampled-from distributions, against an
+/// exact (unlimited, load) teacher-forced pass over the same tokens.
+fn drift(engine: &mut Engine, runs: &[(Vec<u32>, crate::engine::Generation)]) -> Result<(Option<f64>, Option<f64>)> {
+    engine.reconfigure(EngineConfig::default())?;
+    let (mut kl_sum, mut agree, mut n) = (0.0, 0u64, 0u64);
+    for (prompt, g) in runs {
+        if g.tokens.is_empty() {
+            continue;
+        }
+        let mut seq = prompt.clone();
+        seq.extend_from_slice(&g.tokens[..g.tokens.len() - 1]);
+        let (exact, _) = engine.logits(&seq)?;
+        for (k, skip) in g.step_logits.iter().enumerate() {
+            let e = &exact[prompt.len() - 1 + k];
+            kl_sum += kl(e, skip);
+            agree += (crate::models::layers::argmax(e) == crate::models::layers::argmax(skip)) as u64;
+            n += 1;
+        }
+    }
+    let _ = engine.take_trace();
+    Ok(if n == 0 { (None, None) } else { (Some(kl_sum / n as f64), Some(agree as f64 / n as f64)) })
+}
+
+/// KL divergence between the softmax distributions of two logit vectors, KL(p ‖ q).
+pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let lsm = |l: &[f32]| {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        l.iter().map(move |&x| x as f64 - z).collect::<Vec<f64>>()
+    };
+    let (lp, lq) = (lsm(p_logits), lsm(q_logits));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn progress_bar(enabled: bool, n: u64) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(n);
+    pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} prompts · {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb
+}
+
+/// A stable run id: a hash of the experiment file, the model config and the quick flag.
+fn run_id(exp: &Experiment, quick: bool) -> Result<String> {
+    let text = std::fs::read(&exp.file).map_err(|e| Error::io(&exp.file, e))?;
+    let cfg = std::fs::read(exp.model_dir.join("config.json")).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.iter().chain(&cfg).chain(std::iter::once(&(quick as u8))) {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    Ok(format!("{}{:08x}", if quick { "quick-" } else { "" }, h as u32))
+}
+
+fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    serde_json::json!({
+        "harness_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": git,
+        "backend": exp.backend,
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "model_dir": exp.model_dir.display().to_string(),
+        "quick": quick,
+        "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "elapsed_note": "timings are wall-clock on this machine; compare ratios within one run",
+    })
+}
+
+impl From<&StepRecord> for crate::simulate::TraceRow {
+    fn from(r: &StepRecord) -> Self {
+        crate::simulate::TraceRow {
+            prompt: r.prompt,
+            step: r.step,
+            pos: r.pos,
+            phase: r.phase,
+            layer: r.layer,
+            experts: r.experts.clone(),
+            weights: Some(r.weights.clone()),
+            lookahead: r.lookahead.clone(),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Routing traces on disk: one Parquet row per (token, MoE layer), written by the experiment
+//! runner and read back by `harness simulate`, `harness plot` and the notebooks.
+//!
+//! Schema (column: type; `?` = optional when reading):
+//! `cell`?: str · `prompt`: u32 · `step`: u32 (0 = prefill, k = k-th decoded token) ·
+//! `pos`: u32 · `phase`: str (`prefill`/`decode`) · `layer`: u32 · `experts`: list<u32>
+//! (u16/i32/i64 accepted) · `weights`?: list<f32> · `lookahead`?: list<u32> (null when no
+//! prediction) · `hits`?: list<bool> · `load_ns`?: u64.
+
+use std::fs::File;
+use std::path::Path;
+
+use polars::prelude::*;
+
+use crate::engine::StepRecord;
+use crate::error::{Error, Result};
+use crate::experts::cache::Phase;
+
+/// A trace row with the cell it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellRow {
+    /// Sweep cell id (empty when the file has no `cell` column).
+    pub cell: String,
+    /// The row.
+    pub rec: StepRecord,
+}
+
+fn perr(path: &Path, e: PolarsError) -> Error {
+    Error::format(path, format!("parquet: {e}"))
+}
+
+/// Builds the trace data frame.
+pub fn to_frame(rows: &[CellRow]) -> Result<DataFrame> {
+    let n = rows.len();
+    let mut experts = ListPrimitiveChunkedBuilder::<UInt32Type>::new("experts".into(), n, n * 8, DataType::UInt32);
+    let mut weights = ListPrimitiveChunkedBuilder::<Float32Type>::new("weights".into(), n, n * 8, DataType::Float32);
+    let mut lookahead = ListPrimitiveChunkedBuilder::<UInt32Type>::new("lookahead".into(), n, n * 8, DataType::UInt32);
+    let mut hits = ListBooleanChunkedBuilder::new("hits".into(), n, n * 8);
+    for r in rows {
+        experts.append_slice(&r.rec.experts);
+        weights.append_slice(&r.rec.weights);
+        lookahead.append_opt_slice(r.rec.lookahead.as_deref());
+        let h = Series::new("".into(), r.rec.hits.as_slice());
+        hits.append_series(&h).map_err(|e| Error::Input(e.to_string()))?;
+    }
+    let col = |name: &str, v: Vec<u32>| Column::new(name.into(), v);
+    let df = DataFrame::new(
+        n,
+        vec![
+        Column::new("cell".into(), rows.iter().map(|r| r.cell.as_str()).collect::<Vec<_>>()),
+        col("prompt", rows.iter().map(|r| r.rec.prompt).collect()),
+        col("step", rows.iter().map(|r| r.rec.step).collect()),
+        col("pos", rows.iter().map(|r| r.rec.pos).collect()),
+        Column::new("phase".into(), rows.iter().map(|r| r.rec.phase.to_string()).collect::<Vec<_>>()),
+        col("layer", rows.iter().map(|r| r.rec.layer).collect()),
+        experts.finish().into_series().into(),
+        weights.finish().into_series().into(),
+        lookahead.finish().into_series().into(),
+        hits.finish().into_series().into(),
+        Column::new("load_ns".into(), rows.iter().map(|r| r.rec.load_ns).collect::<Vec<u64>>()),
+    ],
+    )
+    .map_err(|e| Error::Input(format!("building the trace frame: {e}")))?;
+    Ok(df)
+}
+
+/// Writes a data frame as Parquet (zstd), through a temp file and rename.
+pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let f = tmp.reopen().map_err(|e| Error::io(path, e))?;
+    ParquetWriter::new(f).finish(df).map_err(|e| perr(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Writes a trace file.
+pub fn write(path: &Path, rows: &[CellRow]) -> Result<()> {
+    write_frame(path, &mut to_frame(rows)?)
+}
+
+/// Reads a Parquet file into a data frame.
+pub fn read_frame(path: &Path) -> Result<DataFrame> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    ParquetReader::new(f).finish().map_err(|e| perr(path, e))
+}
+
+fn u32_col(path: &Path, df: &DataFrame, name: &str) -> Result<Vec<u32>> {
+    let c = df.column(name).map_err(|_| missing(path, name))?;
+    let c = c
+        .cast(&DataType::UInt32)
+        .map_err(|e| Error::format(path, format!("column `{name}` must be an unsigned integer column: {e}")))?;
+    let ca = c.u32().map_err(|e| perr(path, e))?;
+    if ca.null_count() > 0 {
+        return Err(Error::format(path, format!("column `{name}` has null values")));
+    }
+    Ok(ca.into_no_null_iter().collect())
+}
+
+fn missing(path: &Path, name: &str) -> Error {
+    Error::format(path, format!("trace has no column `{name}` (required: prompt, step, pos, phase, layer, experts; see the README's trace schema)"))
+}
+
+fn list_col<T: PolarsNumericType>(path: &Path, df: &DataFrame, name: &str, inner: DataType, required: bool) -> Result<Option<Vec<Option<Vec<T::Native>>>>> {
+    let Ok(c) = df.column(name) else {
+        return if required { Err(missing(path, name)) } else { Ok(None) };
+    };
+    let c = c
+        .cast(&DataType::List(Box::new(inner.clone())))
+        .map_err(|e| Error::format(path, format!("column `{name}` must be a list of {inner}: {e}")))?;
+    let ca = c.list().map_err(|e| Error::format(path, format!("column `{name}` must be a list: {e}")))?;
+    let mut out = Vec::with_capacity(ca.len());
+    for s in ca.series_iter() {
+        out.push(match s {
+            None => None,
+            Some(s) => {
+                let s = s.unpack::<T>().map_err(|e| perr(path, e))?;
+                if s.null_count() > 0 {
+                    return Err(Error::format(path, format!("column `{name}` has null list elements")));
+                }
+                Some(s.into_no_null_iter().collect())
+            }
+        });
+    }
+    Ok(Some(out))
+}
+
+/// Reads a trace file written by the runner or any tool that follows the schema.
+pub fn read(path: &Path) -> Result<Vec<CellRow>> {
+    let df = read_frame(path)?;
+    let n = df.height();
+    let prompt = u32_col(path, &df, "prompt")?;
+    let step = u32_col(path, &df, "step")?;
+    let pos = u32_col(path, &df, "pos")?;
+    let layer = u32_col(path, &df, "layer")?;
+    let phase_c = df.column("phase").map_err(|_| missing(path, "phase"))?;
+    let phase_s = phase_c.str().map_err(|e| Error::format(path, format!("column `phase` must be strings: {e}")))?;
+    let mut phase = Vec::with_capacity(n);
+    for (i, p) in phase_s.iter().enumerate() {
+        phase.push(match p {
+            Some("prefill") => Phase::Prefill,
+            Some("decode") => Phase::Decode,
+            other => return Err(Error::format(path, format!("row {i}: phase {other:?} (expected `prefill` or `decode`)"))),
+        });
+    }
+    let experts = list_col::<UInt32Type>(path, &df, "experts", DataType::UInt32, true)?.expect("required");
+    let weights = list_col::<Float32Type>(path, &df, "weights", DataType::Float32, false)?;
+    let lookahead = list_col::<UInt32Type>(path, &df, "lookahead", DataType::UInt32, false)?;
+    let hits: Option<Vec<Vec<bool>>> = match df.column("hits") {
+        Err(_) => None,
+        Ok(c) => {
+            let ca = c.list().map_err(|e| Error::format(path, format!("column `hits` must be a list of bool: {e}")))?;
+            let mut v = Vec::with_capacity(n);
+            for s in ca.series_iter() {
+                let s = s.ok_or_else(|| Error::format(path, "column `hits` has nulls"))?;
+                let b = s.bool().map_err(|e| Error::format(path, format!("column `hits` must be a list of bool: {e}")))?;
+                v.push(b.iter().map(|x| x.unwrap_or(false)).collect());
+            }
+            Some(v)
+        }
+    };
+    let load_ns: Option<Vec<u64>> = match df.column("load_ns") {
+        Err(_) => None,
+        Ok(c) => Some(
+            c.cast(&DataType::UInt64)
+                .map_err(|e| perr(path, e))?
+                .u64()
+                .map_err(|e| perr(path, e))?
+                .iter()
+                .map(|x| x.unwrap_or(0))
+                .collect(),
+        ),
+    };
+    let cell: Option<Vec<String>> = match df.column("cell") {
+        Err(_) => None,
+        Ok(c) => Some(
+            c.str()
+                .map_err(|e| Error::format(path, format!("column `cell` must be strings: {e}")))?
+                .iter()
+                .map(|x| x.unwrap_or("").to_string())
+                .collect(),
+        ),
+    };
+    let mut rows = Vec::with_capacity(n);
+    for i in 0..n {
+        let ex = experts[i].clone().ok_or_else(|| Error::format(path, format!("row {i}: `experts` is null")))?;
+        rows.push(CellRow {
+            cell: cell.as_ref().map_or(String::new(), |c| c[i].clone()),
+            rec: StepRecord {
+                prompt: prompt[i],
+                step: step[i],
+                pos: pos[i],
+                phase: phase[i],
+                layer: layer[i],
+                weights: weights.as_ref().and_then(|w| w[i].clone()).unwrap_or_default(),
+                lookahead: lookahead.as_ref().and_then(|l| l[i].clone()),
+                hits: hits.as_ref().map_or_else(Vec::new, |h| h[i].clone()),
+                load_ns: load_ns.as_ref().map_or(0, |l| l[i]),
+                experts: ex,
+            },
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: u32) -> CellRow {
+        CellRow {
+            cell: format!("c{}", i % 2),
+            rec: StepRecord {
+                prompt: i / 4,
+                step: i % 3,
+                pos: i,
+                phase: if i % 3 == 0 { Phase::Prefill } else { Phase::Decode },
+                layer: 1 + i % 2,
+                experts: vec![i % 8, (i + 3) % 8],
+                weights: vec![0.75, 0.25],
+                lookahead: (i % 2 == 1).then(|| vec![1, 2]),
+                hits: vec![i % 2 == 0, false],
+                load_ns: 1000 + i as u64,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.parquet");
+        let rows: Vec<CellRow> = (0..10).map(row).collect();
+        write(&p, &rows).unwrap();
+        assert_eq!(read(&p).unwrap(), rows);
+    }
+
+    #[test]
+    fn corrupt_and_incomplete_traces_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.parquet");
+        std::fs::write(&p, b"PAR1 not really").unwrap();
+        assert!(read(&p).unwrap_err().to_string().contains("t.parquet"));
+        let mut df = to_frame(&(0..4).map(row).collect::<Vec<_>>()).unwrap();
+        df = df.drop("layer").unwrap();
+        write_frame(&p, &mut df).unwrap();
+        let err = read(&p).unwrap_err().to_string();
+        assert!(err.contains("`layer`"), "{err}");
+    }
+}

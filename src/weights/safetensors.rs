@@ -1,0 +1,379 @@
+//! Safetensors shards with every header claim checked against the file: offsets inside the file,
+//! byte length equal to `dtype × shape`, and every key of the index present in the shard it names.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// Element types the engine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// Packed quantized words (MLX).
+    U32,
+    /// Any other type (kept so that unused tensors of other types do not fail the load).
+    Other(&'static str),
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> Option<usize> {
+        match self {
+            DType::F32 | DType::U32 => Some(4),
+            DType::F16 | DType::BF16 => Some(2),
+            DType::Other(_) => None,
+        }
+    }
+}
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// Index of the shard in [`Checkpoint::shard_path`].
+    pub shard: usize,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the data in the shard file.
+    pub offset: u64,
+    /// Byte length of the data.
+    pub len: u64,
+}
+
+struct Shard {
+    path: PathBuf,
+    file: File,
+    mmap: Mmap,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorEntry>,
+    bytes_read: AtomicU64,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("dir", &self.dir).field("tensors", &self.tensors.len()).finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors.index.json`, else `dir/model.safetensors`, else every
+    /// `*.safetensors` in `dir`, validating each header.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut ck = Checkpoint {
+            dir: dir.to_path_buf(),
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+            bytes_read: AtomicU64::new(0),
+        };
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::format(&index, "missing object `weight_map`"))?;
+            let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (key, file) in map {
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| Error::format(&index, format!("weight_map[`{key}`] is not a string")))?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(Error::format(&index, format!("weight_map[`{key}`] = `{file}` is not a file name in the checkpoint directory")));
+                }
+                by_file.entry(file.to_string()).or_default().push(key.clone());
+            }
+            for (file, keys) in by_file {
+                let path = dir.join(&file);
+                if !path.exists() {
+                    return Err(Error::format(
+                        &index,
+                        format!("names shard `{file}` (for `{}` and {} more) but {} does not exist", keys[0], keys.len() - 1, path.display()),
+                    ));
+                }
+                let shard = ck.add_shard(&path)?;
+                for key in keys {
+                    if !ck.tensors.get(&key).is_some_and(|t| t.shard == shard) {
+                        return Err(Error::format(
+                            &index,
+                            format!("says `{key}` is in `{file}`, but that shard has no such tensor"),
+                        ));
+                    }
+                }
+            }
+        } else if single.exists() {
+            ck.add_shard(&single)?;
+        } else {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::format(
+                    dir,
+                    "no model.safetensors.index.json, model.safetensors or *.safetensors file in this directory",
+                ));
+            }
+            for f in files {
+                ck.add_shard(&f)?;
+            }
+        }
+        Ok(ck)
+    }
+
+    fn add_shard(&mut self, path: &Path) -> Result<usize> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a checkpoint modified underneath us is outside our contract.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let entries = parse_header(path, &mmap)?;
+        let idx = self.shards.len();
+        for (key, mut e) in entries {
+            e.shard = idx;
+            if let Some(prev) = self.tensors.get(&key) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{key}` also appears in {}", self.shards[prev.shard].path.display()),
+                ));
+            }
+            self.tensors.insert(key, e);
+        }
+        self.shards.push(Shard { path: path.to_path_buf(), file, mmap });
+        Ok(idx)
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of shard `i`.
+    pub fn shard_path(&self, i: usize) -> &Path {
+        &self.shards[i].path
+    }
+
+    /// All tensor names.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Looks a tensor up.
+    pub fn get(&self, key: &str) -> Option<&TensorEntry> {
+        self.tensors.get(key)
+    }
+
+    /// Looks a tensor up, failing with the key and checkpoint named.
+    pub fn require(&self, key: &str) -> Result<&TensorEntry> {
+        self.tensors.get(key).ok_or_else(|| Error::MissingTensor {
+            key: key.to_string(),
+            dir: self.dir.clone(),
+            hint: String::new(),
+        })
+    }
+
+    /// The bytes of a tensor through the memory map (dense weights at load time).
+    pub fn mapped(&self, e: &TensorEntry) -> &[u8] {
+        &self.shards[e.shard].mmap[e.offset as usize..(e.offset + e.len) as usize]
+    }
+
+    /// Reads `len` bytes at `offset` of shard `shard` with a positioned read, counting them.
+    /// This is the expert miss path: it touches exactly the requested range.
+    pub fn read_at(&self, shard: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let s = &self.shards[shard];
+        s.file.read_exact_at(buf, offset).map_err(|e| Error::io(&s.path, e))?;
+        self.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes read through [`Checkpoint::read_at`] so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// A tensor's bytes converted to f32, after checking its shape.
+    pub fn f32_vec(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let e = self.require(key)?;
+        self.check_shape(key, e, shape)?;
+        to_f32(self.mapped(e), e.dtype).map_err(|msg| self.tensor_err(key, e, msg))
+    }
+
+    /// Fails unless the tensor has exactly `shape`.
+    pub fn check_shape(&self, key: &str, e: &TensorEntry, shape: &[usize]) -> Result<()> {
+        if e.shape != shape {
+            return Err(self.tensor_err(key, e, format!("shape {:?} disagrees with the config, which implies {:?}", e.shape, shape)));
+        }
+        Ok(())
+    }
+
+    /// A [`Error::Tensor`] about `key`.
+    pub fn tensor_err(&self, key: &str, e: &TensorEntry, msg: impl Into<String>) -> Error {
+        Error::Tensor { key: key.to_string(), path: self.shards[e.shard].path.clone(), msg: msg.into() }
+    }
+}
+
+/// Converts little-endian float bytes to f32.
+pub fn to_f32(bytes: &[u8], dtype: DType) -> std::result::Result<Vec<f32>, String> {
+    Ok(match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        other => return Err(format!("dtype {other:?} where a float tensor (F32, F16, BF16) is needed")),
+    })
+}
+
+fn parse_dtype(s: &str) -> DType {
+    match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "U32" => DType::U32,
+        "F64" => DType::Other("F64"),
+        "I64" => DType::Other("I64"),
+        "I32" => DType::Other("I32"),
+        "I16" => DType::Other("I16"),
+        "I8" => DType::Other("I8"),
+        "U8" => DType::Other("U8"),
+        "U16" => DType::Other("U16"),
+        "U64" => DType::Other("U64"),
+        "BOOL" => DType::Other("BOOL"),
+        "F8_E4M3" => DType::Other("F8_E4M3"),
+        "F8_E5M2" => DType::Other("F8_E5M2"),
+        _ => DType::Other("unknown"),
+    }
+}
+
+fn other_size(s: &str) -> Option<usize> {
+    Some(match s {
+        "F64" | "I64" | "U64" => 8,
+        "I32" => 4,
+        "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+/// Parses and validates a safetensors header against the file's real size.
+fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
+    let fail = |msg: String| Error::format(path, format!("invalid safetensors file: {msg}"));
+    if data.len() < 8 {
+        return Err(fail(format!("file is {} bytes, shorter than the 8-byte header length (truncated?)", data.len())));
+    }
+    let n = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+    if n > (data.len() - 8) as u64 {
+        return Err(fail(format!("header length {n} runs past the end of the {}-byte file (truncated?)", data.len())));
+    }
+    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n as usize])
+        .map_err(|e| fail(format!("header is not valid JSON: {e}")))?;
+    let obj = header.as_object().ok_or_else(|| fail("header is not a JSON object".into()))?;
+    let base = 8 + n;
+    let data_len = data.len() as u64 - base;
+    let mut out = Vec::with_capacity(obj.len());
+    for (key, v) in obj {
+        if key == "__metadata__" {
+            continue;
+        }
+        let dt = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| fail(format!("`{key}`: missing dtype")))?;
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| fail(format!("`{key}`: missing shape")))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| fail(format!("`{key}`: shape is not a list of non-negative integers")))?;
+        let offs: Vec<u64> = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| fail(format!("`{key}`: data_offsets must be [begin, end]")))?;
+        let (b, e) = (offs[0], offs[1]);
+        if b > e || e > data_len {
+            return Err(fail(format!(
+                "`{key}`: data_offsets [{b}, {e}] run past the {data_len} bytes of data after the header (truncated or lying header?)"
+            )));
+        }
+        let dtype = parse_dtype(dt);
+        let elem = dtype.size().or_else(|| other_size(dt)).ok_or_else(|| fail(format!("`{key}`: unknown dtype `{dt}`")))?;
+        let numel: usize = shape.iter().product();
+        if (numel * elem) as u64 != e - b {
+            return Err(fail(format!(
+                "`{key}`: {dt} {shape:?} needs {} bytes but data_offsets span {}",
+                numel * elem,
+                e - b
+            )));
+        }
+        out.push((key.clone(), TensorEntry { shard: 0, dtype, shape, offset: base + b, len: e - b }));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, header: &str, data: &[u8]) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn reads_valid_and_rejects_lies() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        write(&p, r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0, 0, 128, 63, 0, 0, 0, 64]);
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ck.f32_vec("a", &[2]).unwrap(), vec![1.0, 2.0]);
+        assert!(ck.f32_vec("a", &[3]).unwrap_err().to_string().contains("shape"));
+        // Offsets past the end of the file.
+        write(&p, r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]);
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("run past") && err.contains("model.safetensors"), "{err}");
+        // Byte length disagreeing with dtype × shape.
+        write(&p, r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
+        assert!(Checkpoint::open(dir.path()).unwrap_err().to_string().contains("needs 12 bytes"));
+        // Truncated inside the header.
+        std::fs::write(&p, [200u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
+        assert!(Checkpoint::open(dir.path()).unwrap_err().to_string().contains("truncated"));
+    }
+
+    #[test]
+    fn index_naming_missing_shard_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"weight_map":{"a":"model-00001-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("model-00001-of-00002.safetensors") && err.contains("does not exist"), "{err}");
+    }
+}

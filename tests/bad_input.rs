@@ -1,0 +1,176 @@
+//! Every bad input gives a clear error naming the file, key or value, a non-zero exit, no panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::Device;
+use common::{copy_fixture, fixture};
+use moe_harness::engine::{Engine, EngineConfig};
+use moe_harness::experts::cache::Budget;
+
+fn open(dir: &Path) -> String {
+    match Engine::open(dir, Device::Cpu, EngineConfig::default()) {
+        Ok(_) => panic!("{} opened but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn harness(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_harness")).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn shards(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && !p.ends_with("reference.safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn truncated_shard() {
+    let d = copy_fixture("glm4_moe-f32-sharded");
+    let shard = shards(d.path()).pop().unwrap();
+    let len = std::fs::metadata(&shard).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&shard).unwrap();
+    f.set_len(len / 2).unwrap();
+    let err = open(d.path());
+    assert!(err.contains(shard.file_name().unwrap().to_str().unwrap()) && err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn lying_header() {
+    let d = copy_fixture("glm4_moe-bf16");
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    // Claim a larger end offset for the first tensor whose data ends at the end of the file.
+    let mut v: serde_json::Value = serde_json::from_str(&header).unwrap();
+    let data_len = (bytes.len() - 8 - n) as u64;
+    for (k, t) in v.as_object_mut().unwrap() {
+        if k != "__metadata__" && t["data_offsets"][1].as_u64() == Some(data_len) {
+            t["data_offsets"][1] = serde_json::json!(data_len + 4096);
+        }
+    }
+    let mut h = serde_json::to_string(&v).unwrap();
+    while h.len() < n {
+        h.push(' ');
+    }
+    assert_eq!(h.len(), n, "rewritten header must keep its length");
+    bytes[8..8 + n].copy_from_slice(h.as_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    let err = open(d.path());
+    assert!(err.contains("model.safetensors") && err.contains("run past"), "{err}");
+}
+
+#[test]
+fn index_names_missing_file() {
+    let d = copy_fixture("glm4_moe-f32-sharded");
+    let shard = shards(d.path()).pop().unwrap();
+    std::fs::remove_file(&shard).unwrap();
+    let err = open(d.path());
+    assert!(err.contains("model.safetensors.index.json") && err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn missing_tensor() {
+    let d = copy_fixture("glm4_moe-bf16");
+    let p = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let victim = "model.layers.1.mlp.experts.3.down_proj.weight";
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().filter(|(k, _)| k != victim).collect();
+    assert_eq!(kept.len() + 1, st.len(), "fixture should contain {victim}");
+    let out = safetensors::serialize(kept, None).unwrap();
+    std::fs::write(&p, out).unwrap();
+    let err = open(d.path());
+    assert!(err.contains(victim), "{err}");
+}
+
+#[test]
+fn shape_disagrees_with_config() {
+    let d = copy_fixture("qwen3_moe-f32");
+    edit_config(d.path(), |v| v["moe_intermediate_size"] = serde_json::json!(48));
+    let err = open(d.path());
+    assert!(err.contains("shape") && err.contains("experts"), "{err}");
+}
+
+#[test]
+fn dense_and_unknown_models() {
+    let err = open(&fixture("llama-dense"));
+    assert!(err.contains("dense") && err.contains("llama"), "{err}");
+    let d = copy_fixture("mixtral-f32");
+    edit_config(d.path(), |v| v["model_type"] = serde_json::json!("frobnicator"));
+    let err = open(d.path());
+    assert!(err.contains("frobnicator") && err.contains("glm4_moe"), "{err}");
+    edit_config(d.path(), |v| {
+        v.as_object_mut().unwrap().remove("model_type");
+    });
+    assert!(open(d.path()).contains("model_type"));
+}
+
+#[test]
+fn capacity_below_top_k() {
+    let dir = fixture("mixtral-f32");
+    let cfg = EngineConfig { budget: Budget::SlotsPerLayer(1), ..Default::default() };
+    let err = Engine::open(&dir, Device::Cpu, cfg).unwrap_err().to_string();
+    assert!(err.contains("capacity 1") && err.contains("top-k"), "{err}");
+    let cfg = EngineConfig { budget: Budget::BytesGlobal(1000), ..Default::default() };
+    let err = Engine::open(&dir, Device::Cpu, cfg).unwrap_err().to_string();
+    assert!(err.contains("working set"), "{err}");
+}
+
+#[test]
+fn cli_token_errors_exit_nonzero() {
+    let dir = fixture("mixtral-f32");
+    let d = dir.to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let npy = out.path().join("l.npy");
+    let npy = npy.to_str().unwrap();
+    let (code, err) = harness(&["logits", "--model", d, "--tokens", "1,x,3", "--out", npy]);
+    assert_ne!(code, 0);
+    assert!(err.contains("`x` is not a token id"), "{err}");
+    let (code, err) = harness(&["logits", "--model", d, "--tokens", "1,99999", "--out", npy]);
+    assert_ne!(code, 0);
+    assert!(err.contains("99999") && err.contains("vocab"), "{err}");
+    assert!(!Path::new(npy).exists(), "no output on failure");
+    let (code, err) = harness(&["logits", "--model", d, "--tokens", "1,2", "--out", npy, "--capacity", "1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("top-k"), "{err}");
+    let (code, err) = harness(&["generate", "--model", d, "--tokens", "1", "--policy", "fifo-ish"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("fifo-ish") && err.contains("lru"), "{err}");
+    let (code, err) = harness(&["logits", "--model", "/nonexistent/model", "--tokens", "1", "--out", npy]);
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+}
+
+#[test]
+fn cli_inspect_verdicts() {
+    let (code, _) = harness(&["inspect", fixture("llama-dense").to_str().unwrap()]);
+    assert_eq!(code, 3, "dense model: non-zero exit");
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(["inspect", "--json", fixture("glm4_moe-mlx4").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"], "drop-in");
+    assert_eq!(v["layout"], "stacked");
+    assert_eq!(v["model_type"], "glm4_moe");
+}

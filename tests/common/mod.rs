@@ -1,0 +1,64 @@
+//! Shared helpers for integration tests: fixture discovery and reference loading.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use moe_harness::weights::Checkpoint;
+
+/// Root of the generated model fixtures.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+}
+
+/// A fixture directory by name.
+pub fn fixture(name: &str) -> PathBuf {
+    let p = fixtures().join(name);
+    assert!(p.join("config.json").exists(), "missing fixture {} (run scripts/make_fixtures.py)", p.display());
+    p
+}
+
+/// The reference outputs saved by scripts/make_fixtures.py.
+pub struct Reference {
+    pub json: serde_json::Value,
+    pub logits: Vec<f32>,
+    pub vocab: usize,
+}
+
+impl Reference {
+    pub fn load(dir: &Path) -> Reference {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.join("reference.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+        let ck = Checkpoint::open(tmp.path()).unwrap();
+        let e = ck.get("logits").expect("reference logits").clone();
+        let logits = ck.f32_vec("logits", &e.shape).unwrap();
+        Reference { json, logits, vocab: e.shape[1] }
+    }
+    pub fn tokens(&self) -> Vec<u32> {
+        self.json["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    }
+    pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    }
+}
+
+/// Relative L2 error ‖a − b‖ / ‖b‖.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Copies a fixture into a temp dir (for tests that corrupt it).
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let src = fixture(name);
+    let dst = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.path().join(e.file_name())).unwrap();
+        }
+    }
+    dst
+}
