@@ -34,6 +34,49 @@ enum Cmd {
     Run(RunArgs),
     /// Redraw the plots of a results directory from its Parquet files.
     Plot(PlotArgs),
+    /// Replay a routing trace under every policy × budget and report hit rates.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// Trace Parquet (see the README's trace schema).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Comma-separated policies, e.g. lru,lfu,lcp,lookahead,belady.
+    #[arg(long, default_value = "lru,lfu,lcp,lookahead,belady")]
+    policy: String,
+    /// Comma-separated expert slots per layer.
+    #[arg(long)]
+    capacity: Option<String>,
+    /// Comma-separated byte budgets (needs --model or --expert-bytes for expert sizes).
+    #[arg(long)]
+    budget: Option<String>,
+    /// How byte budgets are shared: one global pool, or split equally per layer.
+    #[arg(long, default_value = "global", value_parser = ["global", "per-layer"])]
+    pool: String,
+    /// Checkpoint the trace came from: gives expert sizes and checks layer/expert ids.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Size of every expert in bytes, when no --model is given.
+    #[arg(long)]
+    expert_bytes: Option<u64>,
+    /// Which cell of a multi-cell run trace to replay (default: the first).
+    #[arg(long)]
+    cell: Option<String>,
+    /// Prompts with index below N are replayed (they fill the cache) but not counted, as the
+    /// runner's warm-up prompts are.
+    #[arg(long, default_value_t = 0)]
+    warmup: u32,
+    /// Empty the cache at every new prompt (runs with carry_over = false).
+    #[arg(long)]
+    reset_per_prompt: bool,
+    /// Classic mode: every access stands alone, no step pinning (compare with libCacheSim).
+    #[arg(long)]
+    unpinned: bool,
+    /// Print JSON (one object per policy × budget).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -168,6 +211,7 @@ pub fn run() -> Result<ExitCode> {
             moe_harness::run::run(&exp, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Simulate(a) => cmd_simulate(a).map(|_| ExitCode::SUCCESS),
         Cmd::Plot(a) => {
             moe_harness::report::plot_dir(&a.dir)?;
             eprintln!("plots written to {}", a.dir.display());
@@ -290,5 +334,103 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         g.decode_tps(),
         g.tokens.len()
     );
+    Ok(())
+}
+
+fn split_list(s: &str) -> Vec<&str> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).collect()
+}
+
+fn cmd_simulate(a: SimulateArgs) -> Result<()> {
+    use moe_harness::simulate::{simulate_measured, SimOptions, TraceRow};
+    let rows = moe_harness::trace::read(&a.trace)?;
+    if rows.is_empty() {
+        bail!("{}: the trace has no rows", a.trace.display());
+    }
+    let mut cells: Vec<&str> = Vec::new();
+    for r in &rows {
+        if !cells.contains(&r.cell.as_str()) {
+            cells.push(&r.cell);
+        }
+    }
+    let cell = match &a.cell {
+        Some(c) if !cells.contains(&c.as_str()) => bail!("--cell {c}: not in the trace (cells: {})", cells.join(", ")),
+        Some(c) => c.clone(),
+        None => {
+            if cells.len() > 1 {
+                eprintln!("the trace holds {} cells; replaying `{}` (choose with --cell)", cells.len(), cells[0]);
+            }
+            cells[0].to_string()
+        }
+    };
+    let rows: Vec<TraceRow> = rows.iter().filter(|r| r.cell == cell).map(|r| TraceRow::from(&r.rec)).collect();
+    let mut layers: Vec<u32> = rows.iter().map(|r| r.layer).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    // Expert sizes and id checks from the model, when given.
+    let store = match &a.model {
+        Some(dir) => {
+            let spec = moe_harness::config::load(dir)?;
+            for r in &rows {
+                if !spec.is_moe_layer(r.layer as usize) {
+                    bail!("{}: layer {} is not a MoE layer of {} (MoE layers: {:?})", a.trace.display(), r.layer, dir.display(), spec.moe.moe_layers);
+                }
+                if let Some(e) = r.experts.iter().chain(r.lookahead.iter().flatten()).find(|&&e| e as usize >= spec.moe.num_experts) {
+                    bail!("{}: expert {e} at layer {} is out of range: {} has {} routed experts", a.trace.display(), r.layer, dir.display(), spec.moe.num_experts);
+                }
+            }
+            let ck = std::sync::Arc::new(moe_harness::weights::Checkpoint::open(dir)?);
+            let prefix = moe_harness::weights::layout::detect_prefix(&ck)?;
+            let lay = moe_harness::weights::layout::detect_experts(&ck, &spec, &prefix)?;
+            Some(moe_harness::experts::store::ExpertStore::new(ck, &spec, &prefix, lay, candle_core::Device::Cpu)?)
+        }
+        None => None,
+    };
+    let unit = a.expert_bytes.unwrap_or(1);
+    let size = |k: moe_harness::experts::ExpertKey| store.as_ref().map_or(unit, |s| s.expert_bytes(k));
+    let mut budgets = Vec::new();
+    for c in a.capacity.as_deref().map(split_list).unwrap_or_default() {
+        let n: usize = c.parse().with_context(|| format!("--capacity: `{c}` is not a number of slots"))?;
+        budgets.push(Budget::SlotsPerLayer(n));
+    }
+    for b in a.budget.as_deref().map(split_list).unwrap_or_default() {
+        if store.is_none() && a.expert_bytes.is_none() {
+            bail!("--budget needs expert sizes: pass --model DIR (the checkpoint the trace came from) or --expert-bytes N");
+        }
+        let n = parse_size(b).with_context(|| format!("--budget {b}"))?;
+        budgets.push(if a.pool == "per-layer" { Budget::BytesPerLayer(n / layers.len().max(1) as u64) } else { Budget::BytesGlobal(n) });
+    }
+    if budgets.is_empty() {
+        bail!("give --capacity N[,N…] and/or --budget SIZE[,SIZE…]");
+    }
+    let policies: Vec<PolicySpec> = split_list(&a.policy)
+        .iter()
+        .map(|p| PolicySpec::parse(p).with_context(|| format!("--policy {p}")))
+        .collect::<Result<_>>()?;
+    let mut results = Vec::new();
+    for p in &policies {
+        for b in &budgets {
+            let opts = SimOptions { classic: a.unpinned, profile: None };
+            let res = if a.reset_per_prompt {
+                let mut by: std::collections::BTreeMap<u32, Vec<TraceRow>> = Default::default();
+                for r in &rows {
+                    by.entry(r.prompt).or_default().push(r.clone());
+                }
+                let parts: Vec<_> = by
+                    .values()
+                    .map(|g| simulate_measured(g, p, *b, size, &layers, &opts, |r| r.prompt >= a.warmup))
+                    .collect::<std::result::Result<_, _>>()?;
+                moe_harness::simulate::merge_results(&parts)
+            } else {
+                simulate_measured(&rows, p, *b, size, &layers, &opts, |r| r.prompt >= a.warmup)?
+            };
+            results.push(res);
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", moe_harness::simulate::format_table(&results));
+    }
     Ok(())
 }

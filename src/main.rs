@@ -9,9 +9,15 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            let mut shown = e.to_string();
+            eprintln!("error: {shown}");
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let c = cause.to_string();
+                // Typed errors often repeat their source in their own message: print news only.
+                if !shown.contains(&c) {
+                    eprintln!("  caused by: {c}");
+                    shown = c;
+                }
             }
             ExitCode::from(1)
         }

@@ -57,12 +57,15 @@ pub struct CellSummary {
     pub accesses: u64,
     /// Of which hits.
     pub hits: u64,
-    /// hits / accesses.
+    /// Demand hits / accesses (an expert a prefetch brought in counts as a hit).
     pub hit_rate: f64,
     /// Hit rate during prefill.
     pub hit_rate_prefill: f64,
     /// Hit rate during decode.
     pub hit_rate_decode: f64,
+    /// 1 − (demand misses + prefetch loads) / accesses: the share of expert uses that cost no
+    /// load. Equals `hit_rate` without prefetching; Belady bounds it for every policy.
+    pub effective_hit_rate: f64,
     /// Belady (offline optimal) hit rate on this cell's own trace at this budget.
     pub belady_hit_rate: f64,
     /// Prefetches issued.
@@ -146,6 +149,10 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
     let mut engine = Engine::open(&exp.model_dir, candle_core::Device::Cpu, EngineConfig::default())?;
     let total_expert_bytes = engine.total_expert_bytes();
     let progress = progress_bar(opts.progress, (exp.cells.len() * all.len()) as u64);
+    let finished = exp.cells.iter().filter(|c| tmp_dir.join("cells").join(format!("{}.json", c.id)).exists()).count();
+    if finished > 0 {
+        eprintln!("resuming {}: {finished} of {} cells already done", tmp_dir.display(), exp.cells.len());
+    }
     let mut summaries = Vec::new();
     for cell in &exp.cells {
         let done = tmp_dir.join("cells").join(format!("{}.json", cell.id));
@@ -289,6 +296,7 @@ fn run_cell(
         hit_rate: ratio(hit, acc),
         hit_rate_prefill: ratio(hit_p, acc_p),
         hit_rate_decode: ratio(hit - hit_p, acc - acc_p),
+        effective_hit_rate: 1.0 - ratio((acc - hit) + issued, acc).min(1.0),
         belady_hit_rate: belady,
         prefetch_issued: issued,
         prefetch_precision: (issued > 0).then(|| ratio(used, issued)),

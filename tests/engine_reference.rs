@@ -116,3 +116,34 @@ fn resident_bytes_never_exceed_the_budget() {
         assert!(s.cache.peak_resident_bytes >= per * top_k);
     }
 }
+
+/// The shipped trained model (HF bf16 and MLX 4-bit copies) against HF transformers.
+#[test]
+fn shipped_model_matches_transformers() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in ["glm4-moe-tiny-bf16", "glm4-moe-tiny-mlx4"] {
+        let refdir = root.join("tests/fixtures/shipped").join(name);
+        let r = Reference::load(&refdir);
+        let dir = root.join(r.json["model_dir"].as_str().unwrap());
+        let mut e = engine(&dir, Budget::Unlimited, "lru");
+        let (logits, routing) = e.logits(&r.tokens()).unwrap();
+        let flat: Vec<f32> = logits.iter().flatten().copied().collect();
+        let err = rel_l2(&flat, &r.logits);
+        eprintln!("{name}: relative L2 {err:.2e}");
+        assert!(err <= 1e-5, "{name}: logits relative L2 {err:.3e}");
+        let want = r.json["routing"].as_object().unwrap();
+        for (layer, routes) in &routing {
+            for (t, route) in routes.iter().enumerate() {
+                let mut got = route.experts.clone();
+                got.sort_unstable();
+                assert_eq!(got, Reference::ids(&want[&layer.to_string()][t]), "{name}: layer {layer} token {t}");
+            }
+        }
+        let prompt = Reference::ids(&r.json["greedy"]["prompt"]);
+        let want = Reference::ids(&r.json["greedy"]["generated"]);
+        for budget in [Budget::Unlimited, Budget::SlotsPerLayer(4)] {
+            let g = engine(&dir, budget, "lookahead").generate(&prompt, want.len(), &mut Sampler::Greedy, &[]).unwrap();
+            assert_eq!(g.tokens, want, "{name}: greedy at {budget:?}");
+        }
+    }
+}

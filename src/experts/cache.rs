@@ -16,7 +16,7 @@
 //! the router picked; they are pinned (never victims) until [`CacheCore::end_step`], so a
 //! just-loaded expert is never evicted by the same step. A step's clock tick (one per
 //! `begin_step` of that layer) is the time unit of `lcp` and `lfu-decay`. If a demand cannot fit
-//! because everything else is pinned or protected, the access fails with
+//! because everything else is pinned by the step, the access fails with
 //! [`CacheError::BudgetTooSmall`].
 //!
 //! In *classic* mode ([`CacheOptions::classic`], [`CacheCore::new_classic`]) there are no pins and

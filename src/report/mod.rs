@@ -35,7 +35,9 @@ fn summary_frame(rows: &[CellSummary]) -> Result<DataFrame> {
         let vals: Vec<&serde_json::Value> = values.iter().map(|v| &v[k]).collect();
         let col = if vals.iter().any(|v| v.is_string()) {
             Column::new(k.as_str().into(), vals.iter().map(|v| v.as_str().map(str::to_string)).collect::<Vec<_>>())
-        } else if vals.iter().all(|v| v.is_u64() || v.is_null()) && !is_float_field(k) {
+        } else if vals.iter().all(|v| v.is_u64() || v.is_null()) {
+            // serde_json keeps f64 fields as floats (1.0 stays 1.0), so integer columns are exactly
+            // the u64 fields.
             Column::new(k.as_str().into(), vals.iter().map(|v| v.as_u64()).collect::<Vec<_>>())
         } else {
             Column::new(k.as_str().into(), vals.iter().map(|v| v.as_f64()).collect::<Vec<_>>())
@@ -45,9 +47,6 @@ fn summary_frame(rows: &[CellSummary]) -> Result<DataFrame> {
     DataFrame::new(rows.len(), cols).map_err(|e| Error::Input(format!("building the summary frame: {e}")))
 }
 
-fn is_float_field(k: &str) -> bool {
-    k.contains("rate") || k.contains("tps") || k.contains("seconds") || k.contains("fraction") || k.contains("precision") || k.contains("recall") || k.starts_with("kl") || k.starts_with("top1")
-}
 
 /// Reads `summary.parquet` back into summaries.
 pub fn read_summary(path: &Path) -> Result<Vec<CellSummary>> {
@@ -81,16 +80,17 @@ pub fn read_summary(path: &Path) -> Result<Vec<CellSummary>> {
 /// The table printed at the end of a run.
 pub fn summary_table(rows: &[CellSummary]) -> String {
     let mut s = format!(
-        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9}\n",
-        "cell", "hit", "prefill", "decode", "belady", "MB read", "decode t/s", "top-1"
+        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9}\n",
+        "cell", "hit", "prefill", "decode", "effect.", "belady", "MB read", "decode t/s", "top-1"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<32} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>10.1} {:>10.1} {:>9}\n",
+            "{:<32} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>10.1} {:>10.1} {:>9}\n",
             r.cell,
             100.0 * r.hit_rate,
             100.0 * r.hit_rate_prefill,
             100.0 * r.hit_rate_decode,
+            100.0 * r.effective_hit_rate,
             100.0 * r.belady_hit_rate,
             r.bytes_read as f64 / 1e6,
             r.decode_tps,

@@ -180,11 +180,13 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
     }
     let pct = |s: &CellSummary| 100.0 * s.budget_fraction;
     let mut hit = Vec::new();
+    let mut demand = Vec::new();
     let mut tps = Vec::new();
     for (name, cells) in &groups {
         let mut c = cells.clone();
         c.sort_by(|a, b| a.budget_fraction.total_cmp(&b.budget_fraction));
-        hit.push(Series { label: name.clone(), points: c.iter().map(|s| (pct(s), s.hit_rate)).collect(), dashed: false });
+        hit.push(Series { label: name.clone(), points: c.iter().map(|s| (pct(s), s.effective_hit_rate)).collect(), dashed: false });
+        demand.push(Series { label: name.clone(), points: c.iter().map(|s| (pct(s), s.hit_rate)).collect(), dashed: false });
         tps.push(Series { label: name.clone(), points: c.iter().map(|s| (pct(s), s.decode_tps)).collect(), dashed: false });
     }
     // The Belady bound per budget: the best offline hit rate over the cells at that budget.
@@ -198,7 +200,24 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
     save_lines(
         dir,
         "hit_rate_vs_budget",
-        &LineChart { title: "Expert-cache hit rate vs budget".into(), x_label: "cache budget (% of routed-expert bytes)".into(), y_label: "hit rate".into(), series: hit, y_range: Some((0.0, 1.0)) },
+        &LineChart {
+            title: "Expert-cache hit rate vs budget".into(),
+            x_label: "cache budget (% of routed-expert bytes)".into(),
+            y_label: "hit rate (1 − expert loads / expert uses)".into(),
+            series: hit,
+            y_range: Some((0.0, 1.0)),
+        },
+    )?;
+    save_lines(
+        dir,
+        "demand_hit_rate_vs_budget",
+        &LineChart {
+            title: "Demand hit rate vs budget (prefetched experts count as hits)".into(),
+            x_label: "cache budget (% of routed-expert bytes)".into(),
+            y_label: "demand hit rate".into(),
+            series: demand,
+            y_range: Some((0.0, 1.0)),
+        },
     )?;
     save_lines(
         dir,
