@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models;
 
 /// MoE model types this harness runs.
-pub const SUPPORTED_MOE: &[&str] = &["glm4_moe", "qwen3_moe", "mixtral"];
+pub const SUPPORTED_MOE: &[&str] = &["glm4_moe", "qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "kimi_k25", "glm4_moe_lite", "qwen3_next (inspect only)"];
 
 /// Dense model types we recognise, so we can refuse them with the right reason.
 const KNOWN_DENSE: &[&str] = &[
@@ -34,6 +34,37 @@ pub enum Family {
     Qwen3Moe,
     /// Mixtral (`mixtral`).
     Mixtral,
+    /// DeepSeek-V3 and Kimi-K2 text models (`deepseek_v3`, `kimi_k2`): MLA attention.
+    DeepseekV3,
+    /// GLM-4.7-Flash (`glm4_moe_lite`): MLA attention with GLM's MoE.
+    Glm4MoeLite,
+    /// Qwen3-Next / Qwen3-Coder-Next (`qwen3_next`): sized by `inspect`, not run by the engine.
+    Qwen3Next,
+}
+
+/// Multi-head latent attention geometry (DeepSeek-V3 family).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MlaSpec {
+    /// Rank of the query compression (`None`: plain `q_proj`).
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value latent.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dims without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key dims with RoPE (one shared key head).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value dims.
+    pub v_head_dim: usize,
+    /// RoPE on adjacent pairs (true) or rotate-half pairs (false).
+    pub rope_interleave: bool,
+    /// RoPE inverse frequencies (YaRN-adjusted when the config asks for it).
+    pub inv_freq: Vec<f32>,
+    /// Factor on cos/sin (YaRN `attention_factor`; 1 otherwise).
+    pub attention_factor: f32,
+    /// Softmax scale (`qk_head_dim^-0.5`, times YaRN mscale²).
+    pub softmax_scale: f64,
+    /// Biases on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj`.
+    pub attention_bias: bool,
 }
 
 /// Attention geometry.
@@ -179,6 +210,10 @@ pub struct ModelSpec {
     pub keys: KeyScheme,
     /// MLX quantization block, if any.
     pub quantization: Option<QuantSpec>,
+    /// Multi-head latent attention, for the DeepSeek-V3 family (replaces GQA).
+    pub mla: Option<MlaSpec>,
+    /// Why the engine cannot run this model although `inspect` can size it.
+    pub unsupported: Option<String>,
 }
 
 impl ModelSpec {
@@ -217,6 +252,24 @@ pub fn from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpec> {
         "glm4_moe" => models::glm4_moe::Config::parse(file, &value)?.spec(file)?,
         "qwen3_moe" => models::qwen3_moe::Config::parse(file, &value)?.spec(file)?,
         "mixtral" => models::mixtral::Config::parse(file, &value)?.spec(file)?,
+        "deepseek_v3" | "kimi_k2" => models::deepseek_v3::spec(file, &value, &model_type, models::deepseek_v3::Variant::DeepseekV3)?,
+        "qwen3_next" => models::qwen3_next::Config::parse(file, &value)?.spec(file)?,
+        "glm4_moe_lite" => models::deepseek_v3::spec(file, &value, &model_type, models::deepseek_v3::Variant::Glm4MoeLite)?,
+        "kimi_k25" => {
+            let text = value.get("text_config").filter(|t| t.is_object()).ok_or_else(|| {
+                Error::config(file, "text_config", "missing: a kimi_k25 config wraps its language model in `text_config`")
+            })?;
+            let inner = text.get("model_type").and_then(|t| t.as_str()).unwrap_or("kimi_k2").to_string();
+            if !matches!(inner.as_str(), "kimi_k2" | "deepseek_v3") {
+                return Err(Error::config(file, "text_config.model_type", format!("`{inner}` (expected kimi_k2 or deepseek_v3)")));
+            }
+            let mut spec = models::deepseek_v3::spec(file, text, &inner, models::deepseek_v3::Variant::DeepseekV3)?;
+            spec.model_type = "kimi_k25".into();
+            spec.quantization = parse_quantization(file, text)?.or(parse_quantization(file, &value)?);
+            spec.unsupported = spec.unsupported.take().or(foreign_quantization(text).or(foreign_quantization(&value)));
+            validate(file, &spec)?;
+            return Ok(spec);
+        }
         t if KNOWN_DENSE.contains(&t) => {
             return Err(Error::DenseModel {
                 path: file.to_path_buf(),
@@ -233,6 +286,7 @@ pub fn from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpec> {
         }
     };
     spec.quantization = quantization;
+    spec.unsupported = spec.unsupported.take().or(foreign_quantization(&value));
     validate(file, &spec)?;
     Ok(spec)
 }
@@ -304,6 +358,16 @@ impl RopeFields {
     }
 }
 
+/// A non-MLX quantization method (compressed-tensors int4, fp8, gptq…): `inspect` still sizes the
+/// model (at the assumed MLX bits), the engine refuses it with this reason.
+fn foreign_quantization(value: &serde_json::Value) -> Option<String> {
+    let q = value.get("quantization_config").or_else(|| value.get("quantization"))?;
+    let m = q.get("quant_method").and_then(|m| m.as_str())?;
+    (!matches!(m, "mlx" | "affine")).then(|| {
+        format!("the checkpoint is quantized with `{m}`, which this engine does not read (supported: unquantized f32/f16/bf16 and MLX affine; convert with mlx_lm.convert)")
+    })
+}
+
 fn parse_quantization(file: &Path, value: &serde_json::Value) -> Result<Option<QuantSpec>> {
     let q = match value.get("quantization").or_else(|| value.get("quantization_config")) {
         None | Some(serde_json::Value::Null) => return Ok(None),
@@ -312,15 +376,9 @@ fn parse_quantization(file: &Path, value: &serde_json::Value) -> Result<Option<Q
     let obj = q
         .as_object()
         .ok_or_else(|| Error::config(file, "quantization", "must be an object"))?;
-    if let Some(m) = obj.get("quant_method").and_then(|m| m.as_str()) {
-        // HF-style quantization configs (fp8, gptq, awq…) are a different format altogether.
-        if !matches!(m, "mlx" | "affine") {
-            return Err(Error::config(
-                file,
-                "quantization_config.quant_method",
-                format!("`{m}` is not supported (supported: MLX affine `quantization` with group_size/bits)"),
-            ));
-        }
+    if obj.get("quant_method").and_then(|m| m.as_str()).is_some_and(|m| !matches!(m, "mlx" | "affine")) {
+        // Another format altogether (see `foreign_quantization`).
+        return Ok(None);
     }
     let mut spec = QuantSpec::default();
     let get_params = |field: &str, v: &serde_json::Value| -> Result<QuantParams> {
@@ -388,7 +446,11 @@ fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
             format!("{} exceeds the number of routed experts {}", s.moe.top_k, s.moe.num_experts),
         ));
     }
-    if s.attention.rotary_dim % 2 != 0 || s.attention.rotary_dim > s.attention.head_dim {
+    if let Some(m) = &s.mla {
+        if m.qk_rope_head_dim % 2 != 0 || m.qk_nope_head_dim + m.qk_rope_head_dim == 0 || m.kv_lora_rank == 0 || m.v_head_dim == 0 {
+            return Err(Error::config(file, "qk_rope_head_dim", "MLA dims must be positive and qk_rope_head_dim even"));
+        }
+    } else if s.attention.rotary_dim % 2 != 0 || s.attention.rotary_dim > s.attention.head_dim {
         return Err(Error::config(
             file,
             "partial_rotary_factor",

@@ -206,6 +206,9 @@ impl Engine {
 
     /// As [`Engine::open`] with an already-resolved spec.
     pub fn open_with_spec(dir: &Path, spec: ModelSpec, device: Device, cfg: EngineConfig) -> Result<Self> {
+        if let Some(reason) = &spec.unsupported {
+            return Err(Error::Input(format!("{}: {reason}", dir.display())));
+        }
         if cfg.policy.needs_future() {
             return Err(Error::Input(format!(
                 "policy `{}` needs the future of the trace: use it with `harness simulate` on a recorded trace, not in the live engine",

@@ -70,6 +70,8 @@ pub struct Report {
     pub key_prefix: Option<String>,
     /// Router kind.
     pub router: Option<String>,
+    /// Attention kind: `gqa` or `mla`.
+    pub attention: Option<String>,
     /// Quantization description.
     pub quantization: String,
     /// Whether sizes are measured from tensors or estimated from the config.
@@ -99,7 +101,11 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
         Err(e) => return Err(e),
     };
     let mut r = base(path, &spec);
-    if has_weights {
+    if let Some(reason) = &spec.unsupported {
+        r.verdict = Verdict::Unsupported;
+        r.reason = Some(reason.clone());
+    }
+    if has_weights && spec.unsupported.is_none() {
         let ck = std::sync::Arc::new(Checkpoint::open(path)?);
         let prefix = layout::detect_prefix(&ck)?;
         let lay = layout::detect_experts(&ck, &spec, &prefix)?;
@@ -129,7 +135,7 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
             Some(q) => describe_quant(q.default),
             None => format!("none ({:?})", dtype_of(&ck, &prefix)),
         };
-        if prefix.is_nonstandard() {
+        if prefix.is_nonstandard() && r.verdict == Verdict::DropIn {
             r.verdict = Verdict::NeedsKeyPrefix;
             r.reason = Some(format!("tensors live under `{}`; detected and handled automatically", prefix.model));
         }
@@ -167,7 +173,18 @@ fn quant_bytes(elements: u64, q: QuantParams) -> u64 {
 fn estimate_dense(spec: &ModelSpec, q: QuantParams) -> u64 {
     let (h, v) = (spec.hidden_size as u64, spec.vocab_size as u64);
     let a = &spec.attention;
-    let attn = h * (a.num_heads * a.head_dim) as u64 * 2 + h * (a.num_kv_heads * a.head_dim) as u64 * 2;
+    let heads = a.num_heads as u64;
+    let attn = match &spec.mla {
+        Some(m) => {
+            let (dq, c, dr) = ((m.qk_nope_head_dim + m.qk_rope_head_dim) as u64, m.kv_lora_rank as u64, m.qk_rope_head_dim as u64);
+            let q = match m.q_lora_rank {
+                Some(r) => h * r as u64 + r as u64 * heads * dq,
+                None => h * heads * dq,
+            };
+            q + h * (c + dr) + c * heads * (m.qk_nope_head_dim + m.v_head_dim) as u64 + heads * m.v_head_dim as u64 * h
+        }
+        None => h * (a.num_heads * a.head_dim) as u64 * 2 + h * (a.num_kv_heads * a.head_dim) as u64 * 2,
+    };
     let mut el = v * h * if spec.tie_word_embeddings { 1 } else { 2 };
     let mut router = 0u64;
     for l in 0..spec.num_layers {
@@ -210,6 +227,7 @@ fn base(path: &Path, s: &ModelSpec) -> Report {
         layout: "unknown (config only)".into(),
         key_prefix: None,
         router: Some(s.moe.router.name().into()),
+        attention: Some(if s.mla.is_some() { "mla".into() } else { "gqa".into() }),
         quantization: String::new(),
         sizes: "",
         bytes_per_expert: None,
@@ -237,6 +255,7 @@ fn refused(path: &Path, model_type: String, verdict: Verdict, reason: &str) -> R
         layout: "n/a".into(),
         key_prefix: None,
         router: None,
+        attention: None,
         quantization: "n/a".into(),
         sizes: "n/a",
         bytes_per_expert: None,
@@ -279,6 +298,7 @@ impl std::fmt::Display for Report {
         writeln!(f, "  shared experts        {}", self.shared_expert_intermediate.map_or("-".into(), |i| if i == 0 { "none".into() } else { format!("intermediate {i}") }))?;
         writeln!(f, "  expert geometry       3 × {} × {} = {} elements", opt(self.hidden_size), opt(self.moe_intermediate_size), self.elements_per_expert.unwrap_or(0))?;
         writeln!(f, "  router                {}", self.router.as_deref().unwrap_or("-"))?;
+        writeln!(f, "  attention             {}", self.attention.as_deref().unwrap_or("-"))?;
         writeln!(f, "  layout                {}", self.layout)?;
         writeln!(f, "  key prefix            {}", self.key_prefix.as_deref().unwrap_or("-"))?;
         writeln!(f, "  quantization          {}", self.quantization)?;

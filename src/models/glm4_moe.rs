@@ -119,6 +119,8 @@ impl Config {
                 shared: Some("shared_experts"),
             },
             quantization: None,
+            mla: None,
+            unsupported: None,
         })
     }
 }

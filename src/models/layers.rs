@@ -92,19 +92,25 @@ pub fn expert_forward(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Ten
     Ok((g * u)?.matmul(&down.t()?)?)
 }
 
-/// Rotary position tables for the rotate-half convention.
+/// Rotary position tables (`cos`, `sin` per position and frequency).
 #[derive(Debug)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    factor: f32,
 }
 
 impl Rope {
+    /// Tables from explicit inverse frequencies, with cos/sin multiplied by `factor` (YaRN).
+    pub fn from_inv_freq(inv_freq: Vec<f32>, factor: f32) -> Self {
+        Rope { inv_freq, factor }
+    }
+
     /// `inv_freq[i] = 1 / theta^(2i / rotary_dim)`, computed in f32 as HF does.
     pub fn new(theta: f64, rotary_dim: usize) -> Self {
         let inv_freq = (0..rotary_dim / 2)
             .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32))
             .collect();
-        Rope { inv_freq }
+        Rope { inv_freq, factor: 1.0 }
     }
     /// `(cos, sin)`, each `[T, rotary_dim / 2]`, for positions `pos0 .. pos0 + t`.
     pub fn tables(&self, pos0: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
@@ -114,8 +120,8 @@ impl Rope {
         for p in pos0..pos0 + t {
             for &f in &self.inv_freq {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * self.factor);
+                sin.push(a.sin() * self.factor);
             }
         }
         Ok((Tensor::from_vec(cos, (t, n), dev)?, Tensor::from_vec(sin, (t, n), dev)?))
@@ -140,9 +146,10 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
-    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends new entries along `dim` (the sequence axis) and returns the whole cache.
+    pub fn append(&mut self, k: Tensor, v: Tensor, dim: usize) -> Result<(Tensor, Tensor)> {
         let (k, v) = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], dim)?, Tensor::cat(&[pv, v], dim)?),
             None => (k, v),
         };
         self.kv = Some((k.clone(), v.clone()));
@@ -202,7 +209,7 @@ impl Attention {
         } else {
             (q, k)
         };
-        let (k, v) = kv.append(k, v)?;
+        let (k, v) = kv.append(k, v, 2)?;
         let s = k.dim(2)?;
         let rep = nh / nkv;
         let expand = |y: Tensor| -> Result<Tensor> {
@@ -214,28 +221,33 @@ impl Attention {
         let (k, v) = (expand(k)?, expand(v)?);
         let scale = (hd as f64).powf(-0.5);
         let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        // Causal (and sliding-window) mask: query i sits at absolute position pos0 + i; the cache
-        // holds positions 0..s.
-        let past = s - t;
-        let window = self.spec.sliding_window;
-        let needs_mask = t > 1 || window.is_some_and(|w| s > w);
-        if needs_mask {
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    let qp = past + i;
-                    (0..s).map(move |j| {
-                        let visible = j <= qp && window.is_none_or(|w| qp - j < w);
-                        if visible { 0.0 } else { f32::NEG_INFINITY }
-                    })
-                })
-                .collect();
-            att = att.broadcast_add(&Tensor::from_vec(mask, (t, s), dev)?)?;
+        if let Some(mask) = causal_mask(t, s, self.spec.sliding_window, dev)? {
+            att = att.broadcast_add(&mask)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?; // [1, nh, T, hd]
         let y = y.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?;
         self.o.forward(&y)
     }
+}
+
+/// Additive causal (and sliding-window) mask `[T, S]` for `t` queries at the end of `s` cached
+/// positions, or `None` when every key is visible.
+pub fn causal_mask(t: usize, s: usize, window: Option<usize>, dev: &Device) -> Result<Option<Tensor>> {
+    let past = s - t;
+    if t == 1 && window.is_none_or(|w| s <= w) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            let qp = past + i;
+            (0..s).map(move |j| {
+                let visible = j <= qp && window.is_none_or(|w| qp - j < w);
+                if visible { 0.0 } else { f32::NEG_INFINITY }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, s), dev)?))
 }
 
 /// Index of the maximum of a slice (first on ties).

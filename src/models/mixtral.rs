@@ -84,6 +84,8 @@ impl Config {
                 shared: None,
             },
             quantization: None,
+            mla: None,
+            unsupported: None,
         })
     }
 }

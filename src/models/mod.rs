@@ -2,11 +2,14 @@
 //! and resolves it into a [`ModelSpec`]; the shared decoder below runs any of them, with dense
 //! weights resident and routed experts resolved per token through an [`moe::ExpertAccess`].
 
+pub mod deepseek_v3;
 pub mod glm4_moe;
 pub mod layers;
 pub mod mixtral;
+pub mod mla;
 pub mod moe;
 pub mod qwen3_moe;
+pub mod qwen3_next;
 
 use candle_core::{Device, Tensor};
 
@@ -25,10 +28,26 @@ enum Ffn {
     Moe(MoeBlock),
 }
 
+/// The attention part of a decoder layer.
+#[derive(Debug)]
+enum Attn {
+    Gqa(Attention),
+    Mla(mla::MlaAttention),
+}
+
+impl Attn {
+    fn forward(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Tensor> {
+        match self {
+            Attn::Gqa(a) => a.forward(x, pos0, kv),
+            Attn::Mla(a) => a.forward(x, pos0, kv),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct DecoderLayer {
     input_norm: RmsNorm,
-    attn: Attention,
+    attn: Attn,
     post_norm: RmsNorm,
     ffn: Ffn,
 }
@@ -94,7 +113,10 @@ impl Model {
             };
             layers.push(DecoderLayer {
                 input_norm: RmsNorm::load(ck, &prefix.layer(i, "input_layernorm"), h, spec.rms_norm_eps, dev)?,
-                attn: Attention::load(ck, quant, &prefix.layer(i, "self_attn"), h, &spec.attention, spec.rms_norm_eps, dev)?,
+                attn: match &spec.mla {
+                    Some(m) => Attn::Mla(mla::MlaAttention::load(ck, quant, &prefix.layer(i, "self_attn"), h, spec.attention.num_heads, m, dev)?),
+                    None => Attn::Gqa(Attention::load(ck, quant, &prefix.layer(i, "self_attn"), h, &spec.attention, spec.rms_norm_eps, dev)?),
+                },
                 post_norm: RmsNorm::load(ck, &prefix.layer(i, "post_attention_layernorm"), h, spec.rms_norm_eps, dev)?,
                 ffn,
             });

@@ -108,6 +108,8 @@ impl Config {
                 shared: None,
             },
             quantization: None,
+            mla: None,
+            unsupported: None,
         })
     }
 }

@@ -29,6 +29,18 @@ pub fn load_matrix(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, row
     Ok(out)
 }
 
+/// Loads a stack of `heads` matrices `[heads, rows, cols]` (float, or MLX-quantized along `cols`).
+pub fn load_stacked(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, heads: usize, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let wkey = format!("{module}.weight");
+    if ck.get(&format!("{module}.scales")).is_none() {
+        return ck.f32_vec(&wkey, &[heads, rows, cols]);
+    }
+    let (w, s, b, p) = quantized_parts(ck, quant, module, &[heads], rows, cols)?;
+    let mut out = Vec::new();
+    quant::dequantize_into(ck.mapped(w), ck.mapped(s), ck.mapped(b), s.dtype, p, cols, &mut out).map_err(|m| ck.tensor_err(&wkey, w, m))?;
+    Ok(out)
+}
+
 /// Finds and checks the three tensors of a quantized matrix `[lead.., rows, cols]`.
 pub fn quantized_parts<'a>(
     ck: &'a Checkpoint,
