@@ -15,7 +15,11 @@ use moe_harness::inspect;
 use moe_harness::io::{parse_size, write_atomic, write_npy_f32};
 
 #[derive(Parser)]
-#[command(name = "harness", version, about = "Lazy expert loading for Mixture-of-Experts LLMs: engine, cache policies, experiments")]
+#[command(
+    name = "harness",
+    version,
+    about = "Lazy expert loading for Mixture-of-Experts LLMs: engine, cache policies, experiments"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -150,9 +154,15 @@ impl CacheArgs {
             }
             (None, None) => Budget::Unlimited,
         };
-        let policy = PolicySpec::parse(&self.policy).with_context(|| format!("--policy {}", self.policy))?;
+        let policy =
+            PolicySpec::parse(&self.policy).with_context(|| format!("--policy {}", self.policy))?;
         let miss: MissMode = self.miss.parse().context("--miss")?;
-        Ok(EngineConfig { budget, policy, miss, record_trace: false })
+        Ok(EngineConfig {
+            budget,
+            policy,
+            miss,
+            record_trace: false,
+        })
     }
 }
 
@@ -207,7 +217,12 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Generate(a) => cmd_generate(a).map(|_| ExitCode::SUCCESS),
         Cmd::Run(a) => {
             let exp = moe_harness::experiment::load(&a.experiment, true)?;
-            let opts = moe_harness::run::RunOptions { out_root: a.out, quick: a.quick, force: a.force, progress: true };
+            let opts = moe_harness::run::RunOptions {
+                out_root: a.out,
+                quick: a.quick,
+                force: a.force,
+                progress: true,
+            };
             moe_harness::run::run(&exp, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -221,7 +236,10 @@ pub fn run() -> Result<ExitCode> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<ExitCode> {
-    let est = QuantParams { bits: a.bits, group_size: a.group_size };
+    let est = QuantParams {
+        bits: a.bits,
+        group_size: a.group_size,
+    };
     if !matches!(a.bits, 2 | 4 | 8) || a.group_size == 0 {
         bail!("--bits must be 2, 4 or 8 and --group-size positive");
     }
@@ -233,7 +251,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<ExitCode> {
     }
     // A report was produced either way; a model the engine cannot run still exits non-zero so
     // scripts can branch on it.
-    Ok(if r.verdict.runs() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if r.verdict.runs() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 /// Parses `1,2,3` into token ids.
@@ -255,7 +277,12 @@ fn open_engine(model: &Path, cache: &CacheArgs, record: bool) -> Result<Engine> 
     let spec = moe_harness::config::load(model)?;
     let mut cfg = cache.engine_config(spec.num_moe_layers())?;
     cfg.record_trace = record;
-    Ok(Engine::open_with_spec(model, spec, candle_core::Device::Cpu, cfg)?)
+    Ok(Engine::open_with_spec(
+        model,
+        spec,
+        candle_core::Device::Cpu,
+        cfg,
+    )?)
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
@@ -267,7 +294,12 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     if let Some(path) = &a.routing {
         let map: serde_json::Map<String, serde_json::Value> = routing
             .iter()
-            .map(|(l, routes)| (l.to_string(), serde_json::json!(routes.iter().map(|r| &r.experts).collect::<Vec<_>>())))
+            .map(|(l, routes)| {
+                (
+                    l.to_string(),
+                    serde_json::json!(routes.iter().map(|r| &r.experts).collect::<Vec<_>>()),
+                )
+            })
             .collect();
         write_atomic(path, serde_json::to_string(&map)?.as_bytes())?;
     }
@@ -288,14 +320,22 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let tok_path = a.model.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
-        Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+        Some(
+            tokenizers::Tokenizer::from_file(&tok_path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?,
+        )
     } else {
         None
     };
     let prompt: Vec<u32> = match (&a.prompt, &a.tokens) {
         (Some(text), _) => {
-            let tk = tokenizer.as_ref().with_context(|| format!("--prompt needs {} (or pass --tokens)", tok_path.display()))?;
-            tk.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
+            let tk = tokenizer.as_ref().with_context(|| {
+                format!("--prompt needs {} (or pass --tokens)", tok_path.display())
+            })?;
+            tk.encode(text.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
+                .get_ids()
+                .to_vec()
         }
         (None, Some(t)) => parse_tokens(t)?,
         (None, None) => bail!("give --prompt TEXT or --tokens IDS"),
@@ -313,10 +353,19 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let g = engine.generate(&prompt, a.max_tokens, &mut sampler, &stop)?;
     match &tokenizer {
         Some(tk) => {
-            let text = tk.decode(&g.tokens, false).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            let text = tk
+                .decode(&g.tokens, false)
+                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
             println!("{}{}", a.prompt.as_deref().unwrap_or(""), text);
         }
-        None => println!("{}", g.tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
+        None => println!(
+            "{}",
+            g.tokens
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
     }
     let s = engine.stats();
     let misses = s.cache.accesses - s.cache.hits;
@@ -338,7 +387,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn split_list(s: &str) -> Vec<&str> {
-    s.split(',').map(str::trim).filter(|x| !x.is_empty()).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .collect()
 }
 
 fn cmd_simulate(a: SimulateArgs) -> Result<()> {
@@ -354,16 +406,26 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         }
     }
     let cell = match &a.cell {
-        Some(c) if !cells.contains(&c.as_str()) => bail!("--cell {c}: not in the trace (cells: {})", cells.join(", ")),
+        Some(c) if !cells.contains(&c.as_str()) => {
+            bail!("--cell {c}: not in the trace (cells: {})", cells.join(", "))
+        }
         Some(c) => c.clone(),
         None => {
             if cells.len() > 1 {
-                eprintln!("the trace holds {} cells; replaying `{}` (choose with --cell)", cells.len(), cells[0]);
+                eprintln!(
+                    "the trace holds {} cells; replaying `{}` (choose with --cell)",
+                    cells.len(),
+                    cells[0]
+                );
             }
             cells[0].to_string()
         }
     };
-    let rows: Vec<TraceRow> = rows.iter().filter(|r| r.cell == cell).map(|r| TraceRow::from(&r.rec)).collect();
+    let rows: Vec<TraceRow> = rows
+        .iter()
+        .filter(|r| r.cell == cell)
+        .map(|r| TraceRow::from(&r.rec))
+        .collect();
     let mut layers: Vec<u32> = rows.iter().map(|r| r.layer).collect();
     layers.sort_unstable();
     layers.dedup();
@@ -373,24 +435,50 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
             let spec = moe_harness::config::load(dir)?;
             for r in &rows {
                 if !spec.is_moe_layer(r.layer as usize) {
-                    bail!("{}: layer {} is not a MoE layer of {} (MoE layers: {:?})", a.trace.display(), r.layer, dir.display(), spec.moe.moe_layers);
+                    bail!(
+                        "{}: layer {} is not a MoE layer of {} (MoE layers: {:?})",
+                        a.trace.display(),
+                        r.layer,
+                        dir.display(),
+                        spec.moe.moe_layers
+                    );
                 }
-                if let Some(e) = r.experts.iter().chain(r.lookahead.iter().flatten()).find(|&&e| e as usize >= spec.moe.num_experts) {
-                    bail!("{}: expert {e} at layer {} is out of range: {} has {} routed experts", a.trace.display(), r.layer, dir.display(), spec.moe.num_experts);
+                if let Some(e) = r
+                    .experts
+                    .iter()
+                    .chain(r.lookahead.iter().flatten())
+                    .find(|&&e| e as usize >= spec.moe.num_experts)
+                {
+                    bail!(
+                        "{}: expert {e} at layer {} is out of range: {} has {} routed experts",
+                        a.trace.display(),
+                        r.layer,
+                        dir.display(),
+                        spec.moe.num_experts
+                    );
                 }
             }
             let ck = std::sync::Arc::new(moe_harness::weights::Checkpoint::open(dir)?);
             let prefix = moe_harness::weights::layout::detect_prefix(&ck)?;
             let lay = moe_harness::weights::layout::detect_experts(&ck, &spec, &prefix)?;
-            Some(moe_harness::experts::store::ExpertStore::new(ck, &spec, &prefix, lay, candle_core::Device::Cpu)?)
+            Some(moe_harness::experts::store::ExpertStore::new(
+                ck,
+                &spec,
+                &prefix,
+                lay,
+                candle_core::Device::Cpu,
+            )?)
         }
         None => None,
     };
     let unit = a.expert_bytes.unwrap_or(1);
-    let size = |k: moe_harness::experts::ExpertKey| store.as_ref().map_or(unit, |s| s.expert_bytes(k));
+    let size =
+        |k: moe_harness::experts::ExpertKey| store.as_ref().map_or(unit, |s| s.expert_bytes(k));
     let mut budgets = Vec::new();
     for c in a.capacity.as_deref().map(split_list).unwrap_or_default() {
-        let n: usize = c.parse().with_context(|| format!("--capacity: `{c}` is not a number of slots"))?;
+        let n: usize = c
+            .parse()
+            .with_context(|| format!("--capacity: `{c}` is not a number of slots"))?;
         budgets.push(Budget::SlotsPerLayer(n));
     }
     for b in a.budget.as_deref().map(split_list).unwrap_or_default() {
@@ -398,7 +486,11 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
             bail!("--budget needs expert sizes: pass --model DIR (the checkpoint the trace came from) or --expert-bytes N");
         }
         let n = parse_size(b).with_context(|| format!("--budget {b}"))?;
-        budgets.push(if a.pool == "per-layer" { Budget::BytesPerLayer(n / layers.len().max(1) as u64) } else { Budget::BytesGlobal(n) });
+        budgets.push(if a.pool == "per-layer" {
+            Budget::BytesPerLayer(n / layers.len().max(1) as u64)
+        } else {
+            Budget::BytesGlobal(n)
+        });
     }
     if budgets.is_empty() {
         bail!("give --capacity N[,N…] and/or --budget SIZE[,SIZE…]");
@@ -410,7 +502,10 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
     let mut results = Vec::new();
     for p in &policies {
         for b in &budgets {
-            let opts = SimOptions { classic: a.unpinned, profile: None };
+            let opts = SimOptions {
+                classic: a.unpinned,
+                profile: None,
+            };
             let res = if a.reset_per_prompt {
                 let mut by: std::collections::BTreeMap<u32, Vec<TraceRow>> = Default::default();
                 for r in &rows {
@@ -418,7 +513,9 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
                 }
                 let parts: Vec<_> = by
                     .values()
-                    .map(|g| simulate_measured(g, p, *b, size, &layers, &opts, |r| r.prompt >= a.warmup))
+                    .map(|g| {
+                        simulate_measured(g, p, *b, size, &layers, &opts, |r| r.prompt >= a.warmup)
+                    })
                     .collect::<std::result::Result<_, _>>()?;
                 moe_harness::simulate::merge_results(&parts)
             } else {

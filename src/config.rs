@@ -15,13 +15,42 @@ use crate::error::{Error, Result};
 use crate::models;
 
 /// MoE model types this harness runs.
-pub const SUPPORTED_MOE: &[&str] = &["glm4_moe", "qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "kimi_k25", "glm4_moe_lite", "qwen3_next (inspect only)"];
+pub const SUPPORTED_MOE: &[&str] = &[
+    "glm4_moe",
+    "qwen3_moe",
+    "mixtral",
+    "deepseek_v3",
+    "kimi_k2",
+    "kimi_k25",
+    "glm4_moe_lite",
+    "qwen3_next (inspect only)",
+];
 
 /// Dense model types we recognise, so we can refuse them with the right reason.
 const KNOWN_DENSE: &[&str] = &[
-    "llama", "mistral", "mistral3", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-    "gemma3_text", "phi", "phi3", "glm", "glm4", "gpt2", "gpt_neox", "falcon", "starcoder2",
-    "olmo", "olmo2", "cohere", "granite", "exaone",
+    "llama",
+    "mistral",
+    "mistral3",
+    "ministral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "glm",
+    "glm4",
+    "gpt2",
+    "gpt_neox",
+    "falcon",
+    "starcoder2",
+    "olmo",
+    "olmo2",
+    "cohere",
+    "granite",
+    "exaone",
 ];
 
 /// Which family file implements the model.
@@ -233,7 +262,11 @@ impl ModelSpec {
 
 /// Reads `config.json` (given a checkpoint directory or the file itself) into a [`ModelSpec`].
 pub fn load(path: &Path) -> Result<ModelSpec> {
-    let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&file, format!("not valid JSON: {e}")))?;
@@ -252,21 +285,55 @@ pub fn from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpec> {
         "glm4_moe" => models::glm4_moe::Config::parse(file, &value)?.spec(file)?,
         "qwen3_moe" => models::qwen3_moe::Config::parse(file, &value)?.spec(file)?,
         "mixtral" => models::mixtral::Config::parse(file, &value)?.spec(file)?,
-        "deepseek_v3" | "kimi_k2" => models::deepseek_v3::spec(file, &value, &model_type, models::deepseek_v3::Variant::DeepseekV3)?,
+        "deepseek_v3" | "kimi_k2" => models::deepseek_v3::spec(
+            file,
+            &value,
+            &model_type,
+            models::deepseek_v3::Variant::DeepseekV3,
+        )?,
         "qwen3_next" => models::qwen3_next::Config::parse(file, &value)?.spec(file)?,
-        "glm4_moe_lite" => models::deepseek_v3::spec(file, &value, &model_type, models::deepseek_v3::Variant::Glm4MoeLite)?,
+        "glm4_moe_lite" => models::deepseek_v3::spec(
+            file,
+            &value,
+            &model_type,
+            models::deepseek_v3::Variant::Glm4MoeLite,
+        )?,
         "kimi_k25" => {
-            let text = value.get("text_config").filter(|t| t.is_object()).ok_or_else(|| {
-                Error::config(file, "text_config", "missing: a kimi_k25 config wraps its language model in `text_config`")
-            })?;
-            let inner = text.get("model_type").and_then(|t| t.as_str()).unwrap_or("kimi_k2").to_string();
+            let text = value
+                .get("text_config")
+                .filter(|t| t.is_object())
+                .ok_or_else(|| {
+                    Error::config(
+                        file,
+                        "text_config",
+                        "missing: a kimi_k25 config wraps its language model in `text_config`",
+                    )
+                })?;
+            let inner = text
+                .get("model_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("kimi_k2")
+                .to_string();
             if !matches!(inner.as_str(), "kimi_k2" | "deepseek_v3") {
-                return Err(Error::config(file, "text_config.model_type", format!("`{inner}` (expected kimi_k2 or deepseek_v3)")));
+                return Err(Error::config(
+                    file,
+                    "text_config.model_type",
+                    format!("`{inner}` (expected kimi_k2 or deepseek_v3)"),
+                ));
             }
-            let mut spec = models::deepseek_v3::spec(file, text, &inner, models::deepseek_v3::Variant::DeepseekV3)?;
+            let mut spec = models::deepseek_v3::spec(
+                file,
+                text,
+                &inner,
+                models::deepseek_v3::Variant::DeepseekV3,
+            )?;
             spec.model_type = "kimi_k25".into();
-            spec.quantization = parse_quantization(file, text)?.or(parse_quantization(file, &value)?);
-            spec.unsupported = spec.unsupported.take().or(foreign_quantization(text).or(foreign_quantization(&value)));
+            spec.quantization =
+                parse_quantization(file, text)?.or(parse_quantization(file, &value)?);
+            spec.unsupported = spec
+                .unsupported
+                .take()
+                .or(foreign_quantization(text).or(foreign_quantization(&value)));
             validate(file, &spec)?;
             return Ok(spec);
         }
@@ -292,7 +359,10 @@ pub fn from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpec> {
 }
 
 /// Deserialises a family's flat HF config struct, naming the file and field on error.
-pub fn parse_family<T: serde::de::DeserializeOwned>(file: &Path, value: &serde_json::Value) -> Result<T> {
+pub fn parse_family<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    value: &serde_json::Value,
+) -> Result<T> {
     serde_json::from_value(value.clone()).map_err(|e| {
         let msg = e.to_string();
         // serde_json names the field in its message (`missing field `x``, `invalid type … for key`).
@@ -320,7 +390,12 @@ pub struct RopeFields {
 
 impl RopeFields {
     /// Resolves (theta, partial_rotary_factor), rejecting scaling types this engine lacks.
-    pub fn resolve(&self, file: &Path, default_theta: f64, default_partial: f64) -> Result<(f64, f64)> {
+    pub fn resolve(
+        &self,
+        file: &Path,
+        default_theta: f64,
+        default_partial: f64,
+    ) -> Result<(f64, f64)> {
         let mut theta = self.rope_theta;
         let mut partial = self.partial_rotary_factor;
         let mut scaling = self.rope_scaling.clone();
@@ -335,7 +410,11 @@ impl RopeFields {
             }
             if let Some(f) = obj.get("partial_rotary_factor") {
                 partial = Some(f.as_f64().ok_or_else(|| {
-                    Error::config(file, "rope_parameters.partial_rotary_factor", "must be a number")
+                    Error::config(
+                        file,
+                        "rope_parameters.partial_rotary_factor",
+                        "must be a number",
+                    )
                 })?);
             }
             scaling = Some(p.clone());
@@ -354,14 +433,19 @@ impl RopeFields {
                 ));
             }
         }
-        Ok((theta.unwrap_or(default_theta), partial.unwrap_or(default_partial)))
+        Ok((
+            theta.unwrap_or(default_theta),
+            partial.unwrap_or(default_partial),
+        ))
     }
 }
 
 /// A non-MLX quantization method (compressed-tensors int4, fp8, gptq…): `inspect` still sizes the
 /// model (at the assumed MLX bits), the engine refuses it with this reason.
 fn foreign_quantization(value: &serde_json::Value) -> Option<String> {
-    let q = value.get("quantization_config").or_else(|| value.get("quantization"))?;
+    let q = value
+        .get("quantization_config")
+        .or_else(|| value.get("quantization"))?;
     let m = q.get("quant_method").and_then(|m| m.as_str())?;
     (!matches!(m, "mlx" | "affine")).then(|| {
         format!("the checkpoint is quantized with `{m}`, which this engine does not read (supported: unquantized f32/f16/bf16 and MLX affine; convert with mlx_lm.convert)")
@@ -369,23 +453,35 @@ fn foreign_quantization(value: &serde_json::Value) -> Option<String> {
 }
 
 fn parse_quantization(file: &Path, value: &serde_json::Value) -> Result<Option<QuantSpec>> {
-    let q = match value.get("quantization").or_else(|| value.get("quantization_config")) {
+    let q = match value
+        .get("quantization")
+        .or_else(|| value.get("quantization_config"))
+    {
         None | Some(serde_json::Value::Null) => return Ok(None),
         Some(q) => q,
     };
     let obj = q
         .as_object()
         .ok_or_else(|| Error::config(file, "quantization", "must be an object"))?;
-    if obj.get("quant_method").and_then(|m| m.as_str()).is_some_and(|m| !matches!(m, "mlx" | "affine")) {
+    if obj
+        .get("quant_method")
+        .and_then(|m| m.as_str())
+        .is_some_and(|m| !matches!(m, "mlx" | "affine"))
+    {
         // Another format altogether (see `foreign_quantization`).
         return Ok(None);
     }
     let mut spec = QuantSpec::default();
     let get_params = |field: &str, v: &serde_json::Value| -> Result<QuantParams> {
-        let p: QuantParams = serde_json::from_value(v.clone())
-            .map_err(|e| Error::config(file, field, format!("expected {{group_size, bits}}: {e}")))?;
+        let p: QuantParams = serde_json::from_value(v.clone()).map_err(|e| {
+            Error::config(file, field, format!("expected {{group_size, bits}}: {e}"))
+        })?;
         if !matches!(p.bits, 2 | 4 | 8) {
-            return Err(Error::config(file, field, format!("bits = {} not supported (supported: 2, 4, 8)", p.bits)));
+            return Err(Error::config(
+                file,
+                field,
+                format!("bits = {} not supported (supported: 2, 4, 8)", p.bits),
+            ));
         }
         if p.group_size == 0 {
             return Err(Error::config(file, field, "group_size must be positive"));
@@ -404,7 +500,10 @@ fn parse_quantization(file: &Path, value: &serde_json::Value) -> Result<Option<Q
     for (k, v) in obj {
         match v {
             serde_json::Value::Object(_) => {
-                spec.overrides.insert(k.clone(), Some(get_params(&format!("quantization.{k}"), v)?));
+                spec.overrides.insert(
+                    k.clone(),
+                    Some(get_params(&format!("quantization.{k}"), v)?),
+                );
             }
             serde_json::Value::Bool(false) => {
                 spec.overrides.insert(k.clone(), None);
@@ -436,44 +535,81 @@ fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
         return Err(Error::config(
             file,
             "num_key_value_heads",
-            format!("{} does not divide num_attention_heads {}", s.attention.num_kv_heads, s.attention.num_heads),
+            format!(
+                "{} does not divide num_attention_heads {}",
+                s.attention.num_kv_heads, s.attention.num_heads
+            ),
         ));
     }
     if s.moe.top_k > s.moe.num_experts {
         return Err(Error::config(
             file,
             "num_experts_per_tok",
-            format!("{} exceeds the number of routed experts {}", s.moe.top_k, s.moe.num_experts),
+            format!(
+                "{} exceeds the number of routed experts {}",
+                s.moe.top_k, s.moe.num_experts
+            ),
         ));
     }
     if let Some(m) = &s.mla {
-        if m.qk_rope_head_dim % 2 != 0 || m.qk_nope_head_dim + m.qk_rope_head_dim == 0 || m.kv_lora_rank == 0 || m.v_head_dim == 0 {
-            return Err(Error::config(file, "qk_rope_head_dim", "MLA dims must be positive and qk_rope_head_dim even"));
+        if m.qk_rope_head_dim % 2 != 0
+            || m.qk_nope_head_dim + m.qk_rope_head_dim == 0
+            || m.kv_lora_rank == 0
+            || m.v_head_dim == 0
+        {
+            return Err(Error::config(
+                file,
+                "qk_rope_head_dim",
+                "MLA dims must be positive and qk_rope_head_dim even",
+            ));
         }
     } else if s.attention.rotary_dim % 2 != 0 || s.attention.rotary_dim > s.attention.head_dim {
         return Err(Error::config(
             file,
             "partial_rotary_factor",
-            format!("gives rotary dim {} for head_dim {}", s.attention.rotary_dim, s.attention.head_dim),
+            format!(
+                "gives rotary dim {} for head_dim {}",
+                s.attention.rotary_dim, s.attention.head_dim
+            ),
         ));
     }
-    if let RouterSpec::SigmoidNoauxTc { n_group, topk_group, .. } = s.moe.router {
+    if let RouterSpec::SigmoidNoauxTc {
+        n_group,
+        topk_group,
+        ..
+    } = s.moe.router
+    {
         if n_group == 0 || s.moe.num_experts % n_group != 0 {
             return Err(Error::config(
                 file,
                 "n_group",
-                format!("{n_group} does not divide the {} routed experts", s.moe.num_experts),
+                format!(
+                    "{n_group} does not divide the {} routed experts",
+                    s.moe.num_experts
+                ),
             ));
         }
         if topk_group == 0 || topk_group > n_group {
-            return Err(Error::config(file, "topk_group", format!("{topk_group} must be in 1..={n_group}")));
+            return Err(Error::config(
+                file,
+                "topk_group",
+                format!("{topk_group} must be in 1..={n_group}"),
+            ));
         }
         if s.moe.num_experts / n_group < 2 {
-            return Err(Error::config(file, "n_group", "each group needs at least 2 experts (group score = sum of top-2)"));
+            return Err(Error::config(
+                file,
+                "n_group",
+                "each group needs at least 2 experts (group score = sum of top-2)",
+            ));
         }
     }
     if s.moe.moe_layers.is_empty() {
-        return Err(Error::config(file, "num_hidden_layers", "the config describes no MoE layer"));
+        return Err(Error::config(
+            file,
+            "num_hidden_layers",
+            "the config describes no MoE layer",
+        ));
     }
     Ok(())
 }

@@ -40,7 +40,9 @@ impl std::str::FromStr for MissMode {
         match s {
             "load" => Ok(MissMode::Load),
             "skip" => Ok(MissMode::Skip),
-            _ => Err(Error::Input(format!("unknown miss mode `{s}` (known: load, skip)"))),
+            _ => Err(Error::Input(format!(
+                "unknown miss mode `{s}` (known: load, skip)"
+            ))),
         }
     }
 }
@@ -143,7 +145,7 @@ pub enum Sampler {
         /// Temperature (> 0).
         t: f32,
         /// Seeded generator.
-        rng: StdRng,
+        rng: Box<StdRng>,
     },
 }
 
@@ -153,7 +155,10 @@ impl Sampler {
         if temperature <= 0.0 {
             Sampler::Greedy
         } else {
-            Sampler::Temperature { t: temperature, rng: StdRng::seed_from_u64(seed) }
+            Sampler::Temperature {
+                t: temperature,
+                rng: Box::new(StdRng::seed_from_u64(seed)),
+            }
         }
     }
     /// Picks the next token.
@@ -162,7 +167,10 @@ impl Sampler {
             Sampler::Greedy => argmax(logits) as u32,
             Sampler::Temperature { t, rng } => {
                 let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let p: Vec<f64> = logits.iter().map(|&l| (((l - m) / *t) as f64).exp()).collect();
+                let p: Vec<f64> = logits
+                    .iter()
+                    .map(|&l| (((l - m) / *t) as f64).exp())
+                    .collect();
                 let mut r = rng.random::<f64>() * p.iter().sum::<f64>();
                 for (i, &pi) in p.iter().enumerate() {
                     r -= pi;
@@ -192,7 +200,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.model.spec.model_type).field("cfg", &self.cfg).finish()
+        f.debug_struct("Engine")
+            .field("model", &self.model.spec.model_type)
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -205,7 +216,12 @@ impl Engine {
     }
 
     /// As [`Engine::open`] with an already-resolved spec.
-    pub fn open_with_spec(dir: &Path, spec: ModelSpec, device: Device, cfg: EngineConfig) -> Result<Self> {
+    pub fn open_with_spec(
+        dir: &Path,
+        spec: ModelSpec,
+        device: Device,
+        cfg: EngineConfig,
+    ) -> Result<Self> {
         if let Some(reason) = &spec.unsupported {
             return Err(Error::Input(format!("{}: {reason}", dir.display())));
         }
@@ -224,9 +240,24 @@ impl Engine {
         let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
         let core = CacheCore::new(&cfg.policy, cfg.budget, &moe_layers)?;
         let payload = (0..spec.num_layers)
-            .map(|l| if spec.is_moe_layer(l) { vec![None; spec.moe.num_experts] } else { Vec::new() })
+            .map(|l| {
+                if spec.is_moe_layer(l) {
+                    vec![None; spec.moe.num_experts]
+                } else {
+                    Vec::new()
+                }
+            })
             .collect();
-        Ok(Engine { model, store, core, payload, cfg, trace: Vec::new(), load_time: Duration::ZERO, prompt: 0 })
+        Ok(Engine {
+            model,
+            store,
+            core,
+            payload,
+            cfg,
+            trace: Vec::new(),
+            load_time: Duration::ZERO,
+            prompt: 0,
+        })
     }
 
     /// The resolved model spec.
@@ -246,13 +277,35 @@ impl Engine {
     }
 
     /// As [`Engine::reconfigure`], with a frequency profile for `static-N` policies.
-    pub fn reconfigure_with(&mut self, cfg: EngineConfig, profile: Option<FrequencyProfile>) -> Result<()> {
+    pub fn reconfigure_with(
+        &mut self,
+        cfg: EngineConfig,
+        profile: Option<FrequencyProfile>,
+    ) -> Result<()> {
         if cfg.policy.needs_future() {
-            return Err(Error::Input(format!("policy `{}` needs the future of the trace: use `harness simulate`", cfg.policy)));
+            return Err(Error::Input(format!(
+                "policy `{}` needs the future of the trace: use `harness simulate`",
+                cfg.policy
+            )));
         }
         check_budget(&self.model.spec, &self.store, &cfg.budget)?;
-        let moe_layers: Vec<u32> = self.model.spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
-        self.core = CacheCore::with_options(&cfg.policy, cfg.budget, &moe_layers, CacheOptions { classic: false, profile })?;
+        let moe_layers: Vec<u32> = self
+            .model
+            .spec
+            .moe
+            .moe_layers
+            .iter()
+            .map(|&l| l as u32)
+            .collect();
+        self.core = CacheCore::with_options(
+            &cfg.policy,
+            cfg.budget,
+            &moe_layers,
+            CacheOptions {
+                classic: false,
+                profile,
+            },
+        )?;
         self.cfg = cfg;
         self.payload.iter_mut().flatten().for_each(|p| *p = None);
         self.load_time = Duration::ZERO;
@@ -265,7 +318,12 @@ impl Engine {
         spec.moe
             .moe_layers
             .iter()
-            .flat_map(|&l| (0..spec.moe.num_experts as u32).map(move |e| ExpertKey { layer: l as u32, expert: e }))
+            .flat_map(|&l| {
+                (0..spec.moe.num_experts as u32).map(move |e| ExpertKey {
+                    layer: l as u32,
+                    expert: e,
+                })
+            })
             .map(|k| self.store.expert_bytes(k))
             .sum()
     }
@@ -298,9 +356,28 @@ impl Engine {
     }
 
     /// One forward call over `tokens` after what `kv` holds.
-    pub fn forward(&mut self, tokens: &[u32], kv: &mut KvCache, step: u32, last_only: bool) -> Result<(Vec<Vec<f32>>, Routing)> {
-        let phase = if step == 0 { Phase::Prefill } else { Phase::Decode };
-        let Engine { model, store, core, payload, cfg, trace, load_time, prompt } = self;
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        step: u32,
+        last_only: bool,
+    ) -> Result<(Vec<Vec<f32>>, Routing)> {
+        let phase = if step == 0 {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        };
+        let Engine {
+            model,
+            store,
+            core,
+            payload,
+            cfg,
+            trace,
+            load_time,
+            prompt,
+        } = self;
         let mut access = Access {
             store,
             core,
@@ -325,17 +402,36 @@ impl Engine {
     }
 
     /// Prefill then decode up to `max_new` tokens (stopping early at any of `stop`).
-    pub fn generate(&mut self, prompt: &[u32], max_new: usize, sampler: &mut Sampler, stop: &[u32]) -> Result<Generation> {
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+    ) -> Result<Generation> {
         self.generate_with(prompt, max_new, sampler, stop, false)
     }
 
     /// As [`Engine::generate`]; with `keep_logits` the sampled-from logits of every step are kept.
-    pub fn generate_with(&mut self, prompt: &[u32], max_new: usize, sampler: &mut Sampler, stop: &[u32], keep_logits: bool) -> Result<Generation> {
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+        keep_logits: bool,
+    ) -> Result<Generation> {
         let mut kv = KvCache::default();
         let t0 = Instant::now();
         let mut out = Vec::new();
         if max_new == 0 {
-            return Ok(Generation { tokens: out, prefill: Duration::ZERO, decode: Duration::ZERO, prompt_len: prompt.len(), step_logits: Vec::new() });
+            return Ok(Generation {
+                tokens: out,
+                prefill: Duration::ZERO,
+                decode: Duration::ZERO,
+                prompt_len: prompt.len(),
+                step_logits: Vec::new(),
+            });
         }
         let mut kept = Vec::new();
         let (mut logits, _) = self.forward(prompt, &mut kv, 0, true)?;
@@ -356,7 +452,13 @@ impl Engine {
             }
             step += 1;
         }
-        Ok(Generation { tokens: out, prefill, decode: t1.elapsed(), prompt_len: prompt.len(), step_logits: kept })
+        Ok(Generation {
+            tokens: out,
+            prefill,
+            decode: t1.elapsed(),
+            prompt_len: prompt.len(),
+            step_logits: kept,
+        })
     }
 }
 
@@ -368,7 +470,14 @@ fn check_budget(spec: &ModelSpec, store: &ExpertStore, budget: &Budget) -> Resul
         .moe_layers
         .iter()
         .map(|&l| {
-            let mut sizes: Vec<u64> = (0..spec.moe.num_experts as u32).map(|e| store.expert_bytes(ExpertKey { layer: l as u32, expert: e })).collect();
+            let mut sizes: Vec<u64> = (0..spec.moe.num_experts as u32)
+                .map(|e| {
+                    store.expert_bytes(ExpertKey {
+                        layer: l as u32,
+                        expert: e,
+                    })
+                })
+                .collect();
             sizes.sort_unstable_by(|a, b| b.cmp(a));
             sizes[..k].iter().sum::<u64>()
         })
@@ -431,7 +540,12 @@ impl Access<'_> {
 impl ExpertAccess for Access<'_> {
     fn begin_step(&mut self, layer: u32, pos: usize, route: &Route) -> Result<()> {
         self.core.begin_step(layer, self.phase, &route.experts)?;
-        self.cur = Some(Current { layer, pos: pos as u32, hits: Vec::new(), load_ns: 0 });
+        self.cur = Some(Current {
+            layer,
+            pos: pos as u32,
+            hits: Vec::new(),
+            load_ns: 0,
+        });
         Ok(())
     }
 
@@ -445,7 +559,9 @@ impl ExpertAccess for Access<'_> {
         let resident = self.payload[key.layer as usize][key.expert as usize].clone();
         match (out.hit, resident) {
             (true, Some(w)) => Ok(Some(w)),
-            (true, None) => Err(Error::Input(format!("internal: cache reports {key:?} resident but holds no tensors"))),
+            (true, None) => Err(Error::Input(format!(
+                "internal: cache reports {key:?} resident but holds no tensors"
+            ))),
             (false, _) => {
                 let w = self.load(key)?;
                 Ok(match self.cfg.miss {
@@ -461,10 +577,20 @@ impl ExpertAccess for Access<'_> {
         // Prefetch the predicted experts of the next MoE layer (decode only), before the step's
         // pins are released, as the simulator replays it.
         if let (Some((next_layer, experts)), Phase::Decode) = (prediction, self.phase) {
-            self.cur = Some(Current { layer: cur.layer, pos: cur.pos, hits: Vec::new(), load_ns: 0 });
+            self.cur = Some(Current {
+                layer: cur.layer,
+                pos: cur.pos,
+                hits: Vec::new(),
+                load_ns: 0,
+            });
             for &e in experts {
-                let key = ExpertKey { layer: next_layer, expert: e };
-                let out = self.core.prefetch(key, self.store.expert_bytes(key), u64::MAX);
+                let key = ExpertKey {
+                    layer: next_layer,
+                    expert: e,
+                };
+                let out = self
+                    .core
+                    .prefetch(key, self.store.expert_bytes(key), u64::MAX);
                 self.evict(&out.evicted);
                 if out.issued && self.payload[key.layer as usize][key.expert as usize].is_none() {
                     self.load(key)?;

@@ -80,7 +80,7 @@ pub struct RawCache {
     /// Expert slots per MoE layer.
     pub capacity: Option<OneOrMany<usize>>,
     /// Byte budgets: sizes (`512MiB`) or fractions of total expert bytes (`25%`, `0.25`).
-    pub budget: Option<OneOrMany<toml::Value>>,
+    pub budget: Option<toml::Value>,
     /// `global` (one pool, default) or `per-layer` for byte budgets.
     pub pool: Option<String>,
     /// `load` (default) and/or `skip`.
@@ -93,7 +93,14 @@ pub struct RawCache {
 
 impl Default for RawCache {
     fn default() -> Self {
-        RawCache { policy: default_policy(), capacity: None, budget: None, pool: None, miss: default_miss(), carry_over: true }
+        RawCache {
+            policy: default_policy(),
+            capacity: None,
+            budget: None,
+            pool: None,
+            miss: default_miss(),
+            carry_over: true,
+        }
     }
 }
 
@@ -132,7 +139,11 @@ pub struct RawGeneration {
 
 impl Default for RawGeneration {
     fn default() -> Self {
-        RawGeneration { max_new_tokens: default_max_new(), temperature: 0.0, seed: 0 }
+        RawGeneration {
+            max_new_tokens: default_max_new(),
+            temperature: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -198,7 +209,10 @@ pub struct Cell {
     pub miss: MissMode,
 }
 
-fn ser_display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn ser_display<S: serde::Serializer, T: std::fmt::Display>(
+    v: &T,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&v.to_string())
 }
 
@@ -247,27 +261,45 @@ pub struct Experiment {
 /// Reads and resolves an experiment file. `check_model` verifies the model directory exists.
 pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    let raw: RawExperiment = toml::from_str(&text).map_err(|e| Error::format(file, format!("{}", e.to_string().trim_end())))?;
+    let raw: RawExperiment = toml::from_str(&text)
+        .map_err(|e| Error::format(file, e.to_string().trim_end().to_string()))?;
     let base = file.parent().unwrap_or(Path::new("."));
-    let name = raw.name.clone().unwrap_or_else(|| file.file_stem().map_or("experiment".into(), |s| s.to_string_lossy().into_owned()));
+    let name = raw.name.clone().unwrap_or_else(|| {
+        file.file_stem()
+            .map_or("experiment".into(), |s| s.to_string_lossy().into_owned())
+    });
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-        return Err(Error::config(file, "name", format!("`{name}` cannot name a results directory")));
+        return Err(Error::config(
+            file,
+            "name",
+            format!("`{name}` cannot name a results directory"),
+        ));
     }
     let model_dir = resolve_model(file, base, &raw.model, check_model)?;
     let backend = raw.model.backend.clone().unwrap_or_else(|| "cpu".into());
     if !matches!(backend.as_str(), "cpu" | "cuda" | "metal") {
-        return Err(Error::config(file, "model.backend", format!("`{backend}` (known: cpu, cuda, metal)")));
+        return Err(Error::config(
+            file,
+            "model.backend",
+            format!("`{backend}` (known: cpu, cuda, metal)"),
+        ));
     }
     let pool = raw.cache.pool.clone().unwrap_or_else(|| "global".into());
     if !matches!(pool.as_str(), "global" | "per-layer") {
-        return Err(Error::config(file, "cache.pool", format!("`{pool}` (known: global, per-layer)")));
+        return Err(Error::config(
+            file,
+            "cache.pool",
+            format!("`{pool}` (known: global, per-layer)"),
+        ));
     }
     let policies: Vec<PolicySpec> = raw
         .cache
         .policy
         .to_vec()
         .iter()
-        .map(|p| PolicySpec::parse(p).map_err(|e| Error::config(file, "cache.policy", e.to_string())))
+        .map(|p| {
+            PolicySpec::parse(p).map_err(|e| Error::config(file, "cache.policy", e.to_string()))
+        })
         .collect::<Result<_>>()?;
     if let Some(p) = policies.iter().find(|p| p.needs_future()) {
         return Err(Error::config(
@@ -277,14 +309,25 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         ));
     }
     let mut budgets = Vec::new();
-    for c in raw.cache.capacity.as_ref().map(|c| c.to_vec()).unwrap_or_default() {
+    for c in raw
+        .cache
+        .capacity
+        .as_ref()
+        .map(|c| c.to_vec())
+        .unwrap_or_default()
+    {
         if c == 0 {
             return Err(Error::config(file, "cache.capacity", "must be at least 1"));
         }
         budgets.push(BudgetSpec::Capacity(c));
     }
-    for b in raw.cache.budget.as_ref().map(|b| b.to_vec()).unwrap_or_default() {
-        budgets.push(parse_budget(file, &b)?);
+    let budget_values = match &raw.cache.budget {
+        Some(toml::Value::Array(list)) => list.clone(),
+        Some(v) => vec![v.clone()],
+        None => Vec::new(),
+    };
+    for b in &budget_values {
+        budgets.push(parse_budget(file, b)?);
     }
     if budgets.is_empty() {
         budgets.push(BudgetSpec::Unlimited);
@@ -294,17 +337,32 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         .miss
         .to_vec()
         .iter()
-        .map(|m| m.parse().map_err(|e: Error| Error::config(file, "cache.miss", e.to_string())))
+        .map(|m| {
+            m.parse()
+                .map_err(|e: Error| Error::config(file, "cache.miss", e.to_string()))
+        })
         .collect::<Result<_>>()?;
     let mut cells = Vec::new();
     for p in &policies {
         for b in &budgets {
             for m in &misses {
-                let id = format!("{p}_{b}_{}", if *m == MissMode::Load { "load" } else { "skip" });
+                let id = format!(
+                    "{p}_{b}_{}",
+                    if *m == MissMode::Load { "load" } else { "skip" }
+                );
                 if cells.iter().any(|c: &Cell| c.id == id) {
-                    return Err(Error::config(file, "cache", format!("cell `{id}` appears twice (duplicate list entries?)")));
+                    return Err(Error::config(
+                        file,
+                        "cache",
+                        format!("cell `{id}` appears twice (duplicate list entries?)"),
+                    ));
                 }
-                cells.push(Cell { id, policy: p.clone(), budget: *b, miss: *m });
+                cells.push(Cell {
+                    id,
+                    policy: p.clone(),
+                    budget: *b,
+                    miss: *m,
+                });
             }
         }
     }
@@ -313,7 +371,11 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         return Err(Error::config(
             file,
             "prompts.warmup",
-            format!("{} warm-up prompts leave none of the {} prompts to measure", raw.prompts.warmup, prompts.len()),
+            format!(
+                "{} warm-up prompts leave none of the {} prompts to measure",
+                raw.prompts.warmup,
+                prompts.len()
+            ),
         ));
     }
     let mut measured = prompts.split_off(raw.prompts.warmup);
@@ -321,7 +383,11 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         measured.truncate(n.max(1));
     }
     if raw.generation.temperature < 0.0 || !raw.generation.temperature.is_finite() {
-        return Err(Error::config(file, "generation.temperature", "must be finite and ≥ 0"));
+        return Err(Error::config(
+            file,
+            "generation.temperature",
+            "must be finite and ≥ 0",
+        ));
     }
     let out_root = match &raw.output.dir {
         Some(d) => base.join(d),
@@ -346,24 +412,43 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
 }
 
 fn resolve_model(file: &Path, base: &Path, m: &RawModel, check: bool) -> Result<PathBuf> {
-    let from_env = m.env.as_ref().and_then(|v| std::env::var_os(v)).map(PathBuf::from);
+    let from_env = m.env.as_ref().and_then(std::env::var_os).map(PathBuf::from);
     let dir = match (&from_env, &m.path) {
         (Some(d), _) => d.clone(),
         (None, Some(p)) => base.join(p),
-        (None, None) => return Err(Error::config(file, "model.path", "missing (give `path`, or `env` naming a variable that holds the path)")),
+        (None, None) => {
+            return Err(Error::config(
+                file,
+                "model.path",
+                "missing (give `path`, or `env` naming a variable that holds the path)",
+            ))
+        }
     };
     if check && !dir.join("config.json").exists() {
         let mut msg = format!("no model at {} (no config.json there)", dir.display());
         if let Some(v) = &m.env {
-            msg.push_str(&format!("; put the checkpoint there or set ${v} to its directory"));
+            msg.push_str(&format!(
+                "; put the checkpoint there or set ${v} to its directory"
+            ));
         }
         if let Some(d) = &m.download {
             msg.push_str(&format!("; get it from {d}"));
         }
         if let Some(c) = &m.config {
-            msg.push_str(&format!("; `harness inspect {}` sizes it without the weights", base.join(c).display()));
+            msg.push_str(&format!(
+                "; `harness inspect {}` sizes it without the weights",
+                base.join(c).display()
+            ));
         }
-        return Err(Error::config(file, if from_env.is_some() { m.env.as_deref().unwrap_or("model.env") } else { "model.path" }, msg));
+        return Err(Error::config(
+            file,
+            if from_env.is_some() {
+                m.env.as_deref().unwrap_or("model.env")
+            } else {
+                "model.path"
+            },
+            msg,
+        ));
     }
     Ok(dir)
 }
@@ -374,14 +459,23 @@ fn parse_budget(file: &Path, v: &toml::Value) -> Result<BudgetSpec> {
         toml::Value::Float(f) if *f > 0.0 && *f <= 1.0 => Ok(BudgetSpec::Fraction(*f)),
         toml::Value::Integer(i) if *i > 0 => Ok(BudgetSpec::Bytes(*i as u64)),
         toml::Value::String(s) if s.trim_end().ends_with('%') => {
-            let x: f64 = s.trim_end().trim_end_matches('%').trim().parse().map_err(|_| bad(format!("`{s}` is not a percentage")))?;
+            let x: f64 = s
+                .trim_end()
+                .trim_end_matches('%')
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("`{s}` is not a percentage")))?;
             if !(x > 0.0 && x <= 100.0) {
                 return Err(bad(format!("`{s}` must be in (0, 100]%")));
             }
             Ok(BudgetSpec::Fraction(x / 100.0))
         }
-        toml::Value::String(s) => Ok(BudgetSpec::Bytes(parse_size(s).map_err(|e| bad(e.to_string()))?)),
-        other => Err(bad(format!("`{other}`: give a size (\"512MiB\"), a byte count, or a fraction (\"25%\" or 0.25)"))),
+        toml::Value::String(s) => Ok(BudgetSpec::Bytes(
+            parse_size(s).map_err(|e| bad(e.to_string()))?,
+        )),
+        other => Err(bad(format!(
+            "`{other}`: give a size (\"512MiB\"), a byte count, or a fraction (\"25%\" or 0.25)"
+        ))),
     }
 }
 
@@ -396,23 +490,46 @@ fn read_prompts(file: &Path, base: &Path, p: &RawPrompts) -> Result<Vec<Prompt>>
                 continue;
             }
             if jsonl {
-                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::format(&path, format!("line {}: {e}", i + 1)))?;
-                let text = v
-                    .get("prompt")
-                    .and_then(|t| t.as_str())
-                    .ok_or_else(|| Error::format(&path, format!("line {}: missing string field `prompt`", i + 1)))?;
-                let id = v.get("id").map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).unwrap_or_else(|| (i + 1).to_string());
-                out.push(Prompt { id, text: text.to_string() });
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| Error::format(&path, format!("line {}: {e}", i + 1)))?;
+                let text = v.get("prompt").and_then(|t| t.as_str()).ok_or_else(|| {
+                    Error::format(
+                        &path,
+                        format!("line {}: missing string field `prompt`", i + 1),
+                    )
+                })?;
+                let id = v
+                    .get("id")
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .unwrap_or_else(|| (i + 1).to_string());
+                out.push(Prompt {
+                    id,
+                    text: text.to_string(),
+                });
             } else {
-                out.push(Prompt { id: (i + 1).to_string(), text: line.replace("\\n", "\n") });
+                out.push(Prompt {
+                    id: (i + 1).to_string(),
+                    text: line.replace("\\n", "\n"),
+                });
             }
         }
     }
     for (i, t) in p.inline.iter().flatten().enumerate() {
-        out.push(Prompt { id: format!("inline-{}", i + 1), text: t.clone() });
+        out.push(Prompt {
+            id: format!("inline-{}", i + 1),
+            text: t.clone(),
+        });
     }
     if out.is_empty() {
-        return Err(Error::config(file, "prompts", "no prompts (give `file` or `inline`)"));
+        return Err(Error::config(
+            file,
+            "prompts",
+            "no prompts (give `file` or `inline`)",
+        ));
     }
     Ok(out)
 }
@@ -437,8 +554,14 @@ mod tests {
         let e = load(&f, false).unwrap();
         assert_eq!(e.cells.len(), 2 * 4);
         assert_eq!(e.cells[0].id, "lru_cap4_load");
-        assert!(e.cells.iter().any(|c| c.budget == BudgetSpec::Fraction(0.25)));
-        assert!(e.cells.iter().any(|c| c.budget == BudgetSpec::Bytes(1 << 20)));
+        assert!(e
+            .cells
+            .iter()
+            .any(|c| c.budget == BudgetSpec::Fraction(0.25)));
+        assert!(e
+            .cells
+            .iter()
+            .any(|c| c.budget == BudgetSpec::Bytes(1 << 20)));
         assert_eq!(e.warmup.len(), 1);
         assert_eq!(e.prompts.len(), 1);
         assert_eq!(e.model_dir, d.path().join("m"));
@@ -447,18 +570,41 @@ mod tests {
     #[test]
     fn typos_and_bad_values_name_the_key_and_file() {
         let d = tempfile::tempdir().unwrap();
-        let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\npolicyy = \"lru\"\n[prompts]\ninline = [\"a\"]\n");
+        let f = write(
+            d.path(),
+            "[model]\npath = \"m\"\n[cache]\npolicyy = \"lru\"\n[prompts]\ninline = [\"a\"]\n",
+        );
         let err = load(&f, false).unwrap_err().to_string();
         assert!(err.contains("policyy") && err.contains("e.toml"), "{err}");
-        let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\npolicy = \"mru\"\n[prompts]\ninline = [\"a\"]\n");
+        let f = write(
+            d.path(),
+            "[model]\npath = \"m\"\n[cache]\npolicy = \"mru\"\n[prompts]\ninline = [\"a\"]\n",
+        );
         let err = load(&f, false).unwrap_err().to_string();
-        assert!(err.contains("cache.policy") && err.contains("mru") && err.contains("lru"), "{err}");
+        assert!(
+            err.contains("cache.policy") && err.contains("mru") && err.contains("lru"),
+            "{err}"
+        );
         let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\nbudget = \"12 parsecs\"\n[prompts]\ninline = [\"a\"]\n");
-        assert!(load(&f, false).unwrap_err().to_string().contains("cache.budget"));
+        assert!(load(&f, false)
+            .unwrap_err()
+            .to_string()
+            .contains("cache.budget"));
         let f = write(d.path(), "[model]\npath = \"nowhere\"\nenv = \"MOE_HARNESS_TEST_UNSET_VAR\"\ndownload = \"hf.co/x\"\n[prompts]\ninline = [\"a\"]\n");
         let err = load(&f, true).unwrap_err().to_string();
-        assert!(err.contains("nowhere") && err.contains("MOE_HARNESS_TEST_UNSET_VAR") && err.contains("hf.co/x"), "{err}");
-        let f = write(d.path(), "[model]\npath = \"m\"\n[prompts]\nfile = \"missing.txt\"\n");
-        assert!(load(&f, false).unwrap_err().to_string().contains("missing.txt"));
+        assert!(
+            err.contains("nowhere")
+                && err.contains("MOE_HARNESS_TEST_UNSET_VAR")
+                && err.contains("hf.co/x"),
+            "{err}"
+        );
+        let f = write(
+            d.path(),
+            "[model]\npath = \"m\"\n[prompts]\nfile = \"missing.txt\"\n",
+        );
+        assert!(load(&f, false)
+            .unwrap_err()
+            .to_string()
+            .contains("missing.txt"));
     }
 }

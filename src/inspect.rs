@@ -91,12 +91,31 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
     let has_weights = path.is_dir()
         && (path.join("model.safetensors").exists()
             || path.join("model.safetensors.index.json").exists()
-            || std::fs::read_dir(path).map_err(|e| Error::io(path, e))?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")));
+            || std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "safetensors")));
     let spec = match config::load(path) {
         Ok(s) => s,
-        Err(Error::DenseModel { model_type, .. }) => return Ok(refused(path, model_type, Verdict::Dense, "a dense model has no routed experts to load lazily")),
-        Err(Error::UnknownModel { model_type, supported, .. }) => {
-            return Ok(refused(path, model_type, Verdict::Unsupported, &format!("model_type not supported (supported: {supported})")))
+        Err(Error::DenseModel { model_type, .. }) => {
+            return Ok(refused(
+                path,
+                model_type,
+                Verdict::Dense,
+                "a dense model has no routed experts to load lazily",
+            ))
+        }
+        Err(Error::UnknownModel {
+            model_type,
+            supported,
+            ..
+        }) => {
+            return Ok(refused(
+                path,
+                model_type,
+                Verdict::Unsupported,
+                &format!("model_type not supported (supported: {supported})"),
+            ))
         }
         Err(e) => return Err(e),
     };
@@ -109,11 +128,20 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
         let ck = std::sync::Arc::new(Checkpoint::open(path)?);
         let prefix = layout::detect_prefix(&ck)?;
         let lay = layout::detect_experts(&ck, &spec, &prefix)?;
-        let store = crate::experts::store::ExpertStore::new(ck.clone(), &spec, &prefix, lay, candle_core::Device::Cpu)?;
+        let store = crate::experts::store::ExpertStore::new(
+            ck.clone(),
+            &spec,
+            &prefix,
+            lay,
+            candle_core::Device::Cpu,
+        )?;
         let mut expert_total = 0u64;
         for &l in &spec.moe.moe_layers {
             for e in 0..spec.moe.num_experts as u32 {
-                expert_total += store.expert_bytes(crate::experts::ExpertKey { layer: l as u32, expert: e });
+                expert_total += store.expert_bytes(crate::experts::ExpertKey {
+                    layer: l as u32,
+                    expert: e,
+                });
             }
         }
         let used_total: u64 = ck
@@ -121,7 +149,10 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
             .filter(|k| used_by_model(k, &spec, &prefix))
             .map(|k| ck.get(k).map_or(0, |e| e.len))
             .sum();
-        let first = crate::experts::ExpertKey { layer: spec.moe.moe_layers[0] as u32, expert: 0 };
+        let first = crate::experts::ExpertKey {
+            layer: spec.moe.moe_layers[0] as u32,
+            expert: 0,
+        };
         r.bytes_per_expert = Some(store.expert_bytes(first));
         r.total_expert_bytes = Some(expert_total);
         r.dense_bytes = Some(used_total.saturating_sub(expert_total));
@@ -137,10 +168,17 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
         };
         if prefix.is_nonstandard() && r.verdict == Verdict::DropIn {
             r.verdict = Verdict::NeedsKeyPrefix;
-            r.reason = Some(format!("tensors live under `{}`; detected and handled automatically", prefix.model));
+            r.reason = Some(format!(
+                "tensors live under `{}`; detected and handled automatically",
+                prefix.model
+            ));
         }
     } else {
-        let q = spec.quantization.as_ref().and_then(|q| q.default).unwrap_or(est);
+        let q = spec
+            .quantization
+            .as_ref()
+            .and_then(|q| q.default)
+            .unwrap_or(est);
         let el = spec.expert_elements();
         let per = quant_bytes(el, q);
         r.bytes_per_expert = Some(per);
@@ -149,12 +187,15 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
         r.quantization = format!("{} (assumed for the estimate)", describe_quant(Some(q)));
         r.sizes = "estimated from config";
     }
-    r.expert_bytes_per_token = r.bytes_per_expert.map(|b| b * (spec.num_moe_layers() * spec.moe.top_k) as u64);
+    r.expert_bytes_per_token = r
+        .bytes_per_expert
+        .map(|b| b * (spec.num_moe_layers() * spec.moe.top_k) as u64);
     Ok(r)
 }
 
 fn dtype_of(ck: &Checkpoint, prefix: &layout::Prefix) -> crate::weights::DType {
-    ck.get(&format!("{}embed_tokens.weight", prefix.model)).map_or(crate::weights::DType::F32, |e| e.dtype)
+    ck.get(&format!("{}embed_tokens.weight", prefix.model))
+        .map_or(crate::weights::DType::F32, |e| e.dtype)
 }
 
 fn describe_quant(q: Option<QuantParams>) -> String {
@@ -176,14 +217,22 @@ fn estimate_dense(spec: &ModelSpec, q: QuantParams) -> u64 {
     let heads = a.num_heads as u64;
     let attn = match &spec.mla {
         Some(m) => {
-            let (dq, c, dr) = ((m.qk_nope_head_dim + m.qk_rope_head_dim) as u64, m.kv_lora_rank as u64, m.qk_rope_head_dim as u64);
+            let (dq, c, dr) = (
+                (m.qk_nope_head_dim + m.qk_rope_head_dim) as u64,
+                m.kv_lora_rank as u64,
+                m.qk_rope_head_dim as u64,
+            );
             let q = match m.q_lora_rank {
                 Some(r) => h * r as u64 + r as u64 * heads * dq,
                 None => h * heads * dq,
             };
-            q + h * (c + dr) + c * heads * (m.qk_nope_head_dim + m.v_head_dim) as u64 + heads * m.v_head_dim as u64 * h
+            q + h * (c + dr)
+                + c * heads * (m.qk_nope_head_dim + m.v_head_dim) as u64
+                + heads * m.v_head_dim as u64 * h
         }
-        None => h * (a.num_heads * a.head_dim) as u64 * 2 + h * (a.num_kv_heads * a.head_dim) as u64 * 2,
+        None => {
+            h * (a.num_heads * a.head_dim) as u64 * 2 + h * (a.num_kv_heads * a.head_dim) as u64 * 2
+        }
     };
     let mut el = v * h * if spec.tie_word_embeddings { 1 } else { 2 };
     let mut router = 0u64;
@@ -227,7 +276,11 @@ fn base(path: &Path, s: &ModelSpec) -> Report {
         layout: "unknown (config only)".into(),
         key_prefix: None,
         router: Some(s.moe.router.name().into()),
-        attention: Some(if s.mla.is_some() { "mla".into() } else { "gqa".into() }),
+        attention: Some(if s.mla.is_some() {
+            "mla".into()
+        } else {
+            "gqa".into()
+        }),
         quantization: String::new(),
         sizes: "",
         bytes_per_expert: None,
@@ -286,26 +339,82 @@ impl std::fmt::Display for Report {
         let bytes = |v: Option<u64>| v.map_or("-".to_string(), human_bytes);
         writeln!(f, "{}", self.path)?;
         writeln!(f, "  model_type            {}", self.model_type)?;
-        writeln!(f, "  verdict               {}", serde_json::to_value(self.verdict).unwrap().as_str().unwrap_or(""))?;
+        writeln!(
+            f,
+            "  verdict               {}",
+            serde_json::to_value(self.verdict)
+                .unwrap()
+                .as_str()
+                .unwrap_or("")
+        )?;
         if let Some(r) = &self.reason {
             writeln!(f, "  reason                {r}")?;
         }
         if !self.moe {
             return Ok(());
         }
-        writeln!(f, "  routed experts        {} per MoE layer, top-{}", opt(self.routed_experts), opt(self.top_k))?;
-        writeln!(f, "  MoE layers            {} of {}", opt(self.moe_layers), opt(self.num_layers))?;
-        writeln!(f, "  shared experts        {}", self.shared_expert_intermediate.map_or("-".into(), |i| if i == 0 { "none".into() } else { format!("intermediate {i}") }))?;
-        writeln!(f, "  expert geometry       3 × {} × {} = {} elements", opt(self.hidden_size), opt(self.moe_intermediate_size), self.elements_per_expert.unwrap_or(0))?;
-        writeln!(f, "  router                {}", self.router.as_deref().unwrap_or("-"))?;
-        writeln!(f, "  attention             {}", self.attention.as_deref().unwrap_or("-"))?;
+        writeln!(
+            f,
+            "  routed experts        {} per MoE layer, top-{}",
+            opt(self.routed_experts),
+            opt(self.top_k)
+        )?;
+        writeln!(
+            f,
+            "  MoE layers            {} of {}",
+            opt(self.moe_layers),
+            opt(self.num_layers)
+        )?;
+        writeln!(
+            f,
+            "  shared experts        {}",
+            self.shared_expert_intermediate
+                .map_or("-".into(), |i| if i == 0 {
+                    "none".into()
+                } else {
+                    format!("intermediate {i}")
+                })
+        )?;
+        writeln!(
+            f,
+            "  expert geometry       3 × {} × {} = {} elements",
+            opt(self.hidden_size),
+            opt(self.moe_intermediate_size),
+            self.elements_per_expert.unwrap_or(0)
+        )?;
+        writeln!(
+            f,
+            "  router                {}",
+            self.router.as_deref().unwrap_or("-")
+        )?;
+        writeln!(
+            f,
+            "  attention             {}",
+            self.attention.as_deref().unwrap_or("-")
+        )?;
         writeln!(f, "  layout                {}", self.layout)?;
-        writeln!(f, "  key prefix            {}", self.key_prefix.as_deref().unwrap_or("-"))?;
+        writeln!(
+            f,
+            "  key prefix            {}",
+            self.key_prefix.as_deref().unwrap_or("-")
+        )?;
         writeln!(f, "  quantization          {}", self.quantization)?;
         writeln!(f, "  sizes                 {}", self.sizes)?;
-        writeln!(f, "  bytes per expert      {}", bytes(self.bytes_per_expert))?;
-        writeln!(f, "  total expert bytes    {}", bytes(self.total_expert_bytes))?;
+        writeln!(
+            f,
+            "  bytes per expert      {}",
+            bytes(self.bytes_per_expert)
+        )?;
+        writeln!(
+            f,
+            "  total expert bytes    {}",
+            bytes(self.total_expert_bytes)
+        )?;
         writeln!(f, "  dense bytes           {}", bytes(self.dense_bytes))?;
-        write!(f, "  expert bytes / token  {}", bytes(self.expert_bytes_per_token))
+        write!(
+            f,
+            "  expert bytes / token  {}",
+            bytes(self.expert_bytes_per_token)
+        )
     }
 }

@@ -8,7 +8,10 @@ use crate::error::{Error, Result};
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, then renames it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
@@ -18,7 +21,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Writes a little-endian f32 array in NumPy `.npy` format (version 1.0, C order).
 pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_str = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_str = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
     while (10 + header.len() + 1) % 64 != 0 {
@@ -39,11 +46,15 @@ pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
 /// (powers of 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| Error::Input(format!("`{s}` is not a size (examples: 512MiB, 2GB, 1048576)")))?;
+    let n: f64 = num.parse().map_err(|_| {
+        Error::Input(format!(
+            "`{s}` is not a size (examples: 512MiB, 2GB, 1048576)"
+        ))
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" | "k" => 1e3,
@@ -54,7 +65,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0f64.powi(3),
         "tib" => 1024.0f64.powi(4),
-        u => return Err(Error::Input(format!("`{s}`: unknown size unit `{u}` (known: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"))),
+        u => {
+            return Err(Error::Input(format!(
+                "`{s}`: unknown size unit `{u}` (known: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            )))
+        }
     };
     Ok((n * mult).round() as u64)
 }
@@ -69,7 +84,10 @@ mod tests {
         assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
         assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
         assert_eq!(parse_size("77").unwrap(), 77);
-        assert!(parse_size("12 parsecs").unwrap_err().to_string().contains("unknown size unit"));
+        assert!(parse_size("12 parsecs")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown size unit"));
         assert!(parse_size("MiB").is_err());
     }
 
@@ -81,7 +99,9 @@ mod tests {
         let b = std::fs::read(&p).unwrap();
         let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
         assert_eq!((10 + hl) % 64, 0);
-        assert!(std::str::from_utf8(&b[10..10 + hl]).unwrap().contains("'shape': (2, 3)"));
+        assert!(std::str::from_utf8(&b[10..10 + hl])
+            .unwrap()
+            .contains("'shape': (2, 3)"));
         assert_eq!(b.len(), 10 + hl + 24);
     }
 }

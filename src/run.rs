@@ -110,13 +110,19 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
             exp.backend
         )));
     }
-    let root = opts.out_root.clone().unwrap_or_else(|| exp.out_root.clone());
+    let root = opts
+        .out_root
+        .clone()
+        .unwrap_or_else(|| exp.out_root.clone());
     let run_id = run_id(&exp, opts.quick)?;
     let final_dir = root.join(&exp.name).join(&run_id);
     let tmp_dir = root.join(&exp.name).join(format!(".{run_id}.partial"));
     if final_dir.exists() {
         if !opts.force {
-            eprintln!("results already complete at {} (use --force to run again)", final_dir.display());
+            eprintln!(
+                "results already complete at {} (use --force to run again)",
+                final_dir.display()
+            );
             return Ok(final_dir);
         }
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
@@ -126,15 +132,25 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
     let tok_path = exp.model_dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| Error::format(&tok_path, format!("cannot load the tokenizer: {e}")))?;
-    let template = if exp.chat_template { Some(crate::chat::ChatTemplate::load(&exp.model_dir)?) } else { None };
+    let template = if exp.chat_template {
+        Some(crate::chat::ChatTemplate::load(&exp.model_dir)?)
+    } else {
+        None
+    };
     let encode = |text: &str| -> Result<Vec<u32>> {
         let text = match &template {
             Some(t) => t.render(text)?,
             None => text.to_string(),
         };
-        let ids = tokenizer.encode(text.as_str(), false).map_err(|e| Error::Input(format!("tokenizing a prompt: {e}")))?.get_ids().to_vec();
+        let ids = tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::Input(format!("tokenizing a prompt: {e}")))?
+            .get_ids()
+            .to_vec();
         if ids.is_empty() {
-            return Err(Error::Input(format!("prompt {text:?} encodes to no tokens")));
+            return Err(Error::Input(format!(
+                "prompt {text:?} encodes to no tokens"
+            )));
         }
         Ok(ids)
     };
@@ -146,26 +162,59 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         .collect::<Result<_>>()?;
     let stop: Vec<u32> = tokenizer.token_to_id("<|endoftext|>").into_iter().collect();
 
-    let mut engine = Engine::open(&exp.model_dir, candle_core::Device::Cpu, EngineConfig::default())?;
+    let mut engine = Engine::open(
+        &exp.model_dir,
+        candle_core::Device::Cpu,
+        EngineConfig::default(),
+    )?;
     let total_expert_bytes = engine.total_expert_bytes();
     let progress = progress_bar(opts.progress, (exp.cells.len() * all.len()) as u64);
-    let finished = exp.cells.iter().filter(|c| tmp_dir.join("cells").join(format!("{}.json", c.id)).exists()).count();
+    let finished = exp
+        .cells
+        .iter()
+        .filter(|c| {
+            tmp_dir
+                .join("cells")
+                .join(format!("{}.json", c.id))
+                .exists()
+        })
+        .count();
     if finished > 0 {
-        eprintln!("resuming {}: {finished} of {} cells already done", tmp_dir.display(), exp.cells.len());
+        eprintln!(
+            "resuming {}: {finished} of {} cells already done",
+            tmp_dir.display(),
+            exp.cells.len()
+        );
     }
     let mut summaries = Vec::new();
     for cell in &exp.cells {
         let done = tmp_dir.join("cells").join(format!("{}.json", cell.id));
         if done.exists() {
-            let s: CellSummary = serde_json::from_str(&std::fs::read_to_string(&done).map_err(|e| Error::io(&done, e))?)
-                .map_err(|e| Error::format(&done, e.to_string()))?;
+            let s: CellSummary = serde_json::from_str(
+                &std::fs::read_to_string(&done).map_err(|e| Error::io(&done, e))?,
+            )
+            .map_err(|e| Error::format(&done, e.to_string()))?;
             summaries.push(s);
             progress.inc(all.len() as u64);
             continue;
         }
         progress.set_message(cell.id.clone());
-        let s = run_cell(&mut engine, &exp, cell, &all, &stop, total_expert_bytes, &tmp_dir, &progress)?;
-        write_atomic(&done, serde_json::to_string_pretty(&s).map_err(|e| Error::Input(e.to_string()))?.as_bytes())?;
+        let s = run_cell(
+            &mut engine,
+            &exp,
+            cell,
+            &all,
+            &stop,
+            total_expert_bytes,
+            &tmp_dir,
+            &progress,
+        )?;
+        write_atomic(
+            &done,
+            serde_json::to_string_pretty(&s)
+                .map_err(|e| Error::Input(e.to_string()))?
+                .as_bytes(),
+        )?;
         summaries.push(s);
     }
     progress.finish_and_clear();
@@ -173,12 +222,20 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
     // Merge the cells into the run's files.
     let mut rows = Vec::new();
     for cell in &exp.cells {
-        rows.extend(trace::read(&tmp_dir.join("cells").join(format!("{}.parquet", cell.id)))?);
+        rows.extend(trace::read(
+            &tmp_dir.join("cells").join(format!("{}.parquet", cell.id)),
+        )?);
     }
     trace::write(&tmp_dir.join("trace.parquet"), &rows)?;
     crate::report::write_summary(&tmp_dir, &summaries)?;
-    std::fs::copy(&exp.file, tmp_dir.join("experiment.toml")).map_err(|e| Error::io(&exp.file, e))?;
-    write_atomic(&tmp_dir.join("env.json"), serde_json::to_string_pretty(&env_info(&exp, opts.quick)).unwrap_or_default().as_bytes())?;
+    std::fs::copy(&exp.file, tmp_dir.join("experiment.toml"))
+        .map_err(|e| Error::io(&exp.file, e))?;
+    write_atomic(
+        &tmp_dir.join("env.json"),
+        serde_json::to_string_pretty(&env_info(&exp, opts.quick))
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     if exp.plots {
         crate::report::plot_dir(&tmp_dir)?;
     }
@@ -190,8 +247,19 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
 }
 
 /// Resolves a cell's budget against the model.
-pub fn resolve_budget(b: BudgetSpec, pool: &str, total_expert_bytes: u64, moe_layers: usize) -> Budget {
-    let bytes = |n: u64| if pool == "per-layer" { Budget::BytesPerLayer(n / moe_layers.max(1) as u64) } else { Budget::BytesGlobal(n) };
+pub fn resolve_budget(
+    b: BudgetSpec,
+    pool: &str,
+    total_expert_bytes: u64,
+    moe_layers: usize,
+) -> Budget {
+    let bytes = |n: u64| {
+        if pool == "per-layer" {
+            Budget::BytesPerLayer(n / moe_layers.max(1) as u64)
+        } else {
+            Budget::BytesGlobal(n)
+        }
+    };
     match b {
         BudgetSpec::Unlimited => Budget::Unlimited,
         BudgetSpec::Capacity(n) => Budget::SlotsPerLayer(n),
@@ -212,12 +280,25 @@ fn run_cell(
     progress: &ProgressBar,
 ) -> Result<CellSummary> {
     let spec = engine.spec().clone();
-    let budget = resolve_budget(cell.budget, &exp.pool, total_expert_bytes, spec.num_moe_layers());
-    let cfg = EngineConfig { budget, policy: cell.policy.clone(), miss: cell.miss, record_trace: true };
-    engine.reconfigure(cfg.clone()).map_err(|e| Error::Input(format!("cell `{}`: {e}", cell.id)))?;
+    let budget = resolve_budget(
+        cell.budget,
+        &exp.pool,
+        total_expert_bytes,
+        spec.num_moe_layers(),
+    );
+    let cfg = EngineConfig {
+        budget,
+        policy: cell.policy.clone(),
+        miss: cell.miss,
+        record_trace: true,
+    };
+    engine
+        .reconfigure(cfg.clone())
+        .map_err(|e| Error::Input(format!("cell `{}`: {e}", cell.id)))?;
     let _ = engine.take_trace();
     let mut sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
-    let (mut prefill_s, mut decode_s, mut prefill_tok, mut decode_tok, mut ttft, mut measured) = (0.0, 0.0, 0u64, 0u64, 0.0, 0u64);
+    let (mut prefill_s, mut decode_s, mut prefill_tok, mut decode_tok, mut ttft, mut measured) =
+        (0.0, 0.0, 0u64, 0u64, 0.0, 0u64);
     let mut generated = Vec::new();
     let mut stats_before = None;
     let mut bytes_before = 0;
@@ -234,7 +315,8 @@ fn run_cell(
         }
         engine.set_prompt(i as u32);
         let keep = cell.miss == MissMode::Skip && !warm;
-        let g = engine.generate_with(ids, exp.generation.max_new_tokens, &mut sampler, stop, keep)?;
+        let g =
+            engine.generate_with(ids, exp.generation.max_new_tokens, &mut sampler, stop, keep)?;
         if !warm {
             measured += 1;
             prefill_s += g.prefill.as_secs_f64();
@@ -248,7 +330,14 @@ fn run_cell(
     }
     let stats = engine.stats();
     let before = stats_before.unwrap_or_default();
-    let rows: Vec<CellRow> = engine.take_trace().into_iter().map(|rec| CellRow { cell: cell.id.clone(), rec }).collect();
+    let rows: Vec<CellRow> = engine
+        .take_trace()
+        .into_iter()
+        .map(|rec| CellRow {
+            cell: cell.id.clone(),
+            rec,
+        })
+        .collect();
     // Hit counts come from the trace of the measured prompts (warm-up rows excluded).
     let warm_n = prompts.iter().filter(|p| p.0).count() as u32;
     let (mut acc, mut hit, mut acc_p, mut hit_p) = (0u64, 0u64, 0u64, 0u64);
@@ -261,9 +350,16 @@ fn run_cell(
             hit_p += h;
         }
     }
-    trace::write(&tmp_dir.join("cells").join(format!("{}.parquet", cell.id)), &rows)?;
+    trace::write(
+        &tmp_dir.join("cells").join(format!("{}.parquet", cell.id)),
+        &rows,
+    )?;
     let belady = belady_hit_rate(engine, &rows, budget, exp.carry_over, warm_n)?;
-    let (kl, top1) = if cell.miss == MissMode::Skip { drift(engine, &generated)? } else { (None, None) };
+    let (kl, top1) = if cell.miss == MissMode::Skip {
+        drift(engine, &generated)?
+    } else {
+        (None, None)
+    };
     // Restore the cell's configuration after the exact re-run of the drift check.
     if cell.miss == MissMode::Skip {
         engine.reconfigure(cfg)?;
@@ -279,7 +375,9 @@ fn run_cell(
         Budget::Unlimited => 1.0,
         Budget::SlotsPerLayer(n) => n as f64 / spec.moe.num_experts as f64,
         Budget::BytesGlobal(b) => b as f64 / total_expert_bytes as f64,
-        Budget::BytesPerLayer(b) => (b * spec.num_moe_layers() as u64) as f64 / total_expert_bytes as f64,
+        Budget::BytesPerLayer(b) => {
+            (b * spec.num_moe_layers() as u64) as f64 / total_expert_bytes as f64
+        }
     };
     Ok(CellSummary {
         cell: cell.id.clone(),
@@ -288,7 +386,11 @@ fn run_cell(
         budget_bytes: budget.bytes(),
         budget_fraction: fraction.min(1.0),
         pool: exp.pool.clone(),
-        miss: if cell.miss == MissMode::Load { "load".into() } else { "skip".into() },
+        miss: if cell.miss == MissMode::Load {
+            "load".into()
+        } else {
+            "skip".into()
+        },
         prompts: measured,
         tokens_generated: generated.iter().map(|(_, g)| g.tokens.len() as u64).sum(),
         accesses: acc,
@@ -315,32 +417,53 @@ fn run_cell(
 }
 
 /// Belady's hit rate on a cell's own trace at the cell's budget (measured prompts only).
-fn belady_hit_rate(engine: &Engine, rows: &[CellRow], budget: Budget, carry_over: bool, warm_n: u32) -> Result<f64> {
+fn belady_hit_rate(
+    engine: &Engine,
+    rows: &[CellRow],
+    budget: Budget,
+    carry_over: bool,
+    warm_n: u32,
+) -> Result<f64> {
     let spec = engine.spec();
     let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
     let belady = PolicySpec::parse("belady").expect("belady is a policy");
     let size = |k| engine.store.expert_bytes(k);
     let groups: Vec<Vec<crate::simulate::TraceRow>> = if carry_over {
-        vec![rows.iter().map(|r| crate::simulate::TraceRow::from(&r.rec)).collect()]
+        vec![rows
+            .iter()
+            .map(|r| crate::simulate::TraceRow::from(&r.rec))
+            .collect()]
     } else {
         let mut by: BTreeMap<u32, Vec<_>> = BTreeMap::new();
         for r in rows {
-            by.entry(r.rec.prompt).or_default().push(crate::simulate::TraceRow::from(&r.rec));
+            by.entry(r.rec.prompt)
+                .or_default()
+                .push(crate::simulate::TraceRow::from(&r.rec));
         }
         by.into_values().collect()
     };
     let (mut acc, mut hit) = (0u64, 0u64);
     for g in groups {
-        let res = crate::simulate::simulate_rows(&g, &belady, budget, &size, &moe_layers, false, |row| row.prompt >= warm_n)?;
+        let res =
+            crate::simulate::simulate_rows(&g, &belady, budget, size, &moe_layers, false, |row| {
+                row.prompt >= warm_n
+            })?;
         acc += res.accesses;
         hit += res.hits;
     }
-    Ok(if acc == 0 { 0.0 } else { hit as f64 / acc as f64 })
+    Ok(if acc == 0 {
+        0.0
+    } else {
+        hit as f64 / acc as f64
+    })
 }
 
 /// KL(exact ‖ skip) and top-1 agreement of a skip cell's sampled-from distributions, against an
 /// exact (unlimited, load) teacher-forced pass over the same tokens.
-fn drift(engine: &mut Engine, runs: &[(Vec<u32>, crate::engine::Generation)]) -> Result<(Option<f64>, Option<f64>)> {
+fn drift(
+    engine: &mut Engine,
+    runs: &[(Vec<u32>, crate::engine::Generation)],
+) -> Result<(Option<f64>, Option<f64>)> {
     engine.reconfigure(EngineConfig::default())?;
     let (mut kl_sum, mut agree, mut n) = (0.0, 0u64, 0u64);
     for (prompt, g) in runs {
@@ -353,12 +476,17 @@ fn drift(engine: &mut Engine, runs: &[(Vec<u32>, crate::engine::Generation)]) ->
         for (k, skip) in g.step_logits.iter().enumerate() {
             let e = &exact[prompt.len() - 1 + k];
             kl_sum += kl(e, skip);
-            agree += (crate::models::layers::argmax(e) == crate::models::layers::argmax(skip)) as u64;
+            agree +=
+                (crate::models::layers::argmax(e) == crate::models::layers::argmax(skip)) as u64;
             n += 1;
         }
     }
     let _ = engine.take_trace();
-    Ok(if n == 0 { (None, None) } else { (Some(kl_sum / n as f64), Some(agree as f64 / n as f64)) })
+    Ok(if n == 0 {
+        (None, None)
+    } else {
+        (Some(kl_sum / n as f64), Some(agree as f64 / n as f64))
+    })
 }
 
 /// KL divergence between the softmax distributions of two logit vectors, KL(p ‖ q).
@@ -369,13 +497,22 @@ pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         l.iter().map(move |&x| x as f64 - z).collect::<Vec<f64>>()
     };
     let (lp, lq) = (lsm(p_logits), lsm(q_logits));
-    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
 }
 
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -384,7 +521,12 @@ fn progress_bar(enabled: bool, n: u64) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(n);
-    pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} prompts · {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} prompts · {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     pb
 }
 
@@ -393,10 +535,18 @@ fn run_id(exp: &Experiment, quick: bool) -> Result<String> {
     let text = std::fs::read(&exp.file).map_err(|e| Error::io(&exp.file, e))?;
     let cfg = std::fs::read(exp.model_dir.join("config.json")).unwrap_or_default();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.iter().chain(&cfg).chain(std::iter::once(&(quick as u8))) {
+    for b in text
+        .iter()
+        .chain(&cfg)
+        .chain(std::iter::once(&(quick as u8)))
+    {
         h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
     }
-    Ok(format!("{}{:08x}", if quick { "quick-" } else { "" }, h as u32))
+    Ok(format!(
+        "{}{:08x}",
+        if quick { "quick-" } else { "" },
+        h as u32
+    ))
 }
 
 fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
@@ -406,9 +556,11 @@ fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
     serde_json::json!({
         "harness_version": env!("CARGO_PKG_VERSION"),
         "git_commit": git,

@@ -673,6 +673,55 @@ pub fn synthetic_trace(
     rows
 }
 
+/// Sums the results of replays of consecutive parts of one trace (e.g. one per prompt when the
+/// cache is emptied between prompts) into one result.
+pub fn merge_results(parts: &[SimResult]) -> SimResult {
+    let Some(first) = parts.first() else {
+        panic!("merge_results needs at least one part");
+    };
+    let mut out = first.clone();
+    for p in &parts[1..] {
+        out.accesses += p.accesses;
+        out.hits += p.hits;
+        out.misses += p.misses;
+        out.prefill.accesses += p.prefill.accesses;
+        out.prefill.hits += p.prefill.hits;
+        out.decode.accesses += p.decode.accesses;
+        out.decode.hits += p.decode.hits;
+        for l in &p.per_layer {
+            match out.per_layer.iter_mut().find(|o| o.layer == l.layer) {
+                Some(o) => {
+                    o.accesses += l.accesses;
+                    o.hits += l.hits;
+                }
+                None => out.per_layer.push(*l),
+            }
+        }
+        out.evictions += p.evictions;
+        out.bytes_loaded += p.bytes_loaded;
+        out.peak_resident_bytes = out.peak_resident_bytes.max(p.peak_resident_bytes);
+        let (a, b) = (&mut out.prefetch, &p.prefetch);
+        a.issued += b.issued;
+        a.used += b.used;
+        a.wasted += b.wasted;
+        a.wasted_bytes += b.wasted_bytes;
+        a.bytes += b.bytes;
+        a.dropped += b.dropped;
+        a.already_resident += b.already_resident;
+    }
+    out.hit_rate = ratio(out.hits, out.accesses);
+    out.prefill.hit_rate = ratio(out.prefill.hits, out.prefill.accesses);
+    out.decode.hit_rate = ratio(out.decode.hits, out.decode.accesses);
+    for l in &mut out.per_layer {
+        l.hit_rate = ratio(l.hits, l.accesses);
+    }
+    out.per_layer.sort_by_key(|l| l.layer);
+    let pf = &mut out.prefetch;
+    pf.precision = (pf.issued > 0).then(|| ratio(pf.used, pf.issued));
+    pf.recall = (pf.used + out.misses > 0).then(|| ratio(pf.used, pf.used + out.misses));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -965,53 +1014,4 @@ mod tests {
             "{r:?}"
         );
     }
-}
-
-/// Sums the results of replays of consecutive parts of one trace (e.g. one per prompt when the
-/// cache is emptied between prompts) into one result.
-pub fn merge_results(parts: &[SimResult]) -> SimResult {
-    let Some(first) = parts.first() else {
-        panic!("merge_results needs at least one part");
-    };
-    let mut out = first.clone();
-    for p in &parts[1..] {
-        out.accesses += p.accesses;
-        out.hits += p.hits;
-        out.misses += p.misses;
-        out.prefill.accesses += p.prefill.accesses;
-        out.prefill.hits += p.prefill.hits;
-        out.decode.accesses += p.decode.accesses;
-        out.decode.hits += p.decode.hits;
-        for l in &p.per_layer {
-            match out.per_layer.iter_mut().find(|o| o.layer == l.layer) {
-                Some(o) => {
-                    o.accesses += l.accesses;
-                    o.hits += l.hits;
-                }
-                None => out.per_layer.push(l.clone()),
-            }
-        }
-        out.evictions += p.evictions;
-        out.bytes_loaded += p.bytes_loaded;
-        out.peak_resident_bytes = out.peak_resident_bytes.max(p.peak_resident_bytes);
-        let (a, b) = (&mut out.prefetch, &p.prefetch);
-        a.issued += b.issued;
-        a.used += b.used;
-        a.wasted += b.wasted;
-        a.wasted_bytes += b.wasted_bytes;
-        a.bytes += b.bytes;
-        a.dropped += b.dropped;
-        a.already_resident += b.already_resident;
-    }
-    out.hit_rate = ratio(out.hits, out.accesses);
-    out.prefill.hit_rate = ratio(out.prefill.hits, out.prefill.accesses);
-    out.decode.hit_rate = ratio(out.decode.hits, out.decode.accesses);
-    for l in &mut out.per_layer {
-        l.hit_rate = ratio(l.hits, l.accesses);
-    }
-    out.per_layer.sort_by_key(|l| l.layer);
-    let pf = &mut out.prefetch;
-    pf.precision = (pf.issued > 0).then(|| ratio(pf.used, pf.issued));
-    pf.recall = (pf.used + out.misses > 0).then(|| ratio(pf.used, pf.used + out.misses));
-    out
 }

@@ -32,33 +32,60 @@ fn perr(path: &Path, e: PolarsError) -> Error {
 /// Builds the trace data frame.
 pub fn to_frame(rows: &[CellRow]) -> Result<DataFrame> {
     let n = rows.len();
-    let mut experts = ListPrimitiveChunkedBuilder::<UInt32Type>::new("experts".into(), n, n * 8, DataType::UInt32);
-    let mut weights = ListPrimitiveChunkedBuilder::<Float32Type>::new("weights".into(), n, n * 8, DataType::Float32);
-    let mut lookahead = ListPrimitiveChunkedBuilder::<UInt32Type>::new("lookahead".into(), n, n * 8, DataType::UInt32);
+    let mut experts = ListPrimitiveChunkedBuilder::<UInt32Type>::new(
+        "experts".into(),
+        n,
+        n * 8,
+        DataType::UInt32,
+    );
+    let mut weights = ListPrimitiveChunkedBuilder::<Float32Type>::new(
+        "weights".into(),
+        n,
+        n * 8,
+        DataType::Float32,
+    );
+    let mut lookahead = ListPrimitiveChunkedBuilder::<UInt32Type>::new(
+        "lookahead".into(),
+        n,
+        n * 8,
+        DataType::UInt32,
+    );
     let mut hits = ListBooleanChunkedBuilder::new("hits".into(), n, n * 8);
     for r in rows {
         experts.append_slice(&r.rec.experts);
         weights.append_slice(&r.rec.weights);
         lookahead.append_opt_slice(r.rec.lookahead.as_deref());
         let h = Series::new("".into(), r.rec.hits.as_slice());
-        hits.append_series(&h).map_err(|e| Error::Input(e.to_string()))?;
+        hits.append_series(&h)
+            .map_err(|e| Error::Input(e.to_string()))?;
     }
     let col = |name: &str, v: Vec<u32>| Column::new(name.into(), v);
     let df = DataFrame::new(
         n,
         vec![
-        Column::new("cell".into(), rows.iter().map(|r| r.cell.as_str()).collect::<Vec<_>>()),
-        col("prompt", rows.iter().map(|r| r.rec.prompt).collect()),
-        col("step", rows.iter().map(|r| r.rec.step).collect()),
-        col("pos", rows.iter().map(|r| r.rec.pos).collect()),
-        Column::new("phase".into(), rows.iter().map(|r| r.rec.phase.to_string()).collect::<Vec<_>>()),
-        col("layer", rows.iter().map(|r| r.rec.layer).collect()),
-        experts.finish().into_series().into(),
-        weights.finish().into_series().into(),
-        lookahead.finish().into_series().into(),
-        hits.finish().into_series().into(),
-        Column::new("load_ns".into(), rows.iter().map(|r| r.rec.load_ns).collect::<Vec<u64>>()),
-    ],
+            Column::new(
+                "cell".into(),
+                rows.iter().map(|r| r.cell.as_str()).collect::<Vec<_>>(),
+            ),
+            col("prompt", rows.iter().map(|r| r.rec.prompt).collect()),
+            col("step", rows.iter().map(|r| r.rec.step).collect()),
+            col("pos", rows.iter().map(|r| r.rec.pos).collect()),
+            Column::new(
+                "phase".into(),
+                rows.iter()
+                    .map(|r| r.rec.phase.to_string())
+                    .collect::<Vec<_>>(),
+            ),
+            col("layer", rows.iter().map(|r| r.rec.layer).collect()),
+            experts.finish().into_series().into(),
+            weights.finish().into_series().into(),
+            lookahead.finish().into_series().into(),
+            hits.finish().into_series().into(),
+            Column::new(
+                "load_ns".into(),
+                rows.iter().map(|r| r.rec.load_ns).collect::<Vec<u64>>(),
+            ),
+        ],
     )
     .map_err(|e| Error::Input(format!("building the trace frame: {e}")))?;
     Ok(df)
@@ -66,10 +93,15 @@ pub fn to_frame(rows: &[CellRow]) -> Result<DataFrame> {
 
 /// Writes a data frame as Parquet (zstd), through a temp file and rename.
 pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
     let f = tmp.reopen().map_err(|e| Error::io(path, e))?;
-    ParquetWriter::new(f).finish(df).map_err(|e| perr(path, e))?;
+    ParquetWriter::new(f)
+        .finish(df)
+        .map_err(|e| perr(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
@@ -87,12 +119,18 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
 
 fn u32_col(path: &Path, df: &DataFrame, name: &str) -> Result<Vec<u32>> {
     let c = df.column(name).map_err(|_| missing(path, name))?;
-    let c = c
-        .cast(&DataType::UInt32)
-        .map_err(|e| Error::format(path, format!("column `{name}` must be an unsigned integer column: {e}")))?;
+    let c = c.cast(&DataType::UInt32).map_err(|e| {
+        Error::format(
+            path,
+            format!("column `{name}` must be an unsigned integer column: {e}"),
+        )
+    })?;
     let ca = c.u32().map_err(|e| perr(path, e))?;
     if ca.null_count() > 0 {
-        return Err(Error::format(path, format!("column `{name}` has null values")));
+        return Err(Error::format(
+            path,
+            format!("column `{name}` has null values"),
+        ));
     }
     Ok(ca.into_no_null_iter().collect())
 }
@@ -101,14 +139,34 @@ fn missing(path: &Path, name: &str) -> Error {
     Error::format(path, format!("trace has no column `{name}` (required: prompt, step, pos, phase, layer, experts; see the README's trace schema)"))
 }
 
-fn list_col<T: PolarsNumericType>(path: &Path, df: &DataFrame, name: &str, inner: DataType, required: bool) -> Result<Option<Vec<Option<Vec<T::Native>>>>> {
+/// One optional list cell per row.
+type ListCells<T> = Vec<Option<Vec<T>>>;
+
+fn list_col<T: PolarsNumericType>(
+    path: &Path,
+    df: &DataFrame,
+    name: &str,
+    inner: DataType,
+    required: bool,
+) -> Result<Option<ListCells<T::Native>>> {
     let Ok(c) = df.column(name) else {
-        return if required { Err(missing(path, name)) } else { Ok(None) };
+        return if required {
+            Err(missing(path, name))
+        } else {
+            Ok(None)
+        };
     };
     let c = c
         .cast(&DataType::List(Box::new(inner.clone())))
-        .map_err(|e| Error::format(path, format!("column `{name}` must be a list of {inner}: {e}")))?;
-    let ca = c.list().map_err(|e| Error::format(path, format!("column `{name}` must be a list: {e}")))?;
+        .map_err(|e| {
+            Error::format(
+                path,
+                format!("column `{name}` must be a list of {inner}: {e}"),
+            )
+        })?;
+    let ca = c
+        .list()
+        .map_err(|e| Error::format(path, format!("column `{name}` must be a list: {e}")))?;
     let mut out = Vec::with_capacity(ca.len());
     for s in ca.series_iter() {
         out.push(match s {
@@ -116,7 +174,10 @@ fn list_col<T: PolarsNumericType>(path: &Path, df: &DataFrame, name: &str, inner
             Some(s) => {
                 let s = s.unpack::<T>().map_err(|e| perr(path, e))?;
                 if s.null_count() > 0 {
-                    return Err(Error::format(path, format!("column `{name}` has null list elements")));
+                    return Err(Error::format(
+                        path,
+                        format!("column `{name}` has null list elements"),
+                    ));
                 }
                 Some(s.into_no_null_iter().collect())
             }
@@ -134,26 +195,38 @@ pub fn read(path: &Path) -> Result<Vec<CellRow>> {
     let pos = u32_col(path, &df, "pos")?;
     let layer = u32_col(path, &df, "layer")?;
     let phase_c = df.column("phase").map_err(|_| missing(path, "phase"))?;
-    let phase_s = phase_c.str().map_err(|e| Error::format(path, format!("column `phase` must be strings: {e}")))?;
+    let phase_s = phase_c
+        .str()
+        .map_err(|e| Error::format(path, format!("column `phase` must be strings: {e}")))?;
     let mut phase = Vec::with_capacity(n);
     for (i, p) in phase_s.iter().enumerate() {
         phase.push(match p {
             Some("prefill") => Phase::Prefill,
             Some("decode") => Phase::Decode,
-            other => return Err(Error::format(path, format!("row {i}: phase {other:?} (expected `prefill` or `decode`)"))),
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("row {i}: phase {other:?} (expected `prefill` or `decode`)"),
+                ))
+            }
         });
     }
-    let experts = list_col::<UInt32Type>(path, &df, "experts", DataType::UInt32, true)?.expect("required");
+    let experts =
+        list_col::<UInt32Type>(path, &df, "experts", DataType::UInt32, true)?.expect("required");
     let weights = list_col::<Float32Type>(path, &df, "weights", DataType::Float32, false)?;
     let lookahead = list_col::<UInt32Type>(path, &df, "lookahead", DataType::UInt32, false)?;
     let hits: Option<Vec<Vec<bool>>> = match df.column("hits") {
         Err(_) => None,
         Ok(c) => {
-            let ca = c.list().map_err(|e| Error::format(path, format!("column `hits` must be a list of bool: {e}")))?;
+            let ca = c.list().map_err(|e| {
+                Error::format(path, format!("column `hits` must be a list of bool: {e}"))
+            })?;
             let mut v = Vec::with_capacity(n);
             for s in ca.series_iter() {
                 let s = s.ok_or_else(|| Error::format(path, "column `hits` has nulls"))?;
-                let b = s.bool().map_err(|e| Error::format(path, format!("column `hits` must be a list of bool: {e}")))?;
+                let b = s.bool().map_err(|e| {
+                    Error::format(path, format!("column `hits` must be a list of bool: {e}"))
+                })?;
                 v.push(b.iter().map(|x| x.unwrap_or(false)).collect());
             }
             Some(v)
@@ -183,7 +256,9 @@ pub fn read(path: &Path) -> Result<Vec<CellRow>> {
     };
     let mut rows = Vec::with_capacity(n);
     for i in 0..n {
-        let ex = experts[i].clone().ok_or_else(|| Error::format(path, format!("row {i}: `experts` is null")))?;
+        let ex = experts[i]
+            .clone()
+            .ok_or_else(|| Error::format(path, format!("row {i}: `experts` is null")))?;
         rows.push(CellRow {
             cell: cell.as_ref().map_or(String::new(), |c| c[i].clone()),
             rec: StepRecord {
@@ -192,7 +267,10 @@ pub fn read(path: &Path) -> Result<Vec<CellRow>> {
                 pos: pos[i],
                 phase: phase[i],
                 layer: layer[i],
-                weights: weights.as_ref().and_then(|w| w[i].clone()).unwrap_or_default(),
+                weights: weights
+                    .as_ref()
+                    .and_then(|w| w[i].clone())
+                    .unwrap_or_default(),
                 lookahead: lookahead.as_ref().and_then(|l| l[i].clone()),
                 hits: hits.as_ref().map_or_else(Vec::new, |h| h[i].clone()),
                 load_ns: load_ns.as_ref().map_or(0, |l| l[i]),
@@ -214,7 +292,11 @@ mod tests {
                 prompt: i / 4,
                 step: i % 3,
                 pos: i,
-                phase: if i % 3 == 0 { Phase::Prefill } else { Phase::Decode },
+                phase: if i % 3 == 0 {
+                    Phase::Prefill
+                } else {
+                    Phase::Decode
+                },
                 layer: 1 + i % 2,
                 experts: vec![i % 8, (i + 3) % 8],
                 weights: vec![0.75, 0.25],

@@ -18,7 +18,10 @@ fn open(dir: &Path) -> String {
 }
 
 fn harness(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_harness")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     (out.status.code().unwrap_or(-1), stderr)
@@ -26,7 +29,8 @@ fn harness(args: &[&str]) -> (i32, String) {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
@@ -35,7 +39,10 @@ fn shards(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && !p.ends_with("reference.safetensors"))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "safetensors")
+                && !p.ends_with("reference.safetensors")
+        })
         .collect();
     v.sort();
     v
@@ -46,10 +53,16 @@ fn truncated_shard() {
     let d = copy_fixture("glm4_moe-f32-sharded");
     let shard = shards(d.path()).pop().unwrap();
     let len = std::fs::metadata(&shard).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&shard).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
     f.set_len(len / 2).unwrap();
     let err = open(d.path());
-    assert!(err.contains(shard.file_name().unwrap().to_str().unwrap()) && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains(shard.file_name().unwrap().to_str().unwrap()) && err.contains("truncated"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -75,7 +88,10 @@ fn lying_header() {
     bytes[8..8 + n].copy_from_slice(h.as_bytes());
     std::fs::write(&p, bytes).unwrap();
     let err = open(d.path());
-    assert!(err.contains("model.safetensors") && err.contains("run past"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("run past"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -84,7 +100,10 @@ fn index_names_missing_file() {
     let shard = shards(d.path()).pop().unwrap();
     std::fs::remove_file(&shard).unwrap();
     let err = open(d.path());
-    assert!(err.contains("model.safetensors.index.json") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("model.safetensors.index.json") && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -94,7 +113,11 @@ fn missing_tensor() {
     let bytes = std::fs::read(&p).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let victim = "model.layers.1.mlp.experts.3.down_proj.weight";
-    let kept: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().filter(|(k, _)| k != victim).collect();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k != victim)
+        .collect();
     assert_eq!(kept.len() + 1, st.len(), "fixture should contain {victim}");
     let out = safetensors::serialize(kept, None).unwrap();
     std::fs::write(&p, out).unwrap();
@@ -105,7 +128,9 @@ fn missing_tensor() {
 #[test]
 fn shape_disagrees_with_config() {
     let d = copy_fixture("qwen3_moe-f32");
-    edit_config(d.path(), |v| v["moe_intermediate_size"] = serde_json::json!(48));
+    edit_config(d.path(), |v| {
+        v["moe_intermediate_size"] = serde_json::json!(48)
+    });
     let err = open(d.path());
     assert!(err.contains("shape") && err.contains("experts"), "{err}");
 }
@@ -115,9 +140,14 @@ fn dense_and_unknown_models() {
     let err = open(&fixture("llama-dense"));
     assert!(err.contains("dense") && err.contains("llama"), "{err}");
     let d = copy_fixture("mixtral-f32");
-    edit_config(d.path(), |v| v["model_type"] = serde_json::json!("frobnicator"));
+    edit_config(d.path(), |v| {
+        v["model_type"] = serde_json::json!("frobnicator")
+    });
     let err = open(d.path());
-    assert!(err.contains("frobnicator") && err.contains("glm4_moe"), "{err}");
+    assert!(
+        err.contains("frobnicator") && err.contains("glm4_moe"),
+        "{err}"
+    );
     edit_config(d.path(), |v| {
         v.as_object_mut().unwrap().remove("model_type");
     });
@@ -127,11 +157,21 @@ fn dense_and_unknown_models() {
 #[test]
 fn capacity_below_top_k() {
     let dir = fixture("mixtral-f32");
-    let cfg = EngineConfig { budget: Budget::SlotsPerLayer(1), ..Default::default() };
-    let err = Engine::open(&dir, Device::Cpu, cfg).unwrap_err().to_string();
+    let cfg = EngineConfig {
+        budget: Budget::SlotsPerLayer(1),
+        ..Default::default()
+    };
+    let err = Engine::open(&dir, Device::Cpu, cfg)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("capacity 1") && err.contains("top-k"), "{err}");
-    let cfg = EngineConfig { budget: Budget::BytesGlobal(1000), ..Default::default() };
-    let err = Engine::open(&dir, Device::Cpu, cfg).unwrap_err().to_string();
+    let cfg = EngineConfig {
+        budget: Budget::BytesGlobal(1000),
+        ..Default::default()
+    };
+    let err = Engine::open(&dir, Device::Cpu, cfg)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("working set"), "{err}");
 }
 
@@ -149,13 +189,33 @@ fn cli_token_errors_exit_nonzero() {
     assert_ne!(code, 0);
     assert!(err.contains("99999") && err.contains("vocab"), "{err}");
     assert!(!Path::new(npy).exists(), "no output on failure");
-    let (code, err) = harness(&["logits", "--model", d, "--tokens", "1,2", "--out", npy, "--capacity", "1"]);
+    let (code, err) = harness(&[
+        "logits",
+        "--model",
+        d,
+        "--tokens",
+        "1,2",
+        "--out",
+        npy,
+        "--capacity",
+        "1",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("top-k"), "{err}");
-    let (code, err) = harness(&["generate", "--model", d, "--tokens", "1", "--policy", "fifo-ish"]);
+    let (code, err) = harness(&[
+        "generate", "--model", d, "--tokens", "1", "--policy", "fifo-ish",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("fifo-ish") && err.contains("lru"), "{err}");
-    let (code, err) = harness(&["logits", "--model", "/nonexistent/model", "--tokens", "1", "--out", npy]);
+    let (code, err) = harness(&[
+        "logits",
+        "--model",
+        "/nonexistent/model",
+        "--tokens",
+        "1",
+        "--out",
+        npy,
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent/model"), "{err}");
 }
@@ -165,7 +225,11 @@ fn cli_inspect_verdicts() {
     let (code, _) = harness(&["inspect", fixture("llama-dense").to_str().unwrap()]);
     assert_eq!(code, 3, "dense model: non-zero exit");
     let out = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(["inspect", "--json", fixture("glm4_moe-mlx4").to_str().unwrap()])
+        .args([
+            "inspect",
+            "--json",
+            fixture("glm4_moe-mlx4").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -10,7 +10,11 @@ use moe_harness::experts::cache::Budget;
 use moe_harness::experts::policies::PolicySpec;
 
 fn engine(dir: &std::path::Path, budget: Budget, policy: &str) -> Engine {
-    let cfg = EngineConfig { budget, policy: PolicySpec::parse(policy).unwrap(), ..Default::default() };
+    let cfg = EngineConfig {
+        budget,
+        policy: PolicySpec::parse(policy).unwrap(),
+        ..Default::default()
+    };
     Engine::open(dir, Device::Cpu, cfg).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
@@ -23,7 +27,10 @@ fn moe_fixtures() -> Vec<String> {
         .filter(|n| !n.contains("dense"))
         .collect();
     names.sort();
-    assert!(names.len() >= 6, "expected the generated fixtures, found {names:?}");
+    assert!(
+        names.len() >= 6,
+        "expected the generated fixtures, found {names:?}"
+    );
     names
 }
 
@@ -40,20 +47,34 @@ fn logits_and_routing_match_transformers() {
         let dir = fixture(&name);
         let r = Reference::load(&dir);
         let mut e = engine(&dir, Budget::Unlimited, "lru");
-        assert_eq!(e.stats().bytes_read, 0, "{name}: expert bytes read at load time");
+        assert_eq!(
+            e.stats().bytes_read,
+            0,
+            "{name}: expert bytes read at load time"
+        );
         let (logits, routing) = e.logits(&r.tokens()).unwrap();
         let flat: Vec<f32> = logits.iter().flatten().copied().collect();
         let err = rel_l2(&flat, &r.logits);
         eprintln!("{name}: relative L2 {err:.2e}");
-        assert!(err <= tolerance(&r), "{name}: logits relative L2 {err:.3e} above {:.0e}", tolerance(&r));
+        assert!(
+            err <= tolerance(&r),
+            "{name}: logits relative L2 {err:.3e} above {:.0e}",
+            tolerance(&r)
+        );
         let want = r.json["routing"].as_object().unwrap();
         assert_eq!(routing.len(), want.len(), "{name}: number of MoE layers");
         for (layer, routes) in &routing {
-            let w = want.get(&layer.to_string()).unwrap_or_else(|| panic!("{name}: layer {layer} not in reference"));
+            let w = want
+                .get(&layer.to_string())
+                .unwrap_or_else(|| panic!("{name}: layer {layer} not in reference"));
             for (t, route) in routes.iter().enumerate() {
                 let mut got = route.experts.clone();
                 got.sort_unstable();
-                assert_eq!(got, Reference::ids(&w[t]), "{name}: layer {layer} token {t} routing");
+                assert_eq!(
+                    got,
+                    Reference::ids(&w[t]),
+                    "{name}: layer {layer} token {t} routing"
+                );
             }
         }
         assert!(e.stats().bytes_read > 0, "{name}: experts were never read");
@@ -70,7 +91,9 @@ fn greedy_continuation_matches_transformers() {
         let top_k = moe_harness::config::load(&dir).unwrap().moe.top_k;
         for budget in [Budget::Unlimited, Budget::SlotsPerLayer(top_k)] {
             let mut e = engine(&dir, budget, "lru");
-            let g = e.generate(&prompt, want.len(), &mut Sampler::Greedy, &[]).unwrap();
+            let g = e
+                .generate(&prompt, want.len(), &mut Sampler::Greedy, &[])
+                .unwrap();
             assert_eq!(g.tokens, want, "{name}: greedy tokens at {budget:?}");
         }
     }
@@ -82,13 +105,21 @@ fn eviction_does_not_change_the_math() {
         let dir = fixture(&name);
         let r = Reference::load(&dir);
         let top_k = moe_harness::config::load(&dir).unwrap().moe.top_k;
-        let (full, _) = engine(&dir, Budget::Unlimited, "lru").logits(&r.tokens()).unwrap();
+        let (full, _) = engine(&dir, Budget::Unlimited, "lru")
+            .logits(&r.tokens())
+            .unwrap();
         for policy in ["lru", "lfu", "lcp-0.25-128"] {
             let mut e = engine(&dir, Budget::SlotsPerLayer(top_k), policy);
             let (small, _) = e.logits(&r.tokens()).unwrap();
-            assert_eq!(full, small, "{name}: logits differ at capacity {top_k} under {policy}");
+            assert_eq!(
+                full, small,
+                "{name}: logits differ at capacity {top_k} under {policy}"
+            );
             let s = e.stats();
-            assert!(s.cache.accesses > s.cache.hits, "{name}: the smallest capacity should miss");
+            assert!(
+                s.cache.accesses > s.cache.hits,
+                "{name}: the smallest capacity should miss"
+            );
         }
     }
 }
@@ -98,21 +129,34 @@ fn resident_bytes_never_exceed_the_budget() {
     let dir = fixture("glm4_moe-mlx4");
     let r = Reference::load(&dir);
     let mut probe = engine(&dir, Budget::Unlimited, "lru");
-    let first = moe_harness::experts::ExpertKey { layer: probe.spec().moe.moe_layers[0] as u32, expert: 0 };
+    let first = moe_harness::experts::ExpertKey {
+        layer: probe.spec().moe.moe_layers[0] as u32,
+        expert: 0,
+    };
     let per = probe.store.expert_bytes(first);
     let top_k = probe.spec().moe.top_k as u64;
     let _ = probe.logits(&r.tokens()).unwrap();
-    for budget in [Budget::BytesGlobal(per * top_k), Budget::BytesGlobal(per * (top_k + 3)), Budget::BytesPerLayer(per * top_k)] {
+    for budget in [
+        Budget::BytesGlobal(per * top_k),
+        Budget::BytesGlobal(per * (top_k + 3)),
+        Budget::BytesPerLayer(per * top_k),
+    ] {
         let mut e = engine(&dir, budget, "lru");
         let limit = match budget {
             Budget::BytesGlobal(b) => b,
             Budget::BytesPerLayer(b) => b * e.spec().num_moe_layers() as u64,
             _ => unreachable!(),
         };
-        let g = e.generate(&r.tokens(), 6, &mut Sampler::Greedy, &[]).unwrap();
+        let g = e
+            .generate(&r.tokens(), 6, &mut Sampler::Greedy, &[])
+            .unwrap();
         assert_eq!(g.tokens.len(), 6);
         let s = e.stats();
-        assert!(s.cache.peak_resident_bytes <= limit, "peak {} above budget {limit}", s.cache.peak_resident_bytes);
+        assert!(
+            s.cache.peak_resident_bytes <= limit,
+            "peak {} above budget {limit}",
+            s.cache.peak_resident_bytes
+        );
         assert!(s.cache.peak_resident_bytes >= per * top_k);
     }
 }
@@ -136,13 +180,19 @@ fn shipped_model_matches_transformers() {
             for (t, route) in routes.iter().enumerate() {
                 let mut got = route.experts.clone();
                 got.sort_unstable();
-                assert_eq!(got, Reference::ids(&want[&layer.to_string()][t]), "{name}: layer {layer} token {t}");
+                assert_eq!(
+                    got,
+                    Reference::ids(&want[&layer.to_string()][t]),
+                    "{name}: layer {layer} token {t}"
+                );
             }
         }
         let prompt = Reference::ids(&r.json["greedy"]["prompt"]);
         let want = Reference::ids(&r.json["greedy"]["generated"]);
         for budget in [Budget::Unlimited, Budget::SlotsPerLayer(4)] {
-            let g = engine(&dir, budget, "lookahead").generate(&prompt, want.len(), &mut Sampler::Greedy, &[]).unwrap();
+            let g = engine(&dir, budget, "lookahead")
+                .generate(&prompt, want.len(), &mut Sampler::Greedy, &[])
+                .unwrap();
             assert_eq!(g.tokens, want, "{name}: greedy at {budget:?}");
         }
     }

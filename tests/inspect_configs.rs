@@ -9,12 +9,17 @@ use moe_harness::config::QuantParams;
 use moe_harness::inspect::{inspect, Verdict};
 
 fn config(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/configs").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("experiments/configs")
+        .join(name)
 }
 
 #[test]
 fn real_model_sizes_match_the_design_notes() {
-    let q4 = QuantParams { bits: 4, group_size: 64 };
+    let q4 = QuantParams {
+        bits: 4,
+        group_size: 64,
+    };
     // (config, experts, MoE layers, top-k, elements/expert (M), 4-bit bytes/expert (MB), total (GB), per token (GB))
     let table = [
         ("glm47.json", 160, 89, 8, 23.59, 13.27, 189.0, 9.45),
@@ -24,14 +29,42 @@ fn real_model_sizes_match_the_design_notes() {
     ];
     for (file, experts, layers, k, el, per, total, tok) in table {
         let r = inspect(&config(file), q4).unwrap();
-        assert_eq!((r.routed_experts, r.moe_layers, r.top_k), (Some(experts), Some(layers), Some(k)), "{file}");
-        let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() / want < 0.006, "{file}: {what} {got} vs {want}");
-        close(r.elements_per_expert.unwrap() as f64 / 1e6, el, "elements/expert");
-        close(r.bytes_per_expert.unwrap() as f64 / 1e6, per, "bytes/expert");
-        close(r.total_expert_bytes.unwrap() as f64 / 1e9, total, "total expert bytes");
-        close(r.expert_bytes_per_token.unwrap() as f64 / 1e9, tok, "expert bytes per token");
+        assert_eq!(
+            (r.routed_experts, r.moe_layers, r.top_k),
+            (Some(experts), Some(layers), Some(k)),
+            "{file}"
+        );
+        let close = |got: f64, want: f64, what: &str| {
+            assert!(
+                (got - want).abs() / want < 0.006,
+                "{file}: {what} {got} vs {want}"
+            )
+        };
+        close(
+            r.elements_per_expert.unwrap() as f64 / 1e6,
+            el,
+            "elements/expert",
+        );
+        close(
+            r.bytes_per_expert.unwrap() as f64 / 1e6,
+            per,
+            "bytes/expert",
+        );
+        close(
+            r.total_expert_bytes.unwrap() as f64 / 1e9,
+            total,
+            "total expert bytes",
+        );
+        close(
+            r.expert_bytes_per_token.unwrap() as f64 / 1e9,
+            tok,
+            "expert bytes per token",
+        );
     }
-    assert_eq!(inspect(&config("glm47.json"), q4).unwrap().verdict, Verdict::DropIn);
+    assert_eq!(
+        inspect(&config("glm47.json"), q4).unwrap().verdict,
+        Verdict::DropIn
+    );
     // Families the engine cannot run still get sized, with the reason.
     let r = inspect(&config("qwen3-coder-next.json"), q4).unwrap();
     assert_eq!(r.verdict, Verdict::Unsupported);
@@ -42,14 +75,26 @@ fn real_model_sizes_match_the_design_notes() {
 
 #[test]
 fn kimi_fixture_needs_key_prefix_and_ignores_vision_tensors() {
-    let r = inspect(&common::fixture("kimi_k25-bf16"), QuantParams { bits: 4, group_size: 64 }).unwrap();
+    let r = inspect(
+        &common::fixture("kimi_k25-bf16"),
+        QuantParams {
+            bits: 4,
+            group_size: 64,
+        },
+    )
+    .unwrap();
     assert_eq!(r.verdict, Verdict::NeedsKeyPrefix);
-    assert_eq!(r.key_prefix.as_deref(), Some("language_model.model.layers."));
+    assert_eq!(
+        r.key_prefix.as_deref(),
+        Some("language_model.model.layers.")
+    );
     assert_eq!(r.attention.as_deref(), Some("mla"));
 }
 
 fn open_err(dir: &Path) -> String {
-    moe_harness::engine::Engine::open(dir, candle_core::Device::Cpu, Default::default()).unwrap_err().to_string()
+    moe_harness::engine::Engine::open(dir, candle_core::Device::Cpu, Default::default())
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -57,27 +102,41 @@ fn mla_bad_input() {
     // kimi_k25 without text_config.
     let d = common::copy_fixture("kimi_k25-bf16");
     let p = d.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     let text = v.as_object_mut().unwrap().remove("text_config").unwrap();
     std::fs::write(&p, v.to_string()).unwrap();
     let err = open_err(d.path());
-    assert!(err.contains("text_config") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("text_config") && err.contains("config.json"),
+        "{err}"
+    );
     // MLA dims that disagree with the tensors.
     v["text_config"] = text;
     v["text_config"]["kv_lora_rank"] = serde_json::json!(32);
     std::fs::write(&p, v.to_string()).unwrap();
     let err = open_err(d.path());
-    assert!(err.contains("self_attn.kv_") && err.contains("shape") && err.contains("[256, 32]"), "{err}");
+    assert!(
+        err.contains("self_attn.kv_") && err.contains("shape") && err.contains("[256, 32]"),
+        "{err}"
+    );
     // A missing kv_b_proj.
     let d = common::copy_fixture("glm4_moe_lite-bf16");
     let st = d.path().join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let kept: Vec<_> = t.tensors().into_iter().filter(|(k, _)| k != "model.layers.1.self_attn.kv_b_proj.weight").collect();
+    let kept: Vec<_> = t
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k != "model.layers.1.self_attn.kv_b_proj.weight")
+        .collect();
     assert_eq!(kept.len() + 1, t.len());
     std::fs::write(&st, safetensors::serialize(kept, None).unwrap()).unwrap();
     let err = open_err(d.path());
-    assert!(err.contains("model.layers.1.self_attn.kv_b_proj.weight") && err.contains("embed_q"), "{err}");
+    assert!(
+        err.contains("model.layers.1.self_attn.kv_b_proj.weight") && err.contains("embed_q"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -90,15 +149,35 @@ fn every_experiment_file_parses_and_missing_models_say_where_to_put_them() {
             continue;
         }
         n += 1;
-        let exp = moe_harness::experiment::load(&p, false).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let exp = moe_harness::experiment::load(&p, false)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(!exp.cells.is_empty());
         if exp.model_dir.join("config.json").exists() {
             continue;
         }
-        let err = moe_harness::experiment::load(&p, true).unwrap_err().to_string();
-        assert!(err.contains("no model at") && err.contains("harness inspect"), "{}: {err}", p.display());
-        let cfg = dir.join(exp.raw.model.config.as_ref().expect("a bundled config for inspect"));
-        inspect(&cfg, QuantParams { bits: 4, group_size: 64 }).unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
+        let err = moe_harness::experiment::load(&p, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no model at") && err.contains("harness inspect"),
+            "{}: {err}",
+            p.display()
+        );
+        let cfg = dir.join(
+            exp.raw
+                .model
+                .config
+                .as_ref()
+                .expect("a bundled config for inspect"),
+        );
+        inspect(
+            &cfg,
+            QuantParams {
+                bits: 4,
+                group_size: 64,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
     }
     assert!(n >= 6);
 }

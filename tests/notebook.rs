@@ -23,19 +23,35 @@ fn figures_notebook_executes() {
     let figs = d.path().join("figs");
     let nb = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("notebooks/figures.ipynb");
     let out = Command::new("python3")
-        .args(["-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--output-dir"])
+        .args([
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--output-dir",
+        ])
         .arg(d.path())
         .arg(&nb)
         .env("MOE_RESULTS", &results)
         .env("MOE_FIGURES", &figs)
         .output()
-        .expect("python3 must be installed (scripts/test.sh installs the notebook's Python packages)");
+        .expect(
+            "python3 must be installed (scripts/test.sh installs the notebook's Python packages)",
+        );
     assert!(
         out.status.success(),
         "notebook failed (install its packages with `pip install -r scripts/requirements-test.txt`):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for f in ["hit_rate_vs_budget.pdf", "hit_rate_vs_budget.png", "decode_tps_vs_budget.pdf", "hit_rate_per_layer.pdf", "expert_frequency.pdf"] {
+    for f in [
+        "hit_rate_vs_budget.pdf",
+        "hit_rate_vs_budget.png",
+        "decode_tps_vs_budget.pdf",
+        "hit_rate_per_layer.pdf",
+        "expert_frequency.pdf",
+    ] {
         assert!(figs.join(f).exists(), "notebook did not write {f}");
     }
 }

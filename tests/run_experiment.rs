@@ -30,10 +30,17 @@ fn summaries(dir: &Path) -> Vec<CellSummary> {
 }
 
 fn harness(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_harness")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains("panicked"), "{err}");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), err)
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        err,
+    )
 }
 
 #[test]
@@ -57,12 +64,21 @@ fn run_writes_results_and_replays_to_the_same_hits() {
     ] {
         assert!(out.join(name).exists(), "missing {name}");
     }
-    assert!(!out.join("cells").exists(), "per-cell scratch files are merged away");
+    assert!(
+        !out.join("cells").exists(),
+        "per-cell scratch files are merged away"
+    );
     let s = summaries(&out);
     assert_eq!(s.len(), 12);
     for c in &s {
         assert!(c.accesses > 0 && c.hits <= c.accesses, "{c:?}");
-        assert!(c.belady_hit_rate + 1e-12 >= c.effective_hit_rate, "{}: Belady {} below {}", c.cell, c.belady_hit_rate, c.effective_hit_rate);
+        assert!(
+            c.belady_hit_rate + 1e-12 >= c.effective_hit_rate,
+            "{}: Belady {} below {}",
+            c.cell,
+            c.belady_hit_rate,
+            c.effective_hit_rate
+        );
         if c.prefetch_issued == 0 {
             assert_eq!(c.effective_hit_rate, c.hit_rate, "{c:?}");
         }
@@ -74,17 +90,36 @@ fn run_writes_results_and_replays_to_the_same_hits() {
         }
     }
     // Summary Parquet carries the same rows as summary.json.
-    assert_eq!(moe_harness::report::read_summary(&out.join("summary.parquet")).unwrap(), s);
+    assert_eq!(
+        moe_harness::report::read_summary(&out.join("summary.parquet")).unwrap(),
+        s
+    );
     // Engine ≡ simulator: replaying each cell's trace through `harness simulate` gives its hits.
     let trace = out.join("trace.parquet");
     for c in &s {
         let cap = c.capacity.unwrap().to_string();
         let (code, stdout, err) = harness(&[
-            "simulate", "--trace", trace.to_str().unwrap(), "--cell", &c.cell, "--policy", &c.policy, "--capacity", &cap, "--warmup", "1", "--json",
+            "simulate",
+            "--trace",
+            trace.to_str().unwrap(),
+            "--cell",
+            &c.cell,
+            "--policy",
+            &c.policy,
+            "--capacity",
+            &cap,
+            "--warmup",
+            "1",
+            "--json",
         ]);
         assert_eq!(code, 0, "{err}");
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        assert_eq!(v[0]["hits"].as_u64().unwrap(), c.hits, "{}: simulator vs engine hits", c.cell);
+        assert_eq!(
+            v[0]["hits"].as_u64().unwrap(),
+            c.hits,
+            "{}: simulator vs engine hits",
+            c.cell
+        );
         assert_eq!(v[0]["accesses"].as_u64().unwrap(), c.accesses, "{}", c.cell);
     }
     // `harness plot` redraws from the Parquet files alone.
@@ -112,26 +147,51 @@ fn runs_are_deterministic_and_cells_independent() {
             })
             .collect()
     };
-    assert_eq!(strip(&a), strip(&b), "two runs of one experiment give one trace");
+    assert_eq!(
+        strip(&a),
+        strip(&b),
+        "two runs of one experiment give one trace"
+    );
     // A sweep cell equals a single run of that cell.
-    let single = run_file(&write_experiment(d3.path(), "policy = \"lcp-0.25-128\"\ncapacity = 3"));
+    let single = run_file(&write_experiment(
+        d3.path(),
+        "policy = \"lcp-0.25-128\"\ncapacity = 3",
+    ));
     let one = &summaries(&single)[0];
-    let from_sweep = summaries(&a).into_iter().find(|c| c.cell == one.cell).unwrap();
-    assert_eq!((one.hits, one.accesses, one.bytes_read, one.belady_hit_rate), (from_sweep.hits, from_sweep.accesses, from_sweep.bytes_read, from_sweep.belady_hit_rate));
+    let from_sweep = summaries(&a)
+        .into_iter()
+        .find(|c| c.cell == one.cell)
+        .unwrap();
+    assert_eq!(
+        (one.hits, one.accesses, one.bytes_read, one.belady_hit_rate),
+        (
+            from_sweep.hits,
+            from_sweep.accesses,
+            from_sweep.bytes_read,
+            from_sweep.belady_hit_rate
+        )
+    );
 }
 
 #[test]
 fn interrupted_run_resumes_and_leaves_nothing_marked_complete() {
     let d = tempfile::tempdir().unwrap();
     let f = write_experiment(d.path(), "policy = [\"lru\", \"lfu\", \"lcp-0.25-128\", \"lookahead\"]\ncapacity = [2, 3, 4, 5, 6, 8]");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harness")).args(["run", f.to_str().unwrap()]).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(["run", f.to_str().unwrap()])
+        .spawn()
+        .unwrap();
     let root = d.path().join("out/t");
     let t0 = std::time::Instant::now();
     let done_cell = loop {
         let found = std::fs::read_dir(&root).ok().and_then(|mut it| {
             it.find_map(|e| {
                 let p = e.ok()?.path().join("cells");
-                std::fs::read_dir(&p).ok()?.flatten().find(|c| c.path().extension().is_some_and(|x| x == "json")).map(|c| c.path())
+                std::fs::read_dir(&p)
+                    .ok()?
+                    .flatten()
+                    .find(|c| c.path().extension().is_some_and(|x| x == "json"))
+                    .map(|c| c.path())
             })
         });
         if let Some(p) = found {
@@ -142,18 +202,32 @@ fn interrupted_run_resumes_and_leaves_nothing_marked_complete() {
     };
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    let complete: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).collect();
+    let complete: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     // 24 cells take far longer than the first one: the kill must land mid-run for this test to
     // mean anything.
-    assert!(!status.success(), "the run finished before it could be interrupted");
+    assert!(
+        !status.success(),
+        "the run finished before it could be interrupted"
+    );
     {
-        assert!(complete.is_empty(), "a killed run must not leave a results directory marked complete");
+        assert!(
+            complete.is_empty(),
+            "a killed run must not leave a results directory marked complete"
+        );
         assert!(done_cell.exists());
         let (code, _, err) = harness(&["run", f.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
         assert!(err.contains("resuming"), "{err}");
     }
-    let dirs: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).collect();
+    let dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert_eq!(dirs.len(), 1);
     assert_eq!(summaries(&dirs[0].path()).len(), 24);
 }
@@ -169,15 +243,27 @@ fn bad_experiments_fail_clearly() {
     let (code, _, err) = harness(&["run", f.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("capacity 1") && err.contains("top-k"), "{err}");
-    assert!(!d.path().join("out/t").read_dir().map(|mut r| r.any(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.'))).unwrap_or(false));
+    assert!(!d
+        .path()
+        .join("out/t")
+        .read_dir()
+        .map(|mut r| r.any(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')))
+        .unwrap_or(false));
     let f = write_experiment(d.path(), "policy = \"belady\"");
     let (code, _, err) = harness(&["run", f.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("belady"), "{err}");
-    std::fs::write(d.path().join("m.toml"), "[model]\npath = \"nowhere\"\n[prompts]\ninline = [\"a\"]\n").unwrap();
+    std::fs::write(
+        d.path().join("m.toml"),
+        "[model]\npath = \"nowhere\"\n[prompts]\ninline = [\"a\"]\n",
+    )
+    .unwrap();
     let (code, _, err) = harness(&["run", d.path().join("m.toml").to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert!(err.contains("nowhere") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("nowhere") && err.contains("config.json"),
+        "{err}"
+    );
     let f = write_experiment(d.path(), "policy = \"lru\"");
     let (code, _, err) = harness(&["run", f.to_str().unwrap(), "--out", "/proc/no-such-place"]);
     assert_ne!(code, 0);
@@ -189,27 +275,79 @@ fn simulate_rejects_bad_traces_and_names() {
     let d = tempfile::tempdir().unwrap();
     let t = d.path().join("t.parquet");
     std::fs::write(&t, b"not parquet").unwrap();
-    let (code, _, err) = harness(&["simulate", "--trace", t.to_str().unwrap(), "--capacity", "2"]);
+    let (code, _, err) = harness(&[
+        "simulate",
+        "--trace",
+        t.to_str().unwrap(),
+        "--capacity",
+        "2",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("t.parquet"), "{err}");
-    let out = run_file(&write_experiment(d.path(), "policy = \"lru\"\ncapacity = 2"));
+    let out = run_file(&write_experiment(
+        d.path(),
+        "policy = \"lru\"\ncapacity = 2",
+    ));
     let trace = out.join("trace.parquet");
     let tr = trace.to_str().unwrap();
-    let (code, _, err) = harness(&["simulate", "--trace", tr, "--capacity", "2", "--policy", "clock"]);
+    let (code, _, err) = harness(&[
+        "simulate",
+        "--trace",
+        tr,
+        "--capacity",
+        "2",
+        "--policy",
+        "clock",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("clock") && err.contains("lru"), "{err}");
-    let (code, _, err) = harness(&["simulate", "--trace", tr, "--capacity", "1", "--policy", "lru"]);
+    let (code, _, err) = harness(&[
+        "simulate",
+        "--trace",
+        tr,
+        "--capacity",
+        "1",
+        "--policy",
+        "lru",
+    ]);
     assert_ne!(code, 0, "capacity below top-k must fail: {err}");
     // Ids out of range for a model with fewer experts.
     let small = common::copy_fixture("qwen3_moe-f32");
     let cfg = small.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v["num_experts"] = serde_json::json!(4);
     std::fs::write(&cfg, v.to_string()).unwrap();
-    let (code, _, err) = harness(&["simulate", "--trace", tr, "--capacity", "2", "--model", small.path().to_str().unwrap()]);
+    let (code, _, err) = harness(&[
+        "simulate",
+        "--trace",
+        tr,
+        "--capacity",
+        "2",
+        "--model",
+        small.path().to_str().unwrap(),
+    ]);
     assert_ne!(code, 0);
-    assert!(err.contains("out of range") && err.contains("4 routed experts"), "{err}");
+    assert!(
+        err.contains("out of range") && err.contains("4 routed experts"),
+        "{err}"
+    );
     // A layer that is not a MoE layer of the model.
-    let (code, _, err) = harness(&["simulate", "--trace", tr, "--capacity", "2", "--model", common::fixture("deepseek_v3-f32").to_str().unwrap()]);
+    let shallow = common::copy_fixture("glm4_moe-mlx4");
+    let cfg = shallow.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["first_k_dense_replace"] = serde_json::json!(2);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let (code, _, err) = harness(&[
+        "simulate",
+        "--trace",
+        tr,
+        "--capacity",
+        "2",
+        "--model",
+        shallow.path().to_str().unwrap(),
+    ]);
     assert_ne!(code, 0, "{err}");
+    assert!(err.contains("layer 1 is not a MoE layer"), "{err}");
 }

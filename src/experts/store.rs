@@ -55,7 +55,12 @@ impl ProjSource {
     fn bytes(&self) -> u64 {
         match self {
             ProjSource::Float { data, .. } => data.len,
-            ProjSource::Quant { weight, scales, biases, .. } => weight.len + scales.len + biases.len,
+            ProjSource::Quant {
+                weight,
+                scales,
+                biases,
+                ..
+            } => weight.len + scales.len + biases.len,
         }
     }
 }
@@ -95,8 +100,18 @@ pub struct ExpertStore {
 impl ExpertStore {
     /// Builds handles for every expert of every MoE layer, validating names, dtypes and shapes
     /// against the config. Reads no expert bytes.
-    pub fn new(ck: Arc<Checkpoint>, spec: &ModelSpec, prefix: &Prefix, layout: ExpertLayout, device: Device) -> Result<Self> {
-        let (h, i, e_n) = (spec.hidden_size, spec.moe.intermediate_size, spec.moe.num_experts);
+    pub fn new(
+        ck: Arc<Checkpoint>,
+        spec: &ModelSpec,
+        prefix: &Prefix,
+        layout: ExpertLayout,
+        device: Device,
+    ) -> Result<Self> {
+        let (h, i, e_n) = (
+            spec.hidden_size,
+            spec.moe.intermediate_size,
+            spec.moe.num_experts,
+        );
         let dims = [(i, h), (i, h), (h, i)];
         let quant = spec.quantization.as_ref();
         let mut handles = vec![Vec::new(); spec.num_layers];
@@ -107,7 +122,13 @@ impl ExpertStore {
                     for e in 0..e_n {
                         let proj: Vec<ProjSource> = (0..3)
                             .map(|p| {
-                                let module = prefix.layer(layer, &format!("{}.experts.{e}.{}", spec.keys.mlp, spec.keys.expert_proj[p]));
+                                let module = prefix.layer(
+                                    layer,
+                                    &format!(
+                                        "{}.experts.{e}.{}",
+                                        spec.keys.mlp, spec.keys.expert_proj[p]
+                                    ),
+                                );
                                 source(&ck, quant, &module, None, dims[p])
                             })
                             .collect::<Result<_>>()?;
@@ -118,17 +139,33 @@ impl ExpertStore {
                     let names = ["gate_proj", "up_proj", "down_proj"];
                     let stacked: Vec<ProjSource> = (0..3)
                         .map(|p| {
-                            let module = prefix.layer(layer, &format!("{}.switch_mlp.{}", spec.keys.mlp, names[p]));
+                            let module = prefix.layer(
+                                layer,
+                                &format!("{}.switch_mlp.{}", spec.keys.mlp, names[p]),
+                            );
                             source(&ck, quant, &module, Some(e_n), dims[p])
                         })
                         .collect::<Result<_>>()?;
                     for e in 0..e_n {
-                        let slice = |r: &ByteRange| ByteRange { shard: r.shard, offset: r.offset + e as u64 * (r.len / e_n as u64), len: r.len / e_n as u64 };
+                        let slice = |r: &ByteRange| ByteRange {
+                            shard: r.shard,
+                            offset: r.offset + e as u64 * (r.len / e_n as u64),
+                            len: r.len / e_n as u64,
+                        };
                         let proj = stacked
                             .iter()
                             .map(|s| match s {
-                                ProjSource::Float { data, dtype } => ProjSource::Float { data: slice(data), dtype: *dtype },
-                                ProjSource::Quant { weight, scales, biases, scale_dtype, params } => ProjSource::Quant {
+                                ProjSource::Float { data, dtype } => ProjSource::Float {
+                                    data: slice(data),
+                                    dtype: *dtype,
+                                },
+                                ProjSource::Quant {
+                                    weight,
+                                    scales,
+                                    biases,
+                                    scale_dtype,
+                                    params,
+                                } => ProjSource::Quant {
                                     weight: slice(weight),
                                     scales: slice(scales),
                                     biases: slice(biases),
@@ -143,7 +180,14 @@ impl ExpertStore {
             }
             handles[layer] = experts;
         }
-        Ok(ExpertStore { ck, hidden: h, inter: i, handles, layout, device })
+        Ok(ExpertStore {
+            ck,
+            hidden: h,
+            inter: i,
+            handles,
+            layout,
+            device,
+        })
     }
 
     /// The handle of an expert.
@@ -182,14 +226,25 @@ impl ExpertStore {
                     out = crate::weights::safetensors::to_f32(&buf, *dtype)
                         .map_err(|m| Error::format(self.ck.shard_path(data.shard), m))?;
                 }
-                ProjSource::Quant { weight, scales, biases, scale_dtype, params } => {
+                ProjSource::Quant {
+                    weight,
+                    scales,
+                    biases,
+                    scale_dtype,
+                    params,
+                } => {
                     let mut sb = Vec::new();
                     let mut bb = Vec::new();
                     self.read(weight, &mut buf)?;
                     self.read(scales, &mut sb)?;
                     self.read(biases, &mut bb)?;
                     quant::dequantize_into(&buf, &sb, &bb, *scale_dtype, *params, cols, &mut out)
-                        .map_err(|m| Error::format(self.ck.shard_path(weight.shard), format!("expert {key:?}: {m}")))?;
+                        .map_err(|m| {
+                        Error::format(
+                            self.ck.shard_path(weight.shard),
+                            format!("expert {key:?}: {m}"),
+                        )
+                    })?;
                 }
             }
             debug_assert_eq!(out.len(), rows * cols);
@@ -199,7 +254,11 @@ impl ExpertStore {
         let mut gate_up = mats.swap_remove(0);
         gate_up.extend_from_slice(&mats[0]);
         let gate_up = Tensor::from_vec(gate_up, (2 * i, h), &self.device)?;
-        Ok(Arc::new(ExpertWeights { gate_up, down, bytes: hd.bytes }))
+        Ok(Arc::new(ExpertWeights {
+            gate_up,
+            down,
+            bytes: hd.bytes,
+        }))
     }
 
     fn read(&self, r: &ByteRange, buf: &mut Vec<u8>) -> Result<()> {
@@ -215,15 +274,31 @@ fn handle(proj: Vec<ProjSource>) -> ExpertHandle {
 }
 
 fn range(e: &crate::weights::TensorEntry) -> ByteRange {
-    ByteRange { shard: e.shard, offset: e.offset, len: e.len }
+    ByteRange {
+        shard: e.shard,
+        offset: e.offset,
+        len: e.len,
+    }
 }
 
 /// Resolves one projection (optionally stacked over `experts`) to its byte ranges.
-fn source(ck: &Checkpoint, quant: Option<&crate::config::QuantSpec>, module: &str, experts: Option<usize>, (rows, cols): (usize, usize)) -> Result<ProjSource> {
+fn source(
+    ck: &Checkpoint,
+    quant: Option<&crate::config::QuantSpec>,
+    module: &str,
+    experts: Option<usize>,
+    (rows, cols): (usize, usize),
+) -> Result<ProjSource> {
     let lead: Vec<usize> = experts.into_iter().collect();
     if ck.get(&format!("{module}.scales")).is_some() {
         let (w, s, b, params) = quantized_parts(ck, quant, module, &lead, rows, cols)?;
-        return Ok(ProjSource::Quant { weight: range(w), scales: range(s), biases: range(b), scale_dtype: s.dtype, params });
+        return Ok(ProjSource::Quant {
+            weight: range(w),
+            scales: range(s),
+            biases: range(b),
+            scale_dtype: s.dtype,
+            params,
+        });
     }
     let key = format!("{module}.weight");
     let e = ck.require(&key)?;
@@ -231,7 +306,17 @@ fn source(ck: &Checkpoint, quant: Option<&crate::config::QuantSpec>, module: &st
     shape.extend([rows, cols]);
     ck.check_shape(&key, e, &shape)?;
     if !matches!(e.dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(ck.tensor_err(&key, e, format!("dtype {:?} is not a float type and there are no `.scales` (not MLX-quantized)", e.dtype)));
+        return Err(ck.tensor_err(
+            &key,
+            e,
+            format!(
+                "dtype {:?} is not a float type and there are no `.scales` (not MLX-quantized)",
+                e.dtype
+            ),
+        ));
     }
-    Ok(ProjSource::Float { data: range(e), dtype: e.dtype })
+    Ok(ProjSource::Float {
+        data: range(e),
+        dtype: e.dtype,
+    })
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::{parse_family, AttentionSpec, Family, KeyScheme, MlaSpec, ModelSpec, MoeSpec, RouterSpec};
+use crate::config::{
+    parse_family, AttentionSpec, Family, KeyScheme, MlaSpec, ModelSpec, MoeSpec, RouterSpec,
+};
 use crate::error::{Error, Result};
 
 /// Which defaults and dense-layer rule apply.
@@ -126,21 +128,45 @@ const GLM_LITE: Defaults = Defaults {
 };
 
 /// Resolves a DeepSeek-V3-family config (`model_type` as written) into a [`ModelSpec`].
-pub fn spec(file: &Path, value: &serde_json::Value, model_type: &str, variant: Variant) -> Result<ModelSpec> {
+pub fn spec(
+    file: &Path,
+    value: &serde_json::Value,
+    model_type: &str,
+    variant: Variant,
+) -> Result<ModelSpec> {
     let c: Config = parse_family(file, value)?;
-    let d = if variant == Variant::Glm4MoeLite { GLM_LITE } else { DSV3 };
+    let d = if variant == Variant::Glm4MoeLite {
+        GLM_LITE
+    } else {
+        DSV3
+    };
     let layers = c.num_hidden_layers.unwrap_or(d.layers);
     let heads = c.num_attention_heads.unwrap_or(d.heads);
-    let (nope, rope, v) = (c.qk_nope_head_dim.unwrap_or(d.nope), c.qk_rope_head_dim.unwrap_or(d.rope), c.v_head_dim.unwrap_or(d.v));
+    let (nope, rope, v) = (
+        c.qk_nope_head_dim.unwrap_or(d.nope),
+        c.qk_rope_head_dim.unwrap_or(d.rope),
+        c.v_head_dim.unwrap_or(d.v),
+    );
     let moe_inter = c.moe_intermediate_size.unwrap_or(d.moe_inter);
     let shared = c.n_shared_experts.unwrap_or(1);
     let moe_layers: Vec<usize> = match (variant, &c.mlp_layer_types) {
         (Variant::Glm4MoeLite, Some(types)) => {
             if types.len() != layers {
-                return Err(Error::config(file, "mlp_layer_types", format!("has {} entries for {layers} layers", types.len())));
+                return Err(Error::config(
+                    file,
+                    "mlp_layer_types",
+                    format!("has {} entries for {layers} layers", types.len()),
+                ));
             }
-            if let Some(bad) = types.iter().find(|t| !matches!(t.as_str(), "dense" | "sparse")) {
-                return Err(Error::config(file, "mlp_layer_types", format!("`{bad}` (known: dense, sparse)")));
+            if let Some(bad) = types
+                .iter()
+                .find(|t| !matches!(t.as_str(), "dense" | "sparse"))
+            {
+                return Err(Error::config(
+                    file,
+                    "mlp_layer_types",
+                    format!("`{bad}` (known: dense, sparse)"),
+                ));
             }
             (0..layers).filter(|&i| types[i] == "sparse").collect()
         }
@@ -149,7 +175,14 @@ pub fn spec(file: &Path, value: &serde_json::Value, model_type: &str, variant: V
         (Variant::DeepseekV3, _) => (c.first_k_dense_replace.unwrap_or(3)..layers).collect(),
     };
     let (theta, rope_kind) = rope_settings(file, &c)?;
-    let (inv_freq, attention_factor, mscale_sq) = rope_frequencies(rope, theta, &rope_kind, c.original_max_position_embeddings.or(c.max_position_embeddings).unwrap_or(d.max_pos));
+    let (inv_freq, attention_factor, mscale_sq) = rope_frequencies(
+        rope,
+        theta,
+        &rope_kind,
+        c.original_max_position_embeddings
+            .or(c.max_position_embeddings)
+            .unwrap_or(d.max_pos),
+    );
     let qk = nope + rope;
     let mla = MlaSpec {
         q_lora_rank: c.q_lora_rank.unwrap_or(d.q_lora),
@@ -166,7 +199,11 @@ pub fn spec(file: &Path, value: &serde_json::Value, model_type: &str, variant: V
     Ok(ModelSpec {
         path: file.to_path_buf(),
         model_type: model_type.to_string(),
-        family: if variant == Variant::Glm4MoeLite { Family::Glm4MoeLite } else { Family::DeepseekV3 },
+        family: if variant == Variant::Glm4MoeLite {
+            Family::Glm4MoeLite
+        } else {
+            Family::DeepseekV3
+        },
         vocab_size: c.vocab_size.unwrap_or(d.vocab),
         hidden_size: c.hidden_size.unwrap_or(d.hidden),
         num_layers: layers,
@@ -185,7 +222,10 @@ pub fn spec(file: &Path, value: &serde_json::Value, model_type: &str, variant: V
         },
         dense_intermediate: c.intermediate_size.unwrap_or(d.inter),
         moe: MoeSpec {
-            num_experts: c.n_routed_experts.or(c.num_local_experts).unwrap_or(d.routed),
+            num_experts: c
+                .n_routed_experts
+                .or(c.num_local_experts)
+                .unwrap_or(d.routed),
             top_k: c.num_experts_per_tok.unwrap_or(d.top_k),
             intermediate_size: moe_inter,
             router: RouterSpec::SigmoidNoauxTc {
@@ -198,7 +238,11 @@ pub fn spec(file: &Path, value: &serde_json::Value, model_type: &str, variant: V
             moe_layers,
         },
         tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-        keys: KeyScheme { mlp: "mlp", expert_proj: ["gate_proj", "up_proj", "down_proj"], shared: Some("shared_experts") },
+        keys: KeyScheme {
+            mlp: "mlp",
+            expert_proj: ["gate_proj", "up_proj", "down_proj"],
+            shared: Some("shared_experts"),
+        },
         quantization: None,
         mla: Some(mla),
         unsupported: None,
@@ -233,21 +277,41 @@ pub enum RopeKind {
 
 fn rope_settings(file: &Path, c: &Config) -> Result<(f64, RopeKind)> {
     // HF: a top-level `rope_scaling` wins over `rope_parameters`.
-    let params = c.rope_scaling.as_ref().filter(|v| !v.is_null()).or(c.rope_parameters.as_ref().filter(|v| !v.is_null()));
+    let params = c
+        .rope_scaling
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .or(c.rope_parameters.as_ref().filter(|v| !v.is_null()));
     let theta = c
         .rope_theta
-        .or_else(|| c.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()))
+        .or_else(|| {
+            c.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+        })
         .unwrap_or(10_000.0);
-    let Some(p) = params else { return Ok((theta, RopeKind::Default)) };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let Some(p) = params else {
+        return Ok((theta, RopeKind::Default));
+    };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
     let f = |k: &str| p.get(k).and_then(|v| v.as_f64());
     match kind {
         "default" => Ok((theta, RopeKind::Default)),
         "yarn" => Ok((
             theta,
             RopeKind::Yarn {
-                factor: f("factor").ok_or_else(|| Error::config(file, "rope_scaling.factor", "YaRN needs a factor"))?,
-                original_max: p.get("original_max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize),
+                factor: f("factor").ok_or_else(|| {
+                    Error::config(file, "rope_scaling.factor", "YaRN needs a factor")
+                })?,
+                original_max: p
+                    .get("original_max_position_embeddings")
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as usize),
                 beta_fast: f("beta_fast").filter(|b| *b != 0.0).unwrap_or(32.0),
                 beta_slow: f("beta_slow").filter(|b| *b != 0.0).unwrap_or(1.0),
                 mscale: f("mscale"),
@@ -256,7 +320,11 @@ fn rope_settings(file: &Path, c: &Config) -> Result<(f64, RopeKind)> {
                 truncate: p.get("truncate").and_then(|t| t.as_bool()).unwrap_or(true),
             },
         )),
-        other => Err(Error::config(file, "rope_scaling.rope_type", format!("`{other}` is not supported for this family (supported: default, yarn)"))),
+        other => Err(Error::config(
+            file,
+            "rope_scaling.rope_type",
+            format!("`{other}` is not supported for this family (supported: default, yarn)"),
+        )),
     }
 }
 
@@ -270,14 +338,32 @@ fn get_mscale(scale: f64, m: f64) -> f64 {
 
 /// Inverse frequencies, cos/sin factor and softmax-scale multiplier (mscale²), as HF's
 /// `modeling_rope_utils` computes them (f32 where torch uses f32).
-pub fn rope_frequencies(dim: usize, base: f64, kind: &RopeKind, default_original_max: usize) -> (Vec<f32>, f32, f64) {
+pub fn rope_frequencies(
+    dim: usize,
+    base: f64,
+    kind: &RopeKind,
+    default_original_max: usize,
+) -> (Vec<f32>, f32, f64) {
     let half = dim / 2;
-    let pos_freqs: Vec<f32> = (0..half).map(|i| (base as f32).powf((2 * i) as f32 / dim as f32)).collect();
+    let pos_freqs: Vec<f32> = (0..half)
+        .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
+        .collect();
     match kind {
         RopeKind::Default => (pos_freqs.iter().map(|p| 1.0 / p).collect(), 1.0, 1.0),
-        RopeKind::Yarn { factor, original_max, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate } => {
+        RopeKind::Yarn {
+            factor,
+            original_max,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+            attention_factor,
+            truncate,
+        } => {
             let orig = original_max.unwrap_or(default_original_max) as f64;
-            let corr = |rot: f64| dim as f64 * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+            let corr = |rot: f64| {
+                dim as f64 * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+            };
             let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
             if *truncate {
                 low = low.floor();
@@ -290,15 +376,19 @@ pub fn rope_frequencies(dim: usize, base: f64, kind: &RopeKind, default_original
             }
             let inv: Vec<f32> = (0..half)
                 .map(|i| {
-                    let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                    let ramp =
+                        ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
                     let extrap = 1.0 - ramp;
-                    let (extra, inter) = (1.0 / pos_freqs[i], 1.0 / (*factor as f32 * pos_freqs[i]));
+                    let (extra, inter) =
+                        (1.0 / pos_freqs[i], 1.0 / (*factor as f32 * pos_freqs[i]));
                     inter * (1.0 - extrap) + extra * extrap
                 })
                 .collect();
             let af = match (attention_factor, mscale, mscale_all_dim) {
                 (Some(a), _, _) => *a,
-                (None, Some(m), Some(a)) if *m != 0.0 && *a != 0.0 => get_mscale(*factor, *m) / get_mscale(*factor, *a),
+                (None, Some(m), Some(a)) if *m != 0.0 && *a != 0.0 => {
+                    get_mscale(*factor, *m) / get_mscale(*factor, *a)
+                }
                 _ => get_mscale(*factor, 1.0),
             };
             let m2 = match mscale_all_dim {

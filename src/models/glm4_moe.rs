@@ -74,10 +74,19 @@ impl Config {
     /// Resolves into the engine's [`ModelSpec`].
     pub fn spec(&self, file: &Path) -> Result<ModelSpec> {
         let (rope_theta, partial) = self.rope.resolve(file, 10_000.0, 0.5)?;
-        let num_experts = self.n_routed_experts.or(self.num_local_experts).ok_or_else(|| {
-            Error::config(file, "n_routed_experts", "missing (neither `n_routed_experts` nor `num_local_experts` is set)")
-        })?;
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let num_experts = self
+            .n_routed_experts
+            .or(self.num_local_experts)
+            .ok_or_else(|| {
+                Error::config(
+                    file,
+                    "n_routed_experts",
+                    "missing (neither `n_routed_experts` nor `num_local_experts` is set)",
+                )
+            })?;
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         Ok(ModelSpec {
             path: file.to_path_buf(),
             model_type: "glm4_moe".into(),

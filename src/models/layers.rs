@@ -22,11 +22,18 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Loads `{module}.weight` of size `n`.
     pub fn load(ck: &Checkpoint, module: &str, n: usize, eps: f64, dev: &Device) -> Result<Self> {
-        Ok(RmsNorm { weight: load_vec(ck, &format!("{module}.weight"), n, dev)?, eps: eps as f32 })
+        Ok(RmsNorm {
+            weight: load_vec(ck, &format!("{module}.weight"), n, dev)?,
+            eps: eps as f32,
+        })
     }
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
@@ -39,9 +46,21 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `{module}.weight` (float or MLX-quantized) and, if `bias`, `{module}.bias`.
-    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, out: usize, inp: usize, bias: bool, dev: &Device) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        quant: Option<&QuantSpec>,
+        module: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        dev: &Device,
+    ) -> Result<Self> {
         let w = Tensor::from_vec(load_matrix(ck, quant, module, out, inp)?, (out, inp), dev)?;
-        let bias = if bias { Some(load_vec(ck, &format!("{module}.bias"), out, dev)?) } else { None };
+        let bias = if bias {
+            Some(load_vec(ck, &format!("{module}.bias"), out, dev)?)
+        } else {
+            None
+        };
         Ok(Linear { weight: w, bias })
     }
     /// Wraps an existing matrix.
@@ -72,9 +91,21 @@ pub struct Mlp {
 
 impl Mlp {
     /// Loads `{module}.{names[0..3]}` (gate, up, down).
-    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, names: [&str; 3], hidden: usize, inter: usize, dev: &Device) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        quant: Option<&QuantSpec>,
+        module: &str,
+        names: [&str; 3],
+        hidden: usize,
+        inter: usize,
+        dev: &Device,
+    ) -> Result<Self> {
         let l = |n: &str, o, i| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, false, dev);
-        Ok(Mlp { gate: l(names[0], inter, hidden)?, up: l(names[1], inter, hidden)?, down: l(names[2], hidden, inter)? })
+        Ok(Mlp {
+            gate: l(names[0], inter, hidden)?,
+            up: l(names[1], inter, hidden)?,
+            down: l(names[2], hidden, inter)?,
+        })
     }
     /// Applies the MLP to `x` `[T, H]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -110,7 +141,10 @@ impl Rope {
         let inv_freq = (0..rotary_dim / 2)
             .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32))
             .collect();
-        Rope { inv_freq, factor: 1.0 }
+        Rope {
+            inv_freq,
+            factor: 1.0,
+        }
     }
     /// `(cos, sin)`, each `[T, rotary_dim / 2]`, for positions `pos0 .. pos0 + t`.
     pub fn tables(&self, pos0: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
@@ -124,7 +158,10 @@ impl Rope {
                 sin.push(a.sin() * self.factor);
             }
         }
-        Ok((Tensor::from_vec(cos, (t, n), dev)?, Tensor::from_vec(sin, (t, n), dev)?))
+        Ok((
+            Tensor::from_vec(cos, (t, n), dev)?,
+            Tensor::from_vec(sin, (t, n), dev)?,
+        ))
     }
 }
 
@@ -172,7 +209,15 @@ pub struct Attention {
 
 impl Attention {
     /// Loads `{module}.{q,k,v,o}_proj` (+ `q_norm`, `k_norm`).
-    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, hidden: usize, spec: &AttentionSpec, eps: f64, dev: &Device) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        quant: Option<&QuantSpec>,
+        module: &str,
+        hidden: usize,
+        spec: &AttentionSpec,
+        eps: f64,
+        dev: &Device,
+    ) -> Result<Self> {
         let (nh, nkv, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let l = |n: &str, o, i, b| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, b, dev);
         let norm = |n: &str| RmsNorm::load(ck, &format!("{module}.{n}"), hd, eps, dev);
@@ -181,8 +226,16 @@ impl Attention {
             k: l("k_proj", nkv * hd, hidden, spec.qkv_bias)?,
             v: l("v_proj", nkv * hd, hidden, spec.qkv_bias)?,
             o: l("o_proj", hidden, nh * hd, spec.o_bias)?,
-            q_norm: if spec.qk_norm { Some(norm("q_norm")?) } else { None },
-            k_norm: if spec.qk_norm { Some(norm("k_norm")?) } else { None },
+            q_norm: if spec.qk_norm {
+                Some(norm("q_norm")?)
+            } else {
+                None
+            },
+            k_norm: if spec.qk_norm {
+                Some(norm("k_norm")?)
+            } else {
+                None
+            },
             rope: Rope::new(spec.rope_theta, spec.rotary_dim),
             spec: spec.clone(),
         })
@@ -191,7 +244,11 @@ impl Attention {
     /// Attends `x` `[T, H]` at positions `pos0..pos0+T` over the cached keys plus its own.
     pub fn forward(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
-        let (nh, nkv, hd) = (self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim);
+        let (nh, nkv, hd) = (
+            self.spec.num_heads,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+        );
         let dev = x.device();
         let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let mut y = y.reshape((t, n, hd))?;
@@ -216,7 +273,9 @@ impl Attention {
             if rep == 1 {
                 return Ok(y);
             }
-            Ok(y.unsqueeze(2)?.expand((1, nkv, rep, s, hd))?.reshape((1, nh, s, hd))?)
+            Ok(y.unsqueeze(2)?
+                .expand((1, nkv, rep, s, hd))?
+                .reshape((1, nh, s, hd))?)
         };
         let (k, v) = (expand(k)?, expand(v)?);
         let scale = (hd as f64).powf(-0.5);
@@ -233,7 +292,12 @@ impl Attention {
 
 /// Additive causal (and sliding-window) mask `[T, S]` for `t` queries at the end of `s` cached
 /// positions, or `None` when every key is visible.
-pub fn causal_mask(t: usize, s: usize, window: Option<usize>, dev: &Device) -> Result<Option<Tensor>> {
+pub fn causal_mask(
+    t: usize,
+    s: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
     let past = s - t;
     if t == 1 && window.is_none_or(|w| s <= w) {
         return Ok(None);
@@ -243,7 +307,11 @@ pub fn causal_mask(t: usize, s: usize, window: Option<usize>, dev: &Device) -> R
             let qp = past + i;
             (0..s).map(move |j| {
                 let visible = j <= qp && window.is_none_or(|w| qp - j < w);
-                if visible { 0.0 } else { f32::NEG_INFINITY }
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
             })
         })
         .collect();

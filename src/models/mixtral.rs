@@ -48,7 +48,9 @@ impl Config {
     /// intermediate size is `intermediate_size`.
     pub fn spec(&self, file: &Path) -> Result<ModelSpec> {
         let (rope_theta, _) = self.rope.resolve(file, 1_000_000.0, 1.0)?;
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         Ok(ModelSpec {
             path: file.to_path_buf(),
             model_type: "mixtral".into(),

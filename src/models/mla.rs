@@ -41,26 +41,60 @@ pub struct MlaAttention {
 
 impl MlaAttention {
     /// Loads `{module}.*` (`…layers.{i}.self_attn`).
-    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, hidden: usize, heads: usize, m: &MlaSpec, dev: &Device) -> Result<Self> {
-        let (dn, dr, dv, c) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank);
+    pub fn load(
+        ck: &Checkpoint,
+        quant: Option<&QuantSpec>,
+        module: &str,
+        hidden: usize,
+        heads: usize,
+        m: &MlaSpec,
+        dev: &Device,
+    ) -> Result<Self> {
+        let (dn, dr, dv, c) = (
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        );
         let dq = dn + dr;
         let l = |n: &str, o, i, b| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, b, dev);
         let q = match m.q_lora_rank {
             Some(r) => QProj::Lora {
                 a: l("q_a_proj", r, hidden, m.attention_bias)?,
-                norm: RmsNorm::load(ck, &format!("{module}.q_a_layernorm"), r, LATENT_NORM_EPS, dev)?,
+                norm: RmsNorm::load(
+                    ck,
+                    &format!("{module}.q_a_layernorm"),
+                    r,
+                    LATENT_NORM_EPS,
+                    dev,
+                )?,
                 b: l("q_b_proj", heads * dq, r, false)?,
             },
             None => QProj::Plain(l("q_proj", heads * dq, hidden, false)?),
         };
         let kv_b = format!("{module}.kv_b_proj");
         let (k_up, v_up) = if ck.get(&format!("{kv_b}.weight")).is_some() {
-            let w = Tensor::from_vec(crate::weights::load_matrix(ck, quant, &kv_b, heads * (dn + dv), c)?, (heads, dn + dv, c), dev)?;
-            (w.narrow(1, 0, dn)?.transpose(1, 2)?.contiguous()?, w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?)
+            let w = Tensor::from_vec(
+                crate::weights::load_matrix(ck, quant, &kv_b, heads * (dn + dv), c)?,
+                (heads, dn + dv, c),
+                dev,
+            )?;
+            (
+                w.narrow(1, 0, dn)?.transpose(1, 2)?.contiguous()?,
+                w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?,
+            )
         } else if ck.get(&format!("{module}.embed_q.weight")).is_some() {
             // mlx-lm: embed_q = key rows transposed [H, C, nope]; unembed_out = value rows [H, v, C].
-            let k = Tensor::from_vec(load_stacked(ck, quant, &format!("{module}.embed_q"), heads, c, dn)?, (heads, c, dn), dev)?;
-            let v = Tensor::from_vec(load_stacked(ck, quant, &format!("{module}.unembed_out"), heads, dv, c)?, (heads, dv, c), dev)?;
+            let k = Tensor::from_vec(
+                load_stacked(ck, quant, &format!("{module}.embed_q"), heads, c, dn)?,
+                (heads, c, dn),
+                dev,
+            )?;
+            let v = Tensor::from_vec(
+                load_stacked(ck, quant, &format!("{module}.unembed_out"), heads, dv, c)?,
+                (heads, dv, c),
+                dev,
+            )?;
             (k, v.transpose(1, 2)?.contiguous()?)
         } else {
             return Err(Error::MissingTensor {
@@ -72,7 +106,13 @@ impl MlaAttention {
         Ok(MlaAttention {
             q,
             kv_a: l("kv_a_proj_with_mqa", c + dr, hidden, m.attention_bias)?,
-            kv_a_norm: RmsNorm::load(ck, &format!("{module}.kv_a_layernorm"), c, LATENT_NORM_EPS, dev)?,
+            kv_a_norm: RmsNorm::load(
+                ck,
+                &format!("{module}.kv_a_layernorm"),
+                c,
+                LATENT_NORM_EPS,
+                dev,
+            )?,
             k_up,
             v_up,
             o: l("o_proj", hidden, heads * dv, m.attention_bias)?,
@@ -97,7 +137,12 @@ impl MlaAttention {
     pub fn forward(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
         let h = self.heads;
-        let (dn, dr, dv, c) = (self.spec.qk_nope_head_dim, self.spec.qk_rope_head_dim, self.spec.v_head_dim, self.spec.kv_lora_rank);
+        let (dn, dr, dv, c) = (
+            self.spec.qk_nope_head_dim,
+            self.spec.qk_rope_head_dim,
+            self.spec.v_head_dim,
+            self.spec.kv_lora_rank,
+        );
         let dev = x.device();
         let q = match &self.q {
             QProj::Lora { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
@@ -107,14 +152,24 @@ impl MlaAttention {
         let ckv = self.kv_a.forward(x)?; // [T, C + dr]
         let lat = self.kv_a_norm.forward(&ckv.narrow(1, 0, c)?)?;
         let (cos, sin) = self.rope.tables(pos0, t, dev)?;
-        let q_rot = self.rope(&q.narrow(2, dn, dr)?.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?;
-        let k_rot = self.rope(&ckv.narrow(1, c, dr)?.reshape((1, 1, t, dr))?, &cos, &sin)?.reshape((t, dr))?;
+        let q_rot = self
+            .rope(&q.narrow(2, dn, dr)?.unsqueeze(0)?, &cos, &sin)?
+            .squeeze(0)?;
+        let k_rot = self
+            .rope(&ckv.narrow(1, c, dr)?.reshape((1, 1, t, dr))?, &cos, &sin)?
+            .reshape((t, dr))?;
         let (lat, k_rot) = kv.append(lat, k_rot, 0)?;
         let s = lat.dim(0)?;
         let lat_h = lat.unsqueeze(0)?.broadcast_as((h, s, c))?.contiguous()?;
         let k_nope = lat_h.matmul(&self.k_up)?; // [H, S, dn]
         let v = lat_h.matmul(&self.v_up)?; // [H, S, dv]
-        let key = Tensor::cat(&[k_nope, k_rot.unsqueeze(0)?.broadcast_as((h, s, dr))?.contiguous()?], 2)?;
+        let key = Tensor::cat(
+            &[
+                k_nope,
+                k_rot.unsqueeze(0)?.broadcast_as((h, s, dr))?.contiguous()?,
+            ],
+            2,
+        )?;
         let query = Tensor::cat(&[q.narrow(2, 0, dn)?, q_rot], 2)?;
         let mut att = (query.matmul(&key.t()?.contiguous()?)? * self.spec.softmax_scale)?;
         if let Some(mask) = causal_mask(t, s, None, dev)? {

@@ -99,7 +99,13 @@ impl Model {
         let mut layers = Vec::with_capacity(spec.num_layers);
         for i in 0..spec.num_layers {
             let ffn = if spec.is_moe_layer(i) {
-                Ffn::Moe(MoeBlock::load(ck, spec, &prefix.layer(i, spec.keys.mlp), i, dev)?)
+                Ffn::Moe(MoeBlock::load(
+                    ck,
+                    spec,
+                    &prefix.layer(i, spec.keys.mlp),
+                    i,
+                    dev,
+                )?)
             } else {
                 Ffn::Dense(Mlp::load(
                     ck,
@@ -112,22 +118,58 @@ impl Model {
                 )?)
             };
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::load(ck, &prefix.layer(i, "input_layernorm"), h, spec.rms_norm_eps, dev)?,
+                input_norm: RmsNorm::load(
+                    ck,
+                    &prefix.layer(i, "input_layernorm"),
+                    h,
+                    spec.rms_norm_eps,
+                    dev,
+                )?,
                 attn: match &spec.mla {
-                    Some(m) => Attn::Mla(mla::MlaAttention::load(ck, quant, &prefix.layer(i, "self_attn"), h, spec.attention.num_heads, m, dev)?),
-                    None => Attn::Gqa(Attention::load(ck, quant, &prefix.layer(i, "self_attn"), h, &spec.attention, spec.rms_norm_eps, dev)?),
+                    Some(m) => Attn::Mla(mla::MlaAttention::load(
+                        ck,
+                        quant,
+                        &prefix.layer(i, "self_attn"),
+                        h,
+                        spec.attention.num_heads,
+                        m,
+                        dev,
+                    )?),
+                    None => Attn::Gqa(Attention::load(
+                        ck,
+                        quant,
+                        &prefix.layer(i, "self_attn"),
+                        h,
+                        &spec.attention,
+                        spec.rms_norm_eps,
+                        dev,
+                    )?),
                 },
-                post_norm: RmsNorm::load(ck, &prefix.layer(i, "post_attention_layernorm"), h, spec.rms_norm_eps, dev)?,
+                post_norm: RmsNorm::load(
+                    ck,
+                    &prefix.layer(i, "post_attention_layernorm"),
+                    h,
+                    spec.rms_norm_eps,
+                    dev,
+                )?,
                 ffn,
             });
         }
-        let lm_head = if spec.tie_word_embeddings && ck.get(&format!("{}.weight", prefix.lm_head)).is_none() {
+        let lm_head = if spec.tie_word_embeddings
+            && ck.get(&format!("{}.weight", prefix.lm_head)).is_none()
+        {
             Linear::from_weight(embed.clone())
         } else {
             Linear::load(ck, quant, &prefix.lm_head, v, h, false, dev)?
         };
         Ok(Model {
-            norm: RmsNorm::load(ck, &format!("{}norm", prefix.model), h, spec.rms_norm_eps, dev)?,
+            norm: RmsNorm::load(
+                ck,
+                &format!("{}norm", prefix.model),
+                h,
+                spec.rms_norm_eps,
+                dev,
+            )?,
             spec: spec.clone(),
             prefix: prefix.clone(),
             embed,
@@ -144,9 +186,18 @@ impl Model {
 
     /// Runs `tokens` after the `kv.len()` tokens already cached; returns logits `[T, vocab]`
     /// (only the last row when `last_only`) and the routing of every MoE layer.
-    pub fn forward(&self, tokens: &[u32], kv: &mut KvCache, access: &mut dyn ExpertAccess, last_only: bool) -> Result<(Tensor, Routing)> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        access: &mut dyn ExpertAccess,
+        last_only: bool,
+    ) -> Result<(Tensor, Routing)> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary (vocab_size = {})", self.spec.vocab_size)));
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (vocab_size = {})",
+                self.spec.vocab_size
+            )));
         }
         if tokens.is_empty() {
             return Err(Error::Input("empty token sequence".into()));
@@ -160,7 +211,9 @@ impl Model {
         let mut routing = Vec::new();
         let lookahead = access.wants_lookahead();
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attn.forward(&layer.input_norm.forward(&h)?, pos0, &mut kv.layers[i])?;
+            let a = layer
+                .attn
+                .forward(&layer.input_norm.forward(&h)?, pos0, &mut kv.layers[i])?;
             h = (h + a)?;
             let x = layer.post_norm.forward(&h)?;
             let y = match &layer.ffn {
@@ -171,7 +224,9 @@ impl Model {
                     // state available now predict the experts that layer will ask for.
                     let next = if lookahead { self.next_moe(i) } else { None };
                     let predictions = match next {
-                        Some((j, nl, nm)) => Some((j as u32, nm.router.route(&nl.post_norm.forward(&h)?)?)),
+                        Some((j, nl, nm)) => {
+                            Some((j as u32, nm.router.route(&nl.post_norm.forward(&h)?)?))
+                        }
                         None => None,
                     };
                     let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));
@@ -183,15 +238,23 @@ impl Model {
             h = (h + y)?;
         }
         kv.len += tokens.len();
-        let h = if last_only { h.narrow(0, tokens.len() - 1, 1)? } else { h };
+        let h = if last_only {
+            h.narrow(0, tokens.len() - 1, 1)?
+        } else {
+            h
+        };
         let logits = self.lm_head.forward(&self.norm.forward(&h)?)?;
         Ok((logits, routing))
     }
 
     fn next_moe(&self, i: usize) -> Option<(usize, &DecoderLayer, &MoeBlock)> {
-        self.layers.iter().enumerate().skip(i + 1).find_map(|(j, l)| match &l.ffn {
-            Ffn::Moe(m) => Some((j, l, m)),
-            Ffn::Dense(_) => None,
-        })
+        self.layers
+            .iter()
+            .enumerate()
+            .skip(i + 1)
+            .find_map(|(j, l)| match &l.ffn {
+                Ffn::Moe(m) => Some((j, l, m)),
+                Ffn::Dense(_) => None,
+            })
     }
 }

@@ -45,14 +45,27 @@ pub struct Router {
 
 impl Router {
     /// Loads `{module}.weight` (and `e_score_correction_bias` for sigmoid routers).
-    pub fn load(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, spec: &ModelSpec, dev: &Device) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        quant: Option<&QuantSpec>,
+        module: &str,
+        spec: &ModelSpec,
+        dev: &Device,
+    ) -> Result<Self> {
         let e = spec.moe.num_experts;
         let gate = Linear::load(ck, quant, module, e, spec.hidden_size, false, dev)?;
         let bias = match spec.moe.router {
-            RouterSpec::SigmoidNoauxTc { .. } => Some(ck.f32_vec(&format!("{module}.e_score_correction_bias"), &[e])?),
+            RouterSpec::SigmoidNoauxTc { .. } => {
+                Some(ck.f32_vec(&format!("{module}.e_score_correction_bias"), &[e])?)
+            }
             _ => None,
         };
-        Ok(Router { gate, bias, spec: spec.moe.router.clone(), top_k: spec.moe.top_k })
+        Ok(Router {
+            gate,
+            bias,
+            spec: spec.moe.router.clone(),
+            top_k: spec.moe.top_k,
+        })
     }
 
     /// Routes every row of `x` `[T, H]`.
@@ -73,18 +86,33 @@ impl Router {
                     let s: f32 = w.iter().sum();
                     w.iter_mut().for_each(|x| *x /= s);
                 }
-                Route { experts: ids.iter().map(|&i| i as u32).collect(), weights: w }
+                Route {
+                    experts: ids.iter().map(|&i| i as u32).collect(),
+                    weights: w,
+                }
             }
             RouterSpec::TopKSoftmax => {
                 let p = softmax(logits);
                 let ids = top_k(&p, k);
                 let s: f32 = ids.iter().map(|&i| p[i]).sum();
-                Route { experts: ids.iter().map(|&i| i as u32).collect(), weights: ids.iter().map(|&i| p[i] / s).collect() }
+                Route {
+                    experts: ids.iter().map(|&i| i as u32).collect(),
+                    weights: ids.iter().map(|&i| p[i] / s).collect(),
+                }
             }
-            RouterSpec::SigmoidNoauxTc { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
+            RouterSpec::SigmoidNoauxTc {
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            } => {
                 let scores: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
                 let bias = self.bias.as_deref().unwrap_or(&[]);
-                let mut choice: Vec<f32> = scores.iter().enumerate().map(|(i, s)| s + bias.get(i).copied().unwrap_or(0.0)).collect();
+                let mut choice: Vec<f32> = scores
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| s + bias.get(i).copied().unwrap_or(0.0))
+                    .collect();
                 let per = choice.len() / n_group;
                 let group_scores: Vec<f32> = (0..*n_group)
                     .map(|g| {
@@ -96,7 +124,9 @@ impl Router {
                 for g in 0..*n_group {
                     if !keep.contains(&g) {
                         // HF transformers 5 masks dropped groups with -inf (4.x used 0.0).
-                        choice[g * per..(g + 1) * per].iter_mut().for_each(|c| *c = f32::NEG_INFINITY);
+                        choice[g * per..(g + 1) * per]
+                            .iter_mut()
+                            .for_each(|c| *c = f32::NEG_INFINITY);
                     }
                 }
                 let ids = top_k(&choice, k);
@@ -105,8 +135,12 @@ impl Router {
                     let s: f32 = w.iter().sum::<f32>() + 1e-20;
                     w.iter_mut().for_each(|x| *x /= s);
                 }
-                w.iter_mut().for_each(|x| *x *= *routed_scaling_factor as f32);
-                Route { experts: ids.iter().map(|&i| i as u32).collect(), weights: w }
+                w.iter_mut()
+                    .for_each(|x| *x *= *routed_scaling_factor as f32);
+                Route {
+                    experts: ids.iter().map(|&i| i as u32).collect(),
+                    weights: w,
+                }
             }
         }
     }
@@ -139,7 +173,13 @@ pub struct MoeBlock {
 
 impl MoeBlock {
     /// Loads the router and shared experts of decoder layer `layer` under `module` (`…layers.{i}.mlp`).
-    pub fn load(ck: &Checkpoint, spec: &ModelSpec, module: &str, layer: usize, dev: &Device) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        spec: &ModelSpec,
+        module: &str,
+        layer: usize,
+        dev: &Device,
+    ) -> Result<Self> {
         let quant = spec.quantization.as_ref();
         let router = Router::load(ck, quant, &format!("{module}.gate"), spec, dev)?;
         let shared = match (spec.keys.shared, spec.moe.shared_intermediate) {
@@ -154,7 +194,11 @@ impl MoeBlock {
             )?),
             _ => None,
         };
-        Ok(MoeBlock { layer: layer as u32, router, shared })
+        Ok(MoeBlock {
+            layer: layer as u32,
+            router,
+            shared,
+        })
     }
 
     /// Runs the block on `x` `[T, H]` (already normalised) given its routes; `predictions[t]` is
@@ -174,7 +218,13 @@ impl MoeBlock {
             let mut acc: Option<Tensor> = None;
             let mut kept = 0f32;
             for (&e, &w) in route.experts.iter().zip(&route.weights) {
-                let Some(ew) = access.fetch(ExpertKey { layer: self.layer, expert: e })? else { continue };
+                let Some(ew) = access.fetch(ExpertKey {
+                    layer: self.layer,
+                    expert: e,
+                })?
+                else {
+                    continue;
+                };
                 kept += w;
                 let y = (expert_forward(&xt, &ew.gate_up, &ew.down)? * w as f64)?;
                 acc = Some(match acc {

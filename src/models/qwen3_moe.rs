@@ -64,14 +64,26 @@ impl Config {
     pub fn spec(&self, file: &Path) -> Result<ModelSpec> {
         let (rope_theta, _) = self.rope.resolve(file, 10_000.0, 1.0)?;
         let num_experts = self.num_experts.or(self.num_local_experts).ok_or_else(|| {
-            Error::config(file, "num_experts", "missing (neither `num_experts` nor `num_local_experts` is set)")
+            Error::config(
+                file,
+                "num_experts",
+                "missing (neither `num_experts` nor `num_local_experts` is set)",
+            )
         })?;
         if self.decoder_sparse_step == 0 {
-            return Err(Error::config(file, "decoder_sparse_step", "must be positive"));
+            return Err(Error::config(
+                file,
+                "decoder_sparse_step",
+                "must be positive",
+            ));
         }
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let moe_layers = (0..self.num_hidden_layers)
-            .filter(|i| !self.mlp_only_layers.contains(i) && (i + 1) % self.decoder_sparse_step == 0)
+            .filter(|i| {
+                !self.mlp_only_layers.contains(i) && (i + 1) % self.decoder_sparse_step == 0
+            })
             .collect();
         Ok(ModelSpec {
             path: file.to_path_buf(),
@@ -90,14 +102,20 @@ impl Config {
                 qkv_bias: self.attention_bias,
                 o_bias: self.attention_bias,
                 rope_theta,
-                sliding_window: if self.use_sliding_window { self.sliding_window } else { None },
+                sliding_window: if self.use_sliding_window {
+                    self.sliding_window
+                } else {
+                    None
+                },
             },
             dense_intermediate: self.intermediate_size,
             moe: MoeSpec {
                 num_experts,
                 top_k: self.num_experts_per_tok,
                 intermediate_size: self.moe_intermediate_size,
-                router: RouterSpec::SoftmaxTopK { norm_topk_prob: self.norm_topk_prob },
+                router: RouterSpec::SoftmaxTopK {
+                    norm_topk_prob: self.norm_topk_prob,
+                },
                 shared_intermediate: None,
                 moe_layers,
             },

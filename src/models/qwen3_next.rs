@@ -8,7 +8,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{parse_family, AttentionSpec, Family, KeyScheme, ModelSpec, MoeSpec, RopeFields, RouterSpec};
+use crate::config::{
+    parse_family, AttentionSpec, Family, KeyScheme, ModelSpec, MoeSpec, RopeFields, RouterSpec,
+};
 use crate::error::{Error, Result};
 
 /// HF `Qwen3NextConfig` fields used here, names unchanged.
@@ -63,8 +65,13 @@ impl Config {
 
     /// Resolves into a [`ModelSpec`] marked unsupported by the engine.
     pub fn spec(&self, file: &Path) -> Result<ModelSpec> {
-        let num_experts = self.num_experts.or(self.num_local_experts).ok_or_else(|| Error::config(file, "num_experts", "missing"))?;
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let num_experts = self
+            .num_experts
+            .or(self.num_local_experts)
+            .ok_or_else(|| Error::config(file, "num_experts", "missing"))?;
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let step = self.decoder_sparse_step.max(1);
         Ok(ModelSpec {
             path: file.to_path_buf(),

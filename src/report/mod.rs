@@ -25,7 +25,10 @@ pub fn write_summary(dir: &Path, rows: &[CellSummary]) -> Result<()> {
 
 fn summary_frame(rows: &[CellSummary]) -> Result<DataFrame> {
     // Serialise through JSON values so that every field becomes a column with its own name.
-    let values: Vec<serde_json::Value> = rows.iter().map(|r| serde_json::to_value(r).expect("summary serialises")).collect();
+    let values: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("summary serialises"))
+        .collect();
     let keys: Vec<String> = match values.first().and_then(|v| v.as_object()) {
         Some(o) => o.keys().cloned().collect(),
         None => Vec::new(),
@@ -34,24 +37,36 @@ fn summary_frame(rows: &[CellSummary]) -> Result<DataFrame> {
     for k in &keys {
         let vals: Vec<&serde_json::Value> = values.iter().map(|v| &v[k]).collect();
         let col = if vals.iter().any(|v| v.is_string()) {
-            Column::new(k.as_str().into(), vals.iter().map(|v| v.as_str().map(str::to_string)).collect::<Vec<_>>())
+            Column::new(
+                k.as_str().into(),
+                vals.iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Vec<_>>(),
+            )
         } else if vals.iter().all(|v| v.is_u64() || v.is_null()) {
             // serde_json keeps f64 fields as floats (1.0 stays 1.0), so integer columns are exactly
             // the u64 fields.
-            Column::new(k.as_str().into(), vals.iter().map(|v| v.as_u64()).collect::<Vec<_>>())
+            Column::new(
+                k.as_str().into(),
+                vals.iter().map(|v| v.as_u64()).collect::<Vec<_>>(),
+            )
         } else {
-            Column::new(k.as_str().into(), vals.iter().map(|v| v.as_f64()).collect::<Vec<_>>())
+            Column::new(
+                k.as_str().into(),
+                vals.iter().map(|v| v.as_f64()).collect::<Vec<_>>(),
+            )
         };
         cols.push(col);
     }
-    DataFrame::new(rows.len(), cols).map_err(|e| Error::Input(format!("building the summary frame: {e}")))
+    DataFrame::new(rows.len(), cols)
+        .map_err(|e| Error::Input(format!("building the summary frame: {e}")))
 }
-
 
 /// Reads `summary.parquet` back into summaries.
 pub fn read_summary(path: &Path) -> Result<Vec<CellSummary>> {
     let df = trace::read_frame(path)?;
-    let mut objs: Vec<serde_json::Map<String, serde_json::Value>> = vec![serde_json::Map::new(); df.height()];
+    let mut objs: Vec<serde_json::Map<String, serde_json::Value>> =
+        vec![serde_json::Map::new(); df.height()];
     for col in df.columns() {
         let name = col.name().to_string();
         let s = col.as_materialized_series();
@@ -67,13 +82,21 @@ pub fn read_summary(path: &Path) -> Result<Vec<CellSummary>> {
                 AnyValue::Int32(x) => serde_json::json!(x),
                 AnyValue::Float64(x) => serde_json::json!(x),
                 AnyValue::Float32(x) => serde_json::json!(x),
-                other => return Err(Error::format(path, format!("column `{name}`: unexpected value {other:?}"))),
+                other => {
+                    return Err(Error::format(
+                        path,
+                        format!("column `{name}`: unexpected value {other:?}"),
+                    ))
+                }
             };
             obj.insert(name.clone(), j);
         }
     }
     objs.into_iter()
-        .map(|o| serde_json::from_value(serde_json::Value::Object(o)).map_err(|e| Error::format(path, format!("not a summary file: {e}"))))
+        .map(|o| {
+            serde_json::from_value(serde_json::Value::Object(o))
+                .map_err(|e| Error::format(path, format!("not a summary file: {e}")))
+        })
         .collect()
 }
 
@@ -94,7 +117,8 @@ pub fn summary_table(rows: &[CellSummary]) -> String {
             100.0 * r.belady_hit_rate,
             r.bytes_read as f64 / 1e6,
             r.decode_tps,
-            r.top1_agreement.map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a)),
+            r.top1_agreement
+                .map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a)),
         ));
     }
     s

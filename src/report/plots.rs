@@ -55,7 +55,10 @@ fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::format(path, format!("plotting: {e}"))
 }
 
-fn draw_lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, c: &LineChart) -> std::result::Result<(), String> {
+fn draw_lines<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    c: &LineChart,
+) -> std::result::Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let pts = c.series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -89,16 +92,28 @@ fn draw_lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, c: &LineChart) -
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, s) in c.series.iter().enumerate() {
-        let color = if s.dashed { BLACK } else { COLORS[i % COLORS.len()] };
+        let color = if s.dashed {
+            BLACK
+        } else {
+            COLORS[i % COLORS.len()]
+        };
         let style = color.stroke_width(if s.dashed { 2 } else { 3 });
         let anno = if s.dashed {
-            chart.draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 6, style)).map_err(|e| e.to_string())?
+            chart
+                .draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 6, style))
+                .map_err(|e| e.to_string())?
         } else {
-            chart.draw_series(LineSeries::new(s.points.iter().copied(), style)).map_err(|e| e.to_string())?
+            chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), style))
+                .map_err(|e| e.to_string())?
         };
-        anno.label(&s.label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+        anno.label(&s.label).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+        });
         if !s.dashed && s.points.len() < 40 {
-            chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| e.to_string())?;
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| e.to_string())?;
         }
     }
     chart
@@ -114,17 +129,27 @@ fn draw_lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, c: &LineChart) -
 
 fn save_lines(dir: &Path, name: &str, c: &LineChart) -> Result<()> {
     let png = dir.join(format!("{name}.png"));
-    draw_lines(BitMapBackend::new(&png, (1000, 700)).into_drawing_area(), c).map_err(|e| perr(&png, e))?;
+    draw_lines(BitMapBackend::new(&png, (1000, 700)).into_drawing_area(), c)
+        .map_err(|e| perr(&png, e))?;
     let svg = dir.join(format!("{name}.svg"));
-    draw_lines(SVGBackend::new(&svg, (1000, 700)).into_drawing_area(), c).map_err(|e| perr(&svg, e))?;
+    draw_lines(SVGBackend::new(&svg, (1000, 700)).into_drawing_area(), c)
+        .map_err(|e| perr(&svg, e))?;
     Ok(())
 }
 
-fn draw_heatmap<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, layers: &[u32], experts: usize, counts: &BTreeMap<(u32, u32), u64>) -> std::result::Result<(), String> {
+fn draw_heatmap<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    layers: &[u32],
+    experts: usize,
+    counts: &BTreeMap<(u32, u32), u64>,
+) -> std::result::Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let max = counts.values().copied().max().unwrap_or(1).max(1) as f64;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Expert selection frequency (layer × expert)", ("sans-serif", 26))
+        .caption(
+            "Expert selection frequency (layer × expert)",
+            ("sans-serif", 26),
+        )
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
@@ -155,7 +180,13 @@ fn draw_heatmap<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, layers: &[u32]
 struct ViridisRGB;
 impl ViridisRGB {
     fn get_color(v: f64) -> RGBColor {
-        let stops = [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
+        let stops = [
+            (68.0, 1.0, 84.0),
+            (59.0, 82.0, 139.0),
+            (33.0, 145.0, 140.0),
+            (94.0, 201.0, 98.0),
+            (253.0, 231.0, 37.0),
+        ];
         let x = v.clamp(0.0, 1.0) * (stops.len() - 1) as f64;
         let i = (x.floor() as usize).min(stops.len() - 2);
         let t = x - i as f64;
@@ -166,7 +197,11 @@ impl ViridisRGB {
 }
 
 fn label(s: &CellSummary) -> String {
-    if s.miss == "load" { s.policy.clone() } else { format!("{} ({})", s.policy, s.miss) }
+    if s.miss == "load" {
+        s.policy.clone()
+    } else {
+        format!("{} ({})", s.policy, s.miss)
+    }
 }
 
 /// Draws every figure of a results directory from its `summary.parquet` and `trace.parquet`.
@@ -185,9 +220,21 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
     for (name, cells) in &groups {
         let mut c = cells.clone();
         c.sort_by(|a, b| a.budget_fraction.total_cmp(&b.budget_fraction));
-        hit.push(Series { label: name.clone(), points: c.iter().map(|s| (pct(s), s.effective_hit_rate)).collect(), dashed: false });
-        demand.push(Series { label: name.clone(), points: c.iter().map(|s| (pct(s), s.hit_rate)).collect(), dashed: false });
-        tps.push(Series { label: name.clone(), points: c.iter().map(|s| (pct(s), s.decode_tps)).collect(), dashed: false });
+        hit.push(Series {
+            label: name.clone(),
+            points: c.iter().map(|s| (pct(s), s.effective_hit_rate)).collect(),
+            dashed: false,
+        });
+        demand.push(Series {
+            label: name.clone(),
+            points: c.iter().map(|s| (pct(s), s.hit_rate)).collect(),
+            dashed: false,
+        });
+        tps.push(Series {
+            label: name.clone(),
+            points: c.iter().map(|s| (pct(s), s.decode_tps)).collect(),
+            dashed: false,
+        });
     }
     // The Belady bound per budget: the best offline hit rate over the cells at that budget.
     let mut bound: BTreeMap<u64, f64> = BTreeMap::new();
@@ -196,7 +243,11 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         let e = bound.entry(k).or_insert(0.0);
         *e = e.max(s.belady_hit_rate);
     }
-    hit.push(Series { label: "Belady (offline optimum)".into(), points: bound.iter().map(|(k, v)| (*k as f64 / 1e6, *v)).collect(), dashed: true });
+    hit.push(Series {
+        label: "Belady (offline optimum)".into(),
+        points: bound.iter().map(|(k, v)| (*k as f64 / 1e6, *v)).collect(),
+        dashed: true,
+    });
     save_lines(
         dir,
         "hit_rate_vs_budget",
@@ -222,12 +273,24 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
     save_lines(
         dir,
         "decode_tps_vs_budget",
-        &LineChart { title: "Decode speed vs budget".into(), x_label: "cache budget (% of routed-expert bytes)".into(), y_label: "decode tokens/s".into(), series: tps, y_range: None },
+        &LineChart {
+            title: "Decode speed vs budget".into(),
+            x_label: "cache budget (% of routed-expert bytes)".into(),
+            y_label: "decode tokens/s".into(),
+            series: tps,
+            y_range: None,
+        },
     )?;
 
     // Per-layer and over-time views at the smallest budget, one line per policy.
-    let smallest = summary.iter().map(|s| s.budget_fraction).fold(f64::INFINITY, f64::min);
-    let at_smallest: Vec<&CellSummary> = summary.iter().filter(|s| (s.budget_fraction - smallest).abs() < 1e-12).collect();
+    let smallest = summary
+        .iter()
+        .map(|s| s.budget_fraction)
+        .fold(f64::INFINITY, f64::min);
+    let at_smallest: Vec<&CellSummary> = summary
+        .iter()
+        .filter(|s| (s.budget_fraction - smallest).abs() < 1e-12)
+        .collect();
     let mut by_cell: BTreeMap<&str, Vec<&CellRow>> = BTreeMap::new();
     for r in &rows {
         by_cell.entry(r.cell.as_str()).or_default().push(r);
@@ -235,7 +298,9 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
     let mut per_layer = Vec::new();
     let mut rolling = Vec::new();
     for s in &at_smallest {
-        let Some(rs) = by_cell.get(s.cell.as_str()) else { continue };
+        let Some(rs) = by_cell.get(s.cell.as_str()) else {
+            continue;
+        };
         let mut layer: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         for r in rs {
             let e = layer.entry(r.rec.layer).or_default();
@@ -244,7 +309,10 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         }
         per_layer.push(Series {
             label: label(s),
-            points: layer.iter().map(|(l, (a, h))| (*l as f64, *h as f64 / (*a).max(1) as f64)).collect(),
+            points: layer
+                .iter()
+                .map(|(l, (a, h))| (*l as f64, *h as f64 / (*a).max(1) as f64))
+                .collect(),
             dashed: false,
         });
         // Rolling hit rate over the decode steps, in execution order (window of 16 steps).
@@ -263,17 +331,34 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         let pts = (0..steps.len())
             .map(|i| {
                 let lo = i.saturating_sub(w - 1);
-                let (a, h) = steps[lo..=i].iter().fold((0, 0), |acc, x| (acc.0 + x.0, acc.1 + x.1));
+                let (a, h) = steps[lo..=i]
+                    .iter()
+                    .fold((0, 0), |acc, x| (acc.0 + x.0, acc.1 + x.1));
                 (i as f64, h as f64 / a.max(1) as f64)
             })
             .collect();
-        rolling.push(Series { label: label(s), points: pts, dashed: false });
+        rolling.push(Series {
+            label: label(s),
+            points: pts,
+            dashed: false,
+        });
     }
-    let budget_note = at_smallest.first().map_or(String::new(), |s| format!(" (budget {:.1}% of expert bytes)", 100.0 * s.budget_fraction));
+    let budget_note = at_smallest.first().map_or(String::new(), |s| {
+        format!(
+            " (budget {:.1}% of expert bytes)",
+            100.0 * s.budget_fraction
+        )
+    });
     save_lines(
         dir,
         "hit_rate_per_layer",
-        &LineChart { title: format!("Hit rate per layer{budget_note}"), x_label: "decoder layer".into(), y_label: "hit rate".into(), series: per_layer, y_range: Some((0.0, 1.0)) },
+        &LineChart {
+            title: format!("Hit rate per layer{budget_note}"),
+            x_label: "decoder layer".into(),
+            y_label: "hit rate".into(),
+            series: per_layer,
+            y_range: Some((0.0, 1.0)),
+        },
     )?;
     save_lines(
         dir,
@@ -303,9 +388,21 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         }
         layers.sort_unstable();
         let png = dir.join("expert_frequency.png");
-        draw_heatmap(BitMapBackend::new(&png, (1000, 500)).into_drawing_area(), &layers, max_e, &counts).map_err(|e| perr(&png, e))?;
+        draw_heatmap(
+            BitMapBackend::new(&png, (1000, 500)).into_drawing_area(),
+            &layers,
+            max_e,
+            &counts,
+        )
+        .map_err(|e| perr(&png, e))?;
         let svg = dir.join("expert_frequency.svg");
-        draw_heatmap(SVGBackend::new(&svg, (1000, 500)).into_drawing_area(), &layers, max_e, &counts).map_err(|e| perr(&svg, e))?;
+        draw_heatmap(
+            SVGBackend::new(&svg, (1000, 500)).into_drawing_area(),
+            &layers,
+            max_e,
+            &counts,
+        )
+        .map_err(|e| perr(&svg, e))?;
     }
     Ok(())
 }

@@ -48,7 +48,9 @@ pub fn detect_prefix(ck: &Checkpoint) -> Result<Prefix> {
         let mut search = 0;
         while let Some(pos) = key[search..].find("layers.") {
             let end = search + pos + "layers.".len();
-            if key[end..].starts_with(|c: char| c.is_ascii_digit()) && (end == "layers.".len() || key.as_bytes()[end - "layers.".len() - 1] == b'.') {
+            if key[end..].starts_with(|c: char| c.is_ascii_digit())
+                && (end == "layers.".len() || key.as_bytes()[end - "layers.".len() - 1] == b'.')
+            {
                 *counts.entry(key[..end].to_string()).or_default() += 1;
                 break;
             }
@@ -61,7 +63,11 @@ pub fn detect_prefix(ck: &Checkpoint) -> Result<Prefix> {
         let model = layers.trim_end_matches("layers.").to_string();
         if ck.get(&format!("{model}embed_tokens.weight")).is_some() {
             let outer = model.strip_suffix("model.").unwrap_or("").to_string();
-            return Ok(Prefix { layers, lm_head: format!("{outer}lm_head"), model });
+            return Ok(Prefix {
+                layers,
+                lm_head: format!("{outer}lm_head"),
+                model,
+            });
         }
     }
     Err(Error::MissingTensor {
@@ -75,7 +81,10 @@ pub fn detect_prefix(ck: &Checkpoint) -> Result<Prefix> {
 pub fn detect_experts(ck: &Checkpoint, spec: &ModelSpec, prefix: &Prefix) -> Result<ExpertLayout> {
     let layer = spec.moe.moe_layers[0];
     let mlp = spec.keys.mlp;
-    let per = prefix.layer(layer, &format!("{mlp}.experts.0.{}.weight", spec.keys.expert_proj[0]));
+    let per = prefix.layer(
+        layer,
+        &format!("{mlp}.experts.0.{}.weight", spec.keys.expert_proj[0]),
+    );
     let stacked = prefix.layer(layer, &format!("{mlp}.switch_mlp.gate_proj.weight"));
     if ck.get(&per).is_some() {
         Ok(ExpertLayout::PerExpert)

@@ -16,7 +16,13 @@ use crate::error::Result;
 
 /// Loads module `module` as a row-major f32 `[rows, cols]` matrix: a float `{module}.weight`, or an
 /// MLX-quantized `{module}.weight` (u32) + `.scales` + `.biases`.
-pub fn load_matrix(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+pub fn load_matrix(
+    ck: &Checkpoint,
+    quant: Option<&QuantSpec>,
+    module: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     let wkey = format!("{module}.weight");
     let skey = format!("{module}.scales");
     if ck.get(&skey).is_none() {
@@ -24,20 +30,44 @@ pub fn load_matrix(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, row
     }
     let (w, s, b, p) = quantized_parts(ck, quant, module, &[], rows, cols)?;
     let mut out = Vec::new();
-    quant::dequantize_into(ck.mapped(w), ck.mapped(s), ck.mapped(b), s.dtype, p, cols, &mut out)
-        .map_err(|m| ck.tensor_err(&wkey, w, m))?;
+    quant::dequantize_into(
+        ck.mapped(w),
+        ck.mapped(s),
+        ck.mapped(b),
+        s.dtype,
+        p,
+        cols,
+        &mut out,
+    )
+    .map_err(|m| ck.tensor_err(&wkey, w, m))?;
     Ok(out)
 }
 
 /// Loads a stack of `heads` matrices `[heads, rows, cols]` (float, or MLX-quantized along `cols`).
-pub fn load_stacked(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, heads: usize, rows: usize, cols: usize) -> Result<Vec<f32>> {
+pub fn load_stacked(
+    ck: &Checkpoint,
+    quant: Option<&QuantSpec>,
+    module: &str,
+    heads: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     let wkey = format!("{module}.weight");
     if ck.get(&format!("{module}.scales")).is_none() {
         return ck.f32_vec(&wkey, &[heads, rows, cols]);
     }
     let (w, s, b, p) = quantized_parts(ck, quant, module, &[heads], rows, cols)?;
     let mut out = Vec::new();
-    quant::dequantize_into(ck.mapped(w), ck.mapped(s), ck.mapped(b), s.dtype, p, cols, &mut out).map_err(|m| ck.tensor_err(&wkey, w, m))?;
+    quant::dequantize_into(
+        ck.mapped(w),
+        ck.mapped(s),
+        ck.mapped(b),
+        s.dtype,
+        p,
+        cols,
+        &mut out,
+    )
+    .map_err(|m| ck.tensor_err(&wkey, w, m))?;
     Ok(out)
 }
 
@@ -49,7 +79,12 @@ pub fn quantized_parts<'a>(
     lead: &[usize],
     rows: usize,
     cols: usize,
-) -> Result<(&'a TensorEntry, &'a TensorEntry, &'a TensorEntry, QuantParams)> {
+) -> Result<(
+    &'a TensorEntry,
+    &'a TensorEntry,
+    &'a TensorEntry,
+    QuantParams,
+)> {
     let wkey = format!("{module}.weight");
     let skey = format!("{module}.scales");
     let bkey = format!("{module}.biases");
@@ -57,15 +92,35 @@ pub fn quantized_parts<'a>(
     let s = ck.require(&skey)?;
     let b = ck.require(&bkey)?;
     let n = lead.len();
-    let shape_ok = |e: &TensorEntry| e.shape.len() == n + 2 && e.shape[..n] == *lead && e.shape[n] == rows;
+    let shape_ok =
+        |e: &TensorEntry| e.shape.len() == n + 2 && e.shape[..n] == *lead && e.shape[n] == rows;
     if w.dtype != DType::U32 || !shape_ok(w) {
         return Err(ck.tensor_err(&wkey, w, format!("expected packed U32 [{lead:?}.., {rows}, in·bits/32] for in = {cols}, found {:?} {:?}", w.dtype, w.shape)));
     }
-    if !shape_ok(s) || s.shape != b.shape || s.dtype != b.dtype || !matches!(s.dtype, DType::F16 | DType::BF16 | DType::F32) {
-        return Err(ck.tensor_err(&skey, s, format!("scales {:?} {:?} / biases {:?} {:?} do not match the weight rows {rows}", s.dtype, s.shape, b.dtype, b.shape)));
+    if !shape_ok(s)
+        || s.shape != b.shape
+        || s.dtype != b.dtype
+        || !matches!(s.dtype, DType::F16 | DType::BF16 | DType::F32)
+    {
+        return Err(ck.tensor_err(
+            &skey,
+            s,
+            format!(
+                "scales {:?} {:?} / biases {:?} {:?} do not match the weight rows {rows}",
+                s.dtype, s.shape, b.dtype, b.shape
+            ),
+        ));
     }
     let inferred = quant::infer_params(cols, w.shape[n + 1], s.shape[n + 1]).ok_or_else(|| {
-        ck.tensor_err(&wkey, w, format!("packed width {} and {} scale groups do not fit {cols} inputs at 2, 4 or 8 bits", w.shape[n + 1], s.shape[n + 1]))
+        ck.tensor_err(
+            &wkey,
+            w,
+            format!(
+                "packed width {} and {} scale groups do not fit {cols} inputs at 2, 4 or 8 bits",
+                w.shape[n + 1],
+                s.shape[n + 1]
+            ),
+        )
     })?;
     if let Some(cfg) = quant.and_then(|q| q.for_module(module)) {
         if cfg != inferred {

@@ -7,12 +7,23 @@ use super::safetensors::{to_f32, DType};
 
 /// Infers (bits, group_size) of a quantized `[out, in]` matrix from the shapes of its packed
 /// weight (`[.., out, in·bits/32]`) and scales (`[.., out, in/group_size]`).
-pub fn infer_params(in_features: usize, packed_cols: usize, scale_cols: usize) -> Option<QuantParams> {
-    if in_features == 0 || scale_cols == 0 || (packed_cols * 32) % in_features != 0 || in_features % scale_cols != 0 {
+pub fn infer_params(
+    in_features: usize,
+    packed_cols: usize,
+    scale_cols: usize,
+) -> Option<QuantParams> {
+    if in_features == 0
+        || scale_cols == 0
+        || (packed_cols * 32) % in_features != 0
+        || in_features % scale_cols != 0
+    {
         return None;
     }
     let bits = packed_cols * 32 / in_features;
-    matches!(bits, 2 | 4 | 8).then_some(QuantParams { bits, group_size: in_features / scale_cols })
+    matches!(bits, 2 | 4 | 8).then_some(QuantParams {
+        bits,
+        group_size: in_features / scale_cols,
+    })
 }
 
 /// Dequantizes `rows × in_features` values into `out` (f32), given the raw packed words, scales
@@ -31,7 +42,10 @@ pub fn dequantize_into(
     let groups = in_features / p.group_size;
     let words_per_row = in_features * p.bits / 32;
     let rows = scales.len() / groups.max(1);
-    if packed.len() != rows * words_per_row * 4 || biases.len() != scales.len() || rows * groups != scales.len() {
+    if packed.len() != rows * words_per_row * 4
+        || biases.len() != scales.len()
+        || rows * groups != scales.len()
+    {
         return Err(format!(
             "quantized sizes disagree: {} packed bytes, {} scales, {} biases for {rows} rows of {in_features} inputs at {} bits, group {}",
             packed.len(),
@@ -74,13 +88,33 @@ mod tests {
         }
         let packed: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let scales: Vec<u8> = [0.5f32, 2.0].iter().flat_map(|s| s.to_le_bytes()).collect();
-        let biases: Vec<u8> = [1.0f32, -1.0].iter().flat_map(|s| s.to_le_bytes()).collect();
+        let biases: Vec<u8> = [1.0f32, -1.0]
+            .iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect();
         let mut out = Vec::new();
-        let p = QuantParams { bits: 4, group_size: 8 };
+        let p = QuantParams {
+            bits: 4,
+            group_size: 8,
+        };
         dequantize_into(&packed, &scales, &biases, DType::F32, p, 16, &mut out).unwrap();
-        let want: Vec<f32> = (0..16).map(|i| if i < 8 { 0.5 * i as f32 + 1.0 } else { 2.0 * i as f32 - 1.0 }).collect();
+        let want: Vec<f32> = (0..16)
+            .map(|i| {
+                if i < 8 {
+                    0.5 * i as f32 + 1.0
+                } else {
+                    2.0 * i as f32 - 1.0
+                }
+            })
+            .collect();
         assert_eq!(out, want);
         assert_eq!(infer_params(16, 2, 2), Some(p));
-        assert_eq!(infer_params(64, 4, 1), Some(QuantParams { bits: 2, group_size: 64 }));
+        assert_eq!(
+            infer_params(64, 4, 1),
+            Some(QuantParams {
+                bits: 2,
+                group_size: 64
+            })
+        );
     }
 }

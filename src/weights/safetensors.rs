@@ -67,7 +67,10 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("dir", &self.dir).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -93,28 +96,38 @@ impl Checkpoint {
                 .ok_or_else(|| Error::format(&index, "missing object `weight_map`"))?;
             let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (key, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| Error::format(&index, format!("weight_map[`{key}`] is not a string")))?;
+                let file = file.as_str().ok_or_else(|| {
+                    Error::format(&index, format!("weight_map[`{key}`] is not a string"))
+                })?;
                 if file.contains('/') || file.contains("..") {
                     return Err(Error::format(&index, format!("weight_map[`{key}`] = `{file}` is not a file name in the checkpoint directory")));
                 }
-                by_file.entry(file.to_string()).or_default().push(key.clone());
+                by_file
+                    .entry(file.to_string())
+                    .or_default()
+                    .push(key.clone());
             }
             for (file, keys) in by_file {
                 let path = dir.join(&file);
                 if !path.exists() {
                     return Err(Error::format(
                         &index,
-                        format!("names shard `{file}` (for `{}` and {} more) but {} does not exist", keys[0], keys.len() - 1, path.display()),
+                        format!(
+                            "names shard `{file}` (for `{}` and {} more) but {} does not exist",
+                            keys[0],
+                            keys.len() - 1,
+                            path.display()
+                        ),
                     ));
                 }
                 let shard = ck.add_shard(&path)?;
                 for key in keys {
-                    if !ck.tensors.get(&key).is_some_and(|t| t.shard == shard) {
+                    if ck.tensors.get(&key).is_none_or(|t| t.shard != shard) {
                         return Err(Error::format(
                             &index,
-                            format!("says `{key}` is in `{file}`, but that shard has no such tensor"),
+                            format!(
+                                "says `{key}` is in `{file}`, but that shard has no such tensor"
+                            ),
                         ));
                     }
                 }
@@ -152,12 +165,19 @@ impl Checkpoint {
             if let Some(prev) = self.tensors.get(&key) {
                 return Err(Error::format(
                     path,
-                    format!("tensor `{key}` also appears in {}", self.shards[prev.shard].path.display()),
+                    format!(
+                        "tensor `{key}` also appears in {}",
+                        self.shards[prev.shard].path.display()
+                    ),
                 ));
             }
             self.tensors.insert(key, e);
         }
-        self.shards.push(Shard { path: path.to_path_buf(), file, mmap });
+        self.shards.push(Shard {
+            path: path.to_path_buf(),
+            file,
+            mmap,
+        });
         Ok(idx)
     }
 
@@ -200,8 +220,11 @@ impl Checkpoint {
     pub fn read_at(&self, shard: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let s = &self.shards[shard];
-        s.file.read_exact_at(buf, offset).map_err(|e| Error::io(&s.path, e))?;
-        self.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        s.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(&s.path, e))?;
+        self.bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -220,21 +243,35 @@ impl Checkpoint {
     /// Fails unless the tensor has exactly `shape`.
     pub fn check_shape(&self, key: &str, e: &TensorEntry, shape: &[usize]) -> Result<()> {
         if e.shape != shape {
-            return Err(self.tensor_err(key, e, format!("shape {:?} disagrees with the config, which implies {:?}", e.shape, shape)));
+            return Err(self.tensor_err(
+                key,
+                e,
+                format!(
+                    "shape {:?} disagrees with the config, which implies {:?}",
+                    e.shape, shape
+                ),
+            ));
         }
         Ok(())
     }
 
     /// A [`Error::Tensor`] about `key`.
     pub fn tensor_err(&self, key: &str, e: &TensorEntry, msg: impl Into<String>) -> Error {
-        Error::Tensor { key: key.to_string(), path: self.shards[e.shard].path.clone(), msg: msg.into() }
+        Error::Tensor {
+            key: key.to_string(),
+            path: self.shards[e.shard].path.clone(),
+            msg: msg.into(),
+        }
     }
 }
 
 /// Converts little-endian float bytes to f32.
 pub fn to_f32(bytes: &[u8], dtype: DType) -> std::result::Result<Vec<f32>, String> {
     Ok(match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         DType::BF16 => bytes
             .chunks_exact(2)
             .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
@@ -243,7 +280,11 @@ pub fn to_f32(bytes: &[u8], dtype: DType) -> std::result::Result<Vec<f32>, Strin
             .chunks_exact(2)
             .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
             .collect(),
-        other => return Err(format!("dtype {other:?} where a float tensor (F32, F16, BF16) is needed")),
+        other => {
+            return Err(format!(
+                "dtype {other:?} where a float tensor (F32, F16, BF16) is needed"
+            ))
+        }
     })
 }
 
@@ -282,15 +323,23 @@ fn other_size(s: &str) -> Option<usize> {
 fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
     let fail = |msg: String| Error::format(path, format!("invalid safetensors file: {msg}"));
     if data.len() < 8 {
-        return Err(fail(format!("file is {} bytes, shorter than the 8-byte header length (truncated?)", data.len())));
+        return Err(fail(format!(
+            "file is {} bytes, shorter than the 8-byte header length (truncated?)",
+            data.len()
+        )));
     }
     let n = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
     if n > (data.len() - 8) as u64 {
-        return Err(fail(format!("header length {n} runs past the end of the {}-byte file (truncated?)", data.len())));
+        return Err(fail(format!(
+            "header length {n} runs past the end of the {}-byte file (truncated?)",
+            data.len()
+        )));
     }
     let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n as usize])
         .map_err(|e| fail(format!("header is not valid JSON: {e}")))?;
-    let obj = header.as_object().ok_or_else(|| fail("header is not a JSON object".into()))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| fail("header is not a JSON object".into()))?;
     let base = 8 + n;
     let data_len = data.len() as u64 - base;
     let mut out = Vec::with_capacity(obj.len());
@@ -298,7 +347,10 @@ fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<(String, TensorEntry)>> 
         if key == "__metadata__" {
             continue;
         }
-        let dt = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| fail(format!("`{key}`: missing dtype")))?;
+        let dt = v
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| fail(format!("`{key}`: missing dtype")))?;
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
@@ -306,7 +358,11 @@ fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<(String, TensorEntry)>> 
             .iter()
             .map(|d| d.as_u64().map(|d| d as usize))
             .collect::<Option<_>>()
-            .ok_or_else(|| fail(format!("`{key}`: shape is not a list of non-negative integers")))?;
+            .ok_or_else(|| {
+                fail(format!(
+                    "`{key}`: shape is not a list of non-negative integers"
+                ))
+            })?;
         let offs: Vec<u64> = v
             .get("data_offsets")
             .and_then(|s| s.as_array())
@@ -320,7 +376,10 @@ fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<(String, TensorEntry)>> 
             )));
         }
         let dtype = parse_dtype(dt);
-        let elem = dtype.size().or_else(|| other_size(dt)).ok_or_else(|| fail(format!("`{key}`: unknown dtype `{dt}`")))?;
+        let elem = dtype
+            .size()
+            .or_else(|| other_size(dt))
+            .ok_or_else(|| fail(format!("`{key}`: unknown dtype `{dt}`")))?;
         let numel: usize = shape.iter().product();
         if (numel * elem) as u64 != e - b {
             return Err(fail(format!(
@@ -329,7 +388,16 @@ fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<(String, TensorEntry)>> 
                 e - b
             )));
         }
-        out.push((key.clone(), TensorEntry { shard: 0, dtype, shape, offset: base + b, len: e - b }));
+        out.push((
+            key.clone(),
+            TensorEntry {
+                shard: 0,
+                dtype,
+                shape,
+                offset: base + b,
+                len: e - b,
+            },
+        ));
     }
     Ok(out)
 }
@@ -349,20 +417,45 @@ mod tests {
     fn reads_valid_and_rejects_lies() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("model.safetensors");
-        write(&p, r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0, 0, 128, 63, 0, 0, 0, 64]);
+        write(
+            &p,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            &[0, 0, 128, 63, 0, 0, 0, 64],
+        );
         let ck = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(ck.f32_vec("a", &[2]).unwrap(), vec![1.0, 2.0]);
-        assert!(ck.f32_vec("a", &[3]).unwrap_err().to_string().contains("shape"));
+        assert!(ck
+            .f32_vec("a", &[3])
+            .unwrap_err()
+            .to_string()
+            .contains("shape"));
         // Offsets past the end of the file.
-        write(&p, r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]);
+        write(
+            &p,
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            &[0; 8],
+        );
         let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("run past") && err.contains("model.safetensors"), "{err}");
+        assert!(
+            err.contains("run past") && err.contains("model.safetensors"),
+            "{err}"
+        );
         // Byte length disagreeing with dtype × shape.
-        write(&p, r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
-        assert!(Checkpoint::open(dir.path()).unwrap_err().to_string().contains("needs 12 bytes"));
+        write(
+            &p,
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
+        assert!(Checkpoint::open(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("needs 12 bytes"));
         // Truncated inside the header.
         std::fs::write(&p, [200u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
-        assert!(Checkpoint::open(dir.path()).unwrap_err().to_string().contains("truncated"));
+        assert!(Checkpoint::open(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
     }
 
     #[test]
@@ -374,6 +467,9 @@ mod tests {
         )
         .unwrap();
         let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("model-00001-of-00002.safetensors") && err.contains("does not exist"), "{err}");
+        assert!(
+            err.contains("model-00001-of-00002.safetensors") && err.contains("does not exist"),
+            "{err}"
+        );
     }
 }

@@ -13,7 +13,11 @@ pub fn fixtures() -> PathBuf {
 /// A fixture directory by name.
 pub fn fixture(name: &str) -> PathBuf {
     let p = fixtures().join(name);
-    assert!(p.join("config.json").exists(), "missing fixture {} (run scripts/make_fixtures.py)", p.display());
+    assert!(
+        p.join("config.json").exists(),
+        "missing fixture {} (run scripts/make_fixtures.py)",
+        p.display()
+    );
     p
 }
 
@@ -26,19 +30,38 @@ pub struct Reference {
 
 impl Reference {
     pub fn load(dir: &Path) -> Reference {
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.join("reference.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+        std::fs::copy(
+            dir.join("reference.safetensors"),
+            tmp.path().join("model.safetensors"),
+        )
+        .unwrap();
         let ck = Checkpoint::open(tmp.path()).unwrap();
         let e = ck.get("logits").expect("reference logits").clone();
         let logits = ck.f32_vec("logits", &e.shape).unwrap();
-        Reference { json, logits, vocab: e.shape[1] }
+        Reference {
+            json,
+            logits,
+            vocab: e.shape[1],
+        }
     }
     pub fn tokens(&self) -> Vec<u32> {
-        self.json["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+        self.json["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect()
     }
     pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect()
     }
 }
 
