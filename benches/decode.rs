@@ -53,4 +53,35 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode);
+/// Decode cost of MLA vs GQA attention at equal hidden size (64): the DeepSeek-V3 fixture
+/// (MLA, 4 heads, latent 64) against the Qwen3-MoE fixture (GQA, 4 heads / 2 KV heads), both
+/// f32, 8 experts top-2, unlimited budget.
+fn mla_vs_gqa(c: &mut Criterion) {
+    let mut g = c.benchmark_group("attention");
+    g.throughput(Throughput::Elements(STEPS as u64));
+    g.sample_size(20);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    for (name, fixture) in [
+        ("GQA qwen3_moe (baseline)", "qwen3_moe-f32"),
+        ("MLA deepseek_v3", "deepseek_v3-f32"),
+    ] {
+        let mut e = engine(&root.join(fixture), Budget::Unlimited, "lru", false);
+        g.bench_function(BenchmarkId::new("hidden 64, 16 tokens", name), |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    let mut kv = KvCache::default();
+                    e.forward(&[1, 2, 3, 4, 5, 6, 7, 8], &mut kv, 0, true)
+                        .unwrap();
+                    let t = std::time::Instant::now();
+                    decode_steps(&mut e, &mut kv);
+                    total += t.elapsed();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, mla_vs_gqa);

@@ -40,6 +40,30 @@ enum Cmd {
     Plot(PlotArgs),
     /// Replay a routing trace under every policy × budget and report hit rates.
     Simulate(SimulateArgs),
+    /// Write a random-weight checkpoint with a real model's shapes and layout (for speed runs).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// The model's config.json (e.g. experiments/configs/glm47-flash.json).
+    #[arg(long)]
+    config: PathBuf,
+    /// mlx4, mlx8 or bf16.
+    #[arg(long, default_value = "mlx4")]
+    layout: String,
+    /// Output directory (must not hold a checkpoint).
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep only the first N decoder layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Approximate shard size, e.g. 2GB.
+    #[arg(long, default_value = "2GB")]
+    shard_size: String,
 }
 
 #[derive(Args)]
@@ -227,6 +251,27 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Simulate(a) => cmd_simulate(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Synth(a) => {
+            let layout: moe_harness::synth::SynthLayout = a.layout.parse()?;
+            let shard = parse_size(&a.shard_size)
+                .with_context(|| format!("--shard-size {}", a.shard_size))?;
+            let r = moe_harness::synth::synth(
+                &a.config,
+                &a.out,
+                layout,
+                a.layers,
+                a.seed,
+                shard.max(1 << 20),
+            )?;
+            eprintln!(
+                "wrote {} tensors, {:.2} GB in {} shards to {}",
+                r.tensors,
+                r.bytes as f64 / 1e9,
+                r.shards,
+                r.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Plot(a) => {
             moe_harness::report::plot_dir(&a.dir)?;
             eprintln!("plots written to {}", a.dir.display());

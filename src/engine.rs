@@ -235,7 +235,7 @@ impl Engine {
         let prefix = layout::detect_prefix(&ck)?;
         let experts = layout::detect_experts(&ck, &spec, &prefix)?;
         let store = ExpertStore::new(ck.clone(), &spec, &prefix, experts, device.clone())?;
-        check_budget(&spec, &store, &cfg.budget)?;
+        check_budget(&spec, &store, &cfg)?;
         let model = Model::load(&ck, &spec, &prefix, &device)?;
         let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
         let core = CacheCore::new(&cfg.policy, cfg.budget, &moe_layers)?;
@@ -288,7 +288,7 @@ impl Engine {
                 cfg.policy
             )));
         }
-        check_budget(&self.model.spec, &self.store, &cfg.budget)?;
+        check_budget(&self.model.spec, &self.store, &cfg)?;
         let moe_layers: Vec<u32> = self
             .model
             .spec
@@ -463,8 +463,20 @@ impl Engine {
 }
 
 /// Rejects budgets below one token's working set (top-k experts of one layer).
-fn check_budget(spec: &ModelSpec, store: &ExpertStore, budget: &Budget) -> Result<()> {
+fn check_budget(spec: &ModelSpec, store: &ExpertStore, cfg: &EngineConfig) -> Result<()> {
+    let budget = &cfg.budget;
     let k = spec.moe.top_k;
+    // Pinned hot experts take slots for good: a step must still fit its top-k beside them.
+    if let (crate::experts::policies::PolicySpec::Static { n }, Budget::SlotsPerLayer(c)) =
+        (cfg.policy.eviction(), budget)
+    {
+        if *c < n + k {
+            return Err(Error::Input(format!(
+                "policy `static-{n}` at capacity {c}: {n} pinned experts plus one token's top-{k} need at least {} slots per layer",
+                n + k
+            )));
+        }
+    }
     let largest = spec
         .moe
         .moe_layers

@@ -16,6 +16,7 @@ pub mod models;
 pub mod report;
 pub mod run;
 pub mod simulate;
+pub mod synth;
 pub mod trace;
 pub mod weights;
 

@@ -15,7 +15,7 @@ use crate::engine::{Engine, EngineConfig, MissMode, Sampler, StepRecord};
 use crate::error::{Error, Result};
 use crate::experiment::{BudgetSpec, Cell, Experiment};
 use crate::experts::cache::{Budget, Phase};
-use crate::experts::policies::PolicySpec;
+use crate::experts::policies::{FrequencyProfile, PolicySpec};
 use crate::io::write_atomic;
 use crate::trace::{self, CellRow};
 
@@ -168,6 +168,13 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         EngineConfig::default(),
     )?;
     let total_expert_bytes = engine.total_expert_bytes();
+    // `static-N` pins the most frequent experts of a profile: an unlimited-budget pass over the
+    // same prompts (an oracle profile, as `harness simulate` derives one from a trace).
+    let cell_profile = if exp.cells.iter().any(|c| c.policy.needs_profile()) {
+        Some(profile(&mut engine, &exp, &all, &stop)?)
+    } else {
+        None
+    };
     let progress = progress_bar(opts.progress, (exp.cells.len() * all.len()) as u64);
     let finished = exp
         .cells
@@ -208,6 +215,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
             total_expert_bytes,
             &tmp_dir,
             &progress,
+            cell_profile.as_ref(),
         )?;
         write_atomic(
             &done,
@@ -278,6 +286,7 @@ fn run_cell(
     total_expert_bytes: u64,
     tmp_dir: &Path,
     progress: &ProgressBar,
+    profile: Option<&FrequencyProfile>,
 ) -> Result<CellSummary> {
     let spec = engine.spec().clone();
     let budget = resolve_budget(
@@ -292,8 +301,13 @@ fn run_cell(
         miss: cell.miss,
         record_trace: true,
     };
+    let cell_profile = if cell.policy.needs_profile() {
+        profile.cloned()
+    } else {
+        None
+    };
     engine
-        .reconfigure(cfg.clone())
+        .reconfigure_with(cfg.clone(), cell_profile.clone())
         .map_err(|e| Error::Input(format!("cell `{}`: {e}", cell.id)))?;
     let _ = engine.take_trace();
     let mut sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
@@ -362,7 +376,7 @@ fn run_cell(
     };
     // Restore the cell's configuration after the exact re-run of the drift check.
     if cell.miss == MissMode::Skip {
-        engine.reconfigure(cfg)?;
+        engine.reconfigure_with(cfg, cell_profile)?;
     }
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let issued = stats.cache.prefetch.issued - before.prefetch.issued;
@@ -414,6 +428,29 @@ fn run_cell(
         kl_mean: kl,
         top1_agreement: top1,
     })
+}
+
+/// Expert selection counts of the prompts under an unlimited budget.
+fn profile(
+    engine: &mut Engine,
+    exp: &Experiment,
+    prompts: &[(bool, Vec<u32>)],
+    stop: &[u32],
+) -> Result<FrequencyProfile> {
+    engine.reconfigure(EngineConfig {
+        record_trace: true,
+        ..EngineConfig::default()
+    })?;
+    let mut sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
+    for (_, ids) in prompts {
+        engine.generate(ids, exp.generation.max_new_tokens, &mut sampler, stop)?;
+    }
+    let rows: Vec<crate::simulate::TraceRow> = engine
+        .take_trace()
+        .iter()
+        .map(crate::simulate::TraceRow::from)
+        .collect();
+    Ok(crate::simulate::profile_from_rows(&rows))
 }
 
 /// Belady's hit rate on a cell's own trace at the cell's budget (measured prompts only).

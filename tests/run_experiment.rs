@@ -46,7 +46,7 @@ fn harness(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn run_writes_results_and_replays_to_the_same_hits() {
     let d = tempfile::tempdir().unwrap();
-    let f = write_experiment(d.path(), "policy = [\"lru\", \"lfu\", \"lookahead\"]\ncapacity = [2, 4]\nmiss = [\"load\", \"skip\"]");
+    let f = write_experiment(d.path(), "policy = [\"lru\", \"lfu\", \"lookahead\", \"lcp-0.25-128\", \"lfu-decay0.9\"]\ncapacity = [2, 4]\nmiss = [\"load\", \"skip\"]");
     let out = run_file(&f);
     for name in [
         "trace.parquet",
@@ -69,7 +69,7 @@ fn run_writes_results_and_replays_to_the_same_hits() {
         "per-cell scratch files are merged away"
     );
     let s = summaries(&out);
-    assert_eq!(s.len(), 12);
+    assert_eq!(s.len(), 20);
     for c in &s {
         assert!(c.accesses > 0 && c.hits <= c.accesses, "{c:?}");
         assert!(
@@ -96,7 +96,10 @@ fn run_writes_results_and_replays_to_the_same_hits() {
     );
     // Engine ≡ simulator: replaying each cell's trace through `harness simulate` gives its hits.
     let trace = out.join("trace.parquet");
-    for c in &s {
+    for c in s
+        .iter()
+        .filter(|c| c.miss == "load" || !c.policy.starts_with("static"))
+    {
         let cap = c.capacity.unwrap().to_string();
         let (code, stdout, err) = harness(&[
             "simulate",
@@ -122,6 +125,48 @@ fn run_writes_results_and_replays_to_the_same_hits() {
         );
         assert_eq!(v[0]["accesses"].as_u64().unwrap(), c.accesses, "{}", c.cell);
     }
+    // `static-N` pins the N most frequent experts of an oracle profile; it needs N + top-k slots.
+    let d2 = tempfile::tempdir().unwrap();
+    let err = moe_harness::run::run(
+        &experiment::load(
+            &write_experiment(d2.path(), "policy = \"static-2\"\ncapacity = 3"),
+            true,
+        )
+        .unwrap(),
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("static-2") && err.contains("at least 4"),
+        "{err}"
+    );
+    let st = run_file(&write_experiment(
+        d2.path(),
+        "policy = [\"static-2\", \"lru\"]\ncapacity = 5",
+    ));
+    let c = &summaries(&st)[0];
+    let (code, stdout, err) = harness(&[
+        "simulate",
+        "--trace",
+        st.join("trace.parquet").to_str().unwrap(),
+        "--cell",
+        &c.cell,
+        "--policy",
+        "static-2",
+        "--capacity",
+        "5",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        v[0]["hits"].as_u64().unwrap(),
+        c.hits,
+        "static-2: simulator vs engine"
+    );
     // `harness plot` redraws from the Parquet files alone.
     std::fs::remove_file(out.join("hit_rate_vs_budget.png")).unwrap();
     let (code, _, err) = harness(&["plot", out.to_str().unwrap()]);

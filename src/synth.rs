@@ -1,0 +1,440 @@
+//! `harness synth`: writes a random-weight checkpoint with the exact tensor names, shapes and
+//! layout of a real model (from its `config.json`), so that speed can be measured at real expert
+//! sizes without downloading weights. Layouts: MLX affine 4/8-bit (stacked `switch_mlp`, as
+//! `mlx_lm.convert -q` writes it) or bf16 HF per-expert. Routing on random weights is
+//! unrealistic: use it for speed, not hit rates.
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, ModelSpec, RouterSpec};
+use crate::error::{Error, Result};
+
+/// On-disk layout to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthLayout {
+    /// MLX affine, group 64, at this many bits (4 or 8).
+    Mlx(usize),
+    /// HF per-expert keys, bf16.
+    Bf16,
+}
+
+impl std::str::FromStr for SynthLayout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mlx4" => Ok(SynthLayout::Mlx(4)),
+            "mlx8" => Ok(SynthLayout::Mlx(8)),
+            "bf16" => Ok(SynthLayout::Bf16),
+            _ => Err(Error::Input(format!(
+                "unknown layout `{s}` (known: mlx4, mlx8, bf16)"
+            ))),
+        }
+    }
+}
+
+const GROUP: usize = 64;
+
+/// One tensor to write: name, dtype tag, shape, and how to fill it.
+struct Planned {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    fill: Fill,
+}
+
+#[derive(Clone, Copy)]
+enum Fill {
+    /// bf16 uniform noise with this standard deviation.
+    Random(f32),
+    /// bf16 constant.
+    Const(f32),
+    /// f32 constant.
+    ConstF32(f32),
+    /// Random packed quantized words.
+    Words,
+}
+
+impl Planned {
+    fn bytes(&self) -> u64 {
+        let n: usize = self.shape.iter().product();
+        (n * if self.dtype == "BF16" { 2 } else { 4 }) as u64
+    }
+}
+
+struct Plan {
+    layout: SynthLayout,
+    tensors: Vec<Planned>,
+}
+
+impl Plan {
+    fn vector(&mut self, name: String, n: usize, fill: Fill) {
+        self.tensors.push(Planned {
+            name,
+            dtype: "BF16",
+            shape: vec![n],
+            fill,
+        });
+    }
+    /// A matrix `[lead.., rows, cols]`, quantized along `cols` in MLX layouts when it divides.
+    fn matrix(&mut self, module: &str, lead: &[usize], rows: usize, cols: usize, quantize: bool) {
+        let scale = (cols as f32).powf(-0.5);
+        let mut shape = lead.to_vec();
+        match self.layout {
+            SynthLayout::Mlx(bits) if quantize && cols % GROUP == 0 => {
+                let mut w = shape.clone();
+                w.extend([rows, cols * bits / 32]);
+                let mut s = shape.clone();
+                s.extend([rows, cols / GROUP]);
+                self.tensors.push(Planned {
+                    name: format!("{module}.weight"),
+                    dtype: "U32",
+                    shape: w,
+                    fill: Fill::Words,
+                });
+                // w = scale·q + bias with q uniform in 0..2^bits: centre it and give it std ≈ scale.
+                let levels = ((1usize << bits) - 1) as f32;
+                let step = scale * 3.46 / levels;
+                self.tensors.push(Planned {
+                    name: format!("{module}.scales"),
+                    dtype: "BF16",
+                    shape: s.clone(),
+                    fill: Fill::Const(step),
+                });
+                self.tensors.push(Planned {
+                    name: format!("{module}.biases"),
+                    dtype: "BF16",
+                    shape: s,
+                    fill: Fill::Const(-step * levels / 2.0),
+                });
+            }
+            _ => {
+                shape.extend([rows, cols]);
+                self.tensors.push(Planned {
+                    name: format!("{module}.weight"),
+                    dtype: "BF16",
+                    shape,
+                    fill: Fill::Random(scale),
+                });
+            }
+        }
+    }
+}
+
+fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
+    let mut p = Plan {
+        layout,
+        tensors: Vec::new(),
+    };
+    let (h, v) = (spec.hidden_size, spec.vocab_size);
+    p.matrix("model.embed_tokens", &[], v, h, true);
+    p.vector("model.norm.weight".into(), h, Fill::Const(1.0));
+    if !spec.tie_word_embeddings {
+        p.matrix("lm_head", &[], v, h, true);
+    }
+    let a = &spec.attention;
+    for i in 0..spec.num_layers {
+        let l = format!("model.layers.{i}");
+        p.vector(format!("{l}.input_layernorm.weight"), h, Fill::Const(1.0));
+        p.vector(
+            format!("{l}.post_attention_layernorm.weight"),
+            h,
+            Fill::Const(1.0),
+        );
+        let at = format!("{l}.self_attn");
+        match &spec.mla {
+            Some(m) => {
+                let dq = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                let heads = a.num_heads;
+                match m.q_lora_rank {
+                    Some(r) => {
+                        p.matrix(&format!("{at}.q_a_proj"), &[], r, h, true);
+                        p.vector(format!("{at}.q_a_layernorm.weight"), r, Fill::Const(1.0));
+                        p.matrix(&format!("{at}.q_b_proj"), &[], heads * dq, r, true);
+                    }
+                    None => p.matrix(&format!("{at}.q_proj"), &[], heads * dq, h, true),
+                }
+                p.matrix(
+                    &format!("{at}.kv_a_proj_with_mqa"),
+                    &[],
+                    m.kv_lora_rank + m.qk_rope_head_dim,
+                    h,
+                    true,
+                );
+                p.vector(
+                    format!("{at}.kv_a_layernorm.weight"),
+                    m.kv_lora_rank,
+                    Fill::Const(1.0),
+                );
+                if let SynthLayout::Mlx(_) = layout {
+                    p.matrix(
+                        &format!("{at}.embed_q"),
+                        &[heads],
+                        m.kv_lora_rank,
+                        m.qk_nope_head_dim,
+                        true,
+                    );
+                    p.matrix(
+                        &format!("{at}.unembed_out"),
+                        &[heads],
+                        m.v_head_dim,
+                        m.kv_lora_rank,
+                        true,
+                    );
+                } else {
+                    p.matrix(
+                        &format!("{at}.kv_b_proj"),
+                        &[],
+                        heads * (m.qk_nope_head_dim + m.v_head_dim),
+                        m.kv_lora_rank,
+                        true,
+                    );
+                }
+                p.matrix(&format!("{at}.o_proj"), &[], h, heads * m.v_head_dim, true);
+            }
+            None => {
+                let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+                for (n, o, bias) in [
+                    ("q_proj", nh * hd, a.qkv_bias),
+                    ("k_proj", nkv * hd, a.qkv_bias),
+                    ("v_proj", nkv * hd, a.qkv_bias),
+                ] {
+                    p.matrix(&format!("{at}.{n}"), &[], o, h, true);
+                    if bias {
+                        p.vector(format!("{at}.{n}.bias"), o, Fill::Random(0.02));
+                    }
+                }
+                p.matrix(&format!("{at}.o_proj"), &[], h, nh * hd, true);
+                if a.o_bias {
+                    p.vector(format!("{at}.o_proj.bias"), h, Fill::Random(0.02));
+                }
+                if a.qk_norm {
+                    p.vector(format!("{at}.q_norm.weight"), hd, Fill::Const(1.0));
+                    p.vector(format!("{at}.k_norm.weight"), hd, Fill::Const(1.0));
+                }
+            }
+        }
+        if !spec.is_moe_layer(i) {
+            let di = spec.dense_intermediate;
+            p.matrix(&format!("{l}.mlp.gate_proj"), &[], di, h, true);
+            p.matrix(&format!("{l}.mlp.up_proj"), &[], di, h, true);
+            p.matrix(&format!("{l}.mlp.down_proj"), &[], h, di, true);
+            continue;
+        }
+        let mlp = format!("{l}.{}", spec.keys.mlp);
+        let (e, mi) = (spec.moe.num_experts, spec.moe.intermediate_size);
+        // Routers stay unquantized, as mlx-lm leaves the sigmoid routers.
+        p.matrix(&format!("{mlp}.gate"), &[], e, h, false);
+        if matches!(spec.moe.router, RouterSpec::SigmoidNoauxTc { .. }) {
+            p.tensors.push(Planned {
+                name: format!("{mlp}.gate.e_score_correction_bias"),
+                dtype: "F32",
+                shape: vec![e],
+                fill: Fill::ConstF32(0.0),
+            });
+        }
+        if let (Some(name), Some(si)) = (spec.keys.shared, spec.moe.shared_intermediate) {
+            p.matrix(&format!("{mlp}.{name}.gate_proj"), &[], si, h, true);
+            p.matrix(&format!("{mlp}.{name}.up_proj"), &[], si, h, true);
+            p.matrix(&format!("{mlp}.{name}.down_proj"), &[], h, si, true);
+        }
+        match layout {
+            SynthLayout::Mlx(_) => {
+                p.matrix(&format!("{mlp}.switch_mlp.gate_proj"), &[e], mi, h, true);
+                p.matrix(&format!("{mlp}.switch_mlp.up_proj"), &[e], mi, h, true);
+                p.matrix(&format!("{mlp}.switch_mlp.down_proj"), &[e], h, mi, true);
+            }
+            SynthLayout::Bf16 => {
+                let [g, u, d] = spec.keys.expert_proj;
+                for x in 0..e {
+                    p.matrix(&format!("{mlp}.experts.{x}.{g}"), &[], mi, h, true);
+                    p.matrix(&format!("{mlp}.experts.{x}.{u}"), &[], mi, h, true);
+                    p.matrix(&format!("{mlp}.experts.{x}.{d}"), &[], h, mi, true);
+                }
+            }
+        }
+    }
+    p
+}
+
+/// What `synth` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SynthReport {
+    /// Output directory.
+    pub dir: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+    /// Shard files.
+    pub shards: usize,
+}
+
+/// Writes a random checkpoint for `config_path` into `out` (created; must not hold a checkpoint).
+/// `layers` keeps only the first N decoder layers. Deterministic for a given `seed`.
+pub fn synth(
+    config_path: &Path,
+    out: &Path,
+    layout: SynthLayout,
+    layers: Option<usize>,
+    seed: u64,
+    shard_bytes: u64,
+) -> Result<SynthReport> {
+    let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
+    let mut value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(config_path, format!("not valid JSON: {e}")))?;
+    // Wrapped configs (kimi_k25) keep their text model in `text_config`: write that as a plain model.
+    if value.get("model_type").and_then(|m| m.as_str()) == Some("kimi_k25") {
+        value = value["text_config"].clone();
+        value["model_type"] = serde_json::json!("deepseek_v3");
+    }
+    for k in ["quantization_config", "quantization"] {
+        value.as_object_mut().map(|o| o.remove(k));
+    }
+    if let Some(n) = layers {
+        if n == 0 {
+            return Err(Error::Input("--layers must be at least 1".into()));
+        }
+        value["num_hidden_layers"] = serde_json::json!(n);
+        if let Some(t) = value
+            .get("mlp_layer_types")
+            .and_then(|t| t.as_array())
+            .cloned()
+        {
+            value["mlp_layer_types"] = serde_json::json!(t.into_iter().take(n).collect::<Vec<_>>());
+        }
+    }
+    if let SynthLayout::Mlx(bits) = layout {
+        value["quantization"] =
+            serde_json::json!({"group_size": GROUP, "bits": bits, "mode": "affine"});
+    }
+    let spec = config::from_value(config_path, value.clone())?;
+    if spec
+        .unsupported
+        .as_deref()
+        .is_some_and(|r| !r.contains("quantized with"))
+    {
+        return Err(Error::Input(format!(
+            "{}: {}",
+            config_path.display(),
+            spec.unsupported.unwrap_or_default()
+        )));
+    }
+    if out.join("config.json").exists() {
+        return Err(Error::Input(format!(
+            "{} already holds a checkpoint; choose an empty directory",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let p = plan(&spec, layout);
+    // Group tensors into shards of about `shard_bytes`.
+    let mut shards: Vec<Vec<&Planned>> = vec![Vec::new()];
+    let mut cur = 0u64;
+    for t in &p.tensors {
+        if cur > 0 && cur + t.bytes() > shard_bytes {
+            shards.push(Vec::new());
+            cur = 0;
+        }
+        cur += t.bytes();
+        shards.last_mut().expect("one shard").push(t);
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut total = 0u64;
+    for (si, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", si + 1, n);
+        let mut header = serde_json::Map::new();
+        let mut off = 0u64;
+        for t in shard {
+            header.insert(t.name.clone(), serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.bytes()]}));
+            off += t.bytes();
+            weight_map.insert(t.name.clone(), file.clone());
+        }
+        let mut h = serde_json::to_string(&header).map_err(|e| Error::Input(e.to_string()))?;
+        while h.len() % 8 != 0 {
+            h.push(' ');
+        }
+        let path = out.join(&file);
+        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = BufWriter::with_capacity(1 << 22, f);
+        let io = |e| Error::io(&path, e);
+        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(h.as_bytes()).map_err(io)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        for t in shard {
+            let mut left = t.bytes() as usize;
+            while left > 0 {
+                let chunk = left.min(1 << 20);
+                buf.clear();
+                fill(&mut buf, t.fill, chunk, &mut rng);
+                w.write_all(&buf).map_err(io)?;
+                left -= chunk;
+            }
+            total += t.bytes();
+        }
+        w.flush().map_err(io)?;
+    }
+    let idx = serde_json::json!({"metadata": {"total_size": total, "generator": "harness synth", "seed": seed}, "weight_map": weight_map});
+    crate::io::write_atomic(
+        &out.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&idx)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    crate::io::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&value)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    Ok(SynthReport {
+        dir: out.to_path_buf(),
+        tensors: p.tensors.len(),
+        bytes: total,
+        shards: n,
+    })
+}
+
+/// xorshift64*: fast, seeded, good enough for weights whose values do not matter.
+fn next(s: &mut u64) -> u64 {
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    s.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+fn fill(buf: &mut Vec<u8>, f: Fill, bytes: usize, rng: &mut u64) {
+    match f {
+        Fill::Words => {
+            while buf.len() < bytes {
+                buf.extend_from_slice(&next(rng).to_le_bytes());
+            }
+            buf.truncate(bytes);
+        }
+        Fill::Const(c) => {
+            let b = half::bf16::from_f32(c).to_bits().to_le_bytes();
+            while buf.len() < bytes {
+                buf.extend_from_slice(&b);
+            }
+            buf.truncate(bytes);
+        }
+        Fill::ConstF32(c) => {
+            while buf.len() < bytes {
+                buf.extend_from_slice(&c.to_le_bytes());
+            }
+            buf.truncate(bytes);
+        }
+        Fill::Random(scale) => {
+            while buf.len() < bytes {
+                // Uniform in [-√3, √3)·scale: std = scale.
+                let u = (next(rng) >> 40) as f32 / (1u64 << 24) as f32;
+                let x = (u * 2.0 - 1.0) * 1.732 * scale;
+                buf.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+            }
+            buf.truncate(bytes);
+        }
+    }
+}
