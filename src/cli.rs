@@ -161,6 +161,9 @@ pub struct CacheArgs {
     /// Miss handling: load (exact) or skip (drop the missing expert, renormalise).
     #[arg(long, default_value = "load")]
     pub miss: String,
+    /// Compute device: cpu, cuda (needs --features cuda) or metal (--features metal).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl CacheArgs {

@@ -237,6 +237,19 @@ impl Engine {
         let store = ExpertStore::new(ck.clone(), &spec, &prefix, experts, device.clone())?;
         check_budget(&spec, &store, &cfg)?;
         let model = Model::load(&ck, &spec, &prefix, &device)?;
+        // On a GPU the cache holds f32 experts (4 bytes per weight); refuse budgets that cannot fit.
+        if let (Some((free, _)), Some(b)) = (gpu_memory(&device), cfg.budget.bytes()) {
+            let per_f32 = spec.expert_elements() * 4;
+            let first = ExpertKey { layer: spec.moe.moe_layers[0] as u32, expert: 0 };
+            let slots = if cfg.budget.per_layer() { b / store.expert_bytes(first).max(1) * spec.num_moe_layers() as u64 } else { b / store.expert_bytes(first).max(1) };
+            if slots * per_f32 > free {
+                return Err(Error::Input(format!(
+                    "budget {b} bytes holds {slots} experts, {:.1} GB as f32 on the GPU, but only {:.1} GB of GPU memory is free",
+                    (slots * per_f32) as f64 / 1e9,
+                    free as f64 / 1e9
+                )));
+            }
+        }
         let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
         let core = CacheCore::new(&cfg.policy, cfg.budget, &moe_layers)?;
         let payload = (0..spec.num_layers)
@@ -645,4 +658,36 @@ impl Access<'_> {
             });
         }
     }
+}
+
+/// The compute device for a backend name (`cpu`, `cuda`, `metal`), with a clear error when this
+/// binary was built without that backend or the machine has no such device.
+pub fn device(backend: &str) -> Result<Device> {
+    let built = |feature: &str| {
+        Error::Input(format!(
+            "backend `{backend}`: this harness was built without `--features {feature}` (rebuild with `cargo build --release --features {feature}`)"
+        ))
+    };
+    match backend {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| match e {
+            candle_core::Error::NotCompiledWithCudaSupport => built("cuda"),
+            e => Error::Input(format!("backend `cuda`: no usable CUDA device: {e}")),
+        }),
+        "metal" => Device::new_metal(0).map_err(|e| match e {
+            candle_core::Error::NotCompiledWithMetalSupport => built("metal"),
+            e => Error::Input(format!("backend `metal`: no usable Metal device: {e}")),
+        }),
+        other => Err(Error::Input(format!("unknown backend `{other}` (known: cpu, cuda, metal)"))),
+    }
+}
+
+/// Free and total memory of the current CUDA device, when this is a CUDA build on a GPU.
+pub fn gpu_memory(dev: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok().map(|(f, t)| (f as u64, t as u64));
+    }
+    let _ = dev;
+    None
 }

@@ -102,14 +102,6 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         exp.warmup.truncate(1);
         exp.generation.max_new_tokens = exp.generation.max_new_tokens.min(8);
     }
-    if exp.backend != "cpu" {
-        return Err(Error::Input(format!(
-            "{}: backend `{}`: this build runs on the CPU only (build with --features {} on a machine with that device)",
-            exp.file.display(),
-            exp.backend,
-            exp.backend
-        )));
-    }
     let root = opts
         .out_root
         .clone()
@@ -162,9 +154,11 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         .collect::<Result<_>>()?;
     let stop: Vec<u32> = tokenizer.token_to_id("<|endoftext|>").into_iter().collect();
 
+    let device = crate::engine::device(&exp.backend)
+        .map_err(|e| Error::config(&exp.file, "model.backend", e.to_string()))?;
     let mut engine = Engine::open(
         &exp.model_dir,
-        candle_core::Device::Cpu,
+        device,
         EngineConfig::default(),
     )?;
     let total_expert_bytes = engine.total_expert_bytes();

@@ -210,53 +210,38 @@ impl ExpertStore {
         self.ck.bytes_read()
     }
 
-    /// The miss path: reads exactly the expert's byte ranges and materialises it in f32.
+    /// The miss path: reads exactly the expert's byte ranges and materialises it in f32 (gate
+    /// and up rows decoded straight into one `[2I, H]` buffer).
     pub fn load(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
         let hd = self.handle(key);
         let (h, i) = (self.hidden, self.inter);
-        let dims = [(i, h), (i, h), (h, i)];
-        let mut mats: Vec<Vec<f32>> = Vec::with_capacity(3);
-        let mut buf = Vec::new();
+        let mut gate_up = Vec::with_capacity(2 * i * h);
+        let mut down = Vec::with_capacity(h * i);
+        let mut bufs = [Vec::new(), Vec::new(), Vec::new()];
         for (p, src) in hd.proj.iter().enumerate() {
-            let (rows, cols) = dims[p];
-            let mut out = Vec::new();
+            let (out, cols) = if p < 2 { (&mut gate_up, h) } else { (&mut down, i) };
             match src {
                 ProjSource::Float { data, dtype } => {
-                    self.read(data, &mut buf)?;
-                    out = crate::weights::safetensors::to_f32(&buf, *dtype)
+                    self.read(data, &mut bufs[0])?;
+                    let v = crate::weights::safetensors::to_f32(&bufs[0], *dtype)
                         .map_err(|m| Error::format(self.ck.shard_path(data.shard), m))?;
+                    out.extend_from_slice(&v);
                 }
-                ProjSource::Quant {
-                    weight,
-                    scales,
-                    biases,
-                    scale_dtype,
-                    params,
-                } => {
-                    let mut sb = Vec::new();
-                    let mut bb = Vec::new();
-                    self.read(weight, &mut buf)?;
-                    self.read(scales, &mut sb)?;
-                    self.read(biases, &mut bb)?;
-                    quant::dequantize_into(&buf, &sb, &bb, *scale_dtype, *params, cols, &mut out)
-                        .map_err(|m| {
-                        Error::format(
-                            self.ck.shard_path(weight.shard),
-                            format!("expert {key:?}: {m}"),
-                        )
+                ProjSource::Quant { weight, scales, biases, scale_dtype, params } => {
+                    let [wb, sb, bb] = &mut bufs;
+                    self.read(weight, wb)?;
+                    self.read(scales, sb)?;
+                    self.read(biases, bb)?;
+                    quant::dequantize_into(wb, sb, bb, *scale_dtype, *params, cols, out).map_err(|m| {
+                        Error::format(self.ck.shard_path(weight.shard), format!("expert {key:?}: {m}"))
                     })?;
                 }
             }
-            debug_assert_eq!(out.len(), rows * cols);
-            mats.push(out);
         }
-        let down = Tensor::from_vec(mats.pop().expect("3 projections"), (h, i), &self.device)?;
-        let mut gate_up = mats.swap_remove(0);
-        gate_up.extend_from_slice(&mats[0]);
-        let gate_up = Tensor::from_vec(gate_up, (2 * i, h), &self.device)?;
+        debug_assert_eq!((gate_up.len(), down.len()), (2 * i * h, h * i));
         Ok(Arc::new(ExpertWeights {
-            gate_up,
-            down,
+            gate_up: Tensor::from_vec(gate_up, (2 * i, h), &self.device)?,
+            down: Tensor::from_vec(down, (h, i), &self.device)?,
             bytes: hd.bytes,
         }))
     }

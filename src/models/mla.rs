@@ -86,12 +86,12 @@ impl MlaAttention {
         } else if ck.get(&format!("{module}.embed_q.weight")).is_some() {
             // mlx-lm: embed_q = key rows transposed [H, C, nope]; unembed_out = value rows [H, v, C].
             let k = Tensor::from_vec(
-                load_stacked(ck, quant, &format!("{module}.embed_q"), heads, c, dn)?,
+                load_stacked(ck, quant, &format!("{module}.embed_q"), &[heads], c, dn)?,
                 (heads, c, dn),
                 dev,
             )?;
             let v = Tensor::from_vec(
-                load_stacked(ck, quant, &format!("{module}.unembed_out"), heads, dv, c)?,
+                load_stacked(ck, quant, &format!("{module}.unembed_out"), &[heads], dv, c)?,
                 (heads, dv, c),
                 dev,
             )?;

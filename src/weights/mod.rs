@@ -16,58 +16,21 @@ use crate::error::Result;
 
 /// Loads module `module` as a row-major f32 `[rows, cols]` matrix: a float `{module}.weight`, or an
 /// MLX-quantized `{module}.weight` (u32) + `.scales` + `.biases`.
-pub fn load_matrix(
-    ck: &Checkpoint,
-    quant: Option<&QuantSpec>,
-    module: &str,
-    rows: usize,
-    cols: usize,
-) -> Result<Vec<f32>> {
-    let wkey = format!("{module}.weight");
-    let skey = format!("{module}.scales");
-    if ck.get(&skey).is_none() {
-        return ck.f32_vec(&wkey, &[rows, cols]);
-    }
-    let (w, s, b, p) = quantized_parts(ck, quant, module, &[], rows, cols)?;
-    let mut out = Vec::new();
-    quant::dequantize_into(
-        ck.mapped(w),
-        ck.mapped(s),
-        ck.mapped(b),
-        s.dtype,
-        p,
-        cols,
-        &mut out,
-    )
-    .map_err(|m| ck.tensor_err(&wkey, w, m))?;
-    Ok(out)
+pub fn load_matrix(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    load_stacked(ck, quant, module, &[], rows, cols)
 }
 
-/// Loads a stack of `heads` matrices `[heads, rows, cols]` (float, or MLX-quantized along `cols`).
-pub fn load_stacked(
-    ck: &Checkpoint,
-    quant: Option<&QuantSpec>,
-    module: &str,
-    heads: usize,
-    rows: usize,
-    cols: usize,
-) -> Result<Vec<f32>> {
+/// Loads `[lead.., rows, cols]` (float, or MLX-quantized along `cols`) as row-major f32.
+pub fn load_stacked(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, lead: &[usize], rows: usize, cols: usize) -> Result<Vec<f32>> {
     let wkey = format!("{module}.weight");
     if ck.get(&format!("{module}.scales")).is_none() {
-        return ck.f32_vec(&wkey, &[heads, rows, cols]);
+        let mut shape = lead.to_vec();
+        shape.extend([rows, cols]);
+        return ck.f32_vec(&wkey, &shape);
     }
-    let (w, s, b, p) = quantized_parts(ck, quant, module, &[heads], rows, cols)?;
+    let (w, s, b, p) = quantized_parts(ck, quant, module, lead, rows, cols)?;
     let mut out = Vec::new();
-    quant::dequantize_into(
-        ck.mapped(w),
-        ck.mapped(s),
-        ck.mapped(b),
-        s.dtype,
-        p,
-        cols,
-        &mut out,
-    )
-    .map_err(|m| ck.tensor_err(&wkey, w, m))?;
+    quant::dequantize_into(ck.mapped(w), ck.mapped(s), ck.mapped(b), s.dtype, p, cols, &mut out).map_err(|m| ck.tensor_err(&wkey, w, m))?;
     Ok(out)
 }
 

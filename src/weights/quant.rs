@@ -26,8 +26,8 @@ pub fn infer_params(
     })
 }
 
-/// Dequantizes `rows × in_features` values into `out` (f32), given the raw packed words, scales
-/// and biases bytes of exactly those rows.
+/// Dequantizes `rows × in_features` values, appending them to `out` (f32), given the raw packed
+/// words, scales and biases bytes of exactly those rows.
 pub fn dequantize_into(
     packed: &[u8],
     scales: &[u8],
@@ -42,10 +42,7 @@ pub fn dequantize_into(
     let groups = in_features / p.group_size;
     let words_per_row = in_features * p.bits / 32;
     let rows = scales.len() / groups.max(1);
-    if packed.len() != rows * words_per_row * 4
-        || biases.len() != scales.len()
-        || rows * groups != scales.len()
-    {
+    if packed.len() != rows * words_per_row * 4 || biases.len() != scales.len() || rows * groups != scales.len() {
         return Err(format!(
             "quantized sizes disagree: {} packed bytes, {} scales, {} biases for {rows} rows of {in_features} inputs at {} bits, group {}",
             packed.len(),
@@ -57,8 +54,22 @@ pub fn dequantize_into(
     }
     let mask = (1u32 << p.bits) - 1;
     let per_word = 32 / p.bits;
-    out.clear();
     out.reserve(rows * in_features);
+    if (p.group_size * p.bits) % 32 == 0 {
+        // Whole words per group (every 2/4/8-bit layout with group ≥ 16): one scale and bias per
+        // run of words, no per-element division.
+        let group_bytes = p.group_size * p.bits / 8;
+        for (g, words) in packed.chunks_exact(group_bytes).enumerate() {
+            let (sc, bi) = (scales[g], biases[g]);
+            for w in words.chunks_exact(4) {
+                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                for j in 0..per_word {
+                    out.push(sc * ((word >> (j * p.bits)) & mask) as f32 + bi);
+                }
+            }
+        }
+        return Ok(());
+    }
     for r in 0..rows {
         let row = &packed[r * words_per_row * 4..(r + 1) * words_per_row * 4];
         for (wi, w) in row.chunks_exact(4).enumerate() {
@@ -66,8 +77,7 @@ pub fn dequantize_into(
             for j in 0..per_word {
                 let i = wi * per_word + j;
                 let g = r * groups + i / p.group_size;
-                let q = ((word >> (j * p.bits)) & mask) as f32;
-                out.push(scales[g] * q + biases[g]);
+                out.push(scales[g] * ((word >> (j * p.bits)) & mask) as f32 + biases[g]);
             }
         }
     }

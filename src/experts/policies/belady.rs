@@ -5,15 +5,20 @@
 //! ([`Access::next_use`], `u64::MAX` for never), so only a trace replay can run it. Ties (several
 //! entries never used again) go to the least recently used.
 
+use std::collections::BTreeSet;
+
 use super::{Access, Guard, InsertKind, Policy, ScanSet};
 
 /// Per resident entry: (next use, pool event number of the last use).
 type Meta = (u64, u64);
 
-/// Next-use positions of the resident entries of one pool.
+/// Next-use positions of the resident entries of one pool, also kept in eviction order
+/// (farthest next use, then least recent last use, at the end) so that a victim is found in
+/// O(log n) rather than by a scan of every resident entry.
 #[derive(Debug, Clone, Default)]
 pub struct Belady {
     resident: ScanSet<Meta>,
+    order: BTreeSet<(u64, u64, u32)>,
 }
 
 impl Belady {
@@ -26,31 +31,26 @@ impl Belady {
 impl Policy for Belady {
     #[inline]
     fn on_hit(&mut self, id: u32, access: &Access) {
-        *self.resident.get_mut(id) = (access.next_use, access.seq);
+        let m = self.resident.get_mut(id);
+        self.order.remove(&(m.0, !m.1, id));
+        *m = (access.next_use, access.seq);
+        self.order.insert((access.next_use, !access.seq, id));
     }
 
     fn on_insert(&mut self, id: u32, access: &Access, _kind: InsertKind) {
         self.resident.insert(id, (access.next_use, access.seq));
+        self.order.insert((access.next_use, !access.seq, id));
     }
 
     fn to_evict(&self, guard: &Guard<'_>) -> Option<u32> {
-        // Farthest next use first, among equals the least recent: the maximum of
-        // (next use, !last use) as one u128; blocked entries map to 0 (never chosen).
-        let mut best = (0u128, None);
-        for &(id, (next, last)) in self.resident.slots() {
-            let key = if guard.evictable(id) {
-                (u128::from(next) << 64) | u128::from(!last)
-            } else {
-                0
-            };
-            if key > best.0 {
-                best = (key, Some(id));
-            }
-        }
-        best.1
+        // Farthest next use first, among equals the least recent (largest !last); entries the
+        // guard blocks (the step's pins, protected prefetches) are passed over.
+        self.order.iter().rev().find(|&&(_, _, id)| guard.evictable(id)).map(|&(_, _, id)| id)
     }
 
     fn remove(&mut self, id: u32) {
+        let m = *self.resident.get_mut(id);
+        self.order.remove(&(m.0, !m.1, id));
         self.resident.remove(id);
     }
 }
