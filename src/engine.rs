@@ -240,8 +240,15 @@ impl Engine {
         // On a GPU the cache holds f32 experts (4 bytes per weight); refuse budgets that cannot fit.
         if let (Some((free, _)), Some(b)) = (gpu_memory(&device), cfg.budget.bytes()) {
             let per_f32 = spec.expert_elements() * 4;
-            let first = ExpertKey { layer: spec.moe.moe_layers[0] as u32, expert: 0 };
-            let slots = if cfg.budget.per_layer() { b / store.expert_bytes(first).max(1) * spec.num_moe_layers() as u64 } else { b / store.expert_bytes(first).max(1) };
+            let first = ExpertKey {
+                layer: spec.moe.moe_layers[0] as u32,
+                expert: 0,
+            };
+            let slots = if cfg.budget.per_layer() {
+                b / store.expert_bytes(first).max(1) * spec.num_moe_layers() as u64
+            } else {
+                b / store.expert_bytes(first).max(1)
+            };
             if slots * per_f32 > free {
                 return Err(Error::Input(format!(
                     "budget {b} bytes holds {slots} experts, {:.1} GB as f32 on the GPU, but only {:.1} GB of GPU memory is free",
@@ -678,7 +685,9 @@ pub fn device(backend: &str) -> Result<Device> {
             candle_core::Error::NotCompiledWithMetalSupport => built("metal"),
             e => Error::Input(format!("backend `metal`: no usable Metal device: {e}")),
         }),
-        other => Err(Error::Input(format!("unknown backend `{other}` (known: cpu, cuda, metal)"))),
+        other => Err(Error::Input(format!(
+            "unknown backend `{other}` (known: cpu, cuda, metal)"
+        ))),
     }
 }
 
@@ -686,7 +695,9 @@ pub fn device(backend: &str) -> Result<Device> {
 pub fn gpu_memory(dev: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
-        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok().map(|(f, t)| (f as u64, t as u64));
+        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(f, t)| (f as u64, t as u64));
     }
     let _ = dev;
     None

@@ -156,11 +156,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
 
     let device = crate::engine::device(&exp.backend)
         .map_err(|e| Error::config(&exp.file, "model.backend", e.to_string()))?;
-    let mut engine = Engine::open(
-        &exp.model_dir,
-        device,
-        EngineConfig::default(),
-    )?;
+    let mut engine = Engine::open(&exp.model_dir, device, EngineConfig::default())?;
     let total_expert_bytes = engine.total_expert_bytes();
     // `static-N` pins the most frequent experts of a profile: an unlimited-budget pass over the
     // same prompts (an oracle profile, as `harness simulate` derives one from a trace).

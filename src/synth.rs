@@ -390,6 +390,14 @@ pub fn synth(
             .unwrap_or_default()
             .as_bytes(),
     )?;
+    // A byte-level tokenizer (256 ids, one per byte) so that `harness run` can drive the model
+    // with text prompts; made by scripts/make_byte_tokenizer.py.
+    if spec.vocab_size >= 256 {
+        crate::io::write_atomic(
+            &out.join("tokenizer.json"),
+            include_bytes!("byte_tokenizer.json"),
+        )?;
+    }
     Ok(SynthReport {
         dir: out.to_path_buf(),
         tensors: p.tensors.len(),

@@ -22,6 +22,10 @@ fn synthesized_checkpoints_load_run_and_match_inspect() {
         let cfg = common::fixture(fixture).join("config.json");
         let r = synth(&cfg, &out, layout, Some(2), 7, 200_000).unwrap();
         assert!(r.shards >= 1 && r.bytes > 0);
+        assert!(
+            out.join("tokenizer.json").exists(),
+            "a tokenizer for `harness run`"
+        );
         let mut e = Engine::open(
             &out,
             candle_core::Device::Cpu,

@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use crate::config::{ModelSpec, QuantParams};
 use crate::error::{Error, Result};
 use crate::weights::layout::{ExpertLayout, Prefix};
+use crate::weights::quant::PackedMatrix;
 use crate::weights::{quant, quantized_parts, Checkpoint, DType};
 
 use super::ExpertKey;
@@ -74,13 +75,33 @@ pub struct ExpertHandle {
     pub bytes: u64,
 }
 
-/// A materialised expert, ready to run.
+/// The matrices of a resident expert.
+#[derive(Debug)]
+pub enum ExpertMats {
+    /// f32 tensors on the compute device: gate rows then up rows `[2I, H]`, and down `[H, I]`.
+    Dense {
+        /// `[2I, H]`.
+        gate_up: Tensor,
+        /// `[H, I]`.
+        down: Tensor,
+    },
+    /// MLX-quantized experts on the CPU, kept packed (checkpoint size in memory) and decoded
+    /// inside each matrix-vector product.
+    Packed {
+        /// Gate `[I, H]`.
+        gate: PackedMatrix,
+        /// Up `[I, H]`.
+        up: PackedMatrix,
+        /// Down `[H, I]`.
+        down: PackedMatrix,
+    },
+}
+
+/// A resident expert, ready to run.
 #[derive(Debug)]
 pub struct ExpertWeights {
-    /// Gate rows followed by up rows: `[2I, H]`.
-    pub gate_up: Tensor,
-    /// Down projection `[H, I]`.
-    pub down: Tensor,
+    /// Its matrices.
+    pub mats: ExpertMats,
     /// Checkpoint bytes this expert accounts for in the cache budget.
     pub bytes: u64,
 }
@@ -210,38 +231,90 @@ impl ExpertStore {
         self.ck.bytes_read()
     }
 
-    /// The miss path: reads exactly the expert's byte ranges and materialises it in f32 (gate
-    /// and up rows decoded straight into one `[2I, H]` buffer).
+    /// The miss path: reads exactly the expert's byte ranges. On the CPU an MLX-quantized expert
+    /// stays packed; anything else is materialised in f32 on the device (gate and up rows
+    /// decoded straight into one `[2I, H]` buffer).
     pub fn load(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
         let hd = self.handle(key);
         let (h, i) = (self.hidden, self.inter);
+        let dims = [(i, h), (i, h), (h, i)];
+        let fail = |shard: usize, m: String| {
+            Error::format(self.ck.shard_path(shard), format!("expert {key:?}: {m}"))
+        };
+        if self.device.is_cpu()
+            && hd
+                .proj
+                .iter()
+                .all(|p| matches!(p, ProjSource::Quant { .. }))
+        {
+            let mut mats = Vec::with_capacity(3);
+            let mut bufs = [Vec::new(), Vec::new(), Vec::new()];
+            for (p, src) in hd.proj.iter().enumerate() {
+                let ProjSource::Quant {
+                    weight,
+                    scales,
+                    biases,
+                    scale_dtype,
+                    params,
+                } = src
+                else {
+                    unreachable!("checked above")
+                };
+                let [wb, sb, bb] = &mut bufs;
+                self.read(weight, wb)?;
+                self.read(scales, sb)?;
+                self.read(biases, bb)?;
+                mats.push(
+                    PackedMatrix::new(wb, sb, bb, *scale_dtype, *params, dims[p].0, dims[p].1)
+                        .map_err(|m| fail(weight.shard, m))?,
+                );
+            }
+            let down = mats.pop().expect("3");
+            let up = mats.pop().expect("3");
+            let gate = mats.pop().expect("3");
+            return Ok(Arc::new(ExpertWeights {
+                mats: ExpertMats::Packed { gate, up, down },
+                bytes: hd.bytes,
+            }));
+        }
         let mut gate_up = Vec::with_capacity(2 * i * h);
         let mut down = Vec::with_capacity(h * i);
         let mut bufs = [Vec::new(), Vec::new(), Vec::new()];
         for (p, src) in hd.proj.iter().enumerate() {
-            let (out, cols) = if p < 2 { (&mut gate_up, h) } else { (&mut down, i) };
+            let (out, cols) = if p < 2 {
+                (&mut gate_up, h)
+            } else {
+                (&mut down, i)
+            };
             match src {
                 ProjSource::Float { data, dtype } => {
                     self.read(data, &mut bufs[0])?;
                     let v = crate::weights::safetensors::to_f32(&bufs[0], *dtype)
-                        .map_err(|m| Error::format(self.ck.shard_path(data.shard), m))?;
+                        .map_err(|m| fail(data.shard, m))?;
                     out.extend_from_slice(&v);
                 }
-                ProjSource::Quant { weight, scales, biases, scale_dtype, params } => {
+                ProjSource::Quant {
+                    weight,
+                    scales,
+                    biases,
+                    scale_dtype,
+                    params,
+                } => {
                     let [wb, sb, bb] = &mut bufs;
                     self.read(weight, wb)?;
                     self.read(scales, sb)?;
                     self.read(biases, bb)?;
-                    quant::dequantize_into(wb, sb, bb, *scale_dtype, *params, cols, out).map_err(|m| {
-                        Error::format(self.ck.shard_path(weight.shard), format!("expert {key:?}: {m}"))
-                    })?;
+                    quant::dequantize_into(wb, sb, bb, *scale_dtype, *params, cols, out)
+                        .map_err(|m| fail(weight.shard, m))?;
                 }
             }
         }
         debug_assert_eq!((gate_up.len(), down.len()), (2 * i * h, h * i));
         Ok(Arc::new(ExpertWeights {
-            gate_up: Tensor::from_vec(gate_up, (2 * i, h), &self.device)?,
-            down: Tensor::from_vec(down, (h, i), &self.device)?,
+            mats: ExpertMats::Dense {
+                gate_up: Tensor::from_vec(gate_up, (2 * i, h), &self.device)?,
+                down: Tensor::from_vec(down, (h, i), &self.device)?,
+            },
             bytes: hd.bytes,
         }))
     }

@@ -73,7 +73,10 @@ impl Linear {
     }
     /// Applies the layer to `x` `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match gemv(x, &self.weight)? {
+            Some(y) => y,
+            None => x.matmul(&self.weight.t()?)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -114,13 +117,109 @@ impl Mlp {
     }
 }
 
-/// Runs one routed expert (`gate_up` `[2I, H]`, `down` `[H, I]`) on `x` `[T, H]`.
-pub fn expert_forward(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+/// Runs one routed expert on `x` `[1, H]` (SwiGLU: `down(silu(gate x) · up x)`).
+pub fn expert_forward(x: &Tensor, e: &crate::experts::store::ExpertWeights) -> Result<Tensor> {
+    use crate::experts::store::ExpertMats;
+    match &e.mats {
+        ExpertMats::Dense { gate_up, down } => dense_expert(x, gate_up, down),
+        ExpertMats::Packed { gate, up, down } => {
+            let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let (g, u) = (gate.gemv(&xv), up.gemv(&xv));
+            // silu(z) = z / (1 + e^-z), as candle computes it.
+            let act: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(z, u)| z / (1.0 + (-z).exp()) * u)
+                .collect();
+            Ok(Tensor::from_vec(
+                down.gemv(&act),
+                (1, down.rows()),
+                x.device(),
+            )?)
+        }
+    }
+}
+
+fn dense_expert(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
     let i = down.dim(1)?;
-    let gu = x.matmul(&gate_up.t()?)?;
+    let gu = match gemv(x, gate_up)? {
+        Some(y) => y,
+        None => x.matmul(&gate_up.t()?)?,
+    };
     let g = candle_nn::ops::silu(&gu.narrow(1, 0, i)?)?;
-    let u = gu.narrow(1, i, i)?;
-    Ok((g * u)?.matmul(&down.t()?)?)
+    let act = (g * gu.narrow(1, i, i)?)?;
+    Ok(match gemv(&act, down)? {
+        Some(y) => y,
+        None => act.matmul(&down.t()?)?,
+    })
+}
+
+/// `x Wᵀ` for a single row `x` `[1, in]` and a contiguous f32 `W` `[out, in]` on the CPU, as
+/// row dot products split across cores; `None` for anything else (the caller uses matmul).
+/// gemm packs its right-hand side into a freshly allocated buffer on every call: at real model
+/// sizes (a 154880 × 2048 `lm_head`, 2048 × 3072 experts) that page-fault churn dominated
+/// one-row decode steps, which are all this engine's expert calls.
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu()
+        || x.dims().len() != 2
+        || x.dim(0)? != 1
+        || !w.is_contiguous()
+        || w.dtype() != DType::F32
+    {
+        return Ok(None);
+    }
+    let (o, i) = w.dims2()?;
+    let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    if xv.len() != i {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let wv = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + o * i];
+    let mut y = vec![0f32; o];
+    let rows = |y: &mut [f32], r0: usize| {
+        for (k, yk) in y.iter_mut().enumerate() {
+            *yk = dot(&wv[(r0 + k) * i..(r0 + k + 1) * i], &xv);
+        }
+    };
+    let threads = if o * i >= 1 << 20 {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(16)
+    } else {
+        1
+    };
+    if threads <= 1 {
+        rows(&mut y, 0);
+    } else {
+        let per = o.div_ceil(threads);
+        std::thread::scope(|sc| {
+            for (t, part) in y.chunks_mut(per).enumerate() {
+                let rows = &rows;
+                sc.spawn(move || rows(part, t * per));
+            }
+        });
+    }
+    Ok(Some(Tensor::from_vec(y, (1, o), x.device())?))
+}
+
+/// Dot product with 8 independent accumulators (vectorizes).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
 }
 
 /// Rotary position tables (`cos`, `sin` per position and frequency).
@@ -173,7 +272,9 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if rd == hd {
         return Ok(rot);
     }
-    Ok(Tensor::cat(&[rot, x.narrow(3, rd, hd - rd)?], 3)?)
+    // `cat` of a narrowed view along the last axis yields a transposed layout, which CUDA matmul
+    // rejects: make it contiguous.
+    Ok(Tensor::cat(&[rot, x.narrow(3, rd, hd - rd)?], 3)?.contiguous()?)
 }
 
 /// Keys and values of one layer, `[1, kv_heads, S, head_dim]`.

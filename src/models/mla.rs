@@ -170,7 +170,8 @@ impl MlaAttention {
             ],
             2,
         )?;
-        let query = Tensor::cat(&[q.narrow(2, 0, dn)?, q_rot], 2)?;
+        let query = Tensor::cat(&[q.narrow(2, 0, dn)?, q_rot], 2)?.contiguous()?;
+        let key = key.contiguous()?;
         let mut att = (query.matmul(&key.t()?.contiguous()?)? * self.spec.softmax_scale)?;
         if let Some(mask) = causal_mask(t, s, None, dev)? {
             att = att.broadcast_add(&mask)?;

@@ -226,7 +226,7 @@ impl MoeBlock {
                     continue;
                 };
                 kept += w;
-                let y = (expert_forward(&xt, &ew.gate_up, &ew.down)? * w as f64)?;
+                let y = (expert_forward(&xt, &ew)? * w as f64)?;
                 acc = Some(match acc {
                     Some(a) => (a + y)?,
                     None => y,

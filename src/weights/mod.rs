@@ -16,12 +16,25 @@ use crate::error::Result;
 
 /// Loads module `module` as a row-major f32 `[rows, cols]` matrix: a float `{module}.weight`, or an
 /// MLX-quantized `{module}.weight` (u32) + `.scales` + `.biases`.
-pub fn load_matrix(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+pub fn load_matrix(
+    ck: &Checkpoint,
+    quant: Option<&QuantSpec>,
+    module: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     load_stacked(ck, quant, module, &[], rows, cols)
 }
 
 /// Loads `[lead.., rows, cols]` (float, or MLX-quantized along `cols`) as row-major f32.
-pub fn load_stacked(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, lead: &[usize], rows: usize, cols: usize) -> Result<Vec<f32>> {
+pub fn load_stacked(
+    ck: &Checkpoint,
+    quant: Option<&QuantSpec>,
+    module: &str,
+    lead: &[usize],
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     let wkey = format!("{module}.weight");
     if ck.get(&format!("{module}.scales")).is_none() {
         let mut shape = lead.to_vec();
@@ -30,7 +43,16 @@ pub fn load_stacked(ck: &Checkpoint, quant: Option<&QuantSpec>, module: &str, le
     }
     let (w, s, b, p) = quantized_parts(ck, quant, module, lead, rows, cols)?;
     let mut out = Vec::new();
-    quant::dequantize_into(ck.mapped(w), ck.mapped(s), ck.mapped(b), s.dtype, p, cols, &mut out).map_err(|m| ck.tensor_err(&wkey, w, m))?;
+    quant::dequantize_into(
+        ck.mapped(w),
+        ck.mapped(s),
+        ck.mapped(b),
+        s.dtype,
+        p,
+        cols,
+        &mut out,
+    )
+    .map_err(|m| ck.tensor_err(&wkey, w, m))?;
     Ok(out)
 }
 

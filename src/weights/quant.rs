@@ -42,7 +42,10 @@ pub fn dequantize_into(
     let groups = in_features / p.group_size;
     let words_per_row = in_features * p.bits / 32;
     let rows = scales.len() / groups.max(1);
-    if packed.len() != rows * words_per_row * 4 || biases.len() != scales.len() || rows * groups != scales.len() {
+    if packed.len() != rows * words_per_row * 4
+        || biases.len() != scales.len()
+        || rows * groups != scales.len()
+    {
         return Err(format!(
             "quantized sizes disagree: {} packed bytes, {} scales, {} biases for {rows} rows of {in_features} inputs at {} bits, group {}",
             packed.len(),
@@ -57,16 +60,42 @@ pub fn dequantize_into(
     out.reserve(rows * in_features);
     if (p.group_size * p.bits) % 32 == 0 {
         // Whole words per group (every 2/4/8-bit layout with group ≥ 16): one scale and bias per
-        // run of words, no per-element division.
+        // run of words, no per-element division. Large matrices are split across cores.
         let group_bytes = p.group_size * p.bits / 8;
-        for (g, words) in packed.chunks_exact(group_bytes).enumerate() {
-            let (sc, bi) = (scales[g], biases[g]);
-            for w in words.chunks_exact(4) {
-                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                for j in 0..per_word {
-                    out.push(sc * ((word >> (j * p.bits)) & mask) as f32 + bi);
+        let n_groups = scales.len();
+        let start = out.len();
+        out.resize(start + n_groups * p.group_size, 0.0);
+        let dst = &mut out[start..];
+        let decode = |g0: usize, dst: &mut [f32]| {
+            for (k, chunk) in dst.chunks_exact_mut(p.group_size).enumerate() {
+                let g = g0 + k;
+                let (sc, bi) = (scales[g], biases[g]);
+                let words = &packed[g * group_bytes..(g + 1) * group_bytes];
+                for (w, vals) in words.chunks_exact(4).zip(chunk.chunks_exact_mut(per_word)) {
+                    let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                    for (j, v) in vals.iter_mut().enumerate() {
+                        *v = sc * ((word >> (j * p.bits)) & mask) as f32 + bi;
+                    }
                 }
             }
+        };
+        let threads = if dst.len() >= 1 << 20 {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(16)
+        } else {
+            1
+        };
+        if threads <= 1 {
+            decode(0, dst);
+        } else {
+            let per = n_groups.div_ceil(threads);
+            std::thread::scope(|sc| {
+                for (t, part) in dst.chunks_mut(per * p.group_size).enumerate() {
+                    let decode = &decode;
+                    sc.spawn(move || decode(t * per, part));
+                }
+            });
         }
         return Ok(());
     }
@@ -82,6 +111,116 @@ pub fn dequantize_into(
         }
     }
     Ok(())
+}
+
+/// An MLX-affine matrix `[rows, cols]` kept packed: the routed-expert cache holds experts in
+/// this form on the CPU (checkpoint bytes, not f32), and [`PackedMatrix::gemv`] decodes it inside
+/// the matrix-vector product.
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    words: Vec<u32>,
+    scales: Vec<f32>,
+    biases: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    p: QuantParams,
+}
+
+impl PackedMatrix {
+    /// Wraps the raw bytes of one matrix (packed words, scales, biases of exactly its rows).
+    pub fn new(
+        packed: &[u8],
+        scales: &[u8],
+        biases: &[u8],
+        scale_dtype: DType,
+        p: QuantParams,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, String> {
+        let scales = to_f32(scales, scale_dtype)?;
+        let biases = to_f32(biases, scale_dtype)?;
+        if (p.group_size * p.bits) % 32 != 0
+            || packed.len() != rows * cols * p.bits / 8
+            || scales.len() != rows * cols / p.group_size
+            || biases.len() != scales.len()
+        {
+            return Err(format!(
+                "quantized sizes disagree: {} packed bytes, {} scales for [{rows}, {cols}] at {} bits, group {}",
+                packed.len(),
+                scales.len(),
+                p.bits,
+                p.group_size
+            ));
+        }
+        let words = packed
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        Ok(PackedMatrix {
+            words,
+            scales,
+            biases,
+            rows,
+            cols,
+            p,
+        })
+    }
+
+    /// Output size.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `W x` for one input vector: per group, `scale · Σ q·x + bias · Σ x`, the same sum as
+    /// dequantizing first (up to float summation order). Large matrices are split across cores.
+    pub fn gemv(&self, x: &[f32]) -> Vec<f32> {
+        let (gs, bits) = (self.p.group_size, self.p.bits);
+        let groups = self.cols / gs;
+        let xsum: Vec<f32> = x.chunks_exact(gs).map(|c| c.iter().sum()).collect();
+        let wpg = gs * bits / 32;
+        let per_word = 32 / bits;
+        let mask = (1u32 << bits) - 1;
+        let row = |r: usize| -> f32 {
+            let mut acc = 0f32;
+            for g in 0..groups {
+                let k = r * groups + g;
+                let words = &self.words[k * wpg..(k + 1) * wpg];
+                let xs = &x[g * gs..(g + 1) * gs];
+                let mut part = [0f32; 8];
+                for (w, xw) in words.iter().zip(xs.chunks_exact(per_word)) {
+                    for (j, xv) in xw.iter().enumerate() {
+                        part[j % 8] += ((w >> (j * bits)) & mask) as f32 * xv;
+                    }
+                }
+                acc += self.scales[k] * part.iter().sum::<f32>() + self.biases[k] * xsum[g];
+            }
+            acc
+        };
+        let mut y = vec![0f32; self.rows];
+        let threads = if self.rows * self.cols >= 1 << 21 {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(16)
+        } else {
+            1
+        };
+        if threads <= 1 {
+            y.iter_mut().enumerate().for_each(|(r, v)| *v = row(r));
+        } else {
+            let per = self.rows.div_ceil(threads);
+            std::thread::scope(|sc| {
+                for (t, part) in y.chunks_mut(per).enumerate() {
+                    let row = &row;
+                    sc.spawn(move || {
+                        part.iter_mut()
+                            .enumerate()
+                            .for_each(|(k, v)| *v = row(t * per + k))
+                    });
+                }
+            });
+        }
+        y
+    }
 }
 
 #[cfg(test)]
@@ -126,5 +265,51 @@ mod tests {
                 group_size: 64
             })
         );
+    }
+
+    #[test]
+    fn threaded_decode_equals_the_elementwise_formula() {
+        // 1024 × 2048 at 4 bits: above the threading threshold.
+        let (rows, cols, p) = (
+            1024usize,
+            2048usize,
+            QuantParams {
+                bits: 4,
+                group_size: 64,
+            },
+        );
+        let mut x = 0x1234_5678u32;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rnd()).collect();
+        let packed: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let groups = rows * cols / 64;
+        let sc: Vec<f32> = (0..groups).map(|g| 0.01 + (g % 7) as f32 * 0.001).collect();
+        let bi: Vec<f32> = (0..groups).map(|g| -0.05 + (g % 5) as f32 * 0.01).collect();
+        let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        let mut out = vec![42.0];
+        dequantize_into(
+            &packed,
+            &bytes(&sc),
+            &bytes(&bi),
+            DType::F32,
+            p,
+            cols,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1 + rows * cols, "appends after existing values");
+        for i in (0..rows * cols).step_by(9973) {
+            let q = (words[i / 8] >> ((i % 8) * 4)) & 15;
+            assert_eq!(
+                out[1 + i],
+                sc[i / 64] * q as f32 + bi[i / 64],
+                "element {i}"
+            );
+        }
     }
 }

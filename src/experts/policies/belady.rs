@@ -45,7 +45,11 @@ impl Policy for Belady {
     fn to_evict(&self, guard: &Guard<'_>) -> Option<u32> {
         // Farthest next use first, among equals the least recent (largest !last); entries the
         // guard blocks (the step's pins, protected prefetches) are passed over.
-        self.order.iter().rev().find(|&&(_, _, id)| guard.evictable(id)).map(|&(_, _, id)| id)
+        self.order
+            .iter()
+            .rev()
+            .find(|&&(_, _, id)| guard.evictable(id))
+            .map(|&(_, _, id)| id)
     }
 
     fn remove(&mut self, id: u32) {
