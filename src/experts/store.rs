@@ -76,6 +76,8 @@ pub struct ExpertHandle {
 }
 
 /// The matrices of a resident expert.
+// Every expert lives behind an `Arc`, so the larger variant costs nothing per reference.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ExpertMats {
     /// f32 tensors on the compute device: gate rows then up rows `[2I, H]`, and down `[H, I]`.
