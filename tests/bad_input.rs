@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::Device;
-use common::{copy_fixture, fixture};
+use common::{copy_fixture, edit_config, fixture};
 use moe_harness::engine::{Engine, EngineConfig};
 use moe_harness::experts::cache::Budget;
 
@@ -25,14 +25,6 @@ fn harness(args: &[&str]) -> (i32, String) {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     (out.status.code().unwrap_or(-1), stderr)
-}
-
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
 
 fn shards(dir: &Path) -> Vec<std::path::PathBuf> {

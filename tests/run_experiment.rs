@@ -357,12 +357,8 @@ fn simulate_rejects_bad_traces_and_names() {
     ]);
     assert_ne!(code, 0, "capacity below top-k must fail: {err}");
     // Ids out of range for a model with fewer experts.
-    let small = common::copy_fixture("qwen3_moe-f32");
-    let cfg = small.path().join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    v["num_experts"] = serde_json::json!(4);
-    std::fs::write(&cfg, v.to_string()).unwrap();
+    let small =
+        common::edited_fixture("qwen3_moe-f32", |v| v["num_experts"] = serde_json::json!(4));
     let (code, _, err) = harness(&[
         "simulate",
         "--trace",
@@ -378,12 +374,9 @@ fn simulate_rejects_bad_traces_and_names() {
         "{err}"
     );
     // A layer that is not a MoE layer of the model.
-    let shallow = common::copy_fixture("glm4_moe-mlx4");
-    let cfg = shallow.path().join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    v["first_k_dense_replace"] = serde_json::json!(2);
-    std::fs::write(&cfg, v.to_string()).unwrap();
+    let shallow = common::edited_fixture("glm4_moe-mlx4", |v| {
+        v["first_k_dense_replace"] = serde_json::json!(2)
+    });
     let (code, _, err) = harness(&[
         "simulate",
         "--trace",

@@ -73,6 +73,22 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// Rewrites `dir/config.json` through `f`.
+pub fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// A copy of a fixture whose config `f` edits (for tests that need a different geometry).
+pub fn edited_fixture(name: &str, f: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let d = copy_fixture(name);
+    edit_config(d.path(), f);
+    d
+}
+
 /// Copies a fixture into a temp dir (for tests that corrupt it).
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     let src = fixture(name);
