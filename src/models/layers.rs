@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{AttentionSpec, QuantSpec};
 use crate::error::Result;
-use crate::weights::{load_matrix, Checkpoint};
+use crate::weights::quant::PackedMatrix;
+use crate::weights::{load_matrix, quantized_parts, Checkpoint};
 
 /// Loads a plain f32 vector (norm weights, biases).
 pub fn load_vec(ck: &Checkpoint, key: &str, n: usize, dev: &Device) -> Result<Tensor> {
@@ -37,11 +38,93 @@ impl RmsNorm {
     }
 }
 
-/// `y = x Wᵀ (+ b)` with `W` `[out, in]` held in f32.
+/// A weight matrix `[out, in]`: f32 on the device, or (on the CPU) MLX-quantized and kept packed.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// f32 tensor.
+    Dense(Tensor),
+    /// Packed MLX affine, decoded inside each matrix-vector product.
+    Packed(PackedMatrix),
+}
+
+/// On the CPU, an MLX-quantized module stays packed; `None` means "load it as f32".
+pub fn packed(
+    ck: &Checkpoint,
+    quant: Option<&QuantSpec>,
+    module: &str,
+    rows: usize,
+    cols: usize,
+    dev: &Device,
+) -> Result<Option<PackedMatrix>> {
+    if !dev.is_cpu() || ck.get(&format!("{module}.scales")).is_none() {
+        return Ok(None);
+    }
+    let (w, s, b, p) = quantized_parts(ck, quant, module, &[], rows, cols)?;
+    Ok(PackedMatrix::new(
+        ck.mapped(w),
+        ck.mapped(s),
+        ck.mapped(b),
+        s.dtype,
+        p,
+        rows,
+        cols,
+    )
+    .ok())
+}
+
+/// `y = x Wᵀ (+ b)` with `W` `[out, in]`.
 #[derive(Debug)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// Token embeddings `[vocab, hidden]`, looked up by row (packed rows are decoded one by one).
+#[derive(Debug)]
+pub struct Embedding {
+    weight: Weight,
+    hidden: usize,
+}
+
+impl Embedding {
+    /// Loads `{module}.weight` (float or MLX-quantized).
+    pub fn load(
+        ck: &Checkpoint,
+        quant: Option<&QuantSpec>,
+        module: &str,
+        vocab: usize,
+        hidden: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let weight = match packed(ck, quant, module, vocab, hidden, dev)? {
+            Some(m) => Weight::Packed(m),
+            None => Weight::Dense(Tensor::from_vec(
+                load_matrix(ck, quant, module, vocab, hidden)?,
+                (vocab, hidden),
+                dev,
+            )?),
+        };
+        Ok(Embedding { weight, hidden })
+    }
+    /// The table, to tie an output head to it.
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+    /// Rows for `ids` (already checked against the vocabulary): `[T, hidden]`.
+    pub fn forward(&self, ids: &[u32], dev: &Device) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => {
+                Ok(w.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), dev)?, 0)?)
+            }
+            Weight::Packed(m) => {
+                let mut out = Vec::with_capacity(ids.len() * self.hidden);
+                for &id in ids {
+                    m.row_into(id as usize, &mut out);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), self.hidden), dev)?)
+            }
+        }
+    }
 }
 
 impl Linear {
@@ -55,27 +138,39 @@ impl Linear {
         bias: bool,
         dev: &Device,
     ) -> Result<Self> {
-        let w = Tensor::from_vec(load_matrix(ck, quant, module, out, inp)?, (out, inp), dev)?;
+        let weight = match packed(ck, quant, module, out, inp, dev)? {
+            Some(m) => Weight::Packed(m),
+            None => Weight::Dense(Tensor::from_vec(
+                load_matrix(ck, quant, module, out, inp)?,
+                (out, inp),
+                dev,
+            )?),
+        };
         let bias = if bias {
             Some(load_vec(ck, &format!("{module}.bias"), out, dev)?)
         } else {
             None
         };
-        Ok(Linear { weight: w, bias })
+        Ok(Linear { weight, bias })
     }
-    /// Wraps an existing matrix.
-    pub fn from_weight(weight: Tensor) -> Self {
+    /// Wraps an existing weight (tied embeddings).
+    pub fn from_weight(weight: Weight) -> Self {
         Linear { weight, bias: None }
-    }
-    /// The weight matrix.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
     }
     /// Applies the layer to `x` `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match gemv(x, &self.weight)? {
-            Some(y) => y,
-            None => x.matmul(&self.weight.t()?)?,
+        let y = match &self.weight {
+            Weight::Packed(m) => {
+                let mut out = Vec::with_capacity(x.dim(0)? * m.rows());
+                for row in rows(x)? {
+                    out.extend(m.gemv(&row));
+                }
+                Tensor::from_vec(out, (x.dim(0)?, m.rows()), x.device())?
+            }
+            Weight::Dense(w) => match gemv(x, w)? {
+                Some(y) => y,
+                None => x.matmul(&w.t()?)?,
+            },
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

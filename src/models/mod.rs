@@ -16,9 +16,9 @@ use candle_core::{Device, Tensor};
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 use crate::weights::layout::Prefix;
-use crate::weights::{load_matrix, Checkpoint};
+use crate::weights::Checkpoint;
 
-use layers::{Attention, LayerKv, Linear, Mlp, RmsNorm};
+use layers::{Attention, Embedding, LayerKv, Linear, Mlp, RmsNorm};
 use moe::{ExpertAccess, MoeBlock, Route};
 
 /// The feed-forward part of a decoder layer.
@@ -80,7 +80,7 @@ pub struct Model {
     pub spec: ModelSpec,
     /// Where its tensors live.
     pub prefix: Prefix,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -94,8 +94,7 @@ impl Model {
         let quant = spec.quantization.as_ref();
         let (h, v) = (spec.hidden_size, spec.vocab_size);
         let embed_mod = format!("{}embed_tokens", prefix.model);
-        let embed_vec = load_matrix(ck, quant, &embed_mod, v, h)?;
-        let embed = Tensor::from_vec(embed_vec, (v, h), dev)?;
+        let embed = Embedding::load(ck, quant, &embed_mod, v, h, dev)?;
         let mut layers = Vec::with_capacity(spec.num_layers);
         for i in 0..spec.num_layers {
             let ffn = if spec.is_moe_layer(i) {
@@ -158,7 +157,7 @@ impl Model {
         let lm_head = if spec.tie_word_embeddings
             && ck.get(&format!("{}.weight", prefix.lm_head)).is_none()
         {
-            Linear::from_weight(embed.clone())
+            Linear::from_weight(embed.weight().clone())
         } else {
             Linear::load(ck, quant, &prefix.lm_head, v, h, false, dev)?
         };
@@ -206,8 +205,7 @@ impl Model {
             kv.layers = vec![LayerKv::default(); self.layers.len()];
         }
         let pos0 = kv.len;
-        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &self.device)?;
-        let mut h = self.embed.index_select(&ids, 0)?;
+        let mut h = self.embed.forward(tokens, &self.device)?;
         let mut routing = Vec::new();
         let lookahead = access.wants_lookahead();
         for (i, layer) in self.layers.iter().enumerate() {

@@ -171,6 +171,23 @@ impl PackedMatrix {
         self.rows
     }
 
+    /// Appends row `r`, dequantized (an embedding lookup).
+    pub fn row_into(&self, r: usize, out: &mut Vec<f32>) {
+        let (gs, bits) = (self.p.group_size, self.p.bits);
+        let groups = self.cols / gs;
+        let wpg = gs * bits / 32;
+        let mask = (1u32 << bits) - 1;
+        for g in 0..groups {
+            let k = r * groups + g;
+            let (sc, bi) = (self.scales[k], self.biases[k]);
+            for w in &self.words[k * wpg..(k + 1) * wpg] {
+                for j in 0..32 / bits {
+                    out.push(sc * ((w >> (j * bits)) & mask) as f32 + bi);
+                }
+            }
+        }
+    }
+
     /// `W x` for one input vector: per group, `scale · Σ q·x + bias · Σ x`, the same sum as
     /// dequantizing first (up to float summation order). Large matrices are split across cores.
     pub fn gemv(&self, x: &[f32]) -> Vec<f32> {
@@ -180,19 +197,40 @@ impl PackedMatrix {
         let wpg = gs * bits / 32;
         let per_word = 32 / bits;
         let mask = (1u32 << bits) - 1;
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = bits == 4
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
         let row = |r: usize| -> f32 {
             let mut acc = 0f32;
             for g in 0..groups {
                 let k = r * groups + g;
                 let words = &self.words[k * wpg..(k + 1) * wpg];
                 let xs = &x[g * gs..(g + 1) * gs];
-                let mut part = [0f32; 8];
-                for (w, xw) in words.iter().zip(xs.chunks_exact(per_word)) {
-                    for (j, xv) in xw.iter().enumerate() {
-                        part[j % 8] += ((w >> (j * bits)) & mask) as f32 * xv;
+                let dot = if bits == 4 {
+                    if avx2 {
+                        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            dot4_avx2(words, xs)
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        dot4(words, xs)
+                    } else {
+                        dot4(words, xs)
                     }
-                }
-                acc += self.scales[k] * part.iter().sum::<f32>() + self.biases[k] * xsum[g];
+                } else {
+                    let mut part = [0f32; 8];
+                    for (w, xw) in words.iter().zip(xs.chunks_exact(per_word)) {
+                        for (j, xv) in xw.iter().enumerate() {
+                            part[j % 8] += ((w >> (j * bits)) & mask) as f32 * xv;
+                        }
+                    }
+                    part.iter().sum::<f32>()
+                };
+                acc += self.scales[k] * dot + self.biases[k] * xsum[g];
             }
             acc
         };
@@ -221,6 +259,25 @@ impl PackedMatrix {
         }
         y
     }
+}
+
+/// Σ q·x over 4-bit words (8 nibbles each, least significant first) and 8 inputs per word.
+#[inline(always)]
+fn dot4(words: &[u32], xs: &[f32]) -> f32 {
+    let mut part = [0f32; 8];
+    for (w, xw) in words.iter().zip(xs.chunks_exact(8)) {
+        for j in 0..8 {
+            part[j] += ((w >> (4 * j)) & 15) as f32 * xw[j];
+        }
+    }
+    part.iter().sum()
+}
+
+/// [`dot4`] compiled for AVX2 + FMA (per-lane shifts and fused multiply-adds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2(words: &[u32], xs: &[f32]) -> f32 {
+    dot4(words, xs)
 }
 
 #[cfg(test)]
