@@ -47,6 +47,27 @@ pub enum Weight {
     Packed(PackedMatrix),
 }
 
+impl Weight {
+    /// Loads `{module}.weight` `[rows, cols]`: packed when [`packed`] keeps it so, else f32.
+    pub fn load(
+        ck: &Checkpoint,
+        quant: Option<&QuantSpec>,
+        module: &str,
+        rows: usize,
+        cols: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        Ok(match packed(ck, quant, module, rows, cols, dev)? {
+            Some(m) => Weight::Packed(m),
+            None => Weight::Dense(Tensor::from_vec(
+                load_matrix(ck, quant, module, rows, cols)?,
+                (rows, cols),
+                dev,
+            )?),
+        })
+    }
+}
+
 /// On the CPU, an MLX-quantized module stays packed; `None` means "load it as f32".
 pub fn packed(
     ck: &Checkpoint,
@@ -96,15 +117,10 @@ impl Embedding {
         hidden: usize,
         dev: &Device,
     ) -> Result<Self> {
-        let weight = match packed(ck, quant, module, vocab, hidden, dev)? {
-            Some(m) => Weight::Packed(m),
-            None => Weight::Dense(Tensor::from_vec(
-                load_matrix(ck, quant, module, vocab, hidden)?,
-                (vocab, hidden),
-                dev,
-            )?),
-        };
-        Ok(Embedding { weight, hidden })
+        Ok(Embedding {
+            weight: Weight::load(ck, quant, module, vocab, hidden, dev)?,
+            hidden,
+        })
     }
     /// The table, to tie an output head to it.
     pub fn weight(&self) -> &Weight {
@@ -138,14 +154,7 @@ impl Linear {
         bias: bool,
         dev: &Device,
     ) -> Result<Self> {
-        let weight = match packed(ck, quant, module, out, inp, dev)? {
-            Some(m) => Weight::Packed(m),
-            None => Weight::Dense(Tensor::from_vec(
-                load_matrix(ck, quant, module, out, inp)?,
-                (out, inp),
-                dev,
-            )?),
-        };
+        let weight = Weight::load(ck, quant, module, out, inp, dev)?;
         let bias = if bias {
             Some(load_vec(ck, &format!("{module}.bias"), out, dev)?)
         } else {
