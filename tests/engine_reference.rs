@@ -81,6 +81,28 @@ fn logits_and_routing_match_transformers() {
     }
 }
 
+/// The GPU miss path (checkpoint bytes moved as they are and decoded with tensor ops on the
+/// device) run on the CPU: every layout must still match the reference.
+#[test]
+fn device_miss_path_matches_transformers() {
+    for name in moe_fixtures() {
+        let dir = fixture(&name);
+        let r = Reference::load(&dir);
+        let mut e = engine(&dir, Budget::Unlimited, "lru");
+        e.store.set_device_path(true);
+        let (logits, _) = e.logits(&r.tokens()).unwrap();
+        let flat: Vec<f32> = logits.iter().flatten().copied().collect();
+        let err = rel_l2(&flat, &r.logits);
+        assert!(
+            err <= tolerance(&r),
+            "{name}: device-path logits relative L2 {err:.3e}"
+        );
+        let t = e.store.transfer_stats();
+        assert!(t.uploads > 0, "{name}: the device path was not taken");
+        assert_eq!(t.read_bytes, e.stats().bytes_read, "{name}: bytes read");
+    }
+}
+
 #[test]
 fn greedy_continuation_matches_transformers() {
     for name in moe_fixtures() {

@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod policies;
 pub mod store;
+pub mod upload;
 
 /// Identity of one routed expert: decoder-layer index (as in the checkpoint keys) and expert id.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

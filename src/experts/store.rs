@@ -1,6 +1,8 @@
 //! The expert store: for every routed expert, a handle naming the exact byte ranges of its three
 //! projections in the shard files, and the miss path that reads exactly those bytes (positioned
-//! reads, never the whole tensor), dequantizes them and materialises f32 matrices.
+//! reads, never the whole tensor) and turns them into matrices the model can run: on the CPU an
+//! MLX-quantized expert stays packed; on a GPU the checkpoint bytes are uploaded as they are
+//! (see [`super::upload`]) and decoded to f32 on the device.
 //!
 //! Building the store reads headers only: zero expert bytes are read at load time.
 
@@ -14,6 +16,7 @@ use crate::weights::layout::{ExpertLayout, Prefix};
 use crate::weights::quant::PackedMatrix;
 use crate::weights::{quant, quantized_parts, Checkpoint, DType};
 
+use super::upload::{Part, TransferStats, Uploader};
 use super::ExpertKey;
 
 /// A byte range in one shard.
@@ -118,6 +121,9 @@ pub struct ExpertStore {
     handles: Vec<Vec<ExpertHandle>>,
     layout: ExpertLayout,
     device: Device,
+    uploader: Uploader,
+    /// Use the device miss path even on the CPU (tests of the GPU path's arithmetic).
+    device_path: std::sync::atomic::AtomicBool,
 }
 
 impl ExpertStore {
@@ -209,6 +215,8 @@ impl ExpertStore {
             inter: i,
             handles,
             layout,
+            uploader: Uploader::new(device.clone()),
+            device_path: (!device.is_cpu()).into(),
             device,
         })
     }
@@ -233,10 +241,97 @@ impl ExpertStore {
         self.ck.bytes_read()
     }
 
+    /// Makes misses take the device path ([`ExpertStore::load_on_device`]) even on the CPU, so
+    /// the arithmetic of the GPU miss path can be checked where no GPU is. Off devices other
+    /// than the CPU always take it.
+    pub fn set_device_path(&self, on: bool) {
+        let on = on || !self.device.is_cpu();
+        self.device_path
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Host→device transfer counters of the device miss path.
+    pub fn transfer_stats(&self) -> TransferStats {
+        self.uploader.stats()
+    }
+
     /// The miss path: reads exactly the expert's byte ranges. On the CPU an MLX-quantized expert
-    /// stays packed; anything else is materialised in f32 on the device (gate and up rows
-    /// decoded straight into one `[2I, H]` buffer).
+    /// stays packed and a float one becomes f32; on any other device the checkpoint bytes are
+    /// uploaded and decoded there ([`ExpertStore::load_on_device`]).
     pub fn load(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
+        if self.device_path.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.load_on_device(key);
+        }
+        self.load_on_host(key)
+    }
+
+    /// The device miss path: the expert's checkpoint bytes (packed words, scales and biases, or
+    /// floats) are staged and copied to the device as they are, then decoded there to f32
+    /// `[2I, H]` (gate rows then up rows) and `[H, I]`. Works on every device, the CPU included.
+    pub fn load_on_device(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
+        let hd = self.handle(key);
+        let (h, i) = (self.hidden, self.inter);
+        let dims = [(i, h), (i, h), (h, i)];
+        let mut parts = Vec::with_capacity(9);
+        for (p, src) in hd.proj.iter().enumerate() {
+            let (rows, cols) = dims[p];
+            match src {
+                ProjSource::Float { data, dtype } => parts.push(Part {
+                    range: *data,
+                    dtype: candle_dtype(*dtype)?,
+                    shape: (rows, cols),
+                }),
+                ProjSource::Quant {
+                    weight,
+                    scales,
+                    biases,
+                    scale_dtype,
+                    params,
+                } => {
+                    let groups = (rows, cols / params.group_size);
+                    let sd = candle_dtype(*scale_dtype)?;
+                    parts.push(Part {
+                        range: *weight,
+                        dtype: candle_core::DType::U8,
+                        shape: (rows, cols * params.bits / 8),
+                    });
+                    parts.push(Part {
+                        range: *scales,
+                        dtype: sd,
+                        shape: groups,
+                    });
+                    parts.push(Part {
+                        range: *biases,
+                        dtype: sd,
+                        shape: groups,
+                    });
+                }
+            }
+        }
+        let read = |r: &ByteRange, buf: &mut [u8]| self.ck.read_at(r.shard, r.offset, buf);
+        let mut tensors = self.uploader.upload(&parts, &read)?.into_iter();
+        let mut mats = Vec::with_capacity(3);
+        for (p, src) in hd.proj.iter().enumerate() {
+            let (rows, cols) = dims[p];
+            let mut next = || tensors.next().expect("one tensor per part");
+            mats.push(match src {
+                ProjSource::Float { .. } => next().to_dtype(candle_core::DType::F32)?,
+                ProjSource::Quant { params, .. } => {
+                    let (w, s, b) = (next(), next(), next());
+                    quant::dequantize_tensor(&w, &s, &b, *params, rows, cols)?
+                }
+            });
+        }
+        let down = mats.pop().expect("3");
+        let gate_up = Tensor::cat(&mats, 0)?;
+        Ok(Arc::new(ExpertWeights {
+            mats: ExpertMats::Dense { gate_up, down },
+            bytes: hd.bytes,
+        }))
+    }
+
+    /// The host miss path (see [`ExpertStore::load`]).
+    pub fn load_on_host(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
         let hd = self.handle(key);
         let (h, i) = (self.hidden, self.inter);
         let dims = [(i, h), (i, h), (h, i)];
@@ -324,6 +419,17 @@ impl ExpertStore {
     fn read(&self, r: &ByteRange, buf: &mut Vec<u8>) -> Result<()> {
         buf.resize(r.len as usize, 0);
         self.ck.read_at(r.shard, r.offset, buf)
+    }
+}
+
+fn candle_dtype(d: DType) -> Result<candle_core::DType> {
+    match d {
+        DType::F32 => Ok(candle_core::DType::F32),
+        DType::F16 => Ok(candle_core::DType::F16),
+        DType::BF16 => Ok(candle_core::DType::BF16),
+        other => Err(Error::Input(format!(
+            "internal: expert tensor of type {other:?} has no device path"
+        ))),
     }
 }
 

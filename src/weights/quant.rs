@@ -280,6 +280,49 @@ unsafe fn dot4_avx2(words: &[u32], xs: &[f32]) -> f32 {
     dot4(words, xs)
 }
 
+/// Dequantizes MLX affine-quantized data held as tensors on any device (CPU, CUDA, Metal) with
+/// element-wise ops only, so the packed bytes can cross the host→device link and be decoded
+/// there: `packed` is the raw little-endian bytes `[rows, cols·bits/8]` as u8, `scales` and
+/// `biases` are `[rows, cols/group_size]` in any float type. Returns f32 `[rows, cols]`, computed
+/// as `scale · q + bias` like [`dequantize_into`].
+///
+/// Every step is exact in f32: a byte is below 2^8, and splitting it into `8/bits` fields uses
+/// multiplication by powers of two and `floor`.
+pub fn dequantize_tensor(
+    packed: &candle_core::Tensor,
+    scales: &candle_core::Tensor,
+    biases: &candle_core::Tensor,
+    p: QuantParams,
+    rows: usize,
+    cols: usize,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType as T, Tensor};
+    let x = packed.to_dtype(T::F32)?;
+    let per_byte = 8 / p.bits;
+    let q = if per_byte == 1 {
+        x
+    } else {
+        // Field k of a byte holds element `per_byte·byte + k` (least significant bits first).
+        let base = (1u32 << p.bits) as f64;
+        let mut fields = Vec::with_capacity(per_byte);
+        let mut rest = x;
+        for _ in 1..per_byte {
+            let high = (&rest * (1.0 / base))?.floor()?;
+            fields.push((&rest - (&high * base)?)?);
+            rest = high;
+        }
+        fields.push(rest);
+        Tensor::stack(&fields, 2)?
+    };
+    let g = cols / p.group_size;
+    let s = scales.to_dtype(T::F32)?.reshape((rows, g, 1))?;
+    let b = biases.to_dtype(T::F32)?.reshape((rows, g, 1))?;
+    q.reshape((rows, g, p.group_size))?
+        .broadcast_mul(&s)?
+        .broadcast_add(&b)?
+        .reshape((rows, cols))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +410,54 @@ mod tests {
                 sc[i / 64] * q as f32 + bi[i / 64],
                 "element {i}"
             );
+        }
+    }
+
+    #[test]
+    fn device_tensor_decode_equals_the_host_decode() {
+        // The element-wise device path must give the host decoder's values for every width.
+        let mut x = 0x9e37_79b9u32;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for bits in [2usize, 4, 8] {
+            let (rows, cols, p) = (
+                6usize,
+                256usize,
+                QuantParams {
+                    bits,
+                    group_size: 32,
+                },
+            );
+            let packed: Vec<u8> = (0..rows * cols * bits / 8).map(|_| rnd() as u8).collect();
+            let g = rows * cols / 32;
+            let half = |v: f32| half::bf16::from_f32(v).to_le_bytes();
+            let scales: Vec<u8> = (0..g)
+                .flat_map(|_| half((rnd() % 1000) as f32 / 997.0 - 0.5))
+                .collect();
+            let biases: Vec<u8> = (0..g)
+                .flat_map(|_| half((rnd() % 1000) as f32 / 113.0 - 4.0))
+                .collect();
+            let mut want = Vec::new();
+            dequantize_into(&packed, &scales, &biases, DType::BF16, p, cols, &mut want).unwrap();
+            let dev = candle_core::Device::Cpu;
+            let t = |b: &[u8], dt, shape: (usize, usize)| {
+                candle_core::Tensor::from_raw_buffer(b, dt, &[shape.0, shape.1], &dev).unwrap()
+            };
+            let got = dequantize_tensor(
+                &t(&packed, candle_core::DType::U8, (rows, cols * bits / 8)),
+                &t(&scales, candle_core::DType::BF16, (rows, cols / 32)),
+                &t(&biases, candle_core::DType::BF16, (rows, cols / 32)),
+                p,
+                rows,
+                cols,
+            )
+            .unwrap();
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want, "{bits}-bit");
         }
     }
 }
