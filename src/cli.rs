@@ -164,6 +164,9 @@ pub struct CacheArgs {
     /// Compute device: cpu, cuda (needs --features cuda) or metal (--features metal).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Expert loader threads (0: load inline). Default: 0 on the CPU, min(top_k, 8) on a GPU.
+    #[arg(long)]
+    pub load_threads: Option<usize>,
 }
 
 impl CacheArgs {
@@ -189,6 +192,7 @@ impl CacheArgs {
             policy,
             miss,
             record_trace: false,
+            load_threads: self.load_threads,
         })
     }
 }

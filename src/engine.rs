@@ -13,9 +13,11 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::config::{self, ModelSpec};
 use crate::error::{Error, Result};
 use crate::experts::cache::{Budget, CacheCore, CacheOptions, CacheStats, Phase};
+use crate::experts::loader::{LoadStats, Loader};
 use crate::experts::policies::FrequencyProfile;
 use crate::experts::policies::PolicySpec;
 use crate::experts::store::{ExpertStore, ExpertWeights};
+use crate::experts::upload::TransferStats;
 use crate::experts::ExpertKey;
 use crate::models::layers::{argmax, rows};
 use crate::models::moe::{ExpertAccess, Route};
@@ -58,6 +60,9 @@ pub struct EngineConfig {
     pub miss: MissMode,
     /// Keep a per-(token, layer) routing trace.
     pub record_trace: bool,
+    /// Expert loader threads: `Some(0)` loads inline on the engine thread; `None` picks 0 on the
+    /// CPU and `min(top_k, 8)` on a GPU (parallel misses, asynchronous lookahead prefetch).
+    pub load_threads: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +72,7 @@ impl Default for EngineConfig {
             policy: PolicySpec::parse("lru").expect("lru is a policy"),
             miss: MissMode::Load,
             record_trace: false,
+            load_threads: None,
         }
     }
 }
@@ -92,7 +98,9 @@ pub struct StepRecord {
     pub lookahead: Option<Vec<u32>>,
     /// Per selected expert: was it resident when demanded.
     pub hits: Vec<bool>,
-    /// Nanoseconds spent loading experts during this step (demand misses and prefetches).
+    /// Nanoseconds the engine thread spent loading experts or waiting for them during this step
+    /// (demand misses and prefetches; a load that finished on a loader thread before it was
+    /// needed costs nothing here).
     pub load_ns: u64,
 }
 
@@ -103,10 +111,14 @@ pub struct EngineStats {
     pub cache: CacheStats,
     /// Expert bytes read from disk.
     pub bytes_read: u64,
-    /// Seconds spent reading and materialising experts.
+    /// Seconds the engine thread spent loading experts or waiting for them.
     pub load_seconds: f64,
     /// Checkpoint bytes of the experts resident now.
     pub resident_bytes: u64,
+    /// Exposed and hidden load time, demand and prefetch.
+    pub loads: LoadStats,
+    /// Host→device transfer counters (cumulative since the engine was opened).
+    pub transfer: TransferStats,
 }
 
 /// Result of [`Engine::generate`].
@@ -189,7 +201,8 @@ pub struct Engine {
     /// Dense model.
     pub model: Model,
     /// Expert handles and the miss path.
-    pub store: ExpertStore,
+    pub store: Arc<ExpertStore>,
+    loader: Loader,
     core: CacheCore,
     payload: Vec<Vec<Option<Arc<ExpertWeights>>>>,
     cfg: EngineConfig,
@@ -234,7 +247,13 @@ impl Engine {
         let ck = Arc::new(Checkpoint::open(dir)?);
         let prefix = layout::detect_prefix(&ck)?;
         let experts = layout::detect_experts(&ck, &spec, &prefix)?;
-        let store = ExpertStore::new(ck.clone(), &spec, &prefix, experts, device.clone())?;
+        let store = Arc::new(ExpertStore::new(
+            ck.clone(),
+            &spec,
+            &prefix,
+            experts,
+            device.clone(),
+        )?);
         check_budget(&spec, &store, &cfg)?;
         let model = Model::load(&ck, &spec, &prefix, &device)?;
         // On a GPU the cache holds f32 experts (4 bytes per weight); refuse budgets that cannot fit.
@@ -259,6 +278,7 @@ impl Engine {
         }
         let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
         let core = CacheCore::new(&cfg.policy, cfg.budget, &moe_layers)?;
+        let loader = Loader::new(store.clone(), load_threads(&spec, &device, &cfg))?;
         let payload = (0..spec.num_layers)
             .map(|l| {
                 if spec.is_moe_layer(l) {
@@ -271,6 +291,7 @@ impl Engine {
         Ok(Engine {
             model,
             store,
+            loader,
             core,
             payload,
             cfg,
@@ -326,9 +347,12 @@ impl Engine {
                 profile,
             },
         )?;
+        let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
+        if threads != self.loader.threads() {
+            self.loader = Loader::new(self.store.clone(), threads)?;
+        }
         self.cfg = cfg;
-        self.payload.iter_mut().flatten().for_each(|p| *p = None);
-        self.load_time = Duration::ZERO;
+        self.reset_cache_contents();
         Ok(())
     }
 
@@ -351,7 +375,13 @@ impl Engine {
     /// Empties the cache and zeroes its counters (the trace is kept).
     pub fn reset_cache(&mut self) {
         self.core.reset();
+        self.reset_cache_contents();
+    }
+
+    fn reset_cache_contents(&mut self) {
         self.payload.iter_mut().flatten().for_each(|p| *p = None);
+        self.loader.clear();
+        self.loader.reset_stats();
         self.load_time = Duration::ZERO;
     }
 
@@ -372,6 +402,8 @@ impl Engine {
             bytes_read: self.store.bytes_read(),
             load_seconds: self.load_time.as_secs_f64(),
             resident_bytes: self.core.resident_bytes(),
+            loads: self.loader.stats(),
+            transfer: self.store.transfer_stats(),
         }
     }
 
@@ -391,6 +423,7 @@ impl Engine {
         let Engine {
             model,
             store,
+            loader,
             core,
             payload,
             cfg,
@@ -400,6 +433,7 @@ impl Engine {
         } = self;
         let mut access = Access {
             store,
+            loader,
             core,
             payload,
             cfg,
@@ -529,6 +563,7 @@ fn check_budget(spec: &ModelSpec, store: &ExpertStore, cfg: &EngineConfig) -> Re
 /// The engine side of [`ExpertAccess`]: resolves experts through the cache, loading misses.
 struct Access<'a> {
     store: &'a ExpertStore,
+    loader: &'a mut Loader,
     core: &'a mut CacheCore,
     payload: &'a mut Vec<Vec<Option<Arc<ExpertWeights>>>>,
     cfg: &'a EngineConfig,
@@ -546,61 +581,95 @@ struct Current {
     layer: u32,
     pos: u32,
     hits: Vec<bool>,
+    /// Experts of this step that missed.
+    missed: Vec<u32>,
     load_ns: u64,
+}
+
+impl Current {
+    fn new(layer: u32, pos: u32) -> Self {
+        Current {
+            layer,
+            pos,
+            hits: Vec::new(),
+            missed: Vec::new(),
+            load_ns: 0,
+        }
+    }
 }
 
 impl Access<'_> {
     fn evict(&mut self, keys: &[ExpertKey]) {
-        for k in keys {
+        for &k in keys {
             self.payload[k.layer as usize][k.expert as usize] = None;
+            self.loader.cancel(k);
         }
     }
 
-    fn load(&mut self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
-        let t = Instant::now();
-        let w = self.store.load(key)?;
-        let dt = t.elapsed();
-        *self.load_time += dt;
+    /// Charges `ns` of engine-thread load time to the current step.
+    fn charge(&mut self, ns: u64) {
+        *self.load_time += Duration::from_nanos(ns);
         if let Some(c) = self.cur.as_mut() {
-            c.load_ns += dt.as_nanos() as u64;
+            c.load_ns += ns;
         }
-        self.payload[key.layer as usize][key.expert as usize] = Some(w.clone());
-        Ok(w)
+    }
+
+    /// Starts loading `key` (inline or on a loader thread).
+    fn submit(&mut self, key: ExpertKey, prefetch: bool) -> Result<()> {
+        if self.payload[key.layer as usize][key.expert as usize].is_none() && !self.loader.has(key)
+        {
+            let ns = self.loader.submit(key, prefetch)?;
+            self.charge(ns);
+        }
+        Ok(())
     }
 }
 
 impl ExpertAccess for Access<'_> {
     fn begin_step(&mut self, layer: u32, pos: usize, route: &Route) -> Result<()> {
         self.core.begin_step(layer, self.phase, &route.experts)?;
-        self.cur = Some(Current {
-            layer,
-            pos: pos as u32,
-            hits: Vec::new(),
-            load_ns: 0,
-        });
+        self.cur = Some(Current::new(layer, pos as u32));
+        // Every access of the step is decided up front, in route order (the cache sees exactly
+        // what it would see one fetch at a time), so that all misses load in parallel.
+        for &expert in &route.experts {
+            let key = ExpertKey { layer, expert };
+            let out = self
+                .core
+                .access(key, self.store.expert_bytes(key), u64::MAX)?;
+            self.evict(&out.evicted);
+            let c = self.cur.as_mut().expect("set above");
+            c.hits.push(out.hit);
+            if !out.hit {
+                c.missed.push(expert);
+                self.submit(key, false)?;
+            }
+        }
         Ok(())
     }
 
     fn fetch(&mut self, key: ExpertKey) -> Result<Option<Arc<ExpertWeights>>> {
-        let size = self.store.expert_bytes(key);
-        let out = self.core.access(key, size, u64::MAX)?;
-        self.evict(&out.evicted);
-        if let Some(c) = self.cur.as_mut() {
-            c.hits.push(out.hit);
+        let missed = self
+            .cur
+            .as_ref()
+            .is_some_and(|c| c.missed.contains(&key.expert));
+        if missed && self.cfg.miss == MissMode::Skip {
+            // Run without it; its load goes on and is claimed when it is next used.
+            return Ok(None);
         }
-        let resident = self.payload[key.layer as usize][key.expert as usize].clone();
-        match (out.hit, resident) {
-            (true, Some(w)) => Ok(Some(w)),
-            (true, None) => Err(Error::Input(format!(
+        let slot = &mut self.payload[key.layer as usize][key.expert as usize];
+        if let Some(w) = slot {
+            return Ok(Some(w.clone()));
+        }
+        match self.loader.claim(key) {
+            Some(r) => {
+                let (w, waited) = r?;
+                self.payload[key.layer as usize][key.expert as usize] = Some(w.clone());
+                self.charge(waited);
+                Ok(Some(w))
+            }
+            None => Err(Error::Input(format!(
                 "internal: cache reports {key:?} resident but holds no tensors"
             ))),
-            (false, _) => {
-                let w = self.load(key)?;
-                Ok(match self.cfg.miss {
-                    MissMode::Load => Some(w),
-                    MissMode::Skip => None,
-                })
-            }
         }
     }
 
@@ -609,12 +678,7 @@ impl ExpertAccess for Access<'_> {
         // Prefetch the predicted experts of the next MoE layer (decode only), before the step's
         // pins are released, as the simulator replays it.
         if let (Some((next_layer, experts)), Phase::Decode) = (prediction, self.phase) {
-            self.cur = Some(Current {
-                layer: cur.layer,
-                pos: cur.pos,
-                hits: Vec::new(),
-                load_ns: 0,
-            });
+            self.cur = Some(Current::new(cur.layer, cur.pos));
             for &e in experts {
                 let key = ExpertKey {
                     layer: next_layer,
@@ -624,8 +688,8 @@ impl ExpertAccess for Access<'_> {
                     .core
                     .prefetch(key, self.store.expert_bytes(key), u64::MAX);
                 self.evict(&out.evicted);
-                if out.issued && self.payload[key.layer as usize][key.expert as usize].is_none() {
-                    self.load(key)?;
+                if out.issued {
+                    self.submit(key, true)?;
                 }
             }
             let extra = self.cur.take().map_or(0, |c| c.load_ns);
@@ -665,6 +729,15 @@ impl Access<'_> {
             });
         }
     }
+}
+
+/// Loader threads for `cfg` on `device` (see [`EngineConfig::load_threads`]).
+fn load_threads(spec: &ModelSpec, device: &Device, cfg: &EngineConfig) -> usize {
+    cfg.load_threads.unwrap_or(if device.is_cpu() {
+        0
+    } else {
+        spec.moe.top_k.min(8)
+    })
 }
 
 /// The compute device for a backend name (`cpu`, `cuda`, `metal`), with a clear error when this

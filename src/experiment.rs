@@ -89,6 +89,9 @@ pub struct RawCache {
     /// Keep the cache between prompts, as in a serving session (default true).
     #[serde(default = "yes")]
     pub carry_over: bool,
+    /// Expert loader threads (0: load inline on the engine thread). Default: 0 on the CPU,
+    /// `min(top_k, 8)` on a GPU.
+    pub load_threads: Option<usize>,
 }
 
 impl Default for RawCache {
@@ -98,6 +101,7 @@ impl Default for RawCache {
             capacity: None,
             budget: None,
             pool: None,
+            load_threads: None,
             miss: default_miss(),
             carry_over: true,
         }
@@ -242,6 +246,8 @@ pub struct Experiment {
     pub pool: String,
     /// Keep the cache between prompts.
     pub carry_over: bool,
+    /// Expert loader threads (`None`: the engine's default for the device).
+    pub load_threads: Option<usize>,
     /// Warm-up prompts (run first, excluded from statistics).
     pub warmup: Vec<Prompt>,
     /// Measured prompts.
@@ -401,6 +407,7 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         cells,
         pool,
         carry_over: raw.cache.carry_over,
+        load_threads: raw.cache.load_threads,
         warmup: prompts,
         prompts: measured,
         chat_template: raw.prompts.chat_template,

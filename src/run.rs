@@ -290,6 +290,7 @@ fn run_cell(
         policy: cell.policy.clone(),
         miss: cell.miss,
         record_trace: true,
+        load_threads: exp.load_threads,
     };
     let cell_profile = if cell.policy.needs_profile() {
         profile.cloned()

@@ -5,6 +5,7 @@
 //! cache at the moment the router selects it.
 
 pub mod cache;
+pub mod loader;
 pub mod policies;
 pub mod store;
 pub mod upload;
