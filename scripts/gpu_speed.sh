@@ -1,40 +1,28 @@
 #!/usr/bin/env bash
-# Speed run on the GPU machine (see docs/performance.md). A GLM-4.7-Flash-shaped MLX 4-bit
-# checkpoint (random weights, first 8 layers: 7 MoE layers × 64 experts of 5.3 MB) is swept over
-# expert-slot budgets with `harness run` on CUDA (one warm-up prompt excluded, so the unlimited
-# cell runs all-resident), once on the CPU for comparison; host→GPU bandwidth (pinned vs
-# pageable) and the HF transformers eager baseline are measured in the same call.
-# Usage (on the GPU machine, with the CUDA binary at ./harness): bash scripts/gpu_speed.sh OUTDIR
+# Speed run on the GPU machine (see docs/performance.md), with the CUDA binary at ./harness.gz or
+# ./harness (built here with `source ../shared/tools/cuda-env.sh && cargo build --release
+# --features cuda`). Steps, each under a timeout so one failure does not lose the rest:
+#   1. the CUDA numerics check of every test fixture against HF transformers (scripts/gpu_check.py);
+#   2. a GLM-4.7-Flash-shaped MLX 4-bit checkpoint with random weights (`harness synth`, first
+#      LAYERS decoder layers) and `harness bench` over a budget sweep, with loader threads
+#      (default) and inline (`--load-threads 0`);
+#   3. torch's pinned/pageable host→GPU copy of one expert's size and the HF transformers eager
+#      decode baseline (all experts resident, bf16, same config and layer count).
+# Usage: bash scripts/gpu_speed.sh OUTDIR [LAYERS] [CAPACITIES]
 set -u
-out=${1:-/tmp/gpu_out}; mkdir -p "$out"
+out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
+mkdir -p "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+[ -f harness ] || { cp .gpu/harness.gz . && gunzip -f harness.gz && chmod +x harness; }
 H=$PWD/harness
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } > "$out/gpu.txt" 2>&1
-python3 scripts/h2d_bandwidth.py >> "$out/gpu.txt" 2>&1
-$H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out /tmp/flash8 --layers 8 >> "$out/gpu.txt" 2>&1
-mkdir -p /tmp/exp
-for dev in cuda cpu; do
-  cat > /tmp/exp/speed-$dev.toml <<TOML
-name = "speed-$dev"
-[model]
-path = "/tmp/flash8"
-backend = "$dev"
-[cache]
-policy = ["lru", "lookahead"]
-capacity = [4, 16, 32, 64]
-[prompts]
-inline = ["warm up the cache with a first prompt", "def main(argv):", "The quick brown fox jumps over", "import numpy as np"]
-warmup = 1
-[generation]
-max_new_tokens = 16
-[output]
-plots = false
-TOML
-  [ "$dev" = cpu ] && sed -i 's/policy = \["lru", "lookahead"\]/policy = "lru"/; s/capacity = \[4, 16, 32, 64\]/capacity = [16, 64]/' /tmp/exp/speed-$dev.toml
-  timeout 280 $H run /tmp/exp/speed-$dev.toml --out /tmp/res > "$out/run_$dev.txt" 2>&1
-  cp /tmp/res/speed-$dev/*/summary.json "$out/summary_$dev.json" 2>/dev/null
-done
-timeout 60 python3 scripts/hf_decode_baseline.py experiments/configs/glm47-flash.json --layers 8 --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
-sed 's/backend = "cpu"/backend = "cuda"/' experiments/default.toml > experiments/default-cuda.toml
-timeout 60 $H run experiments/default-cuda.toml --quick --out /tmp/res > "$out/default_cuda.txt" 2>&1
-rm -f experiments/default-cuda.toml
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } > "$out/gpu.txt" 2>&1
+timeout 120 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
+m=/tmp/flash$layers
+[ -d "$m" ] || timeout 120 $H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
+timeout 240 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
+  --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
+timeout 120 $H bench --model "$m" --device cuda --policy lru --capacity "$caps" --load-threads 0 \
+  --no-resident --prompts 3 --tokens 16 --json "$out/bench_inline.json" > "$out/bench_inline.txt" 2>&1; echo "exit $?" >> "$out/bench_inline.txt"
+python3 scripts/h2d_bandwidth.py 5310000 >> "$out/gpu.txt" 2>&1
+timeout 90 python3 scripts/hf_decode_baseline.py experiments/configs/glm47-flash.json --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
+exit 0

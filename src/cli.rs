@@ -42,6 +42,45 @@ enum Cmd {
     Simulate(SimulateArgs),
     /// Write a random-weight checkpoint with a real model's shapes and layout (for speed runs).
     Synth(SynthArgs),
+    /// Decode speed over a budget sweep against the host→device link, measured in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Checkpoint directory (e.g. one written by `harness synth`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Compute device: cpu, cuda or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Policies, comma-separated.
+    #[arg(long, default_value = "lru,lookahead", value_delimiter = ',')]
+    policy: Vec<String>,
+    /// Expert slots per MoE layer, comma-separated.
+    #[arg(long, default_value = "8,16,32", value_delimiter = ',')]
+    capacity: Vec<usize>,
+    /// Measured prompts per cell.
+    #[arg(long, default_value_t = 3)]
+    prompts: usize,
+    /// Tokens per prompt (seeded random ids).
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// New tokens per prompt.
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    /// Expert loader threads (0: inline). Default: 0 on the CPU, min(top_k, 8) on a GPU.
+    #[arg(long)]
+    load_threads: Option<usize>,
+    /// Prompt seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Skip the all-resident cell.
+    #[arg(long)]
+    no_resident: bool,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -277,6 +316,30 @@ pub fn run() -> Result<ExitCode> {
                 r.shards,
                 r.dir.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(a) => {
+            let device = moe_harness::engine::device(&a.device)?;
+            let opts = moe_harness::bench::BenchOptions {
+                policies: a.policy,
+                capacities: a.capacity,
+                prompts: a.prompts,
+                prompt_len: a.prompt_len,
+                new_tokens: a.tokens,
+                load_threads: a.load_threads,
+                seed: a.seed,
+                resident: !a.no_resident,
+            };
+            let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
+                eprintln!(
+                    "{}: h {:.3}, {:.1} tok/s",
+                    row.cell, row.hit_rate, row.decode_tps
+                )
+            })?;
+            print!("{}", moe_harness::bench::format_report(&r));
+            if let Some(p) = &a.json {
+                moe_harness::io::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Plot(a) => {

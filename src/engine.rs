@@ -257,20 +257,25 @@ impl Engine {
         check_budget(&spec, &store, &cfg)?;
         let model = Model::load(&ck, &spec, &prefix, &device)?;
         // On a GPU the cache holds f32 experts (4 bytes per weight); refuse budgets that cannot fit.
-        if let (Some((free, _)), Some(b)) = (gpu_memory(&device), cfg.budget.bytes()) {
+        if let Some((free, _)) = gpu_memory(&device) {
             let per_f32 = spec.expert_elements() * 4;
             let first = ExpertKey {
                 layer: spec.moe.moe_layers[0] as u32,
                 expert: 0,
             };
-            let slots = if cfg.budget.per_layer() {
-                b / store.expert_bytes(first).max(1) * spec.num_moe_layers() as u64
-            } else {
-                b / store.expert_bytes(first).max(1)
+            let layers = spec.num_moe_layers() as u64;
+            let all = spec.moe.num_experts as u64 * layers;
+            let per = store.expert_bytes(first).max(1);
+            let slots = match cfg.budget {
+                Budget::SlotsPerLayer(n) => (n as u64 * layers).min(all),
+                Budget::BytesPerLayer(b) => (b / per * layers).min(all),
+                Budget::BytesGlobal(b) => (b / per).min(all),
+                Budget::Unlimited => all,
             };
             if slots * per_f32 > free {
                 return Err(Error::Input(format!(
-                    "budget {b} bytes holds {slots} experts, {:.1} GB as f32 on the GPU, but only {:.1} GB of GPU memory is free",
+                    "budget {} holds {slots} experts, {:.1} GB as f32 on the GPU, but only {:.1} GB of GPU memory is free (lower --capacity / --budget)",
+                    cfg.budget,
                     (slots * per_f32) as f64 / 1e9,
                     free as f64 / 1e9
                 )));
@@ -304,6 +309,11 @@ impl Engine {
     /// The resolved model spec.
     pub fn spec(&self) -> &ModelSpec {
         &self.model.spec
+    }
+
+    /// Expert loader threads in use (0: inline).
+    pub fn load_threads(&self) -> usize {
+        self.loader.threads()
     }
 
     /// The engine settings.

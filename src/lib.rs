@@ -4,6 +4,7 @@
 //! [`engine`] → [`simulate`] (offline replay of traces).
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod engine;

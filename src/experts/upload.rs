@@ -174,6 +174,18 @@ impl Uploader {
     }
 }
 
+/// Host→device copy rates measured on `device` for one buffer of `bytes` bytes, in bytes per
+/// second: `(pinned, pageable)`, each the mean over `reps` copies after one warm-up copy.
+/// `None` off CUDA.
+pub fn h2d_baseline(device: &Device, bytes: usize, reps: usize) -> Result<Option<(f64, f64)>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return cuda::baseline(dev, bytes, reps.max(1)).map(Some);
+    }
+    let _ = (device, bytes, reps);
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     //! Pinned staging buffers and copy streams.
@@ -201,6 +213,45 @@ mod cuda {
 
     fn driver(what: &str, e: impl std::fmt::Display) -> Error {
         Error::Input(format!("CUDA {what}: {e}"))
+    }
+
+    pub(super) fn baseline(dev: &CudaDevice, bytes: usize, reps: usize) -> Result<(f64, f64)> {
+        let ctx = dev.cuda_stream().context().clone();
+        let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
+        // SAFETY: filled below before any copy.
+        let mut pinned = unsafe { ctx.alloc_pinned::<u8>(bytes.max(1)) }
+            .map_err(|e| driver("pinned allocation", e))?;
+        pinned
+            .as_mut_slice()
+            .map_err(|e| driver("pinned buffer", e))?
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        let pageable: Vec<u8> = (0..bytes.max(1)).map(|i| i as u8).collect();
+        // SAFETY: every element is written by the copies before anything reads it (nothing does).
+        let mut dst: CudaSlice<u8> =
+            unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| driver("allocation", e))?;
+        let mut time = |pinned_src: bool| -> Result<f64> {
+            let mut once = || {
+                if pinned_src {
+                    stream.memcpy_htod(&pinned, &mut dst)
+                } else {
+                    stream.memcpy_htod(&pageable, &mut dst)
+                }
+                .map_err(|e| driver("host→device copy", e))
+            };
+            once()?;
+            stream.synchronize().map_err(|e| driver("stream", e))?;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                once()?;
+            }
+            stream.synchronize().map_err(|e| driver("stream", e))?;
+            Ok((bytes * reps) as f64 / t.elapsed().as_secs_f64())
+        };
+        let p = time(true)?;
+        let q = time(false)?;
+        Ok((p, q))
     }
 
     /// A copy stream and the pinned buffer it copies from.

@@ -1,0 +1,291 @@
+//! `harness bench`: speed of the lazy-expert engine over a budget sweep, against the limits of
+//! the machine measured in the same run.
+//!
+//! For every cell (policy × slots per layer) the engine decodes the same seeded prompts (greedy,
+//! so every cell sees the same tokens until its budget changes the numbers it computes), after a
+//! warm-up prompt that is excluded. A `resident` cell first runs the measured prompts once with an
+//! unlimited budget and then measures them again with every expert they use resident: the
+//! all-resident decode speed of this engine.
+//!
+//! Reported per cell: decode hit rate `h`, decode tokens/s, expert bytes moved per token, the
+//! achieved host→device rate of the miss path next to a pinned copy of one expert's size measured
+//! in the same run (`B`), and the link bound `B / ((1 − h) · E · s)` (`E` experts per token, `s`
+//! bytes per expert) with the fraction of it achieved; for prefetching policies, the share of
+//! prefetch load time hidden behind compute.
+
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::Device;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::engine::{Engine, EngineConfig, EngineStats, MissMode, Sampler};
+use crate::error::{Error, Result};
+use crate::experts::cache::Budget;
+use crate::experts::policies::PolicySpec;
+use crate::experts::ExpertKey;
+
+/// What to sweep.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Policies (e.g. `lru`, `lookahead`).
+    pub policies: Vec<String>,
+    /// Expert slots per MoE layer.
+    pub capacities: Vec<usize>,
+    /// Measured prompts per cell.
+    pub prompts: usize,
+    /// Tokens per prompt (random ids from the vocabulary, seeded).
+    pub prompt_len: usize,
+    /// New tokens per prompt.
+    pub new_tokens: usize,
+    /// Loader threads (`None`: the engine's default for the device).
+    pub load_threads: Option<usize>,
+    /// Prompt seed.
+    pub seed: u64,
+    /// Also measure the all-resident cell.
+    pub resident: bool,
+}
+
+/// One measured cell.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    /// `resident`, or `<policy>_cap<N>`.
+    pub cell: String,
+    /// Policy.
+    pub policy: String,
+    /// Slots per layer (`None`: unlimited).
+    pub capacity: Option<usize>,
+    /// Loader threads used.
+    pub load_threads: usize,
+    /// Decode-phase demand hit rate.
+    pub hit_rate: f64,
+    /// Decode tokens per second.
+    pub decode_tps: f64,
+    /// Decoded tokens measured.
+    pub decode_tokens: u64,
+    /// Expert bytes moved per decoded token (demand misses and prefetches).
+    pub bytes_per_token: f64,
+    /// Milliseconds per token the engine thread spent loading or waiting for experts.
+    pub exposed_load_ms_per_token: f64,
+    /// Host→device rate of the miss path's copies (bytes/s), when on a GPU.
+    pub h2d_rate: Option<f64>,
+    /// Rate of the whole miss path: bytes over (read + copy) time, summed over loader threads.
+    pub miss_path_rate: Option<f64>,
+    /// `B / ((1 − h) · E · s)` tokens/s (`None` when nothing misses or `B` is unknown).
+    pub link_bound_tps: Option<f64>,
+    /// `decode_tps / link_bound_tps`.
+    pub link_bound_fraction: Option<f64>,
+    /// Share of used prefetches' load time the engine never waited for.
+    pub prefetch_hidden: Option<f64>,
+    /// Prefetches issued per decoded token.
+    pub prefetches_per_token: f64,
+}
+
+/// The report of one `harness bench` run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// Model directory.
+    pub model: String,
+    /// Device name.
+    pub device: String,
+    /// Checkpoint bytes of one expert (`s`).
+    pub expert_bytes: u64,
+    /// Routed experts per token over all MoE layers (`E`).
+    pub experts_per_token: usize,
+    /// Pinned host→device copy of `s` bytes, bytes/s (`B`), measured in this run.
+    pub pinned_h2d_rate: Option<f64>,
+    /// Pageable host→device copy of `s` bytes, bytes/s, measured in this run.
+    pub pageable_h2d_rate: Option<f64>,
+    /// The cells.
+    pub rows: Vec<BenchRow>,
+}
+
+/// Runs the sweep on an opened engine.
+pub fn bench(
+    model_dir: &Path,
+    device: Device,
+    opts: &BenchOptions,
+    mut progress: impl FnMut(&BenchRow),
+) -> Result<BenchReport> {
+    if opts.prompts == 0 || opts.new_tokens < 2 || opts.prompt_len == 0 {
+        return Err(Error::Input(
+            "bench needs at least 1 prompt of at least 1 token and 2 new tokens".into(),
+        ));
+    }
+    let policies: Vec<PolicySpec> = opts
+        .policies
+        .iter()
+        .map(|p| PolicySpec::parse(p).map_err(|e| Error::Input(format!("--policy {p}: {e}"))))
+        .collect::<Result<_>>()?;
+    let config = |budget, policy: &PolicySpec| EngineConfig {
+        budget,
+        policy: policy.clone(),
+        miss: MissMode::Load,
+        record_trace: false,
+        load_threads: opts.load_threads,
+    };
+    let lru = PolicySpec::parse("lru").expect("lru is a policy");
+    let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
+    let spec = engine.spec().clone();
+    let first = ExpertKey {
+        layer: spec.moe.moe_layers[0] as u32,
+        expert: 0,
+    };
+    let s = engine.store.expert_bytes(first);
+    let e_per_token = spec.moe.top_k * spec.num_moe_layers();
+    let baseline = crate::experts::upload::h2d_baseline(&device, s as usize, 20)?;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let vocab = spec.vocab_size as u32;
+    let mut prompt = || -> Vec<u32> {
+        (0..opts.prompt_len)
+            .map(|_| rng.random_range(0..vocab))
+            .collect()
+    };
+    let warmup = prompt();
+    let measured: Vec<Vec<u32>> = (0..opts.prompts).map(|_| prompt()).collect();
+    let mut report = BenchReport {
+        model: model_dir.display().to_string(),
+        device: format!("{device:?}"),
+        expert_bytes: s,
+        experts_per_token: e_per_token,
+        pinned_h2d_rate: baseline.map(|b| b.0),
+        pageable_h2d_rate: baseline.map(|b| b.1),
+        rows: Vec::new(),
+    };
+    let mut cells: Vec<(String, PolicySpec, Option<usize>)> = Vec::new();
+    if opts.resident {
+        cells.push(("resident".into(), lru.clone(), None));
+    }
+    for p in &policies {
+        for &c in &opts.capacities {
+            cells.push((format!("{p}_cap{c}"), p.clone(), Some(c)));
+        }
+    }
+    for (name, policy, cap) in cells {
+        let budget = cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer);
+        engine.reconfigure(config(budget, &policy))?;
+        // Warm-up (excluded): the resident cell runs the measured prompts themselves.
+        let warm: Vec<&Vec<u32>> = if cap.is_none() {
+            measured.iter().collect()
+        } else {
+            vec![&warmup]
+        };
+        for w in warm {
+            engine.generate(w, opts.new_tokens, &mut Sampler::Greedy, &[])?;
+        }
+        let before = engine.stats();
+        let mut decode = Duration::ZERO;
+        let mut tokens = 0u64;
+        for m in &measured {
+            let g = engine.generate(m, opts.new_tokens, &mut Sampler::Greedy, &[])?;
+            decode += g.decode;
+            tokens += g.tokens.len().saturating_sub(1) as u64;
+        }
+        let after = engine.stats();
+        let row = measure(
+            &name, &policy, cap, &engine, &before, &after, decode, tokens, &report,
+        );
+        progress(&row);
+        report.rows.push(row);
+    }
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    name: &str,
+    policy: &PolicySpec,
+    cap: Option<usize>,
+    engine: &Engine,
+    before: &EngineStats,
+    after: &EngineStats,
+    decode: Duration,
+    tokens: u64,
+    report: &BenchReport,
+) -> BenchRow {
+    let d = |a: u64, b: u64| a.saturating_sub(b) as f64;
+    let (ca, cb) = (&after.cache, &before.cache);
+    let accesses = d(ca.decode.accesses, cb.decode.accesses);
+    let hits = d(ca.decode.hits, cb.decode.hits);
+    let h = if accesses > 0.0 { hits / accesses } else { 1.0 };
+    let prefetches = d(ca.prefetch.issued, cb.prefetch.issued);
+    let s = report.expert_bytes as f64;
+    let n = tokens.max(1) as f64;
+    let tps = tokens as f64 / decode.as_secs_f64().max(1e-12);
+    let (ta, tb) = (&after.transfer, &before.transfer);
+    let h2d_s = ta.h2d_seconds - tb.h2d_seconds;
+    let h2d_rate = (h2d_s > 0.0).then(|| d(ta.h2d_bytes, tb.h2d_bytes) / h2d_s);
+    let path_s = h2d_s + ta.read_seconds - tb.read_seconds;
+    let miss_path_rate = (path_s > 0.0).then(|| d(ta.read_bytes, tb.read_bytes) / path_s);
+    let link_bound_tps = report
+        .pinned_h2d_rate
+        .filter(|_| h < 1.0)
+        .map(|b| b / ((1.0 - h) * report.experts_per_token as f64 * s));
+    let (la, lb) = (&after.loads, &before.loads);
+    let used_load = d(la.prefetch_used_load_ns, lb.prefetch_used_load_ns);
+    let used_exposed = d(la.prefetch_used_exposed_ns, lb.prefetch_used_exposed_ns);
+    BenchRow {
+        cell: name.to_string(),
+        policy: policy.to_string(),
+        capacity: cap,
+        load_threads: engine.load_threads(),
+        hit_rate: h,
+        decode_tps: tps,
+        decode_tokens: tokens,
+        bytes_per_token: (accesses - hits + prefetches) * s / n,
+        exposed_load_ms_per_token: (after.load_seconds - before.load_seconds).max(0.0) * 1e3 / n,
+        h2d_rate,
+        miss_path_rate,
+        link_bound_tps,
+        link_bound_fraction: link_bound_tps.map(|b| tps / b),
+        prefetch_hidden: (used_load > 0.0).then(|| 1.0 - (used_exposed / used_load).min(1.0)),
+        prefetches_per_token: prefetches / n,
+    }
+}
+
+/// The report as a fixed-width table.
+pub fn format_report(r: &BenchReport) -> String {
+    let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
+    let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let mut out = format!(
+        "model {} on {}: s = {:.2} MB per expert, E = {} experts per token; pinned H2D {} GB/s, pageable {} GB/s (copies of s bytes, this run)\n",
+        r.model,
+        r.device,
+        r.expert_bytes as f64 / 1e6,
+        r.experts_per_token,
+        gb(r.pinned_h2d_rate),
+        gb(r.pageable_h2d_rate),
+    );
+    out.push_str(&format!(
+        "{:<18} {:>3} {:>6} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>7} {:>7}\n",
+        "cell",
+        "thr",
+        "h",
+        "tok/s",
+        "MB/tok",
+        "load ms/t",
+        "h2d GB/s",
+        "path GB/s",
+        "bound t/s",
+        "frac",
+        "hidden"
+    ));
+    for row in &r.rows {
+        out.push_str(&format!(
+            "{:<18} {:>3} {:>6.3} {:>8.1} {:>9.1} {:>9.2} {:>8} {:>9} {:>9} {:>7} {:>7}\n",
+            row.cell,
+            row.load_threads,
+            row.hit_rate,
+            row.decode_tps,
+            row.bytes_per_token / 1e6,
+            row.exposed_load_ms_per_token,
+            gb(row.h2d_rate),
+            gb(row.miss_path_rate),
+            row.link_bound_tps
+                .map_or("-".to_string(), |v| format!("{v:.1}")),
+            f2(row.link_bound_fraction),
+            f2(row.prefetch_hidden),
+        ));
+    }
+    out
+}
