@@ -9,6 +9,8 @@
 #   3. torch's pinned/pageable host→GPU copy of one expert's size and the HF transformers eager
 #      decode baseline (all experts resident, bf16, same config and layer count).
 # Usage: bash scripts/gpu_speed.sh OUTDIR [LAYERS] [CAPACITIES]
+# Environment: SKIP_CHECK=1 skips step 1, SKIP_HF=1 the HF baseline, SKIP_INLINE=1 the inline
+# sweep; RESIDENT=0 drops the all-resident cell (needed where every expert as f32 can't fit).
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
 mkdir -p "$out"
@@ -16,13 +18,20 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 [ -f harness ] || { cp .gpu/harness.gz . && gunzip -f harness.gz && chmod +x harness; }
 H=$PWD/harness
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } > "$out/gpu.txt" 2>&1
-timeout 120 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
+if [ -z "${SKIP_CHECK:-}" ]; then
+  timeout 120 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
+fi
+res=""; [ "${RESIDENT:-1}" = 0 ] && res=--no-resident
 m=/tmp/flash$layers
 [ -d "$m" ] || timeout 120 $H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
-timeout 240 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
+timeout 240 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" $res \
   --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
-timeout 120 $H bench --model "$m" --device cuda --policy lru --capacity "$caps" --load-threads 0 \
-  --no-resident --prompts 3 --tokens 16 --json "$out/bench_inline.json" > "$out/bench_inline.txt" 2>&1; echo "exit $?" >> "$out/bench_inline.txt"
+if [ -z "${SKIP_INLINE:-}" ]; then
+  timeout 120 $H bench --model "$m" --device cuda --policy lru --capacity "$caps" --load-threads 0 \
+    --no-resident --prompts 3 --tokens 16 --json "$out/bench_inline.json" > "$out/bench_inline.txt" 2>&1; echo "exit $?" >> "$out/bench_inline.txt"
+fi
 python3 scripts/h2d_bandwidth.py 5310000 >> "$out/gpu.txt" 2>&1
-timeout 90 python3 scripts/hf_decode_baseline.py experiments/configs/glm47-flash.json --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
+if [ -z "${SKIP_HF:-}" ]; then
+  timeout 90 python3 scripts/hf_decode_baseline.py experiments/configs/glm47-flash.json --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
+fi
 exit 0

@@ -113,6 +113,8 @@ pub struct EngineStats {
     pub bytes_read: u64,
     /// Seconds the engine thread spent loading experts or waiting for them.
     pub load_seconds: f64,
+    /// Of which during decode steps.
+    pub decode_load_seconds: f64,
     /// Checkpoint bytes of the experts resident now.
     pub resident_bytes: u64,
     /// Exposed and hidden load time, demand and prefetch.
@@ -207,7 +209,8 @@ pub struct Engine {
     payload: Vec<Vec<Option<Arc<ExpertWeights>>>>,
     cfg: EngineConfig,
     trace: Vec<StepRecord>,
-    load_time: Duration,
+    /// Engine-thread load time: prefill, decode.
+    load_time: [Duration; 2],
     prompt: u32,
 }
 
@@ -301,7 +304,7 @@ impl Engine {
             payload,
             cfg,
             trace: Vec::new(),
-            load_time: Duration::ZERO,
+            load_time: [Duration::ZERO; 2],
             prompt: 0,
         })
     }
@@ -392,7 +395,7 @@ impl Engine {
         self.payload.iter_mut().flatten().for_each(|p| *p = None);
         self.loader.clear();
         self.loader.reset_stats();
-        self.load_time = Duration::ZERO;
+        self.load_time = [Duration::ZERO; 2];
     }
 
     /// Sets the prompt index written into trace rows.
@@ -410,7 +413,8 @@ impl Engine {
         EngineStats {
             cache: self.core.stats().clone(),
             bytes_read: self.store.bytes_read(),
-            load_seconds: self.load_time.as_secs_f64(),
+            load_seconds: (self.load_time[0] + self.load_time[1]).as_secs_f64(),
+            decode_load_seconds: self.load_time[1].as_secs_f64(),
             resident_bytes: self.core.resident_bytes(),
             loads: self.loader.stats(),
             transfer: self.store.transfer_stats(),
@@ -578,7 +582,7 @@ struct Access<'a> {
     payload: &'a mut Vec<Vec<Option<Arc<ExpertWeights>>>>,
     cfg: &'a EngineConfig,
     trace: Option<&'a mut Vec<StepRecord>>,
-    load_time: &'a mut Duration,
+    load_time: &'a mut [Duration; 2],
     prompt: u32,
     step: u32,
     phase: Phase,
@@ -618,7 +622,7 @@ impl Access<'_> {
 
     /// Charges `ns` of engine-thread load time to the current step.
     fn charge(&mut self, ns: u64) {
-        *self.load_time += Duration::from_nanos(ns);
+        self.load_time[usize::from(self.phase == Phase::Decode)] += Duration::from_nanos(ns);
         if let Some(c) = self.cur.as_mut() {
             c.load_ns += ns;
         }

@@ -47,12 +47,59 @@ pub struct TransferStats {
     /// Seconds from the first copy's submission to the copy stream's completion, summed over
     /// uploads (0 on the CPU).
     pub h2d_seconds: f64,
+    /// Wall-clock seconds during which at least one read was running (loader threads overlap).
+    pub read_wall_seconds: f64,
+    /// Wall-clock seconds during which at least one host→device copy was running.
+    pub h2d_wall_seconds: f64,
+    /// Wall-clock seconds during which at least one upload (read + copy) was running.
+    pub path_wall_seconds: f64,
 }
 
 impl TransferStats {
-    /// Achieved host→device rate in bytes per second, if anything was copied.
+    /// Achieved host→device rate in bytes per second of copy wall time (the link's throughput
+    /// while it was in use), if anything was copied.
     pub fn h2d_rate(&self) -> Option<f64> {
-        (self.h2d_seconds > 0.0).then(|| self.h2d_bytes as f64 / self.h2d_seconds)
+        (self.h2d_wall_seconds > 0.0).then(|| self.h2d_bytes as f64 / self.h2d_wall_seconds)
+    }
+}
+
+/// Wall-clock time during which at least one of several threads was inside a section.
+#[derive(Debug, Default)]
+struct BusyClock {
+    state: std::sync::Mutex<(usize, Option<Instant>)>,
+    ns: AtomicU64,
+}
+
+impl BusyClock {
+    fn enter(&self) {
+        let mut s = self.state.lock().expect("busy clock");
+        if s.0 == 0 {
+            s.1 = Some(Instant::now());
+        }
+        s.0 += 1;
+    }
+
+    fn leave(&self) {
+        let mut s = self.state.lock().expect("busy clock");
+        s.0 -= 1;
+        if s.0 == 0 {
+            if let Some(t) = s.1.take() {
+                self.ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        self.ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Runs `f` inside the section.
+    fn time<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.enter();
+        let r = f();
+        self.leave();
+        r
     }
 }
 
@@ -63,6 +110,9 @@ struct Counters {
     read_ns: AtomicU64,
     h2d_bytes: AtomicU64,
     h2d_ns: AtomicU64,
+    read_wall: BusyClock,
+    h2d_wall: BusyClock,
+    path_wall: BusyClock,
 }
 
 /// Moves expert bytes to the compute device.
@@ -102,6 +152,9 @@ impl Uploader {
             read_seconds: c.read_ns.load(Ordering::Relaxed) as f64 * 1e-9,
             h2d_bytes: c.h2d_bytes.load(Ordering::Relaxed),
             h2d_seconds: c.h2d_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            read_wall_seconds: c.read_wall.seconds(),
+            h2d_wall_seconds: c.h2d_wall.seconds(),
+            path_wall_seconds: c.path_wall.seconds(),
         }
     }
 
@@ -112,17 +165,30 @@ impl Uploader {
         read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
     ) -> Result<Vec<Tensor>> {
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .path_wall
+            .time(|| self.upload_inner(parts, read))
+    }
+
+    fn upload_inner(
+        &self,
+        parts: &[Part],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<Vec<Tensor>> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = &self.device {
             return self.upload_cuda(dev, parts, read);
         }
         let t = Instant::now();
         let mut bufs = Vec::with_capacity(parts.len());
-        for p in parts {
-            let mut b = vec![0u8; p.range.len as usize];
-            read(&p.range, &mut b)?;
-            bufs.push(b);
-        }
+        self.counters.read_wall.time(|| -> Result<()> {
+            for p in parts {
+                let mut b = vec![0u8; p.range.len as usize];
+                read(&p.range, &mut b)?;
+                bufs.push(b);
+            }
+            Ok(())
+        })?;
         self.note_read(parts, t);
         parts
             .iter()
@@ -160,10 +226,10 @@ impl Uploader {
             _ => cuda::Lane::new(dev, total)?,
         };
         let t = Instant::now();
-        lane.fill(parts, read)?;
+        self.counters.read_wall.time(|| lane.fill(parts, read))?;
         self.note_read(parts, t);
         let t = Instant::now();
-        let out = lane.copy(dev, parts);
+        let out = self.counters.h2d_wall.time(|| lane.copy(dev, parts));
         let c = &self.counters;
         c.h2d_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -206,6 +272,10 @@ mod cuda {
 
     /// Offsets inside a staging buffer are aligned for any element type and copy engine.
     const ALIGN: usize = 256;
+    /// Largest piece one reader thread reads at a time.
+    const PIECE: usize = 1 << 20;
+    /// Reader threads per upload.
+    const READ_THREADS: usize = 4;
 
     pub(super) fn aligned(n: u64) -> usize {
         (n as usize).div_ceil(ALIGN) * ALIGN
@@ -219,7 +289,7 @@ mod cuda {
         let ctx = dev.cuda_stream().context().clone();
         let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
         // SAFETY: filled below before any copy.
-        let mut pinned = unsafe { ctx.alloc_pinned::<u8>(bytes.max(1)) }
+        let mut pinned = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
             .map_err(|e| driver("pinned allocation", e))?;
         pinned
             .as_mut_slice()
@@ -265,7 +335,8 @@ mod cuda {
             let ctx = dev.cuda_stream().context().clone();
             let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
             // SAFETY: the buffer is only read after `fill` has written the bytes it copies.
-            let buf = unsafe { ctx.alloc_pinned::<u8>(bytes.max(1)) }
+            // Default flags (cacheable, like torch's `pin_memory`): the reads write into it.
+            let buf = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
                 .map_err(|e| driver(&format!("pinned allocation of {bytes} bytes"), e))?;
             Ok(Lane { stream, buf })
         }
@@ -284,13 +355,46 @@ mod cuda {
                 .buf
                 .as_mut_slice()
                 .map_err(|e| driver("staging buffer", e))?;
-            let mut off = 0;
+            // Cut the expert into pieces of at most PIECE bytes and read them on a few scoped
+            // threads: one thread copying from the page cache reaches a fraction of what the
+            // link takes.
+            let mut pieces: Vec<(ByteRange, &mut [u8])> = Vec::new();
+            let mut rest: &mut [u8] = host;
             for p in parts {
-                let n = p.range.len as usize;
-                read(&p.range, &mut host[off..off + n])?;
-                off += aligned(p.range.len);
+                let (mine, tail) = rest.split_at_mut(aligned(p.range.len));
+                rest = tail;
+                let mut buf = &mut mine[..p.range.len as usize];
+                let mut r = p.range;
+                while r.len > 0 {
+                    let n = r.len.min(PIECE as u64);
+                    let (head, tail) = buf.split_at_mut(n as usize);
+                    pieces.push((ByteRange { len: n, ..r }, head));
+                    buf = tail;
+                    r = ByteRange {
+                        offset: r.offset + n,
+                        len: r.len - n,
+                        ..r
+                    };
+                }
             }
-            Ok(())
+            let threads = READ_THREADS.min(pieces.len()).max(1);
+            let per = pieces.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = pieces
+                    .chunks_mut(per)
+                    .map(|chunk| {
+                        s.spawn(move || -> Result<()> {
+                            for (r, b) in chunk.iter_mut() {
+                                read(r, b)?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .try_for_each(|h| h.join().expect("reader thread panicked"))
+            })
         }
 
         /// Copies every part to a fresh device buffer on this lane's stream, waits for the
