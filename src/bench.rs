@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also measure the all-resident cell.
     pub resident: bool,
+    /// Write-combined pinned staging buffers (CUDA), else cacheable ones.
+    pub write_combined: bool,
 }
 
 /// One measured cell.
@@ -94,6 +96,8 @@ pub struct BenchReport {
     pub model: String,
     /// Device name.
     pub device: String,
+    /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA only).
+    pub staging: String,
     /// Checkpoint bytes of one expert (`s`).
     pub expert_bytes: u64,
     /// Routed experts per token over all MoE layers (`E`).
@@ -132,6 +136,7 @@ pub fn bench(
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
+    engine.store.set_write_combined(opts.write_combined);
     let spec = engine.spec().clone();
     let first = ExpertKey {
         layer: spec.moe.moe_layers[0] as u32,
@@ -152,6 +157,12 @@ pub fn bench(
     let mut report = BenchReport {
         model: model_dir.display().to_string(),
         device: format!("{device:?}"),
+        staging: if opts.write_combined {
+            "write-combined"
+        } else {
+            "cacheable"
+        }
+        .into(),
         expert_bytes: s,
         experts_per_token: e_per_token,
         pinned_h2d_rate: baseline.map(|b| b.0),
@@ -269,9 +280,10 @@ pub fn format_report(r: &BenchReport) -> String {
     let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
     let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
     let mut out = format!(
-        "model {} on {}: s = {:.2} MB per expert, E = {} experts per token; pinned H2D {} GB/s, pageable {} GB/s (copies of s bytes, this run)\n",
+        "model {} on {} ({} staging): s = {:.2} MB per expert, E = {} experts per token; pinned H2D {} GB/s, pageable {} GB/s (copies of s bytes, this run)\n",
         r.model,
         r.device,
+        r.staging,
         r.expert_bytes as f64 / 1e6,
         r.experts_per_token,
         gb(r.pinned_h2d_rate),

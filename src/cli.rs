@@ -78,6 +78,9 @@ struct BenchArgs {
     /// Skip the all-resident cell.
     #[arg(long)]
     no_resident: bool,
+    /// Pinned staging buffers on CUDA: write-combined or cacheable.
+    #[arg(long, default_value = "write-combined", value_parser = ["write-combined", "cacheable"])]
+    staging: String,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -329,6 +332,7 @@ pub fn run() -> Result<ExitCode> {
                 load_threads: a.load_threads,
                 seed: a.seed,
                 resident: !a.no_resident,
+                write_combined: a.staging == "write-combined",
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
                 eprintln!(

@@ -15,6 +15,7 @@ fn opts() -> BenchOptions {
         load_threads: Some(2),
         seed: 3,
         resident: true,
+        write_combined: true,
     }
 }
 

@@ -16,7 +16,7 @@ use crate::weights::layout::{ExpertLayout, Prefix};
 use crate::weights::quant::PackedMatrix;
 use crate::weights::{quant, quantized_parts, Checkpoint, DType};
 
-use super::upload::{Part, TransferStats, Uploader};
+use super::upload::{Part, QuantProj, TransferStats, Uploader};
 use super::ExpertKey;
 
 /// A byte range in one shard.
@@ -250,6 +250,11 @@ impl ExpertStore {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Write-combined (default) or cacheable pinned staging buffers on CUDA.
+    pub fn set_write_combined(&self, on: bool) {
+        self.uploader.set_write_combined(on);
+    }
+
     /// Host→device transfer counters of the device miss path.
     pub fn transfer_stats(&self) -> TransferStats {
         self.uploader.stats()
@@ -309,6 +314,27 @@ impl ExpertStore {
             }
         }
         let read = |r: &ByteRange, buf: &mut [u8]| self.ck.read_at(r.shard, r.offset, buf);
+        let quant: Vec<QuantProj> = hd
+            .proj
+            .iter()
+            .zip(dims)
+            .filter_map(|(src, (rows, cols))| match src {
+                ProjSource::Quant { params, .. } => Some(QuantProj {
+                    rows,
+                    cols,
+                    params: *params,
+                }),
+                ProjSource::Float { .. } => None,
+            })
+            .collect();
+        if let Ok(projs) = <[QuantProj; 3]>::try_from(quant) {
+            if let Some((gate_up, down)) = self.uploader.upload_quant(&parts, &projs, &read)? {
+                return Ok(Arc::new(ExpertWeights {
+                    mats: ExpertMats::Dense { gate_up, down },
+                    bytes: hd.bytes,
+                }));
+            }
+        }
         let mut tensors = self.uploader.upload(&parts, &read)?.into_iter();
         let mut mats = Vec::with_capacity(3);
         for (p, src) in hd.proj.iter().enumerate() {

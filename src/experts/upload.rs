@@ -33,6 +33,18 @@ pub struct Part {
     pub shape: (usize, usize),
 }
 
+/// How one MLX-quantized projection is decoded on the device: its three parts (packed words,
+/// scales, biases) are consecutive in the part list.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantProj {
+    /// Output rows.
+    pub rows: usize,
+    /// Output columns (inputs).
+    pub cols: usize,
+    /// Bits and group size.
+    pub params: crate::config::QuantParams,
+}
+
 /// Transfer counters since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct TransferStats {
@@ -119,6 +131,10 @@ struct Counters {
 pub struct Uploader {
     device: Device,
     counters: Counters,
+    /// Allocate staging buffers write-combined (the CPU only writes them).
+    write_combined: std::sync::atomic::AtomicBool,
+    #[cfg(feature = "cuda")]
+    kernels: std::sync::OnceLock<std::result::Result<cuda::Kernels, String>>,
     #[cfg(feature = "cuda")]
     lanes: Mutex<Vec<cuda::Lane>>,
 }
@@ -138,9 +154,20 @@ impl Uploader {
         Uploader {
             device,
             counters: Counters::default(),
+            write_combined: true.into(),
+            #[cfg(feature = "cuda")]
+            kernels: std::sync::OnceLock::new(),
             #[cfg(feature = "cuda")]
             lanes: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Chooses write-combined (default) or cacheable pinned staging buffers for lanes created
+    /// from now on.
+    pub fn set_write_combined(&self, on: bool) {
+        self.write_combined.store(on, Ordering::Relaxed);
+        #[cfg(feature = "cuda")]
+        self.lanes.lock().expect("lane pool").clear();
     }
 
     /// The counters so far.
@@ -204,6 +231,71 @@ impl Uploader {
             .collect()
     }
 
+    /// Brings an expert whose three projections are all MLX-quantized to a CUDA device as one
+    /// copy of its checkpoint bytes, and decodes it there with one kernel per projection into
+    /// f32 `[2I, H]` (gate rows then up rows) and `[H, I]`, on the lane's stream (overlapping
+    /// the engine's compute). `None` off CUDA: the caller decodes with tensor ops.
+    pub fn upload_quant(
+        &self,
+        parts: &[Part],
+        projs: &[QuantProj; 3],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &self.device {
+            let kernels = self
+                .kernels
+                .get_or_init(|| cuda::Kernels::new(dev))
+                .as_ref()
+                .map_err(|e| crate::error::Error::Input(format!("CUDA decode kernels: {e}")))?;
+            self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+            return self
+                .counters
+                .path_wall
+                .time(|| self.upload_quant_cuda(dev, kernels, parts, projs, read))
+                .map(Some);
+        }
+        let _ = (parts, projs, read);
+        Ok(None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn take_lane(&self, dev: &candle_core::CudaDevice, total: usize) -> Result<cuda::Lane> {
+        let pooled = self.lanes.lock().expect("lane pool").pop();
+        match pooled {
+            Some(l) if l.capacity() >= total => Ok(l),
+            _ => cuda::Lane::new(dev, total, self.write_combined.load(Ordering::Relaxed)),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn upload_quant_cuda(
+        &self,
+        dev: &candle_core::CudaDevice,
+        kernels: &cuda::Kernels,
+        parts: &[Part],
+        projs: &[QuantProj; 3],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<(Tensor, Tensor)> {
+        let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
+        let mut lane = self.take_lane(dev, total)?;
+        let t = Instant::now();
+        self.counters.read_wall.time(|| lane.fill(parts, read))?;
+        self.note_read(parts, t);
+        let c = &self.counters;
+        let t = Instant::now();
+        c.h2d_wall.enter();
+        let copied = lane.copy_whole(total);
+        c.h2d_wall.leave();
+        c.h2d_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
+        c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let out = copied.and_then(|buf| lane.decode(dev, kernels, &buf, parts, projs));
+        self.lanes.lock().expect("lane pool").push(lane);
+        out
+    }
+
     fn note_read(&self, parts: &[Part], t: Instant) {
         let c = &self.counters;
         let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
@@ -220,11 +312,7 @@ impl Uploader {
         read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
     ) -> Result<Vec<Tensor>> {
         let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
-        let pooled = self.lanes.lock().expect("lane pool").pop();
-        let mut lane = match pooled {
-            Some(l) if l.capacity() >= total => l,
-            _ => cuda::Lane::new(dev, total)?,
-        };
+        let mut lane = self.take_lane(dev, total)?;
         let t = Instant::now();
         self.counters.read_wall.time(|| lane.fill(parts, read))?;
         self.note_read(parts, t);
@@ -260,13 +348,14 @@ mod cuda {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice,
+        sys, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PinnedHostSlice,
+        PushKernelArg,
     };
     use candle_core::cuda_backend::CudaDType;
     use candle_core::op::BackpropOp;
     use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 
-    use super::Part;
+    use super::{Part, QuantProj};
     use crate::error::{Error, Result};
     use crate::experts::store::ByteRange;
 
@@ -324,6 +413,61 @@ mod cuda {
         Ok((p, q))
     }
 
+    /// MLX affine decode, one thread per output element (grid-stride): `scale · q + bias` with
+    /// separate f32 multiply and add (no fused multiply-add), exactly as the host decoder does.
+    /// Scales/biases are f32 (0), f16 (1) or bf16 (2), read from the same staged buffer.
+    const DEQUANT_SRC: &str = r#"
+__device__ float scale_at(const unsigned char* p, unsigned int kind, unsigned long long i) {
+    if (kind == 0) return ((const float*)p)[i];
+    unsigned int h = ((const unsigned short*)p)[i];
+    if (kind == 2) return __uint_as_float(h << 16);
+    unsigned int sign = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
+    float v;
+    if (e == 0) v = ldexpf((float)m, -24);
+    else if (e == 31) v = m ? __int_as_float(0x7fc00000) : __int_as_float(0x7f800000);
+    else v = ldexpf((float)(m | 1024u), (int)e - 25);
+    return sign ? -v : v;
+}
+
+extern "C" __global__ void mlx_dequant(
+    const unsigned char* buf, unsigned long long q_off, unsigned long long s_off,
+    unsigned long long b_off, unsigned int scale_kind, float* out,
+    unsigned long long out_off, unsigned long long n, unsigned int bits, unsigned int group) {
+    unsigned int per_byte = 8u / bits;
+    unsigned int mask = (1u << bits) - 1u;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned int byte = buf[q_off + i / per_byte];
+        float q = (float)((byte >> ((i % per_byte) * bits)) & mask);
+        unsigned long long g = i / group;
+        float s = scale_at(buf + s_off, scale_kind, g);
+        float b = scale_at(buf + b_off, scale_kind, g);
+        out[out_off + i] = __fadd_rn(__fmul_rn(s, q), b);
+    }
+}
+"#;
+
+    /// The compiled decode kernel (NVRTC, once per process).
+    pub(super) struct Kernels {
+        dequant: CudaFunction,
+    }
+
+    impl Kernels {
+        pub(super) fn new(dev: &CudaDevice) -> std::result::Result<Self, String> {
+            use candle_core::cuda_backend::cudarc::nvrtc;
+            let ptx = nvrtc::compile_ptx(DEQUANT_SRC).map_err(|e| format!("NVRTC: {e}"))?;
+            let module = dev
+                .cuda_stream()
+                .context()
+                .load_module(ptx)
+                .map_err(|e| format!("module load: {e}"))?;
+            let dequant = module
+                .load_function("mlx_dequant")
+                .map_err(|e| format!("mlx_dequant: {e}"))?;
+            Ok(Kernels { dequant })
+        }
+    }
+
     /// A copy stream and the pinned buffer it copies from.
     pub(super) struct Lane {
         stream: Arc<CudaStream>,
@@ -331,12 +475,16 @@ mod cuda {
     }
 
     impl Lane {
-        pub(super) fn new(dev: &CudaDevice, bytes: usize) -> Result<Self> {
+        pub(super) fn new(dev: &CudaDevice, bytes: usize, write_combined: bool) -> Result<Self> {
             let ctx = dev.cuda_stream().context().clone();
             let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
+            let flags = if write_combined {
+                sys::CU_MEMHOSTALLOC_WRITECOMBINED
+            } else {
+                0
+            };
             // SAFETY: the buffer is only read after `fill` has written the bytes it copies.
-            // Default flags (cacheable, like torch's `pin_memory`): the reads write into it.
-            let buf = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
+            let buf = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), flags) }
                 .map_err(|e| driver(&format!("pinned allocation of {bytes} bytes"), e))?;
             Ok(Lane { stream, buf })
         }
@@ -425,6 +573,100 @@ mod cuda {
                 .synchronize()
                 .map_err(|e| driver("copy stream", e))?;
             Ok(out)
+        }
+
+        /// Copies the first `total` staged bytes to a fresh device buffer in one transfer and
+        /// waits for it.
+        pub(super) fn copy_whole(&self, total: usize) -> Result<CudaSlice<u8>> {
+            let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
+            // SAFETY: `fill` wrote these bytes; the buffer outlives the copy (waited for below).
+            let src = unsafe { std::slice::from_raw_parts(base, total) };
+            // SAFETY: fully written by the copy.
+            let mut dst: CudaSlice<u8> =
+                unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?;
+            self.stream
+                .memcpy_htod(src, &mut dst)
+                .map_err(|e| driver("host→device copy", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| driver("copy stream", e))?;
+            Ok(dst)
+        }
+
+        /// Decodes the three quantized projections held in `buf` (laid out as `fill` staged
+        /// them) into f32 gate/up `[2I, H]` and down `[H, I]` tensors of `dev`.
+        pub(super) fn decode(
+            &self,
+            dev: &CudaDevice,
+            k: &Kernels,
+            buf: &CudaSlice<u8>,
+            parts: &[Part],
+            projs: &[QuantProj; 3],
+        ) -> Result<(Tensor, Tensor)> {
+            let mut offs = Vec::with_capacity(parts.len());
+            let mut off = 0u64;
+            for p in parts {
+                offs.push(off);
+                off += aligned(p.range.len) as u64;
+            }
+            let [g, u, d] = projs;
+            // SAFETY: every element is written by the decode kernels below.
+            let mut gate_up: CudaSlice<f32> = unsafe { self.stream.alloc(2 * g.rows * g.cols) }
+                .map_err(|e| driver("allocation", e))?;
+            let mut down: CudaSlice<f32> = unsafe { self.stream.alloc(d.rows * d.cols) }
+                .map_err(|e| driver("allocation", e))?;
+            debug_assert_eq!((g.rows, g.cols), (u.rows, u.cols));
+            for (i, q) in projs.iter().enumerate() {
+                let sd = match parts[3 * i + 1].dtype {
+                    DType::F32 => 0u32,
+                    DType::F16 => 1,
+                    DType::BF16 => 2,
+                    other => {
+                        return Err(Error::Input(format!(
+                            "internal: quantization scales of type {other:?}"
+                        )))
+                    }
+                };
+                let n = (q.rows * q.cols) as u64;
+                let (out, out_off) = match i {
+                    0 => (&mut gate_up, 0u64),
+                    1 => (&mut gate_up, n),
+                    _ => (&mut down, 0u64),
+                };
+                let (qo, so, bo) = (offs[3 * i], offs[3 * i + 1], offs[3 * i + 2]);
+                let (bits, group) = (q.params.bits as u32, q.params.group_size as u32);
+                let mut b = self.stream.launch_builder(&k.dequant);
+                b.arg(buf)
+                    .arg(&qo)
+                    .arg(&so)
+                    .arg(&bo)
+                    .arg(&sd)
+                    .arg(out)
+                    .arg(&out_off)
+                    .arg(&n)
+                    .arg(&bits)
+                    .arg(&group);
+                let cfg = LaunchConfig::for_num_elems(n.min(1 << 20) as u32);
+                // SAFETY: the kernel reads `n·bits/8` bytes at `qo` and `n/group` scales and
+                // biases at `so`/`bo` inside `buf` (sizes validated when the store was built),
+                // and writes `n` floats at `out_off` inside `out`.
+                unsafe { b.launch(cfg) }.map_err(|e| driver("decode kernel", e))?;
+            }
+            self.stream
+                .synchronize()
+                .map_err(|e| driver("decode stream", e))?;
+            let wrap = |s: CudaSlice<f32>, shape: (usize, usize)| {
+                Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+                    shape,
+                    BackpropOp::none(),
+                    false,
+                )
+            };
+            Ok((
+                wrap(gate_up, (2 * g.rows, g.cols)),
+                wrap(down, (d.rows, d.cols)),
+            ))
         }
 
         fn one<T: DeviceRepr + CudaDType>(
