@@ -30,7 +30,7 @@ use crate::experts::ExpertKey;
 pub struct BenchOptions {
     /// Policies (e.g. `lru`, `lookahead`).
     pub policies: Vec<String>,
-    /// Expert slots per MoE layer.
+    /// Expert slots per MoE layer (0: unlimited, starting cold like every other cell).
     pub capacities: Vec<usize>,
     /// Measured prompts per cell.
     pub prompts: usize,
@@ -96,7 +96,7 @@ pub struct BenchReport {
     pub model: String,
     /// Device name.
     pub device: String,
-    /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA only).
+    /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA), `no` elsewhere.
     pub staging: String,
     /// Checkpoint bytes of one expert (`s`).
     pub expert_bytes: u64,
@@ -157,10 +157,10 @@ pub fn bench(
     let mut report = BenchReport {
         model: model_dir.display().to_string(),
         device: format!("{device:?}"),
-        staging: if opts.write_combined {
-            "write-combined"
-        } else {
-            "cacheable"
+        staging: match (device.is_cuda(), opts.write_combined) {
+            (false, _) => "no",
+            (true, true) => "write-combined",
+            (true, false) => "cacheable",
         }
         .into(),
         expert_bytes: s,
@@ -175,14 +175,18 @@ pub fn bench(
     }
     for p in &policies {
         for &c in &opts.capacities {
-            cells.push((format!("{p}_cap{c}"), p.clone(), Some(c)));
+            let (name, cap) = match c {
+                0 => (format!("{p}_unlimited"), None),
+                c => (format!("{p}_cap{c}"), Some(c)),
+            };
+            cells.push((name, p.clone(), cap));
         }
     }
     for (name, policy, cap) in cells {
         let budget = cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer);
         engine.reconfigure(config(budget, &policy))?;
         // Warm-up (excluded): the resident cell runs the measured prompts themselves.
-        let warm: Vec<&Vec<u32>> = if cap.is_none() {
+        let warm: Vec<&Vec<u32>> = if name == "resident" {
             measured.iter().collect()
         } else {
             vec![&warmup]

@@ -764,10 +764,14 @@ pub fn device(backend: &str) -> Result<Device> {
     };
     match backend {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| match e {
-            candle_core::Error::NotCompiledWithCudaSupport => built("cuda"),
-            e => Error::Input(format!("backend `cuda`: no usable CUDA device: {e}")),
-        }),
+        "cuda" => {
+            let dev = Device::new_cuda(0).map_err(|e| match e {
+                candle_core::Error::NotCompiledWithCudaSupport => built("cuda"),
+                e => Error::Input(format!("backend `cuda`: no usable CUDA device: {e}")),
+            })?;
+            crate::experts::upload::keep_pool_memory(&dev);
+            Ok(dev)
+        }
         "metal" => Device::new_metal(0).map_err(|e| match e {
             candle_core::Error::NotCompiledWithMetalSupport => built("metal"),
             e => Error::Input(format!("backend `metal`: no usable Metal device: {e}")),

@@ -291,7 +291,7 @@ impl Uploader {
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
         c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let out = copied.and_then(|buf| lane.decode(dev, kernels, &buf, parts, projs));
+        let out = copied.and_then(|()| lane.decode(dev, kernels, parts, projs));
         self.lanes.lock().expect("lane pool").push(lane);
         out
     }
@@ -326,6 +326,18 @@ impl Uploader {
         self.lanes.lock().expect("lane pool").push(lane);
         out
     }
+}
+
+/// Keeps freed device memory in the CUDA stream-ordered pool instead of returning it to the
+/// driver at every synchronization (the default release threshold is 0). Every tensor candle
+/// allocates, and every expert brought in or evicted, then reuses pooled memory instead of
+/// mapping fresh pages. No-op off CUDA.
+pub fn keep_pool_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        cuda::keep_pool_memory(dev);
+    }
+    let _ = device;
 }
 
 /// Host→device copy rates measured on `device` for one buffer of `bytes` bytes, in bytes per
@@ -372,6 +384,29 @@ mod cuda {
 
     fn driver(what: &str, e: impl std::fmt::Display) -> Error {
         Error::Input(format!("CUDA {what}: {e}"))
+    }
+
+    pub(super) fn keep_pool_memory(dev: &CudaDevice) {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        if ctx.bind_to_thread().is_err() {
+            return;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: plain driver calls on the device of a live context; failure leaves the
+        // default (release at synchronization), which is only slower.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                == sys::CUresult::CUDA_SUCCESS
+            {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                );
+            }
+        }
     }
 
     pub(super) fn baseline(dev: &CudaDevice, bytes: usize, reps: usize) -> Result<(f64, f64)> {
@@ -472,6 +507,9 @@ extern "C" __global__ void mlx_dequant(
     pub(super) struct Lane {
         stream: Arc<CudaStream>,
         buf: PinnedHostSlice<u8>,
+        /// Device copy of the staged bytes, reused by every upload of this lane (each upload
+        /// waits for its decode before the lane is reused).
+        dev_buf: CudaSlice<u8>,
     }
 
     impl Lane {
@@ -486,7 +524,14 @@ extern "C" __global__ void mlx_dequant(
             // SAFETY: the buffer is only read after `fill` has written the bytes it copies.
             let buf = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), flags) }
                 .map_err(|e| driver(&format!("pinned allocation of {bytes} bytes"), e))?;
-            Ok(Lane { stream, buf })
+            // SAFETY: only the bytes each upload copies in are ever read.
+            let dev_buf =
+                unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| driver("allocation", e))?;
+            Ok(Lane {
+                stream,
+                buf,
+                dev_buf,
+            })
         }
 
         pub(super) fn capacity(&self) -> usize {
@@ -575,22 +620,19 @@ extern "C" __global__ void mlx_dequant(
             Ok(out)
         }
 
-        /// Copies the first `total` staged bytes to a fresh device buffer in one transfer and
-        /// waits for it.
-        pub(super) fn copy_whole(&self, total: usize) -> Result<CudaSlice<u8>> {
+        /// Copies the first `total` staged bytes to the lane's device buffer in one transfer
+        /// and waits for it.
+        pub(super) fn copy_whole(&mut self, total: usize) -> Result<()> {
             let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
             // SAFETY: `fill` wrote these bytes; the buffer outlives the copy (waited for below).
             let src = unsafe { std::slice::from_raw_parts(base, total) };
-            // SAFETY: fully written by the copy.
-            let mut dst: CudaSlice<u8> =
-                unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?;
+            let mut dst = self.dev_buf.slice_mut(..total);
             self.stream
                 .memcpy_htod(src, &mut dst)
                 .map_err(|e| driver("host→device copy", e))?;
             self.stream
                 .synchronize()
-                .map_err(|e| driver("copy stream", e))?;
-            Ok(dst)
+                .map_err(|e| driver("copy stream", e))
         }
 
         /// Decodes the three quantized projections held in `buf` (laid out as `fill` staged
@@ -599,7 +641,6 @@ extern "C" __global__ void mlx_dequant(
             &self,
             dev: &CudaDevice,
             k: &Kernels,
-            buf: &CudaSlice<u8>,
             parts: &[Part],
             projs: &[QuantProj; 3],
         ) -> Result<(Tensor, Tensor)> {
@@ -636,7 +677,7 @@ extern "C" __global__ void mlx_dequant(
                 let (qo, so, bo) = (offs[3 * i], offs[3 * i + 1], offs[3 * i + 2]);
                 let (bits, group) = (q.params.bits as u32, q.params.group_size as u32);
                 let mut b = self.stream.launch_builder(&k.dequant);
-                b.arg(buf)
+                b.arg(&self.dev_buf)
                     .arg(&qo)
                     .arg(&so)
                     .arg(&bo)
