@@ -46,6 +46,8 @@ pub struct BenchOptions {
     pub resident: bool,
     /// Write-combined pinned staging buffers (CUDA), else cacheable ones.
     pub write_combined: bool,
+    /// Reader threads per upload (CUDA; `None`: the store's default).
+    pub read_threads: Option<usize>,
 }
 
 /// One measured cell.
@@ -104,6 +106,8 @@ pub struct BenchReport {
     pub experts_per_token: usize,
     /// Pinned host→device copy of `s` bytes, bytes/s (`B`), measured in this run.
     pub pinned_h2d_rate: Option<f64>,
+    /// Pinned copies of `s` bytes each waited for before the next (one miss's pattern).
+    pub pinned_single_h2d_rate: Option<f64>,
     /// Pageable host→device copy of `s` bytes, bytes/s, measured in this run.
     pub pageable_h2d_rate: Option<f64>,
     /// The cells.
@@ -137,6 +141,9 @@ pub fn bench(
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
     engine.store.set_write_combined(opts.write_combined);
+    if let Some(n) = opts.read_threads {
+        engine.store.set_read_threads(n);
+    }
     let spec = engine.spec().clone();
     let first = ExpertKey {
         layer: spec.moe.moe_layers[0] as u32,
@@ -165,8 +172,9 @@ pub fn bench(
         .into(),
         expert_bytes: s,
         experts_per_token: e_per_token,
-        pinned_h2d_rate: baseline.map(|b| b.0),
-        pageable_h2d_rate: baseline.map(|b| b.1),
+        pinned_h2d_rate: baseline.map(|b| b.pinned),
+        pinned_single_h2d_rate: baseline.map(|b| b.pinned_single),
+        pageable_h2d_rate: baseline.map(|b| b.pageable),
         rows: Vec::new(),
     };
     let mut cells: Vec<(String, PolicySpec, Option<usize>)> = Vec::new();
@@ -284,13 +292,14 @@ pub fn format_report(r: &BenchReport) -> String {
     let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
     let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
     let mut out = format!(
-        "model {} on {} ({} staging): s = {:.2} MB per expert, E = {} experts per token; pinned H2D {} GB/s, pageable {} GB/s (copies of s bytes, this run)\n",
+        "model {} on {} ({} staging): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
         r.model,
         r.device,
         r.staging,
         r.expert_bytes as f64 / 1e6,
         r.experts_per_token,
         gb(r.pinned_h2d_rate),
+        gb(r.pinned_single_h2d_rate),
         gb(r.pageable_h2d_rate),
     );
     out.push_str(&format!(

@@ -78,6 +78,9 @@ struct BenchArgs {
     /// Skip the all-resident cell.
     #[arg(long)]
     no_resident: bool,
+    /// Reader threads per expert upload on CUDA (default 4).
+    #[arg(long)]
+    read_threads: Option<usize>,
     /// Pinned staging buffers on CUDA: write-combined or cacheable.
     #[arg(long, default_value = "write-combined", value_parser = ["write-combined", "cacheable"])]
     staging: String,
@@ -333,6 +336,7 @@ pub fn run() -> Result<ExitCode> {
                 seed: a.seed,
                 resident: !a.no_resident,
                 write_combined: a.staging == "write-combined",
+                read_threads: a.read_threads,
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
                 eprintln!(

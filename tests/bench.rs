@@ -16,6 +16,7 @@ fn opts() -> BenchOptions {
         seed: 3,
         resident: true,
         write_combined: true,
+        read_threads: None,
     }
 }
 

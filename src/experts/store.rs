@@ -255,6 +255,11 @@ impl ExpertStore {
         self.uploader.set_write_combined(on);
     }
 
+    /// Reader threads per upload on CUDA (see [`Uploader::set_read_threads`]).
+    pub fn set_read_threads(&self, n: usize) {
+        self.uploader.set_read_threads(n);
+    }
+
     /// Host→device transfer counters of the device miss path.
     pub fn transfer_stats(&self) -> TransferStats {
         self.uploader.stats()

@@ -133,6 +133,8 @@ pub struct Uploader {
     counters: Counters,
     /// Allocate staging buffers write-combined (the CPU only writes them).
     write_combined: std::sync::atomic::AtomicBool,
+    /// Reader threads per upload on CUDA.
+    read_threads: std::sync::atomic::AtomicUsize,
     #[cfg(feature = "cuda")]
     kernels: std::sync::OnceLock<std::result::Result<cuda::Kernels, String>>,
     #[cfg(feature = "cuda")]
@@ -155,6 +157,7 @@ impl Uploader {
             device,
             counters: Counters::default(),
             write_combined: true.into(),
+            read_threads: 4.into(),
             #[cfg(feature = "cuda")]
             kernels: std::sync::OnceLock::new(),
             #[cfg(feature = "cuda")]
@@ -168,6 +171,12 @@ impl Uploader {
         self.write_combined.store(on, Ordering::Relaxed);
         #[cfg(feature = "cuda")]
         self.lanes.lock().expect("lane pool").clear();
+    }
+
+    /// Reader threads per upload on CUDA (default 4): an expert is read from the shard files
+    /// into the staging buffer in pieces of at most 1 MiB, spread over this many threads.
+    pub fn set_read_threads(&self, n: usize) {
+        self.read_threads.store(n.max(1), Ordering::Relaxed);
     }
 
     /// The counters so far.
@@ -280,7 +289,10 @@ impl Uploader {
         let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
         let mut lane = self.take_lane(dev, total)?;
         let t = Instant::now();
-        self.counters.read_wall.time(|| lane.fill(parts, read))?;
+        let threads = self.read_threads.load(Ordering::Relaxed);
+        self.counters
+            .read_wall
+            .time(|| lane.fill(parts, read, threads))?;
         self.note_read(parts, t);
         let c = &self.counters;
         let t = Instant::now();
@@ -314,7 +326,10 @@ impl Uploader {
         let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
         let mut lane = self.take_lane(dev, total)?;
         let t = Instant::now();
-        self.counters.read_wall.time(|| lane.fill(parts, read))?;
+        let threads = self.read_threads.load(Ordering::Relaxed);
+        self.counters
+            .read_wall
+            .time(|| lane.fill(parts, read, threads))?;
         self.note_read(parts, t);
         let t = Instant::now();
         let out = self.counters.h2d_wall.time(|| lane.copy(dev, parts));
@@ -340,10 +355,20 @@ pub fn keep_pool_memory(device: &Device) {
     let _ = device;
 }
 
-/// Host→device copy rates measured on `device` for one buffer of `bytes` bytes, in bytes per
-/// second: `(pinned, pageable)`, each the mean over `reps` copies after one warm-up copy.
-/// `None` off CUDA.
-pub fn h2d_baseline(device: &Device, bytes: usize, reps: usize) -> Result<Option<(f64, f64)>> {
+/// Host→device copy rates of one buffer, in bytes per second.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct H2dBaseline {
+    /// Pinned source, copies queued back to back, one synchronization at the end.
+    pub pinned: f64,
+    /// Pinned source, each copy waited for before the next (the pattern of one miss).
+    pub pinned_single: f64,
+    /// Pageable source, queued back to back.
+    pub pageable: f64,
+}
+
+/// Host→device copy rates measured on `device` for one buffer of `bytes` bytes, each the mean
+/// over `reps` copies after one warm-up copy. `None` off CUDA.
+pub fn h2d_baseline(device: &Device, bytes: usize, reps: usize) -> Result<Option<H2dBaseline>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
         return cuda::baseline(dev, bytes, reps.max(1)).map(Some);
@@ -375,8 +400,6 @@ mod cuda {
     const ALIGN: usize = 256;
     /// Largest piece one reader thread reads at a time.
     const PIECE: usize = 1 << 20;
-    /// Reader threads per upload.
-    const READ_THREADS: usize = 4;
 
     pub(super) fn aligned(n: u64) -> usize {
         (n as usize).div_ceil(ALIGN) * ALIGN
@@ -409,7 +432,11 @@ mod cuda {
         }
     }
 
-    pub(super) fn baseline(dev: &CudaDevice, bytes: usize, reps: usize) -> Result<(f64, f64)> {
+    pub(super) fn baseline(
+        dev: &CudaDevice,
+        bytes: usize,
+        reps: usize,
+    ) -> Result<super::H2dBaseline> {
         let ctx = dev.cuda_stream().context().clone();
         let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
         // SAFETY: filled below before any copy.
@@ -425,7 +452,7 @@ mod cuda {
         // SAFETY: every element is written by the copies before anything reads it (nothing does).
         let mut dst: CudaSlice<u8> =
             unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| driver("allocation", e))?;
-        let mut time = |pinned_src: bool| -> Result<f64> {
+        let mut time = |pinned_src: bool, each: bool| -> Result<f64> {
             let mut once = || {
                 if pinned_src {
                     stream.memcpy_htod(&pinned, &mut dst)
@@ -439,13 +466,18 @@ mod cuda {
             let t = std::time::Instant::now();
             for _ in 0..reps {
                 once()?;
+                if each {
+                    stream.synchronize().map_err(|e| driver("stream", e))?;
+                }
             }
             stream.synchronize().map_err(|e| driver("stream", e))?;
             Ok((bytes * reps) as f64 / t.elapsed().as_secs_f64())
         };
-        let p = time(true)?;
-        let q = time(false)?;
-        Ok((p, q))
+        Ok(super::H2dBaseline {
+            pinned: time(true, false)?,
+            pinned_single: time(true, true)?,
+            pageable: time(false, false)?,
+        })
     }
 
     /// MLX affine decode, one thread per output element (grid-stride): `scale · q + bias` with
@@ -543,6 +575,7 @@ extern "C" __global__ void mlx_dequant(
             &mut self,
             parts: &[Part],
             read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+            threads: usize,
         ) -> Result<()> {
             let host = self
                 .buf
@@ -570,7 +603,7 @@ extern "C" __global__ void mlx_dequant(
                     };
                 }
             }
-            let threads = READ_THREADS.min(pieces.len()).max(1);
+            let threads = threads.min(pieces.len()).max(1);
             let per = pieces.len().div_ceil(threads);
             std::thread::scope(|s| {
                 let handles: Vec<_> = pieces
