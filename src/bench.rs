@@ -73,7 +73,9 @@ pub struct BenchRow {
     pub exposed_load_ms_per_token: f64,
     /// Host→device rate of the miss path's copies (bytes/s), when on a GPU.
     pub h2d_rate: Option<f64>,
-    /// Rate of the whole miss path: bytes over (read + copy) time, summed over loader threads.
+    /// Rate each upload's copy got on the GPU copy engine (bytes over CUDA-event copy time).
+    pub dma_rate: Option<f64>,
+    /// Rate of the whole miss path: bytes over the wall-clock time uploads were running.
     pub miss_path_rate: Option<f64>,
     /// `B / ((1 − h) · E · s)` tokens/s (`None` when nothing misses or `B` is unknown).
     pub link_bound_tps: Option<f64>,
@@ -254,6 +256,8 @@ fn measure(
     // understate what the link and the page cache delivered.
     let h2d_s = ta.h2d_wall_seconds - tb.h2d_wall_seconds;
     let h2d_rate = (h2d_s > 0.0).then(|| d(ta.h2d_bytes, tb.h2d_bytes) / h2d_s);
+    let dma_s = ta.dma_seconds - tb.dma_seconds;
+    let dma_rate = (dma_s > 0.0).then(|| d(ta.h2d_bytes, tb.h2d_bytes) / dma_s);
     let path_s = ta.path_wall_seconds - tb.path_wall_seconds;
     let miss_path_rate = (path_s > 0.0).then(|| d(ta.read_bytes, tb.read_bytes) / path_s);
     let link_bound_tps = report
@@ -277,6 +281,7 @@ fn measure(
             * 1e3
             / n,
         h2d_rate,
+        dma_rate,
         miss_path_rate,
         link_bound_tps,
         link_bound_fraction: link_bound_tps.map(|b| tps / b),
@@ -303,7 +308,7 @@ pub fn format_report(r: &BenchReport) -> String {
         gb(r.pageable_h2d_rate),
     );
     out.push_str(&format!(
-        "{:<18} {:>3} {:>6} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+        "{:<18} {:>3} {:>6} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
         "cell",
         "thr",
         "h",
@@ -311,6 +316,7 @@ pub fn format_report(r: &BenchReport) -> String {
         "MB/tok",
         "load ms/t",
         "h2d GB/s",
+        "dma GB/s",
         "path GB/s",
         "link t/s",
         "frac",
@@ -320,7 +326,7 @@ pub fn format_report(r: &BenchReport) -> String {
     ));
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<18} {:>3} {:>6.3} {:>8.1} {:>9.1} {:>9.2} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+            "{:<18} {:>3} {:>6.3} {:>8.1} {:>9.1} {:>9.2} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
             row.cell,
             row.load_threads,
             row.hit_rate,
@@ -328,6 +334,7 @@ pub fn format_report(r: &BenchReport) -> String {
             row.bytes_per_token / 1e6,
             row.exposed_load_ms_per_token,
             gb(row.h2d_rate),
+            gb(row.dma_rate),
             gb(row.miss_path_rate),
             row.link_bound_tps
                 .map_or("-".to_string(), |v| format!("{v:.1}")),

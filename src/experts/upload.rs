@@ -59,6 +59,10 @@ pub struct TransferStats {
     /// Seconds from the first copy's submission to the copy stream's completion, summed over
     /// uploads (0 on the CPU).
     pub h2d_seconds: f64,
+    /// Seconds the copies themselves took on the GPU's copy engine (CUDA events around each
+    /// copy), summed over uploads: `h2d_bytes / dma_seconds` is the rate each upload got from
+    /// the link.
+    pub dma_seconds: f64,
     /// Wall-clock seconds during which at least one read was running (loader threads overlap).
     pub read_wall_seconds: f64,
     /// Wall-clock seconds during which at least one host→device copy was running.
@@ -122,6 +126,7 @@ struct Counters {
     read_ns: AtomicU64,
     h2d_bytes: AtomicU64,
     h2d_ns: AtomicU64,
+    dma_ns: AtomicU64,
     read_wall: BusyClock,
     h2d_wall: BusyClock,
     path_wall: BusyClock,
@@ -188,6 +193,7 @@ impl Uploader {
             read_seconds: c.read_ns.load(Ordering::Relaxed) as f64 * 1e-9,
             h2d_bytes: c.h2d_bytes.load(Ordering::Relaxed),
             h2d_seconds: c.h2d_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            dma_seconds: c.dma_ns.load(Ordering::Relaxed) as f64 * 1e-9,
             read_wall_seconds: c.read_wall.seconds(),
             h2d_wall_seconds: c.h2d_wall.seconds(),
             path_wall_seconds: c.path_wall.seconds(),
@@ -299,6 +305,10 @@ impl Uploader {
         c.h2d_wall.enter();
         let copied = lane.copy_whole(total);
         c.h2d_wall.leave();
+        let copied = copied.map(|dma_ms| {
+            c.dma_ns
+                .fetch_add((dma_ms as f64 * 1e6) as u64, Ordering::Relaxed);
+        });
         c.h2d_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
@@ -653,19 +663,31 @@ extern "C" __global__ void mlx_dequant(
             Ok(out)
         }
 
-        /// Copies the first `total` staged bytes to the lane's device buffer in one transfer
-        /// and waits for it.
-        pub(super) fn copy_whole(&mut self, total: usize) -> Result<()> {
+        /// Copies the first `total` staged bytes to the lane's device buffer in one transfer,
+        /// waits for it, and returns how long the copy took on the GPU (ms, CUDA events).
+        pub(super) fn copy_whole(&mut self, total: usize) -> Result<f32> {
             let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
             // SAFETY: `fill` wrote these bytes; the buffer outlives the copy (waited for below).
             let src = unsafe { std::slice::from_raw_parts(base, total) };
+            let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let start = self
+                .stream
+                .record_event(timed)
+                .map_err(|e| driver("event", e))?;
             let mut dst = self.dev_buf.slice_mut(..total);
             self.stream
                 .memcpy_htod(src, &mut dst)
                 .map_err(|e| driver("host→device copy", e))?;
+            let end = self
+                .stream
+                .record_event(timed)
+                .map_err(|e| driver("event", e))?;
             self.stream
                 .synchronize()
-                .map_err(|e| driver("copy stream", e))
+                .map_err(|e| driver("copy stream", e))?;
+            start
+                .elapsed_ms(&end)
+                .map_err(|e| driver("event timing", e))
         }
 
         /// Decodes the three quantized projections held in `buf` (laid out as `fill` staged
