@@ -1,7 +1,8 @@
 """Numerical check of the CUDA build on the GPU machine: for every test fixture, `harness logits`
 on `--device cuda` (all experts through the GPU miss path: pinned staging, copy streams,
-on-device decoding), at the smallest capacity with loader threads and at unlimited budget with
-inline loads, against the HF transformers logits stored with the fixture.
+quantized experts kept packed and run by the matrix-vector kernel, or decoded to f32), at the
+smallest capacity with loader threads, at unlimited budget with inline loads, and with f32
+resident experts, against the HF transformers logits stored with the fixture.
 Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu]  (prints one line per run, exits 1 on a mismatch)."""
 import json
 import pathlib
@@ -27,7 +28,8 @@ for d in sorted(root.iterdir()):
     cfg = cfg.get("text_config", cfg)
     top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 2
     toks = ",".join(str(t) for t in meta["tokens"])
-    for extra in (["--capacity", str(top_k), "--load-threads", "4"], ["--load-threads", "0"]):
+    for extra in (["--capacity", str(top_k), "--load-threads", "4"], ["--load-threads", "0"],
+                  ["--capacity", str(top_k), "--gpu-experts", "f32"]):
         with tempfile.TemporaryDirectory() as tmp:
             out = pathlib.Path(tmp) / "l.npy"
             r = subprocess.run([harness, "logits", "--model", str(d), "--tokens", toks,

@@ -48,6 +48,8 @@ pub struct BenchOptions {
     pub write_combined: bool,
     /// Reader threads per upload (CUDA; `None`: the store's default).
     pub read_threads: Option<usize>,
+    /// Keep MLX-quantized experts packed in GPU memory (else f32).
+    pub gpu_packed: bool,
 }
 
 /// One measured cell.
@@ -102,6 +104,9 @@ pub struct BenchReport {
     pub device: String,
     /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA), `no` elsewhere.
     pub staging: String,
+    /// Form of resident experts on the device: `packed` (MLX-quantized experts kept as their
+    /// checkpoint bytes) or `f32`.
+    pub resident_form: String,
     /// Checkpoint bytes of one expert (`s`).
     pub expert_bytes: u64,
     /// Routed experts per token over all MoE layers (`E`).
@@ -139,6 +144,7 @@ pub fn bench(
         miss: MissMode::Load,
         record_trace: false,
         load_threads: opts.load_threads,
+        gpu_packed: opts.gpu_packed,
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
@@ -172,6 +178,13 @@ pub fn bench(
             (true, false) => "cacheable",
         }
         .into(),
+        resident_form:
+            if engine.store.gpu_packed() || (device.is_cpu() && engine.store.quantized()) {
+                "packed"
+            } else {
+                "f32"
+            }
+            .into(),
         expert_bytes: s,
         experts_per_token: e_per_token,
         pinned_h2d_rate: baseline.map(|b| b.pinned),
@@ -297,10 +310,11 @@ pub fn format_report(r: &BenchReport) -> String {
     let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
     let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
     let mut out = format!(
-        "model {} on {} ({} staging): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
+        "model {} on {} ({} staging, experts resident {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
         r.model,
         r.device,
         r.staging,
+        r.resident_form,
         r.expert_bytes as f64 / 1e6,
         r.experts_per_token,
         gb(r.pinned_h2d_rate),

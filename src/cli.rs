@@ -81,6 +81,10 @@ struct BenchArgs {
     /// Reader threads per expert upload on CUDA (default 4).
     #[arg(long)]
     read_threads: Option<usize>,
+    /// Resident form of MLX-quantized experts on CUDA: packed (checkpoint bytes, decoded in the
+    /// matrix-vector kernel) or f32 (decoded once at upload).
+    #[arg(long, default_value = "packed", value_parser = ["packed", "f32"])]
+    gpu_experts: String,
     /// Pinned staging buffers on CUDA: write-combined or cacheable.
     #[arg(long, default_value = "write-combined", value_parser = ["write-combined", "cacheable"])]
     staging: String,
@@ -212,6 +216,10 @@ pub struct CacheArgs {
     /// Expert loader threads (0: load inline). Default: 0 on the CPU, min(top_k, 8) on a GPU.
     #[arg(long)]
     pub load_threads: Option<usize>,
+    /// Resident form of MLX-quantized experts on CUDA: packed (checkpoint bytes, decoded in the
+    /// matrix-vector kernel) or f32 (decoded once at upload).
+    #[arg(long, default_value = "packed", value_parser = ["packed", "f32"])]
+    pub gpu_experts: String,
 }
 
 impl CacheArgs {
@@ -238,6 +246,7 @@ impl CacheArgs {
             miss,
             record_trace: false,
             load_threads: self.load_threads,
+            gpu_packed: self.gpu_experts == "packed",
         })
     }
 }
@@ -337,6 +346,7 @@ pub fn run() -> Result<ExitCode> {
                 resident: !a.no_resident,
                 write_combined: a.staging == "write-combined",
                 read_threads: a.read_threads,
+                gpu_packed: a.gpu_experts == "packed",
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
                 eprintln!(

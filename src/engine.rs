@@ -63,6 +63,9 @@ pub struct EngineConfig {
     /// Expert loader threads: `Some(0)` loads inline on the engine thread; `None` picks 0 on the
     /// CPU and `min(top_k, 8)` on a GPU (parallel misses, asynchronous lookahead prefetch).
     pub load_threads: Option<usize>,
+    /// On CUDA, keep MLX-quantized experts packed in GPU memory (decoded inside the
+    /// matrix-vector kernel; default) instead of decoding them to f32 at upload.
+    pub gpu_packed: bool,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
             miss: MissMode::Load,
             record_trace: false,
             load_threads: None,
+            gpu_packed: true,
         }
     }
 }
@@ -258,13 +262,19 @@ impl Engine {
             device.clone(),
         )?);
         check_budget(&spec, &store, &cfg)?;
+        store.set_gpu_packed(cfg.gpu_packed);
         let model = Model::load(&ck, &spec, &prefix, &device)?;
-        // On a GPU the cache holds f32 experts (4 bytes per weight); refuse budgets that cannot fit.
+        // On a GPU the cache holds MLX-quantized experts packed (their checkpoint bytes) and
+        // anything else as f32 (4 bytes per weight); refuse budgets that cannot fit.
         if let Some((free, _)) = gpu_memory(&device) {
-            let per_f32 = spec.expert_elements() * 4;
             let first = ExpertKey {
                 layer: spec.moe.moe_layers[0] as u32,
                 expert: 0,
+            };
+            let (per_dev, form) = if store.gpu_packed() {
+                (store.expert_bytes(first) + 9 * 256, "packed")
+            } else {
+                (spec.expert_elements() * 4, "as f32")
             };
             let layers = spec.num_moe_layers() as u64;
             let all = spec.moe.num_experts as u64 * layers;
@@ -275,11 +285,11 @@ impl Engine {
                 Budget::BytesGlobal(b) => (b / per).min(all),
                 Budget::Unlimited => all,
             };
-            if slots * per_f32 > free {
+            if slots * per_dev > free {
                 return Err(Error::Input(format!(
-                    "budget {} holds {slots} experts, {:.1} GB as f32 on the GPU, but only {:.1} GB of GPU memory is free (lower --capacity / --budget)",
+                    "budget {} holds {slots} experts, {:.1} GB {form} on the GPU, but only {:.1} GB of GPU memory is free (lower --capacity / --budget)",
                     cfg.budget,
-                    (slots * per_f32) as f64 / 1e9,
+                    (slots * per_dev) as f64 / 1e9,
                     free as f64 / 1e9
                 )));
             }
@@ -360,6 +370,7 @@ impl Engine {
                 profile,
             },
         )?;
+        self.store.set_gpu_packed(cfg.gpu_packed);
         let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
         if threads != self.loader.threads() {
             self.loader = Loader::new(self.store.clone(), threads)?;

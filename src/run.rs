@@ -291,6 +291,7 @@ fn run_cell(
         miss: cell.miss,
         record_trace: true,
         load_threads: exp.load_threads,
+        gpu_packed: true,
     };
     let cell_profile = if cell.policy.needs_profile() {
         profile.cloned()

@@ -17,6 +17,7 @@ fn opts() -> BenchOptions {
         resident: true,
         write_combined: true,
         read_threads: None,
+        gpu_packed: true,
     }
 }
 

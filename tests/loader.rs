@@ -21,6 +21,7 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         miss,
         record_trace: true,
         load_threads: Some(threads),
+        gpu_packed: true,
     };
     let mut e = Engine::open(&dir, Device::Cpu, cfg).unwrap();
     let r = Reference::load(&dir);

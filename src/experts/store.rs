@@ -90,6 +90,9 @@ pub enum ExpertMats {
         /// `[H, I]`.
         down: Tensor,
     },
+    /// MLX-quantized experts on a CUDA GPU, kept packed in GPU memory.
+    #[cfg(feature = "cuda")]
+    DevicePacked(super::upload::DevicePacked),
     /// MLX-quantized experts on the CPU, kept packed (checkpoint size in memory) and decoded
     /// inside each matrix-vector product.
     Packed {
@@ -250,6 +253,25 @@ impl ExpertStore {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Keep MLX-quantized experts packed in GPU memory (default on CUDA) or decode them to f32
+    /// at upload.
+    pub fn set_gpu_packed(&self, on: bool) {
+        self.uploader.set_gpu_packed(on);
+    }
+
+    /// Whether quantized experts stay packed on the GPU (CUDA device, MLX-quantized experts).
+    pub fn gpu_packed(&self) -> bool {
+        self.uploader.gpu_packed() && self.quantized()
+    }
+
+    /// Whether every routed expert is MLX-quantized.
+    pub fn quantized(&self) -> bool {
+        self.handles
+            .iter()
+            .flatten()
+            .all(|h| h.proj.iter().all(|p| matches!(p, ProjSource::Quant { .. })))
+    }
+
     /// Write-combined (default) or cacheable pinned staging buffers on CUDA.
     pub fn set_write_combined(&self, on: bool) {
         self.uploader.set_write_combined(on);
@@ -333,6 +355,14 @@ impl ExpertStore {
             })
             .collect();
         if let Ok(projs) = <[QuantProj; 3]>::try_from(quant) {
+            #[cfg(feature = "cuda")]
+            if self.uploader.gpu_packed() {
+                let p = self.uploader.upload_packed(&parts, &projs, &read)?;
+                return Ok(Arc::new(ExpertWeights {
+                    mats: ExpertMats::DevicePacked(p),
+                    bytes: hd.bytes,
+                }));
+            }
             if let Some((gate_up, down)) = self.uploader.upload_quant(&parts, &projs, &read)? {
                 return Ok(Arc::new(ExpertWeights {
                     mats: ExpertMats::Dense { gate_up, down },

@@ -141,7 +141,9 @@ pub struct Uploader {
     /// Reader threads per upload on CUDA.
     read_threads: std::sync::atomic::AtomicUsize,
     #[cfg(feature = "cuda")]
-    kernels: std::sync::OnceLock<std::result::Result<cuda::Kernels, String>>,
+    kernels: std::sync::OnceLock<std::result::Result<std::sync::Arc<cuda::Kernels>, String>>,
+    /// Keep MLX-quantized experts packed in GPU memory (CUDA).
+    gpu_packed: std::sync::atomic::AtomicBool,
     #[cfg(feature = "cuda")]
     lanes: Mutex<Vec<cuda::Lane>>,
 }
@@ -163,6 +165,7 @@ impl Uploader {
             counters: Counters::default(),
             write_combined: true.into(),
             read_threads: 4.into(),
+            gpu_packed: true.into(),
             #[cfg(feature = "cuda")]
             kernels: std::sync::OnceLock::new(),
             #[cfg(feature = "cuda")]
@@ -182,6 +185,17 @@ impl Uploader {
     /// into the staging buffer in pieces of at most 1 MiB, spread over this many threads.
     pub fn set_read_threads(&self, n: usize) {
         self.read_threads.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Keep MLX-quantized experts packed in GPU memory and decode them inside the
+    /// matrix-vector kernel (default), or decode them once to f32 at upload.
+    pub fn set_gpu_packed(&self, on: bool) {
+        self.gpu_packed.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether quantized experts stay packed on this uploader's device.
+    pub fn gpu_packed(&self) -> bool {
+        self.device.is_cuda() && self.gpu_packed.load(Ordering::Relaxed)
     }
 
     /// The counters so far.
@@ -258,11 +272,8 @@ impl Uploader {
     ) -> Result<Option<(Tensor, Tensor)>> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = &self.device {
-            let kernels = self
-                .kernels
-                .get_or_init(|| cuda::Kernels::new(dev))
-                .as_ref()
-                .map_err(|e| crate::error::Error::Input(format!("CUDA decode kernels: {e}")))?;
+            let kernels = self.kernels(dev)?;
+            let kernels = &*kernels;
             self.counters.uploads.fetch_add(1, Ordering::Relaxed);
             return self
                 .counters
@@ -272,6 +283,56 @@ impl Uploader {
         }
         let _ = (parts, projs, read);
         Ok(None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn kernels(&self, dev: &candle_core::CudaDevice) -> Result<std::sync::Arc<cuda::Kernels>> {
+        self.kernels
+            .get_or_init(|| cuda::Kernels::new(dev).map(std::sync::Arc::new))
+            .clone()
+            .map_err(|e| crate::error::Error::Input(format!("CUDA decode kernels: {e}")))
+    }
+
+    /// Brings a quantized expert to the GPU as one copy of its checkpoint bytes and keeps it
+    /// that way (see [`DevicePacked`]).
+    #[cfg(feature = "cuda")]
+    pub fn upload_packed(
+        &self,
+        parts: &[Part],
+        projs: &[QuantProj; 3],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<DevicePacked> {
+        let Device::Cuda(dev) = &self.device else {
+            return Err(crate::error::Error::Input(
+                "internal: packed GPU experts need a CUDA device".into(),
+            ));
+        };
+        let kernels = self.kernels(dev)?;
+        self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+        self.counters.path_wall.time(|| {
+            let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
+            let mut lane = self.take_lane(dev, total)?;
+            let t = Instant::now();
+            let threads = self.read_threads.load(Ordering::Relaxed);
+            self.counters
+                .read_wall
+                .time(|| lane.fill(parts, read, threads))?;
+            self.note_read(parts, t);
+            let c = &self.counters;
+            let t = Instant::now();
+            c.h2d_wall.enter();
+            let copied = lane.copy_own(total);
+            c.h2d_wall.leave();
+            c.h2d_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
+            c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.lanes.lock().expect("lane pool").push(lane);
+            let (buf, dma_ms) = copied?;
+            c.dma_ns
+                .fetch_add((dma_ms as f64 * 1e6) as u64, Ordering::Relaxed);
+            DevicePacked::new(dev.clone(), kernels, buf, parts, *projs)
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -386,6 +447,9 @@ pub fn h2d_baseline(device: &Device, bytes: usize, reps: usize) -> Result<Option
     let _ = (device, bytes, reps);
     Ok(None)
 }
+
+#[cfg(feature = "cuda")]
+pub use cuda::DevicePacked;
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -522,11 +586,39 @@ extern "C" __global__ void mlx_dequant(
         out[out_off + i] = __fadd_rn(__fmul_rn(s, q), b);
     }
 }
+
+// y[y_off + r] = sum_c w[r, c] * x[c] for a packed [rows, cols] matrix: one warp per row, each
+// weight decoded as in mlx_dequant.
+extern "C" __global__ void mlx_gemv(
+    const unsigned char* buf, unsigned long long q_off, unsigned long long s_off,
+    unsigned long long b_off, unsigned int scale_kind, const float* x, float* y,
+    unsigned long long y_off, unsigned int rows, unsigned int cols, unsigned int bits,
+    unsigned int group) {
+    unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32u;
+    unsigned int lane = threadIdx.x % 32u;
+    if (row >= rows) return;
+    unsigned int per_byte = 8u / bits;
+    unsigned int mask = (1u << bits) - 1u;
+    unsigned long long groups = cols / group;
+    const unsigned char* q = buf + q_off + (unsigned long long)row * cols / per_byte;
+    float acc = 0.0f;
+    for (unsigned int c = lane; c < cols; c += 32u) {
+        unsigned int byte = q[c / per_byte];
+        float v = (float)((byte >> ((c % per_byte) * bits)) & mask);
+        unsigned long long g = (unsigned long long)row * groups + c / group;
+        float w = __fadd_rn(__fmul_rn(scale_at(buf + s_off, scale_kind, g), v),
+                            scale_at(buf + b_off, scale_kind, g));
+        acc = fmaf(w, x[c], acc);
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if (lane == 0) y[y_off + row] = acc;
+}
 "#;
 
     /// The compiled decode kernel (NVRTC, once per process).
     pub(super) struct Kernels {
         dequant: CudaFunction,
+        gemv: CudaFunction,
     }
 
     impl Kernels {
@@ -541,7 +633,143 @@ extern "C" __global__ void mlx_dequant(
             let dequant = module
                 .load_function("mlx_dequant")
                 .map_err(|e| format!("mlx_dequant: {e}"))?;
-            Ok(Kernels { dequant })
+            let gemv = module
+                .load_function("mlx_gemv")
+                .map_err(|e| format!("mlx_gemv: {e}"))?;
+            Ok(Kernels { dequant, gemv })
+        }
+    }
+
+    fn scale_kind(d: DType) -> Result<u32> {
+        match d {
+            DType::F32 => Ok(0),
+            DType::F16 => Ok(1),
+            DType::BF16 => Ok(2),
+            other => Err(Error::Input(format!(
+                "internal: quantization scales of type {other:?}"
+            ))),
+        }
+    }
+
+    /// An MLX-quantized expert resident on a CUDA GPU as its checkpoint bytes (packed words,
+    /// scales, biases: the size the cache budget counts), run by a matrix-vector kernel that
+    /// decodes each weight as it multiplies.
+    pub struct DevicePacked {
+        dev: CudaDevice,
+        kernels: Arc<Kernels>,
+        buf: CudaSlice<u8>,
+        offs: [u64; 9],
+        kinds: [u32; 3],
+        projs: [QuantProj; 3],
+    }
+
+    impl std::fmt::Debug for DevicePacked {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("DevicePacked")
+                .field("bytes", &self.buf.len())
+                .field("projs", &self.projs)
+                .finish()
+        }
+    }
+
+    impl DevicePacked {
+        pub(super) fn new(
+            dev: CudaDevice,
+            kernels: Arc<Kernels>,
+            buf: CudaSlice<u8>,
+            parts: &[Part],
+            projs: [QuantProj; 3],
+        ) -> Result<Self> {
+            let mut offs = [0u64; 9];
+            let mut off = 0u64;
+            for (o, p) in offs.iter_mut().zip(parts) {
+                *o = off;
+                off += aligned(p.range.len) as u64;
+            }
+            let kinds = [
+                scale_kind(parts[1].dtype)?,
+                scale_kind(parts[4].dtype)?,
+                scale_kind(parts[7].dtype)?,
+            ];
+            Ok(DevicePacked {
+                dev,
+                kernels,
+                buf,
+                offs,
+                kinds,
+                projs,
+            })
+        }
+
+        /// Device bytes held.
+        pub fn bytes(&self) -> usize {
+            self.buf.len()
+        }
+
+        /// SwiGLU on `x` `[1, H]` (f32, this device): `down(silu(gate x) · up x)`.
+        pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+            let i = self.projs[0].rows;
+            let h = self.projs[2].rows;
+            let x = x.contiguous()?;
+            // SAFETY (both allocations): every element is written by the kernel before use.
+            let mut gu: CudaSlice<f32> = unsafe { self.dev.cuda_stream().alloc(2 * i) }
+                .map_err(|e| driver("allocation", e))?;
+            self.gemv(&x, 0, &mut gu, 0)?;
+            self.gemv(&x, 1, &mut gu, i as u64)?;
+            let gu = self.wrap(gu, (1, 2 * i));
+            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, i)?)? * gu.narrow(1, i, i)?)?
+                .contiguous()?;
+            let mut y: CudaSlice<f32> =
+                unsafe { self.dev.cuda_stream().alloc(h) }.map_err(|e| driver("allocation", e))?;
+            self.gemv(&act, 2, &mut y, 0)?;
+            Ok(self.wrap(y, (1, h)))
+        }
+
+        fn wrap(&self, s: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
+            Tensor::from_storage(
+                Storage::Cuda(CudaStorage::wrap_cuda_slice(s, self.dev.clone())),
+                shape,
+                BackpropOp::none(),
+                false,
+            )
+        }
+
+        fn gemv(&self, x: &Tensor, p: usize, y: &mut CudaSlice<f32>, y_off: u64) -> Result<()> {
+            let q = &self.projs[p];
+            let (st, layout) = x.storage_and_layout();
+            let Storage::Cuda(cs) = &*st else {
+                return Err(Error::Input(
+                    "internal: expert input is not on the GPU".into(),
+                ));
+            };
+            let xs = cs.as_cuda_slice::<f32>()?;
+            let xv = xs.slice(layout.start_offset()..layout.start_offset() + q.cols);
+            let (qo, so, bo) = (self.offs[3 * p], self.offs[3 * p + 1], self.offs[3 * p + 2]);
+            let (rows, cols) = (q.rows as u32, q.cols as u32);
+            let (bits, group) = (q.params.bits as u32, q.params.group_size as u32);
+            let stream = self.dev.cuda_stream();
+            let mut b = stream.launch_builder(&self.kernels.gemv);
+            b.arg(&self.buf)
+                .arg(&qo)
+                .arg(&so)
+                .arg(&bo)
+                .arg(&self.kinds[p])
+                .arg(&xv)
+                .arg(y)
+                .arg(&y_off)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&bits)
+                .arg(&group);
+            let cfg = LaunchConfig {
+                grid_dim: ((rows * 32).div_ceil(128), 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads one packed row per warp, its scales and biases inside `buf`, `cols`
+            // inputs of `x`, and writes `rows` outputs at `y_off` inside `y` (allocated for them).
+            unsafe { b.launch(cfg) }.map_err(|e| driver("matrix-vector kernel", e))?;
+            Ok(())
         }
     }
 
@@ -688,6 +916,36 @@ extern "C" __global__ void mlx_dequant(
             start
                 .elapsed_ms(&end)
                 .map_err(|e| driver("event timing", e))
+        }
+
+        /// Copies the first `total` staged bytes into a device buffer of their own (the resident
+        /// expert), waits, and returns it with the copy's GPU time (ms).
+        pub(super) fn copy_own(&mut self, total: usize) -> Result<(CudaSlice<u8>, f32)> {
+            let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
+            // SAFETY: `fill` wrote these bytes; the buffer outlives the copy (waited for below).
+            let src = unsafe { std::slice::from_raw_parts(base, total) };
+            let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let start = self
+                .stream
+                .record_event(timed)
+                .map_err(|e| driver("event", e))?;
+            // SAFETY: fully written by the copy.
+            let mut dst: CudaSlice<u8> =
+                unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?;
+            self.stream
+                .memcpy_htod(src, &mut dst)
+                .map_err(|e| driver("host→device copy", e))?;
+            let end = self
+                .stream
+                .record_event(timed)
+                .map_err(|e| driver("event", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| driver("copy stream", e))?;
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(|e| driver("event timing", e))?;
+            Ok((dst, ms))
         }
 
         /// Decodes the three quantized projections held in `buf` (laid out as `fill` staged

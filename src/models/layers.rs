@@ -226,6 +226,8 @@ pub fn expert_forward(x: &Tensor, e: &crate::experts::store::ExpertWeights) -> R
     use crate::experts::store::ExpertMats;
     match &e.mats {
         ExpertMats::Dense { gate_up, down } => dense_expert(x, gate_up, down),
+        #[cfg(feature = "cuda")]
+        ExpertMats::DevicePacked(p) => p.forward(x),
         ExpertMats::Packed { gate, up, down } => {
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let (g, u) = (gate.gemv(&xv), up.gemv(&xv));
