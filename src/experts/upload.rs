@@ -1,12 +1,13 @@
 //! Host→device transfer of an expert's checkpoint bytes.
 //!
 //! On CUDA a miss reads the expert's byte ranges straight from the shard files into a page-locked
-//! (pinned) staging buffer and copies them to the GPU on a copy stream of its own, so the copy
-//! runs at the link's pinned rate and never queues behind compute kernels; the bytes cross the
-//! link in their checkpoint form (4-bit words, bf16 scales) and are decoded on the device. Each
-//! loader thread takes its own lane (stream + staging buffer) from a pool, so concurrent misses
-//! read and copy in parallel. On other devices the bytes are read into ordinary memory and
-//! handed to candle.
+//! (pinned) staging buffer and copies them to the GPU in one transfer on a copy stream of its
+//! own, so the copy never queues behind compute kernels. The bytes cross the link in their
+//! checkpoint form (4-bit words, bf16 scales); an MLX-quantized expert then either stays packed in
+//! GPU memory ([`DevicePacked`], run by a matrix-vector kernel that decodes as it multiplies) or
+//! is decoded to f32 by a kernel on the same stream. Each loader thread takes its own lane
+//! (stream + staging buffer) from a pool, so concurrent misses read and copy in parallel. On other
+//! devices the bytes are read into ordinary memory, handed to candle and decoded with tensor ops.
 //!
 //! Counters record the time spent reading and copying, so benchmarks can report the achieved
 //! host→device rate next to a pinned copy of the same size.
