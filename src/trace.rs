@@ -3,9 +3,9 @@
 //!
 //! Schema (column: type; `?` = optional when reading):
 //! `cell`?: str · `prompt`: u32 · `step`: u32 (0 = prefill, k = k-th decoded token) ·
-//! `pos`: u32 · `phase`: str (`prefill`/`decode`) · `layer`: u32 · `experts`: list<u32>
-//! (u16/i32/i64 accepted) · `weights`?: list<f32> · `lookahead`?: list<u32> (null when no
-//! prediction) · `hits`?: list<bool> · `load_ns`?: u64.
+//! `pos`: u32 · `phase`: str (`prefill`/`decode`) · `layer`: u32 · `experts`: `list<u32>`
+//! (u16/i32/i64 accepted) · `weights`?: `list<f32>` · `lookahead`?: `list<u32>` (null when no
+//! prediction) · `hits`?: `list<bool>` · `load_ns`?: u64.
 
 use std::fs::File;
 use std::path::Path;

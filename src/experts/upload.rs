@@ -4,7 +4,7 @@
 //! (pinned) staging buffer and copies them to the GPU in one transfer on a copy stream of its
 //! own, so the copy never queues behind compute kernels. The bytes cross the link in their
 //! checkpoint form (4-bit words, bf16 scales); an MLX-quantized expert then either stays packed in
-//! GPU memory ([`DevicePacked`], run by a matrix-vector kernel that decodes as it multiplies) or
+//! GPU memory (`DevicePacked` in CUDA builds, run by a matrix-vector kernel that decodes as it multiplies) or
 //! is decoded to f32 by a kernel on the same stream. Each loader thread takes its own lane
 //! (stream + staging buffer) from a pool, so concurrent misses read and copy in parallel. On other
 //! devices the bytes are read into ordinary memory, handed to candle and decoded with tensor ops.
