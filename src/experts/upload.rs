@@ -295,7 +295,7 @@ impl Uploader {
     }
 
     /// Brings a quantized expert to the GPU as one copy of its checkpoint bytes and keeps it
-    /// that way (see [`DevicePacked`]).
+    /// that way (see `DevicePacked`).
     #[cfg(feature = "cuda")]
     pub fn upload_packed(
         &self,
@@ -311,29 +311,68 @@ impl Uploader {
         let kernels = self.kernels(dev)?;
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
         self.counters.path_wall.time(|| {
-            let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
-            let mut lane = self.take_lane(dev, total)?;
-            let t = Instant::now();
-            let threads = self.read_threads.load(Ordering::Relaxed);
-            self.counters
-                .read_wall
-                .time(|| lane.fill(parts, read, threads))?;
-            self.note_read(parts, t);
-            let c = &self.counters;
-            let t = Instant::now();
-            c.h2d_wall.enter();
-            let copied = lane.copy_own(total);
-            c.h2d_wall.leave();
-            c.h2d_ns
-                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
-            c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
-            self.lanes.lock().expect("lane pool").push(lane);
-            let (buf, dma_ms) = copied?;
-            c.dma_ns
-                .fetch_add((dma_ms as f64 * 1e6) as u64, Ordering::Relaxed);
-            DevicePacked::new(dev.clone(), kernels, buf, parts, *projs)
+            let (mut lane, total) = self.fill_lane(dev, parts, read)?;
+            let out = self
+                .timed_copy(parts, || lane.copy_staged(total, true))
+                .and_then(|buf| {
+                    let buf = buf.expect("own buffer requested");
+                    DevicePacked::new(dev.clone(), kernels, buf, parts, *projs)
+                });
+            self.return_lane(lane);
+            out
         })
+    }
+
+    /// Takes a lane with room for `parts` and reads them into its staging buffer.
+    #[cfg(feature = "cuda")]
+    fn fill_lane(
+        &self,
+        dev: &candle_core::CudaDevice,
+        parts: &[Part],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<(cuda::Lane, usize)> {
+        let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
+        let mut lane = self.take_lane(dev, total)?;
+        let t = Instant::now();
+        let threads = self.read_threads.load(Ordering::Relaxed);
+        let filled = self
+            .counters
+            .read_wall
+            .time(|| lane.fill(parts, read, threads));
+        if let Err(e) = filled {
+            self.return_lane(lane);
+            return Err(e);
+        }
+        self.note_read(parts, t);
+        Ok((lane, total))
+    }
+
+    /// Runs the host→device copy of `parts` in `copy`, counting its bytes, wall time and (when
+    /// `copy` reports it) GPU time in milliseconds.
+    #[cfg(feature = "cuda")]
+    fn timed_copy<T>(
+        &self,
+        parts: &[Part],
+        copy: impl FnOnce() -> Result<(T, Option<f32>)>,
+    ) -> Result<T> {
+        let c = &self.counters;
+        let t = Instant::now();
+        let out = c.h2d_wall.time(copy);
+        c.h2d_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
+        c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let (v, dma_ms) = out?;
+        if let Some(ms) = dma_ms {
+            c.dma_ns
+                .fetch_add((ms as f64 * 1e6) as u64, Ordering::Relaxed);
+        }
+        Ok(v)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn return_lane(&self, lane: cuda::Lane) {
+        self.lanes.lock().expect("lane pool").push(lane);
     }
 
     #[cfg(feature = "cuda")]
@@ -354,29 +393,11 @@ impl Uploader {
         projs: &[QuantProj; 3],
         read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
     ) -> Result<(Tensor, Tensor)> {
-        let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
-        let mut lane = self.take_lane(dev, total)?;
-        let t = Instant::now();
-        let threads = self.read_threads.load(Ordering::Relaxed);
-        self.counters
-            .read_wall
-            .time(|| lane.fill(parts, read, threads))?;
-        self.note_read(parts, t);
-        let c = &self.counters;
-        let t = Instant::now();
-        c.h2d_wall.enter();
-        let copied = lane.copy_whole(total);
-        c.h2d_wall.leave();
-        let copied = copied.map(|dma_ms| {
-            c.dma_ns
-                .fetch_add((dma_ms as f64 * 1e6) as u64, Ordering::Relaxed);
-        });
-        c.h2d_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
-        c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let out = copied.and_then(|()| lane.decode(dev, kernels, parts, projs));
-        self.lanes.lock().expect("lane pool").push(lane);
+        let (mut lane, total) = self.fill_lane(dev, parts, read)?;
+        let out = self
+            .timed_copy(parts, || lane.copy_staged(total, false))
+            .and_then(|_| lane.decode(dev, kernels, parts, projs));
+        self.return_lane(lane);
         out
     }
 
@@ -395,22 +416,9 @@ impl Uploader {
         parts: &[Part],
         read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
     ) -> Result<Vec<Tensor>> {
-        let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
-        let mut lane = self.take_lane(dev, total)?;
-        let t = Instant::now();
-        let threads = self.read_threads.load(Ordering::Relaxed);
-        self.counters
-            .read_wall
-            .time(|| lane.fill(parts, read, threads))?;
-        self.note_read(parts, t);
-        let t = Instant::now();
-        let out = self.counters.h2d_wall.time(|| lane.copy(dev, parts));
-        let c = &self.counters;
-        c.h2d_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
-        c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.lanes.lock().expect("lane pool").push(lane);
+        let (lane, _) = self.fill_lane(dev, parts, read)?;
+        let out = self.timed_copy(parts, || Ok((lane.copy(dev, parts)?, None)));
+        self.return_lane(lane);
         out
     }
 }
@@ -892,47 +900,35 @@ extern "C" __global__ void mlx_gemv(
             Ok(out)
         }
 
-        /// Copies the first `total` staged bytes to the lane's device buffer in one transfer,
-        /// waits for it, and returns how long the copy took on the GPU (ms, CUDA events).
-        pub(super) fn copy_whole(&mut self, total: usize) -> Result<f32> {
+        /// Copies the first `total` staged bytes in one transfer, into a device buffer of their
+        /// own (`own`, returned: a resident packed expert) or into the lane's reusable device
+        /// buffer, waits, and returns the copy's GPU time (ms, CUDA events).
+        pub(super) fn copy_staged(
+            &mut self,
+            total: usize,
+            own: bool,
+        ) -> Result<(Option<CudaSlice<u8>>, Option<f32>)> {
             let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
             // SAFETY: `fill` wrote these bytes; the buffer outlives the copy (waited for below).
             let src = unsafe { std::slice::from_raw_parts(base, total) };
             let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let mut fresh = if own {
+                // SAFETY: fully written by the copy.
+                Some(
+                    unsafe { self.stream.alloc::<u8>(total) }
+                        .map_err(|e| driver("allocation", e))?,
+                )
+            } else {
+                None
+            };
             let start = self
                 .stream
                 .record_event(timed)
                 .map_err(|e| driver("event", e))?;
-            let mut dst = self.dev_buf.slice_mut(..total);
-            self.stream
-                .memcpy_htod(src, &mut dst)
-                .map_err(|e| driver("host→device copy", e))?;
-            let end = self
-                .stream
-                .record_event(timed)
-                .map_err(|e| driver("event", e))?;
-            self.stream
-                .synchronize()
-                .map_err(|e| driver("copy stream", e))?;
-            start
-                .elapsed_ms(&end)
-                .map_err(|e| driver("event timing", e))
-        }
-
-        /// Copies the first `total` staged bytes into a device buffer of their own (the resident
-        /// expert), waits, and returns it with the copy's GPU time (ms).
-        pub(super) fn copy_own(&mut self, total: usize) -> Result<(CudaSlice<u8>, f32)> {
-            let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
-            // SAFETY: `fill` wrote these bytes; the buffer outlives the copy (waited for below).
-            let src = unsafe { std::slice::from_raw_parts(base, total) };
-            let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let start = self
-                .stream
-                .record_event(timed)
-                .map_err(|e| driver("event", e))?;
-            // SAFETY: fully written by the copy.
-            let mut dst: CudaSlice<u8> =
-                unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?;
+            let mut dst = match fresh.as_mut() {
+                Some(f) => f.slice_mut(..),
+                None => self.dev_buf.slice_mut(..total),
+            };
             self.stream
                 .memcpy_htod(src, &mut dst)
                 .map_err(|e| driver("host→device copy", e))?;
@@ -946,7 +942,7 @@ extern "C" __global__ void mlx_gemv(
             let ms = start
                 .elapsed_ms(&end)
                 .map_err(|e| driver("event timing", e))?;
-            Ok((dst, ms))
+            Ok((fresh, Some(ms)))
         }
 
         /// Decodes the three quantized projections held in `buf` (laid out as `fill` staged
