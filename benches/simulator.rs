@@ -89,8 +89,9 @@ fn compare_with_libcachesim(
         }
         last.insert(*id, i);
     }
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-trace.oracleGeneral");
+    // A temporary directory, not target/: CARGO_TARGET_DIR may put the build elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench-trace.oracleGeneral");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
     for (i, id) in ids.iter().enumerate() {
         f.write_all(&(i as u32).to_le_bytes()).unwrap();
