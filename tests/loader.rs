@@ -61,3 +61,56 @@ fn loader_threads_change_timing_not_results() {
         }
     }
 }
+
+/// A cancelled load cannot be claimed; a later load of the same expert (submitted while the
+/// cancelled one may still be running) is claimed with the right weights, and prefetch accounting
+/// follows the ticket that is claimed.
+#[test]
+fn cancelled_loads_are_dropped_and_claims_follow_the_latest_ticket() {
+    use moe_harness::experts::loader::Loader;
+    use moe_harness::experts::ExpertKey;
+    let dir = fixture("qwen3_moe-bf16");
+    let e = Engine::open(&dir, Device::Cpu, EngineConfig::default()).unwrap();
+    let spec = moe_harness::config::load(&dir).unwrap();
+    let layer = spec.moe.moe_layers[0] as u32;
+    for threads in [0, 2] {
+        let mut l = Loader::new(e.store.clone(), threads).unwrap();
+        let k = ExpertKey { layer, expert: 1 };
+        let other = ExpertKey { layer, expert: 2 };
+        assert!(l.claim(k).is_none(), "nothing submitted yet");
+        l.submit(k, true).unwrap();
+        l.cancel(k);
+        assert!(!l.has(k));
+        assert!(l.claim(k).is_none(), "a cancelled load cannot be claimed");
+        l.submit(other, true).unwrap();
+        l.submit(k, false).unwrap();
+        let (w, _) = l.claim(k).unwrap().unwrap();
+        let want = e.store.load(k).unwrap();
+        let x =
+            candle_core::Tensor::ones((1, spec.hidden_size), candle_core::DType::F32, &Device::Cpu)
+                .unwrap();
+        let y = |w| {
+            moe_harness::models::layers::expert_forward(&x, w)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(
+            y(&w),
+            y(&want),
+            "threads {threads}: claimed the wrong expert"
+        );
+        let s = l.stats();
+        assert_eq!(
+            s.prefetch_used_load_ns, 0,
+            "the claimed ticket was a demand load"
+        );
+        assert!(l.has(other));
+        let (wo, _) = l.claim(other).unwrap().unwrap();
+        assert_eq!(y(&wo), y(&e.store.load(other).unwrap()));
+        assert!(l.stats().prefetch_used_load_ns > 0, "threads {threads}");
+        assert!(!l.has(other));
+    }
+}
