@@ -119,7 +119,15 @@ impl Loader {
                         };
                         let Ok(Job { id, key }) = job else { return };
                         let t = Instant::now();
-                        let result = store.load(key);
+                        // A panic must not leave the engine waiting forever for this key.
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            store.load(key)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(Error::Input(format!(
+                                "internal: the expert loader panicked loading {key:?}"
+                            )))
+                        });
                         let ns = t.elapsed().as_nanos() as u64;
                         if out
                             .send(Done {
