@@ -205,6 +205,13 @@ pub fn bench(
             cells.push((name, p.clone(), cap));
         }
     }
+    // Every cell's configuration is checked before anything is measured.
+    for (_, policy, cap) in &cells {
+        engine.reconfigure(config(
+            cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer),
+            policy,
+        ))?;
+    }
     for (name, policy, cap) in cells {
         let budget = cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer);
         engine.reconfigure(config(budget, &policy))?;
