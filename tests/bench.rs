@@ -73,4 +73,13 @@ fn bench_rejects_empty_sweeps_and_bad_policies() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--policy lru2"), "{e}");
+    // A capacity below top-k is refused before any cell runs.
+    let mut o = opts();
+    o.capacities = vec![8, 2];
+    let mut ran = 0;
+    let e = bench(&model, Device::Cpu, &o, |_| ran += 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("capacity 2 is below top-k"), "{e}");
+    assert_eq!(ran, 0, "cells ran before the bad capacity was refused");
 }
