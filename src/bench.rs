@@ -19,7 +19,7 @@ use std::time::Duration;
 use candle_core::Device;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::engine::{Engine, EngineConfig, EngineStats, MissMode, Sampler};
+use crate::engine::{Engine, EngineConfig, EngineStats, MissMode, Replay, Sampler};
 use crate::error::{Error, Result};
 use crate::experts::cache::Budget;
 use crate::experts::policies::PolicySpec;
@@ -50,6 +50,10 @@ pub struct BenchOptions {
     pub read_threads: Option<usize>,
     /// Keep MLX-quantized experts packed in GPU memory (else f32).
     pub gpu_packed: bool,
+    /// Replay the routing of a recorded trace (Parquet, and optionally one of its cells)
+    /// instead of the router's: its first prompt is the warm-up, the next `prompts` are
+    /// measured, each with its recorded prompt length and number of new tokens.
+    pub replay: Option<(std::path::PathBuf, Option<String>)>,
 }
 
 /// One measured cell.
@@ -102,6 +106,8 @@ pub struct BenchReport {
     pub model: String,
     /// Device name.
     pub device: String,
+    /// `router`, or the replayed trace and cell.
+    pub routing: String,
     /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA), `no` elsewhere.
     pub staging: String,
     /// Form of resident experts on the device: `packed` (MLX-quantized experts kept as their
@@ -162,16 +168,36 @@ pub fn bench(
     let baseline = crate::experts::upload::h2d_baseline(&device, s as usize, 20)?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let vocab = spec.vocab_size as u32;
-    let mut prompt = || -> Vec<u32> {
-        (0..opts.prompt_len)
-            .map(|_| rng.random_range(0..vocab))
-            .collect()
+    let (replays, routing) = match &opts.replay {
+        Some((path, cell)) => {
+            let (reps, cell) = load_replays(path, cell.as_deref(), &spec)?;
+            let n = reps.len().min(opts.prompts + 1);
+            let routing = format!("replay of {} (cell `{cell}`)", path.display());
+            (reps.into_iter().take(n).map(Some).collect(), routing)
+        }
+        None => (vec![None; opts.prompts + 1], "router".to_string()),
     };
-    let warmup = prompt();
-    let measured: Vec<Vec<u32>> = (0..opts.prompts).map(|_| prompt()).collect();
+    let mut prompts: Vec<BenchPrompt> = replays
+        .into_iter()
+        .map(|replay| {
+            let (len, new) = replay
+                .as_ref()
+                .map_or((opts.prompt_len, opts.new_tokens), |r| {
+                    (r.prompt_len, r.new_tokens)
+                });
+            BenchPrompt {
+                ids: (0..len).map(|_| rng.random_range(0..vocab)).collect(),
+                new_tokens: new,
+                replay,
+            }
+        })
+        .collect();
+    let warmup = prompts.remove(0);
+    let measured = prompts;
     let mut report = BenchReport {
         model: model_dir.display().to_string(),
         device: format!("{device:?}"),
+        routing,
         staging: match (device.is_cuda(), opts.write_combined) {
             (false, _) => "no",
             (true, true) => "write-combined",
@@ -216,19 +242,19 @@ pub fn bench(
         let budget = cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer);
         engine.reconfigure(config(budget, &policy))?;
         // Warm-up (excluded): the resident cell runs the measured prompts themselves.
-        let warm: Vec<&Vec<u32>> = if name == "resident" {
+        let warm: Vec<&BenchPrompt> = if name == "resident" {
             measured.iter().collect()
         } else {
             vec![&warmup]
         };
         for w in warm {
-            engine.generate(w, opts.new_tokens, &mut Sampler::Greedy, &[])?;
+            w.generate(&mut engine)?;
         }
         let before = engine.stats();
         let mut decode = Duration::ZERO;
         let mut tokens = 0u64;
         for m in &measured {
-            let g = engine.generate(m, opts.new_tokens, &mut Sampler::Greedy, &[])?;
+            let g = m.generate(&mut engine)?;
             decode += g.decode;
             tokens += g.tokens.len().saturating_sub(1) as u64;
         }
@@ -248,6 +274,56 @@ pub fn bench(
         report.rows.push(row);
     }
     Ok(report)
+}
+
+/// One bench prompt: random token ids, and the routing to replay, if any.
+struct BenchPrompt {
+    ids: Vec<u32>,
+    new_tokens: usize,
+    replay: Option<Replay>,
+}
+
+impl BenchPrompt {
+    fn generate(&self, engine: &mut Engine) -> Result<crate::engine::Generation> {
+        engine.set_replay(self.replay.clone());
+        let g = engine.generate(&self.ids, self.new_tokens, &mut Sampler::Greedy, &[]);
+        engine.set_replay(None);
+        g
+    }
+}
+
+/// The prompts of one cell of a trace file (the first cell when none is named), as replays.
+fn load_replays(
+    path: &Path,
+    cell: Option<&str>,
+    spec: &crate::config::ModelSpec,
+) -> Result<(Vec<Replay>, String)> {
+    let rows = crate::trace::read(path)?;
+    let cell = match cell {
+        Some(c) => c.to_string(),
+        None => rows.first().map(|r| r.cell.clone()).unwrap_or_default(),
+    };
+    let recs: Vec<crate::engine::StepRecord> = rows
+        .into_iter()
+        .filter(|r| r.cell == cell)
+        .map(|r| r.rec)
+        .collect();
+    if recs.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no rows for cell `{cell}`",
+            path.display()
+        )));
+    }
+    let reps = Replay::from_records(&recs, spec)
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    if reps.len() < 2 {
+        return Err(Error::Input(format!(
+            "{}: cell `{cell}` has {} prompt(s); a replay needs one warm-up prompt and at least one to measure",
+            path.display(),
+            reps.len()
+        )));
+    }
+    Ok((reps, cell))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -317,11 +393,12 @@ pub fn format_report(r: &BenchReport) -> String {
     let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
     let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
     let mut out = format!(
-        "model {} on {} ({} staging, experts resident {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
+        "model {} on {} ({} staging, experts resident {}, routing: {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
         r.model,
         r.device,
         r.staging,
         r.resident_form,
+        r.routing,
         r.expert_bytes as f64 / 1e6,
         r.experts_per_token,
         gb(r.pinned_h2d_rate),

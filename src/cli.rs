@@ -91,6 +91,15 @@ struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Replay the routing of a recorded trace (e.g. a run's trace.parquet from a real model of
+    /// the same shape) instead of the router's: realistic expert traffic on a `harness synth`
+    /// checkpoint. Its first prompt is the warm-up; prompt lengths and token counts are the
+    /// trace's.
+    #[arg(long)]
+    replay: Option<PathBuf>,
+    /// The trace cell to replay (default: the file's first).
+    #[arg(long, requires = "replay")]
+    replay_cell: Option<String>,
 }
 
 #[derive(Args)]
@@ -347,6 +356,7 @@ pub fn run() -> Result<ExitCode> {
                 write_combined: a.staging == "write-combined",
                 read_threads: a.read_threads,
                 gpu_packed: a.gpu_experts == "packed",
+                replay: a.replay.map(|p| (p, a.replay_cell)),
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
                 eprintln!(

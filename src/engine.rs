@@ -81,6 +81,86 @@ impl Default for EngineConfig {
     }
 }
 
+/// Routing of one recorded prompt, replayed instead of the router's (for speed runs on
+/// random-weight checkpoints, whose own routing is unrealistic): the engine runs the same
+/// numbers of prefill and decode tokens and, at every MoE layer, uses the recorded experts (and
+/// the recorded lookahead predictions where the trace has them). Token ids and logits are then
+/// meaningless; expert traffic is the recorded model's.
+#[derive(Debug, Clone, Default)]
+pub struct Replay {
+    /// By (position, layer): the route and the recorded lookahead prediction.
+    routes: std::collections::HashMap<(u32, u32), ReplayedStep>,
+    /// Prompt (prefill) length.
+    pub prompt_len: usize,
+    /// Tokens to generate (decode steps + 1).
+    pub new_tokens: usize,
+}
+
+impl Replay {
+    /// One replay per prompt of `rows` (in prompt order), checked against `spec`: MoE layers,
+    /// expert ids, top-k, and contiguous positions.
+    pub fn from_records(rows: &[StepRecord], spec: &ModelSpec) -> Result<Vec<Replay>> {
+        let mut by_prompt: std::collections::BTreeMap<u32, Replay> = Default::default();
+        let k = spec.moe.top_k;
+        for (i, r) in rows.iter().enumerate() {
+            let bad = |m: String| Error::Input(format!("replayed trace row {i}: {m}"));
+            if !spec.is_moe_layer(r.layer as usize) {
+                return Err(bad(format!(
+                    "layer {} is not a MoE layer of this model",
+                    r.layer
+                )));
+            }
+            if r.experts.len() != k {
+                return Err(bad(format!(
+                    "{} experts, but this model routes top-{k}",
+                    r.experts.len()
+                )));
+            }
+            let n = spec.moe.num_experts as u32;
+            let ids = r.experts.iter().chain(r.lookahead.iter().flatten());
+            if let Some(e) = ids.copied().find(|&e| e >= n) {
+                return Err(bad(format!("expert {e} ≥ num_experts = {n}")));
+            }
+            let weights = if r.weights.len() == k {
+                r.weights.clone()
+            } else {
+                vec![1.0 / k as f32; k]
+            };
+            let rep = by_prompt.entry(r.prompt).or_default();
+            match r.phase {
+                Phase::Prefill => rep.prompt_len = rep.prompt_len.max(r.pos as usize + 1),
+                Phase::Decode => rep.new_tokens = rep.new_tokens.max(r.step as usize + 1),
+            }
+            let route = Route {
+                experts: r.experts.clone(),
+                weights,
+            };
+            rep.routes
+                .insert((r.pos, r.layer), (route, r.lookahead.clone()));
+        }
+        let layers = spec.num_moe_layers();
+        by_prompt
+            .into_iter()
+            .map(|(p, mut rep)| {
+                rep.new_tokens = rep.new_tokens.max(1);
+                let want = (rep.prompt_len + rep.new_tokens - 1) * layers;
+                if rep.prompt_len == 0 || rep.routes.len() != want {
+                    return Err(Error::Input(format!(
+                        "replayed trace, prompt {p}: {} rows for {} prefill and {} decode positions × {layers} MoE layers (expected {want}, positions 0.. with no gaps)",
+                        rep.routes.len(),
+                        rep.prompt_len,
+                        rep.new_tokens - 1
+                    )));
+                }
+                Ok(rep)
+            })
+            .collect()
+    }
+}
+
+/// A replayed step: the route, and the lookahead prediction recorded for it.
+type ReplayedStep = (Route, Option<Vec<u32>>);
+
 /// One row of the routing trace: one token at one MoE layer.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StepRecord {
@@ -216,6 +296,7 @@ pub struct Engine {
     /// Engine-thread load time: prefill, decode.
     load_time: [Duration; 2],
     prompt: u32,
+    replay: Option<Replay>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -316,6 +397,7 @@ impl Engine {
             trace: Vec::new(),
             load_time: [Duration::ZERO; 2],
             prompt: 0,
+            replay: None,
         })
     }
 
@@ -409,6 +491,11 @@ impl Engine {
         self.load_time = [Duration::ZERO; 2];
     }
 
+    /// Replays recorded routing (see [`Replay`]) instead of the router's, or stops (`None`).
+    pub fn set_replay(&mut self, replay: Option<Replay>) {
+        self.replay = replay;
+    }
+
     /// Sets the prompt index written into trace rows.
     pub fn set_prompt(&mut self, prompt: u32) {
         self.prompt = prompt;
@@ -455,6 +542,7 @@ impl Engine {
             trace,
             load_time,
             prompt,
+            replay,
         } = self;
         let mut access = Access {
             store,
@@ -469,6 +557,7 @@ impl Engine {
             phase,
             cur: None,
             pending: Vec::new(),
+            replay: replay.as_ref(),
         };
         let (logits, routing) = model.forward(tokens, kv, &mut access, last_only)?;
         Ok((rows(&logits)?, routing))
@@ -600,6 +689,7 @@ struct Access<'a> {
     cur: Option<Current>,
     /// Lookahead predictions made for (pos, layer), waiting for that step.
     pending: Vec<(u32, u32, Vec<u32>)>,
+    replay: Option<&'a Replay>,
 }
 
 struct Current {
@@ -729,6 +819,39 @@ impl ExpertAccess for Access<'_> {
 
     fn wants_lookahead(&self) -> bool {
         self.phase == Phase::Decode && self.cfg.policy.prefetch()
+    }
+
+    fn replayed_routes(&self, layer: u32, pos0: usize, n: usize) -> Result<Option<Vec<Route>>> {
+        let Some(rep) = self.replay else {
+            return Ok(None);
+        };
+        (pos0..pos0 + n)
+            .map(|p| {
+                rep.routes
+                    .get(&(p as u32, layer))
+                    .map(|(r, _)| r.clone())
+                    .ok_or_else(|| {
+                        Error::Input(format!(
+                            "replayed trace has no route for position {p} at layer {layer}"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    fn replayed_lookahead(&self, layer: u32, pos0: usize, n: usize) -> Option<Vec<Route>> {
+        let rep = self.replay?;
+        (pos0..pos0 + n)
+            .map(|p| {
+                let experts = rep.routes.get(&(p as u32, layer))?.1.clone()?;
+                let w = 1.0 / experts.len().max(1) as f32;
+                Some(Route {
+                    weights: vec![w; experts.len()],
+                    experts,
+                })
+            })
+            .collect()
     }
 }
 

@@ -18,6 +18,7 @@ fn opts() -> BenchOptions {
         write_combined: true,
         read_threads: None,
         gpu_packed: true,
+        replay: None,
     }
 }
 
@@ -82,4 +83,70 @@ fn bench_rejects_empty_sweeps_and_bad_policies() {
         .to_string();
     assert!(e.contains("capacity 2 is below top-k"), "{e}");
     assert_eq!(ran, 0, "cells ran before the bad capacity was refused");
+}
+
+/// A cell replaying a recorded trace under the recording's own policy and budget sees exactly
+/// the recording's decode hit rate (same warm-up prompt, same accesses, same prefetches).
+#[test]
+fn bench_replay_reproduces_the_recorded_hit_rate() {
+    use moe_harness::engine::{Engine, EngineConfig, Sampler};
+    use moe_harness::experts::cache::{Budget, Phase};
+    use moe_harness::experts::policies::PolicySpec;
+    use moe_harness::trace::CellRow;
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/glm4-moe-tiny/mlx-4bit");
+    let mut e = Engine::open(
+        &model,
+        Device::Cpu,
+        EngineConfig {
+            budget: Budget::SlotsPerLayer(6),
+            policy: PolicySpec::parse("lookahead").unwrap(),
+            record_trace: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for p in 0..3u32 {
+        e.set_prompt(p);
+        let ids: Vec<u32> = (0..9).map(|i| (i * 37 + p * 11) % 256).collect();
+        e.generate(&ids, 6, &mut Sampler::Greedy, &[]).unwrap();
+    }
+    let recs = e.take_trace();
+    let (mut hits, mut acc) = (0usize, 0usize);
+    for r in recs
+        .iter()
+        .filter(|r| r.prompt > 0 && r.phase == Phase::Decode)
+    {
+        hits += r.hits.iter().filter(|&&h| h).count();
+        acc += r.hits.len();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.parquet");
+    let rows: Vec<CellRow> = recs
+        .iter()
+        .map(|r| CellRow {
+            cell: "rec".into(),
+            rec: r.clone(),
+        })
+        .collect();
+    moe_harness::trace::write(&path, &rows).unwrap();
+
+    let mut o = opts();
+    o.policies = vec!["lookahead".into()];
+    o.capacities = vec![6];
+    o.resident = false;
+    o.prompts = 5; // more than the trace holds: its 2 measured prompts are used
+    o.replay = Some((path.clone(), None));
+    let r = bench(&model, Device::Cpu, &o, |_| {}).unwrap();
+    assert!(r.routing.contains("replay"), "{}", r.routing);
+    let row = &r.rows[0];
+    assert_eq!(row.decode_tokens, 2 * 5);
+    assert_eq!(row.hit_rate, hits as f64 / acc as f64);
+
+    // One prompt is not enough (nothing left to measure after the warm-up).
+    let one: Vec<CellRow> = rows.into_iter().filter(|r| r.rec.prompt == 0).collect();
+    moe_harness::trace::write(&path, &one).unwrap();
+    let m = bench(&model, Device::Cpu, &o, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("warm-up"), "{m}");
 }

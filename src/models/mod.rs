@@ -217,14 +217,21 @@ impl Model {
             let y = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&x)?,
                 Ffn::Moe(moe) => {
-                    let routes = moe.router.route(&x)?;
+                    let routes = match access.replayed_routes(moe.layer, pos0, tokens.len())? {
+                        Some(r) => r,
+                        None => moe.router.route(&x)?,
+                    };
                     // Router lookahead: the next MoE layer's norm and router applied to the hidden
                     // state available now predict the experts that layer will ask for.
                     let next = if lookahead { self.next_moe(i) } else { None };
                     let predictions = match next {
-                        Some((j, nl, nm)) => {
-                            Some((j as u32, nm.router.route(&nl.post_norm.forward(&h)?)?))
-                        }
+                        Some((j, nl, nm)) => Some((
+                            j as u32,
+                            match access.replayed_lookahead(j as u32, pos0, tokens.len()) {
+                                Some(p) => p,
+                                None => nm.router.route(&nl.post_norm.forward(&h)?)?,
+                            },
+                        )),
                         None => None,
                     };
                     let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));

@@ -32,6 +32,16 @@ pub trait ExpertAccess {
     fn end_step(&mut self, route: &Route, prediction: Option<(u32, &[u32])>) -> Result<()>;
     /// Whether the caller should compute router-lookahead predictions.
     fn wants_lookahead(&self) -> bool;
+    /// Routes replayed from a recorded trace for tokens `pos0..pos0 + n` at MoE `layer`, used
+    /// instead of the router's (speed runs on random-weight checkpoints); `None`: use the router.
+    fn replayed_routes(&self, _layer: u32, _pos0: usize, _n: usize) -> Result<Option<Vec<Route>>> {
+        Ok(None)
+    }
+    /// Recorded lookahead predictions for MoE `layer` at tokens `pos0..pos0 + n`, when the
+    /// replayed trace has them; `None`: predict with the router.
+    fn replayed_lookahead(&self, _layer: u32, _pos0: usize, _n: usize) -> Option<Vec<Route>> {
+        None
+    }
 }
 
 /// A router: gate matrix plus selection rule.
