@@ -219,6 +219,7 @@ pub fn bench(
         rows: Vec::new(),
     };
     let mut cells: Vec<(String, PolicySpec, Option<usize>)> = Vec::new();
+    let budget = |cap: Option<usize>| cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer);
     if opts.resident {
         cells.push(("resident".into(), lru.clone(), None));
     }
@@ -233,14 +234,10 @@ pub fn bench(
     }
     // Every cell's configuration is checked before anything is measured.
     for (_, policy, cap) in &cells {
-        engine.reconfigure(config(
-            cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer),
-            policy,
-        ))?;
+        engine.reconfigure(config(budget(*cap), policy))?;
     }
     for (name, policy, cap) in cells {
-        let budget = cap.map_or(Budget::Unlimited, Budget::SlotsPerLayer);
-        engine.reconfigure(config(budget, &policy))?;
+        engine.reconfigure(config(budget(cap), &policy))?;
         // Warm-up (excluded): the resident cell runs the measured prompts themselves.
         let warm: Vec<&BenchPrompt> = if name == "resident" {
             measured.iter().collect()
@@ -347,22 +344,11 @@ fn measure(
     let s = report.expert_bytes as f64;
     let n = tokens.max(1) as f64;
     let tps = tokens as f64 / decode.as_secs_f64().max(1e-12);
-    let (ta, tb) = (&after.transfer, &before.transfer);
-    // Rates over wall-clock busy time: loader threads overlap, so summed durations would
-    // understate what the link and the page cache delivered.
-    let h2d_s = ta.h2d_wall_seconds - tb.h2d_wall_seconds;
-    let h2d_rate = (h2d_s > 0.0).then(|| d(ta.h2d_bytes, tb.h2d_bytes) / h2d_s);
-    let dma_s = ta.dma_seconds - tb.dma_seconds;
-    let dma_rate = (dma_s > 0.0).then(|| d(ta.h2d_bytes, tb.h2d_bytes) / dma_s);
-    let path_s = ta.path_wall_seconds - tb.path_wall_seconds;
-    let miss_path_rate = (path_s > 0.0).then(|| d(ta.read_bytes, tb.read_bytes) / path_s);
+    let transfer = after.transfer.since(&before.transfer);
     let link_bound_tps = report
         .pinned_h2d_rate
         .filter(|_| h < 1.0)
         .map(|b| b / ((1.0 - h) * report.experts_per_token as f64 * s));
-    let (la, lb) = (&after.loads, &before.loads);
-    let used_load = d(la.prefetch_used_load_ns, lb.prefetch_used_load_ns);
-    let used_exposed = d(la.prefetch_used_exposed_ns, lb.prefetch_used_exposed_ns);
     BenchRow {
         cell: name.to_string(),
         policy: policy.to_string(),
@@ -376,14 +362,14 @@ fn measure(
             .max(0.0)
             * 1e3
             / n,
-        h2d_rate,
-        dma_rate,
-        miss_path_rate,
+        h2d_rate: transfer.h2d_rate(),
+        dma_rate: transfer.dma_rate(),
+        miss_path_rate: transfer.path_rate(),
         link_bound_tps,
         link_bound_fraction: link_bound_tps.map(|b| tps / b),
         serial_bound_tps: None,
         serial_bound_fraction: None,
-        prefetch_hidden: (used_load > 0.0).then(|| 1.0 - (used_exposed / used_load).min(1.0)),
+        prefetch_hidden: after.loads.since(&before.loads).prefetch_hidden(),
         prefetches_per_token: prefetches / n,
     }
 }

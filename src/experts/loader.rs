@@ -63,6 +63,27 @@ impl LoadStats {
                 .min(1.0)
         })
     }
+
+    /// The counters accumulated since `before` was taken.
+    pub fn since(&self, before: &LoadStats) -> LoadStats {
+        LoadStats {
+            demand_exposed_ns: self
+                .demand_exposed_ns
+                .saturating_sub(before.demand_exposed_ns),
+            prefetch_used_load_ns: self
+                .prefetch_used_load_ns
+                .saturating_sub(before.prefetch_used_load_ns),
+            prefetch_used_exposed_ns: self
+                .prefetch_used_exposed_ns
+                .saturating_sub(before.prefetch_used_exposed_ns),
+            prefetch_load_ns: self
+                .prefetch_load_ns
+                .saturating_sub(before.prefetch_load_ns),
+            prefetch_inline_ns: self
+                .prefetch_inline_ns
+                .saturating_sub(before.prefetch_inline_ns),
+        }
+    }
 }
 
 /// Runs expert loads inline or on a pool of worker threads.

@@ -74,9 +74,35 @@ pub struct TransferStats {
 
 impl TransferStats {
     /// Achieved host→device rate in bytes per second of copy wall time (the link's throughput
-    /// while it was in use), if anything was copied.
+    /// while it was in use; loader threads overlap, so summed durations would understate it),
+    /// if anything was copied.
     pub fn h2d_rate(&self) -> Option<f64> {
         (self.h2d_wall_seconds > 0.0).then(|| self.h2d_bytes as f64 / self.h2d_wall_seconds)
+    }
+
+    /// Rate each copy got on the GPU copy engine (bytes over CUDA-event copy time).
+    pub fn dma_rate(&self) -> Option<f64> {
+        (self.dma_seconds > 0.0).then(|| self.h2d_bytes as f64 / self.dma_seconds)
+    }
+
+    /// Rate of the whole miss path: bytes read over the wall time uploads were running.
+    pub fn path_rate(&self) -> Option<f64> {
+        (self.path_wall_seconds > 0.0).then(|| self.read_bytes as f64 / self.path_wall_seconds)
+    }
+
+    /// The counters accumulated since `before` was taken.
+    pub fn since(&self, before: &TransferStats) -> TransferStats {
+        TransferStats {
+            uploads: self.uploads.saturating_sub(before.uploads),
+            read_bytes: self.read_bytes.saturating_sub(before.read_bytes),
+            read_seconds: self.read_seconds - before.read_seconds,
+            h2d_bytes: self.h2d_bytes.saturating_sub(before.h2d_bytes),
+            h2d_seconds: self.h2d_seconds - before.h2d_seconds,
+            dma_seconds: self.dma_seconds - before.dma_seconds,
+            read_wall_seconds: self.read_wall_seconds - before.read_wall_seconds,
+            h2d_wall_seconds: self.h2d_wall_seconds - before.h2d_wall_seconds,
+            path_wall_seconds: self.path_wall_seconds - before.path_wall_seconds,
+        }
     }
 }
 
@@ -708,11 +734,6 @@ extern "C" __global__ void mlx_gemv(
                 kinds,
                 projs,
             })
-        }
-
-        /// Device bytes held.
-        pub fn bytes(&self) -> usize {
-            self.buf.len()
         }
 
         /// SwiGLU on `x` `[1, H]` (f32, this device): `down(silu(gate x) · up x)`.
