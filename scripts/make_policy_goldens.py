@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate tests/fixtures/policies/libcachesim_goldens.json: hit counts of libCacheSim's LRU,
 LFU and Belady on small seeded expert-access traces, the independent oracle that
-tests/policies_oracle.rs holds our policies (classic, unpinned mode) to.
+tests/integration/policies_oracle.rs holds our policies (classic, unpinned mode) to.
 
 Reference: libCacheSim's Python binding, PyPI package `libcachesim` 0.3.5
 (`pip install libcachesim==0.3.5`); the version actually used is written into the JSON.

@@ -1,8 +1,6 @@
 //! `harness inspect` on the bundled real-model configs reproduces the expert sizes of
 //! ../shared/FORMATS.md ("Per-expert and whole-model sizes"), and MLA bad input fails clearly.
 
-mod common;
-
 use std::path::Path;
 
 use moe_harness::config::QuantParams;
@@ -76,7 +74,7 @@ fn real_model_sizes_match_the_design_notes() {
 #[test]
 fn kimi_fixture_needs_key_prefix_and_ignores_vision_tensors() {
     let r = inspect(
-        &common::fixture("kimi_k25-bf16"),
+        &crate::common::fixture("kimi_k25-bf16"),
         QuantParams {
             bits: 4,
             group_size: 64,
@@ -100,7 +98,7 @@ fn open_err(dir: &Path) -> String {
 #[test]
 fn mla_bad_input() {
     // kimi_k25 without text_config.
-    let d = common::copy_fixture("kimi_k25-bf16");
+    let d = crate::common::copy_fixture("kimi_k25-bf16");
     let p = d.path().join("config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -121,7 +119,7 @@ fn mla_bad_input() {
         "{err}"
     );
     // A missing kv_b_proj.
-    let d = common::copy_fixture("glm4_moe_lite-bf16");
+    let d = crate::common::copy_fixture("glm4_moe_lite-bf16");
     let st = d.path().join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -1,12 +1,10 @@
 //! Every bad input gives a clear error naming the file, key or value, a non-zero exit, no panic.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::common::{copy_fixture, edit_config, fixture};
 use candle_core::Device;
-use common::{copy_fixture, edit_config, fixture};
 use moe_harness::engine::{Engine, EngineConfig};
 use moe_harness::experts::cache::Budget;
 

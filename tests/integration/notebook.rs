@@ -1,14 +1,12 @@
 //! The paper-figures notebook runs headless against fresh results, so it cannot rot.
 //! Needs jupyter (nbconvert), polars and matplotlib: `scripts/test.sh` installs them.
 
-mod common;
-
 use std::process::Command;
 
 #[test]
 fn figures_notebook_executes() {
     let d = tempfile::tempdir().unwrap();
-    let model = common::fixture("glm4_moe-mlx4");
+    let model = crate::common::fixture("glm4_moe-mlx4");
     let f = d.path().join("nb.toml");
     std::fs::write(
         &f,

@@ -1,8 +1,6 @@
 //! `harness run` end to end on a fixture model: outputs, determinism, engine ≡ simulator,
 //! sweep cell ≡ single run, resume after a kill, and bad experiment files.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -10,7 +8,7 @@ use moe_harness::experiment;
 use moe_harness::run::{run, CellSummary, RunOptions};
 
 fn write_experiment(dir: &Path, cache: &str) -> PathBuf {
-    let model = common::fixture("glm4_moe-mlx4");
+    let model = crate::common::fixture("glm4_moe-mlx4");
     let body = format!(
         "name = \"t\"\n[model]\npath = \"{}\"\n[cache]\n{cache}\n[prompts]\ninline = [\"def f(x):\", \"import os\", \"class A:\", \"print(1)\"]\nwarmup = 1\n[generation]\nmax_new_tokens = 6\n[output]\ndir = \"out\"\n",
         model.display()
@@ -358,7 +356,7 @@ fn simulate_rejects_bad_traces_and_names() {
     assert_ne!(code, 0, "capacity below top-k must fail: {err}");
     // Ids out of range for a model with fewer experts.
     let small =
-        common::edited_fixture("qwen3_moe-f32", |v| v["num_experts"] = serde_json::json!(4));
+        crate::common::edited_fixture("qwen3_moe-f32", |v| v["num_experts"] = serde_json::json!(4));
     let (code, _, err) = harness(&[
         "simulate",
         "--trace",
@@ -374,7 +372,7 @@ fn simulate_rejects_bad_traces_and_names() {
         "{err}"
     );
     // A layer that is not a MoE layer of the model.
-    let shallow = common::edited_fixture("glm4_moe-mlx4", |v| {
+    let shallow = crate::common::edited_fixture("glm4_moe-mlx4", |v| {
         v["first_k_dense_replace"] = serde_json::json!(2)
     });
     let (code, _, err) = harness(&[

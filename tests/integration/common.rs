@@ -1,5 +1,4 @@
 //! Shared helpers for integration tests: fixture discovery and reference loading.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 

@@ -1,10 +1,8 @@
 //! The engine against HF transformers: logits, routing and greedy continuations of every fixture
 //! made by scripts/make_fixtures.py, at unlimited budget and at the smallest legal capacity.
 
-mod common;
-
+use crate::common::{fixture, fixtures, rel_l2, Reference};
 use candle_core::Device;
-use common::{fixture, fixtures, rel_l2, Reference};
 use moe_harness::engine::{Engine, EngineConfig, Sampler};
 use moe_harness::experts::cache::Budget;
 use moe_harness::experts::policies::PolicySpec;

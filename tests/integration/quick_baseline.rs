@@ -2,7 +2,7 @@
 //! `benches/baseline/default-quick.json`: hit counts must match exactly (routing and policies are
 //! deterministic); decode speed is compared loosely, as each cell's ratio to the reference cell
 //! measured in the same run (within 4× either way), never as absolute tokens/s.
-//! Re-bless after an intended change: `MOE_HARNESS_BLESS=1 cargo test --test quick_baseline`.
+//! Re-bless after an intended change: `MOE_HARNESS_BLESS=1 cargo test --test integration quick_baseline::`.
 
 use std::path::Path;
 

@@ -1,8 +1,6 @@
 //! `harness synth` writes checkpoints the engine loads and runs, with the real shapes: the
 //! expert bytes `inspect` measures equal its estimate from the bare config.
 
-mod common;
-
 use moe_harness::config::QuantParams;
 use moe_harness::engine::{Engine, EngineConfig, Sampler};
 use moe_harness::experts::cache::Budget;
@@ -19,7 +17,7 @@ fn synthesized_checkpoints_load_run_and_match_inspect() {
     ] {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("m");
-        let cfg = common::fixture(fixture).join("config.json");
+        let cfg = crate::common::fixture(fixture).join("config.json");
         let r = synth(&cfg, &out, layout, Some(2), 7, 200_000).unwrap();
         assert!(r.shards >= 1 && r.bytes > 0);
         assert!(

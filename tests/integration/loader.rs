@@ -2,10 +2,8 @@
 //! cache decides: parallel misses and asynchronous lookahead prefetch must give the inline
 //! loader's logits, trace and counters exactly.
 
-mod common;
-
+use crate::common::{fixture, Reference};
 use candle_core::Device;
-use common::{fixture, Reference};
 use moe_harness::engine::{Engine, EngineConfig, MissMode, Sampler};
 use moe_harness::experts::cache::Budget;
 use moe_harness::experts::policies::PolicySpec;

@@ -1,0 +1,19 @@
+//! The integration tests, linked into one test binary.
+//!
+//! Every test module here links the whole crate (polars, candle, plotters); one binary instead of
+//! one per file saves a dozen large links and their disk space, which is what bounds a clean CI
+//! build on 2 cores. Run one module with `cargo test --test integration <module>::`.
+
+mod common;
+
+mod bad_input;
+mod bench;
+mod engine_reference;
+mod inspect_configs;
+mod loader;
+mod notebook;
+mod policies_oracle;
+mod quick_baseline;
+mod replay;
+mod run_experiment;
+mod synth;
