@@ -24,7 +24,6 @@ pub fn fixture(name: &str) -> PathBuf {
 pub struct Reference {
     pub json: serde_json::Value,
     pub logits: Vec<f32>,
-    pub vocab: usize,
 }
 
 impl Reference {
@@ -41,11 +40,7 @@ impl Reference {
         let ck = Checkpoint::open(tmp.path()).unwrap();
         let e = ck.get("logits").expect("reference logits").clone();
         let logits = ck.f32_vec("logits", &e.shape).unwrap();
-        Reference {
-            json,
-            logits,
-            vocab: e.shape[1],
-        }
+        Reference { json, logits }
     }
     pub fn tokens(&self) -> Vec<u32> {
         self.json["tokens"]
