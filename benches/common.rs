@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use moe_harness::engine::{Engine, EngineConfig};
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 use moe_harness::experts::policies::PolicySpec;
 
 /// The model shipped in the repo, in the given layout (`""` = HF bf16, `"mlx-4bit"`).

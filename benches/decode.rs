@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use moe_harness::engine::Engine;
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 use moe_harness::models::KvCache;
 
 use crate::common::{engine, shipped};
@@ -27,7 +27,7 @@ fn decode(c: &mut Criterion) {
     g.throughput(Throughput::Elements(STEPS as u64));
     g.sample_size(20);
     let dir = shipped("mlx-4bit");
-    let top_k = moe_harness::config::load(&dir).unwrap().moe.top_k;
+    let top_k = moe_harness::models::load_spec(&dir).unwrap().moe.top_k;
     for (name, budget, trace) in [
         ("unlimited (baseline)", Budget::Unlimited, false),
         ("unlimited, trace on", Budget::Unlimited, true),

@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 use moe_harness::experts::ExpertKey;
 
 use crate::common::{engine, shipped};

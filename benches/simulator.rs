@@ -4,9 +4,11 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 use moe_harness::experts::policies::PolicySpec;
-use moe_harness::simulate::{simulate, synthetic_trace};
+use moe_harness::simulate::{simulate, Simulation};
+use moe_harness::synth::synthetic_trace;
+use moe_harness::trace::TraceRow;
 
 fn throughput(c: &mut Criterion) {
     // `cargo bench` passes --bench; under `cargo test` the bench only smoke-runs, on a small trace.
@@ -45,11 +47,8 @@ fn throughput(c: &mut Criterion) {
                     black_box(
                         simulate(
                             &rows,
-                            spec,
-                            Budget::SlotsPerLayer(64),
+                            &Simulation::new(spec.clone(), Budget::SlotsPerLayer(64), &moe_layers),
                             |_| 1,
-                            &moe_layers,
-                            false,
                         )
                         .unwrap()
                         .hits,
@@ -65,11 +64,7 @@ fn throughput(c: &mut Criterion) {
 /// Side by side with libCacheSim's own C simulator on the same trace, one global pool of
 /// unit-size experts (48 × 64 slots): writes the trace in libCacheSim's oracleGeneral binary
 /// format, times our replay and `cache.process_trace` (PyPI `libcachesim`), prints the ratio.
-fn compare_with_libcachesim(
-    rows: &[moe_harness::simulate::TraceRow],
-    layers: &[u32],
-    experts: u32,
-) {
+fn compare_with_libcachesim(rows: &[TraceRow], layers: &[u32], experts: u32) {
     use std::io::Write;
     let slots = 64 * layers.len() as u64;
     let ids: Vec<u64> = rows
@@ -137,7 +132,9 @@ fn compare_with_libcachesim(
     for p in ["lru", "lfu", "belady"] {
         let spec = PolicySpec::parse(p).unwrap();
         let t = std::time::Instant::now();
-        let r = simulate(rows, &spec, Budget::BytesGlobal(slots), |_| 1, layers, true).unwrap();
+        let mut sim = Simulation::new(spec, Budget::BytesGlobal(slots), layers);
+        sim.classic = true;
+        let r = simulate(rows, &sim, |_| 1).unwrap();
         let ours = ids.len() as f64 / t.elapsed().as_secs_f64() / 1e6;
         let theirs = theirs.iter().find(|v| v["policy"] == p);
         let (their_rate, their_hit) = theirs.map_or((f64::NAN, f64::NAN), |v| {

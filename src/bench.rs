@@ -21,15 +21,16 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::engine::{Engine, EngineConfig, EngineStats, MissMode, Replay, Sampler};
 use crate::error::{Error, Result};
-use crate::experts::cache::Budget;
+use crate::experts::budget::Budget;
 use crate::experts::policies::PolicySpec;
+use crate::experts::upload::{GpuExperts, Staging};
 use crate::experts::ExpertKey;
 
 /// What to sweep.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// Policies (e.g. `lru`, `lookahead`).
-    pub policies: Vec<String>,
+    pub policies: Vec<PolicySpec>,
     /// Expert slots per MoE layer (0: unlimited, starting cold like every other cell).
     pub capacities: Vec<usize>,
     /// Measured prompts per cell.
@@ -44,12 +45,12 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also measure the all-resident cell.
     pub resident: bool,
-    /// Write-combined pinned staging buffers (CUDA), else cacheable ones.
-    pub write_combined: bool,
+    /// Pinned staging buffers (CUDA).
+    pub staging: Staging,
     /// Reader threads per upload (CUDA; `None`: the store's default).
     pub read_threads: Option<usize>,
-    /// Keep MLX-quantized experts packed in GPU memory (else f32).
-    pub gpu_packed: bool,
+    /// Resident form of MLX-quantized experts on CUDA.
+    pub gpu_experts: GpuExperts,
     /// Replay the routing of a recorded trace (Parquet, and optionally one of its cells)
     /// instead of the router's: its first prompt is the warm-up, the next `prompts` are
     /// measured, each with its recorded prompt length and number of new tokens.
@@ -139,22 +140,18 @@ pub fn bench(
             "bench needs at least 1 prompt of at least 1 token and 2 new tokens".into(),
         ));
     }
-    let policies: Vec<PolicySpec> = opts
-        .policies
-        .iter()
-        .map(|p| PolicySpec::parse(p).map_err(|e| Error::Input(format!("--policy {p}: {e}"))))
-        .collect::<Result<_>>()?;
+    let policies = &opts.policies;
     let config = |budget, policy: &PolicySpec| EngineConfig {
         budget,
         policy: policy.clone(),
         miss: MissMode::Load,
         record_trace: false,
         load_threads: opts.load_threads,
-        gpu_packed: opts.gpu_packed,
+        gpu_experts: opts.gpu_experts,
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
-    engine.store.set_write_combined(opts.write_combined);
+    engine.store.set_staging(opts.staging);
     if let Some(n) = opts.read_threads {
         engine.store.set_read_threads(n);
     }
@@ -165,7 +162,7 @@ pub fn bench(
     };
     let s = engine.store.expert_bytes(first);
     let e_per_token = spec.moe.top_k * spec.num_moe_layers();
-    let baseline = crate::experts::upload::h2d_baseline(&device, s as usize, 20)?;
+    let baseline = h2d_baseline(&device, s as usize, 20)?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let vocab = spec.vocab_size as u32;
     let (replays, routing) = match &opts.replay {
@@ -198,12 +195,11 @@ pub fn bench(
         model: model_dir.display().to_string(),
         device: format!("{device:?}"),
         routing,
-        staging: match (device.is_cuda(), opts.write_combined) {
-            (false, _) => "no",
-            (true, true) => "write-combined",
-            (true, false) => "cacheable",
-        }
-        .into(),
+        staging: if device.is_cuda() {
+            opts.staging.to_string()
+        } else {
+            "no".into()
+        },
         resident_form:
             if engine.store.gpu_packed() || (device.is_cpu() && engine.store.quantized()) {
                 "packed"
@@ -223,7 +219,7 @@ pub fn bench(
     if opts.resident {
         cells.push(("resident".into(), lru.clone(), None));
     }
-    for p in &policies {
+    for p in policies {
         for &c in &opts.capacities {
             let (name, cap) = match c {
                 0 => (format!("{p}_unlimited"), None),
@@ -295,23 +291,16 @@ fn load_replays(
     cell: Option<&str>,
     spec: &crate::config::ModelSpec,
 ) -> Result<(Vec<Replay>, String)> {
-    let rows = crate::trace::read(path)?;
-    let cell = match cell {
-        Some(c) => c.to_string(),
-        None => rows.first().map(|r| r.cell.clone()).unwrap_or_default(),
-    };
-    let recs: Vec<crate::engine::StepRecord> = rows
-        .into_iter()
-        .filter(|r| r.cell == cell)
-        .map(|r| r.rec)
-        .collect();
-    if recs.is_empty() {
+    let cells = crate::trace::read(path)?;
+    let chosen = crate::trace::select_cell(path, &cells, cell)?;
+    let cell = chosen.cell.clone();
+    if chosen.rows.is_empty() {
         return Err(Error::Input(format!(
             "{}: no rows for cell `{cell}`",
             path.display()
         )));
     }
-    let reps = Replay::from_records(&recs, spec)
+    let reps = Replay::from_rows(&chosen.rows, spec)
         .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
     if reps.len() < 2 {
         return Err(Error::Input(format!(
@@ -372,6 +361,78 @@ fn measure(
         prefetch_hidden: after.loads.since(&before.loads).prefetch_hidden(),
         prefetches_per_token: prefetches / n,
     }
+}
+
+/// Host→device copy rates of one buffer, in bytes per second.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct H2dBaseline {
+    /// Pinned source, copies queued back to back, one synchronization at the end.
+    pub pinned: f64,
+    /// Pinned source, each copy waited for before the next (the pattern of one miss).
+    pub pinned_single: f64,
+    /// Pageable source, queued back to back.
+    pub pageable: f64,
+}
+
+/// Host→device copy rates measured on `device` for one buffer of `bytes` bytes, each the mean
+/// over `reps` copies after one warm-up copy. `None` off CUDA.
+pub fn h2d_baseline(device: &Device, bytes: usize, reps: usize) -> Result<Option<H2dBaseline>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return cuda_baseline(dev, bytes, reps.max(1)).map(Some);
+    }
+    let _ = (device, bytes, reps);
+    Ok(None)
+}
+
+/// The pinned and pageable copy loops of [`h2d_baseline`] on one CUDA device.
+#[cfg(feature = "cuda")]
+fn cuda_baseline(dev: &candle_core::CudaDevice, bytes: usize, reps: usize) -> Result<H2dBaseline> {
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    let driver = |what: &str, e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        Error::Input(format!("CUDA {what}: {e}"))
+    };
+    let ctx = dev.cuda_stream().context().clone();
+    let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
+    // SAFETY: filled below before any copy.
+    let mut pinned = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
+        .map_err(|e| driver("pinned allocation", e))?;
+    pinned
+        .as_mut_slice()
+        .map_err(|e| driver("pinned buffer", e))?
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
+    let pageable: Vec<u8> = (0..bytes.max(1)).map(|i| i as u8).collect();
+    // SAFETY: every element is written by the copies before anything reads it (nothing does).
+    let mut dst: CudaSlice<u8> =
+        unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| driver("allocation", e))?;
+    let mut time = |pinned_src: bool, each: bool| -> Result<f64> {
+        let mut once = || {
+            if pinned_src {
+                stream.memcpy_htod(&pinned, &mut dst)
+            } else {
+                stream.memcpy_htod(&pageable, &mut dst)
+            }
+            .map_err(|e| driver("host→device copy", e))
+        };
+        once()?;
+        stream.synchronize().map_err(|e| driver("stream", e))?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            once()?;
+            if each {
+                stream.synchronize().map_err(|e| driver("stream", e))?;
+            }
+        }
+        stream.synchronize().map_err(|e| driver("stream", e))?;
+        Ok((bytes * reps) as f64 / t.elapsed().as_secs_f64())
+    };
+    Ok(H2dBaseline {
+        pinned: time(true, false)?,
+        pinned_single: time(true, true)?,
+        pageable: time(false, false)?,
+    })
 }
 
 /// The report as a fixed-width table.

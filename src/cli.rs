@@ -8,11 +8,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use moe_harness::config::QuantParams;
-use moe_harness::engine::{Engine, EngineConfig, MissMode, Sampler};
-use moe_harness::experts::cache::Budget;
+use moe_harness::engine::{Backend, Engine, EngineConfig, MissMode, Sampler};
+use moe_harness::experts::budget::{parse_size, Budget, Pool};
 use moe_harness::experts::policies::PolicySpec;
+use moe_harness::experts::upload::{GpuExperts, Staging};
 use moe_harness::inspect;
-use moe_harness::io::{parse_size, write_atomic, write_npy_f32};
+use moe_harness::io::{write_atomic, write_npy_f32};
 
 #[derive(Parser)]
 #[command(
@@ -51,12 +52,12 @@ struct BenchArgs {
     /// Checkpoint directory (e.g. one written by `harness synth`).
     #[arg(long)]
     model: PathBuf,
-    /// Compute device: cpu, cuda or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    device: Backend,
     /// Policies, comma-separated.
     #[arg(long, default_value = "lru,lookahead", value_delimiter = ',')]
-    policy: Vec<String>,
+    policy: Vec<PolicySpec>,
     /// Expert slots per MoE layer, comma-separated.
     #[arg(long, default_value = "8,16,32", value_delimiter = ',')]
     capacity: Vec<usize>,
@@ -83,11 +84,11 @@ struct BenchArgs {
     read_threads: Option<usize>,
     /// Resident form of MLX-quantized experts on CUDA: packed (checkpoint bytes, decoded in the
     /// matrix-vector kernel) or f32 (decoded once at upload).
-    #[arg(long, default_value = "packed", value_parser = ["packed", "f32"])]
-    gpu_experts: String,
-    /// Pinned staging buffers on CUDA: write-combined or cacheable.
-    #[arg(long, default_value = "write-combined", value_parser = ["write-combined", "cacheable"])]
-    staging: String,
+    #[arg(long, value_enum, default_value_t = GpuExperts::Packed)]
+    gpu_experts: GpuExperts,
+    /// Pinned staging buffers on CUDA.
+    #[arg(long, value_enum, default_value_t = Staging::WriteCombined)]
+    staging: Staging,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -130,17 +131,21 @@ struct SimulateArgs {
     #[arg(long)]
     trace: PathBuf,
     /// Comma-separated policies, e.g. lru,lfu,lcp,lookahead,belady.
-    #[arg(long, default_value = "lru,lfu,lcp,lookahead,belady")]
-    policy: String,
+    #[arg(
+        long,
+        default_value = "lru,lfu,lcp,lookahead,belady",
+        value_delimiter = ','
+    )]
+    policy: Vec<PolicySpec>,
     /// Comma-separated expert slots per layer.
-    #[arg(long)]
-    capacity: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    capacity: Vec<usize>,
     /// Comma-separated byte budgets (needs --model or --expert-bytes for expert sizes).
-    #[arg(long)]
-    budget: Option<String>,
+    #[arg(long, value_delimiter = ',', value_parser = size_arg)]
+    budget: Vec<u64>,
     /// How byte budgets are shared: one global pool, or split equally per layer.
-    #[arg(long, default_value = "global", value_parser = ["global", "per-layer"])]
-    pool: String,
+    #[arg(long, value_enum, default_value_t = Pool::Global)]
+    pool: Pool,
     /// Checkpoint the trace came from: gives expert sizes and checks layer/expert ids.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -208,56 +213,51 @@ pub struct CacheArgs {
     #[arg(long, conflicts_with = "budget")]
     pub capacity: Option<usize>,
     /// Expert bytes across all layers, e.g. 512MiB, 2GB (checkpoint bytes of the experts).
-    #[arg(long)]
-    pub budget: Option<String>,
+    #[arg(long, value_parser = size_arg)]
+    pub budget: Option<u64>,
     /// How a byte budget is shared: one global pool, or split equally per layer.
-    #[arg(long, default_value = "global", value_parser = ["global", "per-layer"])]
-    pub pool: String,
+    #[arg(long, value_enum, default_value_t = Pool::Global)]
+    pub pool: Pool,
     /// Eviction policy: lru, lfu, lfu-decay0.9, lcp-0.25-128, lookahead, static-N…
     #[arg(long, default_value = "lru")]
-    pub policy: String,
+    pub policy: PolicySpec,
     /// Miss handling: load (exact) or skip (drop the missing expert, renormalise).
-    #[arg(long, default_value = "load")]
-    pub miss: String,
+    #[arg(long, value_enum, default_value_t = MissMode::Load)]
+    pub miss: MissMode,
     /// Compute device: cpu, cuda (needs --features cuda) or metal (--features metal).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub device: Backend,
     /// Expert loader threads (0: load inline). Default: 0 on the CPU, min(top_k, 8) on a GPU.
     #[arg(long)]
     pub load_threads: Option<usize>,
     /// Resident form of MLX-quantized experts on CUDA: packed (checkpoint bytes, decoded in the
     /// matrix-vector kernel) or f32 (decoded once at upload).
-    #[arg(long, default_value = "packed", value_parser = ["packed", "f32"])]
-    pub gpu_experts: String,
+    #[arg(long, value_enum, default_value_t = GpuExperts::Packed)]
+    pub gpu_experts: GpuExperts,
 }
 
 impl CacheArgs {
     /// Builds the engine configuration.
-    pub fn engine_config(&self, moe_layers: usize) -> Result<EngineConfig> {
-        let budget = match (self.capacity, &self.budget) {
+    pub fn engine_config(&self, moe_layers: usize) -> EngineConfig {
+        let budget = match (self.capacity, self.budget) {
             (Some(n), _) => Budget::SlotsPerLayer(n),
-            (None, Some(s)) => {
-                let b = parse_size(s).with_context(|| format!("--budget {s}"))?;
-                if self.pool == "per-layer" {
-                    Budget::BytesPerLayer(b / moe_layers.max(1) as u64)
-                } else {
-                    Budget::BytesGlobal(b)
-                }
-            }
+            (None, Some(b)) => Budget::from_bytes(b, self.pool, moe_layers),
             (None, None) => Budget::Unlimited,
         };
-        let policy =
-            PolicySpec::parse(&self.policy).with_context(|| format!("--policy {}", self.policy))?;
-        let miss: MissMode = self.miss.parse().context("--miss")?;
-        Ok(EngineConfig {
+        EngineConfig {
             budget,
-            policy,
-            miss,
+            policy: self.policy.clone(),
+            miss: self.miss,
             record_trace: false,
             load_threads: self.load_threads,
-            gpu_packed: self.gpu_experts == "packed",
-        })
+            gpu_experts: self.gpu_experts,
+        }
     }
+}
+
+/// A byte size on the command line (`512MiB`, `2GB`, `1048576`).
+fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -343,7 +343,7 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(a) => {
-            let device = moe_harness::engine::device(&a.device)?;
+            let device = a.device.device()?;
             let opts = moe_harness::bench::BenchOptions {
                 policies: a.policy,
                 capacities: a.capacity,
@@ -353,9 +353,9 @@ pub fn run() -> Result<ExitCode> {
                 load_threads: a.load_threads,
                 seed: a.seed,
                 resident: !a.no_resident,
-                write_combined: a.staging == "write-combined",
+                staging: a.staging,
                 read_threads: a.read_threads,
-                gpu_packed: a.gpu_experts == "packed",
+                gpu_experts: a.gpu_experts,
                 replay: a.replay.map(|p| (p, a.replay_cell)),
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
@@ -416,16 +416,13 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
     Ok(toks)
 }
 
+/// Opens the engine on the device `--device` names (never silently another one).
 fn open_engine(model: &Path, cache: &CacheArgs, record: bool) -> Result<Engine> {
-    let spec = moe_harness::config::load(model)?;
-    let mut cfg = cache.engine_config(spec.num_moe_layers())?;
+    let spec = moe_harness::models::load_spec(model)?;
+    let mut cfg = cache.engine_config(spec.num_moe_layers());
     cfg.record_trace = record;
-    Ok(Engine::open_with_spec(
-        model,
-        spec,
-        candle_core::Device::Cpu,
-        cfg,
-    )?)
+    let device = cache.device.device()?;
+    Ok(Engine::open_with_spec(model, spec, device, cfg)?)
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
@@ -529,148 +526,25 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn split_list(s: &str) -> Vec<&str> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-        .collect()
-}
-
 fn cmd_simulate(a: SimulateArgs) -> Result<()> {
-    use moe_harness::simulate::{simulate_measured, SimOptions, TraceRow};
-    let rows = moe_harness::trace::read(&a.trace)?;
-    if rows.is_empty() {
-        bail!("{}: the trace has no rows", a.trace.display());
-    }
-    let mut cells: Vec<&str> = Vec::new();
-    for r in &rows {
-        if !cells.contains(&r.cell.as_str()) {
-            cells.push(&r.cell);
-        }
-    }
-    let cell = match &a.cell {
-        Some(c) if !cells.contains(&c.as_str()) => {
-            bail!("--cell {c}: not in the trace (cells: {})", cells.join(", "))
-        }
-        Some(c) => c.clone(),
-        None => {
-            if cells.len() > 1 {
-                eprintln!(
-                    "the trace holds {} cells; replaying `{}` (choose with --cell)",
-                    cells.len(),
-                    cells[0]
-                );
-            }
-            cells[0].to_string()
-        }
+    let study = moe_harness::simulate::TraceStudy {
+        trace: a.trace,
+        cell: a.cell,
+        policies: a.policy,
+        capacities: a.capacity,
+        budgets: a.budget,
+        pool: a.pool,
+        model: a.model,
+        expert_bytes: a.expert_bytes,
+        warmup_prompts: a.warmup,
+        reset_per_prompt: a.reset_per_prompt,
+        classic: a.unpinned,
     };
-    let rows: Vec<TraceRow> = rows
-        .iter()
-        .filter(|r| r.cell == cell)
-        .map(|r| TraceRow::from(&r.rec))
-        .collect();
-    let mut layers: Vec<u32> = rows.iter().map(|r| r.layer).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    // Expert sizes and id checks from the model, when given.
-    let store = match &a.model {
-        Some(dir) => {
-            let spec = moe_harness::config::load(dir)?;
-            for r in &rows {
-                if !spec.is_moe_layer(r.layer as usize) {
-                    bail!(
-                        "{}: layer {} is not a MoE layer of {} (MoE layers: {:?})",
-                        a.trace.display(),
-                        r.layer,
-                        dir.display(),
-                        spec.moe.moe_layers
-                    );
-                }
-                if let Some(e) = r
-                    .experts
-                    .iter()
-                    .chain(r.lookahead.iter().flatten())
-                    .find(|&&e| e as usize >= spec.moe.num_experts)
-                {
-                    bail!(
-                        "{}: expert {e} at layer {} is out of range: {} has {} routed experts",
-                        a.trace.display(),
-                        r.layer,
-                        dir.display(),
-                        spec.moe.num_experts
-                    );
-                }
-            }
-            let ck = std::sync::Arc::new(moe_harness::weights::Checkpoint::open(dir)?);
-            let prefix = moe_harness::weights::layout::detect_prefix(&ck)?;
-            let lay = moe_harness::weights::layout::detect_experts(&ck, &spec, &prefix)?;
-            Some(moe_harness::experts::store::ExpertStore::new(
-                ck,
-                &spec,
-                &prefix,
-                lay,
-                candle_core::Device::Cpu,
-            )?)
-        }
-        None => None,
-    };
-    let unit = a.expert_bytes.unwrap_or(1);
-    let size =
-        |k: moe_harness::experts::ExpertKey| store.as_ref().map_or(unit, |s| s.expert_bytes(k));
-    let mut budgets = Vec::new();
-    for c in a.capacity.as_deref().map(split_list).unwrap_or_default() {
-        let n: usize = c
-            .parse()
-            .with_context(|| format!("--capacity: `{c}` is not a number of slots"))?;
-        budgets.push(Budget::SlotsPerLayer(n));
-    }
-    for b in a.budget.as_deref().map(split_list).unwrap_or_default() {
-        if store.is_none() && a.expert_bytes.is_none() {
-            bail!("--budget needs expert sizes: pass --model DIR (the checkpoint the trace came from) or --expert-bytes N");
-        }
-        let n = parse_size(b).with_context(|| format!("--budget {b}"))?;
-        budgets.push(if a.pool == "per-layer" {
-            Budget::BytesPerLayer(n / layers.len().max(1) as u64)
-        } else {
-            Budget::BytesGlobal(n)
-        });
-    }
-    if budgets.is_empty() {
-        bail!("give --capacity N[,N…] and/or --budget SIZE[,SIZE…]");
-    }
-    let policies: Vec<PolicySpec> = split_list(&a.policy)
-        .iter()
-        .map(|p| PolicySpec::parse(p).with_context(|| format!("--policy {p}")))
-        .collect::<Result<_>>()?;
-    let mut results = Vec::new();
-    for p in &policies {
-        for b in &budgets {
-            let opts = SimOptions {
-                classic: a.unpinned,
-                profile: None,
-            };
-            let res = if a.reset_per_prompt {
-                let mut by: std::collections::BTreeMap<u32, Vec<TraceRow>> = Default::default();
-                for r in &rows {
-                    by.entry(r.prompt).or_default().push(r.clone());
-                }
-                let parts: Vec<_> = by
-                    .values()
-                    .map(|g| {
-                        simulate_measured(g, p, *b, size, &layers, &opts, |r| r.prompt >= a.warmup)
-                    })
-                    .collect::<std::result::Result<_, _>>()?;
-                moe_harness::simulate::merge_results(&parts)
-            } else {
-                simulate_measured(&rows, p, *b, size, &layers, &opts, |r| r.prompt >= a.warmup)?
-            };
-            results.push(res);
-        }
-    }
+    let results = moe_harness::simulate::study(&study)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
-        print!("{}", moe_harness::simulate::format_table(&results));
+        print!("{}", moe_harness::report::simulation_table(&results));
     }
     Ok(())
 }

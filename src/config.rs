@@ -1,6 +1,7 @@
-//! Model configuration: reads a checkpoint's `config.json`, dispatches on `model_type` to the
-//! family file under `models/` that knows HF's field names, and resolves it into one
-//! family-agnostic [`ModelSpec`] that the loader, the engine and `inspect` share.
+//! Model configuration types: the one family-agnostic [`ModelSpec`] that the loader, the engine
+//! and `inspect` share, and the helpers the family files use to fill it from HF's field names
+//! (RoPE in both spellings, MLX quantization blocks, validation). The dispatch on `model_type`
+//! lives with the families, in [`crate::models::load_spec`].
 //!
 //! Both spellings of a config load: hub originals (top-level `rope_theta`,
 //! `partial_rotary_factor`, Qwen `num_experts`) and transformers ≥ 5 re-serialisations
@@ -12,7 +13,6 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::models;
 
 /// MoE model types this harness runs.
 pub const SUPPORTED_MOE: &[&str] = &[
@@ -27,7 +27,7 @@ pub const SUPPORTED_MOE: &[&str] = &[
 ];
 
 /// Dense model types we recognise, so we can refuse them with the right reason.
-const KNOWN_DENSE: &[&str] = &[
+pub(crate) const KNOWN_DENSE: &[&str] = &[
     "llama",
     "mistral",
     "mistral3",
@@ -260,8 +260,9 @@ impl ModelSpec {
     }
 }
 
-/// Reads `config.json` (given a checkpoint directory or the file itself) into a [`ModelSpec`].
-pub fn load(path: &Path) -> Result<ModelSpec> {
+/// Reads `config.json` (given a checkpoint directory or the file itself) as JSON; returns the
+/// file's path and its value. [`crate::models::load_spec`] resolves it into a [`ModelSpec`].
+pub fn read_json(path: &Path) -> Result<(PathBuf, serde_json::Value)> {
     let file = if path.is_dir() {
         path.join("config.json")
     } else {
@@ -270,92 +271,7 @@ pub fn load(path: &Path) -> Result<ModelSpec> {
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&file, format!("not valid JSON: {e}")))?;
-    from_value(&file, value)
-}
-
-/// Resolves an already-parsed config (see [`load`]).
-pub fn from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpec> {
-    let model_type = match value.get("model_type") {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(_) => return Err(Error::config(file, "model_type", "must be a string")),
-        None => return Err(Error::config(file, "model_type", "missing")),
-    };
-    let quantization = parse_quantization(file, &value)?;
-    let mut spec = match model_type.as_str() {
-        "glm4_moe" => models::glm4_moe::Config::parse(file, &value)?.spec(file)?,
-        "qwen3_moe" => models::qwen3_moe::Config::parse(file, &value)?.spec(file)?,
-        "mixtral" => models::mixtral::Config::parse(file, &value)?.spec(file)?,
-        "deepseek_v3" | "kimi_k2" => models::deepseek_v3::spec(
-            file,
-            &value,
-            &model_type,
-            models::deepseek_v3::Variant::DeepseekV3,
-        )?,
-        "qwen3_next" => models::qwen3_next::Config::parse(file, &value)?.spec(file)?,
-        "glm4_moe_lite" => models::deepseek_v3::spec(
-            file,
-            &value,
-            &model_type,
-            models::deepseek_v3::Variant::Glm4MoeLite,
-        )?,
-        "kimi_k25" => {
-            let text = value
-                .get("text_config")
-                .filter(|t| t.is_object())
-                .ok_or_else(|| {
-                    Error::config(
-                        file,
-                        "text_config",
-                        "missing: a kimi_k25 config wraps its language model in `text_config`",
-                    )
-                })?;
-            let inner = text
-                .get("model_type")
-                .and_then(|t| t.as_str())
-                .unwrap_or("kimi_k2")
-                .to_string();
-            if !matches!(inner.as_str(), "kimi_k2" | "deepseek_v3") {
-                return Err(Error::config(
-                    file,
-                    "text_config.model_type",
-                    format!("`{inner}` (expected kimi_k2 or deepseek_v3)"),
-                ));
-            }
-            let mut spec = models::deepseek_v3::spec(
-                file,
-                text,
-                &inner,
-                models::deepseek_v3::Variant::DeepseekV3,
-            )?;
-            spec.model_type = "kimi_k25".into();
-            spec.quantization =
-                parse_quantization(file, text)?.or(parse_quantization(file, &value)?);
-            spec.unsupported = spec
-                .unsupported
-                .take()
-                .or(foreign_quantization(text).or(foreign_quantization(&value)));
-            validate(file, &spec)?;
-            return Ok(spec);
-        }
-        t if KNOWN_DENSE.contains(&t) => {
-            return Err(Error::DenseModel {
-                path: file.to_path_buf(),
-                model_type,
-                supported: SUPPORTED_MOE.join(", "),
-            })
-        }
-        _ => {
-            return Err(Error::UnknownModel {
-                path: file.to_path_buf(),
-                model_type,
-                supported: SUPPORTED_MOE.join(", "),
-            })
-        }
-    };
-    spec.quantization = quantization;
-    spec.unsupported = spec.unsupported.take().or(foreign_quantization(&value));
-    validate(file, &spec)?;
-    Ok(spec)
+    Ok((file, value))
 }
 
 /// Deserialises a family's flat HF config struct, naming the file and field on error.
@@ -442,7 +358,7 @@ impl RopeFields {
 
 /// A non-MLX quantization method (compressed-tensors int4, fp8, gptq…): `inspect` still sizes the
 /// model (at the assumed MLX bits), the engine refuses it with this reason.
-fn foreign_quantization(value: &serde_json::Value) -> Option<String> {
+pub(crate) fn foreign_quantization(value: &serde_json::Value) -> Option<String> {
     let q = value
         .get("quantization_config")
         .or_else(|| value.get("quantization"))?;
@@ -452,7 +368,10 @@ fn foreign_quantization(value: &serde_json::Value) -> Option<String> {
     })
 }
 
-fn parse_quantization(file: &Path, value: &serde_json::Value) -> Result<Option<QuantSpec>> {
+pub(crate) fn parse_quantization(
+    file: &Path,
+    value: &serde_json::Value,
+) -> Result<Option<QuantSpec>> {
     let q = match value
         .get("quantization")
         .or_else(|| value.get("quantization_config"))
@@ -514,7 +433,7 @@ fn parse_quantization(file: &Path, value: &serde_json::Value) -> Result<Option<Q
     Ok(Some(spec))
 }
 
-fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
+pub(crate) fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
     let positive = [
         ("vocab_size", s.vocab_size),
         ("hidden_size", s.hidden_size),

@@ -78,12 +78,11 @@ pub enum Error {
     /// A user-supplied value (CLI flag, token list, budget) is invalid.
     #[error("{0}")]
     Input(String),
-    /// The cache could not satisfy an access within its budget.
+    /// A stage with typed errors of its own failed (the expert cache, a trace replay): its error
+    /// is kept whole as the source. The stages convert into this variant themselves, so this
+    /// module depends on none of them.
     #[error(transparent)]
-    Cache(#[from] crate::experts::cache::CacheError),
-    /// A trace replay failed.
-    #[error(transparent)]
-    Sim(#[from] crate::simulate::SimError),
+    Stage(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// A tensor operation failed.
     #[error("tensor operation: {0}")]
     Candle(#[from] candle_core::Error),

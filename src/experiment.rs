@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::MissMode;
+use crate::engine::{Backend, MissMode};
 use crate::error::{Error, Result};
+use crate::experts::budget::parse_size;
+use crate::experts::budget::Pool;
 use crate::experts::policies::PolicySpec;
-use crate::io::parse_size;
 
 /// A value or a list of values (`policy = "lru"` or `policy = ["lru", "lfu"]`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -67,7 +68,7 @@ pub struct RawModel {
     /// Where to get the weights, shown when they are missing.
     pub download: Option<String>,
     /// `cpu` (default), `cuda` or `metal`.
-    pub backend: Option<String>,
+    pub backend: Option<Backend>,
 }
 
 /// `[cache]`.
@@ -82,10 +83,10 @@ pub struct RawCache {
     /// Byte budgets: sizes (`512MiB`) or fractions of total expert bytes (`25%`, `0.25`).
     pub budget: Option<toml::Value>,
     /// `global` (one pool, default) or `per-layer` for byte budgets.
-    pub pool: Option<String>,
+    pub pool: Option<Pool>,
     /// `load` (default) and/or `skip`.
     #[serde(default = "default_miss")]
-    pub miss: OneOrMany<String>,
+    pub miss: OneOrMany<MissMode>,
     /// Keep the cache between prompts, as in a serving session (default true).
     #[serde(default = "yes")]
     pub carry_over: bool,
@@ -164,8 +165,8 @@ pub struct RawOutput {
 fn default_policy() -> OneOrMany<String> {
     OneOrMany::One("lru".into())
 }
-fn default_miss() -> OneOrMany<String> {
-    OneOrMany::One("load".into())
+fn default_miss() -> OneOrMany<MissMode> {
+    OneOrMany::One(MissMode::Load)
 }
 fn default_max_new() -> usize {
     32
@@ -238,12 +239,12 @@ pub struct Experiment {
     pub file: PathBuf,
     /// Checkpoint directory.
     pub model_dir: PathBuf,
-    /// Backend name.
-    pub backend: String,
+    /// Compute backend.
+    pub backend: Backend,
     /// Sweep cells.
     pub cells: Vec<Cell>,
-    /// `global` or `per-layer`.
-    pub pool: String,
+    /// How byte budgets are shared.
+    pub pool: Pool,
     /// Keep the cache between prompts.
     pub carry_over: bool,
     /// Expert loader threads (`None`: the engine's default for the device).
@@ -282,22 +283,8 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         ));
     }
     let model_dir = resolve_model(file, base, &raw.model, check_model)?;
-    let backend = raw.model.backend.clone().unwrap_or_else(|| "cpu".into());
-    if !matches!(backend.as_str(), "cpu" | "cuda" | "metal") {
-        return Err(Error::config(
-            file,
-            "model.backend",
-            format!("`{backend}` (known: cpu, cuda, metal)"),
-        ));
-    }
-    let pool = raw.cache.pool.clone().unwrap_or_else(|| "global".into());
-    if !matches!(pool.as_str(), "global" | "per-layer") {
-        return Err(Error::config(
-            file,
-            "cache.pool",
-            format!("`{pool}` (known: global, per-layer)"),
-        ));
-    }
+    let backend = raw.model.backend.unwrap_or_default();
+    let pool = raw.cache.pool.unwrap_or_default();
     let policies: Vec<PolicySpec> = raw
         .cache
         .policy
@@ -338,24 +325,12 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
     if budgets.is_empty() {
         budgets.push(BudgetSpec::Unlimited);
     }
-    let misses: Vec<MissMode> = raw
-        .cache
-        .miss
-        .to_vec()
-        .iter()
-        .map(|m| {
-            m.parse()
-                .map_err(|e: Error| Error::config(file, "cache.miss", e.to_string()))
-        })
-        .collect::<Result<_>>()?;
+    let misses: Vec<MissMode> = raw.cache.miss.to_vec();
     let mut cells = Vec::new();
     for p in &policies {
         for b in &budgets {
             for m in &misses {
-                let id = format!(
-                    "{p}_{b}_{}",
-                    if *m == MissMode::Load { "load" } else { "skip" }
-                );
+                let id = format!("{p}_{b}_{m}");
                 if cells.iter().any(|c: &Cell| c.id == id) {
                     return Err(Error::config(
                         file,

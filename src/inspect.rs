@@ -7,8 +7,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{self, ModelSpec, QuantParams};
+use crate::config::{ModelSpec, QuantParams};
 use crate::error::{Error, Result};
+use crate::experts::budget::human_bytes;
 use crate::weights::{layout, Checkpoint};
 
 /// The verdict of a compatibility check.
@@ -95,7 +96,7 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
                 .map_err(|e| Error::io(path, e))?
                 .flatten()
                 .any(|e| e.path().extension().is_some_and(|x| x == "safetensors")));
-    let spec = match config::load(path) {
+    let spec = match crate::models::load_spec(path) {
         Ok(s) => s,
         Err(Error::DenseModel { model_type, .. }) => {
             return Ok(refused(
@@ -125,25 +126,11 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
         r.reason = Some(reason.clone());
     }
     if has_weights && spec.unsupported.is_none() {
-        let ck = std::sync::Arc::new(Checkpoint::open(path)?);
-        let prefix = layout::detect_prefix(&ck)?;
-        let lay = layout::detect_experts(&ck, &spec, &prefix)?;
-        let store = crate::experts::store::ExpertStore::new(
-            ck.clone(),
-            &spec,
-            &prefix,
-            lay,
-            candle_core::Device::Cpu,
-        )?;
-        let mut expert_total = 0u64;
-        for &l in &spec.moe.moe_layers {
-            for e in 0..spec.moe.num_experts as u32 {
-                expert_total += store.expert_bytes(crate::experts::ExpertKey {
-                    layer: l as u32,
-                    expert: e,
-                });
-            }
-        }
+        let open =
+            crate::experts::store::OpenCheckpoint::open(path, &spec, candle_core::Device::Cpu)?;
+        let (ck, prefix, store) = (open.ck, open.prefix, open.store);
+        let lay = store.layout();
+        let expert_total = store.total_bytes();
         let used_total: u64 = ck
             .keys()
             .filter(|k| used_by_model(k, &spec, &prefix))
@@ -316,21 +303,6 @@ fn refused(path: &Path, model_type: String, verdict: Verdict, reason: &str) -> R
         dense_bytes: None,
         expert_bytes_per_token: None,
     }
-}
-
-/// Human-readable bytes (powers of 1000, as model cards quote them, with MiB in brackets).
-pub fn human_bytes(b: u64) -> String {
-    let f = b as f64;
-    let dec = if f >= 1e9 {
-        format!("{:.2} GB", f / 1e9)
-    } else if f >= 1e6 {
-        format!("{:.2} MB", f / 1e6)
-    } else if f >= 1e3 {
-        format!("{:.1} kB", f / 1e3)
-    } else {
-        format!("{b} B")
-    };
-    format!("{dec} ({:.2} MiB)", f / (1024.0 * 1024.0))
 }
 
 impl std::fmt::Display for Report {

@@ -1,5 +1,5 @@
 //! Small file helpers: atomic writes (temp file + rename, so no half-written output is ever
-//! visible), NumPy `.npy` output, and human size parsing (`512MiB`, `2GB`).
+//! visible) and NumPy `.npy` output.
 
 use std::io::Write;
 use std::path::Path;
@@ -42,54 +42,9 @@ pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
     write_atomic(path, &out)
 }
 
-/// Parses a byte size: a plain number of bytes, or a number with `B`, `KB`/`MB`/`GB`/`TB`
-/// (powers of 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        Error::Input(format!(
-            "`{s}` is not a size (examples: 512MiB, 2GB, 1048576)"
-        ))
-    })?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "tb" | "t" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0f64.powi(3),
-        "tib" => 1024.0f64.powi(4),
-        u => {
-            return Err(Error::Input(format!(
-                "`{s}`: unknown size unit `{u}` (known: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-            )))
-        }
-    };
-    Ok((n * mult).round() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
-        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
-        assert_eq!(parse_size("77").unwrap(), 77);
-        assert!(parse_size("12 parsecs")
-            .unwrap_err()
-            .to_string()
-            .contains("unknown size unit"));
-        assert!(parse_size("MiB").is_err());
-    }
 
     #[test]
     fn npy_header_is_aligned() {

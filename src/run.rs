@@ -4,20 +4,21 @@
 //! experiment file, `env.json` and plots. Everything is written into a hidden temp directory that
 //! is renamed when complete; an interrupted run resumes there, skipping finished cells.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EngineConfig, MissMode, Sampler, StepRecord};
+use crate::engine::{Engine, EngineConfig, MissMode, Sampler};
 use crate::error::{Error, Result};
 use crate::experiment::{BudgetSpec, Cell, Experiment};
-use crate::experts::cache::{Budget, Phase};
+use crate::experts::budget::{Budget, Pool};
 use crate::experts::policies::{FrequencyProfile, PolicySpec};
+use crate::experts::Phase;
 use crate::io::write_atomic;
-use crate::trace::{self, CellRow};
+use crate::report::CellSummary;
+use crate::simulate::Simulation;
+use crate::trace::{self, CellTrace, TraceRow};
 
 /// Options of one `harness run`.
 #[derive(Debug, Clone, Default)]
@@ -30,68 +31,6 @@ pub struct RunOptions {
     pub force: bool,
     /// Show a progress bar (only on a terminal).
     pub progress: bool,
-}
-
-/// One row of `summary.parquet` / `summary.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CellSummary {
-    /// Cell id.
-    pub cell: String,
-    /// Policy name (with parameters).
-    pub policy: String,
-    /// Slots per layer, when the budget is a capacity.
-    pub capacity: Option<u64>,
-    /// Byte budget, when the budget is in bytes (fractions resolved).
-    pub budget_bytes: Option<u64>,
-    /// Budget as a fraction of total expert bytes.
-    pub budget_fraction: f64,
-    /// `global` or `per-layer` for byte budgets.
-    pub pool: String,
-    /// `load` or `skip`.
-    pub miss: String,
-    /// Measured prompts.
-    pub prompts: u64,
-    /// Tokens generated over the measured prompts.
-    pub tokens_generated: u64,
-    /// Expert demand accesses.
-    pub accesses: u64,
-    /// Of which hits.
-    pub hits: u64,
-    /// Demand hits / accesses (an expert a prefetch brought in counts as a hit).
-    pub hit_rate: f64,
-    /// Hit rate during prefill.
-    pub hit_rate_prefill: f64,
-    /// Hit rate during decode.
-    pub hit_rate_decode: f64,
-    /// 1 − (demand misses + prefetch loads) / accesses: the share of expert uses that cost no
-    /// load. Equals `hit_rate` without prefetching; Belady bounds it for every policy.
-    pub effective_hit_rate: f64,
-    /// Belady (offline optimal) hit rate on this cell's own trace at this budget.
-    pub belady_hit_rate: f64,
-    /// Prefetches issued.
-    pub prefetch_issued: u64,
-    /// Prefetched experts used before eviction / issued.
-    pub prefetch_precision: Option<f64>,
-    /// Prefetches used / (prefetches used + demand misses): the share of loads prefetching covered.
-    pub prefetch_recall: Option<f64>,
-    /// Expert bytes read from disk.
-    pub bytes_read: u64,
-    /// Seconds reading and materialising experts.
-    pub load_seconds: f64,
-    /// Prompt tokens per second.
-    pub prefill_tps: f64,
-    /// Decoded tokens per second.
-    pub decode_tps: f64,
-    /// Mean time to first token.
-    pub ttft_seconds: f64,
-    /// Peak resident set of the process so far (VmHWM).
-    pub peak_rss_bytes: u64,
-    /// Peak checkpoint bytes of resident experts.
-    pub expert_resident_bytes: u64,
-    /// Skip mode: mean KL(exact ‖ skip) of the next-token distributions.
-    pub kl_mean: Option<f64>,
-    /// Skip mode: fraction of steps whose argmax equals the exact one.
-    pub top1_agreement: Option<f64>,
 }
 
 /// Runs an experiment; returns the results directory.
@@ -154,7 +93,9 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         .collect::<Result<_>>()?;
     let stop: Vec<u32> = tokenizer.token_to_id("<|endoftext|>").into_iter().collect();
 
-    let device = crate::engine::device(&exp.backend)
+    let device = exp
+        .backend
+        .device()
         .map_err(|e| Error::config(&exp.file, "model.backend", e.to_string()))?;
     let mut engine = Engine::open(&exp.model_dir, device, EngineConfig::default())?;
     let total_expert_bytes = engine.total_expert_bytes();
@@ -218,13 +159,13 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
     progress.finish_and_clear();
 
     // Merge the cells into the run's files.
-    let mut rows = Vec::new();
+    let mut cells = Vec::new();
     for cell in &exp.cells {
-        rows.extend(trace::read(
+        cells.extend(trace::read(
             &tmp_dir.join("cells").join(format!("{}.parquet", cell.id)),
         )?);
     }
-    trace::write(&tmp_dir.join("trace.parquet"), &rows)?;
+    trace::write(&tmp_dir.join("trace.parquet"), &cells)?;
     crate::report::write_summary(&tmp_dir, &summaries)?;
     std::fs::copy(&exp.file, tmp_dir.join("experiment.toml"))
         .map_err(|e| Error::io(&exp.file, e))?;
@@ -247,22 +188,19 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
 /// Resolves a cell's budget against the model.
 pub fn resolve_budget(
     b: BudgetSpec,
-    pool: &str,
+    pool: Pool,
     total_expert_bytes: u64,
     moe_layers: usize,
 ) -> Budget {
-    let bytes = |n: u64| {
-        if pool == "per-layer" {
-            Budget::BytesPerLayer(n / moe_layers.max(1) as u64)
-        } else {
-            Budget::BytesGlobal(n)
-        }
-    };
     match b {
         BudgetSpec::Unlimited => Budget::Unlimited,
         BudgetSpec::Capacity(n) => Budget::SlotsPerLayer(n),
-        BudgetSpec::Bytes(n) => bytes(n),
-        BudgetSpec::Fraction(f) => bytes((f * total_expert_bytes as f64).round() as u64),
+        BudgetSpec::Bytes(n) => Budget::from_bytes(n, pool, moe_layers),
+        BudgetSpec::Fraction(f) => Budget::from_bytes(
+            (f * total_expert_bytes as f64).round() as u64,
+            pool,
+            moe_layers,
+        ),
     }
 }
 
@@ -281,7 +219,7 @@ fn run_cell(
     let spec = engine.spec().clone();
     let budget = resolve_budget(
         cell.budget,
-        &exp.pool,
+        exp.pool,
         total_expert_bytes,
         spec.num_moe_layers(),
     );
@@ -291,7 +229,7 @@ fn run_cell(
         miss: cell.miss,
         record_trace: true,
         load_threads: exp.load_threads,
-        gpu_packed: true,
+        gpu_experts: Default::default(),
     };
     let cell_profile = if cell.policy.needs_profile() {
         profile.cloned()
@@ -336,31 +274,27 @@ fn run_cell(
     }
     let stats = engine.stats();
     let before = stats_before.unwrap_or_default();
-    let rows: Vec<CellRow> = engine
-        .take_trace()
-        .into_iter()
-        .map(|rec| CellRow {
-            cell: cell.id.clone(),
-            rec,
-        })
-        .collect();
+    let rows = engine.take_trace();
     // Hit counts come from the trace of the measured prompts (warm-up rows excluded).
     let warm_n = prompts.iter().filter(|p| p.0).count() as u32;
     let (mut acc, mut hit, mut acc_p, mut hit_p) = (0u64, 0u64, 0u64, 0u64);
-    for r in rows.iter().filter(|r| r.rec.prompt >= warm_n) {
-        let h = r.rec.hits.iter().filter(|&&h| h).count() as u64;
-        acc += r.rec.hits.len() as u64;
+    for r in rows.iter().filter(|r| r.prompt >= warm_n) {
+        let h = r.hits.iter().filter(|&&h| h).count() as u64;
+        acc += r.hits.len() as u64;
         hit += h;
-        if r.rec.phase == Phase::Prefill {
-            acc_p += r.rec.hits.len() as u64;
+        if r.phase == Phase::Prefill {
+            acc_p += r.hits.len() as u64;
             hit_p += h;
         }
     }
+    let belady = belady_hit_rate(engine, &rows, budget, exp.carry_over, warm_n)?;
     trace::write(
         &tmp_dir.join("cells").join(format!("{}.parquet", cell.id)),
-        &rows,
+        &[CellTrace {
+            cell: cell.id.clone(),
+            rows,
+        }],
     )?;
-    let belady = belady_hit_rate(engine, &rows, budget, exp.carry_over, warm_n)?;
     let (kl, top1) = if cell.miss == MissMode::Skip {
         drift(engine, &generated)?
     } else {
@@ -391,12 +325,8 @@ fn run_cell(
         capacity,
         budget_bytes: budget.bytes(),
         budget_fraction: fraction.min(1.0),
-        pool: exp.pool.clone(),
-        miss: if cell.miss == MissMode::Load {
-            "load".into()
-        } else {
-            "skip".into()
-        },
+        pool: exp.pool.to_string(),
+        miss: cell.miss.to_string(),
         prompts: measured,
         tokens_generated: generated.iter().map(|(_, g)| g.tokens.len() as u64).sum(),
         accesses: acc,
@@ -437,54 +367,29 @@ fn profile(
     for (_, ids) in prompts {
         engine.generate(ids, exp.generation.max_new_tokens, &mut sampler, stop)?;
     }
-    let rows: Vec<crate::simulate::TraceRow> = engine
-        .take_trace()
-        .iter()
-        .map(crate::simulate::TraceRow::from)
-        .collect();
-    Ok(crate::simulate::profile_from_rows(&rows))
+    Ok(crate::simulate::profile_from_rows(&engine.take_trace()))
 }
 
 /// Belady's hit rate on a cell's own trace at the cell's budget (measured prompts only).
 fn belady_hit_rate(
     engine: &Engine,
-    rows: &[CellRow],
+    rows: &[TraceRow],
     budget: Budget,
     carry_over: bool,
     warm_n: u32,
 ) -> Result<f64> {
-    let spec = engine.spec();
-    let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
-    let belady = PolicySpec::parse("belady").expect("belady is a policy");
-    let size = |k| engine.store.expert_bytes(k);
-    let groups: Vec<Vec<crate::simulate::TraceRow>> = if carry_over {
-        vec![rows
-            .iter()
-            .map(|r| crate::simulate::TraceRow::from(&r.rec))
-            .collect()]
-    } else {
-        let mut by: BTreeMap<u32, Vec<_>> = BTreeMap::new();
-        for r in rows {
-            by.entry(r.rec.prompt)
-                .or_default()
-                .push(crate::simulate::TraceRow::from(&r.rec));
-        }
-        by.into_values().collect()
-    };
-    let (mut acc, mut hit) = (0u64, 0u64);
-    for g in groups {
-        let res =
-            crate::simulate::simulate_rows(&g, &belady, budget, size, &moe_layers, false, |row| {
-                row.prompt >= warm_n
-            })?;
-        acc += res.accesses;
-        hit += res.hits;
-    }
-    Ok(if acc == 0 {
-        0.0
-    } else {
-        hit as f64 / acc as f64
-    })
+    let moe_layers: Vec<u32> = engine
+        .spec()
+        .moe
+        .moe_layers
+        .iter()
+        .map(|&l| l as u32)
+        .collect();
+    let mut sim = Simulation::new(PolicySpec::Belady, budget, &moe_layers);
+    sim.warmup_prompts = warm_n;
+    sim.reset_per_prompt = !carry_over;
+    let res = crate::simulate::simulate(rows, &sim, |k| engine.store.expert_bytes(k))?;
+    Ok(res.hit_rate)
 }
 
 /// KL(exact ‖ skip) and top-1 agreement of a skip cell's sampled-from distributions, against an
@@ -593,7 +498,7 @@ fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
     serde_json::json!({
         "harness_version": env!("CARGO_PKG_VERSION"),
         "git_commit": git,
-        "backend": exp.backend,
+        "backend": exp.backend.as_str(),
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "model_dir": exp.model_dir.display().to_string(),
@@ -601,19 +506,4 @@ fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
         "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "elapsed_note": "timings are wall-clock on this machine; compare ratios within one run",
     })
-}
-
-impl From<&StepRecord> for crate::simulate::TraceRow {
-    fn from(r: &StepRecord) -> Self {
-        crate::simulate::TraceRow {
-            prompt: r.prompt,
-            step: r.step,
-            pos: r.pos,
-            phase: r.phase,
-            layer: r.layer,
-            experts: r.experts.clone(),
-            weights: Some(r.weights.clone()),
-            lookahead: r.lookahead.clone(),
-        }
-    }
 }

@@ -23,46 +23,52 @@
 //! same ordering as with a per-layer numbering, and a global pool needs the global one. A
 //! prefetch carries the first demand of its expert at or after the next row.
 
-use std::fmt::Write as _;
+use serde::Serialize;
 
-use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
+use crate::experts::budget::{Budget, Pool};
 use crate::experts::cache::{
-    ratio, Budget, CacheCore, CacheError, CacheOptions, CacheStats, Phase,
+    ratio, CacheCore, CacheError, CacheOptions, CacheStats, Step, StepOutcome,
 };
 use crate::experts::policies::{FrequencyProfile, PolicySpec};
 use crate::experts::ExpertKey;
+use crate::trace::TraceRow;
 
-/// One (token, MoE layer) step of a routing trace.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TraceRow {
-    /// Prompt index within the run.
-    pub prompt: u32,
-    /// Forward step within the prompt (prefill chunk or decode step).
-    pub step: u32,
-    /// Token position.
-    pub pos: u32,
-    /// Prefill or decode.
-    pub phase: Phase,
-    /// Decoder layer index.
-    pub layer: u32,
-    /// Experts the router selected, in the order the engine accessed them.
-    pub experts: Vec<u32>,
-    /// Router weights of `experts` (not used by the replay).
-    pub weights: Option<Vec<f32>>,
-    /// Experts predicted for this layer while the previous MoE layer of the same token ran
-    /// (`None` for the first MoE layer and for prefill rows).
-    pub lookahead: Option<Vec<u32>>,
-}
-
-/// Replay options beyond spec and budget.
-#[derive(Debug, Clone, Default)]
-pub struct SimOptions {
+/// One replay: a policy at a budget over a trace, and how the trace is to be read.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    /// The policy.
+    pub policy: PolicySpec,
+    /// The budget.
+    pub budget: Budget,
+    /// The MoE layers, in execution order (prefetches go to the layer after a row's).
+    pub moe_layers: Vec<u32>,
     /// Classic (libCacheSim) mode: no step pins, every access its own step.
     pub classic: bool,
-    /// Frequency profile for `static-<N>`; when absent, [`simulate_with`] counts it from the
-    /// replayed rows themselves (an oracle profile).
+    /// Frequency profile for `static-<N>`; when absent it is counted from the replayed rows
+    /// themselves (an oracle profile).
     pub profile: Option<FrequencyProfile>,
+    /// Rows of prompts below this index are replayed (they fill the cache) but not counted, as
+    /// the runner's warm-up prompts are.
+    pub warmup_prompts: u32,
+    /// Empty the cache at every new prompt (runs with `carry_over = false`).
+    pub reset_per_prompt: bool,
+}
+
+impl Simulation {
+    /// A pinned-mode replay of `policy` at `budget` over `moe_layers`, counting every row.
+    pub fn new(policy: PolicySpec, budget: Budget, moe_layers: &[u32]) -> Self {
+        Simulation {
+            policy,
+            budget,
+            moe_layers: moe_layers.to_vec(),
+            classic: false,
+            profile: None,
+            warmup_prompts: 0,
+            reset_per_prompt: false,
+        }
+    }
 }
 
 /// Errors of a replay.
@@ -71,6 +77,14 @@ pub enum SimError {
     /// The cache could not be built.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// A per-prompt replay met a prompt whose rows are split by another prompt's.
+    #[error("trace row {row}: rows of prompt {prompt} appear again after another prompt's; a replay that empties the cache per prompt needs each prompt's rows together")]
+    Prompts {
+        /// Row index in the trace.
+        row: usize,
+        /// The prompt.
+        prompt: u32,
+    },
     /// A row failed (e.g. its experts do not fit the budget).
     #[error("trace row {row} (prompt {prompt}, step {step}, pos {pos}, layer {layer}): {source}")]
     Row {
@@ -88,6 +102,12 @@ pub enum SimError {
         #[source]
         source: CacheError,
     },
+}
+
+impl From<SimError> for crate::error::Error {
+    fn from(e: SimError) -> Self {
+        crate::error::Error::Stage(Box::new(e))
+    }
 }
 
 /// Accesses and hits of one phase.
@@ -223,91 +243,70 @@ impl SimResult {
     }
 }
 
-/// Replays `rows` with a fresh cache (pinned mode unless `classic`). For `static-<N>` the
-/// frequency profile is counted from `rows` (see [`simulate_with`] to pass another).
+/// Replays `rows` (one cell's trace, in execution order) as `sim` says, with `expert_size`
+/// giving each expert's checkpoint bytes. The one entry point of the simulator.
 pub fn simulate(
     rows: &[TraceRow],
-    spec: &PolicySpec,
-    budget: Budget,
+    sim: &Simulation,
     expert_size: impl Fn(ExpertKey) -> u64,
-    moe_layers: &[u32],
-    classic: bool,
 ) -> Result<SimResult, SimError> {
-    let opts = SimOptions {
-        classic,
-        profile: None,
-    };
-    simulate_with(rows, spec, budget, expert_size, moe_layers, &opts)
+    if !sim.reset_per_prompt {
+        return replay_fresh(rows, 0, sim, &expert_size);
+    }
+    // A fresh cache per prompt: each prompt's rows (rows of one prompt are contiguous in a run's
+    // trace) replay on their own, with their own next-use numbering, and the counts add up.
+    let mut parts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let p = rows[start].prompt;
+        let end = start + rows[start..].iter().take_while(|r| r.prompt == p).count();
+        if !seen.insert(p) {
+            return Err(SimError::Prompts {
+                row: start,
+                prompt: p,
+            });
+        }
+        parts.push(replay_fresh(&rows[start..end], start, sim, &expert_size)?);
+        start = end;
+    }
+    if parts.is_empty() {
+        return replay_fresh(rows, 0, sim, &expert_size);
+    }
+    Ok(merge_results(&parts))
 }
 
-/// [`simulate`] counting only the rows `measure` accepts: the others (e.g. warm-up prompts)
-/// are replayed, so they fill the cache, but not counted (see [`CacheCore::set_recording`]).
-pub fn simulate_rows(
+/// Replays `rows` (the trace's rows from index `first`) through a fresh cache.
+fn replay_fresh(
     rows: &[TraceRow],
-    spec: &PolicySpec,
-    budget: Budget,
-    expert_size: impl Fn(ExpertKey) -> u64,
-    moe_layers: &[u32],
-    classic: bool,
-    measure: impl Fn(&TraceRow) -> bool,
+    first: usize,
+    sim: &Simulation,
+    expert_size: &impl Fn(ExpertKey) -> u64,
 ) -> Result<SimResult, SimError> {
-    let opts = SimOptions {
-        classic,
-        profile: None,
-    };
-    simulate_measured(rows, spec, budget, expert_size, moe_layers, &opts, measure)
-}
-
-/// [`simulate`] with explicit [`SimOptions`].
-pub fn simulate_with(
-    rows: &[TraceRow],
-    spec: &PolicySpec,
-    budget: Budget,
-    expert_size: impl Fn(ExpertKey) -> u64,
-    moe_layers: &[u32],
-    opts: &SimOptions,
-) -> Result<SimResult, SimError> {
-    simulate_measured(rows, spec, budget, expert_size, moe_layers, opts, |_| true)
-}
-
-/// The general form: explicit [`SimOptions`] and a `measure` filter (see [`simulate_rows`]).
-pub fn simulate_measured(
-    rows: &[TraceRow],
-    spec: &PolicySpec,
-    budget: Budget,
-    expert_size: impl Fn(ExpertKey) -> u64,
-    moe_layers: &[u32],
-    opts: &SimOptions,
-    measure: impl Fn(&TraceRow) -> bool,
-) -> Result<SimResult, SimError> {
-    let profile = match (&opts.profile, spec.needs_profile()) {
+    let profile = match (&sim.profile, sim.policy.needs_profile()) {
         (Some(p), _) => Some(p.clone()),
         (None, true) => Some(profile_from_rows(rows)),
         (None, false) => None,
     };
     let options = CacheOptions {
-        classic: opts.classic,
+        classic: sim.classic,
         profile,
     };
-    let mut cache = CacheCore::with_options(spec, budget, moe_layers, options)?;
-    replay_measured(&mut cache, rows, expert_size, measure)?;
+    let mut cache = CacheCore::with_options(&sim.policy, sim.budget, &sim.moe_layers, options)?;
+    replay(&mut cache, rows, first, expert_size, |r| {
+        r.prompt >= sim.warmup_prompts
+    })?;
     Ok(SimResult::from_cache(&cache))
 }
 
-/// Replays `rows` through an existing cache in the engine's order (see the module doc).
-pub fn replay(
+/// Replays `rows` through `cache` in the engine's order (see the module doc), one
+/// [`CacheCore::step`] per row, counting only the rows `measure` accepts (recording is left on).
+/// Row numbers in errors start at `first`.
+fn replay(
     cache: &mut CacheCore,
     rows: &[TraceRow],
-    expert_size: impl Fn(ExpertKey) -> u64,
-) -> Result<(), SimError> {
-    replay_measured(cache, rows, expert_size, |_| true)
-}
-
-/// [`replay`] with counting on only for the rows `measure` accepts (recording is left on).
-pub fn replay_measured(
-    cache: &mut CacheCore,
-    rows: &[TraceRow],
-    expert_size: impl Fn(ExpertKey) -> u64,
+    first: usize,
+    expert_size: &impl Fn(ExpertKey) -> u64,
     measure: impl Fn(&TraceRow) -> bool,
 ) -> Result<(), SimError> {
     let spec = cache.spec().clone();
@@ -324,57 +323,175 @@ pub fn replay_measured(
         next_layer[w[0] as usize] = w[1];
     }
     let mut pos = 0usize;
-    let mut evicted = Vec::new();
+    let mut out = StepOutcome::default();
     for (r, row) in rows.iter().enumerate() {
-        let fail = |source: CacheError| SimError::Row {
-            row: r,
-            prompt: row.prompt,
-            step: row.step,
-            pos: row.pos,
+        // The prediction made for the next row while this one ran: the next MoE layer of the
+        // same token.
+        let prediction = rows.get(r + 1).and_then(|next| {
+            let same_token = next.prompt == row.prompt
+                && next.step == row.step
+                && next.pos == row.pos
+                && next.phase == row.phase
+                && next_layer.get(row.layer as usize) == Some(&next.layer);
+            same_token
+                .then_some(next.lookahead.as_deref())
+                .flatten()
+                .map(|p| (next.layer, p))
+        });
+        let step = Step {
             layer: row.layer,
-            source,
+            phase: row.phase,
+            experts: &row.experts,
+            prediction,
         };
         cache.set_recording(measure(row));
+        let after = pos + row.experts.len();
         cache
-            .begin_step(row.layer, row.phase, &row.experts)
-            .map_err(fail)?;
-        for &expert in &row.experts {
-            let key = ExpertKey {
-                layer: row.layer,
-                expert,
-            };
-            let next_use = next_uses.get(pos).copied().unwrap_or(u64::MAX);
-            pos += 1;
-            evicted.clear();
-            cache
-                .access_into(key, expert_size(key), next_use, &mut evicted)
-                .map_err(fail)?;
-        }
-        if spec.prefetch() {
-            if let Some(next) = rows.get(r + 1) {
-                let same_token = next.prompt == row.prompt
-                    && next.step == row.step
-                    && next.pos == row.pos
-                    && next.phase == Phase::Decode
-                    && next_layer.get(row.layer as usize) == Some(&next.layer);
-                if let (true, Some(predicted)) = (same_token, &next.lookahead) {
-                    for &expert in predicted {
-                        let key = ExpertKey {
-                            layer: next.layer,
-                            expert,
-                        };
-                        let next_use = positions
+            .step(
+                &step,
+                expert_size,
+                |key, prefetch| {
+                    if prefetch {
+                        positions
                             .as_ref()
-                            .map_or(u64::MAX, |p| p.next_at_or_after(key, pos as u64));
-                        evicted.clear();
-                        cache.prefetch_into(key, expert_size(key), next_use, &mut evicted);
+                            .map_or(u64::MAX, |p| p.next_at_or_after(key, after as u64))
+                    } else {
+                        let n = next_uses.get(pos).copied().unwrap_or(u64::MAX);
+                        pos += 1;
+                        n
                     }
-                }
-            }
-        }
-        cache.end_step();
+                },
+                &mut out,
+            )
+            .map_err(|source| SimError::Row {
+                row: first + r,
+                prompt: row.prompt,
+                step: row.step,
+                pos: row.pos,
+                layer: row.layer,
+                source,
+            })?;
+        pos = after;
     }
     cache.set_recording(true);
+    Ok(())
+}
+
+/// `harness simulate`: every policy × budget over one cell of a trace file.
+#[derive(Debug, Clone)]
+pub struct TraceStudy {
+    /// The trace file (see [`crate::trace`] for the schema).
+    pub trace: PathBuf,
+    /// Which cell of a multi-cell run trace (default: the first).
+    pub cell: Option<String>,
+    /// Policies.
+    pub policies: Vec<PolicySpec>,
+    /// Expert slots per layer.
+    pub capacities: Vec<usize>,
+    /// Byte budgets, shared as `pool` says.
+    pub budgets: Vec<u64>,
+    /// How byte budgets are shared.
+    pub pool: Pool,
+    /// The checkpoint the trace came from: expert sizes, and layer/expert ids checked against it.
+    pub model: Option<PathBuf>,
+    /// Size of every expert when no model is given (byte budgets need one of the two).
+    pub expert_bytes: Option<u64>,
+    /// Prompts below this index are replayed but not counted.
+    pub warmup_prompts: u32,
+    /// Empty the cache at every new prompt.
+    pub reset_per_prompt: bool,
+    /// Classic (libCacheSim) mode.
+    pub classic: bool,
+}
+
+/// Runs a [`TraceStudy`]: one [`SimResult`] per policy × budget, policies outermost.
+pub fn study(s: &TraceStudy) -> crate::error::Result<Vec<SimResult>> {
+    use crate::error::Error;
+    let cells = crate::trace::read(&s.trace)?;
+    let rows = &crate::trace::select_cell(&s.trace, &cells, s.cell.as_deref())?.rows;
+    if rows.is_empty() {
+        return Err(Error::format(&s.trace, "the trace has no rows"));
+    }
+    let mut layers: Vec<u32> = rows.iter().map(|r| r.layer).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    // Expert sizes and id checks from the model, when given.
+    let store = match &s.model {
+        Some(dir) => {
+            let spec = crate::models::load_spec(dir)?;
+            check_rows(&s.trace, rows, &spec, dir)?;
+            let open =
+                crate::experts::store::OpenCheckpoint::open(dir, &spec, candle_core::Device::Cpu)?;
+            Some(open.store)
+        }
+        None => None,
+    };
+    let unit = s.expert_bytes.unwrap_or(1);
+    let size = |k: ExpertKey| store.as_ref().map_or(unit, |st| st.expert_bytes(k));
+    let mut budgets: Vec<Budget> = s
+        .capacities
+        .iter()
+        .map(|&n| Budget::SlotsPerLayer(n))
+        .collect();
+    if !s.budgets.is_empty() && store.is_none() && s.expert_bytes.is_none() {
+        return Err(Error::Input("--budget needs expert sizes: pass --model DIR (the checkpoint the trace came from) or --expert-bytes N".into()));
+    }
+    budgets.extend(
+        s.budgets
+            .iter()
+            .map(|&b| Budget::from_bytes(b, s.pool, layers.len())),
+    );
+    if budgets.is_empty() {
+        return Err(Error::Input(
+            "give --capacity N[,N…] and/or --budget SIZE[,SIZE…]".into(),
+        ));
+    }
+    let mut results = Vec::new();
+    for p in &s.policies {
+        for &b in &budgets {
+            let mut sim = Simulation::new(p.clone(), b, &layers);
+            sim.classic = s.classic;
+            sim.warmup_prompts = s.warmup_prompts;
+            sim.reset_per_prompt = s.reset_per_prompt;
+            results.push(simulate(rows, &sim, size)?);
+        }
+    }
+    Ok(results)
+}
+
+/// Checks a trace's layers and expert ids against the model it is said to come from.
+fn check_rows(
+    trace: &std::path::Path,
+    rows: &[TraceRow],
+    spec: &crate::config::ModelSpec,
+    dir: &std::path::Path,
+) -> crate::error::Result<()> {
+    use crate::error::Error;
+    for r in rows {
+        if !spec.is_moe_layer(r.layer as usize) {
+            return Err(Error::Input(format!(
+                "{}: layer {} is not a MoE layer of {} (MoE layers: {:?})",
+                trace.display(),
+                r.layer,
+                dir.display(),
+                spec.moe.moe_layers
+            )));
+        }
+        if let Some(e) = r
+            .experts
+            .iter()
+            .chain(r.lookahead.iter().flatten())
+            .find(|&&e| e as usize >= spec.moe.num_experts)
+        {
+            return Err(Error::Input(format!(
+                "{}: expert {e} at layer {} is out of range: {} has {} routed experts",
+                trace.display(),
+                r.layer,
+                dir.display(),
+                spec.moe.num_experts
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -483,199 +600,9 @@ impl KeyPositions {
     }
 }
 
-/// A plain-text table of results, one line per result.
-pub fn format_table(results: &[SimResult]) -> String {
-    let pct = |x: f64| format!("{:.2}", 100.0 * x);
-    let opt = |x: Option<f64>| x.map_or("-".to_string(), pct);
-    let header = [
-        "policy",
-        "budget",
-        "mode",
-        "accesses",
-        "hit%",
-        "prefill%",
-        "decode%",
-        "pf-prec%",
-        "pf-recall%",
-    ];
-    let rows: Vec<[String; 9]> = results
-        .iter()
-        .map(|r| {
-            [
-                r.policy.clone(),
-                r.budget.clone(),
-                if r.classic { "classic" } else { "pinned" }.to_string(),
-                r.accesses.to_string(),
-                pct(r.hit_rate),
-                if r.prefill.accesses > 0 {
-                    pct(r.prefill.hit_rate)
-                } else {
-                    "-".into()
-                },
-                if r.decode.accesses > 0 {
-                    pct(r.decode.hit_rate)
-                } else {
-                    "-".into()
-                },
-                opt(r.prefetch.precision),
-                opt(r.prefetch.recall),
-            ]
-        })
-        .collect();
-    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, c) in width.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let mut out = String::new();
-    let line = |out: &mut String, cells: &[&str]| {
-        for (i, (c, w)) in cells.iter().zip(&width).enumerate() {
-            let sep = if i == 0 { "" } else { "  " };
-            if i < 3 {
-                let _ = write!(out, "{sep}{c:<w$}");
-            } else {
-                let _ = write!(out, "{sep}{c:>w$}");
-            }
-        }
-        out.push('\n');
-    };
-    line(&mut out, &header);
-    for row in &rows {
-        let cells: Vec<&str> = row.iter().map(|s| s.as_str()).collect();
-        line(&mut out, &cells);
-    }
-    out
-}
-
-/// SplitMix64: a tiny seeded generator, stable across dependency versions.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in 0..n.
-    fn below(&mut self, n: usize) -> usize {
-        (self.unit() * n as f64) as usize % n.max(1)
-    }
-}
-
-/// A seeded synthetic routing trace for tests and benchmarks: one prompt, `tokens` tokens, each
-/// through every layer of `layers` (token-major, rows in execution order).
-///
-/// Each layer has its own popularity order (a seeded permutation of `0..num_experts`); an expert
-/// slot is, with probability `reuse`, one of the same layer's experts of the previous token
-/// (temporal locality), otherwise a Zipf(`zipf_s`) draw over the popularity order; the `top_k`
-/// experts of a row are distinct. The first `max(1, tokens / 8)` tokens are prefill (step 0),
-/// the rest decode (steps 1, 2, …). Decode rows after the first layer carry a `lookahead`
-/// prediction: the true experts, each replaced with probability 1/4 by a Zipf draw.
-pub fn synthetic_trace(
-    seed: u64,
-    tokens: usize,
-    layers: &[u32],
-    num_experts: u32,
-    top_k: usize,
-    zipf_s: f64,
-    reuse: f64,
-) -> Vec<TraceRow> {
-    let n = num_experts.max(1) as usize;
-    let k = top_k.min(n);
-    let mut rng = SplitMix64(seed ^ 0x6D6F_652D_6861_726E);
-    let mut cdf: Vec<f64> = Vec::with_capacity(n);
-    let mut acc = 0.0;
-    for r in 0..n {
-        acc += 1.0 / ((r + 1) as f64).powf(zipf_s);
-        cdf.push(acc);
-    }
-    let perms: Vec<Vec<u32>> = layers
-        .iter()
-        .map(|_| {
-            let mut p: Vec<u32> = (0..n as u32).collect();
-            for i in (1..n).rev() {
-                p.swap(i, rng.below(i + 1));
-            }
-            p
-        })
-        .collect();
-    let zipf = |rng: &mut SplitMix64, perm: &[u32]| -> u32 {
-        let u = rng.unit() * acc;
-        perm[cdf.partition_point(|&c| c <= u).min(n - 1)]
-    };
-    let n_prefill = (tokens / 8).max(1).min(tokens);
-    let mut prev: Vec<Vec<u32>> = vec![Vec::new(); layers.len()];
-    let mut rows = Vec::with_capacity(tokens * layers.len());
-    for t in 0..tokens {
-        let phase = if t < n_prefill {
-            Phase::Prefill
-        } else {
-            Phase::Decode
-        };
-        let step = if phase == Phase::Prefill {
-            0
-        } else {
-            (t - n_prefill + 1) as u32
-        };
-        for (li, &layer) in layers.iter().enumerate() {
-            // The previous token's experts of this layer, in random order: reuse candidates.
-            let mut recent = std::mem::take(&mut prev[li]);
-            for i in (1..recent.len()).rev() {
-                recent.swap(i, rng.below(i + 1));
-            }
-            let mut experts: Vec<u32> = Vec::with_capacity(k);
-            while experts.len() < k {
-                let e = if !recent.is_empty() && rng.unit() < reuse {
-                    recent.pop().expect("non-empty")
-                } else {
-                    zipf(&mut rng, &perms[li])
-                };
-                if !experts.contains(&e) {
-                    experts.push(e);
-                }
-            }
-            let lookahead = (phase == Phase::Decode && li > 0).then(|| {
-                let mut p: Vec<u32> = Vec::with_capacity(k);
-                for &e in &experts {
-                    let guess = if rng.unit() < 0.25 {
-                        zipf(&mut rng, &perms[li])
-                    } else {
-                        e
-                    };
-                    if !p.contains(&guess) {
-                        p.push(guess);
-                    }
-                }
-                p
-            });
-            prev[li] = experts.clone();
-            rows.push(TraceRow {
-                prompt: 0,
-                step,
-                pos: t as u32,
-                phase,
-                layer,
-                weights: Some(vec![1.0 / k as f32; k]),
-                experts,
-                lookahead,
-            });
-        }
-    }
-    rows
-}
-
-/// Sums the results of replays of consecutive parts of one trace (e.g. one per prompt when the
-/// cache is emptied between prompts) into one result.
-pub fn merge_results(parts: &[SimResult]) -> SimResult {
+/// Sums the results of replays of consecutive parts of one trace (one per prompt when the cache
+/// is emptied between prompts) into one result.
+fn merge_results(parts: &[SimResult]) -> SimResult {
     let Some(first) = parts.first() else {
         panic!("merge_results needs at least one part");
     };
@@ -725,6 +652,7 @@ pub fn merge_results(parts: &[SimResult]) -> SimResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::experts::Phase;
 
     fn row(step: u32, phase: Phase, layer: u32, experts: &[u32], la: Option<&[u32]>) -> TraceRow {
         TraceRow {
@@ -734,9 +662,24 @@ mod tests {
             phase,
             layer,
             experts: experts.to_vec(),
-            weights: None,
+            weights: Vec::new(),
             lookahead: la.map(|v| v.to_vec()),
+            hits: Vec::new(),
+            load_ns: 0,
         }
+    }
+
+    /// One replay with unit-size experts.
+    fn run(
+        rows: &[TraceRow],
+        policy: &str,
+        budget: Budget,
+        layers: &[u32],
+        classic: bool,
+    ) -> Result<SimResult, SimError> {
+        let mut sim = Simulation::new(spec(policy), budget, layers);
+        sim.classic = classic;
+        simulate(rows, &sim, |_| 1)
     }
 
     fn spec(s: &str) -> PolicySpec {
@@ -767,58 +710,26 @@ mod tests {
             row(1, Phase::Decode, 1, &[5], Some(&[5])),
             row(2, Phase::Decode, 1, &[6], Some(&[6])),
         ];
-        let r = simulate(
-            &rows,
-            &spec("lookahead"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0, 1],
-            false,
-        )
-        .unwrap();
+        let r = run(&rows, "lookahead", Budget::SlotsPerLayer(2), &[0, 1], false).unwrap();
         assert_eq!(r.prefetch.issued, 1);
         assert_eq!(r.prefetch.used, 1);
         assert_eq!(r.hits, 1);
         assert_eq!(r.per_layer[1].hits, 1);
         // Without lookahead the same trace has no hit and no prefetch.
-        let r = simulate(
-            &rows,
-            &spec("lru"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0, 1],
-            false,
-        )
-        .unwrap();
+        let r = run(&rows, "lru", Budget::SlotsPerLayer(2), &[0, 1], false).unwrap();
         assert_eq!((r.hits, r.prefetch.issued), (0, 0));
         // Prefill rows never trigger prefetch even when the next row is the next layer.
         let mut rows = rows;
         rows[1].phase = Phase::Prefill;
         rows[0].phase = Phase::Prefill;
-        let r = simulate(
-            &rows,
-            &spec("lookahead"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0, 1],
-            false,
-        )
-        .unwrap();
+        let r = run(&rows, "lookahead", Budget::SlotsPerLayer(2), &[0, 1], false).unwrap();
         assert_eq!(r.prefetch.issued, 0);
     }
 
     #[test]
     fn row_errors_name_the_row() {
         let rows = vec![row(3, Phase::Decode, 0, &[0, 1, 2], None)];
-        let e = simulate(
-            &rows,
-            &spec("lru"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0],
-            false,
-        )
-        .unwrap_err();
+        let e = run(&rows, "lru", Budget::SlotsPerLayer(2), &[0], false).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("trace row 0 (prompt 0, step 3"), "{msg}");
         assert!(
@@ -826,83 +737,14 @@ mod tests {
             "{msg}"
         );
         // Classic mode has no pins: the same row fits by evicting.
-        let r = simulate(
-            &rows,
-            &spec("lru"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0],
-            true,
-        )
-        .unwrap();
+        let r = run(&rows, "lru", Budget::SlotsPerLayer(2), &[0], true).unwrap();
         assert_eq!(r.evictions, 1);
     }
 
     #[test]
-    fn synthetic_trace_is_seeded_and_well_formed() {
-        let layers = [1, 2, 5];
-        let a = synthetic_trace(7, 40, &layers, 16, 4, 1.1, 0.5);
-        let b = synthetic_trace(7, 40, &layers, 16, 4, 1.1, 0.5);
-        let c = synthetic_trace(8, 40, &layers, 16, 4, 1.1, 0.5);
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(a.len(), 120);
-        for (i, r) in a.iter().enumerate() {
-            assert_eq!(r.layer, layers[i % 3]);
-            assert_eq!(r.pos as usize, i / 3);
-            assert_eq!(r.experts.len(), 4);
-            let mut e = r.experts.clone();
-            e.sort();
-            e.dedup();
-            assert_eq!(e.len(), 4, "duplicate experts in {r:?}");
-            assert!(r.experts.iter().all(|&x| x < 16));
-            let first_layer = r.layer == 1;
-            assert_eq!(
-                r.lookahead.is_some(),
-                r.phase == Phase::Decode && !first_layer,
-                "{r:?}"
-            );
-        }
-        assert_eq!(
-            a.iter().filter(|r| r.phase == Phase::Prefill).count(),
-            5 * 3
-        );
-    }
-
-    #[test]
-    fn synthetic_locality_and_skew_raise_lru_hits() {
-        let layers = [0, 1];
-        let hr = |s: f64, reuse: f64| {
-            let rows = synthetic_trace(3, 2000, &layers, 64, 4, s, reuse);
-            simulate(
-                &rows,
-                &spec("lru"),
-                Budget::SlotsPerLayer(8),
-                |_| 1,
-                &layers,
-                false,
-            )
-            .unwrap()
-            .hit_rate
-        };
-        let base = hr(0.0, 0.0); // uniform, no reuse: about 8/64 hits per slot pick
-        assert!(base < 0.2, "{base}");
-        assert!(hr(1.2, 0.0) > base + 0.1);
-        assert!(hr(0.0, 0.8) > base + 0.3);
-    }
-
-    #[test]
     fn result_serializes_with_the_documented_fields() {
-        let rows = synthetic_trace(1, 20, &[0, 1], 8, 2, 1.0, 0.3);
-        let r = simulate(
-            &rows,
-            &spec("lfu"),
-            Budget::SlotsPerLayer(4),
-            |_| 1,
-            &[0, 1],
-            false,
-        )
-        .unwrap();
+        let rows = crate::synth::synthetic_trace(1, 20, &[0, 1], 8, 2, 1.0, 0.3);
+        let r = run(&rows, "lfu", Budget::SlotsPerLayer(4), &[0, 1], false).unwrap();
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         for f in [
             "policy",
@@ -922,7 +764,7 @@ mod tests {
         assert_eq!(sum, r.accesses);
         assert_eq!(r.accesses, 20 * 2 * 2);
         assert_eq!(r.prefill.accesses + r.decode.accesses, r.accesses);
-        let t = format_table(&[r.clone(), r]);
+        let t = crate::report::simulation_table(&[r.clone(), r]);
         assert_eq!(t.lines().count(), 3);
         assert!(t.lines().nth(1).unwrap().starts_with("lfu "), "{t}");
         assert!(t.contains("hit%"));
@@ -937,28 +779,13 @@ mod tests {
             row(0, Phase::Decode, 0, &[0, 1], None),
         ];
         rows[1].prompt = 1;
-        let r = simulate_rows(
-            &rows,
-            &spec("lru"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0],
-            false,
-            |r| r.prompt >= 1,
-        )
-        .unwrap();
+        let mut sim = Simulation::new(spec("lru"), Budget::SlotsPerLayer(2), &[0]);
+        sim.warmup_prompts = 1;
+        let r = simulate(&rows, &sim, |_| 1).unwrap();
         assert_eq!((r.accesses, r.hits, r.misses, r.bytes_loaded), (2, 2, 0, 0));
         assert_eq!(r.per_layer[0].accesses, 2);
         assert_eq!(r.peak_resident_bytes, 2);
-        let all = simulate(
-            &rows,
-            &spec("lru"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0],
-            false,
-        )
-        .unwrap();
+        let all = run(&rows, "lru", Budget::SlotsPerLayer(2), &[0], false).unwrap();
         assert_eq!((all.accesses, all.hits), (4, 2));
     }
 
@@ -969,15 +796,7 @@ mod tests {
         let rows: Vec<TraceRow> = (0..9u32)
             .map(|t| row(t, Phase::Decode, 0, &[0, 1 + t % 3], None))
             .collect();
-        let r = simulate(
-            &rows,
-            &spec("static-1"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0],
-            false,
-        )
-        .unwrap();
+        let r = run(&rows, "static-1", Budget::SlotsPerLayer(2), &[0], false).unwrap();
         assert_eq!(r.hits, 8);
         // An explicit profile that pins expert 1 instead: 0 and the rotation share one slot.
         let mut p = FrequencyProfile::new();
@@ -988,18 +807,9 @@ mod tests {
             },
             5,
         );
-        let opts = SimOptions {
-            classic: false,
-            profile: Some(p),
-        };
-        let r = simulate_with(
-            &rows,
-            &spec("static-1"),
-            Budget::SlotsPerLayer(2),
-            |_| 1,
-            &[0],
-            &opts,
-        );
+        let mut sim = Simulation::new(spec("static-1"), Budget::SlotsPerLayer(2), &[0]);
+        sim.profile = Some(p);
+        let r = simulate(&rows, &sim, |_| 1);
         // Profile pins expert 1 instead. t0 [0, 1]: both load, 1 for good. t1 [0, 2]: 0 hits, 2
         // needs a slot, but 1 is pinned by the profile and 0 by the step -> row 1 fails.
         assert!(

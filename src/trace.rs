@@ -12,25 +12,96 @@ use std::path::Path;
 
 use polars::prelude::*;
 
-use crate::engine::StepRecord;
 use crate::error::{Error, Result};
-use crate::experts::cache::Phase;
+use crate::experts::Phase;
 
-/// A trace row with the cell it belongs to.
+/// One row of a routing trace: one token at one MoE layer. The engine writes it, the runner
+/// stores it, the simulator replays it; its fields are the Parquet schema's columns.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TraceRow {
+    /// Prompt index within the run.
+    pub prompt: u32,
+    /// Forward call within the prompt: 0 = prefill, k = k-th decoded token.
+    pub step: u32,
+    /// Absolute token position.
+    pub pos: u32,
+    /// Prefill or decode.
+    pub phase: Phase,
+    /// Decoder layer.
+    pub layer: u32,
+    /// Selected experts, in router order (the order the cache saw them).
+    pub experts: Vec<u32>,
+    /// Their router weights (empty when not recorded).
+    pub weights: Vec<f32>,
+    /// Experts the router lookahead predicted for this layer while the previous MoE layer of the
+    /// same token ran (decode with `lookahead` only).
+    pub lookahead: Option<Vec<u32>>,
+    /// Per selected expert: was it resident when demanded (empty when not recorded).
+    pub hits: Vec<bool>,
+    /// Nanoseconds the engine thread spent loading experts or waiting for them during this step
+    /// (demand misses and prefetches; a load that finished on a loader thread before it was
+    /// needed costs nothing here).
+    pub load_ns: u64,
+}
+
+/// The rows of one sweep cell, in execution order.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CellRow {
+pub struct CellTrace {
     /// Sweep cell id (empty when the file has no `cell` column).
     pub cell: String,
-    /// The row.
-    pub rec: StepRecord,
+    /// Its rows.
+    pub rows: Vec<TraceRow>,
+}
+
+/// The cell named `name` of a trace read from `path`, or the first one when no name is given
+/// (saying so on stderr when there are several).
+pub fn select_cell<'a>(
+    path: &Path,
+    cells: &'a [CellTrace],
+    name: Option<&str>,
+) -> Result<&'a CellTrace> {
+    let names = || {
+        cells
+            .iter()
+            .map(|c| c.cell.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match name {
+        Some(n) => cells.iter().find(|c| c.cell == n).ok_or_else(|| {
+            Error::Input(format!(
+                "{}: no cell `{n}` in the trace (cells: {})",
+                path.display(),
+                names()
+            ))
+        }),
+        None => {
+            let first = cells
+                .first()
+                .ok_or_else(|| Error::format(path, "the trace has no rows"))?;
+            if cells.len() > 1 {
+                eprintln!(
+                    "{}: the trace holds {} cells; using `{}` (choose with --cell)",
+                    path.display(),
+                    cells.len(),
+                    first.cell
+                );
+            }
+            Ok(first)
+        }
+    }
 }
 
 fn perr(path: &Path, e: PolarsError) -> Error {
     Error::format(path, format!("parquet: {e}"))
 }
 
-/// Builds the trace data frame.
-pub fn to_frame(rows: &[CellRow]) -> Result<DataFrame> {
+/// Builds the trace data frame (one row per trace row, with its cell id).
+pub fn to_frame(cells: &[CellTrace]) -> Result<DataFrame> {
+    let rows: Vec<(&str, &TraceRow)> = cells
+        .iter()
+        .flat_map(|c| c.rows.iter().map(move |r| (c.cell.as_str(), r)))
+        .collect();
     let n = rows.len();
     let mut experts = ListPrimitiveChunkedBuilder::<UInt32Type>::new(
         "experts".into(),
@@ -51,11 +122,11 @@ pub fn to_frame(rows: &[CellRow]) -> Result<DataFrame> {
         DataType::UInt32,
     );
     let mut hits = ListBooleanChunkedBuilder::new("hits".into(), n, n * 8);
-    for r in rows {
-        experts.append_slice(&r.rec.experts);
-        weights.append_slice(&r.rec.weights);
-        lookahead.append_opt_slice(r.rec.lookahead.as_deref());
-        let h = Series::new("".into(), r.rec.hits.as_slice());
+    for (_, r) in &rows {
+        experts.append_slice(&r.experts);
+        weights.append_slice(&r.weights);
+        lookahead.append_opt_slice(r.lookahead.as_deref());
+        let h = Series::new("".into(), r.hits.as_slice());
         hits.append_series(&h)
             .map_err(|e| Error::Input(e.to_string()))?;
     }
@@ -63,27 +134,24 @@ pub fn to_frame(rows: &[CellRow]) -> Result<DataFrame> {
     let df = DataFrame::new(
         n,
         vec![
-            Column::new(
-                "cell".into(),
-                rows.iter().map(|r| r.cell.as_str()).collect::<Vec<_>>(),
-            ),
-            col("prompt", rows.iter().map(|r| r.rec.prompt).collect()),
-            col("step", rows.iter().map(|r| r.rec.step).collect()),
-            col("pos", rows.iter().map(|r| r.rec.pos).collect()),
+            Column::new("cell".into(), rows.iter().map(|r| r.0).collect::<Vec<_>>()),
+            col("prompt", rows.iter().map(|r| r.1.prompt).collect()),
+            col("step", rows.iter().map(|r| r.1.step).collect()),
+            col("pos", rows.iter().map(|r| r.1.pos).collect()),
             Column::new(
                 "phase".into(),
                 rows.iter()
-                    .map(|r| r.rec.phase.to_string())
+                    .map(|r| r.1.phase.to_string())
                     .collect::<Vec<_>>(),
             ),
-            col("layer", rows.iter().map(|r| r.rec.layer).collect()),
+            col("layer", rows.iter().map(|r| r.1.layer).collect()),
             experts.finish().into_series().into(),
             weights.finish().into_series().into(),
             lookahead.finish().into_series().into(),
             hits.finish().into_series().into(),
             Column::new(
                 "load_ns".into(),
-                rows.iter().map(|r| r.rec.load_ns).collect::<Vec<u64>>(),
+                rows.iter().map(|r| r.1.load_ns).collect::<Vec<u64>>(),
             ),
         ],
     )
@@ -107,8 +175,8 @@ pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
 }
 
 /// Writes a trace file.
-pub fn write(path: &Path, rows: &[CellRow]) -> Result<()> {
-    write_frame(path, &mut to_frame(rows)?)
+pub fn write(path: &Path, cells: &[CellTrace]) -> Result<()> {
+    write_frame(path, &mut to_frame(cells)?)
 }
 
 /// Reads a Parquet file into a data frame.
@@ -186,8 +254,9 @@ fn list_col<T: PolarsNumericType>(
     Ok(Some(out))
 }
 
-/// Reads a trace file written by the runner or any tool that follows the schema.
-pub fn read(path: &Path) -> Result<Vec<CellRow>> {
+/// Reads a trace file written by the runner or any tool that follows the schema: its cells in
+/// order of first appearance, each with its rows in file order.
+pub fn read(path: &Path) -> Result<Vec<CellTrace>> {
     let df = read_frame(path)?;
     let n = df.height();
     let prompt = u32_col(path, &df, "prompt")?;
@@ -254,66 +323,80 @@ pub fn read(path: &Path) -> Result<Vec<CellRow>> {
                 .collect(),
         ),
     };
-    let mut rows = Vec::with_capacity(n);
+    let mut cells: Vec<CellTrace> = Vec::new();
     for i in 0..n {
         let ex = experts[i]
             .clone()
             .ok_or_else(|| Error::format(path, format!("row {i}: `experts` is null")))?;
-        rows.push(CellRow {
-            cell: cell.as_ref().map_or(String::new(), |c| c[i].clone()),
-            rec: StepRecord {
-                prompt: prompt[i],
-                step: step[i],
-                pos: pos[i],
-                phase: phase[i],
-                layer: layer[i],
-                weights: weights
-                    .as_ref()
-                    .and_then(|w| w[i].clone())
-                    .unwrap_or_default(),
-                lookahead: lookahead.as_ref().and_then(|l| l[i].clone()),
-                hits: hits.as_ref().map_or_else(Vec::new, |h| h[i].clone()),
-                load_ns: load_ns.as_ref().map_or(0, |l| l[i]),
-                experts: ex,
-            },
-        });
+        let row = TraceRow {
+            prompt: prompt[i],
+            step: step[i],
+            pos: pos[i],
+            phase: phase[i],
+            layer: layer[i],
+            weights: weights
+                .as_ref()
+                .and_then(|w| w[i].clone())
+                .unwrap_or_default(),
+            lookahead: lookahead.as_ref().and_then(|l| l[i].clone()),
+            hits: hits.as_ref().map_or_else(Vec::new, |h| h[i].clone()),
+            load_ns: load_ns.as_ref().map_or(0, |l| l[i]),
+            experts: ex,
+        };
+        let name = cell.as_ref().map_or("", |c| c[i].as_str());
+        match cells.iter_mut().find(|c| c.cell == name) {
+            Some(c) => c.rows.push(row),
+            None => cells.push(CellTrace {
+                cell: name.to_string(),
+                rows: vec![row],
+            }),
+        }
     }
-    Ok(rows)
+    Ok(cells)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(i: u32) -> CellRow {
-        CellRow {
-            cell: format!("c{}", i % 2),
-            rec: StepRecord {
-                prompt: i / 4,
-                step: i % 3,
-                pos: i,
-                phase: if i % 3 == 0 {
-                    Phase::Prefill
-                } else {
-                    Phase::Decode
-                },
-                layer: 1 + i % 2,
-                experts: vec![i % 8, (i + 3) % 8],
-                weights: vec![0.75, 0.25],
-                lookahead: (i % 2 == 1).then(|| vec![1, 2]),
-                hits: vec![i % 2 == 0, false],
-                load_ns: 1000 + i as u64,
+    fn row(i: u32) -> TraceRow {
+        TraceRow {
+            prompt: i / 4,
+            step: i % 3,
+            pos: i,
+            phase: if i % 3 == 0 {
+                Phase::Prefill
+            } else {
+                Phase::Decode
             },
+            layer: 1 + i % 2,
+            experts: vec![i % 8, (i + 3) % 8],
+            weights: vec![0.75, 0.25],
+            lookahead: (i % 2 == 1).then(|| vec![1, 2]),
+            hits: vec![i % 2 == 0, false],
+            load_ns: 1000 + i as u64,
         }
+    }
+
+    fn cells(n: u32) -> Vec<CellTrace> {
+        vec![
+            CellTrace {
+                cell: "c0".into(),
+                rows: (0..n).map(row).collect(),
+            },
+            CellTrace {
+                cell: "c1".into(),
+                rows: (n..2 * n).map(row).collect(),
+            },
+        ]
     }
 
     #[test]
     fn round_trip() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t.parquet");
-        let rows: Vec<CellRow> = (0..10).map(row).collect();
-        write(&p, &rows).unwrap();
-        assert_eq!(read(&p).unwrap(), rows);
+        write(&p, &cells(5)).unwrap();
+        assert_eq!(read(&p).unwrap(), cells(5));
     }
 
     #[test]
@@ -322,7 +405,7 @@ mod tests {
         let p = d.path().join("t.parquet");
         std::fs::write(&p, b"PAR1 not really").unwrap();
         assert!(read(&p).unwrap_err().to_string().contains("t.parquet"));
-        let mut df = to_frame(&(0..4).map(row).collect::<Vec<_>>()).unwrap();
+        let mut df = to_frame(&cells(2)).unwrap();
         df = df.drop("layer").unwrap();
         write_frame(&p, &mut df).unwrap();
         let err = read(&p).unwrap_err().to_string();

@@ -33,242 +33,19 @@
 //! Counters: issued, used (demanded while still resident: precision = used / issued), wasted
 //! (evicted before any demand), recall = used / (used + demand misses).
 
-use std::fmt;
-use std::str::FromStr;
+use serde::Serialize;
 
-use serde::{Deserialize, Serialize};
-
+use super::budget::Budget;
 use super::policies::{
     Access, FrequencyProfile, Guard, InsertKind, Policy, PolicyError, PolicySpec, PoolContext,
     CHOSEN, PINNED, PROTECTED,
 };
-use super::ExpertKey;
+use super::{ExpertKey, Phase};
 
 /// Sentinel for "no id assigned".
 const NO_ID: u32 = u32::MAX;
 /// Expert ids at or above this are rejected (they would make the per-layer id map huge).
 pub const MAX_EXPERT_ID: u32 = 1 << 20;
-
-/// Which part of generation a step belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Processing the prompt.
-    Prefill,
-    /// Generating tokens one at a time.
-    Decode,
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Prefill => "prefill",
-            Phase::Decode => "decode",
-        })
-    }
-}
-
-impl FromStr for Phase {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "prefill" => Ok(Phase::Prefill),
-            "decode" => Ok(Phase::Decode),
-            other => Err(format!(
-                "unknown phase `{other}`; expected prefill or decode"
-            )),
-        }
-    }
-}
-
-/// How much the cache may hold.
-///
-/// String form (for CLI and TOML, parsed by [`Budget::parse`], given back by `Display`):
-/// `unlimited`; `8` (slots per layer); `512MiB/layer` (bytes per layer); `16GiB` (bytes, one
-/// global pool). Byte units: `B`, `KB`/`MB`/`GB`/`TB` (powers of 1000) and
-/// `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), case-insensitive, decimals allowed (`1.5GiB`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum Budget {
-    /// Nothing is ever evicted.
-    Unlimited,
-    /// Each MoE layer holds at most this many experts, whatever their size.
-    SlotsPerLayer(usize),
-    /// Each MoE layer holds at most this many bytes of experts.
-    BytesPerLayer(u64),
-    /// All layers together hold at most this many bytes (one shared pool).
-    BytesGlobal(u64),
-}
-
-/// A budget string that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "bad cache budget `{given}`: {reason}; expected `unlimited`, slots per layer (`8`), \
-     bytes per layer (`512MiB/layer`) or global bytes (`16GiB`)"
-)]
-pub struct BudgetError {
-    /// The string as given.
-    pub given: String,
-    /// What is wrong.
-    pub reason: String,
-}
-
-impl Budget {
-    /// Parses the string form (see the type doc).
-    pub fn parse(s: &str) -> Result<Budget, BudgetError> {
-        let err = |reason: &str| BudgetError {
-            given: s.to_string(),
-            reason: reason.to_string(),
-        };
-        let t = s.trim();
-        let lower = t.to_ascii_lowercase();
-        if lower == "unlimited" || lower == "all" {
-            return Ok(Budget::Unlimited);
-        }
-        if let Some(rest) = lower.strip_suffix("/layer") {
-            let rest = rest.trim();
-            if let Ok(n) = rest.parse::<usize>() {
-                return Ok(Budget::SlotsPerLayer(n));
-            }
-            return parse_bytes(rest)
-                .map(Budget::BytesPerLayer)
-                .ok_or_else(|| err("not a byte size"));
-        }
-        let digits = lower.strip_suffix("slots").unwrap_or(&lower).trim();
-        if let Ok(n) = digits.parse::<usize>() {
-            return Ok(Budget::SlotsPerLayer(n));
-        }
-        parse_bytes(&lower)
-            .map(Budget::BytesGlobal)
-            .ok_or_else(|| err("not a slot count or a byte size with a unit"))
-    }
-
-    /// True if every layer has its own pool.
-    pub fn per_layer(&self) -> bool {
-        !matches!(self, Budget::BytesGlobal(_))
-    }
-
-    /// The slot count of [`Budget::SlotsPerLayer`].
-    pub fn slots(&self) -> Option<usize> {
-        match self {
-            Budget::SlotsPerLayer(n) => Some(*n),
-            _ => None,
-        }
-    }
-
-    /// The byte count of a byte budget (per layer or global).
-    pub fn bytes(&self) -> Option<u64> {
-        match self {
-            Budget::BytesPerLayer(b) | Budget::BytesGlobal(b) => Some(*b),
-            _ => None,
-        }
-    }
-
-    /// Capacity of one pool in budget units (slots or bytes).
-    fn pool_capacity(&self) -> u64 {
-        match self {
-            Budget::Unlimited => u64::MAX,
-            Budget::SlotsPerLayer(n) => *n as u64,
-            Budget::BytesPerLayer(b) | Budget::BytesGlobal(b) => *b,
-        }
-    }
-
-    /// Budget units charged for an expert of `size` bytes.
-    #[inline]
-    fn cost(&self, size: u64) -> u64 {
-        match self {
-            Budget::SlotsPerLayer(_) => 1,
-            _ => size,
-        }
-    }
-
-    fn unit(&self) -> &'static str {
-        match self {
-            Budget::SlotsPerLayer(_) => "slots",
-            _ => "bytes",
-        }
-    }
-}
-
-/// Parses `<number><unit>` into bytes (see [`Budget`]); `None` if malformed.
-fn parse_bytes(s: &str) -> Option<u64> {
-    let s = s.trim().to_ascii_lowercase();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let mult: u64 = match unit.trim() {
-        "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        _ => return None,
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult);
-    }
-    let x: f64 = num.parse().ok()?;
-    let bytes = (x * mult as f64).round();
-    (x.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
-}
-
-/// Formats bytes exactly with the unit giving the smallest number (binary units win ties):
-/// `512MiB`, `2GB`, `1000B`.
-pub fn format_bytes(b: u64) -> String {
-    const UNITS: [(&str, u64); 8] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("TB", 1_000_000_000_000),
-        ("GB", 1_000_000_000),
-        ("MB", 1_000_000),
-        ("KB", 1_000),
-    ];
-    let mut best = (b, "B");
-    for (unit, m) in UNITS {
-        if b >= m && b % m == 0 && b / m < best.0 {
-            best = (b / m, unit);
-        }
-    }
-    format!("{}{}", best.0, best.1)
-}
-
-impl fmt::Display for Budget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Budget::Unlimited => f.write_str("unlimited"),
-            Budget::SlotsPerLayer(n) => write!(f, "{n}"),
-            Budget::BytesPerLayer(b) => write!(f, "{}/layer", format_bytes(*b)),
-            Budget::BytesGlobal(b) => f.write_str(&format_bytes(*b)),
-        }
-    }
-}
-
-impl FromStr for Budget {
-    type Err = BudgetError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Budget::parse(s)
-    }
-}
-
-impl TryFrom<String> for Budget {
-    type Error = BudgetError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Budget::parse(&s)
-    }
-}
-
-impl From<Budget> for String {
-    fn from(b: Budget) -> String {
-        b.to_string()
-    }
-}
 
 /// Errors of the access driver.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -369,6 +146,12 @@ pub enum CacheError {
         /// `slots` or `bytes`.
         unit: &'static str,
     },
+}
+
+impl From<CacheError> for crate::error::Error {
+    fn from(e: CacheError) -> Self {
+        crate::error::Error::Stage(Box::new(e))
+    }
 }
 
 /// Hits and accesses of one phase.
@@ -492,6 +275,42 @@ pub struct PrefetchOutcome {
     pub issued: bool,
     /// Experts evicted to make room.
     pub evicted: Vec<ExpertKey>,
+}
+
+/// One step: a token through one MoE layer, as [`CacheCore::step`] runs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// The MoE layer.
+    pub layer: u32,
+    /// Prefill or decode.
+    pub phase: Phase,
+    /// The experts the router selected, in router order.
+    pub experts: &'a [u32],
+    /// The router-lookahead prediction for the next MoE layer of the same token: that layer and
+    /// its predicted experts. Prefetched only in the decode phase by a prefetching policy.
+    pub prediction: Option<(u32, &'a [u32])>,
+}
+
+/// What one [`CacheCore::step`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// Per demanded expert, in router order: was it resident.
+    pub hits: Vec<bool>,
+    /// The demanded experts that were not resident (each must be loaded), in router order.
+    pub misses: Vec<ExpertKey>,
+    /// Predicted experts a prefetch made resident (each must be loaded, in the background).
+    pub prefetched: Vec<ExpertKey>,
+    /// Experts evicted to make room (their payloads are to be freed).
+    pub evicted: Vec<ExpertKey>,
+}
+
+impl StepOutcome {
+    fn clear(&mut self) {
+        self.hits.clear();
+        self.misses.clear();
+        self.prefetched.clear();
+        self.evicted.clear();
+    }
 }
 
 /// Construction options beyond spec, budget and layers.
@@ -742,6 +561,62 @@ impl CacheCore {
         let options = self.options.clone();
         *self = Self::with_options(&self.spec, self.budget, &self.moe_layers, options)
             .expect("arguments were validated at construction");
+    }
+
+    /// Runs one whole step (see [`Step`]) — the protocol the live engine and the simulator
+    /// share, so that both give the same hit counts on the same routing by construction:
+    /// 1. [`begin_step`](Self::begin_step) pins the router's experts;
+    /// 2. one demand [`access`](Self::access) per expert, in router order;
+    /// 3. in the decode phase, if the policy prefetches, one [`prefetch`](Self::prefetch) per
+    ///    predicted expert of the next MoE layer, in predicted order (router lookahead: layer
+    ///    l+1's experts are guessed while layer l runs);
+    /// 4. [`end_step`](Self::end_step).
+    ///
+    /// `size` gives an expert's checkpoint bytes; `next_use(key, prefetch)` its next demand
+    /// position for Belady (`u64::MAX` when unknown; it is called once per access, in order).
+    /// `out` is cleared and filled. On error the step is closed and `out` holds what happened
+    /// before the failing access.
+    pub fn step(
+        &mut self,
+        step: &Step<'_>,
+        size: impl Fn(ExpertKey) -> u64,
+        mut next_use: impl FnMut(ExpertKey, bool) -> u64,
+        out: &mut StepOutcome,
+    ) -> Result<(), CacheError> {
+        out.clear();
+        self.begin_step(step.layer, step.phase, step.experts)?;
+        for &expert in step.experts {
+            let key = ExpertKey {
+                layer: step.layer,
+                expert,
+            };
+            let n = next_use(key, false);
+            match self.access_into(key, size(key), n, &mut out.evicted) {
+                Ok(info) => {
+                    out.hits.push(info.hit);
+                    if !info.hit {
+                        out.misses.push(key);
+                    }
+                }
+                Err(e) => {
+                    self.end_step();
+                    return Err(e);
+                }
+            }
+        }
+        if let (Phase::Decode, true, Some((layer, predicted))) =
+            (step.phase, self.spec.prefetch(), step.prediction)
+        {
+            for &expert in predicted {
+                let key = ExpertKey { layer, expert };
+                let n = next_use(key, true);
+                if self.prefetch_into(key, size(key), n, &mut out.evicted) {
+                    out.prefetched.push(key);
+                }
+            }
+        }
+        self.end_step();
+        Ok(())
     }
 
     /// Opens the step of `layer` (one token through one MoE layer) and pins `experts`, the
@@ -1207,36 +1082,6 @@ mod tests {
             .collect();
         c.end_step();
         s
-    }
-
-    #[test]
-    fn budget_strings_round_trip() {
-        for (given, canonical, parsed) in [
-            ("unlimited", "unlimited", Budget::Unlimited),
-            ("8", "8", Budget::SlotsPerLayer(8)),
-            ("8slots", "8", Budget::SlotsPerLayer(8)),
-            ("16/layer", "16", Budget::SlotsPerLayer(16)),
-            (
-                "512MiB/layer",
-                "512MiB/layer",
-                Budget::BytesPerLayer(512 << 20),
-            ),
-            ("1.5GiB", "1536MiB", Budget::BytesGlobal(1536 << 20)),
-            ("2GB", "2GB", Budget::BytesGlobal(2_000_000_000)),
-            ("1000b", "1KB", Budget::BytesGlobal(1000)),
-            ("4 KiB", "4KiB", Budget::BytesGlobal(4096)),
-            ("100b", "100B", Budget::BytesGlobal(100)),
-        ] {
-            let b = Budget::parse(given).unwrap();
-            assert_eq!(b, parsed, "{given}");
-            assert_eq!(b.to_string(), canonical, "{given}");
-            assert_eq!(Budget::parse(canonical).unwrap(), b);
-        }
-        for bad in ["", "lots", "12XB", "-3", "1.5"] {
-            assert!(Budget::parse(bad).is_err(), "{bad} accepted");
-        }
-        let json = serde_json::to_string(&Budget::BytesPerLayer(1 << 30)).unwrap();
-        assert_eq!(json, "\"1GiB/layer\"");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! An expert is never a tensor owned by the model: it is an [`ExpertKey`] resolved through the
 //! cache at the moment the router selects it.
 
+pub mod budget;
 pub mod cache;
 pub mod loader;
 pub mod policies;
@@ -17,4 +18,36 @@ pub struct ExpertKey {
     pub layer: u32,
     /// Routed expert id within the layer.
     pub expert: u32,
+}
+
+/// Which part of generation a step belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Processing the prompt.
+    Prefill,
+    /// Generating tokens one at a time.
+    Decode,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Prefill => "prefill",
+            Phase::Decode => "decode",
+        })
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "prefill" => Ok(Phase::Prefill),
+            "decode" => Ok(Phase::Decode),
+            other => Err(format!(
+                "unknown phase `{other}`; expected prefill or decode"
+            )),
+        }
+    }
 }

@@ -14,21 +14,10 @@ use crate::config::{ModelSpec, QuantParams};
 use crate::error::{Error, Result};
 use crate::weights::layout::{ExpertLayout, Prefix};
 use crate::weights::quant::PackedMatrix;
-use crate::weights::{quant, quantized_parts, Checkpoint, DType};
+use crate::weights::{quant, quantized_parts, ByteRange, Checkpoint, DType};
 
-use super::upload::{Part, QuantProj, TransferStats, Uploader};
+use super::upload::{GpuExperts, Part, QuantProj, Staging, TransferStats, Uploader};
 use super::ExpertKey;
-
-/// A byte range in one shard.
-#[derive(Debug, Clone, Copy)]
-pub struct ByteRange {
-    /// Shard index.
-    pub shard: usize,
-    /// Absolute offset in the shard file.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
 
 /// Where one projection matrix `[rows, cols]` of an expert is stored.
 #[derive(Debug, Clone)]
@@ -103,6 +92,30 @@ pub enum ExpertMats {
         /// Down `[H, I]`.
         down: PackedMatrix,
     },
+}
+
+/// A checkpoint opened for the engine: validated shards, where the model's tensors live, and a
+/// handle for every routed expert. The one open sequence (checkpoint → key prefix → expert
+/// layout → store) that the engine, `inspect` and `simulate --model` share.
+#[derive(Debug)]
+pub struct OpenCheckpoint {
+    /// The shards, every header validated.
+    pub ck: Arc<Checkpoint>,
+    /// Where the decoder layers, embeddings and head live.
+    pub prefix: Prefix,
+    /// The expert handles (no expert bytes read).
+    pub store: ExpertStore,
+}
+
+impl OpenCheckpoint {
+    /// Opens `dir` for `spec`, with expert misses served on `device`.
+    pub fn open(dir: &std::path::Path, spec: &ModelSpec, device: Device) -> Result<Self> {
+        let ck = Arc::new(Checkpoint::open(dir)?);
+        let prefix = crate::weights::layout::detect_prefix(&ck)?;
+        let layout = crate::weights::layout::detect_experts(&ck, spec, &prefix)?;
+        let store = ExpertStore::new(ck.clone(), spec, &prefix, layout, device)?;
+        Ok(OpenCheckpoint { ck, prefix, store })
+    }
 }
 
 /// A resident expert, ready to run.
@@ -234,6 +247,11 @@ impl ExpertStore {
         self.handle(key).bytes
     }
 
+    /// Checkpoint bytes of every routed expert of every MoE layer.
+    pub fn total_bytes(&self) -> u64 {
+        self.handles.iter().flatten().map(|h| h.bytes).sum()
+    }
+
     /// The detected layout.
     pub fn layout(&self) -> ExpertLayout {
         self.layout
@@ -255,8 +273,8 @@ impl ExpertStore {
 
     /// Keep MLX-quantized experts packed in GPU memory (default on CUDA) or decode them to f32
     /// at upload.
-    pub fn set_gpu_packed(&self, on: bool) {
-        self.uploader.set_gpu_packed(on);
+    pub fn set_gpu_experts(&self, form: GpuExperts) {
+        self.uploader.set_gpu_experts(form);
     }
 
     /// Whether quantized experts stay packed on the GPU (CUDA device, MLX-quantized experts).
@@ -273,8 +291,8 @@ impl ExpertStore {
     }
 
     /// Write-combined (default) or cacheable pinned staging buffers on CUDA.
-    pub fn set_write_combined(&self, on: bool) {
-        self.uploader.set_write_combined(on);
+    pub fn set_staging(&self, staging: Staging) {
+        self.uploader.set_staging(staging);
     }
 
     /// Reader threads per upload on CUDA (see [`Uploader::set_read_threads`]).
@@ -500,14 +518,6 @@ fn handle(proj: Vec<ProjSource>) -> ExpertHandle {
     ExpertHandle { proj, bytes }
 }
 
-fn range(e: &crate::weights::TensorEntry) -> ByteRange {
-    ByteRange {
-        shard: e.shard,
-        offset: e.offset,
-        len: e.len,
-    }
-}
-
 /// Resolves one projection (optionally stacked over `experts`) to its byte ranges.
 fn source(
     ck: &Checkpoint,
@@ -520,9 +530,9 @@ fn source(
     if ck.get(&format!("{module}.scales")).is_some() {
         let (w, s, b, params) = quantized_parts(ck, quant, module, &lead, rows, cols)?;
         return Ok(ProjSource::Quant {
-            weight: range(w),
-            scales: range(s),
-            biases: range(b),
+            weight: w.range(),
+            scales: s.range(),
+            biases: b.range(),
             scale_dtype: s.dtype,
             params,
         });
@@ -543,7 +553,7 @@ fn source(
         ));
     }
     Ok(ProjSource::Float {
-        data: range(e),
+        data: e.range(),
         dtype: e.dtype,
     })
 }

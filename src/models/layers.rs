@@ -3,14 +3,18 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::config::{AttentionSpec, QuantSpec};
+use crate::config::AttentionSpec;
 use crate::error::Result;
 use crate::weights::quant::PackedMatrix;
-use crate::weights::{load_matrix, quantized_parts, Checkpoint};
+use crate::weights::{load_matrix, quantized_parts, Vb};
 
-/// Loads a plain f32 vector (norm weights, biases).
-pub fn load_vec(ck: &Checkpoint, key: &str, n: usize, dev: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_vec(ck.f32_vec(key, &[n])?, n, dev)?)
+/// Loads the plain f32 vector `leaf` of a scope (norm weights, biases).
+pub fn load_vec(vb: &Vb, leaf: &str, n: usize) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        vb.ck.f32_vec(&vb.key(leaf), &[n])?,
+        n,
+        vb.dev,
+    )?)
 }
 
 /// RMSNorm over the last dimension.
@@ -21,10 +25,10 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Loads `{module}.weight` of size `n`.
-    pub fn load(ck: &Checkpoint, module: &str, n: usize, eps: f64, dev: &Device) -> Result<Self> {
+    /// Loads `weight` of size `n` in `vb`.
+    pub fn load(vb: &Vb, n: usize, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
-            weight: load_vec(ck, &format!("{module}.weight"), n, dev)?,
+            weight: load_vec(vb, "weight", n)?,
             eps: eps as f32,
         })
     }
@@ -48,39 +52,27 @@ pub enum Weight {
 }
 
 impl Weight {
-    /// Loads `{module}.weight` `[rows, cols]`: packed when [`packed`] keeps it so, else f32.
-    pub fn load(
-        ck: &Checkpoint,
-        quant: Option<&QuantSpec>,
-        module: &str,
-        rows: usize,
-        cols: usize,
-        dev: &Device,
-    ) -> Result<Self> {
-        Ok(match packed(ck, quant, module, rows, cols, dev)? {
+    /// Loads the matrix `[rows, cols]` of the module `vb`: packed when [`packed`] keeps it so,
+    /// else f32.
+    pub fn load(vb: &Vb, rows: usize, cols: usize) -> Result<Self> {
+        Ok(match packed(vb, rows, cols)? {
             Some(m) => Weight::Packed(m),
             None => Weight::Dense(Tensor::from_vec(
-                load_matrix(ck, quant, module, rows, cols)?,
+                load_matrix(vb.ck, vb.quant, vb.path(), rows, cols)?,
                 (rows, cols),
-                dev,
+                vb.dev,
             )?),
         })
     }
 }
 
 /// On the CPU, an MLX-quantized module stays packed; `None` means "load it as f32".
-pub fn packed(
-    ck: &Checkpoint,
-    quant: Option<&QuantSpec>,
-    module: &str,
-    rows: usize,
-    cols: usize,
-    dev: &Device,
-) -> Result<Option<PackedMatrix>> {
-    if !dev.is_cpu() || ck.get(&format!("{module}.scales")).is_none() {
+pub fn packed(vb: &Vb, rows: usize, cols: usize) -> Result<Option<PackedMatrix>> {
+    let ck = vb.ck;
+    if !vb.dev.is_cpu() || !vb.has("scales") {
         return Ok(None);
     }
-    let (w, s, b, p) = quantized_parts(ck, quant, module, &[], rows, cols)?;
+    let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[], rows, cols)?;
     Ok(PackedMatrix::new(
         ck.mapped(w),
         ck.mapped(s),
@@ -108,17 +100,10 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    /// Loads `{module}.weight` (float or MLX-quantized).
-    pub fn load(
-        ck: &Checkpoint,
-        quant: Option<&QuantSpec>,
-        module: &str,
-        vocab: usize,
-        hidden: usize,
-        dev: &Device,
-    ) -> Result<Self> {
+    /// Loads the table of the module `vb` (float or MLX-quantized).
+    pub fn load(vb: &Vb, vocab: usize, hidden: usize) -> Result<Self> {
         Ok(Embedding {
-            weight: Weight::load(ck, quant, module, vocab, hidden, dev)?,
+            weight: Weight::load(vb, vocab, hidden)?,
             hidden,
         })
     }
@@ -144,19 +129,11 @@ impl Embedding {
 }
 
 impl Linear {
-    /// Loads `{module}.weight` (float or MLX-quantized) and, if `bias`, `{module}.bias`.
-    pub fn load(
-        ck: &Checkpoint,
-        quant: Option<&QuantSpec>,
-        module: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-        dev: &Device,
-    ) -> Result<Self> {
-        let weight = Weight::load(ck, quant, module, out, inp, dev)?;
+    /// Loads the module `vb` (`weight`, float or MLX-quantized, and `bias` if asked for).
+    pub fn load(vb: &Vb, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let weight = Weight::load(vb, out, inp)?;
         let bias = if bias {
-            Some(load_vec(ck, &format!("{module}.bias"), out, dev)?)
+            Some(load_vec(vb, "bias", out)?)
         } else {
             None
         };
@@ -197,21 +174,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Loads `{module}.{names[0..3]}` (gate, up, down).
-    pub fn load(
-        ck: &Checkpoint,
-        quant: Option<&QuantSpec>,
-        module: &str,
-        names: [&str; 3],
-        hidden: usize,
-        inter: usize,
-        dev: &Device,
-    ) -> Result<Self> {
-        let l = |n: &str, o, i| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, false, dev);
+    /// Loads `gate_proj`, `up_proj` and `down_proj` of the module `vb`.
+    pub fn load(vb: &Vb, hidden: usize, inter: usize) -> Result<Self> {
         Ok(Mlp {
-            gate: l(names[0], inter, hidden)?,
-            up: l(names[1], inter, hidden)?,
-            down: l(names[2], hidden, inter)?,
+            gate: Linear::load(&vb.pp("gate_proj"), inter, hidden, false)?,
+            up: Linear::load(&vb.pp("up_proj"), inter, hidden, false)?,
+            down: Linear::load(&vb.pp("down_proj"), hidden, inter, false)?,
         })
     }
     /// Applies the MLP to `x` `[T, H]`.
@@ -415,19 +383,11 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Loads `{module}.{q,k,v,o}_proj` (+ `q_norm`, `k_norm`).
-    pub fn load(
-        ck: &Checkpoint,
-        quant: Option<&QuantSpec>,
-        module: &str,
-        hidden: usize,
-        spec: &AttentionSpec,
-        eps: f64,
-        dev: &Device,
-    ) -> Result<Self> {
+    /// Loads `{q,k,v,o}_proj` (+ `q_norm`, `k_norm`) of the module `vb` (`…self_attn`).
+    pub fn load(vb: &Vb, hidden: usize, spec: &AttentionSpec, eps: f64) -> Result<Self> {
         let (nh, nkv, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
-        let l = |n: &str, o, i, b| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, b, dev);
-        let norm = |n: &str| RmsNorm::load(ck, &format!("{module}.{n}"), hd, eps, dev);
+        let l = |n: &str, o, i, b| Linear::load(&vb.pp(n), o, i, b);
+        let norm = |n: &str| RmsNorm::load(&vb.pp(n), hd, eps);
         Ok(Attention {
             q: l("q_proj", nh * hd, hidden, spec.qkv_bias)?,
             k: l("k_proj", nkv * hd, hidden, spec.qkv_bias)?,

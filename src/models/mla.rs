@@ -6,11 +6,11 @@
 //! Weights: HF `kv_b_proj` `[H·(nope+v), C]`, or mlx-lm's split `embed_q` `[H, C, nope]` and
 //! `unembed_out` `[H, v, C]`; `q_a_proj`/`q_a_layernorm`/`q_b_proj` or a plain `q_proj`.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
-use crate::config::{MlaSpec, QuantSpec};
+use crate::config::MlaSpec;
 use crate::error::{Error, Result};
-use crate::weights::{load_stacked, Checkpoint};
+use crate::weights::{load_stacked, Vb};
 
 use super::layers::{causal_mask, LayerKv, Linear, RmsNorm, Rope};
 
@@ -40,16 +40,8 @@ pub struct MlaAttention {
 }
 
 impl MlaAttention {
-    /// Loads `{module}.*` (`…layers.{i}.self_attn`).
-    pub fn load(
-        ck: &Checkpoint,
-        quant: Option<&QuantSpec>,
-        module: &str,
-        hidden: usize,
-        heads: usize,
-        m: &MlaSpec,
-        dev: &Device,
-    ) -> Result<Self> {
+    /// Loads the module `vb` (`…layers.{i}.self_attn`).
+    pub fn load(vb: &Vb, hidden: usize, heads: usize, m: &MlaSpec) -> Result<Self> {
         let (dn, dr, dv, c) = (
             m.qk_nope_head_dim,
             m.qk_rope_head_dim,
@@ -57,25 +49,20 @@ impl MlaAttention {
             m.kv_lora_rank,
         );
         let dq = dn + dr;
-        let l = |n: &str, o, i, b| Linear::load(ck, quant, &format!("{module}.{n}"), o, i, b, dev);
+        let (ck, quant, dev) = (vb.ck, vb.quant, vb.dev);
+        let l = |n: &str, o, i, b| Linear::load(&vb.pp(n), o, i, b);
         let q = match m.q_lora_rank {
             Some(r) => QProj::Lora {
                 a: l("q_a_proj", r, hidden, m.attention_bias)?,
-                norm: RmsNorm::load(
-                    ck,
-                    &format!("{module}.q_a_layernorm"),
-                    r,
-                    LATENT_NORM_EPS,
-                    dev,
-                )?,
+                norm: RmsNorm::load(&vb.pp("q_a_layernorm"), r, LATENT_NORM_EPS)?,
                 b: l("q_b_proj", heads * dq, r, false)?,
             },
             None => QProj::Plain(l("q_proj", heads * dq, hidden, false)?),
         };
-        let kv_b = format!("{module}.kv_b_proj");
-        let (k_up, v_up) = if ck.get(&format!("{kv_b}.weight")).is_some() {
+        let kv_b = vb.pp("kv_b_proj");
+        let (k_up, v_up) = if kv_b.has("weight") {
             let w = Tensor::from_vec(
-                crate::weights::load_matrix(ck, quant, &kv_b, heads * (dn + dv), c)?,
+                crate::weights::load_matrix(ck, quant, kv_b.path(), heads * (dn + dv), c)?,
                 (heads, dn + dv, c),
                 dev,
             )?;
@@ -83,36 +70,30 @@ impl MlaAttention {
                 w.narrow(1, 0, dn)?.transpose(1, 2)?.contiguous()?,
                 w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?,
             )
-        } else if ck.get(&format!("{module}.embed_q.weight")).is_some() {
+        } else if vb.pp("embed_q").has("weight") {
             // mlx-lm: embed_q = key rows transposed [H, C, nope]; unembed_out = value rows [H, v, C].
             let k = Tensor::from_vec(
-                load_stacked(ck, quant, &format!("{module}.embed_q"), &[heads], c, dn)?,
+                load_stacked(ck, quant, &vb.key("embed_q"), &[heads], c, dn)?,
                 (heads, c, dn),
                 dev,
             )?;
             let v = Tensor::from_vec(
-                load_stacked(ck, quant, &format!("{module}.unembed_out"), &[heads], dv, c)?,
+                load_stacked(ck, quant, &vb.key("unembed_out"), &[heads], dv, c)?,
                 (heads, dv, c),
                 dev,
             )?;
             (k, v.transpose(1, 2)?.contiguous()?)
         } else {
             return Err(Error::MissingTensor {
-                key: format!("{kv_b}.weight"),
+                key: kv_b.key("weight"),
                 dir: ck.dir().to_path_buf(),
-                hint: format!(" (nor mlx-lm's `{module}.embed_q` / `unembed_out`): MLA needs the latent key/value expansion"),
+                hint: format!(" (nor mlx-lm's `{}` / `unembed_out`): MLA needs the latent key/value expansion", vb.key("embed_q")),
             });
         };
         Ok(MlaAttention {
             q,
             kv_a: l("kv_a_proj_with_mqa", c + dr, hidden, m.attention_bias)?,
-            kv_a_norm: RmsNorm::load(
-                ck,
-                &format!("{module}.kv_a_layernorm"),
-                c,
-                LATENT_NORM_EPS,
-                dev,
-            )?,
+            kv_a_norm: RmsNorm::load(&vb.pp("kv_a_layernorm"), c, LATENT_NORM_EPS)?,
             k_up,
             v_up,
             o: l("o_proj", hidden, heads * dv, m.attention_bias)?,

@@ -13,13 +13,99 @@ pub mod qwen3_next;
 
 use candle_core::{Device, Tensor};
 
-use crate::config::ModelSpec;
+use std::path::Path;
+
+use crate::config::{self, ModelSpec};
 use crate::error::{Error, Result};
 use crate::weights::layout::Prefix;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, Vb};
 
 use layers::{Attention, Embedding, LayerKv, Linear, Mlp, RmsNorm};
 use moe::{ExpertAccess, MoeBlock, Route};
+
+/// Reads `config.json` (given a checkpoint directory or the file itself), dispatches on its
+/// `model_type` to the family file that knows HF's field names, and resolves a [`ModelSpec`].
+pub fn load_spec(path: &Path) -> Result<ModelSpec> {
+    let (file, value) = config::read_json(path)?;
+    spec_from_value(&file, value)
+}
+
+/// Resolves an already-parsed config (see [`load_spec`]).
+pub fn spec_from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpec> {
+    let model_type = match value.get("model_type") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(_) => return Err(Error::config(file, "model_type", "must be a string")),
+        None => return Err(Error::config(file, "model_type", "missing")),
+    };
+    let quantization = config::parse_quantization(file, &value)?;
+    let mut spec = match model_type.as_str() {
+        "glm4_moe" => glm4_moe::Config::parse(file, &value)?.spec(file)?,
+        "qwen3_moe" => qwen3_moe::Config::parse(file, &value)?.spec(file)?,
+        "mixtral" => mixtral::Config::parse(file, &value)?.spec(file)?,
+        "deepseek_v3" | "kimi_k2" => {
+            deepseek_v3::spec(file, &value, &model_type, deepseek_v3::Variant::DeepseekV3)?
+        }
+        "qwen3_next" => qwen3_next::Config::parse(file, &value)?.spec(file)?,
+        "glm4_moe_lite" => {
+            deepseek_v3::spec(file, &value, &model_type, deepseek_v3::Variant::Glm4MoeLite)?
+        }
+        "kimi_k25" => {
+            let text = value
+                .get("text_config")
+                .filter(|t| t.is_object())
+                .ok_or_else(|| {
+                    Error::config(
+                        file,
+                        "text_config",
+                        "missing: a kimi_k25 config wraps its language model in `text_config`",
+                    )
+                })?;
+            let inner = text
+                .get("model_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("kimi_k2")
+                .to_string();
+            if !matches!(inner.as_str(), "kimi_k2" | "deepseek_v3") {
+                return Err(Error::config(
+                    file,
+                    "text_config.model_type",
+                    format!("`{inner}` (expected kimi_k2 or deepseek_v3)"),
+                ));
+            }
+            let mut spec = deepseek_v3::spec(file, text, &inner, deepseek_v3::Variant::DeepseekV3)?;
+            spec.model_type = "kimi_k25".into();
+            spec.quantization = config::parse_quantization(file, text)?
+                .or(config::parse_quantization(file, &value)?);
+            spec.unsupported = spec
+                .unsupported
+                .take()
+                .or(config::foreign_quantization(text).or(config::foreign_quantization(&value)));
+            config::validate(file, &spec)?;
+            return Ok(spec);
+        }
+        t if config::KNOWN_DENSE.contains(&t) => {
+            return Err(Error::DenseModel {
+                path: file.to_path_buf(),
+                model_type,
+                supported: config::SUPPORTED_MOE.join(", "),
+            })
+        }
+        _ => {
+            return Err(Error::UnknownModel {
+                path: file.to_path_buf(),
+                model_type,
+                supported: config::SUPPORTED_MOE.join(", "),
+            })
+        }
+    };
+    spec.quantization = quantization;
+    spec.unsupported = spec
+        .unsupported
+        .take()
+        .or(config::foreign_quantization(&value));
+    config::validate(file, &spec)?;
+    Ok(spec)
+}
 
 /// The feed-forward part of a decoder layer.
 #[derive(Debug)]
@@ -91,84 +177,44 @@ impl Model {
     /// Loads every dense tensor (attention, norms, embeddings, routers, shared experts, dense
     /// layers). Routed experts are not touched.
     pub fn load(ck: &Checkpoint, spec: &ModelSpec, prefix: &Prefix, dev: &Device) -> Result<Self> {
-        let quant = spec.quantization.as_ref();
+        let root = Vb::root(ck, spec.quantization.as_ref(), dev);
         let (h, v) = (spec.hidden_size, spec.vocab_size);
-        let embed_mod = format!("{}embed_tokens", prefix.model);
-        let embed = Embedding::load(ck, quant, &embed_mod, v, h, dev)?;
+        let model = root.pp(&prefix.model);
+        let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;
+        let layers_vb = root.pp(&prefix.layers);
+        let eps = spec.rms_norm_eps;
         let mut layers = Vec::with_capacity(spec.num_layers);
         for i in 0..spec.num_layers {
+            let vb = layers_vb.pp(i);
             let ffn = if spec.is_moe_layer(i) {
-                Ffn::Moe(MoeBlock::load(
-                    ck,
-                    spec,
-                    &prefix.layer(i, spec.keys.mlp),
-                    i,
-                    dev,
-                )?)
+                Ffn::Moe(MoeBlock::load(&vb.pp(spec.keys.mlp), spec, i)?)
             } else {
-                Ffn::Dense(Mlp::load(
-                    ck,
-                    quant,
-                    &prefix.layer(i, "mlp"),
-                    ["gate_proj", "up_proj", "down_proj"],
-                    h,
-                    spec.dense_intermediate,
-                    dev,
-                )?)
+                Ffn::Dense(Mlp::load(&vb.pp("mlp"), h, spec.dense_intermediate)?)
             };
+            let attn_vb = vb.pp("self_attn");
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::load(
-                    ck,
-                    &prefix.layer(i, "input_layernorm"),
-                    h,
-                    spec.rms_norm_eps,
-                    dev,
-                )?,
+                input_norm: RmsNorm::load(&vb.pp("input_layernorm"), h, eps)?,
                 attn: match &spec.mla {
                     Some(m) => Attn::Mla(mla::MlaAttention::load(
-                        ck,
-                        quant,
-                        &prefix.layer(i, "self_attn"),
+                        &attn_vb,
                         h,
                         spec.attention.num_heads,
                         m,
-                        dev,
                     )?),
-                    None => Attn::Gqa(Attention::load(
-                        ck,
-                        quant,
-                        &prefix.layer(i, "self_attn"),
-                        h,
-                        &spec.attention,
-                        spec.rms_norm_eps,
-                        dev,
-                    )?),
+                    None => Attn::Gqa(Attention::load(&attn_vb, h, &spec.attention, eps)?),
                 },
-                post_norm: RmsNorm::load(
-                    ck,
-                    &prefix.layer(i, "post_attention_layernorm"),
-                    h,
-                    spec.rms_norm_eps,
-                    dev,
-                )?,
+                post_norm: RmsNorm::load(&vb.pp("post_attention_layernorm"), h, eps)?,
                 ffn,
             });
         }
-        let lm_head = if spec.tie_word_embeddings
-            && ck.get(&format!("{}.weight", prefix.lm_head)).is_none()
-        {
+        let head = root.pp(&prefix.lm_head);
+        let lm_head = if spec.tie_word_embeddings && !head.has("weight") {
             Linear::from_weight(embed.weight().clone())
         } else {
-            Linear::load(ck, quant, &prefix.lm_head, v, h, false, dev)?
+            Linear::load(&head, v, h, false)?
         };
         Ok(Model {
-            norm: RmsNorm::load(
-                ck,
-                &format!("{}norm", prefix.model),
-                h,
-                spec.rms_norm_eps,
-                dev,
-            )?,
+            norm: RmsNorm::load(&model.pp("norm"), h, eps)?,
             spec: spec.clone(),
             prefix: prefix.clone(),
             embed,

@@ -2,13 +2,13 @@
 //! resolves every selected expert through an [`ExpertAccess`] (the engine's bounded cache), so
 //! experts are loaded only when a router selects them.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
-use crate::config::{ModelSpec, QuantSpec, RouterSpec};
+use crate::config::{ModelSpec, RouterSpec};
 use crate::error::Result;
 use crate::experts::store::ExpertWeights;
 use crate::experts::ExpertKey;
-use crate::weights::Checkpoint;
+use crate::weights::Vb;
 
 use super::layers::{expert_forward, rows, Linear, Mlp};
 
@@ -23,13 +23,20 @@ pub struct Route {
 
 /// How the MoE block obtains experts: the engine implements this over its cache.
 pub trait ExpertAccess {
-    /// Starts the step of token `pos` at MoE `layer`: the route's experts are pinned until `end_step`.
-    fn begin_step(&mut self, layer: u32, pos: usize, route: &Route) -> Result<()>;
+    /// Starts the step of token `pos` at MoE `layer`: the cache decides every access of the
+    /// step (the route's experts, and the router-lookahead `prediction` for the next MoE layer
+    /// of this token, if lookahead is on) before any expert runs.
+    fn begin_step(
+        &mut self,
+        layer: u32,
+        pos: usize,
+        route: &Route,
+        prediction: Option<(u32, &[u32])>,
+    ) -> Result<()>;
     /// Resolves an expert; `None` means "skip it" (skip-on-miss mode).
     fn fetch(&mut self, key: ExpertKey) -> Result<Option<std::sync::Arc<ExpertWeights>>>;
-    /// Ends the step, after the demand accesses; `prediction` is the router-lookahead guess for the
-    /// next MoE layer of this token, if lookahead is on.
-    fn end_step(&mut self, route: &Route, prediction: Option<(u32, &[u32])>) -> Result<()>;
+    /// Ends the step, after its experts ran.
+    fn end_step(&mut self, route: &Route) -> Result<()>;
     /// Whether the caller should compute router-lookahead predictions.
     fn wants_lookahead(&self) -> bool;
     /// Routes replayed from a recorded trace for tokens `pos0..pos0 + n` at MoE `layer`, used
@@ -54,19 +61,13 @@ pub struct Router {
 }
 
 impl Router {
-    /// Loads `{module}.weight` (and `e_score_correction_bias` for sigmoid routers).
-    pub fn load(
-        ck: &Checkpoint,
-        quant: Option<&QuantSpec>,
-        module: &str,
-        spec: &ModelSpec,
-        dev: &Device,
-    ) -> Result<Self> {
+    /// Loads the gate module `vb` (`weight`, and `e_score_correction_bias` for sigmoid routers).
+    pub fn load(vb: &Vb, spec: &ModelSpec) -> Result<Self> {
         let e = spec.moe.num_experts;
-        let gate = Linear::load(ck, quant, module, e, spec.hidden_size, false, dev)?;
+        let gate = Linear::load(vb, e, spec.hidden_size, false)?;
         let bias = match spec.moe.router {
             RouterSpec::SigmoidNoauxTc { .. } => {
-                Some(ck.f32_vec(&format!("{module}.e_score_correction_bias"), &[e])?)
+                Some(vb.ck.f32_vec(&vb.key("e_score_correction_bias"), &[e])?)
             }
             _ => None,
         };
@@ -182,26 +183,12 @@ pub struct MoeBlock {
 }
 
 impl MoeBlock {
-    /// Loads the router and shared experts of decoder layer `layer` under `module` (`…layers.{i}.mlp`).
-    pub fn load(
-        ck: &Checkpoint,
-        spec: &ModelSpec,
-        module: &str,
-        layer: usize,
-        dev: &Device,
-    ) -> Result<Self> {
-        let quant = spec.quantization.as_ref();
-        let router = Router::load(ck, quant, &format!("{module}.gate"), spec, dev)?;
+    /// Loads the router and shared experts of decoder layer `layer` from the module `vb`
+    /// (`…layers.{i}.mlp`).
+    pub fn load(vb: &Vb, spec: &ModelSpec, layer: usize) -> Result<Self> {
+        let router = Router::load(&vb.pp("gate"), spec)?;
         let shared = match (spec.keys.shared, spec.moe.shared_intermediate) {
-            (Some(name), Some(inter)) => Some(Mlp::load(
-                ck,
-                quant,
-                &format!("{module}.{name}"),
-                ["gate_proj", "up_proj", "down_proj"],
-                spec.hidden_size,
-                inter,
-                dev,
-            )?),
+            (Some(name), Some(inter)) => Some(Mlp::load(&vb.pp(name), spec.hidden_size, inter)?),
             _ => None,
         };
         Ok(MoeBlock {
@@ -224,7 +211,8 @@ impl MoeBlock {
         let mut outs = Vec::with_capacity(routes.len());
         for (t, route) in routes.iter().enumerate() {
             let xt = x.narrow(0, t, 1)?;
-            access.begin_step(self.layer, pos0 + t, route)?;
+            let pred = predictions.map(|(l, p)| (l, p[t].experts.as_slice()));
+            access.begin_step(self.layer, pos0 + t, route, pred)?;
             let mut acc: Option<Tensor> = None;
             let mut kept = 0f32;
             for (&e, &w) in route.experts.iter().zip(&route.weights) {
@@ -242,8 +230,7 @@ impl MoeBlock {
                     None => y,
                 });
             }
-            let pred = predictions.map(|(l, p)| (l, p[t].experts.as_slice()));
-            access.end_step(route, pred)?;
+            access.end_step(route)?;
             let total: f32 = route.weights.iter().sum();
             let y = match acc {
                 // Skip-on-miss: the kept experts are renormalised to the full routed weight.

@@ -3,17 +3,81 @@
 //! `harness plot RESULTS_DIR` can redraw them).
 
 mod plots;
+mod tables;
 
 use std::path::Path;
 
 use polars::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::run::CellSummary;
 use crate::trace;
 
 pub use plots::plot_dir;
+pub use tables::{simulation_table, summary_table};
+
+/// One row of `summary.parquet` / `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CellSummary {
+    /// Cell id.
+    pub cell: String,
+    /// Policy name (with parameters).
+    pub policy: String,
+    /// Slots per layer, when the budget is a capacity.
+    pub capacity: Option<u64>,
+    /// Byte budget, when the budget is in bytes (fractions resolved).
+    pub budget_bytes: Option<u64>,
+    /// Budget as a fraction of total expert bytes.
+    pub budget_fraction: f64,
+    /// `global` or `per-layer` for byte budgets.
+    pub pool: String,
+    /// `load` or `skip`.
+    pub miss: String,
+    /// Measured prompts.
+    pub prompts: u64,
+    /// Tokens generated over the measured prompts.
+    pub tokens_generated: u64,
+    /// Expert demand accesses.
+    pub accesses: u64,
+    /// Of which hits.
+    pub hits: u64,
+    /// Demand hits / accesses (an expert a prefetch brought in counts as a hit).
+    pub hit_rate: f64,
+    /// Hit rate during prefill.
+    pub hit_rate_prefill: f64,
+    /// Hit rate during decode.
+    pub hit_rate_decode: f64,
+    /// 1 − (demand misses + prefetch loads) / accesses: the share of expert uses that cost no
+    /// load. Equals `hit_rate` without prefetching; Belady bounds it for every policy.
+    pub effective_hit_rate: f64,
+    /// Belady (offline optimal) hit rate on this cell's own trace at this budget.
+    pub belady_hit_rate: f64,
+    /// Prefetches issued.
+    pub prefetch_issued: u64,
+    /// Prefetched experts used before eviction / issued.
+    pub prefetch_precision: Option<f64>,
+    /// Prefetches used / (prefetches used + demand misses): the share of loads prefetching covered.
+    pub prefetch_recall: Option<f64>,
+    /// Expert bytes read from disk.
+    pub bytes_read: u64,
+    /// Seconds reading and materialising experts.
+    pub load_seconds: f64,
+    /// Prompt tokens per second.
+    pub prefill_tps: f64,
+    /// Decoded tokens per second.
+    pub decode_tps: f64,
+    /// Mean time to first token.
+    pub ttft_seconds: f64,
+    /// Peak resident set of the process so far (VmHWM).
+    pub peak_rss_bytes: u64,
+    /// Peak checkpoint bytes of resident experts.
+    pub expert_resident_bytes: u64,
+    /// Skip mode: mean KL(exact ‖ skip) of the next-token distributions.
+    pub kl_mean: Option<f64>,
+    /// Skip mode: fraction of steps whose argmax equals the exact one.
+    pub top1_agreement: Option<f64>,
+}
 
 /// Writes `summary.json` and `summary.parquet` into `dir`.
 pub fn write_summary(dir: &Path, rows: &[CellSummary]) -> Result<()> {
@@ -98,28 +162,4 @@ pub fn read_summary(path: &Path) -> Result<Vec<CellSummary>> {
                 .map_err(|e| Error::format(path, format!("not a summary file: {e}")))
         })
         .collect()
-}
-
-/// The table printed at the end of a run.
-pub fn summary_table(rows: &[CellSummary]) -> String {
-    let mut s = format!(
-        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9}\n",
-        "cell", "hit", "prefill", "decode", "effect.", "belady", "MB read", "decode t/s", "top-1"
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "{:<32} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>10.1} {:>10.1} {:>9}\n",
-            r.cell,
-            100.0 * r.hit_rate,
-            100.0 * r.hit_rate_prefill,
-            100.0 * r.hit_rate_decode,
-            100.0 * r.effective_hit_rate,
-            100.0 * r.belady_hit_rate,
-            r.bytes_read as f64 / 1e6,
-            r.decode_tps,
-            r.top1_agreement
-                .map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a)),
-        ));
-    }
-    s
 }

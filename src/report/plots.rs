@@ -10,10 +10,10 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use super::CellSummary;
 use crate::error::{Error, Result};
-use crate::experts::cache::Phase;
-use crate::run::CellSummary;
-use crate::trace::{self, CellRow};
+use crate::experts::Phase;
+use crate::trace::{self, TraceRow};
 
 static FONT: &[u8] = include_bytes!("DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
@@ -208,7 +208,7 @@ fn label(s: &CellSummary) -> String {
 pub fn plot_dir(dir: &Path) -> Result<()> {
     register_font();
     let summary = super::read_summary(&dir.join("summary.parquet"))?;
-    let rows = trace::read(&dir.join("trace.parquet"))?;
+    let cells = trace::read(&dir.join("trace.parquet"))?;
     let mut groups: BTreeMap<String, Vec<&CellSummary>> = BTreeMap::new();
     for s in &summary {
         groups.entry(label(s)).or_default().push(s);
@@ -291,10 +291,10 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         .iter()
         .filter(|s| (s.budget_fraction - smallest).abs() < 1e-12)
         .collect();
-    let mut by_cell: BTreeMap<&str, Vec<&CellRow>> = BTreeMap::new();
-    for r in &rows {
-        by_cell.entry(r.cell.as_str()).or_default().push(r);
-    }
+    let by_cell: BTreeMap<&str, &[TraceRow]> = cells
+        .iter()
+        .map(|c| (c.cell.as_str(), c.rows.as_slice()))
+        .collect();
     let mut per_layer = Vec::new();
     let mut rolling = Vec::new();
     for s in &at_smallest {
@@ -302,10 +302,10 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             continue;
         };
         let mut layer: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
-        for r in rs {
-            let e = layer.entry(r.rec.layer).or_default();
-            e.0 += r.rec.hits.len() as u64;
-            e.1 += r.rec.hits.iter().filter(|&&h| h).count() as u64;
+        for r in rs.iter() {
+            let e = layer.entry(r.layer).or_default();
+            e.0 += r.hits.len() as u64;
+            e.1 += r.hits.iter().filter(|&&h| h).count() as u64;
         }
         per_layer.push(Series {
             label: label(s),
@@ -318,14 +318,14 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         // Rolling hit rate over the decode steps, in execution order (window of 16 steps).
         let mut steps: Vec<(u64, u64)> = Vec::new();
         let mut last: Option<(u32, u32)> = None;
-        for r in rs.iter().filter(|r| r.rec.phase == Phase::Decode) {
-            if last != Some((r.rec.prompt, r.rec.step)) {
+        for r in rs.iter().filter(|r| r.phase == Phase::Decode) {
+            if last != Some((r.prompt, r.step)) {
                 steps.push((0, 0));
-                last = Some((r.rec.prompt, r.rec.step));
+                last = Some((r.prompt, r.step));
             }
             let e = steps.last_mut().expect("pushed");
-            e.0 += r.rec.hits.len() as u64;
-            e.1 += r.rec.hits.iter().filter(|&&h| h).count() as u64;
+            e.0 += r.hits.len() as u64;
+            e.1 += r.hits.iter().filter(|&&h| h).count() as u64;
         }
         let w = 16usize;
         let pts = (0..steps.len())
@@ -377,12 +377,16 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         let mut counts: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         let mut layers: Vec<u32> = Vec::new();
         let mut max_e = 0;
-        for r in by_cell.get(first.cell.as_str()).into_iter().flatten() {
-            if !layers.contains(&r.rec.layer) {
-                layers.push(r.rec.layer);
+        for r in by_cell
+            .get(first.cell.as_str())
+            .copied()
+            .unwrap_or_default()
+        {
+            if !layers.contains(&r.layer) {
+                layers.push(r.layer);
             }
-            for &e in &r.rec.experts {
-                *counts.entry((r.rec.layer, e)).or_default() += 1;
+            for &e in &r.experts {
+                *counts.entry((r.layer, e)).or_default() += 1;
                 max_e = max_e.max(e as usize + 1);
             }
         }

@@ -9,10 +9,73 @@ pub mod layout;
 pub mod quant;
 pub mod safetensors;
 
-pub use self::safetensors::{Checkpoint, DType, TensorEntry};
+pub use self::safetensors::{ByteRange, Checkpoint, DType, TensorEntry};
 
 use crate::config::{QuantParams, QuantSpec};
 use crate::error::Result;
+
+/// A checkpoint seen at one module path, as candle-transformers' `VarBuilder`: layers are built
+/// from a prefix chain (`vb.pp("self_attn").pp("q_proj")`), so the module tree mirrors the
+/// checkpoint's key tree and a loader takes one scope instead of a path plus the checkpoint, the
+/// quantization block and the device.
+#[derive(Debug, Clone)]
+pub struct Vb<'a> {
+    /// The shards.
+    pub ck: &'a Checkpoint,
+    /// The MLX quantization block, if the checkpoint has one.
+    pub quant: Option<&'a QuantSpec>,
+    /// Where the loaded weights go.
+    pub dev: &'a candle_core::Device,
+    path: String,
+}
+
+impl<'a> Vb<'a> {
+    /// The root scope (empty path).
+    pub fn root(
+        ck: &'a Checkpoint,
+        quant: Option<&'a QuantSpec>,
+        dev: &'a candle_core::Device,
+    ) -> Self {
+        Vb {
+            ck,
+            quant,
+            dev,
+            path: String::new(),
+        }
+    }
+
+    /// The scope one level down: `{path}.{name}` (`name` may itself hold dots, e.g. a detected
+    /// key prefix such as `language_model.model`; a trailing dot is ignored).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let name = name.to_string();
+        let name = name.trim_end_matches('.');
+        Vb {
+            path: if self.path.is_empty() {
+                name.to_string()
+            } else if name.is_empty() {
+                self.path.clone()
+            } else {
+                format!("{}.{name}", self.path)
+            },
+            ..self.clone()
+        }
+    }
+
+    /// The module path of this scope.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The full key of tensor `leaf` in this scope (`{path}.{leaf}`).
+    pub fn key(&self, leaf: &str) -> String {
+        self.pp(leaf).path
+    }
+
+    /// Whether tensor `leaf` exists in this scope.
+    pub fn has(&self, leaf: &str) -> bool {
+        self.ck.get(&self.key(leaf)).is_some()
+    }
+}
 
 /// Loads module `module` as a row-major f32 `[rows, cols]` matrix: a float `{module}.weight`, or an
 /// MLX-quantized `{module}.weight` (u32) + `.scales` + `.biases`.

@@ -51,6 +51,28 @@ pub struct TensorEntry {
     pub len: u64,
 }
 
+impl TensorEntry {
+    /// Where its bytes are.
+    pub fn range(&self) -> ByteRange {
+        ByteRange {
+            shard: self.shard,
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+/// A byte range in one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// Shard index.
+    pub shard: usize,
+    /// Absolute offset in the shard file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
 struct Shard {
     path: PathBuf,
     file: File,

@@ -6,7 +6,7 @@ use std::process::Command;
 use crate::common::{copy_fixture, edit_config, fixture};
 use candle_core::Device;
 use moe_harness::engine::{Engine, EngineConfig};
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 
 fn open(dir: &Path) -> String {
     match Engine::open(dir, Device::Cpu, EngineConfig::default()) {

@@ -4,10 +4,11 @@ use std::path::Path;
 
 use candle_core::Device;
 use moe_harness::bench::{bench, BenchOptions};
+use moe_harness::experts::policies::PolicySpec;
 
 fn opts() -> BenchOptions {
     BenchOptions {
-        policies: vec!["lru".into(), "lookahead".into()],
+        policies: vec![PolicySpec::Lru, PolicySpec::parse("lookahead").unwrap()],
         capacities: vec![4, 8],
         prompts: 2,
         prompt_len: 8,
@@ -15,9 +16,9 @@ fn opts() -> BenchOptions {
         load_threads: Some(2),
         seed: 3,
         resident: true,
-        write_combined: true,
+        staging: Default::default(),
         read_threads: None,
-        gpu_packed: true,
+        gpu_experts: Default::default(),
         replay: None,
     }
 }
@@ -68,12 +69,20 @@ fn bench_rejects_empty_sweeps_and_bad_policies() {
     let mut o = opts();
     o.prompts = 0;
     assert!(bench(&model, Device::Cpu, &o, |_| {}).is_err());
-    let mut o = opts();
-    o.policies = vec!["lru2".into()];
-    let e = bench(&model, Device::Cpu, &o, |_| {})
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("--policy lru2"), "{e}");
+    // Policy names are parsed at the command line, before anything opens.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args([
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--policy",
+            "lru,lru2",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(e.contains("--policy") && e.contains("lru2"), "{e}");
     // A capacity below top-k is refused before any cell runs.
     let mut o = opts();
     o.capacities = vec![8, 2];
@@ -90,9 +99,9 @@ fn bench_rejects_empty_sweeps_and_bad_policies() {
 #[test]
 fn bench_replay_reproduces_the_recorded_hit_rate() {
     use moe_harness::engine::{Engine, EngineConfig, Sampler};
-    use moe_harness::experts::cache::{Budget, Phase};
-    use moe_harness::experts::policies::PolicySpec;
-    use moe_harness::trace::CellRow;
+    use moe_harness::experts::budget::Budget;
+    use moe_harness::experts::Phase;
+    use moe_harness::trace::CellTrace;
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/glm4-moe-tiny/mlx-4bit");
     let mut e = Engine::open(
         &model,
@@ -121,17 +130,16 @@ fn bench_replay_reproduces_the_recorded_hit_rate() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("trace.parquet");
-    let rows: Vec<CellRow> = recs
-        .iter()
-        .map(|r| CellRow {
+    let cell = |rows: Vec<_>| {
+        vec![CellTrace {
             cell: "rec".into(),
-            rec: r.clone(),
-        })
-        .collect();
-    moe_harness::trace::write(&path, &rows).unwrap();
+            rows,
+        }]
+    };
+    moe_harness::trace::write(&path, &cell(recs.clone())).unwrap();
 
     let mut o = opts();
-    o.policies = vec!["lookahead".into()];
+    o.policies = vec![PolicySpec::parse("lookahead").unwrap()];
     o.capacities = vec![6];
     o.resident = false;
     o.prompts = 5; // more than the trace holds: its 2 measured prompts are used
@@ -143,8 +151,8 @@ fn bench_replay_reproduces_the_recorded_hit_rate() {
     assert_eq!(row.hit_rate, hits as f64 / acc as f64);
 
     // One prompt is not enough (nothing left to measure after the warm-up).
-    let one: Vec<CellRow> = rows.into_iter().filter(|r| r.rec.prompt == 0).collect();
-    moe_harness::trace::write(&path, &one).unwrap();
+    let one = recs.into_iter().filter(|r| r.prompt == 0).collect();
+    moe_harness::trace::write(&path, &cell(one)).unwrap();
     let m = bench(&model, Device::Cpu, &o, |_| {})
         .unwrap_err()
         .to_string();

@@ -4,7 +4,7 @@
 use crate::common::{fixture, fixtures, rel_l2, Reference};
 use candle_core::Device;
 use moe_harness::engine::{Engine, EngineConfig, Sampler};
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 use moe_harness::experts::policies::PolicySpec;
 
 fn engine(dir: &std::path::Path, budget: Budget, policy: &str) -> Engine {
@@ -108,7 +108,7 @@ fn greedy_continuation_matches_transformers() {
         let r = Reference::load(&dir);
         let prompt = Reference::ids(&r.json["greedy"]["prompt"]);
         let want = Reference::ids(&r.json["greedy"]["generated"]);
-        let top_k = moe_harness::config::load(&dir).unwrap().moe.top_k;
+        let top_k = moe_harness::models::load_spec(&dir).unwrap().moe.top_k;
         for budget in [Budget::Unlimited, Budget::SlotsPerLayer(top_k)] {
             let mut e = engine(&dir, budget, "lru");
             let g = e
@@ -124,7 +124,7 @@ fn eviction_does_not_change_the_math() {
     for name in moe_fixtures() {
         let dir = fixture(&name);
         let r = Reference::load(&dir);
-        let top_k = moe_harness::config::load(&dir).unwrap().moe.top_k;
+        let top_k = moe_harness::models::load_spec(&dir).unwrap().moe.top_k;
         let (full, _) = engine(&dir, Budget::Unlimited, "lru")
             .logits(&r.tokens())
             .unwrap();

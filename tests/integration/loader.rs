@@ -5,21 +5,21 @@
 use crate::common::{fixture, Reference};
 use candle_core::Device;
 use moe_harness::engine::{Engine, EngineConfig, MissMode, Sampler};
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 use moe_harness::experts::policies::PolicySpec;
 
 type Outcome = (Vec<u32>, Vec<Vec<f32>>, Vec<(Vec<u32>, Vec<bool>)>, String);
 
 fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, Engine) {
     let dir = fixture(name);
-    let top_k = moe_harness::config::load(&dir).unwrap().moe.top_k;
+    let top_k = moe_harness::models::load_spec(&dir).unwrap().moe.top_k;
     let cfg = EngineConfig {
         budget: Budget::SlotsPerLayer(top_k + 1),
         policy: PolicySpec::parse(policy).unwrap(),
         miss,
         record_trace: true,
         load_threads: Some(threads),
-        gpu_packed: true,
+        gpu_experts: Default::default(),
     };
     let mut e = Engine::open(&dir, Device::Cpu, cfg).unwrap();
     let r = Reference::load(&dir);
@@ -69,7 +69,7 @@ fn cancelled_loads_are_dropped_and_claims_follow_the_latest_ticket() {
     use moe_harness::experts::ExpertKey;
     let dir = fixture("qwen3_moe-bf16");
     let e = Engine::open(&dir, Device::Cpu, EngineConfig::default()).unwrap();
-    let spec = moe_harness::config::load(&dir).unwrap();
+    let spec = moe_harness::models::load_spec(&dir).unwrap();
     let layer = spec.moe.moe_layers[0] as u32;
     for threads in [0, 2] {
         let mut l = Loader::new(e.store.clone(), threads).unwrap();

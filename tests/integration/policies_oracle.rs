@@ -7,10 +7,15 @@
 
 use std::collections::HashMap;
 
-use moe_harness::experts::cache::{Budget, CacheCore, Phase};
+use moe_harness::experts::budget::Budget;
+use moe_harness::experts::cache::CacheCore;
+use moe_harness::experts::cache::{Step, StepOutcome};
 use moe_harness::experts::policies::PolicySpec;
 use moe_harness::experts::ExpertKey;
-use moe_harness::simulate::{simulate, synthetic_trace, SimResult, TraceRow};
+use moe_harness::experts::Phase;
+use moe_harness::simulate::{SimResult, Simulation};
+use moe_harness::synth::synthetic_trace;
+use moe_harness::trace::TraceRow;
 use serde_json::Value;
 
 fn spec(s: &str) -> PolicySpec {
@@ -25,9 +30,25 @@ fn row(step: u32, layer: u32, experts: &[u32], lookahead: Option<&[u32]>) -> Tra
         phase: Phase::Decode,
         layer,
         experts: experts.to_vec(),
-        weights: None,
+        weights: Vec::new(),
         lookahead: lookahead.map(|l| l.to_vec()),
+        hits: Vec::new(),
+        load_ns: 0,
     }
+}
+
+/// One replay through the simulator's entry point.
+fn simulate(
+    rows: &[TraceRow],
+    policy: &PolicySpec,
+    budget: Budget,
+    size: impl Fn(ExpertKey) -> u64,
+    moe_layers: &[u32],
+    classic: bool,
+) -> Result<SimResult, moe_harness::simulate::SimError> {
+    let mut sim = Simulation::new(policy.clone(), budget, moe_layers);
+    sim.classic = classic;
+    moe_harness::simulate::simulate(rows, &sim, size)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -136,34 +157,38 @@ fn pattern(rows: &[TraceRow], policy: &str, slots: usize, moe_layers: &[u32]) ->
     let next = moe_harness::simulate::demand_next_uses(rows);
     let mut i = 0;
     let mut steps = Vec::new();
+    let mut out = StepOutcome::default();
     for (r, row) in rows.iter().enumerate() {
-        c.begin_step(row.layer, row.phase, &row.experts).unwrap();
-        let mut s = String::new();
-        for &e in &row.experts {
-            let k = ExpertKey {
-                layer: row.layer,
-                expert: e,
-            };
-            s.push(if c.access(k, 1, next[i]).unwrap().hit {
-                'H'
-            } else {
-                'm'
-            });
-            i += 1;
-        }
-        if sp.prefetch() {
-            if let Some(n) = rows.get(r + 1).filter(|n| n.step == row.step) {
-                for &e in n.lookahead.as_deref().unwrap_or(&[]) {
-                    let k = ExpertKey {
-                        layer: n.layer,
-                        expert: e,
-                    };
-                    c.prefetch(k, 1, u64::MAX);
+        let prediction = rows
+            .get(r + 1)
+            .filter(|n| n.step == row.step)
+            .map(|n| (n.layer, n.lookahead.as_deref().unwrap_or(&[])));
+        let step = Step {
+            layer: row.layer,
+            phase: row.phase,
+            experts: &row.experts,
+            prediction,
+        };
+        c.step(
+            &step,
+            |_| 1,
+            |_, prefetch| {
+                if prefetch {
+                    u64::MAX
+                } else {
+                    i += 1;
+                    next[i - 1]
                 }
-            }
-        }
-        c.end_step();
-        steps.push(s);
+            },
+            &mut out,
+        )
+        .unwrap();
+        steps.push(
+            out.hits
+                .iter()
+                .map(|&h| if h { 'H' } else { 'm' })
+                .collect::<String>(),
+        );
     }
     steps.join("|")
 }
@@ -395,41 +420,34 @@ fn replay_checking_budget(
     };
     let mut c = CacheCore::with_options(&sp, budget, &layers, opts).unwrap();
     let mut resident: HashMap<ExpertKey, u64> = HashMap::new();
+    let mut out = StepOutcome::default();
     for (r, row) in rows.iter().enumerate() {
-        c.begin_step(row.layer, row.phase, &row.experts).unwrap();
-        let mut touched = Vec::new();
+        let prediction = rows
+            .get(r + 1)
+            .filter(|n| n.pos == row.pos)
+            .map(|n| (n.layer, n.lookahead.as_deref().unwrap_or(&[])));
+        let step = Step {
+            layer: row.layer,
+            phase: row.phase,
+            experts: &row.experts,
+            prediction,
+        };
+        c.step(&step, size, |_, _| u64::MAX, &mut out).unwrap();
+        for k in &out.evicted {
+            assert!(
+                resident.remove(k).is_some(),
+                "{policy}: evicted {k:?} was not resident"
+            );
+        }
         for &e in &row.experts {
             let k = ExpertKey {
                 layer: row.layer,
                 expert: e,
             };
-            let o = c.access(k, size(k), u64::MAX).unwrap();
-            touched.extend(o.evicted.iter().map(|k| (*k, false)));
-            touched.push((k, true));
+            resident.insert(k, size(k));
         }
-        if let Some(n) = rows.get(r + 1).filter(|n| n.pos == row.pos) {
-            for &e in n.lookahead.as_deref().unwrap_or(&[]) {
-                let k = ExpertKey {
-                    layer: n.layer,
-                    expert: e,
-                };
-                let o = c.prefetch(k, size(k), u64::MAX);
-                touched.extend(o.evicted.iter().map(|k| (*k, false)));
-                if o.issued {
-                    touched.push((k, true));
-                }
-            }
-        }
-        c.end_step();
-        for (k, now_resident) in touched {
-            if now_resident {
-                resident.insert(k, size(k));
-            } else {
-                assert!(
-                    resident.remove(&k).is_some(),
-                    "{policy}: evicted {k:?} was not resident"
-                );
-            }
+        for &k in &out.prefetched {
+            resident.insert(k, size(k));
         }
         let total: u64 = resident.values().sum();
         assert_eq!(total, c.resident_bytes(), "{policy}: byte accounting");

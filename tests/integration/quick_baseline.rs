@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use moe_harness::run::{run, CellSummary, RunOptions};
+use moe_harness::report::CellSummary;
+use moe_harness::run::{run, RunOptions};
 
 const REFERENCE_CELL: &str = "lru_cap32_load";
 

@@ -4,9 +4,10 @@
 use std::path::Path;
 
 use candle_core::Device;
-use moe_harness::engine::{Engine, EngineConfig, Replay, Sampler, StepRecord};
-use moe_harness::experts::cache::Budget;
+use moe_harness::engine::{Engine, EngineConfig, Replay, Sampler};
+use moe_harness::experts::budget::Budget;
 use moe_harness::experts::policies::PolicySpec;
+use moe_harness::trace::TraceRow;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn model() -> std::path::PathBuf {
@@ -22,7 +23,7 @@ fn config() -> EngineConfig {
     }
 }
 
-fn key(r: &StepRecord) -> impl PartialEq + std::fmt::Debug {
+fn key(r: &TraceRow) -> impl PartialEq + std::fmt::Debug {
     (
         r.prompt,
         r.step,
@@ -46,7 +47,7 @@ fn replay_reproduces_recorded_expert_traffic() {
         e.generate(&ids, 8, &mut Sampler::Greedy, &[]).unwrap();
     }
     let recorded = e.take_trace();
-    let replays = Replay::from_records(&recorded, e.spec()).unwrap();
+    let replays = Replay::from_rows(&recorded, e.spec()).unwrap();
     assert_eq!(replays.len(), 3);
     assert_eq!((replays[2].prompt_len, replays[2].new_tokens), (11, 8));
 
@@ -82,21 +83,21 @@ fn replay_rejects_traces_of_another_shape() {
 
     let mut bad = rows.clone();
     bad[2].experts.pop();
-    let m = Replay::from_records(&bad, &spec).unwrap_err().to_string();
+    let m = Replay::from_rows(&bad, &spec).unwrap_err().to_string();
     assert!(m.contains("row 2") && m.contains("top-4"), "{m}");
 
     let mut bad = rows.clone();
     bad[0].experts[0] = 999;
-    let m = Replay::from_records(&bad, &spec).unwrap_err().to_string();
+    let m = Replay::from_rows(&bad, &spec).unwrap_err().to_string();
     assert!(m.contains("expert 999"), "{m}");
 
     let mut bad = rows.clone();
     bad[0].layer = 0; // the dense first layer
-    let m = Replay::from_records(&bad, &spec).unwrap_err().to_string();
+    let m = Replay::from_rows(&bad, &spec).unwrap_err().to_string();
     assert!(m.contains("not a MoE layer"), "{m}");
 
     let mut bad = rows;
     bad.remove(1);
-    let m = Replay::from_records(&bad, &spec).unwrap_err().to_string();
+    let m = Replay::from_rows(&bad, &spec).unwrap_err().to_string();
     assert!(m.contains("expected"), "{m}");
 }

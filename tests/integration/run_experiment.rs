@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use moe_harness::experiment;
-use moe_harness::run::{run, CellSummary, RunOptions};
+use moe_harness::report::CellSummary;
+use moe_harness::run::{run, RunOptions};
 
 fn write_experiment(dir: &Path, cache: &str) -> PathBuf {
     let model = crate::common::fixture("glm4_moe-mlx4");
@@ -184,9 +185,9 @@ fn runs_are_deterministic_and_cells_independent() {
         moe_harness::trace::read(&dir.join("trace.parquet"))
             .unwrap()
             .into_iter()
-            .map(|mut r| {
-                r.rec.load_ns = 0;
-                r
+            .map(|mut c| {
+                c.rows.iter_mut().for_each(|r| r.load_ns = 0);
+                c
             })
             .collect()
     };

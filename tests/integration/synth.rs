@@ -3,7 +3,7 @@
 
 use moe_harness::config::QuantParams;
 use moe_harness::engine::{Engine, EngineConfig, Sampler};
-use moe_harness::experts::cache::Budget;
+use moe_harness::experts::budget::Budget;
 use moe_harness::synth::{synth, SynthLayout};
 
 #[test]

@@ -1,0 +1,194 @@
+//! The engine side of [`ExpertAccess`]: every step goes through [`CacheCore::step`] (the one step
+//! protocol the simulator replays), and this module only acts on its outcome — frees evicted
+//! payloads, loads misses (inline or on loader threads), starts prefetch loads once the step's
+//! experts have run, and writes the step's trace row.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::experts::cache::{CacheCore, Step, StepOutcome};
+use crate::experts::loader::Loader;
+use crate::experts::store::{ExpertStore, ExpertWeights};
+use crate::experts::{ExpertKey, Phase};
+use crate::models::moe::{ExpertAccess, Route};
+use crate::trace::TraceRow;
+
+use super::replay::Replay;
+use super::{EngineConfig, MissMode};
+
+/// Resolves experts through the cache for one forward call.
+pub(super) struct Access<'a> {
+    pub(super) store: &'a ExpertStore,
+    pub(super) loader: &'a mut Loader,
+    pub(super) core: &'a mut CacheCore,
+    pub(super) payload: &'a mut [Vec<Option<Arc<ExpertWeights>>>],
+    pub(super) cfg: &'a EngineConfig,
+    pub(super) trace: Option<&'a mut Vec<TraceRow>>,
+    /// Engine-thread load time: prefill, decode.
+    pub(super) load_time: &'a mut [Duration; 2],
+    pub(super) prompt: u32,
+    pub(super) step: u32,
+    pub(super) phase: Phase,
+    pub(super) replay: Option<&'a Replay>,
+    /// The open step.
+    pub(super) cur: Option<Current>,
+    /// Lookahead predictions made for (pos, layer), waiting for that step's trace row.
+    pub(super) pending: Vec<(u32, u32, Vec<u32>)>,
+    /// Reused outcome buffer.
+    pub(super) outcome: StepOutcome,
+}
+
+/// The open step.
+pub(super) struct Current {
+    layer: u32,
+    pos: u32,
+    hits: Vec<bool>,
+    /// Experts of this step that missed.
+    missed: Vec<u32>,
+    /// Prefetches to start once the step's experts ran.
+    prefetch: Vec<ExpertKey>,
+    load_ns: u64,
+}
+
+impl Access<'_> {
+    /// Charges `ns` of engine-thread load time to the current step.
+    fn charge(&mut self, ns: u64) {
+        self.load_time[usize::from(self.phase == Phase::Decode)] += Duration::from_nanos(ns);
+        if let Some(c) = self.cur.as_mut() {
+            c.load_ns += ns;
+        }
+    }
+
+    /// Starts loading `key` (inline or on a loader thread).
+    fn submit(&mut self, key: ExpertKey, prefetch: bool) -> Result<()> {
+        if self.payload[key.layer as usize][key.expert as usize].is_none() && !self.loader.has(key)
+        {
+            let ns = self.loader.submit(key, prefetch)?;
+            self.charge(ns);
+        }
+        Ok(())
+    }
+}
+
+impl ExpertAccess for Access<'_> {
+    fn begin_step(
+        &mut self,
+        layer: u32,
+        pos: usize,
+        route: &Route,
+        prediction: Option<(u32, &[u32])>,
+    ) -> Result<()> {
+        let step = Step {
+            layer,
+            phase: self.phase,
+            experts: &route.experts,
+            prediction,
+        };
+        let store = self.store;
+        self.core.step(
+            &step,
+            |k| store.expert_bytes(k),
+            |_, _| u64::MAX,
+            &mut self.outcome,
+        )?;
+        if let Some((next, experts)) = prediction {
+            if self.phase == Phase::Decode && self.cfg.policy.prefetch() {
+                self.pending.push((pos as u32, next, experts.to_vec()));
+            }
+        }
+        let out = std::mem::take(&mut self.outcome);
+        for &k in &out.evicted {
+            self.payload[k.layer as usize][k.expert as usize] = None;
+            self.loader.cancel(k);
+        }
+        self.cur = Some(Current {
+            layer,
+            pos: pos as u32,
+            hits: out.hits.clone(),
+            missed: out.misses.iter().map(|k| k.expert).collect(),
+            prefetch: out.prefetched.clone(),
+            load_ns: 0,
+        });
+        // All misses of the step are known up front, so they load in parallel.
+        for &k in &out.misses {
+            self.submit(k, false)?;
+        }
+        self.outcome = out;
+        Ok(())
+    }
+
+    fn fetch(&mut self, key: ExpertKey) -> Result<Option<Arc<ExpertWeights>>> {
+        let missed = self
+            .cur
+            .as_ref()
+            .is_some_and(|c| c.missed.contains(&key.expert));
+        if missed && self.cfg.miss == MissMode::Skip {
+            // Run without it; its load goes on and is claimed when it is next used.
+            return Ok(None);
+        }
+        let slot = &mut self.payload[key.layer as usize][key.expert as usize];
+        if let Some(w) = slot {
+            return Ok(Some(w.clone()));
+        }
+        match self.loader.claim(key) {
+            Some(r) => {
+                let (w, waited) = r?;
+                self.payload[key.layer as usize][key.expert as usize] = Some(w.clone());
+                self.charge(waited);
+                Ok(Some(w))
+            }
+            None => Err(Error::Input(format!(
+                "internal: cache reports {key:?} resident but holds no tensors"
+            ))),
+        }
+    }
+
+    fn end_step(&mut self, route: &Route) -> Result<()> {
+        // Prefetches start once the step's own experts have run, so they never delay them.
+        let prefetch = self
+            .cur
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.prefetch))
+            .unwrap_or_default();
+        for k in prefetch {
+            self.submit(k, true)?;
+        }
+        let cur = self.cur.take().expect("end_step after begin_step");
+        let lookahead = self
+            .pending
+            .iter()
+            .position(|(p, l, _)| *p == cur.pos && *l == cur.layer)
+            .map(|i| self.pending.swap_remove(i).2);
+        if let Some(trace) = self.trace.as_mut() {
+            trace.push(TraceRow {
+                prompt: self.prompt,
+                step: self.step,
+                pos: cur.pos,
+                phase: self.phase,
+                layer: cur.layer,
+                experts: route.experts.clone(),
+                weights: route.weights.clone(),
+                lookahead,
+                hits: cur.hits,
+                load_ns: cur.load_ns,
+            });
+        }
+        Ok(())
+    }
+
+    fn wants_lookahead(&self) -> bool {
+        self.phase == Phase::Decode && self.cfg.policy.prefetch()
+    }
+
+    fn replayed_routes(&self, layer: u32, pos0: usize, n: usize) -> Result<Option<Vec<Route>>> {
+        match self.replay {
+            Some(rep) => rep.routes(layer, pos0, n).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn replayed_lookahead(&self, layer: u32, pos0: usize, n: usize) -> Option<Vec<Route>> {
+        self.replay?.lookahead(layer, pos0, n)
+    }
+}

@@ -1,0 +1,94 @@
+//! Compute devices by backend name, with the reason when a backend is not built in or not
+//! present, and the GPU memory check.
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+/// A compute backend, as named on the command line (`--device`) and in experiment files
+/// (`[model] backend`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The host CPU (every build).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU (builds with `--features cuda`).
+    Cuda,
+    /// An Apple GPU (builds with `--features metal`).
+    Metal,
+}
+
+impl Backend {
+    /// The name used in files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Metal => "metal",
+        }
+    }
+
+    /// The device, with a clear error when this binary was built without the backend or the
+    /// machine has no such device.
+    pub fn device(self) -> Result<Device> {
+        let built = |feature: &str| {
+            Error::Input(format!(
+                "backend `{self}`: this harness was built without `--features {feature}` (rebuild with `cargo build --release --features {feature}`)"
+            ))
+        };
+        match self {
+            Backend::Cpu => Ok(Device::Cpu),
+            Backend::Cuda => {
+                let dev = Device::new_cuda(0).map_err(|e| match e {
+                    candle_core::Error::NotCompiledWithCudaSupport => built("cuda"),
+                    e => Error::Input(format!("backend `cuda`: no usable CUDA device: {e}")),
+                })?;
+                crate::experts::upload::keep_pool_memory(&dev);
+                Ok(dev)
+            }
+            Backend::Metal => Device::new_metal(0).map_err(|e| match e {
+                candle_core::Error::NotCompiledWithMetalSupport => built("metal"),
+                e => Error::Input(format!("backend `metal`: no usable Metal device: {e}")),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What produced a number: `cpu`, `cuda:0`, `metal:0` — the device a result came from, as every
+/// output of the engine names it.
+pub fn describe(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Free and total memory of the current CUDA device, when this is a CUDA build on a GPU.
+pub fn gpu_memory(dev: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(f, t)| (f as u64, t as u64));
+    }
+    let _ = dev;
+    None
+}

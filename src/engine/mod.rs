@@ -1,0 +1,533 @@
+//! The lazy-expert engine: a [`Model`] with resident dense weights, an [`ExpertStore`] that reads
+//! experts on demand, and the bounded cache ([`CacheCore`] deciding, this module holding the
+//! materialised tensors). It runs prefill and decode, records the routing trace, and counts
+//! hits, misses, bytes read and load time.
+
+mod access;
+mod device;
+mod replay;
+mod sampler;
+
+pub use device::{describe, gpu_memory, Backend};
+pub use replay::Replay;
+pub use sampler::Sampler;
+
+use access::Access;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::config::ModelSpec;
+use crate::error::{Error, Result};
+use crate::experts::budget::Budget;
+use crate::experts::cache::{CacheCore, CacheOptions, CacheStats, StepOutcome};
+use crate::experts::loader::{LoadStats, Loader};
+use crate::experts::policies::FrequencyProfile;
+use crate::experts::policies::PolicySpec;
+use crate::experts::store::{ExpertStore, ExpertWeights, OpenCheckpoint};
+use crate::experts::upload::{GpuExperts, TransferStats};
+use crate::experts::ExpertKey;
+use crate::experts::Phase;
+use crate::models::layers::rows;
+use crate::models::{KvCache, Model, Routing};
+use crate::trace::TraceRow;
+
+/// What to do when a selected expert is not resident.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MissMode {
+    /// Load it and run it (exact).
+    #[default]
+    Load,
+    /// Run the token without it, renormalising the remaining weights (flash-moe skip-fallback).
+    /// The expert is still brought into the cache for later tokens, as a background loader would.
+    Skip,
+}
+
+impl MissMode {
+    /// The name used in files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissMode::Load => "load",
+            MissMode::Skip => "skip",
+        }
+    }
+}
+
+impl std::fmt::Display for MissMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Cache budget.
+    pub budget: Budget,
+    /// Eviction policy (and prefetch, for `lookahead`).
+    pub policy: PolicySpec,
+    /// Miss handling.
+    pub miss: MissMode,
+    /// Keep a per-(token, layer) routing trace.
+    pub record_trace: bool,
+    /// Expert loader threads: `Some(0)` loads inline on the engine thread; `None` picks 0 on the
+    /// CPU and `min(top_k, 8)` on a GPU (parallel misses, asynchronous lookahead prefetch).
+    pub load_threads: Option<usize>,
+    /// Resident form of MLX-quantized experts on CUDA (packed by default).
+    pub gpu_experts: GpuExperts,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            budget: Budget::Unlimited,
+            policy: PolicySpec::parse("lru").expect("lru is a policy"),
+            miss: MissMode::Load,
+            record_trace: false,
+            load_threads: None,
+            gpu_experts: GpuExperts::Packed,
+        }
+    }
+}
+
+/// Counters of the engine beyond the cache's own.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStats {
+    /// Cache statistics (hits, misses, prefetches, resident bytes).
+    pub cache: CacheStats,
+    /// Expert bytes read from disk.
+    pub bytes_read: u64,
+    /// Seconds the engine thread spent loading experts or waiting for them.
+    pub load_seconds: f64,
+    /// Of which during decode steps.
+    pub decode_load_seconds: f64,
+    /// Checkpoint bytes of the experts resident now.
+    pub resident_bytes: u64,
+    /// Exposed and hidden load time, demand and prefetch.
+    pub loads: LoadStats,
+    /// Host→device transfer counters (cumulative since the engine was opened).
+    pub transfer: TransferStats,
+}
+
+/// Result of [`Engine::generate`].
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New tokens (without the prompt).
+    pub tokens: Vec<u32>,
+    /// Prefill wall time.
+    pub prefill: Duration,
+    /// Decode wall time (all decode steps).
+    pub decode: Duration,
+    /// Prompt length.
+    pub prompt_len: usize,
+    /// Logits each new token was sampled from (only when asked for).
+    pub step_logits: Vec<Vec<f32>>,
+}
+
+impl Generation {
+    /// Prompt tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prompt_len as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    /// Generated tokens per second (the first token comes from prefill, so decode runs len-1 steps).
+    pub fn decode_tps(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The lazy-expert engine.
+pub struct Engine {
+    /// Dense model.
+    pub model: Model,
+    /// Expert handles and the miss path.
+    pub store: Arc<ExpertStore>,
+    loader: Loader,
+    core: CacheCore,
+    payload: Vec<Vec<Option<Arc<ExpertWeights>>>>,
+    cfg: EngineConfig,
+    trace: Vec<TraceRow>,
+    /// Engine-thread load time: prefill, decode.
+    load_time: [Duration; 2],
+    prompt: u32,
+    replay: Option<Replay>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model.spec.model_type)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Opens a checkpoint directory: reads the config, validates every tensor header, loads the
+    /// dense weights and builds expert handles (no expert bytes are read).
+    pub fn open(dir: &Path, device: Device, cfg: EngineConfig) -> Result<Self> {
+        let spec = crate::models::load_spec(dir)?;
+        Self::open_with_spec(dir, spec, device, cfg)
+    }
+
+    /// As [`Engine::open`] with an already-resolved spec.
+    pub fn open_with_spec(
+        dir: &Path,
+        spec: ModelSpec,
+        device: Device,
+        cfg: EngineConfig,
+    ) -> Result<Self> {
+        if let Some(reason) = &spec.unsupported {
+            return Err(Error::Input(format!("{}: {reason}", dir.display())));
+        }
+        if cfg.policy.needs_future() {
+            return Err(Error::Input(format!(
+                "policy `{}` needs the future of the trace: use it with `harness simulate` on a recorded trace, not in the live engine",
+                cfg.policy
+            )));
+        }
+        let open = OpenCheckpoint::open(dir, &spec, device.clone())?;
+        let (ck, prefix, store) = (open.ck, open.prefix, Arc::new(open.store));
+        check_budget(&spec, &store, &cfg)?;
+        store.set_gpu_experts(cfg.gpu_experts);
+        let model = Model::load(&ck, &spec, &prefix, &device)?;
+        // On a GPU the cache holds MLX-quantized experts packed (their checkpoint bytes) and
+        // anything else as f32 (4 bytes per weight); refuse budgets that cannot fit.
+        if let Some((free, _)) = gpu_memory(&device) {
+            let first = ExpertKey {
+                layer: spec.moe.moe_layers[0] as u32,
+                expert: 0,
+            };
+            let (per_dev, form) = if store.gpu_packed() {
+                (store.expert_bytes(first) + 9 * 256, "packed")
+            } else {
+                (spec.expert_elements() * 4, "as f32")
+            };
+            let layers = spec.num_moe_layers() as u64;
+            let all = spec.moe.num_experts as u64 * layers;
+            let per = store.expert_bytes(first).max(1);
+            let slots = match cfg.budget {
+                Budget::SlotsPerLayer(n) => (n as u64 * layers).min(all),
+                Budget::BytesPerLayer(b) => (b / per * layers).min(all),
+                Budget::BytesGlobal(b) => (b / per).min(all),
+                Budget::Unlimited => all,
+            };
+            if slots * per_dev > free {
+                return Err(Error::Input(format!(
+                    "budget {} holds {slots} experts, {:.1} GB {form} on the GPU, but only {:.1} GB of GPU memory is free (lower --capacity / --budget)",
+                    cfg.budget,
+                    (slots * per_dev) as f64 / 1e9,
+                    free as f64 / 1e9
+                )));
+            }
+        }
+        let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
+        let core = CacheCore::new(&cfg.policy, cfg.budget, &moe_layers)?;
+        let loader = Loader::new(store.clone(), load_threads(&spec, &device, &cfg))?;
+        let payload = (0..spec.num_layers)
+            .map(|l| {
+                if spec.is_moe_layer(l) {
+                    vec![None; spec.moe.num_experts]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        Ok(Engine {
+            model,
+            store,
+            loader,
+            core,
+            payload,
+            cfg,
+            trace: Vec::new(),
+            load_time: [Duration::ZERO; 2],
+            prompt: 0,
+            replay: None,
+        })
+    }
+
+    /// The resolved model spec.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.model.spec
+    }
+
+    /// Expert loader threads in use (0: inline).
+    pub fn load_threads(&self) -> usize {
+        self.loader.threads()
+    }
+
+    /// The engine settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Replaces the cache configuration (policy, budget, miss mode, tracing): the cache restarts
+    /// empty. The dense model stays loaded.
+    pub fn reconfigure(&mut self, cfg: EngineConfig) -> Result<()> {
+        self.reconfigure_with(cfg, None)
+    }
+
+    /// As [`Engine::reconfigure`], with a frequency profile for `static-N` policies.
+    pub fn reconfigure_with(
+        &mut self,
+        cfg: EngineConfig,
+        profile: Option<FrequencyProfile>,
+    ) -> Result<()> {
+        if cfg.policy.needs_future() {
+            return Err(Error::Input(format!(
+                "policy `{}` needs the future of the trace: use `harness simulate`",
+                cfg.policy
+            )));
+        }
+        check_budget(&self.model.spec, &self.store, &cfg)?;
+        let moe_layers: Vec<u32> = self
+            .model
+            .spec
+            .moe
+            .moe_layers
+            .iter()
+            .map(|&l| l as u32)
+            .collect();
+        self.core = CacheCore::with_options(
+            &cfg.policy,
+            cfg.budget,
+            &moe_layers,
+            CacheOptions {
+                classic: false,
+                profile,
+            },
+        )?;
+        self.store.set_gpu_experts(cfg.gpu_experts);
+        let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
+        if threads != self.loader.threads() {
+            self.loader = Loader::new(self.store.clone(), threads)?;
+        }
+        self.cfg = cfg;
+        self.reset_cache_contents();
+        Ok(())
+    }
+
+    /// Checkpoint bytes of all routed experts.
+    pub fn total_expert_bytes(&self) -> u64 {
+        self.store.total_bytes()
+    }
+
+    /// Empties the cache and zeroes its counters (the trace is kept).
+    pub fn reset_cache(&mut self) {
+        self.core.reset();
+        self.reset_cache_contents();
+    }
+
+    fn reset_cache_contents(&mut self) {
+        self.payload.iter_mut().flatten().for_each(|p| *p = None);
+        self.loader.clear();
+        self.loader.reset_stats();
+        self.load_time = [Duration::ZERO; 2];
+    }
+
+    /// Replays recorded routing (see [`Replay`]) instead of the router's, or stops (`None`).
+    pub fn set_replay(&mut self, replay: Option<Replay>) {
+        self.replay = replay;
+    }
+
+    /// Sets the prompt index written into trace rows.
+    pub fn set_prompt(&mut self, prompt: u32) {
+        self.prompt = prompt;
+    }
+
+    /// Takes the recorded trace.
+    pub fn take_trace(&mut self) -> Vec<TraceRow> {
+        std::mem::take(&mut self.trace)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            cache: self.core.stats().clone(),
+            bytes_read: self.store.bytes_read(),
+            load_seconds: (self.load_time[0] + self.load_time[1]).as_secs_f64(),
+            decode_load_seconds: self.load_time[1].as_secs_f64(),
+            resident_bytes: self.core.resident_bytes(),
+            loads: self.loader.stats(),
+            transfer: self.store.transfer_stats(),
+        }
+    }
+
+    /// One forward call over `tokens` after what `kv` holds.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        step: u32,
+        last_only: bool,
+    ) -> Result<(Vec<Vec<f32>>, Routing)> {
+        let phase = if step == 0 {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        };
+        let Engine {
+            model,
+            store,
+            loader,
+            core,
+            payload,
+            cfg,
+            trace,
+            load_time,
+            prompt,
+            replay,
+        } = self;
+        let mut access = Access {
+            store,
+            loader,
+            core,
+            payload,
+            cfg,
+            trace: cfg.record_trace.then_some(trace),
+            load_time,
+            prompt: *prompt,
+            step,
+            phase,
+            replay: replay.as_ref(),
+            cur: None,
+            pending: Vec::new(),
+            outcome: StepOutcome::default(),
+        };
+        let (logits, routing) = model.forward(tokens, kv, &mut access, last_only)?;
+        Ok((rows(&logits)?, routing))
+    }
+
+    /// Full-sequence prefill from an empty KV cache: logits `[T][vocab]` and routing.
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<(Vec<Vec<f32>>, Routing)> {
+        let mut kv = KvCache::default();
+        self.forward(tokens, &mut kv, 0, false)
+    }
+
+    /// Prefill then decode up to `max_new` tokens (stopping early at any of `stop`).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+    ) -> Result<Generation> {
+        self.generate_with(prompt, max_new, sampler, stop, false)
+    }
+
+    /// As [`Engine::generate`]; with `keep_logits` the sampled-from logits of every step are kept.
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+        keep_logits: bool,
+    ) -> Result<Generation> {
+        let mut kv = KvCache::default();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        if max_new == 0 {
+            return Ok(Generation {
+                tokens: out,
+                prefill: Duration::ZERO,
+                decode: Duration::ZERO,
+                prompt_len: prompt.len(),
+                step_logits: Vec::new(),
+            });
+        }
+        let mut kept = Vec::new();
+        let (mut logits, _) = self.forward(prompt, &mut kv, 0, true)?;
+        let mut next = sampler.sample(&logits[0]);
+        let prefill = t0.elapsed();
+        out.push(next);
+        if keep_logits {
+            kept.push(logits.swap_remove(0));
+        }
+        let t1 = Instant::now();
+        let mut step = 1;
+        while out.len() < max_new && !stop.contains(&next) {
+            let (mut logits, _) = self.forward(&[next], &mut kv, step, true)?;
+            next = sampler.sample(&logits[0]);
+            out.push(next);
+            if keep_logits {
+                kept.push(logits.swap_remove(0));
+            }
+            step += 1;
+        }
+        Ok(Generation {
+            tokens: out,
+            prefill,
+            decode: t1.elapsed(),
+            prompt_len: prompt.len(),
+            step_logits: kept,
+        })
+    }
+}
+
+/// Rejects budgets below one token's working set (top-k experts of one layer).
+fn check_budget(spec: &ModelSpec, store: &ExpertStore, cfg: &EngineConfig) -> Result<()> {
+    let budget = &cfg.budget;
+    let k = spec.moe.top_k;
+    // Pinned hot experts take slots for good: a step must still fit its top-k beside them.
+    if let (crate::experts::policies::PolicySpec::Static { n }, Budget::SlotsPerLayer(c)) =
+        (cfg.policy.eviction(), budget)
+    {
+        if *c < n + k {
+            return Err(Error::Input(format!(
+                "policy `static-{n}` at capacity {c}: {n} pinned experts plus one token's top-{k} need at least {} slots per layer",
+                n + k
+            )));
+        }
+    }
+    let largest = spec
+        .moe
+        .moe_layers
+        .iter()
+        .map(|&l| {
+            let mut sizes: Vec<u64> = (0..spec.moe.num_experts as u32)
+                .map(|e| {
+                    store.expert_bytes(ExpertKey {
+                        layer: l as u32,
+                        expert: e,
+                    })
+                })
+                .collect();
+            sizes.sort_unstable_by(|a, b| b.cmp(a));
+            sizes[..k].iter().sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    match *budget {
+        Budget::SlotsPerLayer(n) if n < k => Err(Error::Input(format!(
+            "capacity {n} is below top-k = {k}: one token's experts of a layer could not all be resident (smallest legal capacity: {k})"
+        ))),
+        Budget::BytesPerLayer(b) | Budget::BytesGlobal(b) if b < largest => Err(Error::Input(format!(
+            "budget {b} bytes is below one token's working set: {k} experts of a layer need {largest} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Loader threads for `cfg` on `device` (see [`EngineConfig::load_threads`]).
+fn load_threads(spec: &ModelSpec, device: &Device, cfg: &EngineConfig) -> usize {
+    cfg.load_threads.unwrap_or(if device.is_cpu() {
+        0
+    } else {
+        spec.moe.top_k.min(8)
+    })
+}

@@ -1,0 +1,521 @@
+//! Host→device transfer of an expert's checkpoint bytes.
+//!
+//! On CUDA a miss reads the expert's byte ranges straight from the shard files into a page-locked
+//! (pinned) staging buffer and copies them to the GPU in one transfer on a copy stream of its
+//! own, so the copy never queues behind compute kernels. The bytes cross the link in their
+//! checkpoint form (4-bit words, bf16 scales); an MLX-quantized expert then either stays packed in
+//! GPU memory (`DevicePacked` in CUDA builds, run by a matrix-vector kernel that decodes as it multiplies) or
+//! is decoded to f32 by a kernel on the same stream. Each loader thread takes its own lane
+//! (stream + staging buffer) from a pool, so concurrent misses read and copy in parallel. On other
+//! devices the bytes are read into ordinary memory, handed to candle and decoded with tensor ops.
+//!
+//! Counters record the time spent reading and copying, so benchmarks can report the achieved
+//! host→device rate next to a pinned copy of the same size.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "cuda")]
+use std::sync::Mutex;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+use crate::weights::ByteRange;
+
+/// The resident form of MLX-quantized experts on a CUDA GPU.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpuExperts {
+    /// Checkpoint bytes in GPU memory, decoded inside the matrix-vector kernel.
+    #[default]
+    Packed,
+    /// Decoded once to f32 at upload (cuBLAS products).
+    F32,
+}
+
+/// Pinned host staging buffers of the CUDA miss path.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Staging {
+    /// Write-combined: the CPU only writes them, the copy engine reads them fast.
+    #[default]
+    WriteCombined,
+    /// Ordinary cacheable pinned memory.
+    Cacheable,
+}
+
+impl std::fmt::Display for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Staging::WriteCombined => "write-combined",
+            Staging::Cacheable => "cacheable",
+        })
+    }
+}
+
+/// One tensor to bring over: its bytes, element type and shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Part {
+    /// Where its bytes are.
+    pub range: ByteRange,
+    /// Element type of those bytes (`U8` for packed quantized words).
+    pub dtype: DType,
+    /// Shape `[rows, cols]` in elements of `dtype`.
+    pub shape: (usize, usize),
+}
+
+/// How one MLX-quantized projection is decoded on the device: its three parts (packed words,
+/// scales, biases) are consecutive in the part list.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantProj {
+    /// Output rows.
+    pub rows: usize,
+    /// Output columns (inputs).
+    pub cols: usize,
+    /// Bits and group size.
+    pub params: crate::config::QuantParams,
+}
+
+/// Transfer counters since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct TransferStats {
+    /// Experts brought over.
+    pub uploads: u64,
+    /// Bytes read from the shard files into host buffers.
+    pub read_bytes: u64,
+    /// Seconds spent in those reads (summed over loader threads).
+    pub read_seconds: f64,
+    /// Bytes copied host→device (0 on the CPU).
+    pub h2d_bytes: u64,
+    /// Seconds from the first copy's submission to the copy stream's completion, summed over
+    /// uploads (0 on the CPU).
+    pub h2d_seconds: f64,
+    /// Seconds the copies themselves took on the GPU's copy engine (CUDA events around each
+    /// copy), summed over uploads: `h2d_bytes / dma_seconds` is the rate each upload got from
+    /// the link.
+    pub dma_seconds: f64,
+    /// Wall-clock seconds during which at least one read was running (loader threads overlap).
+    pub read_wall_seconds: f64,
+    /// Wall-clock seconds during which at least one host→device copy was running.
+    pub h2d_wall_seconds: f64,
+    /// Wall-clock seconds during which at least one upload (read + copy) was running.
+    pub path_wall_seconds: f64,
+}
+
+impl TransferStats {
+    /// Achieved host→device rate in bytes per second of copy wall time (the link's throughput
+    /// while it was in use; loader threads overlap, so summed durations would understate it),
+    /// if anything was copied.
+    pub fn h2d_rate(&self) -> Option<f64> {
+        (self.h2d_wall_seconds > 0.0).then(|| self.h2d_bytes as f64 / self.h2d_wall_seconds)
+    }
+
+    /// Rate each copy got on the GPU copy engine (bytes over CUDA-event copy time).
+    pub fn dma_rate(&self) -> Option<f64> {
+        (self.dma_seconds > 0.0).then(|| self.h2d_bytes as f64 / self.dma_seconds)
+    }
+
+    /// Rate of the whole miss path: bytes read over the wall time uploads were running.
+    pub fn path_rate(&self) -> Option<f64> {
+        (self.path_wall_seconds > 0.0).then(|| self.read_bytes as f64 / self.path_wall_seconds)
+    }
+
+    /// The counters accumulated since `before` was taken.
+    pub fn since(&self, before: &TransferStats) -> TransferStats {
+        TransferStats {
+            uploads: self.uploads.saturating_sub(before.uploads),
+            read_bytes: self.read_bytes.saturating_sub(before.read_bytes),
+            read_seconds: self.read_seconds - before.read_seconds,
+            h2d_bytes: self.h2d_bytes.saturating_sub(before.h2d_bytes),
+            h2d_seconds: self.h2d_seconds - before.h2d_seconds,
+            dma_seconds: self.dma_seconds - before.dma_seconds,
+            read_wall_seconds: self.read_wall_seconds - before.read_wall_seconds,
+            h2d_wall_seconds: self.h2d_wall_seconds - before.h2d_wall_seconds,
+            path_wall_seconds: self.path_wall_seconds - before.path_wall_seconds,
+        }
+    }
+}
+
+/// Wall-clock time during which at least one of several threads was inside a section.
+#[derive(Debug, Default)]
+struct BusyClock {
+    state: std::sync::Mutex<(usize, Option<Instant>)>,
+    ns: AtomicU64,
+}
+
+impl BusyClock {
+    fn enter(&self) {
+        let mut s = self.state.lock().expect("busy clock");
+        if s.0 == 0 {
+            s.1 = Some(Instant::now());
+        }
+        s.0 += 1;
+    }
+
+    fn leave(&self) {
+        let mut s = self.state.lock().expect("busy clock");
+        s.0 -= 1;
+        if s.0 == 0 {
+            if let Some(t) = s.1.take() {
+                self.ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        self.ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Runs `f` inside the section.
+    fn time<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.enter();
+        let r = f();
+        self.leave();
+        r
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    uploads: AtomicU64,
+    read_bytes: AtomicU64,
+    read_ns: AtomicU64,
+    h2d_bytes: AtomicU64,
+    h2d_ns: AtomicU64,
+    dma_ns: AtomicU64,
+    read_wall: BusyClock,
+    h2d_wall: BusyClock,
+    path_wall: BusyClock,
+}
+
+/// Moves expert bytes to the compute device.
+pub struct Uploader {
+    device: Device,
+    counters: Counters,
+    /// Allocate staging buffers write-combined (the CPU only writes them).
+    write_combined: std::sync::atomic::AtomicBool,
+    /// Reader threads per upload on CUDA.
+    read_threads: std::sync::atomic::AtomicUsize,
+    #[cfg(feature = "cuda")]
+    kernels: std::sync::OnceLock<std::result::Result<std::sync::Arc<cuda::Kernels>, String>>,
+    /// Keep MLX-quantized experts packed in GPU memory (CUDA).
+    gpu_packed: std::sync::atomic::AtomicBool,
+    #[cfg(feature = "cuda")]
+    lanes: Mutex<Vec<cuda::Lane>>,
+}
+
+impl std::fmt::Debug for Uploader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uploader")
+            .field("device", &self.device)
+            .field("counters", &self.counters)
+            .finish()
+    }
+}
+
+impl Uploader {
+    /// An uploader for `device`; staging lanes are created on first use.
+    pub fn new(device: Device) -> Self {
+        Uploader {
+            device,
+            counters: Counters::default(),
+            write_combined: true.into(),
+            read_threads: 4.into(),
+            gpu_packed: true.into(),
+            #[cfg(feature = "cuda")]
+            kernels: std::sync::OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            lanes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Chooses write-combined (default) or cacheable pinned staging buffers for lanes created
+    /// from now on.
+    pub fn set_staging(&self, staging: Staging) {
+        self.write_combined
+            .store(staging == Staging::WriteCombined, Ordering::Relaxed);
+        #[cfg(feature = "cuda")]
+        self.lanes.lock().expect("lane pool").clear();
+    }
+
+    /// Reader threads per upload on CUDA (default 4): an expert is read from the shard files
+    /// into the staging buffer in pieces of at most 1 MiB, spread over this many threads.
+    pub fn set_read_threads(&self, n: usize) {
+        self.read_threads.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Keep MLX-quantized experts packed in GPU memory and decode them inside the
+    /// matrix-vector kernel (default), or decode them once to f32 at upload.
+    pub fn set_gpu_experts(&self, form: GpuExperts) {
+        self.gpu_packed
+            .store(form == GpuExperts::Packed, Ordering::Relaxed);
+    }
+
+    /// Whether quantized experts stay packed on this uploader's device.
+    pub fn gpu_packed(&self) -> bool {
+        self.device.is_cuda() && self.gpu_packed.load(Ordering::Relaxed)
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> TransferStats {
+        let c = &self.counters;
+        TransferStats {
+            uploads: c.uploads.load(Ordering::Relaxed),
+            read_bytes: c.read_bytes.load(Ordering::Relaxed),
+            read_seconds: c.read_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            h2d_bytes: c.h2d_bytes.load(Ordering::Relaxed),
+            h2d_seconds: c.h2d_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            dma_seconds: c.dma_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            read_wall_seconds: c.read_wall.seconds(),
+            h2d_wall_seconds: c.h2d_wall.seconds(),
+            path_wall_seconds: c.path_wall.seconds(),
+        }
+    }
+
+    /// Reads every part with `read` and returns them as tensors on the device, in order.
+    pub fn upload(
+        &self,
+        parts: &[Part],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<Vec<Tensor>> {
+        self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .path_wall
+            .time(|| self.upload_inner(parts, read))
+    }
+
+    fn upload_inner(
+        &self,
+        parts: &[Part],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<Vec<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &self.device {
+            return self.upload_cuda(dev, parts, read);
+        }
+        let t = Instant::now();
+        let mut bufs = Vec::with_capacity(parts.len());
+        self.counters.read_wall.time(|| -> Result<()> {
+            for p in parts {
+                let mut b = vec![0u8; p.range.len as usize];
+                read(&p.range, &mut b)?;
+                bufs.push(b);
+            }
+            Ok(())
+        })?;
+        self.note_read(parts, t);
+        parts
+            .iter()
+            .zip(&bufs)
+            .map(|(p, b)| {
+                Ok(Tensor::from_raw_buffer(
+                    b,
+                    p.dtype,
+                    &[p.shape.0, p.shape.1],
+                    &self.device,
+                )?)
+            })
+            .collect()
+    }
+
+    /// Brings an expert whose three projections are all MLX-quantized to a CUDA device as one
+    /// copy of its checkpoint bytes, and decodes it there with one kernel per projection into
+    /// f32 `[2I, H]` (gate rows then up rows) and `[H, I]`, on the lane's stream (overlapping
+    /// the engine's compute). `None` off CUDA: the caller decodes with tensor ops.
+    pub fn upload_quant(
+        &self,
+        parts: &[Part],
+        projs: &[QuantProj; 3],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &self.device {
+            let kernels = self.kernels(dev)?;
+            let kernels = &*kernels;
+            self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+            return self
+                .counters
+                .path_wall
+                .time(|| self.upload_quant_cuda(dev, kernels, parts, projs, read))
+                .map(Some);
+        }
+        let _ = (parts, projs, read);
+        Ok(None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn kernels(&self, dev: &candle_core::CudaDevice) -> Result<std::sync::Arc<cuda::Kernels>> {
+        self.kernels
+            .get_or_init(|| cuda::Kernels::new(dev).map(std::sync::Arc::new))
+            .clone()
+            .map_err(|e| crate::error::Error::Input(format!("CUDA decode kernels: {e}")))
+    }
+
+    /// Brings a quantized expert to the GPU as one copy of its checkpoint bytes and keeps it
+    /// that way (see `DevicePacked`).
+    #[cfg(feature = "cuda")]
+    pub fn upload_packed(
+        &self,
+        parts: &[Part],
+        projs: &[QuantProj; 3],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<DevicePacked> {
+        let Device::Cuda(dev) = &self.device else {
+            return Err(crate::error::Error::Input(
+                "internal: packed GPU experts need a CUDA device".into(),
+            ));
+        };
+        let kernels = self.kernels(dev)?;
+        self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+        self.counters.path_wall.time(|| {
+            let (mut lane, total) = self.fill_lane(dev, parts, read)?;
+            let out = self
+                .timed_copy(parts, || lane.copy_staged(total, true))
+                .and_then(|buf| {
+                    let buf = buf.expect("own buffer requested");
+                    DevicePacked::new(dev.clone(), kernels, buf, parts, *projs)
+                });
+            self.return_lane(lane);
+            out
+        })
+    }
+
+    /// Takes a lane with room for `parts` and reads them into its staging buffer.
+    #[cfg(feature = "cuda")]
+    fn fill_lane(
+        &self,
+        dev: &candle_core::CudaDevice,
+        parts: &[Part],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<(cuda::Lane, usize)> {
+        let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
+        let mut lane = self.take_lane(dev, total)?;
+        let t = Instant::now();
+        let threads = self.read_threads.load(Ordering::Relaxed);
+        let filled = self
+            .counters
+            .read_wall
+            .time(|| lane.fill(parts, read, threads));
+        if let Err(e) = filled {
+            self.return_lane(lane);
+            return Err(e);
+        }
+        self.note_read(parts, t);
+        Ok((lane, total))
+    }
+
+    /// Runs the host→device copy of `parts` in `copy`, counting its bytes, wall time and (when
+    /// `copy` reports it) GPU time in milliseconds.
+    #[cfg(feature = "cuda")]
+    fn timed_copy<T>(
+        &self,
+        parts: &[Part],
+        copy: impl FnOnce() -> Result<(T, Option<f32>)>,
+    ) -> Result<T> {
+        let c = &self.counters;
+        let t = Instant::now();
+        let out = c.h2d_wall.time(copy);
+        c.h2d_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
+        c.h2d_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let (v, dma_ms) = out?;
+        if let Some(ms) = dma_ms {
+            c.dma_ns
+                .fetch_add((ms as f64 * 1e6) as u64, Ordering::Relaxed);
+        }
+        Ok(v)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn return_lane(&self, lane: cuda::Lane) {
+        self.lanes.lock().expect("lane pool").push(lane);
+    }
+
+    #[cfg(feature = "cuda")]
+    fn take_lane(&self, dev: &candle_core::CudaDevice, total: usize) -> Result<cuda::Lane> {
+        let pooled = self.lanes.lock().expect("lane pool").pop();
+        match pooled {
+            Some(l) if l.capacity() >= total => Ok(l),
+            _ => cuda::Lane::new(dev, total, self.write_combined.load(Ordering::Relaxed)),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn upload_quant_cuda(
+        &self,
+        dev: &candle_core::CudaDevice,
+        kernels: &cuda::Kernels,
+        parts: &[Part],
+        projs: &[QuantProj; 3],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<(Tensor, Tensor)> {
+        let (mut lane, total) = self.fill_lane(dev, parts, read)?;
+        let out = self
+            .timed_copy(parts, || lane.copy_staged(total, false))
+            .and_then(|_| lane.decode(dev, kernels, parts, projs));
+        self.return_lane(lane);
+        out
+    }
+
+    fn note_read(&self, parts: &[Part], t: Instant) {
+        let c = &self.counters;
+        let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
+        c.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+        c.read_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    #[cfg(feature = "cuda")]
+    fn upload_cuda(
+        &self,
+        dev: &candle_core::CudaDevice,
+        parts: &[Part],
+        read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<Vec<Tensor>> {
+        let (lane, _) = self.fill_lane(dev, parts, read)?;
+        let out = self.timed_copy(parts, || Ok((lane.copy(dev, parts)?, None)));
+        self.return_lane(lane);
+        out
+    }
+}
+
+/// Keeps freed device memory in the CUDA stream-ordered pool instead of returning it to the
+/// driver at every synchronization (the default release threshold is 0). Every tensor candle
+/// allocates, and every expert brought in or evicted, then reuses pooled memory instead of
+/// mapping fresh pages. No-op off CUDA.
+pub fn keep_pool_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        cuda::keep_pool_memory(dev);
+    }
+    let _ = device;
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda::DevicePacked;
+
+#[cfg(feature = "cuda")]
+mod cuda;
