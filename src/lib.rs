@@ -21,6 +21,51 @@
 //! 12. [`run`], [`bench`], [`inspect`]: the runner, the speed benchmark, the compatibility report.
 #![deny(missing_docs)]
 
+/// Defines an option enum whose values are named by fixed strings: the same string on the command
+/// line (clap `ValueEnum`), in experiment files and JSON (serde) and in every report (`Display`),
+/// so an invalid value is refused at the edge and never reaches the library as a string. One
+/// variant carries `#[default]`.
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $(
+                $(#[$vmeta:meta])*
+                $variant:ident = $text:literal
+            ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize,
+            serde::Deserialize, clap::ValueEnum,
+        )]
+        $vis enum $name {
+            $(
+                $(#[$vmeta])*
+                #[serde(rename = $text)]
+                #[value(name = $text)]
+                $variant,
+            )+
+        }
+
+        impl $name {
+            /// The value's name in files, on the command line and in reports.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 pub mod bench;
 pub mod chat;
 pub mod config;

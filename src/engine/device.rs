@@ -5,40 +5,21 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 
-/// A compute backend, as named on the command line (`--device`) and in experiment files
-/// (`[model] backend`).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// The host CPU (every build).
-    #[default]
-    Cpu,
-    /// An NVIDIA GPU (builds with `--features cuda`).
-    Cuda,
-    /// An Apple GPU (builds with `--features metal`).
-    Metal,
+named_enum! {
+    /// A compute backend, as named on the command line (`--device`) and in experiment files
+    /// (`[model] backend`).
+    pub enum Backend {
+        /// The host CPU (every build).
+        #[default]
+        Cpu = "cpu",
+        /// An NVIDIA GPU (builds with `--features cuda`).
+        Cuda = "cuda",
+        /// An Apple GPU (builds with `--features metal`).
+        Metal = "metal",
+    }
 }
 
 impl Backend {
-    /// The name used in files and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Cuda => "cuda",
-            Backend::Metal => "metal",
-        }
-    }
-
     /// The device, with a clear error when this binary was built without the backend or the
     /// machine has no such device.
     pub fn device(self) -> Result<Device> {
@@ -62,12 +43,6 @@ impl Backend {
                 e => Error::Input(format!("backend `metal`: no usable Metal device: {e}")),
             }),
         }
-    }
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

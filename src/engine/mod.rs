@@ -35,41 +35,16 @@ use crate::models::layers::rows;
 use crate::models::{KvCache, Model, Routing};
 use crate::trace::TraceRow;
 
-/// What to do when a selected expert is not resident.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum MissMode {
-    /// Load it and run it (exact).
-    #[default]
-    Load,
-    /// Run the token without it, renormalising the remaining weights (flash-moe skip-fallback).
-    /// The expert is still brought into the cache for later tokens, as a background loader would.
-    Skip,
-}
-
-impl MissMode {
-    /// The name used in files and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MissMode::Load => "load",
-            MissMode::Skip => "skip",
-        }
-    }
-}
-
-impl std::fmt::Display for MissMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// What to do when a selected expert is not resident.
+    pub enum MissMode {
+        /// Load it and run it (exact).
+        #[default]
+        Load = "load",
+        /// Run the token without it, renormalising the remaining weights (flash-moe
+        /// skip-fallback). The expert is still brought into the cache for later tokens, as a
+        /// background loader would.
+        Skip = "skip",
     }
 }
 

@@ -7,32 +7,14 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// How a byte budget is shared between MoE layers.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Pool {
-    /// One pool over all layers: victims may come from any layer.
-    #[default]
-    Global,
-    /// The bytes are split equally, one pool per MoE layer.
-    PerLayer,
-}
-
-impl Pool {
-    /// The name used in files and on the command line (`global`, `per-layer`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pool::Global => "global",
-            Pool::PerLayer => "per-layer",
-        }
-    }
-}
-
-impl fmt::Display for Pool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// How a byte budget is shared between MoE layers.
+    pub enum Pool {
+        /// One pool over all layers: victims may come from any layer.
+        #[default]
+        Global = "global",
+        /// The bytes are split equally, one pool per MoE layer.
+        PerLayer = "per-layer",
     }
 }
 

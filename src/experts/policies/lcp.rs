@@ -55,18 +55,10 @@ impl Policy for Lcp {
 
     fn to_evict(&self, guard: &Guard<'_>) -> Option<u32> {
         // Lowest priority; ties to the entry loaded first.
-        let (mut bp, mut bl, mut best) = (f64::INFINITY, u64::MAX, None);
-        for &(id, m) in self.resident.slots() {
-            if !guard.evictable(id) {
-                continue;
-            }
+        self.resident.lowest(guard, |m| {
             let age = guard.clock(m.layer_pos).saturating_sub(m.last_use);
-            let p = m.count * self.decay.at(age);
-            if p < bp || (p == bp && m.loaded < bl) {
-                (bp, bl, best) = (p, m.loaded, Some(id));
-            }
-        }
-        best
+            (m.count * self.decay.at(age), m.loaded)
+        })
     }
 
     fn remove(&mut self, id: u32) {

@@ -57,18 +57,10 @@ impl Policy for LfuDecay {
 
     fn to_evict(&self, guard: &Guard<'_>) -> Option<u32> {
         // Lowest decayed count; ties to the least recently used.
-        let (mut bc, mut bl, mut best) = (f64::INFINITY, u64::MAX, None);
-        for &(id, m) in self.resident.slots() {
-            if !guard.evictable(id) {
-                continue;
-            }
+        self.resident.lowest(guard, |m| {
             let age = guard.clock(m.layer_pos).saturating_sub(m.at);
-            let c = m.count * self.decay.at(age);
-            if c < bc || (c == bc && m.last < bl) {
-                (bc, bl, best) = (c, m.last, Some(id));
-            }
-        }
-        best
+            (m.count * self.decay.at(age), m.last)
+        })
     }
 
     fn remove(&mut self, id: u32) {

@@ -465,9 +465,30 @@ impl<M> ScanSet<M> {
     }
 
     /// All resident (id, metadata) pairs, in no particular order.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn slots(&self) -> &[(u32, M)] {
         &self.slots
+    }
+
+    /// The evictable entry with the lowest `score(m)` = `(value, tie)`: the lowest value, ties
+    /// to the lowest `tie` (strictly first in scan order on a full tie).
+    #[inline]
+    pub(crate) fn lowest(
+        &self,
+        guard: &Guard<'_>,
+        score: impl Fn(&M) -> (f64, u64),
+    ) -> Option<u32> {
+        let (mut bv, mut bt, mut best) = (f64::INFINITY, u64::MAX, None);
+        for (id, m) in &self.slots {
+            if !guard.evictable(*id) {
+                continue;
+            }
+            let (v, t) = score(m);
+            if v < bv || (v == bv && t < bt) {
+                (bv, bt, best) = (v, t, Some(*id));
+            }
+        }
+        best
     }
 }
 

@@ -23,54 +23,25 @@ use crate::error::Result;
 
 use crate::weights::ByteRange;
 
-/// The resident form of MLX-quantized experts on a CUDA GPU.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum GpuExperts {
-    /// Checkpoint bytes in GPU memory, decoded inside the matrix-vector kernel.
-    #[default]
-    Packed,
-    /// Decoded once to f32 at upload (cuBLAS products).
-    F32,
+named_enum! {
+    /// The resident form of MLX-quantized experts on a CUDA GPU.
+    pub enum GpuExperts {
+        /// Checkpoint bytes in GPU memory, decoded inside the matrix-vector kernel.
+        #[default]
+        Packed = "packed",
+        /// Decoded once to f32 at upload (cuBLAS products).
+        F32 = "f32",
+    }
 }
 
-/// Pinned host staging buffers of the CUDA miss path.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Staging {
-    /// Write-combined: the CPU only writes them, the copy engine reads them fast.
-    #[default]
-    WriteCombined,
-    /// Ordinary cacheable pinned memory.
-    Cacheable,
-}
-
-impl std::fmt::Display for Staging {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Staging::WriteCombined => "write-combined",
-            Staging::Cacheable => "cacheable",
-        })
+named_enum! {
+    /// Pinned host staging buffers of the CUDA miss path.
+    pub enum Staging {
+        /// Write-combined: the CPU only writes them, the copy engine reads them fast.
+        #[default]
+        WriteCombined = "write-combined",
+        /// Ordinary cacheable pinned memory.
+        Cacheable = "cacheable",
     }
 }
 
