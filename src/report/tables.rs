@@ -94,3 +94,22 @@ pub fn simulation_table(results: &[SimResult]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experts::budget::Budget;
+    use crate::experts::policies::PolicySpec;
+    use crate::simulate::{simulate, Simulation};
+
+    #[test]
+    fn simulation_table_has_a_header_and_a_line_per_result() {
+        let rows = crate::synth::synthetic_trace(1, 20, &[0, 1], 8, 2, 1.0, 0.3);
+        let sim = Simulation::new(PolicySpec::Lfu, Budget::SlotsPerLayer(4), &[0, 1]);
+        let r = simulate(&rows, &sim, |_| 1).unwrap();
+        let t = simulation_table(&[r.clone(), r]);
+        assert_eq!(t.lines().count(), 3);
+        assert!(t.lines().nth(1).unwrap().starts_with("lfu "), "{t}");
+        assert!(t.contains("hit%"));
+    }
+}

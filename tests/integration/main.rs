@@ -6,6 +6,7 @@
 
 mod common;
 
+mod architecture;
 mod bad_input;
 mod bench;
 mod engine_reference;
