@@ -3,6 +3,8 @@ on `--device cuda` (all experts through the GPU miss path: pinned staging, copy 
 quantized experts kept packed and run by the matrix-vector kernel, or decoded to f32), at the
 smallest capacity with loader threads, at unlimited budget with inline loads, and with f32
 resident experts, against the HF transformers logits stored with the fixture.
+Every run must say on stderr that it ran on the device asked for (`device: cuda:0`): a run that
+says otherwise counts as a failure, so a CPU result can never pass for a GPU one.
 Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu]  (prints one line per run, exits 1 on a mismatch)."""
 import json
 import pathlib
@@ -39,9 +41,14 @@ for d in sorted(root.iterdir()):
                 print(f"{d.name} {' '.join(extra)}: FAILED {r.stderr.strip()[-300:]}")
                 bad += 1
                 continue
+            ran_on = [l.split(":", 1)[1].strip() for l in r.stderr.splitlines() if l.startswith("device:")]
+            if not ran_on or not ran_on[0].startswith(device):
+                print(f"{d.name} {' '.join(extra)}: FAILED ran on {ran_on or 'an unnamed device'}, not {device}")
+                bad += 1
+                continue
             got = np.load(out).astype(np.float64).reshape(want.shape)
             err = np.linalg.norm(got - want) / np.linalg.norm(want)
             ok = err <= tol
             bad += not ok
-            print(f"{d.name} {' '.join(extra)}: relative L2 {err:.2e} {'ok' if ok else 'MISMATCH'}")
+            print(f"{d.name} {' '.join(extra)} on {ran_on[0]}: relative L2 {err:.2e} {'ok' if ok else 'MISMATCH'}")
 sys.exit(1 if bad else 0)

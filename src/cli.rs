@@ -445,6 +445,10 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     }
     let s = engine.stats();
     eprintln!(
+        "device: {}",
+        moe_harness::engine::describe(engine.model.device())
+    );
+    eprintln!(
         "wrote {} ({} × {}); cache: {} accesses, {} hits, {} misses, {} expert bytes read",
         a.out.display(),
         logits.len(),
@@ -510,8 +514,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let s = engine.stats();
     let misses = s.cache.accesses - s.cache.hits;
     eprintln!(
-        "[{}] cache: {} accesses, hit rate {:.1}% ({} misses), {:.1} MB read, load {:.3}s, resident {:.1} MB | prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens)",
+        "[{} on {}] cache: {} accesses, hit rate {:.1}% ({} misses), {:.1} MB read, load {:.3}s, resident {:.1} MB | prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens)",
         engine.config().policy,
+        moe_harness::engine::describe(engine.model.device()),
         s.cache.accesses,
         100.0 * s.cache.hits as f64 / s.cache.accesses.max(1) as f64,
         misses,

@@ -243,6 +243,9 @@ pub struct ModelSpec {
     pub mla: Option<MlaSpec>,
     /// Why the engine cannot run this model although `inspect` can size it.
     pub unsupported: Option<String>,
+    /// The longest sequence (prompt + generated tokens) the model is built for
+    /// (`max_position_embeddings`), when the config says.
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl ModelSpec {
@@ -257,6 +260,32 @@ impl ModelSpec {
     /// Weight elements of one routed expert (gate + up + down).
     pub fn expert_elements(&self) -> u64 {
         3 * self.hidden_size as u64 * self.moe.intermediate_size as u64
+    }
+
+    /// Bytes the KV cache holds per token (f32, every layer): keys and values of the KV heads,
+    /// or for MLA the latent and the shared RoPE key.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let per_layer = match &self.mla {
+            Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            None => 2 * self.attention.num_kv_heads * self.attention.head_dim,
+        };
+        4 * (per_layer * self.num_layers) as u64
+    }
+
+    /// An upper estimate of the memory a forward pass over `prompt` new tokens after `past`
+    /// cached ones needs beyond the weights: the KV cache (held twice while it grows), the
+    /// attention scores and their softmax (`heads × prompt × (past + prompt)` f32 each), and the
+    /// keys and values expanded per head.
+    pub fn sequence_bytes(&self, past: usize, prompt: usize) -> u64 {
+        let (t, s) = (prompt as u64, (past + prompt) as u64);
+        let heads = self.attention.num_heads as u64;
+        let per_head = match &self.mla {
+            Some(m) => {
+                (m.kv_lora_rank + m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) as u64
+            }
+            None => 2 * self.attention.head_dim as u64,
+        };
+        2 * self.kv_bytes_per_token() * s + 2 * 4 * heads * t * s + 4 * heads * s * per_head
     }
 }
 
@@ -450,7 +479,11 @@ pub(crate) fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
             return Err(Error::config(file, field, "must be positive"));
         }
     }
-    if s.attention.num_heads % s.attention.num_kv_heads != 0 {
+    if !s
+        .attention
+        .num_heads
+        .is_multiple_of(s.attention.num_kv_heads)
+    {
         return Err(Error::config(
             file,
             "num_key_value_heads",
@@ -482,7 +515,9 @@ pub(crate) fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
                 "MLA dims must be positive and qk_rope_head_dim even",
             ));
         }
-    } else if s.attention.rotary_dim % 2 != 0 || s.attention.rotary_dim > s.attention.head_dim {
+    } else if !s.attention.rotary_dim.is_multiple_of(2)
+        || s.attention.rotary_dim > s.attention.head_dim
+    {
         return Err(Error::config(
             file,
             "partial_rotary_factor",
@@ -498,7 +533,7 @@ pub(crate) fn validate(file: &Path, s: &ModelSpec) -> Result<()> {
         ..
     } = s.moe.router
     {
-        if n_group == 0 || s.moe.num_experts % n_group != 0 {
+        if n_group == 0 || !s.moe.num_experts.is_multiple_of(n_group) {
             return Err(Error::config(
                 file,
                 "n_group",

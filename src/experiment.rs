@@ -13,22 +13,49 @@ use crate::experts::budget::parse_size;
 use crate::experts::budget::Pool;
 use crate::experts::policies::PolicySpec;
 
-/// A value or a list of values (`policy = "lru"` or `policy = ["lru", "lfu"]`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum OneOrMany<T> {
-    /// One value.
-    One(T),
-    /// A list.
-    Many(Vec<T>),
+/// The values of a key that takes one value or a list (`policy = "lru"` or
+/// `policy = ["lru", "lfu"]`), each checked with `parse`; an empty list is an error (it would
+/// silently sweep nothing).
+fn one_or_many<T>(
+    file: &Path,
+    field: &str,
+    v: &toml::Value,
+    what: &str,
+    parse: impl Fn(&toml::Value) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
+    let items: Vec<&toml::Value> = match v {
+        toml::Value::Array(list) if list.is_empty() => {
+            return Err(Error::config(
+                file,
+                field,
+                format!("an empty list sweeps nothing: give {what}, or a list of them, or leave the key out"),
+            ))
+        }
+        toml::Value::Array(list) => list.iter().collect(),
+        one => vec![one],
+    };
+    items
+        .into_iter()
+        .map(|x| {
+            parse(x).map_err(|why| {
+                Error::config(
+                    file,
+                    field,
+                    format!("`{x}`: {why} (expected {what}, or a list of them)"),
+                )
+            })
+        })
+        .collect()
 }
 
-impl<T: Clone> OneOrMany<T> {
-    fn to_vec(&self) -> Vec<T> {
-        match self {
-            OneOrMany::One(v) => vec![v.clone()],
-            OneOrMany::Many(v) => v.clone(),
-        }
+/// A string naming one value of a serde enum (`load`, `skip`…).
+fn named<T: serde::de::DeserializeOwned>(v: &toml::Value) -> std::result::Result<T, String> {
+    match v {
+        toml::Value::String(_) => v
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string().trim_end().to_string()),
+        _ => Err("not a string".into()),
     }
 }
 
@@ -77,16 +104,16 @@ pub struct RawModel {
 pub struct RawCache {
     /// Policy name(s).
     #[serde(default = "default_policy")]
-    pub policy: OneOrMany<String>,
-    /// Expert slots per MoE layer.
-    pub capacity: Option<OneOrMany<usize>>,
+    pub policy: toml::Value,
+    /// Expert slots per MoE layer (a positive integer or a list of them).
+    pub capacity: Option<toml::Value>,
     /// Byte budgets: sizes (`512MiB`) or fractions of total expert bytes (`25%`, `0.25`).
     pub budget: Option<toml::Value>,
     /// `global` (one pool, default) or `per-layer` for byte budgets.
     pub pool: Option<Pool>,
     /// `load` (default) and/or `skip`.
     #[serde(default = "default_miss")]
-    pub miss: OneOrMany<MissMode>,
+    pub miss: toml::Value,
     /// Keep the cache between prompts, as in a serving session (default true).
     #[serde(default = "yes")]
     pub carry_over: bool,
@@ -125,6 +152,10 @@ pub struct RawPrompts {
     pub warmup: usize,
     /// Use only the first N prompts (after warm-up).
     pub limit: Option<usize>,
+    /// A prompt longer than the model's context (or than memory allows) is cut to its last
+    /// tokens that fit, and the cut is recorded in `env.json`, instead of failing the run.
+    #[serde(default)]
+    pub truncate: bool,
 }
 
 /// `[generation]`.
@@ -162,11 +193,11 @@ pub struct RawOutput {
     pub plots: Option<bool>,
 }
 
-fn default_policy() -> OneOrMany<String> {
-    OneOrMany::One("lru".into())
+fn default_policy() -> toml::Value {
+    toml::Value::String("lru".into())
 }
-fn default_miss() -> OneOrMany<MissMode> {
-    OneOrMany::One(MissMode::Load)
+fn default_miss() -> toml::Value {
+    toml::Value::String("load".into())
 }
 fn default_max_new() -> usize {
     32
@@ -226,6 +257,8 @@ fn ser_display<S: serde::Serializer, T: std::fmt::Display>(
 pub struct Prompt {
     /// Its id (line number or JSONL `id`).
     pub id: String,
+    /// Where it was written: `file:line`, or `inline[n]`, for error messages.
+    pub source: String,
     /// Its text.
     pub text: String,
 }
@@ -255,6 +288,8 @@ pub struct Experiment {
     pub prompts: Vec<Prompt>,
     /// Apply the chat template.
     pub chat_template: bool,
+    /// Cut prompts that do not fit instead of failing.
+    pub truncate: bool,
     /// Generation settings.
     pub generation: RawGeneration,
     /// Results root.
@@ -285,15 +320,16 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
     let model_dir = resolve_model(file, base, &raw.model, check_model)?;
     let backend = raw.model.backend.unwrap_or_default();
     let pool = raw.cache.pool.unwrap_or_default();
-    let policies: Vec<PolicySpec> = raw
-        .cache
-        .policy
-        .to_vec()
-        .iter()
-        .map(|p| {
-            PolicySpec::parse(p).map_err(|e| Error::config(file, "cache.policy", e.to_string()))
-        })
-        .collect::<Result<_>>()?;
+    let policies: Vec<PolicySpec> = one_or_many(
+        file,
+        "cache.policy",
+        &raw.cache.policy,
+        "a policy name",
+        |v| match v {
+            toml::Value::String(p) => PolicySpec::parse(p).map_err(|e| e.to_string()),
+            _ => Err("not a string".into()),
+        },
+    )?;
     if let Some(p) = policies.iter().find(|p| p.needs_future()) {
         return Err(Error::config(
             file,
@@ -302,30 +338,39 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         ));
     }
     let mut budgets = Vec::new();
-    for c in raw
-        .cache
-        .capacity
-        .as_ref()
-        .map(|c| c.to_vec())
-        .unwrap_or_default()
-    {
-        if c == 0 {
-            return Err(Error::config(file, "cache.capacity", "must be at least 1"));
-        }
-        budgets.push(BudgetSpec::Capacity(c));
+    if let Some(c) = &raw.cache.capacity {
+        let caps = one_or_many(
+            file,
+            "cache.capacity",
+            c,
+            "a positive integer (expert slots per MoE layer)",
+            |v| match v {
+                toml::Value::Integer(n) if *n >= 1 => Ok(*n as usize),
+                toml::Value::Integer(_) => Err("capacity must be at least 1".into()),
+                _ => Err("not an integer".into()),
+            },
+        )?;
+        budgets.extend(caps.into_iter().map(BudgetSpec::Capacity));
     }
-    let budget_values = match &raw.cache.budget {
-        Some(toml::Value::Array(list)) => list.clone(),
-        Some(v) => vec![v.clone()],
-        None => Vec::new(),
-    };
-    for b in &budget_values {
-        budgets.push(parse_budget(file, b)?);
+    if let Some(b) = &raw.cache.budget {
+        budgets.extend(one_or_many(
+            file,
+            "cache.budget",
+            b,
+            "a size (\"512MiB\"), a byte count, or a fraction (\"25%\" or 0.25)",
+            parse_budget,
+        )?);
     }
     if budgets.is_empty() {
         budgets.push(BudgetSpec::Unlimited);
     }
-    let misses: Vec<MissMode> = raw.cache.miss.to_vec();
+    let misses: Vec<MissMode> = one_or_many(
+        file,
+        "cache.miss",
+        &raw.cache.miss,
+        "`load` or `skip`",
+        named,
+    )?;
     let mut cells = Vec::new();
     for p in &policies {
         for b in &budgets {
@@ -360,8 +405,16 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         ));
     }
     let mut measured = prompts.split_off(raw.prompts.warmup);
-    if let Some(n) = raw.prompts.limit {
-        measured.truncate(n.max(1));
+    match raw.prompts.limit {
+        Some(0) => {
+            return Err(Error::config(
+                file,
+                "prompts.limit",
+                "0 measures no prompt: give at least 1, or leave the key out for all",
+            ))
+        }
+        Some(n) => measured.truncate(n),
+        None => {}
     }
     if raw.generation.temperature < 0.0 || !raw.generation.temperature.is_finite() {
         return Err(Error::config(
@@ -386,6 +439,7 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         warmup: prompts,
         prompts: measured,
         chat_template: raw.prompts.chat_template,
+        truncate: raw.prompts.truncate,
         generation: raw.generation.clone(),
         out_root,
         plots: raw.output.plots.unwrap_or(true),
@@ -435,8 +489,7 @@ fn resolve_model(file: &Path, base: &Path, m: &RawModel, check: bool) -> Result<
     Ok(dir)
 }
 
-fn parse_budget(file: &Path, v: &toml::Value) -> Result<BudgetSpec> {
-    let bad = |msg: String| Error::config(file, "cache.budget", msg);
+fn parse_budget(v: &toml::Value) -> std::result::Result<BudgetSpec, String> {
     match v {
         toml::Value::Float(f) if *f > 0.0 && *f <= 1.0 => Ok(BudgetSpec::Fraction(*f)),
         toml::Value::Integer(i) if *i > 0 => Ok(BudgetSpec::Bytes(*i as u64)),
@@ -446,18 +499,20 @@ fn parse_budget(file: &Path, v: &toml::Value) -> Result<BudgetSpec> {
                 .trim_end_matches('%')
                 .trim()
                 .parse()
-                .map_err(|_| bad(format!("`{s}` is not a percentage")))?;
+                .map_err(|_| format!("`{s}` is not a percentage"))?;
             if !(x > 0.0 && x <= 100.0) {
-                return Err(bad(format!("`{s}` must be in (0, 100]%")));
+                return Err(format!("`{s}` must be in (0, 100]%"));
             }
             Ok(BudgetSpec::Fraction(x / 100.0))
         }
-        toml::Value::String(s) => Ok(BudgetSpec::Bytes(
-            parse_size(s).map_err(|e| bad(e.to_string()))?,
-        )),
-        other => Err(bad(format!(
-            "`{other}`: give a size (\"512MiB\"), a byte count, or a fraction (\"25%\" or 0.25)"
-        ))),
+        toml::Value::String(s) => match parse_size(s) {
+            Ok(0) => Err("a budget of 0 bytes holds nothing".into()),
+            Ok(n) => Ok(BudgetSpec::Bytes(n)),
+            Err(e) => Err(e.to_string()),
+        },
+        toml::Value::Float(_) => Err("a fraction must be in (0, 1]".into()),
+        toml::Value::Integer(_) => Err("a byte count must be positive".into()),
+        _ => Err("not a size, byte count or fraction".into()),
     }
 }
 
@@ -490,11 +545,13 @@ fn read_prompts(file: &Path, base: &Path, p: &RawPrompts) -> Result<Vec<Prompt>>
                     .unwrap_or_else(|| (i + 1).to_string());
                 out.push(Prompt {
                     id,
+                    source: format!("{}:{}", path.display(), i + 1),
                     text: text.to_string(),
                 });
             } else {
                 out.push(Prompt {
                     id: (i + 1).to_string(),
+                    source: format!("{}:{}", path.display(), i + 1),
                     text: line.replace("\\n", "\n"),
                 });
             }
@@ -503,6 +560,7 @@ fn read_prompts(file: &Path, base: &Path, p: &RawPrompts) -> Result<Vec<Prompt>>
     for (i, t) in p.inline.iter().flatten().enumerate() {
         out.push(Prompt {
             id: format!("inline-{}", i + 1),
+            source: format!("{}: prompts.inline[{i}]", file.display()),
             text: t.clone(),
         });
     }

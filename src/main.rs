@@ -6,6 +6,18 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // The Parquet decoder panics on some corrupted files; the library catches those panics and
+    // reports a corrupt file, so their messages are kept off the terminal. Any other panic is a
+    // bug and is shown as usual.
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_decoder = info
+            .location()
+            .is_some_and(|l| l.file().contains("/polars"));
+        if !in_decoder {
+            default(info);
+        }
+    }));
     match cli::run() {
         Ok(code) => code,
         Err(e) => {

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine::{Engine, EngineConfig, MissMode, Sampler};
 use crate::error::{Error, Result};
-use crate::experiment::{BudgetSpec, Cell, Experiment};
+use crate::experiment::{BudgetSpec, Cell, Experiment, Prompt};
 use crate::experts::budget::{Budget, Pool};
 use crate::experts::policies::{FrequencyProfile, PolicySpec};
 use crate::experts::Phase;
@@ -48,17 +48,28 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
     let run_id = run_id(&exp, opts.quick)?;
     let final_dir = root.join(&exp.name).join(&run_id);
     let tmp_dir = root.join(&exp.name).join(format!(".{run_id}.partial"));
+    if final_dir.exists() && !opts.force {
+        eprintln!(
+            "results already complete at {} (use --force to run again)",
+            final_dir.display()
+        );
+        return Ok(final_dir);
+    }
+    // One writer per results directory: a second run of the same experiment waits for nothing
+    // and fails at once, naming the process that holds it.
+    let exp_dir = root.join(&exp.name);
+    std::fs::create_dir_all(&exp_dir).map_err(|e| Error::io(&exp_dir, e))?;
+    let _lock = RunLock::take(&exp_dir.join(format!(".{run_id}.lock")), &tmp_dir)?;
     if final_dir.exists() {
         if !opts.force {
             eprintln!(
-                "results already complete at {} (use --force to run again)",
+                "results completed by another run at {}",
                 final_dir.display()
             );
             return Ok(final_dir);
         }
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }
-    std::fs::create_dir_all(tmp_dir.join("cells")).map_err(|e| Error::io(&tmp_dir, e))?;
 
     let tok_path = exp.model_dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
@@ -68,29 +79,29 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
     } else {
         None
     };
-    let encode = |text: &str| -> Result<Vec<u32>> {
+    let encode = |p: &Prompt| -> Result<Vec<u32>> {
         let text = match &template {
-            Some(t) => t.render(text)?,
-            None => text.to_string(),
+            Some(t) => t.render(&p.text)?,
+            None => p.text.clone(),
         };
         let ids = tokenizer
             .encode(text.as_str(), false)
-            .map_err(|e| Error::Input(format!("tokenizing a prompt: {e}")))?
+            .map_err(|e| Error::Input(format!("{}: tokenizing the prompt: {e}", p.source)))?
             .get_ids()
             .to_vec();
         if ids.is_empty() {
             return Err(Error::Input(format!(
-                "prompt {text:?} encodes to no tokens"
+                "{}: the prompt encodes to no tokens",
+                p.source
             )));
         }
         Ok(ids)
     };
-    let all: Vec<(bool, Vec<u32>)> = exp
-        .warmup
-        .iter()
-        .map(|p| Ok((true, encode(&p.text)?)))
-        .chain(exp.prompts.iter().map(|p| Ok((false, encode(&p.text)?))))
-        .collect::<Result<_>>()?;
+    let sources: Vec<&Prompt> = exp.warmup.iter().chain(&exp.prompts).collect();
+    let mut all: Vec<(bool, Vec<u32>)> = Vec::with_capacity(sources.len());
+    for (i, p) in sources.iter().enumerate() {
+        all.push((i < exp.warmup.len(), encode(p)?));
+    }
     let stop: Vec<u32> = tokenizer.token_to_id("<|endoftext|>").into_iter().collect();
 
     let device = exp
@@ -98,6 +109,47 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         .device()
         .map_err(|e| Error::config(&exp.file, "model.backend", e.to_string()))?;
     let mut engine = Engine::open(&exp.model_dir, device, EngineConfig::default())?;
+    // Every prompt must fit the model's context and this machine's memory before any cell runs.
+    let new_tokens = exp.generation.max_new_tokens;
+    let mut truncated = Vec::new();
+    for ((_, ids), p) in all.iter_mut().zip(&sources) {
+        if let Err(e) = engine.check_sequence(ids.len(), new_tokens) {
+            if !exp.truncate {
+                return Err(Error::Input(format!(
+                    "{}: {e} (shorten the prompt, or set `[prompts] truncate = true` in {} to keep its last tokens that fit)",
+                    p.source,
+                    exp.file.display()
+                )));
+            }
+            let fits = |n: usize| engine.check_sequence(n, new_tokens).is_ok();
+            let (mut lo, mut hi) = (0usize, ids.len());
+            while lo + 1 < hi {
+                let mid = (lo + hi) / 2;
+                if fits(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            if lo == 0 {
+                return Err(Error::Input(format!("{}: {e}", p.source)));
+            }
+            truncated.push(serde_json::json!({
+                "prompt": p.source,
+                "tokens": ids.len(),
+                "kept_last": lo,
+            }));
+            let cut = ids.len() - lo;
+            ids.drain(..cut);
+        }
+    }
+    if !truncated.is_empty() {
+        eprintln!(
+            "{} prompt(s) cut to their last tokens that fit (recorded in env.json)",
+            truncated.len()
+        );
+    }
+    std::fs::create_dir_all(tmp_dir.join("cells")).map_err(|e| Error::io(&tmp_dir, e))?;
     let total_expert_bytes = engine.total_expert_bytes();
     // `static-N` pins the most frequent experts of a profile: an unlimited-budget pass over the
     // same prompts (an oracle profile, as `harness simulate` derives one from a trace).
@@ -171,9 +223,14 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         .map_err(|e| Error::io(&exp.file, e))?;
     write_atomic(
         &tmp_dir.join("env.json"),
-        serde_json::to_string_pretty(&env_info(&exp, opts.quick))
-            .unwrap_or_default()
-            .as_bytes(),
+        serde_json::to_string_pretty(&env_info(
+            &exp,
+            opts.quick,
+            engine.model.device(),
+            &truncated,
+        ))
+        .unwrap_or_default()
+        .as_bytes(),
     )?;
     if exp.plots {
         crate::report::plot_dir(&tmp_dir)?;
@@ -483,7 +540,12 @@ fn run_id(exp: &Experiment, quick: bool) -> Result<String> {
     ))
 }
 
-fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
+fn env_info(
+    exp: &Experiment,
+    quick: bool,
+    device: &candle_core::Device,
+    truncated: &[serde_json::Value],
+) -> serde_json::Value {
     let git = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
         .output()
@@ -499,6 +561,8 @@ fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
         "harness_version": env!("CARGO_PKG_VERSION"),
         "git_commit": git,
         "backend": exp.backend.as_str(),
+        "device": crate::engine::describe(device),
+        "truncated_prompts": truncated,
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "model_dir": exp.model_dir.display().to_string(),
@@ -506,4 +570,42 @@ fn env_info(exp: &Experiment, quick: bool) -> serde_json::Value {
         "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "elapsed_note": "timings are wall-clock on this machine; compare ratios within one run",
     })
+}
+
+/// An exclusive lock on one run's results (released when dropped, or when the process ends).
+struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock file `path` (holding the owner's pid) for the results being written to
+    /// `dir`; fails at once, naming the owner, if another run holds it.
+    fn take(path: &Path, dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0).map_err(|e| Error::io(path, e))?;
+                file.rewind().map_err(|e| Error::io(path, e))?;
+                write!(file, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
+                Ok(RunLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                Err(Error::Input(format!(
+                    "results dir {} in use by pid {} (another `harness run` of the same experiment; wait for it, or pass another --out)",
+                    dir.display(),
+                    if pid.trim().is_empty() { "?" } else { pid.trim() }
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
+        }
+    }
 }

@@ -84,7 +84,7 @@ impl Plan {
         let scale = (cols as f32).powf(-0.5);
         let mut shape = lead.to_vec();
         match self.layout {
-            SynthLayout::Mlx(bits) if quantize && cols % GROUP == 0 => {
+            SynthLayout::Mlx(bits) if quantize && cols.is_multiple_of(GROUP) => {
                 let mut w = shape.clone();
                 w.extend([rows, cols * bits / 32]);
                 let mut s = shape.clone();

@@ -180,27 +180,175 @@ pub fn write(path: &Path, cells: &[CellTrace]) -> Result<()> {
 }
 
 /// Reads a Parquet file into a data frame.
+///
+/// The Parquet decoder can panic on a corrupted file instead of returning an error; such a panic
+/// is caught here and reported as a corrupt file (the binary keeps the decoder's panic message
+/// off the terminal).
 pub fn read_frame(path: &Path) -> Result<DataFrame> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    ParquetReader::new(f).finish().map_err(|e| perr(path, e))
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ParquetReader::new(f).finish()
+    })) {
+        Ok(r) => r.map_err(|e| perr(path, e)),
+        Err(_) => Err(Error::format(
+            path,
+            "corrupt Parquet file (the decoder failed on its contents)",
+        )),
+    }
 }
 
+/// A non-negative integer column that fits u32, checked value by value: floats, strings,
+/// nulls and negative or too-large values are errors naming the column and row.
 fn u32_col(path: &Path, df: &DataFrame, name: &str) -> Result<Vec<u32>> {
     let c = df.column(name).map_err(|_| missing(path, name))?;
-    let c = c.cast(&DataType::UInt32).map_err(|e| {
-        Error::format(
-            path,
-            format!("column `{name}` must be an unsigned integer column: {e}"),
-        )
-    })?;
-    let ca = c.u32().map_err(|e| perr(path, e))?;
-    if ca.null_count() > 0 {
+    let vals = ints(path, name, c.as_materialized_series())?;
+    vals.into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            None => Err(Error::format(path, format!("row {i}: `{name}` is null"))),
+            Some(v) => to_u32(path, name, i, v),
+        })
+        .collect()
+}
+
+fn to_u32(path: &Path, name: &str, row: usize, v: i128) -> Result<u32> {
+    if v < 0 {
         return Err(Error::format(
             path,
-            format!("column `{name}` has null values"),
+            format!("row {row}: `{name}` is negative ({v}); ids and positions are non-negative"),
         ));
     }
-    Ok(ca.into_no_null_iter().collect())
+    u32::try_from(v).map_err(|_| {
+        Error::format(
+            path,
+            format!("row {row}: `{name}` = {v} does not fit in 32 bits"),
+        )
+    })
+}
+
+/// The values of an integer series (any width, signed or not); anything else is an error.
+fn ints(path: &Path, name: &str, s: &Series) -> Result<Vec<Option<i128>>> {
+    let dt = s.dtype();
+    if !dt.is_integer() {
+        return Err(Error::format(
+            path,
+            format!("column `{name}` must hold integers, not {dt}"),
+        ));
+    }
+    Ok(if dt.is_unsigned_integer() {
+        let c = s.cast(&DataType::UInt64).map_err(|e| perr(path, e))?;
+        let ca = c.u64().map_err(|e| perr(path, e))?;
+        ca.iter().map(|v| v.map(i128::from)).collect()
+    } else {
+        let c = s.cast(&DataType::Int64).map_err(|e| perr(path, e))?;
+        let ca = c.i64().map_err(|e| perr(path, e))?;
+        ca.iter().map(|v| v.map(i128::from)).collect()
+    })
+}
+
+/// A column of expert-id lists (`list<int>` of any integer width); `None` where the row's list is
+/// null. Non-integer elements, null elements and ids out of range are errors naming the row.
+fn id_lists(
+    path: &Path,
+    df: &DataFrame,
+    name: &str,
+    required: bool,
+) -> Result<Option<ListCells<u32>>> {
+    let Ok(c) = df.column(name) else {
+        return if required {
+            Err(missing(path, name))
+        } else {
+            Ok(None)
+        };
+    };
+    let ca = c.list().map_err(|_| {
+        Error::format(
+            path,
+            format!(
+                "column `{name}` must be a list of integer expert ids, not {}",
+                c.dtype()
+            ),
+        )
+    })?;
+    let mut out = Vec::with_capacity(ca.len());
+    for (i, cell) in ca.series_iter().enumerate() {
+        out.push(match cell {
+            None => None,
+            Some(s) => Some(
+                ints(path, name, &s)?
+                    .into_iter()
+                    .map(|v| match v {
+                        None => Err(Error::format(
+                            path,
+                            format!("row {i}: `{name}` has a null element"),
+                        )),
+                        Some(v) => to_u32(path, name, i, v),
+                    })
+                    .collect::<Result<Vec<u32>>>()?,
+            ),
+        });
+    }
+    Ok(Some(out))
+}
+
+/// Checks one row's ids: a non-empty expert list without repeats, ids in range.
+fn check_row(path: &Path, i: usize, r: &TraceRow) -> Result<()> {
+    let bad = |m: String| {
+        Error::format(
+            path,
+            format!(
+                "row {i} (prompt {}, pos {}, layer {}): {m}",
+                r.prompt, r.pos, r.layer
+            ),
+        )
+    };
+    if r.layer >= crate::experts::MAX_LAYER_ID {
+        return Err(bad(format!(
+            "layer {} is out of range (layer ids must be < {})",
+            r.layer,
+            crate::experts::MAX_LAYER_ID
+        )));
+    }
+    if r.experts.is_empty() {
+        return Err(bad(
+            "`experts` is empty: a routed token selects at least one expert".into(),
+        ));
+    }
+    for (what, ids) in [
+        ("experts", Some(&r.experts)),
+        ("lookahead", r.lookahead.as_ref()),
+    ] {
+        let Some(ids) = ids else { continue };
+        if let Some(e) = ids.iter().find(|&&e| e >= crate::experts::MAX_EXPERT_ID) {
+            return Err(bad(format!(
+                "`{what}` holds expert {e}, out of range (expert ids must be < {})",
+                crate::experts::MAX_EXPERT_ID
+            )));
+        }
+        let mut seen = ids.clone();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(format!(
+                "`{what}` lists expert {} twice (a router selects distinct experts)",
+                w[0]
+            )));
+        }
+    }
+    if !r.hits.is_empty() && r.hits.len() != r.experts.len() {
+        return Err(bad(format!(
+            "{} hit flags for {} experts",
+            r.hits.len(),
+            r.experts.len()
+        )));
+    }
+    if !r.weights.is_empty() && r.weights.len() != r.experts.len() {
+        return Err(bad(format!(
+            "{} weights for {} experts",
+            r.weights.len(),
+            r.experts.len()
+        )));
+    }
+    Ok(())
 }
 
 fn missing(path: &Path, name: &str) -> Error {
@@ -280,10 +428,9 @@ pub fn read(path: &Path) -> Result<Vec<CellTrace>> {
             }
         });
     }
-    let experts =
-        list_col::<UInt32Type>(path, &df, "experts", DataType::UInt32, true)?.expect("required");
+    let experts = id_lists(path, &df, "experts", true)?.expect("required");
     let weights = list_col::<Float32Type>(path, &df, "weights", DataType::Float32, false)?;
-    let lookahead = list_col::<UInt32Type>(path, &df, "lookahead", DataType::UInt32, false)?;
+    let lookahead = id_lists(path, &df, "lookahead", false)?;
     let hits: Option<Vec<Vec<bool>>> = match df.column("hits") {
         Err(_) => None,
         Ok(c) => {
@@ -343,6 +490,7 @@ pub fn read(path: &Path) -> Result<Vec<CellTrace>> {
             load_ns: load_ns.as_ref().map_or(0, |l| l[i]),
             experts: ex,
         };
+        check_row(path, i, &row)?;
         let name = cell.as_ref().map_or("", |c| c[i].as_str());
         match cells.iter_mut().find(|c| c.cell == name) {
             Some(c) => c.rows.push(row),
@@ -364,7 +512,7 @@ mod tests {
             prompt: i / 4,
             step: i % 3,
             pos: i,
-            phase: if i % 3 == 0 {
+            phase: if i.is_multiple_of(3) {
                 Phase::Prefill
             } else {
                 Phase::Decode
@@ -373,7 +521,7 @@ mod tests {
             experts: vec![i % 8, (i + 3) % 8],
             weights: vec![0.75, 0.25],
             lookahead: (i % 2 == 1).then(|| vec![1, 2]),
-            hits: vec![i % 2 == 0, false],
+            hits: vec![i.is_multiple_of(2), false],
             load_ns: 1000 + i as u64,
         }
     }

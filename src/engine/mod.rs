@@ -387,8 +387,37 @@ impl Engine {
         Ok((rows(&logits)?, routing))
     }
 
+    /// Refuses a sequence of `prompt` tokens plus `new_tokens` generated ones that the model is
+    /// not built for (beyond `max_position_embeddings`) or whose prefill would not fit in the
+    /// memory this machine has available, instead of running into an allocation abort.
+    pub fn check_sequence(&self, prompt: usize, new_tokens: usize) -> Result<()> {
+        let spec = &self.model.spec;
+        let total = prompt + new_tokens.saturating_sub(1);
+        if let Some(max) = spec.max_position_embeddings {
+            if total > max {
+                return Err(Error::Input(format!(
+                    "{prompt} prompt tokens + {new_tokens} new tokens exceed the model's context of {max} tokens (max_position_embeddings)"
+                )));
+            }
+        }
+        let need = spec
+            .sequence_bytes(0, prompt)
+            .max(spec.sequence_bytes(total, 1));
+        if let Some(avail) = available_memory() {
+            if need > avail {
+                return Err(Error::Input(format!(
+                    "a {prompt}-token prompt needs about {:.1} GB for attention and the KV cache, more than the {:.1} GB of memory available",
+                    need as f64 / 1e9,
+                    avail as f64 / 1e9
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Full-sequence prefill from an empty KV cache: logits `[T][vocab]` and routing.
     pub fn logits(&mut self, tokens: &[u32]) -> Result<(Vec<Vec<f32>>, Routing)> {
+        self.check_sequence(tokens.len(), 1)?;
         let mut kv = KvCache::default();
         self.forward(tokens, &mut kv, 0, false)
     }
@@ -413,6 +442,7 @@ impl Engine {
         stop: &[u32],
         keep_logits: bool,
     ) -> Result<Generation> {
+        self.check_sequence(prompt.len(), max_new)?;
         let mut kv = KvCache::default();
         let t0 = Instant::now();
         let mut out = Vec::new();
@@ -505,4 +535,12 @@ fn load_threads(spec: &ModelSpec, device: &Device, cfg: &EngineConfig) -> usize 
     } else {
         spec.moe.top_k.min(8)
     })
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux); `None` elsewhere.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

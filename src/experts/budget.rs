@@ -128,7 +128,7 @@ pub fn format_bytes(b: u64) -> String {
     ];
     let mut best = (b, "B");
     for (unit, m) in UNITS {
-        if b >= m && b % m == 0 && b / m < best.0 {
+        if b >= m && b.is_multiple_of(m) && b / m < best.0 {
             best = (b / m, unit);
         }
     }

@@ -11,6 +11,12 @@ pub mod policies;
 pub mod store;
 pub mod upload;
 
+/// Decoder layer ids at or above this are refused (tables are indexed by layer id; a trace with an
+/// absurd id must be an error, not a 16 GiB allocation).
+pub const MAX_LAYER_ID: u32 = 1 << 16;
+/// Expert ids at or above this are refused (they would make the per-layer id maps huge).
+pub const MAX_EXPERT_ID: u32 = 1 << 20;
+
 /// Identity of one routed expert: decoder-layer index (as in the checkpoint keys) and expert id.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExpertKey {

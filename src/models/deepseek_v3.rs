@@ -246,6 +246,7 @@ pub fn spec(
         quantization: None,
         mla: Some(mla),
         unsupported: None,
+        max_position_embeddings: c.max_position_embeddings,
     })
 }
 

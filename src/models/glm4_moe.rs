@@ -50,6 +50,7 @@ pub struct Config {
     pub tie_word_embeddings: bool,
     #[serde(flatten)]
     pub rope: RopeFields,
+    pub max_position_embeddings: Option<usize>,
 }
 
 fn eps() -> f64 {
@@ -130,6 +131,7 @@ impl Config {
             quantization: None,
             mla: None,
             unsupported: None,
+            max_position_embeddings: self.max_position_embeddings,
         })
     }
 }

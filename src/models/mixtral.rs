@@ -32,6 +32,7 @@ pub struct Config {
     pub sliding_window: Option<usize>,
     #[serde(flatten)]
     pub rope: RopeFields,
+    pub max_position_embeddings: Option<usize>,
 }
 
 fn eps() -> f64 {
@@ -88,6 +89,7 @@ impl Config {
             quantization: None,
             mla: None,
             unsupported: None,
+            max_position_embeddings: self.max_position_embeddings,
         })
     }
 }

@@ -45,6 +45,7 @@ pub struct Config {
     pub use_sliding_window: bool,
     #[serde(flatten)]
     pub rope: RopeFields,
+    pub max_position_embeddings: Option<usize>,
 }
 
 fn eps() -> f64 {
@@ -128,6 +129,7 @@ impl Config {
             quantization: None,
             mla: None,
             unsupported: None,
+            max_position_embeddings: self.max_position_embeddings,
         })
     }
 }

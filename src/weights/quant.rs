@@ -14,8 +14,8 @@ pub fn infer_params(
 ) -> Option<QuantParams> {
     if in_features == 0
         || scale_cols == 0
-        || (packed_cols * 32) % in_features != 0
-        || in_features % scale_cols != 0
+        || !(packed_cols * 32).is_multiple_of(in_features)
+        || !in_features.is_multiple_of(scale_cols)
     {
         return None;
     }
@@ -58,7 +58,7 @@ pub fn dequantize_into(
     let mask = (1u32 << p.bits) - 1;
     let per_word = 32 / p.bits;
     out.reserve(rows * in_features);
-    if (p.group_size * p.bits) % 32 == 0 {
+    if (p.group_size * p.bits).is_multiple_of(32) {
         // Whole words per group (every 2/4/8-bit layout with group ≥ 16): one scale and bias per
         // run of words, no per-element division. Large matrices are split across cores.
         let group_bytes = p.group_size * p.bits / 8;
@@ -139,7 +139,7 @@ impl PackedMatrix {
     ) -> Result<Self, String> {
         let scales = to_f32(scales, scale_dtype)?;
         let biases = to_f32(biases, scale_dtype)?;
-        if (p.group_size * p.bits) % 32 != 0
+        if !(p.group_size * p.bits).is_multiple_of(32)
             || packed.len() != rows * cols * p.bits / 8
             || scales.len() != rows * cols / p.group_size
             || biases.len() != scales.len()

@@ -22,7 +22,7 @@ pub enum DType {
     /// Packed quantized words (MLX).
     U32,
     /// Any other type (kept so that unused tensors of other types do not fail the load).
-    Other(&'static str),
+    Other(safetensors::Dtype),
 }
 
 impl DType {
@@ -310,118 +310,144 @@ pub fn to_f32(bytes: &[u8], dtype: DType) -> std::result::Result<Vec<f32>, Strin
     })
 }
 
-fn parse_dtype(s: &str) -> DType {
-    match s {
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        "U32" => DType::U32,
-        "F64" => DType::Other("F64"),
-        "I64" => DType::Other("I64"),
-        "I32" => DType::Other("I32"),
-        "I16" => DType::Other("I16"),
-        "I8" => DType::Other("I8"),
-        "U8" => DType::Other("U8"),
-        "U16" => DType::Other("U16"),
-        "U64" => DType::Other("U64"),
-        "BOOL" => DType::Other("BOOL"),
-        "F8_E4M3" => DType::Other("F8_E4M3"),
-        "F8_E5M2" => DType::Other("F8_E5M2"),
-        _ => DType::Other("unknown"),
+fn dtype_of(d: safetensors::Dtype) -> DType {
+    match d {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        safetensors::Dtype::U32 => DType::U32,
+        other => DType::Other(other),
     }
 }
 
-fn other_size(s: &str) -> Option<usize> {
-    Some(match s {
-        "F64" | "I64" | "U64" => 8,
-        "I32" => 4,
-        "I16" | "U16" => 2,
-        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
-        _ => return None,
-    })
-}
-
-/// Parses and validates a safetensors header against the file's real size.
+/// Parses and validates a safetensors header against the file's bytes with the official
+/// `safetensors` crate: header length inside the file, valid JSON, known dtypes, byte length equal
+/// to `dtype × shape`, tensors laid end to end with no gap or overlap, and the last one ending at
+/// the end of the file. When it refuses the file, [`diagnose`] names the offending tensor.
 fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
     let fail = |msg: String| Error::format(path, format!("invalid safetensors file: {msg}"));
+    let (n, meta) = match safetensors::SafeTensors::read_metadata(data) {
+        Ok(m) => m,
+        Err(e) => {
+            return Err(fail(match diagnose(data) {
+                Some(why) => format!("{why} ({e})"),
+                None => format!("{e}"),
+            }))
+        }
+    };
+    let base = 8 + n as u64;
+    let mut out: Vec<(String, TensorEntry)> = meta
+        .tensors()
+        .into_iter()
+        .map(|(key, info)| {
+            let (b, e) = info.data_offsets;
+            (
+                key,
+                TensorEntry {
+                    shard: 0,
+                    dtype: dtype_of(info.dtype),
+                    shape: info.shape.clone(),
+                    offset: base + b as u64,
+                    len: (e - b) as u64,
+                },
+            )
+        })
+        .collect();
+    out.sort_by_key(|(_, e)| e.offset);
+    Ok(out)
+}
+
+/// What is wrong with a header the official parser refused, naming the tensor where one is at
+/// fault (the official errors often do not): `None` when nothing more specific can be said.
+fn diagnose(data: &[u8]) -> Option<String> {
     if data.len() < 8 {
-        return Err(fail(format!(
+        return Some(format!(
             "file is {} bytes, shorter than the 8-byte header length (truncated?)",
             data.len()
-        )));
+        ));
     }
     let n = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
     if n > (data.len() - 8) as u64 {
-        return Err(fail(format!(
+        return Some(format!(
             "header length {n} runs past the end of the {}-byte file (truncated?)",
             data.len()
-        )));
+        ));
     }
-    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n as usize])
-        .map_err(|e| fail(format!("header is not valid JSON: {e}")))?;
-    let obj = header
-        .as_object()
-        .ok_or_else(|| fail("header is not a JSON object".into()))?;
-    let base = 8 + n;
-    let data_len = data.len() as u64 - base;
-    let mut out = Vec::with_capacity(obj.len());
-    for (key, v) in obj {
+    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n as usize]).ok()?;
+    let data_len = data.len() as u64 - 8 - n;
+    let mut spans: Vec<(u64, u64, String)> = Vec::new();
+    for (key, v) in header.as_object()? {
         if key == "__metadata__" {
             continue;
         }
-        let dt = v
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .ok_or_else(|| fail(format!("`{key}`: missing dtype")))?;
-        let shape: Vec<usize> = v
+        let dt = v.get("dtype").and_then(|d| d.as_str());
+        let Some(dt) = dt else {
+            return Some(format!("`{key}`: missing dtype"));
+        };
+        let dtype: Option<safetensors::Dtype> =
+            serde_json::from_value(serde_json::Value::String(dt.into())).ok();
+        let Some(dtype) = dtype else {
+            return Some(format!("`{key}`: unknown dtype `{dt}`"));
+        };
+        let shape: Option<Vec<u64>> = v
             .get("shape")
             .and_then(|s| s.as_array())
-            .ok_or_else(|| fail(format!("`{key}`: missing shape")))?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| {
-                fail(format!(
-                    "`{key}`: shape is not a list of non-negative integers"
-                ))
-            })?;
-        let offs: Vec<u64> = v
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+        let Some(shape) = shape else {
+            return Some(format!(
+                "`{key}`: shape is not a list of non-negative integers"
+            ));
+        };
+        let offs: Option<Vec<u64>> = v
             .get("data_offsets")
             .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
-            .filter(|a| a.len() == 2)
-            .ok_or_else(|| fail(format!("`{key}`: data_offsets must be [begin, end]")))?;
-        let (b, e) = (offs[0], offs[1]);
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let Some([b, e]) = offs.as_deref().and_then(|o| <[u64; 2]>::try_from(o).ok()) else {
+            return Some(format!("`{key}`: data_offsets must be [begin, end]"));
+        };
         if b > e || e > data_len {
-            return Err(fail(format!(
+            return Some(format!(
                 "`{key}`: data_offsets [{b}, {e}] run past the {data_len} bytes of data after the header (truncated or lying header?)"
-            )));
+            ));
         }
-        let dtype = parse_dtype(dt);
-        let elem = dtype
-            .size()
-            .or_else(|| other_size(dt))
-            .ok_or_else(|| fail(format!("`{key}`: unknown dtype `{dt}`")))?;
-        let numel: usize = shape.iter().product();
-        if (numel * elem) as u64 != e - b {
-            return Err(fail(format!(
+        let need = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.bitsize() as u64))
+            .map(|bits| bits.div_ceil(8));
+        if need != Some(e - b) {
+            return Some(format!(
                 "`{key}`: {dt} {shape:?} needs {} bytes but data_offsets span {}",
-                numel * elem,
+                need.map_or("too many".to_string(), |n| n.to_string()),
                 e - b
-            )));
+            ));
         }
-        out.push((
-            key.clone(),
-            TensorEntry {
-                shard: 0,
-                dtype,
-                shape,
-                offset: base + b,
-                len: e - b,
-            },
+        spans.push((b, e, key.clone()));
+    }
+    spans.sort();
+    let mut at = (0u64, String::new());
+    for (b, e, key) in &spans {
+        if *b < at.0 {
+            return Some(format!(
+                "`{key}` (bytes {b}..{e}) overlaps `{}` (ending at {})",
+                at.1, at.0
+            ));
+        }
+        if *b > at.0 {
+            return Some(format!(
+                "a gap of {} bytes before `{key}` (bytes {b}..{e}): tensors must be laid end to end",
+                b - at.0
+            ));
+        }
+        at = (*e, key.clone());
+    }
+    if at.0 != data_len {
+        return Some(format!(
+            "the tensors end at byte {} of the {data_len} bytes of data after the header (wrong header length, or trailing bytes)",
+            at.0
         ));
     }
-    Ok(out)
+    None
 }
 
 #[cfg(test)]

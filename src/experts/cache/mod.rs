@@ -47,8 +47,7 @@ pub use stats::{CacheStats, LayerStats, PhaseStats, PrefetchStats};
 
 /// Sentinel for "no id assigned".
 const NO_ID: u32 = u32::MAX;
-/// Expert ids at or above this are rejected (they would make the per-layer id map huge).
-pub const MAX_EXPERT_ID: u32 = 1 << 20;
+pub use super::{MAX_EXPERT_ID, MAX_LAYER_ID};
 
 /// Errors of the access driver.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -78,6 +77,9 @@ pub enum CacheError {
         /// Slots per layer.
         slots: usize,
     },
+    /// A layer id is absurdly large.
+    #[error("MoE layer {0} is out of range (layer ids must be < {MAX_LAYER_ID})")]
+    LayerOutOfRange(u32),
     /// The layer is not one of the cache's MoE layers.
     #[error("layer {layer} is not a MoE layer of this cache (MoE layers: {known})")]
     UnknownLayer {
@@ -338,7 +340,11 @@ impl CacheCore {
                 });
             }
         }
-        let max_layer = *moe_layers.iter().max().expect("non-empty") as usize;
+        let max_layer = *moe_layers.iter().max().expect("non-empty");
+        if max_layer >= MAX_LAYER_ID {
+            return Err(CacheError::LayerOutOfRange(max_layer));
+        }
+        let max_layer = max_layer as usize;
         let mut layer_pos = vec![NO_ID; max_layer + 1];
         for (p, &l) in moe_layers.iter().enumerate() {
             if layer_pos[l as usize] != NO_ID {
