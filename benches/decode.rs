@@ -84,4 +84,41 @@ fn mla_vs_gqa(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, mla_vs_gqa);
+/// Dense weights read in place from the memory map against copied into memory (the baseline):
+/// the engine's load time and its decode speed, on the shipped model in both layouts (bf16 HF
+/// and MLX 4-bit).
+fn dense_in_place(c: &mut Criterion) {
+    use moe_harness::engine::{DenseForm, EngineConfig};
+    let mut g = c.benchmark_group("dense weights");
+    g.sample_size(10);
+    for layout in ["", "mlx-4bit"] {
+        let dir = shipped(layout);
+        let name = if layout.is_empty() { "bf16" } else { layout };
+        for form in [DenseForm::Copied, DenseForm::Mapped] {
+            let cfg = || EngineConfig {
+                dense: form,
+                ..Default::default()
+            };
+            g.bench_function(BenchmarkId::new(format!("{name} load"), form), |b| {
+                b.iter(|| black_box(Engine::open(&dir, candle_core::Device::Cpu, cfg()).unwrap()))
+            });
+            let mut e = Engine::open(&dir, candle_core::Device::Cpu, cfg()).unwrap();
+            g.bench_function(BenchmarkId::new(format!("{name} decode 16"), form), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut kv = KvCache::default();
+                        e.forward(&PROMPT, &mut kv, 0, true).unwrap();
+                        let t = std::time::Instant::now();
+                        decode_steps(&mut e, &mut kv);
+                        total += t.elapsed();
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, mla_vs_gqa, dense_in_place);

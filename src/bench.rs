@@ -51,6 +51,8 @@ pub struct BenchOptions {
     pub read_threads: Option<usize>,
     /// Resident form of MLX-quantized experts on CUDA.
     pub gpu_experts: GpuExperts,
+    /// Dense weights in place (default) or copied, on the CPU.
+    pub dense: crate::engine::DenseForm,
     /// Replay the routing of a recorded trace (Parquet, and optionally one of its cells)
     /// instead of the router's: its first prompt is the warm-up, the next `prompts` are
     /// measured, each with its recorded prompt length and number of new tokens.
@@ -148,6 +150,7 @@ pub fn bench(
         record_trace: false,
         load_threads: opts.load_threads,
         gpu_experts: opts.gpu_experts,
+        dense: opts.dense,
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;

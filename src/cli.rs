@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use moe_harness::config::QuantParams;
-use moe_harness::engine::{Backend, Engine, EngineConfig, MissMode, Sampler};
+use moe_harness::engine::{Backend, DenseForm, Engine, EngineConfig, MissMode, Sampler};
 use moe_harness::experts::budget::{parse_size, Budget, Pool};
 use moe_harness::experts::policies::PolicySpec;
 use moe_harness::experts::upload::{GpuExperts, Staging};
@@ -89,6 +89,9 @@ struct BenchArgs {
     /// Pinned staging buffers on CUDA.
     #[arg(long, value_enum, default_value_t = Staging::WriteCombined)]
     staging: Staging,
+    /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
+    #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
+    dense: DenseForm,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -234,6 +237,9 @@ pub struct CacheArgs {
     /// matrix-vector kernel) or f32 (decoded once at upload).
     #[arg(long, value_enum, default_value_t = GpuExperts::Packed)]
     pub gpu_experts: GpuExperts,
+    /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
+    #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
+    pub dense: DenseForm,
 }
 
 impl CacheArgs {
@@ -251,6 +257,7 @@ impl CacheArgs {
             record_trace: false,
             load_threads: self.load_threads,
             gpu_experts: self.gpu_experts,
+            dense: self.dense,
         }
     }
 }
@@ -298,6 +305,9 @@ struct GenerateArgs {
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also write the memory report (peak RSS and its parts) as JSON here.
+    #[arg(long)]
+    memory_json: Option<PathBuf>,
     #[command(flatten)]
     cache: CacheArgs,
 }
@@ -356,6 +366,7 @@ pub fn run() -> Result<ExitCode> {
                 staging: a.staging,
                 read_threads: a.read_threads,
                 gpu_experts: a.gpu_experts,
+                dense: a.dense,
                 replay: a.replay.map(|p| (p, a.replay_cell)),
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
@@ -528,6 +539,18 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         g.decode_tps(),
         g.tokens.len()
     );
+    if let Some(rss) = moe_harness::memory::Rss::now() {
+        let m = moe_harness::memory::MemoryReport::new(
+            rss,
+            engine.dense_bytes(),
+            s.cache.peak_resident_bytes,
+            g.kv_bytes,
+        );
+        eprintln!("memory: {}", m.line());
+        if let Some(path) = &a.memory_json {
+            write_atomic(path, serde_json::to_string_pretty(&m)?.as_bytes())?;
+        }
+    }
     Ok(())
 }
 

@@ -128,21 +128,17 @@ pub fn inspect(path: &Path, est: QuantParams) -> Result<Report> {
     if has_weights && spec.unsupported.is_none() {
         let open =
             crate::experts::store::OpenCheckpoint::open(path, &spec, candle_core::Device::Cpu)?;
-        let (ck, prefix, store) = (open.ck, open.prefix, open.store);
+        let (ck, prefix, store) = (open.ck.clone(), open.prefix.clone(), &open.store);
         let lay = store.layout();
         let expert_total = store.total_bytes();
-        let used_total: u64 = ck
-            .keys()
-            .filter(|k| used_by_model(k, &spec, &prefix))
-            .map(|k| ck.get(k).map_or(0, |e| e.len))
-            .sum();
+        let dense_bytes = open.dense_bytes(&spec);
         let first = crate::experts::ExpertKey {
             layer: spec.moe.moe_layers[0] as u32,
             expert: 0,
         };
         r.bytes_per_expert = Some(store.expert_bytes(first));
         r.total_expert_bytes = Some(expert_total);
-        r.dense_bytes = Some(used_total.saturating_sub(expert_total));
+        r.dense_bytes = Some(dense_bytes);
         r.layout = match lay {
             layout::ExpertLayout::PerExpert => "per_expert".into(),
             layout::ExpertLayout::Stacked => "stacked".into(),
@@ -233,16 +229,6 @@ fn estimate_dense(spec: &ModelSpec, q: QuantParams) -> u64 {
         }
     }
     quant_bytes(el, q) + router * 2
-}
-
-fn used_by_model(key: &str, spec: &ModelSpec, prefix: &layout::Prefix) -> bool {
-    if let Some(rest) = key.strip_prefix(&prefix.layers) {
-        let idx: Option<usize> = rest.split('.').next().and_then(|s| s.parse().ok());
-        return idx.is_some_and(|i| i < spec.num_layers);
-    }
-    key.starts_with(&format!("{}embed_tokens", prefix.model))
-        || key.starts_with(&format!("{}norm", prefix.model))
-        || key.starts_with(&prefix.lm_head)
 }
 
 fn base(path: &Path, s: &ModelSpec) -> Report {

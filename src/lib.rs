@@ -2,7 +2,8 @@
 //! it. One module per pipeline stage; a stage imports only the stages above it in this list
 //! (`docs/ARCHITECTURE.md` draws the picture):
 //!
-//! 1. [`error`], [`io`]: typed errors naming the file, key or field; atomic writes.
+//! 1. [`error`], [`io`], [`memory`]: typed errors naming the file, key or field; atomic writes;
+//!    the process's resident memory.
 //! 2. [`config`]: the family-agnostic [`config::ModelSpec`] and the helpers that fill it.
 //! 3. [`weights`]: safetensors shards (validated headers, byte ranges), MLX quantization, layout
 //!    detection (key prefix, per-expert vs stacked experts).
@@ -75,6 +76,7 @@ pub mod experiment;
 pub mod experts;
 pub mod inspect;
 pub mod io;
+pub mod memory;
 pub mod models;
 pub mod report;
 pub mod run;

@@ -286,7 +286,7 @@ fn run_cell(
         miss: cell.miss,
         record_trace: true,
         load_threads: exp.load_threads,
-        gpu_experts: Default::default(),
+        ..Default::default()
     };
     let cell_profile = if cell.policy.needs_profile() {
         profile.cloned()
@@ -297,6 +297,10 @@ fn run_cell(
         .reconfigure_with(cfg.clone(), cell_profile.clone())
         .map_err(|e| Error::Input(format!("cell `{}`: {e}", cell.id)))?;
     let _ = engine.take_trace();
+    // The cell's own memory peak: the previous cell's cache is gone, the dense weights are not.
+    crate::memory::reset_peak();
+    let mut rss = crate::memory::Rss::now().unwrap_or_default();
+    let mut kv_bytes = 0u64;
     let mut sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
     let (mut prefill_s, mut decode_s, mut prefill_tok, mut decode_tok, mut ttft, mut measured) =
         (0.0, 0.0, 0u64, 0u64, 0.0, 0u64);
@@ -318,6 +322,10 @@ fn run_cell(
         let keep = cell.miss == MissMode::Skip && !warm;
         let g =
             engine.generate_with(ids, exp.generation.max_new_tokens, &mut sampler, stop, keep)?;
+        if let Some(now) = crate::memory::Rss::now() {
+            rss = rss.max(now);
+        }
+        kv_bytes = kv_bytes.max(g.kv_bytes);
         if !warm {
             measured += 1;
             prefill_s += g.prefill.as_secs_f64();
@@ -402,8 +410,12 @@ fn run_cell(
         prefill_tps: prefill_tok as f64 / prefill_s.max(1e-9),
         decode_tps: decode_tok as f64 / decode_s.max(1e-9),
         ttft_seconds: ttft / measured.max(1) as f64,
-        peak_rss_bytes: peak_rss(),
-        expert_resident_bytes: stats.cache.peak_resident_bytes,
+        memory: crate::memory::MemoryReport::new(
+            rss,
+            engine.dense_bytes(),
+            stats.cache.peak_resident_bytes,
+            kv_bytes,
+        ),
         kl_mean: kl,
         top1_agreement: top1,
     })
@@ -493,18 +505,6 @@ pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         .map(|(a, b)| a.exp() * (a - b))
         .sum::<f64>()
         .max(0.0)
-}
-
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 fn progress_bar(enabled: bool, n: u64) -> ProgressBar {

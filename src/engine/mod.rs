@@ -64,6 +64,20 @@ pub struct EngineConfig {
     pub load_threads: Option<usize>,
     /// Resident form of MLX-quantized experts on CUDA (packed by default).
     pub gpu_experts: GpuExperts,
+    /// On the CPU, dense weights are read in place from the memory map (default) or copied into
+    /// memory (the comparison `harness bench --dense copied` makes). Fixed when the engine opens.
+    pub dense: DenseForm,
+}
+
+named_enum! {
+    /// Where the CPU reads dense weights from.
+    pub enum DenseForm {
+        /// In place in the checkpoint's memory map (held once, as file-backed pages).
+        #[default]
+        Mapped = "mapped",
+        /// Copied into the heap at load (the mapped pages released).
+        Copied = "copied",
+    }
 }
 
 impl Default for EngineConfig {
@@ -75,6 +89,7 @@ impl Default for EngineConfig {
             record_trace: false,
             load_threads: None,
             gpu_experts: GpuExperts::Packed,
+            dense: DenseForm::Mapped,
         }
     }
 }
@@ -111,6 +126,8 @@ pub struct Generation {
     pub prompt_len: usize,
     /// Logits each new token was sampled from (only when asked for).
     pub step_logits: Vec<Vec<f32>>,
+    /// Bytes of the KV cache this sequence allocated.
+    pub kv_bytes: u64,
 }
 
 impl Generation {
@@ -139,6 +156,8 @@ pub struct Engine {
     load_time: [Duration; 2],
     prompt: u32,
     replay: Option<Replay>,
+    /// Checkpoint bytes of the dense weights.
+    dense_bytes: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -175,10 +194,15 @@ impl Engine {
             )));
         }
         let open = OpenCheckpoint::open(dir, &spec, device.clone())?;
+        let dense_bytes = open.dense_bytes(&spec);
         let (ck, prefix, store) = (open.ck, open.prefix, Arc::new(open.store));
         check_budget(&spec, &store, &cfg)?;
         store.set_gpu_experts(cfg.gpu_experts);
-        let model = Model::load(&ck, &spec, &prefix, &device)?;
+        let model = Model::load(&ck, &spec, &prefix, &device, cfg.dense == DenseForm::Mapped)?;
+        if !device.is_cpu() {
+            // The dense weights now live on the device: the host never reads them again.
+            ck.release_all();
+        }
         // On a GPU the cache holds MLX-quantized experts packed (their checkpoint bytes) and
         // anything else as f32 (4 bytes per weight); refuse budgets that cannot fit.
         if let Some((free, _)) = gpu_memory(&device) {
@@ -232,6 +256,7 @@ impl Engine {
             load_time: [Duration::ZERO; 2],
             prompt: 0,
             replay: None,
+            dense_bytes,
         })
     }
 
@@ -294,6 +319,11 @@ impl Engine {
         self.cfg = cfg;
         self.reset_cache_contents();
         Ok(())
+    }
+
+    /// Checkpoint bytes of the dense weights the model uses.
+    pub fn dense_bytes(&self) -> u64 {
+        self.dense_bytes
     }
 
     /// Checkpoint bytes of all routed experts.
@@ -366,6 +396,7 @@ impl Engine {
             load_time,
             prompt,
             replay,
+            ..
         } = self;
         let mut access = Access {
             store,
@@ -418,7 +449,7 @@ impl Engine {
     /// Full-sequence prefill from an empty KV cache: logits `[T][vocab]` and routing.
     pub fn logits(&mut self, tokens: &[u32]) -> Result<(Vec<Vec<f32>>, Routing)> {
         self.check_sequence(tokens.len(), 1)?;
-        let mut kv = KvCache::default();
+        let mut kv = KvCache::with_capacity(tokens.len());
         self.forward(tokens, &mut kv, 0, false)
     }
 
@@ -443,7 +474,7 @@ impl Engine {
         keep_logits: bool,
     ) -> Result<Generation> {
         self.check_sequence(prompt.len(), max_new)?;
-        let mut kv = KvCache::default();
+        let mut kv = KvCache::with_capacity(prompt.len() + max_new);
         let t0 = Instant::now();
         let mut out = Vec::new();
         if max_new == 0 {
@@ -453,6 +484,7 @@ impl Engine {
                 decode: Duration::ZERO,
                 prompt_len: prompt.len(),
                 step_logits: Vec::new(),
+                kv_bytes: 0,
             });
         }
         let mut kept = Vec::new();
@@ -480,6 +512,7 @@ impl Engine {
             decode: t1.elapsed(),
             prompt_len: prompt.len(),
             step_logits: kept,
+            kv_bytes: kv.bytes(),
         })
     }
 }

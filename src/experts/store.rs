@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use crate::config::{ModelSpec, QuantParams};
 use crate::error::{Error, Result};
 use crate::weights::layout::{ExpertLayout, Prefix};
-use crate::weights::quant::PackedMatrix;
+use crate::weights::matrix::{FloatMatrix, Floats, HostMatrix, PackedMatrix, Source};
 use crate::weights::{quant, quantized_parts, ByteRange, Checkpoint, DType};
 
 use super::upload::{GpuExperts, Part, QuantProj, Staging, TransferStats, Uploader};
@@ -82,15 +82,15 @@ pub enum ExpertMats {
     /// MLX-quantized experts on a CUDA GPU, kept packed in GPU memory.
     #[cfg(feature = "cuda")]
     DevicePacked(super::upload::DevicePacked),
-    /// MLX-quantized experts on the CPU, kept packed (checkpoint size in memory) and decoded
-    /// inside each matrix-vector product.
-    Packed {
+    /// Experts on the CPU in their checkpoint form (MLX-packed, or floats in their type: the
+    /// budget's bytes are the bytes held), decoded or widened inside each product.
+    Host {
         /// Gate `[I, H]`.
-        gate: PackedMatrix,
+        gate: HostMatrix,
         /// Up `[I, H]`.
-        up: PackedMatrix,
+        up: HostMatrix,
         /// Down `[H, I]`.
-        down: PackedMatrix,
+        down: HostMatrix,
     },
 }
 
@@ -115,6 +115,29 @@ impl OpenCheckpoint {
         let layout = crate::weights::layout::detect_experts(&ck, spec, &prefix)?;
         let store = ExpertStore::new(ck.clone(), spec, &prefix, layout, device)?;
         Ok(OpenCheckpoint { ck, prefix, store })
+    }
+
+    /// Checkpoint bytes of the dense tensors the model uses: every tensor of its decoder layers
+    /// (not an MTP layer beyond them, not a vision tower), its embeddings, final norm and head,
+    /// less the routed experts.
+    pub fn dense_bytes(&self, spec: &ModelSpec) -> u64 {
+        let p = &self.prefix;
+        let used = |key: &str| {
+            if let Some(rest) = key.strip_prefix(&p.layers) {
+                let idx: Option<usize> = rest.split('.').next().and_then(|s| s.parse().ok());
+                return idx.is_some_and(|i| i < spec.num_layers);
+            }
+            key.starts_with(&format!("{}embed_tokens", p.model))
+                || key.starts_with(&format!("{}norm", p.model))
+                || key.starts_with(&p.lm_head)
+        };
+        let total: u64 = self
+            .ck
+            .keys()
+            .filter(|k| used(k))
+            .map(|k| self.ck.get(k).map_or(0, |e| e.len))
+            .sum();
+        total.saturating_sub(self.store.total_bytes())
     }
 }
 
@@ -409,7 +432,9 @@ impl ExpertStore {
         }))
     }
 
-    /// The host miss path (see [`ExpertStore::load`]).
+    /// The host miss path (see [`ExpertStore::load`]): exactly the expert's byte ranges are read
+    /// and kept in their checkpoint form (MLX-packed or floats in their type), so a cached expert
+    /// costs its checkpoint bytes.
     pub fn load_on_host(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
         let hd = self.handle(key);
         let (h, i) = (self.hidden, self.inter);
@@ -417,58 +442,13 @@ impl ExpertStore {
         let fail = |shard: usize, m: String| {
             Error::format(self.ck.shard_path(shard), format!("expert {key:?}: {m}"))
         };
-        if self.device.is_cpu()
-            && hd
-                .proj
-                .iter()
-                .all(|p| matches!(p, ProjSource::Quant { .. }))
-        {
-            let mut mats = Vec::with_capacity(3);
-            let mut bufs = [Vec::new(), Vec::new(), Vec::new()];
-            for (p, src) in hd.proj.iter().enumerate() {
-                let ProjSource::Quant {
-                    weight,
-                    scales,
-                    biases,
-                    scale_dtype,
-                    params,
-                } = src
-                else {
-                    unreachable!("checked above")
-                };
-                let [wb, sb, bb] = &mut bufs;
-                self.read(weight, wb)?;
-                self.read(scales, sb)?;
-                self.read(biases, bb)?;
-                mats.push(
-                    PackedMatrix::new(wb, sb, bb, *scale_dtype, *params, dims[p].0, dims[p].1)
-                        .map_err(|m| fail(weight.shard, m))?,
-                );
-            }
-            let down = mats.pop().expect("3");
-            let up = mats.pop().expect("3");
-            let gate = mats.pop().expect("3");
-            return Ok(Arc::new(ExpertWeights {
-                mats: ExpertMats::Packed { gate, up, down },
-                bytes: hd.bytes,
-            }));
-        }
-        let mut gate_up = Vec::with_capacity(2 * i * h);
-        let mut down = Vec::with_capacity(h * i);
+        let mut mats = Vec::with_capacity(3);
         let mut bufs = [Vec::new(), Vec::new(), Vec::new()];
+        let mut fell_back = false;
         for (p, src) in hd.proj.iter().enumerate() {
-            let (out, cols) = if p < 2 {
-                (&mut gate_up, h)
-            } else {
-                (&mut down, i)
-            };
-            match src {
-                ProjSource::Float { data, dtype } => {
-                    self.read(data, &mut bufs[0])?;
-                    let v = crate::weights::safetensors::to_f32(&bufs[0], *dtype)
-                        .map_err(|m| fail(data.shard, m))?;
-                    out.extend_from_slice(&v);
-                }
+            let (rows, cols) = dims[p];
+            let [wb, sb, bb] = &mut bufs;
+            mats.push(match src {
                 ProjSource::Quant {
                     weight,
                     scales,
@@ -476,21 +456,29 @@ impl ExpertStore {
                     scale_dtype,
                     params,
                 } => {
-                    let [wb, sb, bb] = &mut bufs;
                     self.read(weight, wb)?;
                     self.read(scales, sb)?;
                     self.read(biases, bb)?;
-                    quant::dequantize_into(wb, sb, bb, *scale_dtype, *params, cols, out)
-                        .map_err(|m| fail(weight.shard, m))?;
+                    HostMatrix::Packed(
+                        PackedMatrix::new(wb, sb, bb, *scale_dtype, *params, rows, cols)
+                            .map_err(|m| fail(weight.shard, m))?,
+                    )
                 }
-            }
+                ProjSource::Float { data, dtype } => {
+                    self.read(data, wb)?;
+                    let floats = Floats::new(Source::Bytes(wb), *dtype, &mut fell_back)
+                        .ok_or_else(|| fail(data.shard, format!("dtype {dtype:?}")))?;
+                    HostMatrix::Float(
+                        FloatMatrix::new(floats, rows, cols).map_err(|m| fail(data.shard, m))?,
+                    )
+                }
+            });
         }
-        debug_assert_eq!((gate_up.len(), down.len()), (2 * i * h, h * i));
+        let down = mats.pop().expect("3");
+        let up = mats.pop().expect("3");
+        let gate = mats.pop().expect("3");
         Ok(Arc::new(ExpertWeights {
-            mats: ExpertMats::Dense {
-                gate_up: Tensor::from_vec(gate_up, (2 * i, h), &self.device)?,
-                down: Tensor::from_vec(down, (h, i), &self.device)?,
-            },
+            mats: ExpertMats::Host { gate, up, down },
             bytes: hd.bytes,
         }))
     }

@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::AttentionSpec;
 use crate::error::Result;
-use crate::weights::quant::PackedMatrix;
-use crate::weights::{load_matrix, quantized_parts, Vb};
+use crate::weights::matrix::{FloatMatrix, Floats, HostMatrix, PackedMatrix, Source};
+use crate::weights::{load_matrix, quantized_parts, TensorEntry, Vb};
 
 /// Loads the plain f32 vector `leaf` of a scope (norm weights, biases).
 pub fn load_vec(vb: &Vb, leaf: &str, n: usize) -> Result<Tensor> {
@@ -42,47 +42,107 @@ impl RmsNorm {
     }
 }
 
-/// A weight matrix `[out, in]`: f32 on the device, or (on the CPU) MLX-quantized and kept packed.
+/// A weight matrix `[out, in]`. On the CPU it is the checkpoint's own bytes, read in place from
+/// the memory map (MLX-packed, or floats in their checkpoint type); on a GPU, an f32 tensor.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// f32 tensor.
+    /// f32 tensor on the device.
     Dense(Tensor),
-    /// Packed MLX affine, decoded inside each matrix-vector product.
-    Packed(PackedMatrix),
+    /// The checkpoint's bytes (MLX-packed, or floats in their type), decoded or widened inside
+    /// each product (CPU).
+    Host(HostMatrix),
 }
 
 impl Weight {
-    /// Loads the matrix `[rows, cols]` of the module `vb`: packed when [`packed`] keeps it so,
-    /// else f32.
+    /// Loads the matrix `[rows, cols]` of the module `vb`: on the CPU its checkpoint bytes (in
+    /// place, unless `vb` asks for copies), elsewhere f32 on the device.
     pub fn load(vb: &Vb, rows: usize, cols: usize) -> Result<Self> {
-        Ok(match packed(vb, rows, cols)? {
-            Some(m) => Weight::Packed(m),
-            None => Weight::Dense(Tensor::from_vec(
-                load_matrix(vb.ck, vb.quant, vb.path(), rows, cols)?,
+        let ck = vb.ck;
+        if !vb.dev.is_cpu() {
+            return Ok(Weight::Dense(Tensor::from_vec(
+                load_matrix(ck, vb.quant, vb.path(), rows, cols)?,
                 (rows, cols),
                 vb.dev,
-            )?),
-        })
+            )?));
+        }
+        let mut fell_back = false;
+        let place = |e: &TensorEntry| -> Source<'_> {
+            if vb.in_place {
+                Source::Mapped(ck.mapped_bytes(e))
+            } else {
+                Source::Bytes(ck.mapped(e))
+            }
+        };
+        let (weight, used) = if vb.has("scales") {
+            let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[], rows, cols)?;
+            let m = PackedMatrix::from_sources(
+                place(w),
+                place(s),
+                place(b),
+                s.dtype,
+                p,
+                rows,
+                cols,
+                &mut fell_back,
+            )
+            .map_err(|m| ck.tensor_err(&vb.key("weight"), w, m))?;
+            (Weight::Host(HostMatrix::Packed(m)), vec![w, s, b])
+        } else {
+            let key = vb.key("weight");
+            let e = ck.require(&key)?;
+            ck.check_shape(&key, e, &[rows, cols])?;
+            let data = Floats::new(place(e), e.dtype, &mut fell_back).ok_or_else(|| {
+                ck.tensor_err(
+                    &key,
+                    e,
+                    format!("dtype {:?} where a float matrix (F32, F16, BF16) or MLX-packed weights are needed", e.dtype),
+                )
+            })?;
+            let m = FloatMatrix::new(data, rows, cols).map_err(|m| ck.tensor_err(&key, e, m))?;
+            (Weight::Host(HostMatrix::Float(m)), vec![e])
+        };
+        if fell_back || !vb.in_place {
+            // Copied: the mapped pages are not needed any more.
+            for e in used {
+                ck.release(e);
+            }
+        }
+        if fell_back {
+            warn_copied(&vb.key("weight"), ck.shard_path(0));
+        }
+        Ok(weight)
+    }
+
+    /// Bytes this weight holds in the process's heap (0 when read in place).
+    pub fn owned_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Host(m) => m.owned_bytes(),
+        }
+    }
+
+    /// `x Wᵀ` for `x` `[T, in]` on the CPU forms; `None` for a device tensor.
+    fn matmul_rows(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let t = x.dim(0)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let (y, n) = match self {
+            Weight::Dense(_) => return Ok(None),
+            Weight::Host(m) => (m.matmul_rows(&xs), m.rows()),
+        };
+        Ok(Some(Tensor::from_vec(y, (t, n), x.device())?))
     }
 }
 
-/// On the CPU, an MLX-quantized module stays packed; `None` means "load it as f32".
-pub fn packed(vb: &Vb, rows: usize, cols: usize) -> Result<Option<PackedMatrix>> {
-    let ck = vb.ck;
-    if !vb.dev.is_cpu() || !vb.has("scales") {
-        return Ok(None);
-    }
-    let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[], rows, cols)?;
-    Ok(PackedMatrix::new(
-        ck.mapped(w),
-        ck.mapped(s),
-        ck.mapped(b),
-        s.dtype,
-        p,
-        rows,
-        cols,
-    )
-    .ok())
+/// Says once per process that a tensor was copied because its bytes were not aligned in the file
+/// (a hand-made checkpoint with odd offsets): it then costs heap memory instead of page cache.
+fn warn_copied(key: &str, shard: &std::path::Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "note: {}: `{key}` (and any other such tensor) is not aligned for use in place; it is copied into memory",
+            shard.display()
+        )
+    });
 }
 
 /// `y = x Wᵀ (+ b)` with `W` `[out, in]`.
@@ -117,7 +177,7 @@ impl Embedding {
             Weight::Dense(w) => {
                 Ok(w.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), dev)?, 0)?)
             }
-            Weight::Packed(m) => {
+            Weight::Host(m) => {
                 let mut out = Vec::with_capacity(ids.len() * self.hidden);
                 for &id in ids {
                     m.row_into(id as usize, &mut out);
@@ -145,18 +205,13 @@ impl Linear {
     }
     /// Applies the layer to `x` `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Packed(m) => {
-                let mut out = Vec::with_capacity(x.dim(0)? * m.rows());
-                for row in rows(x)? {
-                    out.extend(m.gemv(&row));
-                }
-                Tensor::from_vec(out, (x.dim(0)?, m.rows()), x.device())?
-            }
-            Weight::Dense(w) => match gemv(x, w)? {
+        let y = match (&self.weight, self.weight.matmul_rows(x)?) {
+            (_, Some(y)) => y,
+            (Weight::Dense(w), None) => match gemv(x, w)? {
                 Some(y) => y,
                 None => x.matmul(&w.t()?)?,
             },
+            (_, None) => unreachable!("host forms always multiply"),
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -196,9 +251,9 @@ pub fn expert_forward(x: &Tensor, e: &crate::experts::store::ExpertWeights) -> R
         ExpertMats::Dense { gate_up, down } => dense_expert(x, gate_up, down),
         #[cfg(feature = "cuda")]
         ExpertMats::DevicePacked(p) => p.forward(x),
-        ExpertMats::Packed { gate, up, down } => {
+        ExpertMats::Host { gate, up, down } => {
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let (g, u) = (gate.gemv(&xv), up.gemv(&xv));
+            let (g, u) = (gate.matmul_rows(&xv), up.matmul_rows(&xv));
             // silu(z) = z / (1 + e^-z), as candle computes it.
             let act: Vec<f32> = g
                 .iter()
@@ -206,7 +261,7 @@ pub fn expert_forward(x: &Tensor, e: &crate::experts::store::ExpertWeights) -> R
                 .map(|(z, u)| z / (1.0 + (-z).exp()) * u)
                 .collect();
             Ok(Tensor::from_vec(
-                down.gemv(&act),
+                down.matmul_rows(&act),
                 (1, down.rows()),
                 x.device(),
             )?)
@@ -351,21 +406,41 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[rot, x.narrow(3, rd, hd - rd)?], 3)?.contiguous()?)
 }
 
-/// Keys and values of one layer, `[1, kv_heads, S, head_dim]`.
-#[derive(Debug, Default, Clone)]
+/// Keys and values of one layer (`[1, kv_heads, S, head_dim]`, or MLA's latent and RoPE key),
+/// in buffers allocated once for the sequence's length (prompt + new tokens) and written in
+/// place: the cache never holds more than the run's context, nor two copies while it grows.
+#[derive(Debug, Clone, Default)]
 pub struct LayerKv {
-    kv: Option<(Tensor, Tensor)>,
+    kv: Option<candle_nn::kv_cache::KvCache>,
+    capacity: usize,
 }
 
 impl LayerKv {
+    /// An empty cache for a sequence of up to `capacity` tokens (it grows in steps of
+    /// `capacity` if a longer one comes).
+    pub fn with_capacity(capacity: usize) -> Self {
+        LayerKv { kv: None, capacity }
+    }
+
     /// Appends new entries along `dim` (the sequence axis) and returns the whole cache.
     pub fn append(&mut self, k: Tensor, v: Tensor, dim: usize) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], dim)?, Tensor::cat(&[pv, v], dim)?),
-            None => (k, v),
+        let cap = self.capacity.max(k.dim(dim)?);
+        let kv = self
+            .kv
+            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(dim, cap));
+        Ok(kv.append(&k.contiguous()?, &v.contiguous()?)?)
+    }
+
+    /// Bytes of the buffers allocated so far.
+    pub fn bytes(&self) -> u64 {
+        let size = |c: &candle_nn::kv_cache::Cache| {
+            c.all_data()
+                .as_ref()
+                .map_or(0, |t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
         };
-        self.kv = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        self.kv
+            .as_ref()
+            .map_or(0, |kv| size(kv.k_cache()) + size(kv.v_cache()))
     }
 }
 

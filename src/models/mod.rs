@@ -138,14 +138,23 @@ struct DecoderLayer {
     ffn: Ffn,
 }
 
-/// Per-sequence KV cache.
+/// Per-sequence KV cache, sized for the sequence it will hold.
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
+    capacity: usize,
 }
 
 impl KvCache {
+    /// An empty cache for a sequence of up to `tokens` tokens (prompt + new tokens).
+    pub fn with_capacity(tokens: usize) -> Self {
+        KvCache {
+            layers: Vec::new(),
+            len: 0,
+            capacity: tokens,
+        }
+    }
     /// Tokens already processed.
     pub fn len(&self) -> usize {
         self.len
@@ -153,6 +162,10 @@ impl KvCache {
     /// True before the first token.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// Bytes of the key/value buffers allocated (for the whole sequence).
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().map(LayerKv::bytes).sum()
     }
 }
 
@@ -176,8 +189,17 @@ pub struct Model {
 impl Model {
     /// Loads every dense tensor (attention, norms, embeddings, routers, shared experts, dense
     /// layers). Routed experts are not touched.
-    pub fn load(ck: &Checkpoint, spec: &ModelSpec, prefix: &Prefix, dev: &Device) -> Result<Self> {
-        let root = Vb::root(ck, spec.quantization.as_ref(), dev);
+    /// On the CPU, dense weights are read in place from the memory map when `in_place`, else
+    /// copied into memory.
+    pub fn load(
+        ck: &Checkpoint,
+        spec: &ModelSpec,
+        prefix: &Prefix,
+        dev: &Device,
+        in_place: bool,
+    ) -> Result<Self> {
+        let mut root = Vb::root(ck, spec.quantization.as_ref(), dev);
+        root.in_place = in_place;
         let (h, v) = (spec.hidden_size, spec.vocab_size);
         let model = root.pp(&prefix.model);
         let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;
@@ -248,7 +270,7 @@ impl Model {
             return Err(Error::Input("empty token sequence".into()));
         }
         if kv.layers.is_empty() {
-            kv.layers = vec![LayerKv::default(); self.layers.len()];
+            kv.layers = vec![LayerKv::with_capacity(kv.capacity.max(tokens.len())); self.layers.len()];
         }
         let pos0 = kv.len;
         let mut h = self.embed.forward(tokens, &self.device)?;

@@ -69,10 +69,10 @@ pub struct CellSummary {
     pub decode_tps: f64,
     /// Mean time to first token.
     pub ttft_seconds: f64,
-    /// Peak resident set of the process so far (VmHWM).
-    pub peak_rss_bytes: u64,
-    /// Peak checkpoint bytes of resident experts.
-    pub expert_resident_bytes: u64,
+    /// Memory: the cell's own peak resident set (VmHWM, reset at the cell's start), its
+    /// file-backed and anonymous parts, and the dense, expert-cache and KV bytes it holds.
+    #[serde(flatten)]
+    pub memory: crate::memory::MemoryReport,
     /// Skip mode: mean KL(exact ‖ skip) of the next-token distributions.
     pub kl_mean: Option<f64>,
     /// Skip mode: fraction of steps whose argmax equals the exact one.

@@ -6,10 +6,11 @@
 //! here: `experts::store` reads exactly their byte ranges on demand.
 
 pub mod layout;
+pub mod matrix;
 pub mod quant;
 pub mod safetensors;
 
-pub use self::safetensors::{ByteRange, Checkpoint, DType, TensorEntry};
+pub use self::safetensors::{ByteRange, Checkpoint, DType, MappedBytes, TensorEntry};
 
 use crate::config::{QuantParams, QuantSpec};
 use crate::error::Result;
@@ -26,6 +27,9 @@ pub struct Vb<'a> {
     pub quant: Option<&'a QuantSpec>,
     /// Where the loaded weights go.
     pub dev: &'a candle_core::Device,
+    /// On the CPU, read dense weights in place from the memory map (default) rather than copying
+    /// them into memory.
+    pub in_place: bool,
     path: String,
 }
 
@@ -40,6 +44,7 @@ impl<'a> Vb<'a> {
             ck,
             quant,
             dev,
+            in_place: true,
             path: String::new(),
         }
     }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -73,10 +74,52 @@ pub struct ByteRange {
     pub len: u64,
 }
 
+/// A tensor's bytes in a shard's memory map: read in place, never copied.
+#[derive(Clone)]
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for MappedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedBytes({}..+{})", self.start, self.len)
+    }
+}
+
+impl MappedBytes {
+    /// The bytes.
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+
+    /// Drops these pages from this process's memory (`madvise(DONTNEED)`; the next read faults
+    /// them back in from the page cache or the file).
+    pub fn release(&self) {
+        release_range(&self.map, self.start, self.len);
+    }
+}
+
+/// `madvise(DONTNEED)` over the whole pages covering `start..start + len` of a read-only map.
+fn release_range(map: &Mmap, start: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let lo = start / PAGE * PAGE;
+    let hi = (start + len).div_ceil(PAGE) * PAGE;
+    let hi = hi.min(map.len());
+    if hi > lo {
+        // SAFETY: the map is a read-only private file mapping: dropping its pages discards no
+        // data; a later read faults the same file bytes back in.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo) };
+    }
+}
+
 struct Shard {
     path: PathBuf,
     file: File,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 /// An opened checkpoint directory.
@@ -198,7 +241,7 @@ impl Checkpoint {
         self.shards.push(Shard {
             path: path.to_path_buf(),
             file,
-            mmap,
+            mmap: Arc::new(mmap),
         });
         Ok(idx)
     }
@@ -235,6 +278,30 @@ impl Checkpoint {
     /// The bytes of a tensor through the memory map (dense weights at load time).
     pub fn mapped(&self, e: &TensorEntry) -> &[u8] {
         &self.shards[e.shard].mmap[e.offset as usize..(e.offset + e.len) as usize]
+    }
+
+    /// A tensor's bytes held in place through the shard's memory map (no copy; the view keeps
+    /// the map alive): dense weights used where they lie.
+    pub fn mapped_bytes(&self, e: &TensorEntry) -> MappedBytes {
+        MappedBytes {
+            map: self.shards[e.shard].mmap.clone(),
+            start: e.offset as usize,
+            len: e.len as usize,
+        }
+    }
+
+    /// Drops the pages of a tensor from this process's memory (they stay in the page cache):
+    /// for dense bytes copied into another form, so they are not held twice.
+    pub fn release(&self, e: &TensorEntry) {
+        self.mapped_bytes(e).release();
+    }
+
+    /// Drops every mapped page of every shard from this process's memory (after the dense
+    /// weights were uploaded to a GPU, the host never reads them again).
+    pub fn release_all(&self) {
+        for s in &self.shards {
+            release_range(&s.mmap, 0, s.mmap.len());
+        }
     }
 
     /// Reads `len` bytes at `offset` of shard `shard` with a positioned read, counting them.

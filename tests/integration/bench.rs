@@ -19,6 +19,7 @@ fn opts() -> BenchOptions {
         staging: Default::default(),
         read_threads: None,
         gpu_experts: Default::default(),
+        dense: Default::default(),
         replay: None,
     }
 }

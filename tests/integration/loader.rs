@@ -20,6 +20,7 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         record_trace: true,
         load_threads: Some(threads),
         gpu_experts: Default::default(),
+        dense: Default::default(),
     };
     let mut e = Engine::open(&dir, Device::Cpu, cfg).unwrap();
     let r = Reference::load(&dir);
