@@ -25,6 +25,7 @@ use crate::experts::budget::Budget;
 use crate::experts::policies::PolicySpec;
 use crate::experts::upload::{GpuExperts, Staging};
 use crate::experts::ExpertKey;
+use crate::weights::storage::{DeviceModel, IoMode};
 
 /// What to sweep.
 #[derive(Debug, Clone)]
@@ -53,6 +54,10 @@ pub struct BenchOptions {
     pub gpu_experts: GpuExperts,
     /// Dense weights in place (default) or copied, on the CPU.
     pub dense: crate::engine::DenseForm,
+    /// How misses read the shards.
+    pub io: IoMode,
+    /// The storage device to emulate, if any.
+    pub storage: Option<DeviceModel>,
     /// Replay the routing of a recorded trace (Parquet, and optionally one of its cells)
     /// instead of the router's: its first prompt is the warm-up, the next `prompts` are
     /// measured, each with its recorded prompt length and number of new tokens.
@@ -100,6 +105,14 @@ pub struct BenchRow {
     pub prefetch_hidden: Option<f64>,
     /// Prefetches issued per decoded token.
     pub prefetches_per_token: f64,
+    /// Bytes the OS read from storage per decoded token (`/proc/self/io`), next to the
+    /// requested `bytes_per_token`.
+    pub device_bytes_per_token: Option<f64>,
+    /// `1 / (1/R + bytes_per_token / B_read)`, `R` the all-resident decode speed of this run and
+    /// `B_read` the storage read rate measured before the cells.
+    pub storage_bound_tps: Option<f64>,
+    /// `decode_tps / storage_bound_tps`.
+    pub storage_bound_fraction: Option<f64>,
 }
 
 /// The report of one `harness bench` run.
@@ -126,6 +139,11 @@ pub struct BenchReport {
     pub pinned_single_h2d_rate: Option<f64>,
     /// Pageable host→device copy of `s` bytes, bytes/s, measured in this run.
     pub pageable_h2d_rate: Option<f64>,
+    /// How misses read the shards: the mode asked for, the one in effect, the emulated device.
+    pub io: crate::weights::IoSetup,
+    /// The rate this machine read whole experts at, in the run's I/O mode and loader threads,
+    /// measured before the cells (bytes/s): the storage bound's `B_read`.
+    pub storage_read_rate: f64,
     /// The cells.
     pub rows: Vec<BenchRow>,
 }
@@ -151,6 +169,8 @@ pub fn bench(
         load_threads: opts.load_threads,
         gpu_experts: opts.gpu_experts,
         dense: opts.dense,
+        io: opts.io,
+        storage: opts.storage,
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
@@ -215,6 +235,8 @@ pub fn bench(
         pinned_h2d_rate: baseline.map(|b| b.pinned),
         pinned_single_h2d_rate: baseline.map(|b| b.pinned_single),
         pageable_h2d_rate: baseline.map(|b| b.pageable),
+        io: engine.io().clone(),
+        storage_read_rate: storage_read_rate(&engine, opts.seed)?,
         rows: Vec::new(),
     };
     let mut cells: Vec<(String, PolicySpec, Option<usize>)> = Vec::new();
@@ -237,6 +259,9 @@ pub fn bench(
     }
     for (name, policy, cap) in cells {
         engine.reconfigure(config(budget(cap), &policy))?;
+        if engine.io().effective == IoMode::Cold {
+            engine.store.checkpoint().drop_page_cache();
+        }
         // Warm-up (excluded): the resident cell runs the measured prompts themselves.
         let warm: Vec<&BenchPrompt> = if name == "resident" {
             measured.iter().collect()
@@ -247,6 +272,7 @@ pub fn bench(
             w.generate(&mut engine)?;
         }
         let before = engine.stats();
+        let device_before = crate::weights::storage::device_read_bytes();
         let mut decode = Duration::ZERO;
         let mut tokens = 0u64;
         for m in &measured {
@@ -255,10 +281,22 @@ pub fn bench(
             tokens += g.tokens.len().saturating_sub(1) as u64;
         }
         let after = engine.stats();
-        let row = measure(
+        let device_after = crate::weights::storage::device_read_bytes();
+        let mut row = measure(
             &name, &policy, cap, &engine, &before, &after, decode, tokens, &report,
         );
-        let mut row = row;
+        row.device_bytes_per_token = device_before
+            .zip(device_after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / tokens.max(1) as f64);
+        if let Some(res) = report.rows.iter().find(|r| r.cell == "resident") {
+            let bound = storage_bound_tps(
+                res.decode_tps,
+                row.bytes_per_token,
+                report.storage_read_rate,
+            );
+            row.storage_bound_tps = Some(bound);
+            row.storage_bound_fraction = Some(row.decode_tps / bound);
+        }
         let resident = report.rows.iter().find(|r| r.cell == "resident");
         if let (Some(res), Some(b)) = (resident, report.pinned_h2d_rate) {
             let per_token = (1.0 - row.hit_rate) * e_per_token as f64 * s as f64 / b;
@@ -270,6 +308,40 @@ pub fn bench(
         report.rows.push(row);
     }
     Ok(report)
+}
+
+/// The storage bound on decode speed: `1 / (1/R + bytes_per_token / read_rate)` — the speed if
+/// compute stayed as all-resident (`R` tokens/s) and every expert byte moved per token was read
+/// from storage at `read_rate` bytes/s, with no overlap.
+pub fn storage_bound_tps(resident_tps: f64, bytes_per_token: f64, read_rate: f64) -> f64 {
+    1.0 / (1.0 / resident_tps.max(1e-12) + bytes_per_token / read_rate.max(1e-12))
+}
+
+/// The rate (bytes/s) this machine reads whole experts at, in the engine's current I/O mode,
+/// with its loader threads (at least one): 64 experts (or all, if fewer) at seeded random
+/// places in the shards, after dropping the page cache in `cold` mode.
+pub fn storage_read_rate(engine: &Engine, seed: u64) -> Result<f64> {
+    let spec = engine.spec();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5e1ec7);
+    let mut keys: Vec<ExpertKey> = spec
+        .moe
+        .moe_layers
+        .iter()
+        .flat_map(|&l| {
+            (0..spec.moe.num_experts as u32).map(move |e| ExpertKey {
+                layer: l as u32,
+                expert: e,
+            })
+        })
+        .collect();
+    for i in (1..keys.len()).rev() {
+        keys.swap(i, rng.random_range(0..=i));
+    }
+    keys.truncate(64);
+    if engine.io().effective == IoMode::Cold {
+        engine.store.checkpoint().drop_page_cache();
+    }
+    engine.store.read_rate(&keys, engine.load_threads().max(1))
 }
 
 /// One bench prompt: random token ids, and the routing to replay, if any.
@@ -363,6 +435,9 @@ fn measure(
         serial_bound_fraction: None,
         prefetch_hidden: after.loads.since(&before.loads).prefetch_hidden(),
         prefetches_per_token: prefetches / n,
+        device_bytes_per_token: None,
+        storage_bound_tps: None,
+        storage_bound_fraction: None,
     }
 }
 
@@ -456,13 +531,28 @@ pub fn format_report(r: &BenchReport) -> String {
         gb(r.pageable_h2d_rate),
     );
     out.push_str(&format!(
-        "{:<18} {:>3} {:>6} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+        "storage: io {} (asked {}{}){}; experts read at {:.2} GB/s in this run (B_read)\n",
+        r.io.effective,
+        r.io.asked,
+        r.io.note
+            .as_deref()
+            .map_or(String::new(), |n| format!("; {n}")),
+        r.io.device
+            .map_or(String::new(), |d| format!(", emulating {d}")),
+        r.storage_read_rate / 1e9,
+    ));
+    let t1 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+    out.push_str(&format!(
+        "{:<18} {:>3} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
         "cell",
         "thr",
         "h",
         "tok/s",
         "MB/tok",
+        "dev MB/t",
         "load ms/t",
+        "stor t/s",
+        "frac",
         "h2d GB/s",
         "dma GB/s",
         "path GB/s",
@@ -474,21 +564,23 @@ pub fn format_report(r: &BenchReport) -> String {
     ));
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<18} {:>3} {:>6.3} {:>8.1} {:>9.1} {:>9.2} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+            "{:<18} {:>3} {:>6.3} {:>8.1} {:>9.1} {:>9} {:>9.2} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
             row.cell,
             row.load_threads,
             row.hit_rate,
             row.decode_tps,
             row.bytes_per_token / 1e6,
+            row.device_bytes_per_token
+                .map_or("-".to_string(), |v| format!("{:.1}", v / 1e6)),
             row.exposed_load_ms_per_token,
+            t1(row.storage_bound_tps),
+            f2(row.storage_bound_fraction),
             gb(row.h2d_rate),
             gb(row.dma_rate),
             gb(row.miss_path_rate),
-            row.link_bound_tps
-                .map_or("-".to_string(), |v| format!("{v:.1}")),
+            t1(row.link_bound_tps),
             f2(row.link_bound_fraction),
-            row.serial_bound_tps
-                .map_or("-".to_string(), |v| format!("{v:.1}")),
+            t1(row.serial_bound_tps),
             f2(row.serial_bound_fraction),
             f2(row.prefetch_hidden),
         ));

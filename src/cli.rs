@@ -14,6 +14,7 @@ use moe_harness::experts::policies::PolicySpec;
 use moe_harness::experts::upload::{GpuExperts, Staging};
 use moe_harness::inspect;
 use moe_harness::io::{write_atomic, write_npy_f32};
+use moe_harness::weights::storage::{DeviceModel, IoMode};
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +93,8 @@ struct BenchArgs {
     /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
     #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
     dense: DenseForm,
+    #[command(flatten)]
+    storage: StorageArgs,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -240,6 +243,62 @@ pub struct CacheArgs {
     /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
     #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
     pub dense: DenseForm,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// How expert misses reach storage (engine commands and `bench`).
+#[derive(Args, Clone)]
+pub struct StorageArgs {
+    /// How misses read the shards: page-cache (served from memory after the first touch),
+    /// direct (bypass the page cache), cold (direct, and the shards dropped from the page cache
+    /// first).
+    #[arg(long, value_enum, default_value_t = IoMode::PageCache)]
+    pub io: IoMode,
+    /// Emulate a storage device: a preset (apple-m2-ssd, apple-m2-pro-ssd, pcie4-nvme, sata-ssd)
+    /// or figures `read_gbps=5,latency_us=80,queue_depth=8`. Reads never complete earlier than
+    /// that device would finish them.
+    #[arg(long, value_parser = device_arg)]
+    pub storage_device: Option<DeviceModel>,
+}
+
+/// A storage device on the command line: a preset name, or `read_gbps=…[,latency_us=…][,queue_depth=…]`.
+fn device_arg(s: &str) -> std::result::Result<DeviceModel, String> {
+    if !s.contains('=') {
+        return DeviceModel::preset(s);
+    }
+    let mut m = DeviceModel {
+        read_gbps: 0.0,
+        latency_us: 80.0,
+        queue_depth: 8,
+    };
+    for kv in s.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("`{kv}`: expected key=value"))?;
+        let num = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("`{v}` is not a number"))
+        };
+        match k.trim() {
+            "read_gbps" => m.read_gbps = num(v)?,
+            "latency_us" => m.latency_us = num(v)?,
+            "queue_depth" => {
+                m.queue_depth = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("queue_depth `{v}` is not a whole number"))?
+            }
+            other => {
+                return Err(format!(
+                    "unknown key `{other}` (known: read_gbps, latency_us, queue_depth)"
+                ))
+            }
+        }
+    }
+    m.check()?;
+    Ok(m)
 }
 
 impl CacheArgs {
@@ -258,6 +317,8 @@ impl CacheArgs {
             load_threads: self.load_threads,
             gpu_experts: self.gpu_experts,
             dense: self.dense,
+            io: self.storage.io,
+            storage: self.storage.storage_device,
         }
     }
 }
@@ -367,6 +428,8 @@ pub fn run() -> Result<ExitCode> {
                 read_threads: a.read_threads,
                 gpu_experts: a.gpu_experts,
                 dense: a.dense,
+                io: a.storage.io,
+                storage: a.storage.storage_device,
                 replay: a.replay.map(|p| (p, a.replay_cell)),
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
@@ -525,9 +588,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let s = engine.stats();
     let misses = s.cache.accesses - s.cache.hits;
     eprintln!(
-        "[{} on {}] cache: {} accesses, hit rate {:.1}% ({} misses), {:.1} MB read, load {:.3}s, resident {:.1} MB | prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens)",
+        "[{} on {}, io {}{}] cache: {} accesses, hit rate {:.1}% ({} misses), {:.1} MB read, load {:.3}s, resident {:.1} MB | prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens)",
         engine.config().policy,
         moe_harness::engine::describe(engine.model.device()),
+        engine.io().effective,
+        engine
+            .io()
+            .device
+            .map_or(String::new(), |d| format!(", storage {d}")),
         s.cache.accesses,
         100.0 * s.cache.hits as f64 / s.cache.accesses.max(1) as f64,
         misses,

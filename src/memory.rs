@@ -115,7 +115,10 @@ mod tests {
         };
         let v: Vec<u8> = vec![1; 64 << 20];
         let after = Rss::now().unwrap();
-        assert!(after.anon >= before.anon + (60 << 20), "{before:?} → {after:?}");
+        assert!(
+            after.anon >= before.anon + (60 << 20),
+            "{before:?} → {after:?}"
+        );
         assert!(after.peak >= after.anon + after.file - (1 << 20));
         drop(v);
         let r = MemoryReport::new(after, 100, 10, 1);

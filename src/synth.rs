@@ -22,6 +22,21 @@ pub enum SynthLayout {
     Bf16,
 }
 
+impl std::fmt::Display for SynthLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SynthLayout::Mlx(b) => write!(f, "mlx{b}"),
+            SynthLayout::Bf16 => f.write_str("bf16"),
+        }
+    }
+}
+
+impl serde::Serialize for SynthLayout {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 impl std::str::FromStr for SynthLayout {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

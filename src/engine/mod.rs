@@ -34,6 +34,8 @@ use crate::experts::Phase;
 use crate::models::layers::rows;
 use crate::models::{KvCache, Model, Routing};
 use crate::trace::TraceRow;
+use crate::weights::storage::{DeviceModel, IoMode};
+use crate::weights::IoSetup;
 
 named_enum! {
     /// What to do when a selected expert is not resident.
@@ -67,6 +69,10 @@ pub struct EngineConfig {
     /// On the CPU, dense weights are read in place from the memory map (default) or copied into
     /// memory (the comparison `harness bench --dense copied` makes). Fixed when the engine opens.
     pub dense: DenseForm,
+    /// How expert misses read the shards.
+    pub io: IoMode,
+    /// The storage device misses are slowed down to, if any.
+    pub storage: Option<DeviceModel>,
 }
 
 named_enum! {
@@ -90,6 +96,8 @@ impl Default for EngineConfig {
             load_threads: None,
             gpu_experts: GpuExperts::Packed,
             dense: DenseForm::Mapped,
+            io: IoMode::PageCache,
+            storage: None,
         }
     }
 }
@@ -158,6 +166,8 @@ pub struct Engine {
     replay: Option<Replay>,
     /// Checkpoint bytes of the dense weights.
     dense_bytes: u64,
+    /// The miss path's read setup.
+    io: IoSetup,
 }
 
 impl std::fmt::Debug for Engine {
@@ -196,6 +206,7 @@ impl Engine {
         let open = OpenCheckpoint::open(dir, &spec, device.clone())?;
         let dense_bytes = open.dense_bytes(&spec);
         let (ck, prefix, store) = (open.ck, open.prefix, Arc::new(open.store));
+        let io = ck.set_io(cfg.io, cfg.storage);
         check_budget(&spec, &store, &cfg)?;
         store.set_gpu_experts(cfg.gpu_experts);
         let model = Model::load(&ck, &spec, &prefix, &device, cfg.dense == DenseForm::Mapped)?;
@@ -257,6 +268,7 @@ impl Engine {
             prompt: 0,
             replay: None,
             dense_bytes,
+            io,
         })
     }
 
@@ -312,6 +324,7 @@ impl Engine {
             },
         )?;
         self.store.set_gpu_experts(cfg.gpu_experts);
+        self.io = self.store.checkpoint().set_io(cfg.io, cfg.storage);
         let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
         if threads != self.loader.threads() {
             self.loader = Loader::new(self.store.clone(), threads)?;
@@ -319,6 +332,12 @@ impl Engine {
         self.cfg = cfg;
         self.reset_cache_contents();
         Ok(())
+    }
+
+    /// How misses read the shards now (the mode asked for, the one in effect, the device
+    /// emulated).
+    pub fn io(&self) -> &IoSetup {
+        &self.io
     }
 
     /// Checkpoint bytes of the dense weights the model uses.

@@ -45,6 +45,19 @@ pub enum ProjSource {
 }
 
 impl ProjSource {
+    /// Every byte range of this projection.
+    fn ranges(&self) -> Vec<ByteRange> {
+        match self {
+            ProjSource::Float { data, .. } => vec![*data],
+            ProjSource::Quant {
+                weight,
+                scales,
+                biases,
+                ..
+            } => vec![*weight, *scales, *biases],
+        }
+    }
+
     fn bytes(&self) -> u64 {
         match self {
             ProjSource::Float { data, .. } => data.len,
@@ -65,6 +78,13 @@ pub struct ExpertHandle {
     pub proj: [ProjSource; 3],
     /// Checkpoint bytes of the expert (all three projections, scales and biases included).
     pub bytes: u64,
+}
+
+impl ExpertHandle {
+    /// Every byte range of the expert, in reading order.
+    pub fn ranges(&self) -> Vec<ByteRange> {
+        self.proj.iter().flat_map(ProjSource::ranges).collect()
+    }
 }
 
 /// The matrices of a resident expert.
@@ -268,6 +288,40 @@ impl ExpertStore {
     /// Checkpoint bytes of one expert (what the cache budget counts).
     pub fn expert_bytes(&self, key: ExpertKey) -> u64 {
         self.handle(key).bytes
+    }
+
+    /// The checkpoint the experts are read from.
+    pub fn checkpoint(&self) -> &Arc<Checkpoint> {
+        &self.ck
+    }
+
+    /// The rate (bytes/s) at which this machine reads whole experts now: the experts `keys`
+    /// (every byte range of each), on `threads` threads at once, in the checkpoint's current
+    /// read mode. In `cold` mode the caller drops the page cache first.
+    pub fn read_rate(&self, keys: &[ExpertKey], threads: usize) -> Result<f64> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let t0 = std::time::Instant::now();
+        let read_one = || -> Result<u64> {
+            let mut buf = Vec::new();
+            let mut bytes = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&k) = keys.get(i) else {
+                    return Ok(bytes);
+                };
+                for r in self.handle(k).ranges() {
+                    self.read(&r, &mut buf)?;
+                    bytes += r.len;
+                }
+            }
+        };
+        let bytes: u64 = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..threads.max(1)).map(|_| sc.spawn(read_one)).collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("reader thread"))
+                .sum::<Result<u64>>()
+        })?;
+        Ok(bytes as f64 / t0.elapsed().as_secs_f64().max(1e-9))
     }
 
     /// Checkpoint bytes of every routed expert of every MoE layer.

@@ -270,7 +270,8 @@ impl Model {
             return Err(Error::Input("empty token sequence".into()));
         }
         if kv.layers.is_empty() {
-            kv.layers = vec![LayerKv::with_capacity(kv.capacity.max(tokens.len())); self.layers.len()];
+            kv.layers =
+                vec![LayerKv::with_capacity(kv.capacity.max(tokens.len())); self.layers.len()];
         }
         let pos0 = kv.len;
         let mut h = self.embed.forward(tokens, &self.device)?;

@@ -59,16 +59,56 @@ pub struct CellSummary {
     pub prefetch_precision: Option<f64>,
     /// Prefetches used / (prefetches used + demand misses): the share of loads prefetching covered.
     pub prefetch_recall: Option<f64>,
-    /// Expert bytes read from disk.
+    /// What the speed figures below stand for: the model they were measured on (the
+    /// experiment's, or a `replay_on` checkpoint of a real model's shapes).
+    pub speed_model: String,
+    /// Where the routing came from (the experiment model's router; replayed on `speed_model`).
+    pub routing: String,
+    /// Checkpoint bytes of one expert of `speed_model`.
+    pub expert_bytes: u64,
+    /// The device that computed (`cpu`, `cuda:0`).
+    pub device: String,
+    /// How misses read storage, in effect: `page-cache`, `direct` or `cold`.
+    pub io: String,
+    /// Why `io` differs from the experiment's, when it does (a filesystem refusing direct reads).
+    pub io_note: Option<String>,
+    /// The emulated storage device (`pcie4-nvme: 7.45 GB/s, 60 µs, queue 32`), if any.
+    pub storage_device: Option<String>,
+    /// Expert bytes the miss path requested (speed model, measured prompts, first repeat).
     pub bytes_read: u64,
+    /// Bytes the OS read from storage meanwhile (`/proc/self/io`; all threads).
+    pub device_read_bytes: Option<u64>,
+    /// Bytes of the speed model's shard files in the page cache at the end of the cell.
+    pub page_cache_bytes: Option<u64>,
+    /// Emulated reads this machine served later than the emulated device would have (the model
+    /// is faster than the machine for them).
+    pub storage_late_reads: Option<u64>,
     /// Seconds reading and materialising experts.
     pub load_seconds: f64,
-    /// Prompt tokens per second.
+    /// Prompt tokens per second (median over repeats).
     pub prefill_tps: f64,
-    /// Decoded tokens per second.
+    /// Decoded tokens per second (median over repeats).
     pub decode_tps: f64,
+    /// Slowest repeat's decode tokens per second.
+    pub decode_tps_min: f64,
+    /// Fastest repeat's decode tokens per second.
+    pub decode_tps_max: f64,
+    /// Speed measurements made (`[generation] repeats`).
+    pub repeats: u64,
     /// Mean time to first token.
     pub ttft_seconds: f64,
+    /// Expert bytes moved per decoded token (demand misses and prefetches).
+    pub bytes_per_token: f64,
+    /// This machine's read rate for whole experts in this run's I/O mode, measured before the
+    /// cells (GB/s): the storage bound's `B_read`.
+    pub storage_read_gbps: f64,
+    /// All-resident decode speed of `speed_model`, measured in the same run: `R`.
+    pub resident_decode_tps: f64,
+    /// `1 / (1/R + bytes_per_token / B_read)`: the speed with resident compute plus every
+    /// moved byte read at `B_read`, without overlap.
+    pub storage_bound_tps: f64,
+    /// `decode_tps / storage_bound_tps`.
+    pub storage_bound_fraction: f64,
     /// Memory: the cell's own peak resident set (VmHWM, reset at the cell's start), its
     /// file-backed and anonymous parts, and the dense, expert-cache and KV bytes it holds.
     #[serde(flatten)]

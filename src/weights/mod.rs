@@ -9,8 +9,9 @@ pub mod layout;
 pub mod matrix;
 pub mod quant;
 pub mod safetensors;
+pub mod storage;
 
-pub use self::safetensors::{ByteRange, Checkpoint, DType, MappedBytes, TensorEntry};
+pub use self::safetensors::{ByteRange, Checkpoint, DType, IoSetup, MappedBytes, TensorEntry};
 
 use crate::config::{QuantParams, QuantSpec};
 use crate::error::Result;

@@ -11,6 +11,11 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 
+use super::storage::{
+    self, open_direct, read_direct, DeviceModel, Emulator, EmulatorStats, IoMode,
+};
+use serde::Serialize;
+
 /// Element types the engine reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum DType {
@@ -128,6 +133,31 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorEntry>,
     bytes_read: AtomicU64,
+    io: std::sync::RwLock<IoState>,
+}
+
+/// How the miss path reads: the mode asked for, the one in effect, direct descriptors, and the
+/// emulated device.
+#[derive(Debug, Default)]
+struct IoState {
+    asked: IoMode,
+    effective: IoMode,
+    note: Option<String>,
+    direct: Vec<File>,
+    emulator: Option<Arc<Emulator>>,
+}
+
+/// The read path in effect (see [`Checkpoint::set_io`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IoSetup {
+    /// The mode asked for.
+    pub asked: IoMode,
+    /// The mode in effect (`page-cache` when the filesystem refused direct reads).
+    pub effective: IoMode,
+    /// Why they differ, when they do.
+    pub note: Option<String>,
+    /// The emulated device, if any.
+    pub device: Option<DeviceModel>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -150,6 +180,7 @@ impl Checkpoint {
             shards: Vec::new(),
             tensors: HashMap::new(),
             bytes_read: AtomicU64::new(0),
+            io: Default::default(),
         };
         if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
@@ -304,14 +335,82 @@ impl Checkpoint {
         }
     }
 
+    /// Sets how the miss path reads (see [`IoMode`]) and the storage device it emulates, if any.
+    /// Where a filesystem refuses direct reads (tmpfs, some network filesystems), reads fall back
+    /// to the page cache and the returned [`IoSetup`] says so.
+    pub fn set_io(&self, mode: IoMode, device: Option<DeviceModel>) -> IoSetup {
+        let mut st = self.io.write().expect("io state");
+        if st.asked != mode || st.direct.len() != self.shards.len() {
+            st.direct.clear();
+            st.note = None;
+            st.effective = mode;
+            if mode.direct() {
+                for s in &self.shards {
+                    match open_direct(&s.path) {
+                        Ok(f) => st.direct.push(f),
+                        Err(e) => {
+                            st.direct.clear();
+                            st.effective = IoMode::PageCache;
+                            st.note = Some(format!(
+                                "{} refuses direct reads ({e}): expert reads go through the page cache",
+                                s.path.display()
+                            ));
+                            break;
+                        }
+                    }
+                }
+            }
+            st.asked = mode;
+        }
+        if st.emulator.as_ref().map(|e| e.model()) != device {
+            st.emulator = device.map(|d| Arc::new(Emulator::new(d)));
+        }
+        IoSetup {
+            asked: st.asked,
+            effective: st.effective,
+            note: st.note.clone(),
+            device,
+        }
+    }
+
+    /// The emulator's counters, when a device is emulated.
+    pub fn emulator_stats(&self) -> Option<EmulatorStats> {
+        let st = self.io.read().expect("io state");
+        st.emulator.as_ref().map(|e| e.stats())
+    }
+
+    /// Drops every shard from the page cache (the mapped dense pages in use stay): the next read
+    /// of each expert is a storage read. False where the OS cannot.
+    pub fn drop_page_cache(&self) -> bool {
+        self.shards
+            .iter()
+            .all(|s| storage::drop_from_page_cache(&s.file))
+    }
+
+    /// Bytes of the shard files in the page cache now.
+    pub fn page_cache_bytes(&self) -> Option<u64> {
+        self.shards
+            .iter()
+            .map(|s| storage::resident_bytes(&s.mmap))
+            .sum()
+    }
+
     /// Reads `len` bytes at `offset` of shard `shard` with a positioned read, counting them.
-    /// This is the expert miss path: it touches exactly the requested range.
+    /// This is the expert miss path: it touches exactly the requested range, through the page
+    /// cache or around it as [`Checkpoint::set_io`] says, no faster than an emulated device.
     pub fn read_at(&self, shard: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let s = &self.shards[shard];
-        s.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::io(&s.path, e))?;
+        let st = self.io.read().expect("io state");
+        let done = st.emulator.as_ref().map(|e| e.schedule(buf.len() as u64));
+        match st.direct.get(shard) {
+            Some(f) => read_direct(f, offset, buf),
+            None => s.file.read_exact_at(buf, offset),
+        }
+        .map_err(|e| Error::io(&s.path, e))?;
+        if let (Some(e), Some(d)) = (&st.emulator, done) {
+            e.complete(d);
+        }
         self.bytes_read
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())

@@ -20,6 +20,8 @@ fn opts() -> BenchOptions {
         read_threads: None,
         gpu_experts: Default::default(),
         dense: Default::default(),
+        io: Default::default(),
+        storage: None,
         replay: None,
     }
 }

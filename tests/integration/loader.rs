@@ -21,6 +21,8 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         load_threads: Some(threads),
         gpu_experts: Default::default(),
         dense: Default::default(),
+        io: Default::default(),
+        storage: None,
     };
     let mut e = Engine::open(&dir, Device::Cpu, cfg).unwrap();
     let r = Reference::load(&dir);

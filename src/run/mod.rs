@@ -4,21 +4,26 @@
 //! experiment file, `env.json` and plots. Everything is written into a hidden temp directory that
 //! is renamed when complete; an interrupted run resumes there, skipping finished cells.
 
+mod cell;
+mod speed;
+
+pub use cell::kl;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::engine::{Engine, EngineConfig, MissMode, Sampler};
+use crate::engine::{Engine, EngineConfig, Sampler};
 use crate::error::{Error, Result};
-use crate::experiment::{BudgetSpec, Cell, Experiment, Prompt};
+use crate::experiment::{BudgetSpec, Experiment, Prompt};
 use crate::experts::budget::{Budget, Pool};
-use crate::experts::policies::{FrequencyProfile, PolicySpec};
-use crate::experts::Phase;
+use crate::experts::policies::FrequencyProfile;
 use crate::io::write_atomic;
 use crate::report::CellSummary;
-use crate::simulate::Simulation;
-use crate::trace::{self, CellTrace, TraceRow};
+use crate::trace;
+
+use speed::{PassPrompt, ReplayTarget, Speed, Target};
 
 /// Options of one `harness run`.
 #[derive(Debug, Clone, Default)]
@@ -108,7 +113,14 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         .backend
         .device()
         .map_err(|e| Error::config(&exp.file, "model.backend", e.to_string()))?;
-    let mut engine = Engine::open(&exp.model_dir, device, EngineConfig::default())?;
+    // The experiment's model measures speed itself unless a replay checkpoint does (then its own
+    // misses are only routing, read through the page cache).
+    let own_cfg = if exp.replay_on.is_some() {
+        EngineConfig::default()
+    } else {
+        speed::storage_config(&exp, EngineConfig::default())
+    };
+    let mut engine = Engine::open(&exp.model_dir, device.clone(), own_cfg)?;
     // Every prompt must fit the model's context and this machine's memory before any cell runs.
     let new_tokens = exp.generation.max_new_tokens;
     let mut truncated = Vec::new();
@@ -149,15 +161,18 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
             truncated.len()
         );
     }
+    let prompts: Vec<PassPrompt> = all
+        .iter()
+        .map(|(warm, ids)| PassPrompt {
+            warm: *warm,
+            ids: ids.clone(),
+            new_tokens,
+            replay: None,
+        })
+        .collect();
+    let mut speed = open_speed(&exp, &mut engine, &prompts, &stop, &root, device)?;
+    check_memory_limit(&exp, &engine, &speed, &all)?;
     std::fs::create_dir_all(tmp_dir.join("cells")).map_err(|e| Error::io(&tmp_dir, e))?;
-    let total_expert_bytes = engine.total_expert_bytes();
-    // `static-N` pins the most frequent experts of a profile: an unlimited-budget pass over the
-    // same prompts (an oracle profile, as `harness simulate` derives one from a trace).
-    let cell_profile = if exp.cells.iter().any(|c| c.policy.needs_profile()) {
-        Some(profile(&mut engine, &exp, &all, &stop)?)
-    } else {
-        None
-    };
     let progress = progress_bar(opts.progress, (exp.cells.len() * all.len()) as u64);
     let finished = exp
         .cells
@@ -176,6 +191,14 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
             exp.cells.len()
         );
     }
+    let ctx = cell::Ctx {
+        exp: &exp,
+        prompts: &prompts,
+        stop: &stop,
+        tmp_dir: &tmp_dir,
+        profile: speed.profile.as_ref(),
+        progress: &progress,
+    };
     let mut summaries = Vec::new();
     for cell in &exp.cells {
         let done = tmp_dir.join("cells").join(format!("{}.json", cell.id));
@@ -189,17 +212,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
             continue;
         }
         progress.set_message(cell.id.clone());
-        let s = run_cell(
-            &mut engine,
-            &exp,
-            cell,
-            &all,
-            &stop,
-            total_expert_bytes,
-            &tmp_dir,
-            &progress,
-            cell_profile.as_ref(),
-        )?;
+        let s = cell::run_cell(&ctx, &mut engine, &mut speed.speed, cell)?;
         write_atomic(
             &done,
             serde_json::to_string_pretty(&s)
@@ -226,7 +239,8 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         serde_json::to_string_pretty(&env_info(
             &exp,
             opts.quick,
-            engine.model.device(),
+            &engine,
+            &speed.speed,
             &truncated,
         ))
         .unwrap_or_default()
@@ -259,252 +273,6 @@ pub fn resolve_budget(
             moe_layers,
         ),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_cell(
-    engine: &mut Engine,
-    exp: &Experiment,
-    cell: &Cell,
-    prompts: &[(bool, Vec<u32>)],
-    stop: &[u32],
-    total_expert_bytes: u64,
-    tmp_dir: &Path,
-    progress: &ProgressBar,
-    profile: Option<&FrequencyProfile>,
-) -> Result<CellSummary> {
-    let spec = engine.spec().clone();
-    let budget = resolve_budget(
-        cell.budget,
-        exp.pool,
-        total_expert_bytes,
-        spec.num_moe_layers(),
-    );
-    let cfg = EngineConfig {
-        budget,
-        policy: cell.policy.clone(),
-        miss: cell.miss,
-        record_trace: true,
-        load_threads: exp.load_threads,
-        ..Default::default()
-    };
-    let cell_profile = if cell.policy.needs_profile() {
-        profile.cloned()
-    } else {
-        None
-    };
-    engine
-        .reconfigure_with(cfg.clone(), cell_profile.clone())
-        .map_err(|e| Error::Input(format!("cell `{}`: {e}", cell.id)))?;
-    let _ = engine.take_trace();
-    // The cell's own memory peak: the previous cell's cache is gone, the dense weights are not.
-    crate::memory::reset_peak();
-    let mut rss = crate::memory::Rss::now().unwrap_or_default();
-    let mut kv_bytes = 0u64;
-    let mut sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
-    let (mut prefill_s, mut decode_s, mut prefill_tok, mut decode_tok, mut ttft, mut measured) =
-        (0.0, 0.0, 0u64, 0u64, 0.0, 0u64);
-    let mut generated = Vec::new();
-    let mut stats_before = None;
-    let mut bytes_before = 0;
-    let mut load_before = 0.0;
-    for (i, (warm, ids)) in prompts.iter().enumerate() {
-        if !exp.carry_over && i > 0 {
-            engine.reset_cache();
-        }
-        if !warm && stats_before.is_none() {
-            let s = engine.stats();
-            bytes_before = s.bytes_read;
-            load_before = s.load_seconds;
-            stats_before = Some(s.cache);
-        }
-        engine.set_prompt(i as u32);
-        let keep = cell.miss == MissMode::Skip && !warm;
-        let g =
-            engine.generate_with(ids, exp.generation.max_new_tokens, &mut sampler, stop, keep)?;
-        if let Some(now) = crate::memory::Rss::now() {
-            rss = rss.max(now);
-        }
-        kv_bytes = kv_bytes.max(g.kv_bytes);
-        if !warm {
-            measured += 1;
-            prefill_s += g.prefill.as_secs_f64();
-            decode_s += g.decode.as_secs_f64();
-            prefill_tok += g.prompt_len as u64;
-            decode_tok += g.tokens.len().saturating_sub(1) as u64;
-            ttft += g.prefill.as_secs_f64();
-            generated.push((ids.clone(), g));
-        }
-        progress.inc(1);
-    }
-    let stats = engine.stats();
-    let before = stats_before.unwrap_or_default();
-    let rows = engine.take_trace();
-    // Hit counts come from the trace of the measured prompts (warm-up rows excluded).
-    let warm_n = prompts.iter().filter(|p| p.0).count() as u32;
-    let (mut acc, mut hit, mut acc_p, mut hit_p) = (0u64, 0u64, 0u64, 0u64);
-    for r in rows.iter().filter(|r| r.prompt >= warm_n) {
-        let h = r.hits.iter().filter(|&&h| h).count() as u64;
-        acc += r.hits.len() as u64;
-        hit += h;
-        if r.phase == Phase::Prefill {
-            acc_p += r.hits.len() as u64;
-            hit_p += h;
-        }
-    }
-    let belady = belady_hit_rate(engine, &rows, budget, exp.carry_over, warm_n)?;
-    trace::write(
-        &tmp_dir.join("cells").join(format!("{}.parquet", cell.id)),
-        &[CellTrace {
-            cell: cell.id.clone(),
-            rows,
-        }],
-    )?;
-    let (kl, top1) = if cell.miss == MissMode::Skip {
-        drift(engine, &generated)?
-    } else {
-        (None, None)
-    };
-    // Restore the cell's configuration after the exact re-run of the drift check.
-    if cell.miss == MissMode::Skip {
-        engine.reconfigure_with(cfg, cell_profile)?;
-    }
-    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    let issued = stats.cache.prefetch.issued - before.prefetch.issued;
-    let used = stats.cache.prefetch.used - before.prefetch.used;
-    let capacity = match budget {
-        Budget::SlotsPerLayer(n) => Some(n as u64),
-        _ => None,
-    };
-    let fraction = match budget {
-        Budget::Unlimited => 1.0,
-        Budget::SlotsPerLayer(n) => n as f64 / spec.moe.num_experts as f64,
-        Budget::BytesGlobal(b) => b as f64 / total_expert_bytes as f64,
-        Budget::BytesPerLayer(b) => {
-            (b * spec.num_moe_layers() as u64) as f64 / total_expert_bytes as f64
-        }
-    };
-    Ok(CellSummary {
-        cell: cell.id.clone(),
-        policy: cell.policy.to_string(),
-        capacity,
-        budget_bytes: budget.bytes(),
-        budget_fraction: fraction.min(1.0),
-        pool: exp.pool.to_string(),
-        miss: cell.miss.to_string(),
-        prompts: measured,
-        tokens_generated: generated.iter().map(|(_, g)| g.tokens.len() as u64).sum(),
-        accesses: acc,
-        hits: hit,
-        hit_rate: ratio(hit, acc),
-        hit_rate_prefill: ratio(hit_p, acc_p),
-        hit_rate_decode: ratio(hit - hit_p, acc - acc_p),
-        effective_hit_rate: 1.0 - ratio((acc - hit) + issued, acc).min(1.0),
-        belady_hit_rate: belady,
-        prefetch_issued: issued,
-        prefetch_precision: (issued > 0).then(|| ratio(used, issued)),
-        // Recall as the cache defines it: prefetches used / (used + demand misses).
-        prefetch_recall: (issued > 0).then(|| ratio(used, used + (acc - hit))),
-        bytes_read: stats.bytes_read - bytes_before,
-        load_seconds: stats.load_seconds - load_before,
-        prefill_tps: prefill_tok as f64 / prefill_s.max(1e-9),
-        decode_tps: decode_tok as f64 / decode_s.max(1e-9),
-        ttft_seconds: ttft / measured.max(1) as f64,
-        memory: crate::memory::MemoryReport::new(
-            rss,
-            engine.dense_bytes(),
-            stats.cache.peak_resident_bytes,
-            kv_bytes,
-        ),
-        kl_mean: kl,
-        top1_agreement: top1,
-    })
-}
-
-/// Expert selection counts of the prompts under an unlimited budget.
-fn profile(
-    engine: &mut Engine,
-    exp: &Experiment,
-    prompts: &[(bool, Vec<u32>)],
-    stop: &[u32],
-) -> Result<FrequencyProfile> {
-    engine.reconfigure(EngineConfig {
-        record_trace: true,
-        ..EngineConfig::default()
-    })?;
-    let mut sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
-    for (_, ids) in prompts {
-        engine.generate(ids, exp.generation.max_new_tokens, &mut sampler, stop)?;
-    }
-    Ok(crate::simulate::profile_from_rows(&engine.take_trace()))
-}
-
-/// Belady's hit rate on a cell's own trace at the cell's budget (measured prompts only).
-fn belady_hit_rate(
-    engine: &Engine,
-    rows: &[TraceRow],
-    budget: Budget,
-    carry_over: bool,
-    warm_n: u32,
-) -> Result<f64> {
-    let moe_layers: Vec<u32> = engine
-        .spec()
-        .moe
-        .moe_layers
-        .iter()
-        .map(|&l| l as u32)
-        .collect();
-    let mut sim = Simulation::new(PolicySpec::Belady, budget, &moe_layers);
-    sim.warmup_prompts = warm_n;
-    sim.reset_per_prompt = !carry_over;
-    let res = crate::simulate::simulate(rows, &sim, |k| engine.store.expert_bytes(k))?;
-    Ok(res.hit_rate)
-}
-
-/// KL(exact ‖ skip) and top-1 agreement of a skip cell's sampled-from distributions, against an
-/// exact (unlimited, load) teacher-forced pass over the same tokens.
-fn drift(
-    engine: &mut Engine,
-    runs: &[(Vec<u32>, crate::engine::Generation)],
-) -> Result<(Option<f64>, Option<f64>)> {
-    engine.reconfigure(EngineConfig::default())?;
-    let (mut kl_sum, mut agree, mut n) = (0.0, 0u64, 0u64);
-    for (prompt, g) in runs {
-        if g.tokens.is_empty() {
-            continue;
-        }
-        let mut seq = prompt.clone();
-        seq.extend_from_slice(&g.tokens[..g.tokens.len() - 1]);
-        let (exact, _) = engine.logits(&seq)?;
-        for (k, skip) in g.step_logits.iter().enumerate() {
-            let e = &exact[prompt.len() - 1 + k];
-            kl_sum += kl(e, skip);
-            agree +=
-                (crate::models::layers::argmax(e) == crate::models::layers::argmax(skip)) as u64;
-            n += 1;
-        }
-    }
-    let _ = engine.take_trace();
-    Ok(if n == 0 {
-        (None, None)
-    } else {
-        (Some(kl_sum / n as f64), Some(agree as f64 / n as f64))
-    })
-}
-
-/// KL divergence between the softmax distributions of two logit vectors, KL(p ‖ q).
-pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let lsm = |l: &[f32]| {
-        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
-        l.iter().map(move |&x| x as f64 - z).collect::<Vec<f64>>()
-    };
-    let (lp, lq) = (lsm(p_logits), lsm(q_logits));
-    lp.iter()
-        .zip(&lq)
-        .map(|(a, b)| a.exp() * (a - b))
-        .sum::<f64>()
-        .max(0.0)
 }
 
 fn progress_bar(enabled: bool, n: u64) -> ProgressBar {
@@ -543,7 +311,8 @@ fn run_id(exp: &Experiment, quick: bool) -> Result<String> {
 fn env_info(
     exp: &Experiment,
     quick: bool,
-    device: &candle_core::Device,
+    engine: &Engine,
+    speed: &Speed,
     truncated: &[serde_json::Value],
 ) -> serde_json::Value {
     let git = std::process::Command::new("git")
@@ -557,19 +326,191 @@ fn env_info(
             .find(|l| l.starts_with("model name"))
             .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
     });
+    let target = |t: &Target, e: &Engine| {
+        serde_json::json!({
+            "model": t.model,
+            "expert_bytes": t.expert_bytes,
+            "io": e.io(),
+            "storage_read_gbps": t.read_rate / 1e9,
+            "resident_decode_tps": t.resident_tps,
+        })
+    };
     serde_json::json!({
         "harness_version": env!("CARGO_PKG_VERSION"),
         "git_commit": git,
         "backend": exp.backend.as_str(),
-        "device": crate::engine::describe(device),
+        "device": crate::engine::describe(engine.model.device()),
         "truncated_prompts": truncated,
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "memory_available_bytes": crate::engine::available_memory(),
         "model_dir": exp.model_dir.display().to_string(),
+        "routing": speed.routing,
+        "speed_on_model": target(&speed.own, engine),
+        "speed_on_replay": speed.replay.as_ref().map(|r| target(&r.target, &r.engine)),
+        "storage_device": exp.storage.device.as_ref().map(|(n, d)| serde_json::json!({"name": n, "model": d})),
         "quick": quick,
         "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "elapsed_note": "timings are wall-clock on this machine; compare ratios within one run",
     })
+}
+
+/// The speed setup and the profile `static-N` cells pin from.
+struct SpeedSetup {
+    speed: Speed,
+    profile: Option<FrequencyProfile>,
+}
+
+/// Opens the replay checkpoint if the experiment has one and measures the references every
+/// tok/s is read against (`B_read`, `R`); runs the reference routing pass (unlimited budget)
+/// where a profile or a replay needs it.
+fn open_speed(
+    exp: &Experiment,
+    engine: &mut Engine,
+    prompts: &[PassPrompt],
+    stop: &[u32],
+    root: &Path,
+    device: candle_core::Device,
+) -> Result<SpeedSetup> {
+    let needs_profile = exp.cells.iter().any(|c| c.policy.needs_profile());
+    let reference = if needs_profile || exp.replay_on.is_some() {
+        engine.reconfigure(EngineConfig {
+            record_trace: true,
+            ..engine.config().clone()
+        })?;
+        let sampler = Sampler::new(exp.generation.temperature, exp.generation.seed);
+        speed::pass(engine, prompts, true, sampler, stop, false, || {})?;
+        Some(engine.take_trace())
+    } else {
+        None
+    };
+    let profile = match (&reference, needs_profile) {
+        (Some(rows), true) => Some(crate::simulate::profile_from_rows(rows)),
+        _ => None,
+    };
+    let warm_n = prompts.iter().filter(|p| p.warm).count();
+    let own_name = exp.model_dir.display().to_string();
+    let (read_rate, resident_tps) = speed::references(engine, prompts, exp.generation.seed, stop)?;
+    let own = Target {
+        model: own_name.clone(),
+        expert_bytes: speed::expert_bytes(engine),
+        read_rate,
+        resident_tps,
+    };
+    report_target(&own, engine, exp);
+    let replay = match &exp.replay_on {
+        None => None,
+        Some(r) => {
+            let mut se = speed::open_replay(r, exp, engine, root, device)?;
+            let rows = reference.as_deref().unwrap_or_default();
+            let replays = speed::replay_prompts(rows, &se, warm_n, r.prompts, exp.generation.seed)?;
+            let (read_rate, resident_tps) =
+                speed::references(&mut se, &replays, exp.generation.seed, &[])?;
+            let target = Target {
+                model: format!(
+                    "{} at {} layers, {} (random weights)",
+                    r.config.display(),
+                    r.layers,
+                    r.layout
+                ),
+                expert_bytes: speed::expert_bytes(&se),
+                read_rate,
+                resident_tps,
+            };
+            report_target(&target, &se, exp);
+            Some(ReplayTarget {
+                engine: se,
+                target,
+                prompts: r.prompts,
+                policies: r.policies.clone(),
+            })
+        }
+    };
+    let speed = Speed {
+        routing: format!("router of {own_name}"),
+        own,
+        replay,
+    };
+    Ok(SpeedSetup { speed, profile })
+}
+
+fn report_target(t: &Target, engine: &Engine, exp: &Experiment) {
+    eprintln!(
+        "speed on {} ({} per expert), io {}{}: experts read at {:.2} GB/s, all-resident decode {:.1} tok/s",
+        t.model,
+        crate::experts::budget::human_bytes(t.expert_bytes),
+        engine.io().effective,
+        exp.storage
+            .device
+            .as_ref()
+            .filter(|_| engine.io().device.is_some())
+            .map_or(String::new(), |(n, d)| format!(", emulating {n} ({d})")),
+        t.read_rate / 1e9,
+        t.resident_tps
+    );
+}
+
+/// Refuses, before any cell runs, a cell whose dense weights + expert cache + KV cache would
+/// exceed `[storage] memory_limit`.
+fn check_memory_limit(
+    exp: &Experiment,
+    engine: &Engine,
+    speed: &SpeedSetup,
+    prompts: &[(bool, Vec<u32>)],
+) -> Result<()> {
+    let Some(limit) = exp.storage.memory_limit else {
+        return Ok(());
+    };
+    let replay = speed.speed.replay.as_ref();
+    let se = replay.map_or(engine, |r| &r.engine);
+    let dense = engine.dense_bytes() + replay.map_or(0, |r| r.engine.dense_bytes());
+    let expert_bytes = replay.map_or(&speed.speed.own, |r| &r.target).expert_bytes;
+    let longest = prompts.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+    let kv = se.spec().kv_bytes_per_token() * (longest + exp.generation.max_new_tokens) as u64;
+    let total = se.total_expert_bytes();
+    let layers = se.spec().num_moe_layers() as u64;
+    let gb = |b: u64| b as f64 / 1e9;
+    if dense + kv > limit {
+        return Err(Error::config(
+            &exp.file,
+            "storage.memory_limit",
+            format!(
+                "{:.2} GB is below the dense weights ({:.2} GB) and KV cache ({:.2} GB) alone",
+                gb(limit),
+                gb(dense),
+                gb(kv)
+            ),
+        ));
+    }
+    for c in &exp.cells {
+        let cache = match cell::budget_of(c, exp, total, layers as usize) {
+            Budget::Unlimited => total,
+            Budget::SlotsPerLayer(n) => (n as u64 * layers).min(exp_slots(se)) * expert_bytes,
+            Budget::BytesPerLayer(b) => b * layers,
+            Budget::BytesGlobal(b) => b,
+        };
+        if dense + cache + kv > limit {
+            return Err(Error::config(
+                &exp.file,
+                "storage.memory_limit",
+                format!(
+                    "cell `{}` needs {:.2} GB (dense {:.2} + expert cache {:.2} + KV {:.2}), more than the limit of {:.2} GB",
+                    c.id,
+                    gb(dense + cache + kv),
+                    gb(dense),
+                    gb(cache),
+                    gb(kv),
+                    gb(limit)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every routed expert of `engine`'s model.
+fn exp_slots(engine: &Engine) -> u64 {
+    (engine.spec().moe.num_experts * engine.spec().num_moe_layers()) as u64
 }
 
 /// An exclusive lock on one run's results (released when dropped, or when the process ends).

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::experts::budget::parse_size;
 use crate::experts::budget::Pool;
 use crate::experts::policies::PolicySpec;
+use crate::weights::storage::{DeviceModel, IoMode};
 
 /// The values of a key that takes one value or a list (`policy = "lru"` or
 /// `policy = ["lru", "lfu"]`), each checked with `parse`; an empty list is an error (it would
@@ -80,6 +81,9 @@ pub struct RawExperiment {
     /// Output.
     #[serde(default)]
     pub output: RawOutput,
+    /// Storage.
+    #[serde(default)]
+    pub storage: RawStorage,
 }
 
 /// `[model]`.
@@ -96,6 +100,44 @@ pub struct RawModel {
     pub download: Option<String>,
     /// `cpu` (default), `cuda` or `metal`.
     pub backend: Option<Backend>,
+    /// Measure speed on a random-weight checkpoint of a real model's shapes (written by
+    /// `harness synth` on first use and cached), replaying this model's routing: hit rates come
+    /// from this model, tokens/s from real expert sizes.
+    pub replay_on: Option<RawReplayOn>,
+}
+
+/// `[model] replay_on = { config = "…", layers = N, layout = "mlx4", prompts = N }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplayOn {
+    /// The real model's `config.json`, relative to the experiment file.
+    pub config: String,
+    /// Keep its first N decoder layers (their MoE layers must be this model's).
+    pub layers: usize,
+    /// `mlx4` (default), `mlx8` or `bf16`.
+    #[serde(default = "default_layout")]
+    pub layout: String,
+    /// Replay only the first N measured prompts (default: all).
+    pub prompts: Option<usize>,
+    /// Replay only the cells of these policies (default: every cell); the others measure speed
+    /// on the experiment's own model, and say so.
+    pub policies: Option<Vec<String>>,
+}
+
+fn default_layout() -> String {
+    "mlx4".into()
+}
+
+/// `[storage]`: how expert misses reach storage, and what storage they stand for.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// `page-cache` (default), `direct` or `cold`.
+    pub io: Option<IoMode>,
+    /// A preset name, or `{ read_gbps, latency_us, queue_depth }`.
+    pub device: Option<toml::Value>,
+    /// Refuse cells whose dense weights + expert cache + KV cache would exceed this (`32GiB`).
+    pub memory_limit: Option<String>,
 }
 
 /// `[cache]`.
@@ -171,6 +213,13 @@ pub struct RawGeneration {
     /// Sampling seed.
     #[serde(default)]
     pub seed: u64,
+    /// Speed is measured this many times per cell (min, median and max are reported).
+    #[serde(default = "one")]
+    pub repeats: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for RawGeneration {
@@ -179,6 +228,7 @@ impl Default for RawGeneration {
             max_new_tokens: default_max_new(),
             temperature: 0.0,
             seed: 0,
+            repeats: 1,
         }
     }
 }
@@ -298,6 +348,36 @@ pub struct Experiment {
     pub plots: bool,
     /// The file as parsed (written back into the results).
     pub raw: RawExperiment,
+    /// How misses reach storage.
+    pub storage: StorageSpec,
+    /// Where speed is measured, when not on the model itself.
+    pub replay_on: Option<ReplayOn>,
+}
+
+/// `[storage]` resolved.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StorageSpec {
+    /// How misses read the shards.
+    pub io: IoMode,
+    /// The emulated device: its name (a preset's, or `custom`) and figures.
+    pub device: Option<(String, DeviceModel)>,
+    /// Memory cells may use (dense + expert cache + KV), bytes.
+    pub memory_limit: Option<u64>,
+}
+
+/// `[model] replay_on` resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayOn {
+    /// The real model's config.json.
+    pub config: PathBuf,
+    /// Decoder layers kept.
+    pub layers: usize,
+    /// Checkpoint layout.
+    pub layout: crate::synth::SynthLayout,
+    /// Measured prompts replayed (`None`: all).
+    pub prompts: Option<usize>,
+    /// Policies whose cells are replayed (`None`: all).
+    pub policies: Option<Vec<PolicySpec>>,
 }
 
 /// Reads and resolves an experiment file. `check_model` verifies the model directory exists.
@@ -423,6 +503,61 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
             "must be finite and ≥ 0",
         ));
     }
+    if raw.generation.repeats == 0 {
+        return Err(Error::config(
+            file,
+            "generation.repeats",
+            "0 measures nothing: give at least 1",
+        ));
+    }
+    let storage = resolve_storage(file, &raw.storage)?;
+    let replay_on = match &raw.model.replay_on {
+        None => None,
+        Some(r) => {
+            let config = base.join(&r.config);
+            if !config.exists() {
+                return Err(Error::config(
+                    file,
+                    "model.replay_on.config",
+                    format!("{} does not exist", config.display()),
+                ));
+            }
+            if r.layers == 0 {
+                return Err(Error::config(
+                    file,
+                    "model.replay_on.layers",
+                    "must be at least 1",
+                ));
+            }
+            if r.prompts == Some(0) {
+                return Err(Error::config(
+                    file,
+                    "model.replay_on.prompts",
+                    "0 replays nothing: give at least 1, or leave the key out",
+                ));
+            }
+            Some(ReplayOn {
+                config,
+                layers: r.layers,
+                layout: r.layout.parse().map_err(|e: Error| {
+                    Error::config(file, "model.replay_on.layout", e.to_string())
+                })?,
+                prompts: r.prompts,
+                policies: match &r.policies {
+                    None => None,
+                    Some(list) => Some(
+                        list.iter()
+                            .map(|p| {
+                                PolicySpec::parse(p).map_err(|e| {
+                                    Error::config(file, "model.replay_on.policies", e.to_string())
+                                })
+                            })
+                            .collect::<Result<Vec<_>>>()?,
+                    ),
+                },
+            })
+        }
+    };
     let out_root = match &raw.output.dir {
         Some(d) => base.join(d),
         None => PathBuf::from("results"),
@@ -444,6 +579,52 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         out_root,
         plots: raw.output.plots.unwrap_or(true),
         raw,
+        storage,
+        replay_on,
+    })
+}
+
+fn resolve_storage(file: &Path, s: &RawStorage) -> Result<StorageSpec> {
+    let device = match &s.device {
+        None => None,
+        Some(toml::Value::String(name)) => Some((
+            name.clone(),
+            DeviceModel::preset(name).map_err(|e| Error::config(file, "storage.device", e))?,
+        )),
+        Some(v @ toml::Value::Table(_)) => {
+            let m: DeviceModel = v.clone().try_into().map_err(|e: toml::de::Error| {
+                Error::config(
+                    file,
+                    "storage.device",
+                    format!(
+                        "{} (expected {{ read_gbps = …, latency_us = …, queue_depth = … }})",
+                        e.to_string().trim_end()
+                    ),
+                )
+            })?;
+            m.check()
+                .map_err(|e| Error::config(file, "storage.device", e))?;
+            Some(("custom".to_string(), m))
+        }
+        Some(other) => {
+            return Err(Error::config(
+                file,
+                "storage.device",
+                format!("`{other}`: give a preset name or {{ read_gbps = …, latency_us = …, queue_depth = … }}"),
+            ))
+        }
+    };
+    let memory_limit = match &s.memory_limit {
+        None => None,
+        Some(m) => Some(
+            parse_size(m)
+                .map_err(|e| Error::config(file, "storage.memory_limit", e.to_string()))?,
+        ),
+    };
+    Ok(StorageSpec {
+        io: s.io.unwrap_or_default(),
+        device,
+        memory_limit,
     })
 }
 
@@ -575,76 +756,4 @@ fn read_prompts(file: &Path, base: &Path, p: &RawPrompts) -> Result<Vec<Prompt>>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(dir: &Path, body: &str) -> PathBuf {
-        let p = dir.join("e.toml");
-        std::fs::write(&p, body).unwrap();
-        p
-    }
-
-    #[test]
-    fn sweep_is_the_cartesian_product() {
-        let d = tempfile::tempdir().unwrap();
-        let f = write(
-            d.path(),
-            "[model]\npath = \"m\"\n[cache]\npolicy = [\"lru\", \"lfu\"]\ncapacity = [4, 8]\nbudget = [\"25%\", \"1MiB\"]\n[prompts]\ninline = [\"a\", \"b\"]\nwarmup = 1\n",
-        );
-        let e = load(&f, false).unwrap();
-        assert_eq!(e.cells.len(), 2 * 4);
-        assert_eq!(e.cells[0].id, "lru_cap4_load");
-        assert!(e
-            .cells
-            .iter()
-            .any(|c| c.budget == BudgetSpec::Fraction(0.25)));
-        assert!(e
-            .cells
-            .iter()
-            .any(|c| c.budget == BudgetSpec::Bytes(1 << 20)));
-        assert_eq!(e.warmup.len(), 1);
-        assert_eq!(e.prompts.len(), 1);
-        assert_eq!(e.model_dir, d.path().join("m"));
-    }
-
-    #[test]
-    fn typos_and_bad_values_name_the_key_and_file() {
-        let d = tempfile::tempdir().unwrap();
-        let f = write(
-            d.path(),
-            "[model]\npath = \"m\"\n[cache]\npolicyy = \"lru\"\n[prompts]\ninline = [\"a\"]\n",
-        );
-        let err = load(&f, false).unwrap_err().to_string();
-        assert!(err.contains("policyy") && err.contains("e.toml"), "{err}");
-        let f = write(
-            d.path(),
-            "[model]\npath = \"m\"\n[cache]\npolicy = \"mru\"\n[prompts]\ninline = [\"a\"]\n",
-        );
-        let err = load(&f, false).unwrap_err().to_string();
-        assert!(
-            err.contains("cache.policy") && err.contains("mru") && err.contains("lru"),
-            "{err}"
-        );
-        let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\nbudget = \"12 parsecs\"\n[prompts]\ninline = [\"a\"]\n");
-        assert!(load(&f, false)
-            .unwrap_err()
-            .to_string()
-            .contains("cache.budget"));
-        let f = write(d.path(), "[model]\npath = \"nowhere\"\nenv = \"MOE_HARNESS_TEST_UNSET_VAR\"\ndownload = \"hf.co/x\"\n[prompts]\ninline = [\"a\"]\n");
-        let err = load(&f, true).unwrap_err().to_string();
-        assert!(
-            err.contains("nowhere")
-                && err.contains("MOE_HARNESS_TEST_UNSET_VAR")
-                && err.contains("hf.co/x"),
-            "{err}"
-        );
-        let f = write(
-            d.path(),
-            "[model]\npath = \"m\"\n[prompts]\nfile = \"missing.txt\"\n",
-        );
-        assert!(load(&f, false)
-            .unwrap_err()
-            .to_string()
-            .contains("missing.txt"));
-    }
-}
+mod tests;
