@@ -49,7 +49,10 @@ fn typos_and_bad_values_name_the_key_and_file() {
         err.contains("cache.policy") && err.contains("mru") && err.contains("lru"),
         "{err}"
     );
-    let f = write(d.path(), "[model]\npath = \"m\"\n[cache]\nbudget = \"12 parsecs\"\n[prompts]\ninline = [\"a\"]\n");
+    let f = write(
+        d.path(),
+        "[model]\npath = \"m\"\n[cache]\nbudget = \"12 parsecs\"\n[prompts]\ninline = [\"a\"]\n",
+    );
     assert!(load(&f, false)
         .unwrap_err()
         .to_string()

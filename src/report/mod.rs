@@ -66,6 +66,8 @@ pub struct CellSummary {
     pub routing: String,
     /// Checkpoint bytes of one expert of `speed_model`.
     pub expert_bytes: u64,
+    /// Bytes of `speed_model`'s experts the cell's budget holds (all of them when unlimited).
+    pub cache_budget_bytes: u64,
     /// The device that computed (`cpu`, `cuda:0`).
     pub device: String,
     /// How misses read storage, in effect: `page-cache`, `direct` or `cold`.

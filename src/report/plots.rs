@@ -29,15 +29,45 @@ fn register_font() {
 struct Series {
     label: String,
     points: Vec<(f64, f64)>,
+    /// Colour (policies keep theirs across every figure); `None`: black.
+    color: Option<RGBColor>,
+    /// Dashed, thinner, no markers (bounds and references).
     dashed: bool,
+    /// Min–max whiskers at some points: (x, low, high).
+    whiskers: Vec<(f64, f64, f64)>,
+}
+
+impl Series {
+    fn line(label: impl Into<String>, points: Vec<(f64, f64)>, color: RGBColor) -> Self {
+        Series {
+            label: label.into(),
+            points,
+            color: Some(color),
+            dashed: false,
+            whiskers: Vec::new(),
+        }
+    }
+    fn bound(label: impl Into<String>, points: Vec<(f64, f64)>, color: Option<RGBColor>) -> Self {
+        Series {
+            label: label.into(),
+            points,
+            color,
+            dashed: true,
+            whiskers: Vec::new(),
+        }
+    }
 }
 
 struct LineChart {
     title: String,
+    /// A second line under the title: what produced the numbers.
+    subtitle: Option<String>,
     x_label: String,
     y_label: String,
     series: Vec<Series>,
     y_range: Option<(f64, f64)>,
+    /// Tick labels of the x axis (default: the number).
+    x_fmt: Option<Box<dyn Fn(f64) -> String>>,
 }
 
 const COLORS: [RGBColor; 8] = [
@@ -51,6 +81,26 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+/// One colour per series label (policy and miss mode), the same in every figure of a run.
+struct Palette(Vec<String>);
+
+impl Palette {
+    fn new(summary: &[CellSummary]) -> Self {
+        let mut labels: Vec<String> = Vec::new();
+        for s in summary {
+            let l = label(s);
+            if !labels.contains(&l) {
+                labels.push(l);
+            }
+        }
+        Palette(labels)
+    }
+    fn of(&self, label: &str) -> RGBColor {
+        let i = self.0.iter().position(|l| l == label).unwrap_or(0);
+        COLORS[i % COLORS.len()]
+    }
+}
+
 fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::format(path, format!("plotting: {e}"))
 }
@@ -60,9 +110,15 @@ fn draw_lines<DB: DrawingBackend>(
     c: &LineChart,
 ) -> std::result::Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let pts = c.series.iter().flat_map(|s| s.points.iter());
+    let pts = c.series.iter().flat_map(|s| {
+        s.points.iter().copied().chain(
+            s.whiskers
+                .iter()
+                .flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]),
+        )
+    });
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
+    for (x, y) in pts {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
@@ -75,28 +131,46 @@ fn draw_lines<DB: DrawingBackend>(
         x0 -= 0.5;
         x1 += 0.5;
     }
-    let (y0, y1) = c.y_range.unwrap_or((y0.min(0.0), y1 * 1.05 + 1e-9));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(&c.title, ("sans-serif", 26))
+    let pad = (x1 - x0) * 0.03;
+    let (x0, x1) = (x0 - pad, x1 + pad);
+    let (y0, y1) = c.y_range.unwrap_or((y0.min(0.0), y1 * 1.08 + 1e-9));
+    let root = match &c.subtitle {
+        Some(sub) => {
+            let (top, rest) = root.split_vertically(76);
+            top.draw_text(&c.title, &("sans-serif", 26).into_text_style(&top), (16, 8))
+                .map_err(|e| e.to_string())?;
+            top.draw_text(sub, &("sans-serif", 15).into_text_style(&top), (16, 44))
+                .map_err(|e| e.to_string())?;
+            rest
+        }
+        None => root,
+    };
+    let mut builder = ChartBuilder::on(&root);
+    if c.subtitle.is_none() {
+        builder.caption(&c.title, ("sans-serif", 26));
+    }
+    let mut chart = builder
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| e.to_string())?;
+    let default_fmt = |x: &f64| format!("{x}");
+    let fmt: &dyn Fn(&f64) -> String = match &c.x_fmt {
+        Some(f) => &|x: &f64| f(*x),
+        None => &default_fmt,
+    };
     chart
         .configure_mesh()
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
-        .label_style(("sans-serif", 16))
+        .x_label_formatter(fmt)
+        .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, s) in c.series.iter().enumerate() {
-        let color = if s.dashed {
-            BLACK
-        } else {
-            COLORS[i % COLORS.len()]
-        };
+    for s in &c.series {
+        let color = s.color.unwrap_or(BLACK);
         let style = color.stroke_width(if s.dashed { 2 } else { 3 });
         let anno = if s.dashed {
             chart
@@ -107,12 +181,29 @@ fn draw_lines<DB: DrawingBackend>(
                 .draw_series(LineSeries::new(s.points.iter().copied(), style))
                 .map_err(|e| e.to_string())?
         };
+        let dashed = s.dashed;
         anno.label(&s.label).legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            if dashed {
+                PathElement::new(vec![(x, y), (x + 8, y)], color.stroke_width(2))
+            } else {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            }
         });
         if !s.dashed && s.points.len() < 40 {
             chart
                 .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        if !s.whiskers.is_empty() {
+            let cap = (x1 - x0) * 0.006;
+            chart
+                .draw_series(s.whiskers.iter().flat_map(|&(x, lo, hi)| {
+                    [
+                        PathElement::new(vec![(x, lo), (x, hi)], color.stroke_width(2)),
+                        PathElement::new(vec![(x - cap, lo), (x + cap, lo)], color.stroke_width(2)),
+                        PathElement::new(vec![(x - cap, hi), (x + cap, hi)], color.stroke_width(2)),
+                    ]
+                }))
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -120,7 +211,7 @@ fn draw_lines<DB: DrawingBackend>(
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .label_font(("sans-serif", 16))
+        .label_font(("sans-serif", 15))
         .position(SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(|e| e.to_string())?;
@@ -142,37 +233,75 @@ fn draw_heatmap<DB: DrawingBackend>(
     layers: &[u32],
     experts: usize,
     counts: &BTreeMap<(u32, u32), u64>,
+    title: &str,
 ) -> std::result::Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let max = counts.values().copied().max().unwrap_or(1).max(1) as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Expert selection frequency (layer × expert)",
-            ("sans-serif", 26),
-        )
+    let max = counts.values().copied().max().unwrap_or(1).max(1);
+    let (w, _) = root.dim_in_pixel();
+    let (main, bar) = root.split_horizontally(w.saturating_sub(120));
+    let mut chart = ChartBuilder::on(&main)
+        .caption(title, ("sans-serif", 24))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(0..experts as u32, 0..layers.len() as u32)
+        .build_cartesian_2d(0..experts as u32, (0..layers.len() as u32).into_segmented())
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .disable_mesh()
         .x_desc("expert id")
-        .y_desc("MoE layer (index among MoE layers)")
-        .label_style(("sans-serif", 16))
+        .y_desc("decoder layer")
+        .y_labels(layers.len())
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => layers
+                .get(*i as usize)
+                .map_or(String::new(), |l| l.to_string()),
+            _ => String::new(),
+        })
+        .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
         .draw()
         .map_err(|e| e.to_string())?;
     chart
         .draw_series(layers.iter().enumerate().flat_map(|(li, &l)| {
             (0..experts as u32).map(move |e| {
-                let v = counts.get(&(l, e)).copied().unwrap_or(0) as f64 / max;
+                let v = counts.get(&(l, e)).copied().unwrap_or(0) as f64 / max as f64;
                 let c = ViridisRGB::get_color(v);
-                Rectangle::new([(e, li as u32), (e + 1, li as u32 + 1)], c.filled())
+                Rectangle::new(
+                    [
+                        (e, SegmentValue::Exact(li as u32)),
+                        (e + 1, SegmentValue::Exact(li as u32 + 1)),
+                    ],
+                    c.filled(),
+                )
             })
         }))
         .map_err(|e| e.to_string())?;
+    // The colour bar: selections per (layer, expert), 0 to the maximum.
+    let mut cb = ChartBuilder::on(&bar)
+        .margin_top(60)
+        .margin_bottom(64)
+        .margin_right(16)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..1f64, 0f64..max as f64)
+        .map_err(|e| e.to_string())?;
+    cb.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_desc("selections")
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let steps = 100;
+    cb.draw_series((0..steps).map(|i| {
+        let (a, b) = (i as f64 / steps as f64, (i + 1) as f64 / steps as f64);
+        Rectangle::new(
+            [(0.0, a * max as f64), (1.0, b * max as f64)],
+            ViridisRGB::get_color(a).filled(),
+        )
+    }))
+    .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
 
@@ -209,32 +338,30 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
     register_font();
     let summary = super::read_summary(&dir.join("summary.parquet"))?;
     let cells = trace::read(&dir.join("trace.parquet"))?;
+    let palette = Palette::new(&summary);
     let mut groups: BTreeMap<String, Vec<&CellSummary>> = BTreeMap::new();
     for s in &summary {
         groups.entry(label(s)).or_default().push(s);
     }
+    for g in groups.values_mut() {
+        g.sort_by(|a, b| a.budget_fraction.total_cmp(&b.budget_fraction));
+    }
     let pct = |s: &CellSummary| 100.0 * s.budget_fraction;
+    let budget_axis = "cache budget (% of routed-expert bytes)";
     let mut hit = Vec::new();
     let mut demand = Vec::new();
-    let mut tps = Vec::new();
-    for (name, cells) in &groups {
-        let mut c = cells.clone();
-        c.sort_by(|a, b| a.budget_fraction.total_cmp(&b.budget_fraction));
-        hit.push(Series {
-            label: name.clone(),
-            points: c.iter().map(|s| (pct(s), s.effective_hit_rate)).collect(),
-            dashed: false,
-        });
-        demand.push(Series {
-            label: name.clone(),
-            points: c.iter().map(|s| (pct(s), s.hit_rate)).collect(),
-            dashed: false,
-        });
-        tps.push(Series {
-            label: name.clone(),
-            points: c.iter().map(|s| (pct(s), s.decode_tps)).collect(),
-            dashed: false,
-        });
+    for (name, c) in &groups {
+        let color = palette.of(name);
+        hit.push(Series::line(
+            name.clone(),
+            c.iter().map(|s| (pct(s), s.effective_hit_rate)).collect(),
+            color,
+        ));
+        demand.push(Series::line(
+            name.clone(),
+            c.iter().map(|s| (pct(s), s.hit_rate)).collect(),
+            color,
+        ));
     }
     // The Belady bound per budget: the best offline hit rate over the cells at that budget.
     let mut bound: BTreeMap<u64, f64> = BTreeMap::new();
@@ -243,20 +370,23 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         let e = bound.entry(k).or_insert(0.0);
         *e = e.max(s.belady_hit_rate);
     }
-    hit.push(Series {
-        label: "Belady (offline optimum)".into(),
-        points: bound.iter().map(|(k, v)| (*k as f64 / 1e6, *v)).collect(),
-        dashed: true,
-    });
+    hit.push(Series::bound(
+        "Belady (offline optimum)",
+        bound.iter().map(|(k, v)| (*k as f64 / 1e6, *v)).collect(),
+        None,
+    ));
+    let routing = summary.first().map_or(String::new(), |s| s.routing.clone());
     save_lines(
         dir,
         "hit_rate_vs_budget",
         &LineChart {
             title: "Expert-cache hit rate vs budget".into(),
-            x_label: "cache budget (% of routed-expert bytes)".into(),
+            subtitle: Some(format!("routing: {routing}")),
+            x_label: budget_axis.into(),
             y_label: "hit rate (1 − expert loads / expert uses)".into(),
             series: hit,
             y_range: Some((0.0, 1.0)),
+            x_fmt: None,
         },
     )?;
     save_lines(
@@ -264,23 +394,31 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         "demand_hit_rate_vs_budget",
         &LineChart {
             title: "Demand hit rate vs budget (prefetched experts count as hits)".into(),
-            x_label: "cache budget (% of routed-expert bytes)".into(),
+            subtitle: Some(format!("routing: {routing}")),
+            x_label: budget_axis.into(),
             y_label: "demand hit rate".into(),
             series: demand,
             y_range: Some((0.0, 1.0)),
+            x_fmt: None,
         },
     )?;
-    save_lines(
-        dir,
-        "decode_tps_vs_budget",
-        &LineChart {
-            title: "Decode speed vs budget".into(),
-            x_label: "cache budget (% of routed-expert bytes)".into(),
-            y_label: "decode tokens/s".into(),
-            series: tps,
-            y_range: None,
-        },
-    )?;
+    // Decode speed, one figure per model the speed was measured on (the real-size replay first).
+    let mut speed_models: Vec<(&str, u64)> = Vec::new();
+    for s in &summary {
+        if !speed_models.iter().any(|(m, _)| *m == s.speed_model) {
+            speed_models.push((&s.speed_model, s.expert_bytes));
+        }
+    }
+    speed_models.sort_by(|a, b| b.1.cmp(&a.1));
+    for (i, (model, _)) in speed_models.iter().enumerate() {
+        let rows: Vec<&CellSummary> = summary.iter().filter(|s| s.speed_model == *model).collect();
+        let name = if i == 0 {
+            "decode_tps_vs_budget".to_string()
+        } else {
+            format!("decode_tps_vs_budget_{}", i + 1)
+        };
+        save_lines(dir, &name, &speed_chart(&rows, &palette))?;
+    }
 
     // Per-layer and over-time views at the smallest budget, one line per policy.
     let smallest = summary
@@ -307,14 +445,15 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             e.0 += r.hits.len() as u64;
             e.1 += r.hits.iter().filter(|&&h| h).count() as u64;
         }
-        per_layer.push(Series {
-            label: label(s),
-            points: layer
+        let color = palette.of(&label(s));
+        per_layer.push(Series::line(
+            label(s),
+            layer
                 .iter()
                 .map(|(l, (a, h))| (*l as f64, *h as f64 / (*a).max(1) as f64))
                 .collect(),
-            dashed: false,
-        });
+            color,
+        ));
         // Rolling hit rate over the decode steps, in execution order (window of 16 steps).
         let mut steps: Vec<(u64, u64)> = Vec::new();
         let mut last: Option<(u32, u32)> = None;
@@ -337,11 +476,7 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
                 (i as f64, h as f64 / a.max(1) as f64)
             })
             .collect();
-        rolling.push(Series {
-            label: label(s),
-            points: pts,
-            dashed: false,
-        });
+        rolling.push(Series::line(label(s), pts, color));
     }
     let budget_note = at_smallest.first().map_or(String::new(), |s| {
         format!(
@@ -354,10 +489,12 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         "hit_rate_per_layer",
         &LineChart {
             title: format!("Hit rate per layer{budget_note}"),
+            subtitle: Some(format!("routing: {routing}")),
             x_label: "decoder layer".into(),
             y_label: "hit rate".into(),
             series: per_layer,
             y_range: Some((0.0, 1.0)),
+            x_fmt: None,
         },
     )?;
     save_lines(
@@ -365,10 +502,12 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         "hit_rate_over_decode",
         &LineChart {
             title: format!("Rolling hit rate over decode steps{budget_note}"),
+            subtitle: Some(format!("routing: {routing}")),
             x_label: "decode step (all prompts, in order; window 16)".into(),
             y_label: "hit rate".into(),
             series: rolling,
             y_range: Some((0.0, 1.0)),
+            x_fmt: None,
         },
     )?;
 
@@ -391,22 +530,110 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             }
         }
         layers.sort_unstable();
+        let title = format!(
+            "Expert selections per layer and expert (cell {})",
+            first.cell
+        );
         let png = dir.join("expert_frequency.png");
         draw_heatmap(
-            BitMapBackend::new(&png, (1000, 500)).into_drawing_area(),
+            BitMapBackend::new(&png, (1100, 500)).into_drawing_area(),
             &layers,
             max_e,
             &counts,
+            &title,
         )
         .map_err(|e| perr(&png, e))?;
         let svg = dir.join("expert_frequency.svg");
         draw_heatmap(
-            SVGBackend::new(&svg, (1000, 500)).into_drawing_area(),
+            SVGBackend::new(&svg, (1100, 500)).into_drawing_area(),
             &layers,
             max_e,
             &counts,
+            &title,
         )
         .map_err(|e| perr(&svg, e))?;
     }
     Ok(())
+}
+
+/// Decode tokens/s vs budget for the cells measured on one model: per policy the median over
+/// repeats with min–max whiskers and its storage bound (dashed, same colour), and the
+/// all-resident speed as a reference line; budgets as % of expert bytes and in GB.
+fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
+    let pct = |s: &CellSummary| 100.0 * s.budget_fraction;
+    let mut groups: BTreeMap<String, Vec<&CellSummary>> = BTreeMap::new();
+    for s in rows {
+        groups.entry(label(s)).or_default().push(s);
+    }
+    let mut series = Vec::new();
+    for (name, c) in groups.iter_mut() {
+        c.sort_by(|a, b| a.budget_fraction.total_cmp(&b.budget_fraction));
+        let color = palette.of(name);
+        let mut s = Series::line(
+            name.clone(),
+            c.iter().map(|s| (pct(s), s.decode_tps)).collect(),
+            color,
+        );
+        if c.iter().any(|s| s.repeats > 1) {
+            s.whiskers = c
+                .iter()
+                .map(|s| (pct(s), s.decode_tps_min, s.decode_tps_max))
+                .collect();
+        }
+        series.push(s);
+        series.push(Series::bound(
+            format!("storage bound ({name})"),
+            c.iter().map(|s| (pct(s), s.storage_bound_tps)).collect(),
+            Some(color),
+        ));
+    }
+    let (lo, hi) = rows.iter().fold((f64::MAX, f64::MIN), |(a, b), s| {
+        (a.min(pct(s)), b.max(pct(s)))
+    });
+    if let Some(r) = rows.first() {
+        series.push(Series::bound(
+            format!("all experts resident ({:.1} tok/s)", r.resident_decode_tps),
+            vec![(lo, r.resident_decode_tps), (hi, r.resident_decode_tps)],
+            Some(RGBColor(110, 110, 110)),
+        ));
+    }
+    let first = rows.first();
+    // GB per budget percent on this model (budget bytes are proportional to the fraction).
+    let gb_per_pct = rows
+        .iter()
+        .find(|s| s.budget_fraction > 0.0)
+        .map(|s| s.cache_budget_bytes as f64 / 1e9 / (100.0 * s.budget_fraction));
+    let x_fmt: Option<Box<dyn Fn(f64) -> String>> =
+        gb_per_pct.filter(|g| g * 100.0 >= 0.05).map(|g| {
+            Box::new(move |x: f64| format!("{x:.0}% · {:.2} GB", x * g))
+                as Box<dyn Fn(f64) -> String>
+        });
+    let subtitle = first.map(|s| {
+        format!(
+            "{} · {} per expert · {} on {} · io {}{} · read {:.2} GB/s · routing: {}",
+            s.speed_model,
+            crate::experts::budget::human_bytes(s.expert_bytes),
+            if s.repeats > 1 {
+                format!("median of {}", s.repeats)
+            } else {
+                "1 run".into()
+            },
+            s.device,
+            s.io,
+            s.storage_device
+                .as_deref()
+                .map_or(String::new(), |d| format!(" ({d})")),
+            s.storage_read_gbps,
+            s.routing
+        )
+    });
+    LineChart {
+        title: "Decode speed vs budget, between the storage bound and all-resident".into(),
+        subtitle,
+        x_label: "cache budget (% of routed-expert bytes · GB)".into(),
+        y_label: "decode tokens/s".into(),
+        series,
+        y_range: None,
+        x_fmt,
+    }
 }

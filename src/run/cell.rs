@@ -221,6 +221,16 @@ pub(super) fn run_cell(
             routing
         },
         expert_bytes: target.expert_bytes,
+        cache_budget_bytes: {
+            let layers = se.spec().num_moe_layers() as u64;
+            let all = se.total_expert_bytes();
+            match budget_of(cell, exp, all, layers as usize) {
+                Budget::Unlimited => all,
+                Budget::SlotsPerLayer(n) => (n as u64 * target.expert_bytes * layers).min(all),
+                Budget::BytesPerLayer(b) => (b * layers).min(all),
+                Budget::BytesGlobal(b) => b.min(all),
+            }
+        },
         device: crate::engine::describe(se.model.device()),
         io: io.effective.to_string(),
         io_note: io.note.clone(),

@@ -75,26 +75,20 @@ impl<T: Element> Slab<T> {
     }
 }
 
-/// Little-endian bytes as owned elements.
-pub fn owned<T: Element>(bytes: &[u8], from: impl Fn([u8; 4]) -> T, width: usize) -> Vec<T> {
-    bytes
-        .chunks_exact(width)
-        .map(|c| {
-            let mut w = [0u8; 4];
-            w[..width].copy_from_slice(c);
-            from(w)
-        })
+fn u16s(b: &[u8]) -> std::sync::Arc<[u16]> {
+    b.chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect()
 }
-
-fn u16s(b: &[u8]) -> Vec<u16> {
-    owned(b, |w| u16::from_le_bytes([w[0], w[1]]), 2)
+fn u32s(b: &[u8]) -> std::sync::Arc<[u32]> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
-fn u32s(b: &[u8]) -> Vec<u32> {
-    owned(b, u32::from_le_bytes, 4)
-}
-fn f32s(b: &[u8]) -> Vec<f32> {
-    owned(b, f32::from_le_bytes, 4)
+fn f32s(b: &[u8]) -> std::sync::Arc<[f32]> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Where a matrix's bytes come from.
@@ -109,12 +103,16 @@ pub enum Source<'a> {
 impl Source<'_> {
     /// A typed slab: in place when mapped and aligned, else owned. `fell_back` is set when
     /// mapped bytes had to be copied because of their alignment.
-    fn slab<T: Element>(self, copy: fn(&[u8]) -> Vec<T>, fell_back: &mut bool) -> Slab<T> {
+    fn slab<T: Element>(
+        self,
+        copy: fn(&[u8]) -> std::sync::Arc<[T]>,
+        fell_back: &mut bool,
+    ) -> Slab<T> {
         match self {
-            Source::Bytes(b) => Slab::Owned(copy(b).into()),
+            Source::Bytes(b) => Slab::Owned(copy(b)),
             Source::Mapped(m) => Slab::mapped(m).unwrap_or_else(|m| {
                 *fell_back = true;
-                Slab::Owned(copy(m.as_slice()).into())
+                Slab::Owned(copy(m.as_slice()))
             }),
         }
     }
@@ -162,6 +160,16 @@ impl Floats {
         self.len() == 0
     }
 
+    /// A view for hot loops (the slice found once, not per value).
+    #[inline]
+    pub fn view(&self) -> FloatsView<'_> {
+        match self {
+            Floats::F32(s) => FloatsView::F32(s.as_slice()),
+            Floats::Half(s, Half::Bf16) => FloatsView::Bf16(s.as_slice()),
+            Floats::Half(s, Half::F16) => FloatsView::F16(s.as_slice()),
+        }
+    }
+
     /// Value `i` as f32.
     #[inline(always)]
     pub fn get(&self, i: usize) -> f32 {
@@ -198,6 +206,29 @@ impl Floats {
         match self {
             Floats::F32(s) => s.is_mapped(),
             Floats::Half(s, _) => s.is_mapped(),
+        }
+    }
+}
+
+/// [`Floats`] resolved to a slice.
+#[derive(Debug, Clone, Copy)]
+pub enum FloatsView<'a> {
+    /// f32.
+    F32(&'a [f32]),
+    /// bf16 bits.
+    Bf16(&'a [u16]),
+    /// IEEE half bits.
+    F16(&'a [u16]),
+}
+
+impl FloatsView<'_> {
+    /// Value `i` as f32.
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            FloatsView::F32(s) => s[i],
+            FloatsView::Bf16(s) => bf16(s[i]),
+            FloatsView::F16(s) => half::f16::from_bits(s[i]).to_f32(),
         }
     }
 }
@@ -536,9 +567,10 @@ impl PackedMatrix {
         let wpg = gs * bits / 32;
         let mask = (1u32 << bits) - 1;
         let words = self.words.as_slice();
+        let (scales, biases) = (self.scales.view(), self.biases.view());
         for g in 0..groups {
             let k = r * groups + g;
-            let (sc, bi) = (self.scales.get(k), self.biases.get(k));
+            let (sc, bi) = (scales.get(k), biases.get(k));
             for w in &words[k * wpg..(k + 1) * wpg] {
                 for j in 0..32 / bits {
                     out.push(sc * ((w >> (j * bits)) & mask) as f32 + bi);
@@ -571,40 +603,46 @@ impl PackedMatrix {
         #[cfg(not(target_arch = "x86_64"))]
         let avx2 = false;
         let words = self.words.as_slice();
+        let (scales, biases) = (self.scales.view(), self.biases.view());
         let row = |r: usize, out: &mut [f32]| {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            for g in 0..groups {
-                let k = r * groups + g;
-                let ws = &words[k * wpg..(k + 1) * wpg];
-                let (sc, bi) = (self.scales.get(k), self.biases.get(k));
-                for (i, o) in out.iter_mut().enumerate() {
-                    let xs = &xs[i * c + g * gs..i * c + (g + 1) * gs];
+            let ws_row = &words[r * groups * wpg..(r + 1) * groups * wpg];
+            // Inputs outermost: the row's words (cols·bits/8 bytes) stay in L1 across them.
+            for (i, o) in out.iter_mut().enumerate() {
+                let x = &xs[i * c..(i + 1) * c];
+                let xs_sum = &xsum[i * groups..(i + 1) * groups];
+                let mut acc = 0f32;
+                for g in 0..groups {
+                    let k = r * groups + g;
+                    let ws = &ws_row[g * wpg..(g + 1) * wpg];
+                    let xg = &x[g * gs..(g + 1) * gs];
                     let dot = if bits == 4 {
                         if avx2 {
                             // SAFETY: the CPU supports AVX2 and FMA (checked above).
                             #[cfg(target_arch = "x86_64")]
                             unsafe {
-                                dot4_avx2(ws, xs)
+                                dot4_avx2(ws, xg)
                             }
                             #[cfg(not(target_arch = "x86_64"))]
-                            dot4(ws, xs)
+                            dot4(ws, xg)
                         } else {
-                            dot4(ws, xs)
+                            dot4(ws, xg)
                         }
                     } else {
                         let mut part = [0f32; 8];
-                        for (w, xw) in ws.iter().zip(xs.chunks_exact(per_word)) {
+                        for (w, xw) in ws.iter().zip(xg.chunks_exact(per_word)) {
                             for (j, xv) in xw.iter().enumerate() {
                                 part[j % 8] += ((w >> (j * bits)) & mask) as f32 * xv;
                             }
                         }
                         part.iter().sum::<f32>()
                     };
-                    *o += sc * dot + bi * xsum[i * groups + g];
+                    acc += scales.get(k) * dot + biases.get(k) * xs_sum[g];
                 }
+                *o = acc;
             }
         };
-        by_rows(self.rows, t, self.rows * self.cols * 2, row)
+        // Threaded from 2^21 weights (the cost of a spawn against 1 MB of packed words).
+        by_rows(self.rows, t, self.rows * self.cols / 2, row)
     }
 }
 

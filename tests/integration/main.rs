@@ -13,6 +13,7 @@ mod engine_reference;
 mod fuzz;
 mod inspect_configs;
 mod loader;
+mod memory;
 mod notebook;
 mod policies_oracle;
 mod quick_baseline;
