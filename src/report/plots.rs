@@ -409,7 +409,7 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             speed_models.push((&s.speed_model, s.expert_bytes));
         }
     }
-    speed_models.sort_by(|a, b| b.1.cmp(&a.1));
+    speed_models.sort_by_key(|m| std::cmp::Reverse(m.1));
     for (i, (model, _)) in speed_models.iter().enumerate() {
         let rows: Vec<&CellSummary> = summary.iter().filter(|s| s.speed_model == *model).collect();
         let name = if i == 0 {
