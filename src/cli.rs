@@ -183,7 +183,8 @@ struct RunArgs {
     /// Results root (default: the experiment's `output.dir`, else ./results).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// CI-friendly quick mode: 3 prompts, 1 warm-up, at most 8 new tokens.
+    /// CI-friendly quick mode: 3 prompts, 1 warm-up, at most 8 new tokens, one repeat, speed
+    /// measured on the experiment's own model (no `replay_on` checkpoint).
     #[arg(long)]
     quick: bool,
     /// Run again even if complete results exist.

@@ -122,6 +122,10 @@ pub struct RawReplayOn {
     /// Replay only the cells of these policies (default: every cell); the others measure speed
     /// on the experiment's own model, and say so.
     pub policies: Option<Vec<String>>,
+    /// Replay at most this many new tokens of each prompt (default: all recorded).
+    pub max_new_tokens: Option<usize>,
+    /// Replay only the last N warm-up prompts (default: all).
+    pub warmup: Option<usize>,
 }
 
 fn default_layout() -> String {
@@ -378,6 +382,10 @@ pub struct ReplayOn {
     pub prompts: Option<usize>,
     /// Policies whose cells are replayed (`None`: all).
     pub policies: Option<Vec<PolicySpec>>,
+    /// New tokens replayed per prompt (`None`: all recorded).
+    pub max_new_tokens: Option<usize>,
+    /// Warm-up prompts replayed (the last N; `None`: all).
+    pub warmup: Option<usize>,
 }
 
 /// Reads and resolves an experiment file. `check_model` verifies the model directory exists.
@@ -543,6 +551,17 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
                     Error::config(file, "model.replay_on.layout", e.to_string())
                 })?,
                 prompts: r.prompts,
+                warmup: r.warmup,
+                max_new_tokens: match r.max_new_tokens {
+                    Some(n) if n < 2 => {
+                        return Err(Error::config(
+                            file,
+                            "model.replay_on.max_new_tokens",
+                            "must be at least 2 (the first token comes from the prefill)",
+                        ))
+                    }
+                    n => n,
+                },
                 policies: match &r.policies {
                     None => None,
                     Some(list) => Some(

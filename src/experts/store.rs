@@ -12,8 +12,10 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{ModelSpec, QuantParams};
 use crate::error::{Error, Result};
+use crate::weights::host::HostMatrix;
 use crate::weights::layout::{ExpertLayout, Prefix};
-use crate::weights::matrix::{FloatMatrix, Floats, HostMatrix, PackedMatrix, Source};
+use crate::weights::matrix::{FloatMatrix, Floats, Source};
+use crate::weights::packed::PackedMatrix;
 use crate::weights::{quant, quantized_parts, ByteRange, Checkpoint, DType};
 
 use super::upload::{GpuExperts, Part, QuantProj, Staging, TransferStats, Uploader};

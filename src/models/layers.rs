@@ -5,7 +5,9 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::AttentionSpec;
 use crate::error::Result;
-use crate::weights::matrix::{FloatMatrix, Floats, HostMatrix, PackedMatrix, Source};
+use crate::weights::host::HostMatrix;
+use crate::weights::matrix::{FloatMatrix, Floats, Source};
+use crate::weights::packed::PackedMatrix;
 use crate::weights::{load_matrix, quantized_parts, TensorEntry, Vb};
 
 /// Loads the plain f32 vector `leaf` of a scope (norm weights, biases).
@@ -111,6 +113,50 @@ impl Weight {
             warn_copied(&vb.key("weight"), ck.shard_path(0));
         }
         Ok(weight)
+    }
+
+    /// Loads the stacked matrix `[lead, rows, cols]` of the module `vb` as one host matrix
+    /// `[lead·rows, cols]` in its checkpoint form (CPU only: MLA's `embed_q`/`unembed_out`).
+    pub fn load_stacked(vb: &Vb, lead: usize, rows: usize, cols: usize) -> Result<HostMatrix> {
+        let ck = vb.ck;
+        let mut fell_back = false;
+        let place = |e: &TensorEntry| -> Source<'_> {
+            if vb.in_place {
+                Source::Mapped(ck.mapped_bytes(e))
+            } else {
+                Source::Bytes(ck.mapped(e))
+            }
+        };
+        let m = if vb.has("scales") {
+            let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[lead], rows, cols)?;
+            HostMatrix::Packed(
+                PackedMatrix::from_sources(
+                    place(w),
+                    place(s),
+                    place(b),
+                    s.dtype,
+                    p,
+                    lead * rows,
+                    cols,
+                    &mut fell_back,
+                )
+                .map_err(|m| ck.tensor_err(&vb.key("weight"), w, m))?,
+            )
+        } else {
+            let key = vb.key("weight");
+            let e = ck.require(&key)?;
+            ck.check_shape(&key, e, &[lead, rows, cols])?;
+            let data = Floats::new(place(e), e.dtype, &mut fell_back).ok_or_else(|| {
+                ck.tensor_err(&key, e, format!("dtype {:?} is not a float type", e.dtype))
+            })?;
+            HostMatrix::Float(
+                FloatMatrix::new(data, lead * rows, cols).map_err(|m| ck.tensor_err(&key, e, m))?,
+            )
+        };
+        if fell_back {
+            warn_copied(&vb.key("weight"), ck.dir());
+        }
+        Ok(m)
     }
 
     /// Bytes this weight holds in the process's heap (0 when read in place).

@@ -12,10 +12,28 @@ use crate::config::MlaSpec;
 use crate::error::{Error, Result};
 use crate::weights::{load_stacked, Vb};
 
-use super::layers::{causal_mask, LayerKv, Linear, RmsNorm, Rope};
+use super::layers::{causal_mask, LayerKv, Linear, RmsNorm, Rope, Weight};
+use crate::weights::host::HostMatrix;
 
 /// HF uses eps 1e-6 for both latent norms, whatever `rms_norm_eps` says.
 const LATENT_NORM_EPS: f64 = 1e-6;
+
+/// The latent expansion (`kv_b_proj`, or mlx-lm's `embed_q`/`unembed_out`), used in absorbed form:
+/// a query is mapped into the latent space (`q_nope · k_upᵀ`) and the attention output out of
+/// it (`ctx · v_up`), so no cached latent is ever expanded per head.
+#[derive(Debug)]
+enum Latent {
+    /// On a device: `k_up` transposed `[H, nope, C]` and `v_up` `[H, C, v]`, f32 tensors.
+    Tensors { k_up_t: Tensor, v_up: Tensor },
+    /// On the CPU, HF `kv_b_proj` `[H·(nope + v), C]` in its checkpoint form: per head, `nope`
+    /// key rows then `v` value rows.
+    Rows(HostMatrix),
+    /// On the CPU, mlx-lm's `embed_q` `[H·C, nope]` and `unembed_out` `[H·v, C]`.
+    Mlx {
+        embed_q: HostMatrix,
+        unembed_out: HostMatrix,
+    },
+}
 
 #[derive(Debug)]
 enum QProj {
@@ -23,16 +41,17 @@ enum QProj {
     Plain(Linear),
 }
 
+/// Fills one head's row of output from one head's row of input.
+type HeadFn<'a> = dyn Fn(usize, &[f32], &mut [f32]) + 'a;
+
 /// One MLA attention layer.
 #[derive(Debug)]
 pub struct MlaAttention {
     q: QProj,
     kv_a: Linear,
     kv_a_norm: RmsNorm,
-    /// Key expansion per head, `[H, C, nope]` (latent → key-nope).
-    k_up: Tensor,
-    /// Value expansion per head, `[H, C, v]`.
-    v_up: Tensor,
+    /// The latent key/value expansion.
+    latent: Latent,
     o: Linear,
     rope: Rope,
     heads: usize,
@@ -60,29 +79,40 @@ impl MlaAttention {
             None => QProj::Plain(l("q_proj", heads * dq, hidden, false)?),
         };
         let kv_b = vb.pp("kv_b_proj");
-        let (k_up, v_up) = if kv_b.has("weight") {
-            let w = Tensor::from_vec(
-                crate::weights::load_matrix(ck, quant, kv_b.path(), heads * (dn + dv), c)?,
-                (heads, dn + dv, c),
-                dev,
-            )?;
-            (
-                w.narrow(1, 0, dn)?.transpose(1, 2)?.contiguous()?,
-                w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?,
-            )
+        let latent = if kv_b.has("weight") {
+            match Weight::load(&kv_b, heads * (dn + dv), c)? {
+                Weight::Host(m) => Latent::Rows(m),
+                Weight::Dense(w) => {
+                    let w = w.reshape((heads, dn + dv, c))?;
+                    Latent::Tensors {
+                        k_up_t: w.narrow(1, 0, dn)?.contiguous()?,
+                        v_up: w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?,
+                    }
+                }
+            }
         } else if vb.pp("embed_q").has("weight") {
             // mlx-lm: embed_q = key rows transposed [H, C, nope]; unembed_out = value rows [H, v, C].
-            let k = Tensor::from_vec(
-                load_stacked(ck, quant, &vb.key("embed_q"), &[heads], c, dn)?,
-                (heads, c, dn),
-                dev,
-            )?;
-            let v = Tensor::from_vec(
-                load_stacked(ck, quant, &vb.key("unembed_out"), &[heads], dv, c)?,
-                (heads, dv, c),
-                dev,
-            )?;
-            (k, v.transpose(1, 2)?.contiguous()?)
+            if dev.is_cpu() {
+                Latent::Mlx {
+                    embed_q: Weight::load_stacked(&vb.pp("embed_q"), heads, c, dn)?,
+                    unembed_out: Weight::load_stacked(&vb.pp("unembed_out"), heads, dv, c)?,
+                }
+            } else {
+                let k = Tensor::from_vec(
+                    load_stacked(ck, quant, &vb.key("embed_q"), &[heads], c, dn)?,
+                    (heads, c, dn),
+                    dev,
+                )?;
+                let v = Tensor::from_vec(
+                    load_stacked(ck, quant, &vb.key("unembed_out"), &[heads], dv, c)?,
+                    (heads, dv, c),
+                    dev,
+                )?;
+                Latent::Tensors {
+                    k_up_t: k.transpose(1, 2)?.contiguous()?,
+                    v_up: v.transpose(1, 2)?.contiguous()?,
+                }
+            }
         } else {
             return Err(Error::MissingTensor {
                 key: kv_b.key("weight"),
@@ -94,8 +124,7 @@ impl MlaAttention {
             q,
             kv_a: l("kv_a_proj_with_mqa", c + dr, hidden, m.attention_bias)?,
             kv_a_norm: RmsNorm::load(&vb.pp("kv_a_layernorm"), c, LATENT_NORM_EPS)?,
-            k_up,
-            v_up,
+            latent,
             o: l("o_proj", hidden, heads * dv, m.attention_bias)?,
             rope: Rope::from_inv_freq(m.inv_freq.clone(), m.attention_factor),
             heads,
@@ -112,6 +141,49 @@ impl MlaAttention {
         } else {
             candle_nn::rotary_emb::rope(&x, cos, sin)?
         })
+    }
+
+    /// `q_nope · k_upᵀ` per head: `[H, T, nope]` → `[H, T, C]`.
+    fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
+        let (h, t, dn) = q_nope.dims3()?;
+        let (c, dv) = (self.spec.kv_lora_rank, self.spec.v_head_dim);
+        let host = |f: &HeadFn| -> Result<Tensor> {
+            let q: Vec<f32> = q_nope.flatten_all()?.to_vec1()?;
+            let mut out = vec![0f32; h * t * c];
+            for (i, (qi, oi)) in q.chunks(dn).zip(out.chunks_mut(c)).enumerate() {
+                f(i / t, qi, oi);
+            }
+            Ok(Tensor::from_vec(out, (h, t, c), q_nope.device())?)
+        };
+        match &self.latent {
+            Latent::Tensors { k_up_t, .. } => Ok(q_nope.matmul(k_up_t)?),
+            Latent::Rows(m) => host(&|hd, q, o| {
+                let r0 = hd * (dn + dv);
+                m.weighted_rows(r0..r0 + dn, q, o)
+            }),
+            Latent::Mlx { embed_q, .. } => {
+                host(&|hd, q, o| o.copy_from_slice(&embed_q.matmul_range(hd * c..(hd + 1) * c, q)))
+            }
+        }
+    }
+
+    /// `ctx · v_up` per head: `[H, T, C]` → `[H, T, v]`.
+    fn expand_values(&self, ctx: &Tensor) -> Result<Tensor> {
+        let (h, t, c) = ctx.dims3()?;
+        let (dn, dv) = (self.spec.qk_nope_head_dim, self.spec.v_head_dim);
+        let host = |rows: &dyn Fn(usize) -> std::ops::Range<usize>, m: &HostMatrix| {
+            let x: Vec<f32> = ctx.flatten_all()?.to_vec1()?;
+            let mut out = Vec::with_capacity(h * t * dv);
+            for hd in 0..h {
+                out.extend(m.matmul_range(rows(hd), &x[hd * t * c..(hd + 1) * t * c]));
+            }
+            Ok::<_, Error>(Tensor::from_vec(out, (h, t, dv), ctx.device())?)
+        };
+        match &self.latent {
+            Latent::Tensors { v_up, .. } => Ok(ctx.matmul(v_up)?),
+            Latent::Rows(m) => host(&|hd| hd * (dn + dv) + dn..(hd + 1) * (dn + dv), m),
+            Latent::Mlx { unembed_out, .. } => host(&|hd| hd * dv..(hd + 1) * dv, unembed_out),
+        }
     }
 
     /// Attends `x` `[T, D]` at positions `pos0..pos0+T`; `kv` holds (latent `[S, C]`, rope key `[S, dr]`).
@@ -141,24 +213,23 @@ impl MlaAttention {
             .reshape((t, dr))?;
         let (lat, k_rot) = kv.append(lat, k_rot, 0)?;
         let s = lat.dim(0)?;
-        let lat_h = lat.unsqueeze(0)?.broadcast_as((h, s, c))?.contiguous()?;
-        let k_nope = lat_h.matmul(&self.k_up)?; // [H, S, dn]
-        let v = lat_h.matmul(&self.v_up)?; // [H, S, dv]
-        let key = Tensor::cat(
-            &[
-                k_nope,
-                k_rot.unsqueeze(0)?.broadcast_as((h, s, dr))?.contiguous()?,
-            ],
-            2,
-        )?;
-        let query = Tensor::cat(&[q.narrow(2, 0, dn)?, q_rot], 2)?.contiguous()?;
-        let key = key.contiguous()?;
-        let mut att = (query.matmul(&key.t()?.contiguous()?)? * self.spec.softmax_scale)?;
+        // Absorbed form: scores against the latent cache directly,
+        // q_nope·k_nopeᵀ = (q_nope · k_upᵀ) · latᵀ, and values as (p · lat) · v_up, so the cost
+        // per token is H·(S·C + C·(nope + v)) instead of expanding S cached latents per head.
+        let q_lat = self.absorb_query(&q.narrow(2, 0, dn)?.contiguous()?)?; // [H, T, C]
+        let lat_t = lat.t()?.contiguous()?; // [C, S]
+        let scores_nope = q_lat.broadcast_matmul(&lat_t)?; // [H, T, S]
+        let scores_rope = q_rot
+            .contiguous()?
+            .broadcast_matmul(&k_rot.t()?.contiguous()?)?; // [H, T, S]
+        let mut att = ((scores_nope + scores_rope)? * self.spec.softmax_scale)?;
         if let Some(mask) = causal_mask(t, s, None, dev)? {
             att = att.broadcast_add(&mask)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(0, 1)?.reshape((t, h * dv))?; // [T, H·dv]
+        let ctx = att.broadcast_matmul(&lat.contiguous()?)?; // [H, T, C]
+        let y = self.expand_values(&ctx)?; // [H, T, dv]
+        let y = y.transpose(0, 1)?.reshape((t, h * dv))?; // [T, H·dv]
         self.o.forward(&y)
     }
 }

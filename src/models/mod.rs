@@ -116,6 +116,8 @@ enum Ffn {
 
 /// The attention part of a decoder layer.
 #[derive(Debug)]
+// One per decoder layer, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Attn {
     Gqa(Attention),
     Mla(mla::MlaAttention),

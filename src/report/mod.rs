@@ -18,7 +18,7 @@ pub use plots::plot_dir;
 pub use tables::{simulation_table, summary_table};
 
 /// One row of `summary.parquet` / `summary.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Default, Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CellSummary {
     /// Cell id.
     pub cell: String,
@@ -149,6 +149,14 @@ fn summary_frame(rows: &[CellSummary]) -> Result<DataFrame> {
                     .map(|v| v.as_str().map(str::to_string))
                     .collect::<Vec<_>>(),
             )
+        } else if vals.iter().all(|v| v.is_i64() || v.is_null())
+            && vals.iter().any(|v| v.as_i64().is_some_and(|x| x < 0))
+        {
+            // A signed integer column (a difference, e.g. `overhead_bytes`).
+            Column::new(
+                k.as_str().into(),
+                vals.iter().map(|v| v.as_i64()).collect::<Vec<_>>(),
+            )
         } else if vals.iter().all(|v| v.is_u64() || v.is_null()) {
             // serde_json keeps f64 fields as floats (1.0 stays 1.0), so integer columns are exactly
             // the u64 fields.
@@ -204,4 +212,31 @@ pub fn read_summary(path: &Path) -> Result<Vec<CellSummary>> {
                 .map_err(|e| Error::format(path, format!("not a summary file: {e}")))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_round_trip_through_parquet_with_signed_and_missing_values() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = CellSummary {
+            cell: "a".into(),
+            decode_tps: 1.5,
+            ..Default::default()
+        };
+        a.memory.overhead_bytes = -112_137_728;
+        let b = CellSummary {
+            cell: "b".into(),
+            device_read_bytes: Some(7),
+            io_note: Some("refused".into()),
+            ..Default::default()
+        };
+        write_summary(d.path(), &[a.clone(), b.clone()]).unwrap();
+        assert_eq!(
+            read_summary(&d.path().join("summary.parquet")).unwrap(),
+            vec![a, b]
+        );
+    }
 }

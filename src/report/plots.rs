@@ -136,11 +136,31 @@ fn draw_lines<DB: DrawingBackend>(
     let (y0, y1) = c.y_range.unwrap_or((y0.min(0.0), y1 * 1.08 + 1e-9));
     let root = match &c.subtitle {
         Some(sub) => {
-            let (top, rest) = root.split_vertically(76);
+            let (top, rest) = root.split_vertically(84);
             top.draw_text(&c.title, &("sans-serif", 26).into_text_style(&top), (16, 8))
                 .map_err(|e| e.to_string())?;
-            top.draw_text(sub, &("sans-serif", 15).into_text_style(&top), (16, 44))
+            // At most two lines of about 125 characters, split at ` · `.
+            let mut lines = vec![String::new()];
+            for part in sub.split(" · ") {
+                let full = lines.len() >= 2;
+                let cur = lines.last_mut().expect("one line");
+                if !cur.is_empty() && cur.len() + part.len() > 125 && !full {
+                    lines.push(part.to_string());
+                } else {
+                    if !cur.is_empty() {
+                        cur.push_str(" · ");
+                    }
+                    cur.push_str(part);
+                }
+            }
+            for (i, l) in lines.iter().enumerate() {
+                top.draw_text(
+                    l,
+                    &("sans-serif", 15).into_text_style(&top),
+                    (16, 40 + 18 * i as i32),
+                )
                 .map_err(|e| e.to_string())?;
+            }
             rest
         }
         None => root,
@@ -164,6 +184,7 @@ fn draw_lines<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
+        .x_labels(if c.x_fmt.is_some() { 7 } else { 10 })
         .x_label_formatter(fmt)
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
@@ -239,24 +260,30 @@ fn draw_heatmap<DB: DrawingBackend>(
     let max = counts.values().copied().max().unwrap_or(1).max(1);
     let (w, _) = root.dim_in_pixel();
     let (main, bar) = root.split_horizontally(w.saturating_sub(120));
+    let n = layers.len();
     let mut chart = ChartBuilder::on(&main)
         .caption(title, ("sans-serif", 24))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(0..experts as u32, (0..layers.len() as u32).into_segmented())
+        .build_cartesian_2d(0f64..experts as f64, 0f64..n.max(1) as f64)
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .disable_mesh()
         .x_desc("expert id")
         .y_desc("decoder layer")
-        .y_labels(layers.len())
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => layers
-                .get(*i as usize)
-                .map_or(String::new(), |l| l.to_string()),
-            _ => String::new(),
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        // Ticks every half row; only the row centres are labelled.
+        .y_labels(2 * n + 1)
+        .y_label_formatter(&|v| {
+            if (v.fract() - 0.5).abs() < 1e-6 {
+                layers
+                    .get(v.floor() as usize)
+                    .map_or(String::new(), |l| l.to_string())
+            } else {
+                String::new()
+            }
         })
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
@@ -268,10 +295,7 @@ fn draw_heatmap<DB: DrawingBackend>(
                 let v = counts.get(&(l, e)).copied().unwrap_or(0) as f64 / max as f64;
                 let c = ViridisRGB::get_color(v);
                 Rectangle::new(
-                    [
-                        (e, SegmentValue::Exact(li as u32)),
-                        (e + 1, SegmentValue::Exact(li as u32 + 1)),
-                    ],
+                    [(e as f64, li as f64), (e as f64 + 1.0, li as f64 + 1.0)],
                     c.filled(),
                 )
             })
@@ -289,6 +313,7 @@ fn draw_heatmap<DB: DrawingBackend>(
         .disable_mesh()
         .disable_x_axis()
         .y_desc("selections")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
         .draw()
@@ -375,7 +400,9 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
         bound.iter().map(|(k, v)| (*k as f64 / 1e6, *v)).collect(),
         None,
     ));
-    let routing = summary.first().map_or(String::new(), |s| s.routing.clone());
+    let routing = summary.first().map_or(String::new(), |s| {
+        s.routing.trim_end_matches(", replayed").to_string()
+    });
     save_lines(
         dir,
         "hit_rate_vs_budget",

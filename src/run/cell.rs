@@ -119,8 +119,7 @@ pub(super) fn run_cell(
         }
         Some(rt) => {
             let se = &mut rt.engine;
-            let prompts =
-                speed::replay_prompts(&rows, se, warm_n, rt.prompts, exp.generation.seed)?;
+            let prompts = speed::replay_prompts(&rows, se, warm_n, rt.slice, exp.generation.seed)?;
             let total = se.total_expert_bytes();
             let scfg = EngineConfig {
                 budget: budget_of(cell, exp, total, se.spec().num_moe_layers()),
@@ -155,6 +154,8 @@ pub(super) fn run_cell(
     )?;
 
     let routing = speed.routing.clone();
+    // Both models are open in this process: both hold their dense weights.
+    let dense = engine.dense_bytes() + speed.replay.as_ref().map_or(0, |r| r.engine.dense_bytes());
     let (se, target): (&Engine, Target) = match speed.replay_for(&cell.policy) {
         Some(rt) => (&rt.engine, rt.target.clone()),
         None => (&*engine, speed.own.clone()),
@@ -181,7 +182,6 @@ pub(super) fn run_cell(
         Budget::BytesGlobal(b) => b as f64 / total as f64,
         Budget::BytesPerLayer(b) => (b * spec.num_moe_layers() as u64) as f64 / total as f64,
     };
-    let dense = engine.dense_bytes() + if replayed { se.dense_bytes() } else { 0 };
     let rss = passes.iter().fold(routed.rss, |r, p| r.max(p.rss));
     let cache_peak = if replayed {
         first.cache_after.peak_resident_bytes
@@ -189,7 +189,7 @@ pub(super) fn run_cell(
         routed.cache_after.peak_resident_bytes
     };
     let io = se.io();
-    Ok(CellSummary {
+    let summary = CellSummary {
         cell: cell.id.clone(),
         policy: cell.policy.to_string(),
         capacity: budget.slots().map(|n| n as u64),
@@ -263,7 +263,12 @@ pub(super) fn run_cell(
         ),
         kl_mean: kl,
         top1_agreement: top1,
-    })
+    };
+    // The replay checkpoint's cache is this cell's: give its memory back before the next one.
+    if let Some(rt) = speed.replay_for(&cell.policy) {
+        rt.engine.reset_cache();
+    }
+    Ok(summary)
 }
 
 /// (accesses, hits, prefill accesses, prefill hits) of the measured prompts' rows.

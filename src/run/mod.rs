@@ -45,6 +45,9 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         exp.prompts.truncate(3);
         exp.warmup.truncate(1);
         exp.generation.max_new_tokens = exp.generation.max_new_tokens.min(8);
+        exp.generation.repeats = 1;
+        // Speed is measured on the experiment's own model: no real-size replay checkpoint.
+        exp.replay_on = None;
     }
     let root = opts
         .out_root
@@ -113,8 +116,9 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         .backend
         .device()
         .map_err(|e| Error::config(&exp.file, "model.backend", e.to_string()))?;
-    // The experiment's model measures speed itself unless a replay checkpoint does (then its own
-    // misses are only routing, read through the page cache).
+    // With a replay checkpoint, `[storage]` is about its misses: the experiment's model only
+    // routes (and times the cells that are not replayed) through the page cache, and its rows
+    // say so. Without one, the experiment's model reads misses as `[storage]` says.
     let own_cfg = if exp.replay_on.is_some() {
         EngineConfig::default()
     } else {
@@ -403,7 +407,12 @@ fn open_speed(
         Some(r) => {
             let mut se = speed::open_replay(r, exp, engine, root, device)?;
             let rows = reference.as_deref().unwrap_or_default();
-            let replays = speed::replay_prompts(rows, &se, warm_n, r.prompts, exp.generation.seed)?;
+            let slice = speed::ReplaySlice {
+                warmup: r.warmup,
+                prompts: r.prompts,
+                max_new_tokens: r.max_new_tokens,
+            };
+            let replays = speed::replay_prompts(rows, &se, warm_n, slice, exp.generation.seed)?;
             let (read_rate, resident_tps) =
                 speed::references(&mut se, &replays, exp.generation.seed, &[])?;
             let target = Target {
@@ -421,7 +430,7 @@ fn open_speed(
             Some(ReplayTarget {
                 engine: se,
                 target,
-                prompts: r.prompts,
+                slice,
                 policies: r.policies.clone(),
             })
         }

@@ -153,8 +153,8 @@ pub(super) struct Target {
 pub(super) struct ReplayTarget {
     pub engine: Engine,
     pub target: Target,
-    /// Measured prompts replayed (`None`: all).
-    pub prompts: Option<usize>,
+    /// What of each cell's trace is replayed.
+    pub slice: ReplaySlice,
     /// Policies whose cells are replayed (`None`: all).
     pub policies: Option<Vec<crate::experts::policies::PolicySpec>>,
 }
@@ -269,32 +269,43 @@ fn synth_dir(r: &ReplayOn, out_root: &Path) -> Result<PathBuf> {
     }
 }
 
-/// One pass prompt per prompt of a recorded trace (in prompt order), replaying its routing with
-/// seeded token ids from `vocab`: the warm-up prompts, then the first `limit` measured ones.
+/// What of a recorded trace a replay runs: the last `warmup` warm-up prompts (`None`: all), the
+/// first `prompts` measured ones (`None`: all), at most `max_new_tokens` new tokens each.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ReplaySlice {
+    pub warmup: Option<usize>,
+    pub prompts: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+}
+
+/// One pass prompt per prompt of a recorded trace (in prompt order, `warm_n` warm-up prompts
+/// first), replaying its routing with seeded token ids from the engine's vocabulary, cut as
+/// `slice` says.
 pub(super) fn replay_prompts(
     rows: &[TraceRow],
     engine: &Engine,
     warm_n: usize,
-    limit: Option<usize>,
+    slice: ReplaySlice,
     seed: u64,
 ) -> Result<Vec<PassPrompt>> {
     let reps = Replay::from_rows(rows, engine.spec())?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7e91a7);
     let vocab = engine.spec().vocab_size as u32;
-    let keep = warm_n
-        + limit
-            .unwrap_or(usize::MAX)
-            .min(reps.len().saturating_sub(warm_n));
+    let warm_n = warm_n.min(reps.len());
+    let skip_warm = warm_n - slice.warmup.unwrap_or(warm_n).min(warm_n);
+    let measured = slice.prompts.unwrap_or(usize::MAX);
     Ok(reps
         .into_iter()
-        .take(keep)
         .enumerate()
+        .filter(|(i, _)| *i >= skip_warm && *i < warm_n.saturating_add(measured))
         .map(|(i, r)| PassPrompt {
             warm: i < warm_n,
             ids: (0..r.prompt_len)
                 .map(|_| rng.random_range(0..vocab))
                 .collect(),
-            new_tokens: r.new_tokens,
+            new_tokens: slice
+                .max_new_tokens
+                .map_or(r.new_tokens, |m| m.min(r.new_tokens)),
             replay: Some(r),
         })
         .collect())
@@ -326,6 +337,8 @@ pub(super) fn references(
         .chain(measured.iter().cloned())
         .collect();
     let p = pass(engine, &fill, true, Sampler::Greedy, stop, false, || {})?;
+    // Every expert was resident: give that memory back before the cells.
+    engine.reset_cache();
     Ok((read_rate, p.decode_tps()))
 }
 

@@ -8,8 +8,6 @@
 
 use std::marker::PhantomData;
 
-use crate::config::QuantParams;
-
 use super::safetensors::{DType, MappedBytes};
 
 #[cfg(target_endian = "big")]
@@ -290,23 +288,56 @@ impl FloatMatrix {
 
     /// `W x` for every input row of `xs` (each `cols` long): `T × rows` outputs, row-major.
     pub fn matmul_rows(&self, xs: &[f32]) -> Vec<f32> {
+        self.matmul_range(0..self.rows, xs)
+    }
+
+    /// `W[rows] x` for every input row of `xs`: `T × rows.len()` outputs, row-major.
+    pub fn matmul_range(&self, rows: std::ops::Range<usize>, xs: &[f32]) -> Vec<f32> {
         let c = self.cols;
         let t = xs.len() / c;
+        let r0 = rows.start;
         let row = |r: usize, out: &mut [f32]| match &self.data {
             Floats::F32(s) => {
-                let w = &s.as_slice()[r * c..(r + 1) * c];
+                let w = &s.as_slice()[(r0 + r) * c..(r0 + r + 1) * c];
                 for (k, o) in out.iter_mut().enumerate() {
                     *o = dot_f32(w, &xs[k * c..(k + 1) * c]);
                 }
             }
             Floats::Half(s, kind) => {
-                let w = &s.as_slice()[r * c..(r + 1) * c];
+                let w = &s.as_slice()[(r0 + r) * c..(r0 + r + 1) * c];
                 for (k, o) in out.iter_mut().enumerate() {
                     *o = dot_half(w, &xs[k * c..(k + 1) * c], *kind);
                 }
             }
         };
-        by_rows(self.rows, t, self.rows * c, row)
+        by_rows(rows.len(), t, rows.len() * c, row)
+    }
+}
+
+impl FloatMatrix {
+    /// `out += Σ_r w[r − rows.start] · W[r, :]` over `rows` (a product with the transpose).
+    pub fn weighted_rows(&self, rows: std::ops::Range<usize>, w: &[f32], out: &mut [f32]) {
+        let c = self.cols;
+        for (k, r) in rows.enumerate() {
+            let a = w[k];
+            match self.data.view() {
+                FloatsView::F32(s) => {
+                    for (o, v) in out.iter_mut().zip(&s[r * c..(r + 1) * c]) {
+                        *o += a * v;
+                    }
+                }
+                FloatsView::Bf16(s) => {
+                    for (o, v) in out.iter_mut().zip(&s[r * c..(r + 1) * c]) {
+                        *o += a * bf16(*v);
+                    }
+                }
+                FloatsView::F16(s) => {
+                    for (o, v) in out.iter_mut().zip(&s[r * c..(r + 1) * c]) {
+                        *o += a * half::f16::from_bits(*v).to_f32();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -427,242 +458,6 @@ fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2")]
 unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
     dot_bf16(w, x)
-}
-
-/// A matrix the CPU kernels multiply in its checkpoint form.
-#[derive(Debug, Clone)]
-pub enum HostMatrix {
-    /// MLX affine-packed.
-    Packed(PackedMatrix),
-    /// Floats.
-    Float(FloatMatrix),
-}
-
-impl HostMatrix {
-    /// Output size.
-    pub fn rows(&self) -> usize {
-        match self {
-            HostMatrix::Packed(m) => m.rows(),
-            HostMatrix::Float(m) => m.rows(),
-        }
-    }
-
-    /// `W x` for every input row of `xs`: `T × rows` outputs, row-major.
-    pub fn matmul_rows(&self, xs: &[f32]) -> Vec<f32> {
-        match self {
-            HostMatrix::Packed(m) => m.matmul_rows(xs),
-            HostMatrix::Float(m) => m.matmul_rows(xs),
-        }
-    }
-
-    /// Appends row `r` as f32 (an embedding lookup).
-    pub fn row_into(&self, r: usize, out: &mut Vec<f32>) {
-        match self {
-            HostMatrix::Packed(m) => m.row_into(r, out),
-            HostMatrix::Float(m) => m.row_into(r, out),
-        }
-    }
-
-    /// Bytes held in this process's heap (0 when read in place).
-    pub fn owned_bytes(&self) -> usize {
-        match self {
-            HostMatrix::Packed(m) => m.owned_bytes(),
-            HostMatrix::Float(m) => m.owned_bytes(),
-        }
-    }
-}
-
-/// An MLX-affine matrix `[rows, cols]` kept packed: its checkpoint bytes (packed words, and
-/// scales and biases in their own float type), in place in the memory map for dense modules or
-/// owned for cached experts. [`PackedMatrix::matmul_rows`] decodes inside the product.
-#[derive(Debug, Clone)]
-pub struct PackedMatrix {
-    words: Words,
-    scales: Floats,
-    biases: Floats,
-    rows: usize,
-    cols: usize,
-    p: QuantParams,
-}
-
-impl PackedMatrix {
-    /// Wraps the bytes of one matrix (packed words, scales, biases of exactly its rows), in
-    /// place where they are mapped and aligned. `fell_back` is set when mapped bytes had to be
-    /// copied because of their alignment.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_sources(
-        packed: Source<'_>,
-        scales: Source<'_>,
-        biases: Source<'_>,
-        scale_dtype: DType,
-        p: QuantParams,
-        rows: usize,
-        cols: usize,
-        fell_back: &mut bool,
-    ) -> Result<Self, String> {
-        let words = words_from(packed, fell_back);
-        let bad = || format!("scales of type {scale_dtype:?} (expected F32, F16 or BF16)");
-        let scales = Floats::new(scales, scale_dtype, fell_back).ok_or_else(bad)?;
-        let biases = Floats::new(biases, scale_dtype, fell_back).ok_or_else(bad)?;
-        if !(p.group_size * p.bits).is_multiple_of(32)
-            || words.as_slice().len() * 32 != rows * cols * p.bits
-            || scales.len() != rows * cols / p.group_size
-            || biases.len() != scales.len()
-        {
-            return Err(format!(
-                "quantized sizes disagree: {} packed words, {} scales for [{rows}, {cols}] at {} bits, group {}",
-                words.as_slice().len(),
-                scales.len(),
-                p.bits,
-                p.group_size
-            ));
-        }
-        Ok(PackedMatrix {
-            words,
-            scales,
-            biases,
-            rows,
-            cols,
-            p,
-        })
-    }
-
-    /// Copies the raw bytes of one matrix (the expert miss path's buffers).
-    pub fn new(
-        packed: &[u8],
-        scales: &[u8],
-        biases: &[u8],
-        scale_dtype: DType,
-        p: QuantParams,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Self, String> {
-        let mut fell_back = false;
-        Self::from_sources(
-            Source::Bytes(packed),
-            Source::Bytes(scales),
-            Source::Bytes(biases),
-            scale_dtype,
-            p,
-            rows,
-            cols,
-            &mut fell_back,
-        )
-    }
-
-    /// Output size.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Bytes held in this process's heap (0 when every part is read in place).
-    pub fn owned_bytes(&self) -> usize {
-        self.words.owned_bytes() + self.scales.owned_bytes() + self.biases.owned_bytes()
-    }
-
-    /// Appends row `r`, dequantized (an embedding lookup).
-    pub fn row_into(&self, r: usize, out: &mut Vec<f32>) {
-        let (gs, bits) = (self.p.group_size, self.p.bits);
-        let groups = self.cols / gs;
-        let wpg = gs * bits / 32;
-        let mask = (1u32 << bits) - 1;
-        let words = self.words.as_slice();
-        let (scales, biases) = (self.scales.view(), self.biases.view());
-        for g in 0..groups {
-            let k = r * groups + g;
-            let (sc, bi) = (scales.get(k), biases.get(k));
-            for w in &words[k * wpg..(k + 1) * wpg] {
-                for j in 0..32 / bits {
-                    out.push(sc * ((w >> (j * bits)) & mask) as f32 + bi);
-                }
-            }
-        }
-    }
-
-    /// `W x` for one input vector (see [`PackedMatrix::matmul_rows`]).
-    pub fn gemv(&self, x: &[f32]) -> Vec<f32> {
-        self.matmul_rows(x)
-    }
-
-    /// `W x` for every input row of `xs` (each `cols` long): `T × rows` outputs, row-major. Per
-    /// group, `scale · Σ q·x + bias · Σ x`: the same sum as dequantizing first (up to float
-    /// summation order). Large matrices are split across cores.
-    pub fn matmul_rows(&self, xs: &[f32]) -> Vec<f32> {
-        let (gs, bits) = (self.p.group_size, self.p.bits);
-        let c = self.cols;
-        let t = xs.len() / c;
-        let groups = c / gs;
-        let xsum: Vec<f32> = xs.chunks_exact(gs).map(|g| g.iter().sum()).collect();
-        let wpg = gs * bits / 32;
-        let per_word = 32 / bits;
-        let mask = (1u32 << bits) - 1;
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = bits == 4
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
-        let words = self.words.as_slice();
-        let (scales, biases) = (self.scales.view(), self.biases.view());
-        let row = |r: usize, out: &mut [f32]| {
-            let ws_row = &words[r * groups * wpg..(r + 1) * groups * wpg];
-            // Inputs outermost: the row's words (cols·bits/8 bytes) stay in L1 across them.
-            for (i, o) in out.iter_mut().enumerate() {
-                let x = &xs[i * c..(i + 1) * c];
-                let xs_sum = &xsum[i * groups..(i + 1) * groups];
-                let mut acc = 0f32;
-                for g in 0..groups {
-                    let k = r * groups + g;
-                    let ws = &ws_row[g * wpg..(g + 1) * wpg];
-                    let xg = &x[g * gs..(g + 1) * gs];
-                    let dot = if bits == 4 {
-                        if avx2 {
-                            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                            #[cfg(target_arch = "x86_64")]
-                            unsafe {
-                                dot4_avx2(ws, xg)
-                            }
-                            #[cfg(not(target_arch = "x86_64"))]
-                            dot4(ws, xg)
-                        } else {
-                            dot4(ws, xg)
-                        }
-                    } else {
-                        let mut part = [0f32; 8];
-                        for (w, xw) in ws.iter().zip(xg.chunks_exact(per_word)) {
-                            for (j, xv) in xw.iter().enumerate() {
-                                part[j % 8] += ((w >> (j * bits)) & mask) as f32 * xv;
-                            }
-                        }
-                        part.iter().sum::<f32>()
-                    };
-                    acc += scales.get(k) * dot + biases.get(k) * xs_sum[g];
-                }
-                *o = acc;
-            }
-        };
-        // Threaded from 2^21 weights (the cost of a spawn against 1 MB of packed words).
-        by_rows(self.rows, t, self.rows * self.cols / 2, row)
-    }
-}
-
-/// Σ q·x over 4-bit words (8 nibbles each, least significant first) and 8 inputs per word.
-#[inline(always)]
-fn dot4(words: &[u32], xs: &[f32]) -> f32 {
-    let mut part = [0f32; 8];
-    for (w, xw) in words.iter().zip(xs.chunks_exact(8)) {
-        for j in 0..8 {
-            part[j] += ((w >> (4 * j)) & 15) as f32 * xw[j];
-        }
-    }
-    part.iter().sum()
-}
-
-/// [`dot4`] compiled for AVX2 + FMA (per-lane shifts and fused multiply-adds).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_avx2(words: &[u32], xs: &[f32]) -> f32 {
-    dot4(words, xs)
 }
 
 #[cfg(test)]

@@ -5,8 +5,10 @@
 //! Dense tensors are read through a memory map at load time. Routed experts are never touched
 //! here: `experts::store` reads exactly their byte ranges on demand.
 
+pub mod host;
 pub mod layout;
 pub mod matrix;
+pub mod packed;
 pub mod quant;
 pub mod safetensors;
 pub mod storage;

@@ -388,3 +388,141 @@ fn simulate_rejects_bad_traces_and_names() {
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("layer 1 is not a MoE layer"), "{err}");
 }
+
+/// An experiment with `[model] replay_on` and `[storage]`: the replayed cells measure speed on
+/// the synth checkpoint (written once, then reused) and say so; the others on the model itself;
+/// every cell carries its references (read rate, resident speed, storage bound).
+#[test]
+fn replay_on_measures_speed_at_other_sizes_and_says_what_produced_it() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = crate::common::fixture("glm4_moe-mlx4").join("config.json");
+    let extra = format!(
+        "replay_on = {{ config = \"{}\", layers = 3, layout = \"mlx8\", prompts = 2, policies = [\"lru\"] }}",
+        cfg.display()
+    );
+    let f = write_experiment(d.path(), "policy = [\"lru\", \"lfu\"]\ncapacity = [2, 4]");
+    let text = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("[cache]", &format!("{extra}\n[cache]"))
+        .replace("max_new_tokens = 6", "max_new_tokens = 6\nrepeats = 2")
+        + "[storage]\nio = \"cold\"\n";
+    std::fs::write(&f, text).unwrap();
+    let out = run_file(&f);
+    let s = summaries(&out);
+    assert_eq!(s.len(), 4);
+    for c in &s {
+        assert_eq!(c.repeats, 2, "{}", c.cell);
+        assert!(c.decode_tps_min <= c.decode_tps && c.decode_tps <= c.decode_tps_max);
+        assert!(c.storage_read_gbps > 0.0 && c.resident_decode_tps > 0.0);
+        assert!(c.storage_bound_tps > 0.0 && c.storage_bound_fraction > 0.0);
+        if c.policy == "lru" {
+            assert!(
+                c.io == "cold" || c.io_note.is_some(),
+                "{}: io {} without a note",
+                c.cell,
+                c.io
+            );
+            assert!(
+                c.speed_model.contains("random weights"),
+                "{}",
+                c.speed_model
+            );
+            assert!(c.routing.contains("replayed"), "{}", c.routing);
+            assert!(c.bytes_read > 0);
+        } else {
+            assert!(c.speed_model.contains("glm4_moe-mlx4"), "{}", c.speed_model);
+            assert_eq!(
+                c.io, "page-cache",
+                "the routing model reads through the page cache"
+            );
+            assert!(!c.routing.contains("replayed"));
+        }
+    }
+    // Replay does not change the routing: the same hits as a run without it.
+    let plain = run_file(&write_experiment(
+        &d.path().join("plain").tap_mkdir(),
+        "policy = [\"lru\", \"lfu\"]\ncapacity = [2, 4]",
+    ));
+    for (a, b) in s.iter().zip(summaries(&plain)) {
+        assert_eq!(
+            (a.cell.as_str(), a.hits, a.accesses),
+            (b.cell.as_str(), b.hits, b.accesses)
+        );
+    }
+    assert!(out.join("decode_tps_vs_budget.png").exists());
+    assert!(out.join("decode_tps_vs_budget_2.png").exists());
+    let synth = d.path().join("out/.synth");
+    assert_eq!(
+        std::fs::read_dir(&synth).unwrap().count(),
+        1,
+        "one cached checkpoint"
+    );
+    let env: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("env.json")).unwrap()).unwrap();
+    assert!(
+        env["speed_on_replay"]["storage_read_gbps"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{env}"
+    );
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> PathBuf;
+}
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> PathBuf {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[test]
+fn bad_storage_and_replay_settings_fail_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("[storage]\ndevice = \"floppy\"\n", "pcie4-nvme"),
+        ("[storage]\ndevice = { read_gbps = 0.0 }\n", "read_gbps"),
+        ("[storage]\nio = \"sometimes\"\n", "io = \"sometimes\""),
+        (
+            "[storage]\nmemory_limit = \"1KB\"\n",
+            "below the dense weights",
+        ),
+    ];
+    for (extra, words) in cases {
+        let f = write_experiment(d.path(), "policy = \"lru\"\ncapacity = 2");
+        let text = std::fs::read_to_string(&f).unwrap() + extra;
+        std::fs::write(&f, text).unwrap();
+        let (code, _, err) = harness(&["run", f.to_str().unwrap()]);
+        assert_ne!(code, 0, "{extra}");
+        assert!(
+            err.contains(words) && err.contains("exp.toml"),
+            "{extra}: {err}"
+        );
+    }
+    // A replay checkpoint of another shape (8 → 16 experts) names both.
+    let other = d.path().join("other.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::common::fixture("glm4_moe-mlx4").join("config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    cfg["n_routed_experts"] = serde_json::json!(16);
+    std::fs::write(&other, cfg.to_string()).unwrap();
+    let f = write_experiment(d.path(), "policy = \"lru\"\ncapacity = 2");
+    let text = std::fs::read_to_string(&f).unwrap().replace(
+        "[cache]",
+        &format!(
+            "replay_on = {{ config = \"{}\", layers = 3 }}\n[cache]",
+            other.display()
+        ),
+    );
+    std::fs::write(&f, text).unwrap();
+    let (code, _, err) = harness(&["run", f.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("16 experts") && err.contains("8 experts") && err.contains("replay_on"),
+        "{err}"
+    );
+}
