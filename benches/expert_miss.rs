@@ -38,4 +38,65 @@ fn miss_path(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, miss_path);
+/// The miss path at GLM-4.7-Flash's expert size (5.31 MB, MLX 4-bit, a 2-layer `harness synth`
+/// checkpoint in a temp dir beside the target directory) in each I/O mode, against the raw read
+/// rate of the same experts measured in the same run and mode (`ExpertStore::read_rate`, the
+/// storage bound's `B_read`). `cold` drops the page cache before every read.
+fn miss_path_io_modes(c: &mut Criterion) {
+    use moe_harness::engine::{Engine, EngineConfig};
+    use moe_harness::weights::storage::IoMode;
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let model = dir.path().join("flash2");
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("experiments/configs/glm47-flash.json");
+    moe_harness::synth::synth(
+        &cfg,
+        &model,
+        moe_harness::synth::SynthLayout::Mlx(4),
+        Some(2),
+        0,
+        2_000_000_000,
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("expert_miss_io");
+    g.sample_size(10);
+    for io in [IoMode::PageCache, IoMode::Direct, IoMode::Cold] {
+        let e = Engine::open(
+            &model,
+            candle_core::Device::Cpu,
+            EngineConfig {
+                io,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let layer = e.spec().moe.moe_layers[0] as u32;
+        let keys: Vec<ExpertKey> = (0..16).map(|expert| ExpertKey { layer, expert }).collect();
+        let bytes = e.store.expert_bytes(keys[0]);
+        g.throughput(Throughput::Bytes(bytes));
+        let ck = e.store.checkpoint().clone();
+        let name = format!("{io} ({})", e.io().effective);
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("load one expert", &name), |b| {
+            b.iter(|| {
+                if io == IoMode::Cold {
+                    ck.drop_page_cache();
+                }
+                i = (i + 1) % keys.len();
+                black_box(e.store.load(keys[i]).unwrap())
+            })
+        });
+        g.bench_function(BenchmarkId::new("read bound (raw reads)", &name), |b| {
+            b.iter(|| {
+                if io == IoMode::Cold {
+                    ck.drop_page_cache();
+                }
+                i = (i + 1) % keys.len();
+                black_box(e.store.read_rate(&keys[i..=i], 1).unwrap())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, miss_path, miss_path_io_modes);
