@@ -9,7 +9,7 @@
 #   3. torch's pinned/pageable host→GPU copy of one expert's size and the HF transformers eager
 #      decode baseline (all experts resident, bf16, same config and layer count).
 # Usage: bash scripts/gpu_speed.sh OUTDIR [LAYERS] [CAPACITIES]
-# Environment: CACHEABLE=1 adds an LRU sweep with cacheable staging buffers, SKIP_CHECK=1 skips step 1, SKIP_HF=1 the HF baseline, SKIP_INLINE=1 the inline
+# Environment: IOS="cold page-cache" runs the sweep once per I/O mode (default page-cache), CACHEABLE=1 adds an LRU sweep with cacheable staging buffers, SKIP_CHECK=1 skips step 1, SKIP_HF=1 the HF baseline, SKIP_INLINE=1 the inline
 # sweep; RESIDENT=0 drops the all-resident cell (needed where every expert as f32 can't fit).
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
@@ -24,8 +24,11 @@ fi
 res=""; [ "${RESIDENT:-1}" = 0 ] && res=--no-resident
 m=/tmp/flash$layers
 [ -d "$m" ] || timeout 120 $H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
-timeout 240 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" $res \
-  --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
+for io in ${IOS:-page-cache}; do
+  sfx=""; [ "$io" = page-cache ] || sfx="_$io"
+  timeout 240 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" $res --io "$io" \
+    --prompts 3 --tokens 16 --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
+done
 if [ -n "${CACHEABLE:-}" ]; then
   timeout 120 $H bench --model "$m" --device cuda --policy lru --capacity "$caps" --staging cacheable \
     --no-resident --prompts 3 --tokens 16 --json "$out/bench_cacheable.json" > "$out/bench_cacheable.txt" 2>&1; echo "exit $?" >> "$out/bench_cacheable.txt"

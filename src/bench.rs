@@ -272,22 +272,21 @@ pub fn bench(
             w.generate(&mut engine)?;
         }
         let before = engine.stats();
-        let device_before = crate::weights::storage::device_read_bytes();
         let mut decode = Duration::ZERO;
         let mut tokens = 0u64;
+        let mut device_bytes = Some(0u64);
         for m in &measured {
             let g = m.generate(&mut engine)?;
             decode += g.decode;
             tokens += g.tokens.len().saturating_sub(1) as u64;
+            device_bytes = device_bytes.zip(g.decode_device_bytes).map(|(a, b)| a + b);
         }
         let after = engine.stats();
-        let device_after = crate::weights::storage::device_read_bytes();
         let mut row = measure(
             &name, &policy, cap, &engine, &before, &after, decode, tokens, &report,
         );
-        row.device_bytes_per_token = device_before
-            .zip(device_after)
-            .map(|(b, a)| a.saturating_sub(b) as f64 / tokens.max(1) as f64);
+        // Decode steps only, like `bytes_per_token`: prefill reads are not counted in either.
+        row.device_bytes_per_token = device_bytes.map(|b| b as f64 / tokens.max(1) as f64);
         if let Some(res) = report.rows.iter().find(|r| r.cell == "resident") {
             let bound = storage_bound_tps(
                 res.decode_tps,

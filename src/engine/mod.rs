@@ -136,6 +136,9 @@ pub struct Generation {
     pub step_logits: Vec<Vec<f32>>,
     /// Bytes of the KV cache this sequence allocated.
     pub kv_bytes: u64,
+    /// Bytes the OS read from storage during the decode steps (`/proc/self/io`, all threads of
+    /// this process; `None` where the OS does not say).
+    pub decode_device_bytes: Option<u64>,
 }
 
 impl Generation {
@@ -504,6 +507,7 @@ impl Engine {
                 prompt_len: prompt.len(),
                 step_logits: Vec::new(),
                 kv_bytes: 0,
+                decode_device_bytes: Some(0),
             });
         }
         let mut kept = Vec::new();
@@ -514,6 +518,7 @@ impl Engine {
         if keep_logits {
             kept.push(logits.swap_remove(0));
         }
+        let dev0 = crate::weights::storage::device_read_bytes();
         let t1 = Instant::now();
         let mut step = 1;
         while out.len() < max_new && !stop.contains(&next) {
@@ -525,10 +530,15 @@ impl Engine {
             }
             step += 1;
         }
+        let decode = t1.elapsed();
+        let decode_device_bytes = dev0
+            .zip(crate::weights::storage::device_read_bytes())
+            .map(|(b, a)| a.saturating_sub(b));
         Ok(Generation {
             tokens: out,
             prefill,
-            decode: t1.elapsed(),
+            decode,
+            decode_device_bytes,
             prompt_len: prompt.len(),
             step_logits: kept,
             kv_bytes: kv.bytes(),
