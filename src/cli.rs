@@ -16,6 +16,8 @@ use moe_harness::inspect;
 use moe_harness::io::{write_atomic, write_npy_f32};
 use moe_harness::weights::storage::{DeviceModel, IoMode};
 
+mod sweep;
+
 #[derive(Parser)]
 #[command(
     name = "harness",
@@ -36,8 +38,15 @@ enum Cmd {
     /// Generate text or tokens through the lazy-expert engine.
     Generate(GenerateArgs),
     /// Run an experiment file: every policy × budget cell over its prompts, with traces,
-    /// summaries and plots under results/<experiment>/<run-id>/.
+    /// summaries and plots under results/<experiment>/<run-id>/ (or some cells: --cell,
+    /// --index, --shard; then `harness merge`).
     Run(RunArgs),
+    /// The cells of an experiment's sweep: indices, ids, status, where their files go.
+    Plan(sweep::PlanArgs),
+    /// Assemble a run from its cells (after cell runs on a cluster).
+    Merge(sweep::MergeArgs),
+    /// A Slurm job array script for an experiment's sweep (one task per cell, then the merge).
+    Slurm(sweep::SlurmArgs),
     /// Redraw the plots of a results directory from its Parquet files.
     Plot(PlotArgs),
     /// Replay a routing trace under every policy × budget and report hit rates.
@@ -187,9 +196,11 @@ struct RunArgs {
     /// measured on the experiment's own model (no `replay_on` checkpoint).
     #[arg(long)]
     quick: bool,
-    /// Run again even if complete results exist.
+    /// Run again even if complete results exist (with a selection: run those cells again).
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    select: sweep::SelectArgs,
 }
 
 #[derive(Args)]
@@ -388,10 +399,14 @@ pub fn run() -> Result<ExitCode> {
                 quick: a.quick,
                 force: a.force,
                 progress: true,
+                select: a.select.selection()?,
             };
             moe_harness::run::run(&exp, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Plan(a) => sweep::cmd_plan(a),
+        Cmd::Merge(a) => sweep::cmd_merge(a),
+        Cmd::Slurm(a) => sweep::cmd_slurm(a),
         Cmd::Simulate(a) => cmd_simulate(a).map(|_| ExitCode::SUCCESS),
         Cmd::Synth(a) => {
             let layout: moe_harness::synth::SynthLayout = a.layout.parse()?;

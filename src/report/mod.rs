@@ -19,6 +19,7 @@ pub use tables::{simulation_table, summary_table};
 
 /// One row of `summary.parquet` / `summary.json`.
 #[derive(Default, Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct CellSummary {
     /// Cell id.
     pub cell: String,
@@ -70,6 +71,8 @@ pub struct CellSummary {
     pub cache_budget_bytes: u64,
     /// The device that computed (`cpu`, `cuda:0`).
     pub device: String,
+    /// Host name of the machine that ran the cell (cells of one sweep may run on several).
+    pub host: String,
     /// How misses read storage, in effect: `page-cache`, `direct` or `cold`.
     pub io: String,
     /// Why `io` differs from the experiment's, when it does (a filesystem refusing direct reads).

@@ -588,14 +588,35 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
 /// all-resident speed as a reference line; budgets as % of expert bytes and in GB.
 fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
     let pct = |s: &CellSummary| 100.0 * s.budget_fraction;
+    // Cells of one sweep may have run on machines of different kinds: their tok/s are then
+    // separate series, named by machine, each with its own all-resident line.
+    let machine = |s: &CellSummary| format!("{} ({})", s.host, s.device);
+    let mut machines: Vec<String> = Vec::new();
+    for s in rows {
+        if !machines.contains(&machine(s)) {
+            machines.push(machine(s));
+        }
+    }
+    let several = machines.len() > 1;
     let mut groups: BTreeMap<String, Vec<&CellSummary>> = BTreeMap::new();
     for s in rows {
-        groups.entry(label(s)).or_default().push(s);
+        let name = if several {
+            format!("{} @ {}", label(s), machine(s))
+        } else {
+            label(s)
+        };
+        groups.entry(name).or_default().push(s);
     }
     let mut series = Vec::new();
     for (name, c) in groups.iter_mut() {
         c.sort_by(|a, b| a.budget_fraction.total_cmp(&b.budget_fraction));
-        let color = palette.of(name);
+        let color = if several {
+            COLORS[(palette.0.iter().position(|l| l == &label(c[0])).unwrap_or(0)
+                + machines.iter().position(|m| m == &machine(c[0])).unwrap_or(0) * 3)
+                % COLORS.len()]
+        } else {
+            palette.of(name)
+        };
         let mut s = Series::line(
             name.clone(),
             c.iter().map(|s| (pct(s), s.decode_tps)).collect(),
@@ -617,9 +638,16 @@ fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
     let (lo, hi) = rows.iter().fold((f64::MAX, f64::MIN), |(a, b), s| {
         (a.min(pct(s)), b.max(pct(s)))
     });
-    if let Some(r) = rows.first() {
+    for m in &machines {
+        let Some(r) = rows.iter().find(|s| &machine(s) == m) else {
+            continue;
+        };
         series.push(Series::bound(
-            format!("all experts resident ({:.1} tok/s)", r.resident_decode_tps),
+            if several {
+                format!("all resident @ {m} ({:.1} tok/s)", r.resident_decode_tps)
+            } else {
+                format!("all experts resident ({:.1} tok/s)", r.resident_decode_tps)
+            },
             vec![(lo, r.resident_decode_tps), (hi, r.resident_decode_tps)],
             Some(RGBColor(110, 110, 110)),
         ));
@@ -645,7 +673,11 @@ fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
             } else {
                 "1 run".into()
             },
-            s.device,
+            if several {
+                format!("{} machines", machines.len())
+            } else {
+                s.device.clone()
+            },
             s.io,
             s.storage_device
                 .as_deref()
@@ -662,5 +694,52 @@ fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
         series,
         y_range: None,
         x_fmt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(policy: &str, cap: f64, host: &str, device: &str, tps: f64) -> CellSummary {
+        CellSummary {
+            cell: format!("{policy}_{cap}"),
+            policy: policy.into(),
+            miss: "load".into(),
+            budget_fraction: cap,
+            host: host.into(),
+            device: device.into(),
+            decode_tps: tps,
+            resident_decode_tps: tps * 2.0,
+            storage_bound_tps: tps * 1.5,
+            ..CellSummary::default()
+        }
+    }
+
+    #[test]
+    fn cells_from_different_machines_are_separate_series() {
+        let rows = vec![
+            row("lru", 0.25, "a", "cpu", 5.0),
+            row("lru", 0.5, "a", "cpu", 6.0),
+            row("lru", 0.25, "b", "cuda:0", 50.0),
+            row("lru", 0.5, "b", "cuda:0", 60.0),
+        ];
+        let palette = Palette::new(&rows);
+        let refs: Vec<&CellSummary> = rows.iter().collect();
+        let chart = speed_chart(&refs, &palette);
+        let names: Vec<&str> = chart.series.iter().map(|s| s.label.as_str()).collect();
+        assert!(names.contains(&"lru @ a (cpu)"), "{names:?}");
+        assert!(names.contains(&"lru @ b (cuda:0)"), "{names:?}");
+        let a = chart.series.iter().find(|s| s.label == "lru @ a (cpu)").unwrap();
+        assert_eq!(a.points, vec![(25.0, 5.0), (50.0, 6.0)]);
+        assert_eq!(
+            names.iter().filter(|n| n.starts_with("all resident @")).count(),
+            2
+        );
+        assert!(chart.subtitle.unwrap().contains("2 machines"));
+        // One machine: names as before.
+        let one: Vec<&CellSummary> = rows[..2].iter().collect();
+        let chart = speed_chart(&one, &palette);
+        assert!(chart.series.iter().any(|s| s.label == "lru"));
     }
 }

@@ -232,6 +232,7 @@ pub(super) fn run_cell(
             }
         },
         device: crate::engine::describe(se.model.device()),
+        host: super::plan::hostname(),
         io: io.effective.to_string(),
         io_note: io.note.clone(),
         storage_device: exp

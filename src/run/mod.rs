@@ -1,13 +1,23 @@
-//! The experiment runner behind `harness run`: loads the model once, runs every sweep cell
+//! The experiment runner behind `harness run`: loads the model once, runs sweep cells
 //! (policy × budget × miss mode) over the prompts through the real engine, and writes
 //! `results/<experiment>/<run-id>/` — `trace.parquet`, `summary.parquet`, `summary.json`, the
-//! experiment file, `env.json` and plots. Everything is written into a hidden temp directory that
-//! is renamed when complete; an interrupted run resumes there, skipping finished cells.
+//! experiment file, `env.json` and plots.
+//!
+//! Cells are written one file set each into the run's working directory
+//! (`.<run-id>.partial/cells/`, see [`plan`]); [`merge`] assembles them into the run. A plain
+//! `harness run` runs every cell and merges; `--cell`/`--index`/`--shard` run some cells in one
+//! process and leave the merge to `harness merge`, so that a scheduler can run the cells of one
+//! sweep side by side. An interrupted run resumes: finished cells are skipped.
 
 mod cell;
+pub mod merge;
+pub mod plan;
+pub mod slurm;
 mod speed;
 
 pub use cell::kl;
+pub use merge::merge_dir;
+pub use plan::{RunPlan, Selection};
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -20,65 +30,140 @@ use crate::experiment::{BudgetSpec, Experiment, Prompt};
 use crate::experts::budget::{Budget, Pool};
 use crate::experts::policies::FrequencyProfile;
 use crate::io::write_atomic;
-use crate::report::CellSummary;
-use crate::trace;
 
+use plan::{CellLock, LockMode};
 use speed::{PassPrompt, ReplayTarget, Speed, Target};
 
 /// Options of one `harness run`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Results root (overrides the experiment's).
     pub out_root: Option<PathBuf>,
     /// CI-friendly quick mode: 3 prompts, 8 new tokens.
     pub quick: bool,
-    /// Redo a run whose results already exist.
+    /// Redo a run whose results already exist (with a selection: redo those cells).
     pub force: bool,
     /// Show a progress bar (only on a terminal).
     pub progress: bool,
+    /// Which cells this process runs; [`Selection::All`] also merges.
+    pub select: Selection,
 }
 
-/// Runs an experiment; returns the results directory.
-pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
-    let mut exp = exp.clone();
-    if opts.quick {
-        exp.prompts.truncate(3);
-        exp.warmup.truncate(1);
-        exp.generation.max_new_tokens = exp.generation.max_new_tokens.min(8);
-        exp.generation.repeats = 1;
-        // Speed is measured on the experiment's own model: no real-size replay checkpoint.
-        exp.replay_on = None;
-    }
-    let root = opts
-        .out_root
-        .clone()
-        .unwrap_or_else(|| exp.out_root.clone());
-    let run_id = run_id(&exp, opts.quick)?;
-    let final_dir = root.join(&exp.name).join(&run_id);
-    let tmp_dir = root.join(&exp.name).join(format!(".{run_id}.partial"));
-    if final_dir.exists() && !opts.force {
-        eprintln!(
-            "results already complete at {} (use --force to run again)",
-            final_dir.display()
-        );
-        return Ok(final_dir);
-    }
-    // One writer per results directory: a second run of the same experiment waits for nothing
-    // and fails at once, naming the process that holds it.
-    let exp_dir = root.join(&exp.name);
-    std::fs::create_dir_all(&exp_dir).map_err(|e| Error::io(&exp_dir, e))?;
-    let _lock = RunLock::take(&exp_dir.join(format!(".{run_id}.lock")), &tmp_dir)?;
-    if final_dir.exists() {
-        if !opts.force {
-            eprintln!(
-                "results completed by another run at {}",
-                final_dir.display()
-            );
-            return Ok(final_dir);
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            out_root: None,
+            quick: false,
+            force: false,
+            progress: false,
+            select: Selection::All,
         }
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }
+}
 
+/// Runs an experiment's selected cells. With [`Selection::All`], merges them and returns the
+/// results directory; otherwise returns the run's working directory (merge it with
+/// [`merge_dir`] once every cell is done).
+pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
+    let plan = RunPlan::new(exp, opts.quick, opts.out_root.clone())?;
+    let whole = opts.select == Selection::All;
+    let indices = opts.select.indices(&plan)?;
+    let merged = |plan: &RunPlan| {
+        if whole {
+            eprintln!(
+                "results already complete at {} (use --force to run again)",
+                plan.final_dir.display()
+            );
+        } else {
+            eprintln!(
+                "run {} is merged already ({}): its cells are done",
+                plan.run_id,
+                plan.final_dir.display()
+            );
+        }
+        Ok(plan.final_dir.clone())
+    };
+    if plan.final_dir.exists() && !(whole && opts.force) {
+        return merged(&plan);
+    }
+    // Writers of one run: a whole run or a merge alone; cell runs side by side, each cell by
+    // one process. A second writer fails at once, naming the process that holds the run.
+    let exp_dir = plan.exp_dir();
+    std::fs::create_dir_all(&exp_dir).map_err(|e| Error::io(&exp_dir, e))?;
+    let mode = if whole {
+        LockMode::Exclusive
+    } else {
+        LockMode::Shared
+    };
+    let what = format!("results dir {}", plan.work_dir.display());
+    let _lock = CellLock::take(&plan.lock_path(), mode, &what)?;
+    if plan.final_dir.exists() {
+        if !(whole && opts.force) {
+            return merged(&plan);
+        }
+        std::fs::remove_dir_all(&plan.final_dir).map_err(|e| Error::io(&plan.final_dir, e))?;
+    }
+    plan.write_work_files()?;
+    let cells = &plan.exp.cells;
+    if opts.force && !whole {
+        for &i in &indices {
+            let f = plan.cell_files(&cells[i].id);
+            if f.summary.exists() {
+                std::fs::remove_file(&f.summary).map_err(|e| Error::io(&f.summary, e))?;
+            }
+        }
+    }
+    let todo: Vec<usize> = indices
+        .iter()
+        .copied()
+        .filter(|&i| !plan.cell_files(&cells[i].id).summary.exists())
+        .collect();
+    let done = indices.len() - todo.len();
+    if done > 0 && !todo.is_empty() {
+        eprintln!(
+            "resuming {}: {done} of {} cells already done",
+            plan.work_dir.display(),
+            indices.len()
+        );
+    }
+    if !todo.is_empty() {
+        run_cells(&plan, &todo, opts.progress, !whole)?;
+    } else if !whole {
+        eprintln!("cell(s) already done in {}", plan.work_dir.display());
+    }
+    if whole {
+        let (dir, summaries) = merge::assemble(&plan.work_dir, &plan.file(), false)?;
+        eprintln!("{}", crate::report::summary_table(&summaries));
+        eprintln!("results: {}", dir.display());
+        return Ok(dir);
+    }
+    let left = cells
+        .iter()
+        .filter(|c| !plan.cell_files(&c.id).summary.exists())
+        .count();
+    if left == 0 {
+        eprintln!(
+            "every cell of run {} is done: harness merge {}",
+            plan.run_id,
+            plan.final_dir.display()
+        );
+    } else {
+        eprintln!(
+            "{left} of {} cells of run {} still to run; then: harness merge {}",
+            cells.len(),
+            plan.run_id,
+            plan.final_dir.display()
+        );
+    }
+    Ok(plan.work_dir.clone())
+}
+
+/// Loads the model, measures the references and runs the cells at `todo` (indices into the
+/// plan's cells), writing each one's files. With `lock_cells`, each cell is run under its own
+/// lock (cells of one sweep in other processes), and skipped if another process finished it.
+fn run_cells(plan: &RunPlan, todo: &[usize], progress: bool, lock_cells: bool) -> Result<()> {
+    let exp = &plan.exp;
+    let root = &plan.root;
     let tok_path = exp.model_dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| Error::format(&tok_path, format!("cannot load the tokenizer: {e}")))?;
@@ -122,7 +207,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
     let own_cfg = if exp.replay_on.is_some() {
         EngineConfig::default()
     } else {
-        speed::storage_config(&exp, EngineConfig::default())
+        speed::storage_config(exp, EngineConfig::default())
     };
     let mut engine = Engine::open(&exp.model_dir, device.clone(), own_cfg)?;
     // Every prompt must fit the model's context and this machine's memory before any cell runs.
@@ -174,90 +259,63 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
             replay: None,
         })
         .collect();
-    let mut speed = open_speed(&exp, &mut engine, &prompts, &stop, &root, device)?;
-    check_memory_limit(&exp, &engine, &speed, &all)?;
-    std::fs::create_dir_all(tmp_dir.join("cells")).map_err(|e| Error::io(&tmp_dir, e))?;
-    let progress = progress_bar(opts.progress, (exp.cells.len() * all.len()) as u64);
-    let finished = exp
-        .cells
-        .iter()
-        .filter(|c| {
-            tmp_dir
-                .join("cells")
-                .join(format!("{}.json", c.id))
-                .exists()
-        })
-        .count();
-    if finished > 0 {
-        eprintln!(
-            "resuming {}: {finished} of {} cells already done",
-            tmp_dir.display(),
-            exp.cells.len()
-        );
-    }
+    let mut speed = open_speed(exp, &mut engine, &prompts, &stop, root, device)?;
+    check_memory_limit(exp, &engine, &speed, &all)?;
+    let progress = progress_bar(progress, (todo.len() * all.len()) as u64);
     let ctx = cell::Ctx {
-        exp: &exp,
+        exp,
         prompts: &prompts,
         stop: &stop,
-        tmp_dir: &tmp_dir,
+        tmp_dir: &plan.work_dir,
         profile: speed.profile.as_ref(),
         progress: &progress,
     };
-    let mut summaries = Vec::new();
-    for cell in &exp.cells {
-        let done = tmp_dir.join("cells").join(format!("{}.json", cell.id));
-        if done.exists() {
-            let s: CellSummary = serde_json::from_str(
-                &std::fs::read_to_string(&done).map_err(|e| Error::io(&done, e))?,
-            )
-            .map_err(|e| Error::format(&done, e.to_string()))?;
-            summaries.push(s);
-            progress.inc(all.len() as u64);
-            continue;
-        }
+    let started = unix_now();
+    for &i in todo {
+        let cell = &exp.cells[i];
+        let files = plan.cell_files(&cell.id);
+        let _cell_lock = if lock_cells {
+            let l = CellLock::take(
+                &files.lock,
+                LockMode::Exclusive,
+                &format!("cell `{}` of run {}", cell.id, plan.run_id),
+            )?;
+            if files.summary.exists() {
+                progress.inc(all.len() as u64);
+                continue;
+            }
+            Some(l)
+        } else {
+            None
+        };
         progress.set_message(cell.id.clone());
         let s = cell::run_cell(&ctx, &mut engine, &mut speed.speed, cell)?;
+        let mut env = env_info(plan, &engine, &speed.speed, &truncated, started);
+        env["cell"] = cell.id.clone().into();
+        env["finished_unix"] = unix_now().into();
         write_atomic(
-            &done,
+            &files.env,
+            serde_json::to_string_pretty(&env)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        // The summary last: its presence marks the cell done.
+        write_atomic(
+            &files.summary,
             serde_json::to_string_pretty(&s)
                 .map_err(|e| Error::Input(e.to_string()))?
                 .as_bytes(),
         )?;
-        summaries.push(s);
     }
     progress.finish_and_clear();
+    Ok(())
+}
 
-    // Merge the cells into the run's files.
-    let mut cells = Vec::new();
-    for cell in &exp.cells {
-        cells.extend(trace::read(
-            &tmp_dir.join("cells").join(format!("{}.parquet", cell.id)),
-        )?);
-    }
-    trace::write(&tmp_dir.join("trace.parquet"), &cells)?;
-    crate::report::write_summary(&tmp_dir, &summaries)?;
-    std::fs::copy(&exp.file, tmp_dir.join("experiment.toml"))
-        .map_err(|e| Error::io(&exp.file, e))?;
-    write_atomic(
-        &tmp_dir.join("env.json"),
-        serde_json::to_string_pretty(&env_info(
-            &exp,
-            opts.quick,
-            &engine,
-            &speed.speed,
-            &truncated,
-        ))
-        .unwrap_or_default()
-        .as_bytes(),
-    )?;
-    if exp.plots {
-        crate::report::plot_dir(&tmp_dir)?;
-    }
-    std::fs::remove_dir_all(tmp_dir.join("cells")).map_err(|e| Error::io(&tmp_dir, e))?;
-    std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    eprintln!("{}", crate::report::summary_table(&summaries));
-    eprintln!("results: {}", final_dir.display());
-    Ok(final_dir)
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Resolves a cell's budget against the model.
@@ -293,31 +351,12 @@ fn progress_bar(enabled: bool, n: u64) -> ProgressBar {
     pb
 }
 
-/// A stable run id: a hash of the experiment file, the model config and the quick flag.
-fn run_id(exp: &Experiment, quick: bool) -> Result<String> {
-    let text = std::fs::read(&exp.file).map_err(|e| Error::io(&exp.file, e))?;
-    let cfg = std::fs::read(exp.model_dir.join("config.json")).unwrap_or_default();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text
-        .iter()
-        .chain(&cfg)
-        .chain(std::iter::once(&(quick as u8)))
-    {
-        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
-    }
-    Ok(format!(
-        "{}{:08x}",
-        if quick { "quick-" } else { "" },
-        h as u32
-    ))
-}
-
 fn env_info(
-    exp: &Experiment,
-    quick: bool,
+    plan: &RunPlan,
     engine: &Engine,
     speed: &Speed,
     truncated: &[serde_json::Value],
+    started: u64,
 ) -> serde_json::Value {
     let git = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
@@ -339,7 +378,21 @@ fn env_info(
             "resident_decode_tps": t.resident_tps,
         })
     };
+    let exp = &plan.exp;
+    let var = |k: &str| std::env::var(k).ok();
+    let slurm = var("SLURM_JOB_ID").map(|job| {
+        serde_json::json!({
+            "job_id": job,
+            "array_job_id": var("SLURM_ARRAY_JOB_ID"),
+            "array_task_id": var("SLURM_ARRAY_TASK_ID"),
+            "node": var("SLURMD_NODENAME"),
+        })
+    });
     serde_json::json!({
+        "run_id": plan.run_id,
+        "host": plan::hostname(),
+        "pid": std::process::id(),
+        "slurm": slurm,
         "harness_version": env!("CARGO_PKG_VERSION"),
         "git_commit": git,
         "backend": exp.backend.as_str(),
@@ -353,8 +406,8 @@ fn env_info(
         "speed_on_model": target(&speed.own, engine),
         "speed_on_replay": speed.replay.as_ref().map(|r| target(&r.target, &r.engine)),
         "storage_device": exp.storage.device.as_ref().map(|(n, d)| serde_json::json!({"name": n, "model": d})),
-        "quick": quick,
-        "started_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "quick": plan.quick,
+        "started_unix": started,
         "elapsed_note": "timings are wall-clock on this machine; compare ratios within one run",
     })
 }
@@ -520,42 +573,4 @@ fn check_memory_limit(
 /// Every routed expert of `engine`'s model.
 fn exp_slots(engine: &Engine) -> u64 {
     (engine.spec().moe.num_experts * engine.spec().num_moe_layers()) as u64
-}
-
-/// An exclusive lock on one run's results (released when dropped, or when the process ends).
-struct RunLock {
-    _file: std::fs::File,
-}
-
-impl RunLock {
-    /// Takes the lock file `path` (holding the owner's pid) for the results being written to
-    /// `dir`; fails at once, naming the owner, if another run holds it.
-    fn take(path: &Path, dir: &Path) -> Result<RunLock> {
-        use std::io::{Read, Seek, Write};
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        match file.try_lock() {
-            Ok(()) => {
-                file.set_len(0).map_err(|e| Error::io(path, e))?;
-                file.rewind().map_err(|e| Error::io(path, e))?;
-                write!(file, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
-                Ok(RunLock { _file: file })
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                Err(Error::Input(format!(
-                    "results dir {} in use by pid {} (another `harness run` of the same experiment; wait for it, or pass another --out)",
-                    dir.display(),
-                    if pid.trim().is_empty() { "?" } else { pid.trim() }
-                )))
-            }
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
-        }
-    }
 }

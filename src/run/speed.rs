@@ -248,7 +248,32 @@ fn synth_dir(r: &ReplayOn, out_root: &Path) -> Result<PathBuf> {
         return Ok(dir);
     }
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
-    let tmp = root.join(format!(".tmp-{}", std::process::id()));
+    // Cells of one sweep running side by side (array tasks) write it once: the others wait.
+    let lock_path = root.join(format!(
+        ".{}.lock",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    if lock.try_lock().is_err() {
+        eprintln!(
+            "waiting for another process writing {} …",
+            dir.display()
+        );
+        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+    }
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    let tmp = root.join(format!(
+        ".tmp-{}-{}",
+        super::plan::hostname(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!(
         "writing the replay checkpoint ({} at {} layers, {}) to {} (once)",

@@ -20,4 +20,5 @@ mod quick_baseline;
 mod reliability;
 mod replay;
 mod run_experiment;
+mod sweep;
 mod synth;

@@ -19,8 +19,7 @@ fn default_quick_run_matches_the_committed_baseline() {
     let opts = RunOptions {
         out_root: Some(out.path().to_path_buf()),
         quick: true,
-        force: false,
-        progress: false,
+        ..RunOptions::default()
     };
     let dir = run(&exp, &opts).unwrap();
     let cells: Vec<CellSummary> =
