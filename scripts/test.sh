@@ -9,3 +9,5 @@ if ! python3 -c "import polars, matplotlib, nbconvert, nbformat, ipykernel" 2>/d
   python3 -m pip install -q -r scripts/requirements-test.txt
 fi
 cargo test --all-targets "$@"
+# The real-Slurm test of `harness slurm` (a one-node Slurm started here; see the script).
+bash scripts/slurm_test.sh "${CARGO_TARGET_DIR:-target}/debug/harness"

@@ -361,6 +361,7 @@ impl Engine {
 
     fn reset_cache_contents(&mut self) {
         self.payload.iter_mut().flatten().for_each(|p| *p = None);
+        self.loader.settle();
         self.loader.clear();
         self.loader.reset_stats();
         self.load_time = [Duration::ZERO; 2];
@@ -531,6 +532,9 @@ impl Engine {
             step += 1;
         }
         let decode = t1.elapsed();
+        // Prefetches for steps that will not come are still reading: let them finish, outside
+        // the timed decode, so that the bytes read by this generation are all counted here.
+        self.loader.settle();
         let decode_device_bytes = dev0
             .zip(crate::weights::storage::device_read_bytes())
             .map(|(b, a)| a.saturating_sub(b));

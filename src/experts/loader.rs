@@ -97,6 +97,8 @@ pub struct Loader {
     inflight: HashMap<ExpertKey, Ticket>,
     arrived: HashMap<ExpertKey, Done>,
     next_id: u64,
+    /// Jobs handed to the workers whose result has not come back yet (cancelled ones included).
+    outstanding: usize,
     stats: LoadStats,
 }
 
@@ -124,6 +126,7 @@ impl Loader {
             inflight: HashMap::new(),
             arrived: HashMap::new(),
             next_id: 0,
+            outstanding: 0,
             stats: LoadStats::default(),
         };
         if threads > 0 {
@@ -200,6 +203,7 @@ impl Loader {
             Some(tx) => {
                 tx.send(Job { id, key })
                     .map_err(|_| Error::Input("expert loader threads stopped".into()))?;
+                self.outstanding += 1;
                 Ok(0)
             }
             None => {
@@ -228,6 +232,18 @@ impl Loader {
     pub fn cancel(&mut self, key: ExpertKey) {
         self.inflight.remove(&key);
         self.arrived.remove(&key);
+    }
+
+    /// Waits until every job handed to the workers has come back (cancelled ones too), so that
+    /// no read is still running: byte counters read afterwards are final, and a measurement
+    /// that starts afterwards does not pay for an earlier one's background reads.
+    pub fn settle(&mut self) {
+        while self.outstanding > 0 {
+            match self.done.recv() {
+                Ok(d) => self.accept(d),
+                Err(_) => break,
+            }
+        }
     }
 
     /// Forgets every pending load.
@@ -262,6 +278,7 @@ impl Loader {
     }
 
     fn accept(&mut self, d: Done) {
+        self.outstanding = self.outstanding.saturating_sub(1);
         if self.inflight.get(&d.key).map(|t| t.id) == Some(d.id) {
             if self.inflight[&d.key].prefetch {
                 self.stats.prefetch_load_ns += d.ns;

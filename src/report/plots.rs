@@ -611,8 +611,16 @@ fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
     for (name, c) in groups.iter_mut() {
         c.sort_by(|a, b| a.budget_fraction.total_cmp(&b.budget_fraction));
         let color = if several {
-            COLORS[(palette.0.iter().position(|l| l == &label(c[0])).unwrap_or(0)
-                + machines.iter().position(|m| m == &machine(c[0])).unwrap_or(0) * 3)
+            COLORS[(palette
+                .0
+                .iter()
+                .position(|l| l == &label(c[0]))
+                .unwrap_or(0)
+                + machines
+                    .iter()
+                    .position(|m| m == &machine(c[0]))
+                    .unwrap_or(0)
+                    * 3)
                 % COLORS.len()]
         } else {
             palette.of(name)
@@ -730,10 +738,17 @@ mod tests {
         let names: Vec<&str> = chart.series.iter().map(|s| s.label.as_str()).collect();
         assert!(names.contains(&"lru @ a (cpu)"), "{names:?}");
         assert!(names.contains(&"lru @ b (cuda:0)"), "{names:?}");
-        let a = chart.series.iter().find(|s| s.label == "lru @ a (cpu)").unwrap();
+        let a = chart
+            .series
+            .iter()
+            .find(|s| s.label == "lru @ a (cpu)")
+            .unwrap();
         assert_eq!(a.points, vec![(25.0, 5.0), (50.0, 6.0)]);
         assert_eq!(
-            names.iter().filter(|n| n.starts_with("all resident @")).count(),
+            names
+                .iter()
+                .filter(|n| n.starts_with("all resident @"))
+                .count(),
             2
         );
         assert!(chart.subtitle.unwrap().contains("2 machines"));

@@ -151,7 +151,7 @@ pub(super) fn assemble(
         let id = id.strip_suffix(".env").unwrap_or(id);
         if !planned.contains(id) {
             return Err(Error::format(
-                &cells_dir.join(&name),
+                cells_dir.join(&name),
                 format!(
                     "cell `{id}` is not in this run's plan ({}): it comes from another experiment; remove it",
                     work.join(PLAN_FILE).display()
@@ -243,7 +243,7 @@ pub(super) fn assemble(
         trace::write(&tmp.join("trace.parquet"), &traces)?;
         crate::report::write_summary(&tmp, &summaries)?;
         for f in ["experiment.toml", PLAN_FILE] {
-            std::fs::copy(work.join(f), tmp.join(f)).map_err(|e| Error::io(&work.join(f), e))?;
+            std::fs::copy(work.join(f), tmp.join(f)).map_err(|e| Error::io(work.join(f), e))?;
         }
         let env = merged_env(plan, &cells, &left_out);
         crate::io::write_atomic(

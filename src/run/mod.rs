@@ -103,6 +103,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         }
         std::fs::remove_dir_all(&plan.final_dir).map_err(|e| Error::io(&plan.final_dir, e))?;
     }
+    let fresh = !plan.work_dir.exists();
     plan.write_work_files()?;
     let cells = &plan.exp.cells;
     if opts.force && !whole {
@@ -127,7 +128,15 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         );
     }
     if !todo.is_empty() {
-        run_cells(&plan, &todo, opts.progress, !whole)?;
+        if let Err(e) = run_cells(&plan, &todo, opts.progress, !whole) {
+            // A whole run that fails before its first cell (a bad prompt, a missing tokenizer)
+            // leaves nothing behind; one that finished cells keeps them to resume.
+            let any_done = cells.iter().any(|c| plan.cell_files(&c.id).summary.exists());
+            if whole && fresh && !any_done {
+                let _ = std::fs::remove_dir_all(&plan.work_dir);
+            }
+            return Err(e);
+        }
     } else if !whole {
         eprintln!("cell(s) already done in {}", plan.work_dir.display());
     }

@@ -83,7 +83,10 @@ pub fn script(plan: &RunPlan, o: &SlurmOptions) -> Result<String> {
         None => std::env::current_exe()
             .map_err(|e| Error::Input(format!("cannot find this harness binary's path: {e}")))?,
     };
-    let exp_file = abs(&plan.exp.file)?;
+    // The tasks start in this directory (`--chdir`), so the experiment path stays as the user
+    // gave it: model paths resolved from it, and recorded in the summaries, then read exactly as
+    // in a single-process `harness run` from here.
+    let exp_file = plan.exp.file.clone();
     let root = abs(&plan.root)?;
     let results = abs(&plan.final_dir)?;
     let logs = abs(&slurm_dir(plan))?;

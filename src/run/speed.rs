@@ -249,21 +249,12 @@ fn synth_dir(r: &ReplayOn, out_root: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     // Cells of one sweep running side by side (array tasks) write it once: the others wait.
-    let lock_path = root.join(format!(
-        ".{}.lock",
-        dir.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let lock = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(|e| Error::io(&lock_path, e))?;
+    // The lock is on the `.synth` directory itself (flock works on a directory's descriptor),
+    // so no lock file is left next to the checkpoints.
+    let lock_path = root.clone();
+    let lock = std::fs::File::open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
     if lock.try_lock().is_err() {
-        eprintln!(
-            "waiting for another process writing {} …",
-            dir.display()
-        );
+        eprintln!("waiting for another process writing {} …", dir.display());
         lock.lock().map_err(|e| Error::io(&lock_path, e))?;
     }
     if dir.join("config.json").exists() {
