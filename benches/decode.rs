@@ -4,9 +4,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use moe_harness::engine::Engine;
+use moe_harness::engine::{Engine, EngineConfig};
 use moe_harness::experts::budget::Budget;
 use moe_harness::models::KvCache;
+use moe_harness::weights::kernels::Kernels;
 
 use crate::common::{engine, shipped};
 
@@ -121,4 +122,63 @@ fn dense_in_place(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, mla_vs_gqa, dense_in_place);
+/// CPU decode over threads and kernel kinds on the CPU benchmark shape (glm4_moe, hidden 1024,
+/// 8 layers, 64 experts of 512 top-4 + 1 shared, vocab 8192: `experiments/configs/
+/// glm4-moe-cpu-bench.json`, MLX 4-bit, written into a tempdir), all experts resident: the
+/// 1 → 2 core scaling of each kind, read as the ratio of two rows of one run.
+fn cpu_threads(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_threads");
+    g.throughput(Throughput::Elements(STEPS as u64));
+    g.sample_size(10);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("m");
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("experiments/configs/glm4-moe-cpu-bench.json");
+    moe_harness::synth::synth(
+        &cfg,
+        &dir,
+        moe_harness::synth::SynthLayout::Mlx(4),
+        None,
+        0,
+        1 << 30,
+    )
+    .unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for kernels in [Kernels::Exact, Kernels::Int8x2, Kernels::Int8] {
+        for threads in [1, 2.min(cores), cores]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let mut e = Engine::open(
+                &dir,
+                candle_core::Device::Cpu,
+                EngineConfig {
+                    threads: Some(threads),
+                    kernels,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let name = format!("{kernels} {threads} threads");
+            g.bench_function(
+                BenchmarkId::new("glm4-moe-cpu-bench 16 tokens", name),
+                |b| {
+                    b.iter_custom(|iters| {
+                        let mut total = std::time::Duration::ZERO;
+                        for _ in 0..iters {
+                            let mut kv = KvCache::default();
+                            e.forward(&PROMPT, &mut kv, 0, true).unwrap();
+                            let t = std::time::Instant::now();
+                            decode_steps(&mut e, &mut kv);
+                            total += t.elapsed();
+                        }
+                        total
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, mla_vs_gqa, dense_in_place, cpu_threads);

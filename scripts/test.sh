@@ -11,3 +11,5 @@ fi
 cargo test --all-targets "$@"
 # The real-Slurm test of `harness slurm` (a one-node Slurm started here; see the script).
 bash scripts/slurm_test.sh "${CARGO_TARGET_DIR:-target}/debug/harness"
+# The aarch64 NEON kernels, bit-equal to the portable ones, under qemu (see the script).
+bash scripts/cross_test.sh

@@ -42,6 +42,10 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     /// Loader threads (`None`: the engine's default for the device).
     pub load_threads: Option<usize>,
+    /// CPU compute threads (`None`: every core).
+    pub threads: Option<usize>,
+    /// Kernel kind of the CPU's packed products.
+    pub kernels: crate::weights::kernels::Kernels,
     /// Prompt seed.
     pub seed: u64,
     /// Also measure the all-resident cell.
@@ -122,6 +126,10 @@ pub struct BenchReport {
     pub model: String,
     /// Device name.
     pub device: String,
+    /// CPU compute threads of the products (1 on a GPU).
+    pub compute_threads: usize,
+    /// Kernel kind and SIMD form of the products (`int8/avx2`, `exact/neon`, `gpu`).
+    pub kernels: String,
     /// `router`, or the replayed trace and cell.
     pub routing: String,
     /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA), `no` elsewhere.
@@ -171,6 +179,8 @@ pub fn bench(
         dense: opts.dense,
         io: opts.io,
         storage: opts.storage,
+        threads: opts.threads,
+        kernels: opts.kernels,
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
@@ -217,6 +227,8 @@ pub fn bench(
     let mut report = BenchReport {
         model: model_dir.display().to_string(),
         device: format!("{device:?}"),
+        compute_threads: engine.compute_threads(),
+        kernels: engine.kernels_label(),
         routing,
         staging: if device.is_cuda() {
             opts.staging.to_string()
@@ -517,9 +529,11 @@ pub fn format_report(r: &BenchReport) -> String {
     let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
     let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
     let mut out = format!(
-        "model {} on {} ({} staging, experts resident {}, routing: {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
+        "model {} on {} ({} compute threads, kernels {}; {} staging, experts resident {}, routing: {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
         r.model,
         r.device,
+        r.compute_threads,
+        r.kernels,
         r.staging,
         r.resident_form,
         r.routing,

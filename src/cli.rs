@@ -14,6 +14,7 @@ use moe_harness::experts::policies::PolicySpec;
 use moe_harness::experts::upload::{GpuExperts, Staging};
 use moe_harness::inspect;
 use moe_harness::io::{write_atomic, write_npy_f32};
+use moe_harness::weights::kernels::Kernels;
 use moe_harness::weights::storage::{DeviceModel, IoMode};
 
 mod sweep;
@@ -104,6 +105,8 @@ struct BenchArgs {
     dense: DenseForm,
     #[command(flatten)]
     storage: StorageArgs,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -257,6 +260,22 @@ pub struct CacheArgs {
     pub dense: DenseForm,
     #[command(flatten)]
     pub storage: StorageArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// How the CPU computes (engine commands and `bench`).
+#[derive(Args, Clone)]
+pub struct ComputeArgs {
+    /// CPU compute threads for the products (default: every core). Results are bit-identical
+    /// for any count.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Packed 4-bit products on the CPU: exact (f32 activations, the reference path) or int8
+    /// (activations quantized per 32 once per product, integer dot products: faster, within
+    /// the 4-bit tolerance of HF, see README Backends).
+    #[arg(long, value_enum, default_value_t = Kernels::Exact)]
+    pub kernels: Kernels,
 }
 
 /// How expert misses reach storage (engine commands and `bench`).
@@ -331,6 +350,8 @@ impl CacheArgs {
             dense: self.dense,
             io: self.storage.io,
             storage: self.storage.storage_device,
+            threads: self.compute.threads,
+            kernels: self.compute.kernels,
         }
     }
 }
@@ -446,6 +467,8 @@ pub fn run() -> Result<ExitCode> {
                 dense: a.dense,
                 io: a.storage.io,
                 storage: a.storage.storage_device,
+                threads: a.compute.threads,
+                kernels: a.compute.kernels,
                 replay: a.replay.map(|p| (p, a.replay_cell)),
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
@@ -535,8 +558,10 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     }
     let s = engine.stats();
     eprintln!(
-        "device: {}",
-        moe_harness::engine::describe(engine.model.device())
+        "device: {} (kernels {}, {} threads)",
+        moe_harness::engine::describe(engine.model.device()),
+        engine.kernels_label(),
+        engine.compute_threads()
     );
     eprintln!(
         "wrote {} ({} × {}); cache: {} accesses, {} hits, {} misses, {} expert bytes read",
@@ -604,9 +629,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let s = engine.stats();
     let misses = s.cache.accesses - s.cache.hits;
     eprintln!(
-        "[{} on {}, io {}{}] cache: {} accesses, hit rate {:.1}% ({} misses), {:.1} MB read, load {:.3}s, resident {:.1} MB | prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens)",
+        "[{} on {} ({}, {} threads), io {}{}] cache: {} accesses, hit rate {:.1}% ({} misses), {:.1} MB read, load {:.3}s, resident {:.1} MB | prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens)",
         engine.config().policy,
         moe_harness::engine::describe(engine.model.device()),
+        engine.kernels_label(),
+        engine.compute_threads(),
         engine.io().effective,
         engine
             .io()

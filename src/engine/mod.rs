@@ -34,6 +34,7 @@ use crate::experts::Phase;
 use crate::models::layers::rows;
 use crate::models::{KvCache, Model, Routing};
 use crate::trace::TraceRow;
+use crate::weights::kernels::{self, Kernels};
 use crate::weights::storage::{DeviceModel, IoMode};
 use crate::weights::IoSetup;
 
@@ -73,6 +74,11 @@ pub struct EngineConfig {
     pub io: IoMode,
     /// The storage device misses are slowed down to, if any.
     pub storage: Option<DeviceModel>,
+    /// CPU compute threads for the products (`None`: every core). Results are bit-identical
+    /// for any count.
+    pub threads: Option<usize>,
+    /// Kernel kind of the CPU's packed 4-bit products.
+    pub kernels: Kernels,
 }
 
 named_enum! {
@@ -98,6 +104,8 @@ impl Default for EngineConfig {
             dense: DenseForm::Mapped,
             io: IoMode::PageCache,
             storage: None,
+            threads: None,
+            kernels: Kernels::Exact,
         }
     }
 }
@@ -171,6 +179,8 @@ pub struct Engine {
     dense_bytes: u64,
     /// The miss path's read setup.
     io: IoSetup,
+    /// Kernels and compute threads every forward call runs with.
+    compute: kernels::Context,
 }
 
 impl std::fmt::Debug for Engine {
@@ -259,6 +269,13 @@ impl Engine {
                 }
             })
             .collect();
+        // On a GPU the products run there: one host thread drives them.
+        let threads = if device.is_cpu() {
+            cfg.threads
+        } else {
+            Some(1)
+        };
+        let compute = kernels::Context::new(cfg.kernels, threads)?;
         Ok(Engine {
             model,
             store,
@@ -272,6 +289,7 @@ impl Engine {
             replay: None,
             dense_bytes,
             io,
+            compute,
         })
     }
 
@@ -283,6 +301,25 @@ impl Engine {
     /// Expert loader threads in use (0: inline).
     pub fn load_threads(&self) -> usize {
         self.loader.threads()
+    }
+
+    /// CPU compute threads of the products (1 on a GPU, whose kernels do not use them).
+    pub fn compute_threads(&self) -> usize {
+        self.compute.threads()
+    }
+
+    /// What the products ran with, as reports name it: the kernel kind and the CPU's SIMD form
+    /// (`int8/avx2`, `exact/neon`), or `gpu` on a GPU.
+    pub fn kernels_label(&self) -> String {
+        if self.model.device().is_cpu() {
+            format!(
+                "{}/{}",
+                self.compute.kernels,
+                crate::weights::kernels::q4::Simd::detect().name()
+            )
+        } else {
+            "gpu".into()
+        }
     }
 
     /// The engine settings.
@@ -331,6 +368,14 @@ impl Engine {
         let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
         if threads != self.loader.threads() {
             self.loader = Loader::new(self.store.clone(), threads)?;
+        }
+        if (cfg.threads, cfg.kernels) != (self.cfg.threads, self.cfg.kernels) {
+            let threads = if self.model.device().is_cpu() {
+                cfg.threads
+            } else {
+                Some(1)
+            };
+            self.compute = kernels::Context::new(cfg.kernels, threads)?;
         }
         self.cfg = cfg;
         self.reset_cache_contents();
@@ -437,7 +482,9 @@ impl Engine {
             pending: Vec::new(),
             outcome: StepOutcome::default(),
         };
-        let (logits, routing) = model.forward(tokens, kv, &mut access, last_only)?;
+        let (logits, routing) = kernels::with(&self.compute, || {
+            model.forward(tokens, kv, &mut access, last_only)
+        })?;
         Ok((rows(&logits)?, routing))
     }
 

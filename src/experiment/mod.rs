@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::experts::budget::parse_size;
 use crate::experts::budget::Pool;
 use crate::experts::policies::PolicySpec;
+use crate::weights::kernels::Kernels;
 use crate::weights::storage::{DeviceModel, IoMode};
 
 /// The values of a key that takes one value or a list (`policy = "lru"` or
@@ -84,6 +85,19 @@ pub struct RawExperiment {
     /// Storage.
     #[serde(default)]
     pub storage: RawStorage,
+    /// How the CPU computes.
+    #[serde(default)]
+    pub engine: RawEngine,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngine {
+    /// CPU compute threads (default: every core; results are bit-identical for any count).
+    pub threads: Option<usize>,
+    /// `exact` (default) or `int8` packed 4-bit products on the CPU.
+    pub kernels: Option<Kernels>,
 }
 
 /// `[model]`.
@@ -336,6 +350,10 @@ pub struct Experiment {
     pub carry_over: bool,
     /// Expert loader threads (`None`: the engine's default for the device).
     pub load_threads: Option<usize>,
+    /// CPU compute threads (`None`: every core).
+    pub threads: Option<usize>,
+    /// Kernel kind of the CPU's packed products.
+    pub kernels: Kernels,
     /// Warm-up prompts (run first, excluded from statistics).
     pub warmup: Vec<Prompt>,
     /// Measured prompts.
@@ -403,6 +421,13 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
             file,
             "name",
             format!("`{name}` cannot name a results directory"),
+        ));
+    }
+    if raw.engine.threads == Some(0) {
+        return Err(Error::config(
+            file,
+            "engine.threads",
+            "0: at least one compute thread (leave it out for every core)",
         ));
     }
     let model_dir = resolve_model(file, base, &raw.model, check_model)?;
@@ -590,6 +615,8 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         pool,
         carry_over: raw.cache.carry_over,
         load_threads: raw.cache.load_threads,
+        threads: raw.engine.threads,
+        kernels: raw.engine.kernels.unwrap_or_default(),
         warmup: prompts,
         prompts: measured,
         chat_template: raw.prompts.chat_template,

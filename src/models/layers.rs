@@ -359,24 +359,8 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             *yk = dot(&wv[(r0 + k) * i..(r0 + k + 1) * i], &xv);
         }
     };
-    let threads = if o * i >= 1 << 20 {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(16)
-    } else {
-        1
-    };
-    if threads <= 1 {
-        rows(&mut y, 0);
-    } else {
-        let per = o.div_ceil(threads);
-        std::thread::scope(|sc| {
-            for (t, part) in y.chunks_mut(per).enumerate() {
-                let rows = &rows;
-                sc.spawn(move || rows(part, t * per));
-            }
-        });
-    }
+    let block = o.div_ceil(4 * crate::weights::kernels::cores()).max(8);
+    crate::weights::kernels::by_blocks(&mut y, block, o * i, |r0, part| rows(part, r0));
     Ok(Some(Tensor::from_vec(y, (1, o), x.device())?))
 }
 

@@ -71,6 +71,11 @@ pub struct CellSummary {
     pub cache_budget_bytes: u64,
     /// The device that computed (`cpu`, `cuda:0`).
     pub device: String,
+    /// CPU compute threads of the products (1 on a GPU).
+    pub threads: usize,
+    /// Kernel kind and SIMD form of the products: `exact/avx2`, `int8/avx2`, `int8/neon`, or
+    /// `gpu`.
+    pub kernels: String,
     /// Host name of the machine that ran the cell (cells of one sweep may run on several).
     pub host: String,
     /// How misses read storage, in effect: `page-cache`, `direct` or `cold`.

@@ -673,7 +673,7 @@ fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
         });
     let subtitle = first.map(|s| {
         format!(
-            "{} · {} per expert · {} on {} · io {}{} · read {:.2} GB/s · routing: {}",
+            "{} · {} per expert · {} on {}{} · io {}{} · read {:.2} GB/s · routing: {}",
             s.speed_model,
             crate::experts::budget::human_bytes(s.expert_bytes),
             if s.repeats > 1 {
@@ -685,6 +685,11 @@ fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
                 format!("{} machines", machines.len())
             } else {
                 s.device.clone()
+            },
+            if s.kernels.is_empty() || s.kernels == "gpu" {
+                String::new()
+            } else {
+                format!(" ({} threads, {})", s.threads, s.kernels)
             },
             s.io,
             s.storage_device

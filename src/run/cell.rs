@@ -232,6 +232,8 @@ pub(super) fn run_cell(
             }
         },
         device: crate::engine::describe(se.model.device()),
+        threads: se.compute_threads(),
+        kernels: se.kernels_label(),
         host: super::plan::hostname(),
         io: io.effective.to_string(),
         io_note: io.note.clone(),

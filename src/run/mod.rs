@@ -131,7 +131,9 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
         if let Err(e) = run_cells(&plan, &todo, opts.progress, !whole) {
             // A whole run that fails before its first cell (a bad prompt, a missing tokenizer)
             // leaves nothing behind; one that finished cells keeps them to resume.
-            let any_done = cells.iter().any(|c| plan.cell_files(&c.id).summary.exists());
+            let any_done = cells
+                .iter()
+                .any(|c| plan.cell_files(&c.id).summary.exists());
             if whole && fresh && !any_done {
                 let _ = std::fs::remove_dir_all(&plan.work_dir);
             }
@@ -214,7 +216,7 @@ fn run_cells(plan: &RunPlan, todo: &[usize], progress: bool, lock_cells: bool) -
     // routes (and times the cells that are not replayed) through the page cache, and its rows
     // say so. Without one, the experiment's model reads misses as `[storage]` says.
     let own_cfg = if exp.replay_on.is_some() {
-        EngineConfig::default()
+        speed::compute_config(exp, EngineConfig::default())
     } else {
         speed::storage_config(exp, EngineConfig::default())
     };

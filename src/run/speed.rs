@@ -219,6 +219,15 @@ pub(super) fn storage_config(exp: &Experiment, cfg: EngineConfig) -> EngineConfi
     EngineConfig {
         io: exp.storage.io,
         storage: exp.storage.device.as_ref().map(|(_, d)| *d),
+        ..compute_config(exp, cfg)
+    }
+}
+
+/// `cfg` with the experiment's `[engine]` compute settings (threads, kernels).
+pub(super) fn compute_config(exp: &Experiment, cfg: EngineConfig) -> EngineConfig {
+    EngineConfig {
+        threads: exp.threads,
+        kernels: exp.kernels,
         ..cfg
     }
 }

@@ -8,6 +8,7 @@
 
 use std::marker::PhantomData;
 
+use super::kernels::by_rows;
 use super::safetensors::{DType, MappedBytes};
 
 #[cfg(target_endian = "big")]
@@ -220,6 +221,25 @@ pub enum FloatsView<'a> {
 }
 
 impl FloatsView<'_> {
+    /// Values `start..start + out.len()` as f32.
+    #[inline]
+    pub fn copy_to(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            FloatsView::F32(s) => out.copy_from_slice(&s[start..start + n]),
+            FloatsView::Bf16(s) => {
+                for (o, h) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = bf16(*h);
+                }
+            }
+            FloatsView::F16(s) => {
+                for (o, h) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = half::f16::from_bits(*h).to_f32();
+                }
+            }
+        }
+    }
+
     /// Value `i` as f32.
     #[inline(always)]
     pub fn get(&self, i: usize) -> f32 {
@@ -339,53 +359,6 @@ impl FloatMatrix {
             }
         }
     }
-}
-
-/// Runs `row(r, out)` for every output row `r`, where `out` holds that row's `t` outputs (one
-/// per input), and returns the outputs as `[t, rows]`. Matrices of `work` elements or more are
-/// split into row blocks across cores.
-pub fn by_rows(
-    rows: usize,
-    t: usize,
-    work: usize,
-    row: impl Fn(usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let mut by_row = vec![0f32; rows * t];
-    let threads = if work >= 1 << 20 {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(16)
-    } else {
-        1
-    };
-    if threads <= 1 || rows < 2 * threads {
-        for (r, out) in by_row.chunks_mut(t.max(1)).enumerate() {
-            row(r, out);
-        }
-    } else {
-        let per = rows.div_ceil(threads);
-        std::thread::scope(|sc| {
-            for (b, block) in by_row.chunks_mut(per * t.max(1)).enumerate() {
-                let row = &row;
-                sc.spawn(move || {
-                    for (k, out) in block.chunks_mut(t.max(1)).enumerate() {
-                        row(b * per + k, out);
-                    }
-                });
-            }
-        });
-    }
-    if t == 1 {
-        return by_row;
-    }
-    // [rows, t] → [t, rows].
-    let mut out = vec![0f32; rows * t];
-    for r in 0..rows {
-        for k in 0..t {
-            out[k * rows + r] = by_row[r * t + k];
-        }
-    }
-    out
 }
 
 /// Dot product with 8 independent accumulators (vectorizes).

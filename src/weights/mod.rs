@@ -6,6 +6,7 @@
 //! here: `experts::store` reads exactly their byte ranges on demand.
 
 pub mod host;
+pub mod kernels;
 pub mod layout;
 pub mod matrix;
 pub mod packed;

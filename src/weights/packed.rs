@@ -1,10 +1,11 @@
 //! MLX affine-packed matrices (`w = scale · q + bias` per group, `q` packed little-endian into
-//! u32 words) multiplied in their checkpoint form, and their CPU kernels: the AVX2 + FMA 4-bit
-//! row kernel chosen at run time, and the portable form of every width.
+//! u32 words) multiplied in their checkpoint form: 4-bit rows through the kernels of
+//! [`super::kernels::q4`], other widths through a portable loop.
 
 use crate::config::QuantParams;
 
-use super::matrix::{by_rows, words_from, Floats, FloatsView, Source, Words};
+use super::kernels::{by_rows, current_kernels, q4, Kernels};
+use super::matrix::{words_from, Floats, FloatsView, Source, Words};
 use super::safetensors::DType;
 
 /// An MLX-affine matrix `[rows, cols]` kept packed: its checkpoint bytes (packed words, and
@@ -126,7 +127,10 @@ impl PackedMatrix {
         self.matmul_range(0..self.rows, xs)
     }
 
-    /// `W[rows] x` for every input row of `xs` (see [`PackedMatrix::matmul_rows`]).
+    /// `W[rows] x` for every input row of `xs` (see [`PackedMatrix::matmul_rows`]). 4-bit
+    /// matrices run the kernels of [`super::kernels::q4`] of the kind the current
+    /// [`super::kernels::Context`] names (exact f32 or int8 activations); other widths run the
+    /// portable exact loop.
     pub fn matmul_range(&self, rows: std::ops::Range<usize>, xs: &[f32]) -> Vec<f32> {
         let (gs, bits) = (self.p.group_size, self.p.bits);
         let c = self.cols;
@@ -137,55 +141,60 @@ impl PackedMatrix {
         let wpg = gs * bits / 32;
         let per_word = 32 / bits;
         let mask = (1u32 << bits) - 1;
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = bits == 4
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
         let words = self.words.as_slice();
         let (scales, biases) = (self.scales.view(), self.biases.view());
+        let work = rows.len() * c;
+        if bits == 4 && gs.is_multiple_of(8) {
+            let kind = current_kernels();
+            let int8 = kind != Kernels::Exact && q4::int8_fits(c, gs);
+            let qi = int8.then(|| q4::QuantizedInput::new(xs, c, kind == Kernels::Int8x2));
+            let qsum = qi.as_ref().map(|q| q.group_sums(gs));
+            let k = Rows4 {
+                words,
+                xs,
+                xsum: qsum.as_deref().unwrap_or(&xsum),
+                qi: qi.as_ref(),
+                r0,
+                c,
+                gs,
+            };
+            // One monomorphized kernel per scale type: the checkpoint's bf16/f16/f32 scales are
+            // read in place, converted as the kernel reaches them.
+            return match (scales, biases) {
+                (FloatsView::Bf16(s), FloatsView::Bf16(b)) => {
+                    k.run(q4::Bf16s(s), q4::Bf16s(b), rows.len(), t, work)
+                }
+                (FloatsView::F16(s), FloatsView::F16(b)) => {
+                    k.run(q4::F16s(s), q4::F16s(b), rows.len(), t, work)
+                }
+                (FloatsView::F32(s), FloatsView::F32(b)) => k.run(s, b, rows.len(), t, work),
+                _ => unreachable!("scales and biases share one type (checked at load)"),
+            };
+        }
         let row = |r: usize, out: &mut [f32]| {
             let r = r0 + r;
             let ws_row = &words[r * groups * wpg..(r + 1) * groups * wpg];
-            // Inputs outermost: the row's words (cols·bits/8 bytes) stay in L1 across them.
             for (i, o) in out.iter_mut().enumerate() {
                 let x = &xs[i * c..(i + 1) * c];
                 let xs_sum = &xsum[i * groups..(i + 1) * groups];
-                if avx2 {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked above); the slices have
-                    // the lengths the kernel reads (`groups` groups of `gs` inputs).
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        *o = unsafe {
-                            row4_avx2(ws_row, x, xs_sum, scales, biases, r * groups, groups, gs)
-                        };
-                        continue;
-                    }
-                }
                 let mut acc = 0f32;
                 for g in 0..groups {
                     let k = r * groups + g;
                     let ws = &ws_row[g * wpg..(g + 1) * wpg];
                     let xg = &x[g * gs..(g + 1) * gs];
-                    let dot = if bits == 4 {
-                        dot4(ws, xg)
-                    } else {
-                        let mut part = [0f32; 8];
-                        for (w, xw) in ws.iter().zip(xg.chunks_exact(per_word)) {
-                            for (j, xv) in xw.iter().enumerate() {
-                                part[j % 8] += ((w >> (j * bits)) & mask) as f32 * xv;
-                            }
+                    let mut part = [0f32; 8];
+                    for (w, xw) in ws.iter().zip(xg.chunks_exact(per_word)) {
+                        for (j, xv) in xw.iter().enumerate() {
+                            part[j % 8] += ((w >> (j * bits)) & mask) as f32 * xv;
                         }
-                        part.iter().sum::<f32>()
-                    };
+                    }
+                    let dot = part.iter().sum::<f32>();
                     acc += scales.get(k) * dot + biases.get(k) * xs_sum[g];
                 }
                 *o = acc;
             }
         };
-        // Threaded from 2^21 weights (the cost of a spawn against 1 MB of packed words).
-        by_rows(rows.len(), t, rows.len() * self.cols / 2, row)
+        by_rows(rows.len(), t, work, row)
     }
 
     /// `out += Σ_r w[r − rows.start] · W[r, :]` over `rows`, dequantizing on the way (a product
@@ -215,62 +224,44 @@ impl PackedMatrix {
     }
 }
 
-/// Σ q·x over 4-bit words (8 nibbles each, least significant first) and 8 inputs per word.
-#[inline(always)]
-fn dot4(words: &[u32], xs: &[f32]) -> f32 {
-    let mut part = [0f32; 8];
-    for (w, xw) in words.iter().zip(xs.chunks_exact(8)) {
-        for j in 0..8 {
-            part[j] += ((w >> (4 * j)) & 15) as f32 * xw[j];
-        }
-    }
-    part.iter().sum()
+/// The operands of a 4-bit product, for [`Rows4::run`].
+struct Rows4<'a> {
+    words: &'a [u32],
+    xs: &'a [f32],
+    xsum: &'a [f32],
+    qi: Option<&'a q4::QuantizedInput>,
+    r0: usize,
+    c: usize,
+    gs: usize,
 }
 
-/// One output of a 4-bit row with AVX2 + FMA: per group, the 8 nibbles of each word are
-/// widened to f32 lanes (per-lane shifts) and multiplied into a vector accumulator; the group's
-/// lanes are scaled by its scale, its bias times `Σx` is added as a scalar, and the lanes are
-/// summed once per row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn row4_avx2(
-    words: &[u32],
-    x: &[f32],
-    xsum: &[f32],
-    scales: FloatsView<'_>,
-    biases: FloatsView<'_>,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
-    use std::arch::x86_64::*;
-    let wpg = gs / 8;
-    debug_assert!(words.len() >= groups * wpg && x.len() >= groups * gs && xsum.len() >= groups);
-    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    let fifteen = _mm256_set1_epi32(15);
-    let mut total = _mm256_setzero_ps();
-    let mut bias_sum = 0f32;
-    let wp = words.as_ptr();
-    let xp = x.as_ptr();
-    for g in 0..groups {
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..wpg {
-            let w = *wp.add(g * wpg + i);
-            let q = _mm256_and_si256(
-                _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
-                fifteen,
-            );
-            let xv = _mm256_loadu_ps(xp.add(g * gs + 8 * i));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xv, acc);
-        }
-        total = _mm256_fmadd_ps(_mm256_set1_ps(scales.get(k0 + g)), acc, total);
-        bias_sum += biases.get(k0 + g) * *xsum.get_unchecked(g);
+impl Rows4<'_> {
+    fn run<S: q4::Scales>(&self, s: S, b: S, rows: usize, t: usize, work: usize) -> Vec<f32> {
+        let (c, gs) = (self.c, self.gs);
+        let groups = c / gs;
+        let wpg = gs / 8;
+        let simd = simd();
+        by_rows(rows, t, work, |r, out| {
+            let r = self.r0 + r;
+            let ws_row = &self.words[r * groups * wpg..(r + 1) * groups * wpg];
+            let k0 = r * groups;
+            // Inputs innermost: the row's words (cols/2 bytes) stay in L1 across them.
+            for (i, o) in out.iter_mut().enumerate() {
+                let xs_sum = &self.xsum[i * groups..(i + 1) * groups];
+                *o = match self.qi {
+                    Some(qi) => simd.row_int8(ws_row, qi.row(i), xs_sum, s, b, k0, groups, gs),
+                    None => {
+                        let x = &self.xs[i * c..(i + 1) * c];
+                        simd.row_exact(ws_row, x, xs_sum, s, b, k0, groups, gs)
+                    }
+                };
+            }
+        })
     }
-    let hi = _mm256_extractf128_ps(total, 1);
-    let lo = _mm256_castps256_ps128(total);
-    let s4 = _mm_add_ps(lo, hi);
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    _mm_cvtss_f32(s1) + bias_sum
+}
+
+/// The kernel form this CPU runs, detected once.
+fn simd() -> q4::Simd {
+    static SIMD: std::sync::OnceLock<q4::Simd> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(q4::Simd::detect)
 }

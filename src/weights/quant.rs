@@ -79,24 +79,10 @@ pub fn dequantize_into(
                 }
             }
         };
-        let threads = if dst.len() >= 1 << 20 {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(16)
-        } else {
-            1
-        };
-        if threads <= 1 {
-            decode(0, dst);
-        } else {
-            let per = n_groups.div_ceil(threads);
-            std::thread::scope(|sc| {
-                for (t, part) in dst.chunks_mut(per * p.group_size).enumerate() {
-                    let decode = &decode;
-                    sc.spawn(move || decode(t * per, part));
-                }
-            });
-        }
+        let block = n_groups.div_ceil(4 * super::kernels::cores()).max(1) * p.group_size;
+        super::kernels::by_blocks(dst, block, dst.len(), |start, part| {
+            decode(start / p.group_size, part)
+        });
         return Ok(());
     }
     for r in 0..rows {

@@ -22,6 +22,8 @@ fn opts() -> BenchOptions {
         dense: Default::default(),
         io: Default::default(),
         storage: None,
+        threads: None,
+        kernels: Default::default(),
         replay: None,
     }
 }

@@ -23,6 +23,8 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         dense: Default::default(),
         io: Default::default(),
         storage: None,
+        threads: None,
+        kernels: Default::default(),
     };
     let mut e = Engine::open(&dir, Device::Cpu, cfg).unwrap();
     let r = Reference::load(&dir);

@@ -5,6 +5,7 @@
 //! build on 2 cores. Run one module with `cargo test --test integration <module>::`.
 
 mod common;
+mod compute;
 
 mod architecture;
 mod bad_input;

@@ -1,0 +1,215 @@
+//! CPU compute settings and how products are split across cores.
+//!
+//! An [`Engine`](crate::engine::Engine) runs each forward call in its [`Context`]: the kernel
+//! kind of the packed products ([`Kernels`]) and a [`spin::SpinPool`] of the run's thread count
+//! over which large products are split in row blocks. The call itself runs on a one-thread rayon
+//! pool, so candle's own parallel CPU ops (softmax, small matmuls) run inline instead of waking
+//! rayon's global workers for microseconds of work. Code outside an engine (unit tests,
+//! benchmarks) runs exact kernels on one thread. Every row is computed by one thread with the
+//! same operations whatever the thread count, so outputs are bit-identical for any `threads`
+//! (tested).
+
+pub mod q4;
+pub mod spin;
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use spin::SpinPool;
+
+named_enum! {
+    /// Which arithmetic the CPU's packed (MLX 4-bit) products use.
+    pub enum Kernels {
+        /// f32 activations: the reference path (matches HF transformers to float rounding).
+        #[default]
+        Exact = "exact",
+        /// Activations as two int8 parts per block of 32 (the value and its residual, ≈ 16-bit
+        /// precision), integer dot products: within the 4-bit tolerance of HF (measured per
+        /// fixture in the tests).
+        Int8x2 = "int8x2",
+        /// Activations as one int8 part per block of 32 (llama.cpp's Q8 scheme), integer dot
+        /// products: fastest; its deviation from HF is larger than the 4-bit tolerance on our
+        /// fixtures (measured in the tests), so it is for speed studies only.
+        Int8 = "int8",
+    }
+}
+
+/// What the products of one forward call run with.
+#[derive(Clone)]
+pub struct Context {
+    /// Kernel kind of the packed products.
+    pub kernels: Kernels,
+    /// The threads row blocks are split over.
+    pub spin: Arc<SpinPool>,
+    /// A one-thread rayon pool the call runs in (see the module docs).
+    rayon: Arc<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("kernels", &self.kernels)
+            .field("threads", &self.threads())
+            .finish()
+    }
+}
+
+impl Context {
+    /// A context with `threads` compute threads (`None`: every core).
+    pub fn new(kernels: Kernels, threads: Option<usize>) -> crate::error::Result<Self> {
+        if threads == Some(0) {
+            return Err(crate::error::Error::Input(
+                "threads 0: at least one compute thread (leave it out for every core)".into(),
+            ));
+        }
+        let n = threads.unwrap_or_else(cores);
+        let err = |e: &dyn std::fmt::Display| {
+            crate::error::Error::Input(format!("cannot start {n} compute threads: {e}"))
+        };
+        let spin = SpinPool::new(n).map_err(|e| err(&e))?;
+        let rayon = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "compute-0".into())
+            .build()
+            .map_err(|e| err(&e))?;
+        Ok(Context {
+            kernels,
+            spin: Arc::new(spin),
+            rayon: Arc::new(rayon),
+        })
+    }
+
+    /// Compute threads.
+    pub fn threads(&self) -> usize {
+        self.spin.threads()
+    }
+}
+
+/// Cores of this machine.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<(Kernels, Arc<SpinPool>)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `ctx`'s kernels and threads (on its compute thread; the caller waits).
+pub fn with<R: Send>(ctx: &Context, f: impl FnOnce() -> R + Send) -> R {
+    let cur = (ctx.kernels, ctx.spin.clone());
+    ctx.rayon.install(move || {
+        let prev = CURRENT.with(|c| c.borrow_mut().replace(cur));
+        let out = f();
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+        out
+    })
+}
+
+/// The kernel kind in effect on this thread (exact outside [`with`]).
+pub fn current_kernels() -> Kernels {
+    CURRENT.with(|c| c.borrow().as_ref().map_or(Kernels::Exact, |c| c.0))
+}
+
+/// The pool of this thread's context, if it has more than one thread.
+fn current_pool() -> Option<Arc<SpinPool>> {
+    CURRENT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|c| c.1.threads() > 1)
+            .map(|c| c.1.clone())
+    })
+}
+
+/// A pointer to disjoint blocks of one buffer, handed to the pool's threads.
+#[derive(Clone, Copy)]
+struct Blocks<T>(*mut T);
+// SAFETY: every user writes only the block it claimed; blocks do not overlap.
+unsafe impl<T: Send> Send for Blocks<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for Blocks<T> {}
+
+impl<T> Blocks<T> {
+    /// Elements `start..start + len`.
+    ///
+    /// # Safety
+    /// In bounds, and no other live reference to them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, start: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// Products of at least this many weights are split across threads (≈ 10 µs of work with the
+/// int8 kernels, against ≈ 1–2 µs to hand a block to another thread).
+const PARALLEL_WORK: usize = 1 << 16;
+
+/// Runs `row(r, out)` for every output row `r`, where `out` holds that row's `t` outputs (one
+/// per input), and returns the outputs as `[t, rows]`. Products of `work` weights or more are
+/// split into row blocks over the context's threads.
+pub fn by_rows(
+    rows: usize,
+    t: usize,
+    work: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let t1 = t.max(1);
+    let mut by_row = vec![0f32; rows * t1];
+    match current_pool() {
+        Some(pool) if work >= PARALLEL_WORK && rows >= 16 => {
+            // A few blocks per thread for balance, each at least 8 rows.
+            let per = rows.div_ceil(4 * pool.threads()).max(8);
+            let buf = Blocks(by_row.as_mut_ptr());
+            pool.run(rows.div_ceil(per), &|b| {
+                let (r0, r1) = (b * per, ((b + 1) * per).min(rows));
+                // SAFETY: block `b` is rows r0..r1 of `by_row`, claimed by this thread only.
+                let block = unsafe { buf.part(r0 * t1, (r1 - r0) * t1) };
+                for (k, out) in block.chunks_mut(t1).enumerate() {
+                    row(r0 + k, out);
+                }
+            });
+        }
+        _ => {
+            for (r, out) in by_row.chunks_mut(t1).enumerate() {
+                row(r, out);
+            }
+        }
+    }
+    if t1 == 1 {
+        return by_row;
+    }
+    // [rows, t] → [t, rows].
+    let mut out = vec![0f32; rows * t1];
+    for r in 0..rows {
+        for k in 0..t1 {
+            out[k * rows + r] = by_row[r * t1 + k];
+        }
+    }
+    out
+}
+
+/// Runs `f(start, part)` over blocks of `data` (`block` elements each, the last shorter) on the
+/// context's threads when `data` holds `work` or more elements of work.
+pub fn by_blocks<T: Send>(
+    data: &mut [T],
+    block: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let block = block.max(1);
+    let len = data.len();
+    match current_pool() {
+        Some(pool) if work >= PARALLEL_WORK && len > block => {
+            let buf = Blocks(data.as_mut_ptr());
+            pool.run(len.div_ceil(block), &|b| {
+                let (s, e) = (b * block, ((b + 1) * block).min(len));
+                // SAFETY: block `b` is elements s..e of `data`, claimed by this thread only.
+                f(s, unsafe { buf.part(s, e - s) });
+            });
+        }
+        _ => {
+            for (b, part) in data.chunks_mut(block).enumerate() {
+                f(b * block, part);
+            }
+        }
+    }
+}
