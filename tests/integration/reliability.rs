@@ -491,5 +491,8 @@ fn the_device_flag_is_read_and_every_output_names_its_device() {
         "3",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains(" on cpu, io page-cache]"), "{err}");
+    assert!(
+        err.contains(" on cpu (exact/") && err.contains(" threads), io page-cache]"),
+        "{err}"
+    );
 }
