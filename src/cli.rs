@@ -81,7 +81,7 @@ struct BenchArgs {
     /// New tokens per prompt.
     #[arg(long, default_value_t = 16)]
     tokens: usize,
-    /// Expert loader threads (0: inline). Default: 0 on the CPU, min(top_k, 8) on a GPU.
+    /// Expert loader threads (0: inline). Default: on the CPU 0 with --io page-cache, min(top_k, 4) with direct/cold; min(top_k, 8) on a GPU.
     #[arg(long)]
     load_threads: Option<usize>,
     /// Prompt seed.
@@ -248,7 +248,7 @@ pub struct CacheArgs {
     /// Compute device: cpu, cuda (needs --features cuda) or metal (--features metal).
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub device: Backend,
-    /// Expert loader threads (0: load inline). Default: 0 on the CPU, min(top_k, 8) on a GPU.
+    /// Expert loader threads (0: load inline). Default: on the CPU 0 with --io page-cache, min(top_k, 4) with direct/cold; min(top_k, 8) on a GPU.
     #[arg(long)]
     pub load_threads: Option<usize>,
     /// Resident form of MLX-quantized experts on CUDA: packed (checkpoint bytes, decoded in the

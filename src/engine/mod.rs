@@ -63,7 +63,8 @@ pub struct EngineConfig {
     /// Keep a per-(token, layer) routing trace.
     pub record_trace: bool,
     /// Expert loader threads: `Some(0)` loads inline on the engine thread; `None` picks 0 on the
-    /// CPU and `min(top_k, 8)` on a GPU (parallel misses, asynchronous lookahead prefetch).
+    /// CPU through the page cache, `min(top_k, 4)` on the CPU with `direct`/`cold` reads and
+    /// `min(top_k, 8)` on a GPU (parallel misses, asynchronous lookahead prefetch).
     pub load_threads: Option<usize>,
     /// Resident form of MLX-quantized experts on CUDA (packed by default).
     pub gpu_experts: GpuExperts,
@@ -482,9 +483,15 @@ impl Engine {
             pending: Vec::new(),
             outcome: StepOutcome::default(),
         };
-        let (logits, routing) = kernels::with(&self.compute, || {
-            model.forward(tokens, kv, &mut access, last_only)
-        })?;
+        // On the CPU the call runs in the compute context (kernels, threads); a GPU's calls stay
+        // on this thread, where its CUDA context is current.
+        let (logits, routing) = if model.device().is_cpu() {
+            kernels::with(&self.compute, || {
+                model.forward(tokens, kv, &mut access, last_only)
+            })?
+        } else {
+            model.forward(tokens, kv, &mut access, last_only)?
+        };
         Ok((rows(&logits)?, routing))
     }
 
@@ -642,11 +649,18 @@ fn check_budget(spec: &ModelSpec, store: &ExpertStore, cfg: &EngineConfig) -> Re
 }
 
 /// Loader threads for `cfg` on `device` (see [`EngineConfig::load_threads`]).
+/// The loader threads `cfg` asks for, or the default measured per device and I/O mode
+/// (docs/performance.md, loader defaults): on the CPU, inline through the page cache (a miss
+/// is a memory copy; handing it to a thread costs more than it hides) and `min(top_k, 4)`
+/// threads when misses go to storage (`direct`, `cold`: parallel reads hide their latency);
+/// `min(top_k, 8)` on a GPU.
 fn load_threads(spec: &ModelSpec, device: &Device, cfg: &EngineConfig) -> usize {
-    cfg.load_threads.unwrap_or(if device.is_cpu() {
+    cfg.load_threads.unwrap_or(if !device.is_cpu() {
+        spec.moe.top_k.min(8)
+    } else if cfg.io == IoMode::PageCache {
         0
     } else {
-        spec.moe.top_k.min(8)
+        spec.moe.top_k.min(4)
     })
 }
 

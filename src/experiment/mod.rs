@@ -177,8 +177,8 @@ pub struct RawCache {
     /// Keep the cache between prompts, as in a serving session (default true).
     #[serde(default = "yes")]
     pub carry_over: bool,
-    /// Expert loader threads (0: load inline on the engine thread). Default: 0 on the CPU,
-    /// `min(top_k, 8)` on a GPU.
+    /// Expert loader threads (0: load inline on the engine thread). Default: on the CPU 0
+    /// through the page cache, `min(top_k, 4)` with direct/cold reads; `min(top_k, 8)` on a GPU.
     pub load_threads: Option<usize>,
 }
 

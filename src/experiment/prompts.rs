@@ -62,4 +62,3 @@ pub(super) fn read_prompts(file: &Path, base: &Path, p: &RawPrompts) -> Result<V
     }
     Ok(out)
 }
-
