@@ -215,20 +215,57 @@ impl MoeBlock {
             access.begin_step(self.layer, pos0 + t, route, pred)?;
             let mut acc: Option<Tensor> = None;
             let mut kept = 0f32;
-            for (&e, &w) in route.experts.iter().zip(&route.weights) {
-                let Some(ew) = access.fetch(ExpertKey {
-                    layer: self.layer,
-                    expert: e,
-                })?
-                else {
-                    continue;
-                };
-                kept += w;
-                let y = (expert_forward(&xt, &ew)? * w as f64)?;
-                acc = Some(match acc {
-                    Some(a) => (a + y)?,
-                    None => y,
+            if xt.device().is_cpu() && crate::weights::kernels::parallel() {
+                // Several CPU threads: fetch the step's experts in router order, compute them
+                // side by side, then add them in router order (the same sums as one by one).
+                let mut fetched = Vec::with_capacity(route.experts.len());
+                for (&e, &w) in route.experts.iter().zip(&route.weights) {
+                    let key = ExpertKey {
+                        layer: self.layer,
+                        expert: e,
+                    };
+                    if let Some(ew) = access.fetch(key)? {
+                        kept += w;
+                        fetched.push((ew, w));
+                    }
+                }
+                let ys: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
+                    fetched.iter().map(|_| Default::default()).collect();
+                crate::weights::kernels::par_for(fetched.len(), &|i| {
+                    let (ew, w) = &fetched[i];
+                    let y = expert_forward(&xt, ew).and_then(|y| Ok((y * *w as f64)?));
+                    *ys[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
                 });
+                for y in ys {
+                    let y = y
+                        .into_inner()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(|| {
+                            Err(crate::error::Error::Input(
+                                "internal: an expert of the step was not computed".into(),
+                            ))
+                        })?;
+                    acc = Some(match acc {
+                        Some(a) => (a + y)?,
+                        None => y,
+                    });
+                }
+            } else {
+                for (&e, &w) in route.experts.iter().zip(&route.weights) {
+                    let Some(ew) = access.fetch(ExpertKey {
+                        layer: self.layer,
+                        expert: e,
+                    })?
+                    else {
+                        continue;
+                    };
+                    kept += w;
+                    let y = (expert_forward(&xt, &ew)? * w as f64)?;
+                    acc = Some(match acc {
+                        Some(a) => (a + y)?,
+                        None => y,
+                    });
+                }
             }
             access.end_step(route)?;
             let total: f32 = route.weights.iter().sum();

@@ -120,6 +120,31 @@ fn current_pool() -> Option<Arc<SpinPool>> {
     })
 }
 
+/// Whether this thread's context splits work across more than one thread.
+pub fn parallel() -> bool {
+    current_pool().is_some()
+}
+
+/// `f(i)` for every `i < n`, each once, on the context's threads (serially without a context
+/// of several threads, or when called from inside another parallel job). The caller combines
+/// the results in index order, so the outcome does not depend on the thread count.
+pub fn par_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    let Some(cur) = CURRENT.with(|c| c.borrow().clone()) else {
+        return (0..n).for_each(f);
+    };
+    if cur.1.threads() <= 1 {
+        return (0..n).for_each(f);
+    }
+    // The pool's threads run `f` in this thread's context (its kernel kind above all: work
+    // done on a worker must not silently fall back to the exact kernels).
+    let pool = cur.1.clone();
+    pool.run(n, &|i| {
+        let prev = CURRENT.with(|c| c.borrow_mut().replace(cur.clone()));
+        f(i);
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+    });
+}
+
 /// A pointer to disjoint blocks of one buffer, handed to the pool's threads.
 #[derive(Clone, Copy)]
 struct Blocks<T>(*mut T);
