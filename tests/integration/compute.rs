@@ -104,3 +104,43 @@ fn int8x2_kernels_stay_within_the_4bit_tolerance_of_transformers() {
         );
     }
 }
+
+/// `[engine] threads` and `kernels` reach every cell of a run and its summary says so (a setting
+/// that is silently ignored would leave `exact` and every core there); `threads = 0` is refused.
+#[test]
+fn experiment_engine_settings_reach_the_cells_and_their_summaries() {
+    use moe_harness::run::{run, RunOptions};
+    let d = tempfile::tempdir().unwrap();
+    let write = |engine: &str| {
+        let body = format!(
+            "name = \"t\"\n[model]\npath = \"{}\"\n[cache]\npolicy = \"lru\"\ncapacity = [4]\n[prompts]\ninline = [\"def f(x):\", \"import os\"]\nwarmup = 1\n[generation]\nmax_new_tokens = 4\n[output]\ndir = \"out\"\n[engine]\n{engine}\n",
+            fixture("glm4_moe-mlx4").display()
+        );
+        let p = d.path().join("exp.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let f = write("threads = 2\nkernels = \"int8x2\"");
+    let exp = moe_harness::experiment::load(&f, true).unwrap();
+    let dir = run(&exp, &RunOptions::default()).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert!(!rows.is_empty());
+    for r in &rows {
+        assert_eq!(r["threads"], 2, "{r}");
+        assert!(r["kernels"].as_str().unwrap().starts_with("int8x2/"), "{r}");
+    }
+    let f = write("threads = 0");
+    let err = moe_harness::experiment::load(&f, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("engine.threads") && err.contains("exp.toml"),
+        "{err}"
+    );
+    let f = write("kernel = \"int8\"");
+    let err = moe_harness::experiment::load(&f, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("kernel"), "{err}");
+}
