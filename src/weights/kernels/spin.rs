@@ -45,6 +45,8 @@ struct Shared {
     state: AtomicU64,
     job: AtomicPtr<Job<'static>>,
     done: AtomicUsize,
+    /// A block of the current job panicked (re-raised by `run` once every block is done).
+    panicked: AtomicBool,
     stop: AtomicBool,
     sleeping: AtomicUsize,
     park: Mutex<()>,
@@ -69,7 +71,12 @@ impl Shared {
                 // so its caller is still inside `run` waiting for this block, and `job` (stored
                 // before the epoch was published) points to its live `Job`.
                 let f = unsafe { (*job).f };
-                f(next(s) as usize);
+                // A panic must neither kill a worker (the job would never finish) nor unwind
+                // `run` while other threads still use the job on its stack.
+                let i = next(s) as usize;
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))).is_err() {
+                    self.panicked.store(true, Ordering::Release);
+                }
                 self.done.fetch_add(1, Ordering::Release);
             }
         }
@@ -103,6 +110,7 @@ impl SpinPool {
             state: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
             done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             sleeping: AtomicUsize::new(0),
             park: Mutex::new(()),
@@ -159,6 +167,9 @@ impl SpinPool {
         IN_JOB.with(|j| j.set(false));
         while sh.done.load(Ordering::Acquire) < n {
             std::hint::spin_loop();
+        }
+        if sh.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a block of a parallel product panicked (see the message above)");
         }
     }
 }
@@ -237,5 +248,21 @@ mod tests {
             })
         });
         assert_eq!(total.load(Ordering::Relaxed), 12);
+        // A panicking block is re-raised on the caller once every block is done, and the
+        // pool keeps working.
+        let ran = AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(8, &|i| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                assert!(i != 5, "block 5 fails");
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(ran.load(Ordering::Relaxed), 8);
+        let again = AtomicUsize::new(0);
+        pool.run(8, &|_| {
+            again.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(again.load(Ordering::Relaxed), 8);
     }
 }
