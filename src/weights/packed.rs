@@ -243,17 +243,20 @@ impl Rows4<'_> {
         let simd = simd();
         by_rows(rows, t, work, |r, out| {
             let r = self.r0 + r;
-            let ws_row = &self.words[r * groups * wpg..(r + 1) * groups * wpg];
-            let k0 = r * groups;
+            let row = q4::Row {
+                words: &self.words[r * groups * wpg..(r + 1) * groups * wpg],
+                s,
+                b,
+                k0: r * groups,
+                groups,
+                gs,
+            };
             // Inputs innermost: the row's words (cols/2 bytes) stay in L1 across them.
             for (i, o) in out.iter_mut().enumerate() {
                 let xs_sum = &self.xsum[i * groups..(i + 1) * groups];
                 *o = match self.qi {
-                    Some(qi) => simd.row_int8(ws_row, qi.row(i), xs_sum, s, b, k0, groups, gs),
-                    None => {
-                        let x = &self.xs[i * c..(i + 1) * c];
-                        simd.row_exact(ws_row, x, xs_sum, s, b, k0, groups, gs)
-                    }
+                    Some(qi) => simd.row_int8(row, qi.row(i), xs_sum),
+                    None => simd.row_exact(row, &self.xs[i * c..(i + 1) * c], xs_sum),
                 };
             }
         })

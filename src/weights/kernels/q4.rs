@@ -214,20 +214,35 @@ fn bias_sum(groups: usize, xsum: &[f32], b: impl Scales, k0: usize) -> f32 {
     acc
 }
 
-/// Exact kernel, portable form: one output of a row of `groups` groups of `gs` columns.
-/// `words`: the row's packed words; `x`: the input row; `xsum`: its per-group sums; `s`, `b`:
-/// the matrix's group scales and biases, the row's first group at `k0`.
-#[allow(clippy::too_many_arguments)]
-pub fn row_exact<S: Scales>(
-    words: &[u32],
-    x: &[f32],
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
+/// One row of a 4-bit matrix as every kernel form reads it: its packed words (`groups` groups
+/// of `gs` columns) and the matrix's group scales and biases, the row's first group at `k0`.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a, S> {
+    /// The row's packed words.
+    pub words: &'a [u32],
+    /// Group scales of the matrix.
+    pub s: S,
+    /// Group biases of the matrix.
+    pub b: S,
+    /// Index of the row's first group in `s` and `b`.
+    pub k0: usize,
+    /// Groups in the row.
+    pub groups: usize,
+    /// Columns per group.
+    pub gs: usize,
+}
+
+/// Exact kernel, portable form: one output of row `r` for the input row `x`, whose per-group
+/// sums are `xsum`.
+pub fn row_exact<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
+    let Row {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = r;
     let wpg = gs / 8;
     let mut total = [0f32; 8];
     for g in 0..groups {
@@ -251,35 +266,23 @@ pub fn row_exact<S: Scales>(
 /// [`QuantizedInput::row`] gives it). Lane `k` of chunk `c` (64 columns) sums word `8c + k`'s
 /// eight products in integers and adds them, scaled by `d · s` of its 32-column block, to its
 /// accumulator with one fused multiply-add (then the same for the residual part, if any).
-#[allow(clippy::too_many_arguments)]
-pub fn row_int8<S: Scales>(
-    words: &[u32],
-    x: QRow<'_>,
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
+pub fn row_int8<S: Scales>(r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
     if x.q2.is_empty() {
-        int8_portable::<S, false>(words, x, xsum, s, b, k0, groups, gs)
+        int8_portable::<S, false>(r, x, xsum)
     } else {
-        int8_portable::<S, true>(words, x, xsum, s, b, k0, groups, gs)
+        int8_portable::<S, true>(r, x, xsum)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn int8_portable<S: Scales, const TWO: bool>(
-    words: &[u32],
-    x: QRow<'_>,
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
+fn int8_portable<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
+    let Row {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = r;
     let chunks = groups * gs / 64;
     let sh = gs.trailing_zeros();
     let mut total = [0f32; 8];
@@ -316,17 +319,15 @@ fn int8_portable<S: Scales, const TWO: bool>(
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn row_exact_avx2<S: Scales>(
-    words: &[u32],
-    x: &[f32],
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
+unsafe fn exact_avx2<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
+    let Row {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = r;
     use std::arch::x86_64::*;
     let wpg = gs / 8;
     assert!(words.len() >= groups * wpg && x.len() >= groups * gs);
@@ -353,43 +354,21 @@ pub unsafe fn row_exact_avx2<S: Scales>(
 }
 
 /// Int8 kernel with AVX2 (`maddubs`: unsigned nibbles × signed int8 activations; bit-equal to
-/// [`row_int8`]).
+/// [`row_int8`]); `TWO`: the input has a residual part.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn row_int8_avx2<S: Scales>(
-    words: &[u32],
-    x: QRow<'_>,
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
-    if x.q2.is_empty() {
-        int8_avx2::<S, false>(words, x, xsum, s, b, k0, groups, gs)
-    } else {
-        int8_avx2::<S, true>(words, x, xsum, s, b, k0, groups, gs)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn int8_avx2<S: Scales, const TWO: bool>(
-    words: &[u32],
-    x: QRow<'_>,
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
+unsafe fn int8_avx2<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
+    let Row {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = r;
     use std::arch::x86_64::*;
     let chunks = groups * gs / 64;
     assert!(words.len() >= chunks * 8 && x.q.len() >= chunks * 64 && x.d.len() >= chunks * 8);
@@ -435,17 +414,15 @@ unsafe fn int8_avx2<S: Scales, const TWO: bool>(
 /// # Safety
 /// None beyond the slice lengths it asserts (NEON is part of every aarch64 CPU).
 #[cfg(target_arch = "aarch64")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn row_exact_neon<S: Scales>(
-    words: &[u32],
-    x: &[f32],
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
+unsafe fn exact_neon<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
+    let Row {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = r;
     use std::arch::aarch64::*;
     let wpg = gs / 8;
     assert!(words.len() >= groups * wpg && x.len() >= groups * gs);
@@ -473,41 +450,21 @@ pub unsafe fn row_exact_neon<S: Scales>(
     reduce(l) + bias_sum(groups, xsum, b, k0)
 }
 
-/// Int8 kernel with NEON (widening multiplies; bit-equal to [`row_int8`]).
+/// Int8 kernel with NEON (widening multiplies; bit-equal to [`row_int8`]); `TWO`: the input
+/// has a residual part.
 ///
 /// # Safety
 /// None beyond the slice lengths it asserts.
 #[cfg(target_arch = "aarch64")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn row_int8_neon<S: Scales>(
-    words: &[u32],
-    x: QRow<'_>,
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
-    if x.q2.is_empty() {
-        int8_neon::<S, false>(words, x, xsum, s, b, k0, groups, gs)
-    } else {
-        int8_neon::<S, true>(words, x, xsum, s, b, k0, groups, gs)
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn int8_neon<S: Scales, const TWO: bool>(
-    words: &[u32],
-    x: QRow<'_>,
-    xsum: &[f32],
-    s: S,
-    b: S,
-    k0: usize,
-    groups: usize,
-    gs: usize,
-) -> f32 {
+unsafe fn int8_neon<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
+    let Row {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = r;
     use std::arch::aarch64::*;
     let chunks = groups * gs / 64;
     assert!(words.len() >= chunks * 8 && x.q.len() >= chunks * 64 && x.d.len() >= chunks * 8);
@@ -597,52 +554,39 @@ impl Simd {
 
     /// [`row_exact`] in this form.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn row_exact<S: Scales>(
-        self,
-        words: &[u32],
-        x: &[f32],
-        xsum: &[f32],
-        s: S,
-        b: S,
-        k0: usize,
-        groups: usize,
-        gs: usize,
-    ) -> f32 {
+    pub fn row_exact<S: Scales>(self, r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
         match self {
             // SAFETY: `Avx2` is only detected on CPUs with AVX2 and FMA; the kernels assert
             // their slice lengths.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { row_exact_avx2(words, x, xsum, s, b, k0, groups, gs) },
+            Simd::Avx2 => unsafe { exact_avx2(r, x, xsum) },
             // SAFETY: NEON is baseline on aarch64; the kernels assert their slice lengths.
             #[cfg(target_arch = "aarch64")]
-            Simd::Neon => unsafe { row_exact_neon(words, x, xsum, s, b, k0, groups, gs) },
-            _ => row_exact(words, x, xsum, s, b, k0, groups, gs),
+            Simd::Neon => unsafe { exact_neon(r, x, xsum) },
+            _ => row_exact(r, x, xsum),
         }
     }
 
     /// [`row_int8`] in this form.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn row_int8<S: Scales>(
-        self,
-        words: &[u32],
-        x: QRow<'_>,
-        xsum: &[f32],
-        s: S,
-        b: S,
-        k0: usize,
-        groups: usize,
-        gs: usize,
-    ) -> f32 {
+    pub fn row_int8<S: Scales>(self, r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
+        if x.q2.is_empty() {
+            self.int8::<S, false>(r, x, xsum)
+        } else {
+            self.int8::<S, true>(r, x, xsum)
+        }
+    }
+
+    #[inline(always)]
+    fn int8<S: Scales, const TWO: bool>(self, r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
         match self {
             // SAFETY: as in `row_exact`.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { row_int8_avx2(words, x, xsum, s, b, k0, groups, gs) },
+            Simd::Avx2 => unsafe { int8_avx2::<S, TWO>(r, x, xsum) },
             // SAFETY: as in `row_exact`.
             #[cfg(target_arch = "aarch64")]
-            Simd::Neon => unsafe { row_int8_neon(words, x, xsum, s, b, k0, groups, gs) },
-            _ => row_int8(words, x, xsum, s, b, k0, groups, gs),
+            Simd::Neon => unsafe { int8_neon::<S, TWO>(r, x, xsum) },
+            _ => int8_portable::<S, TWO>(r, x, xsum),
         }
     }
 }
@@ -715,9 +659,16 @@ mod tests {
             for s in 0..4 {
                 let c = case(seed * 101 + s, cols, gs);
                 let (sv, bv): (Vec<f32>, Vec<f32>) = c.sb.iter().copied().unzip();
-                let exact = row_exact(&c.words, &c.x, &c.xsum, &sv[..], &bv[..], 0, c.groups, gs);
-                let fast =
-                    simd.row_exact(&c.words, &c.x, &c.xsum, &sv[..], &bv[..], 0, c.groups, gs);
+                let r = Row {
+                    words: &c.words,
+                    s: &sv[..],
+                    b: &bv[..],
+                    k0: 0,
+                    groups: c.groups,
+                    gs,
+                };
+                let exact = row_exact(r, &c.x, &c.xsum);
+                let fast = simd.row_exact(r, &c.x, &c.xsum);
                 assert_eq!(
                     exact.to_bits(),
                     fast.to_bits(),
@@ -733,9 +684,8 @@ mod tests {
                     let qi = QuantizedInput::new(&c.x, cols, residual);
                     let x = qi.row(0);
                     let qsum = qi.group_sums(gs);
-                    let (sv, bv) = (&sv[..], &bv[..]);
-                    let i8p = row_int8(&c.words, x, &qsum, sv, bv, 0, c.groups, gs);
-                    let i8f = simd.row_int8(&c.words, x, &qsum, sv, bv, 0, c.groups, gs);
+                    let i8p = row_int8(r, x, &qsum);
+                    let i8f = simd.row_int8(r, x, &qsum);
                     assert_eq!(i8p.to_bits(), i8f.to_bits(), "int8 {residual}, {simd:?}");
                     // The result is W·x̃ for the rounded activations, so it is off by at most
                     // Σ|w_i|·(half a step of x_i's block) (plus float rounding).
