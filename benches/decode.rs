@@ -23,6 +23,21 @@ fn decode_steps(e: &mut Engine, kv: &mut KvCache) {
     black_box(tok);
 }
 
+/// `iters` times: a prefill of `prompt` (not timed), then [`STEPS`] timed decode steps; the
+/// trace, if recorded, is dropped after each.
+fn timed_decode(e: &mut Engine, prompt: &[u32], iters: u64) -> std::time::Duration {
+    let mut total = std::time::Duration::ZERO;
+    for _ in 0..iters {
+        let mut kv = KvCache::default();
+        e.forward(prompt, &mut kv, 0, true).unwrap();
+        let t = std::time::Instant::now();
+        decode_steps(e, &mut kv);
+        total += t.elapsed();
+        let _ = e.take_trace();
+    }
+    total
+}
+
 fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(STEPS as u64));
@@ -36,19 +51,7 @@ fn decode(c: &mut Criterion) {
     ] {
         let mut e = engine(&dir, budget, "lru", trace);
         g.bench_function(BenchmarkId::new("mlx4 16 tokens", name), |b| {
-            // Prefill outside the timed part; only the decode steps are measured.
-            b.iter_custom(|iters| {
-                let mut total = std::time::Duration::ZERO;
-                for _ in 0..iters {
-                    let mut kv = KvCache::default();
-                    e.forward(&PROMPT, &mut kv, 0, true).unwrap();
-                    let t = std::time::Instant::now();
-                    decode_steps(&mut e, &mut kv);
-                    total += t.elapsed();
-                    let _ = e.take_trace();
-                }
-                total
-            })
+            b.iter_custom(|iters| timed_decode(&mut e, &PROMPT, iters))
         });
     }
     g.finish();
@@ -68,18 +71,7 @@ fn mla_vs_gqa(c: &mut Criterion) {
     ] {
         let mut e = engine(&root.join(fixture), Budget::Unlimited, "lru", false);
         g.bench_function(BenchmarkId::new("hidden 64, 16 tokens", name), |b| {
-            b.iter_custom(|iters| {
-                let mut total = std::time::Duration::ZERO;
-                for _ in 0..iters {
-                    let mut kv = KvCache::default();
-                    e.forward(&[1, 2, 3, 4, 5, 6, 7, 8], &mut kv, 0, true)
-                        .unwrap();
-                    let t = std::time::Instant::now();
-                    decode_steps(&mut e, &mut kv);
-                    total += t.elapsed();
-                }
-                total
-            })
+            b.iter_custom(|iters| timed_decode(&mut e, &[1, 2, 3, 4, 5, 6, 7, 8], iters))
         });
     }
     g.finish();
@@ -105,17 +97,7 @@ fn dense_in_place(c: &mut Criterion) {
             });
             let mut e = Engine::open(&dir, candle_core::Device::Cpu, cfg()).unwrap();
             g.bench_function(BenchmarkId::new(format!("{name} decode 16"), form), |b| {
-                b.iter_custom(|iters| {
-                    let mut total = std::time::Duration::ZERO;
-                    for _ in 0..iters {
-                        let mut kv = KvCache::default();
-                        e.forward(&PROMPT, &mut kv, 0, true).unwrap();
-                        let t = std::time::Instant::now();
-                        decode_steps(&mut e, &mut kv);
-                        total += t.elapsed();
-                    }
-                    total
-                })
+                b.iter_custom(|iters| timed_decode(&mut e, &PROMPT, iters))
             });
         }
     }
@@ -162,19 +144,7 @@ fn cpu_threads(c: &mut Criterion) {
             let name = format!("{kernels} {threads} threads");
             g.bench_function(
                 BenchmarkId::new("glm4-moe-cpu-bench 16 tokens", name),
-                |b| {
-                    b.iter_custom(|iters| {
-                        let mut total = std::time::Duration::ZERO;
-                        for _ in 0..iters {
-                            let mut kv = KvCache::default();
-                            e.forward(&PROMPT, &mut kv, 0, true).unwrap();
-                            let t = std::time::Instant::now();
-                            decode_steps(&mut e, &mut kv);
-                            total += t.elapsed();
-                        }
-                        total
-                    })
-                },
+                |b| b.iter_custom(|iters| timed_decode(&mut e, &PROMPT, iters)),
             );
         }
     }
