@@ -95,3 +95,20 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dst
 }
+
+/// Runs the `harness` binary with `args` in `dir` (the current directory if `None`): exit code,
+/// stdout, stderr. Fails the test if it panicked.
+pub fn harness_in(dir: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_harness"));
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd.args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        err,
+    )
+}

@@ -6,18 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn harness_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        err,
-    )
+    crate::common::harness_in(Some(dir), args)
 }
 
 /// A 6-cell experiment on the MLX 4-bit fixture (3 policies × 2 capacities).
@@ -68,17 +57,13 @@ fn deterministic(dir: &Path) -> (Vec<serde_json::Value>, Vec<moe_harness::trace:
     (rows, trace)
 }
 
-fn plan_json(dir: &Path, f: &Path, out: &Path) -> serde_json::Value {
-    let (code, stdout, err) = harness_in(
-        dir,
-        &[
-            "plan",
-            f.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-        ],
-    );
+fn plan_json(dir: &Path, f: &Path, out: &Path, quick: bool) -> serde_json::Value {
+    let (f, out) = (f.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec!["plan", f, "--out", out, "--json"];
+    if quick {
+        args.push("--quick");
+    }
+    let (code, stdout, err) = harness_in(dir, &args);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&stdout).unwrap()
 }
@@ -95,7 +80,7 @@ fn cells_run_apart_then_merged_equal_a_single_process_run() {
     let (code, _, err) = harness_in(d.path(), &["run", fs, "--out", single.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
 
-    let plan = plan_json(d.path(), &f, &cells);
+    let plan = plan_json(d.path(), &f, &cells, false);
     let planned = plan["cells"].as_array().unwrap();
     assert_eq!(planned.len(), 6);
     for (i, c) in planned.iter().enumerate() {
@@ -192,7 +177,7 @@ fn cells_run_apart_then_merged_equal_a_single_process_run() {
     let (code, _, err) = harness_in(d.path(), &["merge", results.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("already merged"), "{err}");
-    let plan = plan_json(d.path(), &f, &cells);
+    let plan = plan_json(d.path(), &f, &cells, false);
     assert_eq!(plan["cells"][0]["status"], "merged");
 }
 
@@ -221,7 +206,7 @@ fn bad_selections_and_broken_cells_fail_clearly() {
     assert_ne!(code, 0);
     assert!(err.contains("cannot be used with"), "{err}");
 
-    let plan = plan_json(d.path(), &f, &out);
+    let plan = plan_json(d.path(), &f, &out, false);
     let results = plan["results_dir"].as_str().unwrap().to_string();
     let (code, _, err) = harness_in(d.path(), &["merge", &results]);
     assert_ne!(code, 0);
@@ -317,7 +302,7 @@ fn slurm_script_runs_one_cell_per_array_task_then_merges() {
     ] {
         assert!(script.contains(want), "missing {want:?} in\n{script}");
     }
-    let quick = plan_json_quick(d.path(), &f, &out);
+    let quick = plan_json(d.path(), &f, &out, true);
     let wrap = script.lines().find(|l| l.contains("--wrap=")).unwrap();
     assert!(
         wrap.contains(" merge ") && wrap.contains(quick["results_dir"].as_str().unwrap()),
@@ -340,7 +325,7 @@ fn slurm_script_runs_one_cell_per_array_task_then_merges() {
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
-    let quick = plan_json_quick(d.path(), &f, &out);
+    let quick = plan_json(d.path(), &f, &out, true);
     assert_eq!(quick["cells"][3]["status"], "done");
     assert_eq!(quick["cells"][2]["status"], "todo");
     let env: serde_json::Value = serde_json::from_str(
@@ -367,20 +352,4 @@ fn slurm_script_runs_one_cell_per_array_task_then_merges() {
     let (code, _, err) = harness_in(d.path(), &["slurm", fs, "--array-parallelism", "0"]);
     assert_ne!(code, 0);
     assert!(err.contains("--array-parallelism 0"), "{err}");
-}
-
-fn plan_json_quick(dir: &Path, f: &Path, out: &Path) -> serde_json::Value {
-    let (code, stdout, err) = harness_in(
-        dir,
-        &[
-            "plan",
-            f.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--quick",
-            "--json",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    serde_json::from_str(&stdout).unwrap()
 }
