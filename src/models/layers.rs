@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::config::AttentionSpec;
 use crate::error::Result;
 use crate::weights::host::HostMatrix;
-use crate::weights::matrix::{FloatMatrix, Floats, Source};
+use crate::weights::matrix::{FloatMatrix, Floats};
 use crate::weights::packed::PackedMatrix;
 use crate::weights::{load_matrix, quantized_parts, TensorEntry, Vb};
 
@@ -68,13 +68,7 @@ impl Weight {
             )?));
         }
         let mut fell_back = false;
-        let place = |e: &TensorEntry| -> Source<'_> {
-            if vb.in_place {
-                Source::Mapped(ck.mapped_bytes(e))
-            } else {
-                Source::Bytes(ck.mapped(e))
-            }
-        };
+        let place = |e: &TensorEntry| vb.source(e);
         let (weight, used) = if vb.has("scales") {
             let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[], rows, cols)?;
             let m = PackedMatrix::from_sources(
@@ -120,13 +114,7 @@ impl Weight {
     pub fn load_stacked(vb: &Vb, lead: usize, rows: usize, cols: usize) -> Result<HostMatrix> {
         let ck = vb.ck;
         let mut fell_back = false;
-        let place = |e: &TensorEntry| -> Source<'_> {
-            if vb.in_place {
-                Source::Mapped(ck.mapped_bytes(e))
-            } else {
-                Source::Bytes(ck.mapped(e))
-            }
-        };
+        let place = |e: &TensorEntry| vb.source(e);
         let m = if vb.has("scales") {
             let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[lead], rows, cols)?;
             HostMatrix::Packed(

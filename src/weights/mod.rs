@@ -80,6 +80,16 @@ impl<'a> Vb<'a> {
         self.pp(leaf).path
     }
 
+    /// The bytes of tensor `e` as dense modules take them: in place in the memory map, or
+    /// copied when this scope does not read in place.
+    pub fn source(&self, e: &TensorEntry) -> matrix::Source<'a> {
+        if self.in_place {
+            matrix::Source::Mapped(self.ck.mapped_bytes(e))
+        } else {
+            matrix::Source::Bytes(self.ck.mapped(e))
+        }
+    }
+
     /// Whether tensor `leaf` exists in this scope.
     pub fn has(&self, leaf: &str) -> bool {
         self.ck.get(&self.key(leaf)).is_some()

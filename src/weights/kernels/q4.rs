@@ -232,6 +232,18 @@ pub struct Row<'a, S> {
     pub gs: usize,
 }
 
+impl<S> Row<'_, S> {
+    /// The row's 64-column chunks, after checking that the row's words and the int8 input
+    /// (with its residual part if `two`) cover them: the SIMD forms read unchecked.
+    fn int8_chunks(&self, x: QRow<'_>, two: bool) -> usize {
+        let chunks = self.groups * self.gs / 64;
+        assert!(self.words.len() >= chunks * 8 && x.q.len() >= chunks * 64);
+        assert!(x.d.len() >= chunks * 8);
+        assert!(!two || (x.q2.len() >= chunks * 64 && x.d2.len() >= chunks * 8));
+        chunks
+    }
+}
+
 /// Exact kernel, portable form: one output of row `r` for the input row `x`, whose per-group
 /// sums are `xsum`.
 pub fn row_exact<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
@@ -370,9 +382,7 @@ unsafe fn int8_avx2<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum
         gs,
     } = r;
     use std::arch::x86_64::*;
-    let chunks = groups * gs / 64;
-    assert!(words.len() >= chunks * 8 && x.q.len() >= chunks * 64 && x.d.len() >= chunks * 8);
-    assert!(!TWO || (x.q2.len() >= chunks * 64 && x.d2.len() >= chunks * 8));
+    let chunks = r.int8_chunks(x, TWO);
     let sh = gs.trailing_zeros();
     let low = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
@@ -466,9 +476,7 @@ unsafe fn int8_neon<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum
         gs,
     } = r;
     use std::arch::aarch64::*;
-    let chunks = groups * gs / 64;
-    assert!(words.len() >= chunks * 8 && x.q.len() >= chunks * 64 && x.d.len() >= chunks * 8);
-    assert!(!TWO || (x.q2.len() >= chunks * 64 && x.d2.len() >= chunks * 8));
+    let chunks = r.int8_chunks(x, TWO);
     let sh = gs.trailing_zeros();
     let low = vdupq_n_u8(15);
     let (mut t0, mut t1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
