@@ -316,7 +316,7 @@ impl Engine {
             format!(
                 "{}/{}",
                 self.compute.kernels,
-                crate::weights::kernels::q4::Simd::detect().name()
+                crate::weights::kernels::q4::Simd::current().name()
             )
         } else {
             "gpu".into()

@@ -221,25 +221,6 @@ pub enum FloatsView<'a> {
 }
 
 impl FloatsView<'_> {
-    /// Values `start..start + out.len()` as f32.
-    #[inline]
-    pub fn copy_to(&self, start: usize, out: &mut [f32]) {
-        let n = out.len();
-        match self {
-            FloatsView::F32(s) => out.copy_from_slice(&s[start..start + n]),
-            FloatsView::Bf16(s) => {
-                for (o, h) in out.iter_mut().zip(&s[start..start + n]) {
-                    *o = bf16(*h);
-                }
-            }
-            FloatsView::F16(s) => {
-                for (o, h) in out.iter_mut().zip(&s[start..start + n]) {
-                    *o = half::f16::from_bits(*h).to_f32();
-                }
-            }
-        }
-    }
-
     /// Value `i` as f32.
     #[inline(always)]
     pub fn get(&self, i: usize) -> f32 {

@@ -137,7 +137,8 @@ impl PackedMatrix {
         let t = xs.len() / c;
         let r0 = rows.start;
         let groups = c / gs;
-        let xsum: Vec<f32> = xs.chunks_exact(gs).map(|g| g.iter().sum()).collect();
+        // Per input row and group, `Σx` of the bias term (for int8 inputs, of the rounded values).
+        let exact_sums = || -> Vec<f32> { xs.chunks_exact(gs).map(|g| g.iter().sum()).collect() };
         let wpg = gs * bits / 32;
         let per_word = 32 / bits;
         let mask = (1u32 << bits) - 1;
@@ -148,11 +149,14 @@ impl PackedMatrix {
             let kind = current_kernels();
             let int8 = kind != Kernels::Exact && q4::int8_fits(c, gs);
             let qi = int8.then(|| q4::QuantizedInput::new(xs, c, kind == Kernels::Int8x2));
-            let qsum = qi.as_ref().map(|q| q.group_sums(gs));
+            let xsum = match &qi {
+                Some(q) => q.group_sums(gs),
+                None => exact_sums(),
+            };
             let k = Rows4 {
                 words,
                 xs,
-                xsum: qsum.as_deref().unwrap_or(&xsum),
+                xsum: &xsum,
                 qi: qi.as_ref(),
                 r0,
                 c,
@@ -171,6 +175,7 @@ impl PackedMatrix {
                 _ => unreachable!("scales and biases share one type (checked at load)"),
             };
         }
+        let xsum = exact_sums();
         let row = |r: usize, out: &mut [f32]| {
             let r = r0 + r;
             let ws_row = &words[r * groups * wpg..(r + 1) * groups * wpg];
@@ -240,7 +245,7 @@ impl Rows4<'_> {
         let (c, gs) = (self.c, self.gs);
         let groups = c / gs;
         let wpg = gs / 8;
-        let simd = simd();
+        let simd = q4::Simd::current();
         by_rows(rows, t, work, |r, out| {
             let r = self.r0 + r;
             let row = q4::Row {
@@ -261,10 +266,4 @@ impl Rows4<'_> {
             }
         })
     }
-}
-
-/// The kernel form this CPU runs, detected once.
-fn simd() -> q4::Simd {
-    static SIMD: std::sync::OnceLock<q4::Simd> = std::sync::OnceLock::new();
-    *SIMD.get_or_init(q4::Simd::detect)
 }

@@ -551,6 +551,12 @@ impl Simd {
         Simd::Portable
     }
 
+    /// The form this CPU runs (detected once per process).
+    pub fn current() -> Simd {
+        static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(Simd::detect)
+    }
+
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -656,7 +662,7 @@ mod tests {
 
     #[test]
     fn every_form_is_bit_equal_to_the_portable_one_and_near_the_dequantized_product() {
-        let simd = Simd::detect();
+        let simd = Simd::current();
         // The SIMD form under test is the one this architecture has (so this test provably
         // checks it: AVX2 here, NEON under qemu in scripts/cross_test.sh).
         if cfg!(target_arch = "aarch64") {
