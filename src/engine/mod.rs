@@ -270,13 +270,7 @@ impl Engine {
                 }
             })
             .collect();
-        // On a GPU the products run there: one host thread drives them.
-        let threads = if device.is_cpu() {
-            cfg.threads
-        } else {
-            Some(1)
-        };
-        let compute = kernels::Context::new(cfg.kernels, threads)?;
+        let compute = compute_context(&device, &cfg)?;
         Ok(Engine {
             model,
             store,
@@ -371,12 +365,7 @@ impl Engine {
             self.loader = Loader::new(self.store.clone(), threads)?;
         }
         if (cfg.threads, cfg.kernels) != (self.cfg.threads, self.cfg.kernels) {
-            let threads = if self.model.device().is_cpu() {
-                cfg.threads
-            } else {
-                Some(1)
-            };
-            self.compute = kernels::Context::new(cfg.kernels, threads)?;
+            self.compute = compute_context(self.model.device(), &cfg)?;
         }
         self.cfg = cfg;
         self.reset_cache_contents();
@@ -649,6 +638,17 @@ fn check_budget(spec: &ModelSpec, store: &ExpertStore, cfg: &EngineConfig) -> Re
 }
 
 /// Loader threads for `cfg` on `device` (see [`EngineConfig::load_threads`]).
+/// The compute context of `cfg` on `device` (on a GPU the products run there: one host thread
+/// drives them).
+fn compute_context(device: &Device, cfg: &EngineConfig) -> Result<kernels::Context> {
+    let threads = if device.is_cpu() {
+        cfg.threads
+    } else {
+        Some(1)
+    };
+    kernels::Context::new(cfg.kernels, threads)
+}
+
 /// The loader threads `cfg` asks for, or the default measured per device and I/O mode
 /// (docs/performance.md, loader defaults): on the CPU, inline through the page cache (a miss
 /// is a memory copy; handing it to a thread costs more than it hides) and `min(top_k, 4)`
