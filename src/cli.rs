@@ -186,6 +186,10 @@ struct SimulateArgs {
     /// Print JSON (one object per policy × budget).
     #[arg(long)]
     json: bool,
+    /// Print to stderr how the replay ran: accesses, passes over the file, wall time (file
+    /// reading included), accesses/s and peak resident memory.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Args)]
@@ -679,7 +683,22 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         reset_per_prompt: a.reset_per_prompt,
         classic: a.unpinned,
     };
-    let results = moe_harness::simulate::study(&study)?;
+    let (results, stats) = moe_harness::simulate::study(&study)?;
+    if a.stats {
+        let rss = moe_harness::memory::Rss::now();
+        eprintln!(
+            "simulate: {} accesses in {} rows ({} row groups), {} replays, {} passes, {:.2} s = {:.1} M accesses/s per replay; next-use file {} MB; peak RSS {}",
+            stats.accesses,
+            stats.rows,
+            stats.row_groups,
+            stats.replays,
+            stats.passes,
+            stats.seconds,
+            stats.accesses as f64 / stats.seconds / 1e6,
+            stats.future_bytes / 1_000_000,
+            rss.map_or("unknown".into(), |r| format!("{} MB", r.peak / 1_000_000)),
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {

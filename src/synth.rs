@@ -505,34 +505,91 @@ pub fn synthetic_trace(
     zipf_s: f64,
     reuse: f64,
 ) -> Vec<TraceRow> {
-    let n = num_experts.max(1) as usize;
-    let k = top_k.min(n);
-    let mut rng = SplitMix64(seed ^ 0x6D6F_652D_6861_726E);
-    let mut cdf: Vec<f64> = Vec::with_capacity(n);
-    let mut acc = 0.0;
-    for r in 0..n {
-        acc += 1.0 / ((r + 1) as f64).powf(zipf_s);
-        cdf.push(acc);
-    }
-    let perms: Vec<Vec<u32>> = layers
-        .iter()
-        .map(|_| {
-            let mut p: Vec<u32> = (0..n as u32).collect();
-            for i in (1..n).rev() {
-                p.swap(i, rng.below(i + 1));
-            }
-            p
-        })
-        .collect();
-    let zipf = |rng: &mut SplitMix64, perm: &[u32]| -> u32 {
-        let u = rng.unit() * acc;
-        perm[cdf.partition_point(|&c| c <= u).min(n - 1)]
-    };
-    let n_prefill = (tokens / 8).max(1).min(tokens);
-    let mut prev: Vec<Vec<u32>> = vec![Vec::new(); layers.len()];
+    let mut g = SyntheticTrace::new(seed, tokens, layers, num_experts, top_k, zipf_s, reuse);
     let mut rows = Vec::with_capacity(tokens * layers.len());
-    for t in 0..tokens {
-        let phase = if t < n_prefill {
+    while let Some(t) = g.next_token() {
+        rows.extend(t);
+    }
+    rows
+}
+
+/// [`synthetic_trace`] one token at a time, for traces too long to hold in memory (the same
+/// seed gives the same rows).
+pub struct SyntheticTrace {
+    rng: SplitMix64,
+    layers: Vec<u32>,
+    n: usize,
+    k: usize,
+    reuse: f64,
+    cdf: Vec<f64>,
+    total: f64,
+    perms: Vec<Vec<u32>>,
+    prev: Vec<Vec<u32>>,
+    tokens: usize,
+    n_prefill: usize,
+    t: usize,
+}
+
+impl SyntheticTrace {
+    /// The generator of [`synthetic_trace`]'s rows, with the same arguments.
+    pub fn new(
+        seed: u64,
+        tokens: usize,
+        layers: &[u32],
+        num_experts: u32,
+        top_k: usize,
+        zipf_s: f64,
+        reuse: f64,
+    ) -> Self {
+        let n = num_experts.max(1) as usize;
+        let k = top_k.min(n);
+        let mut rng = SplitMix64(seed ^ 0x6D6F_652D_6861_726E);
+        let mut cdf: Vec<f64> = Vec::with_capacity(n);
+        let mut acc = 0.0;
+        for r in 0..n {
+            acc += 1.0 / ((r + 1) as f64).powf(zipf_s);
+            cdf.push(acc);
+        }
+        let perms: Vec<Vec<u32>> = layers
+            .iter()
+            .map(|_| {
+                let mut p: Vec<u32> = (0..n as u32).collect();
+                for i in (1..n).rev() {
+                    p.swap(i, rng.below(i + 1));
+                }
+                p
+            })
+            .collect();
+        SyntheticTrace {
+            rng,
+            layers: layers.to_vec(),
+            n,
+            k,
+            reuse,
+            cdf,
+            total: acc,
+            perms,
+            prev: vec![Vec::new(); layers.len()],
+            tokens,
+            n_prefill: (tokens / 8).max(1).min(tokens),
+            t: 0,
+        }
+    }
+
+    fn zipf(&mut self, li: usize) -> u32 {
+        let u = self.rng.unit() * self.total;
+        self.perms[li][self.cdf.partition_point(|&c| c <= u).min(self.n - 1)]
+    }
+
+    /// The rows of the next token (one per layer), or `None` after the last token.
+    pub fn next_token(&mut self) -> Option<Vec<TraceRow>> {
+        if self.t >= self.tokens {
+            return None;
+        }
+        let t = self.t;
+        self.t += 1;
+        let k = self.k;
+        let phase = if t < self.n_prefill {
             Phase::Prefill
         } else {
             Phase::Decode
@@ -540,20 +597,22 @@ pub fn synthetic_trace(
         let step = if phase == Phase::Prefill {
             0
         } else {
-            (t - n_prefill + 1) as u32
+            (t - self.n_prefill + 1) as u32
         };
-        for (li, &layer) in layers.iter().enumerate() {
+        let mut rows = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            let layer = self.layers[li];
             // The previous token's experts of this layer, in random order: reuse candidates.
-            let mut recent = std::mem::take(&mut prev[li]);
+            let mut recent = std::mem::take(&mut self.prev[li]);
             for i in (1..recent.len()).rev() {
-                recent.swap(i, rng.below(i + 1));
+                recent.swap(i, self.rng.below(i + 1));
             }
             let mut experts: Vec<u32> = Vec::with_capacity(k);
             while experts.len() < k {
-                let e = if !recent.is_empty() && rng.unit() < reuse {
+                let e = if !recent.is_empty() && self.rng.unit() < self.reuse {
                     recent.pop().expect("non-empty")
                 } else {
-                    zipf(&mut rng, &perms[li])
+                    self.zipf(li)
                 };
                 if !experts.contains(&e) {
                     experts.push(e);
@@ -562,8 +621,8 @@ pub fn synthetic_trace(
             let lookahead = (phase == Phase::Decode && li > 0).then(|| {
                 let mut p: Vec<u32> = Vec::with_capacity(k);
                 for &e in &experts {
-                    let guess = if rng.unit() < 0.25 {
-                        zipf(&mut rng, &perms[li])
+                    let guess = if self.rng.unit() < 0.25 {
+                        self.zipf(li)
                     } else {
                         e
                     };
@@ -573,7 +632,7 @@ pub fn synthetic_trace(
                 }
                 p
             });
-            prev[li] = experts.clone();
+            self.prev[li] = experts.clone();
             rows.push(TraceRow {
                 prompt: 0,
                 step,
@@ -587,8 +646,8 @@ pub fn synthetic_trace(
                 load_ns: 0,
             });
         }
+        Some(rows)
     }
-    rows
 }
 
 #[cfg(test)]

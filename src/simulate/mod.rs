@@ -25,15 +25,19 @@
 
 use serde::Serialize;
 
-use std::path::PathBuf;
-
-use crate::experts::budget::{Budget, Pool};
-use crate::experts::cache::{
-    ratio, CacheCore, CacheError, CacheOptions, CacheStats, Step, StepOutcome,
-};
+use crate::experts::budget::Budget;
+use crate::experts::cache::{ratio, CacheCore, CacheError, CacheStats};
 use crate::experts::policies::{FrequencyProfile, PolicySpec};
 use crate::experts::ExpertKey;
-use crate::trace::TraceRow;
+use crate::trace::{RowBlock, TraceRow};
+
+pub mod export;
+mod future;
+mod replay;
+mod stream;
+
+pub use future::{Backward, BlockFuture, Future, ProfileCounter};
+pub use stream::{study, StudyStats, TraceStudy};
 
 /// One replay: a policy at a budget over a trace, and how the trace is to be read.
 #[derive(Debug, Clone)]
@@ -244,365 +248,62 @@ impl SimResult {
 }
 
 /// Replays `rows` (one cell's trace, in execution order) as `sim` says, with `expert_size`
-/// giving each expert's checkpoint bytes. The one entry point of the simulator.
+/// giving each expert's checkpoint bytes. The in-memory entry point of the simulator; a trace
+/// file is replayed by [`study`] block by block through the same [`replay::Replayer`].
 pub fn simulate(
     rows: &[TraceRow],
     sim: &Simulation,
     expert_size: impl Fn(ExpertKey) -> u64,
 ) -> Result<SimResult, SimError> {
-    if !sim.reset_per_prompt {
-        return replay_fresh(rows, 0, sim, &expert_size);
-    }
-    // A fresh cache per prompt: each prompt's rows (rows of one prompt are contiguous in a run's
-    // trace) replay on their own, with their own next-use numbering, and the counts add up.
-    let mut parts = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut start = 0;
-    while start < rows.len() {
-        let p = rows[start].prompt;
-        let end = start + rows[start..].iter().take_while(|r| r.prompt == p).count();
-        if !seen.insert(p) {
-            return Err(SimError::Prompts {
-                row: start,
-                prompt: p,
-            });
-        }
-        parts.push(replay_fresh(&rows[start..end], start, sim, &expert_size)?);
-        start = end;
-    }
-    if parts.is_empty() {
-        return replay_fresh(rows, 0, sim, &expert_size);
-    }
-    Ok(merge_results(&parts))
-}
-
-/// Replays `rows` (the trace's rows from index `first`) through a fresh cache.
-fn replay_fresh(
-    rows: &[TraceRow],
-    first: usize,
-    sim: &Simulation,
-    expert_size: &impl Fn(ExpertKey) -> u64,
-) -> Result<SimResult, SimError> {
-    let profile = match (&sim.profile, sim.policy.needs_profile()) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) => Some(profile_from_rows(rows)),
-        (None, false) => None,
-    };
-    let options = CacheOptions {
-        classic: sim.classic,
-        profile,
-    };
-    let mut cache = CacheCore::with_options(&sim.policy, sim.budget, &sim.moe_layers, options)?;
-    replay(&mut cache, rows, first, expert_size, |r| {
-        r.prompt >= sim.warmup_prompts
-    })?;
-    Ok(SimResult::from_cache(&cache))
-}
-
-/// Replays `rows` through `cache` in the engine's order (see the module doc), one
-/// [`CacheCore::step`] per row, counting only the rows `measure` accepts (recording is left on).
-/// Row numbers in errors start at `first`.
-fn replay(
-    cache: &mut CacheCore,
-    rows: &[TraceRow],
-    first: usize,
-    expert_size: &impl Fn(ExpertKey) -> u64,
-    measure: impl Fn(&TraceRow) -> bool,
-) -> Result<(), SimError> {
-    let spec = cache.spec().clone();
-    let next_uses = if spec.needs_future() {
-        demand_next_uses(rows)
-    } else {
-        Vec::new()
-    };
-    let positions = (spec.needs_future() && spec.prefetch()).then(|| KeyPositions::new(rows));
-    // next_layer[l] = the MoE layer after layer l in execution order (u32::MAX: none).
-    let moe_layers = cache.moe_layers();
-    let mut next_layer = vec![u32::MAX; moe_layers.iter().max().map_or(0, |&m| m as usize + 1)];
-    for w in moe_layers.windows(2) {
-        next_layer[w[0] as usize] = w[1];
-    }
-    let mut pos = 0usize;
-    let mut out = StepOutcome::default();
-    for (r, row) in rows.iter().enumerate() {
-        // The prediction made for the next row while this one ran: the next MoE layer of the
-        // same token.
-        let prediction = rows.get(r + 1).and_then(|next| {
-            let same_token = next.prompt == row.prompt
-                && next.step == row.step
-                && next.pos == row.pos
-                && next.phase == row.phase
-                && next_layer.get(row.layer as usize) == Some(&next.layer);
-            same_token
-                .then_some(next.lookahead.as_deref())
-                .flatten()
-                .map(|p| (next.layer, p))
-        });
-        let step = Step {
-            layer: row.layer,
-            phase: row.phase,
-            experts: &row.experts,
-            prediction,
-        };
-        cache.set_recording(measure(row));
-        let after = pos + row.experts.len();
-        cache
-            .step(
-                &step,
-                expert_size,
-                |key, prefetch| {
-                    if prefetch {
-                        positions
-                            .as_ref()
-                            .map_or(u64::MAX, |p| p.next_at_or_after(key, after as u64))
-                    } else {
-                        let n = next_uses.get(pos).copied().unwrap_or(u64::MAX);
-                        pos += 1;
-                        n
-                    }
-                },
-                &mut out,
-            )
-            .map_err(|source| SimError::Row {
-                row: first + r,
-                prompt: row.prompt,
-                step: row.step,
-                pos: row.pos,
-                layer: row.layer,
-                source,
-            })?;
-        pos = after;
-    }
-    cache.set_recording(true);
-    Ok(())
-}
-
-/// `harness simulate`: every policy × budget over one cell of a trace file.
-#[derive(Debug, Clone)]
-pub struct TraceStudy {
-    /// The trace file (see [`crate::trace`] for the schema).
-    pub trace: PathBuf,
-    /// Which cell of a multi-cell run trace (default: the first).
-    pub cell: Option<String>,
-    /// Policies.
-    pub policies: Vec<PolicySpec>,
-    /// Expert slots per layer.
-    pub capacities: Vec<usize>,
-    /// Byte budgets, shared as `pool` says.
-    pub budgets: Vec<u64>,
-    /// How byte budgets are shared.
-    pub pool: Pool,
-    /// The checkpoint the trace came from: expert sizes, and layer/expert ids checked against it.
-    pub model: Option<PathBuf>,
-    /// Size of every expert when no model is given (byte budgets need one of the two).
-    pub expert_bytes: Option<u64>,
-    /// Prompts below this index are replayed but not counted.
-    pub warmup_prompts: u32,
-    /// Empty the cache at every new prompt.
-    pub reset_per_prompt: bool,
-    /// Classic (libCacheSim) mode.
-    pub classic: bool,
-}
-
-/// Runs a [`TraceStudy`]: one [`SimResult`] per policy × budget, policies outermost.
-pub fn study(s: &TraceStudy) -> crate::error::Result<Vec<SimResult>> {
-    use crate::error::Error;
-    let cells = crate::trace::read(&s.trace)?;
-    let rows = &crate::trace::select_cell(&s.trace, &cells, s.cell.as_deref())?.rows;
-    if rows.is_empty() {
-        return Err(Error::format(&s.trace, "the trace has no rows"));
-    }
-    let mut layers: Vec<u32> = rows.iter().map(|r| r.layer).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    // Expert sizes and id checks from the model, when given.
-    let store = match &s.model {
-        Some(dir) => {
-            let spec = crate::models::load_spec(dir)?;
-            check_rows(&s.trace, rows, &spec, dir)?;
-            let open =
-                crate::experts::store::OpenCheckpoint::open(dir, &spec, candle_core::Device::Cpu)?;
-            Some(open.store)
-        }
-        None => None,
-    };
-    let unit = s.expert_bytes.unwrap_or(1);
-    let size = |k: ExpertKey| store.as_ref().map_or(unit, |st| st.expert_bytes(k));
-    let mut budgets: Vec<Budget> = s
-        .capacities
-        .iter()
-        .map(|&n| Budget::SlotsPerLayer(n))
-        .collect();
-    if !s.budgets.is_empty() && store.is_none() && s.expert_bytes.is_none() {
-        return Err(Error::Input("--budget needs expert sizes: pass --model DIR (the checkpoint the trace came from) or --expert-bytes N".into()));
-    }
-    budgets.extend(
-        s.budgets
-            .iter()
-            .map(|&b| Budget::from_bytes(b, s.pool, layers.len())),
-    );
-    if budgets.is_empty() {
-        return Err(Error::Input(
-            "give --capacity N[,N…] and/or --budget SIZE[,SIZE…]".into(),
-        ));
-    }
-    let mut results = Vec::new();
-    for p in &s.policies {
-        for &b in &budgets {
-            let mut sim = Simulation::new(p.clone(), b, &layers);
-            sim.classic = s.classic;
-            sim.warmup_prompts = s.warmup_prompts;
-            sim.reset_per_prompt = s.reset_per_prompt;
-            results.push(simulate(rows, &sim, size)?);
-        }
-    }
-    Ok(results)
-}
-
-/// Checks a trace's layers and expert ids against the model it is said to come from.
-fn check_rows(
-    trace: &std::path::Path,
-    rows: &[TraceRow],
-    spec: &crate::config::ModelSpec,
-    dir: &std::path::Path,
-) -> crate::error::Result<()> {
-    use crate::error::Error;
-    for r in rows {
-        if !spec.is_moe_layer(r.layer as usize) {
-            return Err(Error::Input(format!(
-                "{}: layer {} is not a MoE layer of {} (MoE layers: {:?})",
-                trace.display(),
-                r.layer,
-                dir.display(),
-                spec.moe.moe_layers
-            )));
-        }
-        if let Some(e) = r
-            .experts
-            .iter()
-            .chain(r.lookahead.iter().flatten())
-            .find(|&&e| e as usize >= spec.moe.num_experts)
-        {
-            return Err(Error::Input(format!(
-                "{}: expert {e} at layer {} is out of range: {} has {} routed experts",
-                trace.display(),
-                r.layer,
-                dir.display(),
-                spec.moe.num_experts
-            )));
-        }
-    }
-    Ok(())
+    let block = RowBlock::from_rows(rows);
+    let future = sim.policy.needs_future().then(|| {
+        let mut b = Backward::new(sim.reset_per_prompt);
+        let f = b.block(&block);
+        (
+            f,
+            Future {
+                total: b.accesses(),
+            },
+        )
+    });
+    let profiles = (sim.profile.is_none() && sim.policy.needs_profile()).then(|| {
+        let mut c = ProfileCounter::new(sim.reset_per_prompt);
+        c.add(&block);
+        c
+    });
+    let mut r = replay::Replayer::new(sim, profiles.as_ref())?;
+    r.feed(
+        &block,
+        future.as_ref().map(|(f, fu)| (f, *fu)),
+        None,
+        profiles.as_ref(),
+        &expert_size,
+    )?;
+    Ok(r.finish())
 }
 
 /// For every demand access in replay order, the number of the next demand access of the same
 /// expert (`u64::MAX` if none): Belady's input.
 pub fn demand_next_uses(rows: &[TraceRow]) -> Vec<u64> {
-    let n: usize = rows.iter().map(|r| r.experts.len()).sum();
-    let mut next = vec![u64::MAX; n];
-    let mut last = DenseKeyMap::new(u64::MAX);
-    let mut i = n;
-    for row in rows.iter().rev() {
-        for &expert in row.experts.iter().rev() {
-            i -= 1;
-            let slot = last.get_mut(ExpertKey {
-                layer: row.layer,
-                expert,
-            });
-            next[i] = *slot;
-            *slot = i as u64;
-        }
-    }
-    next
+    let block = RowBlock::from_rows(rows);
+    let mut b = Backward::new(false);
+    let f = b.block(&block);
+    let fu = Future {
+        total: b.accesses(),
+    };
+    f.demand.iter().map(|&r| fu.resolve(r)).collect()
 }
 
 /// Counts expert uses in `rows` (the profile `static-<N>` pins from).
 pub fn profile_from_rows(rows: &[TraceRow]) -> FrequencyProfile {
-    let mut counts = DenseKeyMap::new(0u64);
-    for row in rows {
-        for &expert in &row.experts {
-            *counts.get_mut(ExpertKey {
-                layer: row.layer,
-                expert,
-            }) += 1;
-        }
-    }
-    let mut p = FrequencyProfile::new();
-    for (layer, c) in counts.layers.into_iter().enumerate() {
-        if !c.is_empty() {
-            p.set_layer(layer as u32, c);
-        }
-    }
-    p
-}
-
-/// A value per (layer, expert), stored densely.
-struct DenseKeyMap<T: Clone> {
-    fill: T,
-    layers: Vec<Vec<T>>,
-}
-
-impl<T: Clone> DenseKeyMap<T> {
-    fn new(fill: T) -> Self {
-        DenseKeyMap {
-            fill,
-            layers: Vec::new(),
-        }
-    }
-
-    fn get_mut(&mut self, key: ExpertKey) -> &mut T {
-        let (l, e) = (key.layer as usize, key.expert as usize);
-        if self.layers.len() <= l {
-            self.layers.resize(l + 1, Vec::new());
-        }
-        let v = &mut self.layers[l];
-        if v.len() <= e {
-            v.resize(e + 1, self.fill.clone());
-        }
-        &mut v[e]
-    }
-
-    fn get(&self, key: ExpertKey) -> Option<&T> {
-        self.layers
-            .get(key.layer as usize)?
-            .get(key.expert as usize)
-    }
-}
-
-/// Demand positions of every expert, for the next-use of prefetches under Belady.
-struct KeyPositions {
-    map: DenseKeyMap<Vec<u64>>,
-}
-
-impl KeyPositions {
-    fn new(rows: &[TraceRow]) -> Self {
-        let mut map = DenseKeyMap::new(Vec::new());
-        let mut i = 0u64;
-        for row in rows {
-            for &expert in &row.experts {
-                map.get_mut(ExpertKey {
-                    layer: row.layer,
-                    expert,
-                })
-                .push(i);
-                i += 1;
-            }
-        }
-        KeyPositions { map }
-    }
-
-    fn next_at_or_after(&self, key: ExpertKey, pos: u64) -> u64 {
-        let Some(v) = self.map.get(key) else {
-            return u64::MAX;
-        };
-        let i = v.partition_point(|&p| p < pos);
-        v.get(i).copied().unwrap_or(u64::MAX)
-    }
+    let mut c = ProfileCounter::new(false);
+    c.add(&RowBlock::from_rows(rows));
+    c.profile(0)
 }
 
 /// Sums the results of replays of consecutive parts of one trace (one per prompt when the cache
 /// is emptied between prompts) into one result.
-fn merge_results(parts: &[SimResult]) -> SimResult {
+pub(crate) fn merge_results(parts: &[SimResult]) -> SimResult {
     let Some(first) = parts.first() else {
         panic!("merge_results needs at least one part");
     };

@@ -23,3 +23,4 @@ mod replay;
 mod run_experiment;
 mod sweep;
 mod synth;
+mod traces;

@@ -5,20 +5,23 @@
 //! ([`Access::next_use`], `u64::MAX` for never), so only a trace replay can run it. Ties (several
 //! entries never used again) go to the least recently used.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::BinaryHeap;
 
-use super::{Access, Guard, InsertKind, Policy, ScanSet};
+use super::{Access, Guard, InsertKind, Policy};
 
 /// Per resident entry: (next use, pool event number of the last use).
 type Meta = (u64, u64);
 
-/// Next-use positions of the resident entries of one pool, also kept in eviction order
-/// (farthest next use, then least recent last use, at the end) so that a victim is found in
-/// O(log n) rather than by a scan of every resident entry.
+/// Next-use positions of the resident entries of one pool, plus a max-heap of
+/// `(next use, !last use, id)` in which every access pushes a fresh entry and outdated ones are
+/// dropped when they reach the top (lazy deletion), so a victim costs O(log n) amortised with
+/// no ordered-set rebalancing on the hit path.
 #[derive(Debug, Clone, Default)]
 pub struct Belady {
-    resident: ScanSet<Meta>,
-    order: BTreeSet<(u64, u64, u32)>,
+    meta: Vec<Option<Meta>>,
+    resident: usize,
+    heap: RefCell<BinaryHeap<(u64, u64, u32)>>,
 }
 
 impl Belady {
@@ -26,36 +29,74 @@ impl Belady {
     pub fn new() -> Self {
         Self::default()
     }
+
+    fn set(&mut self, id: u32, m: Meta) {
+        let i = id as usize;
+        if self.meta.len() <= i {
+            self.meta.resize(i + 1, None);
+        }
+        if self.meta[i].is_none() {
+            self.resident += 1;
+        }
+        self.meta[i] = Some(m);
+        let heap = self.heap.get_mut();
+        heap.push((m.0, !m.1, id));
+        if heap.len() > 2 * self.resident + 64 {
+            // Too many outdated entries: rebuild from the resident ones.
+            let live: Vec<(u64, u64, u32)> = self
+                .meta
+                .iter()
+                .enumerate()
+                .filter_map(|(id, m)| m.map(|m| (m.0, !m.1, id as u32)))
+                .collect();
+            *heap = BinaryHeap::from(live);
+        }
+    }
+
+    #[inline]
+    fn current(&self, e: &(u64, u64, u32)) -> bool {
+        self.meta.get(e.2 as usize).copied().flatten() == Some((e.0, !e.1))
+    }
 }
 
 impl Policy for Belady {
     #[inline]
     fn on_hit(&mut self, id: u32, access: &Access) {
-        let m = self.resident.get_mut(id);
-        self.order.remove(&(m.0, !m.1, id));
-        *m = (access.next_use, access.seq);
-        self.order.insert((access.next_use, !access.seq, id));
+        self.set(id, (access.next_use, access.seq));
     }
 
     fn on_insert(&mut self, id: u32, access: &Access, _kind: InsertKind) {
-        self.resident.insert(id, (access.next_use, access.seq));
-        self.order.insert((access.next_use, !access.seq, id));
+        self.set(id, (access.next_use, access.seq));
     }
 
     fn to_evict(&self, guard: &Guard<'_>) -> Option<u32> {
         // Farthest next use first, among equals the least recent (largest !last); entries the
-        // guard blocks (the step's pins, protected prefetches) are passed over.
-        self.order
-            .iter()
-            .rev()
-            .find(|&&(_, _, id)| guard.evictable(id))
-            .map(|&(_, _, id)| id)
+        // guard blocks (the step's pins, protected prefetches) are set aside and put back.
+        // Only outdated heap entries are discarded: the resident set is unchanged.
+        let mut heap = self.heap.borrow_mut();
+        let mut held = Vec::new();
+        let mut victim = None;
+        while let Some(&top) = heap.peek() {
+            if !self.current(&top) {
+                heap.pop();
+            } else if guard.evictable(top.2) {
+                victim = Some(top.2);
+                break;
+            } else {
+                held.push(top);
+                heap.pop();
+            }
+        }
+        heap.extend(held);
+        victim
     }
 
     fn remove(&mut self, id: u32) {
-        let m = *self.resident.get_mut(id);
-        self.order.remove(&(m.0, !m.1, id));
-        self.resident.remove(id);
+        if let Some(m) = self.meta.get_mut(id as usize) {
+            if m.take().is_some() {
+                self.resident -= 1;
+            }
+        }
     }
 }
 
