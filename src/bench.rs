@@ -377,6 +377,12 @@ fn load_replays(
     cell: Option<&str>,
     spec: &crate::config::ModelSpec,
 ) -> Result<(Vec<Replay>, String)> {
+    if crate::simulate::is_aggregate(&crate::trace::TraceFile::open(path)?) {
+        return Err(Error::Input(format!(
+            "{}: an aggregate-only trace (expert activation counts without access order) has no per-token routing to replay",
+            path.display()
+        )));
+    }
     let cells = crate::trace::read(path)?;
     let chosen = crate::trace::select_cell(path, &cells, cell)?;
     let cell = chosen.cell.clone();

@@ -18,6 +18,7 @@ use moe_harness::weights::kernels::Kernels;
 use moe_harness::weights::storage::{DeviceModel, IoMode};
 
 mod sweep;
+mod trace;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +53,9 @@ enum Cmd {
     Plot(PlotArgs),
     /// Replay a routing trace under every policy × budget and report hit rates.
     Simulate(SimulateArgs),
+    /// Make, convert, import (vLLM, SGLang, Megatron-Core, llama.cpp, MoE-Infinity) and
+    /// inspect routing traces.
+    Trace(trace::TraceArgs),
     /// Write a random-weight checkpoint with a real model's shapes and layout (for speed runs).
     Synth(SynthArgs),
     /// Decode speed over a budget sweep against the host→device link, measured in the same run.
@@ -433,6 +437,7 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Merge(a) => sweep::cmd_merge(a),
         Cmd::Slurm(a) => sweep::cmd_slurm(a),
         Cmd::Simulate(a) => cmd_simulate(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Trace(a) => trace::cmd_trace(a).map(|_| ExitCode::SUCCESS),
         Cmd::Synth(a) => {
             let layout: moe_harness::synth::SynthLayout = a.layout.parse()?;
             let shard = parse_size(&a.shard_size)

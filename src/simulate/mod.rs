@@ -37,7 +37,7 @@ mod replay;
 mod stream;
 
 pub use future::{Backward, BlockFuture, Future, ProfileCounter};
-pub use stream::{study, StudyStats, TraceStudy};
+pub use stream::{is_aggregate, study, StudyStats, TraceStudy};
 
 /// One replay: a policy at a budget over a trace, and how the trace is to be read.
 #[derive(Debug, Clone)]

@@ -78,6 +78,18 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
     let t0 = Instant::now();
     let file = TraceFile::open(&s.trace)?;
     let path = s.trace.as_path();
+    if is_aggregate(&file) {
+        if let Some(p) = s
+            .policies
+            .iter()
+            .find(|p| !matches!(p, PolicySpec::Static { .. }))
+        {
+            return Err(Error::Input(format!(
+                "{}: an aggregate-only trace (expert activation counts without access order, e.g. imported from MoE-Infinity): policy `{p}` depends on the order of accesses; only static-<N> (each layer's N most used experts pinned) replays it",
+                path.display()
+            )));
+        }
+    }
     let mut stats = StudyStats {
         row_groups: file.groups(),
         passes: 1,
@@ -284,6 +296,13 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
     }
     stats.seconds = t0.elapsed().as_secs_f64();
     Ok((replays.into_iter().map(Replayer::finish).collect(), stats))
+}
+
+/// True for a trace whose rows are counts in a canonical order, not recorded accesses.
+pub fn is_aggregate(file: &TraceFile) -> bool {
+    file.key_values()
+        .iter()
+        .any(|(k, v)| k == "moe_harness.order" && v == "aggregate")
 }
 
 /// Checks a block's layers and expert ids against the model it is said to come from.

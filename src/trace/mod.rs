@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::experts::Phase;
 
 mod block;
+pub mod import;
 mod writer;
 
 use block::perr;

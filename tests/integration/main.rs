@@ -23,4 +23,5 @@ mod replay;
 mod run_experiment;
 mod sweep;
 mod synth;
+mod trace_import;
 mod traces;
