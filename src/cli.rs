@@ -692,12 +692,18 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
     if a.stats {
         let rss = moe_harness::memory::Rss::now();
         eprintln!(
-            "simulate: {} accesses in {} rows ({} row groups), {} replays, {} passes, {:.2} s = {:.1} M accesses/s per replay; next-use file {} MB; peak RSS {}",
+            "simulate: {} accesses in {} rows ({} row groups), {} replays, {} passes ({} s), {:.2} s = {:.1} M accesses/s per replay; temporary file {} MB; peak RSS {}",
             stats.accesses,
             stats.rows,
             stats.row_groups,
             stats.replays,
             stats.passes,
+            stats
+                .pass_seconds
+                .iter()
+                .map(|s| format!("{s:.2}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
             stats.seconds,
             stats.accesses as f64 / stats.seconds / 1e6,
             stats.future_bytes / 1_000_000,

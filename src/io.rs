@@ -12,10 +12,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = temp_file_in(dir)?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// A temporary file in `dir` to be renamed over an output: created with mode 0666 (less the
+/// umask, which the kernel applies), the permissions an ordinary new file gets, not the 0600 of
+/// a private temporary file, so results written atomically stay readable by the user's group
+/// (a shared cluster project).
+pub fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))
 }
 
 /// Writes a little-endian f32 array in NumPy `.npy` format (version 1.0, C order).
@@ -58,5 +70,19 @@ mod tests {
             .unwrap()
             .contains("'shape': (2, 3)"));
         assert_eq!(b.len(), 10 + hl + 24);
+    }
+
+    #[test]
+    fn atomic_outputs_get_ordinary_file_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.json");
+        write_atomic(&p, b"{}").unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        // An ordinary new file in the same directory gets 0666 less the umask.
+        let q = dir.path().join("plain");
+        std::fs::write(&q, b"").unwrap();
+        let plain = std::fs::metadata(&q).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, plain, "{mode:o} vs {plain:o}");
     }
 }

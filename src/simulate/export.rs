@@ -4,7 +4,7 @@
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use super::future::{Backward, Future, FutureFile};
+use super::future::{Backward, Future, SpillFile};
 use crate::error::{Error, Result};
 use crate::trace::{Columns, TraceFile};
 
@@ -28,10 +28,10 @@ pub fn libcachesim(trace: &Path, cell: Option<&str>, out: &Path) -> Result<u64> 
     };
     let columns = Columns::default();
     let mut back = Backward::new(false);
-    let mut store = FutureFile::new()?;
+    let mut store = SpillFile::new()?;
     for g in (0..file.groups()).rev() {
         let (b, _) = file.block(g, cell.as_deref(), columns)?;
-        store.put(g, &back.block(&b))?;
+        store.put(g, &b, &back.block(&b))?;
     }
     let fu = Future {
         total: back.accesses(),
@@ -40,12 +40,13 @@ pub fn libcachesim(trace: &Path, cell: Option<&str>, out: &Path) -> Result<u64> 
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = crate::io::temp_file_in(dir)?;
     let mut w = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(|e| Error::io(out, e))?);
     let mut t: u64 = 0;
     for g in 0..file.groups() {
-        let (b, _) = file.block(g, cell.as_deref(), columns)?;
-        let f = store.get(g)?;
+        let Some((b, f)) = store.get(g)? else {
+            continue;
+        };
         for i in 0..b.len() {
             let layer = b.layer[i] as u64;
             for j in b.experts.offsets[i]..b.experts.offsets[i + 1] {

@@ -192,28 +192,50 @@ impl ProfileCounter {
     }
 }
 
-/// Next-use numbers of every row group, in an unnamed temporary file (gone when dropped).
-pub(crate) struct FutureFile {
+/// Where one row group was stored: (offset, block bytes, demand entries, prefetch entries,
+/// bytes per next-use entry).
+type Spilled = (u64, usize, usize, usize, usize);
+
+/// Decoded row groups with their next-use numbers, in an unnamed temporary file (gone when
+/// dropped): the backward pass writes them so that the replay reads them back without
+/// decoding the Parquet file a second time.
+pub(crate) struct SpillFile {
     file: File,
     pub(crate) bytes: u64,
-    /// Per row group: (offset, demand entries, prefetch entries).
-    index: Vec<Option<(u64, usize, usize)>>,
+    /// Per row group, where it was stored.
+    index: Vec<Option<Spilled>>,
 }
 
-impl FutureFile {
+impl SpillFile {
     pub(crate) fn new() -> Result<Self> {
         let file = tempfile::tempfile().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-        Ok(FutureFile {
+        Ok(SpillFile {
             file,
             bytes: 0,
             index: Vec::new(),
         })
     }
 
-    pub(crate) fn put(&mut self, group: usize, f: &BlockFuture) -> Result<()> {
-        let mut buf = Vec::with_capacity(8 * (f.demand.len() + f.prefetch.len()));
-        for v in f.demand.iter().chain(&f.prefetch) {
-            buf.extend_from_slice(&v.to_le_bytes());
+    /// Stores row group `group`'s block and future.
+    pub(crate) fn put(&mut self, group: usize, b: &RowBlock, f: &BlockFuture) -> Result<()> {
+        let mut buf = b.to_bytes();
+        let nb = buf.len();
+        // Next uses are stored in 4 bytes where every one of the block's fits (u32::MAX
+        // standing for none), else in 8.
+        let all = || f.demand.iter().chain(&f.prefetch);
+        let width = if all().all(|&v| v < u32::MAX as u64 || v == u64::MAX) {
+            4
+        } else {
+            8
+        };
+        buf.reserve(width * (f.demand.len() + f.prefetch.len()));
+        for &v in all() {
+            if width == 4 {
+                let v = if v == u64::MAX { u32::MAX } else { v as u32 };
+                buf.extend_from_slice(&v.to_le_bytes());
+            } else {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
         }
         let mut w = &self.file;
         w.write_all(&buf)
@@ -221,26 +243,42 @@ impl FutureFile {
         if self.index.len() <= group {
             self.index.resize(group + 1, None);
         }
-        self.index[group] = Some((self.bytes, f.demand.len(), f.prefetch.len()));
+        self.index[group] = Some((self.bytes, nb, f.demand.len(), f.prefetch.len(), width));
         self.bytes += buf.len() as u64;
         Ok(())
     }
 
-    pub(crate) fn get(&self, group: usize) -> Result<BlockFuture> {
-        let Some(&Some((at, nd, np))) = self.index.get(group) else {
-            return Ok(BlockFuture::default());
+    /// Row group `group`'s block and future (`None` if it was not stored).
+    pub(crate) fn get(&self, group: usize) -> Result<Option<(RowBlock, BlockFuture)>> {
+        let Some(&Some((at, nb, nd, np, width))) = self.index.get(group) else {
+            return Ok(None);
         };
-        let mut buf = vec![0u8; 8 * (nd + np)];
+        let mut buf = vec![0u8; nb + width * (nd + np)];
         self.file
             .read_exact_at(&mut buf, at)
             .map_err(|e| Error::io(std::env::temp_dir(), e))?;
-        let vals: Vec<u64> = buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        let block = RowBlock::from_bytes(&buf[..nb]).ok_or_else(|| {
+            Error::format(
+                std::env::temp_dir(),
+                "the replay's temporary file is corrupt",
+            )
+        })?;
+        let vals: Vec<u64> = buf[nb..]
+            .chunks_exact(width)
+            .map(|c| match *c {
+                [a, b, c, d] => match u32::from_le_bytes([a, b, c, d]) {
+                    u32::MAX => u64::MAX,
+                    v => v as u64,
+                },
+                _ => u64::from_le_bytes(c.try_into().expect("8 bytes")),
+            })
             .collect();
-        Ok(BlockFuture {
-            demand: vals[..nd].to_vec(),
-            prefetch: vals[nd..].to_vec(),
-        })
+        Ok(Some((
+            block,
+            BlockFuture {
+                demand: vals[..nd].to_vec(),
+                prefetch: vals[nd..].to_vec(),
+            },
+        )))
     }
 }

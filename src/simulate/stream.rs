@@ -17,7 +17,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::future::{Backward, BlockFuture, Future, FutureFile, ProfileCounter};
+use super::future::{Backward, BlockFuture, Future, ProfileCounter, SpillFile};
 use super::replay::Replayer;
 use super::{SimResult, Simulation};
 use crate::config::ModelSpec;
@@ -71,6 +71,8 @@ pub struct StudyStats {
     pub future_bytes: u64,
     /// Wall time of the whole study, file reading included.
     pub seconds: f64,
+    /// Wall time of each pass (scan, backward when run, replay).
+    pub pass_seconds: Vec<f64>,
 }
 
 /// Runs a [`TraceStudy`]: one [`SimResult`] per policy × budget, policies outermost.
@@ -128,6 +130,7 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
         }
     }
     let cell = chosen.as_deref().filter(|_| has_cell);
+    stats.pass_seconds.push(t0.elapsed().as_secs_f64());
     let layers: Vec<u32> = (0..seen.len() as u32)
         .filter(|&l| seen[l as usize])
         .collect();
@@ -193,36 +196,45 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
         Some((spec, dir)) => check_block(path, b, spec, dir),
         None => Ok(()),
     };
-    // Pass 2 (when needed): the future, backward.
+    // Pass 2 (when needed): the future, backward, row groups decoded on a second thread; the
+    // decoded blocks are kept with their next uses, so the replay does not decode them again.
     let needs_future = sims.iter().any(|m| m.policy.needs_future());
     let needs_profile = sims.iter().any(|m| m.policy.needs_profile());
     let mut profiles = needs_profile.then(|| ProfileCounter::new(s.reset_per_prompt));
-    let future = if needs_future || needs_profile {
+    let mut future: Option<(SpillFile, Option<Future>)> = None;
+    if needs_future || needs_profile {
         stats.passes += 1;
         let mut back = Backward::new(s.reset_per_prompt);
-        let mut store = FutureFile::new()?;
-        for g in (0..file.groups()).rev() {
+        let mut spill = SpillFile::new()?;
+        let groups: Vec<usize> = (0..file.groups()).rev().collect();
+        let decode = |g: usize| -> Result<(usize, RowBlock)> {
             let (b, _) = file.block(g, cell, columns)?;
             check(&b)?;
+            Ok((g, b))
+        };
+        for_each_ordered(&groups, &decode, |(g, b)| {
+            if b.is_empty() {
+                return Ok(());
+            }
             if let Some(p) = &mut profiles {
                 p.add(&b);
             }
-            if needs_future {
-                store.put(g, &back.block(&b))?;
-            }
-        }
-        stats.future_bytes = store.bytes;
-        needs_future.then(|| {
-            (
-                store,
-                Future {
-                    total: back.accesses(),
-                },
-            )
-        })
-    } else {
-        None
-    };
+            let f = if needs_future {
+                back.block(&b)
+            } else {
+                BlockFuture::default()
+            };
+            spill.put(g, &b, &f)
+        })?;
+        stats.future_bytes = spill.bytes;
+        stats
+            .pass_seconds
+            .push(t0.elapsed().as_secs_f64() - stats.pass_seconds.iter().sum::<f64>());
+        let total = needs_future.then(|| Future {
+            total: back.accesses(),
+        });
+        future = Some((spill, total));
+    }
     // Pass 3: the replay.
     stats.passes += 1;
     let mut replays: Vec<Replayer<'_>> = sims
@@ -231,71 +243,100 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
         .collect::<std::result::Result<_, _>>()?;
     let profiles = profiles.as_ref();
     let size_ref: &(dyn Fn(ExpertKey) -> u64 + Sync) = &size;
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(RowBlock, Option<BlockFuture>)>>(2);
-        let file = &file;
-        let future = &future;
-        let check = &check;
-        scope.spawn(move || {
-            for g in 0..file.groups() {
-                let item = file.block(g, cell, columns).and_then(|(b, _)| {
-                    check(&b)?;
-                    let f = match future {
-                        Some((store, _)) => Some(store.get(g)?),
-                        None => None,
-                    };
-                    Ok((b, f))
-                });
-                let stop = item.is_err();
-                if tx.send(item).is_err() || stop {
-                    return;
-                }
+    let groups: Vec<usize> = (0..file.groups()).collect();
+    let decode = |g: usize| -> Result<Option<(RowBlock, Option<BlockFuture>)>> {
+        Ok(match &future {
+            Some((spill, total)) => spill.get(g)?.map(|(b, f)| (b, total.map(|_| f))),
+            None => {
+                let (b, _) = file.block(g, cell, columns)?;
+                check(&b)?;
+                Some((b, None))
             }
+        })
+    };
+    let fu = future.as_ref().and_then(|(_, f)| *f);
+    let mut pending: Option<(RowBlock, Option<BlockFuture>)> = None;
+    let mut feed = |block: &RowBlock,
+                    bf: &Option<BlockFuture>,
+                    next: Option<&(RowBlock, Option<BlockFuture>)>|
+     -> Result<()> {
+        let next = next.map(|(nb, nf)| {
+            let la = &nb.lookahead;
+            let uses = nf
+                .as_ref()
+                .map_or(&[][..], |f| &f.prefetch[la.offsets[0]..la.offsets[1]]);
+            (nb.row(0), uses)
         });
-        let fu = future.as_ref().map(|(_, f)| *f);
-        let mut pending: Option<(RowBlock, Option<BlockFuture>)> = None;
-        let mut feed = |block: &RowBlock,
-                        bf: &Option<BlockFuture>,
-                        next: Option<&(RowBlock, Option<BlockFuture>)>|
-         -> Result<()> {
-            let next = next.map(|(nb, nf)| {
-                let la = &nb.lookahead;
-                let uses = nf
-                    .as_ref()
-                    .map_or(&[][..], |f| &f.prefetch[la.offsets[0]..la.offsets[1]]);
-                (nb.row(0), uses)
-            });
-            let fut = bf.as_ref().zip(fu);
-            let run = |r: &mut Replayer<'_>| r.feed(block, fut, next, profiles, size_ref);
-            if replays.len() > 1 {
-                replays.par_iter_mut().try_for_each(run)?;
-            } else {
-                replays.iter_mut().try_for_each(run)?;
-            }
-            stats.rows += block.len() as u64;
-            stats.accesses += block.accesses() as u64;
-            Ok(())
+        let fut = bf.as_ref().zip(fu);
+        let run = |r: &mut Replayer<'_>| r.feed(block, fut, next, profiles, size_ref);
+        if replays.len() > 1 {
+            replays.par_iter_mut().try_for_each(run)?;
+        } else {
+            replays.iter_mut().try_for_each(run)?;
+        }
+        stats.rows += block.len() as u64;
+        stats.accesses += block.accesses() as u64;
+        Ok(())
+    };
+    for_each_ordered(&groups, &decode, |item| {
+        let Some(item) = item.filter(|i| !i.0.is_empty()) else {
+            return Ok(());
         };
-        for item in rx {
-            let item = item?;
-            if item.0.is_empty() {
-                continue;
-            }
-            if let Some((b, f)) = pending.take() {
-                feed(&b, &f, Some(&item))?;
-            }
-            pending = Some(item);
-        }
         if let Some((b, f)) = pending.take() {
-            feed(&b, &f, None)?;
+            feed(&b, &f, Some(&item))?;
         }
+        pending = Some(item);
         Ok(())
     })?;
+    if let Some((b, f)) = pending.take() {
+        feed(&b, &f, None)?;
+    }
     if stats.rows == 0 {
         return Err(Error::format(path, "the trace has no rows"));
     }
     stats.seconds = t0.elapsed().as_secs_f64();
+    stats
+        .pass_seconds
+        .push(stats.seconds - stats.pass_seconds.iter().sum::<f64>());
     Ok((replays.into_iter().map(Replayer::finish).collect(), stats))
+}
+
+/// Runs `produce` over `items` on several threads (as many as the machine has cores, at most
+/// 4) and hands the results to `consume` in `items`' order, with at most two results per
+/// thread in flight: row groups decode in parallel while one thread replays them in order.
+fn for_each_ordered<T: Send>(
+    items: &[usize],
+    produce: &(dyn Fn(usize) -> Result<T> + Sync),
+    mut consume: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
+        .min(items.len().max(1));
+    std::thread::scope(|scope| -> Result<()> {
+        let mut rxs = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<T>>(1);
+            rxs.push(rx);
+            let mine: Vec<usize> = items.iter().skip(w).step_by(workers).copied().collect();
+            scope.spawn(move || {
+                for i in mine {
+                    let r = produce(i);
+                    let stop = r.is_err();
+                    if tx.send(r).is_err() || stop {
+                        return;
+                    }
+                }
+            });
+        }
+        for j in 0..items.len() {
+            let r = rxs[j % workers]
+                .recv()
+                .map_err(|_| Error::Input("a decoding thread stopped unexpectedly".into()))?;
+            consume(r?)?;
+        }
+        Ok(())
+    })
 }
 
 /// True for a trace whose rows are counts in a canonical order, not recorded accesses.

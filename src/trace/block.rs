@@ -180,6 +180,113 @@ impl RowBlock {
     }
 }
 
+/// Appends `v` as little-endian u32s.
+fn put_u32s(out: &mut Vec<u8>, v: impl IntoIterator<Item = u32>) {
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Reads `n` little-endian u32s at `*at`.
+fn get_u32s(b: &[u8], at: &mut usize, n: usize) -> Option<Vec<u32>> {
+    let s = b.get(*at..*at + 4 * n)?;
+    *at += 4 * n;
+    Some(
+        s.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+impl RowBlock {
+    /// The routing columns (not weights, hits or load times) as bytes, for a replay that keeps
+    /// decoded blocks on disk between passes ([`RowBlock::from_bytes`] reads them back).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = self.len();
+        let mut out = Vec::with_capacity(32 + 25 * n + 4 * self.accesses());
+        put_u32s(
+            &mut out,
+            [
+                n as u32,
+                self.experts.values.len() as u32,
+                self.lookahead.values.len() as u32,
+            ],
+        );
+        for &i in &self.row_index {
+            out.extend_from_slice(&(i as u64).to_le_bytes());
+        }
+        for c in [&self.prompt, &self.step, &self.pos, &self.layer] {
+            put_u32s(&mut out, c.iter().copied());
+        }
+        out.extend(self.phase.iter().map(|p| (*p == Phase::Decode) as u8));
+        for l in [&self.experts, &self.lookahead] {
+            put_u32s(&mut out, l.offsets.iter().map(|&o| o as u32));
+            put_u32s(&mut out, l.values.iter().copied());
+            out.extend(l.valid.iter().map(|&v| v as u8));
+        }
+        out
+    }
+
+    /// Reads [`RowBlock::to_bytes`] output back (`None` if the bytes are not such a block).
+    pub fn from_bytes(b: &[u8]) -> Option<RowBlock> {
+        let mut at = 0;
+        let head = get_u32s(b, &mut at, 3)?;
+        let (n, ne, nl) = (head[0] as usize, head[1] as usize, head[2] as usize);
+        let idx = b.get(at..at + 8 * n)?;
+        at += 8 * n;
+        let row_index = idx
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
+            .collect();
+        let prompt = get_u32s(b, &mut at, n)?;
+        let step = get_u32s(b, &mut at, n)?;
+        let pos = get_u32s(b, &mut at, n)?;
+        let layer = get_u32s(b, &mut at, n)?;
+        let phase = b
+            .get(at..at + n)?
+            .iter()
+            .map(|&x| {
+                if x == 1 {
+                    Phase::Decode
+                } else {
+                    Phase::Prefill
+                }
+            })
+            .collect();
+        at += n;
+        let mut lists = Vec::new();
+        for nv in [ne, nl] {
+            let offsets = get_u32s(b, &mut at, n + 1)?
+                .into_iter()
+                .map(|o| o as usize)
+                .collect();
+            let values = get_u32s(b, &mut at, nv)?;
+            let valid = b.get(at..at + n)?.iter().map(|&v| v != 0).collect();
+            at += n;
+            lists.push(Lists {
+                offsets,
+                values,
+                valid,
+            });
+        }
+        let lookahead = lists.pop()?;
+        let experts = lists.pop()?;
+        Some(RowBlock {
+            row_index,
+            prompt,
+            step,
+            pos,
+            phase,
+            layer,
+            experts,
+            lookahead,
+            weights: None,
+            hits: None,
+            load_ns: None,
+        })
+    }
+}
+
 pub(crate) fn perr(path: &Path, e: PolarsError) -> Error {
     Error::format(path, format!("parquet: {e}"))
 }

@@ -130,9 +130,7 @@ pub fn to_frame(cells: &[CellTrace]) -> Result<DataFrame> {
         experts.append_slice(&r.experts);
         weights.append_slice(&r.weights);
         lookahead.append_opt_slice(r.lookahead.as_deref());
-        let h = Series::new("".into(), r.hits.as_slice());
-        hits.append_series(&h)
-            .map_err(|e| Error::Input(e.to_string()))?;
+        hits.append_iter(r.hits.iter().map(|&b| Some(b)));
     }
     let col = |name: &str, v: Vec<u32>| Column::new(name.into(), v);
     let df = DataFrame::new(
@@ -169,7 +167,7 @@ pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = crate::io::temp_file_in(dir)?;
     let f = tmp.reopen().map_err(|e| Error::io(path, e))?;
     ParquetWriter::new(f)
         .finish(df)

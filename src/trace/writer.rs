@@ -32,7 +32,7 @@ impl TraceWriter {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+        let tmp = crate::io::temp_file_in(dir)?;
         Ok(TraceWriter {
             path: path.to_path_buf(),
             tmp,

@@ -41,7 +41,7 @@ impl Belady {
         self.meta[i] = Some(m);
         let heap = self.heap.get_mut();
         heap.push((m.0, !m.1, id));
-        if heap.len() > 2 * self.resident + 64 {
+        if heap.len() > 8 * self.resident + 256 {
             // Too many outdated entries: rebuild from the resident ones.
             let live: Vec<(u64, u64, u32)> = self
                 .meta

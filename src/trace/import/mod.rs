@@ -213,10 +213,12 @@ impl<'a> Sink<'a> {
                 )));
             }
             match self.top_k.get(&r.layer) {
-                Some((k0, first)) if *k0 != k => return Err(bad(format!(
+                Some((k0, first)) if *k0 != k => {
+                    return Err(bad(format!(
                     "layer {}: top-k varies within the layer: {k} experts here, {k0} at {first}",
                     r.layer
-                ))),
+                )))
+                }
                 Some(_) => {}
                 None => {
                     self.top_k.insert(r.layer, (k, at.to_string()));
