@@ -26,16 +26,42 @@ timed() { # label, command...: runs it, prints wall seconds and peak RSS
   /usr/bin/time -f "$label: wall %e s, peak RSS %M KB" "$@"
 }
 
+if [ "$SMALL" != 0 ]; then
 echo "== $SMALL accesses: harness vs libCacheSim, one global pool of 3072 unit experts"
 timed synth "$H" trace synth --out "$OUT/small.parquet" --accesses "$SMALL"
 timed export "$H" trace export --to libcachesim "$OUT/small.parquet" "$OUT/small.oracleGeneral"
-for p in lru belady; do
-  timed "harness $p" "$H" simulate --trace "$OUT/small.parquet" --policy "$p" --budget 3072 \
-    --expert-bytes 1 --pool global --unpinned --stats --json > "$OUT/small_$p.json"
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print(f\"  hit rate {r['hit_rate']:.4f} over {r['accesses']} accesses\")" "$OUT/small_$p.json"
+# Three rounds, interleaved (this VM's speed drifts by tens of percent between minutes): our
+# whole process (wall time from /usr/bin/time: start-up, Parquet decoding, replay) against
+# libCacheSim's process_trace time (its binary trace read included, Python start-up not).
+: > "$OUT/rounds.txt"
+for round in 1 2 3; do
+  for p in lru belady; do
+    /usr/bin/time -f "%e" -o "$OUT/t_$p" "$H" simulate --trace "$OUT/small.parquet" --policy "$p" \
+      --budget 3072 --expert-bytes 1 --pool global --unpinned --stats --json > "$OUT/small_$p.json"
+    echo "harness $p $(cat "$OUT/t_$p") $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['hit_rate'])" "$OUT/small_$p.json")" >> "$OUT/rounds.txt"
+  done
+  python3 benches/libcachesim_compare.py "$OUT/small.oracleGeneral" 3072 | python3 -c "
+import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print('libcachesim', r['policy'], r['seconds'], 1-r['miss_ratio'])" >> "$OUT/rounds.txt"
 done
-timed "libCacheSim (lru, lfu, belady in one process)" python3 benches/libcachesim_compare.py "$OUT/small.oracleGeneral" 3072 | tee "$OUT/libcachesim.jsonl"
+python3 - "$OUT/rounds.txt" "$SMALL" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+n = int(sys.argv[2])
+for p in ["lru", "belady"]:
+    ours = [float(r[2]) for r in rows if r[0] == "harness" and r[1] == p]
+    theirs = [float(r[2]) for r in rows if r[0] == "libcachesim" and r[1] == p]
+    h1 = {r[3][:8] for r in rows if r[0] == "harness" and r[1] == p}
+    h2 = {r[3][:8] for r in rows if r[0] == "libcachesim" and r[1] == p}
+    mo, mt = statistics.median(ours), statistics.median(theirs)
+    print(f"{p}: harness {mo:.2f} s ({n/mo/1e6:.1f} M/s; rounds {ours}), libCacheSim {mt:.2f} s "
+          f"({n/mt/1e6:.1f} M/s; rounds {theirs}): {mt/mo:.2f}x; hit rates {sorted(h1)} vs {sorted(h2)}")
+PY
 
+fi
+
+[ "$LARGE" = 0 ] && exit 0
 echo "== $LARGE accesses: 6 policies x 4 budgets in one pass"
 timed synth "$H" trace synth --out "$OUT/large.parquet" --accesses "$LARGE"
 ls -l "$OUT/large.parquet"

@@ -4,14 +4,14 @@
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use super::future::{Backward, Future, SpillFile};
+use super::future::{demand_at, Backward, SpillFile};
 use crate::error::{Error, Result};
 use crate::trace::{Columns, TraceFile};
 
 /// Writes the demand accesses of one cell of `trace` (the first when `cell` is `None`) as
 /// libCacheSim `oracleGeneral` records: `u32` time (the access index, wrapping), `u64` object id
 /// `layer·2^20 + expert`, `u32` size 1, `i64` index of the next access of the same object or -1.
-/// Streams the file twice (backward for next accesses, then forward); the output appears only
+/// Streams the file twice (backward for next accesses, kept as distances in a temporary file, then forward); the output appears only
 /// when complete. Returns the number of records.
 pub fn libcachesim(trace: &Path, cell: Option<&str>, out: &Path) -> Result<u64> {
     let file = TraceFile::open(trace)?;
@@ -31,11 +31,8 @@ pub fn libcachesim(trace: &Path, cell: Option<&str>, out: &Path) -> Result<u64> 
     let mut store = SpillFile::new()?;
     for g in (0..file.groups()).rev() {
         let (b, _) = file.block(g, cell.as_deref(), columns)?;
-        store.put(g, &b, &back.block(&b))?;
+        store.put(g, &back.block(&b))?;
     }
-    let fu = Future {
-        total: back.accesses(),
-    };
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -44,14 +41,13 @@ pub fn libcachesim(trace: &Path, cell: Option<&str>, out: &Path) -> Result<u64> 
     let mut w = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(|e| Error::io(out, e))?);
     let mut t: u64 = 0;
     for g in 0..file.groups() {
-        let Some((b, f)) = store.get(g)? else {
-            continue;
-        };
+        let (b, _) = file.block(g, cell.as_deref(), columns)?;
+        let f = store.get(g)?;
         for i in 0..b.len() {
             let layer = b.layer[i] as u64;
             for j in b.experts.offsets[i]..b.experts.offsets[i + 1] {
                 let id = (layer << 20) | b.experts.values[j] as u64;
-                let next = match fu.resolve(f.demand[j]) {
+                let next = match demand_at(t, f.demand[j]) {
                     u64::MAX => -1i64,
                     n => n as i64,
                 };

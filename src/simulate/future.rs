@@ -2,11 +2,12 @@
 //! backward pass over the trace) and oracle frequency profiles for `static-<N>`.
 //!
 //! The backward pass visits blocks last to first and rows in reverse, so it never needs more
-//! than one block in memory; it numbers demand accesses from the end of the trace (the last
-//! access is 0), since the total is known only when it ends. [`Future::resolve`] turns those
-//! reverse numbers into forward positions. With `reset_per_prompt`, nothing is carried across a
-//! prompt boundary: an expert not demanded again within its prompt has no next use, exactly as
-//! when each prompt is replayed on its own.
+//! than one block in memory. It records each next use as a *distance* (in demand accesses) from
+//! the access itself, which needs no knowledge of the trace's total length and is small for the
+//! reused experts that matter, so the numbers are kept between passes as variable-length
+//! integers (about 1–2 bytes each). With `reset_per_prompt`, nothing is carried across a prompt
+//! boundary: an expert not demanded again within its prompt has no next use, exactly as when
+//! each prompt is replayed on its own.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -54,21 +55,42 @@ impl<T: Clone> DenseKeyMap<T> {
     }
 }
 
-/// Next-use numbers of one block, from the end of the trace (`u64::MAX`: none).
+/// Next uses of one block, as distances (`0`: none).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BlockFuture {
-    /// Per demand access of the block (aligned with its `experts` values): the reverse number of
-    /// the next demand of the same expert.
+    /// Per demand access of the block (aligned with its `experts` values): how many demand
+    /// accesses later the same expert is demanded next (≥ 1; 0: never).
     pub demand: Vec<u64>,
-    /// Per lookahead entry of the block (aligned with its `lookahead` values): the reverse number
-    /// of the first demand of that expert at or after the start of the entry's row, i.e. the
-    /// next use of a prefetch made for that row.
+    /// Per lookahead entry of the block (aligned with its `lookahead` values): 1 + how many
+    /// demand accesses after the start of the entry's row that expert is first demanded (0:
+    /// never), i.e. the next use of a prefetch made for that row.
     pub prefetch: Vec<u64>,
+}
+
+/// The forward position of a demand next use `d` of the access at position `at`.
+#[inline]
+pub fn demand_at(at: u64, d: u64) -> u64 {
+    if d == 0 {
+        u64::MAX
+    } else {
+        at + d
+    }
+}
+
+/// The forward position of a prefetch next use `d` for a row starting at position `start`.
+#[inline]
+pub fn prefetch_at(start: u64, d: u64) -> u64 {
+    if d == 0 {
+        u64::MAX
+    } else {
+        start + d - 1
+    }
 }
 
 /// The backward pass: feed blocks last to first.
 #[derive(Debug, Clone)]
 pub struct Backward {
+    /// Per expert: the reverse number (from the end) of its next demand.
     last: DenseKeyMap<u64>,
     seen: u64,
     reset_per_prompt: bool,
@@ -91,11 +113,11 @@ impl Backward {
         self.seen
     }
 
-    /// The next-use numbers of `b`, the block before (in trace order) the last one fed.
+    /// The next uses of `b`, the block before (in trace order) the last one fed.
     pub fn block(&mut self, b: &RowBlock) -> BlockFuture {
         let mut f = BlockFuture {
-            demand: vec![u64::MAX; b.accesses()],
-            prefetch: vec![u64::MAX; b.lookahead.values.len()],
+            demand: vec![0; b.accesses()],
+            prefetch: vec![0; b.lookahead.values.len()],
         };
         for i in (0..b.len()).rev() {
             let layer = b.layer[i];
@@ -110,39 +132,27 @@ impl Backward {
                     layer,
                     expert: b.experts.values[j],
                 });
-                f.demand[j] = *slot;
+                if *slot != u64::MAX {
+                    f.demand[j] = self.seen - *slot;
+                }
                 *slot = self.seen;
                 self.seen += 1;
             }
             if b.lookahead.valid[i] {
+                // The row's first access has reverse number `seen - 1`.
+                let start = self.seen - 1;
                 for j in b.lookahead.offsets[i]..b.lookahead.offsets[i + 1] {
-                    f.prefetch[j] = *self.last.get_mut(ExpertKey {
+                    let slot = *self.last.get_mut(ExpertKey {
                         layer,
                         expert: b.lookahead.values[j],
                     });
+                    if slot != u64::MAX {
+                        f.prefetch[j] = start - slot + 1;
+                    }
                 }
             }
         }
         f
-    }
-}
-
-/// Turns reverse next-use numbers into forward positions for a trace of `total` accesses.
-#[derive(Debug, Clone, Copy)]
-pub struct Future {
-    /// Demand accesses in the whole trace.
-    pub total: u64,
-}
-
-impl Future {
-    /// The forward position of reverse number `r`.
-    #[inline]
-    pub fn resolve(&self, r: u64) -> u64 {
-        if r == u64::MAX {
-            u64::MAX
-        } else {
-            self.total - 1 - r
-        }
     }
 }
 
@@ -192,17 +202,44 @@ impl ProfileCounter {
     }
 }
 
-/// Where one row group was stored: (offset, block bytes, demand entries, prefetch entries,
-/// bytes per next-use entry).
-type Spilled = (u64, usize, usize, usize, usize);
+/// Appends `v` as a LEB128 variable-length integer.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
 
-/// Decoded row groups with their next-use numbers, in an unnamed temporary file (gone when
-/// dropped): the backward pass writes them so that the replay reads them back without
-/// decoding the Parquet file a second time.
+/// Reads `n` LEB128 integers from `b`; `None` if `b` ends early.
+fn get_varints(b: &[u8], n: usize, out: &mut Vec<u64>) -> Option<usize> {
+    let mut at = 0;
+    for _ in 0..n {
+        let mut v = 0u64;
+        let mut shift = 0;
+        loop {
+            let x = *b.get(at)?;
+            at += 1;
+            v |= ((x & 0x7f) as u64) << shift;
+            if x & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        out.push(v);
+    }
+    Some(at)
+}
+
+/// Where one row group's next uses were stored: (offset, bytes, demand entries, prefetch
+/// entries).
+type Spilled = (u64, usize, usize, usize);
+
+/// The next uses of every row group, in an unnamed temporary file (gone when dropped), as
+/// variable-length distances: written by the backward pass, read by the replay.
 pub(crate) struct SpillFile {
     file: File,
     pub(crate) bytes: u64,
-    /// Per row group, where it was stored.
     index: Vec<Option<Spilled>>,
 }
 
@@ -216,26 +253,11 @@ impl SpillFile {
         })
     }
 
-    /// Stores row group `group`'s block and future.
-    pub(crate) fn put(&mut self, group: usize, b: &RowBlock, f: &BlockFuture) -> Result<()> {
-        let mut buf = b.to_bytes();
-        let nb = buf.len();
-        // Next uses are stored in 4 bytes where every one of the block's fits (u32::MAX
-        // standing for none), else in 8.
-        let all = || f.demand.iter().chain(&f.prefetch);
-        let width = if all().all(|&v| v < u32::MAX as u64 || v == u64::MAX) {
-            4
-        } else {
-            8
-        };
-        buf.reserve(width * (f.demand.len() + f.prefetch.len()));
-        for &v in all() {
-            if width == 4 {
-                let v = if v == u64::MAX { u32::MAX } else { v as u32 };
-                buf.extend_from_slice(&v.to_le_bytes());
-            } else {
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
+    /// Stores row group `group`'s next uses.
+    pub(crate) fn put(&mut self, group: usize, f: &BlockFuture) -> Result<()> {
+        let mut buf = Vec::with_capacity(2 * (f.demand.len() + f.prefetch.len()));
+        for &v in f.demand.iter().chain(&f.prefetch) {
+            put_varint(&mut buf, v);
         }
         let mut w = &self.file;
         w.write_all(&buf)
@@ -243,42 +265,30 @@ impl SpillFile {
         if self.index.len() <= group {
             self.index.resize(group + 1, None);
         }
-        self.index[group] = Some((self.bytes, nb, f.demand.len(), f.prefetch.len(), width));
+        self.index[group] = Some((self.bytes, buf.len(), f.demand.len(), f.prefetch.len()));
         self.bytes += buf.len() as u64;
         Ok(())
     }
 
-    /// Row group `group`'s block and future (`None` if it was not stored).
-    pub(crate) fn get(&self, group: usize) -> Result<Option<(RowBlock, BlockFuture)>> {
-        let Some(&Some((at, nb, nd, np, width))) = self.index.get(group) else {
-            return Ok(None);
+    /// Row group `group`'s next uses (empty if none were stored).
+    pub(crate) fn get(&self, group: usize) -> Result<BlockFuture> {
+        let Some(&Some((at, nb, nd, np))) = self.index.get(group) else {
+            return Ok(BlockFuture::default());
         };
-        let mut buf = vec![0u8; nb + width * (nd + np)];
+        let mut buf = vec![0u8; nb];
         self.file
             .read_exact_at(&mut buf, at)
             .map_err(|e| Error::io(std::env::temp_dir(), e))?;
-        let block = RowBlock::from_bytes(&buf[..nb]).ok_or_else(|| {
+        let corrupt = || {
             Error::format(
                 std::env::temp_dir(),
                 "the replay's temporary file is corrupt",
             )
-        })?;
-        let vals: Vec<u64> = buf[nb..]
-            .chunks_exact(width)
-            .map(|c| match *c {
-                [a, b, c, d] => match u32::from_le_bytes([a, b, c, d]) {
-                    u32::MAX => u64::MAX,
-                    v => v as u64,
-                },
-                _ => u64::from_le_bytes(c.try_into().expect("8 bytes")),
-            })
-            .collect();
-        Ok(Some((
-            block,
-            BlockFuture {
-                demand: vals[..nd].to_vec(),
-                prefetch: vals[nd..].to_vec(),
-            },
-        )))
+        };
+        let mut demand = Vec::with_capacity(nd);
+        let used = get_varints(&buf, nd, &mut demand).ok_or_else(corrupt)?;
+        let mut prefetch = Vec::with_capacity(np);
+        get_varints(&buf[used..], np, &mut prefetch).ok_or_else(corrupt)?;
+        Ok(BlockFuture { demand, prefetch })
     }
 }

@@ -36,7 +36,7 @@ mod future;
 mod replay;
 mod stream;
 
-pub use future::{Backward, BlockFuture, Future, ProfileCounter};
+pub use future::{demand_at, prefetch_at, Backward, BlockFuture, ProfileCounter};
 pub use stream::{is_aggregate, study, StudyStats, TraceStudy};
 
 /// One replay: a policy at a budget over a trace, and how the trace is to be read.
@@ -256,16 +256,10 @@ pub fn simulate(
     expert_size: impl Fn(ExpertKey) -> u64,
 ) -> Result<SimResult, SimError> {
     let block = RowBlock::from_rows(rows);
-    let future = sim.policy.needs_future().then(|| {
-        let mut b = Backward::new(sim.reset_per_prompt);
-        let f = b.block(&block);
-        (
-            f,
-            Future {
-                total: b.accesses(),
-            },
-        )
-    });
+    let future = sim
+        .policy
+        .needs_future()
+        .then(|| Backward::new(sim.reset_per_prompt).block(&block));
     let profiles = (sim.profile.is_none() && sim.policy.needs_profile()).then(|| {
         let mut c = ProfileCounter::new(sim.reset_per_prompt);
         c.add(&block);
@@ -274,7 +268,7 @@ pub fn simulate(
     let mut r = replay::Replayer::new(sim, profiles.as_ref())?;
     r.feed(
         &block,
-        future.as_ref().map(|(f, fu)| (f, *fu)),
+        future.as_ref(),
         None,
         profiles.as_ref(),
         &expert_size,
@@ -285,13 +279,12 @@ pub fn simulate(
 /// For every demand access in replay order, the number of the next demand access of the same
 /// expert (`u64::MAX` if none): Belady's input.
 pub fn demand_next_uses(rows: &[TraceRow]) -> Vec<u64> {
-    let block = RowBlock::from_rows(rows);
-    let mut b = Backward::new(false);
-    let f = b.block(&block);
-    let fu = Future {
-        total: b.accesses(),
-    };
-    f.demand.iter().map(|&r| fu.resolve(r)).collect()
+    let f = Backward::new(false).block(&RowBlock::from_rows(rows));
+    f.demand
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| demand_at(i as u64, d))
+        .collect()
 }
 
 /// Counts expert uses in `rows` (the profile `static-<N>` pins from).

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use super::future::{BlockFuture, Future, ProfileCounter};
+use super::future::{demand_at, prefetch_at, BlockFuture, ProfileCounter};
 use super::{merge_results, SimError, SimResult, Simulation};
 use crate::experts::cache::{CacheCore, CacheOptions, Step, StepOutcome};
 use crate::experts::ExpertKey;
@@ -79,7 +79,7 @@ impl<'s> Replayer<'s> {
     pub(crate) fn feed(
         &mut self,
         b: &RowBlock,
-        future: Option<(&BlockFuture, Future)>,
+        future: Option<&BlockFuture>,
         next: NextRow<'_>,
         profiles: Option<&ProfileCounter>,
         expert_size: &dyn Fn(ExpertKey) -> u64,
@@ -107,7 +107,7 @@ impl<'s> Replayer<'s> {
             // the same token.
             let (following, following_uses) = if r + 1 < b.len() {
                 let la = &b.lookahead;
-                let uses = future.map_or(&[][..], |(f, _)| {
+                let uses = future.map_or(&[][..], |f| {
                     &f.prefetch[la.offsets[r + 1]..la.offsets[r + 2]]
                 });
                 (Some(b.row(r + 1)), uses)
@@ -140,8 +140,7 @@ impl<'s> Replayer<'s> {
             let mut k = 0usize;
             let pos = self.pos;
             let after = pos + row.experts.len() as u64;
-            let demand = future.map(|(f, _)| &f.demand[first..first + row.experts.len()]);
-            let resolve = future.map(|(_, fu)| fu);
+            let demand = future.map(|f| &f.demand[first..first + row.experts.len()]);
             self.cache
                 .step(
                     &step,
@@ -150,7 +149,7 @@ impl<'s> Replayer<'s> {
                         if !needs_future {
                             return u64::MAX;
                         }
-                        let (Some(fu), Some(demand)) = (resolve, demand) else {
+                        let Some(demand) = demand else {
                             return u64::MAX;
                         };
                         if prefetch {
@@ -161,9 +160,11 @@ impl<'s> Replayer<'s> {
                                 .iter()
                                 .position(|&e| e == key.expert)
                                 .and_then(|j| following_uses.get(j))
-                                .map_or(u64::MAX, |&u| fu.resolve(u))
+                                .map_or(u64::MAX, |&u| prefetch_at(after, u))
                         } else {
-                            let n = demand.get(k).map_or(u64::MAX, |&u| fu.resolve(u));
+                            let n = demand
+                                .get(k)
+                                .map_or(u64::MAX, |&d| demand_at(pos + k as u64, d));
                             k += 1;
                             n
                         }

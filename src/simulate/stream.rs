@@ -17,7 +17,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::future::{Backward, BlockFuture, Future, ProfileCounter, SpillFile};
+use super::future::{Backward, BlockFuture, ProfileCounter, SpillFile};
 use super::replay::Replayer;
 use super::{SimResult, Simulation};
 use crate::config::ModelSpec;
@@ -196,12 +196,12 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
         Some((spec, dir)) => check_block(path, b, spec, dir),
         None => Ok(()),
     };
-    // Pass 2 (when needed): the future, backward, row groups decoded on a second thread; the
-    // decoded blocks are kept with their next uses, so the replay does not decode them again.
+    // Pass 2 (when needed): the future, backward, row groups decoded on other threads; next
+    // uses kept in a temporary file as variable-length distances.
     let needs_future = sims.iter().any(|m| m.policy.needs_future());
     let needs_profile = sims.iter().any(|m| m.policy.needs_profile());
     let mut profiles = needs_profile.then(|| ProfileCounter::new(s.reset_per_prompt));
-    let mut future: Option<(SpillFile, Option<Future>)> = None;
+    let mut future: Option<SpillFile> = None;
     if needs_future || needs_profile {
         stats.passes += 1;
         let mut back = Backward::new(s.reset_per_prompt);
@@ -219,21 +219,16 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
             if let Some(p) = &mut profiles {
                 p.add(&b);
             }
-            let f = if needs_future {
-                back.block(&b)
-            } else {
-                BlockFuture::default()
-            };
-            spill.put(g, &b, &f)
+            if needs_future {
+                spill.put(g, &back.block(&b))?;
+            }
+            Ok(())
         })?;
         stats.future_bytes = spill.bytes;
         stats
             .pass_seconds
             .push(t0.elapsed().as_secs_f64() - stats.pass_seconds.iter().sum::<f64>());
-        let total = needs_future.then(|| Future {
-            total: back.accesses(),
-        });
-        future = Some((spill, total));
+        future = needs_future.then_some(spill);
     }
     // Pass 3: the replay.
     stats.passes += 1;
@@ -245,16 +240,13 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
     let size_ref: &(dyn Fn(ExpertKey) -> u64 + Sync) = &size;
     let groups: Vec<usize> = (0..file.groups()).collect();
     let decode = |g: usize| -> Result<Option<(RowBlock, Option<BlockFuture>)>> {
-        Ok(match &future {
-            Some((spill, total)) => spill.get(g)?.map(|(b, f)| (b, total.map(|_| f))),
-            None => {
-                let (b, _) = file.block(g, cell, columns)?;
-                check(&b)?;
-                Some((b, None))
-            }
-        })
+        let (b, _) = file.block(g, cell, columns)?;
+        if future.is_none() {
+            check(&b)?;
+        }
+        let f = future.as_ref().map(|s| s.get(g)).transpose()?;
+        Ok(Some((b, f)))
     };
-    let fu = future.as_ref().and_then(|(_, f)| *f);
     let mut pending: Option<(RowBlock, Option<BlockFuture>)> = None;
     let mut feed = |block: &RowBlock,
                     bf: &Option<BlockFuture>,
@@ -267,7 +259,7 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
                 .map_or(&[][..], |f| &f.prefetch[la.offsets[0]..la.offsets[1]]);
             (nb.row(0), uses)
         });
-        let fut = bf.as_ref().zip(fu);
+        let fut = bf.as_ref();
         let run = |r: &mut Replayer<'_>| r.feed(block, fut, next, profiles, size_ref);
         if replays.len() > 1 {
             replays.par_iter_mut().try_for_each(run)?;

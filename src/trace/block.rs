@@ -180,113 +180,6 @@ impl RowBlock {
     }
 }
 
-/// Appends `v` as little-endian u32s.
-fn put_u32s(out: &mut Vec<u8>, v: impl IntoIterator<Item = u32>) {
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-}
-
-/// Reads `n` little-endian u32s at `*at`.
-fn get_u32s(b: &[u8], at: &mut usize, n: usize) -> Option<Vec<u32>> {
-    let s = b.get(*at..*at + 4 * n)?;
-    *at += 4 * n;
-    Some(
-        s.chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    )
-}
-
-impl RowBlock {
-    /// The routing columns (not weights, hits or load times) as bytes, for a replay that keeps
-    /// decoded blocks on disk between passes ([`RowBlock::from_bytes`] reads them back).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let n = self.len();
-        let mut out = Vec::with_capacity(32 + 25 * n + 4 * self.accesses());
-        put_u32s(
-            &mut out,
-            [
-                n as u32,
-                self.experts.values.len() as u32,
-                self.lookahead.values.len() as u32,
-            ],
-        );
-        for &i in &self.row_index {
-            out.extend_from_slice(&(i as u64).to_le_bytes());
-        }
-        for c in [&self.prompt, &self.step, &self.pos, &self.layer] {
-            put_u32s(&mut out, c.iter().copied());
-        }
-        out.extend(self.phase.iter().map(|p| (*p == Phase::Decode) as u8));
-        for l in [&self.experts, &self.lookahead] {
-            put_u32s(&mut out, l.offsets.iter().map(|&o| o as u32));
-            put_u32s(&mut out, l.values.iter().copied());
-            out.extend(l.valid.iter().map(|&v| v as u8));
-        }
-        out
-    }
-
-    /// Reads [`RowBlock::to_bytes`] output back (`None` if the bytes are not such a block).
-    pub fn from_bytes(b: &[u8]) -> Option<RowBlock> {
-        let mut at = 0;
-        let head = get_u32s(b, &mut at, 3)?;
-        let (n, ne, nl) = (head[0] as usize, head[1] as usize, head[2] as usize);
-        let idx = b.get(at..at + 8 * n)?;
-        at += 8 * n;
-        let row_index = idx
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
-            .collect();
-        let prompt = get_u32s(b, &mut at, n)?;
-        let step = get_u32s(b, &mut at, n)?;
-        let pos = get_u32s(b, &mut at, n)?;
-        let layer = get_u32s(b, &mut at, n)?;
-        let phase = b
-            .get(at..at + n)?
-            .iter()
-            .map(|&x| {
-                if x == 1 {
-                    Phase::Decode
-                } else {
-                    Phase::Prefill
-                }
-            })
-            .collect();
-        at += n;
-        let mut lists = Vec::new();
-        for nv in [ne, nl] {
-            let offsets = get_u32s(b, &mut at, n + 1)?
-                .into_iter()
-                .map(|o| o as usize)
-                .collect();
-            let values = get_u32s(b, &mut at, nv)?;
-            let valid = b.get(at..at + n)?.iter().map(|&v| v != 0).collect();
-            at += n;
-            lists.push(Lists {
-                offsets,
-                values,
-                valid,
-            });
-        }
-        let lookahead = lists.pop()?;
-        let experts = lists.pop()?;
-        Some(RowBlock {
-            row_index,
-            prompt,
-            step,
-            pos,
-            phase,
-            layer,
-            experts,
-            lookahead,
-            weights: None,
-            hits: None,
-            load_ns: None,
-        })
-    }
-}
-
 pub(crate) fn perr(path: &Path, e: PolarsError) -> Error {
     Error::format(path, format!("parquet: {e}"))
 }
@@ -537,6 +430,14 @@ pub(crate) fn check_row(
     Ok(())
 }
 
+/// A read-only map of `f` (the file at `path`).
+fn map_file(path: &Path, f: &File) -> Result<memmap2::Mmap> {
+    // SAFETY: a read-only map of a file this process does not write; a file truncated by
+    // another process while mapped is the user's error, as with any reader (the decoder's
+    // panics are caught by `guarded`).
+    unsafe { memmap2::Mmap::map(f) }.map_err(|e| Error::io(path, e))
+}
+
 /// What to decode from a trace file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Columns {
@@ -559,7 +460,15 @@ impl TraceFile {
     /// Opens `path`: reads its footer and checks the required columns.
     pub fn open(path: &Path) -> Result<Self> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = ParquetReader::new(f);
+        let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < 12 {
+            return Err(Error::format(
+                path,
+                format!("{len} bytes: too short for a Parquet file"),
+            ));
+        }
+        let map = map_file(path, &f)?;
+        let mut reader = ParquetReader::new(std::io::Cursor::new(&map[..]));
         let (metadata, schema) = guarded(path, || {
             let md = reader.get_metadata()?.clone();
             let schema = reader.schema()?;
@@ -577,6 +486,7 @@ impl TraceFile {
             groups.push((start, rg.num_rows()));
             start += rg.num_rows();
         }
+        drop(reader);
         Ok(TraceFile {
             path: path.to_path_buf(),
             metadata,
@@ -617,19 +527,24 @@ impl TraceFile {
 
     fn frame(&self, group: usize, columns: &[&str]) -> Result<DataFrame> {
         let (start, len) = self.groups[group];
-        let f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let cols: Vec<String> = columns
             .iter()
             .filter(|c| self.has(c))
             .map(|c| c.to_string())
             .collect();
         let md = Arc::clone(&self.metadata);
+        // A map of our own for this one read, unmapped when it returns: the process's resident
+        // set then holds one row group's pages per decoding thread, never the whole file.
+        let f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let map = map_file(&self.path, &f)?;
         guarded(&self.path, move || {
-            let mut r = ParquetReader::new(f);
+            let mut r = ParquetReader::new(std::io::Cursor::new(&map[..]));
             r.set_metadata(md);
             r.with_columns(Some(cols))
                 .with_slice(Some((start, len)))
-                .read_parallel(ParallelStrategy::None)
+                // Row-group strategy: it skips the row groups outside the slice; the column
+                // strategies walk (and page in) every row group before it.
+                .read_parallel(ParallelStrategy::RowGroups)
                 .finish()
         })
     }
