@@ -80,7 +80,10 @@ struct ExportArgs {
 
 #[derive(Args)]
 struct ImportArgs {
-    /// Source format.
+    /// Source format: vllm (routed-experts JSON / .npz / .npy), sglang (per_token
+    /// expert_distribution_recorder_*.pt), megatron (router_trace_rank*.jsonl), llama.cpp
+    /// (moe-trace CSV), moe-infinity (activation-count .npy, aggregate only). See the README,
+    /// "Importing routing from other engines".
     #[arg(long = "from", value_parser = parse_format)]
     from: Format,
     /// Input files (several: their requests follow one another, as prompts 0, 1, …).
