@@ -18,7 +18,9 @@ SMALL=${2:-20000000}
 LARGE=${3:-500000000}
 H=${HARNESS:-target/release/harness}
 mkdir -p "$OUT"
-[ -x "$H" ] || cargo build --release
+# Always the binary of this checkout (a no-op when it is up to date), and say which it is.
+[ -n "${HARNESS:-}" ] || cargo build --release
+echo "binary: $H ($(stat -c %y "$H")), checkout $(git rev-parse --short HEAD)$(git diff --quiet || echo ' + uncommitted changes')"
 python3 -c "import libcachesim" 2>/dev/null || pip install -q "libcachesim==0.3.5"
 
 timed() { # label, command...: runs it, prints wall seconds and peak RSS

@@ -108,11 +108,6 @@ impl Backward {
         }
     }
 
-    /// Accesses seen so far (after the last block: the trace's total).
-    pub fn accesses(&self) -> u64 {
-        self.seen
-    }
-
     /// The next uses of `b`, the block before (in trace order) the last one fed.
     pub fn block(&mut self, b: &RowBlock) -> BlockFuture {
         let mut f = BlockFuture {

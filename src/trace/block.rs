@@ -495,11 +495,6 @@ impl TraceFile {
         })
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Row groups.
     pub fn groups(&self) -> usize {
         self.groups.len()

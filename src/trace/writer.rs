@@ -61,11 +61,6 @@ impl TraceWriter {
         Ok(())
     }
 
-    /// Rows written so far (buffered ones included).
-    pub fn rows(&self) -> u64 {
-        self.written + self.rows.len() as u64
-    }
-
     fn flush(&mut self) -> Result<()> {
         if self.rows.is_empty() {
             return Ok(());

@@ -6,7 +6,8 @@ use candle_core::Device;
 use moe_harness::bench::{bench, BenchOptions};
 use moe_harness::experts::policies::PolicySpec;
 
-fn opts() -> BenchOptions {
+/// Small sweep options on the CPU (other tests override what they need).
+pub(crate) fn opts() -> BenchOptions {
     BenchOptions {
         policies: vec![PolicySpec::Lru, PolicySpec::parse("lookahead").unwrap()],
         capacities: vec![4, 8],

@@ -153,25 +153,11 @@ fn an_imported_trace_drives_bench_replay() {
         &["--model", fixture("deepseek_v3-f32").to_str().unwrap()],
     );
     assert_eq!(code, 0, "{err}");
-    let mut o = moe_harness::bench::BenchOptions {
-        policies: vec![PolicySpec::Lru],
-        capacities: vec![2],
-        prompts: 2,
-        prompt_len: 4,
-        new_tokens: 4,
-        load_threads: Some(0),
-        seed: 1,
-        resident: false,
-        staging: Default::default(),
-        read_threads: None,
-        gpu_experts: Default::default(),
-        dense: Default::default(),
-        io: Default::default(),
-        storage: None,
-        threads: None,
-        kernels: Default::default(),
-        replay: None,
-    };
+    let mut o = crate::bench::opts();
+    o.policies = vec![PolicySpec::Lru];
+    o.capacities = vec![2];
+    o.load_threads = Some(0);
+    o.resident = false;
     o.replay = Some((out.clone(), None));
     let r =
         moe_harness::bench::bench(&fixture("deepseek_v3-f32"), Device::Cpu, &o, |_| {}).unwrap();

@@ -17,13 +17,6 @@ pub struct Array {
     pub descr: String,
 }
 
-impl Array {
-    /// True for an integer dtype.
-    pub fn is_integer(&self) -> bool {
-        !self.descr.contains('f')
-    }
-}
-
 fn header_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let at = header.find(&format!("'{key}'"))?;
     let rest = &header[at + key.len() + 2..];
@@ -177,12 +170,11 @@ mod tests {
         let a = parse(p, &npy("<i2", "2, 1, 2", &[1, 0, 2, 0, 255, 255, 7, 0])).unwrap();
         assert_eq!(a.shape, vec![2, 1, 2]);
         assert_eq!(a.values, vec![1.0, 2.0, -1.0, 7.0]);
-        assert!(a.is_integer());
+        assert_eq!(a.descr, "<i2");
         let a = parse(p, &npy("<u2", "2,", &[0x00, 0x01, 0xff, 0xff])).unwrap();
         assert_eq!(a.values, vec![256.0, 65535.0]);
         let a = parse(p, &npy("<f8", "1,", &2.5f64.to_le_bytes())).unwrap();
         assert_eq!(a.values, vec![2.5]);
-        assert!(!a.is_integer());
         let e = parse(p, &npy("<i4", "3,", &[0; 8]))
             .unwrap_err()
             .to_string();
