@@ -181,6 +181,7 @@ pub fn bench(
         storage: opts.storage,
         threads: opts.threads,
         kernels: opts.kernels,
+        low_bit: None,
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;

@@ -187,6 +187,10 @@ struct SimulateArgs {
     /// Classic mode: every access stands alone, no step pinning (compare with libCacheSim).
     #[arg(long)]
     unpinned: bool,
+    /// Miss mode to count (substitutions, drops, low-bit reads, host computations) as the
+    /// engine would; hits do not depend on it.
+    #[arg(long, value_enum, default_value_t = MissMode::Load)]
+    miss: MissMode,
     /// Print JSON (one object per policy × budget).
     #[arg(long)]
     json: bool,
@@ -247,12 +251,19 @@ pub struct CacheArgs {
     /// How a byte budget is shared: one global pool, or split equally per layer.
     #[arg(long, value_enum, default_value_t = Pool::Global)]
     pub pool: Pool,
-    /// Eviction policy: lru, lfu, lfu-decay0.9, lcp-0.25-128, lookahead, static-N…
+    /// Eviction policy: lru, lfu, lfu-decay0.9, lcp-0.25-128, lookahead, static-N, lfru, mrs,
+    /// layer-aware, eam-K, adaptive-split… (static-N and adaptive-split need a profile, so they
+    /// run in experiments and `simulate`, not here).
     #[arg(long, default_value = "lru")]
     pub policy: PolicySpec,
-    /// Miss handling: load (exact) or skip (drop the missing expert, renormalise).
+    /// Miss handling: load (exact), skip (drop the missing expert, renormalise), substitute (the
+    /// most co-selected resident expert), low-bit (a lower-precision copy: needs --low-bit DIR),
+    /// cpu-compute (compute it on the host: needs --device cuda).
     #[arg(long, value_enum, default_value_t = MissMode::Load)]
     pub miss: MissMode,
+    /// The lower-precision copy of the model that `--miss low-bit` reads (e.g. MLX 2-bit).
+    #[arg(long)]
+    pub low_bit: Option<PathBuf>,
     /// Compute device: cpu, cuda (needs --features cuda) or metal (--features metal).
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub device: Backend,
@@ -360,6 +371,7 @@ impl CacheArgs {
             storage: self.storage.storage_device,
             threads: self.compute.threads,
             kernels: self.compute.kernels,
+            low_bit: self.low_bit.clone(),
         }
     }
 }
@@ -687,6 +699,7 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         warmup_prompts: a.warmup,
         reset_per_prompt: a.reset_per_prompt,
         classic: a.unpinned,
+        miss: a.miss,
     };
     let (results, stats) = moe_harness::simulate::study(&study)?;
     if a.stats {

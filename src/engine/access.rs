@@ -4,22 +4,25 @@
 //! experts have run, and writes the step's trace row.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::experts::cache::{CacheCore, Step, StepOutcome};
 use crate::experts::loader::Loader;
+use crate::experts::miss::MissAction;
 use crate::experts::store::{ExpertStore, ExpertWeights};
 use crate::experts::{ExpertKey, Phase};
 use crate::models::moe::{ExpertAccess, Route};
 use crate::trace::TraceRow;
 
 use super::replay::Replay;
-use super::{EngineConfig, MissMode};
+use super::EngineConfig;
 
 /// Resolves experts through the cache for one forward call.
 pub(super) struct Access<'a> {
     pub(super) store: &'a ExpertStore,
+    /// The low-precision copy (`low-bit` misses).
+    pub(super) low: Option<&'a ExpertStore>,
     pub(super) loader: &'a mut Loader,
     pub(super) core: &'a mut CacheCore,
     pub(super) payload: &'a mut [Vec<Option<Arc<ExpertWeights>>>],
@@ -44,8 +47,10 @@ pub(super) struct Current {
     layer: u32,
     pos: u32,
     hits: Vec<bool>,
-    /// Experts of this step that missed.
-    missed: Vec<u32>,
+    /// Experts of this step that missed, with what the token runs for each.
+    missed: Vec<(u32, MissAction)>,
+    /// Misses whose loads start once the step's experts ran (every mode but `load`).
+    deferred: Vec<ExpertKey>,
     /// Prefetches to start once the step's experts ran.
     prefetch: Vec<ExpertKey>,
     load_ns: u64,
@@ -84,6 +89,8 @@ impl ExpertAccess for Access<'_> {
             phase: self.phase,
             experts: &route.experts,
             prediction,
+            weights: &route.weights,
+            request: self.prompt,
         };
         let store = self.store;
         self.core.step(
@@ -102,31 +109,100 @@ impl ExpertAccess for Access<'_> {
             self.payload[k.layer as usize][k.expert as usize] = None;
             self.loader.cancel(k);
         }
+        let mut deferred = Vec::new();
+        // All misses of the step are known up front, so they load in parallel; a miss the token
+        // does not wait for loads after the step's experts ran.
+        for (&k, &a) in out.misses.iter().zip(&out.actions) {
+            if a == MissAction::Load {
+                self.submit(k, false)?;
+            } else {
+                deferred.push(k);
+            }
+        }
         self.cur = Some(Current {
             layer,
             pos: pos as u32,
             hits: out.hits.clone(),
-            missed: out.misses.iter().map(|k| k.expert).collect(),
+            missed: out
+                .misses
+                .iter()
+                .zip(&out.actions)
+                .map(|(k, &a)| (k.expert, a))
+                .collect(),
+            deferred,
             prefetch: out.prefetched.clone(),
             load_ns: 0,
         });
-        // All misses of the step are known up front, so they load in parallel.
-        for &k in &out.misses {
-            self.submit(k, false)?;
-        }
         self.outcome = out;
         Ok(())
     }
 
     fn fetch(&mut self, key: ExpertKey) -> Result<Option<Arc<ExpertWeights>>> {
-        let missed = self
-            .cur
-            .as_ref()
-            .is_some_and(|c| c.missed.contains(&key.expert));
-        if missed && self.cfg.miss == MissMode::Skip {
+        let action = self.cur.as_ref().and_then(|c| {
+            c.missed
+                .iter()
+                .find(|(e, _)| *e == key.expert)
+                .map(|&(_, a)| a)
+        });
+        match action {
+            None | Some(MissAction::Load) => self.resident(key),
             // Run without it; its load goes on and is claimed when it is next used.
-            return Ok(None);
+            Some(MissAction::Drop) => Ok(None),
+            Some(MissAction::Substitute(s)) => self.resident(ExpertKey {
+                layer: key.layer,
+                expert: s,
+            }),
+            Some(MissAction::LowBit) => {
+                let low = self.low.ok_or_else(|| {
+                    Error::Input("internal: a low-bit miss without a low-bit checkpoint".into())
+                })?;
+                let t = Instant::now();
+                let w = low.load(key)?;
+                self.charge(t.elapsed().as_nanos() as u64);
+                Ok(Some(w))
+            }
+            Some(MissAction::Host) => {
+                let t = Instant::now();
+                let w = self.store.load_on_host(key)?;
+                self.charge(t.elapsed().as_nanos() as u64);
+                Ok(Some(w))
+            }
         }
+    }
+
+    fn end_step(&mut self, route: &Route) -> Result<()> {
+        // The loads of misses the token did not wait for, then the prefetches: both start once
+        // the step's own experts have run, so they never delay them.
+        let deferred = self
+            .cur
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.deferred))
+            .unwrap_or_default();
+        for k in deferred {
+            self.submit(k, false)?;
+        }
+        self.finish_step(route)
+    }
+
+    fn wants_lookahead(&self) -> bool {
+        self.phase == Phase::Decode && self.cfg.policy.prefetch()
+    }
+
+    fn replayed_routes(&self, layer: u32, pos0: usize, n: usize) -> Result<Option<Vec<Route>>> {
+        match self.replay {
+            Some(rep) => rep.routes(layer, pos0, n).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn replayed_lookahead(&self, layer: u32, pos0: usize, n: usize) -> Option<Vec<Route>> {
+        self.replay?.lookahead(layer, pos0, n)
+    }
+}
+
+impl Access<'_> {
+    /// A resident expert's tensors: held, or claimed from its (possibly still running) load.
+    fn resident(&mut self, key: ExpertKey) -> Result<Option<Arc<ExpertWeights>>> {
         let slot = &mut self.payload[key.layer as usize][key.expert as usize];
         if let Some(w) = slot {
             return Ok(Some(w.clone()));
@@ -144,8 +220,8 @@ impl ExpertAccess for Access<'_> {
         }
     }
 
-    fn end_step(&mut self, route: &Route) -> Result<()> {
-        // Prefetches start once the step's own experts have run, so they never delay them.
+    /// Starts the step's prefetches and writes its trace row.
+    fn finish_step(&mut self, route: &Route) -> Result<()> {
         let prefetch = self
             .cur
             .as_mut()
@@ -175,20 +251,5 @@ impl ExpertAccess for Access<'_> {
             });
         }
         Ok(())
-    }
-
-    fn wants_lookahead(&self) -> bool {
-        self.phase == Phase::Decode && self.cfg.policy.prefetch()
-    }
-
-    fn replayed_routes(&self, layer: u32, pos0: usize, n: usize) -> Result<Option<Vec<Route>>> {
-        match self.replay {
-            Some(rep) => rep.routes(layer, pos0, n).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    fn replayed_lookahead(&self, layer: u32, pos0: usize, n: usize) -> Option<Vec<Route>> {
-        self.replay?.lookahead(layer, pos0, n)
     }
 }

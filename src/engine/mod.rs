@@ -38,18 +38,7 @@ use crate::weights::kernels::{self, Kernels};
 use crate::weights::storage::{DeviceModel, IoMode};
 use crate::weights::IoSetup;
 
-named_enum! {
-    /// What to do when a selected expert is not resident.
-    pub enum MissMode {
-        /// Load it and run it (exact).
-        #[default]
-        Load = "load",
-        /// Run the token without it, renormalising the remaining weights (flash-moe
-        /// skip-fallback). The expert is still brought into the cache for later tokens, as a
-        /// background loader would.
-        Skip = "skip",
-    }
-}
+pub use crate::experts::miss::MissMode;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -80,6 +69,9 @@ pub struct EngineConfig {
     pub threads: Option<usize>,
     /// Kernel kind of the CPU's packed 4-bit products.
     pub kernels: Kernels,
+    /// The lower-precision copy of the same model that `low-bit` misses read (e.g. an MLX
+    /// 2-bit checkpoint of it).
+    pub low_bit: Option<std::path::PathBuf>,
 }
 
 named_enum! {
@@ -107,6 +99,7 @@ impl Default for EngineConfig {
             storage: None,
             threads: None,
             kernels: Kernels::Exact,
+            low_bit: None,
         }
     }
 }
@@ -182,6 +175,8 @@ pub struct Engine {
     io: IoSetup,
     /// Kernels and compute threads every forward call runs with.
     compute: kernels::Context,
+    /// The low-bit copy's store, with the directory it was opened from.
+    low: Option<(std::path::PathBuf, Arc<ExpertStore>)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -258,8 +253,14 @@ impl Engine {
                 )));
             }
         }
+        let low = open_low_bit(&spec, &device, &cfg, None)?;
         let moe_layers: Vec<u32> = spec.moe.moe_layers.iter().map(|&l| l as u32).collect();
-        let core = CacheCore::new(&cfg.policy, cfg.budget, &moe_layers)?;
+        let core = CacheCore::with_options(
+            &cfg.policy,
+            cfg.budget,
+            &moe_layers,
+            cache_options(&spec, &cfg, None),
+        )?;
         let loader = Loader::new(store.clone(), load_threads(&spec, &device, &cfg))?;
         let payload = (0..spec.num_layers)
             .map(|l| {
@@ -285,6 +286,7 @@ impl Engine {
             dense_bytes,
             io,
             compute,
+            low,
         })
     }
 
@@ -341,6 +343,8 @@ impl Engine {
             )));
         }
         check_budget(&self.model.spec, &self.store, &cfg)?;
+        let low = open_low_bit(&self.model.spec, self.model.device(), &cfg, self.low.take())?;
+        self.low = low;
         let moe_layers: Vec<u32> = self
             .model
             .spec
@@ -353,10 +357,7 @@ impl Engine {
             &cfg.policy,
             cfg.budget,
             &moe_layers,
-            CacheOptions {
-                classic: false,
-                profile,
-            },
+            cache_options(&self.model.spec, &cfg, profile),
         )?;
         self.store.set_gpu_experts(cfg.gpu_experts);
         self.io = self.store.checkpoint().set_io(cfg.io, cfg.storage);
@@ -454,10 +455,12 @@ impl Engine {
             load_time,
             prompt,
             replay,
+            low,
             ..
         } = self;
         let mut access = Access {
             store,
+            low: low.as_ref().map(|(_, s)| &**s),
             loader,
             core,
             payload,
@@ -594,6 +597,92 @@ impl Engine {
 }
 
 /// Rejects budgets below one token's working set (top-k experts of one layer).
+/// The cache options of an engine running `spec` with `cfg`.
+fn cache_options(
+    spec: &ModelSpec,
+    cfg: &EngineConfig,
+    profile: Option<FrequencyProfile>,
+) -> CacheOptions {
+    CacheOptions {
+        classic: false,
+        profile,
+        working_set: spec.moe.top_k,
+        miss: cfg.miss,
+    }
+}
+
+/// Checks the miss mode against the device and opens (or keeps) the low-bit copy that
+/// `low-bit` misses read: the same model (hidden size, expert count and shapes, MoE layers) in
+/// another precision.
+fn open_low_bit(
+    spec: &ModelSpec,
+    device: &Device,
+    cfg: &EngineConfig,
+    current: Option<(std::path::PathBuf, Arc<ExpertStore>)>,
+) -> Result<Option<(std::path::PathBuf, Arc<ExpertStore>)>> {
+    if cfg.miss == MissMode::CpuCompute && device.is_cpu() {
+        return Err(Error::Input(
+            "miss = \"cpu-compute\" computes missed experts on the host instead of copying them to \
+             the GPU: it needs a GPU backend (backend = \"cuda\" / --device cuda); on the CPU every \
+             expert is computed on the host already"
+                .into(),
+        ));
+    }
+    if cfg.miss != MissMode::LowBit {
+        return Ok(None);
+    }
+    let Some(dir) = &cfg.low_bit else {
+        return Err(Error::Input(
+            "miss = \"low-bit\" needs a second, lower-precision checkpoint of the same model: set \
+             low_bit = \"DIR\" in [cache] (or --low-bit DIR), e.g. an MLX 2-bit copy"
+                .into(),
+        ));
+    };
+    if let Some((d, s)) = current {
+        if &d == dir {
+            return Ok(Some((d, s)));
+        }
+    }
+    let low_spec = crate::models::load_spec(dir)?;
+    let config = dir.join("config.json");
+    let mismatch = |what: &str, a: String, b: String| {
+        Error::format(
+            &config,
+            format!("low-bit checkpoint: {what} is {b}, but the model's is {a}; it must be the same model in another precision"),
+        )
+    };
+    if low_spec.hidden_size != spec.hidden_size {
+        return Err(mismatch(
+            "hidden_size",
+            spec.hidden_size.to_string(),
+            low_spec.hidden_size.to_string(),
+        ));
+    }
+    if low_spec.moe.num_experts != spec.moe.num_experts {
+        return Err(mismatch(
+            "the routed expert count",
+            spec.moe.num_experts.to_string(),
+            low_spec.moe.num_experts.to_string(),
+        ));
+    }
+    if low_spec.moe.intermediate_size != spec.moe.intermediate_size {
+        return Err(mismatch(
+            "the expert intermediate size",
+            spec.moe.intermediate_size.to_string(),
+            low_spec.moe.intermediate_size.to_string(),
+        ));
+    }
+    if low_spec.moe.moe_layers != spec.moe.moe_layers {
+        return Err(mismatch(
+            "the MoE layers",
+            format!("{:?}", spec.moe.moe_layers),
+            format!("{:?}", low_spec.moe.moe_layers),
+        ));
+    }
+    let open = OpenCheckpoint::open(dir, &low_spec, device.clone())?;
+    Ok(Some((dir.clone(), Arc::new(open.store))))
+}
+
 fn check_budget(spec: &ModelSpec, store: &ExpertStore, cfg: &EngineConfig) -> Result<()> {
     let budget = &cfg.budget;
     let k = spec.moe.top_k;

@@ -171,9 +171,12 @@ pub struct RawCache {
     pub budget: Option<toml::Value>,
     /// `global` (one pool, default) or `per-layer` for byte budgets.
     pub pool: Option<Pool>,
-    /// `load` (default) and/or `skip`.
+    /// `load` (default), `skip`, `substitute`, `low-bit`, `cpu-compute`, or a list of them.
     #[serde(default = "default_miss")]
     pub miss: toml::Value,
+    /// The lower-precision checkpoint of the same model that `low-bit` misses read (relative
+    /// to the experiment file).
+    pub low_bit: Option<PathBuf>,
     /// Keep the cache between prompts, as in a serving session (default true).
     #[serde(default = "yes")]
     pub carry_over: bool,
@@ -191,6 +194,7 @@ impl Default for RawCache {
             pool: None,
             load_threads: None,
             miss: default_miss(),
+            low_bit: None,
             carry_over: true,
         }
     }
@@ -350,6 +354,8 @@ pub struct Experiment {
     pub carry_over: bool,
     /// Expert loader threads (`None`: the engine's default for the device).
     pub load_threads: Option<usize>,
+    /// The low-precision copy `low-bit` misses read.
+    pub low_bit: Option<PathBuf>,
     /// CPU compute threads (`None`: every core).
     pub threads: Option<usize>,
     /// Kernel kind of the CPU's packed products.
@@ -481,9 +487,40 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         file,
         "cache.miss",
         &raw.cache.miss,
-        "`load` or `skip`",
+        "`load`, `skip`, `substitute`, `low-bit` or `cpu-compute`",
         named,
     )?;
+    if misses.contains(&MissMode::CpuCompute) && backend == Backend::Cpu {
+        return Err(Error::config(
+            file,
+            "cache.miss",
+            "`cpu-compute` computes missed experts on the host instead of copying them to the \
+             GPU: it needs model.backend = \"cuda\" (on the CPU every expert runs on the host \
+             already)",
+        ));
+    }
+    let low_bit = raw.cache.low_bit.as_ref().map(|d| base.join(d));
+    if misses.contains(&MissMode::LowBit) {
+        match &low_bit {
+            None => return Err(Error::config(
+                file,
+                "cache.low_bit",
+                "missing: miss = \"low-bit\" reads a second, lower-precision checkpoint of the \
+                     same model (e.g. an MLX 2-bit copy); give its directory",
+            )),
+            Some(d) if !d.join("config.json").is_file() => {
+                return Err(Error::config(
+                    file,
+                    "cache.low_bit",
+                    format!(
+                        "{} has no config.json: not a checkpoint directory",
+                        d.display()
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
     let mut cells = Vec::new();
     for p in &policies {
         for b in &budgets {
@@ -615,6 +652,7 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         pool,
         carry_over: raw.cache.carry_over,
         load_threads: raw.cache.load_threads,
+        low_bit,
         threads: raw.engine.threads,
         kernels: raw.engine.kernels.unwrap_or_default(),
         warmup: prompts,

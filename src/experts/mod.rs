@@ -7,6 +7,7 @@
 pub mod budget;
 pub mod cache;
 pub mod loader;
+pub mod miss;
 pub mod policies;
 pub mod store;
 pub mod upload;

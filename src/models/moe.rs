@@ -172,6 +172,18 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// One expert on one token. An expert held on the host (a `cpu-compute` miss of a GPU engine)
+/// runs on the host: the token's activations go to the host and its output comes back.
+fn run_expert(xt: &Tensor, ew: &ExpertWeights) -> Result<Tensor> {
+    let host = matches!(ew.mats, crate::experts::store::ExpertMats::Host { .. });
+    if host && !xt.device().is_cpu() {
+        let cpu = candle_core::Device::Cpu;
+        let y = expert_forward(&xt.to_device(&cpu)?, ew)?;
+        return Ok(y.to_device(xt.device())?);
+    }
+    expert_forward(xt, ew)
+}
+
 /// A MoE block: router, shared experts, and routed experts resolved through [`ExpertAccess`].
 #[derive(Debug)]
 pub struct MoeBlock {
@@ -233,7 +245,7 @@ impl MoeBlock {
                     fetched.iter().map(|_| Default::default()).collect();
                 crate::weights::kernels::par_for(fetched.len(), &|i| {
                     let (ew, w) = &fetched[i];
-                    let y = expert_forward(&xt, ew).and_then(|y| Ok((y * *w as f64)?));
+                    let y = run_expert(&xt, ew).and_then(|y| Ok((y * *w as f64)?));
                     *ys[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
                 });
                 for y in ys {
@@ -260,7 +272,7 @@ impl MoeBlock {
                         continue;
                     };
                     kept += w;
-                    let y = (expert_forward(&xt, &ew)? * w as f64)?;
+                    let y = (run_expert(&xt, &ew)? * w as f64)?;
                     acc = Some(match acc {
                         Some(a) => (a + y)?,
                         None => y,

@@ -33,7 +33,7 @@ pub struct CellSummary {
     pub budget_fraction: f64,
     /// `global` or `per-layer` for byte budgets.
     pub pool: String,
-    /// `load` or `skip`.
+    /// Miss mode: `load`, `skip`, `substitute`, `low-bit` or `cpu-compute`.
     pub miss: String,
     /// Measured prompts.
     pub prompts: u64,
@@ -123,10 +123,19 @@ pub struct CellSummary {
     /// file-backed and anonymous parts, and the dense, expert-cache and KV bytes it holds.
     #[serde(flatten)]
     pub memory: crate::memory::MemoryReport,
-    /// Skip mode: mean KL(exact ‖ skip) of the next-token distributions.
+    /// Lossy miss modes (`skip`, `substitute`, `low-bit`): mean KL(exact ‖ cell) of the
+    /// next-token distributions.
     pub kl_mean: Option<f64>,
-    /// Skip mode: fraction of steps whose argmax equals the exact one.
+    /// Lossy miss modes: fraction of steps whose argmax equals the exact one.
     pub top1_agreement: Option<f64>,
+    /// Misses served by a substitute expert (`substitute`), measured prompts.
+    pub substituted: u64,
+    /// Misses the token ran without (`skip`, or `substitute` with nothing resident).
+    pub dropped: u64,
+    /// Misses served by the low-precision copy (`low-bit`).
+    pub low_bit_loads: u64,
+    /// Misses computed on the host (`cpu-compute`).
+    pub host_computed: u64,
 }
 
 /// Writes `summary.json` and `summary.parquet` into `dir`.

@@ -51,6 +51,7 @@ pub(super) fn run_cell(
         miss: cell.miss,
         record_trace: true,
         load_threads: exp.load_threads,
+        low_bit: exp.low_bit.clone(),
         ..engine.config().clone()
     };
     let profile = cell
@@ -76,14 +77,14 @@ pub(super) fn run_cell(
         exp.carry_over,
         sampler(),
         ctx.stop,
-        cell.miss == MissMode::Skip,
+        cell.miss.lossy(),
         || ctx.progress.inc(1),
     )?;
     let rows = engine.take_trace();
     let warm_n = ctx.prompts.iter().filter(|p| p.warm).count();
     let hits = hit_counts(&rows, warm_n as u32);
     let belady = belady_hit_rate(engine, &rows, budget, exp.carry_over, warm_n as u32)?;
-    let (kl, top1) = if cell.miss == MissMode::Skip {
+    let (kl, top1) = if cell.miss.lossy() {
         let d = drift(engine, &routed.generations)?;
         engine.reconfigure_with(cfg.clone(), profile.clone())?;
         d
@@ -266,6 +267,10 @@ pub(super) fn run_cell(
         ),
         kl_mean: kl,
         top1_agreement: top1,
+        substituted: ca.miss.substituted - cb.miss.substituted,
+        dropped: ca.miss.dropped - cb.miss.dropped,
+        low_bit_loads: ca.miss.low_bit - cb.miss.low_bit,
+        host_computed: ca.miss.host - cb.miss.host,
     };
     // The replay checkpoint's cache is this cell's: give its memory back before the next one.
     if let Some(rt) = speed.replay_for(&cell.policy) {
@@ -311,8 +316,9 @@ fn belady_hit_rate(
     Ok(res.hit_rate)
 }
 
-/// KL(exact ‖ skip) and top-1 agreement of a skip cell's sampled-from distributions, against an
-/// exact (unlimited, load) teacher-forced pass over the same tokens.
+/// KL(exact ‖ lossy) and top-1 agreement of a lossy cell's (`skip`, `substitute`, `low-bit`)
+/// sampled-from distributions, against an exact (unlimited, load) teacher-forced pass over the
+/// same tokens.
 fn drift(
     engine: &mut Engine,
     runs: &[(Vec<u32>, crate::engine::Generation)],

@@ -157,6 +157,7 @@ impl Backward {
 pub struct ProfileCounter {
     per_prompt: bool,
     counts: HashMap<u32, DenseKeyMap<u64>>,
+    widest: usize,
 }
 
 impl ProfileCounter {
@@ -165,6 +166,7 @@ impl ProfileCounter {
         ProfileCounter {
             per_prompt,
             counts: HashMap::new(),
+            widest: 0,
         }
     }
 
@@ -173,13 +175,20 @@ impl ProfileCounter {
         for i in 0..b.len() {
             let p = if self.per_prompt { b.prompt[i] } else { 0 };
             let c = self.counts.entry(p).or_insert_with(|| DenseKeyMap::new(0));
-            for &expert in b.row(i).experts {
+            let experts = b.row(i).experts;
+            self.widest = self.widest.max(experts.len());
+            for &expert in experts {
                 *c.get_mut(ExpertKey {
                     layer: b.layer[i],
                     expert,
                 }) += 1;
             }
         }
+    }
+
+    /// The most experts a counted row selected (the router's top-k).
+    pub fn widest_row(&self) -> usize {
+        self.widest
     }
 
     /// The profile of `prompt` (of the whole trace when not per prompt).

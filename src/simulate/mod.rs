@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::experts::budget::Budget;
 use crate::experts::cache::{ratio, CacheCore, CacheError, CacheStats};
+use crate::experts::miss::{MissMode, MissStats};
 use crate::experts::policies::{FrequencyProfile, PolicySpec};
 use crate::experts::ExpertKey;
 use crate::trace::{RowBlock, TraceRow};
@@ -58,6 +59,11 @@ pub struct Simulation {
     pub warmup_prompts: u32,
     /// Empty the cache at every new prompt (runs with `carry_over = false`).
     pub reset_per_prompt: bool,
+    /// Experts a step demands (the router's top-k): the least `adaptive-split` leaves a layer;
+    /// 0 = the largest row of the trace.
+    pub working_set: usize,
+    /// What a miss runs: counted in [`SimResult::miss`] exactly as the engine counts it.
+    pub miss: MissMode,
 }
 
 impl Simulation {
@@ -71,6 +77,8 @@ impl Simulation {
             profile: None,
             warmup_prompts: 0,
             reset_per_prompt: false,
+            working_set: 0,
+            miss: MissMode::Load,
         }
     }
 }
@@ -196,6 +204,10 @@ pub struct SimResult {
     pub peak_resident_bytes: u64,
     /// Prefetch counters.
     pub prefetch: PrefetchResult,
+    /// The miss mode replayed.
+    pub miss_mode: String,
+    /// What the misses ran (substitutions, drops, low-bit copies, host computations).
+    pub miss: MissStats,
 }
 
 impl SimResult {
@@ -213,6 +225,8 @@ impl SimResult {
             capacity: cache.budget().slots(),
             budget_bytes: cache.budget().bytes(),
             classic: cache.is_classic(),
+            miss_mode: cache.miss_mode().to_string(),
+            miss: s.miss,
             accesses: s.accesses,
             hits: s.hits,
             misses: s.misses,
@@ -319,6 +333,10 @@ pub(crate) fn merge_results(parts: &[SimResult]) -> SimResult {
             }
         }
         out.evictions += p.evictions;
+        out.miss.substituted += p.miss.substituted;
+        out.miss.dropped += p.miss.dropped;
+        out.miss.low_bit += p.miss.low_bit;
+        out.miss.host += p.miss.host;
         out.bytes_loaded += p.bytes_loaded;
         out.peak_resident_bytes = out.peak_resident_bytes.max(p.peak_resident_bytes);
         let (a, b) = (&mut out.prefetch, &p.prefetch);

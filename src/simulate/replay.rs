@@ -65,6 +65,11 @@ impl<'s> Replayer<'s> {
         let options = CacheOptions {
             classic: sim.classic,
             profile,
+            working_set: match sim.working_set {
+                0 => profiles.map_or(0, ProfileCounter::widest_row),
+                n => n,
+            },
+            miss: sim.miss,
         };
         Ok(CacheCore::with_options(
             &sim.policy,
@@ -133,6 +138,8 @@ impl<'s> Replayer<'s> {
                 phase: row.phase,
                 experts: row.experts,
                 prediction,
+                weights: row.weights,
+                request: row.prompt,
             };
             self.cache
                 .set_recording(row.prompt >= self.sim.warmup_prompts);

@@ -52,6 +52,8 @@ pub struct TraceStudy {
     pub reset_per_prompt: bool,
     /// Classic (libCacheSim) mode.
     pub classic: bool,
+    /// The miss mode whose actions are counted.
+    pub miss: crate::experts::miss::MissMode,
 }
 
 /// How a study ran (`harness simulate --stats`).
@@ -184,12 +186,15 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
             sim.classic = s.classic;
             sim.warmup_prompts = s.warmup_prompts;
             sim.reset_per_prompt = s.reset_per_prompt;
+            sim.working_set = spec.as_ref().map_or(0, |(m, _)| m.moe.top_k);
+            sim.miss = s.miss;
             sim
         })
         .collect();
     stats.replays = sims.len();
     let columns = Columns {
         lookahead: sims.iter().any(|m| m.policy.prefetch()),
+        weights: sims.iter().any(|m| m.policy.needs_weights()),
         all: false,
     };
     let check = |b: &RowBlock| match &spec {

@@ -32,6 +32,8 @@ pub struct RowRef<'a> {
     pub experts: &'a [u32],
     /// The router lookahead's prediction for this row, if any.
     pub lookahead: Option<&'a [u32]>,
+    /// The router's weights of `experts` (empty when not recorded or not read).
+    pub weights: &'a [f32],
 }
 
 /// Lists of one column: row `i` is `values[offsets[i]..offsets[i + 1]]`, null where `!valid[i]`.
@@ -144,6 +146,11 @@ impl RowBlock {
             layer: self.layer[i],
             experts: &self.experts.values[self.experts.offsets[i]..self.experts.offsets[i + 1]],
             lookahead: self.lookahead.get(i),
+            weights: self
+                .weights
+                .as_ref()
+                .and_then(|w| w.get(i))
+                .unwrap_or_default(),
         }
     }
 
@@ -157,11 +164,17 @@ impl RowBlock {
         self.layer.push(r.layer);
         self.experts.push(Some(r.experts));
         self.lookahead.push(r.lookahead);
+        if let Some(w) = self.weights.as_mut() {
+            w.push(Some(r.weights));
+        }
     }
 
-    /// The routing columns of `rows` (weights, hits and load times are not kept).
+    /// The routing columns and weights of `rows` (hits and load times are not kept).
     pub fn from_rows(rows: &[super::TraceRow]) -> Self {
-        let mut b = RowBlock::default();
+        let mut b = RowBlock {
+            weights: Some(Lists::new()),
+            ..RowBlock::default()
+        };
         for (i, r) in rows.iter().enumerate() {
             b.push(
                 i,
@@ -173,6 +186,7 @@ impl RowBlock {
                     layer: r.layer,
                     experts: &r.experts,
                     lookahead: r.lookahead.as_deref(),
+                    weights: &r.weights,
                 },
             );
         }
@@ -443,6 +457,8 @@ fn map_file(path: &Path, f: &File) -> Result<memmap2::Mmap> {
 pub struct Columns {
     /// Decode `lookahead` (prefetching policies).
     pub lookahead: bool,
+    /// Decode `weights` (weight-aware policies).
+    pub weights: bool,
     /// Decode `weights`, `hits` and `load_ns` too (a full read).
     pub all: bool,
 }
@@ -624,6 +640,8 @@ impl TraceFile {
         }
         if columns.all {
             names.extend(["weights", "hits", "load_ns"]);
+        } else if columns.weights {
+            names.push("weights");
         }
         if cell.is_some() {
             names.push("cell");
@@ -711,6 +729,8 @@ impl TraceFile {
                 bool_lists(path, &df, "hits")?,
                 load_ns,
             )
+        } else if columns.weights {
+            (f32_lists(path, &df, "weights")?, None, None)
         } else {
             (None, None, None)
         };

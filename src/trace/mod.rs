@@ -206,6 +206,7 @@ pub fn read(path: &Path) -> Result<Vec<CellTrace>> {
     let mut cells: Vec<CellTrace> = Vec::new();
     let columns = Columns {
         lookahead: true,
+        weights: true,
         all: true,
     };
     for g in 0..file.groups() {

@@ -25,6 +25,7 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         storage: None,
         threads: None,
         kernels: Default::default(),
+        low_bit: None,
     };
     let mut e = Engine::open(&dir, Device::Cpu, cfg).unwrap();
     let r = Reference::load(&dir);

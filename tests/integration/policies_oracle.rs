@@ -151,6 +151,8 @@ fn pattern(rows: &[TraceRow], policy: &str, slots: usize, moe_layers: &[u32]) ->
     let opts = moe_harness::experts::cache::CacheOptions {
         classic: false,
         profile: sp.needs_profile().then_some(profile),
+        working_set: rows.iter().map(|r| r.experts.len()).max().unwrap_or(0),
+        ..Default::default()
     };
     let mut c =
         CacheCore::with_options(&sp, Budget::SlotsPerLayer(slots), moe_layers, opts).unwrap();
@@ -168,6 +170,8 @@ fn pattern(rows: &[TraceRow], policy: &str, slots: usize, moe_layers: &[u32]) ->
             phase: row.phase,
             experts: &row.experts,
             prediction,
+            weights: &row.weights,
+            request: row.prompt,
         };
         c.step(
             &step,
@@ -325,7 +329,19 @@ fn golden_lookahead() {
 fn simulator_equals_the_driver_used_by_hand() {
     // `simulate` must replay exactly like the engine loop in `pattern` (same driver calls).
     let rows = synthetic_trace(11, 300, &[2, 3, 4], 32, 4, 1.0, 0.4);
-    for policy in ["lru", "lfu", "lfu-decay0.9", "lcp", "belady", "static-2"] {
+    for policy in [
+        "lru",
+        "lfu",
+        "lfu-decay0.9",
+        "lcp",
+        "belady",
+        "static-2",
+        "lfru",
+        "mrs",
+        "layer-aware",
+        "eam-3",
+        "adaptive-split",
+    ] {
         let hand = pattern(&rows, policy, 8, &[2, 3, 4]);
         let hits = hand.matches('H').count() as u64;
         let r = simulate(
@@ -345,7 +361,9 @@ fn simulator_equals_the_driver_used_by_hand() {
 // Properties on seeded random traces
 // ---------------------------------------------------------------------------------------------
 
-const ONLINE: [&str; 7] = [
+/// Demand-only policies with the same per-layer capacities as Belady's (`eam-<k>` prefetches and
+/// `adaptive-split` moves capacity between layers, so Belady at an even split does not bound them).
+const ONLINE: [&str; 10] = [
     "lru",
     "lfu",
     "lfu-decay0.9",
@@ -353,6 +371,9 @@ const ONLINE: [&str; 7] = [
     "lcp",
     "lcp-0.5-4",
     "static-2",
+    "lfru",
+    "mrs",
+    "layer-aware-2",
 ];
 
 #[test]
@@ -417,6 +438,7 @@ fn replay_checking_budget(
     let opts = moe_harness::experts::cache::CacheOptions {
         classic: false,
         profile: Some(moe_harness::simulate::profile_from_rows(rows)),
+        ..Default::default()
     };
     let mut c = CacheCore::with_options(&sp, budget, &layers, opts).unwrap();
     let mut resident: HashMap<ExpertKey, u64> = HashMap::new();
@@ -431,6 +453,8 @@ fn replay_checking_budget(
             phase: row.phase,
             experts: &row.experts,
             prediction,
+            weights: &row.weights,
+            request: row.prompt,
         };
         c.step(&step, size, |_, _| u64::MAX, &mut out).unwrap();
         for k in &out.evicted {

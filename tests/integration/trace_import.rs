@@ -125,6 +125,7 @@ fn every_format_imports_into_the_expected_rows_and_replays() {
             warmup_prompts: 0,
             reset_per_prompt: false,
             classic: false,
+            miss: moe_harness::experts::miss::MissMode::Load,
         };
         let (res, _) = study(&s).unwrap_or_else(|e| panic!("{file}: {e}"));
         let accesses: u64 = want.iter().map(|r| r.5.len() as u64).sum();

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use moe_harness::experts::budget::{Budget, Pool};
+use moe_harness::experts::miss::MissMode;
 use moe_harness::experts::policies::PolicySpec;
 use moe_harness::simulate::{simulate, study, SimResult, Simulation, TraceStudy};
 use moe_harness::synth::synthetic_trace;
@@ -19,6 +20,11 @@ const POLICIES: &[&str] = &[
     "belady",
     "lookahead-belady",
     "static-3",
+    "lfru",
+    "mrs",
+    "lookahead-mrs-0.5",
+    "layer-aware",
+    "eam-2",
 ];
 
 /// Three prompts of seeded synthetic routing (prefill + decode rows with lookahead), prompt 1
@@ -29,6 +35,10 @@ fn prompts() -> Vec<TraceRow> {
     for p in 0..3u32 {
         for mut r in synthetic_trace(7 + p as u64, 40, &layers, 16, 3, 1.0, 0.4) {
             r.prompt = p;
+            // Unequal router weights (weight-aware policies must see them through the file).
+            let n = r.experts.len();
+            let total = (n * (n + 1) / 2) as f32;
+            r.weights = (0..n).map(|i| (n - i) as f32 / total).collect();
             rows.push(r);
         }
     }
@@ -61,6 +71,7 @@ fn base(trace: &Path) -> TraceStudy {
         warmup_prompts: 0,
         reset_per_prompt: false,
         classic: false,
+        miss: MissMode::Load,
     }
 }
 
@@ -86,6 +97,7 @@ fn in_memory(rows: &[TraceRow], s: &TraceStudy) -> Vec<SimResult> {
             sim.classic = s.classic;
             sim.warmup_prompts = s.warmup_prompts;
             sim.reset_per_prompt = s.reset_per_prompt;
+            sim.miss = s.miss;
             out.push(simulate(rows, &sim, |_| 100).unwrap());
         }
     }
@@ -101,11 +113,11 @@ fn streaming_replay_equals_in_memory_replay_across_row_groups() {
     for group in [1usize, 5, 64] {
         let t = d.path().join(format!("t{group}.parquet"));
         write(&t, &rows, group);
-        for (classic, reset, warmup, pool) in [
-            (false, false, 0, Pool::Global),
-            (false, true, 1, Pool::PerLayer),
-            (true, false, 1, Pool::Global),
-            (true, true, 0, Pool::PerLayer),
+        for (classic, reset, warmup, pool, miss) in [
+            (false, false, 0, Pool::Global, MissMode::Substitute),
+            (false, true, 1, Pool::PerLayer, MissMode::Substitute),
+            (true, false, 1, Pool::Global, MissMode::Skip),
+            (true, true, 0, Pool::PerLayer, MissMode::Load),
         ]
         .into_iter()
         .take(if group == 1 { 1 } else { 4 })
@@ -115,6 +127,7 @@ fn streaming_replay_equals_in_memory_replay_across_row_groups() {
             s.reset_per_prompt = reset;
             s.warmup_prompts = warmup;
             s.pool = pool;
+            s.miss = miss;
             let (got, stats) = study(&s).unwrap();
             let want = in_memory(&rows, &s);
             assert_eq!(got.len(), want.len());

@@ -34,6 +34,7 @@
 //! (evicted before any demand), recall = used / (used + demand misses).
 
 use super::budget::Budget;
+use super::miss::{CoActivation, MissAction, MissMode};
 use super::policies::{
     Access, FrequencyProfile, Guard, InsertKind, Policy, PolicyError, PolicySpec, PoolContext,
     CHOSEN, PINNED, PROTECTED,
@@ -76,6 +77,17 @@ pub enum CacheError {
         n: usize,
         /// Slots per layer.
         slots: usize,
+    },
+    /// `adaptive-split` moves whole expert slots between layers: it needs a slots budget.
+    #[error(
+        "`{policy}` splits a slots-per-layer budget between layers (whole expert slots); the \
+         budget `{budget}` is in bytes: give the capacity as a number of slots per layer"
+    )]
+    SplitNeedsSlots {
+        /// Canonical policy name.
+        policy: String,
+        /// The budget given.
+        budget: Budget,
     },
     /// A layer id is absurdly large.
     #[error("MoE layer {0} is out of range (layer ids must be < {MAX_LAYER_ID})")]
@@ -200,6 +212,11 @@ pub struct Step<'a> {
     /// The router-lookahead prediction for the next MoE layer of the same token: that layer and
     /// its predicted experts. Prefetched only in the decode phase by a prefetching policy.
     pub prediction: Option<(u32, &'a [u32])>,
+    /// The router's weights of `experts` (same order), seen by weight-aware policies (`mrs`);
+    /// empty when unknown (each access then weighs 1).
+    pub weights: &'a [f32],
+    /// The request (prompt) the step belongs to, seen by request-aware policies (`eam-<k>`).
+    pub request: u32,
 }
 
 /// What one [`CacheCore::step`] did.
@@ -209,6 +226,8 @@ pub struct StepOutcome {
     pub hits: Vec<bool>,
     /// The demanded experts that were not resident (each must be loaded), in router order.
     pub misses: Vec<ExpertKey>,
+    /// What the token runs for each of `misses` (same order), by the cache's miss mode.
+    pub actions: Vec<MissAction>,
     /// Predicted experts a prefetch made resident (each must be loaded, in the background).
     pub prefetched: Vec<ExpertKey>,
     /// Experts evicted to make room (their payloads are to be freed).
@@ -219,6 +238,7 @@ impl StepOutcome {
     fn clear(&mut self) {
         self.hits.clear();
         self.misses.clear();
+        self.actions.clear();
         self.prefetched.clear();
         self.evicted.clear();
     }
@@ -229,8 +249,13 @@ impl StepOutcome {
 pub struct CacheOptions {
     /// Classic (libCacheSim) mode: no pins, every access its own step.
     pub classic: bool,
-    /// Expert use counts, required by `static-<N>`.
+    /// Expert use counts, required by `static-<N>` and `adaptive-split`.
     pub profile: Option<FrequencyProfile>,
+    /// Experts one step demands (the router's top-k): the least `adaptive-split` leaves a
+    /// layer. 0 = unknown (1 is assumed).
+    pub working_set: usize,
+    /// What a miss runs ([`StepOutcome::actions`]).
+    pub miss: MissMode,
 }
 
 /// Flag bit: the entry is resident. (The flag byte array is small and hot; keeping residency
@@ -290,6 +315,14 @@ pub struct CacheCore {
     pinned: Vec<(u32, u32)>,
     victims: Vec<u32>,
     recording: bool,
+    /// Routing weight of the access in progress (set by [`CacheCore::step`]).
+    weight: f32,
+    /// The request of the last step.
+    request: Option<u32>,
+    /// Scratch for self-prefetching policies' predictions.
+    predicted: Vec<u32>,
+    /// Co-selection counts (`substitute` misses).
+    coact: CoActivation,
     stats: CacheStats,
 }
 
@@ -312,7 +345,7 @@ impl CacheCore {
             moe_layers,
             CacheOptions {
                 classic: true,
-                profile: None,
+                ..CacheOptions::default()
             },
         )
     }
@@ -352,6 +385,7 @@ impl CacheCore {
             }
             layer_pos[l as usize] = p as u32;
         }
+        let caps = pool_caps(spec, budget, moe_layers, &options)?;
         let n_pools = if budget.per_layer() {
             moe_layers.len()
         } else {
@@ -370,7 +404,7 @@ impl CacheCore {
             };
             pools.push(Pool {
                 policy: spec.build(&ctx)?,
-                cap: budget.pool_capacity(),
+                cap: caps[p],
                 used: 0,
                 seq: 0,
                 entries: Vec::new(),
@@ -409,6 +443,10 @@ impl CacheCore {
             pinned: Vec::new(),
             victims: Vec::new(),
             recording: true,
+            weight: 1.0,
+            request: None,
+            predicted: Vec::new(),
+            coact: CoActivation::default(),
             stats,
         })
     }
@@ -421,6 +459,11 @@ impl CacheCore {
     /// The budget this cache enforces.
     pub fn budget(&self) -> Budget {
         self.budget
+    }
+
+    /// What a miss runs.
+    pub fn miss_mode(&self) -> MissMode {
+        self.options.miss
     }
 
     /// True in classic (unpinned) mode.
@@ -499,14 +542,23 @@ impl CacheCore {
         out: &mut StepOutcome,
     ) -> Result<(), CacheError> {
         out.clear();
+        if self.request != Some(step.request) {
+            self.request = Some(step.request);
+            for pool in &mut self.pools {
+                pool.policy.on_request(step.request);
+            }
+        }
         self.begin_step(step.layer, step.phase, step.experts)?;
-        for &expert in step.experts {
+        for (i, &expert) in step.experts.iter().enumerate() {
             let key = ExpertKey {
                 layer: step.layer,
                 expert,
             };
             let n = next_use(key, false);
-            match self.access_into(key, size(key), n, &mut out.evicted) {
+            self.weight = step.weights.get(i).copied().unwrap_or(1.0);
+            let r = self.access_into(key, size(key), n, &mut out.evicted);
+            self.weight = 1.0;
+            match r {
                 Ok(info) => {
                     out.hits.push(info.hit);
                     if !info.hit {
@@ -530,8 +582,79 @@ impl CacheCore {
                 }
             }
         }
+        self.resolve_misses(step, out);
+        if step.phase == Phase::Decode && self.spec.self_prefetch() {
+            // The policy's own prediction for the next MoE layer (`eam-<k>`).
+            let lp = self.layer_index(step.layer)?;
+            if let Some(&layer) = self.moe_layers.get(lp + 1) {
+                let pool = self.layers[lp + 1].pool as usize;
+                let mut predicted = std::mem::take(&mut self.predicted);
+                predicted.clear();
+                self.pools[pool].policy.predict(
+                    (lp + 1) as u32,
+                    step.experts.len(),
+                    &mut predicted,
+                );
+                for &expert in &predicted {
+                    let key = ExpertKey { layer, expert };
+                    let n = next_use(key, true);
+                    if self.prefetch_into(key, size(key), n, &mut out.evicted) {
+                        out.prefetched.push(key);
+                    }
+                }
+                self.predicted = predicted;
+            }
+        }
         self.end_step();
         Ok(())
+    }
+
+    /// Decides what the token runs for each miss of the step (the misses are resident by now,
+    /// loading): the miss mode's [`MissAction`], counted in [`CacheStats::miss`].
+    fn resolve_misses(&mut self, step: &Step<'_>, out: &mut StepOutcome) {
+        let mode = self.options.miss;
+        let mut candidates = Vec::new();
+        if mode == MissMode::Substitute && !out.misses.is_empty() {
+            // Resident experts of the layer the token did not select (all of them resident
+            // before this step: the step's own misses are among the selected).
+            if let Ok(lp) = self.layer_index(step.layer) {
+                let ls = &self.layers[lp];
+                let pool = &self.pools[ls.pool as usize];
+                candidates = (0..ls.ids.len() as u32)
+                    .filter(|&e| {
+                        let id = ls.ids[e as usize];
+                        id != NO_ID
+                            && pool.flags[id as usize] & RESIDENT != 0
+                            && !step.experts.contains(&e)
+                    })
+                    .collect();
+            }
+        }
+        let rec = u64::from(self.recording);
+        let m = &mut self.stats.miss;
+        for k in &out.misses {
+            let action = match mode {
+                MissMode::Load => MissAction::Load,
+                MissMode::Skip => MissAction::Drop,
+                MissMode::LowBit => MissAction::LowBit,
+                MissMode::CpuCompute => MissAction::Host,
+                MissMode::Substitute => match self.coact.best(step.layer, k.expert, &candidates) {
+                    Some(s) => MissAction::Substitute(s),
+                    None => MissAction::Drop,
+                },
+            };
+            match action {
+                MissAction::Load => {}
+                MissAction::Drop => m.dropped += rec,
+                MissAction::Substitute(_) => m.substituted += rec,
+                MissAction::LowBit => m.low_bit += rec,
+                MissAction::Host => m.host += rec,
+            }
+            out.actions.push(action);
+        }
+        if mode == MissMode::Substitute {
+            self.coact.record(step.layer, step.experts);
+        }
     }
 
     /// Opens the step of `layer` (one token through one MoE layer) and pins `experts`, the
@@ -632,6 +755,7 @@ impl CacheCore {
                 clock,
                 next_use,
                 seq: pool.seq,
+                weight: self.weight,
             };
             pool.policy.on_hit(id, &access);
             let f = &mut pool.flags[id as usize];
@@ -696,6 +820,7 @@ impl CacheCore {
                 clock,
                 next_use,
                 seq: pool.seq,
+                weight: self.weight,
             };
             insert(pool, id, size, cost, &mut self.stats);
             pool.policy.on_insert(id, &access, InsertKind::Demand);
@@ -791,6 +916,7 @@ impl CacheCore {
             clock: self.clocks[lp],
             next_use,
             seq: pool.seq,
+            weight: 0.0,
         };
         insert(pool, id, size, cost, &mut self.stats);
         let e = &mut pool.entries[id as usize];
@@ -885,6 +1011,45 @@ impl CacheCore {
                 true
             }
         });
+    }
+}
+
+/// Each pool's capacity: the budget's, or for `adaptive-split` the profile's per-layer split of
+/// a slots-per-layer budget.
+fn pool_caps(
+    spec: &PolicySpec,
+    budget: Budget,
+    moe_layers: &[u32],
+    options: &CacheOptions,
+) -> Result<Vec<u64>, CacheError> {
+    let n_pools = if budget.per_layer() {
+        moe_layers.len()
+    } else {
+        1
+    };
+    if !spec.splits_budget() {
+        return Ok(vec![budget.pool_capacity(); n_pools]);
+    }
+    let profile = options
+        .profile
+        .as_ref()
+        .ok_or_else(|| PolicyError::NeedsProfile {
+            name: spec.to_string(),
+        })?;
+    match budget {
+        Budget::SlotsPerLayer(n) => {
+            Ok(
+                super::policies::split_slots(profile, moe_layers, n, options.working_set.max(1))
+                    .into_iter()
+                    .map(|s| s as u64)
+                    .collect(),
+            )
+        }
+        Budget::Unlimited => Ok(vec![budget.pool_capacity(); n_pools]),
+        other => Err(CacheError::SplitNeedsSlots {
+            policy: spec.to_string(),
+            budget: other,
+        }),
     }
 }
 

@@ -45,6 +45,8 @@ pub struct PrefetchStats {
 /// Counters of a [`CacheCore`] since construction or [`CacheCore::reset`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CacheStats {
+    /// What the misses ran, by the miss mode.
+    pub miss: crate::experts::miss::MissStats,
     /// Demand accesses.
     pub accesses: u64,
     /// Demand hits (including first demands of prefetched experts).

@@ -50,6 +50,7 @@ fn construction_is_validated() {
     let opts = CacheOptions {
         classic: false,
         profile: Some(FrequencyProfile::new()),
+        ..Default::default()
     };
     let e = CacheCore::with_options(&spec("static-4"), Budget::SlotsPerLayer(4), &[1], opts)
         .unwrap_err();

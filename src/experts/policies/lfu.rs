@@ -230,6 +230,7 @@ mod tests {
             clock: seq,
             next_use: u64::MAX,
             seq,
+            weight: 1.0,
         };
         p.on_insert(1, &a(1, 1), InsertKind::Demand);
         p.on_insert(2, &a(2, 2), InsertKind::Prefetch);
@@ -280,6 +281,7 @@ mod tests {
                 clock: seq,
                 next_use: u64::MAX,
                 seq,
+                weight: 1.0,
             };
             match (model[id as usize], rnd(4)) {
                 (Some(_), 0) => {

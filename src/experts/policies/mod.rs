@@ -20,22 +20,37 @@
 //! | `lookahead`, `lookahead-<policy>` | eviction by `<policy>` (default `lru`); the cache also prefetches the router's next-layer prediction |
 //! | `belady` | evicts the resident expert whose next demand is farthest (from next-use positions carried by each access; offline only) |
 //! | `static-<N>` | the `N` most frequent experts of each layer in a frequency profile are never evicted once loaded; the rest is LRU |
+//! | `lfru`, `lfru-<p>` | LRU/LFU hybrid: the `p` most recently used part of the resident set is kept, the rest is evicted by in-cache frequency; `lfru` = `lfru-0.5` |
+//! | `mrs`, `mrs-<a>` | HybriMoE's minus-recent-score: a per-expert score `s ← a·s + (1−a)·w` of the routing weights `w`, decayed at every step of the layer; lowest evicted; `mrs` = `mrs-0.9` |
+//! | `layer-aware`, `layer-aware-<s>` | Fate-style shallow-layer preference: LRU on ages scaled by `1 + s·depth` (depth 0 at the first MoE layer, 1 at the last); `layer-aware` = `layer-aware-1` |
+//! | `eam-<k>` | MoE-Infinity: the request's expert-activation matrix matched against the `k` most similar past requests; lowest predicted activation evicted, the next layer's highest prefetched |
+//! | `adaptive-split` | AdapMoE-style per-layer split of a slots-per-layer budget by the profile's per-layer frequency curves (greedy marginal hits); LRU within each layer |
 //!
 //! "Step" is the logical clock of a layer: one step per (token, MoE layer) forward visit, i.e. per
 //! `begin_step` of that layer. In the driver's classic (unpinned) mode every access is its own step.
 
+mod adaptive_split;
 mod belady;
+mod eam;
+mod layer_aware;
 mod lcp;
+mod lfru;
 mod lfu;
 mod lfu_decay;
 mod lru;
+mod mrs;
 mod static_hot;
 
+pub use adaptive_split::split_slots;
 pub use belady::Belady;
+pub use eam::Eam;
+pub use layer_aware::LayerAware;
 pub use lcp::Lcp;
+pub use lfru::Lfru;
 pub use lfu::Lfu;
 pub use lfu_decay::LfuDecay;
 pub use lru::Lru;
+pub use mrs::Mrs;
 pub use static_hot::StaticHot;
 
 use std::collections::BTreeMap;
@@ -49,7 +64,9 @@ use super::ExpertKey;
 /// The names [`PolicySpec::parse`] accepts, as listed in its error messages.
 pub const KNOWN_POLICIES: &str = "lru, lfu, lfu-decay<f> (e.g. lfu-decay0.9), lcp or \
      lcp-<base>-<horizon> (e.g. lcp-0.25-128), lookahead or lookahead-<policy> (e.g. lookahead-lfu), \
-     belady, static-<N> (e.g. static-8)";
+     belady, static-<N> (e.g. static-8), lfru or lfru-<p> (e.g. lfru-0.5), mrs or mrs-<a> \
+     (e.g. mrs-0.9), layer-aware or layer-aware-<s> (e.g. layer-aware-1), eam-<k> (e.g. eam-4), \
+     adaptive-split";
 
 /// Errors of policy names and policy construction.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -70,7 +87,7 @@ pub enum PolicyError {
         /// What is wrong.
         reason: String,
     },
-    /// `static-<N>` was built without a frequency profile.
+    /// `static-<N>` or `adaptive-split` was built without a frequency profile.
     #[error("eviction policy `{name}` needs a frequency profile (expert use counts per layer)")]
     NeedsProfile {
         /// The canonical policy name.
@@ -109,6 +126,29 @@ pub enum PolicySpec {
         /// Experts pinned per layer.
         n: usize,
     },
+    /// `lfru-<p>`: the most recently used fraction `p` of the resident set is privileged; the
+    /// victim is the least frequently used of the rest.
+    Lfru {
+        /// Privileged (recency-protected) fraction, 0 < p < 1.
+        privileged: f64,
+    },
+    /// `mrs-<a>`: HybriMoE minus-recent-score with decay `a`.
+    Mrs {
+        /// Score decay per step, 0 < a < 1.
+        alpha: f64,
+    },
+    /// `layer-aware-<s>`: LRU on ages scaled by `1 + s·depth`.
+    LayerAware {
+        /// Extra weight of the deepest layer's ages, >= 0.
+        slope: f64,
+    },
+    /// `eam-<k>`: MoE-Infinity expert-activation-matrix matching against `k` past requests.
+    Eam {
+        /// Past requests matched, >= 1.
+        k: usize,
+    },
+    /// `adaptive-split`: per-layer slot split from a profile, LRU within each layer.
+    AdaptiveSplit,
 }
 
 impl PolicySpec {
@@ -138,6 +178,15 @@ impl PolicySpec {
             }
             "lfu-decay" => return Ok(PolicySpec::LfuDecay { factor: 0.9 }),
             "lookahead" => return Ok(PolicySpec::Lookahead(Box::new(PolicySpec::Lru))),
+            "lfru" => return Ok(PolicySpec::Lfru { privileged: 0.5 }),
+            "mrs" => return Ok(PolicySpec::Mrs { alpha: 0.9 }),
+            "layer-aware" => return Ok(PolicySpec::LayerAware { slope: 1.0 }),
+            "adaptive-split" => return Ok(PolicySpec::AdaptiveSplit),
+            "eam" => {
+                return Err(bad(
+                    "eam needs the number of past requests to match, e.g. eam-4".into(),
+                ))
+            }
             _ => {}
         }
         if let Some(rest) = s.strip_prefix("lookahead-") {
@@ -169,6 +218,38 @@ impl PolicySpec {
             }
             return Ok(PolicySpec::Lcp { base, horizon });
         }
+        if let Some(rest) = s.strip_prefix("lfru-") {
+            let p = num(rest, "privileged fraction")?;
+            if !(p > 0.0 && p < 1.0) {
+                return Err(bad(format!("privileged fraction {p} must be in (0, 1)")));
+            }
+            return Ok(PolicySpec::Lfru { privileged: p });
+        }
+        if let Some(rest) = s.strip_prefix("mrs-") {
+            let alpha = num(rest, "score decay")?;
+            if !(alpha > 0.0 && alpha < 1.0) {
+                return Err(bad(format!("score decay {alpha} must be in (0, 1)")));
+            }
+            return Ok(PolicySpec::Mrs { alpha });
+        }
+        if let Some(rest) = s.strip_prefix("layer-aware-") {
+            let slope = num(rest, "depth weight")?;
+            if slope < 0.0 {
+                return Err(bad(format!("depth weight {slope} must be >= 0")));
+            }
+            return Ok(PolicySpec::LayerAware { slope });
+        }
+        if let Some(rest) = s.strip_prefix("eam-") {
+            let k: i64 = rest
+                .parse()
+                .map_err(|_| bad(format!("`{rest}` is not a whole number of past requests")))?;
+            if k < 1 {
+                return Err(bad(format!(
+                    "eam-{k} matches no past request: k must be at least 1"
+                )));
+            }
+            return Ok(PolicySpec::Eam { k: k as usize });
+        }
         if let Some(rest) = s.strip_prefix("static-") {
             let n: usize = rest
                 .parse()
@@ -195,9 +276,30 @@ impl PolicySpec {
         matches!(self.eviction(), PolicySpec::Belady)
     }
 
-    /// True when construction needs a [`FrequencyProfile`] (`static-<N>`).
+    /// True when construction needs a [`FrequencyProfile`] (`static-<N>`, `adaptive-split`).
     pub fn needs_profile(&self) -> bool {
-        matches!(self.eviction(), PolicySpec::Static { .. })
+        matches!(
+            self.eviction(),
+            PolicySpec::Static { .. } | PolicySpec::AdaptiveSplit
+        )
+    }
+
+    /// True when the policy ranks experts by their routing weights (`mrs`), so a replay must
+    /// read the trace's `weights` column.
+    pub fn needs_weights(&self) -> bool {
+        matches!(self.eviction(), PolicySpec::Mrs { .. })
+    }
+
+    /// True when the policy itself proposes prefetches ([`Policy::predict`]: `eam-<k>`) and
+    /// the router lookahead does not (a `lookahead-` wrapper's predictions take precedence).
+    pub fn self_prefetch(&self) -> bool {
+        matches!(self, PolicySpec::Eam { .. })
+    }
+
+    /// True when the policy moves capacity between a budget's per-layer pools
+    /// (`adaptive-split`).
+    pub fn splits_budget(&self) -> bool {
+        matches!(self.eviction(), PolicySpec::AdaptiveSplit)
     }
 
     /// The policy that chooses victims (the inner policy of `lookahead-<policy>`).
@@ -222,6 +324,21 @@ impl PolicySpec {
                 })?;
                 Box::new(StaticHot::new(*n, ctx.moe_layers, ctx.pool_layers, profile))
             }
+            PolicySpec::Lfru { privileged } => Box::new(Lfru::new(*privileged)),
+            PolicySpec::Mrs { alpha } => Box::new(Mrs::new(*alpha)),
+            PolicySpec::LayerAware { slope } => {
+                Box::new(LayerAware::new(*slope, ctx.moe_layers.len()))
+            }
+            PolicySpec::Eam { k } => Box::new(Eam::new(*k, ctx.moe_layers, ctx.pool_layers)),
+            // The split is the driver's (pool capacities); within a layer it is LRU.
+            PolicySpec::AdaptiveSplit => {
+                if ctx.profile.is_none() {
+                    return Err(PolicyError::NeedsProfile {
+                        name: self.to_string(),
+                    });
+                }
+                Box::new(Lru::new())
+            }
             PolicySpec::Lookahead(_) => unreachable!("eviction() unwraps lookahead"),
         })
     }
@@ -238,6 +355,11 @@ impl fmt::Display for PolicySpec {
             PolicySpec::Lookahead(inner) => write!(f, "lookahead-{inner}"),
             PolicySpec::Belady => write!(f, "belady"),
             PolicySpec::Static { n } => write!(f, "static-{n}"),
+            PolicySpec::Lfru { privileged } => write!(f, "lfru-{privileged}"),
+            PolicySpec::Mrs { alpha } => write!(f, "mrs-{alpha}"),
+            PolicySpec::LayerAware { slope } => write!(f, "layer-aware-{slope}"),
+            PolicySpec::Eam { k } => write!(f, "eam-{k}"),
+            PolicySpec::AdaptiveSplit => write!(f, "adaptive-split"),
         }
     }
 }
@@ -294,6 +416,9 @@ pub struct Access {
     pub clock: u64,
     /// Position of this expert's next demand access (Belady); `u64::MAX` if none or unknown.
     pub next_use: u64,
+    /// The router's weight of this expert in the step (demand accesses; 1.0 where the step
+    /// gave no weights, 0.0 for prefetches).
+    pub weight: f32,
     /// A counter of the pool's hit/insert events, strictly increasing: recency for tie-breaks.
     pub seq: u64,
 }
@@ -358,6 +483,11 @@ pub trait Policy: fmt::Debug + Send {
     fn to_evict(&self, guard: &Guard<'_>) -> Option<u32>;
     /// Forgets a resident entry (evicted or dropped).
     fn remove(&mut self, id: u32);
+    /// A new request (prompt) starts; its steps follow. Only request-aware policies care.
+    fn on_request(&mut self, _request: u32) {}
+    /// Experts of the MoE layer at `layer_pos` the policy expects next, most likely first, at
+    /// most `n` (`eam-<k>` prefetching); empty for policies that do not predict.
+    fn predict(&self, _layer_pos: u32, _n: usize, _out: &mut Vec<u32>) {}
 }
 
 /// Expert use counts per layer, e.g. counted from a trace; `static-<N>` pins the top `N` of each
@@ -462,6 +592,11 @@ impl<M> ScanSet<M> {
     pub(crate) fn get_mut(&mut self, id: u32) -> &mut M {
         let p = self.pos[id as usize];
         &mut self.slots[p as usize].1
+    }
+
+    /// The resident (id, metadata) pairs, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(u32, M)> {
+        self.slots.iter()
     }
 
     /// All resident (id, metadata) pairs, in no particular order.
@@ -573,6 +708,7 @@ pub(crate) mod testutil {
                 clock: self.clock[0],
                 next_use,
                 seq: self.seq,
+                weight: 1.0,
             };
             if self.resident[e as usize] {
                 self.policy.on_hit(e, &a);
@@ -622,6 +758,15 @@ mod tests {
             ("lookahead-lcp", "lookahead-lcp-0.25-128"),
             ("belady", "belady"),
             (" static-8 ", "static-8"),
+            ("lfru", "lfru-0.5"),
+            ("lfru-0.25", "lfru-0.25"),
+            ("mrs", "mrs-0.9"),
+            ("mrs-0.5", "mrs-0.5"),
+            ("layer-aware", "layer-aware-1"),
+            ("layer-aware-0", "layer-aware-0"),
+            ("eam-4", "eam-4"),
+            ("adaptive-split", "adaptive-split"),
+            ("lookahead-mrs", "lookahead-mrs-0.9"),
         ] {
             let p = PolicySpec::parse(given).unwrap();
             assert_eq!(p.to_string(), canonical, "{given}");
@@ -656,6 +801,14 @@ mod tests {
             "static-x",
             "lookahead-lookahead",
             "lookahead-nope",
+            "lfru-1",
+            "lfru-0",
+            "mrs-1.5",
+            "layer-aware--1",
+            "eam",
+            "eam-0",
+            "eam--2",
+            "eam-x",
         ] {
             assert!(PolicySpec::parse(bad).is_err(), "{bad} accepted");
         }
