@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Make the MLX 4-bit copy of glm4-moe-tiny with mlx-lm's own converter, then check it.
+"""Make an MLX quantized copy of glm4-moe-tiny with mlx-lm's own converter, then check it.
 
     python3 training/convert_mlx.py models/glm4-moe-tiny models/glm4-moe-tiny/mlx-4bit
+    python3 training/convert_mlx.py models/glm4-moe-tiny models/glm4-moe-tiny/mlx-2bit 2
+
+The 4-bit copy is the default experiment's model; the 2-bit copy is the lower-precision checkpoint
+that `low-bit` misses read (experiments/literature.toml).
 
 `mlx_lm.convert` stacks the per-expert HF tensors into `mlp.switch_mlp.{gate,up,down}_proj` and
 quantizes every Linear/Embedding (affine, group 64, 4 bits, bf16 scales/biases); the router weight
@@ -18,13 +22,13 @@ import sys
 import numpy as np
 
 
-def main(hf_dir: str, mlx_dir: str) -> None:
+def main(hf_dir: str, mlx_dir: str, bits: int = 4) -> None:
     import mlx.core as mx
     from mlx_lm import convert, generate, load
 
     if os.path.exists(mlx_dir):
         shutil.rmtree(mlx_dir)
-    convert(hf_dir, mlx_dir, quantize=True, q_group_size=64, q_bits=4)
+    convert(hf_dir, mlx_dir, quantize=True, q_group_size=64, q_bits=bits)
     readme = os.path.join(mlx_dir, "README.md")
     if os.path.exists(readme):  # mlx-lm writes a hub stub card; the real card is ../README.md
         os.remove(readme)
@@ -66,10 +70,10 @@ def main(hf_dir: str, mlx_dir: str) -> None:
                 nll_hf += nll
             else:
                 nll_mlx += nll
-    print(f"{len(files)} held-out files, {tot} tokens: top-1 agreement MLX-4bit vs HF-bf16 "
+    print(f"{len(files)} held-out files, {tot} tokens: top-1 agreement MLX-{bits}bit vs HF-bf16 "
           f"{agree/tot:.3f}; loss HF {nll_hf/tot:.4f} (ppl {math.exp(nll_hf/tot):.2f}), "
-          f"MLX 4-bit {nll_mlx/tot:.4f} (ppl {math.exp(nll_mlx/tot):.2f})")
+          f"MLX {bits}-bit {nll_mlx/tot:.4f} (ppl {math.exp(nll_mlx/tot):.2f})")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 4)

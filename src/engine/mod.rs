@@ -259,7 +259,7 @@ impl Engine {
             &cfg.policy,
             cfg.budget,
             &moe_layers,
-            cache_options(&spec, &cfg, None),
+            cache_options(&spec, &store, &cfg, None),
         )?;
         let loader = Loader::new(store.clone(), load_threads(&spec, &device, &cfg))?;
         let payload = (0..spec.num_layers)
@@ -357,7 +357,7 @@ impl Engine {
             &cfg.policy,
             cfg.budget,
             &moe_layers,
-            cache_options(&self.model.spec, &cfg, profile),
+            cache_options(&self.model.spec, &self.store, &cfg, profile),
         )?;
         self.store.set_gpu_experts(cfg.gpu_experts);
         self.io = self.store.checkpoint().set_io(cfg.io, cfg.storage);
@@ -600,14 +600,20 @@ impl Engine {
 /// The cache options of an engine running `spec` with `cfg`.
 fn cache_options(
     spec: &ModelSpec,
+    store: &ExpertStore,
     cfg: &EngineConfig,
     profile: Option<FrequencyProfile>,
 ) -> CacheOptions {
+    let first = ExpertKey {
+        layer: spec.moe.moe_layers[0] as u32,
+        expert: 0,
+    };
     CacheOptions {
         classic: false,
         profile,
         working_set: spec.moe.top_k,
         miss: cfg.miss,
+        unit_bytes: store.expert_bytes(first),
     }
 }
 

@@ -2,6 +2,7 @@
 //! the paper figures (plotters, PNG and SVG, drawn from the Parquet files alone so that
 //! `harness plot RESULTS_DIR` can redraw them).
 
+mod literature;
 mod plots;
 mod tables;
 

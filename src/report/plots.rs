@@ -18,7 +18,7 @@ use crate::trace::{self, TraceRow};
 static FONT: &[u8] = include_bytes!("DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+pub(super) fn register_font() {
     REGISTER.call_once(|| {
         // The embedded font is valid; failure would only mean plots without text.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
@@ -26,7 +26,7 @@ fn register_font() {
 }
 
 /// One line of a line chart.
-struct Series {
+pub(super) struct Series {
     label: String,
     points: Vec<(f64, f64)>,
     /// Colour (policies keep theirs across every figure); `None`: black.
@@ -38,7 +38,7 @@ struct Series {
 }
 
 impl Series {
-    fn line(label: impl Into<String>, points: Vec<(f64, f64)>, color: RGBColor) -> Self {
+    pub(super) fn line(label: impl Into<String>, points: Vec<(f64, f64)>, color: RGBColor) -> Self {
         Series {
             label: label.into(),
             points,
@@ -47,7 +47,11 @@ impl Series {
             whiskers: Vec::new(),
         }
     }
-    fn bound(label: impl Into<String>, points: Vec<(f64, f64)>, color: Option<RGBColor>) -> Self {
+    pub(super) fn bound(
+        label: impl Into<String>,
+        points: Vec<(f64, f64)>,
+        color: Option<RGBColor>,
+    ) -> Self {
         Series {
             label: label.into(),
             points,
@@ -58,19 +62,21 @@ impl Series {
     }
 }
 
-struct LineChart {
-    title: String,
+pub(super) struct LineChart {
+    pub(super) title: String,
     /// A second line under the title: what produced the numbers.
-    subtitle: Option<String>,
-    x_label: String,
-    y_label: String,
-    series: Vec<Series>,
-    y_range: Option<(f64, f64)>,
+    pub(super) subtitle: Option<String>,
+    pub(super) x_label: String,
+    pub(super) y_label: String,
+    pub(super) series: Vec<Series>,
+    pub(super) y_range: Option<(f64, f64)>,
     /// Tick labels of the x axis (default: the number).
-    x_fmt: Option<Box<dyn Fn(f64) -> String>>,
+    pub(super) x_fmt: Option<Box<dyn Fn(f64) -> String>>,
+    /// Number of x tick labels (default: 7 with `x_fmt`, else 10).
+    pub(super) x_ticks: Option<usize>,
 }
 
-const COLORS: [RGBColor; 8] = [
+pub(super) const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -101,11 +107,11 @@ impl Palette {
     }
 }
 
-fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
+pub(super) fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::format(path, format!("plotting: {e}"))
 }
 
-fn draw_lines<DB: DrawingBackend>(
+pub(super) fn draw_lines<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     c: &LineChart,
 ) -> std::result::Result<(), String> {
@@ -184,7 +190,7 @@ fn draw_lines<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
-        .x_labels(if c.x_fmt.is_some() { 7 } else { 10 })
+        .x_labels(c.x_ticks.unwrap_or(if c.x_fmt.is_some() { 7 } else { 10 }))
         .x_label_formatter(fmt)
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
@@ -414,6 +420,7 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             series: hit,
             y_range: Some((0.0, 1.0)),
             x_fmt: None,
+            x_ticks: None,
         },
     )?;
     save_lines(
@@ -427,6 +434,7 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             series: demand,
             y_range: Some((0.0, 1.0)),
             x_fmt: None,
+            x_ticks: None,
         },
     )?;
     // Decode speed, one figure per model the speed was measured on (the real-size replay first).
@@ -522,6 +530,7 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             series: per_layer,
             y_range: Some((0.0, 1.0)),
             x_fmt: None,
+            x_ticks: None,
         },
     )?;
     save_lines(
@@ -535,8 +544,11 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             series: rolling,
             y_range: Some((0.0, 1.0)),
             x_fmt: None,
+            x_ticks: None,
         },
     )?;
+
+    super::literature::plot(dir, &summary)?;
 
     // Expert-frequency heat map from the first cell (routing is the same for every exact cell).
     if let Some(first) = summary.first() {
@@ -707,6 +719,7 @@ fn speed_chart(rows: &[&CellSummary], palette: &Palette) -> LineChart {
         series,
         y_range: None,
         x_fmt,
+        x_ticks: None,
     }
 }
 

@@ -64,6 +64,9 @@ pub struct Simulation {
     pub working_set: usize,
     /// What a miss runs: counted in [`SimResult::miss`] exactly as the engine counts it.
     pub miss: MissMode,
+    /// Bytes of one expert, the unit `adaptive-split` divides byte budgets in (0: the size of
+    /// expert 0 of the first MoE layer).
+    pub unit_bytes: u64,
 }
 
 impl Simulation {
@@ -79,6 +82,7 @@ impl Simulation {
             reset_per_prompt: false,
             working_set: 0,
             miss: MissMode::Load,
+            unit_bytes: 0,
         }
     }
 }
@@ -279,6 +283,11 @@ pub fn simulate(
         c.add(&block);
         c
     });
+    let mut sim = sim.clone();
+    if sim.unit_bytes == 0 {
+        sim.unit_bytes = first_expert_bytes(&sim, &expert_size);
+    }
+    let sim = &sim;
     let mut r = replay::Replayer::new(sim, profiles.as_ref())?;
     r.feed(
         &block,
@@ -288,6 +297,13 @@ pub fn simulate(
         &expert_size,
     )?;
     Ok(r.finish())
+}
+
+/// Bytes of expert 0 of the first MoE layer (the unit of `adaptive-split` byte budgets).
+pub(crate) fn first_expert_bytes(sim: &Simulation, size: &dyn Fn(ExpertKey) -> u64) -> u64 {
+    sim.moe_layers
+        .first()
+        .map_or(0, |&layer| size(ExpertKey { layer, expert: 0 }))
 }
 
 /// For every demand access in replay order, the number of the next demand access of the same

@@ -70,6 +70,7 @@ impl<'s> Replayer<'s> {
                 n => n,
             },
             miss: sim.miss,
+            unit_bytes: sim.unit_bytes,
         };
         Ok(CacheCore::with_options(
             &sim.policy,

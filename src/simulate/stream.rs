@@ -188,6 +188,7 @@ pub fn study(s: &TraceStudy) -> Result<(Vec<SimResult>, StudyStats)> {
             sim.reset_per_prompt = s.reset_per_prompt;
             sim.working_set = spec.as_ref().map_or(0, |(m, _)| m.moe.top_k);
             sim.miss = s.miss;
+            sim.unit_bytes = super::first_expert_bytes(&sim, &size);
             sim
         })
         .collect();

@@ -25,6 +25,7 @@ const POLICIES: &[&str] = &[
     "lookahead-mrs-0.5",
     "layer-aware",
     "eam-2",
+    "adaptive-split",
 ];
 
 /// Three prompts of seeded synthetic routing (prefill + decode rows with lookahead), prompt 1

@@ -78,10 +78,10 @@ pub enum CacheError {
         /// Slots per layer.
         slots: usize,
     },
-    /// `adaptive-split` moves whole expert slots between layers: it needs a slots budget.
+    /// `adaptive-split` on a byte budget without knowing an expert's size.
     #[error(
-        "`{policy}` splits a slots-per-layer budget between layers (whole expert slots); the \
-         budget `{budget}` is in bytes: give the capacity as a number of slots per layer"
+        "`{policy}` splits a budget between layers in whole experts; the byte budget `{budget}` \
+         needs the expert size (give the model, or the capacity as slots per layer)"
     )]
     SplitNeedsSlots {
         /// Canonical policy name.
@@ -256,6 +256,9 @@ pub struct CacheOptions {
     pub working_set: usize,
     /// What a miss runs ([`StepOutcome::actions`]).
     pub miss: MissMode,
+    /// Bytes of one expert: the unit in which `adaptive-split` divides a byte budget (0 =
+    /// unknown: byte budgets are then refused for it).
+    pub unit_bytes: u64,
 }
 
 /// Flag bit: the entry is resident. (The flag byte array is small and hot; keeping residency
@@ -386,16 +389,13 @@ impl CacheCore {
             layer_pos[l as usize] = p as u32;
         }
         let caps = pool_caps(spec, budget, moe_layers, &options)?;
-        let n_pools = if budget.per_layer() {
-            moe_layers.len()
-        } else {
-            1
-        };
+        let per_layer = budget.per_layer() || spec.splits_budget();
+        let n_pools = if per_layer { moe_layers.len() } else { 1 };
         let mut pools = Vec::with_capacity(n_pools);
         for p in 0..n_pools {
             let ctx = PoolContext {
                 moe_layers,
-                pool_layers: if budget.per_layer() {
+                pool_layers: if per_layer {
                     &moe_layers[p..p + 1]
                 } else {
                     moe_layers
@@ -413,7 +413,7 @@ impl CacheCore {
         }
         let layers = (0..moe_layers.len())
             .map(|p| LayerState {
-                pool: if budget.per_layer() { p as u32 } else { 0 },
+                pool: if per_layer { p as u32 } else { 0 },
                 ids: Vec::new(),
                 protected: Vec::new(),
             })
@@ -1015,19 +1015,17 @@ impl CacheCore {
 }
 
 /// Each pool's capacity: the budget's, or for `adaptive-split` the profile's per-layer split of
-/// a slots-per-layer budget.
+/// the budget's expert slots (a byte budget counted in experts of `unit_bytes`; one pool per
+/// layer even for a global byte budget, each holding its share).
 fn pool_caps(
     spec: &PolicySpec,
     budget: Budget,
     moe_layers: &[u32],
     options: &CacheOptions,
 ) -> Result<Vec<u64>, CacheError> {
-    let n_pools = if budget.per_layer() {
-        moe_layers.len()
-    } else {
-        1
-    };
+    let layers = moe_layers.len();
     if !spec.splits_budget() {
+        let n_pools = if budget.per_layer() { layers } else { 1 };
         return Ok(vec![budget.pool_capacity(); n_pools]);
     }
     let profile = options
@@ -1036,21 +1034,22 @@ fn pool_caps(
         .ok_or_else(|| PolicyError::NeedsProfile {
             name: spec.to_string(),
         })?;
-    match budget {
-        Budget::SlotsPerLayer(n) => {
-            Ok(
-                super::policies::split_slots(profile, moe_layers, n, options.working_set.max(1))
-                    .into_iter()
-                    .map(|s| s as u64)
-                    .collect(),
-            )
+    let unit = options.unit_bytes;
+    let (total, unit) = match budget {
+        Budget::Unlimited => return Ok(vec![budget.pool_capacity(); layers]),
+        Budget::SlotsPerLayer(n) => (n * layers, 1),
+        _ if unit == 0 => {
+            return Err(CacheError::SplitNeedsSlots {
+                policy: spec.to_string(),
+                budget,
+            })
         }
-        Budget::Unlimited => Ok(vec![budget.pool_capacity(); n_pools]),
-        other => Err(CacheError::SplitNeedsSlots {
-            policy: spec.to_string(),
-            budget: other,
-        }),
-    }
+        Budget::BytesPerLayer(b) => ((b / unit) as usize * layers, unit),
+        Budget::BytesGlobal(b) => ((b / unit) as usize, unit),
+    };
+    let slots =
+        super::policies::split_slots(profile, moe_layers, total, options.working_set.max(1));
+    Ok(slots.into_iter().map(|s| s as u64 * unit).collect())
 }
 
 /// Flag bits that block a prefetch's (and a demand's first-choice) victims.

@@ -1,9 +1,9 @@
 //! `adaptive-split`: a slots-per-layer budget divided unevenly between layers, after AdapMoE's
 //! per-layer cache allocation (Zhong et al., ICCAD 2024), from a frequency profile.
 //!
-//! Definition: with `n` slots per layer over `L` MoE layers, every layer first gets `floor`
-//! slots (one token's working set, the router's top-k, so no step can fail); the other
-//! `(n − floor)·L` slots go one at a time to the layer where one more slot would add the most
+//! Definition: of a budget of `S` expert slots over `L` MoE layers (`n` per layer, or a byte
+//! budget counted in experts), every layer first gets `floor` slots (one token's working set,
+//! the router's top-k, so no step can fail); the other `S − floor·L` slots go one at a time to the layer where one more slot would add the most
 //! profile hits if the cache held each layer's most used experts: the count of its next most
 //! used expert (ties to the shallower layer). Once no layer gains, the rest is dealt round
 //! robin. Layers whose routing concentrates on few experts give slots to layers whose routing
@@ -13,14 +13,15 @@
 
 use super::FrequencyProfile;
 
-/// Slots per layer (in `moe_layers` order) for a budget of `slots` per layer, each layer
-/// keeping at least `floor` (at most `slots`).
+/// Slots per layer (in `moe_layers` order) for `total` slots in all, each layer keeping at least
+/// `floor` (at most an even share).
 pub fn split_slots(
     profile: &FrequencyProfile,
     moe_layers: &[u32],
-    slots: usize,
+    total: usize,
     floor: usize,
 ) -> Vec<usize> {
+    let slots = total / moe_layers.len().max(1);
     let floor = floor.clamp(1, slots.max(1));
     let counts: Vec<Vec<u64>> = moe_layers
         .iter()
@@ -40,7 +41,7 @@ pub fn split_slots(
         })
         .collect();
     let mut alloc = vec![floor.min(slots); moe_layers.len()];
-    let mut left = slots.saturating_sub(floor) * moe_layers.len();
+    let mut left = total.saturating_sub(alloc.iter().sum());
     while left > 0 {
         let gain = |l: usize, a: &[usize]| counts[l].get(a[l]).copied().unwrap_or(0);
         let best = (0..alloc.len()).fold(None, |best: Option<usize>, l| match best {
@@ -76,18 +77,20 @@ mod tests {
         let mut p = FrequencyProfile::new();
         p.set_layer(0, vec![9, 1, 0, 0]);
         p.set_layer(1, vec![3, 3, 3, 3]);
-        assert_eq!(split_slots(&p, &[0, 1], 3, 1), vec![2, 4]);
+        assert_eq!(split_slots(&p, &[0, 1], 6, 1), vec![2, 4]);
         // Floor 2: each starts with 2, the 2 left go to layer 1 (3, 3) -> [2, 4].
-        assert_eq!(split_slots(&p, &[0, 1], 3, 2), vec![2, 4]);
+        assert_eq!(split_slots(&p, &[0, 1], 6, 2), vec![2, 4]);
         // Floor 3 = n: the even split.
-        assert_eq!(split_slots(&p, &[0, 1], 3, 3), vec![3, 3]);
+        assert_eq!(split_slots(&p, &[0, 1], 6, 3), vec![3, 3]);
+        // An odd total (a byte budget in experts): the extra slot is placed too.
+        assert_eq!(split_slots(&p, &[0, 1], 7, 3), vec![3, 4]);
         // More slots than any layer can use: the rest dealt round robin, none lost.
-        let s = split_slots(&p, &[0, 1], 8, 1);
+        let s = split_slots(&p, &[0, 1], 16, 1);
         assert_eq!(s.iter().sum::<usize>(), 16);
         assert!(s[1] >= 4 && s[0] >= 2);
         // An empty profile: the even split.
         assert_eq!(
-            split_slots(&FrequencyProfile::new(), &[0, 1], 4, 2),
+            split_slots(&FrequencyProfile::new(), &[0, 1], 8, 2),
             vec![4, 4]
         );
     }
