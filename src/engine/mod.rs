@@ -121,6 +121,8 @@ pub struct EngineStats {
     pub loads: LoadStats,
     /// Host→device transfer counters (cumulative since the engine was opened).
     pub transfer: TransferStats,
+    /// Bytes read from the low-bit copy by `low-bit` misses (cumulative since it was opened).
+    pub low_bit_bytes: u64,
 }
 
 /// Result of [`Engine::generate`].
@@ -428,6 +430,7 @@ impl Engine {
             resident_bytes: self.core.resident_bytes(),
             loads: self.loader.stats(),
             transfer: self.store.transfer_stats(),
+            low_bit_bytes: self.low.as_ref().map_or(0, |(_, s)| s.bytes_read()),
         }
     }
 

@@ -30,6 +30,26 @@ pub fn summary_table(rows: &[CellSummary]) -> String {
     s
 }
 
+/// `pinned`/`classic`, and with a miss mode other than `load` what its misses ran.
+fn mode(r: &SimResult) -> String {
+    let base = if r.classic { "classic" } else { "pinned" };
+    if r.miss_mode.is_empty() || r.miss_mode == "load" {
+        return base.to_string();
+    }
+    let m = &r.miss;
+    let parts: Vec<String> = [
+        (m.substituted, "substituted"),
+        (m.dropped, "dropped"),
+        (m.low_bit, "low-bit"),
+        (m.host, "on host"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    format!("{base}, {}: {}", r.miss_mode, parts.join(", "))
+}
+
 /// A plain-text table of results, one line per result.
 pub fn simulation_table(results: &[SimResult]) -> String {
     let pct = |x: f64| format!("{:.2}", 100.0 * x);
@@ -51,7 +71,7 @@ pub fn simulation_table(results: &[SimResult]) -> String {
             [
                 r.policy.clone(),
                 r.budget.clone(),
-                if r.classic { "classic" } else { "pinned" }.to_string(),
+                mode(r),
                 r.accesses.to_string(),
                 pct(r.hit_rate),
                 if r.prefill.accesses > 0 {

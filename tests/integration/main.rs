@@ -13,6 +13,7 @@ mod bench;
 mod engine_reference;
 mod fuzz;
 mod inspect_configs;
+mod literature;
 mod loader;
 mod memory;
 mod notebook;

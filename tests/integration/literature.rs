@@ -1,0 +1,188 @@
+//! The literature's policies and miss modes in the live engine: every miss mode's actions are
+//! the ones the simulator counts on the engine's own trace (same driver, same counts), `low-bit`
+//! reads the second checkpoint, `substitute` runs resident experts, and every bad configuration is
+//! refused with the key or file named.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use moe_harness::engine::{Engine, EngineConfig, MissMode, Sampler};
+use moe_harness::experts::budget::Budget;
+use moe_harness::experts::policies::PolicySpec;
+use moe_harness::simulate::{simulate, Simulation};
+
+fn shipped(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/glm4-moe-tiny")
+        .join(name)
+}
+
+fn config(policy: &str, miss: MissMode) -> EngineConfig {
+    EngineConfig {
+        budget: Budget::SlotsPerLayer(8),
+        policy: PolicySpec::parse(policy).unwrap(),
+        miss,
+        record_trace: true,
+        low_bit: Some(shipped("mlx-2bit")),
+        ..Default::default()
+    }
+}
+
+const PROMPTS: [&[u32]; 3] = [&[12, 400, 77, 9, 1034], &[5, 6, 7, 8], &[300, 301, 2000]];
+
+#[test]
+fn every_miss_mode_counts_what_the_simulator_counts() {
+    let model = shipped("mlx-4bit");
+    let mut exact_logits = Vec::new();
+    for (policy, miss) in [
+        ("lru", MissMode::Load),
+        ("lru", MissMode::Skip),
+        ("lru", MissMode::Substitute),
+        ("mrs", MissMode::Substitute),
+        ("eam-2", MissMode::LowBit),
+        ("lfru", MissMode::LowBit),
+        ("layer-aware", MissMode::Skip),
+    ] {
+        let mut e = Engine::open(&model, Device::Cpu, config(policy, miss)).unwrap();
+        let mut logits = Vec::new();
+        for (p, ids) in PROMPTS.iter().enumerate() {
+            e.set_prompt(p as u32);
+            let g = e
+                .generate_with(ids, 10, &mut Sampler::Greedy, &[], true)
+                .unwrap();
+            logits.push(g.step_logits);
+        }
+        let rows = e.take_trace();
+        let stats = e.stats();
+        let moe_layers: Vec<u32> = e.spec().moe.moe_layers.iter().map(|&l| l as u32).collect();
+        let mut sim = Simulation::new(
+            PolicySpec::parse(policy).unwrap(),
+            Budget::SlotsPerLayer(8),
+            &moe_layers,
+        );
+        sim.miss = miss;
+        let r = simulate(&rows, &sim, |k| e.store.expert_bytes(k)).unwrap();
+        let name = format!("{policy}/{miss}");
+        assert_eq!(r.hits, stats.cache.hits, "{name}: hits");
+        assert_eq!(r.misses, stats.cache.misses, "{name}: misses");
+        assert_eq!(r.miss, stats.cache.miss, "{name}: miss actions");
+        assert_eq!(
+            r.prefetch.issued, stats.cache.prefetch.issued,
+            "{name}: prefetches"
+        );
+        let m = stats.cache.miss;
+        assert!(
+            stats.cache.misses > 0,
+            "{name}: no misses, the test proves nothing"
+        );
+        match miss {
+            MissMode::Load => assert_eq!(m, Default::default(), "{name}"),
+            MissMode::Skip => assert_eq!(m.dropped, stats.cache.misses, "{name}"),
+            MissMode::Substitute => {
+                assert_eq!(m.substituted + m.dropped, stats.cache.misses, "{name}");
+                assert!(m.substituted > m.dropped, "{name}: {m:?}");
+            }
+            MissMode::LowBit => {
+                assert_eq!(m.low_bit, stats.cache.misses, "{name}");
+                assert!(
+                    stats.low_bit_bytes > 0,
+                    "{name}: the 2-bit copy was never read"
+                );
+            }
+            MissMode::CpuCompute => unreachable!(),
+        }
+        if policy.starts_with("eam") {
+            assert!(
+                stats.cache.prefetch.issued > 0,
+                "{name}: eam never prefetched"
+            );
+        }
+        if miss == MissMode::Load {
+            exact_logits = logits;
+        } else {
+            // A lossy miss changes what the token computes.
+            assert_ne!(logits[0][0], exact_logits[0][0], "{name}: logits unchanged");
+        }
+    }
+}
+
+#[test]
+fn bad_literature_configurations_are_refused() {
+    let model = shipped("mlx-4bit");
+    let err = |cfg: EngineConfig| {
+        Engine::open(&model, Device::Cpu, cfg)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // low-bit without a second checkpoint.
+    let e = err(EngineConfig {
+        low_bit: None,
+        ..config("lru", MissMode::LowBit)
+    });
+    assert!(e.contains("low-bit") && e.contains("low_bit"), "{e}");
+    // A second checkpoint of another model: named, with the field that differs.
+    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen3_moe-mlx4");
+    let e = err(EngineConfig {
+        low_bit: Some(other.clone()),
+        ..config("lru", MissMode::LowBit)
+    });
+    assert!(
+        e.contains(&other.join("config.json").display().to_string()) && e.contains("hidden_size"),
+        "{e}"
+    );
+    // cpu-compute on the CPU.
+    let e = err(config("lru", MissMode::CpuCompute));
+    assert!(e.contains("cpu-compute") && e.contains("cuda"), "{e}");
+    // adaptive-split without a profile.
+    let e = err(config("adaptive-split", MissMode::Load));
+    assert!(e.contains("adaptive-split") && e.contains("profile"), "{e}");
+    // eam-0 and friends never parse.
+    for bad in [
+        "eam-0",
+        "eam",
+        "eam--1",
+        "lfru-1.5",
+        "mrs-0",
+        "layer-aware--2",
+    ] {
+        assert!(PolicySpec::parse(bad).is_err(), "{bad}");
+    }
+    let e = PolicySpec::parse("eam-0").unwrap_err().to_string();
+    assert!(e.contains("eam-0") && e.contains("at least 1"), "{e}");
+}
+
+#[test]
+fn experiment_files_name_the_missing_key() {
+    let d = tempfile::tempdir().unwrap();
+    let model = shipped("mlx-4bit");
+    let write = |cache: &str, backend: &str| {
+        let body = format!(
+            "name = \"t\"\n[model]\npath = \"{}\"\nbackend = \"{backend}\"\n[cache]\n{cache}\n[prompts]\ninline = [\"def f(x):\", \"import os\"]\nwarmup = 1\n",
+            model.display()
+        );
+        let p = d.path().join("exp.toml");
+        std::fs::write(&p, body).unwrap();
+        moe_harness::experiment::load(&p, true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = write("policy = \"lru\"\ncapacity = 8\nmiss = \"low-bit\"", "cpu");
+    assert!(e.contains("cache.low_bit"), "{e}");
+    let e = write(
+        "policy = \"lru\"\ncapacity = 8\nmiss = \"low-bit\"\nlow_bit = \"nowhere\"",
+        "cpu",
+    );
+    assert!(
+        e.contains("cache.low_bit") && e.contains("config.json"),
+        "{e}"
+    );
+    let e = write(
+        "policy = \"lru\"\ncapacity = 8\nmiss = [\"load\", \"cpu-compute\"]",
+        "cpu",
+    );
+    assert!(e.contains("cache.miss") && e.contains("cuda"), "{e}");
+    let e = write("policy = \"eam-0\"\ncapacity = 8", "cpu");
+    assert!(e.contains("eam-0"), "{e}");
+}
