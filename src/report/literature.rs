@@ -67,14 +67,8 @@ pub(super) fn plot(dir: &Path, summary: &[CellSummary]) -> Result<()> {
     if policies.len() < 2 && misses.len() < 2 {
         return Ok(());
     }
-    let budgets = ordered(
-        summary
-            .iter()
-            .map(|s| budget(s))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str),
-    );
+    let names: Vec<String> = summary.iter().map(budget).collect();
+    let budgets = ordered(names.iter().map(String::as_str));
     let at = |p: &str, b: &str, m: &str| {
         summary
             .iter()
@@ -179,7 +173,7 @@ pub(super) fn plot(dir: &Path, summary: &[CellSummary]) -> Result<()> {
         },
         LineChart {
             title: "(c) Top-1 agreement with the exact model".into(),
-            subtitle: Some("mean over policies; 1 for exact modes".into()),
+            subtitle: Some("mean over policies; 1 for load".into()),
             x_label: "miss mode".into(),
             y_label: "top-1 agreement".into(),
             series: top1,

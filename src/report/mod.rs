@@ -124,10 +124,10 @@ pub struct CellSummary {
     /// file-backed and anonymous parts, and the dense, expert-cache and KV bytes it holds.
     #[serde(flatten)]
     pub memory: crate::memory::MemoryReport,
-    /// Lossy miss modes (`skip`, `substitute`, `low-bit`): mean KL(exact ‖ cell) of the
-    /// next-token distributions.
+    /// Miss modes other than `load`: mean KL(exact ‖ cell) of the next-token distributions
+    /// (≈ 0 for the exact `cpu-compute`).
     pub kl_mean: Option<f64>,
-    /// Lossy miss modes: fraction of steps whose argmax equals the exact one.
+    /// Miss modes other than `load`: fraction of steps whose argmax equals the exact one.
     pub top1_agreement: Option<f64>,
     /// Misses served by a substitute expert (`substitute`), measured prompts.
     pub substituted: u64,
