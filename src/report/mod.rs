@@ -15,7 +15,6 @@ use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::trace;
 
-pub use plots::plot_dir;
 pub use tables::{simulation_table, summary_table};
 
 /// One row of `summary.parquet` / `summary.json`.
@@ -137,6 +136,14 @@ pub struct CellSummary {
     pub low_bit_loads: u64,
     /// Misses computed on the host (`cpu-compute`).
     pub host_computed: u64,
+}
+
+/// Draws every figure of a results directory from its `summary.parquet` and `trace.parquet`
+/// (and the policy / miss-mode comparison with its table when the run has several).
+pub fn plot_dir(dir: &Path) -> Result<()> {
+    plots::plot_figures(dir)?;
+    let summary = read_summary(&dir.join("summary.parquet"))?;
+    literature::plot(dir, &summary)
 }
 
 /// Writes `summary.json` and `summary.parquet` into `dir`.

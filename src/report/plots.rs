@@ -364,8 +364,9 @@ fn label(s: &CellSummary) -> String {
     }
 }
 
-/// Draws every figure of a results directory from its `summary.parquet` and `trace.parquet`.
-pub fn plot_dir(dir: &Path) -> Result<()> {
+/// Draws the budget, speed, per-layer, over-time and frequency figures of a results directory
+/// from its `summary.parquet` and `trace.parquet`.
+pub(super) fn plot_figures(dir: &Path) -> Result<()> {
     register_font();
     let summary = super::read_summary(&dir.join("summary.parquet"))?;
     let cells = trace::read(&dir.join("trace.parquet"))?;
@@ -547,8 +548,6 @@ pub fn plot_dir(dir: &Path) -> Result<()> {
             x_ticks: None,
         },
     )?;
-
-    super::literature::plot(dir, &summary)?;
 
     // Expert-frequency heat map from the first cell (routing is the same for every exact cell).
     if let Some(first) = summary.first() {
