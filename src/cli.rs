@@ -152,7 +152,10 @@ struct SimulateArgs {
     /// Trace Parquet (see the README's trace schema).
     #[arg(long)]
     trace: PathBuf,
-    /// Comma-separated policies, e.g. lru,lfu,lcp,lookahead,belady.
+    /// Comma-separated policies, e.g. lru,lfu,lcp,lookahead,belady, and the literature's lfru,
+    /// mrs, layer-aware, eam-K, adaptive-split (README). static-N and adaptive-split pin / split
+    /// from a frequency profile: here the trace's own (an oracle profile); adaptive-split on a
+    /// byte budget needs expert sizes (--model or --expert-bytes).
     #[arg(
         long,
         default_value = "lru,lfu,lcp,lookahead,belady",

@@ -186,3 +186,88 @@ fn experiment_files_name_the_missing_key() {
     let e = write("policy = \"eam-0\"\ncapacity = 8", "cpu");
     assert!(e.contains("eam-0"), "{e}");
 }
+
+#[test]
+fn byte_budgets_and_profiles_replay_alike() {
+    // A global byte budget of 1/8 of the expert bytes (where layer-aware and cross-layer
+    // victims matter), and adaptive-split from a profile, per-layer bytes.
+    let model = shipped("mlx-4bit");
+    let reference = {
+        let mut e = Engine::open(&model, Device::Cpu, config("lru", MissMode::Load)).unwrap();
+        e.reconfigure(EngineConfig {
+            budget: Budget::Unlimited,
+            ..config("lru", MissMode::Load)
+        })
+        .unwrap();
+        for (p, ids) in PROMPTS.iter().enumerate() {
+            e.set_prompt(p as u32);
+            e.generate(ids, 10, &mut Sampler::Greedy, &[]).unwrap();
+        }
+        moe_harness::simulate::profile_from_rows(&e.take_trace())
+    };
+    let probe = Engine::open(&model, Device::Cpu, config("lru", MissMode::Load)).unwrap();
+    let total = probe.total_expert_bytes();
+    let layers = probe.spec().num_moe_layers() as u64;
+    for (policy, miss, budget) in [
+        (
+            "layer-aware",
+            MissMode::Substitute,
+            Budget::BytesGlobal(total / 8),
+        ),
+        ("lfru", MissMode::LowBit, Budget::BytesGlobal(total / 8)),
+        (
+            "eam-3",
+            MissMode::Skip,
+            Budget::BytesPerLayer(total / layers / 6),
+        ),
+        (
+            "adaptive-split",
+            MissMode::Load,
+            Budget::BytesGlobal(total / 6),
+        ),
+        (
+            "adaptive-split",
+            MissMode::Substitute,
+            Budget::BytesPerLayer(total / layers / 6),
+        ),
+    ] {
+        let cfg = EngineConfig {
+            budget,
+            ..config(policy, miss)
+        };
+        let mut e = Engine::open(&model, Device::Cpu, config("lru", MissMode::Load)).unwrap();
+        e.reconfigure_with(cfg, Some(reference.clone())).unwrap();
+        for (p, ids) in PROMPTS.iter().enumerate() {
+            e.set_prompt(p as u32);
+            e.generate(ids, 10, &mut Sampler::Greedy, &[]).unwrap();
+        }
+        let rows = e.take_trace();
+        let stats = e.stats();
+        let moe_layers: Vec<u32> = e.spec().moe.moe_layers.iter().map(|&l| l as u32).collect();
+        let mut sim = Simulation::new(PolicySpec::parse(policy).unwrap(), budget, &moe_layers);
+        sim.miss = miss;
+        sim.profile = Some(reference.clone());
+        sim.working_set = e.spec().moe.top_k;
+        let r = simulate(&rows, &sim, |k| e.store.expert_bytes(k)).unwrap();
+        let name = format!("{policy}/{miss}/{budget}");
+        assert!(
+            stats.cache.misses > 0 && stats.cache.evictions > 0,
+            "{name}"
+        );
+        assert_eq!(
+            (r.hits, r.misses, r.miss, r.evictions),
+            (
+                stats.cache.hits,
+                stats.cache.misses,
+                stats.cache.miss,
+                stats.cache.evictions
+            ),
+            "{name}"
+        );
+        assert!(
+            r.peak_resident_bytes
+                <= budget.bytes().unwrap() * if budget.per_layer() { layers } else { 1 },
+            "{name}"
+        );
+    }
+}
