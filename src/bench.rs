@@ -66,6 +66,9 @@ pub struct BenchOptions {
     /// instead of the router's: its first prompt is the warm-up, the next `prompts` are
     /// measured, each with its recorded prompt length and number of new tokens.
     pub replay: Option<(std::path::PathBuf, Option<String>)>,
+    /// What a miss runs (`load`, or `cpu-compute` on CUDA to time Fiddler's host computation;
+    /// the lossy modes are measured by experiments, which also report their drift).
+    pub miss: MissMode,
 }
 
 /// One measured cell.
@@ -132,6 +135,8 @@ pub struct BenchReport {
     pub kernels: String,
     /// `router`, or the replayed trace and cell.
     pub routing: String,
+    /// The miss mode of the cells.
+    pub miss: String,
     /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA), `no` elsewhere.
     pub staging: String,
     /// Form of resident experts on the device: `packed` (MLX-quantized experts kept as their
@@ -172,7 +177,7 @@ pub fn bench(
     let config = |budget, policy: &PolicySpec| EngineConfig {
         budget,
         policy: policy.clone(),
-        miss: MissMode::Load,
+        miss: opts.miss,
         record_trace: false,
         load_threads: opts.load_threads,
         gpu_experts: opts.gpu_experts,
@@ -231,6 +236,7 @@ pub fn bench(
         compute_threads: engine.compute_threads(),
         kernels: engine.kernels_label(),
         routing,
+        miss: opts.miss.to_string(),
         staging: if device.is_cuda() {
             opts.staging.to_string()
         } else {
@@ -536,7 +542,7 @@ pub fn format_report(r: &BenchReport) -> String {
     let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
     let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
     let mut out = format!(
-        "model {} on {} ({} compute threads, kernels {}; {} staging, experts resident {}, routing: {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
+        "model {} on {} ({} compute threads, kernels {}; {} staging, experts resident {}, routing: {}, misses: {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
         r.model,
         r.device,
         r.compute_threads,
@@ -544,6 +550,7 @@ pub fn format_report(r: &BenchReport) -> String {
         r.staging,
         r.resident_form,
         r.routing,
+        r.miss,
         r.expert_bytes as f64 / 1e6,
         r.experts_per_token,
         gb(r.pinned_h2d_rate),

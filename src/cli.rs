@@ -73,6 +73,9 @@ struct BenchArgs {
     /// Policies, comma-separated.
     #[arg(long, default_value = "lru,lookahead", value_delimiter = ',')]
     policy: Vec<PolicySpec>,
+    /// What a miss runs: load, or cpu-compute (--device cuda: the expert computed on the host).
+    #[arg(long, value_enum, default_value_t = MissMode::Load)]
+    miss: MissMode,
     /// Expert slots per MoE layer, comma-separated.
     #[arg(long, default_value = "8,16,32", value_delimiter = ',')]
     capacity: Vec<usize>,
@@ -494,6 +497,7 @@ pub fn run() -> Result<ExitCode> {
                 threads: a.compute.threads,
                 kernels: a.compute.kernels,
                 replay: a.replay.map(|p| (p, a.replay_cell)),
+                miss: a.miss,
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
                 eprintln!(

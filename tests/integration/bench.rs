@@ -26,6 +26,7 @@ pub(crate) fn opts() -> BenchOptions {
         threads: None,
         kernels: Default::default(),
         replay: None,
+        miss: Default::default(),
     }
 }
 
