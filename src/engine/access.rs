@@ -173,13 +173,19 @@ impl ExpertAccess for Access<'_> {
     fn end_step(&mut self, route: &Route) -> Result<()> {
         // The loads of misses the token did not wait for, then the prefetches: both start once
         // the step's own experts have run, so they never delay them.
-        let deferred = self
+        let (deferred, prefetch) = self
             .cur
             .as_mut()
-            .map(|c| std::mem::take(&mut c.deferred))
+            .map(|c| {
+                (
+                    std::mem::take(&mut c.deferred),
+                    std::mem::take(&mut c.prefetch),
+                )
+            })
             .unwrap_or_default();
-        for k in deferred {
-            self.submit(k, false)?;
+        let loads = deferred.into_iter().map(|k| (k, false));
+        for (k, is_prefetch) in loads.chain(prefetch.into_iter().map(|k| (k, true))) {
+            self.submit(k, is_prefetch)?;
         }
         self.finish_step(route)
     }
@@ -220,16 +226,8 @@ impl Access<'_> {
         }
     }
 
-    /// Starts the step's prefetches and writes its trace row.
+    /// Closes the step: writes its trace row.
     fn finish_step(&mut self, route: &Route) -> Result<()> {
-        let prefetch = self
-            .cur
-            .as_mut()
-            .map(|c| std::mem::take(&mut c.prefetch))
-            .unwrap_or_default();
-        for k in prefetch {
-            self.submit(k, true)?;
-        }
         let cur = self.cur.take().expect("end_step after begin_step");
         let lookahead = self
             .pending

@@ -159,38 +159,30 @@ pub(super) fn plot(dir: &Path, summary: &[CellSummary]) -> Result<()> {
             x_fmt: Some(categories(policies.clone())),
             x_ticks: Some(policies.len()),
         },
-        LineChart {
-            title: "(b) Quality cost of each miss mode".into(),
-            subtitle: Some(
-                "mean over policies of KL(exact ‖ cell), next-token distributions".into(),
-            ),
-            x_label: "miss mode".into(),
-            y_label: "mean KL (nats)".into(),
-            series: kl,
-            y_range: None,
-            x_fmt: Some(categories(misses.clone())),
-            x_ticks: Some(misses.len()),
-        },
-        LineChart {
-            title: "(c) Top-1 agreement with the exact model".into(),
-            subtitle: Some("mean over policies; 1 for load".into()),
-            x_label: "miss mode".into(),
-            y_label: "top-1 agreement".into(),
-            series: top1,
-            y_range: Some((0.0, 1.0)),
-            x_fmt: Some(categories(misses.clone())),
-            x_ticks: Some(misses.len()),
-        },
-        LineChart {
-            title: "(d) Decode speed of each miss mode".into(),
-            subtitle: Some(format!("median over policies · {device}")),
-            x_label: "miss mode".into(),
-            y_label: "decode tokens/s".into(),
-            series: tps,
-            y_range: None,
-            x_fmt: Some(categories(misses.clone())),
-            x_ticks: Some(misses.len()),
-        },
+        per_mode_chart(
+            "(b) Quality cost of each miss mode",
+            "mean over policies of KL(exact ‖ cell), next-token distributions".into(),
+            "mean KL (nats)",
+            kl,
+            None,
+            &misses,
+        ),
+        per_mode_chart(
+            "(c) Top-1 agreement with the exact model",
+            "mean over policies; 1 for load".into(),
+            "top-1 agreement",
+            top1,
+            Some((0.0, 1.0)),
+            &misses,
+        ),
+        per_mode_chart(
+            "(d) Decode speed of each miss mode",
+            format!("median over policies · {device}"),
+            "decode tokens/s",
+            tps,
+            None,
+            &misses,
+        ),
     ];
     let png = dir.join("policies_and_miss_modes.png");
     panels(
@@ -208,6 +200,27 @@ pub(super) fn plot(dir: &Path, summary: &[CellSummary]) -> Result<()> {
         &dir.join("policies_and_miss_modes.md"),
         table(summary, &policies, &budgets, &misses).as_bytes(),
     )
+}
+
+/// A chart with one point per miss mode and a line per budget.
+fn per_mode_chart(
+    title: &str,
+    subtitle: String,
+    y_label: &str,
+    series: Vec<Series>,
+    y_range: Option<(f64, f64)>,
+    misses: &[String],
+) -> LineChart {
+    LineChart {
+        title: title.into(),
+        subtitle: Some(subtitle),
+        x_label: "miss mode".into(),
+        y_label: y_label.into(),
+        series,
+        y_range,
+        x_fmt: Some(categories(misses.to_vec())),
+        x_ticks: Some(misses.len()),
+    }
 }
 
 /// Four charts on a 2 × 2 grid.

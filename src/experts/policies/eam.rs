@@ -271,20 +271,9 @@ impl Policy for Eam {
 mod tests {
     use super::super::{Access, Guard, InsertKind, Policy};
     use super::Eam;
-    use crate::experts::ExpertKey;
 
     fn access(e: u32, seq: u64) -> Access {
-        Access {
-            key: ExpertKey {
-                layer: 7,
-                expert: e,
-            },
-            layer_pos: 0,
-            clock: seq,
-            next_use: u64::MAX,
-            seq,
-            weight: 1.0,
-        }
+        super::super::testutil::access(0, e, seq, seq, 1.0)
     }
 
     /// Demands `experts` in order on a one-layer pool of unlimited size (ids = expert ids).
@@ -306,7 +295,7 @@ mod tests {
         // request 1 uses {3, 4} (4 three times, 3 once). Request 2 has used 4 once so far:
         // cosine with request 0 = 0, with request 1 = 3/sqrt(10) > 0 -> request 1 predicts
         // 4: 0.75, 3: 0.25, 1 and 2: 0.
-        let mut p = Eam::new(1, &[7], &[7]);
+        let mut p = Eam::new(1, &[0], &[0]);
         let mut res = vec![false; 8];
         let mut seq = 0;
         p.on_request(0);
@@ -329,7 +318,7 @@ mod tests {
 
     #[test]
     fn without_history_the_request_itself_predicts() {
-        let mut p = Eam::new(4, &[7], &[7]);
+        let mut p = Eam::new(4, &[0], &[0]);
         let mut res = vec![false; 8];
         let mut seq = 0;
         p.on_request(5);

@@ -80,10 +80,9 @@ impl Policy for LayerAware {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::Harness;
-    use super::super::{Access, Guard, InsertKind, Policy};
+    use super::super::testutil::{access, Harness};
+    use super::super::{Guard, InsertKind, Policy};
     use super::LayerAware;
-    use crate::experts::ExpertKey;
 
     #[test]
     fn one_layer_is_lru() {
@@ -97,17 +96,7 @@ mod tests {
     fn deep_layers_age_faster() {
         // Three MoE layers (depth 0, 0.5, 1), s = 1: weights 1, 1.5, 2.
         let mut p = LayerAware::new(1.0, 3);
-        let a = |lp: u32, e: u32, clock: u64, seq: u64| Access {
-            key: ExpertKey {
-                layer: lp,
-                expert: e,
-            },
-            layer_pos: lp,
-            clock,
-            next_use: u64::MAX,
-            seq,
-            weight: 1.0,
-        };
+        let a = |lp: u32, e: u32, clock: u64, seq: u64| access(lp, e, clock, seq, 1.0);
         // id 0: layer 0 used at its clock 1; id 1: layer 2 used at its clock 3.
         p.on_insert(0, &a(0, 0, 1, 1), InsertKind::Demand);
         p.on_insert(1, &a(2, 0, 3, 2), InsertKind::Demand);

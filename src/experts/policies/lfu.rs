@@ -218,20 +218,9 @@ mod tests {
     fn a_prefetch_is_not_a_use() {
         // 1 is demand-inserted (count 1), then 2 is prefetched (count 0): although more recent,
         // 2 is the victim.
-        use super::super::{Access, Guard, InsertKind, Policy};
-        use crate::experts::ExpertKey;
+        use super::super::{Guard, InsertKind, Policy};
         let mut p = Lfu::new();
-        let a = |e, seq| Access {
-            key: ExpertKey {
-                layer: 0,
-                expert: e,
-            },
-            layer_pos: 0,
-            clock: seq,
-            next_use: u64::MAX,
-            seq,
-            weight: 1.0,
-        };
+        let a = |e, seq| super::super::testutil::access(0, e, seq, seq, 1.0);
         p.on_insert(1, &a(1, 1), InsertKind::Demand);
         p.on_insert(2, &a(2, 2), InsertKind::Prefetch);
         let flags = [0u8; 4];

@@ -673,6 +673,22 @@ pub(crate) mod testutil {
     //! A tiny single-pool harness to drive a policy directly in unit tests.
     use super::*;
 
+    /// An access of `expert` at layer position `layer_pos` (layer id = position), with `clock`,
+    /// pool event `seq` and router `weight`.
+    pub(crate) fn access(layer_pos: u32, expert: u32, clock: u64, seq: u64, weight: f32) -> Access {
+        Access {
+            key: ExpertKey {
+                layer: layer_pos,
+                expert,
+            },
+            layer_pos,
+            clock,
+            next_use: u64::MAX,
+            seq,
+            weight,
+        }
+    }
+
     /// Drives one policy as a unit-size cache of `cap` entries (classic: every access a step).
     pub(crate) struct Harness {
         pub(crate) policy: Box<dyn Policy>,

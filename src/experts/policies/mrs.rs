@@ -101,10 +101,9 @@ impl Policy for Mrs {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::Harness;
-    use super::super::{Access, Guard, InsertKind, Policy};
+    use super::super::testutil::{access, Harness};
+    use super::super::{Guard, InsertKind, Policy};
     use super::Mrs;
-    use crate::experts::ExpertKey;
 
     #[test]
     fn scores_decay_and_survive_eviction() {
@@ -121,17 +120,7 @@ mod tests {
     #[test]
     fn router_weight_outranks_recency() {
         let mut p = Mrs::new(0.9);
-        let a = |e: u32, seq: u64, weight: f32| Access {
-            key: ExpertKey {
-                layer: 0,
-                expert: e,
-            },
-            layer_pos: 0,
-            clock: 1,
-            next_use: u64::MAX,
-            seq,
-            weight,
-        };
+        let a = |e: u32, seq: u64, weight: f32| access(0, e, 1, seq, weight);
         // Same step: expert 1 with weight 0.8, then expert 2 with 0.2 (more recent).
         p.on_insert(1, &a(1, 1, 0.8), InsertKind::Demand);
         p.on_insert(2, &a(2, 2, 0.2), InsertKind::Demand);
