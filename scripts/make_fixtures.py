@@ -210,11 +210,54 @@ LLAMA_HUB = {
     "vocab_size": 256,
 }
 
+QWEN3_NEXT_HUB = {
+    "architectures": ["Qwen3NextForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "decoder_sparse_step": 1,
+    "full_attention_interval": 2,
+    "head_dim": 16,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "initializer_range": 0.02,
+    "intermediate_size": 128,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_value_head_dim": 16,
+    "max_position_embeddings": 4096,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_next",
+    "moe_intermediate_size": 32,
+    "norm_topk_prob": True,
+    "num_attention_heads": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 4,
+    "num_key_value_heads": 2,
+    "output_router_logits": False,
+    "partial_rotary_factor": 0.25,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000000.0,
+    "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 32,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "transformers_version": transformers.__version__,
+    "use_cache": True,
+    "vocab_size": 256,
+}
+
 FAMILIES = {
     "glm4_moe": {"hub": GLM_HUB, "seed": 1000, "router": "sigmoid_noaux_tc"},
     "qwen3_moe": {"hub": QWEN_HUB, "seed": 2000, "router": "softmax_topk"},
     "mixtral": {"hub": MIXTRAL_HUB, "seed": 3000, "router": "softmax_topk"},
     "llama": {"hub": LLAMA_HUB, "seed": 4000, "router": None},
+    "qwen3_next": {"hub": QWEN3_NEXT_HUB, "seed": 8000, "router": "softmax_topk"},
 }
 
 
@@ -428,7 +471,7 @@ def moe_layers(cfg) -> list[int]:
     n = cfg.num_hidden_layers
     if mt == "glm4_moe":
         return [i for i in range(n) if i >= cfg.first_k_dense_replace]
-    if mt == "qwen3_moe":
+    if mt in ("qwen3_moe", "qwen3_next"):
         return [
             i
             for i in range(n)
@@ -739,6 +782,15 @@ def try_family(family, hub, router, seed, staging: Path):
         )
     elif family == "qwen3_moe":
         notes += ", num_experts (hub spelling; transformers 5 would write num_local_experts)."
+    elif family == "qwen3_next":
+        notes += (
+            ", partial_rotary_factor, full_attention_interval (layer types linear, full, linear, full). Hybrid: "
+            "gated DeltaNet linear_attn layers (in_proj_qkvz/in_proj_ba grouped per key head, depthwise conv1d "
+            "kernel 4 + SiLU, gated delta rule, gated RMSNorm) and gated full attention (q_proj doubled: per head "
+            "query then output gate; zero-centred q/k norms); sigmoid-gated shared expert. Zero-centred RMSNorms "
+            "(scale 1 + weight) store 1 + normal(0, 0.1) like every norm here. HF prefill runs the chunked delta "
+            "rule, decode the recurrent one."
+        )
     elif family == "mixtral":
         notes += "; hub keys block_sparse_moe.experts.{e}.w1/w2/w3 + block_sparse_moe.gate (written by HF save)."
     else:
@@ -753,7 +805,7 @@ def try_family(family, hub, router, seed, staging: Path):
         return True, produced
 
     # ---------------- bf16 (transformers-5 re-serialisation) ----------------
-    if family in ("glm4_moe", "qwen3_moe"):
+    if family in ("glm4_moe", "qwen3_moe", "qwen3_next"):
         name16 = f"{family}-bf16"
         d16 = staging / name16
         m16 = AutoModelForCausalLM.from_pretrained(str(d32), dtype=torch.bfloat16)
@@ -788,6 +840,11 @@ def try_family(family, hub, router, seed, staging: Path):
                         extra={"seed": seed, "moe_layers": moe_layers(cfg), "layout": "hf",
                                "tensor_dtype_counts": tensor_dtypes, "f32_tensors": f32_keys})
         produced.append((name16, {"ref": ref16}))
+
+    if family == "qwen3_next":
+        # The MLX 4-bit copy needs mlx-lm's qwen3_next forward for its cross-check, which the Linux CPU
+        # build of mlx (mlx-cpu 0.32.2) cannot run with mlx-lm 0.32.2 (gather_qmm signature).
+        return True, produced
 
     # ---------------- mlx 4-bit ----------------
     name4 = f"{family}-mlx4"
@@ -1580,7 +1637,7 @@ def make_shipped(out_root: Path, summary: list):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "models"))
-    ap.add_argument("--only", default="glm4_moe,qwen3_moe,mixtral,llama,deepseek_v3,glm4_moe_lite,kimi_k25")
+    ap.add_argument("--only", default="glm4_moe,qwen3_moe,mixtral,llama,qwen3_next,deepseek_v3,glm4_moe_lite,kimi_k25")
     ap.add_argument("--shipped", action="store_true",
                     help=f"only write references for the shipped trained model {SHIPPED_DIR} (HF bf16 + mlx-4bit) "
                          "under tests/fixtures/shipped/ (or --out), without copying weights")

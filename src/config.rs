@@ -246,6 +246,44 @@ pub struct ModelSpec {
     /// The longest sequence (prompt + generated tokens) the model is built for
     /// (`max_position_embeddings`), when the config says.
     pub max_position_embeddings: Option<usize>,
+    /// Hybrid attention (Qwen3-Next): which layers are gated DeltaNet, and its shapes.
+    pub hybrid: Option<HybridSpec>,
+}
+
+/// A decoder layer's token mixer in a hybrid model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// Gated DeltaNet linear attention (`linear_attn`).
+    LinearAttention,
+    /// Gated full attention (`self_attn`).
+    FullAttention,
+}
+
+/// Gated DeltaNet shapes (`linear_*` fields of the HF config).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeltaNetSpec {
+    /// Query/key heads (`linear_num_key_heads`).
+    pub num_k_heads: usize,
+    /// Value heads (`linear_num_value_heads`), a multiple of the key heads.
+    pub num_v_heads: usize,
+    /// Per-head query/key dimension (`linear_key_head_dim`).
+    pub k_head_dim: usize,
+    /// Per-head value dimension (`linear_value_head_dim`).
+    pub v_head_dim: usize,
+    /// Depthwise convolution width (`linear_conv_kernel_dim`).
+    pub conv_kernel: usize,
+}
+
+/// The hybrid-attention parts of a Qwen3-Next-style model: per-layer token mixers, DeltaNet
+/// shapes; its full-attention layers gate their output (`q_proj` of doubled width), its RMSNorms
+/// are zero-centred (scale `1 + weight`), and its shared expert is sigmoid-gated.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HybridSpec {
+    /// One per decoder layer.
+    pub layer_types: Vec<LayerKind>,
+    /// The linear-attention layers' shapes.
+    pub delta: DeltaNetSpec,
 }
 
 impl ModelSpec {
@@ -262,14 +300,41 @@ impl ModelSpec {
         3 * self.hidden_size as u64 * self.moe.intermediate_size as u64
     }
 
-    /// Bytes the KV cache holds per token (f32, every layer): keys and values of the KV heads,
-    /// or for MLA the latent and the shared RoPE key.
+    /// Bytes the KV cache holds per token (f32, every attention layer): keys and values of the
+    /// KV heads, or for MLA the latent and the shared RoPE key. (DeltaNet layers hold a fixed
+    /// state instead: [`ModelSpec::recurrent_state_bytes`].)
     pub fn kv_bytes_per_token(&self) -> u64 {
         let per_layer = match &self.mla {
             Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
             None => 2 * self.attention.num_kv_heads * self.attention.head_dim,
         };
-        4 * (per_layer * self.num_layers) as u64
+        4 * (per_layer * self.attention_layers()) as u64
+    }
+
+    /// Decoder layers that keep a KV cache (all but the DeltaNet ones).
+    pub fn attention_layers(&self) -> usize {
+        match &self.hybrid {
+            Some(h) => h
+                .layer_types
+                .iter()
+                .filter(|k| **k == LayerKind::FullAttention)
+                .count(),
+            None => self.num_layers,
+        }
+    }
+
+    /// Bytes of the DeltaNet layers' per-sequence state (f32 recurrent matrices and convolution
+    /// history), independent of the sequence length; 0 for other models.
+    pub fn recurrent_state_bytes(&self) -> u64 {
+        let Some(h) = &self.hybrid else {
+            return 0;
+        };
+        let d = &h.delta;
+        let linear = self.num_layers - self.attention_layers();
+        let conv = (2 * d.num_k_heads * d.k_head_dim + d.num_v_heads * d.v_head_dim)
+            * d.conv_kernel.saturating_sub(1);
+        let state = d.num_v_heads * d.k_head_dim * d.v_head_dim;
+        4 * (linear * (conv + state)) as u64
     }
 
     /// An upper estimate of the memory a forward pass over `prompt` new tokens after `past`

@@ -247,6 +247,7 @@ pub fn spec(
         mla: Some(mla),
         unsupported: None,
         max_position_embeddings: c.max_position_embeddings,
+        hybrid: None,
     })
 }
 

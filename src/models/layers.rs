@@ -34,6 +34,24 @@ impl RmsNorm {
             eps: eps as f32,
         })
     }
+    /// Loads a zero-centred norm (HF Qwen3-Next: the scale is `1 + weight`).
+    pub fn load_centred(vb: &Vb, n: usize, eps: f64) -> Result<Self> {
+        let norm = Self::load(vb, n, eps)?;
+        Ok(RmsNorm {
+            weight: (norm.weight + 1.0)?,
+            eps: norm.eps,
+        })
+    }
+
+    /// Loads `weight`, zero-centred when `centred`.
+    pub fn load_maybe_centred(vb: &Vb, n: usize, eps: f64, centred: bool) -> Result<Self> {
+        if centred {
+            Self::load_centred(vb, n, eps)
+        } else {
+            Self::load(vb, n, eps)
+        }
+    }
+
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(
@@ -431,13 +449,19 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub struct LayerKv {
     kv: Option<candle_nn::kv_cache::KvCache>,
     capacity: usize,
+    /// A DeltaNet layer's state instead of keys and values.
+    pub(crate) delta: DeltaState,
 }
 
 impl LayerKv {
     /// An empty cache for a sequence of up to `capacity` tokens (it grows in steps of
     /// `capacity` if a longer one comes).
     pub fn with_capacity(capacity: usize) -> Self {
-        LayerKv { kv: None, capacity }
+        LayerKv {
+            kv: None,
+            capacity,
+            delta: Default::default(),
+        }
     }
 
     /// Appends new entries along `dim` (the sequence axis) and returns the whole cache.
@@ -459,6 +483,24 @@ impl LayerKv {
         self.kv
             .as_ref()
             .map_or(0, |kv| size(kv.k_cache()) + size(kv.v_cache()))
+            + self.delta.bytes()
+    }
+}
+
+/// A gated DeltaNet layer's state between calls ([`super::deltanet`]): the convolution's last inputs and the recurrent
+/// matrices.
+#[derive(Debug, Clone, Default)]
+pub struct DeltaState {
+    /// `[conv_dim, K − 1]`: the last `K − 1` convolution inputs per channel, oldest first.
+    pub(crate) conv: Vec<f32>,
+    /// `[num_v_heads, k_head_dim, v_head_dim]`.
+    pub(crate) recurrent: Vec<f32>,
+}
+
+impl DeltaState {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        4 * (self.conv.len() + self.recurrent.len()) as u64
     }
 }
 
@@ -473,16 +515,44 @@ pub struct Attention {
     k_norm: Option<RmsNorm>,
     spec: AttentionSpec,
     rope: Rope,
+    /// Qwen3-Next: `q_proj` yields per head a query then an output gate; the output is
+    /// multiplied by `sigmoid(gate)` before `o_proj`.
+    gated: bool,
 }
 
 impl Attention {
     /// Loads `{q,k,v,o}_proj` (+ `q_norm`, `k_norm`) of the module `vb` (`…self_attn`).
     pub fn load(vb: &Vb, hidden: usize, spec: &AttentionSpec, eps: f64) -> Result<Self> {
+        Self::load_with(vb, hidden, spec, eps, false, false)
+    }
+
+    /// Qwen3-Next's gated attention: `q_proj` of doubled width (query and output gate per
+    /// head); q/k norms zero-centred when `centred` (the HF layout; MLX stores them shifted).
+    pub fn load_gated(
+        vb: &Vb,
+        hidden: usize,
+        spec: &AttentionSpec,
+        eps: f64,
+        centred: bool,
+    ) -> Result<Self> {
+        Self::load_with(vb, hidden, spec, eps, true, centred)
+    }
+
+    fn load_with(
+        vb: &Vb,
+        hidden: usize,
+        spec: &AttentionSpec,
+        eps: f64,
+        gated: bool,
+        centred: bool,
+    ) -> Result<Self> {
         let (nh, nkv, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let l = |n: &str, o, i, b| Linear::load(&vb.pp(n), o, i, b);
-        let norm = |n: &str| RmsNorm::load(&vb.pp(n), hd, eps);
+        let norm = |n: &str| RmsNorm::load_maybe_centred(&vb.pp(n), hd, eps, centred);
+        let q_rows = if gated { 2 * nh * hd } else { nh * hd };
         Ok(Attention {
-            q: l("q_proj", nh * hd, hidden, spec.qkv_bias)?,
+            gated,
+            q: l("q_proj", q_rows, hidden, spec.qkv_bias)?,
             k: l("k_proj", nkv * hd, hidden, spec.qkv_bias)?,
             v: l("v_proj", nkv * hd, hidden, spec.qkv_bias)?,
             o: l("o_proj", hidden, nh * hd, spec.o_bias)?,
@@ -517,7 +587,15 @@ impl Attention {
             }
             Ok(y.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
         };
-        let q = heads(self.q.forward(x)?, nh, &self.q_norm)?;
+        let (q, gate) = if self.gated {
+            // Per head: the query's hd values, then the gate's.
+            let qg = self.q.forward(x)?.reshape((t, nh, 2 * hd))?;
+            let gate = qg.narrow(2, hd, hd)?.reshape((t, nh * hd))?;
+            (qg.narrow(2, 0, hd)?.reshape((t, nh * hd))?, Some(gate))
+        } else {
+            (self.q.forward(x)?, None)
+        };
+        let q = heads(q, nh, &self.q_norm)?;
         let k = heads(self.k.forward(x)?, nkv, &self.k_norm)?;
         let v = heads(self.v.forward(x)?, nkv, &None)?;
         let (q, k) = if self.spec.rotary_dim > 0 {
@@ -546,6 +624,10 @@ impl Attention {
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?; // [1, nh, T, hd]
         let y = y.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let y = match gate {
+            Some(g) => (y * candle_nn::ops::sigmoid(&g)?)?,
+            None => y,
+        };
         self.o.forward(&y)
     }
 }

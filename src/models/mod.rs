@@ -3,6 +3,7 @@
 //! weights resident and routed experts resolved per token through an [`moe::ExpertAccess`].
 
 pub mod deepseek_v3;
+pub mod deltanet;
 pub mod glm4_moe;
 pub mod layers;
 pub mod mixtral;
@@ -15,7 +16,7 @@ use candle_core::{Device, Tensor};
 
 use std::path::Path;
 
-use crate::config::{self, ModelSpec};
+use crate::config::{self, LayerKind, ModelSpec};
 use crate::error::{Error, Result};
 use crate::weights::layout::Prefix;
 use crate::weights::{Checkpoint, Vb};
@@ -109,6 +110,8 @@ pub fn spec_from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpe
 
 /// The feed-forward part of a decoder layer.
 #[derive(Debug)]
+// One per decoder layer, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Ffn {
     Dense(Mlp),
     Moe(MoeBlock),
@@ -121,6 +124,7 @@ enum Ffn {
 enum Attn {
     Gqa(Attention),
     Mla(mla::MlaAttention),
+    Delta(deltanet::DeltaNet),
 }
 
 impl Attn {
@@ -128,6 +132,7 @@ impl Attn {
         match self {
             Attn::Gqa(a) => a.forward(x, pos0, kv),
             Attn::Mla(a) => a.forward(x, pos0, kv),
+            Attn::Delta(a) => a.forward(x, &mut kv.delta),
         }
     }
 }
@@ -207,6 +212,10 @@ impl Model {
         let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;
         let layers_vb = root.pp(&prefix.layers);
         let eps = spec.rms_norm_eps;
+        // Qwen3-Next's HF checkpoints store zero-centred norms (scale 1 + weight); mlx-lm's
+        // converter shifts them (stacked `switch_mlp` experts mark its layout).
+        let centred = spec.hybrid.is_some() && !ck.keys().any(|k| k.contains(".switch_mlp."));
+        let norm = |vb: &Vb, n: usize| RmsNorm::load_maybe_centred(vb, n, eps, centred);
         let mut layers = Vec::with_capacity(spec.num_layers);
         for i in 0..spec.num_layers {
             let vb = layers_vb.pp(i);
@@ -216,18 +225,28 @@ impl Model {
                 Ffn::Dense(Mlp::load(&vb.pp("mlp"), h, spec.dense_intermediate)?)
             };
             let attn_vb = vb.pp("self_attn");
+            let kind = spec
+                .hybrid
+                .as_ref()
+                .map(|hy| (hy.layer_types[i], &hy.delta));
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::load(&vb.pp("input_layernorm"), h, eps)?,
-                attn: match &spec.mla {
-                    Some(m) => Attn::Mla(mla::MlaAttention::load(
+                input_norm: norm(&vb.pp("input_layernorm"), h)?,
+                attn: match (&spec.mla, kind) {
+                    (Some(m), _) => Attn::Mla(mla::MlaAttention::load(
                         &attn_vb,
                         h,
                         spec.attention.num_heads,
                         m,
                     )?),
-                    None => Attn::Gqa(Attention::load(&attn_vb, h, &spec.attention, eps)?),
+                    (None, Some((LayerKind::LinearAttention, delta))) => Attn::Delta(
+                        deltanet::DeltaNet::load(&vb.pp("linear_attn"), h, delta, eps)?,
+                    ),
+                    (None, Some((LayerKind::FullAttention, _))) => Attn::Gqa(
+                        Attention::load_gated(&attn_vb, h, &spec.attention, eps, centred)?,
+                    ),
+                    (None, None) => Attn::Gqa(Attention::load(&attn_vb, h, &spec.attention, eps)?),
                 },
-                post_norm: RmsNorm::load(&vb.pp("post_attention_layernorm"), h, eps)?,
+                post_norm: norm(&vb.pp("post_attention_layernorm"), h)?,
                 ffn,
             });
         }
@@ -238,7 +257,7 @@ impl Model {
             Linear::load(&head, v, h, false)?
         };
         Ok(Model {
-            norm: RmsNorm::load(&model.pp("norm"), h, eps)?,
+            norm: norm(&model.pp("norm"), h)?,
             spec: spec.clone(),
             prefix: prefix.clone(),
             embed,

@@ -192,6 +192,8 @@ pub struct MoeBlock {
     /// The router.
     pub router: Router,
     shared: Option<Mlp>,
+    /// Qwen3-Next: the shared expert's output is scaled by `sigmoid(shared_expert_gate(x))`.
+    shared_gate: Option<Linear>,
 }
 
 impl MoeBlock {
@@ -203,10 +205,20 @@ impl MoeBlock {
             (Some(name), Some(inter)) => Some(Mlp::load(&vb.pp(name), spec.hidden_size, inter)?),
             _ => None,
         };
+        let shared_gate = match spec.family {
+            crate::config::Family::Qwen3Next if shared.is_some() => Some(Linear::load(
+                &vb.pp("shared_expert_gate"),
+                1,
+                spec.hidden_size,
+                false,
+            )?),
+            _ => None,
+        };
         Ok(MoeBlock {
             layer: layer as u32,
             router,
             shared,
+            shared_gate,
         })
     }
 
@@ -290,9 +302,13 @@ impl MoeBlock {
             outs.push(y);
         }
         let routed = Tensor::cat(&outs, 0)?;
-        Ok(match &self.shared {
-            Some(s) => (routed + s.forward(x)?)?,
-            None => routed,
+        Ok(match (&self.shared, &self.shared_gate) {
+            (Some(s), Some(g)) => {
+                let gate = candle_nn::ops::sigmoid(&g.forward(x)?)?;
+                (routed + s.forward(x)?.broadcast_mul(&gate)?)?
+            }
+            (Some(s), None) => (routed + s.forward(x)?)?,
+            (None, _) => routed,
         })
     }
 }

@@ -130,6 +130,7 @@ impl Config {
             mla: None,
             unsupported: None,
             max_position_embeddings: self.max_position_embeddings,
+            hybrid: None,
         })
     }
 }

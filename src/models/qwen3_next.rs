@@ -1,15 +1,17 @@
-//! Qwen3-Next / Qwen3-Coder-Next (`qwen3_next`): configuration only. Its expert geometry (512
-//! experts, top-10, a sigmoid-gated shared expert) is read so that `harness inspect` sizes the
-//! model; the hybrid attention (gated DeltaNet linear attention with a full-attention layer every
-//! `full_attention_interval`) is not implemented by the engine, which refuses the model with
-//! that reason.
+//! Qwen3-Next / Qwen3-Coder-Next (`qwen3_next`): Qwen3-MoE's experts and router (softmax top-k,
+//! `norm_topk_prob`) with a sigmoid-gated shared expert, and hybrid attention: gated DeltaNet
+//! linear attention ([`super::deltanet`]) in most layers and gated full attention (output gate
+//! from a doubled `q_proj`, zero-centred q/k norms, partial RoPE) every `full_attention_interval`
+//! layers, or as `layer_types` lists them. Every RMSNorm but DeltaNet's gated one is
+//! zero-centred (scale `1 + weight`). Mirrors HF transformers
+//! `models/qwen3_next/{configuration,modeling}_qwen3_next.py`.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{parse_family, Family, ModelSpec};
-use crate::error::Result;
+use crate::config::{parse_family, DeltaNetSpec, Family, HybridSpec, LayerKind, ModelSpec};
+use crate::error::{Error, Result};
 
 /// HF `Qwen3NextConfig`: Qwen3-MoE's fields plus the shared expert and the hybrid attention.
 #[derive(Debug, Clone, Deserialize)]
@@ -20,13 +22,40 @@ pub struct Config {
     /// Intermediate size of the (sigmoid-gated) shared expert.
     #[serde(default)]
     pub shared_expert_intermediate_size: usize,
-    /// A full-attention layer every this many layers; the others are gated DeltaNet.
+    /// A full-attention layer every this many layers; the others are gated DeltaNet (used when
+    /// `layer_types` is absent).
     #[serde(default = "four")]
     pub full_attention_interval: usize,
+    /// `linear_attention` or `full_attention` per decoder layer.
+    pub layer_types: Option<Vec<String>>,
+    /// DeltaNet query/key heads.
+    #[serde(default = "sixteen")]
+    pub linear_num_key_heads: usize,
+    /// DeltaNet value heads.
+    #[serde(default = "thirty_two")]
+    pub linear_num_value_heads: usize,
+    /// DeltaNet query/key head dimension.
+    #[serde(default = "one_twenty_eight")]
+    pub linear_key_head_dim: usize,
+    /// DeltaNet value head dimension.
+    #[serde(default = "one_twenty_eight")]
+    pub linear_value_head_dim: usize,
+    /// DeltaNet convolution width.
+    #[serde(default = "four")]
+    pub linear_conv_kernel_dim: usize,
 }
 
 fn four() -> usize {
     4
+}
+fn sixteen() -> usize {
+    16
+}
+fn thirty_two() -> usize {
+    32
+}
+fn one_twenty_eight() -> usize {
+    128
 }
 
 impl Config {
@@ -35,18 +64,69 @@ impl Config {
         parse_family(file, value)
     }
 
-    /// Resolves into a [`ModelSpec`] marked unsupported by the engine.
+    /// Resolves into the engine's [`ModelSpec`].
     pub fn spec(&self, file: &Path) -> Result<ModelSpec> {
         let mut spec = self.base.spec(file)?;
+        let n = self.base.num_hidden_layers;
+        let layer_types = match &self.layer_types {
+            Some(types) => {
+                if types.len() != n {
+                    return Err(Error::config(
+                        file,
+                        "layer_types",
+                        format!("lists {} layers but num_hidden_layers is {n}", types.len()),
+                    ));
+                }
+                types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match t.as_str() {
+                        "linear_attention" => Ok(LayerKind::LinearAttention),
+                        "full_attention" => Ok(LayerKind::FullAttention),
+                        other => Err(Error::config(
+                            file,
+                            format!("layer_types[{i}]"),
+                            format!("`{other}` (expected linear_attention or full_attention)"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => {
+                if self.full_attention_interval == 0 {
+                    return Err(Error::config(
+                        file,
+                        "full_attention_interval",
+                        "must be positive",
+                    ));
+                }
+                (0..n)
+                    .map(|i| {
+                        if (i + 1) % self.full_attention_interval == 0 {
+                            LayerKind::FullAttention
+                        } else {
+                            LayerKind::LinearAttention
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let delta = DeltaNetSpec {
+            num_k_heads: self.linear_num_key_heads,
+            num_v_heads: self.linear_num_value_heads,
+            k_head_dim: self.linear_key_head_dim,
+            v_head_dim: self.linear_value_head_dim,
+            conv_kernel: self.linear_conv_kernel_dim,
+        };
+        delta.check(file)?;
+        let (_, partial) = self.base.rope.resolve(file, 10_000.0, 0.25)?;
+        let hd = spec.attention.head_dim;
+        spec.attention.rotary_dim = (hd as f64 * partial) as usize;
         spec.model_type = "qwen3_next".into();
         spec.family = Family::Qwen3Next;
         spec.moe.shared_intermediate = (self.shared_expert_intermediate_size > 0)
             .then_some(self.shared_expert_intermediate_size);
         spec.keys.shared = Some("shared_expert");
-        spec.unsupported = Some(format!(
-            "qwen3_next uses hybrid attention (gated DeltaNet linear attention, full attention every {} layers), which this engine does not implement; `harness inspect` sizes it, `harness simulate` replays its traces",
-            self.full_attention_interval
-        ));
+        spec.hybrid = Some(HybridSpec { layer_types, delta });
         Ok(spec)
     }
 }

@@ -275,7 +275,8 @@ fn byte_budgets_and_profiles_replay_alike() {
 #[test]
 fn the_literature_experiments_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exp = moe_harness::experiment::load(&root.join("experiments/literature.toml"), true).unwrap();
+    let exp =
+        moe_harness::experiment::load(&root.join("experiments/literature.toml"), true).unwrap();
     // 11 policies × 3 budgets × 4 miss modes.
     assert_eq!(exp.cells.len(), 132);
     assert!(exp.low_bit.as_ref().unwrap().join("config.json").is_file());
