@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::config::{ModelSpec, RouterSpec};
+use crate::config::{LayerKind, ModelSpec, RouterSpec};
 use crate::error::{Error, Result};
 use crate::experts::Phase;
 use crate::trace::TraceRow;
@@ -145,22 +145,49 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
         tensors: Vec::new(),
     };
     let (h, v) = (spec.hidden_size, spec.vocab_size);
+    // Qwen3-Next's HF norms are zero-centred (scale 1 + weight); mlx-lm stores them shifted.
+    let norm_one = match (&spec.hybrid, layout) {
+        (Some(_), SynthLayout::Bf16) => Fill::Const(0.0),
+        _ => Fill::Const(1.0),
+    };
     p.matrix("model.embed_tokens", &[], v, h, true);
-    p.vector("model.norm.weight".into(), h, Fill::Const(1.0));
+    p.vector("model.norm.weight".into(), h, norm_one);
     if !spec.tie_word_embeddings {
         p.matrix("lm_head", &[], v, h, true);
     }
     let a = &spec.attention;
     for i in 0..spec.num_layers {
         let l = format!("model.layers.{i}");
-        p.vector(format!("{l}.input_layernorm.weight"), h, Fill::Const(1.0));
-        p.vector(
-            format!("{l}.post_attention_layernorm.weight"),
-            h,
-            Fill::Const(1.0),
-        );
+        p.vector(format!("{l}.input_layernorm.weight"), h, norm_one);
+        p.vector(format!("{l}.post_attention_layernorm.weight"), h, norm_one);
         let at = format!("{l}.self_attn");
+        let kind = spec
+            .hybrid
+            .as_ref()
+            .map(|hy| (hy.layer_types[i], &hy.delta));
+        if let Some((LayerKind::LinearAttention, d)) = kind {
+            let la = format!("{l}.linear_attn");
+            let (kd, vd, nv) = (d.key_dim(), d.value_dim(), d.num_v_heads);
+            p.matrix(&format!("{la}.in_proj_qkvz"), &[], 2 * kd + 2 * vd, h, true);
+            p.matrix(&format!("{la}.in_proj_ba"), &[], 2 * nv, h, true);
+            p.matrix(&format!("{la}.out_proj"), &[], h, vd, true);
+            let k = d.conv_kernel;
+            p.tensors.push(Planned {
+                name: format!("{la}.conv1d.weight"),
+                dtype: "BF16",
+                shape: match layout {
+                    SynthLayout::Mlx(_) => vec![d.conv_dim(), k, 1],
+                    SynthLayout::Bf16 => vec![d.conv_dim(), 1, k],
+                },
+                fill: Fill::Random((k as f32).powf(-0.5)),
+            });
+            p.vector(format!("{la}.dt_bias"), nv, Fill::Const(1.0));
+            p.vector(format!("{la}.A_log"), nv, Fill::Const(0.0));
+            p.vector(format!("{la}.norm.weight"), d.v_head_dim, Fill::Const(1.0));
+        }
+        let gated = matches!(kind, Some((LayerKind::FullAttention, _)));
         match &spec.mla {
+            _ if matches!(kind, Some((LayerKind::LinearAttention, _))) => {}
             Some(m) => {
                 let dq = m.qk_nope_head_dim + m.qk_rope_head_dim;
                 let heads = a.num_heads;
@@ -212,8 +239,9 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
             }
             None => {
                 let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+                let q_rows = if gated { 2 * nh * hd } else { nh * hd };
                 for (n, o, bias) in [
-                    ("q_proj", nh * hd, a.qkv_bias),
+                    ("q_proj", q_rows, a.qkv_bias),
                     ("k_proj", nkv * hd, a.qkv_bias),
                     ("v_proj", nkv * hd, a.qkv_bias),
                 ] {
@@ -227,8 +255,8 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
                     p.vector(format!("{at}.o_proj.bias"), h, Fill::Random(0.02));
                 }
                 if a.qk_norm {
-                    p.vector(format!("{at}.q_norm.weight"), hd, Fill::Const(1.0));
-                    p.vector(format!("{at}.k_norm.weight"), hd, Fill::Const(1.0));
+                    p.vector(format!("{at}.q_norm.weight"), hd, norm_one);
+                    p.vector(format!("{at}.k_norm.weight"), hd, norm_one);
                 }
             }
         }
@@ -255,6 +283,9 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
             p.matrix(&format!("{mlp}.{name}.gate_proj"), &[], si, h, true);
             p.matrix(&format!("{mlp}.{name}.up_proj"), &[], si, h, true);
             p.matrix(&format!("{mlp}.{name}.down_proj"), &[], h, si, true);
+            if spec.hybrid.is_some() {
+                p.matrix(&format!("{mlp}.shared_expert_gate"), &[], 1, h, false);
+            }
         }
         match layout {
             SynthLayout::Mlx(_) => {
