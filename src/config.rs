@@ -350,7 +350,10 @@ impl ModelSpec {
             }
             None => 2 * self.attention.head_dim as u64,
         };
-        2 * self.kv_bytes_per_token() * s + 2 * 4 * heads * t * s + 4 * heads * s * per_head
+        2 * self.kv_bytes_per_token() * s
+            + 2 * 4 * heads * t * s
+            + 4 * heads * s * per_head
+            + self.recurrent_state_bytes()
     }
 }
 

@@ -539,7 +539,8 @@ fn check_memory_limit(
     let dense = engine.dense_bytes() + replay.map_or(0, |r| r.engine.dense_bytes());
     let expert_bytes = replay.map_or(&speed.speed.own, |r| &r.target).expert_bytes;
     let longest = prompts.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
-    let kv = se.spec().kv_bytes_per_token() * (longest + exp.generation.max_new_tokens) as u64;
+    let kv = se.spec().kv_bytes_per_token() * (longest + exp.generation.max_new_tokens) as u64
+        + se.spec().recurrent_state_bytes();
     let total = se.total_expert_bytes();
     let layers = se.spec().num_moe_layers() as u64;
     let gb = |b: u64| b as f64 / 1e9;

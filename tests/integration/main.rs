@@ -12,6 +12,7 @@ mod bad_input;
 mod bench;
 mod engine_reference;
 mod fuzz;
+mod hybrid;
 mod inspect_configs;
 mod literature;
 mod loader;

@@ -1,0 +1,100 @@
+//! Hybrid-attention families (Qwen3-Next): the recurrent DeltaNet state carries exactly from a
+//! prefill into decode steps, and configs or tensors that disagree with each other are refused
+//! with the key and file named. (Logits, routing and greedy continuations against HF transformers
+//! for the f32, bf16 and MLX 4-bit fixtures are in `engine_reference`.)
+
+use candle_core::Device;
+use moe_harness::engine::{Engine, EngineConfig};
+use moe_harness::experts::budget::Budget;
+use moe_harness::models::KvCache;
+
+use crate::common::{copy_fixture, edited_fixture, fixture, rel_l2, Reference};
+
+fn open(dir: &std::path::Path) -> moe_harness::error::Result<Engine> {
+    Engine::open(
+        dir,
+        Device::Cpu,
+        EngineConfig {
+            budget: Budget::SlotsPerLayer(2),
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn prefill_then_decode_equals_one_full_pass() {
+    for name in ["qwen3_next-f32", "qwen3_next-mlx4"] {
+        let dir = fixture(name);
+        let tokens = Reference::load(&dir).tokens();
+        let mut e = open(&dir).unwrap();
+        let (full, _) = e.logits(&tokens).unwrap();
+        for split in [1, 5] {
+            let mut kv = KvCache::with_capacity(tokens.len());
+            let (mut got, _) = e.forward(&tokens[..split], &mut kv, 0, false).unwrap();
+            for (i, &t) in tokens[split..].iter().enumerate() {
+                let (row, _) = e.forward(&[t], &mut kv, 1 + i as u32, false).unwrap();
+                got.extend(row);
+            }
+            let a: Vec<f32> = got.iter().flatten().copied().collect();
+            let b: Vec<f32> = full.iter().flatten().copied().collect();
+            let err = rel_l2(&a, &b);
+            assert!(
+                err < 1e-5,
+                "{name}, prefill of {split}: relative L2 {err:.2e}"
+            );
+            assert!(kv.bytes() > 0, "{name}: the state is not counted");
+        }
+    }
+}
+
+#[test]
+fn inconsistent_hybrid_configs_and_tensors_are_refused() {
+    let err = |d: &std::path::Path| open(d).map(|_| ()).unwrap_err().to_string();
+    // layer_types disagreeing with num_hidden_layers.
+    let d = edited_fixture("qwen3_next-f32", |v| {
+        v["layer_types"] =
+            serde_json::json!(["linear_attention", "full_attention", "linear_attention"]);
+    });
+    let e = err(d.path());
+    assert!(
+        e.contains("layer_types") && e.contains("config.json") && e.contains('4'),
+        "{e}"
+    );
+    // An unknown layer type, named with its index.
+    let d = edited_fixture("qwen3_next-f32", |v| {
+        v["layer_types"] = serde_json::json!([
+            "linear_attention",
+            "mamba",
+            "linear_attention",
+            "full_attention"
+        ]);
+    });
+    let e = err(d.path());
+    assert!(e.contains("layer_types[1]") && e.contains("mamba"), "{e}");
+    // Value heads that are not a multiple of the key heads.
+    let d = edited_fixture("qwen3_next-f32", |v| v["linear_num_value_heads"] = 3.into());
+    let e = err(d.path());
+    assert!(e.contains("linear_num_value_heads"), "{e}");
+    // DeltaNet tensors whose shapes disagree with the config: the key and file are named.
+    let d = edited_fixture("qwen3_next-f32", |v| v["linear_key_head_dim"] = 8.into());
+    let e = err(d.path());
+    assert!(
+        e.contains("linear_attn") && e.contains("model.safetensors") && e.contains("shape"),
+        "{e}"
+    );
+    let d = edited_fixture("qwen3_next-f32", |v| v["linear_conv_kernel_dim"] = 3.into());
+    let e = err(d.path());
+    assert!(e.contains("linear_attn.conv1d.weight"), "{e}");
+    // A missing gating tensor (its header key renamed in place, same length).
+    let d = copy_fixture("qwen3_next-f32");
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let renamed = header.replace("layers.0.linear_attn.A_log", "layers.0.linear_attn.A_xyz");
+    assert_ne!(header, renamed);
+    bytes[8..8 + n].copy_from_slice(renamed.as_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    let e = err(d.path());
+    assert!(e.contains("model.layers.0.linear_attn.A_log"), "{e}");
+}
