@@ -1543,6 +1543,57 @@ def make_mla(family: str, out_root: Path, summary: list):
 # references for the shipped trained model (models/glm4-moe-tiny): no weights copied, reference.* only
 # ----------------------------------------------------------------------------------------------------------------
 
+def make_mistral3(out_root: Path, summary: list):
+    """Mistral Large 3's layout: a `mistral3` wrapper (Mistral3ForConditionalGeneration, pixtral vision tower)
+    whose `text_config` is a DeepSeek-V3 model. Built by HF from the deepseek_v3-f32 fixture's own weights (text
+    model and lm_head copied, a tiny random vision tower), saved by HF save_pretrained; the wrapper's text-only
+    forward must give the deepseek_v3-f32 reference logits, which this fixture then reuses."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    src = out_root / "deepseek_v3-f32"
+    ds = load_hf(src, dtype=torch.float32)
+    ref = json.load(open(src / "reference.json"))
+    text = json.load(open(src / "config.json"))
+    vision = {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "head_dim": 16, "image_size": 64, "patch_size": 16}
+    # An image-token id the reference never uses (HF replaces image tokens by vision features).
+    used = set(ref["tokens"]) | set(ref["greedy"]["prompt"]) | set(ref["greedy"]["generated"])
+    image_token = max(i for i in range(ds.config.vocab_size) if i not in used)
+    cfg = Mistral3Config(text_config=text, vision_config=vision, image_token_index=image_token,
+                         tie_word_embeddings=False)
+    torch.manual_seed(9000)
+    m = Mistral3ForConditionalGeneration._from_config(
+        cfg, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    m.model.language_model.load_state_dict(ds.model.state_dict())
+    m.lm_head.load_state_dict(ds.lm_head.state_dict())
+    tokens = ref["tokens"]
+    with torch.no_grad():
+        want = ds(input_ids=torch.tensor([tokens])).logits[0]
+        got = m(input_ids=torch.tensor([tokens])).logits[0]
+    diff = float((want - got).abs().max())
+    assert diff == 0.0, f"the wrapper's text forward differs from the text model's: {diff}"
+    dst = out_root / "mistral3_deepseek_v3-f32"
+    if dst.exists():
+        shutil.rmtree(dst)
+    m.save_pretrained(str(dst))
+    (dst / "generation_config.json").unlink(missing_ok=True)
+    for f in ("reference.safetensors",):
+        shutil.copy(src / f, dst / f)
+    ref["family"] = "mistral3"
+    ref["notes"] = (
+        "Mistral Large 3's layout: model_type mistral3 (Mistral3ForConditionalGeneration) wrapping a deepseek_v3 "
+        "text_config, keys under language_model.model.* plus a pixtral vision tower and projector that the engine "
+        "never reads. Made by HF from the deepseek_v3-f32 fixture (text model and lm_head weights copied; vision "
+        "random) and saved by HF save_pretrained; the wrapper's text-only forward equals the text model's exactly "
+        "(asserted), so this reference is deepseek_v3-f32's. " + ref["notes"]
+    )
+    write_json(dst / "reference.json", ref)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    print(f"[mistral3] mistral3_deepseek_v3-f32: {dir_size(dst) / 1024:.1f} KiB, wrapper == text model (max |diff| {diff})")
+
+
 SHIPPED_DIR = "models/glm4-moe-tiny"
 SHIPPED_T = 16  # reference sequence length (real text), greedy continues from all of it
 SHIPPED_PROMPTS = [
@@ -1653,7 +1704,7 @@ def make_shipped(out_root: Path, summary: list):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "models"))
-    ap.add_argument("--only", default="glm4_moe,qwen3_moe,mixtral,llama,qwen3_next,deepseek_v3,glm4_moe_lite,kimi_k25")
+    ap.add_argument("--only", default="glm4_moe,qwen3_moe,mixtral,llama,qwen3_next,deepseek_v3,glm4_moe_lite,kimi_k25,mistral3")
     ap.add_argument("--shipped", action="store_true",
                     help=f"only write references for the shipped trained model {SHIPPED_DIR} (HF bf16 + mlx-4bit) "
                          "under tests/fixtures/shipped/ (or --out), without copying weights")
@@ -1670,6 +1721,8 @@ def main():
             fam = fam.strip()
             if fam in MLA_FAMILIES:
                 make_mla(fam, out_root, summary)
+            elif fam == "mistral3":
+                make_mistral3(out_root, summary)
             else:
                 make_family(fam, out_root, summary)
     print("\n=== summary ===")

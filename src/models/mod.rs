@@ -50,6 +50,7 @@ pub fn spec_from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpe
         "glm4_moe_lite" => {
             deepseek_v3::spec(file, &value, &model_type, deepseek_v3::Variant::Glm4MoeLite)?
         }
+        "mistral3" => return wrapped_text_model(file, &value, "mistral3"),
         "kimi_k25" => {
             let text = value
                 .get("text_config")
@@ -104,6 +105,56 @@ pub fn spec_from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpe
         .unsupported
         .take()
         .or(config::foreign_quantization(&value));
+    config::validate(file, &spec)?;
+    Ok(spec)
+}
+
+/// A multimodal wrapper (`mistral3`: Mistral Large 3 and Devstral) whose language model is its
+/// `text_config`: a DeepSeek-V3-style MoE runs (its tensors under `language_model.`, the vision
+/// tower never read); a dense text model (Devstral's `mistral` / `ministral3`) is refused as
+/// dense. The two are told apart by the text config, never by the wrapper's `model_type`.
+fn wrapped_text_model(file: &Path, value: &serde_json::Value, wrapper: &str) -> Result<ModelSpec> {
+    let text = value
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .ok_or_else(|| {
+            Error::config(
+                file,
+                "text_config",
+                format!("missing: a {wrapper} config wraps its language model in `text_config`"),
+            )
+        })?;
+    let inner = text
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
+    let mut spec = match inner.as_str() {
+        "deepseek_v3" | "kimi_k2" => {
+            deepseek_v3::spec(file, text, &inner, deepseek_v3::Variant::DeepseekV3)?
+        }
+        t if config::KNOWN_DENSE.contains(&t) || text.get("n_routed_experts").is_none() => {
+            return Err(Error::DenseModel {
+                path: file.to_path_buf(),
+                model_type: format!("{wrapper} (text model `{inner}`)"),
+                supported: config::SUPPORTED_MOE.join(", "),
+            })
+        }
+        _ => return Err(Error::config(
+            file,
+            "text_config.model_type",
+            format!(
+                "`{inner}`: the {wrapper} wrappers this engine runs hold deepseek_v3 text models"
+            ),
+        )),
+    };
+    spec.model_type = wrapper.into();
+    spec.quantization =
+        config::parse_quantization(file, text)?.or(config::parse_quantization(file, value)?);
+    spec.unsupported = spec
+        .unsupported
+        .take()
+        .or(config::foreign_quantization(text).or(config::foreign_quantization(value)));
     config::validate(file, &spec)?;
     Ok(spec)
 }

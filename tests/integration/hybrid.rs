@@ -98,3 +98,27 @@ fn inconsistent_hybrid_configs_and_tensors_are_refused() {
     let e = err(d.path());
     assert!(e.contains("model.layers.0.linear_attn.A_log"), "{e}");
 }
+
+#[test]
+fn mistral3_wrappers_are_told_apart_by_their_text_model() {
+    // Mistral Large 3's layout (a DeepSeek-V3 text model in a mistral3 wrapper) runs and matches
+    // HF (engine_reference covers the fixture); a Devstral-style wrapper of a dense text model is
+    // refused as dense, naming both model types.
+    let spec = moe_harness::models::load_spec(&fixture("mistral3_deepseek_v3-f32")).unwrap();
+    assert_eq!(spec.model_type, "mistral3");
+    assert!(spec.mla.is_some() && spec.moe.num_experts == 8);
+    let d = edited_fixture("mistral3_deepseek_v3-f32", |v| {
+        v["text_config"] = serde_json::json!({
+            "model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "vocab_size": 256
+        });
+    });
+    let e = moe_harness::models::load_spec(d.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mistral3") && e.contains("ministral3") && e.contains("dense"),
+        "{e}"
+    );
+}
