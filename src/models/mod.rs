@@ -51,40 +51,7 @@ pub fn spec_from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpe
             deepseek_v3::spec(file, &value, &model_type, deepseek_v3::Variant::Glm4MoeLite)?
         }
         "mistral3" => return wrapped_text_model(file, &value, "mistral3"),
-        "kimi_k25" => {
-            let text = value
-                .get("text_config")
-                .filter(|t| t.is_object())
-                .ok_or_else(|| {
-                    Error::config(
-                        file,
-                        "text_config",
-                        "missing: a kimi_k25 config wraps its language model in `text_config`",
-                    )
-                })?;
-            let inner = text
-                .get("model_type")
-                .and_then(|t| t.as_str())
-                .unwrap_or("kimi_k2")
-                .to_string();
-            if !matches!(inner.as_str(), "kimi_k2" | "deepseek_v3") {
-                return Err(Error::config(
-                    file,
-                    "text_config.model_type",
-                    format!("`{inner}` (expected kimi_k2 or deepseek_v3)"),
-                ));
-            }
-            let mut spec = deepseek_v3::spec(file, text, &inner, deepseek_v3::Variant::DeepseekV3)?;
-            spec.model_type = "kimi_k25".into();
-            spec.quantization = config::parse_quantization(file, text)?
-                .or(config::parse_quantization(file, &value)?);
-            spec.unsupported = spec
-                .unsupported
-                .take()
-                .or(config::foreign_quantization(text).or(config::foreign_quantization(&value)));
-            config::validate(file, &spec)?;
-            return Ok(spec);
-        }
+        "kimi_k25" => return wrapped_text_model(file, &value, "kimi_k25"),
         t if config::KNOWN_DENSE.contains(&t) => {
             return Err(Error::DenseModel {
                 path: file.to_path_buf(),
@@ -109,10 +76,11 @@ pub fn spec_from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpe
     Ok(spec)
 }
 
-/// A multimodal wrapper (`mistral3`: Mistral Large 3 and Devstral) whose language model is its
-/// `text_config`: a DeepSeek-V3-style MoE runs (its tensors under `language_model.`, the vision
-/// tower never read); a dense text model (Devstral's `mistral` / `ministral3`) is refused as
-/// dense. The two are told apart by the text config, never by the wrapper's `model_type`.
+/// A multimodal wrapper (`kimi_k25`; `mistral3`: Mistral Large 3 and Devstral) whose language
+/// model is its `text_config`: a DeepSeek-V3-style MoE runs (its tensors under `language_model.`,
+/// the vision tower never read); a dense text model (Devstral's `mistral` / `ministral3`) is
+/// refused as dense. The two are told apart by the text config, never by the wrapper's
+/// `model_type`. A `kimi_k25` text config without a `model_type` is `kimi_k2`.
 fn wrapped_text_model(file: &Path, value: &serde_json::Value, wrapper: &str) -> Result<ModelSpec> {
     let text = value
         .get("text_config")
@@ -127,7 +95,7 @@ fn wrapped_text_model(file: &Path, value: &serde_json::Value, wrapper: &str) -> 
     let inner = text
         .get("model_type")
         .and_then(|t| t.as_str())
-        .unwrap_or("")
+        .unwrap_or(if wrapper == "kimi_k25" { "kimi_k2" } else { "" })
         .to_string();
     let mut spec = match inner.as_str() {
         "deepseek_v3" | "kimi_k2" => {
@@ -140,13 +108,15 @@ fn wrapped_text_model(file: &Path, value: &serde_json::Value, wrapper: &str) -> 
                 supported: config::SUPPORTED_MOE.join(", "),
             })
         }
-        _ => return Err(Error::config(
-            file,
-            "text_config.model_type",
-            format!(
+        _ => {
+            return Err(Error::config(
+                file,
+                "text_config.model_type",
+                format!(
                 "`{inner}`: the {wrapper} wrappers this engine runs hold deepseek_v3 text models"
             ),
-        )),
+            ))
+        }
     };
     spec.model_type = wrapper.into();
     spec.quantization =
