@@ -134,6 +134,8 @@ pub struct CellSummary {
     pub dropped: u64,
     /// Misses served by the low-precision copy (`low-bit`).
     pub low_bit_loads: u64,
+    /// Bytes those misses read from the low-precision copy (each at its own size).
+    pub low_bit_bytes: u64,
     /// Misses computed on the host (`cpu-compute`).
     pub host_computed: u64,
 }

@@ -272,6 +272,7 @@ pub(super) fn run_cell(
         substituted: ca.miss.substituted - cb.miss.substituted,
         dropped: ca.miss.dropped - cb.miss.dropped,
         low_bit_loads: ca.miss.low_bit - cb.miss.low_bit,
+        low_bit_bytes: routed.low_bit_bytes,
         host_computed: ca.miss.host - cb.miss.host,
     };
     // The replay checkpoint's cache is this cell's: give its memory back before the next one.

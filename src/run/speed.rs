@@ -46,6 +46,8 @@ pub(super) struct Pass {
     pub ttft_s: f64,
     /// Expert bytes the miss path read.
     pub bytes_read: u64,
+    /// Bytes `low-bit` misses read from the low-precision copy.
+    pub low_bit_bytes: u64,
     /// Bytes the OS read from storage (all threads).
     pub device_read_bytes: Option<u64>,
     pub load_seconds: f64,
@@ -88,7 +90,7 @@ pub(super) fn pass(
         ..Pass::default()
     };
     let mut started = false;
-    let (mut bytes0, mut load0, mut dev0) = (0, 0.0, None);
+    let (mut bytes0, mut load0, mut dev0, mut low0) = (0, 0.0, None, 0);
     for (i, pr) in prompts.iter().enumerate() {
         if !carry_over && i > 0 {
             engine.reset_cache();
@@ -96,7 +98,7 @@ pub(super) fn pass(
         if !pr.warm && !started {
             started = true;
             let s = engine.stats();
-            (bytes0, load0) = (s.bytes_read, s.load_seconds);
+            (bytes0, load0, low0) = (s.bytes_read, s.load_seconds, s.low_bit_bytes);
             dev0 = crate::weights::storage::device_read_bytes();
             p.cache_before = s.cache;
         }
@@ -128,6 +130,7 @@ pub(super) fn pass(
     }
     let s = engine.stats();
     p.bytes_read = s.bytes_read - bytes0;
+    p.low_bit_bytes = s.low_bit_bytes.saturating_sub(low0);
     p.load_seconds = s.load_seconds - load0;
     p.device_read_bytes = dev0
         .zip(crate::weights::storage::device_read_bytes())

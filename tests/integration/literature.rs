@@ -285,3 +285,29 @@ fn the_literature_experiments_load() {
         Err(e) => assert!(e.to_string().contains("model.backend"), "{e}"),
     }
 }
+
+#[test]
+fn a_low_bit_cell_counts_its_reads_at_the_copy_s_size() {
+    let d = tempfile::tempdir().unwrap();
+    let body = format!(
+        "name = \"lb\"\n[model]\npath = \"{}\"\n[cache]\npolicy = \"lru\"\ncapacity = 8\nmiss = \"low-bit\"\nlow_bit = \"{}\"\n[prompts]\ninline = [\"def f(x):\", \"import os\", \"class A:\"]\nwarmup = 1\n[generation]\nmax_new_tokens = 6\n[output]\ndir = \"out\"\nplots = false\n",
+        shipped("mlx-4bit").display(),
+        shipped("mlx-2bit").display()
+    );
+    let f = d.path().join("exp.toml");
+    std::fs::write(&f, body).unwrap();
+    let exp = moe_harness::experiment::load(&f, true).unwrap();
+    let out = moe_harness::run::run(&exp, &moe_harness::run::RunOptions::default()).unwrap();
+    let s: Vec<moe_harness::report::CellSummary> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let c = &s[0];
+    assert_eq!(c.low_bit_loads, c.accesses - c.hits, "{c:?}");
+    assert!(c.low_bit_loads > 0 && c.kl_mean.is_some(), "{c:?}");
+    // Every read is one 2-bit expert: smaller than the 4-bit one the budget counts.
+    let per = c.low_bit_bytes as f64 / c.low_bit_loads as f64;
+    assert!(
+        per > 0.0 && per < c.expert_bytes as f64,
+        "{per} vs {}",
+        c.expert_bytes
+    );
+}
