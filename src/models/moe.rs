@@ -173,30 +173,15 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
 }
 
 /// One expert on one token. An expert held on the host (a `cpu-compute` miss of a GPU engine)
-/// runs on the host, its products split over every core (exact kernels, as on a CPU engine):
-/// the token's activations go to the host and its output comes back.
+/// runs on the host: the token's activations go to the host and its output comes back.
 fn run_expert(xt: &Tensor, ew: &ExpertWeights) -> Result<Tensor> {
     let host = matches!(ew.mats, crate::experts::store::ExpertMats::Host { .. });
     if host && !xt.device().is_cpu() {
-        let x = xt.to_device(&candle_core::Device::Cpu)?;
-        let y = match host_context() {
-            Some(ctx) => crate::weights::kernels::with(ctx, || expert_forward(&x, ew))?,
-            None => expert_forward(&x, ew)?,
-        };
+        let cpu = candle_core::Device::Cpu;
+        let y = expert_forward(&xt.to_device(&cpu)?, ew)?;
         return Ok(y.to_device(xt.device())?);
     }
     expert_forward(xt, ew)
-}
-
-/// The host compute threads of `cpu-compute` misses (every core; `None` if they cannot start,
-/// and the expert then runs on the calling thread).
-fn host_context() -> Option<&'static crate::weights::kernels::Context> {
-    static HOST: std::sync::OnceLock<Option<crate::weights::kernels::Context>> =
-        std::sync::OnceLock::new();
-    HOST.get_or_init(|| {
-        crate::weights::kernels::Context::new(crate::weights::kernels::Kernels::Exact, None).ok()
-    })
-    .as_ref()
 }
 
 /// A MoE block: router, shared experts, and routed experts resolved through [`ExpertAccess`].
