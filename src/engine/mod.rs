@@ -599,7 +599,6 @@ impl Engine {
     }
 }
 
-/// Rejects budgets below one token's working set (top-k experts of one layer).
 /// The cache options of an engine running `spec` with `cfg`.
 fn cache_options(
     spec: &ModelSpec,
@@ -629,23 +628,11 @@ fn open_low_bit(
     cfg: &EngineConfig,
     current: Option<(std::path::PathBuf, Arc<ExpertStore>)>,
 ) -> Result<Option<(std::path::PathBuf, Arc<ExpertStore>)>> {
-    if cfg.miss == MissMode::CpuCompute && device.is_cpu() {
-        return Err(Error::Input(
-            "miss = \"cpu-compute\" computes missed experts on the host instead of copying them to \
-             the GPU: it needs a GPU backend (backend = \"cuda\" / --device cuda); on the CPU every \
-             expert is computed on the host already"
-                .into(),
-        ));
+    if let Some(why) = cfg.miss.refusal(device.is_cpu(), cfg.low_bit.is_some()) {
+        return Err(Error::Input(why.into()));
     }
-    if cfg.miss != MissMode::LowBit {
+    let (MissMode::LowBit, Some(dir)) = (cfg.miss, &cfg.low_bit) else {
         return Ok(None);
-    }
-    let Some(dir) = &cfg.low_bit else {
-        return Err(Error::Input(
-            "miss = \"low-bit\" needs a second, lower-precision checkpoint of the same model: set \
-             low_bit = \"DIR\" in [cache] (or --low-bit DIR), e.g. an MLX 2-bit copy"
-                .into(),
-        ));
     };
     if let Some((d, s)) = current {
         if &d == dir {
@@ -660,38 +647,30 @@ fn open_low_bit(
             format!("low-bit checkpoint: {what} is {b}, but the model's is {a}; it must be the same model in another precision"),
         )
     };
-    if low_spec.hidden_size != spec.hidden_size {
-        return Err(mismatch(
-            "hidden_size",
-            spec.hidden_size.to_string(),
-            low_spec.hidden_size.to_string(),
-        ));
-    }
-    if low_spec.moe.num_experts != spec.moe.num_experts {
-        return Err(mismatch(
-            "the routed expert count",
-            spec.moe.num_experts.to_string(),
-            low_spec.moe.num_experts.to_string(),
-        ));
-    }
-    if low_spec.moe.intermediate_size != spec.moe.intermediate_size {
-        return Err(mismatch(
-            "the expert intermediate size",
-            spec.moe.intermediate_size.to_string(),
-            low_spec.moe.intermediate_size.to_string(),
-        ));
-    }
-    if low_spec.moe.moe_layers != spec.moe.moe_layers {
-        return Err(mismatch(
-            "the MoE layers",
-            format!("{:?}", spec.moe.moe_layers),
-            format!("{:?}", low_spec.moe.moe_layers),
-        ));
+    let shape = |s: &ModelSpec| {
+        [
+            s.hidden_size.to_string(),
+            s.moe.num_experts.to_string(),
+            s.moe.intermediate_size.to_string(),
+            format!("{:?}", s.moe.moe_layers),
+        ]
+    };
+    let names = [
+        "hidden_size",
+        "the routed expert count",
+        "the expert intermediate size",
+        "the MoE layers",
+    ];
+    for ((what, a), b) in names.iter().zip(shape(spec)).zip(shape(&low_spec)) {
+        if a != b {
+            return Err(mismatch(what, a, b));
+        }
     }
     let open = OpenCheckpoint::open(dir, &low_spec, device.clone())?;
     Ok(Some((dir.clone(), Arc::new(open.store))))
 }
 
+/// Rejects budgets below one token's working set (top-k experts of one layer).
 fn check_budget(spec: &ModelSpec, store: &ExpertStore, cfg: &EngineConfig) -> Result<()> {
     let budget = &cfg.budget;
     let k = spec.moe.top_k;

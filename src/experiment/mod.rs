@@ -490,24 +490,19 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
         "`load`, `skip`, `substitute`, `low-bit` or `cpu-compute`",
         named,
     )?;
-    if misses.contains(&MissMode::CpuCompute) && backend == Backend::Cpu {
-        return Err(Error::config(
-            file,
-            "cache.miss",
-            "`cpu-compute` computes missed experts on the host instead of copying them to the \
-             GPU: it needs model.backend = \"cuda\" (on the CPU every expert runs on the host \
-             already)",
-        ));
-    }
     let low_bit = raw.cache.low_bit.as_ref().map(|d| base.join(d));
+    for m in &misses {
+        if let Some(why) = m.refusal(backend == Backend::Cpu, low_bit.is_some()) {
+            let key = if *m == MissMode::LowBit {
+                "cache.low_bit"
+            } else {
+                "cache.miss"
+            };
+            return Err(Error::config(file, key, why));
+        }
+    }
     if misses.contains(&MissMode::LowBit) {
         match &low_bit {
-            None => return Err(Error::config(
-                file,
-                "cache.low_bit",
-                "missing: miss = \"low-bit\" reads a second, lower-precision checkpoint of the \
-                     same model (e.g. an MLX 2-bit copy); give its directory",
-            )),
             Some(d) if !d.join("config.json").is_file() => {
                 return Err(Error::config(
                     file,
@@ -518,7 +513,7 @@ pub fn load(file: &Path, check_model: bool) -> Result<Experiment> {
                     ),
                 ))
             }
-            Some(_) => {}
+            _ => {}
         }
     }
     let mut cells = Vec::new();

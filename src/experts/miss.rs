@@ -37,12 +37,21 @@ named_enum! {
 }
 
 impl MissMode {
-    /// True when a miss changes the token's computation (quality drift is measured).
-    pub fn lossy(self) -> bool {
-        matches!(
-            self,
-            MissMode::Skip | MissMode::Substitute | MissMode::LowBit
-        )
+    /// Why this mode cannot run on a CPU-only backend or without a second checkpoint, if it
+    /// cannot (the one wording the experiment loader and the engine both give).
+    pub fn refusal(self, on_cpu: bool, has_low_bit: bool) -> Option<&'static str> {
+        match self {
+            MissMode::CpuCompute if on_cpu => Some(
+                "`cpu-compute` computes missed experts on the host instead of copying them to \
+                 the GPU: it needs a GPU backend (model.backend = \"cuda\" / --device cuda); on \
+                 the CPU every expert runs on the host already",
+            ),
+            MissMode::LowBit if !has_low_bit => Some(
+                "`low-bit` reads a second, lower-precision checkpoint of the same model (e.g. an \
+                 MLX 2-bit copy): give its directory as low_bit in [cache] (or --low-bit DIR)",
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -126,6 +135,15 @@ mod tests {
         assert_eq!(c.best(3, 1, &[7, 2]), Some(2));
         assert_eq!(c.best(3, 8, &[9, 4]), Some(4));
         assert_eq!(c.best(3, 1, &[]), None);
-        assert!(MissMode::Substitute.lossy() && !MissMode::CpuCompute.lossy());
+        assert!(MissMode::CpuCompute
+            .refusal(true, true)
+            .unwrap()
+            .contains("cuda"));
+        assert!(MissMode::CpuCompute.refusal(false, false).is_none());
+        assert!(MissMode::LowBit
+            .refusal(false, false)
+            .unwrap()
+            .contains("low_bit"));
+        assert!(MissMode::LowBit.refusal(true, true).is_none());
     }
 }

@@ -90,9 +90,15 @@ impl DeltaNet {
             state.recurrent = vec![0.0; nv * dk * dv];
         }
         let group = 2 * dk + 2 * r * dv;
-        let mut out = Vec::with_capacity(qkvz.len() * vd);
+        let mut out = vec![0.0f32; qkvz.len() * vd];
+        // Per-token scratch, reused: the un-grouped inputs, the convolution's output, the gate,
+        // the per-key-head L2 scales of q (with 1/√dk) and k, and one head's delta.
         let mut mixed = vec![0.0f32; conv_dim];
+        let mut conv_out = vec![0.0f32; conv_dim];
         let mut z = vec![0.0f32; vd];
+        let mut scales = vec![(0.0f32, 0.0f32); nk];
+        let mut delta = vec![0.0f32; dv];
+        let inv_l2 = |v: &[f32]| 1.0 / (v.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
         for (t, row) in qkvz.iter().enumerate() {
             // Un-group: per key head g, [q (dk), k (dk), v (r·dv), z (r·dv)].
             for g in 0..nk {
@@ -104,7 +110,6 @@ impl DeltaNet {
                 z[g * r * dv..(g + 1) * r * dv].copy_from_slice(&src[2 * dk + r * dv..]);
             }
             // Causal depthwise convolution + SiLU; the state keeps the last K − 1 inputs.
-            let mut conv_out = vec![0.0f32; conv_dim];
             for c in 0..conv_dim {
                 let w = &self.conv[c * kern..(c + 1) * kern];
                 let hist = &mut state.conv[c * (kern - 1)..(c + 1) * (kern - 1)];
@@ -122,7 +127,12 @@ impl DeltaNet {
             let (k_all, v_all) = rest.split_at(kd);
             // b and a, grouped per key head: [b (r), a (r)].
             let bar = &ba[t];
-            let mut o = vec![0.0f32; vd];
+            for (g, sc) in scales.iter_mut().enumerate() {
+                let q = &q_all[g * dk..(g + 1) * dk];
+                let k = &k_all[g * dk..(g + 1) * dk];
+                *sc = (inv_l2(q) / (dk as f32).sqrt(), inv_l2(k));
+            }
+            let o = &mut out[t * vd..(t + 1) * vd];
             for h in 0..nv {
                 let g = h / r;
                 let j = h % r;
@@ -130,18 +140,14 @@ impl DeltaNet {
                 let a = bar[g * 2 * r + r + j];
                 let beta = 1.0 / (1.0 + (-b).exp());
                 let decay = (self.neg_a[h] * softplus(a + self.dt_bias[h])).exp();
-                let l2 = |v: &[f32]| {
-                    let n: f32 = v.iter().map(|x| x * x).sum();
-                    1.0 / (n + 1e-6).sqrt()
-                };
                 let q = &q_all[g * dk..(g + 1) * dk];
                 let k = &k_all[g * dk..(g + 1) * dk];
-                let (qn, kn) = (l2(q) / (dk as f32).sqrt(), l2(k));
+                let (qn, kn) = scales[g];
                 let v = &v_all[h * dv..(h + 1) * dv];
                 let st = &mut state.recurrent[h * dk * dv..(h + 1) * dk * dv];
                 st.iter_mut().for_each(|x| *x *= decay);
                 // kv_mem = Sᵀ k; delta = (v − kv_mem)·β; S += k ⊗ delta; o = Sᵀ q.
-                let mut delta = vec![0.0f32; dv];
+                delta.iter_mut().for_each(|d| *d = 0.0);
                 for i in 0..dk {
                     let ki = k[i] * kn;
                     for (d, &s) in delta.iter_mut().zip(&st[i * dv..(i + 1) * dv]) {
@@ -168,7 +174,6 @@ impl DeltaNet {
                     *oo = *oo * inv * self.norm[i] * silu(z[h * dv + i]);
                 }
             }
-            out.extend_from_slice(&o);
         }
         let y = Tensor::from_vec(out, (qkvz.len(), vd), x.device())?;
         self.out.forward(&y)

@@ -34,22 +34,18 @@ impl RmsNorm {
             eps: eps as f32,
         })
     }
-    /// Loads a zero-centred norm (HF Qwen3-Next: the scale is `1 + weight`).
-    pub fn load_centred(vb: &Vb, n: usize, eps: f64) -> Result<Self> {
-        let norm = Self::load(vb, n, eps)?;
-        Ok(RmsNorm {
-            weight: (norm.weight + 1.0)?,
-            eps: norm.eps,
-        })
-    }
-
-    /// Loads `weight`, zero-centred when `centred`.
+    /// Loads `weight`; when `centred` the norm is zero-centred (HF Qwen3-Next: the scale is
+    /// `1 + weight`).
     pub fn load_maybe_centred(vb: &Vb, n: usize, eps: f64, centred: bool) -> Result<Self> {
-        if centred {
-            Self::load_centred(vb, n, eps)
+        let norm = Self::load(vb, n, eps)?;
+        Ok(if centred {
+            RmsNorm {
+                weight: (norm.weight + 1.0)?,
+                eps: norm.eps,
+            }
         } else {
-            Self::load(vb, n, eps)
-        }
+            norm
+        })
     }
 
     /// Normalises `x` over its last dimension.

@@ -234,8 +234,10 @@ impl Model {
         let layers_vb = root.pp(&prefix.layers);
         let eps = spec.rms_norm_eps;
         // Qwen3-Next's HF checkpoints store zero-centred norms (scale 1 + weight); mlx-lm's
-        // converter shifts them (stacked `switch_mlp` experts mark its layout).
-        let centred = spec.hybrid.is_some() && !ck.keys().any(|k| k.contains(".switch_mlp."));
+        // converter shifts them (its stacked `switch_mlp` experts mark the layout).
+        let centred = spec.hybrid.is_some()
+            && crate::weights::layout::detect_experts(ck, spec, prefix)?
+                == crate::weights::layout::ExpertLayout::PerExpert;
         let norm = |vb: &Vb, n: usize| RmsNorm::load_maybe_centred(vb, n, eps, centred);
         let mut layers = Vec::with_capacity(spec.num_layers);
         for i in 0..spec.num_layers {
