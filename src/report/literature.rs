@@ -26,6 +26,13 @@ fn budget(s: &CellSummary) -> String {
     }
 }
 
+/// The cell of policy `p` at budget `b` (as [`budget`] names it) with miss mode `m`.
+fn cell<'a>(summary: &'a [CellSummary], p: &str, b: &str, m: &str) -> Option<&'a CellSummary> {
+    summary
+        .iter()
+        .find(|s| s.policy == p && budget(s) == b && s.miss == m)
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -69,11 +76,7 @@ pub(super) fn plot(dir: &Path, summary: &[CellSummary]) -> Result<()> {
     }
     let names: Vec<String> = summary.iter().map(budget).collect();
     let budgets = ordered(names.iter().map(String::as_str));
-    let at = |p: &str, b: &str, m: &str| {
-        summary
-            .iter()
-            .find(|s| s.policy == p && budget(s) == b && s.miss == m)
-    };
+    let at = |p: &str, b: &str, m: &str| cell(summary, p, b, m);
     let color = |i: usize| COLORS[i % COLORS.len()];
     // (a) hit rate per policy with its Belady bound.
     let mut hit = Vec::new();
@@ -145,9 +148,17 @@ pub(super) fn plot(dir: &Path, summary: &[CellSummary]) -> Result<()> {
     let routing = summary.first().map_or(String::new(), |s| {
         s.routing.trim_end_matches(", replayed").to_string()
     });
-    let device = summary
-        .first()
-        .map_or(String::new(), |s| format!("{} · io {}", s.device, s.io));
+    // What produced the speeds: device, I/O mode, storage, and the model the speed is of.
+    let device = summary.first().map_or(String::new(), |s| {
+        format!(
+            "{} · io {} · storage {} · speed of {} · routing: {}",
+            s.device,
+            s.io,
+            s.storage_device.as_deref().unwrap_or("this machine's own"),
+            s.speed_model,
+            s.routing
+        )
+    });
     let charts = [
         LineChart {
             title: "(a) Hit rate per policy, under its Belady bound".into(),
@@ -198,7 +209,11 @@ pub(super) fn plot(dir: &Path, summary: &[CellSummary]) -> Result<()> {
     .map_err(|e| perr(&svg, e))?;
     write_atomic(
         &dir.join("policies_and_miss_modes.md"),
-        table(summary, &policies, &budgets, &misses).as_bytes(),
+        format!(
+            "{}\ntok/s: decode, {device}.\n",
+            table(summary, &policies, &budgets, &misses)
+        )
+        .as_bytes(),
     )
 }
 
@@ -242,11 +257,7 @@ fn table(
     budgets: &[String],
     misses: &[String],
 ) -> String {
-    let at = |p: &str, b: &str, m: &str| {
-        summary
-            .iter()
-            .find(|s| s.policy == p && budget(s) == b && s.miss == m)
-    };
+    let at = |p: &str, b: &str, m: &str| cell(summary, p, b, m);
     let mut out = String::from("| policy | budget | hit rate | Belady | load tok/s |");
     let lossy: Vec<&String> = misses.iter().filter(|m| *m != "load").collect();
     for m in &lossy {
