@@ -252,12 +252,70 @@ QWEN3_NEXT_HUB = {
     "vocab_size": 256,
 }
 
+# Kimi-Linear-48B-A3B (public config: hidden 2304, 27 layers, KDA 32 heads x 128 with conv 4, MLA without RoPE
+# (q_lora_rank null, kv_lora 512, qk_nope 128, qk_rope 64, v_head 128), 256 experts top-8 of moe_intermediate 1024
+# + 1 shared, sigmoid router with 1 group, routed_scaling_factor 2.446, first_k_dense_replace 1) scaled down, in
+# the hub spelling (linear_attn_config with 1-indexed kda_layers / full_attn_layers, num_experts,
+# num_experts_per_token, num_shared_experts, moe_renormalize, num_expert_group, model_max_length). Every dim an MLX
+# quantizer sees is a multiple of 64, so mlx-lm's 4-bit conversion quantizes every projection.
+KIMI_LINEAR_HUB = {
+    "architectures": ["KimiLinearForCausalLM"],
+    "model_type": "kimi_linear",
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "head_dim": 72,
+    "initializer_range": 0.02,
+    "intermediate_size": 128,
+    "kv_lora_rank": 64,
+    "linear_attn_config": {
+        "full_attn_layers": [2],
+        "head_dim": 64,
+        "kda_layers": [1, 3],
+        "num_heads": 2,
+        "short_conv_kernel_size": 4,
+    },
+    "mla_use_nope": True,
+    "model_max_length": 4096,
+    "moe_intermediate_size": 64,
+    "moe_layer_freq": 1,
+    "moe_renormalize": True,
+    "moe_router_activation_func": "sigmoid",
+    "num_attention_heads": 2,
+    "num_expert_group": 1,
+    "num_experts": 8,
+    "num_experts_per_token": 2,
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 2,
+    "num_nextn_predict_layers": 0,
+    "num_shared_experts": 1,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 16,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "routed_scaling_factor": 2.446,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "torch_dtype": "float32",
+    "transformers_version": transformers.__version__,
+    "use_cache": True,
+    "use_grouped_topk": True,
+    "v_head_dim": 32,
+    "vocab_size": 256,
+}
+
 FAMILIES = {
     "glm4_moe": {"hub": GLM_HUB, "seed": 1000, "router": "sigmoid_noaux_tc"},
     "qwen3_moe": {"hub": QWEN_HUB, "seed": 2000, "router": "softmax_topk"},
     "mixtral": {"hub": MIXTRAL_HUB, "seed": 3000, "router": "softmax_topk"},
     "llama": {"hub": LLAMA_HUB, "seed": 4000, "router": None},
     "qwen3_next": {"hub": QWEN3_NEXT_HUB, "seed": 8000, "router": "softmax_topk"},
+    "kimi_linear": {"hub": KIMI_LINEAR_HUB, "seed": 9000, "router": "sigmoid_noaux_tc"},
 }
 
 
@@ -481,7 +539,7 @@ def moe_layers(cfg) -> list[int]:
         return list(range(n))
     if mt == "deepseek_v3":
         return [i for i in range(n) if i >= cfg.first_k_dense_replace]
-    if mt == "glm4_moe_lite":
+    if mt in ("glm4_moe_lite", "kimi_linear"):
         return [i for i in range(n) if cfg.mlp_layer_types[i] == "sparse"]
     return []
 
@@ -657,6 +715,23 @@ def mlx_to_hf_f32(mlx_dir: Path, qcfg: dict, hub_cfg: dict, hf_dir: Path) -> dic
                 dense[k] = dense[k] - np.float32(1.0)
             if k.endswith("conv1d.weight") and dense[k].shape[-1] == 1:
                 dense[k] = np.ascontiguousarray(np.swapaxes(dense[k], 1, 2))
+    # kimi_linear: mlx-lm's sanitize renamed block_sparse_moe to mlp (the router bias to mlp.e_score_correction_bias)
+    # and the q/k/v_conv1d kernels [C, 1, K] to q/k/v_conv.conv [C, K, 1]; map both back to the hub keys
+    if hub_cfg.get("model_type") == "kimi_linear":
+        moe = set(range(hub_cfg["first_k_dense_replace"], hub_cfg["num_hidden_layers"]))
+        for k in list(dense):
+            v = dense.pop(k)
+            for c in ("q", "k", "v"):
+                if k.endswith(f".self_attn.{c}_conv.conv.weight"):
+                    k = k.replace(f".{c}_conv.conv.weight", f".{c}_conv1d.weight")
+                    v = np.ascontiguousarray(np.swapaxes(v, 1, 2))
+            parts = k.split(".")
+            if len(parts) > 4 and parts[:2] == ["model", "layers"] and int(parts[2]) in moe and parts[3] == "mlp":
+                rest = ".".join(parts[4:])
+                if rest == "e_score_correction_bias":
+                    rest = "gate.e_score_correction_bias"
+                k = ".".join(parts[:3] + ["block_sparse_moe", rest])
+            dense[k] = v
     # un-stack experts back to hub per-expert keys
     hf = {}
     for k, v in dense.items():
@@ -700,6 +775,21 @@ def shard_glm(model, cfg, extra: dict, out: Path):
     sd = dict(model.state_dict())
     sd.update(extra)
     model.save_pretrained(str(out), state_dict=sd, max_shard_size="1MB")
+
+
+def kimi_dense_mlp_keys(d: Path, hub: dict):
+    """transformers' save_pretrained reverts its `.block_sparse_moe.` -> `.mlp.` renaming on EVERY layer, so it
+    writes the dense layers' MLP under block_sparse_moe too; the hub checkpoint (Moonshot's modeling code, mlx-lm's
+    sanitize) keeps dense layers under `mlp.`. Rewrite those keys to the hub layout."""
+    f = d / "model.safetensors"
+    sd = load_file(str(f))
+    dense = range(hub["first_k_dense_replace"])
+    out = {}
+    for k, v in sd.items():
+        for i in dense:
+            k = k.replace(f"model.layers.{i}.block_sparse_moe.", f"model.layers.{i}.mlp.")
+        out[k] = v
+    save_file(dict(sorted(out.items())), str(f), metadata={"format": "pt"})
 
 
 def family_tokens(seed, vocab):
@@ -766,6 +856,9 @@ def try_family(family, hub, router, seed, staging: Path):
         print(f"[{family}] seed {seed}: f32 margins too small {ref32['min_routing_margin']}, "
               f"{ref32['min_gen_routing_margin']}, {ref32['min_greedy_margin']}")
         return False, []
+    if family == "kimi_linear" and (ref32["bias_changed"] == 0 or not mla_ok(ref32)):
+        print(f"[{family}] seed {seed}: bias changes {ref32['bias_changed']} sets, greedy {ref32['generated']}; reseeding")
+        return False, []
     if family == "glm4_moe":
         if ref32["bias_changed"] == 0:
             print(f"[{family}] seed {seed}: e_score_correction_bias changes no routing decision; reseeding")
@@ -776,6 +869,8 @@ def try_family(family, hub, router, seed, staging: Path):
         assert len(list(d32.glob("model-*.safetensors"))) >= 2
     else:
         model.save_pretrained(str(d32))
+    if family == "kimi_linear":
+        kimi_dense_mlp_keys(d32, hub)
     t5_cfg32 = json.load(open(d32 / "config.json"))
     write_json(d32 / "config.json", hub)  # hub spelling on disk
     (d32 / "generation_config.json").unlink(missing_ok=True)
@@ -801,6 +896,24 @@ def try_family(family, hub, router, seed, staging: Path):
             "(scale 1 + weight) store 1 + normal(0, 0.1) like every norm here. HF prefill runs the chunked delta "
             "rule, decode the recurrent one."
         )
+    elif family == "kimi_linear":
+        notes += (
+            "; linear_attn_config {kda_layers, full_attn_layers} 1-indexed (layers 0, 2 KDA; 1 MLA), num_experts, "
+            "num_experts_per_token, num_shared_experts, moe_renormalize, num_expert_group, model_max_length, "
+            "mla_use_nope true. Hybrid: Kimi Delta Attention self_attn layers (q/k/v_proj, separate depthwise "
+            "q/k/v_conv1d [C, 1, K] + SiLU, per-channel forget gate g = -exp(A_log)*softplus(f_b_proj(f_a_proj(x)) "
+            "+ dt_bias) with A_log [1, 1, H, 1] and dt_bias [H*d], beta = sigmoid(b_proj(x)), L2-normalised q/k, "
+            "o_norm = RMSNorm(o)*sigmoid(g_b_proj(g_a_proj(x))), o_proj) and MLA self_attn layers WITHOUT RoPE "
+            "(q_proj, kv_a_proj_with_mqa, kv_a_layernorm eps 1e-6, kv_b_proj; softmax scale qk_head_dim^-0.5; the "
+            "qk_rope part is an unrotated shared key). Layer 0 dense (mlp.*), MoE layers under block_sparse_moe "
+            "with experts.{e}.w1/w2/w3, gate.weight + gate.e_score_correction_bias (sigmoid noaux_tc, one group), "
+            "shared_experts.*: written by HF save_pretrained (revert_weight_conversion), except that the dense layer's "
+            "MLP is moved back to mlp.* as the hub checkpoint has it (transformers writes it under "
+            "block_sparse_moe.*, as the bf16 fixture keeps). HF prefill runs the "
+            f"chunked KDA, decode the recurrent one. routing_weights include routed_scaling_factor="
+            f"{cfg.routed_scaling_factor}. The nonzero e_score_correction_bias changes {ref32['bias_changed']} "
+            "(token, layer) expert sets vs zero bias."
+        )
     elif family == "mixtral":
         notes += "; hub keys block_sparse_moe.experts.{e}.w1/w2/w3 + block_sparse_moe.gate (written by HF save)."
     else:
@@ -815,7 +928,7 @@ def try_family(family, hub, router, seed, staging: Path):
         return True, produced
 
     # ---------------- bf16 (transformers-5 re-serialisation) ----------------
-    if family in ("glm4_moe", "qwen3_moe", "qwen3_next"):
+    if family in ("glm4_moe", "qwen3_moe", "qwen3_next", "kimi_linear"):
         name16 = f"{family}-bf16"
         d16 = staging / name16
         m16 = AutoModelForCausalLM.from_pretrained(str(d32), dtype=torch.bfloat16)
@@ -896,6 +1009,15 @@ def try_family(family, hub, router, seed, staging: Path):
             "in_proj_qkvz/in_proj_ba/out_proj are 4-bit, conv1d stays bf16 as [C, K, 1]. mlx-lm's sanitize stores "
             "the zero-centred norms (input/post_attention layernorms, model.norm, q_norm, k_norm) shifted by +1: "
             "the MLX checkpoint's norm weights are the plain scales (the reference un-shifts them to run HF)."
+        )
+    elif family == "kimi_linear":
+        notes4 += (
+            " mlx-lm's kimi_linear sanitize renames the MoE module block_sparse_moe -> mlp (experts stacked in "
+            "mlp.switch_mlp.{gate,up,down}_proj, router mlp.gate quantized at 8 bits by its quant_predicate, bias "
+            "moved to mlp.e_score_correction_bias, f32), the conv kernels q/k/v_conv1d [C, 1, K] -> "
+            "self_attn.q/k/v_conv.conv.weight [C, K, 1] (bf16, not quantized), and kv_b_proj -> embed_q / "
+            "unembed_out; A_log and dt_bias stay f32. mlx-lm's MLA uses rms_norm_eps for kv_a_layernorm where HF "
+            "uses 1e-6: the reference is HF."
         )
     elif family == "mixtral":
         notes4 += " mixtral has no quant_predicate: router block_sparse_moe.gate is 4-bit."
@@ -1704,7 +1826,7 @@ def make_shipped(out_root: Path, summary: list):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "models"))
-    ap.add_argument("--only", default="glm4_moe,qwen3_moe,mixtral,llama,qwen3_next,deepseek_v3,glm4_moe_lite,kimi_k25,mistral3")
+    ap.add_argument("--only", default="glm4_moe,qwen3_moe,mixtral,llama,qwen3_next,kimi_linear,deepseek_v3,glm4_moe_lite,kimi_k25,mistral3")
     ap.add_argument("--shipped", action="store_true",
                     help=f"only write references for the shipped trained model {SHIPPED_DIR} (HF bf16 + mlx-4bit) "
                          "under tests/fixtures/shipped/ (or --out), without copying weights")

@@ -23,7 +23,9 @@ pub const SUPPORTED_MOE: &[&str] = &[
     "kimi_k2",
     "kimi_k25",
     "glm4_moe_lite",
-    "qwen3_next (inspect only)",
+    "qwen3_next",
+    "kimi_linear",
+    "mistral3 (with a deepseek_v3 text model)",
 ];
 
 /// Dense model types we recognise, so we can refuse them with the right reason.
@@ -67,8 +69,10 @@ pub enum Family {
     DeepseekV3,
     /// GLM-4.7-Flash (`glm4_moe_lite`): MLA attention with GLM's MoE.
     Glm4MoeLite,
-    /// Qwen3-Next / Qwen3-Coder-Next (`qwen3_next`): sized by `inspect`, not run by the engine.
+    /// Qwen3-Next / Qwen3-Coder-Next (`qwen3_next`): gated DeltaNet + gated full attention.
     Qwen3Next,
+    /// Kimi-Linear (`kimi_linear`): Kimi Delta Attention + MLA without RoPE, DeepSeek-style MoE.
+    KimiLinear,
 }
 
 /// Multi-head latent attention geometry (DeepSeek-V3 family).
@@ -94,6 +98,9 @@ pub struct MlaSpec {
     pub softmax_scale: f64,
     /// Biases on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj`.
     pub attention_bias: bool,
+    /// Whether the `qk_rope` parts are rotated; false for Kimi-Linear's MLA, whose `qk_rope` part
+    /// is a shared key without any position encoding (HF `KimiLinearAttention`).
+    pub rope: bool,
 }
 
 /// Attention geometry.
@@ -174,8 +181,11 @@ pub struct MoeSpec {
 /// Tensor-name scheme of a family (relative to `…layers.{i}.`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KeyScheme {
-    /// The MLP module: `mlp` or `block_sparse_moe`.
+    /// The MoE module as the HF checkpoint names it: `mlp` or `block_sparse_moe`.
     pub mlp: &'static str,
+    /// The MoE module in mlx-lm's stacked layout: `mlp` where mlx-lm renames it (Kimi-Linear),
+    /// else the same as `mlp`.
+    pub stacked_mlp: &'static str,
     /// Per-expert projection names in (gate, up, down) order: `gate_proj…` or `w1, w3, w2`.
     pub expert_proj: [&'static str; 3],
     /// Shared-expert module name, if the family has one.
@@ -246,7 +256,7 @@ pub struct ModelSpec {
     /// The longest sequence (prompt + generated tokens) the model is built for
     /// (`max_position_embeddings`), when the config says.
     pub max_position_embeddings: Option<usize>,
-    /// Hybrid attention (Qwen3-Next): which layers are gated DeltaNet, and its shapes.
+    /// Hybrid attention (Qwen3-Next, Kimi-Linear): which layers are linear attention, and its shapes.
     pub hybrid: Option<HybridSpec>,
 }
 
@@ -254,10 +264,49 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerKind {
-    /// Gated DeltaNet linear attention (`linear_attn`).
+    /// Linear attention with a recurrent state ([`LinearKind`]).
     LinearAttention,
-    /// Gated full attention (`self_attn`).
+    /// Full attention with a KV cache (Qwen3-Next's gated attention, Kimi-Linear's MLA).
     FullAttention,
+}
+
+impl LayerKind {
+    /// Parses HF's `layer_types` (`linear_attention` / `full_attention` per decoder layer),
+    /// checking its length against `num_hidden_layers`.
+    pub fn parse_list(file: &Path, types: &[String], n: usize) -> Result<Vec<LayerKind>> {
+        if types.len() != n {
+            return Err(Error::config(
+                file,
+                "layer_types",
+                format!("lists {} layers but num_hidden_layers is {n}", types.len()),
+            ));
+        }
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                "linear_attention" => Ok(LayerKind::LinearAttention),
+                "full_attention" => Ok(LayerKind::FullAttention),
+                other => Err(Error::config(
+                    file,
+                    format!("layer_types[{i}]"),
+                    format!("`{other}` (expected linear_attention or full_attention)"),
+                )),
+            })
+            .collect()
+    }
+}
+
+/// Which linear-attention module a hybrid model's linear layers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearKind {
+    /// Qwen3-Next's gated DeltaNet (`linear_attn`): one decay per value head, grouped
+    /// `in_proj_qkvz`/`in_proj_ba`, SiLU-gated output norm.
+    GatedDeltaNet,
+    /// Kimi Delta Attention (`self_attn`): one decay per key channel from a low-rank forget gate,
+    /// separate q/k/v projections and convolutions, sigmoid-gated output norm.
+    Kda,
 }
 
 /// Gated DeltaNet shapes (`linear_*` fields of the HF config).
@@ -275,14 +324,17 @@ pub struct DeltaNetSpec {
     pub conv_kernel: usize,
 }
 
-/// The hybrid-attention parts of a Qwen3-Next-style model: per-layer token mixers, DeltaNet
-/// shapes; its full-attention layers gate their output (`q_proj` of doubled width), its RMSNorms
-/// are zero-centred (scale `1 + weight`), and its shared expert is sigmoid-gated.
+/// The hybrid-attention parts of a model: per-layer token mixers, the linear-attention module and
+/// its shapes. (Qwen3-Next's full-attention layers gate their output, its RMSNorms are
+/// zero-centred and its shared expert is sigmoid-gated; Kimi-Linear's full-attention layers are
+/// MLA without RoPE: both follow from [`ModelSpec::family`] and [`ModelSpec::mla`].)
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HybridSpec {
     /// One per decoder layer.
     pub layer_types: Vec<LayerKind>,
-    /// The linear-attention layers' shapes.
+    /// The linear-attention module.
+    pub linear: LinearKind,
+    /// The linear-attention layers' shapes (KDA: as many value heads as key heads, of one width).
     pub delta: DeltaNetSpec,
 }
 
@@ -301,8 +353,8 @@ impl ModelSpec {
     }
 
     /// Bytes the KV cache holds per token (f32, every attention layer): keys and values of the
-    /// KV heads, or for MLA the latent and the shared RoPE key. (DeltaNet layers hold a fixed
-    /// state instead: [`ModelSpec::recurrent_state_bytes`].)
+    /// KV heads, or for MLA the latent and the shared RoPE key. (linear-attention layers hold a
+    /// fixed state instead: [`ModelSpec::recurrent_state_bytes`].)
     pub fn kv_bytes_per_token(&self) -> u64 {
         let per_layer = match &self.mla {
             Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,

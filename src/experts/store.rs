@@ -231,7 +231,7 @@ impl ExpertStore {
                         .map(|p| {
                             let module = prefix.layer(
                                 layer,
-                                &format!("{}.switch_mlp.{}", spec.keys.mlp, names[p]),
+                                &format!("{}.switch_mlp.{}", spec.keys.stacked_mlp, names[p]),
                             );
                             source(&ck, quant, &module, Some(e_n), dims[p])
                         })

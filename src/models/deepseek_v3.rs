@@ -195,6 +195,7 @@ pub fn spec(
         attention_factor,
         softmax_scale: (qk as f64).powf(-0.5) * mscale_sq,
         attention_bias: c.attention_bias.unwrap_or(false),
+        rope: true,
     };
     Ok(ModelSpec {
         path: file.to_path_buf(),
@@ -240,6 +241,7 @@ pub fn spec(
         tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
         keys: KeyScheme {
             mlp: "mlp",
+            stacked_mlp: "mlp",
             expert_proj: ["gate_proj", "up_proj", "down_proj"],
             shared: Some("shared_experts"),
         },

@@ -33,11 +33,16 @@ pub struct DeltaNet {
     out: Linear,
 }
 
-fn silu(x: f32) -> f32 {
+pub(super) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-fn softplus(x: f32) -> f32 {
+/// `1 / √(Σx² + 1e-6)`: the L2 normalisation HF applies to DeltaNet/KDA queries and keys.
+pub(super) fn inv_l2(v: &[f32]) -> f32 {
+    1.0 / (v.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt()
+}
+
+pub(super) fn softplus(x: f32) -> f32 {
     // torch's softplus (beta 1, threshold 20).
     if x > 20.0 {
         x
@@ -98,7 +103,6 @@ impl DeltaNet {
         let mut z = vec![0.0f32; vd];
         let mut scales = vec![(0.0f32, 0.0f32); nk];
         let mut delta = vec![0.0f32; dv];
-        let inv_l2 = |v: &[f32]| 1.0 / (v.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
         for (t, row) in qkvz.iter().enumerate() {
             // Un-group: per key head g, [q (dk), k (dk), v (r·dv), z (r·dv)].
             for g in 0..nk {

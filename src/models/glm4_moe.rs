@@ -125,6 +125,7 @@ impl Config {
             tie_word_embeddings: self.tie_word_embeddings,
             keys: KeyScheme {
                 mlp: "mlp",
+                stacked_mlp: "mlp",
                 expert_proj: ["gate_proj", "up_proj", "down_proj"],
                 shared: Some("shared_experts"),
             },

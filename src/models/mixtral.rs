@@ -83,6 +83,7 @@ impl Config {
             tie_word_embeddings: self.tie_word_embeddings,
             keys: KeyScheme {
                 mlp: "block_sparse_moe",
+                stacked_mlp: "block_sparse_moe",
                 expert_proj: ["w1", "w3", "w2"],
                 shared: None,
             },

@@ -1,5 +1,5 @@
-//! Multi-head latent attention (DeepSeek-V3, Kimi-K2, GLM-4.7-Flash), as HF transformers'
-//! `DeepseekV3Attention` computes it. The KV cache holds the compressed latent (`kv_lora_rank`
+//! Multi-head latent attention (DeepSeek-V3, Kimi-K2, GLM-4.7-Flash; Kimi-Linear without RoPE),
+//! as HF transformers' `DeepseekV3Attention` (`KimiLinearAttention`) computes it. The KV cache holds the compressed latent (`kv_lora_rank`
 //! values, normalised) and the one shared RoPE key (`qk_rope_head_dim`) per token; per-head keys
 //! and values are expanded from the latent at each step.
 //!
@@ -204,13 +204,18 @@ impl MlaAttention {
         let q = q.reshape((t, h, dn + dr))?.transpose(0, 1)?.contiguous()?; // [H, T, dq]
         let ckv = self.kv_a.forward(x)?; // [T, C + dr]
         let lat = self.kv_a_norm.forward(&ckv.narrow(1, 0, c)?)?;
-        let (cos, sin) = self.rope.tables(pos0, t, dev)?;
-        let q_rot = self
-            .rope(&q.narrow(2, dn, dr)?.unsqueeze(0)?, &cos, &sin)?
-            .squeeze(0)?;
-        let k_rot = self
-            .rope(&ckv.narrow(1, c, dr)?.reshape((1, 1, t, dr))?, &cos, &sin)?
-            .reshape((t, dr))?;
+        let (q_rot, k_rot) = if self.spec.rope {
+            let (cos, sin) = self.rope.tables(pos0, t, dev)?;
+            (
+                self.rope(&q.narrow(2, dn, dr)?.unsqueeze(0)?, &cos, &sin)?
+                    .squeeze(0)?,
+                self.rope(&ckv.narrow(1, c, dr)?.reshape((1, 1, t, dr))?, &cos, &sin)?
+                    .reshape((t, dr))?,
+            )
+        } else {
+            // Kimi-Linear: the shared key part is kept, unrotated.
+            (q.narrow(2, dn, dr)?, ckv.narrow(1, c, dr)?.contiguous()?)
+        };
         let (lat, k_rot) = kv.append(lat, k_rot, 0)?;
         let s = lat.dim(0)?;
         // Absorbed form: scores against the latent cache directly,

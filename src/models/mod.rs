@@ -5,6 +5,8 @@
 pub mod deepseek_v3;
 pub mod deltanet;
 pub mod glm4_moe;
+pub mod kda;
+pub mod kimi_linear;
 pub mod layers;
 pub mod mixtral;
 pub mod mla;
@@ -16,9 +18,9 @@ use candle_core::{Device, Tensor};
 
 use std::path::Path;
 
-use crate::config::{self, LayerKind, ModelSpec};
+use crate::config::{self, Family, LayerKind, LinearKind, ModelSpec};
 use crate::error::{Error, Result};
-use crate::weights::layout::Prefix;
+use crate::weights::layout::{self, Prefix};
 use crate::weights::{Checkpoint, Vb};
 
 use layers::{Attention, Embedding, LayerKv, Linear, Mlp, RmsNorm};
@@ -47,6 +49,7 @@ pub fn spec_from_value(file: &Path, value: serde_json::Value) -> Result<ModelSpe
             deepseek_v3::spec(file, &value, &model_type, deepseek_v3::Variant::DeepseekV3)?
         }
         "qwen3_next" => qwen3_next::Config::parse(file, &value)?.spec(file)?,
+        "kimi_linear" => kimi_linear::Config::parse(file, &value)?.spec(file)?,
         "glm4_moe_lite" => {
             deepseek_v3::spec(file, &value, &model_type, deepseek_v3::Variant::Glm4MoeLite)?
         }
@@ -146,6 +149,7 @@ enum Attn {
     Gqa(Attention),
     Mla(mla::MlaAttention),
     Delta(deltanet::DeltaNet),
+    Kda(kda::Kda),
 }
 
 impl Attn {
@@ -154,6 +158,7 @@ impl Attn {
             Attn::Gqa(a) => a.forward(x, pos0, kv),
             Attn::Mla(a) => a.forward(x, pos0, kv),
             Attn::Delta(a) => a.forward(x, &mut kv.delta),
+            Attn::Kda(a) => a.forward(x, &mut kv.delta),
         }
     }
 }
@@ -233,38 +238,52 @@ impl Model {
         let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;
         let layers_vb = root.pp(&prefix.layers);
         let eps = spec.rms_norm_eps;
+        let layout = match spec.moe.moe_layers.is_empty() {
+            true => None,
+            false => Some(layout::detect_experts(ck, spec, prefix)?),
+        };
         // Qwen3-Next's HF checkpoints store zero-centred norms (scale 1 + weight); mlx-lm's
         // converter shifts them (its stacked `switch_mlp` experts mark the layout).
-        let centred = spec.hybrid.is_some()
-            && crate::weights::layout::detect_experts(ck, spec, prefix)?
-                == crate::weights::layout::ExpertLayout::PerExpert;
+        let centred =
+            spec.family == Family::Qwen3Next && layout == Some(layout::ExpertLayout::PerExpert);
         let norm = |vb: &Vb, n: usize| RmsNorm::load_maybe_centred(vb, n, eps, centred);
+        let moe_module = layout.map_or(spec.keys.mlp, |l| layout::moe_module(spec, l));
         let mut layers = Vec::with_capacity(spec.num_layers);
         for i in 0..spec.num_layers {
             let vb = layers_vb.pp(i);
             let ffn = if spec.is_moe_layer(i) {
-                Ffn::Moe(MoeBlock::load(&vb.pp(spec.keys.mlp), spec, i)?)
+                Ffn::Moe(MoeBlock::load(&vb.pp(moe_module), spec, i)?)
             } else {
-                Ffn::Dense(Mlp::load(&vb.pp("mlp"), h, spec.dense_intermediate)?)
+                // transformers' save_pretrained writes Kimi-Linear's dense MLPs under the MoE
+                // module's name (it reverts its `block_sparse_moe` → `mlp` renaming on every
+                // layer); the hub checkpoints keep them under `mlp`.
+                let dense = match vb.pp("mlp").pp("gate_proj").has("weight") {
+                    false if vb.pp(spec.keys.mlp).pp("gate_proj").has("weight") => spec.keys.mlp,
+                    _ => "mlp",
+                };
+                Ffn::Dense(Mlp::load(&vb.pp(dense), h, spec.dense_intermediate)?)
             };
             let attn_vb = vb.pp("self_attn");
-            let kind = spec
-                .hybrid
-                .as_ref()
-                .map(|hy| (hy.layer_types[i], &hy.delta));
+            let kind = spec.hybrid.as_ref().map(|hy| (hy.layer_types[i], hy));
             layers.push(DecoderLayer {
                 input_norm: norm(&vb.pp("input_layernorm"), h)?,
-                attn: match (&spec.mla, kind) {
-                    (Some(m), _) => Attn::Mla(mla::MlaAttention::load(
+                attn: match (kind, &spec.mla) {
+                    (Some((LayerKind::LinearAttention, hy)), _) => match hy.linear {
+                        LinearKind::GatedDeltaNet => Attn::Delta(deltanet::DeltaNet::load(
+                            &vb.pp("linear_attn"),
+                            h,
+                            &hy.delta,
+                            eps,
+                        )?),
+                        LinearKind::Kda => Attn::Kda(kda::Kda::load(&attn_vb, h, &hy.delta, eps)?),
+                    },
+                    (_, Some(m)) => Attn::Mla(mla::MlaAttention::load(
                         &attn_vb,
                         h,
                         spec.attention.num_heads,
                         m,
                     )?),
-                    (None, Some((LayerKind::LinearAttention, delta))) => Attn::Delta(
-                        deltanet::DeltaNet::load(&vb.pp("linear_attn"), h, delta, eps)?,
-                    ),
-                    (None, Some((LayerKind::FullAttention, _))) => Attn::Gqa(
+                    (Some((LayerKind::FullAttention, _)), None) => Attn::Gqa(
                         Attention::load_gated(&attn_vb, h, &spec.attention, eps, centred)?,
                     ),
                     (None, None) => Attn::Gqa(Attention::load(&attn_vb, h, &spec.attention, eps)?),

@@ -61,13 +61,20 @@ pub struct Router {
 }
 
 impl Router {
-    /// Loads the gate module `vb` (`weight`, and `e_score_correction_bias` for sigmoid routers).
-    pub fn load(vb: &Vb, spec: &ModelSpec) -> Result<Self> {
+    /// Loads the gate module `vb` (`weight`, and `e_score_correction_bias` for sigmoid routers:
+    /// under the gate, or beside it in the MoE module `block` where mlx-lm's Kimi-Linear keeps it).
+    pub fn load(vb: &Vb, block: &Vb, spec: &ModelSpec) -> Result<Self> {
         let e = spec.moe.num_experts;
         let gate = Linear::load(vb, e, spec.hidden_size, false)?;
         let bias = match spec.moe.router {
             RouterSpec::SigmoidNoauxTc { .. } => {
-                Some(vb.ck.f32_vec(&vb.key("e_score_correction_bias"), &[e])?)
+                let leaf = "e_score_correction_bias";
+                let key = if !vb.has(leaf) && block.has(leaf) {
+                    block.key(leaf)
+                } else {
+                    vb.key(leaf)
+                };
+                Some(vb.ck.f32_vec(&key, &[e])?)
             }
             _ => None,
         };
@@ -200,7 +207,7 @@ impl MoeBlock {
     /// Loads the router and shared experts of decoder layer `layer` from the module `vb`
     /// (`…layers.{i}.mlp`).
     pub fn load(vb: &Vb, spec: &ModelSpec, layer: usize) -> Result<Self> {
-        let router = Router::load(&vb.pp("gate"), spec)?;
+        let router = Router::load(&vb.pp("gate"), vb, spec)?;
         let shared = match (spec.keys.shared, spec.moe.shared_intermediate) {
             (Some(name), Some(inter)) => Some(Mlp::load(&vb.pp(name), spec.hidden_size, inter)?),
             _ => None,

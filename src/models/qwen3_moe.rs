@@ -123,6 +123,7 @@ impl Config {
             tie_word_embeddings: self.tie_word_embeddings,
             keys: KeyScheme {
                 mlp: "mlp",
+                stacked_mlp: "mlp",
                 expert_proj: ["gate_proj", "up_proj", "down_proj"],
                 shared: None,
             },

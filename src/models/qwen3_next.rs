@@ -10,7 +10,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{parse_family, DeltaNetSpec, Family, HybridSpec, LayerKind, ModelSpec};
+use crate::config::{
+    parse_family, DeltaNetSpec, Family, HybridSpec, LayerKind, LinearKind, ModelSpec,
+};
 use crate::error::{Error, Result};
 
 /// HF `Qwen3NextConfig`: Qwen3-MoE's fields plus the shared expert and the hybrid attention.
@@ -69,28 +71,7 @@ impl Config {
         let mut spec = self.base.spec(file)?;
         let n = self.base.num_hidden_layers;
         let layer_types = match &self.layer_types {
-            Some(types) => {
-                if types.len() != n {
-                    return Err(Error::config(
-                        file,
-                        "layer_types",
-                        format!("lists {} layers but num_hidden_layers is {n}", types.len()),
-                    ));
-                }
-                types
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| match t.as_str() {
-                        "linear_attention" => Ok(LayerKind::LinearAttention),
-                        "full_attention" => Ok(LayerKind::FullAttention),
-                        other => Err(Error::config(
-                            file,
-                            format!("layer_types[{i}]"),
-                            format!("`{other}` (expected linear_attention or full_attention)"),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
+            Some(types) => LayerKind::parse_list(file, types, n)?,
             None => {
                 if self.full_attention_interval == 0 {
                     return Err(Error::config(
@@ -126,7 +107,11 @@ impl Config {
         spec.moe.shared_intermediate = (self.shared_expert_intermediate_size > 0)
             .then_some(self.shared_expert_intermediate_size);
         spec.keys.shared = Some("shared_expert");
-        spec.hybrid = Some(HybridSpec { layer_types, delta });
+        spec.hybrid = Some(HybridSpec {
+            layer_types,
+            linear: LinearKind::GatedDeltaNet,
+            delta,
+        });
         Ok(spec)
     }
 }

@@ -85,7 +85,10 @@ pub fn detect_experts(ck: &Checkpoint, spec: &ModelSpec, prefix: &Prefix) -> Res
         layer,
         &format!("{mlp}.experts.0.{}.weight", spec.keys.expert_proj[0]),
     );
-    let stacked = prefix.layer(layer, &format!("{mlp}.switch_mlp.gate_proj.weight"));
+    let stacked = prefix.layer(
+        layer,
+        &format!("{}.switch_mlp.gate_proj.weight", spec.keys.stacked_mlp),
+    );
     if ck.get(&per).is_some() {
         Ok(ExpertLayout::PerExpert)
     } else if ck.get(&stacked).is_some() {
@@ -96,5 +99,14 @@ pub fn detect_experts(ck: &Checkpoint, spec: &ModelSpec, prefix: &Prefix) -> Res
             dir: ck.dir().to_path_buf(),
             hint: format!(" (nor the MLX stacked `{stacked}`): cannot find the routed experts of MoE layer {layer}"),
         })
+    }
+}
+
+/// The MoE module's name in a checkpoint of `layout` (mlx-lm renames Kimi-Linear's
+/// `block_sparse_moe` to `mlp`).
+pub fn moe_module(spec: &ModelSpec, layout: ExpertLayout) -> &'static str {
+    match layout {
+        ExpertLayout::PerExpert => spec.keys.mlp,
+        ExpertLayout::Stacked => spec.keys.stacked_mlp,
     }
 }
