@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::config::{LayerKind, ModelSpec, RouterSpec};
+use crate::config::{DeltaNetSpec, Family, LayerKind, LinearKind, ModelSpec, RouterSpec};
 use crate::error::{Error, Result};
 use crate::experts::Phase;
 use crate::trace::TraceRow;
@@ -139,6 +139,46 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Kimi Delta Attention's tensors under `at` (`…self_attn`), in HF's or mlx-lm's spelling.
+    fn kda(&mut self, at: &str, h: usize, d: &DeltaNetSpec) {
+        let (nh, hd, k) = (d.num_k_heads, d.k_head_dim, d.conv_kernel);
+        let c = nh * hd;
+        for p in ["q", "k", "v"] {
+            self.matrix(&format!("{at}.{p}_proj"), &[], c, h, true);
+            let (name, shape) = match self.layout {
+                SynthLayout::Mlx(_) => (format!("{at}.{p}_conv.conv.weight"), vec![c, k, 1]),
+                SynthLayout::Bf16 => (format!("{at}.{p}_conv1d.weight"), vec![c, 1, k]),
+            };
+            self.tensors.push(Planned {
+                name,
+                dtype: "BF16",
+                shape,
+                fill: Fill::Random((k as f32).powf(-0.5)),
+            });
+        }
+        self.matrix(&format!("{at}.f_a_proj"), &[], hd, h, true);
+        self.matrix(&format!("{at}.f_b_proj"), &[], c, hd, true);
+        self.matrix(&format!("{at}.g_a_proj"), &[], hd, h, true);
+        self.matrix(&format!("{at}.g_b_proj"), &[], c, hd, true);
+        self.matrix(&format!("{at}.b_proj"), &[], nh, h, true);
+        self.matrix(&format!("{at}.o_proj"), &[], h, c, true);
+        self.tensors.push(Planned {
+            name: format!("{at}.A_log"),
+            dtype: "F32",
+            shape: vec![1, 1, nh, 1],
+            fill: Fill::ConstF32(0.0),
+        });
+        self.tensors.push(Planned {
+            name: format!("{at}.dt_bias"),
+            dtype: "F32",
+            shape: vec![c],
+            fill: Fill::ConstF32(1.0),
+        });
+        self.vector(format!("{at}.o_norm.weight"), hd, Fill::Const(1.0));
+    }
+}
+
 fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
     let mut p = Plan {
         layout,
@@ -146,8 +186,8 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
     };
     let (h, v) = (spec.hidden_size, spec.vocab_size);
     // Qwen3-Next's HF norms are zero-centred (scale 1 + weight); mlx-lm stores them shifted.
-    let norm_one = match (&spec.hybrid, layout) {
-        (Some(_), SynthLayout::Bf16) => Fill::Const(0.0),
+    let norm_one = match (spec.family, layout) {
+        (Family::Qwen3Next, SynthLayout::Bf16) => Fill::Const(0.0),
         _ => Fill::Const(1.0),
     };
     p.matrix("model.embed_tokens", &[], v, h, true);
@@ -165,7 +205,10 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
             .hybrid
             .as_ref()
             .map(|hy| (hy.layer_types[i], &hy.delta));
-        if let Some((LayerKind::LinearAttention, d)) = kind {
+        let kda = spec.hybrid.as_ref().map(|hy| hy.linear) == Some(LinearKind::Kda);
+        if let (Some((LayerKind::LinearAttention, d)), true) = (kind, kda) {
+            p.kda(&at, h, d);
+        } else if let Some((LayerKind::LinearAttention, d)) = kind {
             let la = format!("{l}.linear_attn");
             let (kd, vd, nv) = (d.key_dim(), d.value_dim(), d.num_v_heads);
             p.matrix(&format!("{la}.in_proj_qkvz"), &[], 2 * kd + 2 * vd, h, true);
@@ -185,7 +228,8 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
             p.vector(format!("{la}.A_log"), nv, Fill::Const(0.0));
             p.vector(format!("{la}.norm.weight"), d.v_head_dim, Fill::Const(1.0));
         }
-        let gated = matches!(kind, Some((LayerKind::FullAttention, _)));
+        let gated =
+            spec.family == Family::Qwen3Next && matches!(kind, Some((LayerKind::FullAttention, _)));
         match &spec.mla {
             _ if matches!(kind, Some((LayerKind::LinearAttention, _))) => {}
             Some(m) => {
@@ -267,13 +311,22 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
             p.matrix(&format!("{l}.mlp.down_proj"), &[], h, di, true);
             continue;
         }
-        let mlp = format!("{l}.{}", spec.keys.mlp);
+        let module = match layout {
+            SynthLayout::Mlx(_) => spec.keys.stacked_mlp,
+            SynthLayout::Bf16 => spec.keys.mlp,
+        };
+        let mlp = format!("{l}.{module}");
         let (e, mi) = (spec.moe.num_experts, spec.moe.intermediate_size);
         // Routers stay unquantized, as mlx-lm leaves the sigmoid routers.
         p.matrix(&format!("{mlp}.gate"), &[], e, h, false);
         if matches!(spec.moe.router, RouterSpec::SigmoidNoauxTc { .. }) {
+            // mlx-lm keeps Kimi-Linear's bias beside the gate, not under it.
+            let bias = match (spec.family, layout) {
+                (Family::KimiLinear, SynthLayout::Mlx(_)) => "e_score_correction_bias",
+                _ => "gate.e_score_correction_bias",
+            };
             p.tensors.push(Planned {
-                name: format!("{mlp}.gate.e_score_correction_bias"),
+                name: format!("{mlp}.{bias}"),
                 dtype: "F32",
                 shape: vec![e],
                 fill: Fill::ConstF32(0.0),
@@ -283,7 +336,7 @@ fn plan(spec: &ModelSpec, layout: SynthLayout) -> Plan {
             p.matrix(&format!("{mlp}.{name}.gate_proj"), &[], si, h, true);
             p.matrix(&format!("{mlp}.{name}.up_proj"), &[], si, h, true);
             p.matrix(&format!("{mlp}.{name}.down_proj"), &[], h, si, true);
-            if spec.hybrid.is_some() {
+            if spec.family == Family::Qwen3Next {
                 p.matrix(&format!("{mlp}.shared_expert_gate"), &[], 1, h, false);
             }
         }
@@ -345,12 +398,24 @@ pub fn synth(
             return Err(Error::Input("--layers must be at least 1".into()));
         }
         value["num_hidden_layers"] = serde_json::json!(n);
-        if let Some(t) = value
-            .get("mlp_layer_types")
-            .and_then(|t| t.as_array())
-            .cloned()
-        {
-            value["mlp_layer_types"] = serde_json::json!(t.into_iter().take(n).collect::<Vec<_>>());
+        // Per-layer lists keep their first n entries; Kimi-Linear's 1-indexed layer lists keep
+        // the layers up to n.
+        for key in ["mlp_layer_types", "layer_types"] {
+            if let Some(t) = value.get(key).and_then(|t| t.as_array()).cloned() {
+                value[key] = serde_json::json!(t.into_iter().take(n).collect::<Vec<_>>());
+            }
+        }
+        for key in ["kda_layers", "full_attn_layers"] {
+            if let Some(t) = value["linear_attn_config"]
+                .get(key)
+                .and_then(|t| t.as_array())
+                .cloned()
+            {
+                value["linear_attn_config"][key] = serde_json::json!(t
+                    .into_iter()
+                    .filter(|l| l.as_u64().is_some_and(|l| l as usize <= n))
+                    .collect::<Vec<_>>());
+            }
         }
     }
     if let SynthLayout::Mlx(bits) = layout {

@@ -1,6 +1,6 @@
-//! Hybrid-attention families (Qwen3-Next): the recurrent DeltaNet state carries exactly from a
-//! prefill into decode steps, and configs or tensors that disagree with each other are refused
-//! with the key and file named. (Logits, routing and greedy continuations against HF transformers
+//! Hybrid-attention families (Qwen3-Next, Kimi-Linear): the recurrent DeltaNet / KDA state
+//! carries exactly from a prefill into decode steps, and configs or tensors that disagree with each
+//! other are refused with the key and file named. (Logits, routing and greedy continuations against HF transformers
 //! for the f32, bf16 and MLX 4-bit fixtures are in `engine_reference`.)
 
 use candle_core::Device;
@@ -23,7 +23,12 @@ fn open(dir: &std::path::Path) -> moe_harness::error::Result<Engine> {
 
 #[test]
 fn prefill_then_decode_equals_one_full_pass() {
-    for name in ["qwen3_next-f32", "qwen3_next-mlx4"] {
+    for name in [
+        "qwen3_next-f32",
+        "qwen3_next-mlx4",
+        "kimi_linear-f32",
+        "kimi_linear-mlx4",
+    ] {
         let dir = fixture(name);
         let tokens = Reference::load(&dir).tokens();
         let mut e = open(&dir).unwrap();
@@ -86,17 +91,92 @@ fn inconsistent_hybrid_configs_and_tensors_are_refused() {
     let e = err(d.path());
     assert!(e.contains("linear_attn.conv1d.weight"), "{e}");
     // A missing gating tensor (its header key renamed in place, same length).
-    let d = copy_fixture("qwen3_next-f32");
+    let d = renamed_tensor(
+        "qwen3_next-f32",
+        "layers.0.linear_attn.A_log",
+        "layers.0.linear_attn.A_xyz",
+    );
+    let e = err(d.path());
+    assert!(e.contains("model.layers.0.linear_attn.A_log"), "{e}");
+}
+
+/// Renames `from` to `to` (same length) in the safetensors header of a copy of `name`.
+fn renamed_tensor(name: &str, from: &str, to: &str) -> tempfile::TempDir {
+    assert_eq!(from.len(), to.len());
+    let d = copy_fixture(name);
     let p = d.path().join("model.safetensors");
     let mut bytes = std::fs::read(&p).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
-    let renamed = header.replace("layers.0.linear_attn.A_log", "layers.0.linear_attn.A_xyz");
+    let renamed = header.replace(from, to);
     assert_ne!(header, renamed);
     bytes[8..8 + n].copy_from_slice(renamed.as_bytes());
     std::fs::write(&p, bytes).unwrap();
+    d
+}
+
+#[test]
+fn inconsistent_kimi_linear_configs_and_tensors_are_refused() {
+    let err = |d: &std::path::Path| open(d).map(|_| ()).unwrap_err().to_string();
+    let f = "kimi_linear-f32";
+    // layer_types disagreeing with linear_attn_config's 1-indexed lists.
+    let d = edited_fixture(f, |v| {
+        v["layer_types"] =
+            serde_json::json!(["full_attention", "linear_attention", "linear_attention"]);
+    });
     let e = err(d.path());
-    assert!(e.contains("model.layers.0.linear_attn.A_log"), "{e}");
+    assert!(e.contains("layer_types") && e.contains("kda_layers"), "{e}");
+    // A 0-indexed list, and a layer in neither list.
+    let d = edited_fixture(f, |v| {
+        v["linear_attn_config"]["kda_layers"] = serde_json::json!([0, 2])
+    });
+    let e = err(d.path());
+    assert!(
+        e.contains("linear_attn_config.kda_layers") && e.contains("1-indexed"),
+        "{e}"
+    );
+    let d = edited_fixture(f, |v| {
+        v["linear_attn_config"]["kda_layers"] = serde_json::json!([1])
+    });
+    let e = err(d.path());
+    assert!(e.contains("layer 3 is in neither"), "{e}");
+    // What HF's reference does not compute: MLA with RoPE, another router, moe_layer_freq ≠ 1.
+    for (field, value) in [
+        ("mla_use_nope", serde_json::json!(false)),
+        ("moe_router_activation_func", serde_json::json!("softmax")),
+        ("moe_layer_freq", serde_json::json!(2)),
+    ] {
+        let d = edited_fixture(f, |v| v[field] = value.clone());
+        let e = err(d.path());
+        assert!(e.contains(field) && e.contains("config.json"), "{e}");
+    }
+    // KDA tensors whose shapes disagree with the config: the key, file and shapes are named.
+    let d = edited_fixture(f, |v| v["linear_attn_config"]["head_dim"] = 32.into());
+    let e = err(d.path());
+    assert!(
+        e.contains("model.layers.0.self_attn.q_conv1d.weight")
+            && e.contains("model.safetensors")
+            && e.contains("shape"),
+        "{e}"
+    );
+    let d = edited_fixture(f, |v| {
+        v["linear_attn_config"]["short_conv_kernel_size"] = 3.into()
+    });
+    let e = err(d.path());
+    assert!(
+        e.contains("q_conv1d.weight") && e.contains("[128, 1, 3]"),
+        "{e}"
+    );
+    // Missing gating tensors.
+    for (from, to) in [
+        ("layers.0.self_attn.A_log", "layers.0.self_attn.A_xyz"),
+        ("layers.2.self_attn.v_conv1d", "layers.2.self_attn.v_conv9z"),
+        ("layers.0.self_attn.g_a_proj", "layers.0.self_attn.g_x_proj"),
+    ] {
+        let d = renamed_tensor(f, from, to);
+        let e = err(d.path());
+        assert!(e.contains(&format!("model.{from}")), "{e}");
+    }
 }
 
 #[test]

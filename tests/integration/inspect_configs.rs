@@ -24,6 +24,9 @@ fn real_model_sizes_match_the_design_notes() {
         ("glm47-flash.json", 64, 46, 4, 9.44, 5.31, 15.6, 0.98),
         ("kimi-k25.json", 384, 60, 8, 44.04, 24.77, 571.0, 11.9),
         ("qwen3-coder-next.json", 512, 48, 10, 3.15, 1.77, 43.5, 0.85),
+        // Not in FORMATS.md; by hand from the published config: 3·2304·1024 elements, 4-bit with
+        // a bf16 scale and bias per 64 = 0.5625 B/element, 256 experts × 26 MoE layers, top-8.
+        ("kimi-linear.json", 256, 26, 8, 7.08, 3.98, 26.5, 0.828),
     ];
     for (file, experts, layers, k, el, per, total, tok) in table {
         let r = inspect(&config(file), q4).unwrap();

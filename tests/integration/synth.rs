@@ -14,6 +14,9 @@ fn synthesized_checkpoints_load_run_and_match_inspect() {
         ("qwen3_moe-f32", SynthLayout::Bf16),
         ("mixtral-f32", SynthLayout::Mlx(8)),
         ("kimi_k25-bf16", SynthLayout::Bf16),
+        // Two layers: KDA + dense MLP, then MLA + MoE; mlx-lm's and HF's key spellings.
+        ("kimi_linear-f32", SynthLayout::Mlx(4)),
+        ("kimi_linear-f32", SynthLayout::Bf16),
     ] {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("m");
