@@ -77,51 +77,83 @@ fn mla_vs_gqa(c: &mut Criterion) {
     g.finish();
 }
 
-/// Decode cost of a gated DeltaNet layer vs a gated full-attention (GQA) layer at Qwen3-Coder-Next's
-/// attention shapes (hidden 2048; 16 q / 2 KV heads of 256 vs 16 k / 32 v linear heads of 128):
-/// one-layer `harness synth` checkpoints (MLX 4-bit, 16 small experts top-2, vocab 4096, random
-/// weights) differing only in `layer_types`, after a 64-token prompt. Full attention's cost grows
-/// with the context, DeltaNet's state does not.
+/// Decode cost of a linear-attention layer vs the full-attention layer of the same model, after a
+/// 64-token prompt: Qwen3-Coder-Next's gated DeltaNet vs its gated GQA (hidden 2048; 16 q / 2 KV
+/// heads of 256 vs 16 k / 32 v linear heads of 128), and Kimi-Linear's KDA vs its MLA without
+/// RoPE (hidden 2304; 32 heads, latent 512 vs 32 KDA heads of 128). One-layer `harness synth`
+/// checkpoints (MLX 4-bit, 16 small experts top-2, vocab 4096, random weights) differing only in
+/// the layer's kind. Full attention's cost grows with the context, the linear state's does not.
 fn deltanet_vs_gqa(c: &mut Criterion) {
     use moe_harness::synth::{synth, SynthLayout};
     let mut g = c.benchmark_group("hybrid attention");
     g.throughput(Throughput::Elements(STEPS as u64));
     g.sample_size(10);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let base: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("experiments/configs/qwen3-coder-next.json")).unwrap(),
-    )
-    .unwrap();
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(root.join("experiments/configs").join(f)).unwrap(),
+        )
+        .unwrap()
+    };
     let prompt: Vec<u32> = (0..64).map(|i| 7 + 13 * i).collect();
     let tmp = tempfile::tempdir().unwrap();
-    for (name, kind) in [
-        ("gated full attention (baseline)", "full_attention"),
-        ("gated DeltaNet", "linear_attention"),
-    ] {
-        let mut cfg = base.clone();
-        cfg["num_hidden_layers"] = 1.into();
-        cfg["layer_types"] = serde_json::json!([kind]);
-        cfg["vocab_size"] = 4096.into();
-        cfg["num_experts"] = 16.into();
-        cfg["num_experts_per_tok"] = 2.into();
-        let dir = tmp.path().join(kind);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = tmp.path().join(format!("{kind}.json"));
-        std::fs::write(&config, cfg.to_string()).unwrap();
-        synth(
-            &config,
-            &dir.join("ck"),
-            SynthLayout::Mlx(4),
-            None,
-            0,
-            2 << 30,
-        )
-        .unwrap();
-        let mut e = engine(&dir.join("ck"), Budget::Unlimited, "lru", false);
-        g.bench_function(
-            BenchmarkId::new("hidden 2048, 16 tokens after 64", name),
-            |b| b.iter_custom(|iters| timed_decode(&mut e, &prompt, iters)),
-        );
+    let cases = [
+        (
+            "qwen3-coder-next.json",
+            "hidden 2048 (Qwen3-Coder-Next), 16 tokens after 64",
+            "gated full attention (baseline)",
+            "gated DeltaNet",
+        ),
+        (
+            "kimi-linear.json",
+            "hidden 2304 (Kimi-Linear), 16 tokens after 64",
+            "MLA without RoPE (baseline)",
+            "KDA",
+        ),
+    ];
+    for (file, id, full_name, linear_name) in cases {
+        let base = read(file);
+        for (name, kind) in [
+            (full_name, "full_attention"),
+            (linear_name, "linear_attention"),
+        ] {
+            let mut cfg = base.clone();
+            cfg["num_hidden_layers"] = 1.into();
+            cfg["layer_types"] = serde_json::json!([kind]);
+            cfg["vocab_size"] = 4096.into();
+            if cfg.get("linear_attn_config").is_some() {
+                // Kimi-Linear: its 1-indexed lists must agree with layer_types; layer 0 is MoE.
+                let (kda, full) = if kind == "linear_attention" {
+                    (vec![1], vec![])
+                } else {
+                    (vec![], vec![1])
+                };
+                cfg["linear_attn_config"]["kda_layers"] = serde_json::json!(kda);
+                cfg["linear_attn_config"]["full_attn_layers"] = serde_json::json!(full);
+                cfg["first_k_dense_replace"] = 0.into();
+                cfg["num_experts_per_token"] = 2.into();
+            } else {
+                cfg["num_experts_per_tok"] = 2.into();
+            }
+            cfg["num_experts"] = 16.into();
+            let dir = tmp.path().join(format!("{file}-{kind}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = dir.join("config.json");
+            std::fs::write(&config, cfg.to_string()).unwrap();
+            synth(
+                &config,
+                &dir.join("ck"),
+                SynthLayout::Mlx(4),
+                None,
+                0,
+                2 << 30,
+            )
+            .unwrap();
+            let mut e = engine(&dir.join("ck"), Budget::Unlimited, "lru", false);
+            g.bench_function(BenchmarkId::new(id, name), |b| {
+                b.iter_custom(|iters| timed_decode(&mut e, &prompt, iters))
+            });
+        }
     }
     g.finish();
 }
