@@ -297,6 +297,29 @@ impl LayerKind {
     }
 }
 
+/// The MoE layers named by HF's `mlp_layer_types` (`dense` / `sparse` per decoder layer),
+/// checking its length against `num_hidden_layers`.
+pub fn sparse_layers(file: &Path, types: &[String], n: usize) -> Result<Vec<usize>> {
+    if types.len() != n {
+        return Err(Error::config(
+            file,
+            "mlp_layer_types",
+            format!("has {} entries for {n} layers", types.len()),
+        ));
+    }
+    if let Some(bad) = types
+        .iter()
+        .find(|t| !matches!(t.as_str(), "dense" | "sparse"))
+    {
+        return Err(Error::config(
+            file,
+            "mlp_layer_types",
+            format!("`{bad}` (known: dense, sparse)"),
+        ));
+    }
+    Ok((0..n).filter(|&i| types[i] == "sparse").collect())
+}
+
 /// Which linear-attention module a hybrid model's linear layers are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

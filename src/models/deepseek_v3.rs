@@ -10,7 +10,8 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer};
 
 use crate::config::{
-    parse_family, AttentionSpec, Family, KeyScheme, MlaSpec, ModelSpec, MoeSpec, RouterSpec,
+    parse_family, sparse_layers, AttentionSpec, Family, KeyScheme, MlaSpec, ModelSpec, MoeSpec,
+    RouterSpec,
 };
 use crate::error::{Error, Result};
 
@@ -150,26 +151,7 @@ pub fn spec(
     let moe_inter = c.moe_intermediate_size.unwrap_or(d.moe_inter);
     let shared = c.n_shared_experts.unwrap_or(1);
     let moe_layers: Vec<usize> = match (variant, &c.mlp_layer_types) {
-        (Variant::Glm4MoeLite, Some(types)) => {
-            if types.len() != layers {
-                return Err(Error::config(
-                    file,
-                    "mlp_layer_types",
-                    format!("has {} entries for {layers} layers", types.len()),
-                ));
-            }
-            if let Some(bad) = types
-                .iter()
-                .find(|t| !matches!(t.as_str(), "dense" | "sparse"))
-            {
-                return Err(Error::config(
-                    file,
-                    "mlp_layer_types",
-                    format!("`{bad}` (known: dense, sparse)"),
-                ));
-            }
-            (0..layers).filter(|&i| types[i] == "sparse").collect()
-        }
+        (Variant::Glm4MoeLite, Some(types)) => sparse_layers(file, types, layers)?,
         // HF builds `["dense"] + ["sparse"] * (n - 1)` when `mlp_layer_types` is absent.
         (Variant::Glm4MoeLite, None) => (1..layers).collect(),
         (Variant::DeepseekV3, _) => (c.first_k_dense_replace.unwrap_or(3)..layers).collect(),

@@ -12,8 +12,8 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer};
 
 use crate::config::{
-    parse_family, AttentionSpec, DeltaNetSpec, Family, HybridSpec, KeyScheme, LayerKind,
-    LinearKind, MlaSpec, ModelSpec, MoeSpec, RouterSpec,
+    parse_family, sparse_layers, AttentionSpec, DeltaNetSpec, Family, HybridSpec, KeyScheme,
+    LayerKind, LinearKind, MlaSpec, ModelSpec, MoeSpec, RouterSpec,
 };
 use crate::error::{Error, Result};
 
@@ -157,27 +157,10 @@ impl Config {
             ));
         }
         let first = self.first_k_dense_replace.unwrap_or(1);
-        let Some(types) = &self.mlp_layer_types else {
-            return Ok((first.min(n)..n).collect());
-        };
-        if types.len() != n {
-            return Err(Error::config(
-                file,
-                "mlp_layer_types",
-                format!("has {} entries for {n} layers", types.len()),
-            ));
+        match &self.mlp_layer_types {
+            Some(types) => sparse_layers(file, types, n),
+            None => Ok((first.min(n)..n).collect()),
         }
-        if let Some(bad) = types
-            .iter()
-            .find(|t| !matches!(t.as_str(), "dense" | "sparse"))
-        {
-            return Err(Error::config(
-                file,
-                "mlp_layer_types",
-                format!("`{bad}` (known: dense, sparse)"),
-            ));
-        }
-        Ok((0..n).filter(|&i| types[i] == "sparse").collect())
     }
 
     /// Resolves into the engine's [`ModelSpec`].
