@@ -257,12 +257,14 @@ impl Rows4<'_> {
                 gs,
             };
             // Inputs innermost: the row's words (cols/2 bytes) stay in L1 across them.
-            for (i, o) in out.iter_mut().enumerate() {
-                let xs_sum = &self.xsum[i * groups..(i + 1) * groups];
-                *o = match self.qi {
-                    Some(qi) => simd.row_int8(row, qi.row(i), xs_sum),
-                    None => simd.row_exact(row, &self.xs[i * c..(i + 1) * c], xs_sum),
-                };
+            match self.qi {
+                Some(qi) => {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let xs_sum = &self.xsum[i * groups..(i + 1) * groups];
+                        *o = simd.row_int8(row, qi.row(i), xs_sum);
+                    }
+                }
+                None => simd.rows_exact(row, self.xs, c, self.xsum, out),
             }
         })
     }

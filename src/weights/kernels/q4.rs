@@ -365,6 +365,62 @@ unsafe fn exact_avx2<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
     reduce(l) + bias_sum(groups, xsum, b, k0)
 }
 
+/// [`exact_avx2`] for `N` input rows at once (`xs`: `N` rows of `c` columns, `xsums`: `N` rows
+/// of per-group sums): each word's nibbles are unpacked once and used by all of them, and each
+/// output is bit-equal to [`row_exact`] of its input (the same operations, in the same order).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exact_multi_avx2<S: Scales, const N: usize>(
+    r: Row<'_, S>,
+    xs: &[f32],
+    c: usize,
+    xsums: &[f32],
+    out: &mut [f32],
+) {
+    let Row {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = r;
+    use std::arch::x86_64::*;
+    let wpg = gs / 8;
+    assert!(words.len() >= groups * wpg && c >= groups * gs && xs.len() >= N * c);
+    assert!(xsums.len() >= N * groups && out.len() >= N);
+    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    let fifteen = _mm256_set1_epi32(15);
+    let mut total = [_mm256_setzero_ps(); N];
+    let (wp, xp) = (words.as_ptr(), xs.as_ptr());
+    for g in 0..groups {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for i in 0..wpg {
+            let w = *wp.add(g * wpg + i);
+            let q = _mm256_cvtepi32_ps(_mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
+                fifteen,
+            ));
+            for (n, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(n * c + g * gs + 8 * i));
+                *a = _mm256_fmadd_ps(q, xv, *a);
+            }
+        }
+        let sg = _mm256_set1_ps(s.at(k0 + g));
+        for (t, a) in total.iter_mut().zip(&acc) {
+            *t = _mm256_fmadd_ps(sg, *a, *t);
+        }
+    }
+    for (n, t) in total.iter().enumerate() {
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), *t);
+        out[n] = reduce(l) + bias_sum(groups, &xsums[n * groups..], b, k0);
+    }
+}
+
 /// Int8 kernel with AVX2 (`maddubs`: unsigned nibbles × signed int8 activations; bit-equal to
 /// [`row_int8`]); `TWO`: the input has a residual part.
 ///
@@ -581,6 +637,57 @@ impl Simd {
         }
     }
 
+    /// [`Simd::row_exact`] of one row against every input row of `xs` (`c` columns each, their
+    /// per-group sums in `xsums`), written to `out`; on AVX2 four inputs share each unpacked
+    /// word. Bit-equal to calling [`row_exact`] per input.
+    pub fn rows_exact<S: Scales>(
+        self,
+        r: Row<'_, S>,
+        xs: &[f32],
+        c: usize,
+        xsums: &[f32],
+        out: &mut [f32],
+    ) {
+        let g = r.groups;
+        let i = self.exact_by_four(r, xs, c, xsums, out);
+        for (k, o) in out.iter_mut().enumerate().skip(i) {
+            *o = self.row_exact(r, &xs[k * c..(k + 1) * c], &xsums[k * g..(k + 1) * g]);
+        }
+    }
+
+    /// The leading blocks of four inputs of [`Simd::rows_exact`] that this form runs together;
+    /// returns how many inputs it did.
+    #[allow(unused_variables)]
+    fn exact_by_four<S: Scales>(
+        self,
+        r: Row<'_, S>,
+        xs: &[f32],
+        c: usize,
+        xsums: &[f32],
+        out: &mut [f32],
+    ) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx2 {
+            let g = r.groups;
+            let blocks = out.len() / 4;
+            for k in 0..blocks {
+                let i = 4 * k;
+                // SAFETY: as in `row_exact`.
+                unsafe {
+                    exact_multi_avx2::<S, 4>(
+                        r,
+                        &xs[i * c..(i + 4) * c],
+                        c,
+                        &xsums[i * g..(i + 4) * g],
+                        &mut out[i..i + 4],
+                    )
+                };
+            }
+            return 4 * blocks;
+        }
+        0
+    }
+
     /// [`row_int8`] in this form.
     #[inline(always)]
     pub fn row_int8<S: Scales>(self, r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
@@ -715,6 +822,41 @@ mod tests {
                     assert!(
                         err <= bound + 1e-5 * scale,
                         "{cols}/{gs} residual {residual}: {i8p} vs {want} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn several_inputs_at_once_are_bit_equal_to_one_at_a_time() {
+        let simd = Simd::current();
+        for (seed, cols, gs) in [(5, 64, 32), (6, 1024, 64), (7, 512, 128)] {
+            let c = case(seed, cols, gs);
+            let (sv, bv): (Vec<f32>, Vec<f32>) = c.sb.iter().copied().unzip();
+            let r = Row {
+                words: &c.words,
+                s: &sv[..],
+                b: &bv[..],
+                k0: 0,
+                groups: c.groups,
+                gs,
+            };
+            // 1 to 9 inputs: blocks of four and the rest one by one.
+            for n in 1..=9 {
+                let inputs: Vec<Case> = (0..n)
+                    .map(|k| case(seed * 31 + k as u64, cols, gs))
+                    .collect();
+                let xs: Vec<f32> = inputs.iter().flat_map(|i| i.x.iter().copied()).collect();
+                let xsums: Vec<f32> = inputs.iter().flat_map(|i| i.xsum.iter().copied()).collect();
+                let mut out = vec![0f32; n];
+                simd.rows_exact(r, &xs, cols, &xsums, &mut out);
+                for (k, i) in inputs.iter().enumerate() {
+                    let one = row_exact(r, &i.x, &i.xsum);
+                    assert_eq!(
+                        one.to_bits(),
+                        out[k].to_bits(),
+                        "{simd:?} {cols}/{gs}, input {k} of {n}"
                     );
                 }
             }
