@@ -69,6 +69,9 @@ pub struct BenchOptions {
     /// What a miss runs (`load`, or `cpu-compute` on CUDA to time Fiddler's host computation;
     /// the lossy modes are measured by experiments, which also report their drift).
     pub miss: MissMode,
+    /// After each cell's measured prompts, run them once more with the decoder's parts timed
+    /// ([`crate::models::profile`]) and report decode milliseconds per token by part.
+    pub profile: bool,
 }
 
 /// One measured cell.
@@ -120,6 +123,10 @@ pub struct BenchRow {
     pub storage_bound_tps: Option<f64>,
     /// `decode_tps / storage_bound_tps`.
     pub storage_bound_fraction: Option<f64>,
+    /// With `--profile`: decode milliseconds per token by part of the decoder (and `total`),
+    /// from a second, profiled pass over the measured prompts (the device synchronized at every
+    /// part boundary, so its total exceeds `1000 / decode_tps`).
+    pub decode_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// The report of one `harness bench` run.
@@ -322,6 +329,21 @@ pub fn bench(
             row.serial_bound_tps = Some(bound);
             row.serial_bound_fraction = Some(row.decode_tps / bound);
         }
+        if opts.profile {
+            engine.model.set_profiling(true);
+            let p0 = engine.model.profile();
+            for m in &measured {
+                m.generate(&mut engine)?;
+            }
+            let p = engine.model.profile().decode.since(&p0.decode);
+            engine.model.set_profiling(false);
+            row.decode_ms_by_part = Some(
+                p.ms_per_token()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            );
+        }
         progress(&row);
         report.rows.push(row);
     }
@@ -462,6 +484,7 @@ fn measure(
         device_bytes_per_token: None,
         storage_bound_tps: None,
         storage_bound_fraction: None,
+        decode_ms_by_part: None,
     }
 }
 
@@ -611,6 +634,33 @@ pub fn format_report(r: &BenchReport) -> String {
             f2(row.serial_bound_fraction),
             f2(row.prefetch_hidden),
         ));
+    }
+    const PARTS: [&str; 8] = [
+        "attention",
+        "norms",
+        "router",
+        "experts",
+        "dense_mlp",
+        "lm_head",
+        "embed",
+        "total",
+    ];
+    if r.rows.iter().any(|row| row.decode_ms_by_part.is_some()) {
+        out.push_str("decode ms per token by part (a second, profiled pass: the device synchronized at every part boundary)\n");
+        out.push_str(&format!("{:<18}", "cell"));
+        for p in PARTS {
+            out.push_str(&format!(" {p:>9}"));
+        }
+        out.push('\n');
+        for row in &r.rows {
+            if let Some(parts) = &row.decode_ms_by_part {
+                out.push_str(&format!("{:<18}", row.cell));
+                for p in PARTS {
+                    out.push_str(&format!(" {:>9.3}", parts.get(p).copied().unwrap_or(0.0)));
+                }
+                out.push('\n');
+            }
+        }
     }
     out
 }

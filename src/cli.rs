@@ -97,6 +97,10 @@ struct BenchArgs {
     /// Skip the all-resident cell.
     #[arg(long)]
     no_resident: bool,
+    /// Also time each part of the decoder (attention, norms, router, experts, dense MLP,
+    /// lm_head) in a second pass over each cell's prompts, the device synchronized between parts.
+    #[arg(long)]
+    profile: bool,
     /// Reader threads per expert upload on CUDA (default 4).
     #[arg(long)]
     read_threads: Option<usize>,
@@ -498,6 +502,7 @@ pub fn run() -> Result<ExitCode> {
                 kernels: a.compute.kernels,
                 replay: a.replay.map(|p| (p, a.replay_cell)),
                 miss: a.miss,
+                profile: a.profile,
             };
             let r = moe_harness::bench::bench(&a.model, device, &opts, |row| {
                 eprintln!(

@@ -469,6 +469,29 @@ impl LayerKv {
         Ok(kv.append(&k.contiguous()?, &v.contiguous()?)?)
     }
 
+    /// On the CPU, `f(keys, values, capacity)` over the cache's f32 buffers, each
+    /// `[kv heads, capacity, head dim]` (positions past the cached ones are unused); `None` when
+    /// the cache is not such a buffer (another device or dtype, or nothing cached yet).
+    pub fn with_host_buffers<R>(&self, f: impl FnOnce(&[f32], &[f32], usize) -> R) -> Option<R> {
+        let kv = self.kv.as_ref()?;
+        let (k, v) = (
+            kv.k_cache().all_data().as_ref()?,
+            kv.v_cache().all_data().as_ref()?,
+        );
+        let (_, _, cap, _) = k.dims4().ok()?;
+        let ((ks, kl), (vs, vl)) = (k.storage_and_layout(), v.storage_and_layout());
+        match (&*ks, &*vs) {
+            (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc))
+                if kl.is_contiguous() && vl.is_contiguous() =>
+            {
+                let kb = &kc.as_slice::<f32>().ok()?[kl.start_offset()..];
+                let vb = &vc.as_slice::<f32>().ok()?[vl.start_offset()..];
+                Some(f(kb, vb, cap))
+            }
+            _ => None,
+        }
+    }
+
     /// Bytes of the buffers allocated so far.
     pub fn bytes(&self) -> u64 {
         let size = |c: &candle_nn::kv_cache::Cache| {
@@ -603,6 +626,27 @@ impl Attention {
         let (k, v) = kv.append(k, v, 2)?;
         let s = k.dim(2)?;
         let rep = nh / nkv;
+        let scale = (hd as f64).powf(-0.5);
+        // One CPU decode step: attend straight over the cache's buffers (no per-head copies of
+        // the keys and values, no small-matrix products).
+        let host = match t == 1 && dev.is_cpu() {
+            true => {
+                let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+                let first = self.spec.sliding_window.map_or(0, |w| s.saturating_sub(w));
+                kv.with_host_buffers(|kb, vb, cap| {
+                    decode_attention(&qv, kb, vb, cap, (first, s), (nh, rep, hd), scale as f32)
+                })
+            }
+            false => None,
+        };
+        if let Some(y) = host {
+            let y = Tensor::from_vec(y, (1, nh * hd), dev)?;
+            let y = match gate {
+                Some(g) => (y * candle_nn::ops::sigmoid(&g)?)?,
+                None => y,
+            };
+            return self.o.forward(&y);
+        }
         let expand = |y: Tensor| -> Result<Tensor> {
             if rep == 1 {
                 return Ok(y);
@@ -612,7 +656,6 @@ impl Attention {
                 .reshape((1, nh, s, hd))?)
         };
         let (k, v) = (expand(k)?, expand(v)?);
-        let scale = (hd as f64).powf(-0.5);
         let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         if let Some(mask) = causal_mask(t, s, self.spec.sliding_window, dev)? {
             att = att.broadcast_add(&mask)?;
@@ -626,6 +669,53 @@ impl Attention {
         };
         self.o.forward(&y)
     }
+}
+
+/// One query token's attention on the host: for every query head `h` (`rep` per KV head), the
+/// softmax of `scale · q_h · k_j` over the cached positions `j` in `keys.0..keys.1`, and the
+/// weighted sum of their values. `kb`/`vb`: `[kv heads, cap, hd]`. Returns `[nh · hd]`.
+fn decode_attention(
+    q: &[f32],
+    kb: &[f32],
+    vb: &[f32],
+    cap: usize,
+    keys: (usize, usize),
+    (nh, rep, hd): (usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let (first, s) = keys;
+    let mut out = vec![0f32; nh * hd];
+    let mut p = vec![0f32; s];
+    for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+        let g = h / rep;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (j, pj) in p.iter_mut().enumerate().take(s).skip(first) {
+            let kj = &kb[(g * cap + j) * hd..(g * cap + j + 1) * hd];
+            // Eight lanes, so that the products vectorize.
+            let mut acc = [0f32; 8];
+            for (qc, kc) in qh.chunks(8).zip(kj.chunks(8)) {
+                for (l, (a, b)) in qc.iter().zip(kc).enumerate() {
+                    acc[l] += a * b;
+                }
+            }
+            *pj = acc.iter().sum::<f32>() * scale;
+            max = max.max(*pj);
+        }
+        let mut sum = 0f32;
+        for pj in &mut p[first..s] {
+            *pj = (*pj - max).exp();
+            sum += *pj;
+        }
+        for (j, pj) in p.iter().enumerate().take(s).skip(first) {
+            let w = pj / sum;
+            let vj = &vb[(g * cap + j) * hd..(g * cap + j + 1) * hd];
+            for (o, v) in oh.iter_mut().zip(vj) {
+                *o += w * v;
+            }
+        }
+    }
+    out
 }
 
 /// Additive causal (and sliding-window) mask `[T, S]` for `t` queries at the end of `s` cached

@@ -11,6 +11,7 @@ pub mod layers;
 pub mod mixtral;
 pub mod mla;
 pub mod moe;
+pub mod profile;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 
@@ -25,6 +26,7 @@ use crate::weights::{Checkpoint, Vb};
 
 use layers::{Attention, Embedding, LayerKv, Linear, Mlp, RmsNorm};
 use moe::{ExpertAccess, MoeBlock, Route};
+use profile::{Clock, Part, Profile};
 
 /// Reads `config.json` (given a checkpoint directory or the file itself), dispatches on its
 /// `model_type` to the family file that knows HF's field names, and resolves a [`ModelSpec`].
@@ -217,6 +219,8 @@ pub struct Model {
     norm: RmsNorm,
     lm_head: Linear,
     device: Device,
+    profiling: std::sync::atomic::AtomicBool,
+    profile: std::sync::Mutex<Profile>,
 }
 
 impl Model {
@@ -306,7 +310,21 @@ impl Model {
             layers,
             lm_head,
             device: dev.clone(),
+            profiling: Default::default(),
+            profile: Default::default(),
         })
+    }
+
+    /// Turns the per-part timing of forward calls on or off ([`profile`]: it waits for the
+    /// device at every part boundary, so profiled calls run slower).
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The part times of the profiled forward calls so far.
+    pub fn profile(&self) -> Profile {
+        *self.profile.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The compute device.
@@ -337,17 +355,26 @@ impl Model {
                 vec![LayerKv::with_capacity(kv.capacity.max(tokens.len())); self.layers.len()];
         }
         let pos0 = kv.len;
+        let on = self.profiling.load(std::sync::atomic::Ordering::Relaxed);
+        let mut clock = Clock::start(&self.device, on, tokens.len())?;
         let mut h = self.embed.forward(tokens, &self.device)?;
+        Clock::mark(&mut clock, Part::Embed)?;
         let mut routing = Vec::new();
         let lookahead = access.wants_lookahead();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer
                 .attn
                 .forward(&layer.input_norm.forward(&h)?, pos0, &mut kv.layers[i])?;
+            Clock::mark(&mut clock, Part::Attention)?;
             h = (h + a)?;
             let x = layer.post_norm.forward(&h)?;
+            Clock::mark(&mut clock, Part::Norms)?;
             let y = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&x)?,
+                Ffn::Dense(mlp) => {
+                    let y = mlp.forward(&x)?;
+                    Clock::mark(&mut clock, Part::DenseMlp)?;
+                    y
+                }
                 Ffn::Moe(moe) => {
                     let routes = match access.replayed_routes(moe.layer, pos0, tokens.len())? {
                         Some(r) => r,
@@ -366,13 +393,16 @@ impl Model {
                         )),
                         None => None,
                     };
+                    Clock::mark(&mut clock, Part::Router)?;
                     let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));
                     let y = moe.forward(&x, pos0, &routes, pred_ref, access)?;
+                    Clock::mark(&mut clock, Part::Experts)?;
                     routing.push((moe.layer, routes));
                     y
                 }
             };
             h = (h + y)?;
+            Clock::mark(&mut clock, Part::Norms)?;
         }
         kv.len += tokens.len();
         let h = if last_only {
@@ -381,6 +411,13 @@ impl Model {
             h
         };
         let logits = self.lm_head.forward(&self.norm.forward(&h)?)?;
+        Clock::mark(&mut clock, Part::LmHead)?;
+        if let Some(c) = clock {
+            self.profile
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(&c.times);
+        }
         Ok((logits, routing))
     }
 

@@ -27,7 +27,54 @@ pub(crate) fn opts() -> BenchOptions {
         kernels: Default::default(),
         replay: None,
         miss: Default::default(),
+        profile: false,
     }
+}
+
+#[test]
+fn profiled_pass_times_every_part_of_decode() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/glm4-moe-tiny/mlx-4bit");
+    let o = BenchOptions {
+        capacities: vec![4],
+        policies: vec![PolicySpec::Lru],
+        profile: true,
+        ..opts()
+    };
+    let r = bench(&model, Device::Cpu, &o, |_| {}).unwrap();
+    for row in &r.rows {
+        let p = row.decode_ms_by_part.as_ref().expect("profiled");
+        for part in [
+            "attention",
+            "norms",
+            "router",
+            "experts",
+            "dense_mlp",
+            "lm_head",
+        ] {
+            assert!(p[part] > 0.0, "{}: {part} {p:?}", row.cell);
+        }
+        let sum: f64 = p
+            .iter()
+            .filter(|(k, _)| *k != "total")
+            .map(|(_, v)| v)
+            .sum();
+        assert!((sum - p["total"]).abs() < 1e-9 * sum, "{p:?}");
+    }
+    // Without --profile nothing is timed, and the model splits prefill from decode calls.
+    let r = bench(&model, Device::Cpu, &opts(), |_| {}).unwrap();
+    assert!(r.rows.iter().all(|row| row.decode_ms_by_part.is_none()));
+    let mut e = moe_harness::engine::Engine::open(&model, Device::Cpu, Default::default()).unwrap();
+    e.model.set_profiling(true);
+    e.generate(
+        &[1, 2, 3, 4, 5],
+        4,
+        &mut moe_harness::engine::Sampler::Greedy,
+        &[],
+    )
+    .unwrap();
+    let p = e.model.profile();
+    assert_eq!((p.prefill.calls, p.prefill.tokens), (1, 5));
+    assert_eq!((p.decode.calls, p.decode.tokens), (3, 3));
 }
 
 #[test]
