@@ -10,20 +10,29 @@
 #      decode baseline (all experts resident, bf16, same config and layer count).
 # Usage: bash scripts/gpu_speed.sh OUTDIR [LAYERS] [CAPACITIES]
 # Environment: IOS="cold page-cache" runs the sweep once per I/O mode (default page-cache), CACHEABLE=1 adds an LRU sweep with cacheable staging buffers, SKIP_CHECK=1 skips step 1, SKIP_HF=1 the HF baseline, SKIP_INLINE=1 the inline
-# sweep; RESIDENT=0 drops the all-resident cell (needed where every expert as f32 can't fit).
+# sweep; RESIDENT=0 drops the all-resident cell (needed where every expert as f32 can't fit); PROFILE=1 adds
+# `--profile` to the page-cache sweep (decode milliseconds per token by part of the decoder, in a second pass).
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-[ -f harness ] || { cp .gpu/harness.gz . && gunzip -f harness.gz && chmod +x harness; }
+if [ ! -f harness ]; then
+  if [ -f .gpu/harness.xz ]; then  # xz: the tree plus the binary must stay under the carry limit
+    python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.gpu/harness.xz'), open('harness', 'wb'))"
+  else
+    cp .gpu/harness.gz . && gunzip -f harness.gz
+  fi
+  chmod +x harness
+fi
 H=$PWD/harness
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } > "$out/gpu.txt" 2>&1
 if [ -z "${SKIP_CHECK:-}" ]; then
   timeout 120 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
 fi
 res=""; [ "${RESIDENT:-1}" = 0 ] && res=--no-resident
+[ -n "${PROFILE:-}" ] && res="$res --profile"
 m=/tmp/flash$layers
-[ -d "$m" ] || timeout 120 $H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
+[ -d "$m" ] || timeout 300 $H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
 for io in ${IOS:-page-cache}; do
   sfx=""; [ "$io" = page-cache ] || sfx="_$io"
   timeout 240 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" $res --io "$io" \
