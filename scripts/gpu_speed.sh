@@ -15,15 +15,7 @@
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
 mkdir -p "$out"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-if [ ! -f harness ]; then
-  if [ -f .gpu/harness.xz ]; then  # xz: the tree plus the binary must stay under the carry limit
-    python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.gpu/harness.xz'), open('harness', 'wb'))"
-  else
-    cp .gpu/harness.gz . && gunzip -f harness.gz
-  fi
-  chmod +x harness
-fi
+source scripts/gpu_binary.sh
 H=$PWD/harness
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } > "$out/gpu.txt" 2>&1
 if [ -z "${SKIP_CHECK:-}" ]; then

@@ -297,6 +297,14 @@ impl LayerKind {
     }
 }
 
+/// Serde helper for a field whose explicit `null` means something (`q_lora_rank: null`: no query
+/// compression): absent → `None`, `null` → `Some(None)`, a number → `Some(Some(n))`.
+pub fn explicit_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<usize>>, D::Error> {
+    Option::<usize>::deserialize(d).map(Some)
+}
+
 /// The MoE layers named by HF's `mlp_layer_types` (`dense` / `sparse` per decoder layer),
 /// checking its length against `num_hidden_layers`.
 pub fn sparse_layers(file: &Path, types: &[String], n: usize) -> Result<Vec<usize>> {

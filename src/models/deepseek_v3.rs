@@ -7,11 +7,11 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::config::{
-    parse_family, sparse_layers, AttentionSpec, Family, KeyScheme, MlaSpec, ModelSpec, MoeSpec,
-    RouterSpec,
+    explicit_null, parse_family, sparse_layers, AttentionSpec, Family, KeyScheme, MlaSpec,
+    ModelSpec, MoeSpec, RouterSpec,
 };
 use crate::error::{Error, Result};
 
@@ -22,10 +22,6 @@ pub enum Variant {
     DeepseekV3,
     /// `glm4_moe_lite`: MoE where `mlp_layer_types` says `sparse` (default: all but layer 0).
     Glm4MoeLite,
-}
-
-fn double<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<usize>>, D::Error> {
-    Option::<usize>::deserialize(d).map(Some)
 }
 
 /// HF `DeepseekV3Config` / `Glm4MoeLiteConfig` fields, names unchanged; `None` = HF default.
@@ -43,7 +39,7 @@ pub struct Config {
     pub num_local_experts: Option<usize>,
     pub routed_scaling_factor: Option<f64>,
     pub kv_lora_rank: Option<usize>,
-    #[serde(default, deserialize_with = "double")]
+    #[serde(default, deserialize_with = "explicit_null")]
     pub q_lora_rank: Option<Option<usize>>,
     pub qk_rope_head_dim: Option<usize>,
     pub v_head_dim: Option<usize>,

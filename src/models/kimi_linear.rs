@@ -9,17 +9,13 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::config::{
-    parse_family, sparse_layers, AttentionSpec, DeltaNetSpec, Family, HybridSpec, KeyScheme,
-    LayerKind, LinearKind, MlaSpec, ModelSpec, MoeSpec, RouterSpec,
+    explicit_null, parse_family, sparse_layers, AttentionSpec, DeltaNetSpec, Family, HybridSpec,
+    KeyScheme, LayerKind, LinearKind, MlaSpec, ModelSpec, MoeSpec, RouterSpec,
 };
 use crate::error::{Error, Result};
-
-fn double<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<usize>>, D::Error> {
-    Option::<usize>::deserialize(d).map(Some)
-}
 
 /// The hub's `linear_attn_config` block.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,7 +58,7 @@ pub struct Config {
     pub first_k_dense_replace: Option<usize>,
     pub mlp_layer_types: Option<Vec<String>>,
     pub kv_lora_rank: Option<usize>,
-    #[serde(default, deserialize_with = "double")]
+    #[serde(default, deserialize_with = "explicit_null")]
     pub q_lora_rank: Option<Option<usize>>,
     pub qk_rope_head_dim: Option<usize>,
     pub qk_nope_head_dim: Option<usize>,
