@@ -249,11 +249,7 @@ fn base(path: &Path, s: &ModelSpec) -> Report {
         layout: "unknown (config only)".into(),
         key_prefix: None,
         router: Some(s.moe.router.name().into()),
-        attention: Some(if s.mla.is_some() {
-            "mla".into()
-        } else {
-            "gqa".into()
-        }),
+        attention: Some(attention_label(s)),
         quantization: String::new(),
         sizes: "",
         bytes_per_expert: None,
@@ -375,4 +371,28 @@ impl std::fmt::Display for Report {
             bytes(self.expert_bytes_per_token)
         )
     }
+}
+
+/// `gqa`, `mla`, or for a hybrid model its layer counts, e.g. `hybrid: 20 kda + 7 mla-nope`.
+fn attention_label(s: &ModelSpec) -> String {
+    use crate::config::{LayerKind, LinearKind};
+    let full = match &s.mla {
+        Some(m) if m.rope => "mla",
+        Some(_) => "mla-nope",
+        None if s.hybrid.is_some() => "gated-gqa",
+        None => "gqa",
+    };
+    let Some(h) = &s.hybrid else {
+        return full.into();
+    };
+    let linear = h
+        .layer_types
+        .iter()
+        .filter(|k| **k == LayerKind::LinearAttention)
+        .count();
+    let name = match h.linear {
+        LinearKind::GatedDeltaNet => "gated-deltanet",
+        LinearKind::Kda => "kda",
+    };
+    format!("hybrid: {linear} {name} + {} {full}", s.num_layers - linear)
 }

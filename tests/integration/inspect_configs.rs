@@ -92,6 +92,26 @@ fn kimi_fixture_needs_key_prefix_and_ignores_vision_tensors() {
     assert_eq!(r.attention.as_deref(), Some("mla"));
 }
 
+#[test]
+fn hybrid_models_say_which_layers_are_linear_attention() {
+    let q4 = QuantParams {
+        bits: 4,
+        group_size: 64,
+    };
+    for (file, want) in [
+        ("kimi-linear.json", "hybrid: 20 kda + 7 mla-nope"),
+        (
+            "qwen3-coder-next.json",
+            "hybrid: 36 gated-deltanet + 12 gated-gqa",
+        ),
+        ("glm47-flash.json", "mla"),
+        ("glm47.json", "gqa"),
+    ] {
+        let r = inspect(&config(file), q4).unwrap();
+        assert_eq!(r.attention.as_deref(), Some(want), "{file}");
+    }
+}
+
 fn open_err(dir: &Path) -> String {
     moe_harness::engine::Engine::open(dir, candle_core::Device::Cpu, Default::default())
         .unwrap_err()
