@@ -220,7 +220,14 @@ impl Engine {
         let io = ck.set_io(cfg.io, cfg.storage);
         check_budget(&spec, &store, &cfg)?;
         store.set_gpu_experts(cfg.gpu_experts);
-        let model = Model::load(&ck, &spec, &prefix, &device, cfg.dense == DenseForm::Mapped)?;
+        let model = Model::load(
+            &ck,
+            &spec,
+            &prefix,
+            store.layout(),
+            &device,
+            cfg.dense == DenseForm::Mapped,
+        )?;
         if !device.is_cpu() {
             // The dense weights now live on the device: the host never reads them again.
             ck.release_all();

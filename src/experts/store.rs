@@ -204,6 +204,7 @@ impl ExpertStore {
         );
         let dims = [(i, h), (i, h), (h, i)];
         let quant = spec.quantization.as_ref();
+        let module = crate::weights::layout::moe_module(spec, layout);
         let mut handles = vec![Vec::new(); spec.num_layers];
         for &layer in &spec.moe.moe_layers {
             let mut experts = Vec::with_capacity(e_n);
@@ -214,10 +215,7 @@ impl ExpertStore {
                             .map(|p| {
                                 let module = prefix.layer(
                                     layer,
-                                    &format!(
-                                        "{}.experts.{e}.{}",
-                                        spec.keys.mlp, spec.keys.expert_proj[p]
-                                    ),
+                                    &format!("{module}.experts.{e}.{}", spec.keys.expert_proj[p]),
                                 );
                                 source(&ck, quant, &module, None, dims[p])
                             })
@@ -229,10 +227,8 @@ impl ExpertStore {
                     let names = ["gate_proj", "up_proj", "down_proj"];
                     let stacked: Vec<ProjSource> = (0..3)
                         .map(|p| {
-                            let module = prefix.layer(
-                                layer,
-                                &format!("{}.switch_mlp.{}", spec.keys.stacked_mlp, names[p]),
-                            );
+                            let module =
+                                prefix.layer(layer, &format!("{module}.switch_mlp.{}", names[p]));
                             source(&ck, quant, &module, Some(e_n), dims[p])
                         })
                         .collect::<Result<_>>()?;

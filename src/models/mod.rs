@@ -21,7 +21,7 @@ use std::path::Path;
 
 use crate::config::{self, Family, LayerKind, LinearKind, ModelSpec};
 use crate::error::{Error, Result};
-use crate::weights::layout::{self, Prefix};
+use crate::weights::layout::{self, ExpertLayout, Prefix};
 use crate::weights::{Checkpoint, Vb};
 
 use layers::{Attention, Embedding, LayerKv, Linear, Mlp, RmsNorm};
@@ -227,11 +227,13 @@ impl Model {
     /// Loads every dense tensor (attention, norms, embeddings, routers, shared experts, dense
     /// layers). Routed experts are not touched.
     /// On the CPU, dense weights are read in place from the memory map when `in_place`, else
-    /// copied into memory.
+    /// copied into memory. `layout` is how the checkpoint stores its experts (as the expert
+    /// store detected it): it names the MoE module and tells Qwen3-Next's norm convention.
     pub fn load(
         ck: &Checkpoint,
         spec: &ModelSpec,
         prefix: &Prefix,
+        layout: ExpertLayout,
         dev: &Device,
         in_place: bool,
     ) -> Result<Self> {
@@ -242,16 +244,11 @@ impl Model {
         let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;
         let layers_vb = root.pp(&prefix.layers);
         let eps = spec.rms_norm_eps;
-        let layout = match spec.moe.moe_layers.is_empty() {
-            true => None,
-            false => Some(layout::detect_experts(ck, spec, prefix)?),
-        };
         // Qwen3-Next's HF checkpoints store zero-centred norms (scale 1 + weight); mlx-lm's
         // converter shifts them (its stacked `switch_mlp` experts mark the layout).
-        let centred =
-            spec.family == Family::Qwen3Next && layout == Some(layout::ExpertLayout::PerExpert);
+        let centred = spec.family == Family::Qwen3Next && layout == ExpertLayout::PerExpert;
         let norm = |vb: &Vb, n: usize| RmsNorm::load_maybe_centred(vb, n, eps, centred);
-        let moe_module = layout.map_or(spec.keys.mlp, |l| layout::moe_module(spec, l));
+        let moe_module = layout::moe_module(spec, layout);
         let mut layers = Vec::with_capacity(spec.num_layers);
         for i in 0..spec.num_layers {
             let vb = layers_vb.pp(i);
