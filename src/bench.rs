@@ -635,28 +635,19 @@ pub fn format_report(r: &BenchReport) -> String {
             f2(row.prefetch_hidden),
         ));
     }
-    const PARTS: [&str; 8] = [
-        "attention",
-        "norms",
-        "router",
-        "experts",
-        "dense_mlp",
-        "lm_head",
-        "embed",
-        "total",
-    ];
+    let parts = crate::models::profile::PARTS.iter().chain(&["total"]);
     if r.rows.iter().any(|row| row.decode_ms_by_part.is_some()) {
         out.push_str("decode ms per token by part (a second, profiled pass: the device synchronized at every part boundary)\n");
         out.push_str(&format!("{:<18}", "cell"));
-        for p in PARTS {
+        for p in parts.clone() {
             out.push_str(&format!(" {p:>9}"));
         }
         out.push('\n');
         for row in &r.rows {
-            if let Some(parts) = &row.decode_ms_by_part {
+            if let Some(ms) = &row.decode_ms_by_part {
                 out.push_str(&format!("{:<18}", row.cell));
-                for p in PARTS {
-                    out.push_str(&format!(" {:>9.3}", parts.get(p).copied().unwrap_or(0.0)));
+                for p in parts.clone() {
+                    out.push_str(&format!(" {:>9.3}", ms.get(*p).copied().unwrap_or(0.0)));
                 }
                 out.push('\n');
             }

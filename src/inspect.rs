@@ -375,7 +375,7 @@ impl std::fmt::Display for Report {
 
 /// `gqa`, `mla`, or for a hybrid model its layer counts, e.g. `hybrid: 20 kda + 7 mla-nope`.
 fn attention_label(s: &ModelSpec) -> String {
-    use crate::config::{LayerKind, LinearKind};
+    use crate::config::LinearKind;
     let full = match &s.mla {
         Some(m) if m.rope => "mla",
         Some(_) => "mla-nope",
@@ -385,14 +385,10 @@ fn attention_label(s: &ModelSpec) -> String {
     let Some(h) = &s.hybrid else {
         return full.into();
     };
-    let linear = h
-        .layer_types
-        .iter()
-        .filter(|k| **k == LayerKind::LinearAttention)
-        .count();
+    let linear = s.num_layers - s.attention_layers();
     let name = match h.linear {
         LinearKind::GatedDeltaNet => "gated-deltanet",
         LinearKind::Kda => "kda",
     };
-    format!("hybrid: {linear} {name} + {} {full}", s.num_layers - linear)
+    format!("hybrid: {linear} {name} + {} {full}", s.attention_layers())
 }

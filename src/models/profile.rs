@@ -12,6 +12,17 @@ use candle_core::Device;
 
 use crate::error::Result;
 
+/// The parts of the decoder a profile names, in report order.
+pub const PARTS: [&str; 7] = [
+    "attention",
+    "norms",
+    "router",
+    "experts",
+    "dense_mlp",
+    "lm_head",
+    "embed",
+];
+
 /// Seconds spent per part of the decoder, over some forward calls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct PartTimes {
@@ -51,21 +62,29 @@ impl PartTimes {
         }
     }
 
-    /// Milliseconds per token of each part, and their `total`.
+    /// The parts' seconds, in the order of [`PARTS`].
+    pub fn seconds(&self) -> [f64; 7] {
+        [
+            self.attention,
+            self.norms,
+            self.router,
+            self.experts,
+            self.dense_mlp,
+            self.lm_head,
+            self.embed,
+        ]
+    }
+
+    /// Milliseconds per token of each part (named as in [`PARTS`]), and their `total`.
     pub fn ms_per_token(&self) -> BTreeMap<&'static str, f64> {
         let n = self.tokens.max(1) as f64;
-        let parts = [
-            ("embed", self.embed),
-            ("attention", self.attention),
-            ("norms", self.norms),
-            ("router", self.router),
-            ("experts", self.experts),
-            ("dense_mlp", self.dense_mlp),
-            ("lm_head", self.lm_head),
-        ];
-        let mut m: BTreeMap<&'static str, f64> =
-            parts.iter().map(|&(k, v)| (k, v * 1e3 / n)).collect();
-        m.insert("total", parts.iter().map(|p| p.1).sum::<f64>() * 1e3 / n);
+        let secs = self.seconds();
+        let mut m: BTreeMap<&'static str, f64> = PARTS
+            .iter()
+            .zip(secs)
+            .map(|(&k, v)| (k, v * 1e3 / n))
+            .collect();
+        m.insert("total", secs.iter().sum::<f64>() * 1e3 / n);
         m
     }
 

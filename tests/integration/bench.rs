@@ -43,14 +43,7 @@ fn profiled_pass_times_every_part_of_decode() {
     let r = bench(&model, Device::Cpu, &o, |_| {}).unwrap();
     for row in &r.rows {
         let p = row.decode_ms_by_part.as_ref().expect("profiled");
-        for part in [
-            "attention",
-            "norms",
-            "router",
-            "experts",
-            "dense_mlp",
-            "lm_head",
-        ] {
+        for part in moe_harness::models::profile::PARTS {
             assert!(p[part] > 0.0, "{}: {part} {p:?}", row.cell);
         }
         let sum: f64 = p
