@@ -1,6 +1,6 @@
-//! Hybrid-attention families (Qwen3-Next, Kimi-Linear): the recurrent DeltaNet / KDA state
-//! carries exactly from a prefill into decode steps, and configs or tensors that disagree with each
-//! other are refused with the key and file named. (Logits, routing and greedy continuations against HF transformers
+//! Hybrid-attention families (Qwen3-Next, Kimi-Linear): the recurrent DeltaNet / KDA state (and
+//! every family's KV cache) carries exactly from a prefill into decode steps, and configs or
+//! tensors that disagree with each other are refused with the key and file named. (Logits, routing and greedy continuations against HF transformers
 //! for the f32, bf16 and MLX 4-bit fixtures are in `engine_reference`.)
 
 use candle_core::Device;
@@ -23,13 +23,27 @@ fn open(dir: &std::path::Path) -> moe_harness::error::Result<Engine> {
 
 #[test]
 fn prefill_then_decode_equals_one_full_pass() {
-    for name in [
+    // The hybrids' recurrent state, and every attention kind's KV cache — GQA with several query
+    // heads per KV head (GLM), MLA, and a sliding window shorter than the sequence (Mixtral with
+    // `sliding_window` 4) — which one-token CPU steps attend over in place.
+    let windowed = edited_fixture("mixtral-f32", |v| v["sliding_window"] = 4.into());
+    let mut dirs: Vec<(String, std::path::PathBuf)> = [
         "qwen3_next-f32",
         "qwen3_next-mlx4",
         "kimi_linear-f32",
         "kimi_linear-mlx4",
-    ] {
-        let dir = fixture(name);
+        "glm4_moe-mlx4",
+        "qwen3_moe-f32",
+        "deepseek_v3-f32",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), fixture(n)))
+    .collect();
+    dirs.push((
+        "mixtral-f32, window 4".into(),
+        windowed.path().to_path_buf(),
+    ));
+    for (name, dir) in dirs {
         let tokens = Reference::load(&dir).tokens();
         let mut e = open(&dir).unwrap();
         let (full, _) = e.logits(&tokens).unwrap();
