@@ -244,7 +244,11 @@ fn interrupted_run_resumes_and_leaves_nothing_marked_complete() {
                 std::fs::read_dir(&p)
                     .ok()?
                     .flatten()
-                    .find(|c| c.path().extension().is_some_and(|x| x == "json"))
+                    // A cell's summary marks it done; its `.env.json` is written just before.
+                    .find(|c| {
+                        let name = c.file_name().to_string_lossy().into_owned();
+                        name.ends_with(".json") && !name.ends_with(".env.json")
+                    })
                     .map(|c| c.path())
             })
         });
