@@ -1,8 +1,8 @@
 """Numerical check of the CUDA build on the GPU machine: for every test fixture, `harness logits`
 on `--device cuda` (all experts through the GPU miss path: pinned staging, copy streams,
-quantized experts kept packed and run by the matrix-vector kernel, or decoded to f32), at the
-smallest capacity with loader threads, at unlimited budget with inline loads, and with f32
-resident experts, against the HF transformers logits stored with the fixture.
+quantized experts kept packed and run by the fused kernels (default), by one matrix-vector kernel
+per projection, or decoded to f32), at the smallest capacity with loader threads, at unlimited
+budget with inline loads, with the per-projection kernel and with f32 resident experts, against the HF transformers logits stored with the fixture.
 Every run must say on stderr that it ran on the device asked for (`device: cuda:0`): a run that
 says otherwise counts as a failure, so a CPU result can never pass for a GPU one.
 Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu]  (prints one line per run, exits 1 on a mismatch)."""
@@ -31,6 +31,7 @@ for d in sorted(root.iterdir()):
     top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 2
     toks = ",".join(str(t) for t in meta["tokens"])
     for extra in (["--capacity", str(top_k), "--load-threads", "4"], ["--load-threads", "0"],
+                  ["--capacity", str(top_k), "--gpu-experts", "packed"],
                   ["--capacity", str(top_k), "--gpu-experts", "f32"]):
         with tempfile.TemporaryDirectory() as tmp:
             out = pathlib.Path(tmp) / "l.npy"

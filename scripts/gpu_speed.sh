@@ -11,7 +11,9 @@
 # Usage: bash scripts/gpu_speed.sh OUTDIR [LAYERS] [CAPACITIES]
 # Environment: IOS="cold page-cache" runs the sweep once per I/O mode (default page-cache), CACHEABLE=1 adds an LRU sweep with cacheable staging buffers, SKIP_CHECK=1 skips step 1, SKIP_HF=1 the HF baseline, SKIP_INLINE=1 the inline
 # sweep; RESIDENT=0 drops the all-resident cell (needed where every expert as f32 can't fit); PROFILE=1 adds
-# `--profile` to the page-cache sweep (decode milliseconds per token by part of the decoder, in a second pass).
+# `--profile` to the page-cache sweep (decode milliseconds per token by part of the decoder, in a second pass);
+# FORMS="fused packed" runs the sweep once per resident form of the experts (--gpu-experts; default fused),
+# POLICIES=lru picks the sweep's policies (default lru,lookahead).
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
 mkdir -p "$out"
@@ -19,16 +21,18 @@ source scripts/gpu_binary.sh
 H=$PWD/harness
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } > "$out/gpu.txt" 2>&1
 if [ -z "${SKIP_CHECK:-}" ]; then
-  timeout 120 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
+  timeout 200 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
 fi
 res=""; [ "${RESIDENT:-1}" = 0 ] && res=--no-resident
 [ -n "${PROFILE:-}" ] && res="$res --profile"
 m=/tmp/flash$layers
 [ -d "$m" ] || timeout 300 $H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
 for io in ${IOS:-page-cache}; do
-  sfx=""; [ "$io" = page-cache ] || sfx="_$io"
-  timeout 240 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" $res --io "$io" \
-    --prompts 3 --tokens 16 --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
+  for form in ${FORMS:-fused}; do
+    sfx=""; [ "$io" = page-cache ] || sfx="_$io"; [ "$form" = fused ] || sfx="${sfx}_$form"
+    timeout 240 $H bench --model "$m" --device cuda --policy ${POLICIES:-lru,lookahead} --capacity "$caps" $res --io "$io" \
+      --gpu-experts "$form" --prompts 3 --tokens 16 --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
+  done
 done
 if [ -n "${CACHEABLE:-}" ]; then
   timeout 120 $H bench --model "$m" --device cuda --policy lru --capacity "$caps" --staging cacheable \

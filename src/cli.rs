@@ -104,9 +104,10 @@ struct BenchArgs {
     /// Reader threads per expert upload on CUDA (default 4).
     #[arg(long)]
     read_threads: Option<usize>,
-    /// Resident form of MLX-quantized experts on CUDA: packed (checkpoint bytes, decoded in the
-    /// matrix-vector kernel) or f32 (decoded once at upload).
-    #[arg(long, value_enum, default_value_t = GpuExperts::Packed)]
+    /// Resident form of MLX-quantized experts on CUDA: fused (checkpoint bytes; a token's
+    /// experts in two fused launches), packed (checkpoint bytes, one matrix-vector launch per
+    /// projection) or f32 (decoded once at upload).
+    #[arg(long, value_enum, default_value_t = GpuExperts::Fused)]
     gpu_experts: GpuExperts,
     /// Pinned staging buffers on CUDA.
     #[arg(long, value_enum, default_value_t = Staging::WriteCombined)]
@@ -280,9 +281,10 @@ pub struct CacheArgs {
     /// Expert loader threads (0: load inline). Default: on the CPU 0 with --io page-cache, min(top_k, 4) with direct/cold; min(top_k, 8) on a GPU.
     #[arg(long)]
     pub load_threads: Option<usize>,
-    /// Resident form of MLX-quantized experts on CUDA: packed (checkpoint bytes, decoded in the
-    /// matrix-vector kernel) or f32 (decoded once at upload).
-    #[arg(long, value_enum, default_value_t = GpuExperts::Packed)]
+    /// Resident form of MLX-quantized experts on CUDA: fused (checkpoint bytes; a token's
+    /// experts in two fused launches), packed (checkpoint bytes, one matrix-vector launch per
+    /// projection) or f32 (decoded once at upload).
+    #[arg(long, value_enum, default_value_t = GpuExperts::Fused)]
     pub gpu_experts: GpuExperts,
     /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
     #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]

@@ -93,7 +93,7 @@ impl Default for EngineConfig {
             miss: MissMode::Load,
             record_trace: false,
             load_threads: None,
-            gpu_experts: GpuExperts::Packed,
+            gpu_experts: GpuExperts::Fused,
             dense: DenseForm::Mapped,
             io: IoMode::PageCache,
             storage: None,
@@ -324,7 +324,7 @@ impl Engine {
                 crate::weights::kernels::q4::Simd::current().name()
             )
         } else {
-            "gpu".into()
+            format!("gpu/experts {}", self.cfg.gpu_experts)
         }
     }
 

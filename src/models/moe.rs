@@ -2,6 +2,8 @@
 //! resolves every selected expert through an [`ExpertAccess`] (the engine's bounded cache), so
 //! experts are loaded only when a router selects them.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use crate::config::{ModelSpec, RouterSpec};
@@ -191,6 +193,39 @@ fn run_expert(xt: &Tensor, ew: &ExpertWeights) -> Result<Tensor> {
     expert_forward(xt, ew)
 }
 
+/// The routed output of one token from its experts' weighted sum `acc` (`None`: every expert
+/// skipped): with skip-on-miss, the kept experts are renormalised to the full routed weight.
+fn finish(acc: Option<Tensor>, kept: f32, route: &Route, xt: &Tensor) -> Result<Tensor> {
+    let total: f32 = route.weights.iter().sum();
+    Ok(match acc {
+        Some(a) if kept < total => (a * (total / kept) as f64)?,
+        Some(a) => a,
+        None => xt.zeros_like()?,
+    })
+}
+
+/// A token's routed experts in the fused GPU kernels, where every one is packed on the GPU in
+/// one form (`--gpu-experts fused`); `None` otherwise (and always in builds without CUDA).
+fn fused_experts(xt: &Tensor, fetched: &[(Arc<ExpertWeights>, f32)]) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::experts::store::ExpertMats;
+        let mut list = Vec::with_capacity(fetched.len());
+        for (ew, w) in fetched {
+            match &ew.mats {
+                ExpertMats::DevicePacked(p) if p.fused() => list.push((p, *w)),
+                _ => return Ok(None),
+            }
+        }
+        crate::experts::upload::DevicePacked::forward_fused(xt, &list)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (xt, fetched);
+        Ok(None)
+    }
+}
+
 /// A MoE block: router, shared experts, and routed experts resolved through [`ExpertAccess`].
 #[derive(Debug)]
 pub struct MoeBlock {
@@ -246,9 +281,11 @@ impl MoeBlock {
             access.begin_step(self.layer, pos0 + t, route, pred)?;
             let mut acc: Option<Tensor> = None;
             let mut kept = 0f32;
-            if xt.device().is_cpu() && crate::weights::kernels::parallel() {
-                // Several CPU threads: fetch the step's experts in router order, compute them
-                // side by side, then add them in router order (the same sums as one by one).
+            let gpu = !xt.device().is_cpu();
+            if gpu || crate::weights::kernels::parallel() {
+                // Fetch the step's experts in router order, then compute them together: in the
+                // fused kernels on a GPU, side by side on several CPU threads; either way added
+                // in router order (the same sums as one by one).
                 let mut fetched = Vec::with_capacity(route.experts.len());
                 for (&e, &w) in route.experts.iter().zip(&route.weights) {
                     let key = ExpertKey {
@@ -259,6 +296,25 @@ impl MoeBlock {
                         kept += w;
                         fetched.push((ew, w));
                     }
+                }
+                if gpu {
+                    acc = match fused_experts(&xt, &fetched)? {
+                        Some(y) => Some(y),
+                        None => {
+                            let mut acc: Option<Tensor> = None;
+                            for (ew, w) in &fetched {
+                                let y = (run_expert(&xt, ew)? * *w as f64)?;
+                                acc = Some(match acc {
+                                    Some(a) => (a + y)?,
+                                    None => y,
+                                });
+                            }
+                            acc
+                        }
+                    };
+                    access.end_step(route)?;
+                    outs.push(finish(acc, kept, route, &xt)?);
+                    continue;
                 }
                 let ys: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
                     fetched.iter().map(|_| Default::default()).collect();
@@ -299,14 +355,7 @@ impl MoeBlock {
                 }
             }
             access.end_step(route)?;
-            let total: f32 = route.weights.iter().sum();
-            let y = match acc {
-                // Skip-on-miss: the kept experts are renormalised to the full routed weight.
-                Some(a) if kept < total => (a * (total / kept) as f64)?,
-                Some(a) => a,
-                None => xt.zeros_like()?,
-            };
-            outs.push(y);
+            outs.push(finish(acc, kept, route, &xt)?);
         }
         let routed = Tensor::cat(&outs, 0)?;
         Ok(match (&self.shared, &self.shared_gate) {

@@ -24,7 +24,7 @@ pub(super) fn aligned(n: u64) -> usize {
     (n as usize).div_ceil(ALIGN) * ALIGN
 }
 
-fn driver(what: &str, e: impl std::fmt::Display) -> Error {
+pub(super) fn driver(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Input(format!("CUDA {what}: {e}"))
 }
 
@@ -50,10 +50,8 @@ pub(super) fn keep_pool_memory(dev: &CudaDevice) {
     }
 }
 
-/// MLX affine decode, one thread per output element (grid-stride): `scale · q + bias` with
-/// separate f32 multiply and add (no fused multiply-add), exactly as the host decoder does.
-/// Scales/biases are f32 (0), f16 (1) or bf16 (2), read from the same staged buffer.
-const DEQUANT_SRC: &str = r#"
+/// A scale or bias of kind `kind` (f32 0, f16 1, bf16 2) as f32, exactly.
+pub(super) const SCALE_SRC: &str = r#"
 __device__ float scale_at(const unsigned char* p, unsigned int kind, unsigned long long i) {
 if (kind == 0) return ((const float*)p)[i];
 unsigned int h = ((const unsigned short*)p)[i];
@@ -66,6 +64,12 @@ else v = ldexpf((float)(m | 1024u), (int)e - 25);
 return sign ? -v : v;
 }
 
+"#;
+
+/// MLX affine decode, one thread per output element (grid-stride): `scale · q + bias` with
+/// separate f32 multiply and add (no fused multiply-add), exactly as the host decoder does.
+/// Scales/biases are f32 (0), f16 (1) or bf16 (2), read from the same staged buffer.
+const DEQUANT_SRC: &str = r#"
 extern "C" __global__ void mlx_dequant(
 const unsigned char* buf, unsigned long long q_off, unsigned long long s_off,
 unsigned long long b_off, unsigned int scale_kind, float* out,
@@ -111,16 +115,19 @@ if (lane == 0) y[y_off + row] = acc;
 }
 "#;
 
-/// The compiled decode kernel (NVRTC, once per process).
+/// The compiled decode and product kernels (NVRTC, once per process).
 pub(super) struct Kernels {
     dequant: CudaFunction,
     gemv: CudaFunction,
+    /// The fused expert kernels ([`super::fused`]).
+    pub(super) fused: super::fused::FusedKernels,
 }
 
 impl Kernels {
     pub(super) fn new(dev: &CudaDevice) -> std::result::Result<Self, String> {
         use candle_core::cuda_backend::cudarc::nvrtc;
-        let ptx = nvrtc::compile_ptx(DEQUANT_SRC).map_err(|e| format!("NVRTC: {e}"))?;
+        let ptx = nvrtc::compile_ptx(format!("{SCALE_SRC}{DEQUANT_SRC}"))
+            .map_err(|e| format!("NVRTC: {e}"))?;
         let module = dev
             .cuda_stream()
             .context()
@@ -132,7 +139,12 @@ impl Kernels {
         let gemv = module
             .load_function("mlx_gemv")
             .map_err(|e| format!("mlx_gemv: {e}"))?;
-        Ok(Kernels { dequant, gemv })
+        let fused = super::fused::FusedKernels::new(dev)?;
+        Ok(Kernels {
+            dequant,
+            gemv,
+            fused,
+        })
     }
 }
 
@@ -151,12 +163,16 @@ fn scale_kind(d: DType) -> Result<u32> {
 /// scales, biases: the size the cache budget counts), run by a matrix-vector kernel that
 /// decodes each weight as it multiplies.
 pub struct DevicePacked {
-    dev: CudaDevice,
-    kernels: Arc<Kernels>,
-    buf: CudaSlice<u8>,
-    offs: [u64; 9],
-    kinds: [u32; 3],
-    projs: [QuantProj; 3],
+    pub(super) dev: CudaDevice,
+    pub(super) kernels: Arc<Kernels>,
+    pub(super) buf: CudaSlice<u8>,
+    /// Offsets in `buf` of gate, up, down (words, scales, biases each).
+    pub(super) offs: [u64; 9],
+    /// Scale type of gate, up, down (see [`SCALE_SRC`]).
+    pub(super) kinds: [u32; 3],
+    pub(super) projs: [QuantProj; 3],
+    /// Run with the other experts of its token in the fused kernels.
+    pub(super) fused: bool,
 }
 
 impl std::fmt::Debug for DevicePacked {
@@ -175,6 +191,7 @@ impl DevicePacked {
         buf: CudaSlice<u8>,
         parts: &[Part],
         projs: [QuantProj; 3],
+        fused: bool,
     ) -> Result<Self> {
         let mut offs = [0u64; 9];
         let mut off = 0u64;
@@ -194,6 +211,7 @@ impl DevicePacked {
             offs,
             kinds,
             projs,
+            fused,
         })
     }
 
@@ -216,7 +234,7 @@ impl DevicePacked {
         Ok(self.wrap(y, (1, h)))
     }
 
-    fn wrap(&self, s: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
+    pub(super) fn wrap(&self, s: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
         Tensor::from_storage(
             Storage::Cuda(CudaStorage::wrap_cuda_slice(s, self.dev.clone())),
             shape,

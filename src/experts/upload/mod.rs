@@ -26,8 +26,13 @@ use crate::weights::ByteRange;
 named_enum! {
     /// The resident form of MLX-quantized experts on a CUDA GPU.
     pub enum GpuExperts {
-        /// Checkpoint bytes in GPU memory, decoded inside the matrix-vector kernel.
+        /// Checkpoint bytes in GPU memory; the routed experts of a token run in two fused
+        /// launches (gate·up with SiLU for every expert, then down with the routing-weighted
+        /// sum), decoding each weight as they multiply.
         #[default]
+        Fused = "fused",
+        /// Checkpoint bytes in GPU memory, one matrix-vector launch per projection of each
+        /// expert (the form before the fused kernels, kept for comparison).
         Packed = "packed",
         /// Decoded once to f32 at upload (cuBLAS products).
         F32 = "f32",
@@ -58,7 +63,7 @@ pub struct Part {
 
 /// How one MLX-quantized projection is decoded on the device: its three parts (packed words,
 /// scales, biases) are consecutive in the part list.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QuantProj {
     /// Output rows.
     pub rows: usize,
@@ -193,6 +198,8 @@ pub struct Uploader {
     kernels: std::sync::OnceLock<std::result::Result<std::sync::Arc<cuda::Kernels>, String>>,
     /// Keep MLX-quantized experts packed in GPU memory (CUDA).
     gpu_packed: std::sync::atomic::AtomicBool,
+    /// Run a token's packed experts in the fused kernels.
+    gpu_fused: std::sync::atomic::AtomicBool,
     #[cfg(feature = "cuda")]
     lanes: Mutex<Vec<cuda::Lane>>,
 }
@@ -215,6 +222,7 @@ impl Uploader {
             write_combined: true.into(),
             read_threads: 4.into(),
             gpu_packed: true.into(),
+            gpu_fused: true.into(),
             #[cfg(feature = "cuda")]
             kernels: std::sync::OnceLock::new(),
             #[cfg(feature = "cuda")]
@@ -237,11 +245,14 @@ impl Uploader {
         self.read_threads.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// Keep MLX-quantized experts packed in GPU memory and decode them inside the
-    /// matrix-vector kernel (default), or decode them once to f32 at upload.
+    /// Keep MLX-quantized experts packed in GPU memory and decode them inside the kernels that
+    /// multiply (fused per token by default, or one launch per projection), or decode them once
+    /// to f32 at upload.
     pub fn set_gpu_experts(&self, form: GpuExperts) {
         self.gpu_packed
-            .store(form == GpuExperts::Packed, Ordering::Relaxed);
+            .store(form != GpuExperts::F32, Ordering::Relaxed);
+        self.gpu_fused
+            .store(form == GpuExperts::Fused, Ordering::Relaxed);
     }
 
     /// Whether quantized experts stay packed on this uploader's device.
@@ -366,7 +377,8 @@ impl Uploader {
                 .timed_copy(parts, || lane.copy_staged(total, true))
                 .and_then(|buf| {
                     let buf = buf.expect("own buffer requested");
-                    DevicePacked::new(dev.clone(), kernels, buf, parts, *projs)
+                    let fused = self.gpu_fused.load(Ordering::Relaxed);
+                    DevicePacked::new(dev.clone(), kernels, buf, parts, *projs, fused)
                 });
             self.return_lane(lane);
             out
@@ -490,3 +502,5 @@ pub use cuda::DevicePacked;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod fused;
