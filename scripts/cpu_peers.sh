@@ -2,8 +2,9 @@
 # Issue 20's CPU peers, side by side from one run on this machine, on one shape
 # (experiments/configs/glm4-moe-cpu-bench.json: glm4_moe, hidden 1024, 8 layers, 64 experts top-4 + 1
 # shared, vocab 8192; random weights), all weights in memory, 16-token prompt, 64 new tokens:
-#   * harness: `harness bench` (decode, all experts resident) and `harness generate` (prefill) on the MLX
-#     4-bit `harness synth` checkpoint, at 1 and all threads, exact and int8x2 kernels;
+#   * harness: `harness bench`'s all-resident row (prefill of 16-token prompts and decode, every expert
+#     loaded before the measured prompts) on the MLX 4-bit `harness synth` checkpoint, at 1 and all
+#     threads, exact and int8x2 kernels;
 #   * llama.cpp: `llama-bench` (pp16, tg64, 3 repetitions) at the same thread counts on Q4_0 and Q4_1
 #     GGUFs that llama.cpp's own converter and quantizer made from the bf16 `harness synth` checkpoint of
 #     the same config (built here from the llama.cpp tree PyPI's llama-cpp-python sdist ships; AVX-512
@@ -53,8 +54,6 @@ for t in $THREADS; do
   for k in exact int8x2; do
     $H bench --model "$WORK/mlx4" --policy lru --capacity 64 --prompts 3 --prompt-len 16 --tokens 64 \
       --threads "$t" --kernels "$k" --json "$OUT/harness_t${t}_$k.json" > "$OUT/harness_t${t}_$k.txt" 2>&1
-    $H generate --model "$WORK/mlx4" --tokens "$PROMPT" --max-tokens 64 --threads "$t" --kernels "$k" \
-      > /dev/null 2> "$OUT/harness_generate_t${t}_$k.txt"
   done
 done
 python3 scripts/peers/mlx_decode.py "$WORK/mlx4" "$PROMPT" 64 3 > "$OUT/mlx_lm.json"

@@ -2,7 +2,10 @@
 on `--device cuda` (all experts through the GPU miss path: pinned staging, copy streams,
 quantized experts kept packed and run by the fused kernels (default), by one matrix-vector kernel
 per projection, or decoded to f32), at the smallest capacity with loader threads, at unlimited
-budget with inline loads, with the per-projection kernel and with f32 resident experts, against the HF transformers logits stored with the fixture.
+budget with inline loads, with the per-projection kernel, with f32 resident experts and dense
+weights (the default keeps MLX-quantized dense weights packed), and with
+every token after the second as a decode step of its own (the decode path: on CUDA the fused MLA
+attention kernels), against the HF transformers logits stored with the fixture.
 Every run must say on stderr that it ran on the device asked for (`device: cuda:0`): a run that
 says otherwise counts as a failure, so a CPU result can never pass for a GPU one.
 Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu]  (prints one line per run, exits 1 on a mismatch)."""
@@ -30,9 +33,12 @@ for d in sorted(root.iterdir()):
     cfg = cfg.get("text_config", cfg)
     top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 2
     toks = ",".join(str(t) for t in meta["tokens"])
+    # The last: every token after the first two as a decode step of its own (the decode path,
+    # on CUDA its fused attention kernels), against the same full-pass reference.
     for extra in (["--capacity", str(top_k), "--load-threads", "4"], ["--load-threads", "0"],
                   ["--capacity", str(top_k), "--gpu-experts", "packed"],
-                  ["--capacity", str(top_k), "--gpu-experts", "f32"]):
+                  ["--capacity", str(top_k), "--gpu-experts", "f32", "--gpu-dense", "f32"],
+                  ["--capacity", str(top_k), "--prefill", "2"]):
         with tempfile.TemporaryDirectory() as tmp:
             out = pathlib.Path(tmp) / "l.npy"
             r = subprocess.run([harness, "logits", "--model", str(d), "--tokens", toks,

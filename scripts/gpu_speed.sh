@@ -12,7 +12,8 @@
 # Environment: IOS="cold page-cache" runs the sweep once per I/O mode (default page-cache), CACHEABLE=1 adds an LRU sweep with cacheable staging buffers, SKIP_CHECK=1 skips step 1, SKIP_HF=1 the HF baseline, SKIP_INLINE=1 the inline
 # sweep; RESIDENT=0 drops the all-resident cell (needed where every expert as f32 can't fit); PROFILE=1 adds
 # `--profile` to the page-cache sweep (decode milliseconds per token by part of the decoder, in a second pass);
-# FORMS="fused packed" runs the sweep once per resident form of the experts (--gpu-experts; default fused),
+# VARIANTS="default:;before:--gpu-experts packed --gpu-attention ops --gpu-dense f32" runs the sweep once per
+# `name:extra bench arguments` (output bench_NAME.*; default: one run with the defaults),
 # POLICIES=lru picks the sweep's policies (default lru,lookahead).
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
@@ -21,17 +22,19 @@ source scripts/gpu_binary.sh
 H=$PWD/harness
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } > "$out/gpu.txt" 2>&1
 if [ -z "${SKIP_CHECK:-}" ]; then
-  timeout 200 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
+  timeout 300 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
 fi
 res=""; [ "${RESIDENT:-1}" = 0 ] && res=--no-resident
 [ -n "${PROFILE:-}" ] && res="$res --profile"
 m=/tmp/flash$layers
 [ -d "$m" ] || timeout 300 $H synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
+IFS=';' read -ra variants <<< "${VARIANTS:-default:}"
 for io in ${IOS:-page-cache}; do
-  for form in ${FORMS:-fused}; do
-    sfx=""; [ "$io" = page-cache ] || sfx="_$io"; [ "$form" = fused ] || sfx="${sfx}_$form"
+  for v in "${variants[@]}"; do
+    name=${v%%:*}; args=${v#*:}
+    sfx=""; [ "$io" = page-cache ] || sfx="_$io"; [ "$name" = default ] || sfx="${sfx}_$name"
     timeout 240 $H bench --model "$m" --device cuda --policy ${POLICIES:-lru,lookahead} --capacity "$caps" $res --io "$io" \
-      --gpu-experts "$form" --prompts 3 --tokens 16 --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
+      $args --prompts 3 --tokens 16 --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
   done
 done
 if [ -n "${CACHEABLE:-}" ]; then

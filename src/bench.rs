@@ -56,6 +56,10 @@ pub struct BenchOptions {
     pub read_threads: Option<usize>,
     /// Resident form of MLX-quantized experts on CUDA.
     pub gpu_experts: GpuExperts,
+    /// Attention kernels of decode tokens on CUDA.
+    pub gpu_attention: crate::models::GpuAttention,
+    /// MLX-quantized dense weights on CUDA.
+    pub gpu_dense: crate::models::GpuDense,
     /// Dense weights in place (default) or copied, on the CPU.
     pub dense: crate::engine::DenseForm,
     /// How misses read the shards.
@@ -89,6 +93,9 @@ pub struct BenchRow {
     pub hit_rate: f64,
     /// Decode tokens per second.
     pub decode_tps: f64,
+    /// Prefill tokens per second over the measured prompts (in the resident cell every expert is
+    /// already loaded: pure compute).
+    pub prefill_tps: f64,
     /// Decoded tokens measured.
     pub decode_tokens: u64,
     /// Expert bytes moved per decoded token (demand misses and prefetches).
@@ -188,6 +195,8 @@ pub fn bench(
         record_trace: false,
         load_threads: opts.load_threads,
         gpu_experts: opts.gpu_experts,
+        gpu_attention: opts.gpu_attention,
+        gpu_dense: opts.gpu_dense,
         dense: opts.dense,
         io: opts.io,
         storage: opts.storage,
@@ -301,9 +310,12 @@ pub fn bench(
         let mut decode = Duration::ZERO;
         let mut tokens = 0u64;
         let mut device_bytes = Some(0u64);
+        let (mut prefill, mut prompt_tokens) = (Duration::ZERO, 0usize);
         for m in &measured {
             let g = m.generate(&mut engine)?;
             decode += g.decode;
+            prefill += g.prefill;
+            prompt_tokens += g.prompt_len;
             tokens += g.tokens.len().saturating_sub(1) as u64;
             device_bytes = device_bytes.zip(g.decode_device_bytes).map(|(a, b)| a + b);
         }
@@ -311,6 +323,7 @@ pub fn bench(
         let mut row = measure(
             &name, &policy, cap, &engine, &before, &after, decode, tokens, &report,
         );
+        row.prefill_tps = prompt_tokens as f64 / prefill.as_secs_f64().max(1e-12);
         // Decode steps only, like `bytes_per_token`: prefill reads are not counted in either.
         row.device_bytes_per_token = device_bytes.map(|b| b as f64 / tokens.max(1) as f64);
         if let Some(res) = report.rows.iter().find(|r| r.cell == "resident") {
@@ -466,6 +479,7 @@ fn measure(
         load_threads: engine.load_threads(),
         hit_rate: h,
         decode_tps: tps,
+        prefill_tps: 0.0,
         decode_tokens: tokens,
         bytes_per_token: (accesses - hits + prefetches) * s / n,
         exposed_load_ms_per_token: (after.decode_load_seconds - before.decode_load_seconds)
@@ -593,11 +607,12 @@ pub fn format_report(r: &BenchReport) -> String {
     ));
     let t1 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
     out.push_str(&format!(
-        "{:<18} {:>3} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+        "{:<18} {:>3} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
         "cell",
         "thr",
         "h",
         "tok/s",
+        "pre t/s",
         "MB/tok",
         "dev MB/t",
         "load ms/t",
@@ -614,11 +629,12 @@ pub fn format_report(r: &BenchReport) -> String {
     ));
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<18} {:>3} {:>6.3} {:>8.1} {:>9.1} {:>9} {:>9.2} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+            "{:<18} {:>3} {:>6.3} {:>8.1} {:>8.1} {:>9.1} {:>9} {:>9.2} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
             row.cell,
             row.load_threads,
             row.hit_rate,
             row.decode_tps,
+            row.prefill_tps,
             row.bytes_per_token / 1e6,
             row.device_bytes_per_token
                 .map_or("-".to_string(), |v| format!("{:.1}", v / 1e6)),

@@ -14,6 +14,7 @@ use moe_harness::experts::policies::PolicySpec;
 use moe_harness::experts::upload::{GpuExperts, Staging};
 use moe_harness::inspect;
 use moe_harness::io::{write_atomic, write_npy_f32};
+use moe_harness::models::{GpuAttention, GpuDense};
 use moe_harness::weights::kernels::Kernels;
 use moe_harness::weights::storage::{DeviceModel, IoMode};
 
@@ -109,6 +110,14 @@ struct BenchArgs {
     /// projection) or f32 (decoded once at upload).
     #[arg(long, value_enum, default_value_t = GpuExperts::Fused)]
     gpu_experts: GpuExperts,
+    /// Attention kernels of decode tokens on CUDA: fused (MLA in two fused kernels between the
+    /// projections) or ops (one tensor op per step).
+    #[arg(long, value_enum, default_value_t = GpuAttention::Fused)]
+    gpu_attention: GpuAttention,
+    /// MLX-quantized dense weights on CUDA: packed (checkpoint bytes, packed matrix-vector
+    /// kernel) or f32 (decoded once at load).
+    #[arg(long, value_enum, default_value_t = GpuDense::Packed)]
+    gpu_dense: GpuDense,
     /// Pinned staging buffers on CUDA.
     #[arg(long, value_enum, default_value_t = Staging::WriteCombined)]
     staging: Staging,
@@ -286,6 +295,14 @@ pub struct CacheArgs {
     /// projection) or f32 (decoded once at upload).
     #[arg(long, value_enum, default_value_t = GpuExperts::Fused)]
     pub gpu_experts: GpuExperts,
+    /// Attention kernels of decode tokens on CUDA: fused (MLA in two fused kernels between the
+    /// projections) or ops (one tensor op per step).
+    #[arg(long, value_enum, default_value_t = GpuAttention::Fused)]
+    pub gpu_attention: GpuAttention,
+    /// MLX-quantized dense weights on CUDA: packed (checkpoint bytes, packed matrix-vector
+    /// kernel) or f32 (decoded once at load).
+    #[arg(long, value_enum, default_value_t = GpuDense::Packed)]
+    pub gpu_dense: GpuDense,
     /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
     #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
     pub dense: DenseForm,
@@ -378,6 +395,8 @@ impl CacheArgs {
             record_trace: false,
             load_threads: self.load_threads,
             gpu_experts: self.gpu_experts,
+            gpu_attention: self.gpu_attention,
+            gpu_dense: self.gpu_dense,
             dense: self.dense,
             io: self.storage.io,
             storage: self.storage.storage_device,
@@ -407,6 +426,10 @@ struct LogitsArgs {
     /// Also write routing JSON: {"<layer>": [[experts of token 0], …]}.
     #[arg(long)]
     routing: Option<PathBuf>,
+    /// Run the first N tokens as one prefill and each later token as a decode step of its own
+    /// (teacher-forced; the same logits as one full pass, through the decode path).
+    #[arg(long)]
+    prefill: Option<usize>,
     #[command(flatten)]
     cache: CacheArgs,
 }
@@ -497,6 +520,8 @@ pub fn run() -> Result<ExitCode> {
                 staging: a.staging,
                 read_threads: a.read_threads,
                 gpu_experts: a.gpu_experts,
+                gpu_attention: a.gpu_attention,
+                gpu_dense: a.gpu_dense,
                 dense: a.dense,
                 io: a.storage.io,
                 storage: a.storage.storage_device,
@@ -576,7 +601,10 @@ fn open_engine(model: &Path, cache: &CacheArgs, record: bool) -> Result<Engine> 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     let mut engine = open_engine(&a.model, &a.cache, false)?;
-    let (logits, routing) = engine.logits(&tokens)?;
+    let (logits, routing) = match a.prefill {
+        Some(n) => engine.logits_stepwise(&tokens, n)?,
+        None => engine.logits(&tokens)?,
+    };
     let flat: Vec<f32> = logits.iter().flatten().copied().collect();
     write_npy_f32(&a.out, &flat, &[logits.len(), engine.spec().vocab_size])?;
     if let Some(path) = &a.routing {

@@ -25,26 +25,24 @@ exact = json.load(open(f"{out}/exactness.json"))
 for path in sorted(glob.glob(f"{out}/harness_t*_*.json")):
     t, k = re.search(r"harness_t(\d+)_(\w+)\.json", path).groups()
     b = json.load(open(path))
-    dec = next(r["decode_tps"] for r in b["rows"] if r["cell"] == "resident")
-    gen = open(f"{out}/harness_generate_t{t}_{k}.txt").read()
-    m = re.search(r"prefill ([\d.]+) tok/s", gen)
+    res = next(r for r in b["rows"] if r["cell"] == "resident")
     note = f"{exact['equal']}/{exact['of']} greedy tokens = mlx-lm's" if k == "exact" else "int8 activations (2 parts)"
-    rows.append((int(t), f"harness `{k}` ({b['kernels']})", "MLX 4-bit", float(m.group(1)) if m else None, dec,
-                 "median of 3 prompts", note))
+    rows.append((int(t), f"harness `{k}` ({b['kernels']})", "MLX 4-bit", res.get("prefill_tps"), res["decode_tps"],
+                 "3 prompts", note))
 mlx = json.load(open(f"{out}/mlx_lm.json"))
 rows.append((None, f"mlx-lm {mlx['mlx']} ({mlx['device']})", "MLX 4-bit", mlx["prefill_tps"], mlx["decode_tps"],
              "median of 3", "reference for the greedy tokens"))
 print(open(f"{out}/machine.txt").read().strip().replace("\n", " · "))
 print()
-print("| threads | engine | weights | prefill tok/s (16) | decode tok/s (64) | spread | decode ÷ llama.cpp Q4_0 | exactness |")
-print("|---|---|---|---|---|---|---|---|")
+print("| threads | engine | weights | prefill tok/s (16) | decode tok/s (64) | spread | prefill ÷ llama.cpp Q4_0 | decode ÷ llama.cpp Q4_0 | exactness |")
+print("|---|---|---|---|---|---|---|---|---|")
 for t, eng, w, pp, tg, spread, note in sorted(rows, key=lambda r: (r[0] or 0, r[1])):
-    base = llama.get(("Q4_0", t), (None, None))[1] if t else None
-    ratio = f"{tg / base:.2f}×" if base and tg else "—"
+    base_pp, base_tg = llama.get(("Q4_0", t), (None, None, None))[:2] if t else (None, None)
+    ratio = lambda v, b: f"{v / b:.2f}×" if b and v else "—"
     f = lambda v: f"{v:.1f}" if v else "—"
-    print(f"| {t or 'mlx default'} | {eng} | {w} | {f(pp)} | {f(tg)} | {spread} | {ratio} | {note} |")
+    print(f"| {t or 'mlx default'} | {eng} | {w} | {f(pp)} | {f(tg)} | {spread} | {ratio(pp, base_pp)} | {ratio(tg, base_tg)} | {note} |")
 print()
-print("harness prefill is `harness generate`'s first forward, which also loads every expert it touches (from the page "
-      "cache); its decode is `harness bench`'s all-resident row. llama.cpp's weights are its Q4_0/Q4_1 (block 32, f16 "
+print("harness's prefill and decode are `harness bench`'s all-resident row (every expert loaded before the measured "
+      "prompts, 16-token prompts as llama-bench's pp16). llama.cpp's weights are its Q4_0/Q4_1 (block 32, f16 "
       "scale) of the bf16 synth checkpoint, harness's and mlx-lm's the MLX affine 4-bit (group 64, bf16 scale and bias) "
       "synth checkpoint: same shape, not the same values.")

@@ -5,6 +5,7 @@
 
 mod access;
 mod device;
+mod logits;
 mod replay;
 mod sampler;
 
@@ -32,7 +33,7 @@ use crate::experts::upload::{GpuExperts, TransferStats};
 use crate::experts::ExpertKey;
 use crate::experts::Phase;
 use crate::models::layers::rows;
-use crate::models::{KvCache, Model, Routing};
+use crate::models::{GpuAttention, GpuDense, KvCache, Model, Routing};
 use crate::trace::TraceRow;
 use crate::weights::kernels::{self, Kernels};
 use crate::weights::storage::{DeviceModel, IoMode};
@@ -55,8 +56,13 @@ pub struct EngineConfig {
     /// CPU through the page cache, `min(top_k, 4)` on the CPU with `direct`/`cold` reads and
     /// `min(top_k, 8)` on a GPU (parallel misses, asynchronous lookahead prefetch).
     pub load_threads: Option<usize>,
-    /// Resident form of MLX-quantized experts on CUDA (packed by default).
+    /// Resident form of MLX-quantized experts on CUDA (packed, fused per token, by default).
     pub gpu_experts: GpuExperts,
+    /// Attention kernels of decode tokens on CUDA (fused by default).
+    pub gpu_attention: GpuAttention,
+    /// MLX-quantized dense weights on CUDA: packed (default) or f32. Fixed when the engine
+    /// opens.
+    pub gpu_dense: GpuDense,
     /// On the CPU, dense weights are read in place from the memory map (default) or copied into
     /// memory (the comparison `harness bench --dense copied` makes). Fixed when the engine opens.
     pub dense: DenseForm,
@@ -94,6 +100,8 @@ impl Default for EngineConfig {
             record_trace: false,
             load_threads: None,
             gpu_experts: GpuExperts::Fused,
+            gpu_attention: GpuAttention::Fused,
+            gpu_dense: GpuDense::Packed,
             dense: DenseForm::Mapped,
             io: IoMode::PageCache,
             storage: None,
@@ -227,7 +235,9 @@ impl Engine {
             store.layout(),
             &device,
             cfg.dense == DenseForm::Mapped,
+            cfg.gpu_dense == GpuDense::Packed,
         )?;
+        model.set_gpu_attention(cfg.gpu_attention);
         if !device.is_cpu() {
             // The dense weights now live on the device: the host never reads them again.
             ck.release_all();
@@ -324,7 +334,10 @@ impl Engine {
                 crate::weights::kernels::q4::Simd::current().name()
             )
         } else {
-            format!("gpu/experts {}", self.cfg.gpu_experts)
+            format!(
+                "gpu/experts {}, attention {}, dense {}",
+                self.cfg.gpu_experts, self.cfg.gpu_attention, self.cfg.gpu_dense
+            )
         }
     }
 
@@ -369,6 +382,7 @@ impl Engine {
             cache_options(&self.model.spec, &self.store, &cfg, profile),
         )?;
         self.store.set_gpu_experts(cfg.gpu_experts);
+        self.model.set_gpu_attention(cfg.gpu_attention);
         self.io = self.store.checkpoint().set_io(cfg.io, cfg.storage);
         let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
         if threads != self.loader.threads() {
@@ -377,7 +391,13 @@ impl Engine {
         if (cfg.threads, cfg.kernels) != (self.cfg.threads, self.cfg.kernels) {
             self.compute = compute_context(self.model.device(), &cfg)?;
         }
-        self.cfg = cfg;
+        // Fixed when the engine opened: the loaded weights keep their form.
+        let (dense, gpu_dense) = (self.cfg.dense, self.cfg.gpu_dense);
+        self.cfg = EngineConfig {
+            dense,
+            gpu_dense,
+            ..cfg
+        };
         self.reset_cache_contents();
         Ok(())
     }
@@ -523,13 +543,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Full-sequence prefill from an empty KV cache: logits `[T][vocab]` and routing.
-    pub fn logits(&mut self, tokens: &[u32]) -> Result<(Vec<Vec<f32>>, Routing)> {
-        self.check_sequence(tokens.len(), 1)?;
-        let mut kv = KvCache::with_capacity(tokens.len());
-        self.forward(tokens, &mut kv, 0, false)
     }
 
     /// Prefill then decode up to `max_new` tokens (stopping early at any of `stop`).

@@ -56,7 +56,13 @@ pub struct MlaAttention {
     rope: Rope,
     heads: usize,
     spec: MlaSpec,
+    /// Decode tokens on CUDA take the fused kernels ([`cuda`]); off: tensor ops throughout.
+    fused: std::sync::atomic::AtomicBool,
 }
+
+#[cfg(feature = "cuda")]
+#[path = "mla_cuda.rs"]
+mod cuda;
 
 impl MlaAttention {
     /// Loads the module `vb` (`…layers.{i}.self_attn`).
@@ -80,15 +86,19 @@ impl MlaAttention {
         };
         let kv_b = vb.pp("kv_b_proj");
         let latent = if kv_b.has("weight") {
+            let tensors = |w: Tensor| -> Result<Latent> {
+                let w = w.reshape((heads, dn + dv, c))?;
+                Ok(Latent::Tensors {
+                    k_up_t: w.narrow(1, 0, dn)?.contiguous()?,
+                    v_up: w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?,
+                })
+            };
             match Weight::load(&kv_b, heads * (dn + dv), c)? {
                 Weight::Host(m) => Latent::Rows(m),
-                Weight::Dense(w) => {
-                    let w = w.reshape((heads, dn + dv, c))?;
-                    Latent::Tensors {
-                        k_up_t: w.narrow(1, 0, dn)?.contiguous()?,
-                        v_up: w.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?,
-                    }
-                }
+                Weight::Dense(w) => tensors(w)?,
+                // Absorbed MLA multiplies by the expansion per head: kept as f32 tensors.
+                #[cfg(feature = "cuda")]
+                Weight::Device(m) => tensors(m.decode_all()?)?,
             }
         } else if vb.pp("embed_q").has("weight") {
             // mlx-lm: embed_q = key rows transposed [H, C, nope]; unembed_out = value rows [H, v, C].
@@ -128,6 +138,7 @@ impl MlaAttention {
             o: l("o_proj", hidden, heads * dv, m.attention_bias)?,
             rope: Rope::from_inv_freq(m.inv_freq.clone(), m.attention_factor),
             heads,
+            fused: true.into(),
             spec: m.clone(),
         })
     }
@@ -186,9 +197,20 @@ impl MlaAttention {
         }
     }
 
+    /// Whether decode tokens on CUDA take the fused kernels (default) or tensor ops.
+    pub fn set_fused(&self, on: bool) {
+        self.fused.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Attends `x` `[T, D]` at positions `pos0..pos0+T`; `kv` holds (latent `[S, C]`, rope key `[S, dr]`).
     pub fn forward(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
+        #[cfg(feature = "cuda")]
+        if t == 1 {
+            if let Some(y) = self.decode_cuda(x, pos0, kv)? {
+                return Ok(y);
+            }
+        }
         let h = self.heads;
         let (dn, dr, dv, c) = (
             self.spec.qk_nope_head_dim,

@@ -14,6 +14,7 @@ pub mod moe;
 pub mod profile;
 pub mod qwen3_moe;
 pub mod qwen3_next;
+pub mod weight;
 
 use candle_core::{Device, Tensor};
 
@@ -143,6 +144,31 @@ enum Ffn {
     Moe(MoeBlock),
 }
 
+named_enum! {
+    /// The form of MLX-quantized dense weights (attention, shared experts, dense MLPs,
+    /// embeddings, `lm_head`) on a CUDA GPU. Fixed when the engine opens.
+    pub enum GpuDense {
+        /// Their checkpoint bytes, multiplied by the packed matrix-vector kernel (1/7 of the
+        /// f32 bytes at 4 bits: memory left to the expert cache).
+        #[default]
+        Packed = "packed",
+        /// Decoded to f32 once at load (cuBLAS products; the form before packed dense weights).
+        F32 = "f32",
+    }
+}
+
+named_enum! {
+    /// The kernels of attention for decode tokens on a CUDA GPU.
+    pub enum GpuAttention {
+        /// MLA: two fused kernels (latent norm + RoPE + query split; scores + softmax + the
+        /// weighted sum of cached latents) between the cuBLAS projections.
+        #[default]
+        Fused = "fused",
+        /// One tensor op per step (the form before the fused kernels, kept for comparison).
+        Ops = "ops",
+    }
+}
+
 /// The attention part of a decoder layer.
 #[derive(Debug)]
 // One per decoder layer, built once: the variants' sizes do not matter.
@@ -227,7 +253,8 @@ impl Model {
     /// Loads every dense tensor (attention, norms, embeddings, routers, shared experts, dense
     /// layers). Routed experts are not touched.
     /// On the CPU, dense weights are read in place from the memory map when `in_place`, else
-    /// copied into memory. `layout` is how the checkpoint stores its experts (as the expert
+    /// copied into memory; on a CUDA GPU, MLX-quantized ones stay packed when `gpu_packed`, else
+    /// f32. `layout` is how the checkpoint stores its experts (as the expert
     /// store detected it): it names the MoE module and tells Qwen3-Next's norm convention.
     pub fn load(
         ck: &Checkpoint,
@@ -236,9 +263,11 @@ impl Model {
         layout: ExpertLayout,
         dev: &Device,
         in_place: bool,
+        gpu_packed: bool,
     ) -> Result<Self> {
         let mut root = Vb::root(ck, spec.quantization.as_ref(), dev);
         root.in_place = in_place;
+        root.gpu_packed = gpu_packed;
         let (h, v) = (spec.hidden_size, spec.vocab_size);
         let model = root.pp(&prefix.model);
         let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;
@@ -310,6 +339,16 @@ impl Model {
             profiling: Default::default(),
             profile: Default::default(),
         })
+    }
+
+    /// Chooses the GPU attention kernels of decode tokens: fused (default) or tensor ops (the
+    /// form before the fused kernels, kept for comparison). MLA layers on CUDA only.
+    pub fn set_gpu_attention(&self, form: GpuAttention) {
+        for l in &self.layers {
+            if let Attn::Mla(a) = &l.attn {
+                a.set_fused(form == GpuAttention::Fused);
+            }
+        }
     }
 
     /// Turns the per-part timing of forward calls on or off ([`profile`]: it waits for the

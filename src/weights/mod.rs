@@ -5,6 +5,8 @@
 //! Dense tensors are read through a memory map at load time. Routed experts are never touched
 //! here: `experts::store` reads exactly their byte ranges on demand.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod host;
 pub mod kernels;
 pub mod layout;
@@ -34,6 +36,8 @@ pub struct Vb<'a> {
     /// On the CPU, read dense weights in place from the memory map (default) rather than copying
     /// them into memory.
     pub in_place: bool,
+    /// On a CUDA GPU, keep MLX-quantized dense weights packed (default) rather than as f32.
+    pub gpu_packed: bool,
     path: String,
 }
 
@@ -49,6 +53,7 @@ impl<'a> Vb<'a> {
             quant,
             dev,
             in_place: true,
+            gpu_packed: true,
             path: String::new(),
         }
     }

@@ -228,3 +228,57 @@ fn cli_inspect_verdicts() {
     assert_eq!(v["layout"], "stacked");
     assert_eq!(v["model_type"], "glm4_moe");
 }
+
+/// The f32 values of a `.npy` file `harness logits` wrote (format 1.0, little-endian).
+fn read_npy_f32(path: &Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let header = u16::from_le_bytes([b[8], b[9]]) as usize;
+    b[10 + header..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn cli_logits_stepwise_matches_the_full_pass_reference_and_checks_prefill() {
+    // MLA (its decode path is the one the CUDA build fuses), every token after the second a
+    // decode step of its own: the HF full-pass reference still holds.
+    let dir = fixture("deepseek_v3-f32");
+    let r = crate::common::Reference::load(&dir);
+    let toks: Vec<String> = r.tokens().iter().map(|t| t.to_string()).collect();
+    let toks = toks.join(",");
+    let out = tempfile::tempdir().unwrap();
+    let npy = out.path().join("l.npy");
+    let (d, n) = (dir.to_str().unwrap(), npy.to_str().unwrap());
+    let (code, err) = harness(&[
+        "logits",
+        "--model",
+        d,
+        "--tokens",
+        &toks,
+        "--out",
+        n,
+        "--prefill",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let got = read_npy_f32(&npy);
+    let e = crate::common::rel_l2(&got, &r.logits);
+    assert!(e < 1e-5, "stepwise logits vs HF: relative L2 {e:.2e}");
+    for bad in ["0", "99"] {
+        let (code, err) = harness(&[
+            "logits",
+            "--model",
+            d,
+            "--tokens",
+            &toks,
+            "--out",
+            n,
+            "--prefill",
+            bad,
+        ]);
+        assert_ne!(code, 0);
+        assert!(err.contains(&format!("--prefill {bad}")), "{err}");
+    }
+}

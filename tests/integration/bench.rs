@@ -20,6 +20,8 @@ pub(crate) fn opts() -> BenchOptions {
         staging: Default::default(),
         read_threads: None,
         gpu_experts: Default::default(),
+        gpu_attention: Default::default(),
+        gpu_dense: Default::default(),
         dense: Default::default(),
         io: Default::default(),
         storage: None,

@@ -20,6 +20,8 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         record_trace: true,
         load_threads: Some(threads),
         gpu_experts: Default::default(),
+        gpu_attention: Default::default(),
+        gpu_dense: Default::default(),
         dense: Default::default(),
         io: Default::default(),
         storage: None,

@@ -13,6 +13,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 
 use super::{Part, QuantProj};
 use crate::error::{Error, Result};
+use crate::weights::cuda::SCALE_SRC;
 use crate::weights::ByteRange;
 
 /// Offsets inside a staging buffer are aligned for any element type and copy engine.
@@ -49,22 +50,6 @@ pub(super) fn keep_pool_memory(dev: &CudaDevice) {
         }
     }
 }
-
-/// A scale or bias of kind `kind` (f32 0, f16 1, bf16 2) as f32, exactly.
-pub(super) const SCALE_SRC: &str = r#"
-__device__ float scale_at(const unsigned char* p, unsigned int kind, unsigned long long i) {
-if (kind == 0) return ((const float*)p)[i];
-unsigned int h = ((const unsigned short*)p)[i];
-if (kind == 2) return __uint_as_float(h << 16);
-unsigned int sign = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
-float v;
-if (e == 0) v = ldexpf((float)m, -24);
-else if (e == 31) v = m ? __int_as_float(0x7fc00000) : __int_as_float(0x7f800000);
-else v = ldexpf((float)(m | 1024u), (int)e - 25);
-return sign ? -v : v;
-}
-
-"#;
 
 /// MLX affine decode, one thread per output element (grid-stride): `scale · q + bias` with
 /// separate f32 multiply and add (no fused multiply-add), exactly as the host decoder does.
@@ -119,8 +104,6 @@ if (lane == 0) y[y_off + row] = acc;
 pub(super) struct Kernels {
     dequant: CudaFunction,
     gemv: CudaFunction,
-    /// The fused expert kernels ([`super::fused`]).
-    pub(super) fused: super::fused::FusedKernels,
 }
 
 impl Kernels {
@@ -139,12 +122,7 @@ impl Kernels {
         let gemv = module
             .load_function("mlx_gemv")
             .map_err(|e| format!("mlx_gemv: {e}"))?;
-        let fused = super::fused::FusedKernels::new(dev)?;
-        Ok(Kernels {
-            dequant,
-            gemv,
-            fused,
-        })
+        Ok(Kernels { dequant, gemv })
     }
 }
 
@@ -164,7 +142,7 @@ fn scale_kind(d: DType) -> Result<u32> {
 /// decodes each weight as it multiplies.
 pub struct DevicePacked {
     pub(super) dev: CudaDevice,
-    pub(super) kernels: Arc<Kernels>,
+    kernels: Arc<Kernels>,
     pub(super) buf: CudaSlice<u8>,
     /// Offsets in `buf` of gate, up, down (words, scales, biases each).
     pub(super) offs: [u64; 9],

@@ -2,9 +2,8 @@
 //!
 //! `moe_gate_up` computes `silu(gate·x) · (up·x)` for every row of every routed expert (one
 //! warp per row), `moe_down` every output row of `Σ_e w_e · down_e·act_e` (one warp per row,
-//! experts added in router order). Each weight is decoded as it multiplies, `scale·q + bias`
-//! with separate roundings as the host decoder and the one-expert kernel do; each lane reads
-//! whole 32-bit words, so a warp reads 128 contiguous bytes of a row at a time. The experts'
+//! experts added in router order), with the shared packed row product of
+//! [`crate::weights::cuda`] (`s·Σq·x + b·Σx` per chunk, 16-byte loads). The experts'
 //! buffers travel to the kernels by value in a table of device addresses (no upload, no
 //! allocation beyond the two activation vectors), so the launch count of a token's experts
 //! no longer grows with top-k: 2 launches instead of about nine per expert.
@@ -14,8 +13,9 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::{CudaDevice, Storage, Tensor};
 
-use super::cuda::{driver, DevicePacked, SCALE_SRC};
+use super::cuda::{driver, DevicePacked};
 use crate::error::{Error, Result};
+use crate::weights::cuda::{ROW_DOT_SRC, SCALE_SRC};
 
 /// Most experts one fused launch takes (top-k above this runs one expert at a time).
 pub const MAX_K: usize = 16;
@@ -24,78 +24,46 @@ const FUSED_SRC: &str = r#"
 #define MAX_K 16
 struct Experts { unsigned long long buf[MAX_K]; float w[MAX_K]; };
 
-// Row `row` of the packed [rows, cols] matrix at buf+q_off, times x, summed over a warp (the
-// sum is valid on lane 0). BITS divides 32; a word never straddles a group (host-checked).
-template <int BITS>
-__device__ float row_dot(const unsigned char* buf, unsigned long long q_off,
-                         unsigned long long s_off, unsigned long long b_off, unsigned int kind,
-                         const float* x, unsigned int row, unsigned int cols,
-                         unsigned int group, unsigned int lane) {
-const unsigned int per_word = 32u / BITS;
-const unsigned int mask = (1u << BITS) - 1u;
-unsigned int words = cols / per_word;
-const unsigned int* q = (const unsigned int*)(buf + q_off) + (unsigned long long)row * words;
-unsigned long long g0 = (unsigned long long)row * (cols / group);
-float acc = 0.0f;
-for (unsigned int w = lane; w < words; w += 32u) {
-    unsigned int word = q[w];
-    unsigned int c0 = w * per_word;
-    unsigned long long g = g0 + c0 / group;
-    float s = scale_at(buf + s_off, kind, g);
-    float b = scale_at(buf + b_off, kind, g);
-#pragma unroll
-    for (unsigned int j = 0; j < per_word; ++j) {
-        float v = (float)((word >> (j * BITS)) & mask);
-        acc = fmaf(__fadd_rn(__fmul_rn(s, v), b), x[c0 + j], acc);
-    }
-}
-for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-return acc;
-}
-
-__device__ float dot(unsigned int bits, const unsigned char* buf, unsigned long long q_off,
-                     unsigned long long s_off, unsigned long long b_off, unsigned int kind,
-                     const float* x, unsigned int row, unsigned int cols, unsigned int group,
-                     unsigned int lane) {
-if (bits == 4) return row_dot<4>(buf, q_off, s_off, b_off, kind, x, row, cols, group, lane);
-if (bits == 8) return row_dot<8>(buf, q_off, s_off, b_off, kind, x, row, cols, group, lane);
-return row_dot<2>(buf, q_off, s_off, b_off, kind, x, row, cols, group, lane);
-}
-
-// act[e * rows + r] = silu(gate_e[r]·x) * (up_e[r]·x) for e < k, r < rows.
+// act[e * rows + r] = silu(gate_e[r]·x) * (up_e[r]·x) for e < k, r < rows: one warp per
+// (expert, row) in a grid-stride loop, x in shared memory.
 extern "C" __global__ void moe_gate_up(
 const Experts t, unsigned int k,
 unsigned long long g_q, unsigned long long g_s, unsigned long long g_b, unsigned int g_kind,
 unsigned long long u_q, unsigned long long u_s, unsigned long long u_b, unsigned int u_kind,
 const float* x, float* act, unsigned int rows, unsigned int cols, unsigned int bits,
 unsigned int group) {
-unsigned int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32u;
-unsigned int lane = threadIdx.x % 32u;
-if (warp >= k * rows) return;
-unsigned int e = warp / rows, r = warp % rows;
-const unsigned char* buf = (const unsigned char*)t.buf[e];
-float g = dot(bits, buf, g_q, g_s, g_b, g_kind, x, r, cols, group, lane);
-float u = dot(bits, buf, u_q, u_s, u_b, u_kind, x, r, cols, group, lane);
-if (lane == 0) act[warp] = g / (1.0f + expf(-g)) * u;
+extern __shared__ float xs[];
+unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x / 32u;
+load_x(xs, x, cols);
+__syncthreads();
+for (unsigned int i = blockIdx.x * nw + warp; i < k * rows; i += gridDim.x * nw) {
+    unsigned int e = i / rows, r = i % rows;
+    const unsigned char* buf = (const unsigned char*)t.buf[e];
+    float g = dot(bits, buf, g_q, g_s, g_b, g_kind, xs, r, cols, group, lane);
+    float u = dot(bits, buf, u_q, u_s, u_b, u_kind, xs, r, cols, group, lane);
+    if (lane == 0) act[i] = g / (1.0f + expf(-g)) * u;
+}
 }
 
-// y[r] = sum over e < k, in order, of w_e * (down_e[r]·act_e).
+// y[r] = sum over e < k, in order, of w_e * (down_e[r]·act_e): one warp per row in a
+// grid-stride loop (the same rows for every expert), act_e in shared memory in turn.
 extern "C" __global__ void moe_down(
 const Experts t, unsigned int k,
 unsigned long long d_q, unsigned long long d_s, unsigned long long d_b, unsigned int d_kind,
 const float* act, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
 unsigned int group) {
-unsigned int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32u;
-unsigned int lane = threadIdx.x % 32u;
-if (r >= rows) return;
-float total = 0.0f;
+extern __shared__ float xs[];
+unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x / 32u;
 for (unsigned int e = 0; e < k; ++e) {
+    load_x(xs, act + (unsigned long long)e * cols, cols);
+    __syncthreads();
     const unsigned char* buf = (const unsigned char*)t.buf[e];
-    float d = dot(bits, buf, d_q, d_s, d_b, d_kind, act + (unsigned long long)e * cols, r, cols,
-                  group, lane);
-    total = __fadd_rn(total, __fmul_rn(d, t.w[e]));
+    for (unsigned int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
+        float d = dot(bits, buf, d_q, d_s, d_b, d_kind, xs, r, cols, group, lane);
+        if (lane == 0) y[r] = e == 0 ? __fmul_rn(d, t.w[0]) : __fadd_rn(y[r], __fmul_rn(d, t.w[e]));
+    }
+    __syncthreads();
 }
-if (lane == 0) y[r] = total;
 }
 "#;
 
@@ -112,15 +80,32 @@ struct Table {
 unsafe impl DeviceRepr for Table {}
 
 /// The compiled fused kernels.
-pub(super) struct FusedKernels {
+struct FusedKernels {
+    device: candle_core::cuda_backend::DeviceId,
     gate_up: CudaFunction,
     down: CudaFunction,
 }
 
+static KERNELS: std::sync::OnceLock<std::result::Result<FusedKernels, String>> =
+    std::sync::OnceLock::new();
+
 impl FusedKernels {
-    pub(super) fn new(dev: &CudaDevice) -> std::result::Result<Self, String> {
+    /// The kernels for `dev` (NVRTC, once per process); `None` where they failed to compile
+    /// (said once; the experts then run one at a time) or on a second device.
+    fn get(dev: &CudaDevice) -> Option<&'static FusedKernels> {
+        let k = KERNELS.get_or_init(|| {
+            Self::new(dev).inspect_err(|e| {
+                eprintln!(
+                    "warning: fused expert kernels unavailable ({e}); experts run one at a time"
+                )
+            })
+        });
+        k.as_ref().ok().filter(|k| k.device == dev.id())
+    }
+
+    fn new(dev: &CudaDevice) -> std::result::Result<Self, String> {
         use candle_core::cuda_backend::cudarc::nvrtc;
-        let ptx = nvrtc::compile_ptx(format!("{SCALE_SRC}{FUSED_SRC}"))
+        let ptx = nvrtc::compile_ptx(format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}"))
             .map_err(|e| format!("NVRTC (fused experts): {e}"))?;
         let module = dev
             .cuda_stream()
@@ -133,13 +118,14 @@ impl FusedKernels {
                 .map_err(|e| format!("{name}: {e}"))
         };
         Ok(FusedKernels {
+            device: dev.id(),
             gate_up: f("moe_gate_up")?,
             down: f("moe_down")?,
         })
     }
 }
 
-/// Threads per block of both kernels (8 warps, one row each).
+/// Threads per block of both kernels (8 warps).
 const BLOCK: u32 = 256;
 
 impl DevicePacked {
@@ -163,11 +149,7 @@ impl DevicePacked {
             return Ok(None);
         };
         let fits = |p: &super::QuantProj| {
-            let (bits, group) = (p.params.bits, p.params.group_size);
-            matches!(bits, 2 | 4 | 8)
-                && group % (32 / bits) == 0
-                && p.cols % group == 0
-                && p.cols % (32 / bits) == 0
+            crate::weights::cuda::fits(p.params.bits, p.params.group_size, p.cols)
         };
         let [gate, up, down] = first.projs;
         if experts.len() > MAX_K
@@ -213,11 +195,13 @@ impl DevicePacked {
         let [gk, uk, dk] = first.kinds;
         let (rows_i, cols_h) = (inter as u32, hidden as u32);
         let (bits, group) = (gate.params.bits as u32, gate.params.group_size as u32);
-        let kf = &first.kernels.fused;
-        let cfg = |warps: u32| LaunchConfig {
-            grid_dim: ((warps * 32).div_ceil(BLOCK), 1, 1),
+        let Some(kf) = FusedKernels::get(&first.dev) else {
+            return Ok(None);
+        };
+        let cfg = |rows: usize, cols: usize| LaunchConfig {
+            grid_dim: (crate::weights::cuda::row_blocks(rows), 1, 1),
             block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: crate::weights::cuda::x_bytes(cols) as u32,
         };
         let mut b = stream.launch_builder(&kf.gate_up);
         b.arg(&table)
@@ -236,10 +220,12 @@ impl DevicePacked {
             .arg(&cols_h)
             .arg(&bits)
             .arg(&group);
-        // SAFETY: each warp reads one packed row of gate and up inside its expert's buffer
-        // (offsets and shapes checked equal for every expert above), `hidden` inputs of `x`,
-        // and writes one of the `k · inter` elements of `act`.
-        unsafe { b.launch(cfg(k * rows_i)) }.map_err(|e| driver("fused gate·up kernel", e))?;
+        // SAFETY: each block copies the `hidden` inputs of `x` into the shared memory sized for
+        // them; each warp reads packed rows of gate and up inside an expert's buffer (offsets
+        // and shapes checked equal for every expert above) and writes elements of `act`
+        // (`k · inter`).
+        unsafe { b.launch(cfg(experts.len() * inter, hidden)) }
+            .map_err(|e| driver("fused gate·up kernel", e))?;
         let (dbits, dgroup) = (down.params.bits as u32, down.params.group_size as u32);
         let mut b = stream.launch_builder(&kf.down);
         b.arg(&table)
@@ -254,9 +240,10 @@ impl DevicePacked {
             .arg(&rows_i)
             .arg(&dbits)
             .arg(&dgroup);
-        // SAFETY: each warp reads one packed row of every expert's down projection, `inter`
-        // activations per expert from `act`, and writes one of the `hidden` elements of `y`.
-        unsafe { b.launch(cfg(cols_h)) }.map_err(|e| driver("fused down kernel", e))?;
+        // SAFETY: each block copies one expert's `inter` activations at a time into the shared
+        // memory sized for them; each warp reads packed rows of every expert's down projection
+        // and writes elements of `y` (`hidden`), each row by the same warp for every expert.
+        unsafe { b.launch(cfg(hidden, inter)) }.map_err(|e| driver("fused down kernel", e))?;
         drop(guards);
         Ok(Some(first.wrap(y, (1, hidden))))
     }

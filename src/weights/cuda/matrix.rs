@@ -1,0 +1,317 @@
+//! An MLX-quantized dense matrix held packed in CUDA memory (attention projections, shared
+//! experts, dense MLPs, `lm_head`, embeddings): 4-bit checkpoints keep 1/7 of the f32 bytes on
+//! the GPU, and a decode step reads 1/7 of the bytes.
+
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, DeviceId};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, Storage, Tensor};
+
+use super::{ROW_DOT_SRC, SCALE_SRC};
+use crate::config::QuantParams;
+use crate::error::{Error, Result};
+
+const SRC: &str = r#"
+// y[t * rows + r] = row r · x[t] for t < T: one warp per row in a grid-stride loop, x[t] in
+// shared memory.
+extern "C" __global__ void packed_matvec(
+const unsigned char* buf, unsigned long long q_off, unsigned long long s_off,
+unsigned long long b_off, unsigned int kind, const float* x, float* y, unsigned int rows,
+unsigned int cols, unsigned int T, unsigned int bits, unsigned int group) {
+extern __shared__ float xs[];
+unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x / 32u;
+for (unsigned int t = 0; t < T; ++t) {
+    load_x(xs, x + (unsigned long long)t * cols, cols);
+    __syncthreads();
+    for (unsigned int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
+        float v = dot(bits, buf, q_off, s_off, b_off, kind, xs, r, cols, group, lane);
+        if (lane == 0) y[(unsigned long long)t * rows + r] = v;
+    }
+    __syncthreads();
+}
+}
+
+// out[i * cols + c] = s * q + b of row ids[i] for i < n (rows given by value: up to 8 per
+// launch), or of row row0 + i where row0 is not 0xffffffff (any n).
+struct Ids { unsigned int id[8]; };
+extern "C" __global__ void packed_rows(
+const unsigned char* buf, unsigned long long q_off, unsigned long long s_off,
+unsigned long long b_off, unsigned int kind, const Ids ids, unsigned int row0, unsigned int n,
+float* out, unsigned int cols, unsigned int bits, unsigned int group) {
+for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+     i < (unsigned long long)n * cols; i += (unsigned long long)gridDim.x * blockDim.x) {
+unsigned int k = (unsigned int)(i / cols), c = (unsigned int)(i % cols);
+unsigned long long row = row0 == 0xffffffffu ? ids.id[k] : (unsigned long long)row0 + k;
+unsigned long long e = row * cols + c;
+unsigned int per = 32u / bits;
+unsigned int word = ((const unsigned int*)(buf + q_off))[e / per];
+float q = (float)((word >> ((e % per) * bits)) & ((1u << bits) - 1u));
+unsigned long long g = e / group;
+out[i] = __fadd_rn(__fmul_rn(scale_at(buf + s_off, kind, g), q), scale_at(buf + b_off, kind, g));
+}
+}
+"#;
+
+/// Rows decoded per `packed_rows` launch (the kernel's `Ids`).
+const IDS: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ids {
+    id: [u32; IDS],
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's `Ids`.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Ids {}
+
+struct Kernels {
+    device: DeviceId,
+    matvec: CudaFunction,
+    rows: CudaFunction,
+}
+
+static KERNELS: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
+
+fn kernels(dev: &CudaDevice) -> Result<&'static Kernels> {
+    let k = KERNELS.get_or_init(|| {
+        use candle_core::cuda_backend::cudarc::nvrtc;
+        let ptx = nvrtc::compile_ptx(format!("{SCALE_SRC}{ROW_DOT_SRC}{SRC}"))
+            .map_err(|e| format!("NVRTC: {e}"))?;
+        let module = dev
+            .cuda_stream()
+            .context()
+            .load_module(ptx)
+            .map_err(|e| format!("module load: {e}"))?;
+        let f = |n: &str| module.load_function(n).map_err(|e| format!("{n}: {e}"));
+        Ok(Kernels {
+            device: dev.id(),
+            matvec: f("packed_matvec")?,
+            rows: f("packed_rows")?,
+        })
+    });
+    match k {
+        Ok(k) if k.device == dev.id() => Ok(k),
+        Ok(_) => Err(Error::Input(
+            "packed GPU weights on a second CUDA device in one process".into(),
+        )),
+        Err(e) => Err(Error::Input(format!(
+            "packed GPU weight kernels: {e} (run with --gpu-dense f32)"
+        ))),
+    }
+}
+
+fn driver(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Input(format!("CUDA {what}: {e}"))
+}
+
+/// Tokens multiplied by the matrix-vector kernel in one launch; longer inputs (prefill) decode
+/// the matrix to f32 once and use cuBLAS.
+const MATVEC_TOKENS: usize = 8;
+
+/// An MLX-quantized `[rows, cols]` matrix in GPU memory as its checkpoint bytes.
+pub struct DeviceMatrix {
+    dev: CudaDevice,
+    buf: CudaSlice<u8>,
+    /// Offsets of words, scales, biases in `buf`.
+    offs: [u64; 3],
+    kind: u32,
+    rows: usize,
+    cols: usize,
+    params: QuantParams,
+}
+
+impl std::fmt::Debug for DeviceMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("params", &self.params)
+            .finish()
+    }
+}
+
+impl DeviceMatrix {
+    /// Copies the packed words, scales and biases `[w, s, b]` (scale type `kind`, see
+    /// [`super::scale_kind`]) to `dev`; `None` where the kernels do not take this matrix (the
+    /// caller then keeps f32).
+    pub fn upload(
+        dev: &CudaDevice,
+        [w, s, b]: [&[u8]; 3],
+        kind: u32,
+        params: QuantParams,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        if !super::fits(params.bits, params.group_size, cols) {
+            return Ok(None);
+        }
+        let a = |n: usize| n.div_ceil(256) * 256;
+        let offs = [0, a(w.len()) as u64, (a(w.len()) + a(s.len())) as u64];
+        let mut host = vec![0u8; a(w.len()) + a(s.len()) + b.len()];
+        host[..w.len()].copy_from_slice(w);
+        host[offs[1] as usize..offs[1] as usize + s.len()].copy_from_slice(s);
+        host[offs[2] as usize..].copy_from_slice(b);
+        let buf = dev
+            .cuda_stream()
+            .clone_htod(&host)
+            .map_err(|e| driver("upload", e))?;
+        kernels(dev)?;
+        Ok(Some(DeviceMatrix {
+            dev: dev.clone(),
+            buf,
+            offs,
+            kind,
+            rows,
+            cols,
+            params,
+        }))
+    }
+
+    /// Bytes held on the GPU.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn wrap(&self, s: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
+        Tensor::from_storage(
+            Storage::Cuda(f32::wrap_cuda_slice(s, self.dev.clone())),
+            shape,
+            BackpropOp::none(),
+            false,
+        )
+    }
+
+    /// Launches `packed_rows` for `n` rows (`ids`, or `row0..row0 + n` when `row0` is set)
+    /// into `out`.
+    fn rows_into(
+        &self,
+        ids: Ids,
+        row0: Option<u32>,
+        n: usize,
+        out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let k = kernels(&self.dev)?;
+        let stream = self.dev.cuda_stream();
+        let (bits, group, cols) = (
+            self.params.bits as u32,
+            self.params.group_size as u32,
+            self.cols as u32,
+        );
+        let (r0, nu) = (row0.unwrap_or(u32::MAX), n as u32);
+        let mut b = stream.launch_builder(&k.rows);
+        b.arg(&self.buf)
+            .arg(&self.offs[0])
+            .arg(&self.offs[1])
+            .arg(&self.offs[2])
+            .arg(&self.kind)
+            .arg(&ids)
+            .arg(&r0)
+            .arg(&nu)
+            .arg(out)
+            .arg(&cols)
+            .arg(&bits)
+            .arg(&group);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * self.cols).div_ceil(256).min(1 << 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads rows below `rows` (checked by the callers) of the packed matrix in
+        // `buf` and writes `n · cols` values into `out`, which holds that many.
+        unsafe { b.launch(cfg) }.map_err(|e| driver("packed row kernel", e))?;
+        Ok(())
+    }
+
+    /// Rows `ids` decoded to f32: `[ids.len(), cols]` (embedding lookups).
+    pub fn decode_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(Error::Input(format!(
+                "internal: row {bad} of a {}-row matrix",
+                self.rows
+            )));
+        }
+        let cols = self.cols;
+        // SAFETY: every element is written by the launches below.
+        let mut out: CudaSlice<f32> = unsafe { self.dev.cuda_stream().alloc(ids.len() * cols) }
+            .map_err(|e| driver("allocation", e))?;
+        for (c, chunk) in ids.chunks(IDS).enumerate() {
+            let mut id = Ids { id: [0; IDS] };
+            id.id[..chunk.len()].copy_from_slice(chunk);
+            let mut dst = out.slice_mut(c * IDS * cols..(c * IDS + chunk.len()) * cols);
+            self.rows_into(id, None, chunk.len(), &mut dst)?;
+        }
+        Ok(self.wrap(out, (ids.len(), cols)))
+    }
+
+    /// The whole matrix as f32 `[rows, cols]` (a temporary for long inputs).
+    pub fn decode_all(&self) -> Result<Tensor> {
+        let n = self.rows * self.cols;
+        // SAFETY: every element is written by the launch.
+        let mut out: CudaSlice<f32> =
+            unsafe { self.dev.cuda_stream().alloc(n) }.map_err(|e| driver("allocation", e))?;
+        let mut dst = out.slice_mut(..);
+        self.rows_into(Ids { id: [0; IDS] }, Some(0), self.rows, &mut dst)?;
+        Ok(self.wrap(out, (self.rows, self.cols)))
+    }
+
+    /// `x Wᵀ` for `x` `[T, cols]` (f32, this device): `[T, rows]`.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let (t, c) = x.dims2()?;
+        if c != self.cols {
+            return Err(Error::Input(format!(
+                "internal: [{t}, {c}] input to a [{}, {}] matrix",
+                self.rows, self.cols
+            )));
+        }
+        if t > MATVEC_TOKENS {
+            return Ok(x.matmul(&self.decode_all()?.t()?)?);
+        }
+        let k = kernels(&self.dev)?;
+        let x = x.contiguous()?;
+        let (st, layout) = x.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else {
+            return Err(Error::Input("internal: input is not on the GPU".into()));
+        };
+        let xs = cs.as_cuda_slice::<f32>()?;
+        let xv = xs.slice(layout.start_offset()..layout.start_offset() + t * c);
+        let stream = self.dev.cuda_stream();
+        // SAFETY: every element is written by the kernel.
+        let mut y: CudaSlice<f32> =
+            unsafe { stream.alloc(t * self.rows) }.map_err(|e| driver("allocation", e))?;
+        let (rows, cols, tu) = (self.rows as u32, c as u32, t as u32);
+        let (bits, group) = (self.params.bits as u32, self.params.group_size as u32);
+        let mut b = stream.launch_builder(&k.matvec);
+        b.arg(&self.buf)
+            .arg(&self.offs[0])
+            .arg(&self.offs[1])
+            .arg(&self.offs[2])
+            .arg(&self.kind)
+            .arg(&xv)
+            .arg(&mut y)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&tu)
+            .arg(&bits)
+            .arg(&group);
+        let cfg = LaunchConfig {
+            grid_dim: (super::row_blocks(self.rows), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: super::x_bytes(self.cols) as u32,
+        };
+        // SAFETY: each block copies the T inputs into the shared memory sized for one of them;
+        // each warp reads packed rows in `buf` and writes their T outputs into `y` (T · rows
+        // values).
+        unsafe { b.launch(cfg) }.map_err(|e| driver("packed matrix-vector kernel", e))?;
+        drop(st);
+        Ok(self.wrap(y, (t, self.rows)))
+    }
+}
