@@ -9,8 +9,6 @@
 //! stay cuBLAS products. Per layer this replaces about twenty launches (RoPE table uploads,
 //! narrows made contiguous, the cache transposed every step, scores, scale, softmax) by two.
 
-use std::sync::OnceLock;
-
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -129,38 +127,21 @@ struct Rot {
 // SAFETY: plain-old-data with the C layout of the kernels' `Rot`.
 unsafe impl DeviceRepr for Rot {}
 
-struct Kernels {
-    device: candle_core::cuda_backend::DeviceId,
-    prep: CudaFunction,
-    attend: CudaFunction,
-}
+static KERNELS: crate::weights::cuda::KernelSet = crate::weights::cuda::KernelSet::new();
 
-static KERNELS: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
-
-/// The compiled kernels for `dev` (NVRTC, once per process); `None` (the generic path) where
-/// they failed to compile, with the reason printed once, or on a second device.
-fn kernels(dev: &CudaDevice) -> Option<&'static Kernels> {
-    let k = KERNELS.get_or_init(|| {
-        let compile = || -> std::result::Result<Kernels, String> {
-            use candle_core::cuda_backend::cudarc::nvrtc;
-            let ptx = nvrtc::compile_ptx(SRC).map_err(|e| format!("NVRTC: {e}"))?;
-            let module = dev
-                .cuda_stream()
-                .context()
-                .load_module(ptx)
-                .map_err(|e| format!("module load: {e}"))?;
-            let f = |n: &str| module.load_function(n).map_err(|e| format!("{n}: {e}"));
-            Ok(Kernels {
-                device: dev.id(),
-                prep: f("mla_prep")?,
-                attend: f("mla_attend")?,
-            })
-        };
-        compile().inspect_err(|e| {
-            eprintln!("warning: fused MLA decode kernels unavailable ({e}); using tensor ops")
-        })
-    });
-    k.as_ref().ok().filter(|k| k.device == dev.id())
+/// `mla_prep` and `mla_attend` for `dev`; `None` (the generic path) where they failed to
+/// compile, with the reason printed once, or on a second device.
+fn kernels(dev: &CudaDevice) -> Option<(&'static CudaFunction, &'static CudaFunction)> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let f = KERNELS.get_or_warn(
+        dev,
+        || SRC.to_string(),
+        &["mla_prep", "mla_attend"],
+        &WARNED,
+        "fused MLA decode kernels",
+        "using tensor ops",
+    )?;
+    Some((&f[0], &f[1]))
 }
 
 fn driver(what: &str, e: impl std::fmt::Display) -> Error {
@@ -227,7 +208,7 @@ impl MlaAttention {
             && dr % 2 == 0
             && pos0 < MAX_SEQ
             && x.dtype() == candle_core::DType::F32;
-        let Some(k) = kernels(dev).filter(|_| fits) else {
+        let Some((prep, attend)) = kernels(dev).filter(|_| fits) else {
             return Ok(None);
         };
         let q = match &self.q {
@@ -269,7 +250,7 @@ impl MlaAttention {
             ckv,
             c + dr,
             |cv| with_view!(w, c, |wv| {
-                let mut b = stream.launch_builder(&k.prep);
+                let mut b = stream.launch_builder(prep);
                 b.arg(&qv)
                     .arg(&cv)
                     .arg(&wv)
@@ -314,7 +295,7 @@ impl MlaAttention {
             s * dr,
             |kv| {
                 let qrv = qr.slice(..);
-                let mut b = stream.launch_builder(&k.attend);
+                let mut b = stream.launch_builder(attend);
                 b.arg(&qlv)
                     .arg(&qrv)
                     .arg(&lv)

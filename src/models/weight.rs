@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 use crate::weights::host::HostMatrix;
-use crate::weights::matrix::{FloatMatrix, Floats};
+use crate::weights::matrix::{dot_f32, FloatMatrix, Floats};
 use crate::weights::packed::PackedMatrix;
 use crate::weights::{load_matrix, quantized_parts, TensorEntry, Vb};
 
@@ -226,27 +226,10 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let mut y = vec![0f32; o];
     let rows = |y: &mut [f32], r0: usize| {
         for (k, yk) in y.iter_mut().enumerate() {
-            *yk = dot(&wv[(r0 + k) * i..(r0 + k + 1) * i], &xv);
+            *yk = dot_f32(&wv[(r0 + k) * i..(r0 + k + 1) * i], &xv);
         }
     };
     let block = o.div_ceil(4 * crate::weights::kernels::cores()).max(8);
     crate::weights::kernels::by_blocks(&mut y, block, o * i, |r0, part| rows(part, r0));
     Ok(Some(Tensor::from_vec(y, (1, o), x.device())?))
-}
-
-/// Dot product with 8 independent accumulators (vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }

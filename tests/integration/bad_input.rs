@@ -251,24 +251,8 @@ fn cli_logits_stepwise_matches_the_full_pass_reference_and_checks_prefill() {
     let out = tempfile::tempdir().unwrap();
     let npy = out.path().join("l.npy");
     let (d, n) = (dir.to_str().unwrap(), npy.to_str().unwrap());
-    let (code, err) = harness(&[
-        "logits",
-        "--model",
-        d,
-        "--tokens",
-        &toks,
-        "--out",
-        n,
-        "--prefill",
-        "2",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let got = read_npy_f32(&npy);
-    let e = crate::common::rel_l2(&got, &r.logits);
-    assert!(e < 1e-5, "stepwise logits vs HF: relative L2 {e:.2e}");
-    for bad in ["0", "99"] {
-        let (code, err) = harness(&[
-            "logits",
+    let stepwise = |prefill: &str| {
+        let args = [
             "--model",
             d,
             "--tokens",
@@ -276,8 +260,17 @@ fn cli_logits_stepwise_matches_the_full_pass_reference_and_checks_prefill() {
             "--out",
             n,
             "--prefill",
-            bad,
-        ]);
+            prefill,
+        ];
+        harness(&[&["logits"][..], &args].concat())
+    };
+    let (code, err) = stepwise("2");
+    assert_eq!(code, 0, "{err}");
+    let got = read_npy_f32(&npy);
+    let e = crate::common::rel_l2(&got, &r.logits);
+    assert!(e < 1e-5, "stepwise logits vs HF: relative L2 {e:.2e}");
+    for bad in ["0", "99"] {
+        let (code, err) = stepwise(bad);
         assert_ne!(code, 0);
         assert!(err.contains(&format!("--prefill {bad}")), "{err}");
     }

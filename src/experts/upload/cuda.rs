@@ -106,23 +106,19 @@ pub(super) struct Kernels {
     gemv: CudaFunction,
 }
 
+static KERNELS: crate::weights::cuda::KernelSet = crate::weights::cuda::KernelSet::new();
+
 impl Kernels {
     pub(super) fn new(dev: &CudaDevice) -> std::result::Result<Self, String> {
-        use candle_core::cuda_backend::cudarc::nvrtc;
-        let ptx = nvrtc::compile_ptx(format!("{SCALE_SRC}{DEQUANT_SRC}"))
-            .map_err(|e| format!("NVRTC: {e}"))?;
-        let module = dev
-            .cuda_stream()
-            .context()
-            .load_module(ptx)
-            .map_err(|e| format!("module load: {e}"))?;
-        let dequant = module
-            .load_function("mlx_dequant")
-            .map_err(|e| format!("mlx_dequant: {e}"))?;
-        let gemv = module
-            .load_function("mlx_gemv")
-            .map_err(|e| format!("mlx_gemv: {e}"))?;
-        Ok(Kernels { dequant, gemv })
+        let f = KERNELS.get(
+            dev,
+            || format!("{SCALE_SRC}{DEQUANT_SRC}"),
+            &["mlx_dequant", "mlx_gemv"],
+        )?;
+        Ok(Kernels {
+            dequant: f[0].clone(),
+            gemv: f[1].clone(),
+        })
     }
 }
 

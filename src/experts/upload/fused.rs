@@ -79,50 +79,21 @@ struct Table {
 // SAFETY: plain-old-data with the C layout of the kernels' `Experts`.
 unsafe impl DeviceRepr for Table {}
 
-/// The compiled fused kernels.
-struct FusedKernels {
-    device: candle_core::cuda_backend::DeviceId,
-    gate_up: CudaFunction,
-    down: CudaFunction,
-}
+static KERNELS: crate::weights::cuda::KernelSet = crate::weights::cuda::KernelSet::new();
 
-static KERNELS: std::sync::OnceLock<std::result::Result<FusedKernels, String>> =
-    std::sync::OnceLock::new();
-
-impl FusedKernels {
-    /// The kernels for `dev` (NVRTC, once per process); `None` where they failed to compile
-    /// (said once; the experts then run one at a time) or on a second device.
-    fn get(dev: &CudaDevice) -> Option<&'static FusedKernels> {
-        let k = KERNELS.get_or_init(|| {
-            Self::new(dev).inspect_err(|e| {
-                eprintln!(
-                    "warning: fused expert kernels unavailable ({e}); experts run one at a time"
-                )
-            })
-        });
-        k.as_ref().ok().filter(|k| k.device == dev.id())
-    }
-
-    fn new(dev: &CudaDevice) -> std::result::Result<Self, String> {
-        use candle_core::cuda_backend::cudarc::nvrtc;
-        let ptx = nvrtc::compile_ptx(format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}"))
-            .map_err(|e| format!("NVRTC (fused experts): {e}"))?;
-        let module = dev
-            .cuda_stream()
-            .context()
-            .load_module(ptx)
-            .map_err(|e| format!("module load (fused experts): {e}"))?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| format!("{name}: {e}"))
-        };
-        Ok(FusedKernels {
-            device: dev.id(),
-            gate_up: f("moe_gate_up")?,
-            down: f("moe_down")?,
-        })
-    }
+/// `moe_gate_up` and `moe_down` for `dev`; `None` where they failed to compile (said once; the
+/// experts then run one at a time) or on a second device.
+fn kernels(dev: &CudaDevice) -> Option<(&'static CudaFunction, &'static CudaFunction)> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let f = KERNELS.get_or_warn(
+        dev,
+        || format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}"),
+        &["moe_gate_up", "moe_down"],
+        &WARNED,
+        "fused expert kernels",
+        "experts run one at a time",
+    )?;
+    Some((&f[0], &f[1]))
 }
 
 /// Threads per block of both kernels (8 warps).
@@ -195,7 +166,7 @@ impl DevicePacked {
         let [gk, uk, dk] = first.kinds;
         let (rows_i, cols_h) = (inter as u32, hidden as u32);
         let (bits, group) = (gate.params.bits as u32, gate.params.group_size as u32);
-        let Some(kf) = FusedKernels::get(&first.dev) else {
+        let Some((gate_up_kernel, down_kernel)) = kernels(&first.dev) else {
             return Ok(None);
         };
         let cfg = |rows: usize, cols: usize| LaunchConfig {
@@ -203,7 +174,7 @@ impl DevicePacked {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: crate::weights::cuda::x_bytes(cols) as u32,
         };
-        let mut b = stream.launch_builder(&kf.gate_up);
+        let mut b = stream.launch_builder(gate_up_kernel);
         b.arg(&table)
             .arg(&k)
             .arg(&o[0])
@@ -227,7 +198,7 @@ impl DevicePacked {
         unsafe { b.launch(cfg(experts.len() * inter, hidden)) }
             .map_err(|e| driver("fused gate·up kernel", e))?;
         let (dbits, dgroup) = (down.params.bits as u32, down.params.group_size as u32);
-        let mut b = stream.launch_builder(&kf.down);
+        let mut b = stream.launch_builder(down_kernel);
         b.arg(&table)
             .arg(&k)
             .arg(&o[6])

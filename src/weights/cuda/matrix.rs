@@ -2,12 +2,10 @@
 //! experts, dense MLPs, `lm_head`, embeddings): 4-bit checkpoints keep 1/7 of the f32 bytes on
 //! the GPU, and a decode step reads 1/7 of the bytes.
 
-use std::sync::OnceLock;
-
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, DeviceId};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, Storage, Tensor};
 
@@ -68,40 +66,22 @@ struct Ids {
 // SAFETY: plain-old-data with the C layout of the kernel's `Ids`.
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Ids {}
 
-struct Kernels {
-    device: DeviceId,
-    matvec: CudaFunction,
-    rows: CudaFunction,
-}
+static KERNELS: super::KernelSet = super::KernelSet::new();
 
-static KERNELS: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
-
-fn kernels(dev: &CudaDevice) -> Result<&'static Kernels> {
-    let k = KERNELS.get_or_init(|| {
-        use candle_core::cuda_backend::cudarc::nvrtc;
-        let ptx = nvrtc::compile_ptx(format!("{SCALE_SRC}{ROW_DOT_SRC}{SRC}"))
-            .map_err(|e| format!("NVRTC: {e}"))?;
-        let module = dev
-            .cuda_stream()
-            .context()
-            .load_module(ptx)
-            .map_err(|e| format!("module load: {e}"))?;
-        let f = |n: &str| module.load_function(n).map_err(|e| format!("{n}: {e}"));
-        Ok(Kernels {
-            device: dev.id(),
-            matvec: f("packed_matvec")?,
-            rows: f("packed_rows")?,
-        })
-    });
-    match k {
-        Ok(k) if k.device == dev.id() => Ok(k),
-        Ok(_) => Err(Error::Input(
-            "packed GPU weights on a second CUDA device in one process".into(),
-        )),
-        Err(e) => Err(Error::Input(format!(
-            "packed GPU weight kernels: {e} (run with --gpu-dense f32)"
-        ))),
-    }
+/// `packed_matvec` and `packed_rows` for `dev`.
+fn kernels(dev: &CudaDevice) -> Result<(&'static CudaFunction, &'static CudaFunction)> {
+    let f = KERNELS
+        .get(
+            dev,
+            || format!("{SCALE_SRC}{ROW_DOT_SRC}{SRC}"),
+            &["packed_matvec", "packed_rows"],
+        )
+        .map_err(|e| {
+            Error::Input(format!(
+                "packed GPU weight kernels: {e} (run with --gpu-dense f32)"
+            ))
+        })?;
+    Ok((&f[0], &f[1]))
 }
 
 fn driver(what: &str, e: impl std::fmt::Display) -> Error {
@@ -199,7 +179,7 @@ impl DeviceMatrix {
         n: usize,
         out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let k = kernels(&self.dev)?;
+        let (_, rows_kernel) = kernels(&self.dev)?;
         let stream = self.dev.cuda_stream();
         let (bits, group, cols) = (
             self.params.bits as u32,
@@ -207,7 +187,7 @@ impl DeviceMatrix {
             self.cols as u32,
         );
         let (r0, nu) = (row0.unwrap_or(u32::MAX), n as u32);
-        let mut b = stream.launch_builder(&k.rows);
+        let mut b = stream.launch_builder(rows_kernel);
         b.arg(&self.buf)
             .arg(&self.offs[0])
             .arg(&self.offs[1])
@@ -275,7 +255,7 @@ impl DeviceMatrix {
         if t > MATVEC_TOKENS {
             return Ok(x.matmul(&self.decode_all()?.t()?)?);
         }
-        let k = kernels(&self.dev)?;
+        let (matvec, _) = kernels(&self.dev)?;
         let x = x.contiguous()?;
         let (st, layout) = x.storage_and_layout();
         let Storage::Cuda(cs) = &*st else {
@@ -289,7 +269,7 @@ impl DeviceMatrix {
             unsafe { stream.alloc(t * self.rows) }.map_err(|e| driver("allocation", e))?;
         let (rows, cols, tu) = (self.rows as u32, c as u32, t as u32);
         let (bits, group) = (self.params.bits as u32, self.params.group_size as u32);
-        let mut b = stream.launch_builder(&k.matvec);
+        let mut b = stream.launch_builder(matvec);
         b.arg(&self.buf)
             .arg(&self.offs[0])
             .arg(&self.offs[1])

@@ -10,6 +10,76 @@ mod matrix;
 
 pub use matrix::DeviceMatrix;
 
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+use candle_core::cuda_backend::DeviceId;
+use candle_core::CudaDevice;
+
+/// Kernels compiled with NVRTC once per process, for the first CUDA device that asks (a
+/// process drives one GPU; a second device gets an error, never another device's module).
+pub struct KernelSet(OnceLock<std::result::Result<(DeviceId, Vec<CudaFunction>), String>>);
+
+impl Default for KernelSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KernelSet {
+    /// An empty set (for a `static`).
+    pub const fn new() -> Self {
+        KernelSet(OnceLock::new())
+    }
+
+    /// The functions `names` of the module compiled from `src()` for `dev`, in order; the
+    /// compile error (the same each call) where NVRTC or the module load failed.
+    pub fn get(
+        &self,
+        dev: &CudaDevice,
+        src: impl FnOnce() -> String,
+        names: &[&str],
+    ) -> std::result::Result<&[CudaFunction], String> {
+        let compiled = self.0.get_or_init(|| {
+            use candle_core::cuda_backend::cudarc::nvrtc;
+            let ptx = nvrtc::compile_ptx(src()).map_err(|e| format!("NVRTC: {e}"))?;
+            let module = dev
+                .cuda_stream()
+                .context()
+                .load_module(ptx)
+                .map_err(|e| format!("module load: {e}"))?;
+            let funcs = names
+                .iter()
+                .map(|n| module.load_function(n).map_err(|e| format!("{n}: {e}")))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok((dev.id(), funcs))
+        });
+        match compiled {
+            Ok((id, f)) if *id == dev.id() => Ok(f),
+            Ok(_) => Err("compiled for another CUDA device of this process".into()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// As [`KernelSet::get`] for kernels with a slower fallback: `None` on failure, said once
+    /// per process on stderr as "`what` unavailable (reason); `fallback`".
+    pub fn get_or_warn(
+        &self,
+        dev: &CudaDevice,
+        src: impl FnOnce() -> String,
+        names: &[&str],
+        warned: &'static std::sync::Once,
+        what: &str,
+        fallback: &str,
+    ) -> Option<&[CudaFunction]> {
+        self.get(dev, src, names)
+            .inspect_err(|e| {
+                warned.call_once(|| eprintln!("warning: {what} unavailable ({e}); {fallback}"))
+            })
+            .ok()
+    }
+}
+
 /// A scale or bias of kind `kind` (f32 0, f16 1, bf16 2) as f32, exactly.
 pub const SCALE_SRC: &str = r#"
 __device__ float scale_at(const unsigned char* p, unsigned int kind, unsigned long long i) {
