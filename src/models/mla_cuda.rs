@@ -6,7 +6,7 @@
 //! path does, passed by value: no upload), and splits the query into its nope and rope parts.
 //! `mla_attend` (one block per head) scores the query against every cached latent and rope key,
 //! takes the softmax and the probability-weighted sum of the cached latents. The projections
-//! stay cuBLAS products. Per layer this replaces about twenty launches (RoPE table uploads,
+//! stay the layer's own products (packed matrix-vector kernel or cuBLAS). Per layer this replaces about twenty launches (RoPE table uploads,
 //! narrows made contiguous, the cache transposed every step, scores, scale, softmax) by two.
 
 use candle_core::cuda_backend::cudarc::driver::{

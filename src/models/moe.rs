@@ -193,6 +193,14 @@ fn run_expert(xt: &Tensor, ew: &ExpertWeights) -> Result<Tensor> {
     expert_forward(xt, ew)
 }
 
+/// `acc + y` in router order (the first expert's output as is).
+fn add(acc: Option<Tensor>, y: Tensor) -> Result<Tensor> {
+    Ok(match acc {
+        Some(a) => (a + y)?,
+        None => y,
+    })
+}
+
 /// The routed output of one token from its experts' weighted sum `acc` (`None`: every expert
 /// skipped): with skip-on-miss, the kept experts are renormalised to the full routed weight.
 fn finish(acc: Option<Tensor>, kept: f32, route: &Route, xt: &Tensor) -> Result<Tensor> {
@@ -304,10 +312,7 @@ impl MoeBlock {
                             let mut acc: Option<Tensor> = None;
                             for (ew, w) in &fetched {
                                 let y = (run_expert(&xt, ew)? * *w as f64)?;
-                                acc = Some(match acc {
-                                    Some(a) => (a + y)?,
-                                    None => y,
-                                });
+                                acc = Some(add(acc, y)?);
                             }
                             acc
                         }
@@ -332,10 +337,7 @@ impl MoeBlock {
                                 "internal: an expert of the step was not computed".into(),
                             ))
                         })?;
-                    acc = Some(match acc {
-                        Some(a) => (a + y)?,
-                        None => y,
-                    });
+                    acc = Some(add(acc, y)?);
                 }
             } else {
                 for (&e, &w) in route.experts.iter().zip(&route.weights) {
@@ -348,10 +350,7 @@ impl MoeBlock {
                     };
                     kept += w;
                     let y = (run_expert(&xt, &ew)? * w as f64)?;
-                    acc = Some(match acc {
-                        Some(a) => (a + y)?,
-                        None => y,
-                    });
+                    acc = Some(add(acc, y)?);
                 }
             }
             access.end_step(route)?;

@@ -85,6 +85,14 @@ fn bench_sweep_accounts_bytes_and_hits() {
     );
     assert_eq!(res.bytes_per_token, 0.0);
     assert_eq!(r.experts_per_token, 4 * 5);
+    for row in &r.rows {
+        assert!(
+            row.prefill_tps.is_finite() && row.prefill_tps > 0.0,
+            "{}: prefill {}",
+            row.cell,
+            row.prefill_tps
+        );
+    }
     for row in &r.rows[1..] {
         assert_eq!(row.decode_tokens, 2 * 7);
         assert!(
