@@ -20,7 +20,9 @@ impl Rng {
 
 struct Case {
     words: Vec<u32>,
-    sb: Vec<(f32, f32)>,
+    /// Per group scale and bias.
+    s: Vec<f32>,
+    b: Vec<f32>,
     x: Vec<f32>,
     xsum: Vec<f32>,
     groups: usize,
@@ -31,16 +33,31 @@ fn case(seed: u64, cols: usize, gs: usize) -> Case {
     let mut r = Rng(seed);
     let groups = cols / gs;
     let words = (0..cols / 8).map(|_| r.next() as u32).collect();
-    let sb = (0..groups).map(|_| (r.f() * 0.05, r.f() * 0.1)).collect();
+    let (s, b) = (0..groups).map(|_| (r.f() * 0.05, r.f() * 0.1)).unzip();
     let x: Vec<f32> = (0..cols).map(|_| r.f() * 3.0).collect();
     let xsum = x.chunks_exact(gs).map(|g| g.iter().sum()).collect();
     Case {
         words,
-        sb,
+        s,
+        b,
         x,
         xsum,
         groups,
         gs,
+    }
+}
+
+impl Case {
+    /// The case's matrix row as the kernels take it.
+    fn row(&self) -> Row<'_, &[f32]> {
+        Row {
+            words: &self.words,
+            s: &self.s[..],
+            b: &self.b[..],
+            k0: 0,
+            groups: self.groups,
+            gs: self.gs,
+        }
     }
 }
 
@@ -49,7 +66,7 @@ fn reference(c: &Case) -> f64 {
     let mut acc = 0f64;
     for i in 0..c.groups * c.gs {
         let q = (c.words[i / 8] >> (4 * (i % 8))) & 15;
-        let (s, b) = c.sb[i / c.gs];
+        let (s, b) = (c.s[i / c.gs], c.b[i / c.gs]);
         acc += (s as f64 * q as f64 + b as f64) * c.x[i] as f64;
     }
     acc
@@ -67,15 +84,7 @@ fn every_form_is_bit_equal_to_the_portable_one_and_near_the_dequantized_product(
     for (seed, cols, gs) in [(1, 64, 32), (2, 1024, 64), (3, 512, 128), (4, 2816, 64)] {
         for s in 0..4 {
             let c = case(seed * 101 + s, cols, gs);
-            let (sv, bv): (Vec<f32>, Vec<f32>) = c.sb.iter().copied().unzip();
-            let r = Row {
-                words: &c.words,
-                s: &sv[..],
-                b: &bv[..],
-                k0: 0,
-                groups: c.groups,
-                gs,
-            };
+            let r = c.row();
             let exact = row_exact(r, &c.x, &c.xsum);
             let fast = simd.row_exact(r, &c.x, &c.xsum);
             assert_eq!(
@@ -102,7 +111,7 @@ fn every_form_is_bit_equal_to_the_portable_one_and_near_the_dequantized_product(
                 let bound: f64 = (0..cols)
                     .map(|i| {
                         let q = (c.words[i / 8] >> (4 * (i % 8))) & 15;
-                        let (sc, bi) = c.sb[i / gs];
+                        let (sc, bi) = (c.s[i / gs], c.b[i / gs]);
                         (sc as f64 * q as f64 + bi as f64).abs() * step(i) as f64 / 2.0
                     })
                     .sum();
@@ -121,15 +130,7 @@ fn several_inputs_at_once_are_bit_equal_to_one_at_a_time() {
     let simd = Simd::current();
     for (seed, cols, gs) in [(5, 64, 32), (6, 1024, 64), (7, 512, 128)] {
         let c = case(seed, cols, gs);
-        let (sv, bv): (Vec<f32>, Vec<f32>) = c.sb.iter().copied().unzip();
-        let r = Row {
-            words: &c.words,
-            s: &sv[..],
-            b: &bv[..],
-            k0: 0,
-            groups: c.groups,
-            gs,
-        };
+        let r = c.row();
         // 1 to 9 inputs: blocks of four and the rest one by one.
         for n in 1..=9 {
             let inputs: Vec<Case> = (0..n)
