@@ -26,20 +26,8 @@ pub const PARTS: [&str; 7] = [
 /// Seconds spent per part of the decoder, over some forward calls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct PartTimes {
-    /// Token embedding.
-    pub embed: f64,
-    /// The token mixers (attention, MLA, DeltaNet, KDA) with their input norms.
-    pub attention: f64,
-    /// Post-attention norms and the residual additions.
-    pub norms: f64,
-    /// Routers, and the router lookahead's predictions when a policy asks for them.
-    pub router: f64,
-    /// Routed and shared experts of MoE layers, including any wait for an expert to load.
-    pub experts: f64,
-    /// Dense MLP layers.
-    pub dense_mlp: f64,
-    /// Final norm and `lm_head`.
-    pub lm_head: f64,
+    /// Seconds per part, indexed by [`Part`] (the order of [`PARTS`]).
+    pub seconds: [f64; PARTS.len()],
     /// Forward calls.
     pub calls: u64,
     /// Tokens they processed.
@@ -50,52 +38,28 @@ impl PartTimes {
     /// The difference `self − before` (for a window of a run).
     pub fn since(&self, before: &PartTimes) -> PartTimes {
         PartTimes {
-            embed: self.embed - before.embed,
-            attention: self.attention - before.attention,
-            norms: self.norms - before.norms,
-            router: self.router - before.router,
-            experts: self.experts - before.experts,
-            dense_mlp: self.dense_mlp - before.dense_mlp,
-            lm_head: self.lm_head - before.lm_head,
+            seconds: std::array::from_fn(|i| self.seconds[i] - before.seconds[i]),
             calls: self.calls - before.calls,
             tokens: self.tokens - before.tokens,
         }
     }
 
-    /// The parts' seconds, in the order of [`PARTS`].
-    pub fn seconds(&self) -> [f64; 7] {
-        [
-            self.attention,
-            self.norms,
-            self.router,
-            self.experts,
-            self.dense_mlp,
-            self.lm_head,
-            self.embed,
-        ]
-    }
-
     /// Milliseconds per token of each part (named as in [`PARTS`]), and their `total`.
     pub fn ms_per_token(&self) -> BTreeMap<&'static str, f64> {
         let n = self.tokens.max(1) as f64;
-        let secs = self.seconds();
         let mut m: BTreeMap<&'static str, f64> = PARTS
             .iter()
-            .zip(secs)
+            .zip(self.seconds)
             .map(|(&k, v)| (k, v * 1e3 / n))
             .collect();
-        m.insert("total", secs.iter().sum::<f64>() * 1e3 / n);
+        m.insert("total", self.seconds.iter().sum::<f64>() * 1e3 / n);
         m
     }
 
     fn add(&mut self, other: &PartTimes) {
-        self.embed += other.embed;
-        self.attention += other.attention;
-        self.norms += other.norms;
-        self.router += other.router;
-        self.experts += other.experts;
-        self.dense_mlp += other.dense_mlp;
-        self.lm_head += other.lm_head;
+        for (a, b) in self.seconds.iter_mut().zip(other.seconds) {
+            *a += b;
+        }
         self.calls += other.calls;
         self.tokens += other.tokens;
     }
@@ -121,16 +85,23 @@ impl Profile {
     }
 }
 
-/// A part of the decoder, for [`Clock::mark`].
+/// A part of the decoder, for [`Clock::mark`]; its discriminant is its index in [`PARTS`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Part {
-    Embed,
-    Attention,
-    Norms,
-    Router,
-    Experts,
-    DenseMlp,
-    LmHead,
+    /// The token mixers (attention, MLA, DeltaNet, KDA) with their input norms.
+    Attention = 0,
+    /// Post-attention norms and the residual additions.
+    Norms = 1,
+    /// Routers, and the router lookahead's predictions when a policy asks for them.
+    Router = 2,
+    /// Routed and shared experts of MoE layers, including any wait for an expert to load.
+    Experts = 3,
+    /// Dense MLP layers.
+    DenseMlp = 4,
+    /// Final norm and `lm_head`.
+    LmHead = 5,
+    /// Token embedding.
+    Embed = 6,
 }
 
 /// Times one forward call (when profiling is on; otherwise every call is a no-op).
@@ -168,16 +139,27 @@ impl<'a> Clock<'a> {
         let now = Instant::now();
         let dt = (now - c.last).as_secs_f64();
         c.last = now;
-        let t = &mut c.times;
-        *match part {
-            Part::Embed => &mut t.embed,
-            Part::Attention => &mut t.attention,
-            Part::Norms => &mut t.norms,
-            Part::Router => &mut t.router,
-            Part::Experts => &mut t.experts,
-            Part::DenseMlp => &mut t.dense_mlp,
-            Part::LmHead => &mut t.lm_head,
-        } += dt;
+        c.times.seconds[part as usize] += dt;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_part_indexes_its_own_name() {
+        for (part, name) in [
+            (Part::Attention, "attention"),
+            (Part::Norms, "norms"),
+            (Part::Router, "router"),
+            (Part::Experts, "experts"),
+            (Part::DenseMlp, "dense_mlp"),
+            (Part::LmHead, "lm_head"),
+            (Part::Embed, "embed"),
+        ] {
+            assert_eq!(PARTS[part as usize], name);
+        }
     }
 }
