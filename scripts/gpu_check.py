@@ -6,8 +6,10 @@ budget with inline loads, with the per-projection kernel, with f32 resident expe
 weights (the default keeps MLX-quantized dense weights packed), and with
 every token after the second as a decode step of its own (the decode path: on CUDA the fused MLA
 attention kernels), against the HF transformers logits stored with the fixture.
-Every run must say on stderr that it ran on the device asked for (`device: cuda:0`): a run that
-says otherwise counts as a failure, so a CPU result can never pass for a GPU one.
+Every run must say on stderr that it ran on the device asked for (`device: cuda:0`) with the kernel
+forms asked for (`experts fused, attention fused, dense packed` by default), and no fused kernel may
+have fallen back: a run that says otherwise counts as a failure, so a CPU result can never pass for
+a GPU one, nor a fallback for the fused kernels.
 Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu]  (prints one line per run, exits 1 on a mismatch)."""
 import json
 import pathlib
@@ -53,6 +55,19 @@ for d in sorted(root.iterdir()):
                 print(f"{d.name} {' '.join(extra)}: FAILED ran on {ran_on or 'an unnamed device'}, not {device}")
                 bad += 1
                 continue
+            # The kernel forms asked for are the ones the run says it used, and no fused kernel
+            # fell back for want of compiling ("… unavailable").
+            if device == "cuda":
+                arg = lambda flag, default: extra[extra.index(flag) + 1] if flag in extra else default
+                want_forms = [f"experts {arg('--gpu-experts', 'fused')}",
+                              f"attention {arg('--gpu-attention', 'fused')}",
+                              f"dense {arg('--gpu-dense', 'packed')}"]
+                missing = [f for f in want_forms if f not in ran_on[0]]
+                fell_back = [l for l in r.stderr.splitlines() if "unavailable" in l]
+                if missing or fell_back:
+                    print(f"{d.name} {' '.join(extra)}: FAILED kernels {ran_on[0]} lack {missing} or fell back {fell_back}")
+                    bad += 1
+                    continue
             got = np.load(out).astype(np.float64).reshape(want.shape)
             err = np.linalg.norm(got - want) / np.linalg.norm(want)
             ok = err <= tol
