@@ -7,6 +7,7 @@ use crate::config::AttentionSpec;
 use crate::error::Result;
 use crate::weights::Vb;
 
+pub use super::kv::{DeltaState, LayerKv};
 pub use super::weight::{gemv, Weight};
 
 /// Loads the plain f32 vector `leaf` of a scope (norm weights, biases).
@@ -65,7 +66,23 @@ impl RmsNorm {
             self.eps,
         )?)
     }
+
+    /// The residual add and this norm after it: `(h + a, norm(h + a))` for `[T, n]` inputs (one
+    /// launch on CUDA).
+    pub fn add_forward(&self, h: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(r) = self.add_forward_cuda(h, a)? {
+            return Ok(r);
+        }
+        let h = (h + a)?;
+        let x = self.forward(&h)?;
+        Ok((h, x))
+    }
 }
+
+#[cfg(feature = "cuda")]
+#[path = "norm_cuda.rs"]
+mod norm_cuda;
 
 /// `y = x Wᵀ (+ b)` with `W` `[out, in]`.
 #[derive(Debug)]
@@ -114,6 +131,25 @@ impl Linear {
     pub fn from_weight(weight: Weight) -> Self {
         Linear { weight, bias: None }
     }
+    /// The weight where it is MLX-packed on the GPU and the layer has no bias.
+    #[cfg(feature = "cuda")]
+    pub fn device_matrix(&self) -> Option<&crate::weights::cuda::DeviceMatrix> {
+        match (&self.weight, &self.bias) {
+            (Weight::Device(m), None) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Applies the layer to `norm(x)` (one launch where the weight is packed on the GPU and the
+    /// layer has no bias).
+    pub fn forward_normed(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(m) = self.device_matrix() {
+            return m.matmul_normed(x, Some((norm.weight(), norm.eps())));
+        }
+        self.forward(&norm.forward(x)?)
+    }
+
     /// Applies the layer to `x` `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.weight.forward(x)?;
@@ -141,6 +177,17 @@ impl Mlp {
             down: Linear::load(&vb.pp("down_proj"), hidden, inter, false)?,
         })
     }
+    /// The gate, up and down matrices where all three are MLX-packed on the GPU without biases
+    /// (a shared expert then runs in the routed experts' fused launches).
+    #[cfg(feature = "cuda")]
+    pub fn device_matrices(&self) -> Option<[&crate::weights::cuda::DeviceMatrix; 3]> {
+        Some([
+            self.gate.device_matrix()?,
+            self.up.device_matrix()?,
+            self.down.device_matrix()?,
+        ])
+    }
+
     /// Applies the MLP to `x` `[T, H]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
@@ -249,91 +296,6 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     // `cat` of a narrowed view along the last axis yields a transposed layout, which CUDA matmul
     // rejects: make it contiguous.
     Ok(Tensor::cat(&[rot, x.narrow(3, rd, hd - rd)?], 3)?.contiguous()?)
-}
-
-/// Keys and values of one layer (`[1, kv_heads, S, head_dim]`, or MLA's latent and RoPE key),
-/// in buffers allocated once for the sequence's length (prompt + new tokens) and written in
-/// place: the cache never holds more than the run's context, nor two copies while it grows.
-#[derive(Debug, Clone, Default)]
-pub struct LayerKv {
-    kv: Option<candle_nn::kv_cache::KvCache>,
-    capacity: usize,
-    /// A DeltaNet layer's state instead of keys and values.
-    pub(crate) delta: DeltaState,
-}
-
-impl LayerKv {
-    /// An empty cache for a sequence of up to `capacity` tokens (it grows in steps of
-    /// `capacity` if a longer one comes).
-    pub fn with_capacity(capacity: usize) -> Self {
-        LayerKv {
-            kv: None,
-            capacity,
-            delta: Default::default(),
-        }
-    }
-
-    /// Appends new entries along `dim` (the sequence axis) and returns the whole cache.
-    pub fn append(&mut self, k: Tensor, v: Tensor, dim: usize) -> Result<(Tensor, Tensor)> {
-        let cap = self.capacity.max(k.dim(dim)?);
-        let kv = self
-            .kv
-            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(dim, cap));
-        Ok(kv.append(&k.contiguous()?, &v.contiguous()?)?)
-    }
-
-    /// On the CPU, `f(keys, values, capacity)` over the cache's f32 buffers, each
-    /// `[kv heads, capacity, head dim]` (positions past the cached ones are unused); `None` when
-    /// the cache is not such a buffer (another device or dtype, or nothing cached yet).
-    pub fn with_host_buffers<R>(&self, f: impl FnOnce(&[f32], &[f32], usize) -> R) -> Option<R> {
-        let kv = self.kv.as_ref()?;
-        let (k, v) = (
-            kv.k_cache().all_data().as_ref()?,
-            kv.v_cache().all_data().as_ref()?,
-        );
-        let (_, _, cap, _) = k.dims4().ok()?;
-        let ((ks, kl), (vs, vl)) = (k.storage_and_layout(), v.storage_and_layout());
-        match (&*ks, &*vs) {
-            (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc))
-                if kl.is_contiguous() && vl.is_contiguous() =>
-            {
-                let kb = &kc.as_slice::<f32>().ok()?[kl.start_offset()..];
-                let vb = &vc.as_slice::<f32>().ok()?[vl.start_offset()..];
-                Some(f(kb, vb, cap))
-            }
-            _ => None,
-        }
-    }
-
-    /// Bytes of the buffers allocated so far.
-    pub fn bytes(&self) -> u64 {
-        let size = |c: &candle_nn::kv_cache::Cache| {
-            c.all_data()
-                .as_ref()
-                .map_or(0, |t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-        };
-        self.kv
-            .as_ref()
-            .map_or(0, |kv| size(kv.k_cache()) + size(kv.v_cache()))
-            + self.delta.bytes()
-    }
-}
-
-/// A gated DeltaNet layer's state between calls ([`super::deltanet`]): the convolution's last inputs and the recurrent
-/// matrices.
-#[derive(Debug, Clone, Default)]
-pub struct DeltaState {
-    /// `[conv_dim, K − 1]`: the last `K − 1` convolution inputs per channel, oldest first.
-    pub(crate) conv: Vec<f32>,
-    /// `[num_v_heads, k_head_dim, v_head_dim]`.
-    pub(crate) recurrent: Vec<f32>,
-}
-
-impl DeltaState {
-    /// Bytes held.
-    pub fn bytes(&self) -> u64 {
-        4 * (self.conv.len() + self.recurrent.len()) as u64
-    }
 }
 
 /// Grouped-query attention with optional per-head q/k RMSNorm and q/k/v bias.

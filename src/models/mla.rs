@@ -58,6 +58,10 @@ pub struct MlaAttention {
     spec: MlaSpec,
     /// Decode tokens on CUDA take the fused kernels ([`cuda`]); off: tensor ops throughout.
     fused: std::sync::atomic::AtomicBool,
+    /// On CUDA with packed weights: `q_a_proj` and `kv_a_proj_with_mqa` stacked by rows (one
+    /// product per decode token; the two projections are views of its rows).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    stacked_a: Option<Linear>,
 }
 
 #[cfg(feature = "cuda")]
@@ -130,9 +134,19 @@ impl MlaAttention {
                 hint: format!(" (nor mlx-lm's `{}` / `unembed_out`): MLA needs the latent key/value expansion", vb.key("embed_q")),
             });
         };
+        #[allow(unused_mut)]
+        let (mut q, mut kv_a) = (
+            q,
+            l("kv_a_proj_with_mqa", c + dr, hidden, m.attention_bias)?,
+        );
+        #[cfg(feature = "cuda")]
+        let stacked_a = cuda::stack_a(&mut q, &mut kv_a)?;
+        #[cfg(not(feature = "cuda"))]
+        let stacked_a = None;
         Ok(MlaAttention {
             q,
-            kv_a: l("kv_a_proj_with_mqa", c + dr, hidden, m.attention_bias)?,
+            stacked_a,
+            kv_a,
             kv_a_norm: RmsNorm::load(&vb.pp("kv_a_layernorm"), c, LATENT_NORM_EPS)?,
             latent,
             o: l("o_proj", hidden, heads * dv, m.attention_bias)?,

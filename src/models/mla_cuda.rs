@@ -1,13 +1,19 @@
-//! One decode token of MLA on CUDA in absorbed form with two fused kernels (a child module of
+//! One decode token of MLA on CUDA in absorbed form with three kernels (a child module of
 //! [`super`], so it reads the layer's fields).
 //!
-//! `mla_prep` (one block) normalises the new latent, applies RoPE to the shared key and to
-//! every head's rope part of the query (cos/sin computed on the host exactly as the generic
-//! path does, passed by value: no upload), and splits the query into its nope and rope parts.
-//! `mla_attend` (one block per head) scores the query against every cached latent and rope key,
-//! takes the softmax and the probability-weighted sum of the cached latents. The projections
-//! stay the layer's own products (packed matrix-vector kernel or cuBLAS). Per layer this replaces about twenty launches (RoPE table uploads,
-//! narrows made contiguous, the cache transposed every step, scores, scale, softmax) by two.
+//! `q_a_proj` and `kv_a_proj_with_mqa` are one stacked packed matrix (one product), and
+//! `q_a_layernorm` runs inside `q_b_proj`'s product. `mla_absorb` (a block per head and 128
+//! latent columns) maps each head's query into the latent space (`q_nope · k_upᵀ`), rotates the
+//! query's rope part, and normalises the new latent and rotates the shared key straight into
+//! the cache (cos/sin computed on the host exactly as the generic path does, passed by value:
+//! no upload). `mla_attend` (a block per head) scores the query against every cached latent and
+//! rope key and takes the softmax and the probability-weighted sum of the cached latents;
+//! `mla_expand` (a block per head and 128 value columns) maps that out again (`· v_up`). Per
+//! layer: six launches (stacked projection, `q_b`, absorb, attend, expand, `o_proj`) where the
+//! tensor ops took about twenty. The latent expansion's products read most of the step's bytes
+//! (`k_up` and `v_up` in f32), so each spreads over 32 warps per 128 columns of every head with
+//! one 16-byte load per lane and row: one block of 8 warps per head ran them at 130 µs per layer
+//! on the H200, 8 warps per 32 columns at 46 µs (Nsight Compute).
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -16,15 +22,20 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, Device, Storage, Tensor};
 
-use super::{Latent, LayerKv, MlaAttention, QProj};
+use super::{Latent, LayerKv, Linear, MlaAttention, QProj, Weight};
 use crate::error::{Error, Result};
+use crate::weights::cuda::DeviceMatrix;
 
-/// Most rotary frequency pairs the prep kernel takes (`qk_rope_head_dim / 2`).
+/// Most rotary frequency pairs the absorb kernel takes (`qk_rope_head_dim / 2`).
 const MAX_ROT: usize = 64;
-/// Most cached tokens the attend kernel keeps scores for in shared memory (longer sequences
-/// take the generic path).
-const MAX_SEQ: usize = 12 * 1024;
+/// Dynamic shared memory of `mla_attend` for `s` cached tokens: their scores. Sequences past
+/// [`crate::weights::cuda::SHARED_MAX`] (24 K tokens) take the generic path.
+fn attend_shared(s: usize) -> usize {
+    4 * s
+}
 const THREADS: u32 = 256;
+/// Threads of the per-head product kernels (`mla_absorb`, `mla_expand`): 32 warps.
+const WIDE: u32 = 1024;
 
 const SRC: &str = r#"
 #define MAX_ROT 64
@@ -59,27 +70,72 @@ float c = r.cos[j], s = r.sin[j];
 return i < half ? x[i] * c - x[i + half] * s : x[i - half] * s + x[i] * c;
 }
 
-// q [H*(dn+dr)], ckv [C+dr], w [C] -> lat [C] (RMS-normalised), krot [dr], qn [H*dn], qr [H*dr].
-extern "C" __global__ void mla_prep(const float* q, const float* ckv, const float* w, float eps,
-                                    const Rot rot, unsigned int mode, unsigned int H,
-                                    unsigned int dn, unsigned int dr, unsigned int C,
-                                    float* lat, float* krot, float* qn, float* qr) {
+// Block (h, t) of a product per head, out[h, j] = sum_i in[h, i] · M[h, i, j] for M [H, R, N]
+// (N a multiple of 4), for the 128 columns j of tile t: lane l takes columns 4l..4l+3 (one
+// 16-byte load per row) and warp w the rows i = w, w + warps, ...; the warps' partial sums are
+// then added in warp order. `in_stride` is the distance between heads' inputs.
+__device__ void head_tile(const float* in, unsigned int in_stride, const float* M,
+                          unsigned int R, unsigned int N, float* out) {
+__shared__ float part[32][128];
+unsigned int h = blockIdx.x, tid = threadIdx.x;
+unsigned int warp = tid / 32u, lane = tid % 32u, nw = blockDim.x / 32u;
+unsigned int j = blockIdx.y * 128u + lane * 4u;
+float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+if (j < N) {
+    const float* x = in + (unsigned long long)h * in_stride;
+    const float* m = M + (unsigned long long)h * R * N + j;
+#pragma unroll 4
+    for (unsigned int i = warp; i < R; i += nw) {
+        float a = x[i];
+        float4 v = *(const float4*)(m + (unsigned long long)i * N);
+        acc.x = fmaf(a, v.x, acc.x);
+        acc.y = fmaf(a, v.y, acc.y);
+        acc.z = fmaf(a, v.z, acc.z);
+        acc.w = fmaf(a, v.w, acc.w);
+    }
+}
+part[warp][lane * 4u] = acc.x;
+part[warp][lane * 4u + 1u] = acc.y;
+part[warp][lane * 4u + 2u] = acc.z;
+part[warp][lane * 4u + 3u] = acc.w;
+__syncthreads();
+unsigned int col = blockIdx.y * 128u + tid;
+if (tid < 128u && col < N) {
+    float t = part[0][tid];
+    for (unsigned int w = 1; w < nw; ++w) t += part[w][tid];
+    out[(unsigned long long)h * N + col] = t;
+}
+}
+
+// Grid (H, ceil(C / 128)), 32 warps: qlat[h] = q_nope[h] · k_up_t[h] ([dn] · [dn, C]). Blocks
+// (h, 0) also rotate head h's rope part of the query into qr [H*dr]; block (0, 0) also
+// normalises the new latent into lat [C] and rotates the shared key into krot [dr] (both rows
+// of the cache). q is [H*(dn+dr)], ckv [C+dr], w [C].
+extern "C" __global__ void mla_absorb(const float* q, const float* ckv, const float* w,
+                                      float eps, const Rot rot, unsigned int mode,
+                                      unsigned int dn, unsigned int dr, unsigned int C,
+                                      const float* k_up_t, float* qlat, float* qr, float* lat,
+                                      float* krot) {
 __shared__ float red[32];
-unsigned int tid = threadIdx.x, nt = blockDim.x;
-float ss = 0.0f;
-for (unsigned int c = tid; c < C; c += nt) ss += ckv[c] * ckv[c];
-ss = block_reduce(ss, red, 0);
-float scale = rsqrtf(ss / (float)C + eps);
-for (unsigned int c = tid; c < C; c += nt) lat[c] = scale * ckv[c] * w[c];
-for (unsigned int i = tid; i < dr; i += nt) krot[i] = rot_at(ckv + C, i, dr, mode, rot);
+unsigned int h = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
 unsigned int dq = dn + dr;
-for (unsigned int i = tid; i < H * dn; i += nt) qn[i] = q[(i / dn) * dq + i % dn];
-for (unsigned int i = tid; i < H * dr; i += nt)
-    qr[i] = rot_at(q + (i / dr) * dq + dn, i % dr, dr, mode, rot);
+head_tile(q, dq, k_up_t, dn, C, qlat);
+if (blockIdx.y == 0) {
+    const float* qh = q + (unsigned long long)h * dq;
+    for (unsigned int i = tid; i < dr; i += nt) qr[h * dr + i] = rot_at(qh + dn, i, dr, mode, rot);
+}
+if (blockIdx.x == 0 && blockIdx.y == 0) {
+    float ss = 0.0f;
+    for (unsigned int i = tid; i < C; i += nt) ss += ckv[i] * ckv[i];
+    ss = block_reduce(ss, red, 0);
+    float scale = rsqrtf(ss / (float)C + eps);
+    for (unsigned int i = tid; i < C; i += nt) lat[i] = scale * ckv[i] * w[i];
+    for (unsigned int i = tid; i < dr; i += nt) krot[i] = rot_at(ckv + C, i, dr, mode, rot);
+}
 }
 
 // Per head (block): scores of qlat [H,C] / qr [H,dr] against lat [S,C] / krot [S,dr], times
-// scale, softmax, ctx [H,C] = sum_s p_s lat[s].
+// scale, softmax, ctx [H,C] = sum_s p_s lat[s]. Dynamic shared memory: S scores.
 extern "C" __global__ void mla_attend(const float* qlat, const float* qr, const float* lat,
                                       const float* krot, unsigned int S, unsigned int C,
                                       unsigned int dr, float scale, float* ctx) {
@@ -110,9 +166,16 @@ for (unsigned int s = tid; s < S; s += nt) { float e = expf(sc[s] - m); sc[s] = 
 z = block_reduce(z, red, 0);
 for (unsigned int c = tid; c < C; c += nt) {
     float acc = 0.0f;
+#pragma unroll 8
     for (unsigned int s = 0; s < S; ++s) acc = fmaf(sc[s] / z, lat[(unsigned long long)s * C + c], acc);
     ctx[(unsigned long long)h * C + c] = acc;
 }
+}
+
+// Grid (H, ceil(dv / 128)), 32 warps: y[h] = ctx[h] · v_up[h] ([C] · [C, dv]).
+extern "C" __global__ void mla_expand(const float* ctx, const float* v_up, unsigned int C,
+                                      unsigned int dv, float* y) {
+head_tile(ctx, C, v_up, C, dv, y);
 }
 "#;
 
@@ -129,19 +192,18 @@ unsafe impl DeviceRepr for Rot {}
 
 static KERNELS: crate::weights::cuda::KernelSet = crate::weights::cuda::KernelSet::new();
 
-/// `mla_prep` and `mla_attend` for `dev`; `None` (the generic path) where they failed to
-/// compile, with the reason printed once, or on a second device.
-fn kernels(dev: &CudaDevice) -> Option<(&'static CudaFunction, &'static CudaFunction)> {
+/// `mla_absorb`, `mla_attend` and `mla_expand` for `dev`; `None` (the generic path) where they
+/// failed to compile, with the reason printed once, or on a second device.
+fn kernels(dev: &CudaDevice) -> Option<&'static [CudaFunction]> {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    let f = KERNELS.get_or_warn(
+    KERNELS.get_or_warn(
         dev,
         || SRC.to_string(),
-        &["mla_prep", "mla_attend"],
+        &["mla_absorb", "mla_attend", "mla_expand"],
         &WARNED,
         "fused MLA decode kernels",
         "using tensor ops",
-    )?;
-    Some((&f[0], &f[1]))
+    )
 }
 
 fn driver(what: &str, e: impl std::fmt::Display) -> Error {
@@ -181,6 +243,27 @@ macro_rules! with_view {
     }};
 }
 
+/// `q_a_proj` and `kv_a_proj_with_mqa` stacked into one packed matrix where both are packed on
+/// the GPU alike without biases; the two layers become views of its rows (no second copy).
+pub(super) fn stack_a(q: &mut QProj, kv_a: &mut Linear) -> Result<Option<Linear>> {
+    let QProj::Lora { a, .. } = q else {
+        return Ok(None);
+    };
+    let (Some(qa), Some(kva)) = (a.device_matrix(), kv_a.device_matrix()) else {
+        return Ok(None);
+    };
+    let Some((stacked, mut views)) = DeviceMatrix::stack(&[qa, kva])? else {
+        return Ok(None);
+    };
+    let view = |m| Linear::from_weight(Weight::Device(std::sync::Arc::new(m)));
+    let (kv_view, q_view) = (views.pop(), views.pop());
+    if let (Some(qv), Some(kv)) = (q_view, kv_view) {
+        *a = view(qv);
+        *kv_a = view(kv);
+    }
+    Ok(Some(view(stacked)))
+}
+
 impl MlaAttention {
     /// The fused decode of one token (`x` `[1, D]`) where it applies (CUDA device, compiled
     /// kernels, latent expansion as tensors, `--gpu-attention fused`); `None` otherwise.
@@ -206,17 +289,28 @@ impl MlaAttention {
         let fits = self.fused.load(std::sync::atomic::Ordering::Relaxed)
             && dr / 2 <= MAX_ROT
             && dr % 2 == 0
-            && pos0 < MAX_SEQ
+            && c % 4 == 0
+            && dv % 4 == 0
+            && attend_shared(pos0 + 1) <= crate::weights::cuda::SHARED_MAX
             && x.dtype() == candle_core::DType::F32;
-        let Some((prep, attend)) = kernels(dev).filter(|_| fits) else {
+        let Some([absorb, attend, expand]) = kernels(dev).filter(|_| fits) else {
             return Ok(None);
         };
-        let q = match &self.q {
-            QProj::Lora { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
-            QProj::Plain(p) => p.forward(x)?,
-        }
-        .contiguous()?;
-        let ckv = self.kv_a.forward(x)?.contiguous()?;
+        // With the stacked `q_a`/`kv_a` matrix, one product gives both (rows `..r` and `r..`).
+        let (q, ckv) = match (&self.q, &self.stacked_a) {
+            (QProj::Lora { norm, b, .. }, Some(st)) => {
+                let r = norm.weight().elem_count();
+                let both = st.forward(x)?;
+                let q_a = both.narrow(1, 0, r)?;
+                (b.forward_normed(&q_a, norm)?, both.narrow(1, r, c + dr)?)
+            }
+            (QProj::Lora { a, norm, b }, None) => (
+                b.forward_normed(&a.forward(x)?, norm)?,
+                self.kv_a.forward(x)?,
+            ),
+            (QProj::Plain(p), _) => (p.forward(x)?, self.kv_a.forward(x)?),
+        };
+        let (q, ckv) = (q.contiguous()?, ckv.contiguous()?);
         let w = self.kv_a_norm.weight().contiguous()?;
         let mut rot = Rot {
             cos: [0.0; MAX_ROT],
@@ -234,90 +328,109 @@ impl MlaAttention {
                 1
             }
         };
-        // SAFETY (all four): mla_prep writes every element.
-        let (mut lat, mut krot, mut qn, mut qr) = unsafe {
+        // The new latent and rope key go straight into the cache, at position `pos`.
+        let (lat_buf, krot_buf, pos) = kv.reserve(
+            [&[1, c], &[1, dr]],
+            candle_core::DType::F32,
+            x.device(),
+            0,
+            1,
+        )?;
+        // SAFETY (all four): the kernels below write every element before any is read.
+        let (mut qlat, mut qr, mut ctx, mut y) = unsafe {
             (
-                alloc(dev, c)?,
-                alloc(dev, dr)?,
-                alloc(dev, h * dn)?,
+                alloc(dev, h * c)?,
                 alloc(dev, h * dr)?,
+                alloc(dev, h * c)?,
+                alloc(dev, h * dv)?,
             )
         };
         let eps = self.kv_a_norm.eps();
-        let (hu, dnu, dru, cu) = (h as u32, dn as u32, dr as u32, c as u32);
+        let (hu, dnu, dru, cu, dvu) = (h as u32, dn as u32, dr as u32, c as u32, dv as u32);
+        let (k_up_t, v_up) = (k_up_t.contiguous()?, v_up.contiguous()?);
         let stream = dev.cuda_stream();
+        let cap = lat_buf.dim(0)?;
+        let tiles = |n: usize| (n.div_ceil(128) as u32).max(1);
         with_view!(q, h * (dn + dr), |qv| with_view!(
             ckv,
             c + dr,
-            |cv| with_view!(w, c, |wv| {
-                let mut b = stream.launch_builder(prep);
-                b.arg(&qv)
-                    .arg(&cv)
-                    .arg(&wv)
-                    .arg(&eps)
-                    .arg(&rot)
-                    .arg(&mode)
-                    .arg(&hu)
-                    .arg(&dnu)
-                    .arg(&dru)
-                    .arg(&cu)
-                    .arg(&mut lat)
-                    .arg(&mut krot)
-                    .arg(&mut qn)
-                    .arg(&mut qr);
-                let cfg = LaunchConfig {
-                    grid_dim: (1, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: reads H·(dn+dr) query values, C+dr latent values and C weights;
-                // writes the four outputs allocated above for exactly their sizes.
-                unsafe { b.launch(cfg) }.map_err(|e| driver("MLA prep kernel", e))?;
-            })
+            |cv| with_view!(w, c, |wv| with_view!(k_up_t, h * dn * c, |kuv| with_view!(
+                lat_buf,
+                cap * c,
+                |latv| with_view!(krot_buf, cap * dr, |krv| {
+                    // The cache buffers are shared tensors, so only read-only views of them
+                    // exist: the kernel writes row `pos` through them.
+                    let lat = latv.slice(pos * c..(pos + 1) * c);
+                    let krot = krv.slice(pos * dr..(pos + 1) * dr);
+                    let mut b = stream.launch_builder(absorb);
+                    b.arg(&qv)
+                        .arg(&cv)
+                        .arg(&wv)
+                        .arg(&eps)
+                        .arg(&rot)
+                        .arg(&mode)
+                        .arg(&dnu)
+                        .arg(&dru)
+                        .arg(&cu)
+                        .arg(&kuv)
+                        .arg(&mut qlat)
+                        .arg(&mut qr)
+                        .arg(&lat)
+                        .arg(&krot);
+                    let cfg = LaunchConfig {
+                        grid_dim: (hu, tiles(c), 1),
+                        block_dim: (WIDE, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: reads H·(dn+dr) query values, C+dr latent values, C weights and
+                    // k_up (H·dn·C); writes `qlat` and `qr` (allocated above for exactly their
+                    // sizes) and row `pos` of the cache's latent and rope-key buffers (reserved
+                    // above, below `cap`), which nothing else touches until this step reads them.
+                    unsafe { b.launch(cfg) }.map_err(|e| driver("MLA absorb kernel", e))?;
+                })
+            )))
         ));
-        let lat = wrap(dev, lat, &[1, c]);
-        let krot = wrap(dev, krot, &[1, dr]);
-        let (lat, krot) = kv.append(lat, krot, 0)?;
+        let (lat, krot) = kv.commit(1)?;
         let s = lat.dim(0)?;
-        if s > MAX_SEQ {
+        if attend_shared(s) > crate::weights::cuda::SHARED_MAX {
             return Err(Error::Input(format!(
-                "internal: MLA cache of {s} tokens past the fused kernel's {MAX_SEQ}"
+                "internal: MLA cache of {s} tokens past the fused kernel's shared memory"
             )));
         }
-        let qn = wrap(dev, qn, &[h, 1, dn]);
-        let q_lat = qn.matmul(k_up_t)?.contiguous()?; // [H, 1, C]
         let (lat, krot) = (lat.contiguous()?, krot.contiguous()?);
-        // SAFETY: mla_attend writes every element.
-        let mut ctx = unsafe { alloc(dev, h * c)? };
         let (su, scale) = (s as u32, self.spec.softmax_scale as f32);
-        with_view!(q_lat, h * c, |qlv| with_view!(lat, s * c, |lv| with_view!(
-            krot,
-            s * dr,
-            |kv| {
-                let qrv = qr.slice(..);
-                let mut b = stream.launch_builder(attend);
-                b.arg(&qlv)
-                    .arg(&qrv)
-                    .arg(&lv)
-                    .arg(&kv)
-                    .arg(&su)
-                    .arg(&cu)
-                    .arg(&dru)
-                    .arg(&scale)
-                    .arg(&mut ctx);
-                let cfg = LaunchConfig {
-                    grid_dim: (hu, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: (s * 4) as u32,
-                };
-                // SAFETY: block h reads its query rows and the S cached latents and keys,
-                // keeps S scores in the dynamic shared memory sized for them, and writes row
-                // h of `ctx` (H·C values).
-                unsafe { b.launch(cfg) }.map_err(|e| driver("MLA attend kernel", e))?;
-            }
-        )));
-        let ctx = wrap(dev, ctx, &[h, 1, c]);
-        let y = ctx.matmul(v_up)?.reshape((1, h * dv))?; // [H, 1, dv] is [1, H·dv] in memory
+        with_view!(lat, s * c, |lv| with_view!(krot, s * dr, |kv| {
+            let mut b = stream.launch_builder(attend);
+            b.arg(&qlat)
+                .arg(&qr)
+                .arg(&lv)
+                .arg(&kv)
+                .arg(&su)
+                .arg(&cu)
+                .arg(&dru)
+                .arg(&scale)
+                .arg(&mut ctx);
+            let cfg = LaunchConfig {
+                grid_dim: (hu, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: attend_shared(s) as u32,
+            };
+            // SAFETY: block h reads its query rows and the S cached latents and keys, keeps S
+            // scores in the dynamic shared memory sized for them, and writes row h of `ctx`.
+            unsafe { b.launch(cfg) }.map_err(|e| driver("MLA attend kernel", e))?;
+        }));
+        with_view!(v_up, h * c * dv, |vuv| {
+            let mut b = stream.launch_builder(expand);
+            b.arg(&ctx).arg(&vuv).arg(&cu).arg(&dvu).arg(&mut y);
+            let cfg = LaunchConfig {
+                grid_dim: (hu, tiles(dv), 1),
+                block_dim: (WIDE, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads `ctx` (H·C) and v_up (H·C·dv); writes `y` (H·dv values).
+            unsafe { b.launch(cfg) }.map_err(|e| driver("MLA expand kernel", e))?;
+        });
+        let y = wrap(dev, y, &[1, h * dv]);
         Ok(Some(self.o.forward(&y)?))
     }
 }

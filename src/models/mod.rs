@@ -7,6 +7,7 @@ pub mod deltanet;
 pub mod glm4_moe;
 pub mod kda;
 pub mod kimi_linear;
+pub mod kv;
 pub mod layers;
 pub mod mixtral;
 pub mod mla;
@@ -397,13 +398,18 @@ impl Model {
         Clock::mark(&mut clock, Part::Embed)?;
         let mut routing = Vec::new();
         let lookahead = access.wants_lookahead();
+        // `x` is the normalised input of the next module; each residual add and the norm after
+        // it run together (`RmsNorm::add_forward`).
+        let mut x = match self.layers.first() {
+            Some(l) => l.input_norm.forward(&h)?,
+            None => self.norm.forward(&h)?,
+        };
+        Clock::mark(&mut clock, Part::Norms)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer
-                .attn
-                .forward(&layer.input_norm.forward(&h)?, pos0, &mut kv.layers[i])?;
+            let a = layer.attn.forward(&x, pos0, &mut kv.layers[i])?;
             Clock::mark(&mut clock, Part::Attention)?;
-            h = (h + a)?;
-            let x = layer.post_norm.forward(&h)?;
+            let (h1, x1) = layer.post_norm.add_forward(&h, &a)?;
+            (h, x) = (h1, x1);
             Clock::mark(&mut clock, Part::Norms)?;
             let y = match &layer.ffn {
                 Ffn::Dense(mlp) => {
@@ -437,16 +443,22 @@ impl Model {
                     y
                 }
             };
-            h = (h + y)?;
+            let next_norm = match self.layers.get(i + 1) {
+                Some(l) => &l.input_norm,
+                None => &self.norm,
+            };
+            let (h1, x1) = next_norm.add_forward(&h, &y)?;
+            (h, x) = (h1, x1);
             Clock::mark(&mut clock, Part::Norms)?;
         }
         kv.len += tokens.len();
-        let h = if last_only {
-            h.narrow(0, tokens.len() - 1, 1)?
+        // `x` is now the final norm of every row.
+        let x = if last_only {
+            x.narrow(0, tokens.len() - 1, 1)?
         } else {
-            h
+            x
         };
-        let logits = self.lm_head.forward(&self.norm.forward(&h)?)?;
+        let logits = self.lm_head.forward(&x)?;
         Clock::mark(&mut clock, Part::LmHead)?;
         if let Some(c) = clock {
             self.profile

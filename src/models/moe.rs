@@ -213,8 +213,14 @@ fn finish(acc: Option<Tensor>, kept: f32, route: &Route, xt: &Tensor) -> Result<
 }
 
 /// A token's routed experts in the fused GPU kernels, where every one is packed on the GPU in
-/// one form (`--gpu-experts fused`); `None` otherwise (and always in builds without CUDA).
-fn fused_experts(xt: &Tensor, fetched: &[(Arc<ExpertWeights>, f32)]) -> Result<Option<Tensor>> {
+/// one form (`--gpu-experts fused`), with `shared` (an ungated shared expert's MLP) in the same
+/// launches when its packed matrices have that form: `(output, whether shared is in it)`;
+/// `None` otherwise (and always in builds without CUDA).
+fn fused_experts(
+    xt: &Tensor,
+    fetched: &[(Arc<ExpertWeights>, f32)],
+    shared: Option<&Mlp>,
+) -> Result<Option<(Tensor, bool)>> {
     #[cfg(feature = "cuda")]
     {
         use crate::experts::store::ExpertMats;
@@ -225,11 +231,12 @@ fn fused_experts(xt: &Tensor, fetched: &[(Arc<ExpertWeights>, f32)]) -> Result<O
                 _ => return Ok(None),
             }
         }
-        crate::experts::upload::DevicePacked::forward_fused(xt, &list)
+        let shared = shared.and_then(Mlp::device_matrices);
+        crate::experts::upload::DevicePacked::forward_fused(xt, &list, shared)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (xt, fetched);
+        let _ = (xt, fetched, shared);
         Ok(None)
     }
 }
@@ -283,6 +290,13 @@ impl MoeBlock {
         access: &mut dyn ExpertAccess,
     ) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(routes.len());
+        // A single decode token on a GPU: the shared expert may join the routed experts' fused
+        // launches (HF's `routed + shared` in one sum).
+        let mut shared_done = false;
+        let fusable_shared = match (&self.shared, &self.shared_gate) {
+            (Some(s), None) if routes.len() == 1 => Some(s),
+            _ => None,
+        };
         for (t, route) in routes.iter().enumerate() {
             let xt = x.narrow(0, t, 1)?;
             let pred = predictions.map(|(l, p)| (l, p[t].experts.as_slice()));
@@ -306,8 +320,13 @@ impl MoeBlock {
                     }
                 }
                 if gpu {
-                    acc = match fused_experts(&xt, &fetched)? {
-                        Some(y) => Some(y),
+                    // Only with every routed expert kept (skip-on-miss rescales the routed sum).
+                    let shared = fusable_shared.filter(|_| fetched.len() == route.experts.len());
+                    acc = match fused_experts(&xt, &fetched, shared)? {
+                        Some((y, with_shared)) => {
+                            shared_done = with_shared;
+                            Some(y)
+                        }
                         None => {
                             let mut acc: Option<Tensor> = None;
                             for (ew, w) in &fetched {
@@ -358,6 +377,7 @@ impl MoeBlock {
         }
         let routed = Tensor::cat(&outs, 0)?;
         Ok(match (&self.shared, &self.shared_gate) {
+            _ if shared_done => routed,
             (Some(s), Some(g)) => {
                 let gate = candle_nn::ops::sigmoid(&g.forward(x)?)?;
                 (routed + s.forward(x)?.broadcast_mul(&gate)?)?

@@ -3,7 +3,7 @@
 //! the GPU, and a decode step reads 1/7 of the bytes.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
@@ -15,18 +15,36 @@ use crate::error::{Error, Result};
 
 const SRC: &str = r#"
 // y[t * rows + r] = row r · x[t] for t < T: one warp per row in a grid-stride loop, x[t] in
-// shared memory.
+// shared memory. Where `nw` is not null, x[t] is first RMS-normalised with weights nw and
+// epsilon eps (every block normalises its own copy: the norm before a projection, fused).
 extern "C" __global__ void packed_matvec(
-const unsigned char* buf, unsigned long long q_off, unsigned long long s_off,
-unsigned long long b_off, unsigned int kind, const float* x, float* y, unsigned int rows,
-unsigned int cols, unsigned int T, unsigned int bits, unsigned int group) {
+const Packed m, unsigned int kind, const float* x, float* y, unsigned int rows,
+unsigned int cols, unsigned int T, unsigned int bits, unsigned int group, const float* nw,
+float eps) {
 extern __shared__ float xs[];
-unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x / 32u;
+__shared__ float red[32];
+unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw_ = blockDim.x / 32u;
 for (unsigned int t = 0; t < T; ++t) {
     load_x(xs, x + (unsigned long long)t * cols, cols);
     __syncthreads();
-    for (unsigned int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
-        float v = dot(bits, buf, q_off, s_off, b_off, kind, xs, r, cols, group, lane);
+    if (nw) {
+        float ss = 0.0f;
+        for (unsigned int i = threadIdx.x; i < cols; i += blockDim.x) {
+            float v = xs[pad(i)];
+            ss = fmaf(v, v, ss);
+        }
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        float tot = 0.0f;
+        for (unsigned int i = 0; i < nw_; ++i) tot += red[i];
+        float scale = rsqrtf(tot / (float)cols + eps);
+        for (unsigned int i = threadIdx.x; i < cols; i += blockDim.x)
+            xs[pad(i)] = scale * xs[pad(i)] * nw[i];
+        __syncthreads();
+    }
+    for (unsigned int r = blockIdx.x * nw_ + warp; r < rows; r += gridDim.x * nw_) {
+        float v = dot(bits, m, kind, xs, r, cols, group, lane);
         if (lane == 0) y[(unsigned long long)t * rows + r] = v;
     }
     __syncthreads();
@@ -95,8 +113,9 @@ const MATVEC_TOKENS: usize = 8;
 /// An MLX-quantized `[rows, cols]` matrix in GPU memory as its checkpoint bytes.
 pub struct DeviceMatrix {
     dev: CudaDevice,
-    buf: CudaSlice<u8>,
-    /// Offsets of words, scales, biases in `buf`.
+    /// Shared by the row ranges of one stacked matrix ([`DeviceMatrix::stack`]).
+    buf: std::sync::Arc<CudaSlice<u8>>,
+    /// Offsets in `buf` of this matrix's first row of words, scales, biases.
     offs: [u64; 3],
     kind: u32,
     rows: usize,
@@ -142,7 +161,7 @@ impl DeviceMatrix {
         kernels(dev)?;
         Ok(Some(DeviceMatrix {
             dev: dev.clone(),
-            buf,
+            buf: std::sync::Arc::new(buf),
             offs,
             kind,
             rows,
@@ -151,14 +170,118 @@ impl DeviceMatrix {
         }))
     }
 
-    /// Bytes held on the GPU.
+    /// Bytes held on the GPU (this matrix's rows of a stacked buffer).
     pub fn bytes(&self) -> usize {
-        self.buf.len()
+        let [w, s] = self.row_bytes();
+        self.rows * (w + 2 * s)
+    }
+
+    /// Bytes of one row's words and of one row's scales (as many for its biases).
+    fn row_bytes(&self) -> [usize; 2] {
+        let size = if self.kind == 0 { 4 } else { 2 };
+        [
+            self.cols * self.params.bits / 8,
+            self.cols / self.params.group_size * size,
+        ]
+    }
+
+    /// `parts` stacked by rows into one matrix (one product instead of several over the same
+    /// input), and each part again as a view of its rows of it, sharing its memory (the
+    /// parts' own buffers can then be dropped); `None` where the parts differ in columns,
+    /// quantization or scale type.
+    pub fn stack(parts: &[&DeviceMatrix]) -> Result<Option<(DeviceMatrix, Vec<DeviceMatrix>)>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        if parts.iter().any(|p| {
+            p.cols != first.cols
+                || p.params != first.params
+                || p.kind != first.kind
+                || p.dev.id() != first.dev.id()
+        }) {
+            return Ok(None);
+        }
+        let [wr, sr] = first.row_bytes();
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let a = |n: usize| n.div_ceil(256) * 256;
+        let offs = [0, a(rows * wr) as u64, (a(rows * wr) + a(rows * sr)) as u64];
+        let stream = first.dev.cuda_stream();
+        let mut buf = stream
+            .alloc_zeros::<u8>(offs[2] as usize + rows * sr)
+            .map_err(|e| driver("allocation", e))?;
+        let mut row0 = 0;
+        let mut views = Vec::with_capacity(parts.len());
+        for p in parts {
+            for (i, per_row) in [wr, sr, sr].into_iter().enumerate() {
+                let (src0, dst0, n) = (
+                    p.offs[i] as usize,
+                    offs[i] as usize + row0 * per_row,
+                    p.rows * per_row,
+                );
+                stream
+                    .memcpy_dtod(
+                        &p.buf.slice(src0..src0 + n),
+                        &mut buf.slice_mut(dst0..dst0 + n),
+                    )
+                    .map_err(|e| driver("copy", e))?;
+            }
+            row0 += p.rows;
+        }
+        let stacked = DeviceMatrix {
+            dev: first.dev.clone(),
+            buf: std::sync::Arc::new(buf),
+            offs,
+            kind: first.kind,
+            rows,
+            cols: first.cols,
+            params: first.params,
+        };
+        let mut row0 = 0;
+        for p in parts {
+            let o = stacked.offs;
+            views.push(DeviceMatrix {
+                buf: stacked.buf.clone(),
+                offs: [
+                    o[0] + (row0 * wr) as u64,
+                    o[1] + (row0 * sr) as u64,
+                    o[2] + (row0 * sr) as u64,
+                ],
+                rows: p.rows,
+                dev: stacked.dev.clone(),
+                kind: p.kind,
+                cols: p.cols,
+                params: p.params,
+            });
+            row0 += p.rows;
+        }
+        Ok(Some((stacked, views)))
     }
 
     /// Output rows.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bit width and group size.
+    pub fn params(&self) -> QuantParams {
+        self.params
+    }
+
+    /// The scale type (see [`super::scale_kind`]).
+    pub fn kind(&self) -> u32 {
+        self.kind
+    }
+
+    /// The device addresses of the words, scales and biases for a kernel on `stream`; the
+    /// guard records the read when dropped (after the launch).
+    pub fn packed<'a>(&'a self, stream: &'a CudaStream) -> (super::Packed, SyncOnDrop<'a>) {
+        let (base, guard) = self.buf.device_ptr(stream);
+        (super::Packed::at(base, self.offs), guard)
     }
 
     fn wrap(&self, s: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
@@ -188,7 +311,7 @@ impl DeviceMatrix {
         );
         let (r0, nu) = (row0.unwrap_or(u32::MAX), n as u32);
         let mut b = stream.launch_builder(rows_kernel);
-        b.arg(&self.buf)
+        b.arg(&*self.buf)
             .arg(&self.offs[0])
             .arg(&self.offs[1])
             .arg(&self.offs[2])
@@ -245,6 +368,12 @@ impl DeviceMatrix {
 
     /// `x Wᵀ` for `x` `[T, cols]` (f32, this device): `[T, rows]`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul_normed(x, None)
+    }
+
+    /// `norm(x) Wᵀ` where `norm` is `(weights, eps)` of an RMSNorm over `x`'s rows (in the
+    /// matrix-vector kernel for up to 8 tokens), else `x Wᵀ`.
+    pub fn matmul_normed(&self, x: &Tensor, norm: Option<(&Tensor, f32)>) -> Result<Tensor> {
         let (t, c) = x.dims2()?;
         if c != self.cols {
             return Err(Error::Input(format!(
@@ -253,8 +382,38 @@ impl DeviceMatrix {
             )));
         }
         if t > MATVEC_TOKENS {
+            let x = match norm {
+                Some((w, eps)) => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?,
+                None => x.clone(),
+            };
             return Ok(x.matmul(&self.decode_all()?.t()?)?);
         }
+        let nw = match norm {
+            Some((w, _)) => Some(w.contiguous()?),
+            None => None,
+        };
+        if nw.as_ref().is_some_and(|w| w.elem_count() != c) {
+            return Err(Error::Input(format!(
+                "internal: norm of {} weights before a [{}, {c}] matrix",
+                nw.as_ref().map_or(0, |w| w.elem_count()),
+                self.rows
+            )));
+        }
+        let eps = norm.map_or(0.0, |(_, e)| e);
+        let nw_guard = nw.as_ref().map(|w| w.storage_and_layout());
+        let nw_ptr: u64 = match &nw_guard {
+            Some((st, layout)) => {
+                let Storage::Cuda(cs) = &**st else {
+                    return Err(Error::Input(
+                        "internal: norm weights are not on the GPU".into(),
+                    ));
+                };
+                let v = cs.as_cuda_slice::<f32>()?;
+                let (p, _) = v.device_ptr(&self.dev.cuda_stream());
+                p + 4 * layout.start_offset() as u64
+            }
+            None => 0,
+        };
         let (matvec, _) = kernels(&self.dev)?;
         let x = x.contiguous()?;
         let (st, layout) = x.storage_and_layout();
@@ -269,11 +428,9 @@ impl DeviceMatrix {
             unsafe { stream.alloc(t * self.rows) }.map_err(|e| driver("allocation", e))?;
         let (rows, cols, tu) = (self.rows as u32, c as u32, t as u32);
         let (bits, group) = (self.params.bits as u32, self.params.group_size as u32);
+        let (m, guard) = self.packed(&stream);
         let mut b = stream.launch_builder(matvec);
-        b.arg(&self.buf)
-            .arg(&self.offs[0])
-            .arg(&self.offs[1])
-            .arg(&self.offs[2])
+        b.arg(&m)
             .arg(&self.kind)
             .arg(&xv)
             .arg(&mut y)
@@ -281,17 +438,20 @@ impl DeviceMatrix {
             .arg(&cols)
             .arg(&tu)
             .arg(&bits)
-            .arg(&group);
+            .arg(&group)
+            .arg(&nw_ptr)
+            .arg(&eps);
         let cfg = LaunchConfig {
             grid_dim: (super::row_blocks(self.rows), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: super::x_bytes(self.cols) as u32,
         };
-        // SAFETY: each block copies the T inputs into the shared memory sized for one of them;
+        // SAFETY: each block copies the T inputs into the shared memory sized for one of them
+        // (and reads the `cols` norm weights, checked above, where given);
         // each warp reads packed rows in `buf` and writes their T outputs into `y` (T · rows
         // values).
         unsafe { b.launch(cfg) }.map_err(|e| driver("packed matrix-vector kernel", e))?;
-        drop(st);
+        drop((st, guard, nw_guard));
         Ok(self.wrap(y, (t, self.rows)))
     }
 }

@@ -48,10 +48,19 @@ impl KernelSet {
                 .context()
                 .load_module(ptx)
                 .map_err(|e| format!("module load: {e}"))?;
+            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
             let funcs = names
                 .iter()
-                .map(|n| module.load_function(n).map_err(|e| format!("{n}: {e}")))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
+                .map(|n| {
+                    let f = module.load_function(n).map_err(|e| format!("{n}: {e}"))?;
+                    f.set_attribute(
+                        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        SHARED_MAX as i32,
+                    )
+                    .map_err(|e| format!("{n}: {SHARED_MAX} bytes of shared memory: {e}"))?;
+                    Ok(f)
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()?;
             Ok((dev.id(), funcs))
         });
         match compiled {
@@ -95,42 +104,67 @@ return sign ? -v : v;
 }
 "#;
 
-/// `row_dot`: row `row` of a packed `[rows, cols]` matrix times `x`, summed over a warp (valid
+/// `row_dot`: row `row` of a packed `[rows, cols]` matrix `m` (its words', scales' and biases'
+/// device addresses, [`Packed`]) times `x`, summed over a warp (valid
 /// on lane 0); `dot` dispatches on the bit width (2, 4 or 8; a word never straddles a group,
 /// which the host checks: `group % (32 / bits) == 0`, `cols % group == 0`). `x` sits in shared
-/// memory, element `i` at `pad(i)` (one spare slot per 32), so the lanes of a warp, each
+/// memory, element `i` at `pad(i)` (four spare slots per 32: runs of four stay aligned for one
+/// vector load), so the lanes of a warp, each
 /// reading its own run of columns, hit distinct banks; `load_x` fills it.
 pub const ROW_DOT_SRC: &str = r#"
-__device__ __forceinline__ unsigned int pad(unsigned int i) { return i + (i >> 5); }
+// A packed matrix in device memory: the addresses of its words, scales and biases.
+struct Packed { unsigned long long q, s, b; };
 
-// The block copies x[0..n) into shared memory (padded); the caller synchronizes.
+// Four spare slots per 32 keep every run of 4 aligned to 16 bytes (one vector load) and put
+// the runs of neighbouring lanes (32 values apart) in distinct banks.
+__device__ __forceinline__ unsigned int pad(unsigned int i) { return i + (i >> 5) * 4u; }
+
+// The block copies x[0..n) into shared memory (padded); the caller synchronizes. Aligned
+// inputs go four values per load, several loads in flight per thread (the copy is a chain of
+// global-memory latencies otherwise, longer than the row products after it).
 __device__ void load_x(float* xs, const float* x, unsigned int n) {
-for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) xs[pad(i)] = x[i];
+if (n % 4u == 0u && ((unsigned long long)x & 15ull) == 0ull) {
+    const float4* x4 = (const float4*)x;
+#pragma unroll 4
+    for (unsigned int i = threadIdx.x; i < n / 4u; i += blockDim.x)
+        *(float4*)(xs + pad(4u * i)) = x4[i];
+} else {
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) xs[pad(i)] = x[i];
+}
 }
 
+// The PW = 32 / BITS values of one word against x[c..c + PW) (c a multiple of PW, so the run
+// sits inside one padded block of 32 and is read as PW / 4 vector loads).
 template <int BITS>
 __device__ __forceinline__ void chunk(unsigned int word, const float* xs, unsigned int c,
                                       float& qx, float& xsum) {
 const unsigned int PW = 32u / BITS, mask = (1u << BITS) - 1u;
+const float4* x4 = (const float4*)(xs + pad(c));
 #pragma unroll
-for (unsigned int j = 0; j < PW; ++j) {
-    float xv = xs[pad(c + j)];
-    qx = fmaf((float)((word >> (j * BITS)) & mask), xv, qx);
-    xsum += xv;
+for (unsigned int j = 0; j < PW / 4u; ++j) {
+    float4 v = x4[j];
+    float xv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (unsigned int i = 0; i < 4u; ++i) {
+        qx = fmaf((float)((word >> ((4u * j + i) * BITS)) & mask), xv[i], qx);
+        xsum += xv[i];
+    }
 }
 }
 
 template <int BITS>
-__device__ float row_dot(const unsigned char* buf, unsigned long long q_off,
-                         unsigned long long s_off, unsigned long long b_off, unsigned int kind,
-                         const float* xs, unsigned int row, unsigned int cols,
-                         unsigned int group, unsigned int lane) {
+__device__ float row_dot(const Packed m, unsigned int kind, const float* xs, unsigned int row,
+                         unsigned int cols, unsigned int group, unsigned int lane) {
 const unsigned int PW = 32u / BITS;
 unsigned int words = cols / PW;
-const unsigned int* q = (const unsigned int*)(buf + q_off) + (unsigned long long)row * words;
+const unsigned int* q = (const unsigned int*)m.q + (unsigned long long)row * words;
+const unsigned char* sp = (const unsigned char*)m.s;
+const unsigned char* bp = (const unsigned char*)m.b;
 unsigned long long g0 = (unsigned long long)row * (cols / group);
 float acc = 0.0f;
 if (words % 4u == 0u && group % (4u * PW) == 0u) {
+    // Unrolled so that several 16-byte loads of the row are in flight per lane.
+#pragma unroll 4
     for (unsigned int w = lane * 4u; w < words; w += 128u) {
         uint4 v = *(const uint4*)(q + w);
         unsigned int c0 = w * PW;
@@ -140,8 +174,8 @@ if (words % 4u == 0u && group % (4u * PW) == 0u) {
         chunk<BITS>(v.y, xs, c0 + PW, qx, xsum);
         chunk<BITS>(v.z, xs, c0 + 2u * PW, qx, xsum);
         chunk<BITS>(v.w, xs, c0 + 3u * PW, qx, xsum);
-        acc = fmaf(scale_at(buf + s_off, kind, g), qx, acc);
-        acc = fmaf(scale_at(buf + b_off, kind, g), xsum, acc);
+        acc = fmaf(scale_at(sp, kind, g), qx, acc);
+        acc = fmaf(scale_at(bp, kind, g), xsum, acc);
     }
 } else {
     for (unsigned int w = lane; w < words; w += 32u) {
@@ -149,31 +183,57 @@ if (words % 4u == 0u && group % (4u * PW) == 0u) {
         unsigned long long g = g0 + c0 / group;
         float qx = 0.0f, xsum = 0.0f;
         chunk<BITS>(q[w], xs, c0, qx, xsum);
-        acc = fmaf(scale_at(buf + s_off, kind, g), qx, acc);
-        acc = fmaf(scale_at(buf + b_off, kind, g), xsum, acc);
+        acc = fmaf(scale_at(sp, kind, g), qx, acc);
+        acc = fmaf(scale_at(bp, kind, g), xsum, acc);
     }
 }
 for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
 return acc;
 }
 
-__device__ float dot(unsigned int bits, const unsigned char* buf, unsigned long long q_off,
-                     unsigned long long s_off, unsigned long long b_off, unsigned int kind,
-                     const float* xs, unsigned int row, unsigned int cols, unsigned int group,
-                     unsigned int lane) {
-if (bits == 4) return row_dot<4>(buf, q_off, s_off, b_off, kind, xs, row, cols, group, lane);
-if (bits == 8) return row_dot<8>(buf, q_off, s_off, b_off, kind, xs, row, cols, group, lane);
-return row_dot<2>(buf, q_off, s_off, b_off, kind, xs, row, cols, group, lane);
+__device__ float dot(unsigned int bits, const Packed m, unsigned int kind, const float* xs,
+                     unsigned int row, unsigned int cols, unsigned int group, unsigned int lane) {
+if (bits == 4) return row_dot<4>(m, kind, xs, row, cols, group, lane);
+if (bits == 8) return row_dot<8>(m, kind, xs, row, cols, group, lane);
+return row_dot<2>(m, kind, xs, row, cols, group, lane);
 }
 "#;
 
-/// Shared memory the padded input of `cols` values takes (bytes).
-pub fn x_bytes(cols: usize) -> usize {
-    4 * (cols + cols / 32 + 1)
+/// A packed matrix's words, scales and biases as device addresses (the kernels' `Packed`,
+/// passed by value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Packed {
+    /// Address of the 32-bit words.
+    pub q: u64,
+    /// Address of the scales.
+    pub s: u64,
+    /// Address of the biases.
+    pub b: u64,
 }
 
-/// Most shared memory a block gets without opting in (48 KiB).
-pub const SHARED_MAX: usize = 48 * 1024;
+// SAFETY: plain-old-data with the C layout of the kernels' `Packed`.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Packed {}
+
+impl Packed {
+    /// The addresses at byte offsets `[q, s, b]` of a buffer at `base`.
+    pub fn at(base: u64, [q, s, b]: [u64; 3]) -> Self {
+        Packed {
+            q: base + q,
+            s: base + s,
+            b: base + b,
+        }
+    }
+}
+
+/// Shared memory the padded input of `cols` values takes (bytes).
+pub fn x_bytes(cols: usize) -> usize {
+    4 * (cols + cols.div_ceil(32) * 4)
+}
+
+/// Most dynamic shared memory a block of these kernels takes (96 KiB, what every GPU since
+/// Volta grants a kernel that opts in; [`KernelSet`] opts every kernel in).
+pub const SHARED_MAX: usize = 96 * 1024;
 
 /// Blocks of the row kernels: enough to fill the GPU, each a grid-stride loop over rows, so
 /// the input is copied to shared memory once per block rather than once per 8 rows.

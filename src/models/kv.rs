@@ -1,0 +1,178 @@
+//! Per-layer caches of a sequence: keys and values (or MLA's latent and RoPE key) in buffers
+//! allocated once for the sequence's length and written in place, and a linear-attention
+//! layer's recurrent state.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Keys and values of one layer (`[1, kv_heads, S, head_dim]`, or MLA's latent and RoPE key),
+/// in buffers allocated once for the sequence's length (prompt + new tokens) and written in
+/// place: the cache never holds more than the run's context, nor two copies while it grows.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    kv: Option<Buffers>,
+    capacity: usize,
+    /// A DeltaNet layer's state instead of keys and values.
+    pub(crate) delta: DeltaState,
+}
+
+/// The key and value buffers: `len` entries of `capacity` along `dim` are filled.
+#[derive(Debug, Clone)]
+struct Buffers {
+    k: Tensor,
+    v: Tensor,
+    dim: usize,
+    len: usize,
+    capacity: usize,
+}
+
+impl LayerKv {
+    /// An empty cache for a sequence of up to `capacity` tokens (it grows in steps of
+    /// `capacity` if a longer one comes).
+    pub fn with_capacity(capacity: usize) -> Self {
+        LayerKv {
+            kv: None,
+            capacity,
+            delta: Default::default(),
+        }
+    }
+
+    /// Room for `n` more entries along `dim` in buffers of entries shaped `k` and `v` (`n` along
+    /// `dim`; allocated, or grown by whole steps, as needed): the whole key and value buffers
+    /// and the position the `n` new entries go to. [`LayerKv::commit`] then counts them.
+    pub fn reserve(
+        &mut self,
+        [k, v]: [&[usize]; 2],
+        dtype: DType,
+        dev: &Device,
+        dim: usize,
+        n: usize,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let step = self.capacity.max(n).max(1);
+        let zeros = |like: &[usize], len: usize| -> Result<Tensor> {
+            let mut shape = like.to_vec();
+            shape[dim] = len;
+            Ok(Tensor::zeros(shape, dtype, dev)?)
+        };
+        let b = match &mut self.kv {
+            Some(b) => b,
+            None => self.kv.insert(Buffers {
+                k: zeros(k, step)?,
+                v: zeros(v, step)?,
+                dim,
+                len: 0,
+                capacity: step,
+            }),
+        };
+        while b.len + n > b.capacity {
+            b.k = Tensor::cat(&[&b.k, &zeros(k, step)?], dim)?;
+            b.v = Tensor::cat(&[&b.v, &zeros(v, step)?], dim)?;
+            b.capacity += step;
+        }
+        Ok((b.k.clone(), b.v.clone(), b.len))
+    }
+
+    /// Counts `n` entries written after [`LayerKv::reserve`] and returns the filled part of the
+    /// key and value buffers.
+    pub fn commit(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
+        let Some(b) = &mut self.kv else {
+            return Err(crate::error::Error::Input(
+                "internal: cache entries committed before any were reserved".into(),
+            ));
+        };
+        b.len = (b.len + n).min(b.capacity);
+        Ok((b.k.narrow(b.dim, 0, b.len)?, b.v.narrow(b.dim, 0, b.len)?))
+    }
+
+    /// Appends new entries along `dim` (the sequence axis) and returns the whole cache.
+    pub fn append(&mut self, k: Tensor, v: Tensor, dim: usize) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(dim)?;
+        let (kb, vb, pos) = self.reserve([k.dims(), v.dims()], k.dtype(), k.device(), dim, n)?;
+        kb.slice_set(&k.contiguous()?, dim, pos)?;
+        vb.slice_set(&v.contiguous()?, dim, pos)?;
+        self.commit(n)
+    }
+
+    /// On the CPU, `f(keys, values, capacity)` over the cache's f32 buffers, each
+    /// `[kv heads, capacity, head dim]` (positions past the cached ones are unused); `None` when
+    /// the cache is not such a buffer (another device or dtype, or nothing cached yet).
+    pub fn with_host_buffers<R>(&self, f: impl FnOnce(&[f32], &[f32], usize) -> R) -> Option<R> {
+        let b = self.kv.as_ref()?;
+        let (k, v) = (&b.k, &b.v);
+        let (_, _, cap, _) = k.dims4().ok()?;
+        let ((ks, kl), (vs, vl)) = (k.storage_and_layout(), v.storage_and_layout());
+        match (&*ks, &*vs) {
+            (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc))
+                if kl.is_contiguous() && vl.is_contiguous() =>
+            {
+                let kb = &kc.as_slice::<f32>().ok()?[kl.start_offset()..];
+                let vb = &vc.as_slice::<f32>().ok()?[vl.start_offset()..];
+                Some(f(kb, vb, cap))
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes of the buffers allocated so far.
+    pub fn bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.kv.as_ref().map_or(0, |b| size(&b.k) + size(&b.v)) + self.delta.bytes()
+    }
+}
+
+/// A gated DeltaNet layer's state between calls ([`super::deltanet`]): the convolution's last inputs and the recurrent
+/// matrices.
+#[derive(Debug, Clone, Default)]
+pub struct DeltaState {
+    /// `[conv_dim, K − 1]`: the last `K − 1` convolution inputs per channel, oldest first.
+    pub(crate) conv: Vec<f32>,
+    /// `[num_v_heads, k_head_dim, v_head_dim]`.
+    pub(crate) recurrent: Vec<f32>,
+}
+
+impl DeltaState {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        4 * (self.conv.len() + self.recurrent.len()) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2().unwrap()
+    }
+
+    #[test]
+    fn appends_grow_by_whole_steps_and_keep_every_entry() {
+        let dev = Device::Cpu;
+        let mut kv = LayerKv::with_capacity(2);
+        let entry = |v: f32, n: usize| Tensor::full(v, (n, 3), &dev).unwrap();
+        kv.append(entry(1.0, 1), entry(-1.0, 1), 0).unwrap();
+        let (k, v) = kv.append(entry(2.0, 2), entry(-2.0, 2), 0).unwrap();
+        assert_eq!(rows(&k), vec![vec![1.0; 3], vec![2.0; 3], vec![2.0; 3]]);
+        assert_eq!(rows(&v)[2], vec![-2.0; 3]);
+        // Two steps of two rows allocated for three entries: the fourth fits in place.
+        assert_eq!(kv.bytes(), 2 * 4 * 3 * 4);
+        let (kb, _, pos) = kv
+            .reserve([&[1, 3], &[1, 3]], DType::F32, &dev, 0, 1)
+            .unwrap();
+        assert_eq!((kb.dim(0).unwrap(), pos), (4, 3));
+        kb.slice_set(&entry(4.0, 1), 0, pos).unwrap();
+        let (k, v) = kv.commit(1).unwrap();
+        assert_eq!(rows(&k)[3], vec![4.0; 3]);
+        assert_eq!(v.dim(0).unwrap(), 4);
+    }
+
+    #[test]
+    fn commit_before_reserve_is_an_error() {
+        let err = LayerKv::with_capacity(4).commit(1).unwrap_err();
+        assert!(
+            err.to_string().contains("before any were reserved"),
+            "{err}"
+        );
+    }
+}
