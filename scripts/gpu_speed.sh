@@ -14,12 +14,17 @@
 # `--profile` to the page-cache sweep (decode milliseconds per token by part of the decoder, in a second pass);
 # VARIANTS="default:;before:--gpu-experts packed --gpu-attention ops --gpu-dense f32" runs the sweep once per
 # `name:extra bench arguments` (output bench_NAME.*; default: one run with the defaults),
-# POLICIES=lru picks the sweep's policies (default lru,lookahead).
+# POLICIES=lru picks the sweep's policies (default lru,lookahead). A variant whose name starts with
+# `prev` runs the binary packed at .gpu/harness-prev.xz (an earlier build, for before/after in one call).
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
 mkdir -p "$out"
 source scripts/gpu_binary.sh
 H=$PWD/harness
+if [ -f .gpu/harness-prev.xz ] && [ ! -f harness-prev ]; then
+  python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.gpu/harness-prev.xz'), open('harness-prev', 'wb'))"
+  chmod +x harness-prev
+fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } > "$out/gpu.txt" 2>&1
 if [ -z "${SKIP_CHECK:-}" ]; then
   timeout 300 python3 scripts/gpu_check.py "$H" > "$out/check.txt" 2>&1; echo "check exit $?" >> "$out/check.txt"
@@ -31,9 +36,10 @@ m=/tmp/flash$layers
 IFS=';' read -ra variants <<< "${VARIANTS:-default:}"
 for io in ${IOS:-page-cache}; do
   for v in "${variants[@]}"; do
-    name=${v%%:*}; args=${v#*:}
+    name=${v%%:*}; args=${v#*:}; bin=$H
+    case $name in prev*) bin=$PWD/harness-prev ;; esac
     sfx=""; [ "$io" = page-cache ] || sfx="_$io"; [ "$name" = default ] || sfx="${sfx}_$name"
-    timeout 240 $H bench --model "$m" --device cuda --policy ${POLICIES:-lru,lookahead} --capacity "$caps" $res --io "$io" \
+    timeout 240 $bin bench --model "$m" --device cuda --policy ${POLICIES:-lru,lookahead} --capacity "$caps" $res --io "$io" \
       $args --prompts 3 --tokens 16 --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
   done
 done

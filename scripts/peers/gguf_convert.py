@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Convert a `harness synth --layout bf16` checkpoint to GGUF with llama.cpp's own converter.
 
-Usage: python3 scripts/peers/gguf_convert.py LLAMA_CPP_DIR CHECKPOINT_DIR OUT.gguf
+Usage: python3 scripts/peers/gguf_convert.py LLAMA_CPP_DIR CHECKPOINT_DIR OUT.gguf [CONVERTER ARGS...]
+(e.g. `--no-mtp` for a GLM-4.7-Flash checkpoint without its MTP layer's tensors)
 
 llama.cpp's `convert_hf_to_gguf.py` does the whole conversion (tensor names, shapes, hyper-parameters)
 unchanged, except its vocabulary step: for GLM it wants GLM's own tokenizer (special tokens), and a synth
@@ -13,7 +14,7 @@ import runpy
 import sys
 from pathlib import Path
 
-llama, model, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+llama, model, out, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 sys.path.insert(0, str(llama))
 sys.path.insert(1, str(llama / "gguf-py"))
 
@@ -32,5 +33,6 @@ def placeholder_vocab(self):
 
 
 glm.Glm4MoeModel.set_vocab = placeholder_vocab
-sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", "bf16"]
+glm.Glm4MoeLiteModel.set_vocab = placeholder_vocab  # GLM-4.7-Flash (llama.cpp's deepseek2 arch)
+sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", "bf16", *extra]
 runpy.run_path(str(llama / "convert_hf_to_gguf.py"), run_name="__main__")

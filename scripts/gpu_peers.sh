@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 13's peers in one call on the GPU machine, on the first LAYERS decoder layers of the
+# GLM-4.7-Flash shape (experiments/configs/glm47-flash.json, random weights, all weights resident):
+#   * llama.cpp CUDA `llama-bench` (pp16, tg64, 3 repetitions, all layers on the GPU) on a Q4_0 GGUF
+#     that llama.cpp's own converter (scripts/peers/gguf_convert.py) and quantizer made from the bf16
+#     `harness synth` checkpoint of the same config; then with `--n-cpu-moe LAYERS` (every routed
+#     expert in host memory, computed by the CPU: llama.cpp's offloading answer);
+#   * harness bench on the MLX 4-bit `harness synth` checkpoint: all resident, then LRU and lookahead
+#     at CAPACITIES slots per layer (page cache);
+#   * HF transformers eager (bf16, scripts/hf_decode_baseline.py), the floor.
+# Needs ./harness or .gpu/harness.xz (scripts/gpu_binary.sh) and llama.cpp's CUDA build packed as
+# .gpu/llama-cuda.tar.xz: bin/ (llama-bench, llama-quantize, their shared libraries) plus the
+# converter (convert_hf_to_gguf.py, conversion/, gguf-py/) of the same tree. Build notes in
+# docs/performance.md. The GPU machine has no internet: nothing here downloads.
+# Usage: bash scripts/gpu_peers.sh OUTDIR [LAYERS] [CAPACITIES]
+set -u
+out=${1:-/tmp/gpu_peers}; layers=${2:-8}; caps=${3:-16,32,64}
+mkdir -p "$out"
+source scripts/gpu_binary.sh
+H=$PWD/harness
+L=/tmp/llama-cuda
+mkdir -p $L && tar -xJf .gpu/llama-cuda.tar.xz -C $L
+export LD_LIBRARY_PATH=$L/bin:$LD_LIBRARY_PATH
+cfg=experiments/configs/glm47-flash.json
+m=/tmp/flash$layers; b=/tmp/flash$layers-bf16; g=/tmp/flash$layers
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } > "$out/gpu.txt" 2>&1
+t0=$(date +%s)
+[ -d "$m" ] || $H synth --config $cfg --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
+if [ ! -f "$g-q4_0.gguf" ]; then
+  $H synth --config $cfg --layout bf16 --out "$b" --layers "$layers" >> "$out/gpu.txt" 2>&1
+  python3 scripts/peers/gguf_convert.py $L "$b" "$g-bf16.gguf" --no-mtp > "$out/convert.log" 2>&1
+  rm -rf "$b"
+  $L/bin/llama-quantize "$g-bf16.gguf" "$g-q4_0.gguf" Q4_0 > "$out/quantize.log" 2>&1
+  rm -f "$g-bf16.gguf"
+fi
+echo "prepare_s $(( $(date +%s) - t0 ))" >> "$out/gpu.txt"
+timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -p 16 -n 64 -r 3 -o json > "$out/llama.json" 2> "$out/llama.log"
+timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -ncmoe "$layers" -p 16 -n 64 -r 3 -o json > "$out/llama_cpumoe.json" 2> "$out/llama_cpumoe.log"
+timeout 200 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
+  --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
+timeout 90 python3 scripts/hf_decode_baseline.py $cfg --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
+exit 0
