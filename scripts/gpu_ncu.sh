@@ -17,7 +17,7 @@ rows = list(csv.reader(open(sys.argv[1])))
 hdr = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
 h = rows[hdr]
 k, u, v, g, b = (h.index(c) for c in ("Kernel Name", "Metric Unit", "Metric Value", "Grid Size", "Block Size"))
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 agg, seq = collections.defaultdict(list), []
 for r in rows[hdr + 1:]:
     if len(r) <= v:
