@@ -64,6 +64,9 @@ for d in sorted(root.iterdir()):
                               f"dense {arg('--gpu-dense', 'packed')}"]
                 missing = [f for f in want_forms if f not in ran_on[0]]
                 fell_back = [l for l in r.stderr.splitlines() if "unavailable" in l]
+                # Decode work that left a fused kernel says so in the label (models::fallback).
+                if "fell back" in ran_on[0]:
+                    fell_back.append(ran_on[0])
                 if missing or fell_back:
                     print(f"{d.name} {' '.join(extra)}: FAILED kernels {ran_on[0]} lack {missing} or fell back {fell_back}")
                     bad += 1

@@ -334,10 +334,16 @@ impl Engine {
                 crate::weights::kernels::q4::Simd::current().name()
             )
         } else {
-            format!(
+            let mut label = format!(
                 "gpu/experts {}, attention {}, dense {}",
                 self.cfg.gpu_experts, self.cfg.gpu_attention, self.cfg.gpu_dense
-            )
+            );
+            // Work that left the fused kernels in this process so far (models::fallback).
+            let (e, a) = crate::models::fallback::counts();
+            if e + a > 0 {
+                label += &format!("; fell back: experts of {e} tokens, attention of {a} steps");
+            }
+            label
         }
     }
 

@@ -224,6 +224,9 @@ impl MlaAttention {
             if let Some(y) = self.decode_cuda(x, pos0, kv)? {
                 return Ok(y);
             }
+            if !x.device().is_cpu() && self.fused.load(std::sync::atomic::Ordering::Relaxed) {
+                super::fallback::attention();
+            }
         }
         let h = self.heads;
         let (dn, dr, dv, c) = (

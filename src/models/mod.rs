@@ -4,6 +4,7 @@
 
 pub mod deepseek_v3;
 pub mod deltanet;
+pub mod fallback;
 pub mod glm4_moe;
 pub mod kda;
 pub mod kimi_linear;

@@ -225,14 +225,26 @@ fn fused_experts(
     {
         use crate::experts::store::ExpertMats;
         let mut list = Vec::with_capacity(fetched.len());
+        let mut others = false;
         for (ew, w) in fetched {
             match &ew.mats {
                 ExpertMats::DevicePacked(p) if p.fused() => list.push((p, *w)),
-                _ => return Ok(None),
+                _ => others = true,
             }
         }
+        if others {
+            // Experts asked to run fused beside experts of another form: counted.
+            if !list.is_empty() {
+                super::fallback::experts();
+            }
+            return Ok(None);
+        }
         let shared = shared.and_then(Mlp::device_matrices);
-        crate::experts::upload::DevicePacked::forward_fused(xt, &list, shared)
+        let out = crate::experts::upload::DevicePacked::forward_fused(xt, &list, shared)?;
+        if out.is_none() && !list.is_empty() {
+            super::fallback::experts();
+        }
+        Ok(out)
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -1,0 +1,26 @@
+//! Counts of decode work that left a fused GPU kernel for a slower path, so that a run cannot
+//! claim kernels it did not use: the engine's kernel label (`Engine::kernels_label`, printed by
+//! `logits`, `generate`, `bench` and every experiment cell) names any, and the GPU check fails
+//! on them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+static EXPERTS: AtomicU64 = AtomicU64::new(0);
+static ATTENTION: AtomicU64 = AtomicU64::new(0);
+
+/// A token's routed experts ran one at a time although the fused kernels were asked for (a
+/// form or shape the kernels do not take, or experts of mixed forms).
+pub fn experts() {
+    EXPERTS.fetch_add(1, Relaxed);
+}
+
+/// An MLA decode step on a GPU took the tensor-op path although the fused kernels were asked
+/// for (kernels unavailable, a shape they do not take, or a context past their shared memory).
+pub fn attention() {
+    ATTENTION.fetch_add(1, Relaxed);
+}
+
+/// `(experts, attention)`: the tokens and steps counted since the process started.
+pub fn counts() -> (u64, u64) {
+    (EXPERTS.load(Relaxed), ATTENTION.load(Relaxed))
+}
