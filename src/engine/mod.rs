@@ -334,8 +334,15 @@ impl Engine {
                 crate::weights::kernels::q4::Simd::current().name()
             )
         } else {
+            // Only MLA layers have fused decode kernels: elsewhere the setting has no effect,
+            // and the label says what ran.
+            let mla = if self.model.has_mla() {
+                ""
+            } else {
+                " (no MLA layer: tensor ops)"
+            };
             let mut label = format!(
-                "gpu/experts {}, attention {}, dense {}",
+                "gpu/experts {}, attention {}{mla}, dense {}",
                 self.cfg.gpu_experts, self.cfg.gpu_attention, self.cfg.gpu_dense
             );
             // Work that left the fused kernels in this process so far (models::fallback).

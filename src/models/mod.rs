@@ -353,6 +353,11 @@ impl Model {
         }
     }
 
+    /// Whether any layer is MLA attention (the only attention with fused GPU decode kernels).
+    pub fn has_mla(&self) -> bool {
+        self.layers.iter().any(|l| matches!(l.attn, Attn::Mla(_)))
+    }
+
     /// Turns the per-part timing of forward calls on or off ([`profile`]: it waits for the
     /// device at every part boundary, so profiled calls run slower).
     pub fn set_profiling(&self, on: bool) {
