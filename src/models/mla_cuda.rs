@@ -18,13 +18,11 @@
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::CudaDType;
-use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, Device, Storage, Tensor};
 
 use super::{Latent, LayerKv, Linear, MlaAttention, QProj, Weight};
 use crate::error::{Error, Result};
-use crate::weights::cuda::DeviceMatrix;
+use crate::weights::cuda::{driver, wrap, DeviceMatrix};
 
 /// Most rotary frequency pairs the absorb kernel takes (`qk_rope_head_dim / 2`).
 const MAX_ROT: usize = 64;
@@ -203,20 +201,6 @@ fn kernels(dev: &CudaDevice) -> Option<&'static [CudaFunction]> {
         &WARNED,
         "fused MLA decode kernels",
         "using tensor ops",
-    )
-}
-
-fn driver(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Input(format!("CUDA {what}: {e}"))
-}
-
-/// A new f32 tensor on `dev` of `shape` from a slice a kernel filled.
-fn wrap(dev: &CudaDevice, s: CudaSlice<f32>, shape: &[usize]) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cuda(f32::wrap_cuda_slice(s, dev.clone())),
-        shape,
-        BackpropOp::none(),
-        false,
     )
 }
 
@@ -430,7 +414,7 @@ impl MlaAttention {
             // SAFETY: reads `ctx` (H·C) and v_up (H·C·dv); writes `y` (H·dv values).
             unsafe { b.launch(cfg) }.map_err(|e| driver("MLA expand kernel", e))?;
         });
-        let y = wrap(dev, y, &[1, h * dv]);
+        let y = wrap(dev, y, (1, h * dv));
         Ok(Some(self.o.forward(&y)?))
     }
 }

@@ -5,12 +5,11 @@
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::CudaDType;
-use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
 
 use super::RmsNorm;
 use crate::error::{Error, Result};
+use crate::weights::cuda::{driver, wrap};
 
 const SRC: &str = r#"
 extern "C" __global__ void add_rms_norm(const float* h, const float* a, const float* w,
@@ -50,10 +49,6 @@ fn kernel(dev: &CudaDevice) -> Option<&'static CudaFunction> {
             "separate add and norm",
         )
         .map(|f| &f[0])
-}
-
-fn driver(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Input(format!("CUDA {what}: {e}"))
 }
 
 impl RmsNorm {
@@ -117,14 +112,6 @@ impl RmsNorm {
         // row r of both outputs, allocated for T·n values.
         unsafe { b.launch(cfg) }.map_err(|e| driver("add + RMSNorm kernel", e))?;
         drop((hs, as_, ws));
-        let wrap = |s: CudaSlice<f32>| {
-            Tensor::from_storage(
-                Storage::Cuda(f32::wrap_cuda_slice(s, dev.clone())),
-                (t, n),
-                BackpropOp::none(),
-                false,
-            )
-        };
-        Ok(Some((wrap(h_out), wrap(x_out))))
+        Ok(Some((wrap(dev, h_out, (t, n)), wrap(dev, x_out, (t, n)))))
     }
 }

@@ -25,9 +25,7 @@ pub(super) fn aligned(n: u64) -> usize {
     (n as usize).div_ceil(ALIGN) * ALIGN
 }
 
-pub(super) fn driver(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Input(format!("CUDA {what}: {e}"))
-}
+pub(super) use crate::weights::cuda::driver;
 
 pub(super) fn keep_pool_memory(dev: &CudaDevice) {
     let stream = dev.cuda_stream();
@@ -209,12 +207,7 @@ impl DevicePacked {
     }
 
     pub(super) fn wrap(&self, s: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
-        Tensor::from_storage(
-            Storage::Cuda(CudaStorage::wrap_cuda_slice(s, self.dev.clone())),
-            shape,
-            BackpropOp::none(),
-            false,
-        )
+        crate::weights::cuda::wrap(&self.dev, s, shape)
     }
 
     fn gemv(&self, x: &Tensor, p: usize, y: &mut CudaSlice<f32>, y_off: u64) -> Result<()> {

@@ -5,11 +5,9 @@
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
-use candle_core::cuda_backend::CudaDType;
-use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, Storage, Tensor};
 
-use super::{ROW_DOT_SRC, SCALE_SRC};
+use super::{driver, ROW_DOT_SRC, SCALE_SRC};
 use crate::config::QuantParams;
 use crate::error::{Error, Result};
 
@@ -100,10 +98,6 @@ fn kernels(dev: &CudaDevice) -> Result<(&'static CudaFunction, &'static CudaFunc
             ))
         })?;
     Ok((&f[0], &f[1]))
-}
-
-fn driver(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Input(format!("CUDA {what}: {e}"))
 }
 
 /// Tokens multiplied by the matrix-vector kernel in one launch; longer inputs (prefill) decode
@@ -285,12 +279,7 @@ impl DeviceMatrix {
     }
 
     fn wrap(&self, s: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
-        Tensor::from_storage(
-            Storage::Cuda(f32::wrap_cuda_slice(s, self.dev.clone())),
-            shape,
-            BackpropOp::none(),
-            false,
-        )
+        super::wrap(&self.dev, s, shape)
     }
 
     /// Launches `packed_rows` for `n` rows (`ids`, or `row0..row0 + n` when `row0` is set)

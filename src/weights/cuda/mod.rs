@@ -89,6 +89,26 @@ impl KernelSet {
     }
 }
 
+/// The error of a failed CUDA driver call or launch, naming what failed.
+pub fn driver(what: &str, e: impl std::fmt::Display) -> crate::error::Error {
+    crate::error::Error::Input(format!("CUDA {what}: {e}"))
+}
+
+/// A new f32 tensor on `dev` of `shape` from a slice a kernel filled.
+pub fn wrap(
+    dev: &CudaDevice,
+    s: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    shape: impl Into<candle_core::Shape>,
+) -> candle_core::Tensor {
+    use candle_core::cuda_backend::CudaDType;
+    candle_core::Tensor::from_storage(
+        candle_core::Storage::Cuda(f32::wrap_cuda_slice(s, dev.clone())),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
 /// A scale or bias of kind `kind` (f32 0, f16 1, bf16 2) as f32, exactly.
 pub const SCALE_SRC: &str = r#"
 __device__ float scale_at(const unsigned char* p, unsigned int kind, unsigned long long i) {
