@@ -17,14 +17,20 @@ pub struct LayerKv {
     pub(crate) delta: DeltaState,
 }
 
-/// The key and value buffers: `len` entries of `capacity` along `dim` are filled.
+/// The key and value buffers: the first `len` entries along `dim` are filled.
 #[derive(Debug, Clone)]
 struct Buffers {
     k: Tensor,
     v: Tensor,
     dim: usize,
     len: usize,
-    capacity: usize,
+}
+
+impl Buffers {
+    /// Entries the buffers hold.
+    fn capacity(&self) -> usize {
+        self.k.dims()[self.dim]
+    }
 }
 
 impl LayerKv {
@@ -62,13 +68,11 @@ impl LayerKv {
                 v: zeros(v, step)?,
                 dim,
                 len: 0,
-                capacity: step,
             }),
         };
-        while b.len + n > b.capacity {
+        while b.len + n > b.capacity() {
             b.k = Tensor::cat(&[&b.k, &zeros(k, step)?], dim)?;
             b.v = Tensor::cat(&[&b.v, &zeros(v, step)?], dim)?;
-            b.capacity += step;
         }
         Ok((b.k.clone(), b.v.clone(), b.len))
     }
@@ -81,7 +85,14 @@ impl LayerKv {
                 "internal: cache entries committed before any were reserved".into(),
             ));
         };
-        b.len = (b.len + n).min(b.capacity);
+        if b.len + n > b.capacity() {
+            return Err(crate::error::Error::Input(format!(
+                "internal: {n} cache entries committed after {} of {} were filled",
+                b.len,
+                b.capacity()
+            )));
+        }
+        b.len += n;
         Ok((b.k.narrow(b.dim, 0, b.len)?, b.v.narrow(b.dim, 0, b.len)?))
     }
 
@@ -165,6 +176,15 @@ mod tests {
         let (k, v) = kv.commit(1).unwrap();
         assert_eq!(rows(&k)[3], vec![4.0; 3]);
         assert_eq!(v.dim(0).unwrap(), 4);
+    }
+
+    #[test]
+    fn committing_more_than_was_reserved_is_an_error() {
+        let mut kv = LayerKv::with_capacity(2);
+        kv.reserve([&[1, 3], &[1, 3]], DType::F32, &Device::Cpu, 0, 1)
+            .unwrap();
+        let err = kv.commit(3).unwrap_err();
+        assert!(err.to_string().contains("committed after 0 of 2"), "{err}");
     }
 
     #[test]

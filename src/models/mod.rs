@@ -414,8 +414,7 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.attn.forward(&x, pos0, &mut kv.layers[i])?;
             Clock::mark(&mut clock, Part::Attention)?;
-            let (h1, x1) = layer.post_norm.add_forward(&h, &a)?;
-            (h, x) = (h1, x1);
+            (h, x) = layer.post_norm.add_forward(&h, &a)?;
             Clock::mark(&mut clock, Part::Norms)?;
             let y = match &layer.ffn {
                 Ffn::Dense(mlp) => {
@@ -453,8 +452,7 @@ impl Model {
                 Some(l) => &l.input_norm,
                 None => &self.norm,
             };
-            let (h1, x1) = next_norm.add_forward(&h, &y)?;
-            (h, x) = (h1, x1);
+            (h, x) = next_norm.add_forward(&h, &y)?;
             Clock::mark(&mut clock, Part::Norms)?;
         }
         kv.len += tokens.len();
