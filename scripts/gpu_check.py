@@ -5,7 +5,9 @@ per projection, or decoded to f32), at the smallest capacity with loader threads
 budget with inline loads, with the per-projection kernel, with f32 resident experts and dense
 weights (the default keeps MLX-quantized dense weights packed), and with
 every token after the second as a decode step of its own (the decode path: on CUDA the fused MLA
-attention kernels), against the HF transformers logits stored with the fixture.
+attention kernels), and with every expert loaded first and every token after the first a decode
+step (on CUDA, MLX-quantized fixtures route those tokens on the device, and the run must say so),
+against the HF transformers logits stored with the fixture.
 Every run must say on stderr that it ran on the device asked for (`device: cuda:0`) with the kernel
 forms asked for (`experts fused, attention fused, dense packed` by default), and no fused kernel may
 have fallen back: a run that says otherwise counts as a failure, so a CPU result can never pass for
@@ -18,7 +20,23 @@ import sys
 import tempfile
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file
+
+
+
+def fused_form(d):
+    """Whether the fixture's routed experts are MLX-quantized in every projection (the fused
+    kernels' form; a decode token is then routed on the device when all are resident)."""
+    keys = set()
+    for f in d.glob("*.safetensors"):
+        if f.name != "reference.safetensors":
+            with safe_open(str(f), "np") as st:
+                keys.update(st.keys())
+    routed = [k for k in keys if "switch_mlp." in k or ".experts." in k]
+    return bool(routed) and all(
+        any(k.endswith(f"{p}.scales") for k in routed) for p in ("gate_proj", "up_proj", "down_proj"))
+
 
 harness = sys.argv[1]
 device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
@@ -31,8 +49,8 @@ for d in sorted(root.iterdir()):
         continue
     meta = json.loads(ref.read_text())
     want = load_file(str(d / "reference.safetensors"))["logits"].astype(np.float64)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
+    cfg_all = json.loads((d / "config.json").read_text())
+    cfg = cfg_all.get("text_config", cfg_all)
     top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 2
     toks = ",".join(str(t) for t in meta["tokens"])
     # The last: every token after the first two as a decode step of its own (the decode path,
@@ -40,7 +58,8 @@ for d in sorted(root.iterdir()):
     for extra in (["--capacity", str(top_k), "--load-threads", "4"], ["--load-threads", "0"],
                   ["--capacity", str(top_k), "--gpu-experts", "packed"],
                   ["--capacity", str(top_k), "--gpu-experts", "f32", "--gpu-dense", "f32"],
-                  ["--capacity", str(top_k), "--prefill", "2"]):
+                  ["--capacity", str(top_k), "--prefill", "2"],
+                  ["--all-resident", "--prefill", "1"]):
         with tempfile.TemporaryDirectory() as tmp:
             out = pathlib.Path(tmp) / "l.npy"
             r = subprocess.run([harness, "logits", "--model", str(d), "--tokens", toks,
@@ -67,8 +86,16 @@ for d in sorted(root.iterdir()):
                 # Decode work that left a fused kernel says so in the label (models::fallback).
                 if "fell back" in ran_on[0]:
                     fell_back.append(ran_on[0])
+                # With every expert resident, each decode token of an MLX-quantized fixture
+                # (experts in the fused form) is routed on the device, and the label counts them.
+                if "--all-resident" in extra:
+                    n = len(meta["tokens"]) if fused_form(d) else 0
+                    if f"routing device ({n} tokens on the device)" not in ran_on[0]:
+                        missing.append(f"{n} tokens routed on the device")
                 if missing or fell_back:
-                    print(f"{d.name} {' '.join(extra)}: FAILED kernels {ran_on[0]} lack {missing} or fell back {fell_back}")
+                    got = np.load(out).astype(np.float64).reshape(want.shape)
+                    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+                    print(f"{d.name} {' '.join(extra)}: FAILED kernels {ran_on[0]} lack {missing} or fell back {fell_back} (relative L2 {err:.2e})")
                     bad += 1
                     continue
             got = np.load(out).astype(np.float64).reshape(want.shape)

@@ -3,9 +3,9 @@
 //!
 //! For every cell (policy × slots per layer) the engine decodes the same seeded prompts (greedy,
 //! so every cell sees the same tokens until its budget changes the numbers it computes), after a
-//! warm-up prompt that is excluded. A `resident` cell first runs the measured prompts once with an
-//! unlimited budget and then measures them again with every expert they use resident: the
-//! all-resident decode speed of this engine.
+//! warm-up prompt that is excluded. A `resident` cell loads every routed expert (an unlimited
+//! budget), runs the measured prompts once and then measures them again: the all-resident decode
+//! speed of this engine.
 //!
 //! Reported per cell: decode hit rate `h`, decode tokens/s, expert bytes moved per token, the
 //! achieved host→device rate of the miss path next to a pinned copy of one expert's size measured
@@ -58,6 +58,8 @@ pub struct BenchOptions {
     pub gpu_experts: GpuExperts,
     /// Attention kernels of decode tokens on CUDA.
     pub gpu_attention: crate::models::GpuAttention,
+    /// Where decode tokens are routed on CUDA.
+    pub gpu_routing: crate::models::GpuRouting,
     /// MLX-quantized dense weights on CUDA.
     pub gpu_dense: crate::models::GpuDense,
     /// Dense weights in place (default) or copied, on the CPU.
@@ -196,6 +198,7 @@ pub fn bench(
         load_threads: opts.load_threads,
         gpu_experts: opts.gpu_experts,
         gpu_attention: opts.gpu_attention,
+        gpu_routing: opts.gpu_routing,
         gpu_dense: opts.gpu_dense,
         dense: opts.dense,
         io: opts.io,
@@ -296,6 +299,11 @@ pub fn bench(
         engine.reconfigure(config(budget(cap), &policy))?;
         if engine.io().effective == IoMode::Cold {
             engine.store.checkpoint().drop_page_cache();
+        }
+        // The resident cell holds every routed expert (on a GPU its decode tokens are then
+        // routed on the device), loaded before its warm-up.
+        if name == "resident" {
+            engine.load_all_experts()?;
         }
         // Warm-up (excluded): the resident cell runs the measured prompts themselves.
         let warm: Vec<&BenchPrompt> = if name == "resident" {

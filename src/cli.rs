@@ -14,7 +14,7 @@ use moe_harness::experts::policies::PolicySpec;
 use moe_harness::experts::upload::{GpuExperts, Staging};
 use moe_harness::inspect;
 use moe_harness::io::{write_atomic, write_npy_f32};
-use moe_harness::models::{GpuAttention, GpuDense};
+use moe_harness::models::{GpuAttention, GpuDense, GpuRouting};
 use moe_harness::weights::kernels::Kernels;
 use moe_harness::weights::storage::{DeviceModel, IoMode};
 
@@ -114,6 +114,11 @@ struct BenchArgs {
     /// projections) or ops (one tensor op per step).
     #[arg(long, value_enum, default_value_t = GpuAttention::Fused)]
     gpu_attention: GpuAttention,
+    /// Where decode tokens are routed on CUDA: device (the router kernel chooses the experts
+    /// where every routed expert is resident; the routes come back once per token) or host
+    /// (router logits copied back at every MoE layer).
+    #[arg(long, value_enum, default_value_t = GpuRouting::Device)]
+    gpu_routing: GpuRouting,
     /// MLX-quantized dense weights on CUDA: packed (checkpoint bytes, packed matrix-vector
     /// kernel) or f32 (decoded once at load).
     #[arg(long, value_enum, default_value_t = GpuDense::Packed)]
@@ -299,6 +304,11 @@ pub struct CacheArgs {
     /// projections) or ops (one tensor op per step).
     #[arg(long, value_enum, default_value_t = GpuAttention::Fused)]
     pub gpu_attention: GpuAttention,
+    /// Where decode tokens are routed on CUDA: device (the router kernel chooses the experts
+    /// where every routed expert is resident; the routes come back once per token) or host
+    /// (router logits copied back at every MoE layer).
+    #[arg(long, value_enum, default_value_t = GpuRouting::Device)]
+    pub gpu_routing: GpuRouting,
     /// MLX-quantized dense weights on CUDA: packed (checkpoint bytes, packed matrix-vector
     /// kernel) or f32 (decoded once at load).
     #[arg(long, value_enum, default_value_t = GpuDense::Packed)]
@@ -396,6 +406,7 @@ impl CacheArgs {
             load_threads: self.load_threads,
             gpu_experts: self.gpu_experts,
             gpu_attention: self.gpu_attention,
+            gpu_routing: self.gpu_routing,
             gpu_dense: self.gpu_dense,
             dense: self.dense,
             io: self.storage.io,
@@ -430,6 +441,10 @@ struct LogitsArgs {
     /// (teacher-forced; the same logits as one full pass, through the decode path).
     #[arg(long)]
     prefill: Option<usize>,
+    /// Load every routed expert before the run (needs an unlimited budget): the all-resident
+    /// path, where a CUDA GPU routes decode tokens on the device.
+    #[arg(long)]
+    all_resident: bool,
     #[command(flatten)]
     cache: CacheArgs,
 }
@@ -521,6 +536,7 @@ pub fn run() -> Result<ExitCode> {
                 read_threads: a.read_threads,
                 gpu_experts: a.gpu_experts,
                 gpu_attention: a.gpu_attention,
+                gpu_routing: a.gpu_routing,
                 gpu_dense: a.gpu_dense,
                 dense: a.dense,
                 io: a.storage.io,
@@ -601,6 +617,9 @@ fn open_engine(model: &Path, cache: &CacheArgs, record: bool) -> Result<Engine> 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     let mut engine = open_engine(&a.model, &a.cache, false)?;
+    if a.all_resident {
+        engine.load_all_experts()?;
+    }
     let (logits, routing) = match a.prefill {
         Some(n) => engine.logits_stepwise(&tokens, n)?,
         None => engine.logits(&tokens)?,

@@ -194,6 +194,14 @@ impl ExpertAccess for Access<'_> {
         self.phase == Phase::Decode && self.cfg.policy.prefetch()
     }
 
+    fn resident_layer(&self, layer: u32) -> Option<&[Option<Arc<ExpertWeights>>]> {
+        // Every expert held: each step of the layer hits, evicts nothing and loads nothing
+        // (a held expert is never also loading), so the outcome does not depend on when the
+        // step is reported.
+        let held = self.payload.get(layer as usize)?;
+        (!held.is_empty() && held.iter().all(Option::is_some)).then_some(held.as_slice())
+    }
+
     fn replayed_routes(&self, layer: u32, pos0: usize, n: usize) -> Result<Option<Vec<Route>>> {
         match self.replay {
             Some(rep) => rep.routes(layer, pos0, n).map(Some),

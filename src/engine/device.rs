@@ -36,6 +36,7 @@ impl Backend {
                     e => Error::Input(format!("backend `cuda`: no usable CUDA device: {e}")),
                 })?;
                 crate::experts::upload::keep_pool_memory(&dev);
+                disable_event_tracking(&dev);
                 Ok(dev)
             }
             Backend::Metal => Device::new_metal(0).map_err(|e| match e {
@@ -66,4 +67,20 @@ pub fn gpu_memory(dev: &Device) -> Option<(u64, u64)> {
     }
     let _ = dev;
     None
+}
+
+/// Turns off cudarc's per-buffer CUDA events (unless `HARNESS_CUDA_EVENTS` is set, the switch
+/// to rule them out when a result looks racy). With them on, every kernel argument records an
+/// event and every allocation creates two: host work that bounds a decode token's launches.
+/// The engine orders its streams itself instead: every buffer a copy stream fills is
+/// synchronized before the compute stream sees it (`experts::upload`), an expert's buffers are
+/// freed only after the compute stream finished with them (`ExpertWeights`'s `Drop`, the
+/// device-routing tables' `Drop`), and everything else runs on the one compute stream.
+fn disable_event_tracking(dev: &Device) {
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(d), None) = (dev, std::env::var_os("HARNESS_CUDA_EVENTS")) {
+        // SAFETY: the cross-stream orderings above are kept by the engine (see the doc).
+        unsafe { d.disable_event_tracking() };
+    }
+    let _ = dev;
 }

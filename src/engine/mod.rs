@@ -33,7 +33,7 @@ use crate::experts::upload::{GpuExperts, TransferStats};
 use crate::experts::ExpertKey;
 use crate::experts::Phase;
 use crate::models::layers::rows;
-use crate::models::{GpuAttention, GpuDense, KvCache, Model, Routing};
+use crate::models::{GpuAttention, GpuDense, GpuRouting, KvCache, Model, Routing};
 use crate::trace::TraceRow;
 use crate::weights::kernels::{self, Kernels};
 use crate::weights::storage::{DeviceModel, IoMode};
@@ -60,6 +60,9 @@ pub struct EngineConfig {
     pub gpu_experts: GpuExperts,
     /// Attention kernels of decode tokens on CUDA (fused by default).
     pub gpu_attention: GpuAttention,
+    /// Where decode tokens are routed on CUDA (on the device where every expert is resident,
+    /// by default).
+    pub gpu_routing: GpuRouting,
     /// MLX-quantized dense weights on CUDA: packed (default) or f32. Fixed when the engine
     /// opens.
     pub gpu_dense: GpuDense,
@@ -101,6 +104,7 @@ impl Default for EngineConfig {
             load_threads: None,
             gpu_experts: GpuExperts::Fused,
             gpu_attention: GpuAttention::Fused,
+            gpu_routing: GpuRouting::Device,
             gpu_dense: GpuDense::Packed,
             dense: DenseForm::Mapped,
             io: IoMode::PageCache,
@@ -238,6 +242,7 @@ impl Engine {
             cfg.gpu_dense == GpuDense::Packed,
         )?;
         model.set_gpu_attention(cfg.gpu_attention);
+        model.set_gpu_routing(cfg.gpu_routing);
         if !device.is_cpu() {
             // The dense weights now live on the device: the host never reads them again.
             ck.release_all();
@@ -341,9 +346,15 @@ impl Engine {
             } else {
                 " (no MLA layer: tensor ops)"
             };
+            // Tokens routed on the device so far (only where every expert is resident).
+            let routed = crate::models::fallback::routed_on_device_count();
             let mut label = format!(
-                "gpu/experts {}, attention {}{mla}, dense {}",
-                self.cfg.gpu_experts, self.cfg.gpu_attention, self.cfg.gpu_dense
+                "gpu/experts {}, attention {}{mla}, dense {}, routing {} ({routed} tokens on \
+                 the device)",
+                self.cfg.gpu_experts,
+                self.cfg.gpu_attention,
+                self.cfg.gpu_dense,
+                self.cfg.gpu_routing
             );
             // Work that left the fused kernels in this process so far (models::fallback).
             let (e, a) = crate::models::fallback::counts();
@@ -396,6 +407,7 @@ impl Engine {
         )?;
         self.store.set_gpu_experts(cfg.gpu_experts);
         self.model.set_gpu_attention(cfg.gpu_attention);
+        self.model.set_gpu_routing(cfg.gpu_routing);
         self.io = self.store.checkpoint().set_io(cfg.io, cfg.storage);
         let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
         if threads != self.loader.threads() {
@@ -482,6 +494,22 @@ impl Engine {
         step: u32,
         last_only: bool,
     ) -> Result<(Vec<Vec<f32>>, Routing)> {
+        let record = self.cfg.record_trace;
+        let (logits, routing) = self.with_access(step, record, |model, access| {
+            model.forward(tokens, kv, access, last_only)
+        })?;
+        Ok((rows(&logits)?, routing))
+    }
+
+    /// Runs `f` with the model and the cache's [`Access`] for forward step `step` (0: the
+    /// prefill), writing trace rows when `record`. On the CPU it runs in the compute context
+    /// (kernels, threads); a GPU's calls stay on this thread, where its CUDA context is current.
+    fn with_access<R: Send>(
+        &mut self,
+        step: u32,
+        record: bool,
+        f: impl FnOnce(&Model, &mut Access<'_>) -> Result<R> + Send,
+    ) -> Result<R> {
         let phase = if step == 0 {
             Phase::Prefill
         } else {
@@ -499,6 +527,7 @@ impl Engine {
             prompt,
             replay,
             low,
+            compute,
             ..
         } = self;
         let mut access = Access {
@@ -508,7 +537,7 @@ impl Engine {
             core,
             payload,
             cfg,
-            trace: cfg.record_trace.then_some(trace),
+            trace: record.then_some(trace),
             load_time,
             prompt: *prompt,
             step,
@@ -518,16 +547,42 @@ impl Engine {
             pending: Vec::new(),
             outcome: StepOutcome::default(),
         };
-        // On the CPU the call runs in the compute context (kernels, threads); a GPU's calls stay
-        // on this thread, where its CUDA context is current.
-        let (logits, routing) = if model.device().is_cpu() {
-            kernels::with(&self.compute, || {
-                model.forward(tokens, kv, &mut access, last_only)
-            })?
+        if model.device().is_cpu() {
+            kernels::with(compute, || f(model, &mut access))
         } else {
-            model.forward(tokens, kv, &mut access, last_only)?
+            f(model, &mut access)
+        }
+    }
+
+    /// Loads every routed expert of the model into the cache, as prefill steps that choose all
+    /// experts of a layer (not traced): the all-resident state, in which a GPU routes decode
+    /// tokens on the device. Needs an unlimited budget.
+    pub fn load_all_experts(&mut self) -> Result<()> {
+        if self.cfg.budget != Budget::Unlimited {
+            return Err(Error::Input(format!(
+                "loading every expert needs an unlimited cache budget, not {:?} (drop \
+                 --capacity / --budget)",
+                self.cfg.budget
+            )));
+        }
+        let n = self.model.spec.moe.num_experts;
+        use crate::models::moe::{ExpertAccess, Route};
+        let route = Route {
+            experts: (0..n as u32).collect(),
+            weights: vec![1.0 / n as f32; n],
         };
-        Ok((rows(&logits)?, routing))
+        let layers = self.model.spec.moe.moe_layers.clone();
+        self.with_access(0, false, |_, access| {
+            for &l in &layers {
+                let layer = l as u32;
+                access.begin_step(layer, 0, &route, None)?;
+                for &expert in &route.experts {
+                    access.fetch(ExpertKey { layer, expert })?;
+                }
+                access.end_step(&route)?;
+            }
+            Ok(())
+        })
     }
 
     /// Refuses a sequence of `prompt` tokens plus `new_tokens` generated ones that the model is

@@ -172,6 +172,29 @@ pub struct ExpertWeights {
     pub bytes: u64,
 }
 
+impl Drop for ExpertWeights {
+    fn drop(&mut self) {
+        // A GPU expert's buffers were made on a copy stream and are freed there, while kernels
+        // queued on the compute stream may still read them (with cudarc's event tracking off,
+        // nothing else orders the two): wait for the compute stream first. Evictions happen
+        // after a router's logits came back, so the stream is then usually idle already.
+        #[cfg(feature = "cuda")]
+        {
+            let dev = match &self.mats {
+                ExpertMats::DevicePacked(p) => Some(p.device().clone()),
+                ExpertMats::Dense { gate_up, .. } => match gate_up.device() {
+                    candle_core::Device::Cuda(d) => Some(d.clone()),
+                    _ => None,
+                },
+                ExpertMats::Host { .. } => None,
+            };
+            if let Some(d) = dev {
+                let _ = d.cuda_stream().synchronize();
+            }
+        }
+    }
+}
+
 /// All routed experts of a checkpoint, by layer.
 #[derive(Debug)]
 pub struct ExpertStore {

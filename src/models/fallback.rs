@@ -24,3 +24,16 @@ pub fn attention() {
 pub fn counts() -> (u64, u64) {
     (EXPERTS.load(Relaxed), ATTENTION.load(Relaxed))
 }
+
+static ROUTED_ON_DEVICE: AtomicU64 = AtomicU64::new(0);
+
+/// A decode token was routed on the GPU (`models::device_routing`): not a fallback, counted so
+/// the kernel label says how many tokens took that path.
+pub fn routed_on_device() {
+    ROUTED_ON_DEVICE.fetch_add(1, Relaxed);
+}
+
+/// Decode tokens routed on the GPU since the process started.
+pub fn routed_on_device_count() -> u64 {
+    ROUTED_ON_DEVICE.load(Relaxed)
+}

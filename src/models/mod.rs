@@ -4,6 +4,11 @@
 
 pub mod deepseek_v3;
 pub mod deltanet;
+#[cfg(feature = "cuda")]
+mod device_routing;
+#[cfg(not(feature = "cuda"))]
+#[path = "device_routing_none.rs"]
+mod device_routing;
 pub mod fallback;
 pub mod glm4_moe;
 pub mod kda;
@@ -171,6 +176,18 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// Where a decode token's experts are chosen on a CUDA GPU.
+    pub enum GpuRouting {
+        /// On the device when every routed expert is resident (the router kernel writes the
+        /// fused launch's table; the routes come back once per token); elsewhere on the host.
+        #[default]
+        Device = "device",
+        /// On the host at every MoE layer (the router logits copied back each time).
+        Host = "host",
+    }
+}
+
 /// The attention part of a decoder layer.
 #[derive(Debug)]
 // One per decoder layer, built once: the variants' sizes do not matter.
@@ -249,6 +266,11 @@ pub struct Model {
     device: Device,
     profiling: std::sync::atomic::AtomicBool,
     profile: std::sync::Mutex<Profile>,
+    /// `--gpu-routing device`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    routing_on_device: std::sync::atomic::AtomicBool,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device_routes: std::sync::Mutex<device_routing::DeviceRoutes>,
 }
 
 impl Model {
@@ -340,6 +362,8 @@ impl Model {
             device: dev.clone(),
             profiling: Default::default(),
             profile: Default::default(),
+            routing_on_device: true.into(),
+            device_routes: Default::default(),
         })
     }
 
@@ -351,6 +375,20 @@ impl Model {
                 a.set_fused(form == GpuAttention::Fused);
             }
         }
+    }
+
+    /// Chooses where decode tokens are routed on a CUDA GPU (see [`GpuRouting`]).
+    pub fn set_gpu_routing(&self, r: GpuRouting) {
+        self.routing_on_device.store(
+            r == GpuRouting::Device,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn device_routing(&self) -> bool {
+        self.routing_on_device
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether any layer is MLA attention (the only attention with fused GPU decode kernels).
@@ -404,6 +442,7 @@ impl Model {
         Clock::mark(&mut clock, Part::Embed)?;
         let mut routing = Vec::new();
         let lookahead = access.wants_lookahead();
+        let mut session = self.device_session(tokens.len(), pos0, &*access)?;
         // `x` is the normalised input of the next module; each residual add and the norm after
         // it run together (`RmsNorm::add_forward`).
         let mut x = match self.layers.first() {
@@ -420,6 +459,21 @@ impl Model {
                 Ffn::Dense(mlp) => {
                     let y = mlp.forward(&x)?;
                     Clock::mark(&mut clock, Part::DenseMlp)?;
+                    y
+                }
+                // Routed on the device (every expert resident): the host does not wait.
+                Ffn::Moe(moe) if session.is_some() => {
+                    let next = match lookahead.then(|| self.next_moe(i)).flatten() {
+                        Some((j, nl, nm)) => {
+                            Some((j, nm.router.logits(&nl.post_norm.forward(&h)?)?))
+                        }
+                        None => None,
+                    };
+                    let s = session.as_mut().expect("guarded");
+                    s.route(i, moe, &x, next)?;
+                    Clock::mark(&mut clock, Part::Router)?;
+                    let y = s.experts(i, moe, &x)?;
+                    Clock::mark(&mut clock, Part::Experts)?;
                     y
                 }
                 Ffn::Moe(moe) => {
@@ -464,6 +518,9 @@ impl Model {
         };
         let logits = self.lm_head.forward(&x)?;
         Clock::mark(&mut clock, Part::LmHead)?;
+        if let Some(s) = session {
+            routing = s.finish(access, pos0)?;
+        }
         if let Some(c) = clock {
             self.profile
                 .lock()

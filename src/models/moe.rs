@@ -41,6 +41,12 @@ pub trait ExpertAccess {
     fn end_step(&mut self, route: &Route) -> Result<()>;
     /// Whether the caller should compute router-lookahead predictions.
     fn wants_lookahead(&self) -> bool;
+    /// Every routed expert of MoE `layer`, where all are resident and the cache's state cannot
+    /// depend on when a step of this layer is reported (the steps only hit): a decode token
+    /// may then be routed on the device and its steps reported after it ran. `None`: not so.
+    fn resident_layer(&self, _layer: u32) -> Option<&[Option<Arc<ExpertWeights>>]> {
+        None
+    }
     /// Routes replayed from a recorded trace for tokens `pos0..pos0 + n` at MoE `layer`, used
     /// instead of the router's (speed runs on random-weight checkpoints); `None`: use the router.
     fn replayed_routes(&self, _layer: u32, _pos0: usize, _n: usize) -> Result<Option<Vec<Route>>> {
@@ -86,6 +92,40 @@ impl Router {
             spec: spec.moe.router.clone(),
             top_k: spec.moe.top_k,
         })
+    }
+
+    /// The router's logits for every row of `x` `[T, H]`, on `x`'s device.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.gate.forward(x)
+    }
+
+    /// The selection rule as the device router kernel applies it.
+    #[cfg(feature = "cuda")]
+    pub fn rule(&self) -> crate::experts::upload::RouteRule {
+        use crate::experts::upload::RouteRule;
+        match &self.spec {
+            RouterSpec::SoftmaxTopK { norm_topk_prob } => RouteRule::SoftmaxTopK {
+                norm: *norm_topk_prob,
+            },
+            RouterSpec::TopKSoftmax => RouteRule::TopKSoftmax,
+            RouterSpec::SigmoidNoauxTc {
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            } => RouteRule::SigmoidGroups {
+                n_group: *n_group,
+                topk_group: *topk_group,
+                norm: *norm_topk_prob,
+                scale: *routed_scaling_factor as f32,
+                bias: self.bias.clone(),
+            },
+        }
+    }
+
+    /// Experts chosen per token.
+    pub fn top_k(&self) -> usize {
+        self.top_k
     }
 
     /// Routes every row of `x` `[T, H]`.
@@ -388,6 +428,22 @@ impl MoeBlock {
             outs.push(finish(acc, kept, route, &xt)?);
         }
         let routed = Tensor::cat(&outs, 0)?;
+        self.add_shared(routed, x, shared_done)
+    }
+
+    /// The shared expert's matrices on the GPU when it can join the routed experts' fused
+    /// launch: an ungated shared expert, packed on the device.
+    #[cfg(feature = "cuda")]
+    pub fn fusable_shared(&self) -> Option<[&crate::weights::cuda::DeviceMatrix; 3]> {
+        match (&self.shared, &self.shared_gate) {
+            (Some(s), None) => s.device_matrices(),
+            _ => None,
+        }
+    }
+
+    /// `routed` plus the shared expert's output on `x` (gated for Qwen3-Next), unless it is
+    /// already in `routed` (`shared_done`).
+    pub fn add_shared(&self, routed: Tensor, x: &Tensor, shared_done: bool) -> Result<Tensor> {
         Ok(match (&self.shared, &self.shared_gate) {
             _ if shared_done => routed,
             (Some(s), Some(g)) => {

@@ -274,4 +274,51 @@ fn cli_logits_stepwise_matches_the_full_pass_reference_and_checks_prefill() {
         assert_ne!(code, 0);
         assert!(err.contains(&format!("--prefill {bad}")), "{err}");
     }
+    // Every expert loaded first (the all-resident path a GPU routes on the device): the same
+    // logits, and every access of the decode steps a hit.
+    let toks_n = r.tokens().len() as u64;
+    let base = [
+        "logits",
+        "--model",
+        d,
+        "--tokens",
+        &toks,
+        "--out",
+        n,
+        "--prefill",
+        "1",
+    ];
+    let (code, err) = harness(&[&base[..], &["--all-resident"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let e = crate::common::rel_l2(&read_npy_f32(&npy), &r.logits);
+    assert!(
+        e < 1e-5,
+        "all-resident stepwise logits vs HF: relative L2 {e:.2e}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.contains("accesses"))
+        .unwrap_or_default();
+    let count = |what: &str| -> u64 {
+        let before = line.split(&format!(" {what}")).next().unwrap_or_default();
+        before
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(u64::MAX)
+    };
+    let (accesses, hits) = (count("accesses"), count("hits"));
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let experts = spec["n_routed_experts"].as_u64().unwrap();
+    let moe_layers = spec["num_hidden_layers"].as_u64().unwrap()
+        - spec["first_k_dense_replace"].as_u64().unwrap_or(0);
+    let routed = spec["num_experts_per_tok"].as_u64().unwrap() * moe_layers * toks_n;
+    // The loading steps miss every expert once; every routed access after them hits.
+    assert_eq!(accesses - hits, experts * moe_layers, "{line}");
+    assert_eq!(hits, routed, "{line}");
+    let (code, err) = harness(&[&base[..], &["--all-resident", "--capacity", "2"]].concat());
+    assert_ne!(code, 0);
+    assert!(err.contains("unlimited cache budget"), "{err}");
 }

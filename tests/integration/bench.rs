@@ -21,6 +21,7 @@ pub(crate) fn opts() -> BenchOptions {
         read_threads: None,
         gpu_experts: Default::default(),
         gpu_attention: Default::default(),
+        gpu_routing: Default::default(),
         gpu_dense: Default::default(),
         dense: Default::default(),
         io: Default::default(),

@@ -21,6 +21,7 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         load_threads: Some(threads),
         gpu_experts: Default::default(),
         gpu_attention: Default::default(),
+        gpu_routing: Default::default(),
         gpu_dense: Default::default(),
         dense: Default::default(),
         io: Default::default(),

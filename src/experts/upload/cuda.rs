@@ -157,6 +157,11 @@ impl std::fmt::Debug for DevicePacked {
 }
 
 impl DevicePacked {
+    /// The GPU holding it.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
     pub(super) fn new(
         dev: CudaDevice,
         kernels: Arc<Kernels>,

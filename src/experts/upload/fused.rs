@@ -15,11 +15,16 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::{CudaDevice, Storage, Tensor};
 
 use super::cuda::{driver, DevicePacked};
+use super::routed::ROUTE_SRC;
 use crate::error::{Error, Result};
 use crate::weights::cuda::{DeviceMatrix, Packed, ROW_DOT_SRC, SCALE_SRC};
 
 /// Most experts one fused launch takes (top-k above this runs one expert at a time).
 pub const MAX_K: usize = 16;
+
+/// Most experts a layer may have for its routes to be chosen on the device (`moe_route` keeps a
+/// layer's router outputs in shared memory).
+pub const MAX_EXPERTS: usize = 1024;
 
 const FUSED_SRC: &str = r#"
 #define ENTRIES 17
@@ -28,8 +33,8 @@ struct Experts { Packed gate[ENTRIES]; Packed up[ENTRIES]; Packed down[ENTRIES];
 
 // act[e * rows + r] = silu(gate_e[r]·x) * (up_e[r]·x) for e < k, r < rows: one warp per
 // (entry, row) in a grid-stride loop, x in shared memory.
-extern "C" __global__ void moe_gate_up(
-const Experts t, unsigned int k, unsigned int g_kind, unsigned int u_kind, const float* x,
+__device__ __forceinline__ void gate_up(
+const Experts& t, unsigned int k, unsigned int g_kind, unsigned int u_kind, const float* x,
 float* act, unsigned int rows, unsigned int cols, unsigned int bits, unsigned int group) {
 extern __shared__ float xs[];
 unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x / 32u;
@@ -47,8 +52,8 @@ for (unsigned int i = blockIdx.x * nw + warp; i < k * rows; i += gridDim.x * nw)
 // grid-stride loop (the same rows for every entry); the activations of `per` entries at a time
 // sit in shared memory (`stride` floats apart), so a warp runs its row through all of them
 // without waiting for the block.
-extern "C" __global__ void moe_down(
-const Experts t, unsigned int k, unsigned int per, unsigned int stride, unsigned int d_kind,
+__device__ __forceinline__ void down(
+const Experts& t, unsigned int k, unsigned int per, unsigned int stride, unsigned int d_kind,
 const float* act, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
 unsigned int group) {
 extern __shared__ float xs[];
@@ -70,40 +75,106 @@ for (unsigned int e0 = 0; e0 < k; e0 += per) {
     __syncthreads();
 }
 }
+
+// The entries by value (routes chosen on the host) ...
+extern "C" __global__ void moe_gate_up(
+const Experts t, unsigned int k, unsigned int g_kind, unsigned int u_kind, const float* x,
+float* act, unsigned int rows, unsigned int cols, unsigned int bits, unsigned int group) {
+gate_up(t, k, g_kind, u_kind, x, act, rows, cols, bits, group);
+}
+extern "C" __global__ void moe_down(
+const Experts t, unsigned int k, unsigned int per, unsigned int stride, unsigned int d_kind,
+const float* act, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
+unsigned int group) {
+down(t, k, per, stride, d_kind, act, y, rows, cols, bits, group);
+}
+// ... or in device memory, where `moe_route` wrote them (routes chosen on the device).
+extern "C" __global__ void moe_gate_up_at(
+const Experts* t, unsigned int k, unsigned int g_kind, unsigned int u_kind, const float* x,
+float* act, unsigned int rows, unsigned int cols, unsigned int bits, unsigned int group) {
+gate_up(*t, k, g_kind, u_kind, x, act, rows, cols, bits, group);
+}
+extern "C" __global__ void moe_down_at(
+const Experts* t, unsigned int k, unsigned int per, unsigned int stride, unsigned int d_kind,
+const float* act, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
+unsigned int group) {
+down(*t, k, per, stride, d_kind, act, y, rows, cols, bits, group);
+}
 "#;
 
 /// Entries of one launch: [`MAX_K`] routed experts and a shared expert.
-const ENTRIES: usize = MAX_K + 1;
+pub(super) const ENTRIES: usize = MAX_K + 1;
 
 /// The entries of one launch: device addresses of each projection and the weights (the
-/// kernels' `Experts` struct, passed by value).
+/// kernels' `Experts` struct, passed by value or read from device memory).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Table {
-    gate: [Packed; ENTRIES],
-    up: [Packed; ENTRIES],
-    down: [Packed; ENTRIES],
-    w: [f32; ENTRIES],
+pub(super) struct Table {
+    pub(super) gate: [Packed; ENTRIES],
+    pub(super) up: [Packed; ENTRIES],
+    pub(super) down: [Packed; ENTRIES],
+    pub(super) w: [f32; ENTRIES],
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            gate: [Packed::default(); ENTRIES],
+            up: [Packed::default(); ENTRIES],
+            down: [Packed::default(); ENTRIES],
+            w: [0.0; ENTRIES],
+        }
+    }
 }
 
 // SAFETY: plain-old-data with the C layout of the kernels' `Experts`.
 unsafe impl DeviceRepr for Table {}
 
+/// Where a launch's entries are.
+pub(super) enum Entries<'a> {
+    /// Passed by value (routes chosen on the host).
+    Value(&'a Table),
+    /// In device memory, where `moe_route` wrote them (routes chosen on the device).
+    Device(&'a CudaSlice<Table>),
+}
+
 static KERNELS: crate::weights::cuda::KernelSet = crate::weights::cuda::KernelSet::new();
 
-/// `moe_gate_up` and `moe_down` for `dev`; `None` where they failed to compile (said once; the
-/// experts then run one at a time) or on a second device.
-fn kernels(dev: &CudaDevice) -> Option<(&'static CudaFunction, &'static CudaFunction)> {
+/// The fused expert kernels and the router kernel of one module.
+pub(super) struct Kernels {
+    gate_up: &'static CudaFunction,
+    down: &'static CudaFunction,
+    gate_up_at: &'static CudaFunction,
+    down_at: &'static CudaFunction,
+    /// `moe_route` (see [`super::routed`]).
+    pub(super) route: &'static CudaFunction,
+}
+
+/// The kernels for `dev`; `None` where they failed to compile (said once; the experts then run
+/// one at a time, routed on the host) or on a second device.
+pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
     static WARNED: std::sync::Once = std::sync::Once::new();
     let f = KERNELS.get_or_warn(
         dev,
-        || format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}"),
-        &["moe_gate_up", "moe_down"],
+        || format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}{ROUTE_SRC}"),
+        &[
+            "moe_gate_up",
+            "moe_down",
+            "moe_gate_up_at",
+            "moe_down_at",
+            "moe_route",
+        ],
         &WARNED,
         "fused expert kernels",
         "experts run one at a time",
     )?;
-    Some((&f[0], &f[1]))
+    Some(Kernels {
+        gate_up: &f[0],
+        down: &f[1],
+        gate_up_at: &f[2],
+        down_at: &f[3],
+        route: &f[4],
+    })
 }
 
 /// Threads per block of both kernels (8 warps).
@@ -121,6 +192,44 @@ impl DevicePacked {
         self.projs == other.projs && self.offs == other.offs && self.kinds == other.kinds
     }
 
+    /// Whether the fused kernels take `first` with every expert of `others` in one launch
+    /// (all in the fused form, of one form, a bit width and group the kernels handle, gate and
+    /// up of one shape, down their transpose).
+    pub(super) fn fusable<'a>(
+        first: &DevicePacked,
+        mut others: impl Iterator<Item = &'a DevicePacked>,
+    ) -> bool {
+        let fits = |p: &super::QuantProj| {
+            crate::weights::cuda::fits(p.params.bits, p.params.group_size, p.cols)
+        };
+        let [gate, up, down] = first.projs;
+        first.fused
+            && others.all(|p| p.fused && first.same_form(p))
+            && first.projs.iter().all(fits)
+            && gate.params == up.params
+            && gate.rows == up.rows
+            && down.cols == gate.rows
+            && down.rows == gate.cols
+    }
+
+    /// `shared` (an expert's gate, up and down matrices) where each has this expert's
+    /// projection's shape, quantization and scale type, so it joins the fused launch.
+    pub(super) fn shared_fits<'a>(
+        &self,
+        shared: Option<[&'a DeviceMatrix; 3]>,
+    ) -> Option<[&'a DeviceMatrix; 3]> {
+        shared.filter(|mats| {
+            mats.iter()
+                .zip(self.projs.iter().zip(self.kinds))
+                .all(|(m, (p, kind))| {
+                    m.rows() == p.rows
+                        && m.cols() == p.cols
+                        && m.params() == p.params
+                        && m.kind() == kind
+                })
+        })
+    }
+
     /// `Σ_e w_e · expert_e(x)` for `x` `[1, H]` (f32, this device) in two launches, plus the
     /// `shared` expert's output (its gate, up and down matrices) when it has the routed
     /// experts' form: `(output, whether the shared expert is in it)`. `None` where the fused
@@ -134,59 +243,18 @@ impl DevicePacked {
         let Some(&(first, _)) = experts.first() else {
             return Ok(None);
         };
-        let fits = |p: &super::QuantProj| {
-            crate::weights::cuda::fits(p.params.bits, p.params.group_size, p.cols)
-        };
-        let [gate, up, down] = first.projs;
-        if experts.len() > MAX_K
-            || !experts.iter().all(|(p, _)| p.fused && first.same_form(p))
-            || !first.projs.iter().all(fits)
-            || gate.params != up.params
-            || gate.rows != up.rows
-            || down.cols != gate.rows
-            || down.rows != gate.cols
-        {
+        if experts.len() > MAX_K || !Self::fusable(first, experts.iter().map(|(p, _)| *p)) {
             return Ok(None);
         }
-        // The shared expert joins the launch when each of its matrices has the routed
-        // projection's shape, quantization and scale type.
-        let shared = shared.filter(|mats| {
-            mats.iter()
-                .zip(first.projs.iter().zip(first.kinds))
-                .all(|(m, (p, kind))| {
-                    m.rows() == p.rows
-                        && m.cols() == p.cols
-                        && m.params() == p.params
-                        && m.kind() == kind
-                })
-        });
-        let (inter, hidden) = (gate.rows, gate.cols);
+        let shared = first.shared_fits(shared);
         let entries = experts.len() + usize::from(shared.is_some());
-        let k = entries as u32;
-        let x = x.contiguous()?;
-        let (st, layout) = x.storage_and_layout();
-        let Storage::Cuda(cs) = &*st else {
-            return Err(Error::Input(
-                "internal: expert input is not on the GPU".into(),
-            ));
-        };
-        let xs = cs.as_cuda_slice::<f32>()?;
-        let xv = xs.slice(layout.start_offset()..layout.start_offset() + hidden);
         let stream = first.dev.cuda_stream();
         // The compute stream waits for each expert's upload; the guards record the reads.
-        let mut table = Table {
-            gate: [Packed::default(); ENTRIES],
-            up: [Packed::default(); ENTRIES],
-            down: [Packed::default(); ENTRIES],
-            w: [0.0; ENTRIES],
-        };
+        let mut table = Table::default();
         let mut guards = Vec::with_capacity(entries);
         for (i, (p, w)) in experts.iter().enumerate() {
             let (ptr, guard) = p.buf.device_ptr(&stream);
-            let o = p.offs;
-            table.gate[i] = Packed::at(ptr, [o[0], o[1], o[2]]);
-            table.up[i] = Packed::at(ptr, [o[3], o[4], o[5]]);
-            table.down[i] = Packed::at(ptr, [o[6], o[7], o[8]]);
+            [table.gate[i], table.up[i], table.down[i]] = p.packed_at(ptr);
             table.w[i] = *w;
             guards.push(guard);
         }
@@ -203,25 +271,67 @@ impl DevicePacked {
             }
             table.w[i] = 1.0;
         }
+        let y = first.launch_fused(x, entries, Entries::Value(&table))?;
+        drop((guards, shared_guards));
+        Ok(y.map(|y| (y, shared.is_some())))
+    }
+
+    /// The addresses of gate, up and down in this expert's buffer at device address `base`.
+    pub(super) fn packed_at(&self, base: u64) -> [Packed; 3] {
+        let o = self.offs;
+        [
+            Packed::at(base, [o[0], o[1], o[2]]),
+            Packed::at(base, [o[3], o[4], o[5]]),
+            Packed::at(base, [o[6], o[7], o[8]]),
+        ]
+    }
+
+    /// The two fused launches over `entries` entries of `table`, each of this expert's form
+    /// (checked by the caller), on `x` `[1, H]`; `None` where the kernels failed to compile.
+    pub(super) fn launch_fused(
+        &self,
+        x: &Tensor,
+        entries: usize,
+        table: Entries<'_>,
+    ) -> Result<Option<Tensor>> {
+        let [gate, _, down] = self.projs;
+        let (inter, hidden) = (gate.rows, gate.cols);
+        let k = entries as u32;
+        let x = x.contiguous()?;
+        let (st, layout) = x.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else {
+            return Err(Error::Input(
+                "internal: expert input is not on the GPU".into(),
+            ));
+        };
+        let xs = cs.as_cuda_slice::<f32>()?;
+        let xv = xs.slice(layout.start_offset()..layout.start_offset() + hidden);
+        let stream = self.dev.cuda_stream();
+        let Some(f) = kernels(&self.dev) else {
+            return Ok(None);
+        };
         // SAFETY (both allocations): every element is written by a kernel before it is read.
         let mut act: CudaSlice<f32> =
             unsafe { stream.alloc(entries * inter) }.map_err(|e| driver("allocation", e))?;
         let mut y: CudaSlice<f32> =
             unsafe { stream.alloc(hidden) }.map_err(|e| driver("allocation", e))?;
-        let [gk, uk, dk] = first.kinds;
+        let [gk, uk, dk] = self.kinds;
         let (rows_i, cols_h) = (inter as u32, hidden as u32);
         let (bits, group) = (gate.params.bits as u32, gate.params.group_size as u32);
-        let Some((gate_up_kernel, down_kernel)) = kernels(&first.dev) else {
-            return Ok(None);
-        };
         let cfg = |rows: usize, cols: usize| LaunchConfig {
             grid_dim: (crate::weights::cuda::row_blocks(rows), 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: crate::weights::cuda::x_bytes(cols) as u32,
         };
-        let mut b = stream.launch_builder(gate_up_kernel);
-        b.arg(&table)
-            .arg(&k)
+        let mut b = match &table {
+            Entries::Value(_) => stream.launch_builder(f.gate_up),
+            Entries::Device(_) => stream.launch_builder(f.gate_up_at),
+        };
+        match &table {
+            Entries::Value(t) => b.arg(*t),
+            Entries::Device(t) => b.arg(*t),
+        };
+        b.arg(&k)
             .arg(&gk)
             .arg(&uk)
             .arg(&xv)
@@ -231,8 +341,8 @@ impl DevicePacked {
             .arg(&bits)
             .arg(&group);
         // SAFETY: each block copies the `hidden` inputs of `x` into the shared memory sized for
-        // them; each warp reads packed rows of gate and up of an entry (shapes checked equal
-        // for every entry above) and writes elements of `act` (`entries · inter`).
+        // them; each warp reads packed rows of gate and up of an entry (every entry of this
+        // expert's form, checked by the caller) and writes elements of `act` (`entries · inter`).
         unsafe { b.launch(cfg(entries * inter, hidden)) }
             .map_err(|e| driver("fused gate·up kernel", e))?;
         let (dbits, dgroup) = (down.params.bits as u32, down.params.group_size as u32);
@@ -240,9 +350,15 @@ impl DevicePacked {
         let stride = crate::weights::cuda::x_bytes(inter).div_ceil(16) * 4;
         let per = (crate::weights::cuda::SHARED_MAX / (4 * stride)).clamp(1, entries);
         let (per_u, stride_u) = (per as u32, stride as u32);
-        let mut b = stream.launch_builder(down_kernel);
-        b.arg(&table)
-            .arg(&k)
+        let mut b = match &table {
+            Entries::Value(_) => stream.launch_builder(f.down),
+            Entries::Device(_) => stream.launch_builder(f.down_at),
+        };
+        match &table {
+            Entries::Value(t) => b.arg(*t),
+            Entries::Device(t) => b.arg(*t),
+        };
+        b.arg(&k)
             .arg(&per_u)
             .arg(&stride_u)
             .arg(&dk)
@@ -253,14 +369,14 @@ impl DevicePacked {
             .arg(&dbits)
             .arg(&dgroup);
         // SAFETY: each block copies `per` entries' `inter` activations at a time into the
-        // shared memory sized for them (`stride` floats each, at least `x_bytes(inter)`); each warp reads packed rows of every entry's down projection
-        // and writes elements of `y` (`hidden`), each row by the same warp for every entry.
+        // shared memory sized for them (`stride` floats each, at least `x_bytes(inter)`); each
+        // warp reads packed rows of every entry's down projection and writes elements of `y`
+        // (`hidden`), each row by the same warp for every entry.
         let down_cfg = LaunchConfig {
             shared_mem_bytes: (4 * stride * per) as u32,
             ..cfg(hidden, inter)
         };
         unsafe { b.launch(down_cfg) }.map_err(|e| driver("fused down kernel", e))?;
-        drop((guards, shared_guards));
-        Ok(Some((first.wrap(y, (1, hidden)), shared.is_some())))
+        Ok(Some(self.wrap(y, (1, hidden))))
     }
 }

@@ -499,8 +499,12 @@ pub fn keep_pool_memory(device: &Device) {
 
 #[cfg(feature = "cuda")]
 pub use cuda::DevicePacked;
+#[cfg(feature = "cuda")]
+pub use routed::{ResidentLayer, RouteRule};
 
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
 mod fused;
+#[cfg(feature = "cuda")]
+mod routed;

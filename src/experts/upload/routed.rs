@@ -1,0 +1,400 @@
+//! A decode token's routes chosen on the GPU, for MoE layers whose routed experts are all
+//! resident in the fused form (CUDA).
+//!
+//! On the host path every MoE layer copies its router logits to the host, so the GPU idles
+//! while the host selects the experts and launches their kernels. Here `moe_route` (one warp)
+//! applies the router's selection rule to the logits on the device and writes the chosen
+//! experts' addresses into the layer's launch table in device memory, which the fused expert
+//! kernels then read (`moe_gate_up_at`, `moe_down_at`): the host never waits inside a token.
+//! The ids and weights also go to a buffer the caller copies back once per token, for the
+//! cache's bookkeeping and the trace. This is only sound where every expert a router may pick
+//! is resident (so the step only hits and the cache's state does not depend on when the host
+//! learns the route); the caller checks that.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::{Storage, Tensor};
+
+use super::cuda::{driver, DevicePacked};
+use super::fused::{kernels, Entries, Table, MAX_EXPERTS, MAX_K};
+use crate::error::{Error, Result};
+use crate::experts::store::{ExpertMats, ExpertWeights};
+use crate::weights::cuda::{DeviceMatrix, Packed};
+
+pub(super) const ROUTE_SRC: &str = r#"
+// Whether (v, i) ranks before (bv, bi): larger value first, lower index first on ties; an
+// empty candidate (index 0xffffffff) ranks last (the host's `top_k`).
+__device__ __forceinline__ bool before(float v, unsigned int i, float bv, unsigned int bi) {
+return bi == 0xffffffffu || (i != 0xffffffffu && (v > bv || (v == bv && i < bi)));
+}
+
+// One token's routes from its router logits (one warp, n <= 1024 experts, k <= 16):
+// kind 0: softmax, top-k of the probabilities (renormalised when `norm`); kind 1: top-k, then
+// their probabilities renormalised (Mixtral); kind 2: sigmoid scores, top-k of score + bias
+// within the `topk_group` groups of the largest top-2 sums (DeepSeek-V3), weights the scores
+// (renormalised when `norm`) times `scale`. Writes ids to out[0..k], weight bits to
+// out[k..2k], and, when `launch` is set, the chosen experts' addresses (3 per expert in
+// `table`) and weights into entries 0..k of the fused kernels' table.
+extern "C" __global__ void moe_route(
+const float* logits, unsigned int n, unsigned int k, unsigned int kind, unsigned int norm,
+const float* bias, unsigned int n_group, unsigned int topk_group, float scale,
+unsigned int* out, const Packed* table, Experts* launch) {
+extern __shared__ float sm[];
+float* sel = sm;
+float* src = sm + n;
+__shared__ unsigned int ids[16];
+__shared__ float gs[64];
+__shared__ unsigned int keep[64];
+unsigned int lane = threadIdx.x;
+if (kind < 2u) {
+    float m = __int_as_float(0xff800000);
+    for (unsigned int i = lane; i < n; i += 32u) m = fmaxf(m, logits[i]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float s = 0.0f;
+    for (unsigned int i = lane; i < n; i += 32u) {
+        float e = expf(logits[i] - m);
+        src[i] = e;
+        s += e;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    for (unsigned int i = lane; i < n; i += 32u) {
+        float p = src[i] / s;
+        src[i] = p;
+        sel[i] = p;
+    }
+} else {
+    for (unsigned int i = lane; i < n; i += 32u) {
+        float c = 1.0f / (1.0f + expf(-logits[i]));
+        src[i] = c;
+        sel[i] = bias ? c + bias[i] : c;
+    }
+    __syncwarp();
+    unsigned int per = n / n_group;
+    for (unsigned int g = lane; g < n_group; g += 32u) {
+        float a = __int_as_float(0xff800000), b = __int_as_float(0xff800000);
+        for (unsigned int j = 0; j < per; ++j) {
+            float v = sel[g * per + j];
+            if (v > a) { b = a; a = v; } else if (v > b) b = v;
+        }
+        gs[g] = a + b;
+        keep[g] = 0u;
+    }
+    __syncwarp();
+    if (lane == 0u) {
+        for (unsigned int t = 0; t < topk_group; ++t) {
+            unsigned int best = 0xffffffffu;
+            float bv = 0.0f;
+            for (unsigned int g = 0; g < n_group; ++g)
+                if (!keep[g] && before(gs[g], g, bv, best)) { best = g; bv = gs[g]; }
+            keep[best] = 1u;
+        }
+    }
+    __syncwarp();
+    for (unsigned int i = lane; i < n; i += 32u)
+        if (!keep[i / per]) sel[i] = __int_as_float(0xff800000);
+}
+__syncwarp();
+for (unsigned int t = 0; t < k; ++t) {
+    float bv = 0.0f;
+    unsigned int bi = 0xffffffffu;
+    for (unsigned int i = lane; i < n; i += 32u) {
+        bool taken = false;
+        for (unsigned int u = 0; u < t; ++u) taken |= ids[u] == i;
+        if (!taken && before(sel[i], i, bv, bi)) { bv = sel[i]; bi = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        unsigned int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+    if (lane == 0u) ids[t] = bi;
+    __syncwarp();
+}
+if (lane == 0u) {
+    float w[16];
+    float s = 0.0f;
+    for (unsigned int t = 0; t < k; ++t) { w[t] = src[ids[t]]; s += w[t]; }
+    if (kind == 1u || (kind == 0u && norm))
+        for (unsigned int t = 0; t < k; ++t) w[t] = w[t] / s;
+    if (kind == 2u) {
+        if (norm) {
+            s += 1e-20f;
+            for (unsigned int t = 0; t < k; ++t) w[t] = w[t] / s;
+        }
+        for (unsigned int t = 0; t < k; ++t) w[t] = w[t] * scale;
+    }
+    for (unsigned int t = 0; t < k; ++t) {
+        out[t] = ids[t];
+        out[k + t] = __float_as_uint(w[t]);
+        if (launch) {
+            launch->gate[t] = table[3u * ids[t]];
+            launch->up[t] = table[3u * ids[t] + 1u];
+            launch->down[t] = table[3u * ids[t] + 2u];
+            launch->w[t] = w[t];
+        }
+    }
+}
+}
+"#;
+
+/// A router's selection rule as `moe_route` applies it (see `models::moe::Router::select`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteRule {
+    /// Softmax, top-k of the probabilities, renormalised when `norm`.
+    SoftmaxTopK {
+        /// Renormalise the chosen probabilities.
+        norm: bool,
+    },
+    /// Top-k of the logits, softmax over the chosen (Mixtral).
+    TopKSoftmax,
+    /// Sigmoid scores, top-k of score + bias within the best groups (DeepSeek-V3 `noaux_tc`).
+    SigmoidGroups {
+        /// Groups of experts.
+        n_group: usize,
+        /// Groups kept.
+        topk_group: usize,
+        /// Renormalise the chosen scores.
+        norm: bool,
+        /// Factor on the weights.
+        scale: f32,
+        /// The score correction bias, one per expert.
+        bias: Option<Vec<f32>>,
+    },
+}
+
+/// Every routed expert of one MoE layer, resident in the fused form, with the device tables
+/// `moe_route` reads (each expert's addresses) and writes (the fused launch's entries).
+pub struct ResidentLayer {
+    /// Held so their buffers outlive every kernel that reads them (see `Drop`).
+    experts: Vec<Arc<ExpertWeights>>,
+    table: CudaSlice<Packed>,
+    launch: CudaSlice<Table>,
+    bias: Option<CudaSlice<f32>>,
+    rule: RouteRule,
+    top_k: usize,
+    shared: bool,
+}
+
+impl std::fmt::Debug for ResidentLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResidentLayer")
+            .field("experts", &self.experts.len())
+            .field("rule", &self.rule)
+            .field("top_k", &self.top_k)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+fn packed(ew: &ExpertWeights) -> Option<&DevicePacked> {
+    match &ew.mats {
+        ExpertMats::DevicePacked(p) => Some(p),
+        _ => None,
+    }
+}
+
+impl ResidentLayer {
+    /// The tables for a layer whose experts are `experts` (every one resident: `Some`), with
+    /// the layer's shared expert (its gate, up and down matrices) and its router's `rule`
+    /// choosing `top_k`; `None` where the device cannot route this layer: an expert missing or
+    /// not in the fused form, forms that differ, more than [`MAX_K`] experts a token or
+    /// [`MAX_EXPERTS`] a layer, a grouping `moe_route` does not take, or kernels that failed to
+    /// compile.
+    pub fn build(
+        experts: &[Option<Arc<ExpertWeights>>],
+        shared: Option<[&DeviceMatrix; 3]>,
+        rule: &RouteRule,
+        top_k: usize,
+    ) -> Result<Option<Self>> {
+        let Some(held) = experts.iter().cloned().collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let Some(list) = held.iter().map(|e| packed(e)).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let n = list.len();
+        let groups_ok = match rule {
+            RouteRule::SigmoidGroups {
+                n_group,
+                topk_group,
+                bias,
+                ..
+            } => {
+                (1..=64).contains(n_group)
+                    && n.is_multiple_of(*n_group)
+                    && (1..=*n_group).contains(topk_group)
+                    && bias.as_ref().is_none_or(|b| b.len() == n)
+            }
+            _ => true,
+        };
+        let Some(&first) = list.first() else {
+            return Ok(None);
+        };
+        if !groups_ok
+            || top_k == 0
+            || top_k > MAX_K.min(n)
+            || n > MAX_EXPERTS
+            || !DevicePacked::fusable(first, list.iter().copied())
+            || kernels(&first.dev).is_none()
+        {
+            return Ok(None);
+        }
+        let stream = first.dev.cuda_stream();
+        // The compute stream waits for each expert's upload here, once.
+        let mut addrs = Vec::with_capacity(3 * n);
+        for p in &list {
+            let (base, _read) = p.buf.device_ptr(&stream);
+            addrs.extend(p.packed_at(base));
+        }
+        let table = stream
+            .clone_htod(&addrs)
+            .map_err(|e| driver("expert table upload", e))?;
+        let shared = first.shared_fits(shared);
+        let mut entries = Table::default();
+        if let Some(mats) = shared {
+            let slots = [
+                &mut entries.gate[top_k],
+                &mut entries.up[top_k],
+                &mut entries.down[top_k],
+            ];
+            for (slot, m) in slots.into_iter().zip(mats) {
+                *slot = m.packed(&stream).0;
+            }
+            entries.w[top_k] = 1.0;
+        }
+        let launch = stream
+            .clone_htod(&[entries])
+            .map_err(|e| driver("launch table upload", e))?;
+        let bias = match rule {
+            RouteRule::SigmoidGroups { bias: Some(b), .. } => Some(
+                stream
+                    .clone_htod(b)
+                    .map_err(|e| driver("router bias upload", e))?,
+            ),
+            _ => None,
+        };
+        Ok(Some(ResidentLayer {
+            experts: held,
+            table,
+            launch,
+            bias,
+            rule: rule.clone(),
+            top_k,
+            shared: shared.is_some(),
+        }))
+    }
+
+    /// Whether the tables were built from exactly these resident experts.
+    pub fn holds(&self, experts: &[Option<Arc<ExpertWeights>>]) -> bool {
+        experts.len() == self.experts.len()
+            && experts
+                .iter()
+                .zip(&self.experts)
+                .all(|(a, b)| a.as_ref().is_some_and(|a| Arc::ptr_eq(a, b)))
+    }
+
+    /// Whether the layer's shared expert runs in the fused launch.
+    pub fn shared_in_launch(&self) -> bool {
+        self.shared
+    }
+
+    /// Chooses one token's experts from its router `logits` `[1, E]` (f32, this device):
+    /// ids into `out[..k]`, weight bits into `out[k..2k]`; into the fused launch's table too
+    /// when `for_launch` (a lookahead prediction only needs the ids).
+    pub fn route(
+        &mut self,
+        logits: &Tensor,
+        out: &mut CudaViewMut<'_, u32>,
+        for_launch: bool,
+    ) -> Result<()> {
+        let n = self.experts.len();
+        let first = packed(&self.experts[0]).ok_or_else(|| {
+            Error::Input("internal: a resident layer holds an expert off the GPU".into())
+        })?;
+        let f = kernels(&first.dev).ok_or_else(|| {
+            Error::Input("internal: the router kernel is unavailable after it compiled".into())
+        })?;
+        if out.len() < 2 * self.top_k || logits.elem_count() != n {
+            return Err(Error::Input(format!(
+                "internal: router output of {} values for {n} experts, top-{}",
+                logits.elem_count(),
+                self.top_k
+            )));
+        }
+        let logits = logits.contiguous()?;
+        let (st, layout) = logits.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else {
+            return Err(Error::Input(
+                "internal: router logits are not on the GPU".into(),
+            ));
+        };
+        let ls = cs.as_cuda_slice::<f32>()?;
+        let lv = ls.slice(layout.start_offset()..layout.start_offset() + n);
+        let (kind, norm, n_group, topk_group, scale) = match &self.rule {
+            RouteRule::SoftmaxTopK { norm } => (0u32, *norm, 1, 1, 1.0f32),
+            RouteRule::TopKSoftmax => (1, false, 1, 1, 1.0),
+            RouteRule::SigmoidGroups {
+                n_group,
+                topk_group,
+                norm,
+                scale,
+                ..
+            } => (2, *norm, *n_group as u32, *topk_group as u32, *scale),
+        };
+        let (n_u, k_u, norm_u) = (n as u32, self.top_k as u32, u32::from(norm));
+        let null = 0u64;
+        let stream = first.dev.cuda_stream();
+        let mut b = stream.launch_builder(f.route);
+        b.arg(&lv).arg(&n_u).arg(&k_u).arg(&kind).arg(&norm_u);
+        match &self.bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&null),
+        };
+        b.arg(&n_group)
+            .arg(&topk_group)
+            .arg(&scale)
+            .arg(out)
+            .arg(&self.table);
+        if for_launch {
+            b.arg(&mut self.launch);
+        } else {
+            b.arg(&null);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: (8 * n) as u32,
+        };
+        // SAFETY: one warp reads the `n` logits and (kind 2) `n` biases, keeps two `n`-float
+        // arrays in the shared memory sized for them, reads table entries of the ids it chose
+        // (< n, 3 each), writes `2k` values of `out` (checked above) and entries below k ≤ 16
+        // of the launch table.
+        unsafe { b.launch(cfg) }.map_err(|e| driver("router kernel", e))?;
+        Ok(())
+    }
+
+    /// The routed experts `moe_route` chose last for this layer (and the shared expert when
+    /// it is in the launch) on `x` `[1, H]`, in the two fused launches.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let first = packed(&self.experts[0]).ok_or_else(|| {
+            Error::Input("internal: a resident layer holds an expert off the GPU".into())
+        })?;
+        let entries = self.top_k + usize::from(self.shared);
+        first
+            .launch_fused(x, entries, Entries::Device(&self.launch))?
+            .ok_or_else(|| {
+                Error::Input("internal: the fused expert kernels are unavailable".into())
+            })
+    }
+}
+
+impl Drop for ResidentLayer {
+    fn drop(&mut self) {
+        // Kernels queued on the compute stream read these experts' buffers through the table
+        // without recording it: they finish before the experts can be freed.
+        let _ = self.table.stream().synchronize();
+    }
+}

@@ -1,0 +1,45 @@
+//! Builds without CUDA route every token on the host (see `device_routing.rs`).
+
+use super::moe::{ExpertAccess, MoeBlock};
+use super::{Model, Routing};
+use crate::error::Result;
+use candle_core::Tensor;
+
+/// Nothing to hold without CUDA.
+#[derive(Debug, Default)]
+pub(super) struct DeviceRoutes;
+
+/// A decode token routed on the device: none without CUDA.
+pub(super) enum Session {}
+
+impl Model {
+    /// Always `None` without CUDA.
+    pub(super) fn device_session(
+        &self,
+        _n_tokens: usize,
+        _pos0: usize,
+        _access: &dyn ExpertAccess,
+    ) -> Result<Option<Session>> {
+        Ok(None)
+    }
+}
+
+impl Session {
+    pub(super) fn route(
+        &mut self,
+        _layer: usize,
+        _moe: &MoeBlock,
+        _x: &Tensor,
+        _next: Option<(usize, Tensor)>,
+    ) -> Result<()> {
+        match *self {}
+    }
+
+    pub(super) fn experts(&self, _layer: usize, _moe: &MoeBlock, _x: &Tensor) -> Result<Tensor> {
+        match *self {}
+    }
+
+    pub(super) fn finish(self, _access: &mut dyn ExpertAccess, _pos0: usize) -> Result<Routing> {
+        match self {}
+    }
+}
