@@ -12,7 +12,8 @@ Every run must say on stderr that it ran on the device asked for (`device: cuda:
 forms asked for (`experts fused, attention fused, dense packed` by default), and no fused kernel may
 have fallen back: a run that says otherwise counts as a failure, so a CPU result can never pass for
 a GPU one, nor a fallback for the fused kernels.
-Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu]  (prints one line per run, exits 1 on a mismatch)."""
+Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu] [NAME_PART]  (fixtures whose name contains
+NAME_PART only; prints one line per run, exits 1 on a mismatch)."""
 import json
 import pathlib
 import subprocess
@@ -40,12 +41,13 @@ def fused_form(d):
 
 harness = sys.argv[1]
 device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
+only = sys.argv[3] if len(sys.argv) > 3 else ""
 tol = 1e-4
 bad = 0
 root = pathlib.Path("tests/fixtures/models")
 for d in sorted(root.iterdir()):
     ref = d / "reference.json"
-    if not ref.exists() or "dense" in d.name:
+    if not ref.exists() or "dense" in d.name or only not in d.name:
         continue
     meta = json.loads(ref.read_text())
     want = load_file(str(d / "reference.safetensors"))["logits"].astype(np.float64)

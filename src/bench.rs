@@ -147,7 +147,9 @@ pub struct BenchReport {
     pub device: String,
     /// CPU compute threads of the products (1 on a GPU).
     pub compute_threads: usize,
-    /// Kernel kind and SIMD form of the products (`int8/avx2`, `exact/neon`, `gpu`).
+    /// Kernel kind and SIMD form of the products (`int8/avx2`, `exact/neon`, `gpu/…`), as the
+    /// engine's label read when the run ended (so it counts every cell's fallbacks and tokens
+    /// routed on the device).
     pub kernels: String,
     /// `router`, or the replayed trace and cell.
     pub routing: String,
@@ -368,6 +370,8 @@ pub fn bench(
         progress(&row);
         report.rows.push(row);
     }
+    // The label as the run ends: what every cell ran (fallbacks, tokens routed on the device).
+    report.kernels = engine.kernels_label();
     Ok(report)
 }
 
@@ -661,7 +665,11 @@ pub fn format_report(r: &BenchReport) -> String {
     }
     let parts = crate::models::profile::PARTS.iter().chain(&["total"]);
     if r.rows.iter().any(|row| row.decode_ms_by_part.is_some()) {
-        out.push_str("decode ms per token by part (a second, profiled pass: the device synchronized at every part boundary)\n");
+        out.push_str(if crate::models::profile::host_only() {
+            "decode ms per token by part (a second, profiled pass: host time issuing each part, the device not synchronized: HARNESS_PROFILE_HOST)\n"
+        } else {
+            "decode ms per token by part (a second, profiled pass: the device synchronized at every part boundary)\n"
+        });
         out.push_str(&format!("{:<18}", "cell"));
         for p in parts.clone() {
             out.push_str(&format!(" {p:>9}"));

@@ -520,6 +520,7 @@ impl Model {
         Clock::mark(&mut clock, Part::LmHead)?;
         if let Some(s) = session {
             routing = s.finish(access, pos0)?;
+            Clock::mark(&mut clock, Part::Wait)?;
         }
         if let Some(c) = clock {
             self.profile

@@ -1,13 +1,14 @@
 //! The routed experts of one decode token in two launches (CUDA, packed MLX experts).
 //!
 //! `moe_gate_up` computes `silu(gate·x) · (up·x)` for every row of every routed expert (one
-//! warp per row), `moe_down` every output row of `Σ_e w_e · down_e·act_e` (one warp per row,
-//! experts added in router order, then the layer's shared expert with weight 1 when it has the
-//! routed experts' form: HF's `routed + shared`), with the shared packed row product of
-//! [`crate::weights::cuda`] (`s·Σq·x + b·Σx` per chunk, 16-byte loads). The experts'
-//! buffers travel to the kernels by value in a table of device addresses (no upload, no
-//! allocation beyond the two activation vectors), so the launch count of a token's experts
-//! no longer grows with top-k: 2 launches instead of about nine per expert.
+//! warp per row), `moe_down` every output row of `Σ_e w_e · down_e·act_e` (a block per tile of
+//! rows and entry, the tile's last block adding the entries in router order, then the layer's
+//! shared expert with weight 1 when it has the routed experts' form: HF's `routed + shared`),
+//! with the shared packed row product of [`crate::weights::cuda`] (`s·Σq·x + b·Σx` per chunk,
+//! 16-byte loads). The experts' buffers travel to the kernels in a table of device addresses,
+//! by value or (routes chosen on the device, [`super::routed`]) in device memory: no upload, no
+//! allocation beyond the activation vectors, so the launch count of a token's experts does not
+//! grow with top-k: 2 launches instead of about nine per expert.
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -48,32 +49,44 @@ for (unsigned int i = blockIdx.x * nw + warp; i < k * rows; i += gridDim.x * nw)
 }
 }
 
-// y[r] = sum over e < k, in order, of w_e * (down_e[r]·act_e): one warp per row in a
-// grid-stride loop (the same rows for every entry); the activations of `per` entries at a time
-// sit in shared memory (`stride` floats apart), so a warp runs its row through all of them
-// without waiting for the block.
+// y[r] = sum over e < k, in order, of w_e * (down_e[r]·act_e). Block (tile, e) holds entry
+// e's activations in shared memory and runs rows tile·nw .. tile·nw + nw of its down projection,
+// one warp a row, into part[e · rows + r]; the block that completes a tile last (a counter per
+// tile, returned to 0 for the next launch) adds the entries' products in router order with
+// the weights. So every entry of a row is in flight at once (k times the warps of one block per
+// row tile) while each block copies only its own entry's activations.
 __device__ __forceinline__ void down(
-const Experts& t, unsigned int k, unsigned int per, unsigned int stride, unsigned int d_kind,
-const float* act, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
+const Experts& t, unsigned int k, unsigned int d_kind, const float* act, float* part,
+unsigned int* done, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
 unsigned int group) {
 extern __shared__ float xs[];
+__shared__ unsigned int last;
 unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x / 32u;
-for (unsigned int e0 = 0; e0 < k; e0 += per) {
-    unsigned int n = min(per, k - e0);
-    for (unsigned int j = 0; j < n; ++j)
-        load_x(xs + j * stride, act + (unsigned long long)(e0 + j) * cols, cols);
-    __syncthreads();
-    for (unsigned int r = blockIdx.x * nw + warp; r < rows; r += gridDim.x * nw) {
-        float acc = e0 == 0 ? 0.0f : y[r];
-        for (unsigned int j = 0; j < n; ++j) {
-            unsigned int e = e0 + j;
-            float d = dot(bits, t.down[e], d_kind, xs + j * stride, r, cols, group, lane);
-            acc = e == 0 ? __fmul_rn(d, t.w[0]) : __fadd_rn(acc, __fmul_rn(d, t.w[e]));
-        }
-        if (lane == 0) y[r] = acc;
-    }
-    __syncthreads();
+unsigned int tile = blockIdx.x, e = blockIdx.y;
+load_x(xs, act + (unsigned long long)e * cols, cols);
+__syncthreads();
+unsigned int r = tile * nw + warp;
+if (r < rows) {
+    float d = dot(bits, t.down[e], d_kind, xs, r, cols, group, lane);
+    if (lane == 0) part[(unsigned long long)e * rows + r] = d;
 }
+__threadfence();
+__syncthreads();
+if (threadIdx.x == 0) last = atomicAdd(done + tile, 1u) == k - 1u;
+__syncthreads();
+if (!last) return;
+if (threadIdx.x < nw) {
+    unsigned int row = tile * nw + threadIdx.x;
+    if (row < rows) {
+        float acc = 0.0f;
+        for (unsigned int j = 0; j < k; ++j) {
+            float d = __ldcg(part + (unsigned long long)j * rows + row);
+            acc = j == 0 ? __fmul_rn(d, t.w[0]) : __fadd_rn(acc, __fmul_rn(d, t.w[j]));
+        }
+        y[row] = acc;
+    }
+}
+if (threadIdx.x == 0) done[tile] = 0u;
 }
 
 // The entries by value (routes chosen on the host) ...
@@ -83,10 +96,10 @@ float* act, unsigned int rows, unsigned int cols, unsigned int bits, unsigned in
 gate_up(t, k, g_kind, u_kind, x, act, rows, cols, bits, group);
 }
 extern "C" __global__ void moe_down(
-const Experts t, unsigned int k, unsigned int per, unsigned int stride, unsigned int d_kind,
-const float* act, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
+const Experts t, unsigned int k, unsigned int d_kind, const float* act, float* part,
+unsigned int* done, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
 unsigned int group) {
-down(t, k, per, stride, d_kind, act, y, rows, cols, bits, group);
+down(t, k, d_kind, act, part, done, y, rows, cols, bits, group);
 }
 // ... or in device memory, where `moe_route` wrote them (routes chosen on the device).
 extern "C" __global__ void moe_gate_up_at(
@@ -95,10 +108,10 @@ float* act, unsigned int rows, unsigned int cols, unsigned int bits, unsigned in
 gate_up(*t, k, g_kind, u_kind, x, act, rows, cols, bits, group);
 }
 extern "C" __global__ void moe_down_at(
-const Experts* t, unsigned int k, unsigned int per, unsigned int stride, unsigned int d_kind,
-const float* act, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
+const Experts* t, unsigned int k, unsigned int d_kind, const float* act, float* part,
+unsigned int* done, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
 unsigned int group) {
-down(*t, k, per, stride, d_kind, act, y, rows, cols, bits, group);
+down(*t, k, d_kind, act, part, done, y, rows, cols, bits, group);
 }
 "#;
 
@@ -179,6 +192,25 @@ pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
 
 /// Threads per block of both kernels (8 warps).
 const BLOCK: u32 = 256;
+
+/// The per-tile counters of `moe_down` (zero between launches: the last block of each tile
+/// returns its counter to 0), at least `tiles` of them, kept for the process (one device; its
+/// launches are ordered on the one compute stream).
+fn tile_counters(
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    tiles: usize,
+) -> Result<std::sync::MutexGuard<'static, Option<CudaSlice<u32>>>> {
+    static COUNTERS: std::sync::Mutex<Option<CudaSlice<u32>>> = std::sync::Mutex::new(None);
+    let mut c = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    if c.as_ref().is_none_or(|c| c.len() < tiles) {
+        *c = Some(
+            stream
+                .alloc_zeros::<u32>(tiles.max(1024))
+                .map_err(|e| driver("allocation", e))?,
+        );
+    }
+    Ok(c)
+}
 
 impl DevicePacked {
     /// Whether this expert runs in the fused kernels (`--gpu-experts fused`).
@@ -346,10 +378,15 @@ impl DevicePacked {
         unsafe { b.launch(cfg(entries * inter, hidden)) }
             .map_err(|e| driver("fused gate·up kernel", e))?;
         let (dbits, dgroup) = (down.params.bits as u32, down.params.group_size as u32);
-        // As many entries' activations per pass as shared memory holds.
-        let stride = crate::weights::cuda::x_bytes(inter).div_ceil(16) * 4;
-        let per = (crate::weights::cuda::SHARED_MAX / (4 * stride)).clamp(1, entries);
-        let (per_u, stride_u) = (per as u32, stride as u32);
+        let warps = (BLOCK / 32) as usize;
+        let tiles = hidden.div_ceil(warps);
+        // SAFETY: every element is written by a kernel before it is read.
+        let mut part: CudaSlice<f32> =
+            unsafe { stream.alloc(entries * hidden) }.map_err(|e| driver("allocation", e))?;
+        let mut done_guard = tile_counters(&stream, tiles)?;
+        let done = done_guard
+            .as_mut()
+            .ok_or_else(|| Error::Input("internal: no tile counters".into()))?;
         let mut b = match &table {
             Entries::Value(_) => stream.launch_builder(f.down),
             Entries::Device(_) => stream.launch_builder(f.down_at),
@@ -359,24 +396,26 @@ impl DevicePacked {
             Entries::Device(t) => b.arg(*t),
         };
         b.arg(&k)
-            .arg(&per_u)
-            .arg(&stride_u)
             .arg(&dk)
             .arg(&act)
+            .arg(&mut part)
+            .arg(done)
             .arg(&mut y)
             .arg(&cols_h)
             .arg(&rows_i)
             .arg(&dbits)
             .arg(&dgroup);
-        // SAFETY: each block copies `per` entries' `inter` activations at a time into the
-        // shared memory sized for them (`stride` floats each, at least `x_bytes(inter)`); each
-        // warp reads packed rows of every entry's down projection and writes elements of `y`
-        // (`hidden`), each row by the same warp for every entry.
+        // SAFETY: block (tile, e) copies entry e's `inter` activations into the shared memory
+        // sized for them, each warp reads one packed row of entry e's down projection and writes
+        // `part[e · hidden + row]` (`entries · hidden`); the tile's last block reads the tile's
+        // `entries` partial products (written before the counter, `__threadfence`), writes
+        // `y` (`hidden`) and returns the tile's counter (`tiles` of them) to 0.
         let down_cfg = LaunchConfig {
-            shared_mem_bytes: (4 * stride * per) as u32,
+            grid_dim: (tiles as u32, k, 1),
             ..cfg(hidden, inter)
         };
         unsafe { b.launch(down_cfg) }.map_err(|e| driver("fused down kernel", e))?;
+        drop(done_guard);
         Ok(Some(self.wrap(y, (1, hidden))))
     }
 }
