@@ -5,6 +5,7 @@
 
 mod access;
 mod device;
+mod forward;
 mod logits;
 mod replay;
 mod sampler;
@@ -12,8 +13,6 @@ mod sampler;
 pub use device::{describe, gpu_memory, Backend};
 pub use replay::Replay;
 pub use sampler::Sampler;
-
-use access::Access;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,14 +23,13 @@ use candle_core::Device;
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 use crate::experts::budget::Budget;
-use crate::experts::cache::{CacheCore, CacheOptions, CacheStats, StepOutcome};
+use crate::experts::cache::{CacheCore, CacheOptions, CacheStats};
 use crate::experts::loader::{LoadStats, Loader};
 use crate::experts::policies::FrequencyProfile;
 use crate::experts::policies::PolicySpec;
 use crate::experts::store::{ExpertStore, ExpertWeights, OpenCheckpoint};
 use crate::experts::upload::{GpuExperts, TransferStats};
 use crate::experts::ExpertKey;
-use crate::experts::Phase;
 use crate::models::layers::rows;
 use crate::models::{GpuAttention, GpuDense, GpuRouting, KvCache, Model, Routing};
 use crate::trace::TraceRow;
@@ -484,105 +482,6 @@ impl Engine {
             transfer: self.store.transfer_stats(),
             low_bit_bytes: self.low.as_ref().map_or(0, |(_, s)| s.bytes_read()),
         }
-    }
-
-    /// One forward call over `tokens` after what `kv` holds.
-    pub fn forward(
-        &mut self,
-        tokens: &[u32],
-        kv: &mut KvCache,
-        step: u32,
-        last_only: bool,
-    ) -> Result<(Vec<Vec<f32>>, Routing)> {
-        let record = self.cfg.record_trace;
-        let (logits, routing) = self.with_access(step, record, |model, access| {
-            model.forward(tokens, kv, access, last_only)
-        })?;
-        Ok((rows(&logits)?, routing))
-    }
-
-    /// Runs `f` with the model and the cache's [`Access`] for forward step `step` (0: the
-    /// prefill), writing trace rows when `record`. On the CPU it runs in the compute context
-    /// (kernels, threads); a GPU's calls stay on this thread, where its CUDA context is current.
-    fn with_access<R: Send>(
-        &mut self,
-        step: u32,
-        record: bool,
-        f: impl FnOnce(&Model, &mut Access<'_>) -> Result<R> + Send,
-    ) -> Result<R> {
-        let phase = if step == 0 {
-            Phase::Prefill
-        } else {
-            Phase::Decode
-        };
-        let Engine {
-            model,
-            store,
-            loader,
-            core,
-            payload,
-            cfg,
-            trace,
-            load_time,
-            prompt,
-            replay,
-            low,
-            compute,
-            ..
-        } = self;
-        let mut access = Access {
-            store,
-            low: low.as_ref().map(|(_, s)| &**s),
-            loader,
-            core,
-            payload,
-            cfg,
-            trace: record.then_some(trace),
-            load_time,
-            prompt: *prompt,
-            step,
-            phase,
-            replay: replay.as_ref(),
-            cur: None,
-            pending: Vec::new(),
-            outcome: StepOutcome::default(),
-        };
-        if model.device().is_cpu() {
-            kernels::with(compute, || f(model, &mut access))
-        } else {
-            f(model, &mut access)
-        }
-    }
-
-    /// Loads every routed expert of the model into the cache, as prefill steps that choose all
-    /// experts of a layer (not traced): the all-resident state, in which a GPU routes decode
-    /// tokens on the device. Needs an unlimited budget.
-    pub fn load_all_experts(&mut self) -> Result<()> {
-        if self.cfg.budget != Budget::Unlimited {
-            return Err(Error::Input(format!(
-                "loading every expert needs an unlimited cache budget, not {:?} (drop \
-                 --capacity / --budget)",
-                self.cfg.budget
-            )));
-        }
-        let n = self.model.spec.moe.num_experts;
-        use crate::models::moe::{ExpertAccess, Route};
-        let route = Route {
-            experts: (0..n as u32).collect(),
-            weights: vec![1.0 / n as f32; n],
-        };
-        let layers = self.model.spec.moe.moe_layers.clone();
-        self.with_access(0, false, |_, access| {
-            for &l in &layers {
-                let layer = l as u32;
-                access.begin_step(layer, 0, &route, None)?;
-                for &expert in &route.experts {
-                    access.fetch(ExpertKey { layer, expert })?;
-                }
-                access.end_step(&route)?;
-            }
-            Ok(())
-        })
     }
 
     /// Refuses a sequence of `prompt` tokens plus `new_tokens` generated ones that the model is

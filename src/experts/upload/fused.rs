@@ -151,6 +151,26 @@ pub(super) enum Entries<'a> {
     Device(&'a CudaSlice<Table>),
 }
 
+impl Entries<'_> {
+    /// A launch of `by_value` or `at`, as the entries travel, with them as its first argument.
+    fn launch<'a>(
+        &'a self,
+        stream: &'a std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+        by_value: &'a CudaFunction,
+        at: &'a CudaFunction,
+    ) -> candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a> {
+        let mut b = match self {
+            Entries::Value(_) => stream.launch_builder(by_value),
+            Entries::Device(_) => stream.launch_builder(at),
+        };
+        match self {
+            Entries::Value(t) => b.arg(*t),
+            Entries::Device(t) => b.arg(*t),
+        };
+        b
+    }
+}
+
 static KERNELS: crate::weights::cuda::KernelSet = crate::weights::cuda::KernelSet::new();
 
 /// The fused expert kernels and the router kernel of one module.
@@ -355,14 +375,7 @@ impl DevicePacked {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: crate::weights::cuda::x_bytes(cols) as u32,
         };
-        let mut b = match &table {
-            Entries::Value(_) => stream.launch_builder(f.gate_up),
-            Entries::Device(_) => stream.launch_builder(f.gate_up_at),
-        };
-        match &table {
-            Entries::Value(t) => b.arg(*t),
-            Entries::Device(t) => b.arg(*t),
-        };
+        let mut b = table.launch(&stream, f.gate_up, f.gate_up_at);
         b.arg(&k)
             .arg(&gk)
             .arg(&uk)
@@ -387,14 +400,7 @@ impl DevicePacked {
         let done = done_guard
             .as_mut()
             .ok_or_else(|| Error::Input("internal: no tile counters".into()))?;
-        let mut b = match &table {
-            Entries::Value(_) => stream.launch_builder(f.down),
-            Entries::Device(_) => stream.launch_builder(f.down_at),
-        };
-        match &table {
-            Entries::Value(t) => b.arg(*t),
-            Entries::Device(t) => b.arg(*t),
-        };
+        let mut b = table.launch(&stream, f.down, f.down_at);
         b.arg(&k)
             .arg(&dk)
             .arg(&act)
