@@ -15,6 +15,7 @@ use std::sync::MutexGuard;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{Device, Tensor};
 
+use super::layers::Mlp;
 use super::moe::{ExpertAccess, MoeBlock, Route};
 use super::{Ffn, Model, Routing};
 use crate::error::{Error, Result};
@@ -90,7 +91,8 @@ impl Model {
             // Dropping the old tables waits for the kernels that read them.
             state.layers[i] = None;
             let rule = moe.router.rule();
-            match ResidentLayer::build(held, moe.fusable_shared(), &rule, moe.router.top_k())? {
+            let shared = moe.fusable_shared().and_then(Mlp::device_matrices);
+            match ResidentLayer::build(held, shared, &rule, self.spec.moe.top_k)? {
                 Some(t) => state.layers[i] = Some(t),
                 None => return Ok(None),
             }

@@ -123,11 +123,6 @@ impl Router {
         }
     }
 
-    /// Experts chosen per token.
-    pub fn top_k(&self) -> usize {
-        self.top_k
-    }
-
     /// Routes every row of `x` `[T, H]`.
     pub fn route(&self, x: &Tensor) -> Result<Vec<Route>> {
         let logits = rows(&self.gate.forward(x)?)?;
@@ -345,10 +340,7 @@ impl MoeBlock {
         // A single decode token on a GPU: the shared expert may join the routed experts' fused
         // launches (HF's `routed + shared` in one sum).
         let mut shared_done = false;
-        let fusable_shared = match (&self.shared, &self.shared_gate) {
-            (Some(s), None) if routes.len() == 1 => Some(s),
-            _ => None,
-        };
+        let fusable_shared = self.fusable_shared().filter(|_| routes.len() == 1);
         for (t, route) in routes.iter().enumerate() {
             let xt = x.narrow(0, t, 1)?;
             let pred = predictions.map(|(l, p)| (l, p[t].experts.as_slice()));
@@ -431,12 +423,11 @@ impl MoeBlock {
         self.add_shared(routed, x, shared_done)
     }
 
-    /// The shared expert's matrices on the GPU when it can join the routed experts' fused
-    /// launch: an ungated shared expert, packed on the device.
-    #[cfg(feature = "cuda")]
-    pub fn fusable_shared(&self) -> Option<[&crate::weights::cuda::DeviceMatrix; 3]> {
+    /// The shared expert when it may join the routed experts' fused launch (an ungated one;
+    /// its matrices must also be packed on the GPU: `Mlp::device_matrices`).
+    pub fn fusable_shared(&self) -> Option<&Mlp> {
         match (&self.shared, &self.shared_gate) {
-            (Some(s), None) => s.device_matrices(),
+            (Some(s), None) => Some(s),
             _ => None,
         }
     }
