@@ -42,9 +42,17 @@ load_x(xs, x, cols);
 __syncthreads();
 for (unsigned int i = blockIdx.x * nw + warp; i < k * rows; i += gridDim.x * nw) {
     unsigned int e = i / rows, r = i % rows;
-    float g = dot(bits, t.gate[e], g_kind, xs, r, cols, group, lane);
-    float u = dot(bits, t.up[e], u_kind, xs, r, cols, group, lane);
-    if (lane == 0) act[i] = g / (1.0f + expf(-g)) * u;
+    float gu[2];
+    if (fast4(bits, cols, group)) {
+        // Gate and up rows in one pass: both rows' loads in flight, x read once.
+        const Packed m[2] = {t.gate[e], t.up[e]};
+        const unsigned int kinds[2] = {g_kind, u_kind};
+        rows_dot4<2, 2>(m, kinds, xs, r, cols, group, lane, gu);
+    } else {
+        gu[0] = dot(bits, t.gate[e], g_kind, xs, r, cols, group, lane);
+        gu[1] = dot(bits, t.up[e], u_kind, xs, r, cols, group, lane);
+    }
+    if (lane == 0) act[i] = gu[0] / (1.0f + expf(-gu[0])) * gu[1];
 }
 }
 

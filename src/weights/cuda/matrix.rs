@@ -15,7 +15,7 @@ const SRC: &str = r#"
 // y[t * rows + r] = row r · x[t] for t < T: one warp per row in a grid-stride loop, x[t] in
 // shared memory. Where `nw` is not null, x[t] is first RMS-normalised with weights nw and
 // epsilon eps (every block normalises its own copy: the norm before a projection, fused).
-extern "C" __global__ void packed_matvec(
+extern "C" __global__ void __launch_bounds__(256, 4) packed_matvec(
 const Packed m, unsigned int kind, const float* x, float* y, unsigned int rows,
 unsigned int cols, unsigned int T, unsigned int bits, unsigned int group, const float* nw,
 float eps) {
@@ -37,8 +37,23 @@ for (unsigned int t = 0; t < T; ++t) {
         float tot = 0.0f;
         for (unsigned int i = 0; i < nw_; ++i) tot += red[i];
         float scale = rsqrtf(tot / (float)cols + eps);
-        for (unsigned int i = threadIdx.x; i < cols; i += blockDim.x)
-            xs[pad(i)] = scale * xs[pad(i)] * nw[i];
+        if (cols % 32u == 0u) {
+            // Runs of four, with the run sums the 4-bit products read (`put4`).
+            for (unsigned int base = 0; base < cols / 4u; base += blockDim.x) {
+                unsigned int i = base + threadIdx.x;
+                bool ok = i < cols / 4u;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (ok) {
+                    v = *(const float4*)(xs + pad(4u * i));
+                    v = make_float4(scale * v.x * nw[4u * i], scale * v.y * nw[4u * i + 1u],
+                                    scale * v.z * nw[4u * i + 2u], scale * v.w * nw[4u * i + 3u]);
+                }
+                put4(xs, i, v, ok);
+            }
+        } else {
+            for (unsigned int i = threadIdx.x; i < cols; i += blockDim.x)
+                xs[pad(i)] = scale * xs[pad(i)] * nw[i];
+        }
         __syncthreads();
     }
     for (unsigned int r = blockIdx.x * nw_ + warp; r < rows; r += gridDim.x * nw_) {

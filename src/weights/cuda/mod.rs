@@ -109,11 +109,15 @@ pub fn wrap(
     )
 }
 
-/// A scale or bias of kind `kind` (f32 0, f16 1, bf16 2) as f32, exactly.
+/// A scale or bias of kind `kind` (f32 0, f16 1, bf16 2) as f32, exactly; `scale_bits` /
+/// `scale_of` split it into the load and the conversion (so loads can be issued early).
 pub const SCALE_SRC: &str = r#"
-__device__ float scale_at(const unsigned char* p, unsigned int kind, unsigned long long i) {
-if (kind == 0) return ((const float*)p)[i];
-unsigned int h = ((const unsigned short*)p)[i];
+__device__ __forceinline__ unsigned int scale_bits(const unsigned char* p, unsigned int kind,
+                                                   unsigned long long i) {
+return kind == 0 ? ((const unsigned int*)p)[i] : (unsigned int)((const unsigned short*)p)[i];
+}
+__device__ float scale_of(unsigned int h, unsigned int kind) {
+if (kind == 0) return __uint_as_float(h);
 if (kind == 2) return __uint_as_float(h << 16);
 unsigned int sign = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
 float v;
@@ -121,6 +125,9 @@ if (e == 0) v = ldexpf((float)m, -24);
 else if (e == 31) v = m ? __int_as_float(0x7fc00000) : __int_as_float(0x7f800000);
 else v = ldexpf((float)(m | 1024u), (int)e - 25);
 return sign ? -v : v;
+}
+__device__ float scale_at(const unsigned char* p, unsigned int kind, unsigned long long i) {
+return scale_of(scale_bits(p, kind, i), kind);
 }
 "#;
 
@@ -139,18 +146,161 @@ struct Packed { unsigned long long q, s, b; };
 // the runs of neighbouring lanes (32 values apart) in distinct banks.
 __device__ __forceinline__ unsigned int pad(unsigned int i) { return i + (i >> 5) * 4u; }
 
-// The block copies x[0..n) into shared memory (padded); the caller synchronizes. Aligned
-// inputs go four values per load, several loads in flight per thread (the copy is a chain of
-// global-memory latencies otherwise, longer than the row products after it).
+// Stores x[4i..4i + 4) (`v`, real where `ok`) and, from the eight lanes holding one run of 32
+// values, the run's sum in the run's first spare slot (`run_sum`). Every lane of the warp calls
+// it (the sums are shuffled); runs are whole where n % 32 == 0, which the callers check. The
+// callers' loops give every thread of the block the same trip count.
+__device__ __forceinline__ void put4(float* xs, unsigned int i, float4 v, bool ok) {
+if (ok) *(float4*)(xs + pad(4u * i)) = v;
+float s = (v.x + v.y) + (v.z + v.w);
+s += __shfl_xor_sync(0xffffffffu, s, 1);
+s += __shfl_xor_sync(0xffffffffu, s, 2);
+s += __shfl_xor_sync(0xffffffffu, s, 4);
+if (ok && (i & 7u) == 0u) xs[pad(4u * i) + 32u] = s;
+}
+
+// The sum of run `c / 32` of the padded x (c a multiple of 32), stored by `put4`.
+__device__ __forceinline__ float run_sum(const float* xs, unsigned int c) {
+return xs[pad(c) + 32u];
+}
+
+// The block copies x[0..n) into shared memory (padded), with the sum of every run of 32 when
+// n % 32 == 0; the caller synchronizes. Inputs go four values per load where aligned, several
+// loads in flight per thread (the copy is a chain of global-memory latencies otherwise, longer
+// than the row products after it).
 __device__ void load_x(float* xs, const float* x, unsigned int n) {
-if (n % 4u == 0u && ((unsigned long long)x & 15ull) == 0ull) {
-    const float4* x4 = (const float4*)x;
-#pragma unroll 4
-    for (unsigned int i = threadIdx.x; i < n / 4u; i += blockDim.x)
-        *(float4*)(xs + pad(4u * i)) = x4[i];
+if (n % 32u == 0u) {
+    bool al = ((unsigned long long)x & 15ull) == 0ull;
+    unsigned int n4 = n / 4u;
+    // Four loads issued before the first store (the sums' shuffles would wait on each); the
+    // same trip count for every thread of the block.
+    for (unsigned int base = 0; base < n4; base += 4u * blockDim.x) {
+        float4 v[4];
+#pragma unroll
+        for (unsigned int u = 0; u < 4u; ++u) {
+            unsigned int i = base + u * blockDim.x + threadIdx.x;
+            v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (i < n4) v[u] = al ? ((const float4*)x)[i]
+                                  : make_float4(x[4u * i], x[4u * i + 1u], x[4u * i + 2u],
+                                                x[4u * i + 3u]);
+        }
+#pragma unroll
+        for (unsigned int u = 0; u < 4u; ++u) {
+            unsigned int i = base + u * blockDim.x + threadIdx.x;
+            put4(xs, i, v[u], i < n4);
+        }
+    }
 } else {
     for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) xs[pad(i)] = x[i];
 }
+}
+
+// 0x4B000000 (the bits of 2^23), read from constant memory so that the compiler keeps it in a
+// register (as an immediate it takes a second logic op per value: one immediate per LOP3).
+__constant__ unsigned int MAGIC = 0x4B000000u;
+__device__ __forceinline__ unsigned int magic_reg() { return MAGIC; }
+
+// The integer in the low 23 bits of `m` (masked in place, so a multiple of a power of two) as a
+// float without a conversion instruction (a quarter-rate I2F on recent GPUs): 2^23 + m has m as
+// its mantissa, and subtracting 2^23 is exact. `magic` is 0x4B000000 in a register, so that the
+// mask and the OR are one LOP3.
+__device__ __forceinline__ float mant(unsigned int w, unsigned int mask, unsigned int magic) {
+return __uint_as_float((w & mask) | magic) - 8388608.0f;
+}
+
+// Σ q·x over the 32 4-bit values of each of `v[0..N)` against x[c..c + 32) (one padded run,
+// read once for the N words): each nibble is masked where it lies, so its float is q·16^j
+// (nibbles 0..4 of a word at j = 0..4, nibbles 5..7 at j = 0..2 after one shift), summed per j
+// and the five sums scaled back by 16^-j (exact): three instructions a value instead of a
+// shift, two logic ops and two adds.
+template <int N>
+__device__ __forceinline__ void qx4(const uint4* v, const float* xs, unsigned int c,
+                                    unsigned int magic, float* out) {
+const float4* x4 = (const float4*)(xs + pad(c));
+float a[N][5];
+#pragma unroll
+for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int j = 0; j < 5; ++j) a[n][j] = 0.0f;
+#pragma unroll
+for (unsigned int j = 0; j < 4u; ++j) {
+    float4 p = x4[2u * j], q = x4[2u * j + 1u];
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+        unsigned int lo = j == 0 ? v[n].x : j == 1 ? v[n].y : j == 2 ? v[n].z : v[n].w;
+        unsigned int hi = lo >> 20;
+        a[n][0] = fmaf(mant(lo, 0xFu, magic), p.x, a[n][0]);
+        a[n][1] = fmaf(mant(lo, 0xF0u, magic), p.y, a[n][1]);
+        a[n][2] = fmaf(mant(lo, 0xF00u, magic), p.z, a[n][2]);
+        a[n][3] = fmaf(mant(lo, 0xF000u, magic), p.w, a[n][3]);
+        a[n][4] = fmaf(mant(lo, 0xF0000u, magic), q.x, a[n][4]);
+        a[n][0] = fmaf(mant(hi, 0xFu, magic), q.y, a[n][0]);
+        a[n][1] = fmaf(mant(hi, 0xF0u, magic), q.z, a[n][1]);
+        a[n][2] = fmaf(mant(hi, 0xF00u, magic), q.w, a[n][2]);
+    }
+}
+#pragma unroll
+for (int n = 0; n < N; ++n)
+    out[n] = fmaf(a[n][4], 1.0f / 65536.0f, fmaf(a[n][3], 1.0f / 4096.0f,
+             fmaf(a[n][2], 1.0f / 256.0f, fmaf(a[n][1], 1.0f / 16.0f, a[n][0]))));
+}
+
+// Whether the 4-bit run kernels (`qx4`, `rows_dot4`) take a matrix of `bits`, `cols` and
+// `group` (whole runs of 32 in whole groups; the input was loaded by `load_x`).
+__device__ __forceinline__ bool fast4(unsigned int bits, unsigned int cols, unsigned int group) {
+return bits == 4u && cols % 32u == 0u && group % 32u == 0u;
+}
+
+// Row `row` of each of the N 4-bit matrices m[0..N) (one shape, scale kinds kind[n]) times x,
+// in one pass, so the N rows' loads are in flight together and x is read once; summed over the
+// warp into out[n] (valid on lane 0). Per row, the same arithmetic for any N and U. Each lane
+// issues the loads of U runs (16 bytes of words, a scale and a bias each) before the
+// arithmetic on them: the compiler hoists neither by itself, and every load left in the chain
+// adds a memory latency per row.
+template <int N, int U>
+__device__ __forceinline__ void rows_dot4(const Packed* m, const unsigned int* kind,
+                                          const float* xs, unsigned int row, unsigned int cols,
+                                          unsigned int group, unsigned int lane, float* out) {
+unsigned int words = cols / 8u, magic = magic_reg();
+unsigned long long g0 = (unsigned long long)row * (cols / group);
+float acc[N];
+#pragma unroll
+for (int n = 0; n < N; ++n) acc[n] = 0.0f;
+for (unsigned int w0 = lane * 4u; w0 < words; w0 += 128u * U) {
+    uint4 v[U][N];
+    unsigned int sb[U][N], bb[U][N];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        unsigned int w = w0 + 128u * u;
+        unsigned long long g = g0 + w * 8u / group;
+#pragma unroll
+        for (int n = 0; n < N; ++n)
+            if (w < words) {
+                v[u][n] = *(const uint4*)((const unsigned int*)m[n].q +
+                                          (unsigned long long)row * words + w);
+                sb[u][n] = scale_bits((const unsigned char*)m[n].s, kind[n], g);
+                bb[u][n] = scale_bits((const unsigned char*)m[n].b, kind[n], g);
+            }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        unsigned int w = w0 + 128u * u;
+        if (w >= words) break;
+        unsigned int c0 = w * 8u;
+        float qx[N], xsum = run_sum(xs, c0);
+        qx4<N>(v[u], xs, c0, magic, qx);
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            acc[n] = fmaf(scale_of(sb[u][n], kind[n]), qx[n], acc[n]);
+            acc[n] = fmaf(scale_of(bb[u][n], kind[n]), xsum, acc[n]);
+        }
+    }
+}
+for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n] += __shfl_down_sync(0xffffffffu, acc[n], o);
+#pragma unroll
+for (int n = 0; n < N; ++n) out[n] = acc[n];
 }
 
 // The PW = 32 / BITS values of one word against x[c..c + PW) (c a multiple of PW, so the run
@@ -186,7 +336,11 @@ const unsigned char* sp = (const unsigned char*)m.s;
 const unsigned char* bp = (const unsigned char*)m.b;
 unsigned long long g0 = (unsigned long long)row * (cols / group);
 float acc = 0.0f;
-if (words % 4u == 0u && group % (4u * PW) == 0u) {
+if (BITS == 4 && fast4(4u, cols, group)) {
+    float out;
+    rows_dot4<1, 4>(&m, &kind, xs, row, cols, group, lane, &out);
+    return out;
+} else if (words % 4u == 0u && group % (4u * PW) == 0u) {
     // Unrolled so that several 16-byte loads of the row are in flight per lane.
 #pragma unroll 4
     for (unsigned int w = lane * 4u; w < words; w += 128u) {
