@@ -25,6 +25,14 @@ const LATENT_NORM_EPS: f64 = 1e-6;
 enum Latent {
     /// On a device: `k_up` transposed `[H, nope, C]` and `v_up` `[H, C, v]`, f32 tensors.
     Tensors { k_up_t: Tensor, v_up: Tensor },
+    /// On CUDA with packed dense weights, mlx-lm's `embed_q` `[H·C, nope]` and `unembed_out`
+    /// `[H·v, C]` packed as in the checkpoint (a seventh of the f32 tensors' bytes): the decode
+    /// kernels multiply by them per head; tensor ops (prefill) decode them per call.
+    #[cfg(feature = "cuda")]
+    Packed {
+        embed_q: crate::weights::cuda::DeviceMatrix,
+        unembed_out: crate::weights::cuda::DeviceMatrix,
+    },
     /// On the CPU, HF `kv_b_proj` `[H·(nope + v), C]` in its checkpoint form: per head, `nope`
     /// key rows then `v` value rows.
     Rows(HostMatrix),
@@ -106,7 +114,22 @@ impl MlaAttention {
             }
         } else if vb.pp("embed_q").has("weight") {
             // mlx-lm: embed_q = key rows transposed [H, C, nope]; unembed_out = value rows [H, v, C].
-            if dev.is_cpu() {
+            #[cfg(feature = "cuda")]
+            let packed = match (
+                Weight::device_stacked(&vb.pp("embed_q"), heads, c, dn)?,
+                Weight::device_stacked(&vb.pp("unembed_out"), heads, dv, c)?,
+            ) {
+                (Some(embed_q), Some(unembed_out)) => Some(Latent::Packed {
+                    embed_q,
+                    unembed_out,
+                }),
+                _ => None,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let packed = None;
+            if let Some(packed) = packed {
+                packed
+            } else if dev.is_cpu() {
                 Latent::Mlx {
                     embed_q: Weight::load_stacked(&vb.pp("embed_q"), heads, c, dn)?,
                     unembed_out: Weight::load_stacked(&vb.pp("unembed_out"), heads, dv, c)?,
@@ -182,6 +205,11 @@ impl MlaAttention {
         };
         match &self.latent {
             Latent::Tensors { k_up_t, .. } => Ok(q_nope.matmul(k_up_t)?),
+            #[cfg(feature = "cuda")]
+            Latent::Packed { embed_q, .. } => {
+                let k_up_t = embed_q.decode_all()?.reshape((h, c, dn))?.transpose(1, 2)?;
+                Ok(q_nope.matmul(&k_up_t.contiguous()?)?)
+            }
             Latent::Rows(m) => host(&|hd, q, o| {
                 let r0 = hd * (dn + dv);
                 m.weighted_rows(r0..r0 + dn, q, o)
@@ -206,6 +234,14 @@ impl MlaAttention {
         };
         match &self.latent {
             Latent::Tensors { v_up, .. } => Ok(ctx.matmul(v_up)?),
+            #[cfg(feature = "cuda")]
+            Latent::Packed { unembed_out, .. } => {
+                let v_up = unembed_out
+                    .decode_all()?
+                    .reshape((h, dv, c))?
+                    .transpose(1, 2)?;
+                Ok(ctx.matmul(&v_up.contiguous()?)?)
+            }
             Latent::Rows(m) => host(&|hd| hd * (dn + dv) + dn..(hd + 1) * (dn + dv), m),
             Latent::Mlx { unembed_out, .. } => host(&|hd| hd * dv..(hd + 1) * dv, unembed_out),
         }

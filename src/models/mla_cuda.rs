@@ -13,10 +13,13 @@
 //! tensor ops took about twenty. The latent expansion's products read most of the step's bytes
 //! (`k_up` and `v_up` in f32), so each spreads over 32 warps per 128 columns of every head with
 //! one 16-byte load per lane and row: one block of 8 warps per head ran them at 130 µs per layer
-//! on the H200, 8 warps per 32 columns at 46 µs (Nsight Compute).
+//! on the H200, 8 warps per 32 columns at 46 µs (Nsight Compute). Where the checkpoint has
+//! mlx-lm's packed `embed_q` / `unembed_out`, they stay packed on the GPU (a seventh of the f32
+//! bytes, in memory and read per token) and both products are `mla_head_rows` launches (a warp
+//! per packed row, each head's input in shared memory), `mla_absorb` keeping the rest of its work.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::{CudaDevice, Device, Storage, Tensor};
 
@@ -117,7 +120,7 @@ extern "C" __global__ void mla_absorb(const float* q, const float* ckv, const fl
 __shared__ float red[32];
 unsigned int h = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
 unsigned int dq = dn + dr;
-head_tile(q, dq, k_up_t, dn, C, qlat);
+if (k_up_t) head_tile(q, dq, k_up_t, dn, C, qlat);
 if (blockIdx.y == 0) {
     const float* qh = q + (unsigned long long)h * dq;
     for (unsigned int i = tid; i < dr; i += nt) qr[h * dr + i] = rot_at(qh + dn, i, dr, mode, rot);
@@ -170,6 +173,23 @@ for (unsigned int c = tid; c < C; c += nt) {
 }
 }
 
+// Grid (H, ceil(R / warps)): out[h·R + r] = row h·R + r of the packed [H·R, K] matrix m
+// times in[h·in_stride ..][0..K), one warp a row (mlx-lm's `embed_q` and `unembed_out`, packed).
+extern "C" __global__ void mla_head_rows(const Packed m, unsigned int kind, unsigned int bits,
+                                         unsigned int group, const float* in,
+                                         unsigned int in_stride, unsigned int R, unsigned int K,
+                                         float* out) {
+extern __shared__ float xs[];
+unsigned int h = blockIdx.x, warp = threadIdx.x / 32u, lane = threadIdx.x % 32u;
+load_x(xs, in + (unsigned long long)h * in_stride, K);
+__syncthreads();
+unsigned int r = blockIdx.y * (blockDim.x / 32u) + warp;
+if (r < R) {
+    float v = dot(bits, m, kind, xs, h * R + r, K, group, lane);
+    if (lane == 0) out[(unsigned long long)h * R + r] = v;
+}
+}
+
 // Grid (H, ceil(dv / 128)), 32 warps: y[h] = ctx[h] · v_up[h] ([C] · [C, dv]).
 extern "C" __global__ void mla_expand(const float* ctx, const float* v_up, unsigned int C,
                                       unsigned int dv, float* y) {
@@ -196,8 +216,11 @@ fn kernels(dev: &CudaDevice) -> Option<&'static [CudaFunction]> {
     static WARNED: std::sync::Once = std::sync::Once::new();
     KERNELS.get_or_warn(
         dev,
-        || SRC.to_string(),
-        &["mla_absorb", "mla_attend", "mla_expand"],
+        || {
+            use crate::weights::cuda::{ROW_DOT_SRC, SCALE_SRC};
+            format!("{SCALE_SRC}{ROW_DOT_SRC}{SRC}")
+        },
+        &["mla_absorb", "mla_attend", "mla_expand", "mla_head_rows"],
         &WARNED,
         "fused MLA decode kernels",
         "using tensor ops",
@@ -260,8 +283,14 @@ impl MlaAttention {
         let Device::Cuda(dev) = x.device() else {
             return Ok(None);
         };
-        let Latent::Tensors { k_up_t, v_up } = &self.latent else {
-            return Ok(None);
+        // The latent expansion: f32 tensors, or mlx-lm's packed `embed_q` / `unembed_out`.
+        let (tensors, packed) = match &self.latent {
+            Latent::Tensors { k_up_t, v_up } => (Some((k_up_t, v_up)), None),
+            Latent::Packed {
+                embed_q,
+                unembed_out,
+            } => (None, Some((embed_q, unembed_out))),
+            _ => return Ok(None),
         };
         let (h, dn, dr, dv, c) = (
             self.heads,
@@ -276,8 +305,14 @@ impl MlaAttention {
             && c % 4 == 0
             && dv % 4 == 0
             && attend_shared(pos0 + 1) <= crate::weights::cuda::SHARED_MAX
-            && x.dtype() == candle_core::DType::F32;
-        let Some([absorb, attend, expand]) = kernels(dev).filter(|_| fits) else {
+            && x.dtype() == candle_core::DType::F32
+            && packed.is_none_or(|(e, u)| {
+                let takes = |m: &DeviceMatrix| {
+                    crate::weights::cuda::fits(m.params().bits, m.params().group_size, m.cols())
+                };
+                takes(e) && takes(u)
+            });
+        let Some([absorb, attend, expand, head_rows]) = kernels(dev).filter(|_| fits) else {
             return Ok(None);
         };
         // With the stacked `q_a`/`kv_a` matrix, one product gives both (rows `..r` and `r..`).
@@ -331,17 +366,29 @@ impl MlaAttention {
         };
         let eps = self.kv_a_norm.eps();
         let (hu, dnu, dru, cu, dvu) = (h as u32, dn as u32, dr as u32, c as u32, dv as u32);
-        let (k_up_t, v_up) = (k_up_t.contiguous()?, v_up.contiguous()?);
         let stream = dev.cuda_stream();
+        // k_up's address for `mla_absorb`'s product, or 0 where the packed `embed_q` takes it.
+        let k_up_t = tensors.map(|(k, _)| k.contiguous()).transpose()?;
+        let k_up_st = k_up_t.as_ref().map(|t| t.storage_and_layout());
+        let (k_up_ptr, k_up_guard) = match &k_up_st {
+            Some((st, layout)) => {
+                let Storage::Cuda(cs) = &**st else {
+                    return Err(Error::Input("internal: MLA k_up is not on the GPU".into()));
+                };
+                let (p, g) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                (p + 4 * layout.start_offset() as u64, Some(g))
+            }
+            None => (0u64, None),
+        };
         let cap = lat_buf.dim(0)?;
         let tiles = |n: usize| (n.div_ceil(128) as u32).max(1);
         with_view!(q, h * (dn + dr), |qv| with_view!(
             ckv,
             c + dr,
-            |cv| with_view!(w, c, |wv| with_view!(k_up_t, h * dn * c, |kuv| with_view!(
-                lat_buf,
-                cap * c,
-                |latv| with_view!(krot_buf, cap * dr, |krv| {
+            |cv| with_view!(w, c, |wv| with_view!(lat_buf, cap * c, |latv| with_view!(
+                krot_buf,
+                cap * dr,
+                |krv| {
                     // The cache buffers are shared tensors, so only read-only views of them
                     // exist: the kernel writes row `pos` through them.
                     let lat = latv.slice(pos * c..(pos + 1) * c);
@@ -356,24 +403,31 @@ impl MlaAttention {
                         .arg(&dnu)
                         .arg(&dru)
                         .arg(&cu)
-                        .arg(&kuv)
+                        .arg(&k_up_ptr)
                         .arg(&mut qlat)
                         .arg(&mut qr)
                         .arg(&lat)
                         .arg(&krot);
                     let cfg = LaunchConfig {
-                        grid_dim: (hu, tiles(c), 1),
+                        // With packed `embed_q` its product is a launch of its own.
+                        grid_dim: (hu, if packed.is_some() { 1 } else { tiles(c) }, 1),
                         block_dim: (WIDE, 1, 1),
                         shared_mem_bytes: 0,
                     };
-                    // SAFETY: reads H·(dn+dr) query values, C+dr latent values, C weights and
-                    // k_up (H·dn·C); writes `qlat` and `qr` (allocated above for exactly their
+                    // SAFETY: reads H·(dn+dr) query values, C+dr latent values, C weights and,
+                    // where its address is not 0, k_up (H·dn·C, contiguous, held above); writes
+                    // `qlat` (unless k_up is 0) and `qr` (allocated above for exactly their
                     // sizes) and row `pos` of the cache's latent and rope-key buffers (reserved
                     // above, below `cap`), which nothing else touches until this step reads them.
                     unsafe { b.launch(cfg) }.map_err(|e| driver("MLA absorb kernel", e))?;
-                })
+                    if let Some((embed_q, _)) = packed {
+                        // qlat[h] = embed_q[h] · q_nope[h]: rows h·C.. of the packed [H·C, dn].
+                        head_product(&stream, head_rows, embed_q, &qv, dn + dr, h, &mut qlat)?;
+                    }
+                }
             )))
         ));
+        drop(k_up_guard);
         let (lat, krot) = kv.commit(1)?;
         let s = lat.dim(0)?;
         if attend_shared(s) > crate::weights::cuda::SHARED_MAX {
@@ -403,6 +457,18 @@ impl MlaAttention {
             // scores in the dynamic shared memory sized for them, and writes row h of `ctx`.
             unsafe { b.launch(cfg) }.map_err(|e| driver("MLA attend kernel", e))?;
         }));
+        if let Some((_, unembed_out)) = packed {
+            // y[h] = unembed_out[h] · ctx[h]: rows h·dv.. of the packed [H·dv, C].
+            head_product(&stream, head_rows, unembed_out, &ctx, c, h, &mut y)?;
+            let y = wrap(dev, y, (1, h * dv));
+            return Ok(Some(self.o.forward(&y)?));
+        }
+        let Some((_, v_up)) = tensors else {
+            return Err(Error::Input(
+                "internal: MLA without its value expansion".into(),
+            ));
+        };
+        let v_up = v_up.contiguous()?;
         with_view!(v_up, h * c * dv, |vuv| {
             let mut b = stream.launch_builder(expand);
             b.arg(&ctx).arg(&vuv).arg(&cu).arg(&dvu).arg(&mut y);
@@ -417,4 +483,45 @@ impl MlaAttention {
         let y = wrap(dev, y, (1, h * dv));
         Ok(Some(self.o.forward(&y)?))
     }
+}
+
+/// `out[h·R + r]` = row `h·R + r` of the packed `[H·R, K]` matrix `m` times
+/// `input[h·stride ..][..K]` for every head `h < heads` (`mla_head_rows`, a warp a row).
+fn head_product(
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    f: &CudaFunction,
+    m: &DeviceMatrix,
+    input: &impl DevicePtr<f32>,
+    stride: usize,
+    heads: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let (r, k) = (m.rows() / heads, m.cols());
+    let p = m.params();
+    let (kind, bits, group) = (m.kind(), p.bits as u32, p.group_size as u32);
+    let (stride_u, r_u, k_u) = (stride as u32, r as u32, k as u32);
+    let (packed, guard) = m.packed(stream);
+    let (input, input_guard) = input.device_ptr(stream);
+    let mut b = stream.launch_builder(f);
+    b.arg(&packed)
+        .arg(&kind)
+        .arg(&bits)
+        .arg(&group)
+        .arg(&input)
+        .arg(&stride_u)
+        .arg(&r_u)
+        .arg(&k_u)
+        .arg(out);
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, r.div_ceil((THREADS / 32) as usize) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: crate::weights::cuda::x_bytes(k) as u32,
+    };
+    // SAFETY: block (h, t) copies K inputs of head h (the caller's buffer holds heads · stride
+    // ≥ (heads - 1) · stride + K of them) into the shared memory sized for them; each warp reads
+    // one packed row of m (H·R rows of K columns, a form the kernels take: checked by the
+    // caller) and writes out[h·R + r] (`out` holds H·R values).
+    unsafe { b.launch(cfg) }.map_err(|e| driver("MLA packed head product", e))?;
+    drop((guard, input_guard));
+    Ok(())
 }

@@ -96,6 +96,36 @@ impl Weight {
         Ok(weight)
     }
 
+    /// The stacked MLX-packed matrix `[lead, rows, cols]` of the module `vb` as one packed
+    /// matrix `[lead·rows, cols]` in CUDA memory, where `vb` is on a CUDA device with packed
+    /// dense weights (`--gpu-dense packed`) and the kernels take its form; `None` otherwise.
+    #[cfg(feature = "cuda")]
+    pub fn device_stacked(
+        vb: &Vb,
+        lead: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<crate::weights::cuda::DeviceMatrix>> {
+        let (candle_core::Device::Cuda(dev), true, true) =
+            (vb.dev, vb.gpu_packed, vb.has("scales"))
+        else {
+            return Ok(None);
+        };
+        let ck = vb.ck;
+        let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[lead], rows, cols)?;
+        let Some(kind) = crate::weights::cuda::scale_kind(s.dtype) else {
+            return Ok(None);
+        };
+        crate::weights::cuda::DeviceMatrix::upload(
+            dev,
+            [ck.mapped(w), ck.mapped(s), ck.mapped(b)],
+            kind,
+            p,
+            lead * rows,
+            cols,
+        )
+    }
+
     /// Loads the stacked matrix `[lead, rows, cols]` of the module `vb` as one host matrix
     /// `[lead·rows, cols]` in its checkpoint form (CPU only: MLA's `embed_q`/`unembed_out`).
     pub fn load_stacked(vb: &Vb, lead: usize, rows: usize, cols: usize) -> Result<HostMatrix> {
