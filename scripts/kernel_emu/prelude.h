@@ -1,0 +1,17 @@
+#include <hip/hip_runtime.h>
+#include <cstring>
+#include <cmath>
+#undef __device__
+#define __device__
+#undef __forceinline__
+#define __forceinline__ inline
+static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+static inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+#define __shfl_xor_sync(m, v, o) __shfl_xor((v), (o))
+#define __shfl_down_sync(m, v, o) __shfl_down((v), (o))  // only lane 0 of each 32 is read
+#define __syncwarp() ((void)0)
+#define __ldcg(p) (*(p))
+static inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
