@@ -2,7 +2,9 @@
 # Nsight Compute kernel durations of a few CUDA decode steps (first LAYERS layers of the
 # GLM-4.7-Flash shape, `harness synth`, MLX 4-bit), summed per kernel and in launch order.
 # Usage (on the GPU machine, ncu at /usr/local/cuda/bin): bash scripts/gpu_ncu.sh OUTDIR [LAYERS]
-# Environment: SKIP / COUNT: launches skipped (prefill and the first steps) / profiled.
+# Environment: SKIP / COUNT: launches skipped (prefill and the first steps) / profiled;
+# DETAIL=1 adds, for six launches (after DSKIP) of the packed product kernels (`moe_gate_up*`, `moe_down*`,
+# `packed_matvec`), Nsight's speed-of-light, occupancy and warp-stall sections ($OUT/detail.txt).
 set -u
 out=${1:-/tmp/gpu_ncu}; layers=${2:-4}
 mkdir -p "$out"
@@ -11,6 +13,11 @@ m=/tmp/flash$layers
 [ -d "$m" ] || ./harness synth --config experiments/configs/glm47-flash.json --layout mlx4 --out "$m" --layers "$layers" > /dev/null
 /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --launch-skip "${SKIP:-300}" --launch-count "${COUNT:-120}" --csv \
   ./harness generate --model "$m" --tokens 1,2,3,4 --max-tokens 12 --device cuda > "$out/ncu.csv" 2> "$out/ncu.err"
+if [ -n "${DETAIL:-}" ]; then
+  /usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --kernel-name regex:"moe_gate_up|moe_down|packed_matvec" --launch-skip "${DSKIP:-60}" --launch-count 6 \
+    ./harness generate --model "$m" --tokens 1,2,3,4 --max-tokens 12 --device cuda > "$out/detail.txt" 2>&1
+fi
 python3 - "$out/ncu.csv" <<'PY'
 import collections, csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
