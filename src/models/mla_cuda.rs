@@ -25,7 +25,7 @@ use candle_core::{CudaDevice, Device, Storage, Tensor};
 
 use super::{Latent, LayerKv, Linear, MlaAttention, QProj, Weight};
 use crate::error::{Error, Result};
-use crate::weights::cuda::{driver, wrap, DeviceMatrix};
+use crate::weights::cuda::{driver, wrap, DeviceMatrix, ROW_DOT_SRC, SCALE_SRC};
 
 /// Most rotary frequency pairs the absorb kernel takes (`qk_rope_head_dim / 2`).
 const MAX_ROT: usize = 64;
@@ -216,10 +216,7 @@ fn kernels(dev: &CudaDevice) -> Option<&'static [CudaFunction]> {
     static WARNED: std::sync::Once = std::sync::Once::new();
     KERNELS.get_or_warn(
         dev,
-        || {
-            use crate::weights::cuda::{ROW_DOT_SRC, SCALE_SRC};
-            format!("{SCALE_SRC}{ROW_DOT_SRC}{SRC}")
-        },
+        || format!("{SCALE_SRC}{ROW_DOT_SRC}{SRC}"),
         &["mla_absorb", "mla_attend", "mla_expand", "mla_head_rows"],
         &WARNED,
         "fused MLA decode kernels",
