@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 if ! python3 -c "import polars, matplotlib, nbconvert, nbformat, ipykernel" 2>/dev/null; then
   python3 -m pip install -q -r scripts/requirements-test.txt
 fi
+# Every CUDA source the engine compiles with NVRTC at run time compiles, with the kernels it
+# looks up (NVRTC from PyPI; no GPU needed).
+python3 scripts/nvrtc_check.py
 cargo test --all-targets "$@"
 # The real-Slurm test of `harness slurm` (a one-node Slurm started here; see the script).
 bash scripts/slurm_test.sh "${CARGO_TARGET_DIR:-target}/debug/harness"
