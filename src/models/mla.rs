@@ -27,7 +27,8 @@ enum Latent {
     Tensors { k_up_t: Tensor, v_up: Tensor },
     /// On CUDA with packed dense weights, mlx-lm's `embed_q` `[H·C, nope]` and `unembed_out`
     /// `[H·v, C]` packed as in the checkpoint (a seventh of the f32 tensors' bytes): the decode
-    /// kernels multiply by them per head; tensor ops (prefill) decode them per call.
+    /// kernels multiply by them per head (`DeviceMatrix::upload` only packs a form they take);
+    /// tensor ops (prefill) decode them per call.
     #[cfg(feature = "cuda")]
     Packed {
         embed_q: crate::weights::cuda::DeviceMatrix,

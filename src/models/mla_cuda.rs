@@ -302,13 +302,7 @@ impl MlaAttention {
             && c % 4 == 0
             && dv % 4 == 0
             && attend_shared(pos0 + 1) <= crate::weights::cuda::SHARED_MAX
-            && x.dtype() == candle_core::DType::F32
-            && packed.is_none_or(|(e, u)| {
-                let takes = |m: &DeviceMatrix| {
-                    crate::weights::cuda::fits(m.params().bits, m.params().group_size, m.cols())
-                };
-                takes(e) && takes(u)
-            });
+            && x.dtype() == candle_core::DType::F32;
         let Some([absorb, attend, expand, head_rows]) = kernels(dev).filter(|_| fits) else {
             return Ok(None);
         };
