@@ -28,24 +28,8 @@ impl Weight {
     pub fn load(vb: &Vb, rows: usize, cols: usize) -> Result<Self> {
         let ck = vb.ck;
         #[cfg(feature = "cuda")]
-        if let (candle_core::Device::Cuda(dev), true, true) =
-            (vb.dev, vb.gpu_packed, vb.has("scales"))
-        {
-            let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[], rows, cols)?;
-            let kind = crate::weights::cuda::scale_kind(s.dtype);
-            if let Some(kind) = kind {
-                let m = crate::weights::cuda::DeviceMatrix::upload(
-                    dev,
-                    [ck.mapped(w), ck.mapped(s), ck.mapped(b)],
-                    kind,
-                    p,
-                    rows,
-                    cols,
-                )?;
-                if let Some(m) = m {
-                    return Ok(Weight::Device(std::sync::Arc::new(m)));
-                }
-            }
+        if let Some(m) = Self::device_packed(vb, &[], rows, cols)? {
+            return Ok(Weight::Device(std::sync::Arc::new(m)));
         }
         if !vb.dev.is_cpu() {
             return Ok(Weight::Dense(Tensor::from_vec(
@@ -106,13 +90,26 @@ impl Weight {
         rows: usize,
         cols: usize,
     ) -> Result<Option<crate::weights::cuda::DeviceMatrix>> {
+        Self::device_packed(vb, &[lead], rows, cols)
+    }
+
+    /// The MLX-packed matrix `[lead.., rows, cols]` of `vb` as one packed matrix in CUDA
+    /// memory (`[Πlead·rows, cols]`), where `vb` is on CUDA with packed dense weights and the
+    /// kernels take its form; `None` otherwise.
+    #[cfg(feature = "cuda")]
+    fn device_packed(
+        vb: &Vb,
+        lead: &[usize],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<crate::weights::cuda::DeviceMatrix>> {
         let (candle_core::Device::Cuda(dev), true, true) =
             (vb.dev, vb.gpu_packed, vb.has("scales"))
         else {
             return Ok(None);
         };
         let ck = vb.ck;
-        let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[lead], rows, cols)?;
+        let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), lead, rows, cols)?;
         let Some(kind) = crate::weights::cuda::scale_kind(s.dtype) else {
             return Ok(None);
         };
@@ -121,7 +118,7 @@ impl Weight {
             [ck.mapped(w), ck.mapped(s), ck.mapped(b)],
             kind,
             p,
-            lead * rows,
+            lead.iter().product::<usize>() * rows,
             cols,
         )
     }
