@@ -7,7 +7,8 @@ weights (the default keeps MLX-quantized dense weights packed), and with
 every token after the second as a decode step of its own (the decode path: on CUDA the fused MLA
 attention kernels), and with every expert loaded first and every token after the first a decode
 step (on CUDA, MLX-quantized fixtures route those tokens on the device, and the run must say so),
-against the HF transformers logits stored with the fixture.
+against the HF transformers logits stored with the fixture; then one greedy `harness generate`
+whose every device-chosen token is checked against the host's argmax of the same logits.
 Every run must say on stderr that it ran on the device asked for (`device: cuda:0`) with the kernel
 forms asked for (`experts fused, attention fused, dense packed` by default), and no fused kernel may
 have fallen back: a run that says otherwise counts as a failure, so a CPU result can never pass for
@@ -105,4 +106,15 @@ for d in sorted(root.iterdir()):
             ok = err <= tol
             bad += not ok
             print(f"{d.name} {' '.join(extra)} on {ran_on[0]}: relative L2 {err:.2e} {'ok' if ok else 'MISMATCH'}")
+    # Greedy decoding picks each token where the logits are (on CUDA a device argmax, only the
+    # index copied back); HARNESS_CHECK_GREEDY=1 makes every such pick also on the host and fails
+    # the run on a difference.
+    import os
+    r = subprocess.run([harness, "generate", "--model", str(d), "--tokens", toks, "--max-tokens", "8",
+                        "--device", device], capture_output=True, text=True,
+                       env={**os.environ, "HARNESS_CHECK_GREEDY": "1"})
+    said = [l for l in r.stderr.splitlines() if f" on {device}" in l]
+    ok = r.returncode == 0 and said and not any("unavailable" in l for l in r.stderr.splitlines())
+    bad += not ok
+    print(f"{d.name} generate greedy (device pick = host pick): {'ok' if ok else 'FAILED ' + r.stderr.strip()[-300:]}")
 sys.exit(1 if bad else 0)

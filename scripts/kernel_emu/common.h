@@ -35,5 +35,7 @@ static double rel(const std::vector<double>& want, const float* got) {
 }
 static int fails = 0;
 static void report(const char* what, double e, double tol = 2e-6) { printf("%-48s rel L2 %.2e %s\n", what, e, e <= tol ? "ok" : "FAIL"); if (!(e <= tol)) ++fails; }
-static unsigned int row_blocks(int rows) { int b = (rows + 7) / 8; return b < 1 ? 1 : (b > 1024 ? 1024 : b); }
+// The engine's grid (one row a warp, at most the blocks the GPU holds at once), with 5 standing
+// for the resident blocks so that warps loop over several rows here.
+static unsigned int row_blocks(int rows) { int b = (rows + 7) / 8; return b < 1 ? 1 : (b > 5 ? 5 : b); }
 static unsigned int x_bytes(int cols) { return 4 * (cols + (cols + 31) / 32 * 4); }

@@ -29,9 +29,11 @@ int main(int argc, char** argv) {
                      (unsigned)c.inter, (unsigned)c.hidden, (unsigned)c.bits, (unsigned)c.group);
   hipDeviceSynchronize();
   report((std::string(c.name) + ": gate·up").c_str(), rel(acts, act.data()));
-  unsigned tiles = (c.hidden + 7) / 8;
+  // tiles of 24 rows: three per warp for some warps, none for others, a partial last tile
+  const unsigned tile_rows = 24;
+  unsigned tiles = (c.hidden + tile_rows - 1) / tile_rows;
   hipLaunchKernelGGL(moe_down, dim3(tiles, c.k), dim3(256), x_bytes(c.inter), 0, t, (unsigned)c.k, 2u, act.data(), part.data(), done.data(), y.data(),
-                     (unsigned)c.hidden, (unsigned)c.inter, (unsigned)c.bits, (unsigned)c.group);
+                     (unsigned)c.hidden, (unsigned)c.inter, (unsigned)c.bits, (unsigned)c.group, tile_rows);
   hipDeviceSynchronize();
   // down's reference from the kernel's own activations (isolates the down kernel)
   std::vector<double> yb(c.hidden, 0.0);

@@ -2,11 +2,14 @@
 //! all-resident state).
 
 use super::access::Access;
-use super::{kernels, rows, Engine, KvCache, Routing};
+use candle_core::Tensor;
+
+use super::{kernels, rows, Engine, KvCache, Routing, Sampler};
 use crate::error::{Error, Result};
 use crate::experts::budget::Budget;
 use crate::experts::cache::StepOutcome;
 use crate::experts::{ExpertKey, Phase};
+use crate::models::layers::greedy_token;
 use crate::models::Model;
 
 impl Engine {
@@ -18,11 +21,44 @@ impl Engine {
         step: u32,
         last_only: bool,
     ) -> Result<(Vec<Vec<f32>>, Routing)> {
-        let record = self.cfg.record_trace;
-        let (logits, routing) = self.with_access(step, record, |model, access| {
-            model.forward(tokens, kv, access, last_only)
-        })?;
+        let (logits, routing) = self.forward_tensor(tokens, kv, step, last_only)?;
         Ok((rows(&logits)?, routing))
+    }
+
+    /// As [`Engine::forward`] with the logits left where they were computed.
+    fn forward_tensor(
+        &mut self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        step: u32,
+        last_only: bool,
+    ) -> Result<(Tensor, Routing)> {
+        let record = self.cfg.record_trace;
+        self.with_access(step, record, |model, access| {
+            model.forward(tokens, kv, access, last_only)
+        })
+    }
+
+    /// The token sampled after `tokens` (forward step `step`, last position only), and its
+    /// logits when `keep`. A greedy sampler whose logits are not kept takes the argmax where the
+    /// logits are (on a GPU only the index comes back); every other case samples on the host.
+    pub(super) fn next_token(
+        &mut self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        step: u32,
+        sampler: &mut Sampler,
+        keep: bool,
+    ) -> Result<(u32, Option<Vec<f32>>)> {
+        let (logits, _) = self.forward_tensor(tokens, kv, step, true)?;
+        if sampler.is_greedy() && !keep {
+            return Ok((greedy_token(&logits)?, None));
+        }
+        let mut rows = rows(&logits)?;
+        let row = rows
+            .pop()
+            .ok_or_else(|| Error::Input("internal: no logits row".into()))?;
+        Ok((sampler.sample(&row), keep.then_some(row)))
     }
 
     /// Runs `f` with the model and the cache's [`Access`] for forward step `step` (0: the

@@ -548,23 +548,18 @@ impl Engine {
             });
         }
         let mut kept = Vec::new();
-        let (mut logits, _) = self.forward(prompt, &mut kv, 0, true)?;
-        let mut next = sampler.sample(&logits[0]);
+        let (mut next, logits) = self.next_token(prompt, &mut kv, 0, sampler, keep_logits)?;
         let prefill = t0.elapsed();
         out.push(next);
-        if keep_logits {
-            kept.push(logits.swap_remove(0));
-        }
+        kept.extend(logits);
         let dev0 = crate::weights::storage::device_read_bytes();
         let t1 = Instant::now();
         let mut step = 1;
         while out.len() < max_new && !stop.contains(&next) {
-            let (mut logits, _) = self.forward(&[next], &mut kv, step, true)?;
-            next = sampler.sample(&logits[0]);
+            let logits;
+            (next, logits) = self.next_token(&[next], &mut kv, step, sampler, keep_logits)?;
             out.push(next);
-            if keep_logits {
-                kept.push(logits.swap_remove(0));
-            }
+            kept.extend(logits);
             step += 1;
         }
         let decode = t1.elapsed();

@@ -30,6 +30,10 @@ impl Sampler {
             }
         }
     }
+    /// Whether this is [`Sampler::Greedy`] (its token can be chosen where the logits are).
+    pub fn is_greedy(&self) -> bool {
+        matches!(self, Sampler::Greedy)
+    }
     /// Picks the next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         match self {

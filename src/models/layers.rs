@@ -532,6 +532,36 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
+/// The greedy token of logits `[1, vocab]`: [`argmax`] of the row, chosen on the device on CUDA
+/// (only the index comes back) and on the host otherwise. With `HARNESS_CHECK_GREEDY=1` a device
+/// choice is also made on the host and a difference is an error (`scripts/gpu_check.py`).
+pub fn greedy_token(logits: &Tensor) -> Result<u32> {
+    let host = || -> Result<u32> {
+        let rows = rows(logits)?;
+        let row = rows
+            .first()
+            .ok_or_else(|| crate::error::Error::Input("internal: no logits row".into()))?;
+        Ok(argmax(row) as u32)
+    };
+    #[cfg(feature = "cuda")]
+    if let Some(t) = argmax_cuda::greedy_token_cuda(logits)? {
+        if std::env::var_os("HARNESS_CHECK_GREEDY").is_some_and(|v| v == "1") {
+            let h = host()?;
+            if h != t {
+                return Err(crate::error::Error::Input(format!(
+                    "HARNESS_CHECK_GREEDY: the device chose token {t}, the host's argmax {h}"
+                )));
+            }
+        }
+        return Ok(t);
+    }
+    host()
+}
+
+#[cfg(feature = "cuda")]
+#[path = "argmax_cuda.rs"]
+mod argmax_cuda;
+
 /// Converts a `[T, N]` tensor into rows of f32.
 pub fn rows(x: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(x.to_dtype(DType::F32)?.to_vec2::<f32>()?)

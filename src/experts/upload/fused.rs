@@ -57,23 +57,23 @@ for (unsigned int i = blockIdx.x * nw + warp; i < k * rows; i += gridDim.x * nw)
 }
 
 // y[r] = sum over e < k, in order, of w_e * (down_e[r]·act_e). Block (tile, e) holds entry
-// e's activations in shared memory and runs rows tile·nw .. tile·nw + nw of its down projection,
-// one warp a row, into part[e · rows + r]; the block that completes a tile last (a counter per
-// tile, returned to 0 for the next launch) adds the entries' products in router order with
-// the weights. So every entry of a row is in flight at once (k times the warps of one block per
-// row tile) while each block copies only its own entry's activations.
+// e's activations in shared memory and runs rows tile·tr .. tile·tr + tr of its down projection
+// (tr = tile_rows <= blockDim.x), one warp a row in turn, into part[e · rows + r]; the block
+// that completes a tile last (a counter per tile, returned to 0 for the next launch) adds the
+// entries' products in router order with the weights. So every entry of a row is in flight at
+// once (k times the warps of one block per row tile) while each block copies only its own
+// entry's activations, once for its tr rows.
 __device__ __forceinline__ void down(
 const Experts& t, unsigned int k, unsigned int d_kind, const float* act, float* part,
 unsigned int* done, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
-unsigned int group) {
+unsigned int group, unsigned int tile_rows) {
 extern __shared__ float xs[];
 __shared__ unsigned int last;
 unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x / 32u;
-unsigned int tile = blockIdx.x, e = blockIdx.y;
+unsigned int tile = blockIdx.x, e = blockIdx.y, r0 = tile * tile_rows;
 load_x(xs, act + (unsigned long long)e * cols, cols);
 __syncthreads();
-unsigned int r = tile * nw + warp;
-if (r < rows) {
+for (unsigned int r = r0 + warp; r < r0 + tile_rows && r < rows; r += nw) {
     float d = dot(bits, t.down[e], d_kind, xs, r, cols, group, lane);
     if (lane == 0) part[(unsigned long long)e * rows + r] = d;
 }
@@ -82,8 +82,8 @@ __syncthreads();
 if (threadIdx.x == 0) last = atomicAdd(done + tile, 1u) == k - 1u;
 __syncthreads();
 if (!last) return;
-if (threadIdx.x < nw) {
-    unsigned int row = tile * nw + threadIdx.x;
+if (threadIdx.x < tile_rows) {
+    unsigned int row = r0 + threadIdx.x;
     if (row < rows) {
         float acc = 0.0f;
         for (unsigned int j = 0; j < k; ++j) {
@@ -105,8 +105,8 @@ gate_up(t, k, g_kind, u_kind, x, act, rows, cols, bits, group);
 extern "C" __global__ void moe_down(
 const Experts t, unsigned int k, unsigned int d_kind, const float* act, float* part,
 unsigned int* done, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
-unsigned int group) {
-down(t, k, d_kind, act, part, done, y, rows, cols, bits, group);
+unsigned int group, unsigned int tile_rows) {
+down(t, k, d_kind, act, part, done, y, rows, cols, bits, group, tile_rows);
 }
 // ... or in device memory, where `moe_route` wrote them (routes chosen on the device).
 extern "C" __global__ void moe_gate_up_at(
@@ -117,8 +117,8 @@ gate_up(*t, k, g_kind, u_kind, x, act, rows, cols, bits, group);
 extern "C" __global__ void moe_down_at(
 const Experts* t, unsigned int k, unsigned int d_kind, const float* act, float* part,
 unsigned int* done, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
-unsigned int group) {
-down(*t, k, d_kind, act, part, done, y, rows, cols, bits, group);
+unsigned int group, unsigned int tile_rows) {
+down(*t, k, d_kind, act, part, done, y, rows, cols, bits, group, tile_rows);
 }
 "#;
 
@@ -337,6 +337,19 @@ pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
 /// Threads per block of both kernels (8 warps).
 const BLOCK: u32 = 256;
 
+/// Rows of `moe_down`'s tiles (each of a tile's blocks copies its entry's activations once for
+/// them): `HARNESS_DOWN_TILE` (a multiple of 8 up to 256), else 32.
+fn down_tile_rows() -> u32 {
+    static T: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("HARNESS_DOWN_TILE")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|t| *t >= 8 && *t <= BLOCK && t % 8 == 0)
+            .unwrap_or(32)
+    })
+}
+
 /// The per-tile counters of `moe_down` (zero between launches: the last block of each tile
 /// returns its counter to 0), at least `tiles` of them, kept for the process (one device; its
 /// launches are ordered on the one compute stream).
@@ -494,10 +507,15 @@ impl DevicePacked {
         let [gk, uk, dk] = self.kinds;
         let (rows_i, cols_h) = (inter as u32, hidden as u32);
         let (bits, group) = (gate.params.bits as u32, gate.params.group_size as u32);
-        let cfg = |rows: usize, cols: usize| LaunchConfig {
-            grid_dim: (crate::weights::cuda::row_blocks(rows), 1, 1),
+        let gu_smem = crate::weights::cuda::x_bytes(hidden);
+        let gu_cfg = LaunchConfig {
+            grid_dim: (
+                crate::weights::cuda::row_blocks(f.gate_up, &stream, entries * inter, gu_smem),
+                1,
+                1,
+            ),
             block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: crate::weights::cuda::x_bytes(cols) as u32,
+            shared_mem_bytes: gu_smem as u32,
         };
         let mut b = table.launch(&stream, f.gate_up, f.gate_up_at);
         b.arg(&k)
@@ -512,11 +530,10 @@ impl DevicePacked {
         // SAFETY: each block copies the `hidden` inputs of `x` into the shared memory sized for
         // them; each warp reads packed rows of gate and up of an entry (every entry of this
         // expert's form, checked by the caller) and writes elements of `act` (`entries · inter`).
-        unsafe { b.launch(cfg(entries * inter, hidden)) }
-            .map_err(|e| driver("fused gate·up kernel", e))?;
+        unsafe { b.launch(gu_cfg) }.map_err(|e| driver("fused gate·up kernel", e))?;
         let (dbits, dgroup) = (down.params.bits as u32, down.params.group_size as u32);
-        let warps = (BLOCK / 32) as usize;
-        let tiles = hidden.div_ceil(warps);
+        let tile_rows = down_tile_rows();
+        let tiles = hidden.div_ceil(tile_rows as usize);
         // SAFETY: every element is written by a kernel before it is read.
         let mut part: CudaSlice<f32> =
             unsafe { stream.alloc(entries * hidden) }.map_err(|e| driver("allocation", e))?;
@@ -534,7 +551,8 @@ impl DevicePacked {
             .arg(&cols_h)
             .arg(&rows_i)
             .arg(&dbits)
-            .arg(&dgroup);
+            .arg(&dgroup)
+            .arg(&tile_rows);
         // SAFETY: block (tile, e) copies entry e's `inter` activations into the shared memory
         // sized for them, each warp reads one packed row of entry e's down projection and writes
         // `part[e · hidden + row]` (`entries · hidden`); the tile's last block reads the tile's
@@ -542,7 +560,8 @@ impl DevicePacked {
         // `y` (`hidden`) and returns the tile's counter (`tiles` of them) to 0.
         let down_cfg = LaunchConfig {
             grid_dim: (tiles as u32, k, 1),
-            ..cfg(hidden, inter)
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: crate::weights::cuda::x_bytes(inter) as u32,
         };
         unsafe { b.launch(down_cfg) }.map_err(|e| driver("fused down kernel", e))?;
         drop(done_guard);

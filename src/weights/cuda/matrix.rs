@@ -446,7 +446,11 @@ impl DeviceMatrix {
             .arg(&nw_ptr)
             .arg(&eps);
         let cfg = LaunchConfig {
-            grid_dim: (super::row_blocks(self.rows), 1, 1),
+            grid_dim: (
+                super::row_blocks(matvec, &stream, self.rows, super::x_bytes(self.cols)),
+                1,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: super::x_bytes(self.cols) as u32,
         };

@@ -12,7 +12,7 @@ pub use matrix::DeviceMatrix;
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream};
 use candle_core::cuda_backend::DeviceId;
 use candle_core::CudaDevice;
 
@@ -116,9 +116,15 @@ __device__ __forceinline__ unsigned int scale_bits(const unsigned char* p, unsig
                                                    unsigned long long i) {
 return kind == 0 ? ((const unsigned int*)p)[i] : (unsigned int)((const unsigned short*)p)[i];
 }
-__device__ float scale_of(unsigned int h, unsigned int kind) {
+__device__ __forceinline__ float scale_of(unsigned int h, unsigned int kind) {
 if (kind == 0) return __uint_as_float(h);
 if (kind == 2) return __uint_as_float(h << 16);
+#ifdef __CUDA_ARCH__
+// f16 → f32 is exact: one conversion instruction.
+float f;
+asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
+return f;
+#endif
 unsigned int sign = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
 float v;
 if (e == 0) v = ldexpf((float)m, -24);
@@ -246,9 +252,10 @@ for (int n = 0; n < N; ++n)
 }
 
 // Whether the 4-bit run kernels (`qx4`, `rows_dot4`) take a matrix of `bits`, `cols` and
-// `group` (whole runs of 32 in whole groups; the input was loaded by `load_x`).
+// `group` (whole runs of 32 in whole groups of a power of two, MLX's 32, 64 and 128, so that a
+// run's group is a shift away; the input was loaded by `load_x`).
 __device__ __forceinline__ bool fast4(unsigned int bits, unsigned int cols, unsigned int group) {
-return bits == 4u && cols % 32u == 0u && group % 32u == 0u;
+return bits == 4u && cols % 32u == 0u && group % 32u == 0u && (group & (group - 1u)) == 0u;
 }
 
 // Row `row` of each of the N 4-bit matrices m[0..N) (one shape, scale kinds kind[n]) times x,
@@ -257,36 +264,42 @@ return bits == 4u && cols % 32u == 0u && group % 32u == 0u;
 // issues the loads of U runs (16 bytes of words, a scale and a bias each) before the
 // arithmetic on them: the compiler hoists neither by itself, and every load left in the chain
 // adds a memory latency per row.
-template <int N, int U>
+// W < 32 lanes a row (a power of two; `lane` < W, the row's lanes aligned in the warp) serve
+// short rows: the warp then holds 32 / W rows, and every lane of it must call.
+template <int N, int U, int W = 32>
 __device__ __forceinline__ void rows_dot4(const Packed* m, const unsigned int* kind,
                                           const float* xs, unsigned int row, unsigned int cols,
                                           unsigned int group, unsigned int lane, float* out) {
-unsigned int words = cols / 8u, magic = magic_reg();
-unsigned long long g0 = (unsigned long long)row * (cols / group);
+// Runs (16 bytes of words, 32 values) of the row; a run's group is run >> rsh.
+unsigned int runs = cols / 32u, rsh = __ffs(group) - 1u - 5u, magic = magic_reg();
+unsigned long long g0 = (unsigned long long)row * (cols >> (rsh + 5u));
+const uint4* q[N];
+#pragma unroll
+for (int n = 0; n < N; ++n) q[n] = (const uint4*)m[n].q + (unsigned long long)row * runs;
 float acc[N];
 #pragma unroll
 for (int n = 0; n < N; ++n) acc[n] = 0.0f;
-for (unsigned int w0 = lane * 4u; w0 < words; w0 += 128u * U) {
+for (unsigned int r0 = lane; r0 < runs; r0 += W * U) {
     uint4 v[U][N];
     unsigned int sb[U][N], bb[U][N];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        unsigned int w = w0 + 128u * u;
-        unsigned long long g = g0 + w * 8u / group;
+        // Past the row's end the last run is read again (no branch around the loads) and not
+        // summed below.
+        unsigned int r = min(r0 + W * u, runs - 1u);
+        unsigned long long g = g0 + (r >> rsh);
 #pragma unroll
-        for (int n = 0; n < N; ++n)
-            if (w < words) {
-                v[u][n] = *(const uint4*)((const unsigned int*)m[n].q +
-                                          (unsigned long long)row * words + w);
-                sb[u][n] = scale_bits((const unsigned char*)m[n].s, kind[n], g);
-                bb[u][n] = scale_bits((const unsigned char*)m[n].b, kind[n], g);
-            }
+        for (int n = 0; n < N; ++n) {
+            v[u][n] = q[n][r];
+            sb[u][n] = scale_bits((const unsigned char*)m[n].s, kind[n], g);
+            bb[u][n] = scale_bits((const unsigned char*)m[n].b, kind[n], g);
+        }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        unsigned int w = w0 + 128u * u;
-        if (w >= words) break;
-        unsigned int c0 = w * 8u;
+        unsigned int r = r0 + W * u;
+        if (r >= runs) break;
+        unsigned int c0 = r * 32u;
         float qx[N], xsum = run_sum(xs, c0);
         qx4<N>(v[u], xs, c0, magic, qx);
 #pragma unroll
@@ -296,9 +309,9 @@ for (unsigned int w0 = lane * 4u; w0 < words; w0 += 128u * U) {
         }
     }
 }
-for (int o = 16; o > 0; o >>= 1)
+for (int o = W / 2; o > 0; o >>= 1)
 #pragma unroll
-    for (int n = 0; n < N; ++n) acc[n] += __shfl_down_sync(0xffffffffu, acc[n], o);
+    for (int n = 0; n < N; ++n) acc[n] += __shfl_down_sync(0xffffffffu, acc[n], o, W);
 #pragma unroll
 for (int n = 0; n < N; ++n) out[n] = acc[n];
 }
@@ -413,10 +426,57 @@ pub fn x_bytes(cols: usize) -> usize {
 /// Volta grants a kernel that opts in; [`KernelSet`] opts every kernel in).
 pub const SHARED_MAX: usize = 96 * 1024;
 
-/// Blocks of the row kernels: enough to fill the GPU, each a grid-stride loop over rows, so
-/// the input is copied to shared memory once per block rather than once per 8 rows.
-pub fn row_blocks(rows: usize) -> u32 {
-    rows.div_ceil(8).clamp(1, 1024) as u32
+/// Blocks of 256 threads for a row kernel `f` (a warp a row in a grid-stride loop, `smem` bytes
+/// of shared memory a block) over `rows` rows: at most one row per warp, and at most
+/// [`row_waves`] times the blocks the GPU holds at once, so that each block copies its input to
+/// shared memory once for several rows and no partial last wave of blocks is left waiting.
+pub fn row_blocks(f: &CudaFunction, stream: &CudaStream, rows: usize, smem: usize) -> u32 {
+    let one_per_warp = rows.div_ceil(8).clamp(1, 1024) as u32;
+    let waves = row_waves();
+    if waves <= 0.0 {
+        return one_per_warp;
+    }
+    let resident = resident_blocks(f, stream, smem);
+    one_per_warp.min(((resident as f64 * waves).ceil() as u32).max(1))
+}
+
+/// Waves of resident blocks the row kernels launch ([`row_blocks`]): `HARNESS_ROW_WAVES` (0: one
+/// row per warp, the earlier grid), else 1.
+pub fn row_waves() -> f64 {
+    static W: OnceLock<f64> = OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("HARNESS_ROW_WAVES")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .unwrap_or(1.0)
+    })
+}
+
+/// Blocks of 256 threads of `f` with `smem` bytes of shared memory the whole GPU holds at once
+/// (multiprocessors × the occupancy calculator's blocks per multiprocessor), cached per kernel
+/// and size (the driver's calculator takes about a microsecond, a launch's budget).
+fn resident_blocks(f: &CudaFunction, stream: &CudaStream, smem: usize) -> u32 {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    type Key = (usize, usize);
+    static CACHE: std::sync::Mutex<Vec<(Key, u32)>> = std::sync::Mutex::new(Vec::new());
+    let key = (f as *const CudaFunction as usize, smem);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, n)) = cache.iter().find(|(k, _)| *k == key) {
+        return *n;
+    }
+    let sms = stream
+        .context()
+        .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .unwrap_or(1)
+        .max(1) as u32;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(256, smem, None)
+        .unwrap_or(1)
+        .max(1);
+    let n = sms * per_sm;
+    cache.push((key, n));
+    n
 }
 
 /// Whether the packed kernels take a matrix of `cols` columns with `bits` and `group` (its
