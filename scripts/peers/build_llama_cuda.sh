@@ -9,6 +9,7 @@ w=${1:-/tmp/llama}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 [ -d "$w/llama.cpp" ] || python3 "$repo/scripts/peers/fetch_llama_cpp.py" "$w"
 source "$repo/../shared/tools/cuda-env.sh"
+command -v cmake > /dev/null || python3 -m pip install -q cmake   # cmake from PyPI where the OS has none
 # The wheels' nvcc finds its headers and libraries through CUDA_HOME; cmake's CUDA toolkit search
 # needs the stub libcuda on the link path (the GPU machine has the real one).
 cmake -S "$w/llama.cpp" -B "$w/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NO_VMM=ON \
