@@ -21,6 +21,7 @@ MODULES = {
     "matrix": ("src/weights/cuda/matrix.rs", ["SRC"]),
     "fused": ("src/experts/upload/fused.rs", ["FUSED_SRC"]),
     "mla": ("src/models/mla_cuda.rs", ["SRC"]),
+    "argmax": ("src/models/argmax_cuda.rs", ["SRC"]),
 }
 
 base = sources("src/weights/cuda/mod.rs")

@@ -566,3 +566,27 @@ mod argmax_cuda;
 pub fn rows(x: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(x.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rule the CUDA greedy kernel mirrors (`argmax_cuda`): the first index of the maximum,
+    /// NaNs never chosen, 0 when the first value is NaN.
+    #[test]
+    fn greedy_token_takes_the_first_maximum_and_skips_nans() {
+        let nan = f32::NAN;
+        for (v, want) in [
+            (vec![1.0, 3.0, 2.0, 3.0], 1),
+            (vec![1.0, nan, 2.0, nan], 2),
+            (vec![nan, 5.0, 7.0], 0),
+            (vec![f32::NEG_INFINITY, f32::NEG_INFINITY], 0),
+            (vec![-0.0, 0.0, -1.0], 0),
+            (vec![0.5, f32::INFINITY, f32::INFINITY], 1),
+        ] {
+            let n = v.len();
+            let t = Tensor::from_vec(v.clone(), (1, n), &Device::Cpu).unwrap();
+            assert_eq!(greedy_token(&t).unwrap(), want, "{v:?}");
+        }
+    }
+}
