@@ -15,6 +15,8 @@ command -v cmake > /dev/null || python3 -m pip install -q cmake   # cmake from P
 cmake -S "$w/llama.cpp" -B "$w/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NO_VMM=ON \
   -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DCUDAToolkit_ROOT="$CUDA_HOME" -DGGML_NATIVE=OFF -DGGML_AVX2=ON \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release > "$w/cmake.log" 2>&1
+# The executables link through libggml-cuda, whose CUDA runtime the linker must find too.
+export LD_LIBRARY_PATH=$CUDA_HOME/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 cmake --build "$w/build" --target llama-bench llama-quantize -j 2 > "$w/build.log" 2>&1
 p=$w/pack; rm -rf "$p"; mkdir -p "$p/bin"
 cp "$w"/build/bin/llama-bench "$w"/build/bin/llama-quantize "$p/bin/"
