@@ -173,12 +173,7 @@ for (unsigned int c = tid; c < C; c += nt) {
 }
 }
 
-// Lanes a 4-bit row of K columns takes in `mla_head_rows` (the host's `head_lanes`).
-__device__ __forceinline__ unsigned int head_lanes(unsigned int K) {
-return K <= 256u ? 8u : K <= 512u ? 16u : 32u;
-}
-
-// Rows of W lanes each (4-bit runs): the block's rows r0 + (warp · 32 + lane) / W.
+// Rows of W lanes each (4-bit runs): the block's rows r0 + threadIdx.x / W.
 template <int W>
 __device__ __forceinline__ void head_rows4(const Packed& m, unsigned int kind, unsigned int group,
                                            const float* xs, unsigned int h, unsigned int R,
@@ -190,30 +185,28 @@ rows_dot4<1, 2, W>(&m, &kind, xs, h * R + min(r, R - 1u), K, group, lane, &v);
 if (lane == 0 && r < R) out[(unsigned long long)h * R + r] = v;
 }
 
-// Grid (H, ceil(R / rows_per_block)): out[h·R + r] = row h·R + r of the packed [H·R, K] matrix m
-// times in[h·in_stride ..][0..K) (mlx-lm's `embed_q` and `unembed_out`, packed). 4-bit rows of
-// runs take W = 8, 16 or 32 lanes a row (K up to 256, 512, more: their rows are short, a warp a
-// row would leave most lanes idle), `rows_per_block` = blockDim.x / W; other forms a warp a row.
+// Grid (H, ceil(R / (blockDim.x / lanes))): out[h·R + r] = row h·R + r of the packed [H·R, K]
+// matrix m times in[h·in_stride ..][0..K) (mlx-lm's `embed_q` and `unembed_out`, packed), block
+// y taking rows y·(blockDim.x / lanes) onwards. The host picks `lanes` (8, 16 or 32) for speed
+// only: 4-bit rows of runs take `lanes` lanes a row (short rows share a warp instead of leaving
+// most of its lanes idle); any other form, or another `lanes`, runs the block's rows a warp each.
 extern "C" __global__ void mla_head_rows(const Packed m, unsigned int kind, unsigned int bits,
                                          unsigned int group, const float* in,
                                          unsigned int in_stride, unsigned int R, unsigned int K,
-                                         float* out) {
+                                         unsigned int lanes, float* out) {
 extern __shared__ float xs[];
 unsigned int h = blockIdx.x, warp = threadIdx.x / 32u, lane = threadIdx.x % 32u;
+unsigned int per = blockDim.x / lanes, r0 = blockIdx.y * per;
 load_x(xs, in + (unsigned long long)h * in_stride, K);
 __syncthreads();
-if (fast4(bits, K, group)) {
-    unsigned int w = head_lanes(K), r0 = blockIdx.y * (blockDim.x / w);
-    if (w == 8u) head_rows4<8>(m, kind, group, xs, h, R, K, r0, out);
-    else if (w == 16u) head_rows4<16>(m, kind, group, xs, h, R, K, r0, out);
-    else head_rows4<32>(m, kind, group, xs, h, R, K, r0, out);
-    return;
-}
-unsigned int r = blockIdx.y * (blockDim.x / 32u) + warp;
-if (r < R) {
-    float v = dot(bits, m, kind, xs, h * R + r, K, group, lane);
-    if (lane == 0) out[(unsigned long long)h * R + r] = v;
-}
+if (fast4(bits, K, group) && lanes == 8u) head_rows4<8>(m, kind, group, xs, h, R, K, r0, out);
+else if (fast4(bits, K, group) && lanes == 16u) head_rows4<16>(m, kind, group, xs, h, R, K, r0, out);
+else if (fast4(bits, K, group) && lanes == 32u) head_rows4<32>(m, kind, group, xs, h, R, K, r0, out);
+else
+    for (unsigned int r = r0 + warp; r < r0 + per && r < R; r += blockDim.x / 32u) {
+        float v = dot(bits, m, kind, xs, h * R + r, K, group, lane);
+        if (lane == 0) out[(unsigned long long)h * R + r] = v;
+    }
 }
 
 // Grid (H, ceil(dv / 128)), 32 warps: y[h] = ctx[h] · v_up[h] ([C] · [C, dv]).
@@ -502,9 +495,9 @@ impl MlaAttention {
     }
 }
 
-/// Lanes a 4-bit row of runs of `k` columns takes in `mla_head_rows` (its `head_lanes`): short
-/// rows share a warp.
-fn head_lanes(k: usize) -> usize {
+/// Lanes a row of `k` columns takes in `mla_head_rows` (a speed choice only: the kernel is right
+/// for any of 8, 16, 32): short rows share a warp.
+fn head_lanes(k: usize) -> u32 {
     match k {
         0..=256 => 8,
         257..=512 => 16,
@@ -526,7 +519,7 @@ fn head_product(
     let (r, k) = (m.rows() / heads, m.cols());
     let p = m.params();
     let (kind, bits, group) = (m.kind(), p.bits as u32, p.group_size as u32);
-    let (stride_u, r_u, k_u) = (stride as u32, r as u32, k as u32);
+    let (stride_u, r_u, k_u, lanes) = (stride as u32, r as u32, k as u32, head_lanes(k));
     let (packed, guard) = m.packed(stream);
     let (input, input_guard) = input.device_ptr(stream);
     let mut b = stream.launch_builder(f);
@@ -538,23 +531,18 @@ fn head_product(
         .arg(&stride_u)
         .arg(&r_u)
         .arg(&k_u)
+        .arg(&lanes)
         .arg(out);
-    // The kernel's `fast4`: 4-bit, whole runs of 32 in power-of-two groups.
-    let lanes = if bits == 4 && k % 32 == 0 && group % 32 == 0 && group.is_power_of_two() {
-        head_lanes(k)
-    } else {
-        32
-    };
     let cfg = LaunchConfig {
-        grid_dim: (heads as u32, r.div_ceil(THREADS as usize / lanes) as u32, 1),
+        grid_dim: (heads as u32, r_u.div_ceil(THREADS / lanes), 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: crate::weights::cuda::x_bytes(k) as u32,
     };
     // SAFETY: block (h, t) copies K inputs of head h (the caller's buffer holds heads · stride
     // ≥ (heads - 1) · stride + K of them) into the shared memory sized for them; each of its
-    // rows (a warp or `lanes` lanes; past R, row R - 1 again, unstored) reads one packed row of
-    // m (H·R rows of K columns, a form the kernels take: checked by the caller) and writes
-    // out[h·R + r] (`out` holds H·R values).
+    // THREADS / lanes rows (a warp or `lanes` lanes; past R, row R - 1 again, unstored) reads
+    // one packed row of m (H·R rows of K columns, a form the kernels take: checked by the
+    // caller) and writes out[h·R + r] (`out` holds H·R values).
     unsafe { b.launch(cfg) }.map_err(|e| driver("MLA packed head product", e))?;
     drop((guard, input_guard));
     Ok(())
