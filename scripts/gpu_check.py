@@ -114,7 +114,11 @@ for d in sorted(root.iterdir()):
                         "--device", device], capture_output=True, text=True,
                        env={**os.environ, "HARNESS_CHECK_GREEDY": "1"})
     said = [l for l in r.stderr.splitlines() if f" on {device}" in l]
-    ok = r.returncode == 0 and said and not any("unavailable" in l for l in r.stderr.splitlines())
+    # The run must say that every token it generated was chosen on the device and checked.
+    checked = [l.split() for l in r.stderr.splitlines() if l.startswith("greedy check: ")]
+    all_checked = device != "cuda" or (checked and checked[0][2] == checked[0][4] and checked[0][2] != "0")
+    ok = (r.returncode == 0 and said and all_checked
+          and not any("unavailable" in l for l in r.stderr.splitlines()))
     bad += not ok
     print(f"{d.name} generate greedy (device pick = host pick): {'ok' if ok else 'FAILED ' + r.stderr.strip()[-300:]}")
 sys.exit(1 if bad else 0)

@@ -692,6 +692,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         .into_iter()
         .collect();
     let g = engine.generate(&prompt, a.max_tokens, &mut sampler, &stop)?;
+    if let Some(line) = moe_harness::models::layers::greedy_check_report(g.tokens.len()) {
+        eprintln!("{line}");
+    }
     match &tokenizer {
         Some(tk) => {
             let text = tk

@@ -532,9 +532,32 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
+/// Device greedy picks checked against the host's argmax in this process
+/// (`HARNESS_CHECK_GREEDY=1`, [`greedy_token`]): what `harness generate` reports, so a check
+/// proves the device path ran.
+pub static GREEDY_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether `HARNESS_CHECK_GREEDY=1`.
+fn check_greedy() -> bool {
+    std::env::var_os("HARNESS_CHECK_GREEDY").is_some_and(|v| v == "1")
+}
+
+/// With `HARNESS_CHECK_GREEDY=1`, the line saying how many of a generation's `tokens` were chosen
+/// on the device and checked against the host ([`GREEDY_CHECKED`]); `None` otherwise.
+pub fn greedy_check_report(tokens: usize) -> Option<String> {
+    check_greedy().then(|| {
+        let n = GREEDY_CHECKED.load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "greedy check: {n} of {tokens} tokens chosen on the device, each equal to the \
+                 host's argmax"
+        )
+    })
+}
+
 /// The greedy token of logits `[1, vocab]`: [`argmax`] of the row, chosen on the device on CUDA
 /// (only the index comes back) and on the host otherwise. With `HARNESS_CHECK_GREEDY=1` a device
-/// choice is also made on the host and a difference is an error (`scripts/gpu_check.py`).
+/// choice is also made on the host, a difference is an error, and an equal one is counted in
+/// [`GREEDY_CHECKED`] (`scripts/gpu_check.py`).
 pub fn greedy_token(logits: &Tensor) -> Result<u32> {
     let host = || -> Result<u32> {
         let rows = rows(logits)?;
@@ -545,13 +568,14 @@ pub fn greedy_token(logits: &Tensor) -> Result<u32> {
     };
     #[cfg(feature = "cuda")]
     if let Some(t) = argmax_cuda::greedy_token_cuda(logits)? {
-        if std::env::var_os("HARNESS_CHECK_GREEDY").is_some_and(|v| v == "1") {
+        if check_greedy() {
             let h = host()?;
             if h != t {
                 return Err(crate::error::Error::Input(format!(
                     "HARNESS_CHECK_GREEDY: the device chose token {t}, the host's argmax {h}"
                 )));
             }
+            GREEDY_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         return Ok(t);
     }

@@ -276,17 +276,21 @@ pub(super) enum Entries<'a> {
 }
 
 impl Entries<'_> {
-    /// A launch of `by_value` or `at`, as the entries travel, with them as its first argument.
+    /// `by_value` or `at`, as the entries travel.
+    fn pick<'a>(&self, by_value: &'a CudaFunction, at: &'a CudaFunction) -> &'a CudaFunction {
+        match self {
+            Entries::Value(_) => by_value,
+            Entries::Device(_) => at,
+        }
+    }
+
+    /// A launch of `f` ([`Entries::pick`]) with the entries as its first argument.
     fn launch<'a>(
         &'a self,
         stream: &'a std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-        by_value: &'a CudaFunction,
-        at: &'a CudaFunction,
+        f: &'a CudaFunction,
     ) -> candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a> {
-        let mut b = match self {
-            Entries::Value(_) => stream.launch_builder(by_value),
-            Entries::Device(_) => stream.launch_builder(at),
-        };
+        let mut b = stream.launch_builder(f);
         match self {
             Entries::Value(t) => b.arg(*t),
             Entries::Device(t) => b.arg(*t),
@@ -507,17 +511,18 @@ impl DevicePacked {
         let [gk, uk, dk] = self.kinds;
         let (rows_i, cols_h) = (inter as u32, hidden as u32);
         let (bits, group) = (gate.params.bits as u32, gate.params.group_size as u32);
+        let gu = table.pick(f.gate_up, f.gate_up_at);
         let gu_smem = crate::weights::cuda::x_bytes(hidden);
         let gu_cfg = LaunchConfig {
             grid_dim: (
-                crate::weights::cuda::row_blocks(f.gate_up, &stream, entries * inter, gu_smem),
+                crate::weights::cuda::row_blocks(gu, &stream, entries * inter, gu_smem),
                 1,
                 1,
             ),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: gu_smem as u32,
         };
-        let mut b = table.launch(&stream, f.gate_up, f.gate_up_at);
+        let mut b = table.launch(&stream, gu);
         b.arg(&k)
             .arg(&gk)
             .arg(&uk)
@@ -541,7 +546,7 @@ impl DevicePacked {
         let done = done_guard
             .as_mut()
             .ok_or_else(|| Error::Input("internal: no tile counters".into()))?;
-        let mut b = table.launch(&stream, f.down, f.down_at);
+        let mut b = table.launch(&stream, table.pick(f.down, f.down_at));
         b.arg(&k)
             .arg(&dk)
             .arg(&act)

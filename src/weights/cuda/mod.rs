@@ -428,7 +428,7 @@ pub const SHARED_MAX: usize = 96 * 1024;
 
 /// Blocks of 256 threads for a row kernel `f` (a warp a row in a grid-stride loop, `smem` bytes
 /// of shared memory a block) over `rows` rows: at most one row per warp, and at most
-/// [`row_waves`] times the blocks the GPU holds at once, so that each block copies its input to
+/// `HARNESS_ROW_WAVES` (default 1; `row_waves`) times the blocks the GPU holds at once, so that each block copies its input to
 /// shared memory once for several rows and no partial last wave of blocks is left waiting.
 pub fn row_blocks(f: &CudaFunction, stream: &CudaStream, rows: usize, smem: usize) -> u32 {
     let one_per_warp = rows.div_ceil(8).clamp(1, 1024) as u32;
@@ -442,7 +442,7 @@ pub fn row_blocks(f: &CudaFunction, stream: &CudaStream, rows: usize, smem: usiz
 
 /// Waves of resident blocks the row kernels launch ([`row_blocks`]): `HARNESS_ROW_WAVES` (0: one
 /// row per warp, the earlier grid), else 1.
-pub fn row_waves() -> f64 {
+fn row_waves() -> f64 {
     static W: OnceLock<f64> = OnceLock::new();
     *W.get_or_init(|| {
         std::env::var("HARNESS_ROW_WAVES")
