@@ -1,8 +1,10 @@
 """Numerical check of the CUDA build on the GPU machine: for every test fixture, `harness logits`
-on `--device cuda` (all experts through the GPU miss path: pinned staging, copy streams,
-quantized experts kept packed and run by the fused kernels (default), by one matrix-vector kernel
-per projection, or decoded to f32), at the smallest capacity with loader threads, at unlimited
-budget with inline loads, with the per-projection kernel, with f32 resident experts and dense
+on `--device cuda` (all experts through the GPU miss path: copies straight from the registered
+shard mappings or through pinned staging, copy streams, quantized experts kept packed and run by
+the fused kernels (default), by one matrix-vector kernel per projection, or decoded to f32), at
+the smallest capacity with loader threads, at unlimited budget with inline loads, through
+write-combined staging instead of the registered mappings (every other run must say `staging
+registered`), with the per-projection kernel, with f32 resident experts and dense
 weights (the default keeps MLX-quantized dense weights packed), and with
 every token after the second as a decode step of its own (the decode path: on CUDA the fused MLA
 attention kernels), and with every expert loaded first and every token after the first a decode
@@ -59,6 +61,7 @@ for d in sorted(root.iterdir()):
     # The last: every token after the first two as a decode step of its own (the decode path,
     # on CUDA its fused attention kernels), against the same full-pass reference.
     for extra in (["--capacity", str(top_k), "--load-threads", "4"], ["--load-threads", "0"],
+                  ["--capacity", str(top_k), "--load-threads", "4", "--staging", "write-combined"],
                   ["--capacity", str(top_k), "--gpu-experts", "packed"],
                   ["--capacity", str(top_k), "--gpu-experts", "f32", "--gpu-dense", "f32"],
                   ["--capacity", str(top_k), "--prefill", "2"],
@@ -81,9 +84,13 @@ for d in sorted(root.iterdir()):
             # fell back for want of compiling ("… unavailable").
             if device == "cuda":
                 arg = lambda flag, default: extra[extra.index(flag) + 1] if flag in extra else default
+                # Misses copied straight from the registered shard mappings by default (staging
+                # `auto` on fixtures this small), through write-combined staging when asked.
+                staging = arg('--staging', 'registered').replace('auto', 'registered')
                 want_forms = [f"experts {arg('--gpu-experts', 'fused')}",
                               f"attention {arg('--gpu-attention', 'fused')}",
-                              f"dense {arg('--gpu-dense', 'packed')}"]
+                              f"dense {arg('--gpu-dense', 'packed')}",
+                              f"staging {staging}"]
                 missing = [f for f in want_forms if f not in ran_on[0]]
                 fell_back = [l for l in r.stderr.splitlines() if "unavailable" in l]
                 # Decode work that left a fused kernel says so in the label (models::fallback).

@@ -50,7 +50,7 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also measure the all-resident cell.
     pub resident: bool,
-    /// Pinned staging buffers (CUDA).
+    /// How CUDA misses reach the copy engine (registered mappings or pinned staging).
     pub staging: Staging,
     /// Reader threads per upload (CUDA; `None`: the store's default).
     pub read_threads: Option<usize>,
@@ -155,7 +155,9 @@ pub struct BenchReport {
     pub routing: String,
     /// The miss mode of the cells.
     pub miss: String,
-    /// Pinned staging buffers: `write-combined` or `cacheable` (CUDA), `no` elsewhere.
+    /// How misses reached the copy engine in this run: `registered (…)` (straight from the
+    /// page-locked shard mappings), `write-combined` or `cacheable` staging (with the reason
+    /// when `auto` could not register), `no` off CUDA.
     pub staging: String,
     /// Form of resident experts on the device: `packed` (MLX-quantized experts kept as their
     /// checkpoint bytes) or `f32`.
@@ -205,13 +207,13 @@ pub fn bench(
         dense: opts.dense,
         io: opts.io,
         storage: opts.storage,
+        staging: opts.staging,
         threads: opts.threads,
         kernels: opts.kernels,
         low_bit: None,
     };
     let lru = PolicySpec::parse("lru").expect("lru is a policy");
     let mut engine = Engine::open(model_dir, device.clone(), config(Budget::Unlimited, &lru))?;
-    engine.store.set_staging(opts.staging);
     if let Some(n) = opts.read_threads {
         engine.store.set_read_threads(n);
     }
@@ -258,11 +260,7 @@ pub fn bench(
         kernels: engine.kernels_label(),
         routing,
         miss: opts.miss.to_string(),
-        staging: if device.is_cuda() {
-            opts.staging.to_string()
-        } else {
-            "no".into()
-        },
+        staging: engine.store.staging_label(),
         resident_form:
             if engine.store.gpu_packed() || (device.is_cpu() && engine.store.quantized()) {
                 "packed"
@@ -591,7 +589,7 @@ pub fn format_report(r: &BenchReport) -> String {
     let gb = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}", v / 1e9));
     let f2 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
     let mut out = format!(
-        "model {} on {} ({} compute threads, kernels {}; {} staging, experts resident {}, routing: {}, misses: {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
+        "model {} on {} ({} compute threads, kernels {}; staging: {}, experts resident {}, routing: {}, misses: {}): s = {:.2} MB per expert, E = {} experts per token; H2D of s bytes in this run: pinned {} GB/s (one copy at a time: {}), pageable {} GB/s\n",
         r.model,
         r.device,
         r.compute_threads,

@@ -123,9 +123,6 @@ struct BenchArgs {
     /// kernel) or f32 (decoded once at load).
     #[arg(long, value_enum, default_value_t = GpuDense::Packed)]
     gpu_dense: GpuDense,
-    /// Pinned staging buffers on CUDA.
-    #[arg(long, value_enum, default_value_t = Staging::WriteCombined)]
-    staging: Staging,
     /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
     #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
     dense: DenseForm,
@@ -349,6 +346,10 @@ pub struct StorageArgs {
     /// that device would finish them.
     #[arg(long, value_parser = device_arg)]
     pub storage_device: Option<DeviceModel>,
+    /// How CUDA misses reach the copy engine: auto (registered where it applies), registered
+    /// (copied straight from the page-locked shard mappings), or pinned staging buffers.
+    #[arg(long, value_enum, default_value_t = Staging::Auto)]
+    pub staging: Staging,
 }
 
 /// A storage device on the command line: a preset name, or `read_gbps=…[,latency_us=…][,queue_depth=…]`.
@@ -411,6 +412,7 @@ impl CacheArgs {
             dense: self.dense,
             io: self.storage.io,
             storage: self.storage.storage_device,
+            staging: self.storage.staging,
             threads: self.compute.threads,
             kernels: self.compute.kernels,
             low_bit: self.low_bit.clone(),
@@ -532,7 +534,7 @@ pub fn run() -> Result<ExitCode> {
                 load_threads: a.load_threads,
                 seed: a.seed,
                 resident: !a.no_resident,
-                staging: a.staging,
+                staging: a.storage.staging,
                 read_threads: a.read_threads,
                 gpu_experts: a.gpu_experts,
                 gpu_attention: a.gpu_attention,
@@ -640,10 +642,11 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     }
     let s = engine.stats();
     eprintln!(
-        "device: {} (kernels {}, {} threads)",
+        "device: {} (kernels {}, {} threads; staging {})",
         moe_harness::engine::describe(engine.model.device()),
         engine.kernels_label(),
-        engine.compute_threads()
+        engine.compute_threads(),
+        engine.store.staging_label()
     );
     eprintln!(
         "wrote {} ({} × {}); cache: {} accesses, {} hits, {} misses, {} expert bytes read",

@@ -28,7 +28,7 @@ use crate::experts::loader::{LoadStats, Loader};
 use crate::experts::policies::FrequencyProfile;
 use crate::experts::policies::PolicySpec;
 use crate::experts::store::{ExpertStore, ExpertWeights, OpenCheckpoint};
-use crate::experts::upload::{GpuExperts, TransferStats};
+use crate::experts::upload::{GpuExperts, Staging, TransferStats};
 use crate::experts::ExpertKey;
 use crate::models::layers::rows;
 use crate::models::{GpuAttention, GpuDense, GpuRouting, KvCache, Model, Routing};
@@ -71,6 +71,9 @@ pub struct EngineConfig {
     pub io: IoMode,
     /// The storage device misses are slowed down to, if any.
     pub storage: Option<DeviceModel>,
+    /// How CUDA misses reach the copy engine (`auto`: straight from the page-locked shard
+    /// mappings where that applies, else pinned staging).
+    pub staging: Staging,
     /// CPU compute threads for the products (`None`: every core). Results are bit-identical
     /// for any count.
     pub threads: Option<usize>,
@@ -107,6 +110,7 @@ impl Default for EngineConfig {
             dense: DenseForm::Mapped,
             io: IoMode::PageCache,
             storage: None,
+            staging: Staging::Auto,
             threads: None,
             kernels: Kernels::Exact,
             low_bit: None,
@@ -245,6 +249,7 @@ impl Engine {
             // The dense weights now live on the device: the host never reads them again.
             ck.release_all();
         }
+        store.apply_staging(cfg.staging)?;
         // On a GPU the cache holds MLX-quantized experts packed (their checkpoint bytes) and
         // anything else as f32 (4 bytes per weight); refuse budgets that cannot fit.
         if let Some((free, _)) = gpu_memory(&device) {
@@ -407,6 +412,7 @@ impl Engine {
         self.model.set_gpu_attention(cfg.gpu_attention);
         self.model.set_gpu_routing(cfg.gpu_routing);
         self.io = self.store.checkpoint().set_io(cfg.io, cfg.storage);
+        self.store.apply_staging(cfg.staging)?;
         let threads = load_threads(&self.model.spec, self.model.device(), &cfg);
         if threads != self.loader.threads() {
             self.loader = Loader::new(self.store.clone(), threads)?;

@@ -208,6 +208,8 @@ pub struct ExpertStore {
     uploader: Uploader,
     /// Use the device miss path even on the CPU (tests of the GPU path's arithmetic).
     device_path: std::sync::atomic::AtomicBool,
+    /// The staging asked for and what is in effect (for reports).
+    staging: std::sync::Mutex<(Staging, String)>,
 }
 
 impl ExpertStore {
@@ -297,6 +299,7 @@ impl ExpertStore {
             layout,
             uploader: Uploader::new(device.clone()),
             device_path: (!device.is_cpu()).into(),
+            staging: std::sync::Mutex::new((Staging::Auto, String::new())),
             device,
         })
     }
@@ -355,9 +358,10 @@ impl ExpertStore {
         self.layout
     }
 
-    /// Expert bytes read from disk so far.
+    /// Expert bytes the miss path took from the shards so far: read, or copied straight from
+    /// registered mappings.
     pub fn bytes_read(&self) -> u64 {
-        self.ck.bytes_read()
+        self.ck.bytes_read() + self.uploader.mapped_bytes()
     }
 
     /// Makes misses take the device path ([`ExpertStore::load_on_device`]) even on the CPU, so
@@ -388,9 +392,88 @@ impl ExpertStore {
             .all(|h| h.proj.iter().all(|p| matches!(p, ProjSource::Quant { .. })))
     }
 
-    /// Write-combined (default) or cacheable pinned staging buffers on CUDA.
-    pub fn set_staging(&self, staging: Staging) {
-        self.uploader.set_staging(staging);
+    /// Puts `asked` (how CUDA misses reach the copy engine, see [`Staging`]) in effect under
+    /// the checkpoint's current I/O mode (the engine calls it after every
+    /// [`Checkpoint::set_io`]): registers the experts' ranges of the shard mappings when
+    /// misses go through the page cache with no emulated device, the experts' bytes are at
+    /// most half of the host's memory and the driver agrees; otherwise unregisters and stages
+    /// (an error if `registered` was asked for). No-op off CUDA.
+    pub fn apply_staging(&self, asked: Staging) -> Result<()> {
+        if self.staging.lock().expect("staging").0 != asked {
+            self.uploader.set_staging(asked);
+            self.staging.lock().expect("staging").0 = asked;
+        }
+        if !self.device.is_cuda() {
+            if asked == Staging::Registered {
+                return Err(Error::Input(
+                    "staging `registered` needs --device cuda (registered shard mappings are the CUDA miss path's)".into(),
+                ));
+            }
+            self.staging.lock().expect("staging").1 = "no".into();
+            return Ok(());
+        }
+        if !matches!(asked, Staging::Auto | Staging::Registered) {
+            self.uploader.unregister();
+            self.staging.lock().expect("staging").1 = asked.to_string();
+            return Ok(());
+        }
+        let io = self.ck.io_setup();
+        let bytes = self.total_bytes();
+        let cap = crate::weights::storage::total_memory().map(|m| m / 2);
+        let mut why_not = if io.effective != crate::weights::storage::IoMode::PageCache {
+            Some(format!(
+                "misses read with io `{}`, around the page cache",
+                io.effective
+            ))
+        } else if let Some(d) = io.device {
+            Some(format!(
+                "misses are slowed to an emulated storage device ({d:?})"
+            ))
+        } else {
+            match cap {
+                Some(c) if bytes <= c => None,
+                Some(c) => Some(format!(
+                    "the experts' {:.2} GB exceed half of this host's memory ({:.2} GB)",
+                    bytes as f64 / 1e9,
+                    c as f64 / 1e9
+                )),
+                None => Some("this host's memory size is unknown".into()),
+            }
+        };
+        if why_not.is_none() && !self.uploader.registered() {
+            let ranges: Vec<ByteRange> = self
+                .handles
+                .iter()
+                .flatten()
+                .flat_map(|h| h.proj.iter().flat_map(|p| p.ranges()))
+                .collect();
+            let maps = (0..self.ck.num_shards())
+                .map(|i| self.ck.shard_map(i))
+                .collect();
+            match self.uploader.register(maps, &ranges) {
+                Ok((b, secs)) => {
+                    self.staging.lock().expect("staging").1 = format!(
+                        "registered ({:.2} GB of expert bytes page-locked in {secs:.1} s)",
+                        b as f64 / 1e9
+                    )
+                }
+                Err(e) => why_not = Some(e),
+            }
+        }
+        if let Some(why) = why_not {
+            self.uploader.unregister();
+            if asked == Staging::Registered {
+                return Err(Error::Input(format!("staging `registered`: {why}")));
+            }
+            self.staging.lock().expect("staging").1 =
+                format!("write-combined (not registered: {why})");
+        }
+        Ok(())
+    }
+
+    /// The staging in effect, as reports print it.
+    pub fn staging_label(&self) -> String {
+        self.staging.lock().expect("staging").1.clone()
     }
 
     /// Reader threads per upload on CUDA (see [`Uploader::set_read_threads`]).

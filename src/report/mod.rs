@@ -82,6 +82,10 @@ pub struct CellSummary {
     pub io: String,
     /// Why `io` differs from the experiment's, when it does (a filesystem refusing direct reads).
     pub io_note: Option<String>,
+    /// How CUDA misses reached the copy engine: `registered (…)` (copied straight from the
+    /// page-locked shard mappings), `write-combined` / `cacheable` staging (with why `auto`
+    /// did not register), `no` off CUDA.
+    pub staging: String,
     /// The emulated storage device (`pcie4-nvme: 7.45 GB/s, 60 µs, queue 32`), if any.
     pub storage_device: Option<String>,
     /// Expert bytes the miss path requested (speed model, measured prompts, first repeat).

@@ -240,6 +240,7 @@ pub(super) fn run_cell(
         host: super::plan::hostname(),
         io: io.effective.to_string(),
         io_note: io.note.clone(),
+        staging: se.store.staging_label(),
         storage_device: exp
             .storage
             .device

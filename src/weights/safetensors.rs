@@ -335,6 +335,28 @@ impl Checkpoint {
         }
     }
 
+    /// Number of shard files.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The memory map of shard `shard`: the CUDA miss path registers its expert ranges with the
+    /// driver and copies straight from them (see `experts::upload`).
+    pub fn shard_map(&self, shard: usize) -> Arc<Mmap> {
+        self.shards[shard].mmap.clone()
+    }
+
+    /// How the miss path reads now (the last [`Checkpoint::set_io`]).
+    pub fn io_setup(&self) -> IoSetup {
+        let st = self.io.read().expect("io state");
+        IoSetup {
+            asked: st.asked,
+            effective: st.effective,
+            note: st.note.clone(),
+            device: st.emulator.as_ref().map(|e| e.model()),
+        }
+    }
+
     /// Sets how the miss path reads (see [`IoMode`]) and the storage device it emulates, if any.
     /// Where a filesystem refuses direct reads (tmpfs, some network filesystems), reads fall back
     /// to the page cache and the returned [`IoSetup`] says so.

@@ -197,6 +197,25 @@ fn cli_token_errors_exit_nonzero() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("fifo-ish") && err.contains("lru"), "{err}");
+    // Registered shard mappings are the CUDA miss path's: asked for on the CPU, refused (never
+    // a run that claims a staging it did not use).
+    let (code, err) = harness(&[
+        "logits",
+        "--model",
+        d,
+        "--tokens",
+        "1,2",
+        "--out",
+        npy,
+        "--staging",
+        "registered",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("staging `registered`") && err.contains("cuda"),
+        "{err}"
+    );
+    assert!(!Path::new(npy).exists(), "no output on failure");
     let (code, err) = harness(&[
         "logits",
         "--model",

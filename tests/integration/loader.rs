@@ -26,6 +26,7 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         dense: Default::default(),
         io: Default::default(),
         storage: None,
+        staging: Default::default(),
         threads: None,
         kernels: Default::default(),
         low_bit: None,

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PinnedHostSlice,
-    PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
@@ -15,6 +15,14 @@ use super::{Part, QuantProj};
 use crate::error::{Error, Result};
 use crate::weights::cuda::SCALE_SRC;
 use crate::weights::ByteRange;
+
+/// Where one part's host bytes lie for its copy: the lane's staging buffer, or a registered
+/// shard mapping.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Src {
+    pub(super) ptr: *const u8,
+    pub(super) len: usize,
+}
 
 /// Offsets inside a staging buffer are aligned for any element type and copy engine.
 const ALIGN: usize = 256;
@@ -45,6 +53,104 @@ pub(super) fn keep_pool_memory(dev: &CudaDevice) {
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
                 &mut threshold as *mut u64 as *mut std::ffi::c_void,
             );
+        }
+    }
+}
+
+/// A shard's mapping and its registered `[start, end)` byte ranges, sorted.
+type Spans = (Arc<memmap2::Mmap>, Vec<(usize, usize)>);
+
+/// The routed experts' byte ranges of the shard mappings, page-locked and registered with the
+/// driver (read-only): a miss then copies straight from the page cache's own pages to the GPU,
+/// with no read into a staging buffer. The pages stay locked (not reclaimable) until this is
+/// dropped; it keeps the mappings alive until then.
+pub(crate) struct Registration {
+    ctx: Arc<CudaContext>,
+    /// Per shard: its mapping and the registered `[start, end)` byte ranges, sorted.
+    shards: Vec<Option<Spans>>,
+    /// Bytes registered (whole pages).
+    pub(super) bytes: u64,
+    /// Seconds the registration took (the pages are faulted in and locked).
+    pub(super) seconds: f64,
+}
+
+impl Registration {
+    /// Registers `ranges` (shard, offset, length) of the mappings `maps` (indexed by shard),
+    /// widened to whole pages and merged. Fails, leaving nothing registered, if the driver
+    /// refuses any of them.
+    pub(super) fn new(
+        dev: &CudaDevice,
+        maps: Vec<Arc<memmap2::Mmap>>,
+        ranges: &[ByteRange],
+    ) -> std::result::Result<Self, String> {
+        let t = std::time::Instant::now();
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .unwrap_or(4096)
+            .max(1);
+        let lens: Vec<usize> = maps.iter().map(|m| m.len()).collect();
+        let per = super::page_spans(ranges, &lens, page);
+        let ctx = dev.cuda_stream().context().clone();
+        ctx.bind_to_thread()
+            .map_err(|e| format!("CUDA context: {e}"))?;
+        let mut reg = Registration {
+            ctx,
+            shards: Vec::with_capacity(maps.len()),
+            bytes: 0,
+            seconds: 0.0,
+        };
+        for (map, v) in maps.into_iter().zip(per) {
+            if v.is_empty() {
+                reg.shards.push(None);
+                continue;
+            }
+            let mut done = Vec::with_capacity(v.len());
+            for &(a, b) in &v {
+                // SAFETY: [a, b) lies inside the mapping (whole pages of it), which `reg` keeps
+                // alive until it unregisters the range in `drop`. Read-only: the mapping is
+                // PROT_READ and the device only reads it.
+                let rc = unsafe {
+                    sys::cuMemHostRegister_v2(
+                        map.as_ptr().add(a) as *mut std::ffi::c_void,
+                        b - a,
+                        sys::CU_MEMHOSTREGISTER_READ_ONLY,
+                    )
+                };
+                if rc != sys::CUresult::CUDA_SUCCESS {
+                    reg.shards.push(Some((map, done)));
+                    return Err(format!(
+                        "the driver refused to page-lock {} bytes of a shard mapping ({rc:?})",
+                        b - a
+                    ));
+                }
+                done.push((a, b));
+                reg.bytes += (b - a) as u64;
+            }
+            reg.shards.push(Some((map, done)));
+        }
+        reg.seconds = t.elapsed().as_secs_f64();
+        Ok(reg)
+    }
+
+    /// The registered bytes of `r`, if all of it is registered.
+    pub(super) fn host(&self, r: &ByteRange) -> Option<&[u8]> {
+        let (map, v) = self.shards.get(r.shard)?.as_ref()?;
+        let (a, b) = (r.offset as usize, (r.offset + r.len) as usize);
+        (super::covered(v, a, b) && b <= map.len()).then(|| &map[a..b])
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        for (map, v) in self.shards.iter().flatten() {
+            for &(a, _) in v {
+                // SAFETY: registered in `new` at this address; nothing copies from it any more
+                // (every upload holds the registration while its copies run).
+                unsafe { sys::cuMemHostUnregister(map.as_ptr().add(a) as *mut std::ffi::c_void) };
+            }
         }
     }
 }
@@ -342,16 +448,37 @@ impl Lane {
         })
     }
 
-    /// Copies every part to a fresh device buffer on this lane's stream, waits for the
-    /// copies, and wraps the buffers as tensors of `dev`.
-    pub(super) fn copy(&self, dev: &CudaDevice, parts: &[Part]) -> Result<Vec<Tensor>> {
+    /// The host bytes of each part as `fill` staged them in this lane's buffer.
+    pub(super) fn staged(&self, parts: &[Part]) -> Result<Vec<Src>> {
         let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
-        let mut out = Vec::with_capacity(parts.len());
         let mut off = 0;
-        for p in parts {
-            // SAFETY: `fill` wrote `len` bytes at `off`, which is aligned for any element
-            // type; the buffer outlives the copy because we synchronize below.
-            let host = unsafe { base.add(off) };
+        Ok(parts
+            .iter()
+            .map(|p| {
+                // SAFETY: inside the staging buffer (`fill` laid the parts out this way).
+                let ptr = unsafe { base.add(off) };
+                off += aligned(p.range.len);
+                Src {
+                    ptr,
+                    len: p.range.len as usize,
+                }
+            })
+            .collect())
+    }
+
+    /// Copies every part from `srcs` (one per part) to a fresh device buffer on this lane's
+    /// stream, waits for the copies, and wraps the buffers as tensors of `dev`.
+    pub(super) fn copy(
+        &self,
+        dev: &CudaDevice,
+        parts: &[Part],
+        srcs: &[Src],
+    ) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(parts.len());
+        for (p, src) in parts.iter().zip(srcs) {
+            // SAFETY: `src` is staged or registered host memory holding the part's bytes,
+            // aligned for any element type, alive until the copies are waited for below.
+            let host = src.ptr;
             let t = match p.dtype {
                 DType::U8 => self.one::<u8>(dev, host, p)?,
                 DType::BF16 => self.one::<half::bf16>(dev, host, p)?,
@@ -364,7 +491,6 @@ impl Lane {
                 }
             };
             out.push(t);
-            off += aligned(p.range.len);
         }
         self.stream
             .synchronize()
@@ -372,17 +498,16 @@ impl Lane {
         Ok(out)
     }
 
-    /// Copies the first `total` staged bytes in one transfer, into a device buffer of their
-    /// own (`own`, returned: a resident packed expert) or into the lane's reusable device
-    /// buffer, waits, and returns the copy's GPU time (ms, CUDA events).
-    pub(super) fn copy_staged(
+    /// Copies `srcs` to consecutive 256-byte-aligned offsets (the staging layout: the whole
+    /// staged expert as one source, or each part from a registered mapping) of a device buffer
+    /// of their own (`own`, returned: a resident packed expert) or of the lane's reusable
+    /// device buffer, waits, and returns the copies' GPU time (ms, CUDA events).
+    pub(super) fn copy_in(
         &mut self,
-        total: usize,
+        srcs: &[Src],
         own: bool,
     ) -> Result<(Option<CudaSlice<u8>>, Option<f32>)> {
-        let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
-        // SAFETY: `fill` wrote these bytes; the buffer outlives the copy (waited for below).
-        let src = unsafe { std::slice::from_raw_parts(base, total) };
+        let total: usize = srcs.iter().map(|s| aligned(s.len as u64)).sum();
         let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut fresh = if own {
             // SAFETY: fully written by the copy.
@@ -394,13 +519,20 @@ impl Lane {
             .stream
             .record_event(timed)
             .map_err(|e| driver("event", e))?;
-        let mut dst = match fresh.as_mut() {
-            Some(f) => f.slice_mut(..),
-            None => self.dev_buf.slice_mut(..total),
-        };
-        self.stream
-            .memcpy_htod(src, &mut dst)
-            .map_err(|e| driver("host→device copy", e))?;
+        let mut off = 0;
+        for s in srcs {
+            // SAFETY: staged or registered host bytes, alive until the copies are waited for
+            // below.
+            let src = unsafe { std::slice::from_raw_parts(s.ptr, s.len) };
+            let mut dst = match fresh.as_mut() {
+                Some(f) => f.slice_mut(off..off + s.len),
+                None => self.dev_buf.slice_mut(off..off + s.len),
+            };
+            self.stream
+                .memcpy_htod(src, &mut dst)
+                .map_err(|e| driver("host→device copy", e))?;
+            off += aligned(s.len as u64);
+        }
         let end = self
             .stream
             .record_event(timed)

@@ -1,8 +1,10 @@
 //! Host→device transfer of an expert's checkpoint bytes.
 //!
-//! On CUDA a miss reads the expert's byte ranges straight from the shard files into a page-locked
-//! (pinned) staging buffer and copies them to the GPU in one transfer on a copy stream of its
-//! own, so the copy never queues behind compute kernels. The bytes cross the link in their
+//! On CUDA a miss is copied to the GPU on a copy stream of its own, so the copy never queues
+//! behind compute kernels. Where the store registered the experts' ranges of the shard mappings
+//! with the driver ([`Staging::Auto`] / [`Staging::Registered`]), each byte range is copied
+//! straight from the page cache's pages (no read, no staging buffer); otherwise the ranges are
+//! read into a page-locked (pinned) staging buffer and copied from there in one transfer. The bytes cross the link in their
 //! checkpoint form (4-bit words, bf16 scales); an MLX-quantized expert then either stays packed in
 //! GPU memory (`DevicePacked` in CUDA builds, run by a matrix-vector kernel that decodes as it multiplies) or
 //! is decoded to f32 by a kernel on the same stream. Each loader thread takes its own lane
@@ -40,10 +42,20 @@ named_enum! {
 }
 
 named_enum! {
-    /// Pinned host staging buffers of the CUDA miss path.
+    /// How a CUDA miss brings an expert's bytes to the copy engine.
     pub enum Staging {
-        /// Write-combined: the CPU only writes them, the copy engine reads them fast.
+        /// `registered` where it applies (misses through the page cache, no emulated storage
+        /// device, the experts' bytes at most half of the host's memory, the driver agrees),
+        /// else `write-combined`; the report says which ran and why.
         #[default]
+        Auto = "auto",
+        /// No staging: the experts' ranges of the shard mappings are page-locked and registered
+        /// with the driver, and a miss is copied straight from the page cache to the GPU (the
+        /// host-memory tier of offloading systems). Those pages stay locked while the engine is
+        /// open. An error where it cannot apply.
+        Registered = "registered",
+        /// Read into write-combined pinned buffers (the CPU only writes them, the copy engine
+        /// reads them fast), then copied.
         WriteCombined = "write-combined",
         /// Ordinary cacheable pinned memory.
         Cacheable = "cacheable",
@@ -78,7 +90,8 @@ pub struct QuantProj {
 pub struct TransferStats {
     /// Experts brought over.
     pub uploads: u64,
-    /// Bytes read from the shard files into host buffers.
+    /// Bytes taken from the shard files: read into host buffers, or copied straight from the
+    /// registered mappings (no read time).
     pub read_bytes: u64,
     /// Seconds spent in those reads (summed over loader threads).
     pub read_seconds: f64,
@@ -133,6 +146,46 @@ impl TransferStats {
     }
 }
 
+/// The spans to page-lock for `ranges` of shards whose mappings are `lens` bytes long: per
+/// shard, each range widened to whole `page`s (the last page of a mapping is mapped whole),
+/// sorted and merged where they touch or overlap (the driver refuses to register a page
+/// twice).
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn page_spans(
+    ranges: &[ByteRange],
+    lens: &[usize],
+    page: usize,
+) -> Vec<Vec<(usize, usize)>> {
+    let mut per: Vec<Vec<(usize, usize)>> = vec![Vec::new(); lens.len()];
+    for r in ranges {
+        let mapped = lens[r.shard].div_ceil(page) * page;
+        let start = r.offset as usize / page * page;
+        let end = ((r.offset + r.len) as usize).div_ceil(page) * page;
+        per[r.shard].push((start, end.min(mapped)));
+    }
+    for v in &mut per {
+        v.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(v.len());
+        for &(a, b) in v.iter() {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        *v = merged;
+    }
+    per
+}
+
+/// Whether `[a, b)` lies inside one of the sorted, disjoint `spans`.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn covered(spans: &[(usize, usize)], a: usize, b: usize) -> bool {
+    spans
+        .partition_point(|&(s, _)| s <= a)
+        .checked_sub(1)
+        .is_some_and(|i| spans[i].1 >= b)
+}
+
 /// Wall-clock time during which at least one of several threads was inside a section.
 #[derive(Debug, Default)]
 struct BusyClock {
@@ -177,6 +230,8 @@ impl BusyClock {
 struct Counters {
     uploads: AtomicU64,
     read_bytes: AtomicU64,
+    /// Of `read_bytes`, those copied straight from registered mappings.
+    mapped_bytes: AtomicU64,
     read_ns: AtomicU64,
     h2d_bytes: AtomicU64,
     h2d_ns: AtomicU64,
@@ -202,6 +257,9 @@ pub struct Uploader {
     gpu_fused: std::sync::atomic::AtomicBool,
     #[cfg(feature = "cuda")]
     lanes: Mutex<Vec<cuda::Lane>>,
+    /// The experts' ranges of the shard mappings, page-locked for copies straight from them.
+    #[cfg(feature = "cuda")]
+    registered: std::sync::RwLock<Option<std::sync::Arc<cuda::Registration>>>,
 }
 
 impl std::fmt::Debug for Uploader {
@@ -227,14 +285,58 @@ impl Uploader {
             kernels: std::sync::OnceLock::new(),
             #[cfg(feature = "cuda")]
             lanes: Mutex::new(Vec::new()),
+            #[cfg(feature = "cuda")]
+            registered: std::sync::RwLock::new(None),
         }
     }
 
-    /// Chooses write-combined (default) or cacheable pinned staging buffers for lanes created
-    /// from now on.
+    /// Page-locks `ranges` of the shard mappings `maps` (indexed by shard) and registers them
+    /// with the CUDA driver, replacing any earlier registration: from now on a miss whose
+    /// bytes all lie there is copied straight from the page cache to the GPU (no read into
+    /// staging). Returns the bytes registered and the seconds it took; an error (nothing
+    /// registered) where the driver refuses or the device is not CUDA.
+    pub fn register(
+        &self,
+        maps: Vec<std::sync::Arc<memmap2::Mmap>>,
+        ranges: &[ByteRange],
+    ) -> std::result::Result<(u64, f64), String> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &self.device {
+            self.unregister();
+            let reg = cuda::Registration::new(dev, maps, ranges)?;
+            let out = (reg.bytes, reg.seconds);
+            *self.registered.write().expect("registration") = Some(std::sync::Arc::new(reg));
+            return Ok(out);
+        }
+        let _ = (maps, ranges);
+        Err("registered copies need a CUDA device".into())
+    }
+
+    /// Drops the registration (the pages are unlocked once the uploads using it finish).
+    pub fn unregister(&self) {
+        #[cfg(feature = "cuda")]
+        self.registered.write().expect("registration").take();
+    }
+
+    /// Expert bytes copied straight from registered mappings so far (the miss path's bytes
+    /// that [`crate::weights::Checkpoint::read_at`] did not read).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.counters.mapped_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether misses copy straight from registered mappings now.
+    pub fn registered(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.registered.read().expect("registration").is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// Chooses write-combined (every mode but `cacheable`) or cacheable pinned staging buffers
+    /// for lanes created from now on (registration is the store's: `ExpertStore::set_staging`).
     pub fn set_staging(&self, staging: Staging) {
         self.write_combined
-            .store(staging == Staging::WriteCombined, Ordering::Relaxed);
+            .store(staging != Staging::Cacheable, Ordering::Relaxed);
         #[cfg(feature = "cuda")]
         self.lanes.lock().expect("lane pool").clear();
     }
@@ -372,9 +474,9 @@ impl Uploader {
         let kernels = self.kernels(dev)?;
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
         self.counters.path_wall.time(|| {
-            let (mut lane, total) = self.fill_lane(dev, parts, read)?;
+            let (mut lane, srcs, _held) = self.stage(dev, parts, read, true)?;
             let out = self
-                .timed_copy(parts, || lane.copy_staged(total, true))
+                .timed_copy(parts, || lane.copy_in(&srcs, true))
                 .and_then(|buf| {
                     let buf = buf.expect("own buffer requested");
                     let fused = self.gpu_fused.load(Ordering::Relaxed);
@@ -385,15 +487,50 @@ impl Uploader {
         })
     }
 
-    /// Takes a lane with room for `parts` and reads them into its staging buffer.
+    /// Takes a lane with room for `parts` and puts their host bytes where its copies take
+    /// them: straight in the registered mappings when every part lies there (aligned for its
+    /// element type), else read into the lane's staging buffer. Returns the lane, the sources
+    /// (one per part; a staged expert as one source when `whole`) and the registration they
+    /// point into, to be held until the copies are done.
     #[cfg(feature = "cuda")]
-    fn fill_lane(
+    #[allow(clippy::type_complexity)]
+    fn stage(
         &self,
         dev: &candle_core::CudaDevice,
         parts: &[Part],
         read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
-    ) -> Result<(cuda::Lane, usize)> {
+        whole: bool,
+    ) -> Result<(
+        cuda::Lane,
+        Vec<cuda::Src>,
+        Option<std::sync::Arc<cuda::Registration>>,
+    )> {
         let total: usize = parts.iter().map(|p| cuda::aligned(p.range.len)).sum();
+        let reg = self.registered.read().expect("registration").clone();
+        if let Some(reg) = reg {
+            let srcs: Option<Vec<cuda::Src>> = parts
+                .iter()
+                .map(|p| {
+                    let b = reg.host(&p.range)?;
+                    (b.as_ptr() as usize)
+                        .is_multiple_of(p.dtype.size_in_bytes())
+                        .then_some(cuda::Src {
+                            ptr: b.as_ptr(),
+                            len: b.len(),
+                        })
+                })
+                .collect();
+            if let Some(srcs) = srcs {
+                let lane = self.take_lane(dev, total)?;
+                // Taken from host memory without a read: bytes counted, no read time.
+                let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
+                self.counters.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.counters
+                    .mapped_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+                return Ok((lane, srcs, Some(reg)));
+            }
+        }
         let mut lane = self.take_lane(dev, total)?;
         let t = Instant::now();
         let threads = self.read_threads.load(Ordering::Relaxed);
@@ -406,7 +543,16 @@ impl Uploader {
             return Err(e);
         }
         self.note_read(parts, t);
-        Ok((lane, total))
+        let srcs = if whole {
+            let staged = lane.staged(parts)?;
+            vec![cuda::Src {
+                ptr: staged[0].ptr,
+                len: total,
+            }]
+        } else {
+            lane.staged(parts)?
+        };
+        Ok((lane, srcs, None))
     }
 
     /// Runs the host→device copy of `parts` in `copy`, counting its bytes, wall time and (when
@@ -455,9 +601,9 @@ impl Uploader {
         projs: &[QuantProj; 3],
         read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
     ) -> Result<(Tensor, Tensor)> {
-        let (mut lane, total) = self.fill_lane(dev, parts, read)?;
+        let (mut lane, srcs, _held) = self.stage(dev, parts, read, true)?;
         let out = self
-            .timed_copy(parts, || lane.copy_staged(total, false))
+            .timed_copy(parts, || lane.copy_in(&srcs, false))
             .and_then(|_| lane.decode(dev, kernels, parts, projs));
         self.return_lane(lane);
         out
@@ -478,8 +624,8 @@ impl Uploader {
         parts: &[Part],
         read: &(dyn Fn(&ByteRange, &mut [u8]) -> Result<()> + Sync),
     ) -> Result<Vec<Tensor>> {
-        let (lane, _) = self.fill_lane(dev, parts, read)?;
-        let out = self.timed_copy(parts, || Ok((lane.copy(dev, parts)?, None)));
+        let (lane, srcs, _held) = self.stage(dev, parts, read, false)?;
+        let out = self.timed_copy(parts, || Ok((lane.copy(dev, parts, &srcs)?, None)));
         self.return_lane(lane);
         out
     }
@@ -508,3 +654,43 @@ mod cuda;
 mod fused;
 #[cfg(feature = "cuda")]
 mod routed;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(shard: usize, offset: u64, len: u64) -> ByteRange {
+        ByteRange { shard, offset, len }
+    }
+
+    #[test]
+    fn page_spans_widen_to_pages_and_merge_what_touches() {
+        // Shard 0 is 10000 bytes (3 pages of 4096, the last mapped whole); shard 1 has nothing.
+        let spans = page_spans(
+            &[
+                r(0, 5000, 100),
+                r(0, 100, 50),
+                r(0, 4000, 200),
+                r(0, 9000, 1000),
+            ],
+            &[10000, 300],
+            4096,
+        );
+        // [0, 4096) and [0, 8192) overlap -> [0, 8192); [4096, 8192) inside; [8192, 12288)
+        // touches it -> one span [0, 12288), clamped to the mapping's whole pages.
+        assert_eq!(spans, vec![vec![(0, 12288)], vec![]]);
+        let apart = page_spans(&[r(0, 20000, 10), r(0, 100, 10)], &[30000], 4096);
+        assert_eq!(apart, vec![vec![(0, 4096), (16384, 20480)]]);
+    }
+
+    #[test]
+    fn covered_needs_one_span_to_hold_the_whole_range() {
+        let spans = [(0, 4096), (8192, 12288)];
+        assert!(covered(&spans, 0, 4096));
+        assert!(covered(&spans, 8200, 12288));
+        assert!(!covered(&spans, 4000, 4100), "straddles a hole");
+        assert!(!covered(&spans, 4096, 4097), "in the hole");
+        assert!(!covered(&spans, 12000, 12289), "past the last span");
+        assert!(!covered(&[], 0, 1));
+    }
+}
