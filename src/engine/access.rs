@@ -65,11 +65,15 @@ impl Access<'_> {
         }
     }
 
-    /// Starts loading `key` (inline or on a loader thread).
-    fn submit(&mut self, key: ExpertKey, prefetch: bool) -> Result<()> {
+    /// Starts loading `key` (inline or on a loader thread; on this thread when `here`).
+    fn submit(&mut self, key: ExpertKey, prefetch: bool, here: bool) -> Result<()> {
         if self.payload[key.layer as usize][key.expert as usize].is_none() && !self.loader.has(key)
         {
-            let ns = self.loader.submit(key, prefetch)?;
+            let ns = if here {
+                self.loader.load_here(key)?
+            } else {
+                self.loader.submit(key, prefetch)?
+            };
             self.charge(ns);
         }
         Ok(())
@@ -110,11 +114,23 @@ impl ExpertAccess for Access<'_> {
             self.loader.cancel(k);
         }
         let mut deferred = Vec::new();
-        // All misses of the step are known up front, so they load in parallel; a miss the token
-        // does not wait for loads after the step's experts ran.
-        for (&k, &a) in out.misses.iter().zip(&out.actions) {
+        // All misses of the step are known up front, so they load in parallel: the loader
+        // threads take all but the last, which this thread loads meanwhile (the step waits for
+        // every one of them, and a step's only miss then costs no thread hand-off). Where misses
+        // are copied straight from registered mappings there is no read to overlap, only one
+        // link that parallel copies share, so this thread copies them all (no slower in an
+        // alternated A/B, faster at high hit rates: docs/performance.md); loader threads then
+        // serve prefetches. A miss the token does not wait for loads after the step's experts
+        // ran.
+        let all_here = self.store.registered();
+        let last = out
+            .misses
+            .iter()
+            .zip(&out.actions)
+            .rposition(|(_, &a)| a == MissAction::Load);
+        for (i, (&k, &a)) in out.misses.iter().zip(&out.actions).enumerate() {
             if a == MissAction::Load {
-                self.submit(k, false)?;
+                self.submit(k, false, all_here || Some(i) == last)?;
             } else {
                 deferred.push(k);
             }
@@ -185,7 +201,7 @@ impl ExpertAccess for Access<'_> {
             .unwrap_or_default();
         let loads = deferred.into_iter().map(|k| (k, false));
         for (k, is_prefetch) in loads.chain(prefetch.into_iter().map(|k| (k, true))) {
-            self.submit(k, is_prefetch)?;
+            self.submit(k, is_prefetch, false)?;
         }
         self.finish_step(route)
     }

@@ -38,6 +38,8 @@ struct Done {
 struct Ticket {
     id: u64,
     prefetch: bool,
+    /// Loaded on the calling thread.
+    inline: bool,
 }
 
 /// Load-time accounting, in nanoseconds.
@@ -196,10 +198,29 @@ impl Loader {
     /// Starts loading `key`. Returns the nanoseconds the caller spent (the whole load when
     /// inline, 0 with workers).
     pub fn submit(&mut self, key: ExpertKey, prefetch: bool) -> Result<u64> {
+        self.submit_on(key, prefetch, false)
+    }
+
+    /// Loads `key` on the calling thread even with workers (a step's last demand miss: the step
+    /// waits for it anyway, and handing it over would add a thread hand-off each way). Returns
+    /// the nanoseconds it took.
+    pub fn load_here(&mut self, key: ExpertKey) -> Result<u64> {
+        self.submit_on(key, false, true)
+    }
+
+    fn submit_on(&mut self, key: ExpertKey, prefetch: bool, here: bool) -> Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
-        self.inflight.insert(key, Ticket { id, prefetch });
-        match &self.jobs {
+        let inline = here || self.jobs.is_none();
+        self.inflight.insert(
+            key,
+            Ticket {
+                id,
+                prefetch,
+                inline,
+            },
+        );
+        match self.jobs.as_ref().filter(|_| !inline) {
             Some(tx) => {
                 tx.send(Job { id, key })
                     .map_err(|_| Error::Input("expert loader threads stopped".into()))?;
@@ -267,7 +288,7 @@ impl Loader {
         let waited = t.elapsed().as_nanos() as u64;
         self.inflight.remove(&key);
         let d = self.arrived.remove(&key).expect("arrived");
-        let inline = self.threads == 0;
+        let inline = ticket.inline;
         if ticket.prefetch {
             self.stats.prefetch_used_load_ns += d.ns;
             self.stats.prefetch_used_exposed_ns += if inline { d.ns } else { waited };

@@ -471,6 +471,11 @@ impl ExpertStore {
         Ok(())
     }
 
+    /// Whether CUDA misses are copied straight from registered shard mappings now.
+    pub fn registered(&self) -> bool {
+        self.uploader.registered()
+    }
+
     /// The staging in effect, as reports print it.
     pub fn staging_label(&self) -> String {
         self.staging.lock().expect("staging").1.clone()
