@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::experts::budget::parse_size;
 use crate::experts::budget::Pool;
 use crate::experts::policies::PolicySpec;
+use crate::experts::upload::Staging;
 use crate::weights::kernels::Kernels;
 use crate::weights::storage::{DeviceModel, IoMode};
 
@@ -156,6 +157,9 @@ pub struct RawStorage {
     pub device: Option<toml::Value>,
     /// Refuse cells whose dense weights + expert cache + KV cache would exceed this (`32GiB`).
     pub memory_limit: Option<String>,
+    /// How CUDA misses reach the copy engine: `auto` (default), `registered`, `write-combined`
+    /// or `cacheable`.
+    pub staging: Option<Staging>,
 }
 
 /// `[cache]`.
@@ -391,6 +395,8 @@ pub struct StorageSpec {
     pub device: Option<(String, DeviceModel)>,
     /// Memory cells may use (dense + expert cache + KV), bytes.
     pub memory_limit: Option<u64>,
+    /// How CUDA misses reach the copy engine.
+    pub staging: Staging,
 }
 
 /// `[model] replay_on` resolved.
@@ -704,6 +710,7 @@ fn resolve_storage(file: &Path, s: &RawStorage) -> Result<StorageSpec> {
         io: s.io.unwrap_or_default(),
         device,
         memory_limit,
+        staging: s.staging.unwrap_or_default(),
     })
 }
 

@@ -222,6 +222,7 @@ pub(super) fn storage_config(exp: &Experiment, cfg: EngineConfig) -> EngineConfi
     EngineConfig {
         io: exp.storage.io,
         storage: exp.storage.device.as_ref().map(|(_, d)| *d),
+        staging: exp.storage.staging,
         ..compute_config(exp, cfg)
     }
 }

@@ -500,6 +500,10 @@ fn bad_storage_and_replay_settings_fail_clearly() {
         ("[storage]\ndevice = { read_gbps = 0.0 }\n", "read_gbps"),
         ("[storage]\nio = \"sometimes\"\n", "io = \"sometimes\""),
         (
+            "[storage]\nstaging = \"registred\"\n",
+            "staging = \"registred\"",
+        ),
+        (
             "[storage]\nmemory_limit = \"1KB\"\n",
             "below the dense weights",
         ),
@@ -515,6 +519,16 @@ fn bad_storage_and_replay_settings_fail_clearly() {
             "{extra}: {err}"
         );
     }
+    // Registered shard mappings asked for on the CPU backend: refused, nothing written.
+    let f = write_experiment(d.path(), "policy = \"lru\"\ncapacity = 2");
+    let text = std::fs::read_to_string(&f).unwrap() + "[storage]\nstaging = \"registered\"\n";
+    std::fs::write(&f, text).unwrap();
+    let (code, _, err) = harness(&["run", f.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("staging `registered`") && err.contains("cuda"),
+        "{err}"
+    );
     // A replay checkpoint of another shape (8 → 16 experts) names both.
     let other = d.path().join("other.json");
     let mut cfg: serde_json::Value = serde_json::from_str(
