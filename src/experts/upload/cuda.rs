@@ -364,9 +364,10 @@ impl DevicePacked {
 pub(super) struct Lane {
     stream: Arc<CudaStream>,
     buf: PinnedHostSlice<u8>,
-    /// Device copy of the staged bytes, reused by every upload of this lane (each upload
-    /// waits for its decode before the lane is reused).
-    dev_buf: CudaSlice<u8>,
+    /// Device copy of the bytes an f32-decoded upload brings over, reused by every such upload
+    /// of this lane (each waits for its decode before the lane is reused); made at first use
+    /// (packed experts are copied into buffers of their own).
+    dev_buf: Option<CudaSlice<u8>>,
 }
 
 impl Lane {
@@ -381,13 +382,10 @@ impl Lane {
         // SAFETY: the buffer is only read after `fill` has written the bytes it copies.
         let buf = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), flags) }
             .map_err(|e| driver(&format!("pinned allocation of {bytes} bytes"), e))?;
-        // SAFETY: only the bytes each upload copies in are ever read.
-        let dev_buf =
-            unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| driver("allocation", e))?;
         Ok(Lane {
             stream,
             buf,
-            dev_buf,
+            dev_buf: None,
         })
     }
 
@@ -515,6 +513,12 @@ impl Lane {
         } else {
             None
         };
+        if !own && self.dev_buf.as_ref().is_none_or(|b| b.len() < total) {
+            // SAFETY: only the bytes each upload copies in are ever read.
+            self.dev_buf = Some(
+                unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?,
+            );
+        }
         let start = self
             .stream
             .record_event(timed)
@@ -526,7 +530,11 @@ impl Lane {
             let src = unsafe { std::slice::from_raw_parts(s.ptr, s.len) };
             let mut dst = match fresh.as_mut() {
                 Some(f) => f.slice_mut(off..off + s.len),
-                None => self.dev_buf.slice_mut(off..off + s.len),
+                None => self
+                    .dev_buf
+                    .as_mut()
+                    .expect("made above")
+                    .slice_mut(off..off + s.len),
             };
             self.stream
                 .memcpy_htod(src, &mut dst)
@@ -555,6 +563,10 @@ impl Lane {
         parts: &[Part],
         projs: &[QuantProj; 3],
     ) -> Result<(Tensor, Tensor)> {
+        let dev_buf = self
+            .dev_buf
+            .as_ref()
+            .ok_or_else(|| Error::Input("internal: decode before the copy".into()))?;
         let mut offs = Vec::with_capacity(parts.len());
         let mut off = 0u64;
         for p in parts {
@@ -588,7 +600,7 @@ impl Lane {
             let (qo, so, bo) = (offs[3 * i], offs[3 * i + 1], offs[3 * i + 2]);
             let (bits, group) = (q.params.bits as u32, q.params.group_size as u32);
             let mut b = self.stream.launch_builder(&k.dequant);
-            b.arg(&self.dev_buf)
+            b.arg(dev_buf)
                 .arg(&qo)
                 .arg(&so)
                 .arg(&bo)

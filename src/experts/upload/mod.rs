@@ -4,10 +4,11 @@
 //! behind compute kernels. Where the store registered the experts' ranges of the shard mappings
 //! with the driver ([`Staging::Auto`] / [`Staging::Registered`]), each byte range is copied
 //! straight from the page cache's pages (no read, no staging buffer); otherwise the ranges are
-//! read into a page-locked (pinned) staging buffer and copied from there in one transfer. The bytes cross the link in their
-//! checkpoint form (4-bit words, bf16 scales); an MLX-quantized expert then either stays packed in
-//! GPU memory (`DevicePacked` in CUDA builds, run by a matrix-vector kernel that decodes as it multiplies) or
-//! is decoded to f32 by a kernel on the same stream. Each loader thread takes its own lane
+//! read into a page-locked (pinned) staging buffer and copied from there in one transfer. The
+//! bytes cross the link in their checkpoint form (4-bit words, bf16 scales); an MLX-quantized
+//! expert then either stays packed in GPU memory (`DevicePacked` in CUDA builds, run by a
+//! matrix-vector kernel that decodes as it multiplies) or is decoded to f32 by a kernel on the
+//! same stream. Each loader thread takes its own lane
 //! (stream + staging buffer) from a pool, so concurrent misses read and copy in parallel. On other
 //! devices the bytes are read into ordinary memory, handed to candle and decoded with tensor ops.
 //!
@@ -333,7 +334,7 @@ impl Uploader {
     }
 
     /// Chooses write-combined (every mode but `cacheable`) or cacheable pinned staging buffers
-    /// for lanes created from now on (registration is the store's: `ExpertStore::set_staging`).
+    /// for lanes created from now on (registration is the store's: `ExpertStore::apply_staging`).
     pub fn set_staging(&self, staging: Staging) {
         self.write_combined
             .store(staging != Staging::Cacheable, Ordering::Relaxed);
@@ -521,7 +522,8 @@ impl Uploader {
                 })
                 .collect();
             if let Some(srcs) = srcs {
-                let lane = self.take_lane(dev, total)?;
+                // Any lane will do: nothing is staged.
+                let lane = self.take_lane(dev, 0)?;
                 // Taken from host memory without a read: bytes counted, no read time.
                 let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
                 self.counters.read_bytes.fetch_add(bytes, Ordering::Relaxed);
