@@ -179,17 +179,16 @@ fn cli_token_errors_exit_nonzero() {
     assert_ne!(code, 0);
     assert!(err.contains("99999") && err.contains("vocab"), "{err}");
     assert!(!Path::new(npy).exists(), "no output on failure");
-    let (code, err) = harness(&[
-        "logits",
-        "--model",
-        d,
-        "--tokens",
-        "1,2",
-        "--out",
-        npy,
-        "--capacity",
-        "1",
-    ]);
+    let logits_1_2 = |extra: &[&str]| {
+        harness(
+            &[
+                &["logits", "--model", d, "--tokens", "1,2", "--out", npy],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let (code, err) = logits_1_2(&["--capacity", "1"]);
     assert_ne!(code, 0);
     assert!(err.contains("top-k"), "{err}");
     let (code, err) = harness(&[
@@ -199,17 +198,7 @@ fn cli_token_errors_exit_nonzero() {
     assert!(err.contains("fifo-ish") && err.contains("lru"), "{err}");
     // Registered shard mappings are the CUDA miss path's: asked for on the CPU, refused (never
     // a run that claims a staging it did not use).
-    let (code, err) = harness(&[
-        "logits",
-        "--model",
-        d,
-        "--tokens",
-        "1,2",
-        "--out",
-        npy,
-        "--staging",
-        "registered",
-    ]);
+    let (code, err) = logits_1_2(&["--staging", "registered"]);
     assert_ne!(code, 0);
     assert!(
         err.contains("staging `registered`") && err.contains("cuda"),
