@@ -397,7 +397,8 @@ impl ExpertStore {
     /// [`Checkpoint::set_io`]): registers the experts' ranges of the shard mappings when
     /// misses go through the page cache with no emulated device, the experts' bytes are at
     /// most half of the host's memory and the driver agrees; otherwise unregisters and stages
-    /// (an error if `registered` was asked for). No-op off CUDA.
+    /// (an error if `registered` was asked for). Off CUDA nothing is staged (`registered` is
+    /// an error there too).
     pub fn apply_staging(&self, asked: Staging) -> Result<()> {
         if self.staging.lock().expect("staging").0 != asked {
             self.uploader.set_staging(asked);
@@ -427,7 +428,7 @@ impl ExpertStore {
             ))
         } else if let Some(d) = io.device {
             Some(format!(
-                "misses are slowed to an emulated storage device ({d:?})"
+                "misses are slowed to an emulated storage device ({d})"
             ))
         } else {
             match cap {
