@@ -128,7 +128,8 @@ pub struct BenchRow {
     /// requested `bytes_per_token`.
     pub device_bytes_per_token: Option<f64>,
     /// `1 / (1/R + bytes_per_token / B_read)`, `R` the all-resident decode speed of this run and
-    /// `B_read` the storage read rate measured before the cells.
+    /// `B_read` the storage read rate measured before the cells; none where misses are copied
+    /// straight from registered mappings (they read nothing: the serial bound applies).
     pub storage_bound_tps: Option<f64>,
     /// `decode_tps / storage_bound_tps`.
     pub storage_bound_fraction: Option<f64>,
@@ -334,7 +335,9 @@ pub fn bench(
         row.prefill_tps = prompt_tokens as f64 / prefill.as_secs_f64().max(1e-12);
         // Decode steps only, like `bytes_per_token`: prefill reads are not counted in either.
         row.device_bytes_per_token = device_bytes.map(|b| b as f64 / tokens.max(1) as f64);
-        if let Some(res) = report.rows.iter().find(|r| r.cell == "resident") {
+        // Misses copied straight from registered mappings read nothing: no storage bound.
+        let reads = !engine.store.registered();
+        if let Some(res) = report.rows.iter().find(|r| r.cell == "resident" && reads) {
             let bound = storage_bound_tps(
                 res.decode_tps,
                 row.bytes_per_token,
