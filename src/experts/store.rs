@@ -16,7 +16,8 @@ use crate::weights::host::HostMatrix;
 use crate::weights::layout::{ExpertLayout, Prefix};
 use crate::weights::matrix::{FloatMatrix, Floats, Source};
 use crate::weights::packed::PackedMatrix;
-use crate::weights::{quant, quantized_parts, ByteRange, Checkpoint, DType};
+use crate::weights::storage::IoMode;
+use crate::weights::{quant, quantized_parts, ByteRange, Checkpoint, DType, IoSetup};
 
 use super::upload::{GpuExperts, Part, QuantProj, Staging, TransferStats, Uploader};
 use super::ExpertKey;
@@ -160,6 +161,33 @@ impl OpenCheckpoint {
             .map(|k| self.ck.get(k).map_or(0, |e| e.len))
             .sum();
         total.saturating_sub(self.store.total_bytes())
+    }
+}
+
+/// Why misses cannot be copied straight from registered shard mappings under `io`, with
+/// `expert_bytes` to lock on a host of `host_memory` bytes: they read around the page cache,
+/// they are slowed to an emulated device, or the experts exceed half of the host's memory (or
+/// its size is unknown). `None`: they can.
+fn not_registrable(io: &IoSetup, expert_bytes: u64, host_memory: Option<u64>) -> Option<String> {
+    if io.effective != IoMode::PageCache {
+        return Some(format!(
+            "misses read with io `{}`, around the page cache",
+            io.effective
+        ));
+    }
+    if let Some(d) = io.device {
+        return Some(format!(
+            "misses are slowed to an emulated storage device ({d})"
+        ));
+    }
+    match host_memory.map(|m| m / 2) {
+        Some(c) if expert_bytes <= c => None,
+        Some(c) => Some(format!(
+            "the experts' {:.2} GB exceed half of this host's memory ({:.2} GB)",
+            expert_bytes as f64 / 1e9,
+            c as f64 / 1e9
+        )),
+        None => Some("this host's memory size is unknown".into()),
     }
 }
 
@@ -418,29 +446,11 @@ impl ExpertStore {
             self.staging.lock().expect("staging").1 = asked.to_string();
             return Ok(());
         }
-        let io = self.ck.io_setup();
-        let bytes = self.total_bytes();
-        let cap = crate::weights::storage::total_memory().map(|m| m / 2);
-        let mut why_not = if io.effective != crate::weights::storage::IoMode::PageCache {
-            Some(format!(
-                "misses read with io `{}`, around the page cache",
-                io.effective
-            ))
-        } else if let Some(d) = io.device {
-            Some(format!(
-                "misses are slowed to an emulated storage device ({d})"
-            ))
-        } else {
-            match cap {
-                Some(c) if bytes <= c => None,
-                Some(c) => Some(format!(
-                    "the experts' {:.2} GB exceed half of this host's memory ({:.2} GB)",
-                    bytes as f64 / 1e9,
-                    c as f64 / 1e9
-                )),
-                None => Some("this host's memory size is unknown".into()),
-            }
-        };
+        let mut why_not = not_registrable(
+            &self.ck.io_setup(),
+            self.total_bytes(),
+            crate::weights::storage::total_memory(),
+        );
         if why_not.is_none() && !self.uploader.registered() {
             let ranges: Vec<ByteRange> = self
                 .handles
@@ -708,4 +718,45 @@ fn source(
         data: e.range(),
         dtype: e.dtype,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::storage::DeviceModel;
+
+    fn io(effective: IoMode, device: Option<DeviceModel>) -> IoSetup {
+        IoSetup {
+            asked: effective,
+            effective,
+            note: None,
+            device,
+        }
+    }
+
+    #[test]
+    fn registration_needs_page_cache_misses_no_emulation_and_room() {
+        let gb = 1_000_000_000u64;
+        let plain = io(IoMode::PageCache, None);
+        assert_eq!(not_registrable(&plain, 16 * gb, Some(128 * gb)), None);
+        assert_eq!(
+            not_registrable(&plain, 64 * gb, Some(128 * gb)),
+            None,
+            "exactly half"
+        );
+        let big = not_registrable(&plain, 65 * gb, Some(128 * gb)).unwrap();
+        assert!(
+            big.contains("65.00 GB") && big.contains("64.00 GB"),
+            "{big}"
+        );
+        assert!(not_registrable(&plain, gb, None)
+            .unwrap()
+            .contains("unknown"));
+        let direct = not_registrable(&io(IoMode::Direct, None), gb, Some(128 * gb)).unwrap();
+        assert!(direct.contains("`direct`"), "{direct}");
+        assert!(not_registrable(&io(IoMode::Cold, None), gb, Some(128 * gb)).is_some());
+        let nvme = DeviceModel::preset("pcie4-nvme").unwrap();
+        let emulated = not_registrable(&io(IoMode::PageCache, Some(nvme)), gb, Some(128 * gb));
+        assert!(emulated.unwrap().contains("emulated"));
+    }
 }
