@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's peers in one call on the GPU machine, on the first LAYERS decoder layers of the
 # GLM-4.7-Flash shape (experiments/configs/glm47-flash.json, random weights, all weights resident):
-#   * llama.cpp CUDA `llama-bench` (pp16, tg64, 3 repetitions, all layers on the GPU) on a Q4_0 GGUF
+#   * llama.cpp CUDA `llama-bench` (pp16, tg64, 3 repetitions, all layers on the GPU; three runs
+#     alternated with harness's all-resident cell) on a Q4_0 GGUF
 #     that llama.cpp's own converter (scripts/peers/gguf_convert.py) and quantizer made from the bf16
 #     `harness synth` checkpoint of the same config; then with `--n-cpu-moe LAYERS` (every routed
 #     expert in host memory, computed by the CPU: llama.cpp's offloading answer);
@@ -34,7 +35,12 @@ if [ ! -f "$g-q4_0.gguf" ]; then
   rm -f "$g-bf16.gguf"
 fi
 echo "prepare_s $(( $(date +%s) - t0 ))" >> "$out/gpu.txt"
-timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -p 16 -n 64 -r 3 -o json > "$out/llama.json" 2> "$out/llama.log"
+# llama.cpp and harness all-resident, alternated three times (the host's speed drifts within a call).
+for i in 1 2 3; do
+  timeout 60 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -p 16 -n 64 -r 3 -o json > "$out/llama$i.json" 2> "$out/llama$i.log"
+  timeout 60 $H bench --model "$m" --device cuda --policy lru --capacity 64 --prompts 3 --tokens 16 \
+    --json "$out/resident$i.json" > "$out/resident$i.txt" 2>&1
+done
 timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -ncmoe "$layers" -p 16 -n 64 -r 3 -o json > "$out/llama_cpumoe.json" 2> "$out/llama_cpumoe.log"
 timeout 200 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
   --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
