@@ -449,14 +449,14 @@ impl ExpertStore {
         let mut why_not = not_registrable(
             &self.ck.io_setup(),
             self.total_bytes(),
-            crate::weights::storage::total_memory(),
+            crate::weights::storage::meminfo_bytes("MemTotal"),
         );
         if why_not.is_none() && !self.uploader.registered() {
             let ranges: Vec<ByteRange> = self
                 .handles
                 .iter()
                 .flatten()
-                .flat_map(|h| h.proj.iter().flat_map(|p| p.ranges()))
+                .flat_map(|h| h.ranges())
                 .collect();
             let maps = (0..self.ck.num_shards())
                 .map(|i| self.ck.shard_map(i))

@@ -38,10 +38,12 @@ impl IoMode {
     }
 }
 
-/// `MemTotal` of `/proc/meminfo` in bytes (Linux); `None` elsewhere.
-pub fn total_memory() -> Option<u64> {
+/// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in bytes (Linux); `None` elsewhere.
+pub fn meminfo_bytes(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -465,6 +467,16 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn meminfo_fields_parse_and_a_prefix_is_not_a_field() {
+        let total = meminfo_bytes("MemTotal").expect("MemTotal on Linux");
+        let avail = meminfo_bytes("MemAvailable").expect("MemAvailable on Linux");
+        assert!(total >= avail && avail > 0, "{total} {avail}");
+        // `Mem` prefixes both fields but is neither.
+        assert_eq!(meminfo_bytes("Mem"), None);
+    }
 
     /// A clock that only moves when told to (or when something sleeps on it).
     #[derive(Debug, Default, Clone)]

@@ -446,9 +446,14 @@ impl Lane {
         })
     }
 
-    /// The host bytes of each part as `fill` staged them in this lane's buffer.
-    pub(super) fn staged(&self, parts: &[Part]) -> Result<Vec<Src>> {
+    /// The host bytes of each part as `fill` staged them in this lane's buffer, or (`whole`) all
+    /// of them as one source, their aligned layout included.
+    pub(super) fn staged(&self, parts: &[Part], whole: bool) -> Result<Vec<Src>> {
         let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
+        if whole {
+            let len = parts.iter().map(|p| aligned(p.range.len)).sum();
+            return Ok(vec![Src { ptr: base, len }]);
+        }
         let mut off = 0;
         Ok(parts
             .iter()

@@ -545,15 +545,7 @@ impl Uploader {
             return Err(e);
         }
         self.note_read(parts, t);
-        let srcs = if whole {
-            let staged = lane.staged(parts)?;
-            vec![cuda::Src {
-                ptr: staged[0].ptr,
-                len: total,
-            }]
-        } else {
-            lane.staged(parts)?
-        };
+        let srcs = lane.staged(parts, whole)?;
         Ok((lane, srcs, None))
     }
 

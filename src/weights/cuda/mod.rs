@@ -428,8 +428,9 @@ pub const SHARED_MAX: usize = 96 * 1024;
 
 /// Blocks of 256 threads for a row kernel `f` (a warp a row in a grid-stride loop, `smem` bytes
 /// of shared memory a block) over `rows` rows: at most one row per warp, and at most
-/// `HARNESS_ROW_WAVES` (default 1; `row_waves`) times the blocks the GPU holds at once, so that each block copies its input to
-/// shared memory once for several rows and no partial last wave of blocks is left waiting.
+/// `HARNESS_ROW_WAVES` (default 1; `row_waves`) times the blocks the GPU holds at once, so that
+/// each block copies its input to shared memory once for several rows and no partial last wave
+/// of blocks is left waiting.
 pub fn row_blocks(f: &CudaFunction, stream: &CudaStream, rows: usize, smem: usize) -> u32 {
     let one_per_warp = rows.div_ceil(8).clamp(1, 1024) as u32;
     let waves = row_waves();
