@@ -13,8 +13,13 @@
 # .gpu/llama-cuda.tar.xz: bin/ (llama-bench, llama-quantize, their shared libraries) plus the
 # converter (convert_hf_to_gguf.py, conversion/, gguf-py/) of the same tree. Build notes in
 # docs/performance.md. The GPU machine has no internet: nothing here downloads.
-# Usage: bash scripts/gpu_peers.sh OUTDIR [LAYERS] [CAPACITIES]
+# Usage: [DEADLINE=seconds] bash scripts/gpu_peers.sh OUTDIR [LAYERS] [CAPACITIES]
+# With DEADLINE, the steps after the alternated resident runs start only if they can finish in
+# time (a device call's command is cut at 10 minutes; the whole model's preparation takes most of
+# one, and what it wrote is reused by the next call while the machine is still held).
 set -u
+D=${DEADLINE:-100000}
+T0=$(date +%s); left() { echo $(( D - ($(date +%s) - T0) )); }
 out=${1:-/tmp/gpu_peers}; layers=${2:-8}; caps=${3:-16,32,64}
 mkdir -p "$out"
 source scripts/gpu_binary.sh
@@ -26,14 +31,31 @@ cfg=experiments/configs/glm47-flash.json
 m=/tmp/flash$layers; b=/tmp/flash$layers-bf16; g=/tmp/flash$layers
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } > "$out/gpu.txt" 2>&1
 t0=$(date +%s)
-[ -d "$m" ] || $H synth --config $cfg --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
 if [ ! -f "$g-q4_0.gguf" ]; then
-  $H synth --config $cfg --layout bf16 --out "$b" --layers "$layers" >> "$out/gpu.txt" 2>&1
-  python3 scripts/peers/gguf_convert.py $L "$b" "$g-bf16.gguf" --no-mtp > "$out/convert.log" 2>&1
-  rm -rf "$b"
-  $L/bin/llama-quantize "$g-bf16.gguf" "$g-q4_0.gguf" Q4_0 > "$out/quantize.log" 2>&1
-  rm -f "$g-bf16.gguf"
+  if [ "$layers" -le 16 ]; then
+    $H synth --config $cfg --layout bf16 --out "$b" --layers "$layers" >> "$out/gpu.txt" 2>&1
+    python3 scripts/peers/gguf_convert.py $L "$b" "$g-bf16.gguf" --no-mtp > "$out/convert.log" 2>&1
+    rm -rf "$b"
+    $L/bin/llama-quantize "$g-bf16.gguf" "$g-q4_0.gguf" Q4_0 > "$out/quantize.log" 2>&1
+    rm -f "$g-bf16.gguf"
+  else
+    # The whole model: its bf16 checkpoint and the converter's bf16 GGUF are ~60 GB each, and the
+    # GPU machine has a 64 GB disk and 128 GB of memory. The checkpoint goes to /dev/shm, the GGUF
+    # to the disk; the checkpoint is dropped before llama-quantize writes Q4_0 (~17 GB) to
+    # /dev/shm, then the bf16 GGUF is dropped before the MLX checkpoint is written.
+    b=/dev/shm/flash$layers-bf16; q=/dev/shm/flash$layers-q4_0.gguf
+    $H synth --config $cfg --layout bf16 --out "$b" --layers "$layers" >> "$out/gpu.txt" 2>&1
+    echo "synth_bf16_s $(( $(date +%s) - t0 ))" >> "$out/gpu.txt"
+    python3 scripts/peers/gguf_convert.py $L "$b" "$g-bf16.gguf" --no-mtp > "$out/convert.log" 2>&1
+    echo "convert_s $(( $(date +%s) - t0 ))" >> "$out/gpu.txt"
+    rm -rf "$b"
+    $L/bin/llama-quantize "$g-bf16.gguf" "$q" Q4_0 > "$out/quantize.log" 2>&1
+    rm -f "$g-bf16.gguf"
+    ln -sf "$q" "$g-q4_0.gguf"
+  fi
+  df -h / /dev/shm >> "$out/gpu.txt" 2>&1
 fi
+[ -d "$m" ] || $H synth --config $cfg --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
 echo "prepare_s $(( $(date +%s) - t0 ))" >> "$out/gpu.txt"
 # llama.cpp and harness all-resident, alternated three times (the host's speed drifts within a call).
 for i in 1 2 3; do
@@ -41,8 +63,8 @@ for i in 1 2 3; do
   timeout 60 $H bench --model "$m" --device cuda --policy lru --capacity 64 --prompts 3 --tokens 16 \
     --json "$out/resident$i.json" > "$out/resident$i.txt" 2>&1
 done
-timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -ncmoe "$layers" -p 16 -n 64 -r 3 -o json > "$out/llama_cpumoe.json" 2> "$out/llama_cpumoe.log"
-timeout 200 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
+[ "$(left)" -gt 170 ] && timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -ncmoe "$layers" -p 16 -n 64 -r 3 -o json > "$out/llama_cpumoe.json" 2> "$out/llama_cpumoe.log"
+[ "$(left)" -gt 120 ] && timeout 200 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
   --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
-timeout 90 python3 scripts/hf_decode_baseline.py $cfg --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
+[ "$(left)" -gt 100 ] && timeout 90 python3 scripts/hf_decode_baseline.py $cfg --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
 exit 0
