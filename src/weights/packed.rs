@@ -4,7 +4,7 @@
 
 use crate::config::QuantParams;
 
-use super::kernels::{by_rows, current_kernels, q4, Kernels};
+use super::kernels::{by_row_runs, by_rows, current_kernels, q4, Kernels};
 use super::matrix::{words_from, Floats, FloatsView, Source, Words};
 use super::safetensors::DType;
 
@@ -244,28 +244,41 @@ impl Rows4<'_> {
     fn run<S: q4::Scales>(&self, s: S, b: S, rows: usize, t: usize, work: usize) -> Vec<f32> {
         let (c, gs) = (self.c, self.gs);
         let groups = c / gs;
-        let wpg = gs / 8;
+        let wpr = groups * gs / 8;
         let simd = q4::Simd::current();
-        by_rows(rows, t, work, |r, out| {
-            let r = self.r0 + r;
-            let row = q4::Row {
-                words: &self.words[r * groups * wpg..(r + 1) * groups * wpg],
-                s,
-                b,
-                k0: r * groups,
-                groups,
-                gs,
-            };
-            // Inputs innermost: the row's words (cols/2 bytes) stay in L1 across them.
-            match self.qi {
-                Some(qi) => {
-                    for (i, o) in out.iter_mut().enumerate() {
+        // Rows r..r + n of the matrix, as the kernels take them.
+        let rows_at = |r: usize, n: usize| q4::Row {
+            words: &self.words[r * wpr..(r + n) * wpr],
+            s,
+            b,
+            k0: r * groups,
+            groups,
+            gs,
+        };
+        match self.qi {
+            // A block of rows a kernel call, input by input (the block's words, ≤ 32 KB, stay
+            // in L1/L2 across inputs).
+            Some(qi) => {
+                let t1 = t.max(1);
+                let run = (1 << 15) / (c / 2).max(1);
+                by_row_runs(rows, t, work, run.max(1), |r0, n, out| {
+                    let first = rows_at(self.r0 + r0, n);
+                    for i in 0..t1 {
                         let xs_sum = &self.xsum[i * groups..(i + 1) * groups];
-                        *o = simd.row_int8(row, qi.row(i), xs_sum);
+                        simd.rows_int8(first, n, qi.row(i), xs_sum, &mut out[i..], t1);
                     }
-                }
-                None => simd.rows_exact(row, self.xs, c, self.xsum, out),
+                })
             }
-        })
+            // One input (decode): a block of rows a kernel call.
+            None if t <= 1 => {
+                by_row_runs(rows, t, work, (1 << 15) / (c / 2).max(1), |r0, n, out| {
+                    simd.rows_exact_one(rows_at(self.r0 + r0, n), n, self.xs, self.xsum, out, 1)
+                })
+            }
+            // Inputs innermost: the row's words (cols/2 bytes) stay in L1 across them.
+            None => by_rows(rows, t, work, |r, out| {
+                simd.rows_exact(rows_at(self.r0 + r, 1), self.xs, c, self.xsum, out)
+            }),
+        }
     }
 }

@@ -177,8 +177,30 @@ pub fn by_rows(
     work: usize,
     row: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    by_row_runs(rows, t, work, 1, |r0, _, out| row(r0, out))
+}
+
+/// As [`by_rows`] with rows handed out in runs of up to `run` consecutive rows: `f(r0, n, out)`
+/// computes rows `r0..r0 + n` (`n ≤ run`), `out` holding their `n × t` outputs row by row (row
+/// `k`'s output for input `i` at `k·t + i`). The rows a thread takes are whole runs, so the
+/// split, and each output, does not depend on the thread count beyond which thread runs it.
+pub fn by_row_runs(
+    rows: usize,
+    t: usize,
+    work: usize,
+    run: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let t1 = t.max(1);
+    let run = run.max(1);
     let mut by_row = vec![0f32; rows * t1];
+    // Rows r0..r1, whose outputs are `block`, run by run.
+    let runs = |r0: usize, r1: usize, block: &mut [f32]| {
+        for (k, out) in block.chunks_mut(run * t1).enumerate() {
+            let a = r0 + k * run;
+            f(a, run.min(r1 - a), out);
+        }
+    };
     match current_pool() {
         Some(pool) if work >= PARALLEL_WORK && rows >= 16 => {
             // A few blocks per thread for balance, each at least 8 rows.
@@ -188,16 +210,10 @@ pub fn by_rows(
                 let (r0, r1) = (b * per, ((b + 1) * per).min(rows));
                 // SAFETY: block `b` is rows r0..r1 of `by_row`, claimed by this thread only.
                 let block = unsafe { buf.part(r0 * t1, (r1 - r0) * t1) };
-                for (k, out) in block.chunks_mut(t1).enumerate() {
-                    row(r0 + k, out);
-                }
+                runs(r0, r1, block);
             });
         }
-        _ => {
-            for (r, out) in by_row.chunks_mut(t1).enumerate() {
-                row(r, out);
-            }
-        }
+        _ => runs(0, rows, &mut by_row),
     }
     if t1 == 1 {
         return by_row;

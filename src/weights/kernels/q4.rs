@@ -19,12 +19,24 @@
 pub trait Scales: Copy + Sync {
     /// Value `i` as f32 (exactly).
     fn at(self, i: usize) -> f32;
+
+    /// Values `i..i + 8` as f32 (one bounds check, so the conversion vectorizes).
+    #[inline(always)]
+    fn at8(self, i: usize) -> [f32; 8] {
+        std::array::from_fn(|k| self.at(i + k))
+    }
 }
 
 impl Scales for &[f32] {
     #[inline(always)]
     fn at(self, i: usize) -> f32 {
         self[i]
+    }
+
+    #[inline(always)]
+    fn at8(self, i: usize) -> [f32; 8] {
+        let v: &[f32; 8] = self[i..i + 8].try_into().expect("8 values");
+        *v
     }
 }
 
@@ -36,6 +48,12 @@ impl Scales for Bf16s<'_> {
     #[inline(always)]
     fn at(self, i: usize) -> f32 {
         f32::from_bits((self.0[i] as u32) << 16)
+    }
+
+    #[inline(always)]
+    fn at8(self, i: usize) -> [f32; 8] {
+        let h: &[u16; 8] = self.0[i..i + 8].try_into().expect("8 values");
+        h.map(|h| f32::from_bits((h as u32) << 16))
     }
 }
 
@@ -69,36 +87,39 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// One input row quantized: values and lane scales of the int8 part, and of the residual part
-/// (empty with one part).
+/// One input row quantized: the int8 part, the residual part (empty with one part) and the
+/// scale of each lane's integer sum.
 #[derive(Debug, Clone, Copy)]
 pub struct QRow<'a> {
     /// Int8 values (see [`QuantizedInput::q`]).
     pub q: &'a [i8],
-    /// Their lane scales.
-    pub d: &'a [f32],
     /// The residual's int8 values (empty: one part).
     pub q2: &'a [i8],
-    /// Their lane scales.
-    pub d2: &'a [f32],
+    /// Lane scales (see [`QuantizedInput::d`]).
+    pub d: &'a [f32],
 }
 
+/// Steps of the residual part in one step of the int8 part. A value rounded to the int8 step
+/// `d` is off by at most `d/2`, so its residual in steps of `d/254` lies within ±127: the two
+/// parts are the integer `254·q + q2` in steps of `d/254` (about 15 bits), summed in integers.
+pub const RESIDUAL_STEPS: i32 = 254;
+
 /// Activations of one or more input rows quantized for the int8 kernels: `x ≈ d·q` per
-/// 32-column block, and with two parts also the residual `x − d·q ≈ d2·q2` (about 16-bit
-/// precision from two int8 passes).
+/// 32-column block with `d = max|x| / 127`, and with two parts also the residual
+/// `x − d·q ≈ (d/254)·q2`.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedInput {
     /// Per input row, `cols` int8 values; within each 64-column chunk, the 32 even columns
     /// first, then the 32 odd ones (the order of a chunk's low and high nibbles).
     pub q: Vec<i8>,
-    /// Per input row, one scale per 32-column block, each repeated 4 times (the four lanes
-    /// whose sums it scales: 8 values per 64-column chunk).
-    pub d: Vec<f32>,
     /// The residual part, laid out as `q` (empty with one part).
     pub q2: Vec<i8>,
-    /// Its scales, laid out as `d`.
-    pub d2: Vec<f32>,
-    /// Per input row, per 32-column block, the block's sum as quantized (`d·Σq + d2·Σq2`).
+    /// Per input row, the scale of the integer each kernel lane sums, one per 32-column block
+    /// repeated 4 times (the four lanes of its words: 8 values per 64-column chunk): the block's
+    /// step `d` with one part, `d/254` with two (the lanes then sum `254·q + q2`).
+    pub d: Vec<f32>,
+    /// Per input row, per 32-column block, the block's sum as quantized (`Σ` of the values the
+    /// kernels multiply).
     pub block_sums: Vec<f32>,
     /// Columns per input row.
     pub cols: usize,
@@ -109,60 +130,115 @@ pub fn int8_fits(cols: usize, gs: usize) -> bool {
     cols.is_multiple_of(64) && gs >= 32 && gs.is_power_of_two()
 }
 
-/// Quantizes one 32-value block to int8 (`round(x / d)`, `d = max|x| / 127`), writing the
-/// values at `even`/`odd` positions; returns `d` and the integer sum.
-fn quantize_block(x: &[f32], out: &mut [i8], at: impl Fn(usize) -> usize) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// Quantizes one block of 32 values: `q = round(x / d)` (ties to even) with `d = max|x| /
+/// 127`, and with `two` the residual `q2 = round((x − d·q) · 254 / d)` within ±127; returns
+/// `d`. The portable form of [`quantize_block_avx2`] (the same operations).
+fn quantize_block(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut [i32; 32]) -> f32 {
+    let amax = x[..32].iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (i, v) in x.iter().enumerate() {
-        let q = (v * id).round() as i8;
-        out[at(i)] = q;
-        sum += q as i32;
+    let id2 = id * RESIDUAL_STEPS as f32;
+    for i in 0..32 {
+        let v = (x[i] * id).round_ties_even();
+        q[i] = v as i32;
+        if two {
+            let r = x[i] - d * v;
+            q2[i] = (r * id2).round_ties_even().clamp(-127.0, 127.0) as i32;
+        }
     }
-    (d, sum)
+    d
+}
+
+/// [`quantize_block`] with AVX2 (bit-equal: the same operations, rounding to nearest even).
+///
+/// # Safety
+/// The CPU must support AVX2; `x` holds at least 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut [i32; 32]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= 32);
+    let p = x.as_ptr();
+    let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+    let sign = _mm256_set1_ps(-0.0);
+    let a = v.map(|v| _mm256_andnot_ps(sign, v));
+    let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let id2 = id * RESIDUAL_STEPS as f32;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let (vid, vid2, vd) = (_mm256_set1_ps(id), _mm256_set1_ps(id2), _mm256_set1_ps(d));
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    for (k, v) in v.iter().enumerate() {
+        let t = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(*v, vid));
+        _mm256_storeu_si256(
+            q.as_mut_ptr().add(8 * k) as *mut __m256i,
+            _mm256_cvttps_epi32(t),
+        );
+        if two {
+            let r = _mm256_sub_ps(*v, _mm256_mul_ps(vd, t));
+            let t2 = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(r, vid2));
+            let t2 = _mm256_min_ps(_mm256_max_ps(t2, lo), hi);
+            _mm256_storeu_si256(
+                q2.as_mut_ptr().add(8 * k) as *mut __m256i,
+                _mm256_cvttps_epi32(t2),
+            );
+        }
+    }
+    d
 }
 
 impl QuantizedInput {
     /// Quantizes every `cols`-long row of `xs` (`cols` a multiple of 64) into one part, or two
     /// (`residual`).
     pub fn new(xs: &[f32], cols: usize, residual: bool) -> Self {
+        Self::new_in(Simd::current(), xs, cols, residual)
+    }
+
+    /// [`QuantizedInput::new`] with the quantizer of `simd` (every form bit-equal).
+    pub fn new_in(simd: Simd, xs: &[f32], cols: usize, residual: bool) -> Self {
         debug_assert!(cols.is_multiple_of(64) && xs.len().is_multiple_of(cols));
         let n = xs.len();
         let mut qi = QuantizedInput {
             q: vec![0i8; n],
-            d: Vec::with_capacity(n / 8),
             q2: if residual { vec![0i8; n] } else { Vec::new() },
-            d2: Vec::with_capacity(if residual { n / 8 } else { 0 }),
+            d: Vec::with_capacity(n / 8),
             block_sums: Vec::with_capacity(n / 32),
             cols,
         };
-        let mut r = [0f32; 32];
+        let (mut q, mut q2) = ([0i32; 32], [0i32; 32]);
         for (blk, x) in xs.chunks_exact(32).enumerate() {
-            // Block `blk` is half `h` of chunk `blk / 2`: its column i (even or odd) goes to
-            // the chunk's even or odd half.
-            let (base, h) = ((blk / 2) * 64, blk % 2);
-            let at = |i: usize| {
-                let col = 32 * h + i;
-                base + if col.is_multiple_of(2) {
-                    col / 2
-                } else {
-                    32 + col / 2
-                }
+            let d = match simd {
+                // SAFETY: `Avx2` is only detected on CPUs with AVX2; the block holds 32 values.
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe { quantize_block_avx2(x, residual, &mut q, &mut q2) },
+                _ => quantize_block(x, residual, &mut q, &mut q2),
             };
-            let (d, s) = quantize_block(x, &mut qi.q, at);
-            qi.d.extend([d; 4]);
-            let mut sum = d * s as f32;
-            if residual {
-                for (i, (ri, xi)) in r.iter_mut().zip(x).enumerate() {
-                    *ri = xi - d * qi.q[at(i)] as f32;
+            // Block `blk` is half `h` of chunk `blk / 2`: its even columns go to positions
+            // 16h.. of the chunk's even half, its odd ones to 32 + 16h.. of the odd half.
+            let base = (blk / 2) * 64 + 16 * (blk % 2);
+            let (mut s1, mut s2) = (0i32, 0i32);
+            for i in 0..16 {
+                let (e, o) = (base + i, base + 32 + i);
+                qi.q[e] = q[2 * i] as i8;
+                qi.q[o] = q[2 * i + 1] as i8;
+                s1 += q[2 * i] + q[2 * i + 1];
+                if residual {
+                    qi.q2[e] = q2[2 * i] as i8;
+                    qi.q2[o] = q2[2 * i + 1] as i8;
+                    s2 += q2[2 * i] + q2[2 * i + 1];
                 }
-                let (d2, s2) = quantize_block(&r, &mut qi.q2, at);
-                qi.d2.extend([d2; 4]);
-                sum += d2 * s2 as f32;
             }
-            qi.block_sums.push(sum);
+            let (lane, units) = if residual {
+                (d / RESIDUAL_STEPS as f32, RESIDUAL_STEPS * s1 + s2)
+            } else {
+                (d, s1)
+            };
+            qi.d.extend([lane; 4]);
+            qi.block_sums.push(lane * units as f32);
         }
         qi
     }
@@ -171,19 +247,16 @@ impl QuantizedInput {
     #[inline]
     pub fn row(&self, i: usize) -> QRow<'_> {
         let c = self.cols;
-        let (q, d) = (
-            &self.q[i * c..(i + 1) * c],
-            &self.d[i * c / 8..(i + 1) * c / 8],
-        );
-        let (q2, d2) = if self.q2.is_empty() {
-            (&[][..], &[][..])
+        let q2 = if self.q2.is_empty() {
+            &[][..]
         } else {
-            (
-                &self.q2[i * c..(i + 1) * c],
-                &self.d2[i * c / 8..(i + 1) * c / 8],
-            )
+            &self.q2[i * c..(i + 1) * c]
         };
-        QRow { q, d, q2, d2 }
+        QRow {
+            q: &self.q[i * c..(i + 1) * c],
+            q2,
+            d: &self.d[i * c / 8..(i + 1) * c / 8],
+        }
     }
 
     /// Per input row, per group of `gs` columns (a multiple of 32), the group's sum as
@@ -204,14 +277,23 @@ fn reduce(l: [f32; 8]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
-/// `Σ_g b_g · Σx_g` over the row's groups, in group order (every form adds it last).
+/// `Σ_g b_g · Σx_g` over the row's groups: group `g` into lane `g mod 8`, in group order, then
+/// the lanes' reduction (every form adds it last).
 #[inline(always)]
 fn bias_sum(groups: usize, xsum: &[f32], b: impl Scales, k0: usize) -> f32 {
-    let mut acc = 0f32;
-    for (g, xs) in xsum[..groups].iter().enumerate() {
-        acc += b.at(k0 + g) * xs;
+    let mut l = [0f32; 8];
+    let xsum = &xsum[..groups];
+    let full = groups / 8 * 8;
+    for (j, ch) in xsum[..full].chunks_exact(8).enumerate() {
+        let bv = b.at8(k0 + 8 * j);
+        for k in 0..8 {
+            l[k] += bv[k] * ch[k];
+        }
     }
-    acc
+    for (k, xs) in xsum[full..].iter().enumerate() {
+        l[k] += b.at(k0 + full + k) * xs;
+    }
+    reduce(l)
 }
 
 /// One row of a 4-bit matrix as every kernel form reads it: its packed words (`groups` groups
@@ -232,14 +314,24 @@ pub struct Row<'a, S> {
     pub gs: usize,
 }
 
-impl<S> Row<'_, S> {
+impl<S: Copy> Row<'_, S> {
+    /// Row `j` of the rows starting at this one (its `words` spanning them).
+    fn nth(self, j: usize) -> Self {
+        let per_row = self.groups * self.gs / 8;
+        Row {
+            words: &self.words[j * per_row..(j + 1) * per_row],
+            k0: self.k0 + j * self.groups,
+            ..self
+        }
+    }
+
     /// The row's 64-column chunks, after checking that the row's words and the int8 input
     /// (with its residual part if `two`) cover them: the SIMD forms read unchecked.
     fn int8_chunks(&self, x: QRow<'_>, two: bool) -> usize {
         let chunks = self.groups * self.gs / 64;
         assert!(self.words.len() >= chunks * 8 && x.q.len() >= chunks * 64);
         assert!(x.d.len() >= chunks * 8);
-        assert!(!two || (x.q2.len() >= chunks * 64 && x.d2.len() >= chunks * 8));
+        assert!(!two || x.q2.len() >= chunks * 64);
         chunks
     }
 }
@@ -276,8 +368,9 @@ pub fn row_exact<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
 
 /// Int8 kernel, portable form (see [`row_exact`]; `x`: the input row as
 /// [`QuantizedInput::row`] gives it). Lane `k` of chunk `c` (64 columns) sums word `8c + k`'s
-/// eight products in integers and adds them, scaled by `d · s` of its 32-column block, to its
-/// accumulator with one fused multiply-add (then the same for the residual part, if any).
+/// eight products in integers (with two parts, `254·` the int8 part's plus the residual's) and
+/// adds that sum, scaled by the lane scale times `s` of its 32-column block, to its accumulator
+/// with one fused multiply-add.
 pub fn row_int8<S: Scales>(r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
     if x.q2.is_empty() {
         int8_portable::<S, false>(r, x, xsum)
@@ -295,7 +388,7 @@ fn int8_portable<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &
         groups,
         gs,
     } = r;
-    let chunks = groups * gs / 64;
+    let chunks = r.int8_chunks(x, TWO);
     let sh = gs.trailing_zeros();
     let mut total = [0f32; 8];
     for c in 0..chunks {
@@ -312,26 +405,37 @@ fn int8_portable<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &
             }
             sums
         };
-        let i1 = part(x.q);
-        let i2 = if TWO { part(x.q2) } else { [0; 8] };
+        let mut n = part(x.q);
+        if TWO {
+            let n2 = part(x.q2);
+            for k in 0..8 {
+                n[k] = RESIDUAL_STEPS * n[k] + n2[k];
+            }
+        }
         for k in 0..8 {
             let sg = s.at(k0 + ((c * 64 + 32 * (k / 4)) >> sh));
-            total[k] = (i1[k] as f32).mul_add(x.d[c * 8 + k] * sg, total[k]);
-            if TWO {
-                total[k] = (i2[k] as f32).mul_add(x.d2[c * 8 + k] * sg, total[k]);
-            }
+            total[k] = (n[k] as f32).mul_add(x.d[c * 8 + k] * sg, total[k]);
         }
     }
     reduce(total) + bias_sum(groups, xsum, b, k0)
 }
 
-/// Exact kernel with AVX2 + FMA (bit-equal to [`row_exact`]).
+/// Exact kernel with AVX2 + FMA (bit-equal to [`row_exact`]) over `n` consecutive rows of one
+/// matrix against one input, as [`int8_avx2`] takes them (`first` and the rows after it, row
+/// `j`'s output to `out[j · stride]`).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exact_avx2<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
+unsafe fn exact_avx2<S: Scales>(
+    first: Row<'_, S>,
+    n: usize,
+    x: &[f32],
+    xsum: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
     let Row {
         words,
         s,
@@ -339,30 +443,35 @@ unsafe fn exact_avx2<S: Scales>(r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
         k0,
         groups,
         gs,
-    } = r;
+    } = first;
     use std::arch::x86_64::*;
     let wpg = gs / 8;
-    assert!(words.len() >= groups * wpg && x.len() >= groups * gs);
+    assert!(x.len() >= groups * gs);
+    assert!(n == 0 || (words.len() >= n * groups * wpg && out.len() > (n - 1) * stride));
     let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     let fifteen = _mm256_set1_epi32(15);
-    let mut total = _mm256_setzero_ps();
-    let (wp, xp) = (words.as_ptr(), x.as_ptr());
-    for g in 0..groups {
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..wpg {
-            let w = *wp.add(g * wpg + i);
-            let q = _mm256_and_si256(
-                _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
-                fifteen,
-            );
-            let xv = _mm256_loadu_ps(xp.add(g * gs + 8 * i));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xv, acc);
+    let xp = x.as_ptr();
+    for j in 0..n {
+        let wp = words.as_ptr().add(j * groups * wpg);
+        let k0 = k0 + j * groups;
+        let mut total = _mm256_setzero_ps();
+        for g in 0..groups {
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..wpg {
+                let w = *wp.add(g * wpg + i);
+                let q = _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
+                    fifteen,
+                );
+                let xv = _mm256_loadu_ps(xp.add(g * gs + 8 * i));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xv, acc);
+            }
+            total = _mm256_fmadd_ps(_mm256_set1_ps(s.at(k0 + g)), acc, total);
         }
-        total = _mm256_fmadd_ps(_mm256_set1_ps(s.at(k0 + g)), acc, total);
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), total);
+        *out.get_unchecked_mut(j * stride) = reduce(l) + bias_sum(groups, xsum, b, k0);
     }
-    let mut l = [0f32; 8];
-    _mm256_storeu_ps(l.as_mut_ptr(), total);
-    reduce(l) + bias_sum(groups, xsum, b, k0)
 }
 
 /// [`exact_avx2`] for `N` input rows at once (`xs`: `N` rows of `c` columns, `xsums`: `N` rows
@@ -422,13 +531,22 @@ unsafe fn exact_multi_avx2<S: Scales, const N: usize>(
 }
 
 /// Int8 kernel with AVX2 (`maddubs`: unsigned nibbles × signed int8 activations; bit-equal to
-/// [`row_int8`]); `TWO`: the input has a residual part.
+/// [`row_int8`]) over `n` consecutive rows of one matrix, `first` and the `n − 1` after it
+/// (its `words` spanning them all), writing row `j`'s output to `out[j · stride]`; `TWO`: the
+/// input has a residual part. One call a matrix's block of rows: no per-row call or checks.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn int8_avx2<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
+unsafe fn int8_avx2<S: Scales, const TWO: bool>(
+    first: Row<'_, S>,
+    n: usize,
+    x: QRow<'_>,
+    xsum: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
     let Row {
         words,
         s,
@@ -436,43 +554,52 @@ unsafe fn int8_avx2<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum
         k0,
         groups,
         gs,
-    } = r;
+    } = first;
     use std::arch::x86_64::*;
-    let chunks = r.int8_chunks(x, TWO);
+    let chunks = first.int8_chunks(x, TWO);
+    assert!(n == 0 || (words.len() >= n * chunks * 8 && out.len() > (n - 1) * stride));
     let sh = gs.trailing_zeros();
     let low = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
-    let mut total = _mm256_setzero_ps();
-    let wp = words.as_ptr() as *const u8;
-    let (qp, dp, qp2, dp2) = (x.q.as_ptr(), x.d.as_ptr(), x.q2.as_ptr(), x.d2.as_ptr());
-    for c in 0..chunks {
-        let w = _mm256_loadu_si256(wp.add(c * 32) as *const __m256i);
-        let lo = _mm256_and_si256(w, low);
-        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-        let sums = |qp: *const i8| {
-            let qe = _mm256_loadu_si256(qp.add(c * 64) as *const __m256i);
-            let qo = _mm256_loadu_si256(qp.add(c * 64 + 32) as *const __m256i);
-            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo));
-            _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones))
-        };
-        let sv = if gs >= 64 {
-            _mm256_set1_ps(s.at(k0 + ((c * 64) >> sh)))
-        } else {
-            _mm256_set_m128(
-                _mm_set1_ps(s.at(k0 + 2 * c + 1)),
-                _mm_set1_ps(s.at(k0 + 2 * c)),
-            )
-        };
-        let m = _mm256_mul_ps(_mm256_loadu_ps(dp.add(c * 8)), sv);
-        total = _mm256_fmadd_ps(sums(qp), m, total);
-        if TWO {
-            let m2 = _mm256_mul_ps(_mm256_loadu_ps(dp2.add(c * 8)), sv);
-            total = _mm256_fmadd_ps(sums(qp2), m2, total);
+    let steps = _mm256_set1_epi16(RESIDUAL_STEPS as i16);
+    let (qp, qp2, dp) = (x.q.as_ptr(), x.q2.as_ptr(), x.d.as_ptr());
+    for j in 0..n {
+        let wp = words.as_ptr().add(j * chunks * 8) as *const u8;
+        let k0 = k0 + j * groups;
+        let mut total = _mm256_setzero_ps();
+        for c in 0..chunks {
+            let w = _mm256_loadu_si256(wp.add(c * 32) as *const __m256i);
+            let lo = _mm256_and_si256(w, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+            // Pairs of products in 16 bits (at most 2·15·127 each), then the lanes' 32-bit sums.
+            let pairs = |qp: *const i8| {
+                let qe = _mm256_loadu_si256(qp.add(c * 64) as *const __m256i);
+                let qo = _mm256_loadu_si256(qp.add(c * 64 + 32) as *const __m256i);
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo))
+            };
+            let sum = if TWO {
+                _mm256_add_epi32(
+                    _mm256_madd_epi16(pairs(qp), steps),
+                    _mm256_madd_epi16(pairs(qp2), ones),
+                )
+            } else {
+                _mm256_madd_epi16(pairs(qp), ones)
+            };
+            let sv = if gs >= 64 {
+                _mm256_set1_ps(s.at(k0 + ((c * 64) >> sh)))
+            } else {
+                _mm256_set_m128(
+                    _mm_set1_ps(s.at(k0 + 2 * c + 1)),
+                    _mm_set1_ps(s.at(k0 + 2 * c)),
+                )
+            };
+            let m = _mm256_mul_ps(_mm256_loadu_ps(dp.add(c * 8)), sv);
+            total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), m, total);
         }
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), total);
+        *out.get_unchecked_mut(j * stride) = reduce(l) + bias_sum(groups, xsum, b, k0);
     }
-    let mut l = [0f32; 8];
-    _mm256_storeu_ps(l.as_mut_ptr(), total);
-    reduce(l) + bias_sum(groups, xsum, b, k0)
 }
 
 /// Exact kernel with NEON (bit-equal to [`row_exact`]).
@@ -537,8 +664,8 @@ unsafe fn int8_neon<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum
     let low = vdupq_n_u8(15);
     let (mut t0, mut t1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
     let wp = words.as_ptr() as *const u8;
-    // The integer sums of lanes 4h..4h+3 (bytes 16h..16h+15 of chunk c), as f32.
-    let half = |c: usize, h: usize, qp: *const i8| -> float32x4_t {
+    // The integer sums of lanes 4h..4h+3 (bytes 16h..16h+15 of chunk c).
+    let half = |c: usize, h: usize, qp: *const i8| -> int32x4_t {
         let w = vld1q_u8(wp.add(c * 32 + 16 * h));
         let lo = vreinterpretq_s8_u8(vandq_u8(w, low));
         let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(w));
@@ -555,21 +682,23 @@ unsafe fn int8_neon<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum
             vget_high_s8(qo),
         );
         // Pairs of bytes, then pairs of pairs: lane j = bytes 4j..4j+3.
-        vcvtq_f32_s32(vpaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1)))
+        vpaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1))
+    };
+    let lanes = |c: usize, h: usize| -> float32x4_t {
+        let n = half(c, h, x.q.as_ptr());
+        if TWO {
+            vcvtq_f32_s32(vmlaq_n_s32(half(c, h, x.q2.as_ptr()), n, RESIDUAL_STEPS))
+        } else {
+            vcvtq_f32_s32(n)
+        }
     };
     for c in 0..chunks {
         let s0 = vdupq_n_f32(s.at(k0 + ((c * 64) >> sh)));
         let s1 = vdupq_n_f32(s.at(k0 + ((c * 64 + 32) >> sh)));
         let m0 = vmulq_f32(vld1q_f32(x.d.as_ptr().add(c * 8)), s0);
         let m1 = vmulq_f32(vld1q_f32(x.d.as_ptr().add(c * 8 + 4)), s1);
-        t0 = vfmaq_f32(t0, half(c, 0, x.q.as_ptr()), m0);
-        t1 = vfmaq_f32(t1, half(c, 1, x.q.as_ptr()), m1);
-        if TWO {
-            let m0 = vmulq_f32(vld1q_f32(x.d2.as_ptr().add(c * 8)), s0);
-            let m1 = vmulq_f32(vld1q_f32(x.d2.as_ptr().add(c * 8 + 4)), s1);
-            t0 = vfmaq_f32(t0, half(c, 0, x.q2.as_ptr()), m0);
-            t1 = vfmaq_f32(t1, half(c, 1, x.q2.as_ptr()), m1);
-        }
+        t0 = vfmaq_f32(t0, lanes(c, 0), m0);
+        t1 = vfmaq_f32(t1, lanes(c, 1), m1);
     }
     let mut l = [0f32; 8];
     vst1q_f32(l.as_mut_ptr(), t0);
@@ -625,15 +754,36 @@ impl Simd {
     /// [`row_exact`] in this form.
     #[inline(always)]
     pub fn row_exact<S: Scales>(self, r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
-        match self {
-            // SAFETY: `Avx2` is only detected on CPUs with AVX2 and FMA; the kernels assert
-            // their slice lengths.
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { exact_avx2(r, x, xsum) },
-            // SAFETY: NEON is baseline on aarch64; the kernels assert their slice lengths.
-            #[cfg(target_arch = "aarch64")]
-            Simd::Neon => unsafe { exact_neon(r, x, xsum) },
-            _ => row_exact(r, x, xsum),
+        let mut out = [0f32];
+        self.rows_exact_one(r, 1, x, xsum, &mut out, 1);
+        out[0]
+    }
+
+    /// [`row_exact`] of `n` consecutive rows of one matrix against one input in this form
+    /// (rows as [`Simd::rows_int8`] takes them).
+    pub fn rows_exact_one<S: Scales>(
+        self,
+        first: Row<'_, S>,
+        n: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: `Avx2` is only detected on CPUs with AVX2 and FMA; the kernel asserts its
+        // slice lengths.
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx2 {
+            return unsafe { exact_avx2(first, n, x, xsum, out, stride) };
+        }
+        for j in 0..n {
+            let r = first.nth(j);
+            out[j * stride] = match self {
+                // SAFETY: NEON is baseline on aarch64; the kernel asserts its slice lengths.
+                #[cfg(target_arch = "aarch64")]
+                Simd::Neon => unsafe { exact_neon(r, x, xsum) },
+                _ => row_exact(r, x, xsum),
+            };
         }
     }
 
@@ -691,23 +841,54 @@ impl Simd {
     /// [`row_int8`] in this form.
     #[inline(always)]
     pub fn row_int8<S: Scales>(self, r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
+        let mut out = [0f32];
+        self.rows_int8(r, 1, x, xsum, &mut out, 1);
+        out[0]
+    }
+
+    /// [`row_int8`] of `n` consecutive rows of one matrix in this form: `first` and the rows
+    /// after it (its `words` spanning all `n`, row `j`'s groups from `first.k0 + j · groups`),
+    /// row `j`'s output written to `out[j · stride]`.
+    pub fn rows_int8<S: Scales>(
+        self,
+        first: Row<'_, S>,
+        n: usize,
+        x: QRow<'_>,
+        xsum: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         if x.q2.is_empty() {
-            self.int8::<S, false>(r, x, xsum)
+            self.int8::<S, false>(first, n, x, xsum, out, stride)
         } else {
-            self.int8::<S, true>(r, x, xsum)
+            self.int8::<S, true>(first, n, x, xsum, out, stride)
         }
     }
 
     #[inline(always)]
-    fn int8<S: Scales, const TWO: bool>(self, r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
-        match self {
-            // SAFETY: as in `row_exact`.
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { int8_avx2::<S, TWO>(r, x, xsum) },
-            // SAFETY: as in `row_exact`.
-            #[cfg(target_arch = "aarch64")]
-            Simd::Neon => unsafe { int8_neon::<S, TWO>(r, x, xsum) },
-            _ => int8_portable::<S, TWO>(r, x, xsum),
+    fn int8<S: Scales, const TWO: bool>(
+        self,
+        first: Row<'_, S>,
+        n: usize,
+        x: QRow<'_>,
+        xsum: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: `Avx2` is only detected on CPUs with AVX2 and FMA; the kernel asserts its
+        // slice lengths.
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx2 {
+            return unsafe { int8_avx2::<S, TWO>(first, n, x, xsum, out, stride) };
+        }
+        for j in 0..n {
+            let r = first.nth(j);
+            out[j * stride] = match self {
+                // SAFETY: NEON is baseline on aarch64; the kernel asserts its slice lengths.
+                #[cfg(target_arch = "aarch64")]
+                Simd::Neon => unsafe { int8_neon::<S, TWO>(r, x, xsum) },
+                _ => int8_portable::<S, TWO>(r, x, xsum),
+            };
         }
     }
 }

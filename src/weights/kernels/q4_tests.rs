@@ -107,7 +107,8 @@ fn every_form_is_bit_equal_to_the_portable_one_and_near_the_dequantized_product(
                 assert_eq!(i8p.to_bits(), i8f.to_bits(), "int8 {residual}, {simd:?}");
                 // The result is W·x̃ for the rounded activations, so it is off by at most
                 // Σ|w_i|·(half a step of x_i's block) (plus float rounding).
-                let step = |i: usize| if residual { x.d2[i / 8] } else { x.d[i / 8] };
+                // The finest step: the block's with one part, the residual's with two.
+                let step = |i: usize| x.d[i / 8];
                 let bound: f64 = (0..cols)
                     .map(|i| {
                         let q = (c.words[i / 8] >> (4 * (i % 8))) & 15;
@@ -156,22 +157,102 @@ fn several_inputs_at_once_are_bit_equal_to_one_at_a_time() {
 fn quantized_input_round_trips_within_half_a_step() {
     let mut r = Rng(9);
     let x: Vec<f32> = (0..128).map(|_| r.f() * 4.0).collect();
+    let one = QuantizedInput::new(&x, 128, false);
     let qi = QuantizedInput::new(&x, 128, true);
+    let steps = RESIDUAL_STEPS as f32;
     for (i, v) in x.iter().enumerate() {
         let (chunk, col) = (i / 64, i % 64);
         let pos = chunk * 64 + if col % 2 == 0 { col / 2 } else { 32 + col / 2 };
-        let back = qi.q[pos] as f32 * qi.d[i / 8];
+        // One part: steps of d; two: the same int8 part, and the residual in steps of d/254.
+        let d = one.d[i / 8];
+        assert_eq!(qi.d[i / 8], d / steps);
+        assert_eq!(one.q[pos], qi.q[pos]);
+        let back = one.q[pos] as f32 * d;
+        assert!((back - v).abs() <= 0.5 * d + 1e-6, "{i}: {back} vs {v}");
+        let two = (steps * qi.q[pos] as f32 + qi.q2[pos] as f32) * qi.d[i / 8];
         assert!(
-            (back - v).abs() <= 0.5 * qi.d[i / 8] + 1e-6,
-            "{i}: {back} vs {v}"
-        );
-        let two = back + qi.q2[pos] as f32 * qi.d2[i / 8];
-        assert!(
-            (two - v).abs() <= 0.5 * qi.d2[i / 8] + 1e-6,
+            (two - v).abs() <= 0.5 * qi.d[i / 8] + 1e-6,
             "{i}: {two} vs {v}"
         );
+    }
+    // The block sums are the sums of the values the kernels multiply.
+    for (blk, want) in qi.block_sums.iter().enumerate() {
+        let units: i32 = (0..32)
+            .map(|k| {
+                let col = 32 * (blk % 2) + k;
+                let pos = (blk / 2) * 64 + if col % 2 == 0 { col / 2 } else { 32 + col / 2 };
+                RESIDUAL_STEPS * qi.q[pos] as i32 + qi.q2[pos] as i32
+            })
+            .sum();
+        assert_eq!(*want, qi.d[blk * 4] * units as f32);
     }
     // An all-zero block quantizes to zeros, not NaN.
     let z = QuantizedInput::new(&[0.0; 64], 64, true);
     assert!(z.q.iter().all(|&v| v == 0) && z.d.iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn every_quantizer_form_is_bit_equal_to_the_portable_one() {
+    let simd = Simd::current();
+    let mut r = Rng(11);
+    // Values on exact half steps too (ties round to even in every form).
+    let mut x: Vec<f32> = (0..1024).map(|_| r.f() * 5.0).collect();
+    for (i, v) in x.iter_mut().enumerate().take(64) {
+        *v = (i as f32 - 31.5) * 0.5;
+    }
+    for residual in [false, true] {
+        let a = QuantizedInput::new_in(Simd::Portable, &x, 512, residual);
+        let b = QuantizedInput::new_in(simd, &x, 512, residual);
+        assert_eq!(a.q, b.q, "{simd:?} {residual}");
+        assert_eq!(a.q2, b.q2, "{simd:?} {residual}");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.d), bits(&b.d));
+        assert_eq!(bits(&a.block_sums), bits(&b.block_sums));
+    }
+}
+
+#[test]
+fn a_block_of_rows_is_bit_equal_to_one_row_at_a_time() {
+    let simd = Simd::current();
+    for (seed, cols, gs) in [(12, 64, 32), (13, 1024, 64), (14, 512, 128)] {
+        // Five rows of one matrix: their words one after another, scales and biases by group.
+        let rows: Vec<Case> = (0..5).map(|k| case(seed * 7 + k, cols, gs)).collect();
+        let words: Vec<u32> = rows.iter().flat_map(|c| c.words.iter().copied()).collect();
+        let s: Vec<f32> = rows.iter().flat_map(|c| c.s.iter().copied()).collect();
+        let b: Vec<f32> = rows.iter().flat_map(|c| c.b.iter().copied()).collect();
+        let groups = cols / gs;
+        let x = &rows[0];
+        for residual in [false, true] {
+            let qi = QuantizedInput::new(&x.x, cols, residual);
+            let qsum = qi.group_sums(gs);
+            // Rows 1..5 as one block, outputs at a stride of 3 (as for three inputs).
+            let first = Row {
+                words: &words[cols / 8..],
+                s: &s[..],
+                b: &b[..],
+                k0: groups,
+                groups,
+                gs,
+            };
+            let mut out = vec![f32::NAN; 3 * 4];
+            simd.rows_int8(first, 4, qi.row(0), &qsum, &mut out, 3);
+            for k in 0..4 {
+                let one = Row {
+                    words: &rows[k + 1].words,
+                    s: &s[..],
+                    b: &b[..],
+                    k0: (k + 1) * groups,
+                    groups,
+                    gs,
+                };
+                let want = row_int8(one, qi.row(0), &qsum);
+                assert_eq!(
+                    want.to_bits(),
+                    out[3 * k].to_bits(),
+                    "{simd:?} {cols}/{gs} row {k}"
+                );
+                assert!(out[3 * k + 1].is_nan() && out[3 * k + 2].is_nan());
+            }
+        }
+    }
 }
