@@ -23,7 +23,7 @@ CFG=experiments/configs/glm4-moe-cpu-bench.json
 cargo build --release -q
 H=target/release/harness
 PROMPT=$(python3 -c "print(','.join(str(7 + 13 * i) for i in range(16)))")
-python3 -c "import torch, gguf, mlx_lm" 2>/dev/null || python3 -m pip install -q torch gguf mlx mlx-lm cmake
+python3 -c "import torch, gguf, mlx_lm, mlx.core" 2>/dev/null || python3 -m pip install -q torch gguf "mlx[cpu]" mlx-lm cmake
 
 LL=${LLAMA_CPP:-$WORK/llama.cpp}
 if [ ! -x "$LL/build/bin/llama-bench" ]; then
