@@ -10,7 +10,8 @@
 #     the same config (built here from the llama.cpp tree PyPI's llama-cpp-python sdist ships; AVX-512
 #     when the CPU has it, AMX off: a native build crashed in the AMX matmul on an earlier host);
 #   * mlx-lm (PyPI): its own greedy generate loop on the same MLX checkpoint (MLX's CPU backend);
-#   * exactness: harness's logits along mlx-lm's greedy continuation pick the same tokens.
+#   * exactness: harness's logits (exact and int8x2 kernels) along mlx-lm's greedy continuation pick
+#     the same tokens.
 # Writes OUT/table.md (and the raw outputs beside it).
 # Usage: bash scripts/cpu_peers.sh [OUT]   (WORK=… keeps downloads/builds/checkpoints between runs;
 #        LLAMA_CPP=<built llama.cpp tree> skips the fetch and build)
@@ -63,10 +64,13 @@ import numpy as np
 out, work, prompt = sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")]
 gen = json.load(open(f"{out}/mlx_lm.json"))["tokens"]
 seq = prompt + gen[:-1]
-subprocess.run(["target/release/harness", "logits", "--model", f"{work}/mlx4", "--tokens", ",".join(map(str, seq)),
-                "--out", f"{out}/harness_logits.npy"], check=True, capture_output=True)
-picked = np.load(f"{out}/harness_logits.npy")[len(prompt) - 1:].argmax(-1).tolist()
-json.dump({"equal": sum(a == b for a, b in zip(picked, gen)), "of": len(gen)}, open(f"{out}/exactness.json", "w"))
+same = {}
+for k in ("exact", "int8x2"):
+    subprocess.run(["target/release/harness", "logits", "--model", f"{work}/mlx4", "--tokens", ",".join(map(str, seq)),
+                    "--kernels", k, "--out", f"{out}/harness_logits_{k}.npy"], check=True, capture_output=True)
+    picked = np.load(f"{out}/harness_logits_{k}.npy")[len(prompt) - 1:].argmax(-1).tolist()
+    same[k] = {"equal": sum(a == b for a, b in zip(picked, gen)), "of": len(gen)}
+json.dump(same, open(f"{out}/exactness.json", "w"))
 PY
 python3 scripts/peers/table.py "$OUT" > "$OUT/table.md"
 cat "$OUT/table.md"
