@@ -261,11 +261,21 @@ impl Rows4<'_> {
             Some(qi) => {
                 let t1 = t.max(1);
                 let run = (1 << 15) / (c / 2).max(1);
+                let sums = |i: usize| &self.xsum[i * groups..(i + 1) * groups];
                 by_row_runs(rows, t, work, run.max(1), |r0, n, out| {
                     let first = rows_at(self.r0 + r0, n);
-                    for i in 0..t1 {
-                        let xs_sum = &self.xsum[i * groups..(i + 1) * groups];
-                        simd.rows_int8(first, n, qi.row(i), xs_sum, &mut out[i..], t1);
+                    // Four inputs at a time share each unpacked chunk (prefill), then one by one.
+                    let mut i = 0;
+                    while i + 4 <= t1 {
+                        let (x, xs) = (
+                            [i, i + 1, i + 2, i + 3].map(|k| qi.row(k)),
+                            [i, i + 1, i + 2, i + 3].map(sums),
+                        );
+                        simd.rows_int8(first, n, x, xs, &mut out[i..], t1);
+                        i += 4;
+                    }
+                    for i in i..t1 {
+                        simd.rows_int8(first, n, [qi.row(i)], [sums(i)], &mut out[i..], t1);
                     }
                 })
             }

@@ -540,18 +540,20 @@ unsafe fn exact_multi_avx2<S: Scales, const N: usize>(
 
 /// Int8 kernel with AVX2 (`maddubs`: unsigned nibbles × signed int8 activations; bit-equal to
 /// [`row_int8`]) over `n` consecutive rows of one matrix, `first` and the `n − 1` after it
-/// (its `words` spanning them all), writing row `j`'s output to `out[j · stride]`; `TWO`: the
-/// input has a residual part. One call a matrix's block of rows: no per-row call or checks.
+/// (its `words` spanning them all), against `M` inputs `x` (their group sums `xsum`), each
+/// chunk's nibbles unpacked once for all of them; row `j`'s output for input `m` goes to
+/// `out[j · stride + m]`. `TWO`: the inputs have a residual part. One call a matrix's block of
+/// rows: no per-row call or checks.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn int8_avx2<S: Scales, const TWO: bool>(
+unsafe fn int8_avx2<S: Scales, const TWO: bool, const M: usize>(
     first: Row<'_, S>,
     n: usize,
-    x: QRow<'_>,
-    xsum: &[f32],
+    x: [QRow<'_>; M],
+    xsum: [&[f32]; M],
     out: &mut [f32],
     stride: usize,
 ) {
@@ -564,17 +566,22 @@ unsafe fn int8_avx2<S: Scales, const TWO: bool>(
         gs,
     } = first;
     use std::arch::x86_64::*;
-    let chunks = first.int8_chunks(x, TWO);
-    assert!(n == 0 || (words.len() >= n * chunks * 8 && out.len() > (n - 1) * stride));
+    let chunks = first.int8_chunks(x[0], TWO);
+    for x in &x {
+        assert_eq!(first.int8_chunks(*x, TWO), chunks);
+    }
+    assert!(n == 0 || (words.len() >= n * chunks * 8 && out.len() >= (n - 1) * stride + M));
     let sh = gs.trailing_zeros();
     let low = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
     let steps = _mm256_set1_epi16(RESIDUAL_STEPS as i16);
-    let (qp, qp2, dp) = (x.q.as_ptr(), x.q2.as_ptr(), x.d.as_ptr());
+    let qp = x.map(|x| x.q.as_ptr());
+    let qp2 = x.map(|x| x.q2.as_ptr());
+    let dp = x.map(|x| x.d.as_ptr());
     for j in 0..n {
         let wp = words.as_ptr().add(j * chunks * 8) as *const u8;
         let k0 = k0 + j * groups;
-        let mut total = _mm256_setzero_ps();
+        let mut total = [_mm256_setzero_ps(); M];
         for c in 0..chunks {
             // The words 2 KB ahead (the next rows' once this one ends): the matrix streams
             // from memory, and the hardware prefetcher alone left the loads waiting (+10–20 %
@@ -589,14 +596,6 @@ unsafe fn int8_avx2<S: Scales, const TWO: bool>(
                 let qo = _mm256_loadu_si256(qp.add(c * 64 + 32) as *const __m256i);
                 _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo))
             };
-            let sum = if TWO {
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(pairs(qp), steps),
-                    _mm256_madd_epi16(pairs(qp2), ones),
-                )
-            } else {
-                _mm256_madd_epi16(pairs(qp), ones)
-            };
             let sv = if gs >= 64 {
                 _mm256_set1_ps(s.at(k0 + ((c * 64) >> sh)))
             } else {
@@ -605,12 +604,24 @@ unsafe fn int8_avx2<S: Scales, const TWO: bool>(
                     _mm_set1_ps(s.at(k0 + 2 * c)),
                 )
             };
-            let m = _mm256_mul_ps(_mm256_loadu_ps(dp.add(c * 8)), sv);
-            total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), m, total);
+            for m in 0..M {
+                let sum = if TWO {
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(pairs(qp[m]), steps),
+                        _mm256_madd_epi16(pairs(qp2[m]), ones),
+                    )
+                } else {
+                    _mm256_madd_epi16(pairs(qp[m]), ones)
+                };
+                let d = _mm256_mul_ps(_mm256_loadu_ps(dp[m].add(c * 8)), sv);
+                total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, total[m]);
+            }
         }
-        let mut l = [0f32; 8];
-        _mm256_storeu_ps(l.as_mut_ptr(), total);
-        *out.get_unchecked_mut(j * stride) = reduce(l) + bias_sum(groups, xsum, b, k0);
+        for m in 0..M {
+            let mut l = [0f32; 8];
+            _mm256_storeu_ps(l.as_mut_ptr(), total[m]);
+            *out.get_unchecked_mut(j * stride + m) = reduce(l) + bias_sum(groups, xsum[m], b, k0);
+        }
     }
 }
 
@@ -854,36 +865,38 @@ impl Simd {
     #[inline(always)]
     pub fn row_int8<S: Scales>(self, r: Row<'_, S>, x: QRow<'_>, xsum: &[f32]) -> f32 {
         let mut out = [0f32];
-        self.rows_int8(r, 1, x, xsum, &mut out, 1);
+        self.rows_int8(r, 1, [x], [xsum], &mut out, 1);
         out[0]
     }
 
-    /// [`row_int8`] of `n` consecutive rows of one matrix in this form: `first` and the rows
-    /// after it (its `words` spanning all `n`, row `j`'s groups from `first.k0 + j · groups`),
-    /// row `j`'s output written to `out[j · stride]`.
-    pub fn rows_int8<S: Scales>(
+    /// [`row_int8`] of `n` consecutive rows of one matrix against `M` inputs in this form:
+    /// `first` and the rows after it (its `words` spanning all `n`, row `j`'s groups from
+    /// `first.k0 + j · groups`), row `j`'s output for input `m` written to `out[j · stride +
+    /// m]`. On AVX2 the inputs share each unpacked chunk of weights.
+    pub fn rows_int8<S: Scales, const M: usize>(
         self,
         first: Row<'_, S>,
         n: usize,
-        x: QRow<'_>,
-        xsum: &[f32],
+        x: [QRow<'_>; M],
+        xsum: [&[f32]; M],
         out: &mut [f32],
         stride: usize,
     ) {
-        if x.q2.is_empty() {
-            self.int8::<S, false>(first, n, x, xsum, out, stride)
+        if x.iter().all(|x| x.q2.is_empty()) {
+            self.int8::<S, false, M>(first, n, x, xsum, out, stride)
         } else {
-            self.int8::<S, true>(first, n, x, xsum, out, stride)
+            assert!(x.iter().all(|x| !x.q2.is_empty()), "inputs of one kind");
+            self.int8::<S, true, M>(first, n, x, xsum, out, stride)
         }
     }
 
     #[inline(always)]
-    fn int8<S: Scales, const TWO: bool>(
+    fn int8<S: Scales, const TWO: bool, const M: usize>(
         self,
         first: Row<'_, S>,
         n: usize,
-        x: QRow<'_>,
-        xsum: &[f32],
+        x: [QRow<'_>; M],
+        xsum: [&[f32]; M],
         out: &mut [f32],
         stride: usize,
     ) {
@@ -891,16 +904,18 @@ impl Simd {
         // slice lengths.
         #[cfg(target_arch = "x86_64")]
         if self == Simd::Avx2 {
-            return unsafe { int8_avx2::<S, TWO>(first, n, x, xsum, out, stride) };
+            return unsafe { int8_avx2::<S, TWO, M>(first, n, x, xsum, out, stride) };
         }
         for j in 0..n {
             let r = first.nth(j);
-            out[j * stride] = match self {
-                // SAFETY: NEON is baseline on aarch64; the kernel asserts its slice lengths.
-                #[cfg(target_arch = "aarch64")]
-                Simd::Neon => unsafe { int8_neon::<S, TWO>(r, x, xsum) },
-                _ => int8_portable::<S, TWO>(r, x, xsum),
-            };
+            for m in 0..M {
+                out[j * stride + m] = match self {
+                    // SAFETY: NEON is baseline on aarch64; the kernel asserts its slice lengths.
+                    #[cfg(target_arch = "aarch64")]
+                    Simd::Neon => unsafe { int8_neon::<S, TWO>(r, x[m], xsum[m]) },
+                    _ => int8_portable::<S, TWO>(r, x[m], xsum[m]),
+                };
+            }
         }
     }
 }

@@ -235,7 +235,7 @@ fn a_block_of_rows_is_bit_equal_to_one_row_at_a_time() {
                 gs,
             };
             let mut out = vec![f32::NAN; 3 * 4];
-            simd.rows_int8(first, 4, qi.row(0), &qsum, &mut out, 3);
+            simd.rows_int8(first, 4, [qi.row(0)], [&qsum[..]], &mut out, 3);
             for k in 0..4 {
                 let one = Row {
                     words: &rows[k + 1].words,
@@ -252,6 +252,50 @@ fn a_block_of_rows_is_bit_equal_to_one_row_at_a_time() {
                     "{simd:?} {cols}/{gs} row {k}"
                 );
                 assert!(out[3 * k + 1].is_nan() && out[3 * k + 2].is_nan());
+            }
+        }
+    }
+}
+
+#[test]
+fn several_int8_inputs_at_once_are_bit_equal_to_one_at_a_time() {
+    let simd = Simd::current();
+    for (seed, cols, gs) in [(15, 64, 32), (16, 1024, 64)] {
+        let rows: Vec<Case> = (0..3).map(|k| case(seed * 5 + k, cols, gs)).collect();
+        let words: Vec<u32> = rows.iter().flat_map(|c| c.words.iter().copied()).collect();
+        let s: Vec<f32> = rows.iter().flat_map(|c| c.s.iter().copied()).collect();
+        let b: Vec<f32> = rows.iter().flat_map(|c| c.b.iter().copied()).collect();
+        let groups = cols / gs;
+        let first = Row {
+            words: &words,
+            s: &s[..],
+            b: &b[..],
+            k0: 0,
+            groups,
+            gs,
+        };
+        for residual in [false, true] {
+            // Four inputs quantized together, as a prompt's rows are.
+            let xs: Vec<f32> = (0..4)
+                .flat_map(|k| case(seed * 9 + k, cols, gs).x)
+                .collect();
+            let qi = QuantizedInput::new(&xs, cols, residual);
+            let qsum = qi.group_sums(gs);
+            let sums = [0, 1, 2, 3].map(|i| &qsum[i * groups..(i + 1) * groups]);
+            let mut out = vec![0f32; 3 * 4];
+            simd.rows_int8(first, 3, [0, 1, 2, 3].map(|i| qi.row(i)), sums, &mut out, 4);
+            for j in 0..3 {
+                for i in 0..4 {
+                    let mut one = [0f32];
+                    simd.rows_int8(first.nth(j), 1, [qi.row(i)], [sums[i]], &mut one, 1);
+                    let want = row_int8(first.nth(j), qi.row(i), sums[i]);
+                    assert_eq!(want.to_bits(), one[0].to_bits(), "{simd:?} one");
+                    assert_eq!(
+                        want.to_bits(),
+                        out[4 * j + i].to_bits(),
+                        "{simd:?} {cols}/{gs}"
+                    );
+                }
             }
         }
     }
