@@ -882,38 +882,33 @@ impl Simd {
         out: &mut [f32],
         stride: usize,
     ) {
-        if x.iter().all(|x| x.q2.is_empty()) {
-            self.int8::<S, false, M>(first, n, x, xsum, out, stride)
-        } else {
-            assert!(x.iter().all(|x| !x.q2.is_empty()), "inputs of one kind");
-            self.int8::<S, true, M>(first, n, x, xsum, out, stride)
-        }
-    }
-
-    #[inline(always)]
-    fn int8<S: Scales, const TWO: bool, const M: usize>(
-        self,
-        first: Row<'_, S>,
-        n: usize,
-        x: [QRow<'_>; M],
-        xsum: [&[f32]; M],
-        out: &mut [f32],
-        stride: usize,
-    ) {
+        let two = x.iter().any(|x| !x.q2.is_empty());
+        assert!(
+            x.iter().all(|x| x.q2.is_empty() != two),
+            "inputs of one kind"
+        );
         // SAFETY: `Avx2` is only detected on CPUs with AVX2 and FMA; the kernel asserts its
         // slice lengths.
         #[cfg(target_arch = "x86_64")]
         if self == Simd::Avx2 {
-            return unsafe { int8_avx2::<S, TWO, M>(first, n, x, xsum, out, stride) };
+            return unsafe {
+                match two {
+                    true => int8_avx2::<S, true, M>(first, n, x, xsum, out, stride),
+                    false => int8_avx2::<S, false, M>(first, n, x, xsum, out, stride),
+                }
+            };
         }
         for j in 0..n {
             let r = first.nth(j);
             for m in 0..M {
-                out[j * stride + m] = match self {
+                out[j * stride + m] = match (self, two) {
                     // SAFETY: NEON is baseline on aarch64; the kernel asserts its slice lengths.
                     #[cfg(target_arch = "aarch64")]
-                    Simd::Neon => unsafe { int8_neon::<S, TWO>(r, x[m], xsum[m]) },
-                    _ => int8_portable::<S, TWO>(r, x[m], xsum[m]),
+                    (Simd::Neon, true) => unsafe { int8_neon::<S, true>(r, x[m], xsum[m]) },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "aarch64")]
+                    (Simd::Neon, false) => unsafe { int8_neon::<S, false>(r, x[m], xsum[m]) },
+                    _ => row_int8(r, x[m], xsum[m]),
                 };
             }
         }
