@@ -1,0 +1,188 @@
+//! Activations quantized for the int8 kernels of [`super`]: one int8 part per block of 32
+//! values, or two (the value and its residual), laid out as the kernels read them. Like its
+//! parent, this file uses only `std` (the aarch64 test compiles them alone).
+
+use super::Simd;
+
+/// One input row quantized: the int8 part, the residual part (empty with one part) and the
+/// scale of each lane's integer sum.
+#[derive(Debug, Clone, Copy)]
+pub struct QRow<'a> {
+    /// Int8 values (see [`QuantizedInput::q`]).
+    pub q: &'a [i8],
+    /// The residual's int8 values (empty: one part).
+    pub q2: &'a [i8],
+    /// Lane scales (see [`QuantizedInput::d`]).
+    pub d: &'a [f32],
+}
+
+/// Steps of the residual part in one step of the int8 part. A value rounded to the int8 step
+/// `d` is off by at most `d/2`, so its residual in steps of `d/254` lies within ±127: the two
+/// parts are the integer `254·q + q2` in steps of `d/254` (about 15 bits), summed in integers.
+pub const RESIDUAL_STEPS: i32 = 254;
+
+/// Activations of one or more input rows quantized for the int8 kernels: `x ≈ d·q` per
+/// 32-column block with `d = max|x| / 127`, and with two parts also the residual
+/// `x − d·q ≈ (d/254)·q2`.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedInput {
+    /// Per input row, `cols` int8 values; within each 64-column chunk, the 32 even columns
+    /// first, then the 32 odd ones (the order of a chunk's low and high nibbles).
+    pub q: Vec<i8>,
+    /// The residual part, laid out as `q` (empty with one part).
+    pub q2: Vec<i8>,
+    /// Per input row, the scale of the integer each kernel lane sums, one per 32-column block
+    /// repeated 4 times (the four lanes of its words: 8 values per 64-column chunk): the block's
+    /// step `d` with one part, `d/254` with two (the lanes then sum `254·q + q2`).
+    pub d: Vec<f32>,
+    /// Per input row, per 32-column block, the block's sum as quantized (`Σ` of the values the
+    /// kernels multiply).
+    pub block_sums: Vec<f32>,
+    /// Columns per input row.
+    pub cols: usize,
+}
+
+/// Whether the int8 kernels take a matrix with `cols` columns and groups of `gs`.
+pub fn int8_fits(cols: usize, gs: usize) -> bool {
+    cols.is_multiple_of(64) && gs >= 32 && gs.is_power_of_two()
+}
+
+/// Quantizes one block of 32 values: `q = round(x / d)` (ties to even) with `d = max|x| /
+/// 127`, and with `two` the residual `q2 = round((x − d·q) · 254 / d)` within ±127; returns
+/// `d`. The portable form of [`quantize_block_avx2`] (the same operations).
+fn quantize_block(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut [i32; 32]) -> f32 {
+    let amax = x[..32].iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let id2 = id * RESIDUAL_STEPS as f32;
+    for i in 0..32 {
+        let v = (x[i] * id).round_ties_even();
+        q[i] = v as i32;
+        if two {
+            let r = x[i] - d * v;
+            q2[i] = (r * id2).round_ties_even().clamp(-127.0, 127.0) as i32;
+        }
+    }
+    d
+}
+
+/// [`quantize_block`] with AVX2 (bit-equal: the same operations, rounding to nearest even).
+///
+/// # Safety
+/// The CPU must support AVX2; `x` holds at least 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut [i32; 32]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= 32);
+    let p = x.as_ptr();
+    let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+    let sign = _mm256_set1_ps(-0.0);
+    let a = v.map(|v| _mm256_andnot_ps(sign, v));
+    let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let id2 = id * RESIDUAL_STEPS as f32;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let (vid, vid2, vd) = (_mm256_set1_ps(id), _mm256_set1_ps(id2), _mm256_set1_ps(d));
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    for (k, v) in v.iter().enumerate() {
+        let t = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(*v, vid));
+        _mm256_storeu_si256(
+            q.as_mut_ptr().add(8 * k) as *mut __m256i,
+            _mm256_cvttps_epi32(t),
+        );
+        if two {
+            let r = _mm256_sub_ps(*v, _mm256_mul_ps(vd, t));
+            let t2 = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(r, vid2));
+            let t2 = _mm256_min_ps(_mm256_max_ps(t2, lo), hi);
+            _mm256_storeu_si256(
+                q2.as_mut_ptr().add(8 * k) as *mut __m256i,
+                _mm256_cvttps_epi32(t2),
+            );
+        }
+    }
+    d
+}
+
+impl QuantizedInput {
+    /// Quantizes every `cols`-long row of `xs` (`cols` a multiple of 64) into one part, or two
+    /// (`residual`).
+    pub fn new(xs: &[f32], cols: usize, residual: bool) -> Self {
+        Self::new_in(Simd::current(), xs, cols, residual)
+    }
+
+    /// [`QuantizedInput::new`] with the quantizer of `simd` (every form bit-equal).
+    pub fn new_in(simd: Simd, xs: &[f32], cols: usize, residual: bool) -> Self {
+        debug_assert!(cols.is_multiple_of(64) && xs.len().is_multiple_of(cols));
+        let n = xs.len();
+        let mut qi = QuantizedInput {
+            q: vec![0i8; n],
+            q2: if residual { vec![0i8; n] } else { Vec::new() },
+            d: Vec::with_capacity(n / 8),
+            block_sums: Vec::with_capacity(n / 32),
+            cols,
+        };
+        let (mut q, mut q2) = ([0i32; 32], [0i32; 32]);
+        for (blk, x) in xs.chunks_exact(32).enumerate() {
+            let d = match simd {
+                // SAFETY: `Avx2` is only detected on CPUs with AVX2; the block holds 32 values.
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe { quantize_block_avx2(x, residual, &mut q, &mut q2) },
+                _ => quantize_block(x, residual, &mut q, &mut q2),
+            };
+            // Block `blk` is half `h` of chunk `blk / 2`: its even columns go to positions
+            // 16h.. of the chunk's even half, its odd ones to 32 + 16h.. of the odd half.
+            let base = (blk / 2) * 64 + 16 * (blk % 2);
+            let (mut s1, mut s2) = (0i32, 0i32);
+            for i in 0..16 {
+                let (e, o) = (base + i, base + 32 + i);
+                qi.q[e] = q[2 * i] as i8;
+                qi.q[o] = q[2 * i + 1] as i8;
+                s1 += q[2 * i] + q[2 * i + 1];
+                if residual {
+                    qi.q2[e] = q2[2 * i] as i8;
+                    qi.q2[o] = q2[2 * i + 1] as i8;
+                    s2 += q2[2 * i] + q2[2 * i + 1];
+                }
+            }
+            let (lane, units) = if residual {
+                (d / RESIDUAL_STEPS as f32, RESIDUAL_STEPS * s1 + s2)
+            } else {
+                (d, s1)
+            };
+            qi.d.extend([lane; 4]);
+            qi.block_sums.push(lane * units as f32);
+        }
+        qi
+    }
+
+    /// Input row `i`.
+    #[inline]
+    pub fn row(&self, i: usize) -> QRow<'_> {
+        let c = self.cols;
+        let q2 = if self.q2.is_empty() {
+            &[][..]
+        } else {
+            &self.q2[i * c..(i + 1) * c]
+        };
+        QRow {
+            q: &self.q[i * c..(i + 1) * c],
+            q2,
+            d: &self.d[i * c / 8..(i + 1) * c / 8],
+        }
+    }
+
+    /// Per input row, per group of `gs` columns (a multiple of 32), the group's sum as
+    /// quantized: the `Σx` of the bias term, so that `s·Σq·x̃ + b·Σx̃` is exactly `W·x̃` and
+    /// the bias does not amplify the activations' rounding (MLX biases are ≈ −8·s).
+    pub fn group_sums(&self, gs: usize) -> Vec<f32> {
+        self.block_sums
+            .chunks_exact(gs / 32)
+            .map(|b| b.iter().sum())
+            .collect()
+    }
+}
