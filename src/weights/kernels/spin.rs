@@ -41,10 +41,25 @@ fn next(s: u64) -> u64 {
     s & FIELD
 }
 
+/// A value alone on its cache lines (128 bytes: two lines, for adjacent-line prefetchers), so
+/// that writes to one of [`Shared`]'s counters do not invalidate the line every spinning
+/// thread reads.
+#[repr(align(128))]
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 struct Shared {
-    state: AtomicU64,
+    /// Epoch, block count and next block, claimed by compare-and-swap; read by every spinner.
+    state: Line<AtomicU64>,
     job: AtomicPtr<Job<'static>>,
-    done: AtomicUsize,
+    /// Blocks finished (every thread adds, `run` polls): on a line of its own.
+    done: Line<AtomicUsize>,
     /// A block of the current job panicked (re-raised by `run` once every block is done).
     panicked: AtomicBool,
     stop: AtomicBool,
@@ -107,9 +122,9 @@ impl SpinPool {
     /// workers.
     pub fn new(threads: usize) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            state: AtomicU64::new(0),
+            state: Line(AtomicU64::new(0)),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            done: AtomicUsize::new(0),
+            done: Line(AtomicUsize::new(0)),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             sleeping: AtomicUsize::new(0),
