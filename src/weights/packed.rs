@@ -246,6 +246,8 @@ impl Rows4<'_> {
         let groups = c / gs;
         let wpr = groups * gs / 8;
         let simd = q4::Simd::current();
+        // Rows a kernel call takes: up to 32 KB of words, which stay in L1/L2 across inputs.
+        let run = ((1 << 15) / (c / 2).max(1)).max(1);
         // Rows r..r + n of the matrix, as the kernels take them.
         let rows_at = |r: usize, n: usize| q4::Row {
             words: &self.words[r * wpr..(r + n) * wpr],
@@ -256,13 +258,11 @@ impl Rows4<'_> {
             gs,
         };
         match self.qi {
-            // A block of rows a kernel call, input by input (the block's words, ≤ 32 KB, stay
-            // in L1/L2 across inputs).
+            // A run of rows a kernel call, input by input.
             Some(qi) => {
                 let t1 = t.max(1);
-                let run = (1 << 15) / (c / 2).max(1);
                 let sums = |i: usize| &self.xsum[i * groups..(i + 1) * groups];
-                by_row_runs(rows, t, work, run.max(1), |r0, n, out| {
+                by_row_runs(rows, t, work, run, |r0, n, out| {
                     let first = rows_at(self.r0 + r0, n);
                     // Four inputs at a time share each unpacked chunk (prefill), then one by one.
                     let mut i = 0;
@@ -279,12 +279,10 @@ impl Rows4<'_> {
                     }
                 })
             }
-            // One input (decode): a block of rows a kernel call.
-            None if t <= 1 => {
-                by_row_runs(rows, t, work, (1 << 15) / (c / 2).max(1), |r0, n, out| {
-                    simd.rows_exact_one(rows_at(self.r0 + r0, n), n, self.xs, self.xsum, out, 1)
-                })
-            }
+            // One input (decode): a run of rows a kernel call.
+            None if t <= 1 => by_row_runs(rows, t, work, run, |r0, n, out| {
+                simd.rows_exact_one(rows_at(self.r0 + r0, n), n, self.xs, self.xsum, out, 1)
+            }),
             // Inputs innermost: the row's words (cols/2 bytes) stay in L1 across them.
             None => by_rows(rows, t, work, |r, out| {
                 simd.rows_exact(rows_at(self.r0 + r, 1), self.xs, c, self.xsum, out)

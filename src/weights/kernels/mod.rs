@@ -182,8 +182,9 @@ pub fn by_rows(
 
 /// As [`by_rows`] with rows handed out in runs of up to `run` consecutive rows: `f(r0, n, out)`
 /// computes rows `r0..r0 + n` (`n ≤ run`), `out` holding their `n × t` outputs row by row (row
-/// `k`'s output for input `i` at `k·t + i`). The rows a thread takes are whole runs, so the
-/// split, and each output, does not depend on the thread count beyond which thread runs it.
+/// `k`'s output for input `i` at `k·t + i`). Runs start at the first row of each thread's block
+/// (a block's last run may be shorter); `f` must compute a row the same way in any run, so the
+/// outputs do not depend on the thread count.
 pub fn by_row_runs(
     rows: usize,
     t: usize,
