@@ -13,10 +13,11 @@
 //!
 //! Every form of a kind computes the same floating-point operations in the same order: eight
 //! lane accumulators, fused multiply-adds, one reduction tree (`(l0+l4 + l2+l6) + (l1+l5 +
-//! l3+l7)`), the bias sum (eight lanes, the same tree) added last. So the SIMD forms are bit-equal to the portable one (the
-//! unit tests check it on x86-64 here and on aarch64 under qemu), and results do not depend on
-//! which CPU ran them. This file uses only `core`/`std`, so the aarch64 test can compile it
-//! alone (`scripts/cross_test.sh`).
+//! l3+l7)`), the bias sum (eight lanes of products and adds, the same tree) added last. So the
+//! SIMD forms are bit-equal to the portable one (the unit tests check it on x86-64 here and on
+//! aarch64 under qemu), and results do not depend on which CPU ran them. This file and its
+//! quantizer (`q4_quant.rs`) use only `core`/`std`, so the aarch64 test can compile them alone
+//! (`scripts/cross_test.sh`).
 
 /// Per-group scales or biases of a matrix in their checkpoint type, read by index.
 pub trait Scales: Copy + Sync {
