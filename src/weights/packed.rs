@@ -281,11 +281,11 @@ impl Rows4<'_> {
             }
             // One input (decode): a run of rows a kernel call.
             None if t <= 1 => by_row_runs(rows, t, work, run, |r0, n, out| {
-                simd.rows_exact_one(rows_at(self.r0 + r0, n), n, self.xs, self.xsum, out, 1)
+                simd.rows_exact(rows_at(self.r0 + r0, n), n, self.xs, self.xsum, out, 1)
             }),
             // Inputs innermost: the row's words (cols/2 bytes) stay in L1 across them.
             None => by_rows(rows, t, work, |r, out| {
-                simd.rows_exact(rows_at(self.r0 + r, 1), self.xs, c, self.xsum, out)
+                simd.row_exact_inputs(rows_at(self.r0 + r, 1), self.xs, c, self.xsum, out)
             }),
         }
     }

@@ -601,13 +601,13 @@ impl Simd {
     #[inline(always)]
     pub fn row_exact<S: Scales>(self, r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
         let mut out = [0f32];
-        self.rows_exact_one(r, 1, x, xsum, &mut out, 1);
+        self.rows_exact(r, 1, x, xsum, &mut out, 1);
         out[0]
     }
 
     /// [`row_exact`] of `n` consecutive rows of one matrix against one input in this form
     /// (rows as [`Simd::rows_int8`] takes them).
-    pub fn rows_exact_one<S: Scales>(
+    pub fn rows_exact<S: Scales>(
         self,
         first: Row<'_, S>,
         n: usize,
@@ -636,7 +636,7 @@ impl Simd {
     /// [`Simd::row_exact`] of one row against every input row of `xs` (`c` columns each, their
     /// per-group sums in `xsums`), written to `out`; on AVX2 four inputs share each unpacked
     /// word. Bit-equal to calling [`row_exact`] per input.
-    pub fn rows_exact<S: Scales>(
+    pub fn row_exact_inputs<S: Scales>(
         self,
         r: Row<'_, S>,
         xs: &[f32],
@@ -651,7 +651,7 @@ impl Simd {
         }
     }
 
-    /// The leading blocks of four inputs of [`Simd::rows_exact`] that this form runs together;
+    /// The leading blocks of four inputs of [`Simd::row_exact_inputs`] that this form runs together;
     /// returns how many inputs it did.
     #[allow(unused_variables)]
     fn exact_by_four<S: Scales>(

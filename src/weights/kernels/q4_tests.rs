@@ -140,7 +140,7 @@ fn several_inputs_at_once_are_bit_equal_to_one_at_a_time() {
             let xs: Vec<f32> = inputs.iter().flat_map(|i| i.x.iter().copied()).collect();
             let xsums: Vec<f32> = inputs.iter().flat_map(|i| i.xsum.iter().copied()).collect();
             let mut out = vec![0f32; n];
-            simd.rows_exact(r, &xs, cols, &xsums, &mut out);
+            simd.row_exact_inputs(r, &xs, cols, &xsums, &mut out);
             for (k, i) in inputs.iter().enumerate() {
                 let one = row_exact(r, &i.x, &i.xsum);
                 assert_eq!(
@@ -253,6 +253,26 @@ fn a_block_of_rows_is_bit_equal_to_one_row_at_a_time() {
                 );
                 assert!(out[3 * k + 1].is_nan() && out[3 * k + 2].is_nan());
             }
+        }
+        // The exact kind over the same block.
+        let first = Row {
+            words: &words[cols / 8..],
+            s: &s[..],
+            b: &b[..],
+            k0: groups,
+            groups,
+            gs,
+        };
+        let mut out = vec![f32::NAN; 3 * 4];
+        simd.rows_exact(first, 4, &x.x, &x.xsum, &mut out, 3);
+        for k in 0..4 {
+            let want = row_exact(first.nth(k), &x.x, &x.xsum);
+            assert_eq!(
+                want.to_bits(),
+                out[3 * k].to_bits(),
+                "exact {simd:?} row {k}"
+            );
+            assert!(out[3 * k + 1].is_nan() && out[3 * k + 2].is_nan());
         }
     }
 }
