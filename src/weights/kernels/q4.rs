@@ -651,8 +651,8 @@ impl Simd {
         }
     }
 
-    /// The leading blocks of four inputs of [`Simd::row_exact_inputs`] that this form runs together;
-    /// returns how many inputs it did.
+    /// The leading blocks of four inputs of [`Simd::row_exact_inputs`] that this form runs
+    /// together; returns how many inputs it did.
     #[allow(unused_variables)]
     fn exact_by_four<S: Scales>(
         self,
