@@ -63,8 +63,15 @@ for i in 1 2 3; do
   timeout 60 $H bench --model "$m" --device cuda --policy lru --capacity 64 --prompts 3 --tokens 16 \
     --json "$out/resident$i.json" > "$out/resident$i.txt" 2>&1
 done
-[ "$(left)" -gt 170 ] && timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -ncmoe "$layers" -p 16 -n 64 -r 3 -o json > "$out/llama_cpumoe.json" 2> "$out/llama_cpumoe.log"
-[ "$(left)" -gt 120 ] && timeout 200 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
-  --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
-[ "$(left)" -gt 100 ] && timeout 90 python3 scripts/hf_decode_baseline.py $cfg --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
+# Each later step runs only if it can finish before DEADLINE; a skipped one says so.
+step() { # STEP NEEDS_SECONDS
+  [ "$(left)" -gt "$2" ] && return 0
+  echo "$1 skipped: $(left) s left before DEADLINE" >> "$out/skipped.txt"; return 1
+}
+step llama_cpumoe 170 && timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -ncmoe "$layers" -p 16 -n 64 -r 3 -o json > "$out/llama_cpumoe.json" 2> "$out/llama_cpumoe.log"
+if step bench 120; then
+  timeout 200 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
+    --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
+fi
+step hf 100 && timeout 90 python3 scripts/hf_decode_baseline.py $cfg --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
 exit 0
