@@ -30,6 +30,8 @@ pub(super) struct Access<'a> {
     pub(super) trace: Option<&'a mut Vec<TraceRow>>,
     /// Engine-thread load time: prefill, decode.
     pub(super) load_time: &'a mut [Duration; 2],
+    /// Prompt steps run expert by expert.
+    pub(super) by_expert: &'a mut u64,
     pub(super) prompt: u32,
     pub(super) step: u32,
     pub(super) phase: Phase,
@@ -216,6 +218,23 @@ impl ExpertAccess for Access<'_> {
         // step is reported.
         let held = self.payload.get(layer as usize)?;
         (!held.is_empty() && held.iter().all(Option::is_some)).then_some(held.as_slice())
+    }
+
+    fn ran_by_expert(&mut self, steps: usize) {
+        *self.by_expert += steps as u64;
+    }
+
+    fn never_evicts(&self, layer: u32) -> bool {
+        // Per-layer slots for every expert of the layer, or no budget at all; byte budgets
+        // (and a shared global pool) are left to the per-token loop.
+        match self.core.budget() {
+            crate::experts::budget::Budget::Unlimited => true,
+            crate::experts::budget::Budget::SlotsPerLayer(n) => self
+                .payload
+                .get(layer as usize)
+                .is_some_and(|held| !held.is_empty() && n >= held.len()),
+            _ => false,
+        }
     }
 
     fn replayed_routes(&self, layer: u32, pos0: usize, n: usize) -> Result<Option<Vec<Route>>> {

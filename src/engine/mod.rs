@@ -137,6 +137,9 @@ pub struct EngineStats {
     pub transfer: TransferStats,
     /// Bytes read from the low-bit copy by `low-bit` misses (cumulative since it was opened).
     pub low_bit_bytes: u64,
+    /// Prompt steps (token × MoE layer) whose routed experts ran expert by expert over the
+    /// prompt's tokens (CPU prefill where the budget holds every expert of the layer).
+    pub prompt_steps_by_expert: u64,
 }
 
 /// Result of [`Engine::generate`].
@@ -183,6 +186,8 @@ pub struct Engine {
     trace: Vec<TraceRow>,
     /// Engine-thread load time: prefill, decode.
     load_time: [Duration; 2],
+    /// Prompt steps run expert by expert ([`EngineStats::prompt_steps_by_expert`]).
+    by_expert: u64,
     prompt: u32,
     replay: Option<Replay>,
     /// Checkpoint bytes of the dense weights.
@@ -308,6 +313,7 @@ impl Engine {
             cfg,
             trace: Vec::new(),
             load_time: [Duration::ZERO; 2],
+            by_expert: 0,
             prompt: 0,
             replay: None,
             dense_bytes,
@@ -459,6 +465,7 @@ impl Engine {
         self.loader.clear();
         self.loader.reset_stats();
         self.load_time = [Duration::ZERO; 2];
+        self.by_expert = 0;
     }
 
     /// Replays recorded routing (see [`Replay`]) instead of the router's, or stops (`None`).
@@ -487,6 +494,7 @@ impl Engine {
             loads: self.loader.stats(),
             transfer: self.store.transfer_stats(),
             low_bit_bytes: self.low.as_ref().map_or(0, |(_, s)| s.bytes_read()),
+            prompt_steps_by_expert: self.by_expert,
         }
     }
 

@@ -195,7 +195,7 @@ impl Mlp {
     }
 }
 
-/// Runs one routed expert on `x` `[1, H]` (SwiGLU: `down(silu(gate x) · up x)`).
+/// Runs one routed expert on `x` `[1, H]` (`[T, H]` for a host-held one) (SwiGLU: `down(silu(gate x) · up x)`).
 pub fn expert_forward(x: &Tensor, e: &crate::experts::store::ExpertWeights) -> Result<Tensor> {
     use crate::experts::store::ExpertMats;
     match &e.mats {
@@ -204,20 +204,29 @@ pub fn expert_forward(x: &Tensor, e: &crate::experts::store::ExpertWeights) -> R
         ExpertMats::DevicePacked(p) => p.forward(x),
         ExpertMats::Host { gate, up, down } => {
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let (g, u) = (gate.matmul_rows(&xv), up.matmul_rows(&xv));
-            // silu(z) = z / (1 + e^-z), as candle computes it.
-            let act: Vec<f32> = g
-                .iter()
-                .zip(&u)
-                .map(|(z, u)| z / (1.0 + (-z).exp()) * u)
-                .collect();
-            Ok(Tensor::from_vec(
-                down.matmul_rows(&act),
-                (1, down.rows()),
-                x.device(),
-            )?)
+            let y = host_expert_rows(gate, up, down, &xv);
+            let t = y.len() / down.rows().max(1);
+            Ok(Tensor::from_vec(y, (t, down.rows()), x.device())?)
         }
     }
+}
+
+/// A host-held expert on every row of `xs` (each `H` long): `[rows, H]` outputs, row-major, each
+/// row's bit-identical to running that row alone (the packed kernels' contract).
+pub fn host_expert_rows(
+    gate: &crate::weights::host::HostMatrix,
+    up: &crate::weights::host::HostMatrix,
+    down: &crate::weights::host::HostMatrix,
+    xs: &[f32],
+) -> Vec<f32> {
+    let (g, u) = (gate.matmul_rows(xs), up.matmul_rows(xs));
+    // silu(z) = z / (1 + e^-z), as candle computes it.
+    let act: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(z, u)| z / (1.0 + (-z).exp()) * u)
+        .collect();
+    down.matmul_rows(&act)
 }
 
 fn dense_expert(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {

@@ -47,6 +47,14 @@ pub trait ExpertAccess {
     fn resident_layer(&self, _layer: u32) -> Option<&[Option<Arc<ExpertWeights>>]> {
         None
     }
+    /// Whether no step of MoE `layer` can evict an expert (the budget holds all of the layer's
+    /// experts): a prompt's experts may then be fetched for all its tokens before any runs.
+    fn never_evicts(&self, _layer: u32) -> bool {
+        false
+    }
+    /// Counts `steps` prompt steps whose routed experts ran expert by expert (reported in the
+    /// engine's statistics, so a run shows which path it took).
+    fn ran_by_expert(&mut self, _steps: usize) {}
     /// Routes replayed from a recorded trace for tokens `pos0..pos0 + n` at MoE `layer`, used
     /// instead of the router's (speed runs on random-weight checkpoints); `None`: use the router.
     fn replayed_routes(&self, _layer: u32, _pos0: usize, _n: usize) -> Result<Option<Vec<Route>>> {
@@ -336,6 +344,18 @@ impl MoeBlock {
         predictions: Option<(u32, &[Route])>,
         access: &mut dyn ExpertAccess,
     ) -> Result<Tensor> {
+        if x.device().is_cpu() && routes.len() > 1 && access.never_evicts(self.layer) {
+            // A prompt on the CPU: each expert once over all the tokens that chose it.
+            let routed = super::moe_prefill::routed_by_expert(
+                self.layer,
+                x,
+                pos0,
+                routes,
+                predictions,
+                access,
+            )?;
+            return self.add_shared(routed, x, false);
+        }
         let mut outs = Vec::with_capacity(routes.len());
         // A single decode token on a GPU: the shared expert may join the routed experts' fused
         // launches (HF's `routed + shared` in one sum).

@@ -1,4 +1,4 @@
-//! CPU compute settings: outputs do not depend on the thread count, and the int8x2 kernels stay
+//! CPU compute settings: outputs (prompt and decode steps) do not depend on the thread count, and the int8x2 kernels stay
 //! within the 4-bit tolerance of HF transformers on every MLX 4-bit checkpoint we have (the
 //! one-part int8 kernels' deviation is measured and printed, not held to it).
 
@@ -7,6 +7,17 @@ use moe_harness::engine::{Engine, EngineConfig};
 use moe_harness::weights::kernels::Kernels;
 
 fn logits(dir: &std::path::Path, tokens: &[u32], kernels: Kernels, threads: usize) -> Vec<f32> {
+    outputs(dir, tokens, kernels, threads, 0)
+}
+
+/// The prompt's logits, then those of `steps` greedy decode steps.
+fn outputs(
+    dir: &std::path::Path,
+    tokens: &[u32],
+    kernels: Kernels,
+    threads: usize,
+    steps: usize,
+) -> Vec<f32> {
     let mut e = Engine::open(
         dir,
         candle_core::Device::Cpu,
@@ -19,7 +30,16 @@ fn logits(dir: &std::path::Path, tokens: &[u32], kernels: Kernels, threads: usiz
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     assert_eq!(e.compute_threads(), threads);
     assert!(e.kernels_label().starts_with(kernels.as_str()));
-    e.logits(tokens).unwrap().0.concat()
+    let mut out = e.logits(tokens).unwrap().0.concat();
+    if steps > 0 {
+        let mut greedy = moe_harness::engine::Sampler::Greedy;
+        let g = e
+            .generate_with(tokens, steps, &mut greedy, &[], true)
+            .unwrap();
+        assert_eq!(g.step_logits.len(), steps);
+        out.extend(g.step_logits.concat());
+    }
+    out
 }
 
 /// A checkpoint whose products are large enough to be split across threads: the CPU benchmark
@@ -46,9 +66,11 @@ fn logits_are_bit_identical_for_any_thread_count() {
     let dir = d.path().join("m");
     let tokens: Vec<u32> = (0..12).map(|i| (i * 613 + 5) % 8192).collect();
     for kernels in [Kernels::Exact, Kernels::Int8x2, Kernels::Int8] {
-        let one = logits(&dir, &tokens, kernels, 1);
+        // 24 decode steps after the prompt: their attention over up to 36 cached positions is
+        // split by head.
+        let one = outputs(&dir, &tokens, kernels, 1, 24);
         for threads in [2, 3] {
-            let many = logits(&dir, &tokens, kernels, threads);
+            let many = outputs(&dir, &tokens, kernels, threads, 24);
             assert!(
                 one.iter()
                     .zip(&many)
@@ -67,6 +89,58 @@ fn logits_are_bit_identical_for_any_thread_count() {
         x2 > 0.0 && x2 < 2e-3 && x1 > x2,
         "int8x2 {x2:.2e}, int8 {x1:.2e}"
     );
+}
+
+/// A prompt whose MoE layers hold every expert runs each expert once over all the tokens that
+/// chose it (`models::moe_prefill`); under a budget that can evict it runs token by token. Both
+/// must give the same bits, for every kernel kind and thread count, and the engine's statistics
+/// must say which path ran.
+#[test]
+fn prompt_experts_run_by_expert_give_the_token_by_token_bits() {
+    use moe_harness::experts::budget::Budget;
+    let d = split_sized();
+    let dir = d.path().join("m");
+    // 24 tokens × top-4 of 64 experts: most experts chosen by several tokens.
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 613 + 5) % 8192).collect();
+    let moe_layers = 1; // layer 0 dense
+    let run = |kernels: Kernels, threads: usize, budget: Budget| {
+        let mut e = Engine::open(
+            &dir,
+            candle_core::Device::Cpu,
+            EngineConfig {
+                kernels,
+                threads: Some(threads),
+                budget,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let l = e.logits(&tokens).unwrap().0.concat();
+        (l, e.stats().prompt_steps_by_expert)
+    };
+    for kernels in [Kernels::Exact, Kernels::Int8x2, Kernels::Int8] {
+        for threads in [1, 2] {
+            let (grouped, by_expert) = run(kernels, threads, Budget::Unlimited);
+            assert_eq!(by_expert, (tokens.len() * moe_layers) as u64, "{kernels}");
+            let (all_slots, by_expert) = run(kernels, threads, Budget::SlotsPerLayer(64));
+            assert_eq!(by_expert, (tokens.len() * moe_layers) as u64, "{kernels}");
+            let (one_by_one, by_token) = run(kernels, threads, Budget::SlotsPerLayer(63));
+            assert_eq!(
+                by_token, 0,
+                "{kernels}: a budget that can evict ran by expert"
+            );
+            for (what, l) in [("unlimited", &grouped), ("64 slots", &all_slots)] {
+                assert!(
+                    l.iter()
+                        .zip(&one_by_one)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kernels}, {threads} threads, {what}: by expert differs from token by token \
+                     (rel L2 {:.2e})",
+                    rel_l2(l, &one_by_one)
+                );
+            }
+        }
+    }
 }
 
 /// Every MLX 4-bit checkpoint with an HF reference: two-part int8 activations keep the logits

@@ -1,0 +1,178 @@
+//! A prompt's routed experts on the CPU, one expert at a time over all the tokens that chose it.
+//!
+//! Per token, the MoE block runs each of its experts on that token alone: a prompt of `T`
+//! tokens streams `T · k` experts' weights. Here the prompt's steps are reported to the cache in
+//! token order exactly as the per-token loop reports them (same calls, same order, so the same
+//! hits, misses and trace rows), then every distinct expert runs once on the rows of the tokens
+//! that chose it (the packed kernels share each unpacked chunk among up to four inputs), and
+//! each token's outputs are summed in its router order with the per-token loop's arithmetic: the
+//! result is bit-identical to it (integration test `grouped_prefill_is_bit_identical`).
+//!
+//! Only where the layer can never evict ([`ExpertAccess::never_evicts`]): an expert fetched for
+//! an early token is then still the cache's when a later token's step runs, so holding every
+//! fetched expert until the group runs holds nothing beyond the budget.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::experts::store::{ExpertMats, ExpertWeights};
+use crate::experts::ExpertKey;
+
+use super::layers::{expert_forward, host_expert_rows};
+use super::moe::{ExpertAccess, Route};
+
+/// Bytes of expert outputs a chunk of the prompt holds at once (the tokens of a chunk are
+/// reported, then computed; a long prompt runs as several chunks).
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// One distinct expert of a chunk and the chunk tokens that chose it, in token order.
+struct Group {
+    weights: Arc<ExpertWeights>,
+    tokens: Vec<usize>,
+}
+
+/// The routed output `[T, H]` of `x` (normalised, on the CPU) for `routes`, token by token
+/// through `access` and expert by expert through the kernels; `predictions` as
+/// [`super::moe::MoeBlock::forward`] takes them.
+pub(super) fn routed_by_expert(
+    layer: u32,
+    x: &Tensor,
+    pos0: usize,
+    routes: &[Route],
+    predictions: Option<(u32, &[Route])>,
+    access: &mut dyn ExpertAccess,
+) -> Result<Tensor> {
+    let (t_all, h) = x.dims2()?;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let top_k = routes
+        .iter()
+        .map(|r| r.experts.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let chunk = (CHUNK_BYTES / (top_k * h * 4).max(1)).max(1);
+    let mut out = vec![0f32; t_all * h];
+    for c0 in (0..t_all).step_by(chunk) {
+        let c1 = (c0 + chunk).min(t_all);
+        // The steps, in token order: (group, row in the group, weight) per kept expert.
+        let mut groups: Vec<Group> = Vec::new();
+        let mut picks: Vec<Vec<(usize, usize, f32)>> = Vec::with_capacity(c1 - c0);
+        let mut kept = Vec::with_capacity(c1 - c0);
+        for t in c0..c1 {
+            let route = &routes[t];
+            let pred = predictions.map(|(l, p)| (l, p[t].experts.as_slice()));
+            access.begin_step(layer, pos0 + t, route, pred)?;
+            let mut mine = Vec::with_capacity(route.experts.len());
+            let mut k = 0f32;
+            for (&e, &w) in route.experts.iter().zip(&route.weights) {
+                let Some(ew) = access.fetch(ExpertKey { layer, expert: e })? else {
+                    continue;
+                };
+                k += w;
+                // By identity: a substitute or low-bit copy is a different expert's weights.
+                let g = match groups.iter().position(|g| Arc::ptr_eq(&g.weights, &ew)) {
+                    Some(g) => g,
+                    None => {
+                        groups.push(Group {
+                            weights: ew,
+                            tokens: Vec::new(),
+                        });
+                        groups.len() - 1
+                    }
+                };
+                mine.push((g, groups[g].tokens.len(), w));
+                groups[g].tokens.push(t);
+            }
+            access.end_step(route)?;
+            picks.push(mine);
+            kept.push(k);
+        }
+        let ys = run_groups(&groups, &xs, h)?;
+        access.ran_by_expert(c1 - c0);
+        for (i, t) in (c0..c1).enumerate() {
+            let row = &mut out[t * h..(t + 1) * h];
+            combine(row, &picks[i], &ys, kept[i], &routes[t]);
+        }
+    }
+    Ok(Tensor::from_vec(out, (t_all, h), x.device())?)
+}
+
+/// Each group's expert on its tokens' rows of `xs`: `[tokens, H]` per group. Groups run side by
+/// side on the context's threads (each product then on its thread alone).
+fn run_groups(groups: &[Group], xs: &[f32], h: usize) -> Result<Vec<Vec<f32>>> {
+    let slots: Vec<Mutex<Option<Result<Vec<f32>>>>> =
+        groups.iter().map(|_| Mutex::default()).collect();
+    crate::weights::kernels::par_for(groups.len(), &|i| {
+        let y = run_group(&groups[i], xs, h);
+        *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| {
+                    Err(Error::Input(
+                        "internal: an expert of the prompt was not computed".into(),
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// One group: packed host experts take all its rows in one product; any other form runs each
+/// row as the per-token loop does (its multi-row product is different arithmetic).
+fn run_group(g: &Group, xs: &[f32], h: usize) -> Result<Vec<f32>> {
+    let rows = |t: usize| &xs[t * h..(t + 1) * h];
+    if let ExpertMats::Host { gate, up, down } = &g.weights.mats {
+        let mut input = Vec::with_capacity(g.tokens.len() * h);
+        for &t in &g.tokens {
+            input.extend_from_slice(rows(t));
+        }
+        return Ok(host_expert_rows(gate, up, down, &input));
+    }
+    let mut out = Vec::with_capacity(g.tokens.len() * h);
+    for &t in &g.tokens {
+        let xt = Tensor::from_slice(rows(t), (1, h), &candle_core::Device::Cpu)?;
+        out.extend(
+            expert_forward(&xt, &g.weights)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
+    Ok(out)
+}
+
+/// One token's routed output into `row`: its experts' outputs weighted and added in router
+/// order, rescaled where skip-on-miss dropped some (zeros where it dropped all), with the same
+/// f32 operations as the per-token loop's candle ops (`y · w + 0`, `a + b`, `a · s + 0`).
+fn combine(
+    row: &mut [f32],
+    picks: &[(usize, usize, f32)],
+    ys: &[Vec<f32>],
+    kept: f32,
+    route: &Route,
+) {
+    let h = row.len();
+    for (n, &(g, i, w)) in picks.iter().enumerate() {
+        let y = &ys[g][i * h..(i + 1) * h];
+        if n == 0 {
+            for (o, v) in row.iter_mut().zip(y) {
+                *o = v * w + 0.0;
+            }
+        } else {
+            for (o, v) in row.iter_mut().zip(y) {
+                *o += v * w + 0.0;
+            }
+        }
+    }
+    let total: f32 = route.weights.iter().sum();
+    if !picks.is_empty() && kept < total {
+        let s = ((total / kept) as f64) as f32;
+        for o in row.iter_mut() {
+            *o = *o * s + 0.0;
+        }
+    }
+}
