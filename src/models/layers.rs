@@ -195,7 +195,8 @@ impl Mlp {
     }
 }
 
-/// Runs one routed expert on `x` `[1, H]` (`[T, H]` for a host-held one) (SwiGLU: `down(silu(gate x) · up x)`).
+/// Runs one routed expert on `x` `[1, H]` (`[T, H]` for a host-held one; SwiGLU:
+/// `down(silu(gate x) · up x)`).
 pub fn expert_forward(x: &Tensor, e: &crate::experts::store::ExpertWeights) -> Result<Tensor> {
     use crate::experts::store::ExpertMats;
     match &e.mats {
@@ -469,8 +470,11 @@ fn decode_attention(
 ) -> Vec<f32> {
     let (first, s) = keys;
     let mut out = vec![0f32; nh * hd];
-    let mut p = vec![0f32; s];
-    for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+    // Heads side by side on the context's threads (each head's arithmetic as alone).
+    let work = nh * (s - first) * hd * 2;
+    crate::weights::kernels::by_blocks(&mut out, hd, work, |start, oh| {
+        let h = start / hd;
+        let mut p = vec![0f32; s];
         let g = h / rep;
         let qh = &q[h * hd..(h + 1) * hd];
         let mut max = f32::NEG_INFINITY;
@@ -498,7 +502,7 @@ fn decode_attention(
                 *o += w * v;
             }
         }
-    }
+    });
     out
 }
 
