@@ -51,6 +51,14 @@ pub fn int8_fits(cols: usize, gs: usize) -> bool {
 /// 127`, and with `two` the residual `q2 = round((x − d·q) · 254 / d)` within ±127; returns
 /// `d`. The portable form of [`quantize_block_avx2`] (the same operations).
 fn quantize_block(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut [i32; 32]) -> f32 {
+    if x[..32].iter().any(|v| !v.is_finite()) {
+        // A NaN or infinity: the block's scale NaN, so every product it enters is NaN (as
+        // the exact kernels' would be non-finite) rather than a finite value from a zeroed
+        // block.
+        q.fill(0);
+        q2.fill(0);
+        return f32::NAN;
+    }
     let amax = x[..32].iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -66,19 +74,39 @@ fn quantize_block(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut [i32; 32]) -
     d
 }
 
-/// [`quantize_block`] with AVX2 (bit-equal: the same operations, rounding to nearest even).
+/// [`quantize_block`] with AVX2 (bit-equal: the same operations, rounding to nearest even),
+/// writing the block's values straight into their places: its even columns to `q[..16]` and
+/// odd ones to `q[32..48]` (likewise `q2`, with `two`). Returns `d` and the block's sums of
+/// `q` and `q2`.
 ///
 /// # Safety
-/// The CPU must support AVX2; `x` holds at least 32 values.
+/// The CPU must support AVX2; `x` holds at least 32 values, `q` (and `q2` with `two`) 48.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_block_avx2(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut [i32; 32]) -> f32 {
+unsafe fn quantize_block_avx2(
+    x: &[f32],
+    two: bool,
+    q: &mut [i8],
+    q2: &mut [i8],
+) -> (f32, i32, i32) {
     use std::arch::x86_64::*;
-    assert!(x.len() >= 32);
+    assert!(x.len() >= 32 && q.len() >= 48 && (!two || q2.len() >= 48));
     let p = x.as_ptr();
     let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
     let sign = _mm256_set1_ps(-0.0);
     let a = v.map(|v| _mm256_andnot_ps(sign, v));
+    // NaN or infinite (|v| not ≤ the largest float, unordered included): as `quantize_block`.
+    let big = _mm256_set1_ps(f32::MAX);
+    let bad = a.map(|a| _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(a, big)));
+    if bad.iter().any(|&b| b != 0) {
+        q[..16].fill(0);
+        q[32..48].fill(0);
+        if two {
+            q2[..16].fill(0);
+            q2[32..48].fill(0);
+        }
+        return (f32::NAN, 0, 0);
+    }
     let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
     let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
     let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -89,23 +117,42 @@ unsafe fn quantize_block_avx2(x: &[f32], two: bool, q: &mut [i32; 32], q2: &mut 
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let (vid, vid2, vd) = (_mm256_set1_ps(id), _mm256_set1_ps(id2), _mm256_set1_ps(d));
     let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-    for (k, v) in v.iter().enumerate() {
-        let t = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(*v, vid));
-        _mm256_storeu_si256(
-            q.as_mut_ptr().add(8 * k) as *mut __m256i,
-            _mm256_cvttps_epi32(t),
+    // 32 integers (within ±127) to bytes: evens to `out[..16]`, odds to `out[32..48]`; their sum.
+    let store = |i: [__m256i; 4], out: &mut [i8]| -> i32 {
+        let b = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
         );
-        if two {
-            let r = _mm256_sub_ps(*v, _mm256_mul_ps(vd, t));
+        // Packing interleaves groups of four across the 128-bit halves: back in column order.
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // Each half's even columns, then its odd ones; then evens of both halves, odds of both.
+        let split = _mm256_setr_epi8(
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3,
+            5, 7, 9, 11, 13, 15,
+        );
+        let b = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(b, split));
+        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(b));
+        _mm_storeu_si128(
+            out.as_mut_ptr().add(32) as *mut __m128i,
+            _mm256_extracti128_si256::<1>(b),
+        );
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)))
+    };
+    let t = v.map(|v| _mm256_round_ps::<NEAREST>(_mm256_mul_ps(v, vid)));
+    let s1 = store(t.map(|t| _mm256_cvttps_epi32(t)), q);
+    let mut s2 = 0;
+    if two {
+        let r = [0, 1, 2, 3].map(|k| {
+            let r = _mm256_sub_ps(v[k], _mm256_mul_ps(vd, t[k]));
             let t2 = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(r, vid2));
-            let t2 = _mm256_min_ps(_mm256_max_ps(t2, lo), hi);
-            _mm256_storeu_si256(
-                q2.as_mut_ptr().add(8 * k) as *mut __m256i,
-                _mm256_cvttps_epi32(t2),
-            );
-        }
+            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t2, lo), hi))
+        });
+        s2 = store(r, q2);
     }
-    d
+    (d, s1, s2)
 }
 
 impl QuantizedInput {
@@ -128,27 +175,38 @@ impl QuantizedInput {
         };
         let (mut q, mut q2) = ([0i32; 32], [0i32; 32]);
         for (blk, x) in xs.chunks_exact(32).enumerate() {
-            let d = match simd {
-                // SAFETY: `Avx2` is only detected on CPUs with AVX2; the block holds 32 values.
-                #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 => unsafe { quantize_block_avx2(x, residual, &mut q, &mut q2) },
-                _ => quantize_block(x, residual, &mut q, &mut q2),
-            };
             // Block `blk` is half `h` of chunk `blk / 2`: its even columns go to positions
             // 16h.. of the chunk's even half, its odd ones to 32 + 16h.. of the odd half.
             let base = (blk / 2) * 64 + 16 * (blk % 2);
-            let (mut s1, mut s2) = (0i32, 0i32);
-            for i in 0..16 {
-                let (e, o) = (base + i, base + 32 + i);
-                qi.q[e] = q[2 * i] as i8;
-                qi.q[o] = q[2 * i + 1] as i8;
-                s1 += q[2 * i] + q[2 * i + 1];
-                if residual {
-                    qi.q2[e] = q2[2 * i] as i8;
-                    qi.q2[o] = q2[2 * i + 1] as i8;
-                    s2 += q2[2 * i] + q2[2 * i + 1];
+            let (d, s1, s2) = match simd {
+                // SAFETY: `Avx2` is only detected on CPUs with AVX2; the block holds 32 values
+                // and the row's parts 48 from `base` (the odd half ends 32 + 16 after it).
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe {
+                    let q2 = if residual {
+                        &mut qi.q2[base..]
+                    } else {
+                        &mut [][..]
+                    };
+                    quantize_block_avx2(x, residual, &mut qi.q[base..], q2)
+                },
+                _ => {
+                    let d = quantize_block(x, residual, &mut q, &mut q2);
+                    let (mut s1, mut s2) = (0i32, 0i32);
+                    for i in 0..16 {
+                        let (e, o) = (base + i, base + 32 + i);
+                        qi.q[e] = q[2 * i] as i8;
+                        qi.q[o] = q[2 * i + 1] as i8;
+                        s1 += q[2 * i] + q[2 * i + 1];
+                        if residual {
+                            qi.q2[e] = q2[2 * i] as i8;
+                            qi.q2[o] = q2[2 * i + 1] as i8;
+                            s2 += q2[2 * i] + q2[2 * i + 1];
+                        }
+                    }
+                    (d, s1, s2)
                 }
-            }
+            };
             let (lane, units) = if residual {
                 (d / RESIDUAL_STEPS as f32, RESIDUAL_STEPS * s1 + s2)
             } else {

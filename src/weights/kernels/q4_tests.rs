@@ -200,9 +200,15 @@ fn every_quantizer_form_is_bit_equal_to_the_portable_one() {
     for (i, v) in x.iter_mut().enumerate().take(64) {
         *v = (i as f32 - 31.5) * 0.5;
     }
+    // A NaN and an infinity in two blocks of the second row.
+    x[512 + 40] = f32::NAN;
+    x[512 + 100] = f32::NEG_INFINITY;
     for residual in [false, true] {
         let a = QuantizedInput::new_in(Simd::Portable, &x, 512, residual);
         let b = QuantizedInput::new_in(simd, &x, 512, residual);
+        // Their blocks' scales are NaN (so every product they enter is), the rest finite.
+        let nan_blocks: Vec<usize> = (0..32).filter(|&k| b.block_sums[k].is_nan()).collect();
+        assert_eq!(nan_blocks, [17, 19], "{simd:?} {residual}");
         assert_eq!(a.q, b.q, "{simd:?} {residual}");
         assert_eq!(a.q2, b.q2, "{simd:?} {residual}");
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -316,6 +322,28 @@ fn several_int8_inputs_at_once_are_bit_equal_to_one_at_a_time() {
                         "{simd:?} {cols}/{gs}"
                     );
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_activation_makes_the_int8_product_nan_as_the_exact_one_is() {
+    let simd = Simd::current();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut c = case(21, 256, 64);
+        c.x[70] = bad;
+        c.xsum = c.x.chunks_exact(64).map(|g| g.iter().sum()).collect();
+        let exact = simd.row_exact(c.row(), &c.x, &c.xsum);
+        assert!(!exact.is_finite(), "exact {exact}");
+        for residual in [false, true] {
+            let qi = QuantizedInput::new(&c.x, 256, residual);
+            let qsum = qi.group_sums(64);
+            for y in [
+                row_int8(c.row(), qi.row(0), &qsum),
+                simd.row_int8(c.row(), qi.row(0), &qsum),
+            ] {
+                assert!(y.is_nan(), "{bad} residual {residual}, {simd:?}: {y}");
             }
         }
     }
