@@ -148,8 +148,9 @@ impl PackedMatrix {
         if bits == 4 && gs.is_multiple_of(8) {
             let kind = current_kernels();
             let int8 = kind != Kernels::Exact && q4::int8_fits(c, gs);
-            let qi = int8.then(|| q4::QuantizedInput::new(xs, c, kind == Kernels::Int8x2));
-            let xsum = match &qi {
+            let qi = int8.then(|| quantized(xs, c, kind == Kernels::Int8x2));
+            let qi = qi.as_deref();
+            let xsum = match qi {
                 Some(q) => q.group_sums(gs),
                 None => exact_sums(),
             };
@@ -157,7 +158,7 @@ impl PackedMatrix {
                 words,
                 xs,
                 xsum: &xsum,
-                qi: qi.as_ref(),
+                qi,
                 r0,
                 c,
                 gs,
@@ -227,6 +228,45 @@ impl PackedMatrix {
             }
         }
     }
+}
+
+/// Inputs of up to this many values stay quantized on their thread (the last two), so that
+/// products of one input (q, k and v; an expert's gate and up, and the next expert's on the
+/// same thread) quantize it once.
+const KEEP_QUANTIZED: usize = 1 << 14;
+
+type Quantized = (bool, usize, Vec<u32>, std::rc::Rc<q4::QuantizedInput>);
+
+thread_local! {
+    static LAST_QUANTIZED: std::cell::RefCell<Vec<Quantized>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `xs` quantized for the int8 kernels (`two`: with the residual part), taken from this
+/// thread's last two inputs when it is bit for bit one of them: the same bits quantize to the
+/// same values, so the products are unchanged.
+fn quantized(xs: &[f32], cols: usize, two: bool) -> std::rc::Rc<q4::QuantizedInput> {
+    let new = || std::rc::Rc::new(q4::QuantizedInput::new(xs, cols, two));
+    if xs.len() > KEEP_QUANTIZED {
+        return new();
+    }
+    // SAFETY: f32 and u32 have one size and alignment; every bit pattern is a u32.
+    let bits = unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u32, xs.len()) };
+    LAST_QUANTIZED.with(|last| {
+        let mut last = last.borrow_mut();
+        let hit = last
+            .iter()
+            .position(|(t, c, x, _)| *t == two && *c == cols && x.as_slice() == bits);
+        let entry = match hit {
+            Some(i) => last.remove(i),
+            None => (two, cols, bits.to_vec(), new()),
+        };
+        let q = entry.3.clone();
+        // Most recent first; two kept.
+        last.insert(0, entry);
+        last.truncate(2);
+        q
+    })
 }
 
 /// The operands of a 4-bit product, for [`Rows4::run`].
