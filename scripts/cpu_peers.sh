@@ -5,13 +5,15 @@
 #   * harness: `harness bench`'s all-resident row (prefill of 16-token prompts and decode, every expert
 #     loaded before the measured prompts) on the MLX 4-bit `harness synth` checkpoint, at 1 and all
 #     threads, exact and int8x2 kernels;
-#   * llama.cpp: `llama-bench` (pp16, tg64, 3 repetitions) at the same thread counts on Q4_0 and Q4_1
+#   * llama.cpp: `llama-bench` (pp16, tg64) at the same thread counts on Q4_0 and Q4_1
 #     GGUFs that llama.cpp's own converter and quantizer made from the bf16 `harness synth` checkpoint of
 #     the same config (built here from the llama.cpp tree PyPI's llama-cpp-python sdist ships; AVX-512
 #     when the CPU has it, AMX off: a native build crashed in the AMX matmul on an earlier host);
 #   * mlx-lm (PyPI): its own greedy generate loop on the same MLX checkpoint (MLX's CPU backend);
 #   * exactness: harness's logits (exact and int8x2 kernels) along mlx-lm's greedy continuation pick
 #     the same tokens.
+# Every engine runs once per round, ROUNDS rounds (default 3) in turn; the table gives each figure's
+# median and each ratio as the median of the rounds' ratios, with their range.
 # Writes OUT/table.md (and the raw outputs beside it).
 # Usage: bash scripts/cpu_peers.sh [OUT]   (WORK=… keeps downloads/builds/checkpoints between runs;
 #        LLAMA_CPP=<built llama.cpp tree> skips the fetch and build)
@@ -48,13 +50,20 @@ done
 
 { grep -m1 "model name" /proc/cpuinfo; echo "cores: $N"; grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E "^(avx2|avx512f|avx512_vnni|amx_int8)$" | tr '\n' ' '; echo;
   git rev-parse HEAD; git -C "$LL" log -1 --format=%h 2>/dev/null || echo "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)"; date -u; } > "$OUT/machine.txt"
-for q in Q4_0 Q4_1; do
-  "$LL/build/bin/llama-bench" -m "$WORK/$q.gguf" -t "${THREADS// /,}" -p 16 -n 64 -r 3 -o json > "$OUT/llama_$q.json" 2> "$OUT/llama_$q.log"
-done
-for t in $THREADS; do
-  for k in exact int8x2; do
-    $H bench --model "$WORK/mlx4" --policy lru --capacity 64 --prompts 3 --prompt-len 16 --tokens 64 \
-      --threads "$t" --kernels "$k" --json "$OUT/harness_t${t}_$k.json" > "$OUT/harness_t${t}_$k.txt" 2>&1
+# Rounds, each running every engine once in turn (llama-bench with one repetition), so that each
+# round's ratios compare runs minutes apart at most: this machine's speed drifts by ±20 % between
+# minutes, which a block of llama.cpp runs then a block of harness runs would put in the ratios.
+ROUNDS=${ROUNDS:-3}
+for r in $(seq "$ROUNDS"); do
+  for q in Q4_0 Q4_1; do
+    "$LL/build/bin/llama-bench" -m "$WORK/$q.gguf" -t "${THREADS// /,}" -p 16 -n 64 -r 1 -o json \
+      > "$OUT/llama_${q}_r$r.json" 2> "$OUT/llama_${q}_r$r.log"
+  done
+  for t in $THREADS; do
+    for k in exact int8x2; do
+      $H bench --model "$WORK/mlx4" --policy lru --capacity 64 --prompts 3 --prompt-len 16 --tokens 64 \
+        --threads "$t" --kernels "$k" --json "$OUT/harness_t${t}_${k}_r$r.json" > "$OUT/harness_t${t}_${k}_r$r.txt" 2>&1
+    done
   done
 done
 python3 scripts/peers/mlx_decode.py "$WORK/mlx4" "$PROMPT" 64 3 > "$OUT/mlx_lm.json"

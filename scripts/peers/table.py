@@ -1,51 +1,96 @@
 #!/usr/bin/env python3
-"""The side-by-side table of scripts/cpu_peers.sh from the raw outputs in OUT (markdown on stdout)."""
+"""The side-by-side table of scripts/cpu_peers.sh from the raw outputs in OUT (markdown on stdout).
+
+Runs come in rounds (`*_r<N>.json`: every engine once per round, in turn); a figure is the median
+over rounds, and a ratio to llama.cpp Q4_0 the median of the per-round ratios (runs of one round are
+minutes apart at most), with their range. Outputs of one round without the suffix (earlier runs of
+the script: llama-bench's own 3 repetitions) read as a single round."""
 import glob
 import json
 import re
+import statistics
 import sys
 
 out = sys.argv[1]
-llama = {}  # (quant, threads) -> (prefill, decode, decode stddev)
+
+
+def rounds(pattern):
+    """{round: path} for `pattern` with `_r<N>` before `.json`, or {1: path} without."""
+    found = {int(re.search(r"_r(\d+)\.json$", p).group(1)): p for p in glob.glob(pattern.replace(".json", "_r*.json"))}
+    if not found and glob.glob(pattern):
+        found = {1: pattern}
+    return found
+
+
+llama = {}  # (quant, threads) -> {round: (prefill, decode)}
 for q in ("Q4_0", "Q4_1"):
-    for r in json.load(open(f"{out}/llama_{q}.json")):
-        key = (q, r["n_threads"])
-        pp, tg = llama.get(key, (None, None, None))[:2]
-        if r["n_prompt"] > 0 and r["n_gen"] == 0:
-            pp = r["avg_ts"]
-        elif r["n_gen"] > 0 and r["n_prompt"] == 0:
-            tg, sd = r["avg_ts"], r["stddev_ts"]
-            llama[key] = (pp, tg, sd)
-            continue
-        llama[key] = (pp, tg, llama.get(key, (None, None, None))[2])
-rows = []
-for (q, t), (pp, tg, sd) in sorted(llama.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-    rows.append((t, f"llama.cpp `llama-bench`", f"GGUF {q}", pp, tg, f"± {sd:.1f} (3 reps)", "—"))
+    for r, path in rounds(f"{out}/llama_{q}.json").items():
+        for row in json.load(open(path)):
+            key = (q, row["n_threads"])
+            pp, tg = llama.setdefault(key, {}).get(r, (None, None))
+            if row["n_prompt"] > 0 and row["n_gen"] == 0:
+                pp = row["avg_ts"]
+            elif row["n_gen"] > 0 and row["n_prompt"] == 0:
+                tg = row["avg_ts"]
+            llama[key][r] = (pp, tg)
+
 exact = json.load(open(f"{out}/exactness.json"))
-for path in sorted(glob.glob(f"{out}/harness_t*_*.json")):
-    t, k = re.search(r"harness_t(\d+)_(\w+)\.json", path).groups()
+rows = []  # (threads, engine, weights, {round: (prefill, decode)}, note)
+for (q, t), by_round in llama.items():
+    rows.append((t, "llama.cpp `llama-bench`", f"GGUF {q}", by_round, "—"))
+harness = {}
+for path in glob.glob(f"{out}/harness_t*_*.json"):
+    m = re.search(r"harness_t(\d+)_([a-z0-9]+?)(?:_r(\d+))?\.json$", path)
+    t, k, r = int(m.group(1)), m.group(2), int(m.group(3) or 1)
     b = json.load(open(path))
-    res = next(r for r in b["rows"] if r["cell"] == "resident")
+    res = next(x for x in b["rows"] if x["cell"] == "resident")
+    harness.setdefault((t, k, b["kernels"]), {})[r] = (res.get("prefill_tps"), res["decode_tps"])
+for (t, k, label), by_round in harness.items():
     same = exact.get(k, exact)  # (earlier runs recorded the exact kernels only)
     note = f"{same['equal']}/{same['of']} greedy tokens = mlx-lm's"
     if k != "exact":
         note += " (int8 activations, 2 parts)" if k in exact else "; int8 activations (2 parts) not checked"
-    rows.append((int(t), f"harness `{k}` ({b['kernels']})", "MLX 4-bit", res.get("prefill_tps"), res["decode_tps"],
-                 "3 prompts", note))
+    rows.append((t, f"harness `{k}` ({label})", "MLX 4-bit", by_round, note))
 mlx = json.load(open(f"{out}/mlx_lm.json"))
-rows.append((None, f"mlx-lm {mlx['mlx']} ({mlx['device']})", "MLX 4-bit", mlx["prefill_tps"], mlx["decode_tps"],
-             "median of 3", "reference for the greedy tokens"))
+
+
+def med(vals):
+    vals = [v for v in vals if v]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v):
+    return f"{v:.1f}" if v else "—"
+
+
+def ratio(by_round, base, i):
+    """Median and range of the per-round ratios of field i against `base` (same rounds)."""
+    rs = [by_round[r][i] / base[r][i] for r in by_round if r in base and by_round[r][i] and base[r][i]]
+    if not rs:
+        return "—"
+    if len(rs) == 1:
+        return f"{rs[0]:.2f}×"
+    return f"{statistics.median(rs):.2f}× ({min(rs):.2f}–{max(rs):.2f})"
+
+
+n_rounds = max((len(v) for _, _, _, v, _ in rows), default=1)
 print(open(f"{out}/machine.txt").read().strip().replace("\n", " · "))
 print()
-print("| threads | engine | weights | prefill tok/s (16) | decode tok/s (64) | spread | prefill ÷ llama.cpp Q4_0 | decode ÷ llama.cpp Q4_0 | exactness |")
+print(f"| threads | engine | weights | prefill tok/s (16) | decode tok/s (64) | decode range | prefill ÷ llama.cpp Q4_0 "
+      f"| decode ÷ llama.cpp Q4_0 | exactness |")
 print("|---|---|---|---|---|---|---|---|---|")
-for t, eng, w, pp, tg, spread, note in sorted(rows, key=lambda r: (r[0] or 0, r[1])):
-    base_pp, base_tg = llama.get(("Q4_0", t), (None, None, None))[:2] if t else (None, None)
-    ratio = lambda v, b: f"{v / b:.2f}×" if b and v else "—"
-    f = lambda v: f"{v:.1f}" if v else "—"
-    print(f"| {t or 'mlx default'} | {eng} | {w} | {f(pp)} | {f(tg)} | {spread} | {ratio(pp, base_pp)} | {ratio(tg, base_tg)} | {note} |")
+print(f"| mlx default | mlx-lm {mlx['mlx']} ({mlx['device']}) | MLX 4-bit | {fmt(mlx['prefill_tps'])} | "
+      f"{fmt(mlx['decode_tps'])} | median of 3 | — | — | reference for the greedy tokens |")
+for t, eng, w, by_round, note in sorted(rows, key=lambda r: (r[0], r[1])):
+    base = llama.get(("Q4_0", t), {})
+    tgs = [v[1] for v in by_round.values() if v[1]]
+    spread = f"{min(tgs):.1f}–{max(tgs):.1f}" if len(tgs) > 1 else "one run"
+    print(f"| {t} | {eng} | {w} | {fmt(med(v[0] for v in by_round.values()))} | "
+          f"{fmt(med(v[1] for v in by_round.values()))} | {spread} | {ratio(by_round, base, 0)} | "
+          f"{ratio(by_round, base, 1)} | {note} |")
 print()
-print("harness's prefill and decode are `harness bench`'s all-resident row (every expert loaded before the measured "
-      "prompts, 16-token prompts as llama-bench's pp16). llama.cpp's weights are its Q4_0/Q4_1 (block 32, f16 "
-      "scale) of the bf16 synth checkpoint, harness's and mlx-lm's the MLX affine 4-bit (group 64, bf16 scale and bias) "
-      "synth checkpoint: same shape, not the same values.")
+print(f"{n_rounds} round(s), every engine once per round in turn; figures are medians over rounds, ratios the median "
+      "(and range) of the rounds' ratios. harness's prefill and decode are `harness bench`'s all-resident row (every "
+      "expert loaded before the measured prompts, 3 prompts of 16 tokens as llama-bench's pp16, 64 new tokens). "
+      "llama.cpp's weights are its Q4_0/Q4_1 (block 32, f16 scale) of the bf16 synth checkpoint, harness's and "
+      "mlx-lm's the MLX affine 4-bit (group 64, bf16 scale and bias) synth checkpoint: same shape, not the same values.")
