@@ -474,36 +474,114 @@ fn decode_attention(
     let work = nh * (s - first) * hd * 2;
     crate::weights::kernels::by_blocks(&mut out, hd, work, |start, oh| {
         let h = start / hd;
-        let mut p = vec![0f32; s];
         let g = h / rep;
+        let (k, v) = (&kb[g * cap * hd..], &vb[g * cap * hd..]);
         let qh = &q[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (j, pj) in p.iter_mut().enumerate().take(s).skip(first) {
-            let kj = &kb[(g * cap + j) * hd..(g * cap + j + 1) * hd];
-            // Eight lanes, so that the products vectorize.
-            let mut acc = [0f32; 8];
-            for (qc, kc) in qh.chunks(8).zip(kj.chunks(8)) {
-                for (l, (a, b)) in qc.iter().zip(kc).enumerate() {
-                    acc[l] += a * b;
-                }
-            }
-            *pj = acc.iter().sum::<f32>() * scale;
-            max = max.max(*pj);
+        #[cfg(target_arch = "x86_64")]
+        if crate::weights::kernels::q4::Simd::current() == crate::weights::kernels::q4::Simd::Avx2 {
+            // SAFETY: `Avx2` is only detected on CPUs with AVX2.
+            return unsafe { attend_head_avx2(qh, k, v, (first, s), scale, oh) };
         }
-        let mut sum = 0f32;
-        for pj in &mut p[first..s] {
-            *pj = (*pj - max).exp();
-            sum += *pj;
-        }
-        for (j, pj) in p.iter().enumerate().take(s).skip(first) {
-            let w = pj / sum;
-            let vj = &vb[(g * cap + j) * hd..(g * cap + j + 1) * hd];
-            for (o, v) in oh.iter_mut().zip(vj) {
-                *o += w * v;
-            }
-        }
+        attend_head(qh, k, v, (first, s), scale, oh)
     });
     out
+}
+
+/// [`attend_head`] compiled for AVX2: the same operations (no fused multiply-adds), eight lanes
+/// a vector instead of four, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_head_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) {
+    attend_head(q, k, v, keys, scale, out)
+}
+
+/// `e^x` for `x ≤ 0` (NaN stays NaN) in plain arithmetic, so that a loop of it vectorizes (a
+/// libm call per value does not): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its Taylor
+/// polynomial to degree 7 (relative error below 1e-7), scaled by `2^n` in the exponent bits;
+/// below −87 (where `e^x` < 2^-125) it is 0.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let xc = x.max(-87.0);
+    let n = (xc * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    // ln 2 in two parts (the first exact in 13 bits), so n·ln2 subtracts without rounding error.
+    let r = (xc - n * 0.693_145_75) - n * 1.428_606_8e-6;
+    let mut e = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        e = e * r + c;
+    }
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let y = e * scale;
+    if x >= -87.0 {
+        y
+    } else if x < -87.0 {
+        0.0
+    } else {
+        x // NaN
+    }
+}
+
+/// One query head `q` over the keys `k` and values `v` of its KV head (`[positions, hd]`) at
+/// positions `keys.0..keys.1`: the softmax-weighted sum of the values into `out` (zeros).
+#[inline(always)]
+fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (first, s): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut p = vec![0f32; s];
+    let mut max = f32::NEG_INFINITY;
+    for (j, pj) in p.iter_mut().enumerate().take(s).skip(first) {
+        let kj = &k[j * hd..(j + 1) * hd];
+        // Eight lanes, so that the products vectorize (a last part shorter than eight adds
+        // into the first lanes).
+        let mut acc = [0f32; 8];
+        let (qs, ks) = (q.chunks_exact(8), kj.chunks_exact(8));
+        let (qr, kr) = (qs.remainder(), ks.remainder());
+        for (qc, kc) in qs.zip(ks) {
+            for l in 0..8 {
+                acc[l] += qc[l] * kc[l];
+            }
+        }
+        for (l, (a, b)) in qr.iter().zip(kr).enumerate() {
+            acc[l] += a * b;
+        }
+        *pj = acc.iter().sum::<f32>() * scale;
+        max = max.max(*pj);
+    }
+    for pj in &mut p[first..s] {
+        *pj = exp_nonpositive(*pj - max);
+    }
+    let sum: f32 = p[first..s].iter().sum();
+    for (j, pj) in p.iter().enumerate().take(s).skip(first) {
+        let w = pj / sum;
+        let vj = &v[j * hd..(j + 1) * hd];
+        for (o, v) in out.iter_mut().zip(vj) {
+            *o += w * v;
+        }
+    }
 }
 
 /// Additive causal (and sliding-window) mask `[T, S]` for `t` queries at the end of `s` cached
@@ -624,6 +702,73 @@ mod tests {
             let n = v.len();
             let t = Tensor::from_vec(v.clone(), (1, n), &Device::Cpu).unwrap();
             assert_eq!(greedy_token(&t).unwrap(), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn exp_nonpositive_is_within_a_few_ulps_of_libm() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -90.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            if x >= -87.0 {
+                worst = worst.max((got - want).abs() / want);
+            } else {
+                assert_eq!(got, 0.0, "{x}");
+            }
+        }
+        assert!(worst < 3e-7, "relative error {worst:.2e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    /// The AVX2 build of a head's attention gives the portable build's bits (same operations,
+    /// wider vectors), and both match a plain f64 softmax.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn attention_head_forms_are_bit_equal() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for (hd, s, first) in [(64, 45, 3), (72, 20, 0)] {
+            check_head(hd, s, first);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn check_head(hd: usize, s: usize, first: usize) {
+        let mut r = 7u64;
+        let mut f = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let q: Vec<f32> = (0..hd).map(|_| f()).collect();
+        let k: Vec<f32> = (0..s * hd).map(|_| 2.0 * f()).collect();
+        let v: Vec<f32> = (0..s * hd).map(|_| f()).collect();
+        let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
+        attend_head(&q, &k, &v, (first, s), 0.125, &mut a);
+        // SAFETY: AVX2 checked above.
+        unsafe { attend_head_avx2(&q, &k, &v, (first, s), 0.125, &mut b) };
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        let dots: Vec<f64> = (first..s)
+            .map(|j| {
+                (0..hd)
+                    .map(|i| q[i] as f64 * k[j * hd + i] as f64)
+                    .sum::<f64>()
+                    * 0.125
+            })
+            .collect();
+        let m = dots.iter().cloned().fold(f64::MIN, f64::max);
+        let w: Vec<f64> = dots.iter().map(|d| (d - m).exp()).collect();
+        let z: f64 = w.iter().sum();
+        for i in 0..hd {
+            let want: f64 = (first..s)
+                .map(|j| w[j - first] / z * v[j * hd + i] as f64)
+                .sum();
+            assert!((a[i] as f64 - want).abs() < 1e-5, "{i}: {} vs {want}", a[i]);
         }
     }
 }
