@@ -3,7 +3,8 @@
 # llama-bench (the CPU backend of the CUDA pack .gpu/llama-cuda.tar.xz: AVX2, no AVX-512, as harness's
 # kernels) on a Q4_0 of the CPU-bench shape made by its own converter and quantizer, and
 # `harness bench --device cpu` (exact and int8x2) on the MLX 4-bit synth of the same config, at
-# 1 / 4 / 16 threads. Needs ./harness or .gpu/harness.xz (scripts/gpu_binary.sh).
+# 1 / 2 / 4 / 8 / 16 threads, in rounds (ROUNDS, default 2). Needs ./harness or .gpu/harness.xz
+# (scripts/gpu_binary.sh; a CPU-only build will do).
 # Usage (device call): bash scripts/gpu_call.sh NAME scripts/gpu_cpu_peers.sh   (or OUTDIR as $1)
 set -u
 O=${1:-/tmp/gpu_cpu_peers}; mkdir -p "$O"
@@ -18,12 +19,20 @@ cfg=experiments/configs/glm4-moe-cpu-bench.json
 python3 scripts/peers/gguf_convert.py $L /tmp/cbbf /tmp/cb-bf16.gguf > "$O/convert.log" 2>&1
 $L/bin/llama-quantize /tmp/cb-bf16.gguf /tmp/cb-q4_0.gguf Q4_0 > "$O/quant.log" 2>&1
 echo "prepared $(( $(date +%s) - t0 )) s" >> "$O/log.txt"
-for T in 1 4 16; do
-  CUDA_VISIBLE_DEVICES= timeout 90 $L/bin/llama-bench -m /tmp/cb-q4_0.gguf -ngl 0 -t $T -p 16 -n 64 -r 3 -o json > "$O/llama_t$T.json" 2> "$O/llama_t$T.log"
-  for k in exact int8x2; do
-    CUDA_VISIBLE_DEVICES= timeout 60 ./harness bench --model /tmp/cb4 --device cpu --policy lru --capacity 64 --prompts 3 \
-      --prompt-len 16 --tokens 64 --threads $T --kernels $k --json "$O/h_t${T}_$k.json" > "$O/h_t${T}_$k.txt" 2>&1
+# Rounds, every engine once per round in turn (as scripts/cpu_peers.sh: a host's speed drifts
+# between minutes); the table (scripts/peers/table.py) gives medians and per-round ratios.
+THREADS=${THREADS:-"1 2 4 8 16"}
+{ lscpu | grep -m1 "Model name"; echo "cores: $(nproc)"; echo "harness $(./harness --version 2>/dev/null)"; date -u; } > "$O/machine.txt"
+for r in $(seq "${ROUNDS:-2}"); do
+  CUDA_VISIBLE_DEVICES= timeout 300 $L/bin/llama-bench -m /tmp/cb-q4_0.gguf -ngl 0 -t "${THREADS// /,}" -p 16 -n 64 -r 1 \
+    -o json > "$O/llama_Q4_0_r$r.json" 2> "$O/llama_r$r.log"
+  for T in $THREADS; do
+    for k in exact int8x2; do
+      CUDA_VISIBLE_DEVICES= timeout 60 ./harness bench --model /tmp/cb4 --device cpu --policy lru --capacity 64 --prompts 3 \
+        --prompt-len 16 --tokens 64 --threads $T --kernels $k --json "$O/harness_t${T}_${k}_r$r.json" > "$O/harness_t${T}_${k}_r$r.txt" 2>&1
+    done
   done
 done
+python3 scripts/peers/table.py "$O" > "$O/table.md" 2>> "$O/log.txt"
 echo "done $(( $(date +%s) - t0 )) s" >> "$O/log.txt"
 exit 0

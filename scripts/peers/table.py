@@ -6,6 +6,7 @@ over rounds, and a ratio to llama.cpp Q4_0 the median of the per-round ratios (r
 minutes apart at most), with their range. Outputs of one round without the suffix (earlier runs of
 the script: llama-bench's own 3 repetitions) read as a single round."""
 import glob
+import os
 import json
 import re
 import statistics
@@ -34,7 +35,8 @@ for q in ("Q4_0", "Q4_1"):
                 tg = row["avg_ts"]
             llama[key][r] = (pp, tg)
 
-exact = json.load(open(f"{out}/exactness.json"))
+exact_path = f"{out}/exactness.json"
+exact = json.load(open(exact_path)) if os.path.exists(exact_path) else None
 rows = []  # (threads, engine, weights, {round: (prefill, decode)}, note)
 for (q, t), by_round in llama.items():
     rows.append((t, "llama.cpp `llama-bench`", f"GGUF {q}", by_round, "—"))
@@ -46,12 +48,16 @@ for path in glob.glob(f"{out}/harness_t*_*.json"):
     res = next(x for x in b["rows"] if x["cell"] == "resident")
     harness.setdefault((t, k, b["kernels"]), {})[r] = (res.get("prefill_tps"), res["decode_tps"])
 for (t, k, label), by_round in harness.items():
-    same = exact.get(k, exact)  # (earlier runs recorded the exact kernels only)
-    note = f"{same['equal']}/{same['of']} greedy tokens = mlx-lm's"
-    if k != "exact":
-        note += " (int8 activations, 2 parts)" if k in exact else "; int8 activations (2 parts) not checked"
+    if exact is None:
+        note = "not checked in this run"
+    else:
+        same = exact.get(k, exact)  # (earlier runs recorded the exact kernels only)
+        note = f"{same['equal']}/{same['of']} greedy tokens = mlx-lm's"
+        if k != "exact":
+            note += " (int8 activations, 2 parts)" if k in exact else "; int8 activations (2 parts) not checked"
     rows.append((t, f"harness `{k}` ({label})", "MLX 4-bit", by_round, note))
-mlx = json.load(open(f"{out}/mlx_lm.json"))
+mlx_path = f"{out}/mlx_lm.json"
+mlx = json.load(open(mlx_path)) if os.path.exists(mlx_path) else None
 
 
 def med(vals):
@@ -79,8 +85,9 @@ print()
 print(f"| threads | engine | weights | prefill tok/s (16) | decode tok/s (64) | decode range | prefill ÷ llama.cpp Q4_0 "
       f"| decode ÷ llama.cpp Q4_0 | exactness |")
 print("|---|---|---|---|---|---|---|---|---|")
-print(f"| mlx default | mlx-lm {mlx['mlx']} ({mlx['device']}) | MLX 4-bit | {fmt(mlx['prefill_tps'])} | "
-      f"{fmt(mlx['decode_tps'])} | median of 3 | — | — | reference for the greedy tokens |")
+if mlx:
+    print(f"| mlx default | mlx-lm {mlx['mlx']} ({mlx['device']}) | MLX 4-bit | {fmt(mlx['prefill_tps'])} | "
+          f"{fmt(mlx['decode_tps'])} | median of 3 | — | — | reference for the greedy tokens |")
 for t, eng, w, by_round, note in sorted(rows, key=lambda r: (r[0], r[1])):
     base = llama.get(("Q4_0", t), {})
     tgs = [v[1] for v in by_round.values() if v[1]]
