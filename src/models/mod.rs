@@ -18,7 +18,6 @@ pub mod layers;
 pub mod mixtral;
 pub mod mla;
 pub mod moe;
-mod moe_prefill;
 pub mod profile;
 pub mod qwen3_moe;
 pub mod qwen3_next;

@@ -14,6 +14,8 @@ use crate::weights::Vb;
 
 use super::layers::{expert_forward, rows, Linear, Mlp};
 
+mod prefill;
+
 /// One token's routing decision: expert ids (in the router's top-k order) and their weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
@@ -346,14 +348,8 @@ impl MoeBlock {
     ) -> Result<Tensor> {
         if x.device().is_cpu() && routes.len() > 1 && access.never_evicts(self.layer) {
             // A prompt on the CPU: each expert once over all the tokens that chose it.
-            let routed = super::moe_prefill::routed_by_expert(
-                self.layer,
-                x,
-                pos0,
-                routes,
-                predictions,
-                access,
-            )?;
+            let routed =
+                prefill::routed_by_expert(self.layer, x, pos0, routes, predictions, access)?;
             return self.add_shared(routed, x, false);
         }
         let mut outs = Vec::with_capacity(routes.len());

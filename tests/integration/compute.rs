@@ -92,7 +92,7 @@ fn logits_are_bit_identical_for_any_thread_count() {
 }
 
 /// A prompt whose MoE layers hold every expert runs each expert once over all the tokens that
-/// chose it (`models::moe_prefill`); under a budget that can evict it runs token by token. Both
+/// chose it (`models::moe::prefill`); under a budget that can evict it runs token by token. Both
 /// must give the same bits, for every kernel kind and thread count, and the engine's statistics
 /// must say which path ran.
 #[test]

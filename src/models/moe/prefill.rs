@@ -19,9 +19,9 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::experts::store::{ExpertMats, ExpertWeights};
 use crate::experts::ExpertKey;
+use crate::models::layers::{expert_forward, host_expert_rows};
 
-use super::layers::{expert_forward, host_expert_rows};
-use super::moe::{ExpertAccess, Route};
+use super::{ExpertAccess, Route};
 
 /// Bytes of expert outputs a chunk of the prompt holds at once (the tokens of a chunk are
 /// reported, then computed; a long prompt runs as several chunks).
@@ -35,7 +35,7 @@ struct Group {
 
 /// The routed output `[T, H]` of `x` (normalised, on the CPU) for `routes`, token by token
 /// through `access` and expert by expert through the kernels; `predictions` as
-/// [`super::moe::MoeBlock::forward`] takes them.
+/// [`super::MoeBlock::forward`] takes them.
 pub(super) fn routed_by_expert(
     layer: u32,
     x: &Tensor,
