@@ -6,7 +6,8 @@
 //! hits, misses and trace rows), then every distinct expert runs once on the rows of the tokens
 //! that chose it (the packed kernels share each unpacked chunk among up to four inputs), and
 //! each token's outputs are summed in its router order with the per-token loop's arithmetic: the
-//! result is bit-identical to it (integration test `grouped_prefill_is_bit_identical`).
+//! result is bit-identical to it (integration test
+//! `prompt_experts_run_by_expert_give_the_token_by_token_bits`).
 //!
 //! Only where the layer can never evict ([`ExpertAccess::never_evicts`]): an expert fetched for
 //! an early token is then still the cache's when a later token's step runs, so holding every
