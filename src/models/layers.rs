@@ -514,7 +514,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     let xc = x.max(-87.0);
     let n = (xc * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
-    // ln 2 in two parts (the first exact in 13 bits), so n·ln2 subtracts without rounding error.
+    // ln 2 in two parts, the first with 15 significant bits: n·hi is exact for |n| ≤ 127.
     let r = (xc - n * 0.693_145_75) - n * 1.428_606_8e-6;
     let mut e = 1.0 / 5040.0;
     for c in [

@@ -33,7 +33,8 @@ pub struct QuantizedInput {
     pub q2: Vec<i8>,
     /// Per input row, the scale of the integer each kernel lane sums, one per 32-column block
     /// repeated 4 times (the four lanes of its words: 8 values per 64-column chunk): the block's
-    /// step `d` with one part, `d/254` with two (the lanes then sum `254·q + q2`).
+    /// step `d` with one part, `d/254` with two (the lanes then sum `254·q + q2`); NaN for a
+    /// block holding a NaN or infinity (its `q` zero), so the products it enters are NaN.
     pub d: Vec<f32>,
     /// Per input row, per 32-column block, the block's sum as quantized (`Σ` of the values the
     /// kernels multiply).

@@ -228,18 +228,18 @@ fn a_block_of_rows_is_bit_equal_to_one_row_at_a_time() {
         let b: Vec<f32> = rows.iter().flat_map(|c| c.b.iter().copied()).collect();
         let groups = cols / gs;
         let x = &rows[0];
+        // Rows 1..5 as one block, outputs at a stride of 3 (as for three inputs).
+        let first = Row {
+            words: &words[cols / 8..],
+            s: &s[..],
+            b: &b[..],
+            k0: groups,
+            groups,
+            gs,
+        };
         for residual in [false, true] {
             let qi = QuantizedInput::new(&x.x, cols, residual);
             let qsum = qi.group_sums(gs);
-            // Rows 1..5 as one block, outputs at a stride of 3 (as for three inputs).
-            let first = Row {
-                words: &words[cols / 8..],
-                s: &s[..],
-                b: &b[..],
-                k0: groups,
-                groups,
-                gs,
-            };
             let mut out = vec![f32::NAN; 3 * 4];
             simd.rows_int8(first, 4, [qi.row(0)], [&qsum[..]], &mut out, 3);
             for k in 0..4 {
@@ -261,14 +261,6 @@ fn a_block_of_rows_is_bit_equal_to_one_row_at_a_time() {
             }
         }
         // The exact kind over the same block.
-        let first = Row {
-            words: &words[cols / 8..],
-            s: &s[..],
-            b: &b[..],
-            k0: groups,
-            groups,
-            gs,
-        };
         let mut out = vec![f32::NAN; 3 * 4];
         simd.rows_exact(first, 4, &x.x, &x.xsum, &mut out, 3);
         for k in 0..4 {
