@@ -1,6 +1,7 @@
-//! CPU compute settings: outputs (prompt and decode steps) do not depend on the thread count, and the int8x2 kernels stay
-//! within the 4-bit tolerance of HF transformers on every MLX 4-bit checkpoint we have (the
-//! one-part int8 kernels' deviation is measured and printed, not held to it).
+//! CPU compute settings: outputs (prompt and decode steps) do not depend on the thread count,
+//! and the int8x2 kernels stay within the 4-bit tolerance of HF transformers on every MLX 4-bit
+//! checkpoint we have (the one-part int8 kernels' deviation is measured and printed, not held
+//! to it).
 
 use crate::common::{fixture, rel_l2, Reference};
 use moe_harness::engine::{Engine, EngineConfig};
@@ -103,7 +104,8 @@ fn prompt_experts_run_by_expert_give_the_token_by_token_bits() {
     // 24 tokens × top-4 of 64 experts: most experts chosen by several tokens.
     let tokens: Vec<u32> = (0..24).map(|i| (i * 613 + 5) % 8192).collect();
     let moe_layers = 1; // layer 0 dense
-    let run = |kernels: Kernels, threads: usize, budget: Budget| {
+    use moe_harness::engine::MissMode;
+    let run_with = |kernels: Kernels, threads: usize, budget: Budget, miss: MissMode| {
         let mut e = Engine::open(
             &dir,
             candle_core::Device::Cpu,
@@ -111,13 +113,37 @@ fn prompt_experts_run_by_expert_give_the_token_by_token_bits() {
                 kernels,
                 threads: Some(threads),
                 budget,
+                miss,
                 ..Default::default()
             },
         )
         .unwrap();
         let l = e.logits(&tokens).unwrap().0.concat();
-        (l, e.stats().prompt_steps_by_expert)
+        let s = e.stats();
+        (l, s.prompt_steps_by_expert, s.cache.accesses - s.cache.hits)
     };
+    let run = |kernels, threads, budget| {
+        let (l, by_expert, _) = run_with(kernels, threads, budget, MissMode::Load);
+        (l, by_expert)
+    };
+    // Misses that run without their expert (rescaled sums) or with another's (one group for
+    // both): the cold cache misses in either budget, the same steps while 63 slots evict none.
+    for miss in [MissMode::Skip, MissMode::Substitute] {
+        let (grouped, by_expert, misses) = run_with(Kernels::Exact, 2, Budget::Unlimited, miss);
+        assert_eq!(by_expert, (tokens.len() * moe_layers) as u64, "{miss}");
+        assert!(misses > 0, "{miss}: nothing missed");
+        let (one_by_one, by_token, _) =
+            run_with(Kernels::Exact, 2, Budget::SlotsPerLayer(63), miss);
+        assert_eq!(by_token, 0, "{miss}");
+        assert!(
+            grouped
+                .iter()
+                .zip(&one_by_one)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{miss}: by expert differs from token by token (rel L2 {:.2e})",
+            rel_l2(&grouped, &one_by_one)
+        );
+    }
     for kernels in [Kernels::Exact, Kernels::Int8x2, Kernels::Int8] {
         for threads in [1, 2] {
             let (grouped, by_expert) = run(kernels, threads, Budget::Unlimited);

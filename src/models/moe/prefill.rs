@@ -171,7 +171,7 @@ fn combine(
     }
     let total: f32 = route.weights.iter().sum();
     if !picks.is_empty() && kept < total {
-        let s = ((total / kept) as f64) as f32;
+        let s = total / kept; // the loop's `a * (total / kept) as f64`, back in f32 in candle
         for o in row.iter_mut() {
             *o = *o * s + 0.0;
         }
