@@ -22,7 +22,7 @@ echo "prepared $(( $(date +%s) - t0 )) s" >> "$O/log.txt"
 # Rounds, every engine once per round in turn (as scripts/cpu_peers.sh: a host's speed drifts
 # between minutes); the table (scripts/peers/table.py) gives medians and per-round ratios.
 THREADS=${THREADS:-"1 2 4 8 16"}
-{ lscpu | grep -m1 "Model name"; echo "cores: $(nproc)"; echo "harness $(./harness --version 2>/dev/null)"; date -u; } > "$O/machine.txt"
+{ lscpu | grep -m1 "Model name"; echo "cores: $(nproc)"; echo "$(./harness --version 2>/dev/null), binary sha256 $(sha256sum harness | cut -c1-16)"; date -u; } > "$O/machine.txt"
 for r in $(seq "${ROUNDS:-2}"); do
   CUDA_VISIBLE_DEVICES= timeout 300 $L/bin/llama-bench -m /tmp/cb-q4_0.gguf -ngl 0 -t "${THREADS// /,}" -p 16 -n 64 -r 1 \
     -o json > "$O/llama_Q4_0_r$r.json" 2> "$O/llama_r$r.log"

@@ -52,7 +52,7 @@ for (t, k, label), by_round in harness.items():
         note = "not checked in this run"
     else:
         same = exact.get(k, exact)  # (earlier runs recorded the exact kernels only)
-        note = f"{same['equal']}/{same['of']} greedy tokens = mlx-lm's"
+        note = f"{same['equal']}/{same['of']} of mlx-lm's greedy tokens are harness's argmax (teacher-forced)"
         if k != "exact":
             note += " (int8 activations, 2 parts)" if k in exact else "; int8 activations (2 parts) not checked"
     rows.append((t, f"harness `{k}` ({label})", "MLX 4-bit", by_round, note))
