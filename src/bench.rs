@@ -60,6 +60,8 @@ pub struct BenchOptions {
     pub gpu_attention: crate::models::GpuAttention,
     /// Where decode tokens are routed on CUDA.
     pub gpu_routing: crate::models::GpuRouting,
+    /// Decode steps on CUDA from a captured graph (auto) or launch by launch.
+    pub gpu_graph: crate::models::GpuGraph,
     /// MLX-quantized dense weights on CUDA.
     pub gpu_dense: crate::models::GpuDense,
     /// Dense weights in place (default) or copied, on the CPU.
@@ -204,6 +206,7 @@ pub fn bench(
         gpu_experts: opts.gpu_experts,
         gpu_attention: opts.gpu_attention,
         gpu_routing: opts.gpu_routing,
+        gpu_graph: opts.gpu_graph,
         gpu_dense: opts.gpu_dense,
         dense: opts.dense,
         io: opts.io,

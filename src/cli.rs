@@ -14,7 +14,7 @@ use moe_harness::experts::policies::PolicySpec;
 use moe_harness::experts::upload::{GpuExperts, Staging};
 use moe_harness::inspect;
 use moe_harness::io::{write_atomic, write_npy_f32};
-use moe_harness::models::{GpuAttention, GpuDense, GpuRouting};
+use moe_harness::models::{GpuAttention, GpuDense, GpuGraph, GpuRouting};
 use moe_harness::weights::kernels::Kernels;
 use moe_harness::weights::storage::{DeviceModel, IoMode};
 
@@ -105,27 +105,8 @@ struct BenchArgs {
     /// Reader threads per expert upload on CUDA (default 4).
     #[arg(long)]
     read_threads: Option<usize>,
-    /// Resident form of MLX-quantized experts on CUDA: fused (checkpoint bytes; a token's
-    /// experts in two fused launches), packed (checkpoint bytes, one matrix-vector launch per
-    /// projection) or f32 (decoded once at upload).
-    #[arg(long, value_enum, default_value_t = GpuExperts::Fused)]
-    gpu_experts: GpuExperts,
-    /// Attention kernels of decode tokens on CUDA: fused (MLA in two fused kernels between the
-    /// projections) or ops (one tensor op per step).
-    #[arg(long, value_enum, default_value_t = GpuAttention::Fused)]
-    gpu_attention: GpuAttention,
-    /// Where decode tokens are routed on CUDA: device (the router kernel chooses the experts
-    /// where every routed expert is resident; the routes come back once per token) or host
-    /// (router logits copied back at every MoE layer).
-    #[arg(long, value_enum, default_value_t = GpuRouting::Device)]
-    gpu_routing: GpuRouting,
-    /// MLX-quantized dense weights on CUDA: packed (checkpoint bytes, packed matrix-vector
-    /// kernel) or f32 (decoded once at load).
-    #[arg(long, value_enum, default_value_t = GpuDense::Packed)]
-    gpu_dense: GpuDense,
-    /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
-    #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
-    dense: DenseForm,
+    #[command(flatten)]
+    gpu: GpuArgs,
     #[command(flatten)]
     storage: StorageArgs,
     #[command(flatten)]
@@ -292,6 +273,18 @@ pub struct CacheArgs {
     /// Expert loader threads (0: load inline). Default: on the CPU 0 with --io page-cache, min(top_k, 4) with direct/cold; min(top_k, 8) on a GPU.
     #[arg(long)]
     pub load_threads: Option<usize>,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// The kernel forms and placements of the GPU path, and the CPU's dense form (engine commands
+/// and `bench`).
+#[derive(Args, Clone)]
+pub struct GpuArgs {
     /// Resident form of MLX-quantized experts on CUDA: fused (checkpoint bytes; a token's
     /// experts in two fused launches), packed (checkpoint bytes, one matrix-vector launch per
     /// projection) or f32 (decoded once at upload).
@@ -306,6 +299,11 @@ pub struct CacheArgs {
     /// (router logits copied back at every MoE layer).
     #[arg(long, value_enum, default_value_t = GpuRouting::Device)]
     pub gpu_routing: GpuRouting,
+    /// Decode steps on CUDA from a captured CUDA graph: auto (where every attention layer is MLA
+    /// with its fused kernels and every MoE layer is routed on the device, each token after the
+    /// captured one is one graph launch) or off (launch by launch).
+    #[arg(long, value_enum, default_value_t = GpuGraph::Auto)]
+    pub gpu_graph: GpuGraph,
     /// MLX-quantized dense weights on CUDA: packed (checkpoint bytes, packed matrix-vector
     /// kernel) or f32 (decoded once at load).
     #[arg(long, value_enum, default_value_t = GpuDense::Packed)]
@@ -313,10 +311,6 @@ pub struct CacheArgs {
     /// Dense weights on the CPU: read in place from the memory map, or copied into memory.
     #[arg(long, value_enum, default_value_t = DenseForm::Mapped)]
     pub dense: DenseForm,
-    #[command(flatten)]
-    pub storage: StorageArgs,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
 }
 
 /// How the CPU computes (engine commands and `bench`).
@@ -405,11 +399,12 @@ impl CacheArgs {
             miss: self.miss,
             record_trace: false,
             load_threads: self.load_threads,
-            gpu_experts: self.gpu_experts,
-            gpu_attention: self.gpu_attention,
-            gpu_routing: self.gpu_routing,
-            gpu_dense: self.gpu_dense,
-            dense: self.dense,
+            gpu_experts: self.gpu.gpu_experts,
+            gpu_attention: self.gpu.gpu_attention,
+            gpu_routing: self.gpu.gpu_routing,
+            gpu_graph: self.gpu.gpu_graph,
+            gpu_dense: self.gpu.gpu_dense,
+            dense: self.gpu.dense,
             io: self.storage.io,
             storage: self.storage.storage_device,
             staging: self.storage.staging,
@@ -536,11 +531,12 @@ pub fn run() -> Result<ExitCode> {
                 resident: !a.no_resident,
                 staging: a.storage.staging,
                 read_threads: a.read_threads,
-                gpu_experts: a.gpu_experts,
-                gpu_attention: a.gpu_attention,
-                gpu_routing: a.gpu_routing,
-                gpu_dense: a.gpu_dense,
-                dense: a.dense,
+                gpu_experts: a.gpu.gpu_experts,
+                gpu_attention: a.gpu.gpu_attention,
+                gpu_routing: a.gpu.gpu_routing,
+                gpu_graph: a.gpu.gpu_graph,
+                gpu_dense: a.gpu.gpu_dense,
+                dense: a.gpu.dense,
                 io: a.storage.io,
                 storage: a.storage.storage_device,
                 threads: a.compute.threads,

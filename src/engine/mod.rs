@@ -31,7 +31,7 @@ use crate::experts::store::{ExpertStore, ExpertWeights, OpenCheckpoint};
 use crate::experts::upload::{GpuExperts, Staging, TransferStats};
 use crate::experts::ExpertKey;
 use crate::models::layers::rows;
-use crate::models::{GpuAttention, GpuDense, GpuRouting, KvCache, Model, Routing};
+use crate::models::{GpuAttention, GpuDense, GpuGraph, GpuRouting, KvCache, Model, Routing};
 use crate::trace::TraceRow;
 use crate::weights::kernels::{self, Kernels};
 use crate::weights::storage::{DeviceModel, IoMode};
@@ -61,6 +61,9 @@ pub struct EngineConfig {
     /// Where decode tokens are routed on CUDA (on the device where every expert is resident,
     /// by default).
     pub gpu_routing: GpuRouting,
+    /// Decode steps on CUDA from a captured CUDA graph where the step's work is all on the
+    /// device (auto, the default) or launch by launch.
+    pub gpu_graph: GpuGraph,
     /// MLX-quantized dense weights on CUDA: packed (default) or f32. Fixed when the engine
     /// opens.
     pub gpu_dense: GpuDense,
@@ -106,6 +109,7 @@ impl Default for EngineConfig {
             gpu_experts: GpuExperts::Fused,
             gpu_attention: GpuAttention::Fused,
             gpu_routing: GpuRouting::Device,
+            gpu_graph: GpuGraph::Auto,
             gpu_dense: GpuDense::Packed,
             dense: DenseForm::Mapped,
             io: IoMode::PageCache,
@@ -250,6 +254,7 @@ impl Engine {
         )?;
         model.set_gpu_attention(cfg.gpu_attention);
         model.set_gpu_routing(cfg.gpu_routing);
+        model.set_gpu_graph(cfg.gpu_graph);
         if !device.is_cpu() {
             // The dense weights now live on the device: the host never reads them again.
             ck.release_all();
@@ -365,6 +370,12 @@ impl Engine {
                 self.cfg.gpu_dense,
                 self.cfg.gpu_routing
             );
+            // Decode steps captured into CUDA graphs and tokens run from them.
+            let (captures, graphed) = crate::models::fallback::graph_counts();
+            label += &format!(
+                ", graph {} ({captures} captures, {graphed} tokens from a graph)",
+                self.cfg.gpu_graph
+            );
             // Work that left the fused kernels in this process so far (models::fallback).
             let (e, a) = crate::models::fallback::counts();
             if e + a > 0 {
@@ -417,6 +428,7 @@ impl Engine {
         self.store.set_gpu_experts(cfg.gpu_experts);
         self.model.set_gpu_attention(cfg.gpu_attention);
         self.model.set_gpu_routing(cfg.gpu_routing);
+        self.model.set_gpu_graph(cfg.gpu_graph);
         self.io = self.store.checkpoint().set_io(cfg.io, cfg.storage);
         self.store.apply_staging(cfg.staging)?;
         let threads = load_threads(&self.model.spec, self.model.device(), &cfg);

@@ -29,6 +29,9 @@ use crate::weights::cuda::driver;
 pub(super) struct DeviceRoutes {
     layers: Vec<Option<ResidentLayer>>,
     out: Option<CudaSlice<u32>>,
+    /// Counts the times a table or the routes buffer was made anew (a captured CUDA graph of
+    /// a decode step wrote through the old ones).
+    generation: u64,
 }
 
 impl std::fmt::Debug for DeviceRoutes {
@@ -90,6 +93,7 @@ impl Model {
             }
             // Dropping the old tables waits for the kernels that read them.
             state.layers[i] = None;
+            state.generation += 1;
             let rule = moe.router.rule();
             let shared = moe.fusable_shared().and_then(Mlp::device_matrices);
             match ResidentLayer::build(held, shared, &rule, self.spec.moe.top_k)? {
@@ -105,6 +109,7 @@ impl Model {
                 .alloc_zeros::<u32>(len)
                 .map_err(|e| driver("allocation", e))?;
             state.out = Some(out);
+            state.generation += 1;
         }
         Ok(Some(Session {
             state,
@@ -116,6 +121,22 @@ impl Model {
 }
 
 impl Session<'_> {
+    /// Which tables and buffers the session's launches use: equal generations, equal ones.
+    pub(super) fn generation(&self) -> u64 {
+        self.state.generation
+    }
+
+    /// The MoE layers routed so far, in order, each with the layer its lookahead predicted.
+    pub(super) fn layers_ran(&self) -> &[(usize, Option<usize>)] {
+        &self.ran
+    }
+
+    /// Counts the layers of a replayed CUDA graph as routed (what [`Session::route`] recorded
+    /// when the graph was captured), so that [`Session::finish`] reports them.
+    pub(super) fn replayed(&mut self, ran: &[(usize, Option<usize>)]) {
+        self.ran = ran.to_vec();
+    }
+
     /// Routes decoder layer `layer`'s MoE block on its normalised input `x` `[1, H]`; with
     /// `next`, also the lookahead prediction for MoE layer `next.0` from its router `logits`.
     pub(super) fn route(

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 pub(super) struct DeviceRoutes;
 
 /// A decode token routed on the device: none without CUDA.
-pub(super) enum Session {}
+pub(super) struct Session<'a>(std::convert::Infallible, std::marker::PhantomData<&'a ()>);
 
 impl Model {
     /// Always `None` without CUDA.
@@ -19,12 +19,12 @@ impl Model {
         _n_tokens: usize,
         _pos0: usize,
         _access: &dyn ExpertAccess,
-    ) -> Result<Option<Session>> {
+    ) -> Result<Option<Session<'_>>> {
         Ok(None)
     }
 }
 
-impl Session {
+impl Session<'_> {
     pub(super) fn route(
         &mut self,
         _layer: usize,
@@ -32,14 +32,14 @@ impl Session {
         _x: &Tensor,
         _next: Option<(usize, Tensor)>,
     ) -> Result<()> {
-        match *self {}
+        match self.0 {}
     }
 
     pub(super) fn experts(&self, _layer: usize, _moe: &MoeBlock, _x: &Tensor) -> Result<Tensor> {
-        match *self {}
+        match self.0 {}
     }
 
     pub(super) fn finish(self, _access: &mut dyn ExpertAccess, _pos0: usize) -> Result<Routing> {
-        match self {}
+        match self.0 {}
     }
 }

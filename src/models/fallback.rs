@@ -37,3 +37,22 @@ pub fn routed_on_device() {
 pub fn routed_on_device_count() -> u64 {
     ROUTED_ON_DEVICE.load(Relaxed)
 }
+
+static GRAPH_CAPTURED: AtomicU64 = AtomicU64::new(0);
+static GRAPH_TOKENS: AtomicU64 = AtomicU64::new(0);
+
+/// A decode step was captured into a CUDA graph (`models::graph`).
+pub fn graph_captured() {
+    GRAPH_CAPTURED.fetch_add(1, Relaxed);
+}
+
+/// A decode token ran as one launch of a captured CUDA graph.
+pub fn graph_token() {
+    GRAPH_TOKENS.fetch_add(1, Relaxed);
+}
+
+/// `(captures, tokens)`: decode steps captured into CUDA graphs, and decode tokens run from
+/// them, since the process started.
+pub fn graph_counts() -> (u64, u64) {
+    (GRAPH_CAPTURED.load(Relaxed), GRAPH_TOKENS.load(Relaxed))
+}

@@ -96,6 +96,52 @@ impl LayerKv {
         Ok((b.k.narrow(b.dim, 0, b.len)?, b.v.narrow(b.dim, 0, b.len)?))
     }
 
+    /// Entries filled so far.
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |b| b.len)
+    }
+
+    /// Whether nothing is filled yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries the buffers hold without growing (0 before the first reserve).
+    pub fn room(&self) -> usize {
+        self.kv.as_ref().map_or(0, Buffers::capacity)
+    }
+
+    /// The identities of the key and value buffers (they change when the buffers are made or
+    /// grown): what a captured CUDA graph of a decode step wrote through.
+    pub fn buffer_ids(&self) -> Option<(candle_core::TensorId, candle_core::TensorId)> {
+        self.kv.as_ref().map(|b| (b.k.id(), b.v.id()))
+    }
+
+    /// Counts `n` entries written in place by kernels that took their position from device
+    /// memory (a replayed CUDA graph), as [`LayerKv::reserve`] then [`LayerKv::commit`] would,
+    /// without growing the buffers.
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        match &mut self.kv {
+            Some(b) if b.len + n <= b.capacity() => {
+                b.len += n;
+                Ok(())
+            }
+            _ => Err(crate::error::Error::Input(format!(
+                "internal: {n} cache entries advanced past the buffers' {} of {}",
+                self.len(),
+                self.room()
+            ))),
+        }
+    }
+
+    /// Forgets the entries past the first `len` (host bookkeeping only: the buffers keep their
+    /// bytes, to be overwritten).
+    pub fn truncate(&mut self, len: usize) {
+        if let Some(b) = &mut self.kv {
+            b.len = b.len.min(len);
+        }
+    }
+
     /// Appends new entries along `dim` (the sequence axis) and returns the whole cache.
     pub fn append(&mut self, k: Tensor, v: Tensor, dim: usize) -> Result<(Tensor, Tensor)> {
         let n = k.dim(dim)?;

@@ -245,7 +245,7 @@ fn dense_expert(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotary position tables (`cos`, `sin` per position and frequency).
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Rope {
     inv_freq: Vec<f32>,
     factor: f32,

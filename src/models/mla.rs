@@ -76,6 +76,13 @@ pub struct MlaAttention {
 #[cfg(feature = "cuda")]
 #[path = "mla_cuda.rs"]
 mod cuda;
+#[cfg(feature = "cuda")]
+pub use cuda::DeviceStep;
+
+/// A decode step's position in device memory (CUDA graphs): none without CUDA.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug)]
+pub enum DeviceStep {}
 
 impl MlaAttention {
     /// Loads the module `vb` (`…layers.{i}.self_attn`).
@@ -254,16 +261,34 @@ impl MlaAttention {
     }
 
     /// Attends `x` `[T, D]` at positions `pos0..pos0+T`; `kv` holds (latent `[S, C]`, rope key `[S, dr]`).
-    pub fn forward(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Tensor> {
+    /// With `step` (one token of a decode step captured into a CUDA graph) only the fused
+    /// kernels run, reading the position from device memory; anything else is an error.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pos0: usize,
+        kv: &mut LayerKv,
+        step: Option<&DeviceStep>,
+    ) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
         #[cfg(feature = "cuda")]
         if t == 1 {
-            if let Some(y) = self.decode_cuda(x, pos0, kv)? {
+            if let Some(y) = self.decode_cuda(x, pos0, kv, step)? {
                 return Ok(y);
+            }
+            if step.is_some() {
+                return Err(Error::Input(
+                    "graph capture: MLA decode left the fused kernels".into(),
+                ));
             }
             if !x.device().is_cpu() && self.fused.load(std::sync::atomic::Ordering::Relaxed) {
                 super::fallback::attention();
             }
+        }
+        if step.is_some() {
+            return Err(Error::Input(format!(
+                "graph capture: {t} tokens in one MLA step (a captured step is one token)"
+            )));
         }
         let h = self.heads;
         let (dn, dr, dv, c) = (

@@ -57,17 +57,18 @@ for (unsigned int i = 1; i < nw; ++i) r = op ? fmaxf(r, red[i]) : r + red[i];
 return r;
 }
 
-// Element i of the rotated rope vector x (dr values): mode 0 none, 1 halves, 2 interleaved.
+// Element i of the rotated rope vector x (dr values): mode 0 none, 1 halves, 2 interleaved;
+// rc / rs: the position's dr / 2 cosines and sines.
 __device__ float rot_at(const float* x, unsigned int i, unsigned int dr, unsigned int mode,
-                        const Rot& r) {
+                        const float* rc, const float* rs) {
 if (mode == 0) return x[i];
 if (mode == 2) {
     unsigned int j = i / 2u;
-    float c = r.cos[j], s = r.sin[j];
+    float c = rc[j], s = rs[j];
     return (i % 2u == 0u) ? x[i] * c - x[i + 1] * s : x[i - 1] * s + x[i] * c;
 }
 unsigned int half = dr / 2u, j = i % half;
-float c = r.cos[j], s = r.sin[j];
+float c = rc[j], s = rs[j];
 return i < half ? x[i] * c - x[i + half] * s : x[i - half] * s + x[i] * c;
 }
 
@@ -111,19 +112,39 @@ if (tid < 128u && col < N) {
 // Grid (H, ceil(C / 128)), 32 warps: qlat[h] = q_nope[h] · k_up_t[h] ([dn] · [dn, C]). Blocks
 // (h, 0) also rotate head h's rope part of the query into qr [H*dr]; block (0, 0) also
 // normalises the new latent into lat [C] and rotates the shared key into krot [dr] (both rows
-// of the cache). q is [H*(dn+dr)], ckv [C+dr], w [C].
+// of the cache). q is [H*(dn+dr)], ckv [C+dr], w [C]. Where `dpos` is not null (a decode step
+// captured in a CUDA graph), the position is read from it: its cos/sin are row p of `rope`
+// ([positions, dr]: dr / 2 cosines then dr / 2 sines) and `lat` / `krot` are the cache buffers'
+// starts (row p is written); otherwise `rot` has them and `lat` / `krot` point at the row.
 extern "C" __global__ void mla_absorb(const float* q, const float* ckv, const float* w,
                                       float eps, const Rot rot, unsigned int mode,
                                       unsigned int dn, unsigned int dr, unsigned int C,
                                       const float* k_up_t, float* qlat, float* qr, float* lat,
-                                      float* krot) {
+                                      float* krot, const unsigned int* dpos,
+                                      const float* rope) {
 __shared__ float red[32];
+__shared__ float rc[MAX_ROT], rs[MAX_ROT];
 unsigned int h = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
-unsigned int dq = dn + dr;
+unsigned int dq = dn + dr, half = dr / 2u;
+if (dpos) {
+    unsigned long long p = *dpos;
+    for (unsigned int i = tid; mode != 0u && i < half; i += nt) {
+        rc[i] = rope[p * dr + i];
+        rs[i] = rope[p * dr + half + i];
+    }
+    lat += p * C;
+    krot += p * dr;
+} else {
+    for (unsigned int i = tid; i < half; i += nt) {
+        rc[i] = rot.cos[i];
+        rs[i] = rot.sin[i];
+    }
+}
+__syncthreads();
 if (k_up_t) head_tile(q, dq, k_up_t, dn, C, qlat);
 if (blockIdx.y == 0) {
     const float* qh = q + (unsigned long long)h * dq;
-    for (unsigned int i = tid; i < dr; i += nt) qr[h * dr + i] = rot_at(qh + dn, i, dr, mode, rot);
+    for (unsigned int i = tid; i < dr; i += nt) qr[h * dr + i] = rot_at(qh + dn, i, dr, mode, rc, rs);
 }
 if (blockIdx.x == 0 && blockIdx.y == 0) {
     float ss = 0.0f;
@@ -131,16 +152,19 @@ if (blockIdx.x == 0 && blockIdx.y == 0) {
     ss = block_reduce(ss, red, 0);
     float scale = rsqrtf(ss / (float)C + eps);
     for (unsigned int i = tid; i < C; i += nt) lat[i] = scale * ckv[i] * w[i];
-    for (unsigned int i = tid; i < dr; i += nt) krot[i] = rot_at(ckv + C, i, dr, mode, rot);
+    for (unsigned int i = tid; i < dr; i += nt) krot[i] = rot_at(ckv + C, i, dr, mode, rc, rs);
 }
 }
 
 // Per head (block): scores of qlat [H,C] / qr [H,dr] against lat [S,C] / krot [S,dr], times
-// scale, softmax, ctx [H,C] = sum_s p_s lat[s]. Dynamic shared memory: S scores.
+// scale, softmax, ctx [H,C] = sum_s p_s lat[s]. Dynamic shared memory: S scores. Where `dpos`
+// is not null (a captured decode step), S is the position read from it plus one.
 extern "C" __global__ void mla_attend(const float* qlat, const float* qr, const float* lat,
-                                      const float* krot, unsigned int S, unsigned int C,
-                                      unsigned int dr, float scale, float* ctx) {
+                                      const float* krot, unsigned int S_arg, unsigned int C,
+                                      unsigned int dr, float scale, float* ctx,
+                                      const unsigned int* dpos) {
 extern __shared__ float sc[];
+unsigned int S = dpos ? *dpos + 1u : S_arg;
 __shared__ float red[32];
 unsigned int h = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
 unsigned int warp = tid / 32u, lane = tid % 32u, nw = nt / 32u;
@@ -216,6 +240,63 @@ head_tile(ctx, C, v_up, C, dv, y);
 }
 "#;
 
+/// A decode step's position in device memory, for a step captured into a CUDA graph and
+/// replayed at later positions (`super::super::graph`): `mla_absorb` and `mla_attend` read the
+/// position, its RoPE row and the cache length there instead of taking them by value.
+pub struct DeviceStep {
+    /// The step's position (one `u32`), written before each replay.
+    pub pos: CudaSlice<u32>,
+    /// cos/sin of every position below `positions`, `[positions, dr]`: `dr / 2` cosines then
+    /// `dr / 2` sines, the values [`super::Rope::values`] gives.
+    rope: CudaSlice<f32>,
+    /// Positions the table covers.
+    pub positions: usize,
+}
+
+impl MlaAttention {
+    /// A device position and RoPE table for positions below `positions` of this layer (and of
+    /// every layer whose RoPE [`MlaAttention::same_rope`] says equal).
+    pub fn device_step(&self, dev: &CudaDevice, positions: usize) -> Result<DeviceStep> {
+        let dr = self.spec.qk_rope_head_dim;
+        let mut table = Vec::with_capacity(positions * dr);
+        for p in 0..positions {
+            let (cos, sin) = self.rope.values(p);
+            if cos.len() * 2 != dr {
+                return Err(Error::Input(format!(
+                    "internal: {} RoPE frequencies for a rope head of {dr}",
+                    cos.len()
+                )));
+            }
+            table.extend(cos);
+            table.extend(sin);
+        }
+        let stream = dev.cuda_stream();
+        let rope = stream
+            .clone_htod(&table)
+            .map_err(|e| driver("RoPE table upload", e))?;
+        let pos = stream
+            .alloc_zeros::<u32>(1)
+            .map_err(|e| driver("allocation", e))?;
+        Ok(DeviceStep {
+            pos,
+            rope,
+            positions,
+        })
+    }
+
+    /// Whether `other` rotates by the same table (one [`DeviceStep`] serves both).
+    pub fn same_rope(&self, other: &MlaAttention) -> bool {
+        self.spec.qk_rope_head_dim == other.spec.qk_rope_head_dim
+            && self.spec.rope == other.spec.rope
+            && self.rope == other.rope
+    }
+
+    /// Whether decode tokens take the fused kernels (`--gpu-attention fused`).
+    pub fn fused_on(&self) -> bool {
+        self.fused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// cos/sin of one position, passed by value (the kernels' `Rot`).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -289,12 +370,16 @@ pub(super) fn stack_a(q: &mut QProj, kv_a: &mut Linear) -> Result<Option<Linear>
 
 impl MlaAttention {
     /// The fused decode of one token (`x` `[1, D]`) where it applies (CUDA device, compiled
-    /// kernels, latent expansion as tensors, `--gpu-attention fused`); `None` otherwise.
+    /// kernels, latent expansion as tensors, `--gpu-attention fused`); `None` otherwise. With
+    /// `step` (a decode step being captured into a CUDA graph) the kernels read the position
+    /// from device memory, and a step they cannot take that way is an error, never `None`: a
+    /// fallback would bake this position into the graph.
     pub(super) fn decode_cuda(
         &self,
         x: &Tensor,
         pos0: usize,
         kv: &mut LayerKv,
+        step: Option<&DeviceStep>,
     ) -> Result<Option<Tensor>> {
         let Device::Cuda(dev) = x.device() else {
             return Ok(None);
@@ -323,7 +408,12 @@ impl MlaAttention {
             && attend_shared(pos0 + 1) <= crate::weights::cuda::SHARED_MAX
             && x.dtype() == candle_core::DType::F32;
         let Some([absorb, attend, expand, head_rows]) = kernels(dev).filter(|_| fits) else {
-            return Ok(None);
+            return match step {
+                Some(_) => Err(Error::Input(
+                    "graph capture: the fused MLA kernels do not take this layer".into(),
+                )),
+                None => Ok(None),
+            };
         };
         // With the stacked `q_a`/`kv_a` matrix, one product gives both (rows `..r` and `r..`).
         let (q, ckv) = match (&self.q, &self.stacked_a) {
@@ -391,6 +481,32 @@ impl MlaAttention {
             None => (0u64, None),
         };
         let cap = lat_buf.dim(0)?;
+        // A captured step serves every later position of this cache: its scores' shared
+        // memory is sized for all of them, and its RoPE table must cover them.
+        if let Some(st) = step {
+            if st.positions < cap || attend_shared(cap) > crate::weights::cuda::SHARED_MAX {
+                return Err(Error::Input(format!(
+                    "graph capture: a cache of {cap} positions against a RoPE table of {} and \
+                     {} bytes of shared memory",
+                    st.positions,
+                    crate::weights::cuda::SHARED_MAX
+                )));
+            }
+        }
+        let (dpos, _dpos_guard) = match step {
+            Some(st) => {
+                let (p, g) = st.pos.device_ptr(&stream);
+                (p, Some(g))
+            }
+            None => (0u64, None),
+        };
+        let (rope_ptr, rope_guard) = match step {
+            Some(st) => {
+                let (p, g) = st.rope.device_ptr(&stream);
+                (p, Some(g))
+            }
+            None => (0u64, None),
+        };
         let tiles = |n: usize| (n.div_ceil(128) as u32).max(1);
         with_view!(q, h * (dn + dr), |qv| with_view!(
             ckv,
@@ -401,8 +517,10 @@ impl MlaAttention {
                 |krv| {
                     // The cache buffers are shared tensors, so only read-only views of them
                     // exist: the kernel writes row `pos` through them.
-                    let lat = latv.slice(pos * c..(pos + 1) * c);
-                    let krot = krv.slice(pos * dr..(pos + 1) * dr);
+                    // With a device position, the buffers' starts: the kernel adds the row.
+                    let row = if step.is_some() { 0 } else { pos };
+                    let lat = latv.slice(row * c..(row + 1) * c);
+                    let krot = krv.slice(row * dr..(row + 1) * dr);
                     let mut b = stream.launch_builder(absorb);
                     b.arg(&qv)
                         .arg(&cv)
@@ -417,7 +535,9 @@ impl MlaAttention {
                         .arg(&mut qlat)
                         .arg(&mut qr)
                         .arg(&lat)
-                        .arg(&krot);
+                        .arg(&krot)
+                        .arg(&dpos)
+                        .arg(&rope_ptr);
                     let cfg = LaunchConfig {
                         // With packed `embed_q` its product is a launch of its own.
                         grid_dim: (hu, if packed.is_some() { 1 } else { tiles(c) }, 1),
@@ -428,7 +548,9 @@ impl MlaAttention {
                     // where its address is not 0, k_up (H·dn·C, contiguous, held above); writes
                     // `qlat` (unless k_up is 0) and `qr` (allocated above for exactly their
                     // sizes) and row `pos` of the cache's latent and rope-key buffers (reserved
-                    // above, below `cap`), which nothing else touches until this step reads them.
+                    // above, below `cap`; with `dpos`, the row it holds, below `cap` as checked
+                    // above, and that row of the RoPE table, which covers `cap`), which nothing
+                    // else touches until this step reads them.
                     unsafe { b.launch(cfg) }.map_err(|e| driver("MLA absorb kernel", e))?;
                     if let Some((embed_q, _)) = packed {
                         // qlat[h] = embed_q[h] · q_nope[h]: rows h·C.. of the packed [H·C, dn].
@@ -438,8 +560,11 @@ impl MlaAttention {
             )))
         ));
         drop(k_up_guard);
+        drop(rope_guard);
         let (lat, krot) = kv.commit(1)?;
         let s = lat.dim(0)?;
+        // With a device position the scores' memory is sized for the whole cache (checked).
+        let smem = attend_shared(if step.is_some() { cap } else { s });
         if attend_shared(s) > crate::weights::cuda::SHARED_MAX {
             return Err(Error::Input(format!(
                 "internal: MLA cache of {s} tokens past the fused kernel's shared memory"
@@ -457,14 +582,17 @@ impl MlaAttention {
                 .arg(&cu)
                 .arg(&dru)
                 .arg(&scale)
-                .arg(&mut ctx);
+                .arg(&mut ctx)
+                .arg(&dpos);
             let cfg = LaunchConfig {
                 grid_dim: (hu, 1, 1),
                 block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: attend_shared(s) as u32,
+                shared_mem_bytes: smem as u32,
             };
-            // SAFETY: block h reads its query rows and the S cached latents and keys, keeps S
-            // scores in the dynamic shared memory sized for them, and writes row h of `ctx`.
+            // SAFETY: block h reads its query rows and the S cached latents and keys (S: `su`,
+            // or the device position plus one, at most `cap`: the views span `s` rows here,
+            // the buffers `cap`), keeps S scores in the dynamic shared memory sized for them,
+            // and writes row h of `ctx`.
             unsafe { b.launch(cfg) }.map_err(|e| driver("MLA attend kernel", e))?;
         }));
         if let Some((_, unembed_out)) = packed {

@@ -11,6 +11,11 @@ mod device_routing;
 mod device_routing;
 pub mod fallback;
 pub mod glm4_moe;
+#[cfg(feature = "cuda")]
+mod graph;
+#[cfg(not(feature = "cuda"))]
+#[path = "graph_none.rs"]
+mod graph;
 pub mod kda;
 pub mod kimi_linear;
 pub mod kv;
@@ -188,6 +193,19 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// Whether a decode step on a CUDA GPU may run from a captured CUDA graph.
+    pub enum GpuGraph {
+        /// Where every attention layer is MLA with its fused kernels and every MoE layer is
+        /// routed on the device (an all-resident cell): the step is captured once and each
+        /// later token is one graph launch; elsewhere, or if a capture fails, launch by launch.
+        #[default]
+        Auto = "auto",
+        /// Launch by launch always (the form before graphs, kept for comparison).
+        Off = "off",
+    }
+}
+
 /// The attention part of a decoder layer.
 #[derive(Debug)]
 // One per decoder layer, built once: the variants' sizes do not matter.
@@ -200,10 +218,23 @@ enum Attn {
 }
 
 impl Attn {
-    fn forward(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Tensor> {
+    /// With `step`, a decode step being captured into a CUDA graph: only attention that reads
+    /// its position from device memory (MLA's fused kernels) may run.
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos0: usize,
+        kv: &mut LayerKv,
+        step: Option<&mla::DeviceStep>,
+    ) -> Result<Tensor> {
+        if step.is_some() && !matches!(self, Attn::Mla(_)) {
+            return Err(Error::Input(
+                "graph capture: only MLA attention reads its position from the device".into(),
+            ));
+        }
         match self {
             Attn::Gqa(a) => a.forward(x, pos0, kv),
-            Attn::Mla(a) => a.forward(x, pos0, kv),
+            Attn::Mla(a) => a.forward(x, pos0, kv, step),
             Attn::Delta(a) => a.forward(x, &mut kv.delta),
             Attn::Kda(a) => a.forward(x, &mut kv.delta),
         }
@@ -271,6 +302,11 @@ pub struct Model {
     routing_on_device: std::sync::atomic::AtomicBool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device_routes: std::sync::Mutex<device_routing::DeviceRoutes>,
+    /// `--gpu-graph auto`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    graph_on: std::sync::atomic::AtomicBool,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    graphs: std::sync::Mutex<graph::Graphs>,
 }
 
 impl Model {
@@ -364,6 +400,8 @@ impl Model {
             profile: Default::default(),
             routing_on_device: true.into(),
             device_routes: Default::default(),
+            graph_on: true.into(),
+            graphs: Default::default(),
         })
     }
 
@@ -383,6 +421,13 @@ impl Model {
             r == GpuRouting::Device,
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// Chooses whether decode steps on a CUDA GPU may run from a captured graph (see
+    /// [`GpuGraph`]).
+    pub fn set_gpu_graph(&self, g: GpuGraph) {
+        self.graph_on
+            .store(g == GpuGraph::Auto, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -435,82 +480,18 @@ impl Model {
             kv.layers =
                 vec![LayerKv::with_capacity(kv.capacity.max(tokens.len())); self.layers.len()];
         }
+        if let Some(done) = self.decode_graphed(tokens, kv, access)? {
+            return Ok(done);
+        }
         let pos0 = kv.len;
         let on = self.profiling.load(std::sync::atomic::Ordering::Relaxed);
         let mut clock = Clock::start(&self.device, on, tokens.len())?;
-        let mut h = self.embed.forward(tokens, &self.device)?;
+        let h = self.embed.forward(tokens, &self.device)?;
         Clock::mark(&mut clock, Part::Embed)?;
-        let mut routing = Vec::new();
-        let lookahead = access.wants_lookahead();
         let mut session = self.device_session(tokens.len(), pos0, &*access)?;
-        // `x` is the normalised input of the next module; each residual add and the norm after
-        // it run together (`RmsNorm::add_forward`).
-        let mut x = match self.layers.first() {
-            Some(l) => l.input_norm.forward(&h)?,
-            None => self.norm.forward(&h)?,
-        };
-        Clock::mark(&mut clock, Part::Norms)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attn.forward(&x, pos0, &mut kv.layers[i])?;
-            Clock::mark(&mut clock, Part::Attention)?;
-            (h, x) = layer.post_norm.add_forward(&h, &a)?;
-            Clock::mark(&mut clock, Part::Norms)?;
-            let y = match &layer.ffn {
-                Ffn::Dense(mlp) => {
-                    let y = mlp.forward(&x)?;
-                    Clock::mark(&mut clock, Part::DenseMlp)?;
-                    y
-                }
-                // Routed on the device (every expert resident): the host does not wait.
-                Ffn::Moe(moe) if session.is_some() => {
-                    let next = match lookahead.then(|| self.next_moe(i)).flatten() {
-                        Some((j, nl, nm)) => {
-                            Some((j, nm.router.logits(&nl.post_norm.forward(&h)?)?))
-                        }
-                        None => None,
-                    };
-                    let s = session.as_mut().expect("guarded");
-                    s.route(i, moe, &x, next)?;
-                    Clock::mark(&mut clock, Part::Router)?;
-                    let y = s.experts(i, moe, &x)?;
-                    Clock::mark(&mut clock, Part::Experts)?;
-                    y
-                }
-                Ffn::Moe(moe) => {
-                    let routes = match access.replayed_routes(moe.layer, pos0, tokens.len())? {
-                        Some(r) => r,
-                        None => moe.router.route(&x)?,
-                    };
-                    // Router lookahead: the next MoE layer's norm and router applied to the hidden
-                    // state available now predict the experts that layer will ask for.
-                    let next = if lookahead { self.next_moe(i) } else { None };
-                    let predictions = match next {
-                        Some((j, nl, nm)) => Some((
-                            j as u32,
-                            match access.replayed_lookahead(j as u32, pos0, tokens.len()) {
-                                Some(p) => p,
-                                None => nm.router.route(&nl.post_norm.forward(&h)?)?,
-                            },
-                        )),
-                        None => None,
-                    };
-                    Clock::mark(&mut clock, Part::Router)?;
-                    let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));
-                    let y = moe.forward(&x, pos0, &routes, pred_ref, access)?;
-                    Clock::mark(&mut clock, Part::Experts)?;
-                    routing.push((moe.layer, routes));
-                    y
-                }
-            };
-            let next_norm = match self.layers.get(i + 1) {
-                Some(l) => &l.input_norm,
-                None => &self.norm,
-            };
-            (h, x) = next_norm.add_forward(&h, &y)?;
-            Clock::mark(&mut clock, Part::Norms)?;
-        }
-        kv.len += tokens.len();
-        // `x` is now the final norm of every row.
+        let (x, mut routing) =
+            self.layers_forward(h, pos0, kv, access, session.as_mut(), &mut clock, None)?;
+        // `x` is the final norm of every row.
         let x = if last_only {
             x.narrow(0, tokens.len() - 1, 1)?
         } else {
@@ -529,6 +510,94 @@ impl Model {
                 .record(&c.times);
         }
         Ok((logits, routing))
+    }
+
+    /// The decoder layers on the embedded tokens `h` `[T, D]` at positions `pos0..pos0+T`:
+    /// the final norm of every row and the routing of the layers routed on the host (those of
+    /// `session` are reported by [`device_routing::Session::finish`]); counts the `T` tokens in
+    /// `kv`. With `step` (a decode step being captured into a CUDA graph) attention reads its
+    /// position from device memory.
+    #[allow(clippy::too_many_arguments)]
+    fn layers_forward(
+        &self,
+        mut h: Tensor,
+        pos0: usize,
+        kv: &mut KvCache,
+        access: &mut dyn ExpertAccess,
+        mut session: Option<&mut device_routing::Session<'_>>,
+        clock: &mut Option<Clock>,
+        step: Option<&mla::DeviceStep>,
+    ) -> Result<(Tensor, Routing)> {
+        let n = h.dim(0)?;
+        let mut routing = Vec::new();
+        let lookahead = access.wants_lookahead();
+        // `x` is the normalised input of the next module; each residual add and the norm after
+        // it run together (`RmsNorm::add_forward`).
+        let mut x = match self.layers.first() {
+            Some(l) => l.input_norm.forward(&h)?,
+            None => self.norm.forward(&h)?,
+        };
+        Clock::mark(clock, Part::Norms)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.attn.forward(&x, pos0, &mut kv.layers[i], step)?;
+            Clock::mark(clock, Part::Attention)?;
+            (h, x) = layer.post_norm.add_forward(&h, &a)?;
+            Clock::mark(clock, Part::Norms)?;
+            let y = match (&layer.ffn, session.as_deref_mut()) {
+                (Ffn::Dense(mlp), _) => {
+                    let y = mlp.forward(&x)?;
+                    Clock::mark(clock, Part::DenseMlp)?;
+                    y
+                }
+                // Routed on the device (every expert resident): the host does not wait.
+                (Ffn::Moe(moe), Some(s)) => {
+                    let next = match lookahead.then(|| self.next_moe(i)).flatten() {
+                        Some((j, nl, nm)) => {
+                            Some((j, nm.router.logits(&nl.post_norm.forward(&h)?)?))
+                        }
+                        None => None,
+                    };
+                    s.route(i, moe, &x, next)?;
+                    Clock::mark(clock, Part::Router)?;
+                    let y = s.experts(i, moe, &x)?;
+                    Clock::mark(clock, Part::Experts)?;
+                    y
+                }
+                (Ffn::Moe(moe), None) => {
+                    let routes = match access.replayed_routes(moe.layer, pos0, n)? {
+                        Some(r) => r,
+                        None => moe.router.route(&x)?,
+                    };
+                    // Router lookahead: the next MoE layer's norm and router applied to the hidden
+                    // state available now predict the experts that layer will ask for.
+                    let next = if lookahead { self.next_moe(i) } else { None };
+                    let predictions = match next {
+                        Some((j, nl, nm)) => Some((
+                            j as u32,
+                            match access.replayed_lookahead(j as u32, pos0, n) {
+                                Some(p) => p,
+                                None => nm.router.route(&nl.post_norm.forward(&h)?)?,
+                            },
+                        )),
+                        None => None,
+                    };
+                    Clock::mark(clock, Part::Router)?;
+                    let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));
+                    let y = moe.forward(&x, pos0, &routes, pred_ref, access)?;
+                    Clock::mark(clock, Part::Experts)?;
+                    routing.push((moe.layer, routes));
+                    y
+                }
+            };
+            let next_norm = match self.layers.get(i + 1) {
+                Some(l) => &l.input_norm,
+                None => &self.norm,
+            };
+            (h, x) = next_norm.add_forward(&h, &y)?;
+            Clock::mark(clock, Part::Norms)?;
+        }
+        kv.len += n;
+        Ok((x, routing))
     }
 
     fn next_moe(&self, i: usize) -> Option<(usize, &DecoderLayer, &MoeBlock)> {

@@ -22,6 +22,7 @@ pub(crate) fn opts() -> BenchOptions {
         gpu_experts: Default::default(),
         gpu_attention: Default::default(),
         gpu_routing: Default::default(),
+        gpu_graph: Default::default(),
         gpu_dense: Default::default(),
         dense: Default::default(),
         io: Default::default(),

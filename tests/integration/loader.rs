@@ -22,6 +22,7 @@ fn run(name: &str, policy: &str, miss: MissMode, threads: usize) -> (Outcome, En
         gpu_experts: Default::default(),
         gpu_attention: Default::default(),
         gpu_routing: Default::default(),
+        gpu_graph: Default::default(),
         gpu_dense: Default::default(),
         dense: Default::default(),
         io: Default::default(),
