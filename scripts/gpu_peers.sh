@@ -13,7 +13,9 @@
 # .gpu/llama-cuda.tar.xz: bin/ (llama-bench, llama-quantize, their shared libraries) plus the
 # converter (convert_hf_to_gguf.py, conversion/, gguf-py/) of the same tree. Build notes in
 # docs/performance.md. The GPU machine has no internet: nothing here downloads.
-# Usage: [DEADLINE=seconds] bash scripts/gpu_peers.sh OUTDIR [LAYERS] [CAPACITIES]
+# Usage: [DEADLINE=seconds] [TOKENS=n] [PREP_ONLY=1] bash scripts/gpu_peers.sh OUTDIR [LAYERS] [CAPACITIES]
+# TOKENS: harness's new tokens per prompt (default 16; 64 is llama-bench's tg64). PREP_ONLY: stop
+# once the checkpoints are written (the whole model's preparation fills most of a device call).
 # With DEADLINE, the steps after the alternated resident runs start only if they can finish in
 # time (a device call's command is cut at 10 minutes; the whole model's preparation takes most of
 # one, and what it wrote is reused by the next call while the machine is still held).
@@ -57,10 +59,12 @@ if [ ! -f "$g-q4_0.gguf" ]; then
 fi
 [ -d "$m" ] || $H synth --config $cfg --layout mlx4 --out "$m" --layers "$layers" >> "$out/gpu.txt" 2>&1
 echo "prepare_s $(( $(date +%s) - t0 ))" >> "$out/gpu.txt"
+[ -n "${PREP_ONLY:-}" ] && exit 0
+tokens=${TOKENS:-16}
 # llama.cpp and harness all-resident, alternated three times (the host's speed drifts within a call).
 for i in 1 2 3; do
   timeout 60 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -p 16 -n 64 -r 3 -o json > "$out/llama$i.json" 2> "$out/llama$i.log"
-  timeout 60 $H bench --model "$m" --device cuda --policy lru --capacity 64 --prompts 3 --tokens 16 \
+  timeout 60 $H bench --model "$m" --device cuda --policy lru --capacity 64 --prompts 3 --tokens "$tokens" \
     --json "$out/resident$i.json" > "$out/resident$i.txt" 2>&1
 done
 # Each later step runs only if it can finish before DEADLINE; a skipped one says so.
@@ -71,7 +75,7 @@ step() { # STEP NEEDS_SECONDS
 step llama_cpumoe 170 && timeout 150 $L/bin/llama-bench -m "$g-q4_0.gguf" -ngl 99 -ncmoe "$layers" -p 16 -n 64 -r 3 -o json > "$out/llama_cpumoe.json" 2> "$out/llama_cpumoe.log"
 if step bench 120; then
   timeout 200 $H bench --model "$m" --device cuda --policy lru,lookahead --capacity "$caps" \
-    --prompts 3 --tokens 16 --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
+    --prompts 3 --tokens "$tokens" --json "$out/bench.json" > "$out/bench.txt" 2>&1; echo "bench exit $?" >> "$out/bench.txt"
 fi
 step hf 100 && timeout 90 python3 scripts/hf_decode_baseline.py $cfg --layers "$layers" --tokens 16 > "$out/hf.json" 2> "$out/hf.err"
 exit 0
