@@ -234,6 +234,39 @@ mod tests {
     }
 
     #[test]
+    fn advancing_counts_entries_in_place_and_never_grows() {
+        let dev = Device::Cpu;
+        let mut kv = LayerKv::with_capacity(3);
+        assert_eq!((kv.len(), kv.room(), kv.buffer_ids()), (0, 0, None));
+        // Nothing reserved yet: a replayed step has no buffers to count into.
+        assert!(kv.advance(1).is_err());
+        kv.append(
+            Tensor::ones((1, 2), DType::F32, &dev).unwrap(),
+            Tensor::ones((1, 2), DType::F32, &dev).unwrap(),
+            0,
+        )
+        .unwrap();
+        let ids = kv.buffer_ids();
+        kv.advance(2).unwrap();
+        assert_eq!((kv.len(), kv.room()), (3, 3));
+        // Past the buffers: an error, not a grown buffer (a captured step wrote through these).
+        let err = kv.advance(1).unwrap_err();
+        assert!(
+            err.to_string().contains("past the buffers' 3 of 3"),
+            "{err}"
+        );
+        assert_eq!(kv.buffer_ids(), ids);
+        kv.truncate(1);
+        assert_eq!(kv.len(), 1);
+        kv.truncate(5);
+        assert_eq!(kv.len(), 1);
+        // Growing makes new buffers: a new identity.
+        kv.reserve([&[1, 2], &[1, 2]], DType::F32, &dev, 0, 3)
+            .unwrap();
+        assert_ne!(kv.buffer_ids(), ids);
+    }
+
+    #[test]
     fn commit_before_reserve_is_an_error() {
         let err = LayerKv::with_capacity(4).commit(1).unwrap_err();
         assert!(
