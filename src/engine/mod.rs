@@ -371,11 +371,15 @@ impl Engine {
                 self.cfg.gpu_routing
             );
             // Decode steps captured into CUDA graphs and tokens run from them.
-            let (captures, graphed) = crate::models::fallback::graph_counts();
+            let (captures, graphed, gpu_ms) = crate::models::fallback::graph_counts();
             label += &format!(
                 ", graph {} ({captures} captures, {graphed} tokens from a graph)",
                 self.cfg.gpu_graph
             );
+            if graphed > 0 {
+                // Against the token's whole time, the host's share between launches.
+                label += &format!(" taking {gpu_ms:.3} ms of GPU time each");
+            }
             // Work that left the fused kernels in this process so far (models::fallback).
             let (e, a) = crate::models::fallback::counts();
             if e + a > 0 {

@@ -46,13 +46,23 @@ pub fn graph_captured() {
     GRAPH_CAPTURED.fetch_add(1, Relaxed);
 }
 
-/// A decode token ran as one launch of a captured CUDA graph.
-pub fn graph_token() {
+static GRAPH_GPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// A decode token ran as one launch of a captured CUDA graph, taking `gpu_ms` on the GPU
+/// (timing events around the launch).
+pub fn graph_token(gpu_ms: f32) {
     GRAPH_TOKENS.fetch_add(1, Relaxed);
+    GRAPH_GPU_NS.fetch_add((f64::from(gpu_ms.max(0.0)) * 1e6) as u64, Relaxed);
 }
 
-/// `(captures, tokens)`: decode steps captured into CUDA graphs, and decode tokens run from
-/// them, since the process started.
-pub fn graph_counts() -> (u64, u64) {
-    (GRAPH_CAPTURED.load(Relaxed), GRAPH_TOKENS.load(Relaxed))
+/// `(captures, tokens, GPU ms a token)`: decode steps captured into CUDA graphs, decode tokens
+/// run from them, and their mean time on the GPU, since the process started.
+pub fn graph_counts() -> (u64, u64, f64) {
+    let tokens = GRAPH_TOKENS.load(Relaxed);
+    let ns = GRAPH_GPU_NS.load(Relaxed) as f64;
+    (
+        GRAPH_CAPTURED.load(Relaxed),
+        tokens,
+        ns / 1e6 / tokens.max(1) as f64,
+    )
 }

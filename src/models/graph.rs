@@ -20,7 +20,7 @@
 //! that fails turns graphs off for the process, says why once, and the step runs uncaptured;
 //! the kernel label counts captures and graph tokens (`Engine::kernels_label`).
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaGraph};
 use candle_core::{DType, Device, Tensor, TensorId};
 
 use super::device_routing::Session;
@@ -68,6 +68,9 @@ pub(super) struct Graphs {
     /// The logits `[1, vocab]`, written by the graph.
     output: Option<Tensor>,
     captured: Option<Captured>,
+    /// Timing events around each launch: the GPU's time for a graph token, against which the
+    /// token's whole time shows the host's share.
+    events: Option<[CudaEvent; 2]>,
 }
 
 impl std::fmt::Debug for Graphs {
@@ -206,11 +209,29 @@ impl Model {
                 return Ok(None);
             }
         }
+        if g.events.is_none() {
+            let ev = || {
+                stream
+                    .context()
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| driver("timing event", e))
+            };
+            g.events = Some([ev()?, ev()?]);
+        }
         let c = g.captured.as_ref().expect("captured or matched above");
+        let [start, end] = g.events.as_ref().expect("made above");
+        start
+            .record(&stream)
+            .map_err(|e| driver("timing event", e))?;
         c.graph.0.launch().map_err(|e| driver("graph launch", e))?;
-        super::fallback::graph_token();
-        drop(g);
+        end.record(&stream).map_err(|e| driver("timing event", e))?;
         let routing = session.finish(access, pos0)?;
+        // The routes' copy waited for the graph: both events have happened.
+        let ms = start
+            .elapsed_ms(end)
+            .map_err(|e| driver("timing event", e))?;
+        super::fallback::graph_token(ms);
+        drop(g);
         // A copy: the next launch overwrites the graph's output.
         Ok(Some((output.copy()?, routing)))
     }
