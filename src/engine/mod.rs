@@ -376,9 +376,9 @@ impl Engine {
                 ", graph {} ({captures} captures, {graphed} tokens from a graph)",
                 self.cfg.gpu_graph
             );
-            if graphed > 0 {
+            if let Some(ms) = gpu_ms {
                 // Against the token's whole time, the host's share between launches.
-                label += &format!(" taking {gpu_ms:.3} ms of GPU time each");
+                label += &format!(" taking {ms:.3} ms of GPU time each");
             }
             // Work that left the fused kernels in this process so far (models::fallback).
             let (e, a) = crate::models::fallback::counts();

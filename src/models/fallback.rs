@@ -47,22 +47,27 @@ pub fn graph_captured() {
 }
 
 static GRAPH_GPU_NS: AtomicU64 = AtomicU64::new(0);
+static GRAPH_TIMED: AtomicU64 = AtomicU64::new(0);
 
 /// A decode token ran as one launch of a captured CUDA graph, taking `gpu_ms` on the GPU
-/// (timing events around the launch).
-pub fn graph_token(gpu_ms: f32) {
+/// (timing events around the launch; `None` where they failed).
+pub fn graph_token(gpu_ms: Option<f32>) {
     GRAPH_TOKENS.fetch_add(1, Relaxed);
-    GRAPH_GPU_NS.fetch_add((f64::from(gpu_ms.max(0.0)) * 1e6) as u64, Relaxed);
+    if let Some(ms) = gpu_ms {
+        GRAPH_TIMED.fetch_add(1, Relaxed);
+        GRAPH_GPU_NS.fetch_add((f64::from(ms.max(0.0)) * 1e6) as u64, Relaxed);
+    }
 }
 
-/// `(captures, tokens, GPU ms a token)`: decode steps captured into CUDA graphs, decode tokens
-/// run from them, and their mean time on the GPU, since the process started.
-pub fn graph_counts() -> (u64, u64, f64) {
-    let tokens = GRAPH_TOKENS.load(Relaxed);
+/// `(captures, tokens, GPU ms a timed token)`: decode steps captured into CUDA graphs, decode
+/// tokens run from them, and their mean time on the GPU (`None` if none was timed), since the
+/// process started.
+pub fn graph_counts() -> (u64, u64, Option<f64>) {
+    let timed = GRAPH_TIMED.load(Relaxed);
     let ns = GRAPH_GPU_NS.load(Relaxed) as f64;
     (
         GRAPH_CAPTURED.load(Relaxed),
-        tokens,
-        ns / 1e6 / tokens.max(1) as f64,
+        GRAPH_TOKENS.load(Relaxed),
+        (timed > 0).then(|| ns / 1e6 / timed as f64),
     )
 }
