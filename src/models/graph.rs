@@ -124,7 +124,14 @@ impl Model {
         }
         if g.step.as_ref().is_none_or(|s| s.positions < positions) {
             g.captured = None;
-            g.step = Some(first.device_step(dev, positions)?);
+            match first.device_step(dev, positions) {
+                Ok(step) => g.step = Some(step),
+                Err(e) => {
+                    eprintln!("CUDA graph: decode steps run uncaptured from now on ({e})");
+                    g.off = Some(e.to_string());
+                    return Ok(None);
+                }
+            }
         }
         let key = Key {
             kv: kv.layers.iter().map(LayerKv::buffer_ids).collect(),
