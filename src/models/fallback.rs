@@ -1,7 +1,8 @@
-//! Counts of decode work that left a fused GPU kernel for a slower path, so that a run cannot
-//! claim kernels it did not use: the engine's kernel label (`Engine::kernels_label`, printed by
-//! `logits`, `generate`, `bench` and every experiment cell) names any, and the GPU check fails
-//! on them.
+//! Counts of decode work that left a fused GPU kernel for a slower path, and of the GPU paths
+//! decode tokens took (routed on the device, run from a CUDA graph), so that a run cannot claim
+//! kernels or paths it did not use: the engine's kernel label (`Engine::kernels_label`, printed
+//! by `logits`, `generate`, `bench` and every experiment cell) names them, and the GPU check
+//! fails on fallbacks and requires the paths.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

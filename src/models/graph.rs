@@ -13,9 +13,9 @@
 //! back as on the uncaptured path, in [`super::device_routing::Session::finish`].
 //!
 //! What a graph wrote through is its key: the cache's buffers (a new sequence, or grown
-//! buffers), the device-routing tables (rebuilt when the cache's resident experts change), the
-//! lookahead setting and the positions its RoPE table covers. A step whose key differs is
-//! captured again. The first device-routed step of the process runs uncaptured (it compiles and
+//! buffers), the device-routing tables (rebuilt when the cache's resident experts change) and
+//! the lookahead setting; a new RoPE table (for a longer cache) drops the graph too. A step whose
+//! key differs is captured again. The first device-routed step of the process runs uncaptured (it compiles and
 //! loads the kernels and makes the buffers kept between launches, outside any graph). A capture
 //! that fails turns graphs off for the process, says why once, and the step runs uncaptured;
 //! the kernel label counts captures and graph tokens (`Engine::kernels_label`).
@@ -36,7 +36,6 @@ struct Key {
     kv: Vec<Option<(TensorId, TensorId)>>,
     routes: u64,
     lookahead: bool,
-    positions: usize,
 }
 
 /// A captured step.
@@ -137,7 +136,6 @@ impl Model {
             kv: kv.layers.iter().map(LayerKv::buffer_ids).collect(),
             routes: session.generation(),
             lookahead: access.wants_lookahead(),
-            positions: g.step.as_ref().map_or(0, |s| s.positions),
         };
         let input = match &g.input {
             Some(t) => t.clone(),

@@ -370,10 +370,10 @@ pub(super) fn stack_a(q: &mut QProj, kv_a: &mut Linear) -> Result<Option<Linear>
 
 impl MlaAttention {
     /// The fused decode of one token (`x` `[1, D]`) where it applies (CUDA device, compiled
-    /// kernels, latent expansion as tensors, `--gpu-attention fused`); `None` otherwise. With
-    /// `step` (a decode step being captured into a CUDA graph) the kernels read the position
-    /// from device memory, and a step they cannot take that way is an error, never `None`: a
-    /// fallback would bake this position into the graph.
+    /// kernels, latent expansion as tensors, `--gpu-attention fused`); `None` otherwise (with
+    /// `step`, the caller makes that an error: a fallback would bake the position into the
+    /// graph). With `step` (a decode step being captured into a CUDA graph) the kernels read the
+    /// position from device memory.
     pub(super) fn decode_cuda(
         &self,
         x: &Tensor,
@@ -408,12 +408,7 @@ impl MlaAttention {
             && attend_shared(pos0 + 1) <= crate::weights::cuda::SHARED_MAX
             && x.dtype() == candle_core::DType::F32;
         let Some([absorb, attend, expand, head_rows]) = kernels(dev).filter(|_| fits) else {
-            return match step {
-                Some(_) => Err(Error::Input(
-                    "graph capture: the fused MLA kernels do not take this layer".into(),
-                )),
-                None => Ok(None),
-            };
+            return Ok(None);
         };
         // With the stacked `q_a`/`kv_a` matrix, one product gives both (rows `..r` and `r..`).
         let (q, ckv) = match (&self.q, &self.stacked_a) {
