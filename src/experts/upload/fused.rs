@@ -31,6 +31,16 @@ const FUSED_SRC: &str = r#"
 // The entries of one launch: routed experts in router order, then the shared expert if any.
 struct Experts { Packed gate[ENTRIES]; Packed up[ENTRIES]; Packed down[ENTRIES]; float w[ENTRIES]; };
 
+// The 4-bit matrix m moved by d rows (of `cols` columns in groups of `group`, scales of kind
+// `kind`): its row r is row r + d of m. So that `rows_dot4` takes rows far apart in one pass.
+__device__ __forceinline__ Packed shift_rows(Packed m, unsigned int d, unsigned int cols,
+                                             unsigned int group, unsigned int kind) {
+unsigned long long q = (unsigned long long)d * (cols / 2u);
+unsigned long long s = (unsigned long long)d * (cols / group) * (kind == 0u ? 4u : 2u);
+m.q += q; m.s += s; m.b += s;
+return m;
+}
+
 // act[e * rows + r] = silu(gate_e[r]·x) * (up_e[r]·x) for e < k, r < rows: one warp per
 // (entry, row) in a grid-stride loop, x in shared memory.
 __device__ __forceinline__ void gate_up(
@@ -73,7 +83,22 @@ unsigned int warp = threadIdx.x / 32u, lane = threadIdx.x % 32u, nw = blockDim.x
 unsigned int tile = blockIdx.x, e = blockIdx.y, r0 = tile * tile_rows;
 load_x(xs, act + (unsigned long long)e * cols, cols);
 __syncthreads();
-for (unsigned int r = r0 + warp; r < r0 + tile_rows && r < rows; r += nw) {
+unsigned int end = min(r0 + tile_rows, rows), r = r0 + warp;
+if (fast4(bits, cols, group)) {
+    // A warp's rows of the tile (nw apart) two at a time: both rows' loads in flight (four
+    // rows take 160 registers, and the blocks of a launch then no longer fit at once).
+    for (; r + nw < end; r += 2u * nw) {
+        const Packed m[2] = {t.down[e], shift_rows(t.down[e], nw, cols, group, d_kind)};
+        const unsigned int kinds[2] = {d_kind, d_kind};
+        float d[2];
+        rows_dot4<2, 2>(m, kinds, xs, r, cols, group, lane, d);
+        if (lane == 0) {
+            part[(unsigned long long)e * rows + r] = d[0];
+            part[(unsigned long long)e * rows + r + nw] = d[1];
+        }
+    }
+}
+for (; r < end; r += nw) {
     float d = dot(bits, t.down[e], d_kind, xs, r, cols, group, lane);
     if (lane == 0) part[(unsigned long long)e * rows + r] = d;
 }
