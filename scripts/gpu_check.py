@@ -110,7 +110,7 @@ for d in sorted(root.iterdir()):
                     # the first decode step uncaptured, the second captured, the rest replayed;
                     # the graph's logits are the ones checked against HF below.
                     if n and cfg.get("model_type") in MLA_ONLY:
-                        g = f"graph auto (1 captures, {n - 2} tokens from a graph)"
+                        g = f"graph auto (1 captures, {n - 2} tokens from a graph, 0 of them queued ahead)"
                         if g not in ran_on[0]:
                             missing.append(g)
                         fell_back += [l for l in r.stderr.splitlines() if l.startswith("CUDA graph:")]
@@ -140,4 +140,22 @@ for d in sorted(root.iterdir()):
           and not any("unavailable" in l for l in r.stderr.splitlines()))
     bad += not ok
     print(f"{d.name} generate greedy (device pick = host pick): {'ok' if ok else 'FAILED ' + r.stderr.strip()[-300:]}")
+    # All resident, where every attention layer is MLA: greedy tokens run from a CUDA graph that
+    # embeds its token and picks the next on the device, each launch queued while the host still
+    # reads the one before. Of 8 tokens: the prompt's, one uncaptured step, one captured (which
+    # queues the next), five queued ahead; every pick checked against the host's argmax of the
+    # same launch's logits, and the tokens equal to those of the run without graphs.
+    if device == "cuda" and cfg.get("model_type") in MLA_ONLY and fused_form(d):
+        gen = {g: subprocess.run([harness, "generate", "--model", str(d), "--tokens", toks, "--max-tokens", "8",
+                                  "--device", device, "--all-resident", "--gpu-graph", g],
+                                 capture_output=True, text=True, env={**os.environ, "HARNESS_CHECK_GREEDY": "1"})
+               for g in ("auto", "off")}
+        a, o = gen["auto"], gen["off"]
+        want_g = "graph auto (1 captures, 6 tokens from a graph, 5 of them queued ahead)"
+        ok = (a.returncode == 0 and o.returncode == 0 and want_g in a.stderr
+              and "greedy check: 8 of 8 tokens" in a.stderr and a.stdout.strip() == o.stdout.strip()
+              and not any(l.startswith("CUDA graph:") for l in a.stderr.splitlines()))
+        bad += not ok
+        print(f"{d.name} generate greedy all resident, graph with launches queued ahead = graph off "
+              f"({a.stdout.strip()}): {'ok' if ok else 'FAILED ' + a.stderr.strip()[-400:] + ' | off: ' + o.stdout.strip()}")
 sys.exit(1 if bad else 0)

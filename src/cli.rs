@@ -273,6 +273,10 @@ pub struct CacheArgs {
     /// Expert loader threads (0: load inline). Default: on the CPU 0 with --io page-cache, min(top_k, 4) with direct/cold; min(top_k, 8) on a GPU.
     #[arg(long)]
     pub load_threads: Option<usize>,
+    /// Load every routed expert before the run (needs an unlimited budget): the all-resident
+    /// path, where a CUDA GPU routes decode tokens on the device.
+    #[arg(long)]
+    pub all_resident: bool,
     #[command(flatten)]
     pub gpu: GpuArgs,
     #[command(flatten)]
@@ -438,10 +442,6 @@ struct LogitsArgs {
     /// (teacher-forced; the same logits as one full pass, through the decode path).
     #[arg(long)]
     prefill: Option<usize>,
-    /// Load every routed expert before the run (needs an unlimited budget): the all-resident
-    /// path, where a CUDA GPU routes decode tokens on the device.
-    #[arg(long)]
-    all_resident: bool,
     #[command(flatten)]
     cache: CacheArgs,
 }
@@ -609,15 +609,16 @@ fn open_engine(model: &Path, cache: &CacheArgs, record: bool) -> Result<Engine> 
     let mut cfg = cache.engine_config(spec.num_moe_layers());
     cfg.record_trace = record;
     let device = cache.device.device()?;
-    Ok(Engine::open_with_spec(model, spec, device, cfg)?)
+    let mut engine = Engine::open_with_spec(model, spec, device, cfg)?;
+    if cache.all_resident {
+        engine.load_all_experts()?;
+    }
+    Ok(engine)
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     let mut engine = open_engine(&a.model, &a.cache, false)?;
-    if a.all_resident {
-        engine.load_all_experts()?;
-    }
     let (logits, routing) = match a.prefill {
         Some(n) => engine.logits_stepwise(&tokens, n)?,
         None => engine.logits(&tokens)?,

@@ -22,9 +22,13 @@ int main(int argc, char** argv) {
   std::vector<float> pv(parts); std::vector<unsigned> pi(parts), out(1, 12345u);
   hipLaunchKernelGGL(argmax_part, dim3(parts), dim3(threads), 0, 0, v.data(), (unsigned)n, pv.data(), pi.data());
   hipDeviceSynchronize();
-  hipLaunchKernelGGL(argmax_final, dim3(1), dim3(max_parts), 0, 0, v.data(), pv.data(), pi.data(), parts, out.data());
+  // Odd cases also advance a position (the end of a captured decode step), even ones pass null.
+  std::vector<unsigned> pos(1, 41u);
+  unsigned* pp = ci % 2 ? pos.data() : nullptr;
+  hipLaunchKernelGGL(argmax_final, dim3(1), dim3(max_parts), 0, 0, v.data(), pv.data(), pi.data(), parts, out.data(), pp);
   hipDeviceSynchronize();
   unsigned want = host_argmax(v);
-  printf("%-48s device %u host %u %s\n", names[ci], out[0], want, out[0] == want ? "ok" : "FAIL");
-  return out[0] == want ? 0 : 1;
+  bool ok = out[0] == want && pos[0] == (pp ? 42u : 41u);
+  printf("%-48s device %u host %u, position %u %s\n", names[ci], out[0], want, pos[0], ok ? "ok" : "FAIL");
+  return ok ? 0 : 1;
 }

@@ -41,7 +41,10 @@ impl Engine {
 
     /// The token sampled after `tokens` (forward step `step`, last position only), and its
     /// logits when `keep`. A greedy sampler whose logits are not kept takes the argmax where the
-    /// logits are (on a GPU only the index comes back); every other case samples on the host.
+    /// logits are (on a GPU only the index comes back; a decode step run from a CUDA graph picks
+    /// it inside the graph, and with `more` — another step follows unless this token stops the
+    /// sequence — queues the next step's launch before reading this one's); every other case
+    /// samples on the host.
     pub(super) fn next_token(
         &mut self,
         tokens: &[u32],
@@ -49,7 +52,17 @@ impl Engine {
         step: u32,
         sampler: &mut Sampler,
         keep: bool,
+        more: bool,
     ) -> Result<(u32, Option<Vec<f32>>)> {
+        if let (true, false, &[t]) = (sampler.is_greedy(), keep, tokens) {
+            let record = self.cfg.record_trace;
+            let graphed = self.with_access(step, record, |model, access| {
+                model.decode_greedy(t, kv, access, more)
+            })?;
+            if let Some((next, _)) = graphed {
+                return Ok((next, None));
+            }
+        }
         let (logits, _) = self.forward_tensor(tokens, kv, step, true)?;
         if sampler.is_greedy() && !keep {
             return Ok((greedy_token(&logits)?, None));

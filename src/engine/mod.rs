@@ -202,6 +202,9 @@ pub struct Engine {
     compute: kernels::Context,
     /// The low-bit copy's store, with the directory it was opened from.
     low: Option<(std::path::PathBuf, Arc<ExpertStore>)>,
+    /// On a GPU, the last generation's cache buffers, reused by the next that fits
+    /// ([`KvCache::reuse`]): its decode steps then replay the CUDA graph captured on them.
+    spare_kv: Option<KvCache>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -325,6 +328,7 @@ impl Engine {
             io,
             compute,
             low,
+            spare_kv: None,
         })
     }
 
@@ -372,8 +376,10 @@ impl Engine {
             );
             // Decode steps captured into CUDA graphs and tokens run from them.
             let (captures, graphed, gpu_ms) = crate::models::fallback::graph_counts();
+            let ahead = crate::models::fallback::graph_ahead_count();
             label += &format!(
-                ", graph {} ({captures} captures, {graphed} tokens from a graph)",
+                ", graph {} ({captures} captures, {graphed} tokens from a graph, {ahead} of them \
+                 queued ahead)",
                 self.cfg.gpu_graph
             );
             if let Some(ms) = gpu_ms {
@@ -563,7 +569,11 @@ impl Engine {
         keep_logits: bool,
     ) -> Result<Generation> {
         self.check_sequence(prompt.len(), max_new)?;
-        let mut kv = KvCache::with_capacity(prompt.len() + max_new);
+        let tokens = prompt.len() + max_new;
+        let mut kv = match self.spare_kv.take() {
+            Some(kv) => kv.reuse(tokens),
+            None => KvCache::with_capacity(tokens),
+        };
         let t0 = Instant::now();
         let mut out = Vec::new();
         if max_new == 0 {
@@ -578,7 +588,8 @@ impl Engine {
             });
         }
         let mut kept = Vec::new();
-        let (mut next, logits) = self.next_token(prompt, &mut kv, 0, sampler, keep_logits)?;
+        let (mut next, logits) =
+            self.next_token(prompt, &mut kv, 0, sampler, keep_logits, max_new > 1)?;
         let prefill = t0.elapsed();
         out.push(next);
         kept.extend(logits);
@@ -587,7 +598,8 @@ impl Engine {
         let mut step = 1;
         while out.len() < max_new && !stop.contains(&next) {
             let logits;
-            (next, logits) = self.next_token(&[next], &mut kv, step, sampler, keep_logits)?;
+            let more = out.len() + 1 < max_new;
+            (next, logits) = self.next_token(&[next], &mut kv, step, sampler, keep_logits, more)?;
             out.push(next);
             kept.extend(logits);
             step += 1;
@@ -599,6 +611,10 @@ impl Engine {
         let decode_device_bytes = dev0
             .zip(crate::weights::storage::device_read_bytes())
             .map(|(b, a)| a.saturating_sub(b));
+        let kv_bytes = kv.bytes();
+        if self.model.device().is_cuda() {
+            self.spare_kv = Some(kv);
+        }
         Ok(Generation {
             tokens: out,
             prefill,
@@ -606,7 +622,7 @@ impl Engine {
             decode_device_bytes,
             prompt_len: prompt.len(),
             step_logits: kept,
-            kv_bytes: kv.bytes(),
+            kv_bytes,
         })
     }
 }

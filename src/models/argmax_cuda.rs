@@ -3,7 +3,9 @@
 //! for GLM-4.7-Flash) and the host does not scan them. Same answer as [`super::argmax`]: the first
 //! index of the maximum, NaNs never chosen, index 0 when the first logit is NaN.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
 
 use crate::error::{Error, Result};
@@ -49,8 +51,10 @@ if (threadIdx.x == 0) { pv[blockIdx.x] = bv; pi[blockIdx.x] = bi; }
 
 // out[0] = the first index of the maximum of the parts (0 when v[0] is NaN, as the host's scan
 // never moves off a NaN first element); one block of at least `parts` threads, warps whole.
+// Where `pos` is not null it also advances the step's position by one (the end of a decode
+// step captured into a CUDA graph: the next launch embeds out[0] at the next position).
 extern "C" __global__ void argmax_final(const float* v, const float* pv, const unsigned int* pi,
-                                        unsigned int parts, unsigned int* out) {
+                                        unsigned int parts, unsigned int* out, unsigned int* pos) {
 float bv = 0.0f;
 unsigned int bi = 0xffffffffu;
 if (threadIdx.x < parts) { bv = pv[threadIdx.x]; bi = pi[threadIdx.x]; }
@@ -58,6 +62,7 @@ block_best(bv, bi);
 if (threadIdx.x == 0) {
     float first = v[0];
     out[0] = (first != first || bi == 0xffffffffu) ? 0u : bi;
+    if (pos) pos[0] += 1u;
 }
 }
 "#;
@@ -90,20 +95,54 @@ pub(super) fn greedy_token_cuda(logits: &Tensor) -> Result<Option<u32>> {
     let Device::Cuda(dev) = logits.device() else {
         return Ok(None);
     };
-    let (t, n) = logits.dims2()?;
-    if t != 1 || logits.dtype() != DType::F32 || n == 0 || n > u32::MAX as usize {
+    // SAFETY: written by `argmax_final` before it is read.
+    let mut out =
+        unsafe { dev.cuda_stream().alloc::<u32>(1) }.map_err(|e| driver("allocation", e))?;
+    if !launch(logits, &mut out, None)? {
         return Ok(None);
     }
+    let id = dev
+        .cuda_stream()
+        .clone_dtoh(&out)
+        .map_err(|e| driver("greedy token copy", e))?;
+    Ok(Some(id[0]))
+}
+
+/// Writes the greedy token of f32 logits `[1, vocab]` on a CUDA device into `out[0]` and adds
+/// one to `pos[0]`, where the launches run (nothing comes back: the end of a decode step
+/// captured into a CUDA graph); `false` where the kernels cannot (not CUDA, not one f32 row,
+/// kernels that failed to compile).
+pub(crate) fn greedy_token_to(
+    logits: &Tensor,
+    out: &mut CudaSlice<u32>,
+    pos: &mut CudaSlice<u32>,
+) -> Result<bool> {
+    launch(logits, out, Some(pos))
+}
+
+/// Launches the two greedy-token kernels on `logits` into `out[0]` (and `pos[0] += 1` with
+/// `pos`); `false` where they cannot run.
+fn launch(
+    logits: &Tensor,
+    out: &mut CudaSlice<u32>,
+    pos: Option<&mut CudaSlice<u32>>,
+) -> Result<bool> {
+    let Device::Cuda(dev) = logits.device() else {
+        return Ok(false);
+    };
+    let (t, n) = logits.dims2()?;
+    if t != 1 || logits.dtype() != DType::F32 || n == 0 || n > u32::MAX as usize || out.is_empty() {
+        return Ok(false);
+    }
     let Some([part, fin]) = kernels(dev) else {
-        return Ok(None);
+        return Ok(false);
     };
     let logits = logits.contiguous()?;
     let stream = dev.cuda_stream();
     let parts = n.div_ceil(THREADS as usize).min(PARTS);
-    // SAFETY (all three): every element is written by a kernel before it is read.
+    // SAFETY (both): every element is written by a kernel before it is read.
     let mut pv = unsafe { stream.alloc::<f32>(parts) }.map_err(|e| driver("allocation", e))?;
     let mut pi = unsafe { stream.alloc::<u32>(parts) }.map_err(|e| driver("allocation", e))?;
-    let mut out = unsafe { stream.alloc::<u32>(1) }.map_err(|e| driver("allocation", e))?;
     let (s, l) = logits.storage_and_layout();
     let Storage::Cuda(c) = &*s else {
         return Err(Error::Input("internal: logits are not on the GPU".into()));
@@ -120,19 +159,38 @@ pub(super) fn greedy_token_cuda(logits: &Tensor) -> Result<Option<u32>> {
     };
     // SAFETY: `parts` blocks read v[0..n) (the logits row) and write pv, pi[0..parts).
     unsafe { b.launch(cfg) }.map_err(|e| driver("greedy token kernel", e))?;
+    // A null pointer: no position to advance.
+    let (pos, _write) = match pos {
+        Some(p) => {
+            let (ptr, g) = p.device_ptr_mut(&stream);
+            (ptr, Some(g))
+        }
+        None => (0, None),
+    };
     let mut b = stream.launch_builder(fin);
-    b.arg(&v).arg(&pv).arg(&pi).arg(&parts_u).arg(&mut out);
+    b.arg(&v).arg(&pv).arg(&pi).arg(&parts_u).arg(out).arg(&pos);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (PARTS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: one block reads v[0] and pv, pi[0..parts) (parts <= PARTS threads) and writes
-    // out[0].
+    // out[0] (`out` is not empty) and, with `pos`, pos[0] (a device position of one `u32`).
     unsafe { b.launch(cfg) }.map_err(|e| driver("greedy token kernel", e))?;
     drop(s);
-    let id = stream
-        .clone_dtoh(&out)
-        .map_err(|e| driver("greedy token copy", e))?;
-    Ok(Some(id[0]))
+    Ok(true)
+}
+
+/// Under `HARNESS_CHECK_GREEDY=1`, a token `t` chosen on the device against the host's argmax
+/// of its logits `row`: a difference is an error, an equal one is counted in
+/// [`super::GREEDY_CHECKED`].
+pub(crate) fn check_device_pick(t: u32, row: &[f32]) -> Result<()> {
+    let h = super::argmax(row) as u32;
+    if h != t {
+        return Err(Error::Input(format!(
+            "HARNESS_CHECK_GREEDY: the device chose token {t}, the host's argmax {h}"
+        )));
+    }
+    super::GREEDY_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }

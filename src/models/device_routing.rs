@@ -174,19 +174,36 @@ impl Session<'_> {
         moe.add_shared(y, x, table.shared_in_launch())
     }
 
+    /// The device buffer of the token's routes (what [`Session::finish_with`] reads back).
+    pub(super) fn routes(&self) -> Result<&CudaSlice<u32>> {
+        self.state
+            .out
+            .as_ref()
+            .ok_or_else(|| Error::Input("internal: device routes without a buffer".into()))
+    }
+
     /// Copies the token's routes back (the token's one wait) and reports each MoE layer's
     /// step to `access` in layer order, as the host path would have: the token's routing.
     pub(super) fn finish(self, access: &mut dyn ExpertAccess, pos0: usize) -> Result<Routing> {
-        let k = self.k;
-        let out = self
-            .state
-            .out
-            .as_ref()
-            .ok_or_else(|| Error::Input("internal: device routes without a buffer".into()))?;
+        let out = self.routes()?;
         let host = out
             .stream()
             .clone_dtoh(out)
             .map_err(|e| driver("routes copy", e))?;
+        self.finish_with(&host, access, pos0)
+    }
+
+    /// As [`Session::finish`] with the routes buffer already copied to the host (`host`).
+    pub(super) fn finish_with(
+        self,
+        host: &[u32],
+        access: &mut dyn ExpertAccess,
+        pos0: usize,
+    ) -> Result<Routing> {
+        let k = self.k;
+        if host.len() < 4 * k * self.ran.len() {
+            return Err(Error::Input("internal: a short copy of the routes".into()));
+        }
         let mut routing = Vec::with_capacity(self.ran.len());
         for (slot, &(layer, next)) in self.ran.iter().enumerate() {
             let o = 4 * k * slot;

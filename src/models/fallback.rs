@@ -47,6 +47,19 @@ pub fn graph_captured() {
     GRAPH_CAPTURED.fetch_add(1, Relaxed);
 }
 
+static GRAPH_AHEAD: AtomicU64 = AtomicU64::new(0);
+
+/// A greedy decode token's graph launch had been queued by the call before, ahead of that
+/// call's results being read (`models::graph`).
+pub fn graph_ahead() {
+    GRAPH_AHEAD.fetch_add(1, Relaxed);
+}
+
+/// Greedy decode tokens whose graph launch was queued ahead, since the process started.
+pub fn graph_ahead_count() -> u64 {
+    GRAPH_AHEAD.load(Relaxed)
+}
+
 static GRAPH_GPU_NS: AtomicU64 = AtomicU64::new(0);
 static GRAPH_TIMED: AtomicU64 = AtomicU64::new(0);
 

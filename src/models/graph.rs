@@ -5,22 +5,35 @@
 //! work is on the device — every attention layer MLA with its fused kernels, every MoE layer
 //! routed on the device ([`super::device_routing`]) — the step is captured once into a CUDA
 //! graph and each later token is one launch of it. Everything a step reads that changes from
-//! token to token is in device memory: the embedded token (copied into the graph's input
-//! before each launch), the position (written before each launch; `mla_absorb` and
-//! `mla_attend` read it, with its RoPE row, instead of taking it by value: see
+//! token to token is in device memory: the token (embedded by the graph where the table is
+//! packed on the GPU, else embedded by the host into the graph's input), the position
+//! (`mla_absorb` and `mla_attend` read it, with its RoPE row, instead of taking it by value: see
 //! [`super::mla::DeviceStep`]), the routes (chosen on the device into the fused launches'
-//! tables). The logits go to the graph's output, copied out after each launch; the routes come
-//! back as on the uncaptured path, in [`super::device_routing::Session::finish`].
+//! tables). The graph ends with the logits in its output, the greedy token written over its
+//! input token and the position advanced: the state of the next step.
 //!
-//! What a graph wrote through is its key: the cache's buffers (a new sequence, or grown
-//! buffers), the device-routing tables (rebuilt when the cache's resident experts change) and
-//! the lookahead setting; a new RoPE table (for a longer cache) drops the graph too. A step whose
-//! key differs is captured again. The first device-routed step of the process runs uncaptured (it compiles and
-//! loads the kernels and makes the buffers kept between launches, outside any graph). A capture
-//! that fails turns graphs off for the process, says why once, and the step runs uncaptured;
-//! the kernel label counts captures and graph tokens (`Engine::kernels_label`).
+//! After each launch its routes, its greedy token (and under `HARNESS_CHECK_GREEDY` its logits)
+//! are copied into pinned host memory without a wait, one slot of two per launch in flight. A
+//! greedy generation ([`Model::decode_greedy`]) queues the next token's launch before it reads
+//! the current one's slot: the GPU runs it while the host reports the routes to the cache in
+//! layer order ([`super::device_routing::Session::finish_with`]) and returns the token, and the
+//! next call finds its launch already queued when it asks for that very token at that position
+//! (anything else leaves it behind: stream order overwrites what it wrote). Logits callers
+//! (teacher forcing, sampling) copy the output after their own launch.
+//!
+//! What a graph wrote through is its key: the cache's buffers (a new sequence on new buffers, or
+//! grown ones; the engine reuses a generation's buffers for the next that fits), the
+//! device-routing tables (rebuilt when the cache's resident experts change) and the lookahead
+//! setting; a new RoPE table (for a longer cache) drops the graph too. A step whose key differs
+//! is captured again. The first device-routed step of the process runs uncaptured (it compiles
+//! and loads the kernels and makes the buffers kept between launches, outside any graph). A
+//! capture that fails turns graphs off for the process, says why once, and the step runs
+//! uncaptured; the kernel label counts captures, graph tokens and those queued ahead
+//! (`Engine::kernels_label`).
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaEvent, CudaGraph, CudaSlice, CudaStream, PinnedHostSlice,
+};
 use candle_core::{DType, Device, Tensor, TensorId};
 
 use super::device_routing::Session;
@@ -28,7 +41,7 @@ use super::mla::{DeviceStep, MlaAttention};
 use super::moe::ExpertAccess;
 use super::{Attn, KvCache, LayerKv, Model, Routing};
 use crate::error::{Error, Result};
-use crate::weights::cuda::driver;
+use crate::weights::cuda::{driver, DeviceMatrix};
 
 /// What a captured step wrote through and read: equal keys, the same graph.
 #[derive(Debug, PartialEq)]
@@ -54,6 +67,31 @@ struct SendGraph(CudaGraph);
 // which the `Mutex` around [`Graphs`] does.
 unsafe impl Send for SendGraph {}
 
+/// Where one launch's results come back: copied into pinned host memory after the launch
+/// without a wait (its routes, its greedy token, and under `HARNESS_CHECK_GREEDY` its logits),
+/// with timing events around it.
+struct Slot {
+    routes: PinnedHostSlice<u32>,
+    token: PinnedHostSlice<u32>,
+    logits: Option<PinnedHostSlice<f32>>,
+    /// Recorded after the copies: what the host waits for before reading them (the pinned
+    /// slices' own events are recorded only where cudarc manages several streams).
+    copied: CudaEvent,
+    /// Timing events around the launch: the GPU's time for a graph token, against which the
+    /// token's whole time shows the host's share.
+    events: Option<[CudaEvent; 2]>,
+    timed: bool,
+}
+
+/// A greedy launch queued ahead of the call that will ask for it: the step at `pos`, whose
+/// input is the token the launch before it chose (`input`, once read back).
+#[derive(Debug)]
+struct Ahead {
+    pos: usize,
+    slot: usize,
+    input: Option<u32>,
+}
+
 /// A model's CUDA-graph state: the captured step and the device buffers it reads and writes.
 #[derive(Default)]
 pub(super) struct Graphs {
@@ -62,14 +100,16 @@ pub(super) struct Graphs {
     /// Why graphs were turned off for the process, after a capture failed.
     off: Option<String>,
     step: Option<DeviceStep>,
-    /// The embedded token `[1, D]`, read by the graph.
+    /// The step's token: written before a launch, or by the launch before it (its greedy
+    /// choice), and embedded by the graph where the embedding table is packed on the GPU.
+    token: Option<CudaSlice<u32>>,
+    /// The embedded token `[1, D]`, read by the graph where the host embeds it.
     input: Option<Tensor>,
     /// The logits `[1, vocab]`, written by the graph.
     output: Option<Tensor>,
     captured: Option<Captured>,
-    /// Timing events around each launch: the GPU's time for a graph token, against which the
-    /// token's whole time shows the host's share.
-    events: Option<[CudaEvent; 2]>,
+    slots: Vec<Slot>,
+    ahead: Option<Ahead>,
 }
 
 impl std::fmt::Debug for Graphs {
@@ -77,8 +117,19 @@ impl std::fmt::Debug for Graphs {
         f.debug_struct("Graphs")
             .field("captured", &self.captured.is_some())
             .field("off", &self.off)
+            .field("ahead", &self.ahead)
             .finish()
     }
+}
+
+/// What a graphed step hands back.
+#[derive(Clone, Copy, PartialEq)]
+enum Want {
+    /// The logits (teacher forcing, sampling, kept logits).
+    Logits,
+    /// The greedy token; with `ahead`, the next token's launch is queued before this one's
+    /// results are read.
+    Greedy { ahead: bool },
 }
 
 impl Model {
@@ -90,6 +141,45 @@ impl Model {
         kv: &mut KvCache,
         access: &mut dyn ExpertAccess,
     ) -> Result<Option<(Tensor, Routing)>> {
+        match self.graph_step(tokens, kv, access, Want::Logits)? {
+            Some((Done::Logits(t), r)) => Ok(Some((t, r))),
+            Some((Done::Token(_), _)) => Err(Error::Input(
+                "internal: a graphed step gave a token for logits".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The greedy token after `token` (one decode step, run from a CUDA graph that also embeds
+    /// its token and picks the next on the device), with `ahead` the next step's launch queued
+    /// before this one's results are read, so that the GPU does not wait while the host reports
+    /// this step's routes and returns; `None` where the step does not run from a graph (then
+    /// [`Model::forward`] and [`super::layers::greedy_token`]).
+    pub(super) fn greedy_graphed(
+        &self,
+        token: u32,
+        kv: &mut KvCache,
+        access: &mut dyn ExpertAccess,
+        ahead: bool,
+    ) -> Result<Option<(u32, Routing)>> {
+        match self.graph_step(&[token], kv, access, Want::Greedy { ahead })? {
+            Some((Done::Token(t), r)) => Ok(Some((t, r))),
+            Some((Done::Logits(_), _)) => Err(Error::Input(
+                "internal: a graphed greedy step gave logits".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// One decode step from the graph (captured first when none matches), handing back what
+    /// `want` asks; `None` where it does not run from a graph.
+    fn graph_step(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        access: &mut dyn ExpertAccess,
+        want: Want,
+    ) -> Result<Option<(Done, Routing)>> {
         use std::sync::atomic::Ordering::Relaxed;
         let Device::Cuda(dev) = &self.device else {
             return Ok(None);
@@ -100,7 +190,17 @@ impl Model {
         let Some(first) = self.uniform_mla() else {
             return Ok(None);
         };
+        // The graph embeds its token where the table is packed on the GPU; a greedy step needs
+        // that (its next launch embeds the token the device chose).
+        let embed_at = self.embed.device_matrix();
+        if embed_at.is_none() && want != Want::Logits {
+            return Ok(None);
+        }
         let mut g = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        // A launch queued ahead serves only the call it was queued for (below); any other call
+        // leaves it behind, and stream order overwrites what it wrote (its cache row by this
+        // position's step, the token and routes by the next launch).
+        let ahead = g.ahead.take();
         if g.off.is_some() {
             return Ok(None);
         }
@@ -114,13 +214,20 @@ impl Model {
             return Ok(None);
         };
         if !g.warm {
-            g.warm = true;
+            // Warmed by the uncaptured step that follows (a greedy call falls back to it).
+            g.warm = want == Want::Logits;
             return Ok(None);
         }
-        let h = self.embed.forward(tokens, &self.device)?;
-        if h.dtype() != DType::F32 {
-            return Ok(None);
-        }
+        let h = match embed_at {
+            Some(_) => None,
+            None => {
+                let h = self.embed.forward(tokens, &self.device)?;
+                if h.dtype() != DType::F32 {
+                    return Ok(None);
+                }
+                Some(h)
+            }
+        };
         if g.step.as_ref().is_none_or(|s| s.positions < positions) {
             g.captured = None;
             match first.device_step(dev, positions) {
@@ -132,17 +239,26 @@ impl Model {
                 }
             }
         }
+        let stream = dev.cuda_stream();
+        if g.token.is_none() {
+            let t = stream
+                .alloc_zeros::<u32>(1)
+                .map_err(|e| driver("allocation", e))?;
+            g.token = Some(t);
+        }
         let key = Key {
             kv: kv.layers.iter().map(LayerKv::buffer_ids).collect(),
             routes: session.generation(),
             lookahead: access.wants_lookahead(),
         };
-        let input = match &g.input {
-            Some(t) => t.clone(),
-            None => g
-                .input
-                .insert(Tensor::zeros(h.dims(), DType::F32, &self.device)?)
-                .clone(),
+        let input = match (&g.input, &h) {
+            (_, None) => None,
+            (Some(t), Some(_)) => Some(t.clone()),
+            (None, Some(h)) => Some(
+                g.input
+                    .insert(Tensor::zeros(h.dims(), DType::F32, &self.device)?)
+                    .clone(),
+            ),
         };
         let output = match &g.output {
             Some(t) => t.clone(),
@@ -155,89 +271,162 @@ impl Model {
                 )?)
                 .clone(),
         };
-        let stream = dev.cuda_stream();
-        let step = g
-            .step
-            .as_mut()
-            .ok_or_else(|| Error::Input("internal: no device step".into()))?;
-        stream
-            .memcpy_htod(&[pos0 as u32][..], &mut step.pos)
-            .map_err(|e| driver("position upload", e))?;
-        input.slice_set(&h, 0, 0)?;
-        drop(h);
-        if g.captured.as_ref().is_some_and(|c| c.key == key) {
+        let matched = g.captured.as_ref().is_some_and(|c| c.key == key);
+        let queued = ahead.filter(|a| {
+            want != Want::Logits && matched && a.pos == pos0 && a.input == Some(tokens[0])
+        });
+        let slot = if let Some(a) = queued {
+            // This step's launch and its copies were queued by the call before.
             for l in &mut kv.layers {
                 l.advance(1)?;
             }
             kv.len += 1;
             let c = g.captured.as_ref().expect("matched above");
             session.replayed(&c.ran);
+            super::fallback::graph_ahead();
+            a.slot
         } else {
-            g.captured = None;
-            let lens: Vec<usize> = kv.layers.iter().map(LayerKv::len).collect();
-            if let Err(e) =
-                stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             {
-                eprintln!("CUDA graph: decode steps run uncaptured from now on ({e})");
-                g.off = Some(e.to_string());
-                return Ok(None);
-            }
-            let step = g.step.as_ref().expect("made above");
-            let body = self.captured_step(&input, &output, pos0, kv, access, &mut session, step);
-            let made = stream.end_capture(
-                sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-            );
-            let why = match (body, made) {
-                (Ok(()), Ok(Some(graph))) => {
-                    super::fallback::graph_captured();
-                    g.captured = Some(Captured {
-                        graph: SendGraph(graph),
-                        key,
-                        ran: session.layers_ran().to_vec(),
-                    });
-                    None
-                }
-                (Err(e), _) => Some(e.to_string()),
-                (Ok(()), Err(e)) => Some(format!("the capture failed: {e}")),
-                (Ok(()), Ok(None)) => Some("the capture made no graph".into()),
-            };
-            if let Some(why) = why {
-                // The capture ran nothing: undo its bookkeeping, and clear any error that a
-                // buffer freed inside it recorded on the context.
-                for (l, n) in kv.layers.iter_mut().zip(lens) {
-                    l.truncate(n);
-                }
-                kv.len = pos0;
-                let _ = stream.context().check_err();
-                eprintln!("CUDA graph: decode steps run uncaptured from now on ({why})");
-                g.off = Some(why);
-                return Ok(None);
-            }
-        }
-        // Timing is a diagnostic: a token whose events fail is counted untimed, never failed.
-        if g.events.is_none() {
-            let ev = || {
+                let Graphs { step, token, .. } = &mut *g;
+                let step = step
+                    .as_mut()
+                    .ok_or_else(|| Error::Input("internal: no device step".into()))?;
                 stream
-                    .context()
-                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .ok()
-            };
-            g.events = ev().zip(ev()).map(|(a, b)| [a, b]);
+                    .memcpy_htod(&[pos0 as u32][..], &mut step.pos)
+                    .map_err(|e| driver("position upload", e))?;
+                let token = token.as_mut().expect("made above");
+                stream
+                    .memcpy_htod(tokens, token)
+                    .map_err(|e| driver("token upload", e))?;
+            }
+            if let (Some(input), Some(h)) = (&input, h) {
+                input.slice_set(&h, 0, 0)?;
+            }
+            if matched {
+                for l in &mut kv.layers {
+                    l.advance(1)?;
+                }
+                kv.len += 1;
+                let c = g.captured.as_ref().expect("matched above");
+                session.replayed(&c.ran);
+            } else if !self.capture(
+                &mut g,
+                &stream,
+                key,
+                embed_at,
+                &input,
+                &output,
+                pos0,
+                kv,
+                access,
+                &mut session,
+            )? {
+                return Ok(None);
+            }
+            launch(&mut g, 0, &stream, &session, &output)?;
+            0
+        };
+        // The next token's launch goes in before this one's results are read: the GPU runs it
+        // while the host reports this step's routes and the caller takes the token.
+        if want == (Want::Greedy { ahead: true }) && pos0 + 1 < positions {
+            let next = 1 - slot;
+            launch(&mut g, next, &stream, &session, &output)?;
+            g.ahead = Some(Ahead {
+                pos: pos0 + 1,
+                slot: next,
+                input: None,
+            });
         }
-        let c = g.captured.as_ref().expect("captured or matched above");
-        let events = g
-            .events
-            .as_ref()
-            .filter(|[start, _]| start.record(&stream).is_ok());
-        c.graph.0.launch().map_err(|e| driver("graph launch", e))?;
-        let events = events.filter(|[_, end]| end.record(&stream).is_ok());
-        let routing = session.finish(access, pos0)?;
-        // The routes' copy waited for the graph: both events have happened.
-        let ms = events.and_then(|[start, end]| start.elapsed_ms(end).ok());
+        let s = &g.slots[slot];
+        s.copied
+            .synchronize()
+            .map_err(|e| driver("graph results copy", e))?;
+        let routes = s.routes.as_slice().map_err(|e| driver("routes copy", e))?;
+        let routing = session.finish_with(routes, access, pos0)?;
+        // Timing is a diagnostic: a token whose events fail is counted untimed, never failed.
+        let ms = (s.timed)
+            .then_some(s.events.as_ref())
+            .flatten()
+            .and_then(|[start, end]| start.elapsed_ms(end).ok());
         super::fallback::graph_token(ms);
-        drop(g);
-        // A copy: the next launch overwrites the graph's output.
-        Ok(Some((output.copy()?, routing)))
+        let done = match want {
+            // A copy: the next launch overwrites the graph's output.
+            Want::Logits => Done::Logits(output.copy()?),
+            Want::Greedy { .. } => {
+                let t = s.token.as_slice().map_err(|e| driver("token copy", e))?[0];
+                if let Some(logits) = &s.logits {
+                    let row = logits.as_slice().map_err(|e| driver("logits copy", e))?;
+                    super::layers::argmax_cuda::check_device_pick(t, row)?;
+                }
+                if let Some(a) = &mut g.ahead {
+                    a.input = Some(t);
+                }
+                Done::Token(t)
+            }
+        };
+        Ok(Some((done, routing)))
+    }
+
+    /// Captures the step into a graph (`g.captured`); `false` (graphs off for the process, said
+    /// once, the host's bookkeeping undone) where the capture fails.
+    #[allow(clippy::too_many_arguments)]
+    fn capture(
+        &self,
+        g: &mut Graphs,
+        stream: &std::sync::Arc<CudaStream>,
+        key: Key,
+        embed_at: Option<&DeviceMatrix>,
+        input: &Option<Tensor>,
+        output: &Tensor,
+        pos0: usize,
+        kv: &mut KvCache,
+        access: &mut dyn ExpertAccess,
+        session: &mut Session<'_>,
+    ) -> Result<bool> {
+        g.captured = None;
+        let lens: Vec<usize> = kv.layers.iter().map(LayerKv::len).collect();
+        if let Err(e) =
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        {
+            eprintln!("CUDA graph: decode steps run uncaptured from now on ({e})");
+            g.off = Some(e.to_string());
+            return Ok(false);
+        }
+        let Graphs { step, token, .. } = g;
+        let (step, token) = (
+            step.as_mut().expect("made by the caller"),
+            token.as_mut().expect("made by the caller"),
+        );
+        let body = self.captured_step(
+            embed_at, input, output, pos0, kv, access, session, step, token,
+        );
+        let made = stream.end_capture(
+            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        );
+        let why = match (body, made) {
+            (Ok(()), Ok(Some(graph))) => {
+                super::fallback::graph_captured();
+                g.captured = Some(Captured {
+                    graph: SendGraph(graph),
+                    key,
+                    ran: session.layers_ran().to_vec(),
+                });
+                return Ok(true);
+            }
+            (Err(e), _) => e.to_string(),
+            (Ok(()), Err(e)) => format!("the capture failed: {e}"),
+            (Ok(()), Ok(None)) => "the capture made no graph".into(),
+        };
+        // The capture ran nothing: undo its bookkeeping, and clear any error that a buffer
+        // freed inside it recorded on the context.
+        for (l, n) in kv.layers.iter_mut().zip(lens) {
+            l.truncate(n);
+        }
+        kv.len = pos0;
+        let _ = stream.context().check_err();
+        eprintln!("CUDA graph: decode steps run uncaptured from now on ({why})");
+        g.off = Some(why);
+        Ok(false)
     }
 
     /// The first MLA layer, where every attention layer is MLA with its fused decode kernels
@@ -252,30 +441,31 @@ impl Model {
             .then_some(first)
     }
 
-    /// The step's device work, issued while the stream captures it: the decoder layers on
-    /// `input` with the position read from `step`, the final norm, `lm_head` and the logits'
-    /// copy into `output`. Every tensor made here is dropped before it returns, so the graph
-    /// frees all it allocates.
+    /// The step's device work, issued while the stream captures it: the token embedded from
+    /// device memory (`embed_at`) or the host's embedding in `input`, the decoder layers with
+    /// the position read from `step`, the final norm, `lm_head` into `output`, and the greedy
+    /// token into `token` with the position advanced (the next launch's input). Every tensor
+    /// made here is dropped before it returns, so the graph frees all it allocates.
     #[allow(clippy::too_many_arguments)]
     fn captured_step(
         &self,
-        input: &Tensor,
+        embed_at: Option<&DeviceMatrix>,
+        input: &Option<Tensor>,
         output: &Tensor,
         pos0: usize,
         kv: &mut KvCache,
         access: &mut dyn ExpertAccess,
         session: &mut Session<'_>,
-        step: &DeviceStep,
+        step: &mut DeviceStep,
+        token: &mut CudaSlice<u32>,
     ) -> Result<()> {
-        let (x, routing) = self.layers_forward(
-            input.clone(),
-            pos0,
-            kv,
-            access,
-            Some(session),
-            &mut None,
-            Some(step),
-        )?;
+        let h = match (embed_at, input) {
+            (Some(m), _) => m.decode_row_at(token)?,
+            (None, Some(input)) => input.clone(),
+            (None, None) => return Err(Error::Input("internal: a graph without its input".into())),
+        };
+        let (x, routing) =
+            self.layers_forward(h, pos0, kv, access, Some(session), &mut None, Some(step))?;
         if !routing.is_empty() {
             return Err(Error::Input(
                 "graph capture: a MoE layer was routed on the host".into(),
@@ -283,6 +473,119 @@ impl Model {
         }
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         output.slice_set(&logits, 0, 0)?;
+        if !super::layers::argmax_cuda::greedy_token_to(output, token, &mut step.pos)? {
+            return Err(Error::Input(
+                "graph capture: the greedy token kernels are unavailable".into(),
+            ));
+        }
         Ok(())
     }
+}
+
+/// What [`Model::graph_step`] hands back.
+enum Done {
+    Logits(Tensor),
+    Token(u32),
+}
+
+/// Launches the captured graph with timing events around it and queues the copies of its
+/// results into slot `i` (made or remade to fit): the routes, the greedy token, and under
+/// `HARNESS_CHECK_GREEDY` the logits. Nothing waits.
+fn launch(
+    g: &mut Graphs,
+    i: usize,
+    stream: &std::sync::Arc<CudaStream>,
+    session: &Session<'_>,
+    output: &Tensor,
+) -> Result<()> {
+    let routes = session.routes()?;
+    let vocab = output.elem_count();
+    let check = super::layers::check_greedy();
+    while g.slots.len() <= i {
+        g.slots.push(new_slot(stream, routes.len(), vocab, check)?);
+    }
+    if g.slots[i].routes.len() != routes.len() {
+        g.slots[i] = new_slot(stream, routes.len(), vocab, check)?;
+    }
+    let Graphs {
+        slots,
+        captured,
+        token,
+        ..
+    } = g;
+    let (s, c) = (
+        &mut slots[i],
+        captured
+            .as_ref()
+            .ok_or_else(|| Error::Input("internal: no graph to launch".into()))?,
+    );
+    s.timed = s
+        .events
+        .as_ref()
+        .is_some_and(|[start, _]| start.record(stream).is_ok());
+    c.graph.0.launch().map_err(|e| driver("graph launch", e))?;
+    s.timed = s.timed
+        && s.events
+            .as_ref()
+            .is_some_and(|[_, end]| end.record(stream).is_ok());
+    stream
+        .memcpy_dtoh(routes, &mut s.routes)
+        .map_err(|e| driver("routes copy", e))?;
+    let token = token
+        .as_ref()
+        .ok_or_else(|| Error::Input("internal: no device token".into()))?;
+    stream
+        .memcpy_dtoh(token, &mut s.token)
+        .map_err(|e| driver("token copy", e))?;
+    if let Some(logits) = &mut s.logits {
+        let (st, l) = output.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*st else {
+            return Err(Error::Input("internal: logits are not on the GPU".into()));
+        };
+        let v = cs.as_cuda_slice::<f32>()?;
+        let v = v.slice(l.start_offset()..l.start_offset() + vocab);
+        stream
+            .memcpy_dtoh(&v, logits)
+            .map_err(|e| driver("logits copy", e))?;
+    }
+    s.copied
+        .record(stream)
+        .map_err(|e| driver("graph results event", e))
+}
+
+/// A slot for `routes` route words and (with `check`) `vocab` logits, in pinned host memory.
+fn new_slot(
+    stream: &std::sync::Arc<CudaStream>,
+    routes: usize,
+    vocab: usize,
+    check: bool,
+) -> Result<Slot> {
+    let ctx = stream.context();
+    // SAFETY (all three): the memory is written by a copy before it is read (the host waits
+    // for the slot's `copied` event first).
+    let pinned = |n: usize| unsafe { ctx.alloc_pinned_with_flags::<u32>(n, 0) };
+    let routes = pinned(routes).map_err(|e| driver("pinned allocation", e))?;
+    let token = pinned(1).map_err(|e| driver("pinned allocation", e))?;
+    let logits = match check {
+        true => Some(
+            unsafe { ctx.alloc_pinned_with_flags::<f32>(vocab, 0) }
+                .map_err(|e| driver("pinned allocation", e))?,
+        ),
+        false => None,
+    };
+    let copied = ctx
+        .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .map_err(|e| driver("event", e))?;
+    let ev = || {
+        ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .ok()
+    };
+    Ok(Slot {
+        routes,
+        token,
+        logits,
+        copied,
+        events: ev().zip(ev()).map(|(a, b)| [a, b]),
+        timed: false,
+    })
 }

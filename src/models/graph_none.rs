@@ -20,4 +20,15 @@ impl Model {
     ) -> Result<Option<(Tensor, Routing)>> {
         Ok(None)
     }
+
+    /// Always `None` without CUDA.
+    pub(super) fn greedy_graphed(
+        &self,
+        _token: u32,
+        _kv: &mut KvCache,
+        _access: &mut dyn ExpertAccess,
+        _ahead: bool,
+    ) -> Result<Option<(u32, Routing)>> {
+        Ok(None)
+    }
 }

@@ -267,6 +267,43 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_cache_keeps_its_buffers_only_where_they_fit() {
+        let dev = Device::Cpu;
+        let ones = || Tensor::ones((1, 2), DType::F32, &dev).unwrap();
+        // Two layers whose buffers hold `room` entries, one of them filled.
+        let filled = |room: usize| {
+            let mut l = LayerKv::with_capacity(room);
+            l.append(ones(), ones(), 0).unwrap();
+            let mut kv = super::super::KvCache::with_capacity(room);
+            kv.layers = vec![l.clone(), LayerKv::with_capacity(room)];
+            kv.layers[1].append(ones(), ones(), 0).unwrap();
+            kv.len = 1;
+            kv
+        };
+        let kv = filled(8);
+        let ids: Vec<_> = kv.layers.iter().map(LayerKv::buffer_ids).collect();
+        let kv = kv.reuse(6);
+        assert_eq!((kv.len, kv.capacity), (0, 6));
+        assert_eq!(
+            kv.layers
+                .iter()
+                .map(LayerKv::buffer_ids)
+                .collect::<Vec<_>>(),
+            ids
+        );
+        assert!(kv.layers.iter().all(|l| (l.len(), l.room()) == (0, 8)));
+        // Buffers too small, or more than twice the new sequence, or none yet: a new cache.
+        for (room, tokens) in [(8, 9), (8, 3)] {
+            let kv = filled(room).reuse(tokens);
+            assert!(kv.layers.is_empty() && kv.capacity == tokens);
+        }
+        assert!(super::super::KvCache::with_capacity(4)
+            .reuse(4)
+            .layers
+            .is_empty());
+    }
+
+    #[test]
     fn commit_before_reserve_is_an_error() {
         let err = LayerKv::with_capacity(4).commit(1).unwrap_err();
         assert!(

@@ -114,6 +114,15 @@ impl Embedding {
     pub fn forward(&self, ids: &[u32], dev: &Device) -> Result<Tensor> {
         self.weight.rows(ids, self.hidden, dev)
     }
+    /// The table where it is MLX-packed on the GPU (a row can then be looked up by an id in
+    /// device memory: [`crate::weights::cuda::DeviceMatrix::decode_row_at`]).
+    #[cfg(feature = "cuda")]
+    pub fn device_matrix(&self) -> Option<&crate::weights::cuda::DeviceMatrix> {
+        match &self.weight {
+            Weight::Device(m) => Some(m),
+            _ => None,
+        }
+    }
 }
 
 impl Linear {
@@ -629,7 +638,7 @@ pub fn argmax(v: &[f32]) -> usize {
 pub static GREEDY_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Whether `HARNESS_CHECK_GREEDY=1`.
-fn check_greedy() -> bool {
+pub(crate) fn check_greedy() -> bool {
     std::env::var_os("HARNESS_CHECK_GREEDY").is_some_and(|v| v == "1")
 }
 
@@ -660,13 +669,11 @@ pub fn greedy_token(logits: &Tensor) -> Result<u32> {
     #[cfg(feature = "cuda")]
     if let Some(t) = argmax_cuda::greedy_token_cuda(logits)? {
         if check_greedy() {
-            let h = host()?;
-            if h != t {
-                return Err(crate::error::Error::Input(format!(
-                    "HARNESS_CHECK_GREEDY: the device chose token {t}, the host's argmax {h}"
-                )));
-            }
-            GREEDY_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let rows = rows(logits)?;
+            let row = rows
+                .first()
+                .ok_or_else(|| crate::error::Error::Input("internal: no logits row".into()))?;
+            argmax_cuda::check_device_pick(t, row)?;
         }
         return Ok(t);
     }
@@ -675,7 +682,7 @@ pub fn greedy_token(logits: &Tensor) -> Result<u32> {
 
 #[cfg(feature = "cuda")]
 #[path = "argmax_cuda.rs"]
-mod argmax_cuda;
+pub(crate) mod argmax_cuda;
 
 /// Converts a `[T, N]` tensor into rows of f32.
 pub fn rows(x: &Tensor) -> Result<Vec<Vec<f32>>> {

@@ -266,6 +266,23 @@ impl KvCache {
             capacity: tokens,
         }
     }
+    /// This cache's buffers, emptied, for a new sequence of up to `tokens` tokens, where every
+    /// layer's hold it and none holds more than twice it (a decode step captured into a CUDA
+    /// graph writes through them, so the new sequence replays that graph); a new cache
+    /// otherwise.
+    pub fn reuse(mut self, tokens: usize) -> Self {
+        let fits = |l: &LayerKv| (tokens..=2 * tokens.max(1)).contains(&l.room());
+        if self.layers.is_empty() || !self.layers.iter().all(fits) {
+            return Self::with_capacity(tokens);
+        }
+        for l in &mut self.layers {
+            l.truncate(0);
+            l.delta = Default::default();
+        }
+        self.len = 0;
+        self.capacity = tokens;
+        self
+    }
     /// Tokens already processed.
     pub fn len(&self) -> usize {
         self.len
@@ -510,6 +527,24 @@ impl Model {
                 .record(&c.times);
         }
         Ok((logits, routing))
+    }
+
+    /// The greedy token after `token` at `kv.len()` where the decode step runs from a CUDA graph
+    /// that embeds its token and picks the next on the device; with `ahead` (another step will
+    /// follow unless this token stops the sequence) the next step's launch is queued before this
+    /// one's results are read. `None` where the step does not run from a graph: then
+    /// [`Model::forward`] and [`layers::greedy_token`].
+    pub fn decode_greedy(
+        &self,
+        token: u32,
+        kv: &mut KvCache,
+        access: &mut dyn ExpertAccess,
+        ahead: bool,
+    ) -> Result<Option<(u32, Routing)>> {
+        if token as usize >= self.spec.vocab_size || kv.layers.is_empty() {
+            return Ok(None);
+        }
+        self.greedy_graphed(token, kv, access, ahead)
     }
 
     /// The decoder layers on the embedded tokens `h` `[T, D]` at positions `pos0..pos0+T`:

@@ -65,16 +65,20 @@ for (unsigned int t = 0; t < T; ++t) {
 }
 
 // out[i * cols + c] = s * q + b of row ids[i] for i < n (rows given by value: up to 8 per
-// launch), or of row row0 + i where row0 is not 0xffffffff (any n).
+// launch), of row row0 + i where row0 is not 0xffffffff (any n), or, where `at` is not null,
+// of row at[i] (ids in device memory, read when the kernel runs: a CUDA graph's next token;
+// one at or past `nrows` reads the last row rather than past the matrix).
 struct Ids { unsigned int id[8]; };
 extern "C" __global__ void packed_rows(
 const unsigned char* buf, unsigned long long q_off, unsigned long long s_off,
 unsigned long long b_off, unsigned int kind, const Ids ids, unsigned int row0, unsigned int n,
-float* out, unsigned int cols, unsigned int bits, unsigned int group) {
+float* out, unsigned int cols, unsigned int bits, unsigned int group, const unsigned int* at,
+unsigned int nrows) {
 for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
      i < (unsigned long long)n * cols; i += (unsigned long long)gridDim.x * blockDim.x) {
 unsigned int k = (unsigned int)(i / cols), c = (unsigned int)(i % cols);
-unsigned long long row = row0 == 0xffffffffu ? ids.id[k] : (unsigned long long)row0 + k;
+unsigned long long row = at ? (unsigned long long)min(at[k], nrows - 1u)
+                       : row0 == 0xffffffffu ? ids.id[k] : (unsigned long long)row0 + k;
 unsigned long long e = row * cols + c;
 unsigned int per = 32u / bits;
 unsigned int word = ((const unsigned int*)(buf + q_off))[e / per];
@@ -297,12 +301,13 @@ impl DeviceMatrix {
         super::wrap(&self.dev, s, shape)
     }
 
-    /// Launches `packed_rows` for `n` rows (`ids`, or `row0..row0 + n` when `row0` is set)
-    /// into `out`.
+    /// Launches `packed_rows` for `n` rows (`ids`; `row0..row0 + n` when `row0` is set; the
+    /// ids in device memory `at` when that is set) into `out`.
     fn rows_into(
         &self,
         ids: Ids,
         row0: Option<u32>,
+        at: Option<&CudaSlice<u32>>,
         n: usize,
         out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
     ) -> Result<()> {
@@ -314,6 +319,15 @@ impl DeviceMatrix {
             self.cols as u32,
         );
         let (r0, nu) = (row0.unwrap_or(u32::MAX), n as u32);
+        let nrows = self.rows as u32;
+        // A null pointer: the ids by value or from `row0`.
+        let (at, _read) = match at {
+            Some(a) => {
+                let (p, g) = a.device_ptr(&stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
         let mut b = stream.launch_builder(rows_kernel);
         b.arg(&*self.buf)
             .arg(&self.offs[0])
@@ -326,14 +340,17 @@ impl DeviceMatrix {
             .arg(out)
             .arg(&cols)
             .arg(&bits)
-            .arg(&group);
+            .arg(&group)
+            .arg(&at)
+            .arg(&nrows);
         let cfg = LaunchConfig {
             grid_dim: ((n * self.cols).div_ceil(256).min(1 << 16) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: reads rows below `rows` (checked by the callers) of the packed matrix in
-        // `buf` and writes `n · cols` values into `out`, which holds that many.
+        // SAFETY: reads rows below `rows` (checked by the callers; ids from `at` are clamped
+        // by the kernel, and `at` holds `n` of them) of the packed matrix in `buf` and writes
+        // `n · cols` values into `out`, which holds that many.
         unsafe { b.launch(cfg) }.map_err(|e| driver("packed row kernel", e))?;
         Ok(())
     }
@@ -354,9 +371,24 @@ impl DeviceMatrix {
             let mut id = Ids { id: [0; IDS] };
             id.id[..chunk.len()].copy_from_slice(chunk);
             let mut dst = out.slice_mut(c * IDS * cols..(c * IDS + chunk.len()) * cols);
-            self.rows_into(id, None, chunk.len(), &mut dst)?;
+            self.rows_into(id, None, None, chunk.len(), &mut dst)?;
         }
         Ok(self.wrap(out, (ids.len(), cols)))
+    }
+
+    /// The row whose id is in device memory (`at[0]`, read when the launch runs: a CUDA
+    /// graph embeds the token its previous launch chose) decoded to f32: `[1, cols]`.
+    pub fn decode_row_at(&self, at: &CudaSlice<u32>) -> Result<Tensor> {
+        if at.is_empty() {
+            return Err(Error::Input("internal: no device row id".into()));
+        }
+        let cols = self.cols;
+        // SAFETY: every element is written by the launch.
+        let mut out: CudaSlice<f32> =
+            unsafe { self.dev.cuda_stream().alloc(cols) }.map_err(|e| driver("allocation", e))?;
+        let mut dst = out.slice_mut(..);
+        self.rows_into(Ids { id: [0; IDS] }, None, Some(at), 1, &mut dst)?;
+        Ok(self.wrap(out, (1, cols)))
     }
 
     /// The whole matrix as f32 `[rows, cols]` (a temporary for long inputs).
@@ -366,7 +398,7 @@ impl DeviceMatrix {
         let mut out: CudaSlice<f32> =
             unsafe { self.dev.cuda_stream().alloc(n) }.map_err(|e| driver("allocation", e))?;
         let mut dst = out.slice_mut(..);
-        self.rows_into(Ids { id: [0; IDS] }, Some(0), self.rows, &mut dst)?;
+        self.rows_into(Ids { id: [0; IDS] }, Some(0), None, self.rows, &mut dst)?;
         Ok(self.wrap(out, (self.rows, self.cols)))
     }
 
