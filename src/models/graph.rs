@@ -150,11 +150,7 @@ impl Model {
         }
     }
 
-    /// The greedy token after `token` (one decode step, run from a CUDA graph that also embeds
-    /// its token and picks the next on the device), with `ahead` the next step's launch queued
-    /// before this one's results are read, so that the GPU does not wait while the host reports
-    /// this step's routes and returns; `None` where the step does not run from a graph (then
-    /// [`Model::forward`] and [`super::layers::greedy_token`]).
+    /// [`Model::decode_greedy`] on CUDA.
     pub(super) fn greedy_graphed(
         &self,
         token: u32,
@@ -313,9 +309,11 @@ impl Model {
                 &mut g,
                 &stream,
                 key,
-                embed_at,
-                &input,
-                &output,
+                Io {
+                    embed_at,
+                    input: &input,
+                    output: &output,
+                },
                 pos0,
                 kv,
                 access,
@@ -375,9 +373,7 @@ impl Model {
         g: &mut Graphs,
         stream: &std::sync::Arc<CudaStream>,
         key: Key,
-        embed_at: Option<&DeviceMatrix>,
-        input: &Option<Tensor>,
-        output: &Tensor,
+        io: Io<'_>,
         pos0: usize,
         kv: &mut KvCache,
         access: &mut dyn ExpertAccess,
@@ -397,9 +393,7 @@ impl Model {
             step.as_mut().expect("made by the caller"),
             token.as_mut().expect("made by the caller"),
         );
-        let body = self.captured_step(
-            embed_at, input, output, pos0, kv, access, session, step, token,
-        );
+        let body = self.captured_step(io, pos0, kv, access, session, step, token);
         let made = stream.end_capture(
             sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
@@ -449,9 +443,11 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn captured_step(
         &self,
-        embed_at: Option<&DeviceMatrix>,
-        input: &Option<Tensor>,
-        output: &Tensor,
+        Io {
+            embed_at,
+            input,
+            output,
+        }: Io<'_>,
         pos0: usize,
         kv: &mut KvCache,
         access: &mut dyn ExpertAccess,
@@ -480,6 +476,14 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The graph's input and output: the embedding table it looks its token up in (packed on the
+/// GPU), else the buffer the host embeds the token into; the logits buffer.
+struct Io<'a> {
+    embed_at: Option<&'a DeviceMatrix>,
+    input: &'a Option<Tensor>,
+    output: &'a Tensor,
 }
 
 /// What [`Model::graph_step`] hands back.
