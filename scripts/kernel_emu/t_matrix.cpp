@@ -1,6 +1,7 @@
 #include "k_matrix.h"
 #include "common.h"
 #include <cstdlib>
+#include <cstring>
 int main(int argc, char** argv) {
   int only = argc > 1 ? atoi(argv[1]) : 0;
   std::mt19937 g(7 + only);
@@ -21,6 +22,32 @@ int main(int argc, char** argv) {
     hipDeviceSynchronize();
     report(c.name, rel(want, y.data()));
   }
-  if (only >= (int)(sizeof(cases) / sizeof(cases[0]))) return 2;
+  int nc = (int)(sizeof(cases) / sizeof(cases[0]));
+  if (only == nc) {
+    // packed_rows: a row given by value, the same row by an id in device memory (a CUDA graph's
+    // embedding of its token), and an id past the table (the last row, not past the buffer).
+    Mat m = make(g, 37, 256, 4, 64);
+    size_t so = m.q.size() * 4, bo = so + m.s.size() * 2;
+    std::vector<unsigned char> buf(bo + m.b.size() * 2);
+    memcpy(buf.data(), m.q.data(), so); memcpy(buf.data() + so, m.s.data(), m.s.size() * 2); memcpy(buf.data() + bo, m.b.data(), m.b.size() * 2);
+    Ids ids{}; ids.id[0] = 29;
+    std::vector<unsigned> at{29u}, past{42u};
+    std::vector<float> byval(m.cols), byat(m.cols), clamped(m.cols);
+    auto run = [&](const unsigned* a, float* out) {
+      hipLaunchKernelGGL(packed_rows, dim3(1), dim3(256), 0, 0, buf.data(), 0ull, (unsigned long long)so, (unsigned long long)bo, 2u, ids,
+                         0xffffffffu, 1u, out, (unsigned)m.cols, 4u, 64u, a, 37u);
+      hipDeviceSynchronize();
+    };
+    run(nullptr, byval.data());
+    ids.id[0] = 5;  // what a kernel ignoring `at` would read
+    run(at.data(), byat.data()); run(past.data(), clamped.data());
+    std::vector<double> w29(m.cols), w36(m.cols);
+    for (int c = 0; c < m.cols; ++c) { w29[c] = m.w(29, c); w36[c] = m.w(36, c); }
+    report("packed_rows row 29 by value", rel(w29, byval.data()));
+    report("packed_rows row 29 by device id (= by value)", memcmp(byval.data(), byat.data(), byat.size() * 4) == 0 ? 0.0 : 1.0);
+    report("packed_rows id past the table: the last row", rel(w36, clamped.data()));
+    return fails != 0;
+  }
+  if (only > nc) return 2;
   return fails != 0;
 }
