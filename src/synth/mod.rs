@@ -5,7 +5,6 @@
 //! unrealistic: use it for speed, not hit rates.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -166,24 +165,7 @@ pub fn synth(
             h.push(' ');
         }
         let path = out.join(&file);
-        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = BufWriter::with_capacity(1 << 22, f);
-        let io = |e| Error::io(&path, e);
-        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(h.as_bytes()).map_err(io)?;
-        let mut buf = Vec::with_capacity(1 << 20);
-        for t in shard {
-            let mut left = t.bytes() as usize;
-            while left > 0 {
-                let chunk = left.min(1 << 20);
-                buf.clear();
-                fill(&mut buf, t.fill, chunk, &mut rng);
-                w.write_all(&buf).map_err(io)?;
-                left -= chunk;
-            }
-            total += t.bytes();
-        }
-        w.flush().map_err(io)?;
+        total += write_shard(&path, &h, shard, &mut rng, writers())?;
     }
     let idx = serde_json::json!({"metadata": {"total_size": total, "generator": "harness synth", "seed": seed}, "weight_map": weight_map});
     crate::io::write_atomic(
@@ -214,6 +196,118 @@ pub fn synth(
     })
 }
 
+/// Bytes a [`fill`] call writes at most (a tensor is filled in pieces of this size).
+const PIECE: usize = 1 << 20;
+
+/// Threads writing a shard's pieces: the machine's cores, at most 16.
+fn writers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
+}
+
+/// Writes one shard: the safetensors header `header` (padded JSON), then `tensors`' bytes in
+/// pieces of [`PIECE`], each filled from the generator state it would have had if every piece
+/// before it had been filled in turn ([`Jumps`]), so `threads` threads write the same bytes as
+/// one, each piece at its place in the file. Advances `rng` past the shard; returns its tensor
+/// bytes.
+fn write_shard(
+    path: &Path,
+    header: &str,
+    tensors: &[&plan::Planned],
+    rng: &mut u64,
+    threads: usize,
+) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let io = |e| Error::io(path, e);
+    let f = std::fs::File::create(path).map_err(io)?;
+    f.write_all_at(&(header.len() as u64).to_le_bytes(), 0)
+        .map_err(io)?;
+    f.write_all_at(header.as_bytes(), 8).map_err(io)?;
+    // Every piece: its fill, length, place in the file and generator state.
+    let jumps = Jumps::new();
+    let mut pieces = Vec::new();
+    let mut at = 8 + header.len() as u64;
+    for t in tensors {
+        let mut left = t.bytes() as usize;
+        while left > 0 {
+            let len = left.min(PIECE);
+            pieces.push((t.fill, len, at, *rng));
+            *rng = jumps.jump(*rng, draws(t.fill, len));
+            at += len as u64;
+            left -= len;
+        }
+    }
+    let threads = threads.clamp(1, pieces.len().max(1));
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for w in 0..threads {
+            let (pieces, f, failed) = (&pieces, &f, &failed);
+            scope.spawn(move || {
+                let mut buf = Vec::with_capacity(PIECE);
+                for &(fill_kind, len, at, state) in pieces.iter().skip(w).step_by(threads) {
+                    let mut state = state;
+                    buf.clear();
+                    fill(&mut buf, fill_kind, len, &mut state);
+                    if let Err(e) = f.write_all_at(&buf, at) {
+                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(io(e));
+    }
+    Ok(tensors.iter().map(|t| t.bytes()).sum())
+}
+
+/// Generator draws [`fill`] makes for `len` bytes of `f`.
+fn draws(f: Fill, len: usize) -> u64 {
+    match f {
+        Fill::Words => len.div_ceil(8) as u64,
+        Fill::Random(_) => len.div_ceil(2) as u64,
+        Fill::Const(_) | Fill::ConstF32(_) => 0,
+    }
+}
+
+/// Jumps of the [`next`] generator: its state update is linear over GF(2), so `n` draws move the
+/// state by the bit matrix `T^n`, applied as the product of the precomputed `T^(2^k)` of `n`'s
+/// bits (columns: the images of the 64 unit states).
+struct Jumps(Box<[[u64; 64]; 64]>);
+
+impl Jumps {
+    fn new() -> Self {
+        let mut m = Box::new([[0u64; 64]; 64]);
+        for j in 0..64 {
+            let mut s = 1u64 << j;
+            next(&mut s);
+            m[0][j] = s;
+        }
+        for k in 1..64 {
+            let prev = m[k - 1];
+            for j in 0..64 {
+                m[k][j] = apply(&prev, prev[j]);
+            }
+        }
+        Jumps(m)
+    }
+
+    /// The state `n` draws after `s`.
+    fn jump(&self, mut s: u64, n: u64) -> u64 {
+        for (k, m) in self.0.iter().enumerate() {
+            if n >> k & 1 == 1 {
+                s = apply(m, s);
+            }
+        }
+        s
+    }
+}
+
+/// The bit matrix `m` (columns) applied to the state `s`.
+fn apply(m: &[u64; 64], s: u64) -> u64 {
+    (0..64).filter(|j| s >> j & 1 == 1).fold(0, |r, j| r ^ m[j])
+}
+
 /// xorshift64*: fast, seeded, good enough for weights whose values do not matter.
 fn next(s: &mut u64) -> u64 {
     *s ^= *s >> 12;
@@ -225,8 +319,10 @@ fn next(s: &mut u64) -> u64 {
 fn fill(buf: &mut Vec<u8>, f: Fill, bytes: usize, rng: &mut u64) {
     match f {
         Fill::Words => {
-            while buf.len() < bytes {
-                buf.extend_from_slice(&next(rng).to_le_bytes());
+            let start = buf.len();
+            buf.resize(start + bytes.saturating_sub(start).div_ceil(8) * 8, 0);
+            for w in buf[start..].chunks_exact_mut(8) {
+                w.copy_from_slice(&next(rng).to_le_bytes());
             }
             buf.truncate(bytes);
         }
@@ -244,11 +340,13 @@ fn fill(buf: &mut Vec<u8>, f: Fill, bytes: usize, rng: &mut u64) {
             buf.truncate(bytes);
         }
         Fill::Random(scale) => {
-            while buf.len() < bytes {
+            let start = buf.len();
+            buf.resize(start + bytes.saturating_sub(start).div_ceil(2) * 2, 0);
+            for v in buf[start..].chunks_exact_mut(2) {
                 // Uniform in [-√3, √3)·scale: std = scale.
                 let u = (next(rng) >> 40) as f32 / (1u64 << 24) as f32;
                 let x = (u * 2.0 - 1.0) * 1.732 * scale;
-                buf.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+                v.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
             }
             buf.truncate(bytes);
         }
@@ -444,6 +542,57 @@ impl SyntheticTrace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jumps_equal_stepping_and_threaded_shards_equal_one_writer() {
+        let jumps = Jumps::new();
+        for n in [0u64, 1, 2, 63, 64, 1000, (1 << 17) + 3] {
+            let mut s = 0x1234_5678_9abc_def1;
+            let j = jumps.jump(s, n);
+            for _ in 0..n {
+                next(&mut s);
+            }
+            assert_eq!(j, s, "{n} draws");
+        }
+        // Tensors of several pieces (the last ones partial), words and noise, a constant between.
+        let t = |name: &str, dtype, n: usize, fill| plan::Planned {
+            name: name.into(),
+            dtype,
+            shape: vec![n],
+            fill,
+        };
+        let tensors = [
+            t("a", "U32", PIECE * 5 / 8 + 3, Fill::Words),
+            t("b", "BF16", 7, Fill::Const(1.0)),
+            t("c", "BF16", PIECE + 5, Fill::Random(0.02)),
+            t("d", "U32", 9, Fill::Words),
+        ];
+        let refs: Vec<&plan::Planned> = tensors.iter().collect();
+        // The reference: every piece filled in turn from one generator.
+        let header = "{}      ";
+        let mut want = (header.len() as u64).to_le_bytes().to_vec();
+        want.extend_from_slice(header.as_bytes());
+        let (mut rng_want, mut buf) = (99u64, Vec::new());
+        for t in &tensors {
+            let mut left = t.bytes() as usize;
+            while left > 0 {
+                let len = left.min(PIECE);
+                buf.clear();
+                fill(&mut buf, t.fill, len, &mut rng_want);
+                want.extend_from_slice(&buf);
+                left -= len;
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        for threads in [1, 3] {
+            let path = d.path().join(format!("s{threads}"));
+            let mut rng = 99u64;
+            let bytes = write_shard(&path, header, &refs, &mut rng, threads).unwrap();
+            assert_eq!(bytes, tensors.iter().map(|t| t.bytes()).sum::<u64>());
+            assert_eq!(rng, rng_want, "{threads} threads");
+            assert!(std::fs::read(&path).unwrap() == want, "{threads} threads");
+        }
+    }
 
     #[test]
     fn synthetic_trace_is_seeded_and_well_formed() {

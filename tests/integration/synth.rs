@@ -59,3 +59,36 @@ fn synthesized_checkpoints_load_run_and_match_inspect() {
             .contains("already holds"));
     }
 }
+
+/// The weights' bytes for a seed do not change: FNV-1a of the shards `harness synth` wrote
+/// before its pieces were written by several threads (one generator stepped in turn).
+#[test]
+fn synthesized_bytes_are_those_of_the_sequential_generator() {
+    for (fixture, layout, want) in [
+        (
+            "deepseek_v3-f32",
+            SynthLayout::Mlx(4),
+            0x5993_47db_ca75_5110u64,
+        ),
+        ("qwen3_moe-f32", SynthLayout::Bf16, 0x3f16_dd62_37eb_9b9c),
+        ("mixtral-f32", SynthLayout::Mlx(8), 0x70f2_a475_1199_53ef),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("m");
+        let cfg = crate::common::fixture(fixture).join("config.json");
+        synth(&cfg, &out, layout, Some(2), 7, 1 << 20).unwrap();
+        let mut shards: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        shards.sort();
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for p in shards {
+            for b in std::fs::read(p).unwrap() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        assert_eq!(h, want, "{fixture}");
+    }
+}
