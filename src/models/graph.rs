@@ -180,6 +180,12 @@ impl Model {
         let Device::Cuda(dev) = &self.device else {
             return Ok(None);
         };
+        let mut g = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        // A launch queued ahead serves only the call it was queued for (below); any other forward
+        // call (a prompt, a new sequence on reused cache buffers, a profiled step) leaves it
+        // behind, and stream order overwrites what it wrote (its cache row by this position's
+        // step, the token and routes by the next launch).
+        let ahead = g.ahead.take();
         if tokens.len() != 1 || !self.graph_on.load(Relaxed) || self.profiling.load(Relaxed) {
             return Ok(None);
         }
@@ -192,11 +198,6 @@ impl Model {
         if embed_at.is_none() && want != Want::Logits {
             return Ok(None);
         }
-        let mut g = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
-        // A launch queued ahead serves only the call it was queued for (below); any other call
-        // leaves it behind, and stream order overwrites what it wrote (its cache row by this
-        // position's step, the token and routes by the next launch).
-        let ahead = g.ahead.take();
         if g.off.is_some() {
             return Ok(None);
         }
