@@ -11,7 +11,10 @@ attention kernels), and with every expert loaded first and every token after the
 step (on CUDA, MLX-quantized fixtures route those tokens on the device, and the run must say so;
 where every attention layer is MLA they run from a captured CUDA graph, and the run must say so),
 against the HF transformers logits stored with the fixture; then one greedy `harness generate`
-whose every device-chosen token is checked against the host's argmax of the same logits.
+whose every device-chosen token is checked against the host's argmax of the same logits, and,
+where every attention layer is MLA, an all-resident greedy generation from a CUDA graph with each
+launch queued ahead of the last one's results, checked the same way and against the same
+generation with graphs off.
 Every run must say on stderr that it ran on the device asked for (`device: cuda:0`) with the kernel
 forms asked for (`experts fused, attention fused, dense packed` by default), and no fused kernel may
 have fallen back: a run that says otherwise counts as a failure, so a CPU result can never pass for
