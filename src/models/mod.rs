@@ -599,23 +599,8 @@ impl Model {
                     y
                 }
                 (Ffn::Moe(moe), None) => {
-                    let routes = match access.replayed_routes(moe.layer, pos0, n)? {
-                        Some(r) => r,
-                        None => moe.router.route(&x)?,
-                    };
-                    // Router lookahead: the next MoE layer's norm and router applied to the hidden
-                    // state available now predict the experts that layer will ask for.
-                    let next = if lookahead { self.next_moe(i) } else { None };
-                    let predictions = match next {
-                        Some((j, nl, nm)) => Some((
-                            j as u32,
-                            match access.replayed_lookahead(j as u32, pos0, n) {
-                                Some(p) => p,
-                                None => nm.router.route(&nl.post_norm.forward(&h)?)?,
-                            },
-                        )),
-                        None => None,
-                    };
+                    let (routes, predictions) =
+                        self.host_routes(i, moe, &x, &h, pos0, n, lookahead, &*access)?;
                     Clock::mark(clock, Part::Router)?;
                     let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));
                     let y = moe.forward(&x, pos0, &routes, pred_ref, access)?;
@@ -633,6 +618,51 @@ impl Model {
         }
         kv.len += n;
         Ok((x, routing))
+    }
+
+    /// Decoder layer `i`'s routes on its normalised input `x` (or the replayed trace's) and,
+    /// with `lookahead`, the next MoE layer's predicted routes: its norm and router applied to
+    /// the hidden state `h` available now. Where both routers run, their logits come back in one
+    /// copy (on a GPU: one wait for the device a layer, not two).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn host_routes(
+        &self,
+        i: usize,
+        moe: &MoeBlock,
+        x: &Tensor,
+        h: &Tensor,
+        pos0: usize,
+        n: usize,
+        lookahead: bool,
+        access: &dyn ExpertAccess,
+    ) -> Result<(Vec<Route>, Option<(u32, Vec<Route>)>)> {
+        let replayed = access.replayed_routes(moe.layer, pos0, n)?;
+        let next = if lookahead { self.next_moe(i) } else { None };
+        let Some((j, nl, nm)) = next else {
+            let routes = match replayed {
+                Some(r) => r,
+                None => moe.router.route(x)?,
+            };
+            return Ok((routes, None));
+        };
+        let predicted = access.replayed_lookahead(j as u32, pos0, n);
+        let (routes, predicted) = match (replayed, predicted) {
+            (Some(r), Some(p)) => (r, p),
+            (Some(r), None) => (r, nm.router.route(&nl.post_norm.forward(h)?)?),
+            (None, Some(p)) => (moe.router.route(x)?, p),
+            (None, None) => {
+                let own = moe.router.logits(x)?;
+                let e = own.dim(1)?;
+                let ahead = nm.router.logits(&nl.post_norm.forward(h)?)?;
+                let ahead = ahead.to_dtype(own.dtype())?;
+                let both = Tensor::cat(&[&own, &ahead], 1)?;
+                let rows = layers::rows(&both)?;
+                let routes = rows.iter().map(|r| moe.router.select(&r[..e])).collect();
+                let predicted = rows.iter().map(|r| nm.router.select(&r[e..])).collect();
+                (routes, predicted)
+            }
+        };
+        Ok((routes, Some((j as u32, predicted))))
     }
 
     fn next_moe(&self, i: usize) -> Option<(usize, &DecoderLayer, &MoeBlock)> {
