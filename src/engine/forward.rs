@@ -54,7 +54,10 @@ impl Engine {
         keep: bool,
         more: bool,
     ) -> Result<(u32, Option<Vec<f32>>)> {
-        if let (true, false, &[t]) = (sampler.is_greedy(), keep, tokens) {
+        // Only a CUDA model runs decode steps from a graph: elsewhere the attempt would cost a
+        // round trip through the compute context every token for nothing.
+        let graphs = self.model.device().is_cuda();
+        if let (true, true, false, &[t]) = (graphs, sampler.is_greedy(), keep, tokens) {
             let record = self.cfg.record_trace;
             let graphed = self.with_access(step, record, |model, access| {
                 model.decode_greedy(t, kv, access, more)
