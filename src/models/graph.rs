@@ -274,12 +274,7 @@ impl Model {
         });
         let slot = if let Some(a) = queued {
             // This step's launch and its copies were queued by the call before.
-            for l in &mut kv.layers {
-                l.advance(1)?;
-            }
-            kv.len += 1;
-            let c = g.captured.as_ref().expect("matched above");
-            session.replayed(&c.ran);
+            replayed(&g, kv, &mut session)?;
             super::fallback::graph_ahead();
             a.slot
         } else {
@@ -300,12 +295,7 @@ impl Model {
                 input.slice_set(&h, 0, 0)?;
             }
             if matched {
-                for l in &mut kv.layers {
-                    l.advance(1)?;
-                }
-                kv.len += 1;
-                let c = g.captured.as_ref().expect("matched above");
-                session.replayed(&c.ran);
+                replayed(&g, kv, &mut session)?;
             } else if !self.capture(
                 &mut g,
                 &stream,
@@ -485,6 +475,22 @@ struct Io<'a> {
     embed_at: Option<&'a DeviceMatrix>,
     input: &'a Option<Tensor>,
     output: &'a Tensor,
+}
+
+/// Counts a launch of the captured graph on the host as it counts the step it replays: one more
+/// entry in every layer's cache (written in place by the kernels), and the MoE layers the
+/// capture routed, for [`Session::finish_with`] to report.
+fn replayed(g: &Graphs, kv: &mut KvCache, session: &mut Session<'_>) -> Result<()> {
+    let c = g
+        .captured
+        .as_ref()
+        .ok_or_else(|| Error::Input("internal: no graph to replay".into()))?;
+    for l in &mut kv.layers {
+        l.advance(1)?;
+    }
+    kv.len += 1;
+    session.replayed(&c.ran);
+    Ok(())
 }
 
 /// What [`Model::graph_step`] hands back.
