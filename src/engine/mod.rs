@@ -375,14 +375,12 @@ impl Engine {
                 self.cfg.gpu_routing
             );
             // Decode steps captured into CUDA graphs and tokens run from them.
-            let (captures, graphed, gpu_ms) = crate::models::fallback::graph_counts();
-            let ahead = crate::models::fallback::graph_ahead_count();
+            let g = crate::models::fallback::graph_counts();
             label += &format!(
-                ", graph {} ({captures} captures, {graphed} tokens from a graph, {ahead} of them \
-                 queued ahead)",
-                self.cfg.gpu_graph
+                ", graph {} ({} captures, {} tokens from a graph, {} of them queued ahead)",
+                self.cfg.gpu_graph, g.captures, g.tokens, g.ahead
             );
-            if let Some(ms) = gpu_ms {
+            if let Some(ms) = g.gpu_ms {
                 // Against the token's whole time, the host's share between launches.
                 label += &format!(" taking {ms:.3} ms of GPU time each");
             }

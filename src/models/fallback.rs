@@ -55,11 +55,6 @@ pub fn graph_ahead() {
     GRAPH_AHEAD.fetch_add(1, Relaxed);
 }
 
-/// Greedy decode tokens whose graph launch was queued ahead, since the process started.
-pub fn graph_ahead_count() -> u64 {
-    GRAPH_AHEAD.load(Relaxed)
-}
-
 static GRAPH_GPU_NS: AtomicU64 = AtomicU64::new(0);
 static GRAPH_TIMED: AtomicU64 = AtomicU64::new(0);
 
@@ -73,15 +68,27 @@ pub fn graph_token(gpu_ms: Option<f32>) {
     }
 }
 
-/// `(captures, tokens, GPU ms a timed token)`: decode steps captured into CUDA graphs, decode
-/// tokens run from them, and their mean time on the GPU (`None` if none was timed), since the
-/// process started.
-pub fn graph_counts() -> (u64, u64, Option<f64>) {
+/// The decode steps that ran from CUDA graphs since the process started.
+#[derive(Debug, Clone, Copy)]
+pub struct GraphCounts {
+    /// Steps captured into a graph.
+    pub captures: u64,
+    /// Tokens run as a graph launch.
+    pub tokens: u64,
+    /// Of those, greedy tokens whose launch was queued by the call before.
+    pub ahead: u64,
+    /// Their mean time on the GPU (`None` if none was timed).
+    pub gpu_ms: Option<f64>,
+}
+
+/// The [`GraphCounts`] so far.
+pub fn graph_counts() -> GraphCounts {
     let timed = GRAPH_TIMED.load(Relaxed);
     let ns = GRAPH_GPU_NS.load(Relaxed) as f64;
-    (
-        GRAPH_CAPTURED.load(Relaxed),
-        GRAPH_TOKENS.load(Relaxed),
-        (timed > 0).then(|| ns / 1e6 / timed as f64),
-    )
+    GraphCounts {
+        captures: GRAPH_CAPTURED.load(Relaxed),
+        tokens: GRAPH_TOKENS.load(Relaxed),
+        ahead: GRAPH_AHEAD.load(Relaxed),
+        gpu_ms: (timed > 0).then(|| ns / 1e6 / timed as f64),
+    }
 }
