@@ -659,25 +659,20 @@ pub fn greedy_check_report(tokens: usize) -> Option<String> {
 /// choice is also made on the host, a difference is an error, and an equal one is counted in
 /// [`GREEDY_CHECKED`] (`scripts/gpu_check.py`).
 pub fn greedy_token(logits: &Tensor) -> Result<u32> {
-    let host = || -> Result<u32> {
-        let rows = rows(logits)?;
-        let row = rows
-            .first()
-            .ok_or_else(|| crate::error::Error::Input("internal: no logits row".into()))?;
-        Ok(argmax(row) as u32)
+    let row = || -> Result<Vec<f32>> {
+        rows(logits)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| crate::error::Error::Input("internal: no logits row".into()))
     };
     #[cfg(feature = "cuda")]
     if let Some(t) = argmax_cuda::greedy_token_cuda(logits)? {
         if check_greedy() {
-            let rows = rows(logits)?;
-            let row = rows
-                .first()
-                .ok_or_else(|| crate::error::Error::Input("internal: no logits row".into()))?;
-            argmax_cuda::check_device_pick(t, row)?;
+            argmax_cuda::check_device_pick(t, &row()?)?;
         }
         return Ok(t);
     }
-    host()
+    Ok(argmax(&row()?) as u32)
 }
 
 #[cfg(feature = "cuda")]

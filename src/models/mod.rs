@@ -637,19 +637,17 @@ impl Model {
         access: &dyn ExpertAccess,
     ) -> Result<(Vec<Route>, Option<(u32, Vec<Route>)>)> {
         let replayed = access.replayed_routes(moe.layer, pos0, n)?;
+        let own = |r: Option<Vec<Route>>| match r {
+            Some(r) => Ok(r),
+            None => moe.router.route(x),
+        };
         let next = if lookahead { self.next_moe(i) } else { None };
         let Some((j, nl, nm)) = next else {
-            let routes = match replayed {
-                Some(r) => r,
-                None => moe.router.route(x)?,
-            };
-            return Ok((routes, None));
+            return Ok((own(replayed)?, None));
         };
-        let predicted = access.replayed_lookahead(j as u32, pos0, n);
-        let (routes, predicted) = match (replayed, predicted) {
-            (Some(r), Some(p)) => (r, p),
+        let (routes, predicted) = match (replayed, access.replayed_lookahead(j as u32, pos0, n)) {
+            (r, Some(p)) => (own(r)?, p),
             (Some(r), None) => (r, nm.router.route(&nl.post_norm.forward(h)?)?),
-            (None, Some(p)) => (moe.router.route(x)?, p),
             (None, None) => {
                 let own = moe.router.logits(x)?;
                 let e = own.dim(1)?;
