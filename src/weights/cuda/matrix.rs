@@ -101,6 +101,16 @@ struct Ids {
 // SAFETY: plain-old-data with the C layout of the kernel's `Ids`.
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Ids {}
 
+/// Which rows a `packed_rows` launch decodes.
+enum RowsFrom<'a> {
+    /// Up to [`IDS`] ids by value.
+    Ids(Ids),
+    /// Consecutive rows from this one.
+    From(u32),
+    /// Ids in device memory, read when the launch runs (clamped to the matrix by the kernel).
+    At(&'a CudaSlice<u32>),
+}
+
 static KERNELS: super::KernelSet = super::KernelSet::new();
 
 /// `packed_matvec` and `packed_rows` for `dev`.
@@ -301,13 +311,10 @@ impl DeviceMatrix {
         super::wrap(&self.dev, s, shape)
     }
 
-    /// Launches `packed_rows` for `n` rows (`ids`; `row0..row0 + n` when `row0` is set; the
-    /// ids in device memory `at` when that is set) into `out`.
+    /// Launches `packed_rows` for `n` rows (which: `rows`) into `out`.
     fn rows_into(
         &self,
-        ids: Ids,
-        row0: Option<u32>,
-        at: Option<&CudaSlice<u32>>,
+        rows: RowsFrom<'_>,
         n: usize,
         out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
     ) -> Result<()> {
@@ -318,15 +325,18 @@ impl DeviceMatrix {
             self.params.group_size as u32,
             self.cols as u32,
         );
-        let (r0, nu) = (row0.unwrap_or(u32::MAX), n as u32);
+        let nu = n as u32;
         let nrows = self.rows as u32;
-        // A null pointer: the ids by value or from `row0`.
-        let (at, _read) = match at {
-            Some(a) => {
+        // The kernel's three forms: ids by value, `row0..`, or ids in device memory (`at`, null
+        // otherwise; `row0` 0xffffffff unless set).
+        let none = Ids { id: [0; IDS] };
+        let (ids, r0, at, _read) = match rows {
+            RowsFrom::Ids(ids) => (ids, u32::MAX, 0, None),
+            RowsFrom::From(r0) => (none, r0, 0, None),
+            RowsFrom::At(a) => {
                 let (p, g) = a.device_ptr(&stream);
-                (p, Some(g))
+                (none, u32::MAX, p, Some(g))
             }
-            None => (0, None),
         };
         let mut b = stream.launch_builder(rows_kernel);
         b.arg(&*self.buf)
@@ -371,7 +381,7 @@ impl DeviceMatrix {
             let mut id = Ids { id: [0; IDS] };
             id.id[..chunk.len()].copy_from_slice(chunk);
             let mut dst = out.slice_mut(c * IDS * cols..(c * IDS + chunk.len()) * cols);
-            self.rows_into(id, None, None, chunk.len(), &mut dst)?;
+            self.rows_into(RowsFrom::Ids(id), chunk.len(), &mut dst)?;
         }
         Ok(self.wrap(out, (ids.len(), cols)))
     }
@@ -387,7 +397,7 @@ impl DeviceMatrix {
         let mut out: CudaSlice<f32> =
             unsafe { self.dev.cuda_stream().alloc(cols) }.map_err(|e| driver("allocation", e))?;
         let mut dst = out.slice_mut(..);
-        self.rows_into(Ids { id: [0; IDS] }, None, Some(at), 1, &mut dst)?;
+        self.rows_into(RowsFrom::At(at), 1, &mut dst)?;
         Ok(self.wrap(out, (1, cols)))
     }
 
@@ -398,7 +408,7 @@ impl DeviceMatrix {
         let mut out: CudaSlice<f32> =
             unsafe { self.dev.cuda_stream().alloc(n) }.map_err(|e| driver("allocation", e))?;
         let mut dst = out.slice_mut(..);
-        self.rows_into(Ids { id: [0; IDS] }, Some(0), None, self.rows, &mut dst)?;
+        self.rows_into(RowsFrom::From(0), self.rows, &mut dst)?;
         Ok(self.wrap(out, (self.rows, self.cols)))
     }
 
