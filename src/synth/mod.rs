@@ -150,6 +150,7 @@ pub fn synth(
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let jumps = Jumps::new();
     let mut total = 0u64;
     for (si, shard) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", si + 1, n);
@@ -165,7 +166,7 @@ pub fn synth(
             h.push(' ');
         }
         let path = out.join(&file);
-        total += write_shard(&path, &h, shard, &mut rng, writers())?;
+        total += write_shard(&path, &h, shard, &mut rng, &jumps, writers())?;
     }
     let idx = serde_json::json!({"metadata": {"total_size": total, "generator": "harness synth", "seed": seed}, "weight_map": weight_map});
     crate::io::write_atomic(
@@ -206,7 +207,7 @@ fn writers() -> usize {
 
 /// Writes one shard: the safetensors header `header` (padded JSON), then `tensors`' bytes in
 /// pieces of [`PIECE`], each filled from the generator state it would have had if every piece
-/// before it had been filled in turn ([`Jumps`]), so `threads` threads write the same bytes as
+/// before it had been filled in turn (`jumps`), so `threads` threads write the same bytes as
 /// one, each piece at its place in the file. Advances `rng` past the shard; returns its tensor
 /// bytes.
 fn write_shard(
@@ -214,6 +215,7 @@ fn write_shard(
     header: &str,
     tensors: &[&plan::Planned],
     rng: &mut u64,
+    jumps: &Jumps,
     threads: usize,
 ) -> Result<u64> {
     use std::os::unix::fs::FileExt;
@@ -223,7 +225,6 @@ fn write_shard(
         .map_err(io)?;
     f.write_all_at(header.as_bytes(), 8).map_err(io)?;
     // Every piece: its fill, length, place in the file and generator state.
-    let jumps = Jumps::new();
     let mut pieces = Vec::new();
     let mut at = 8 + header.len() as u64;
     for t in tensors {
@@ -587,7 +588,7 @@ mod tests {
         for threads in [1, 3] {
             let path = d.path().join(format!("s{threads}"));
             let mut rng = 99u64;
-            let bytes = write_shard(&path, header, &refs, &mut rng, threads).unwrap();
+            let bytes = write_shard(&path, header, &refs, &mut rng, &jumps, threads).unwrap();
             assert_eq!(bytes, tensors.iter().map(|t| t.bytes()).sum::<u64>());
             assert_eq!(rng, rng_want, "{threads} threads");
             assert!(std::fs::read(&path).unwrap() == want, "{threads} threads");
