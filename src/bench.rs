@@ -9,9 +9,13 @@
 //!
 //! Reported per cell: decode hit rate `h`, decode tokens/s, expert bytes moved per token, the
 //! achieved host→device rate of the miss path next to a pinned copy of one expert's size measured
-//! in the same run (`B`), and the link bound `B / ((1 − h) · E · s)` (`E` experts per token, `s`
-//! bytes per expert) with the fraction of it achieved; for prefetching policies, the share of
-//! prefetch load time hidden behind compute.
+//! in the same run (`B`), the link bound `B / M` (`M` the expert bytes the cell moved per token,
+//! demand misses and prefetches: `(1 − h) · E · s` for a policy that does not prefetch, `E`
+//! experts per token, `s` bytes per expert) and the serial bound `1 / (1/R + M/B)` (`R` the
+//! all-resident speed) with the fractions of them achieved; for prefetching policies, the share
+//! of prefetch load time hidden behind compute. A prefetch that turns a miss into a hit still
+//! crosses the link, so both bounds count it (before 2026-12-03 they counted demand misses only,
+//! which credited a prefetching policy's hits as free).
 
 use std::path::Path;
 use std::time::Duration;
@@ -112,13 +116,16 @@ pub struct BenchRow {
     pub dma_rate: Option<f64>,
     /// Rate of the whole miss path: bytes over the wall-clock time uploads were running.
     pub miss_path_rate: Option<f64>,
-    /// `B / ((1 − h) · E · s)` tokens/s (`None` when nothing misses or `B` is unknown).
+    /// `B / bytes_per_token` tokens/s: every byte the cell moved (demand misses and
+    /// prefetches) across the link at `B` (`None` when nothing moves or `B` is unknown). For a
+    /// policy that does not prefetch, `bytes_per_token = (1 − h) · E · s`.
     pub link_bound_tps: Option<f64>,
     /// `decode_tps / link_bound_tps`.
     pub link_bound_fraction: Option<f64>,
-    /// `1 / (1/R + (1 − h) · E · s / B)` tokens/s, `R` the all-resident decode speed of this
-    /// run: the speed if compute stayed as resident and every missed byte crossed the link at
-    /// `B` with no overlap (the link bound itself ignores compute).
+    /// `1 / (1/R + bytes_per_token / B)` tokens/s, `R` the all-resident decode speed of this
+    /// run: the speed if compute stayed as resident and every byte the cell moved (demand
+    /// misses and prefetches) crossed the link at `B` with no overlap (the link bound itself
+    /// ignores compute).
     pub serial_bound_tps: Option<f64>,
     /// `decode_tps / serial_bound_tps` (above 1 when prefetch overlaps loads with compute).
     pub serial_bound_fraction: Option<f64>,
@@ -351,7 +358,7 @@ pub fn bench(
         }
         let resident = report.rows.iter().find(|r| r.cell == "resident");
         if let (Some(res), Some(b)) = (resident, report.pinned_h2d_rate) {
-            let per_token = (1.0 - row.hit_rate) * e_per_token as f64 * s as f64 / b;
+            let per_token = row.bytes_per_token / b;
             let bound = 1.0 / (1.0 / res.decode_tps + per_token);
             row.serial_bound_tps = Some(bound);
             row.serial_bound_fraction = Some(row.decode_tps / bound);
@@ -484,10 +491,12 @@ fn measure(
     let n = tokens.max(1) as f64;
     let tps = tokens as f64 / decode.as_secs_f64().max(1e-12);
     let transfer = after.transfer.since(&before.transfer);
+    let bytes_per_token = (accesses - hits + prefetches) * s / n;
+    // Every byte moved, prefetches included: a prefetching policy's hits still cross the link.
     let link_bound_tps = report
         .pinned_h2d_rate
-        .filter(|_| h < 1.0)
-        .map(|b| b / ((1.0 - h) * report.experts_per_token as f64 * s));
+        .filter(|_| bytes_per_token > 0.0)
+        .map(|b| b / bytes_per_token);
     BenchRow {
         cell: name.to_string(),
         policy: policy.to_string(),
@@ -497,7 +506,7 @@ fn measure(
         decode_tps: tps,
         prefill_tps: 0.0,
         decode_tokens: tokens,
-        bytes_per_token: (accesses - hits + prefetches) * s / n,
+        bytes_per_token,
         exposed_load_ms_per_token: (after.decode_load_seconds - before.decode_load_seconds)
             .max(0.0)
             * 1e3
