@@ -22,6 +22,7 @@ a GPU one, nor a fallback for the fused kernels.
 Usage: python3 scripts/gpu_check.py ./harness [cuda|cpu] [NAME_PART]  (fixtures whose name contains
 NAME_PART only; prints one line per run, exits 1 on a mismatch)."""
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -113,10 +114,21 @@ for d in sorted(root.iterdir()):
                     # the first decode step uncaptured, the second captured, the rest replayed;
                     # the graph's logits are the ones checked against HF below.
                     if n and cfg.get("model_type") in MLA_ONLY:
-                        g = f"graph auto (1 captures, {n - 2} tokens from a graph, 0 of them queued ahead)"
+                        g = f"graph auto (1 captures, {n - 2} tokens from a graph, 0 of them queued ahead, 0 with gates)"
                         if g not in ran_on[0]:
                             missing.append(g)
                         fell_back += [l for l in r.stderr.splitlines() if l.startswith("CUDA graph:")]
+                # A lazy cell (capacity top-k, every miss loaded) decoding token by token: from
+                # the first decode step on (after one uncaptured, one captured) its tokens run
+                # from a graph whose MoE layers wait at gates for the host to load the misses;
+                # those logits are the ones checked against HF below.
+                if "--prefill" in extra and "--capacity" in extra and fused_form(d) \
+                        and cfg.get("model_type") in MLA_ONLY and arg('--gpu-experts', 'fused') == 'fused':
+                    n = len(meta["tokens"]) - int(arg('--prefill', '0')) - 1
+                    g = f"graph auto (1 captures, {n} tokens from a graph, 0 of them queued ahead, {n} with gates)"
+                    if g not in ran_on[0]:
+                        missing.append(g)
+                    fell_back += [l for l in r.stderr.splitlines() if l.startswith("CUDA graph:")]
                 if missing or fell_back:
                     got = np.load(out).astype(np.float64).reshape(want.shape)
                     err = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -154,11 +166,35 @@ for d in sorted(root.iterdir()):
                                  capture_output=True, text=True, env={**os.environ, "HARNESS_CHECK_GREEDY": "1"})
                for g in ("auto", "off")}
         a, o = gen["auto"], gen["off"]
-        want_g = "graph auto (1 captures, 6 tokens from a graph, 5 of them queued ahead)"
+        want_g = "graph auto (1 captures, 6 tokens from a graph, 5 of them queued ahead, 0 with gates)"
         ok = (a.returncode == 0 and o.returncode == 0 and want_g in a.stderr
               and "greedy check: 8 of 8 tokens" in a.stderr and a.stdout.strip() == o.stdout.strip()
               and not any(l.startswith("CUDA graph:") for l in a.stderr.splitlines()))
         bad += not ok
         print(f"{d.name} generate greedy all resident, graph with launches queued ahead = graph off "
               f"({a.stdout.strip()}): {'ok' if ok else 'FAILED ' + a.stderr.strip()[-400:] + ' | off: ' + o.stdout.strip()}")
+    # A lazy cell (capacity top-k: misses at most steps), LRU and lookahead: greedy tokens from a
+    # graph whose MoE layers wait at gates while the host reports each step to the cache, loads
+    # the misses and answers with the experts' addresses (nothing queued ahead). Of 8 tokens:
+    # the prompt's, one uncaptured step, then 6 from the graph, all gated; every pick checked
+    # against the host's argmax of the same launch's logits, the tokens and the cache's hits
+    # equal to those of the run without gates (`--gpu-graph resident`: routed on the host).
+    if device == "cuda" and cfg.get("model_type") in MLA_ONLY and fused_form(d):
+        for policy in ("lru", "lookahead"):
+            gen = {g: subprocess.run([harness, "generate", "--model", str(d), "--tokens", toks, "--max-tokens", "8",
+                                      "--device", device, "--capacity", str(top_k), "--policy", policy,
+                                      "--gpu-graph", g],
+                                     capture_output=True, text=True, env={**os.environ, "HARNESS_CHECK_GREEDY": "1"})
+                   for g in ("auto", "resident")}
+            a, o = gen["auto"], gen["resident"]
+            # The cache's counts of the run (accesses, hit rate, misses): equal, and misses seen.
+            hits = lambda r: (re.findall(r"cache: \d+ accesses, hit rate [\d.]+% \((\d+) misses\)", r.stderr) or ["0"])[0]
+            want_g = "graph auto (1 captures, 6 tokens from a graph, 0 of them queued ahead, 6 with gates)"
+            ok = (a.returncode == 0 and o.returncode == 0 and want_g in a.stderr
+                  and "greedy check: 8 of 8 tokens" in a.stderr and a.stdout.strip() == o.stdout.strip()
+                  and hits(a) == hits(o) and int(hits(a)) > 0
+                  and not any(l.startswith("CUDA graph:") for l in a.stderr.splitlines()))
+            bad += not ok
+            print(f"{d.name} generate greedy {policy} capacity {top_k}, graph with gates = no gates "
+                  f"({a.stdout.strip()}; {hits(a)} misses): {'ok' if ok else 'FAILED ' + a.stderr.strip()[-500:] + ' | resident: ' + o.stdout.strip() + ' ' + o.stderr.strip()[-300:]}")
 sys.exit(1 if bad else 0)

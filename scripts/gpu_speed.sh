@@ -14,7 +14,7 @@
 # `--profile` to the page-cache sweep (decode milliseconds per token by part of the decoder, in a second pass);
 # VARIANTS="default:;before:--gpu-experts packed --gpu-attention ops --gpu-dense f32" runs the sweep once per
 # `name:extra bench arguments` (output bench_NAME.*; default: one run with the defaults),
-# POLICIES=lru picks the sweep's policies (default lru,lookahead). A variant whose name starts with
+# POLICIES=lru picks the sweep's policies (default lru,lookahead), TOKENS=64 the decode tokens a prompt (default 16). A variant whose name starts with
 # `prev` runs the binary packed at .gpu/harness-prev.xz (an earlier build, for before/after in one call).
 set -u
 out=${1:-/tmp/gpu_out}; layers=${2:-8}; caps=${3:-8,16,32,48}
@@ -40,7 +40,7 @@ for io in ${IOS:-page-cache}; do
     case $name in prev*) bin=$PWD/harness-prev ;; esac
     sfx=""; [ "$io" = page-cache ] || sfx="_$io"; [ "$name" = default ] || sfx="${sfx}_$name"
     timeout 240 $bin bench --model "$m" --device cuda --policy ${POLICIES:-lru,lookahead} --capacity "$caps" $res --io "$io" \
-      $args --prompts 3 --tokens 16 --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
+      $args --prompts 3 --tokens ${TOKENS:-16} --json "$out/bench$sfx.json" > "$out/bench$sfx.txt" 2>&1; echo "bench exit $?" >> "$out/bench$sfx.txt"
   done
 done
 if [ -n "${CACHEABLE:-}" ]; then

@@ -220,6 +220,15 @@ impl ExpertAccess for Access<'_> {
         (!held.is_empty() && held.iter().all(Option::is_some)).then_some(held.as_slice())
     }
 
+    fn gated_layer(&self, layer: u32) -> Option<&[Option<Arc<ExpertWeights>>]> {
+        // Every miss loaded and run, routes from the router (not a replayed trace), a decode
+        // token: each step is reported before its experts run, as on the host path.
+        let exact = self.core.miss_mode() == crate::experts::miss::MissMode::Load;
+        let held = self.payload.get(layer as usize)?;
+        (exact && self.replay.is_none() && self.phase == Phase::Decode && !held.is_empty())
+            .then_some(held.as_slice())
+    }
+
     fn ran_by_expert(&mut self, steps: usize) {
         *self.by_expert += steps as u64;
     }

@@ -377,8 +377,9 @@ impl Engine {
             // Decode steps captured into CUDA graphs and tokens run from them.
             let g = crate::models::fallback::graph_counts();
             label += &format!(
-                ", graph {} ({} captures, {} tokens from a graph, {} of them queued ahead)",
-                self.cfg.gpu_graph, g.captures, g.tokens, g.ahead
+                ", graph {} ({} captures, {} tokens from a graph, {} of them queued ahead, {} \
+                 with gates)",
+                self.cfg.gpu_graph, g.captures, g.tokens, g.ahead, g.gated
             );
             if let Some(ms) = g.gpu_ms {
                 // Against the token's whole time, the host's share between launches.

@@ -200,14 +200,42 @@ pub struct ExpertWeights {
     pub bytes: u64,
 }
 
+/// Set while the host follows a decode step's MoE gates (`crate::experts::upload::Gates`): the
+/// step's graph then waits at a gate for the host, so waiting for the compute stream there
+/// would never end. Every expert the step's kernels read is held by the step until it has run
+/// (`models::device_routing`), so an expert dropped meanwhile is read by no queued kernel.
+#[cfg(feature = "cuda")]
+static GATED_STEP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks the time the host follows a step's gates (see `GATED_STEP`); cleared when dropped.
+#[cfg(feature = "cuda")]
+pub(crate) struct GatedStep(());
+
+#[cfg(feature = "cuda")]
+impl GatedStep {
+    /// Starts the mark.
+    pub(crate) fn start() -> Self {
+        GATED_STEP.store(true, std::sync::atomic::Ordering::SeqCst);
+        GatedStep(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for GatedStep {
+    fn drop(&mut self) {
+        GATED_STEP.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for ExpertWeights {
     fn drop(&mut self) {
         // A GPU expert's buffers were made on a copy stream and are freed there, while kernels
         // queued on the compute stream may still read them (with cudarc's event tracking off,
         // nothing else orders the two): wait for the compute stream first. Evictions happen
-        // after a router's logits came back, so the stream is then usually idle already.
+        // after a router's logits came back, so the stream is then usually idle already; while
+        // a gated step runs, no queued kernel reads an expert that is dropped (`GATED_STEP`).
         #[cfg(feature = "cuda")]
-        {
+        if !GATED_STEP.load(std::sync::atomic::Ordering::SeqCst) {
             let dev = match &self.mats {
                 ExpertMats::DevicePacked(p) => Some(p.device().clone()),
                 ExpertMats::Dense { gate_up, .. } => match gate_up.device() {

@@ -9,8 +9,14 @@
 //! token's routes (and lookahead predictions) come back in one copy after its last layer, when
 //! the steps are reported to the cache in layer order — the same steps, hits and trace rows as
 //! the host path, with one wait per token instead of one per MoE layer.
+//!
+//! Where experts may miss (a lazy cell, miss mode `load`), a token runs from a captured graph
+//! too, with a gate after each MoE layer's router (`experts::upload::Gates`): the host follows
+//! the step layer by layer ([`Session::serve`]), reporting each step to the cache as it is
+//! posted (the same order, hits, loads and trace rows as the host path) and answering with the
+//! chosen experts' addresses; the step holds those experts until it has run.
 
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{Device, Tensor};
@@ -19,7 +25,8 @@ use super::layers::Mlp;
 use super::moe::{ExpertAccess, MoeBlock, Route};
 use super::{Ffn, Model, Routing};
 use crate::error::{Error, Result};
-use crate::experts::upload::ResidentLayer;
+use crate::experts::store::ExpertWeights;
+use crate::experts::upload::{Gates, ResidentLayer};
 use crate::experts::ExpertKey;
 use crate::weights::cuda::driver;
 
@@ -28,6 +35,11 @@ use crate::weights::cuda::driver;
 #[derive(Default)]
 pub(super) struct DeviceRoutes {
     layers: Vec<Option<ResidentLayer>>,
+    /// Each MoE layer's gated tables (made once: they hold no expert).
+    gated: Vec<Option<ResidentLayer>>,
+    gates: Option<Gates>,
+    /// The experts the gates of the step in flight were answered with, dropped once it ran.
+    held: Vec<Arc<ExpertWeights>>,
     out: Option<CudaSlice<u32>>,
     /// Counts the times a table or the routes buffer was made anew (a captured CUDA graph of
     /// a decode step wrote through the old ones).
@@ -49,17 +61,22 @@ pub(super) struct Session<'a> {
     experts: usize,
     /// The MoE layers routed so far, in order, each with the MoE layer its lookahead predicted.
     ran: Vec<(usize, Option<usize>)>,
+    /// The token's experts may miss: each MoE layer waits at a gate for the host.
+    gated: bool,
 }
 
 impl Model {
     /// A session for the decode token at `pos0` when it can be routed on the device: one token,
     /// a CUDA device, `--gpu-routing device`, routes not replayed from a trace, and every
-    /// routed expert of every MoE layer resident in one fused form; `None` otherwise.
+    /// routed expert of every MoE layer resident in one fused form; or, with `gated` (the step
+    /// is to run from a graph whose gates the host serves), experts that may miss but load in
+    /// that form. `None` otherwise.
     pub(super) fn device_session<'a>(
         &'a self,
         n_tokens: usize,
         pos0: usize,
         access: &dyn ExpertAccess,
+        gated: bool,
     ) -> Result<Option<Session<'a>>> {
         let Device::Cuda(dev) = &self.device else {
             return Ok(None);
@@ -84,6 +101,20 @@ impl Model {
         }
         let mut state = self.device_routes.lock().unwrap_or_else(|e| e.into_inner());
         state.layers.resize_with(self.layers.len(), || None);
+        let resident = moes
+            .iter()
+            .all(|&(i, _)| access.resident_layer(i as u32).is_some());
+        if !resident {
+            // Tables of an all-resident cell before would hold its experts past their eviction.
+            if state.layers.iter().any(Option::is_some) {
+                state.layers.iter_mut().for_each(|l| *l = None);
+                state.generation += 1;
+            }
+            return match gated {
+                true => self.gated_session(dev, state, &moes, access),
+                false => Ok(None),
+            };
+        }
         for &(i, moe) in &moes {
             let Some(held) = access.resident_layer(i as u32) else {
                 return Ok(None);
@@ -101,8 +132,59 @@ impl Model {
                 None => return Ok(None),
             }
         }
+        self.session_with(dev, state, moes.len(), false)
+    }
+
+    /// A session whose MoE layers wait at gates (see the module doc), where every layer has an
+    /// expert resident in the fused form (whose form its gated tables keep) and the cache loads
+    /// every miss; `None` otherwise.
+    fn gated_session<'a>(
+        &'a self,
+        dev: &candle_core::CudaDevice,
+        mut state: MutexGuard<'a, DeviceRoutes>,
+        moes: &[(usize, &MoeBlock)],
+        access: &dyn ExpertAccess,
+    ) -> Result<Option<Session<'a>>> {
+        // With cudarc's per-buffer events on (`HARNESS_CUDA_EVENTS=1`), freeing an expert makes
+        // its copy stream wait for the compute stream, which waits at a gate for that stream.
+        if dev.cuda_stream().context().is_event_tracking() {
+            return Ok(None);
+        }
+        state.gated.resize_with(self.layers.len(), || None);
+        for &(i, moe) in moes {
+            let Some(held) = access.gated_layer(i as u32) else {
+                return Ok(None);
+            };
+            if state.gated[i].is_some() {
+                continue;
+            }
+            let Some(like) = held.iter().flatten().next() else {
+                return Ok(None);
+            };
+            let rule = moe.router.rule();
+            let shared = moe.fusable_shared().and_then(Mlp::device_matrices);
+            match ResidentLayer::gated(like, held.len(), shared, &rule, self.spec.moe.top_k)? {
+                Some(t) => state.gated[i] = Some(t),
+                None => return Ok(None),
+            }
+            state.generation += 1;
+        }
+        if state.gates.as_ref().is_none_or(|g| g.slots() != moes.len()) {
+            state.gates = Some(Gates::new(dev, moes.len())?);
+            state.generation += 1;
+        }
+        self.session_with(dev, state, moes.len(), true)
+    }
+
+    fn session_with<'a>(
+        &'a self,
+        dev: &candle_core::CudaDevice,
+        mut state: MutexGuard<'a, DeviceRoutes>,
+        moes: usize,
+        gated: bool,
+    ) -> Result<Option<Session<'a>>> {
         let k = self.spec.moe.top_k;
-        let len = 4 * k * moes.len();
+        let len = 4 * k * moes;
         if state.out.as_ref().is_none_or(|o| o.len() != len) {
             let out = dev
                 .cuda_stream()
@@ -115,7 +197,8 @@ impl Model {
             state,
             k,
             experts: self.spec.moe.num_experts,
-            ran: Vec::with_capacity(moes.len()),
+            ran: Vec::with_capacity(moes),
+            gated,
         }))
     }
 }
@@ -123,7 +206,12 @@ impl Model {
 impl Session<'_> {
     /// Which tables and buffers the session's launches use: equal generations, equal ones.
     pub(super) fn generation(&self) -> u64 {
-        self.state.generation
+        self.state.generation | (u64::from(self.gated) << 63)
+    }
+
+    /// Whether the token's MoE layers wait at gates for the host ([`Session::serve`]).
+    pub(super) fn gated(&self) -> bool {
+        self.gated
     }
 
     /// The MoE layers routed so far, in order, each with the layer its lookahead predicted.
@@ -147,19 +235,33 @@ impl Session<'_> {
         next: Option<(usize, Tensor)>,
     ) -> Result<()> {
         let (k, slot) = (self.k, self.ran.len());
-        let state = &mut *self.state;
-        let out = state
-            .out
+        let DeviceRoutes {
+            layers,
+            gated,
+            gates,
+            out,
+            ..
+        } = &mut *self.state;
+        let out = out
             .as_mut()
             .ok_or_else(|| Error::Input("internal: device routes without a buffer".into()))?;
+        let tables = if self.gated { gated } else { layers };
         let missing = || Error::Input("internal: a MoE layer without device tables".into());
         let logits = moe.router.logits(x)?;
         let o = 4 * k * slot;
-        let table = state.layers[layer].as_mut().ok_or_else(missing)?;
+        let table = tables[layer].as_mut().ok_or_else(missing)?;
         table.route(&logits, &mut out.slice_mut(o..o + 2 * k), true)?;
         if let Some((j, logits)) = &next {
-            let table = state.layers[*j].as_mut().ok_or_else(missing)?;
+            let table = tables[*j].as_mut().ok_or_else(missing)?;
             table.route(logits, &mut out.slice_mut(o + 2 * k..o + 4 * k), false)?;
+        }
+        if self.gated {
+            let gates = gates
+                .as_mut()
+                .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))?;
+            let words = if next.is_some() { 4 * k } else { 2 * k };
+            let table = tables[layer].as_mut().ok_or_else(missing)?;
+            table.gate(gates, slot, &out.slice(o..o + words))?;
         }
         self.ran.push((layer, next.map(|(j, _)| j)));
         Ok(())
@@ -167,7 +269,11 @@ impl Session<'_> {
 
     /// The MoE block's output on `x` `[1, H]` from the experts routed last for `layer`.
     pub(super) fn experts(&self, layer: usize, moe: &MoeBlock, x: &Tensor) -> Result<Tensor> {
-        let table = self.state.layers[layer]
+        let tables = match self.gated {
+            true => &self.state.gated,
+            false => &self.state.layers,
+        };
+        let table = tables[layer]
             .as_ref()
             .ok_or_else(|| Error::Input("internal: a MoE layer without device tables".into()))?;
         let y = table.forward(x)?;
@@ -207,27 +313,8 @@ impl Session<'_> {
         let mut routing = Vec::with_capacity(self.ran.len());
         for (slot, &(layer, next)) in self.ran.iter().enumerate() {
             let o = 4 * k * slot;
-            let ids = &host[o..o + k];
-            let predicted = &host[o + 2 * k..o + 3 * k];
-            if ids
-                .iter()
-                .chain(next.map_or(&[][..], |_| predicted))
-                .any(|&e| e as usize >= self.experts)
-            {
-                return Err(Error::Input(format!(
-                    "the router of layer {layer} chose no valid expert on the device (its \
-                     logits are not finite)"
-                )));
-            }
-            let route = Route {
-                experts: ids.to_vec(),
-                weights: host[o + k..o + 2 * k]
-                    .iter()
-                    .map(|&b| f32::from_bits(b))
-                    .collect(),
-            };
+            let (route, prediction) = self.parse(layer, next, &host[o..o + 4 * k])?;
             let layer = layer as u32;
-            let prediction = next.map(|j| (j as u32, predicted));
             access.begin_step(layer, pos0, &route, prediction)?;
             for &expert in &route.experts {
                 if access.fetch(ExpertKey { layer, expert })?.is_none() {
@@ -242,5 +329,113 @@ impl Session<'_> {
         }
         super::fallback::routed_on_device();
         Ok(routing)
+    }
+
+    /// MoE layer `layer`'s route and its lookahead prediction for layer `next` from its route
+    /// words `w` (ids, weight bits, the prediction's ids).
+    #[allow(clippy::type_complexity)]
+    fn parse<'w>(
+        &self,
+        layer: usize,
+        next: Option<usize>,
+        w: &'w [u32],
+    ) -> Result<(Route, Option<(u32, &'w [u32])>)> {
+        let k = self.k;
+        let (ids, predicted) = (&w[..k], &w[2 * k..3 * k]);
+        if ids
+            .iter()
+            .chain(next.map_or(&[][..], |_| predicted))
+            .any(|&e| e as usize >= self.experts)
+        {
+            return Err(Error::Input(format!(
+                "the router of layer {layer} chose no valid expert on the device (its logits \
+                 are not finite)"
+            )));
+        }
+        let route = Route {
+            experts: ids.to_vec(),
+            weights: w[k..2 * k].iter().map(|&b| f32::from_bits(b)).collect(),
+        };
+        Ok((route, next.map(|j| (j as u32, predicted))))
+    }
+
+    /// Follows a launched gated step (see the module doc) layer by layer: waits for each MoE
+    /// layer's gate to post its routes, reports the step to `access` (which loads its misses)
+    /// and answers with the chosen experts' addresses; the token's routing. `alive` is asked
+    /// while waiting (an error: the step failed on the device). On an error every gate not yet
+    /// answered stops the step (see `experts::upload::Gates`).
+    pub(super) fn serve(
+        &mut self,
+        access: &mut dyn ExpertAccess,
+        pos0: usize,
+        mut alive: impl FnMut() -> Result<()>,
+    ) -> Result<Routing> {
+        let _gated = crate::experts::store::GatedStep::start();
+        let k = self.k;
+        let mut routing = Vec::with_capacity(self.ran.len());
+        self.state
+            .gates
+            .as_mut()
+            .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))?
+            .next_token();
+        for slot in 0..self.ran.len() {
+            let (layer, next) = self.ran[slot];
+            let words = if next.is_some() { 4 * k } else { 2 * k };
+            let step =
+                (|| {
+                    let gates = self.state.gates.as_ref().ok_or_else(|| {
+                        Error::Input("internal: a gated step without gates".into())
+                    })?;
+                    let w = gates.wait(slot, words, &mut alive)?;
+                    let mut padded = w.clone();
+                    padded.resize(4 * k, 0);
+                    let (route, prediction) = self.parse(layer, next, &padded)?;
+                    access.begin_step(layer as u32, pos0, &route, prediction)?;
+                    let mut fetched = Vec::with_capacity(k);
+                    for &expert in &route.experts {
+                        let key = ExpertKey {
+                            layer: layer as u32,
+                            expert,
+                        };
+                        fetched.push(access.fetch(key)?.ok_or_else(|| {
+                            Error::Input(format!(
+                            "internal: layer {layer} expert {expert} was not loaded for a gated \
+                             step"
+                        ))
+                        })?);
+                    }
+                    let state = &mut *self.state;
+                    let table = state.gated[layer].as_ref().ok_or_else(|| {
+                        Error::Input("internal: a MoE layer without gated tables".into())
+                    })?;
+                    let entries = table.addresses(&fetched)?;
+                    state.held.extend(fetched);
+                    let gates = state.gates.as_mut().ok_or_else(|| {
+                        Error::Input("internal: a gated step without gates".into())
+                    })?;
+                    gates.answer(slot, &entries)?;
+                    Ok(route)
+                })();
+            let done = step.and_then(|route| {
+                access.end_step(&route)?;
+                Ok(route)
+            });
+            match done {
+                Ok(route) => routing.push((layer as u32, vec![route])),
+                Err(e) => {
+                    if let Some(g) = self.state.gates.as_mut() {
+                        g.abort_from(slot);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        super::fallback::routed_on_device();
+        Ok(routing)
+    }
+
+    /// Drops the experts the gates of the step were answered with, once it has run.
+    pub(super) fn release(&mut self) {
+        self.state.held.clear();
     }
 }

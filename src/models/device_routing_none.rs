@@ -19,6 +19,7 @@ impl Model {
         _n_tokens: usize,
         _pos0: usize,
         _access: &dyn ExpertAccess,
+        _gated: bool,
     ) -> Result<Option<Session<'_>>> {
         Ok(None)
     }

@@ -55,6 +55,13 @@ pub fn graph_ahead() {
     GRAPH_AHEAD.fetch_add(1, Relaxed);
 }
 
+static GRAPH_GATED: AtomicU64 = AtomicU64::new(0);
+
+/// A decode token's graph waited at its MoE layers' gates for the host (`models::graph`).
+pub fn graph_gated() {
+    GRAPH_GATED.fetch_add(1, Relaxed);
+}
+
 static GRAPH_GPU_NS: AtomicU64 = AtomicU64::new(0);
 static GRAPH_TIMED: AtomicU64 = AtomicU64::new(0);
 
@@ -77,6 +84,8 @@ pub struct GraphCounts {
     pub tokens: u64,
     /// Of those, greedy tokens whose launch was queued by the call before.
     pub ahead: u64,
+    /// Of those, tokens whose MoE layers waited at gates for the host (experts could miss).
+    pub gated: u64,
     /// Their mean time on the GPU (`None` if none was timed).
     pub gpu_ms: Option<f64>,
 }
@@ -89,6 +98,7 @@ pub fn graph_counts() -> GraphCounts {
         captures: GRAPH_CAPTURED.load(Relaxed),
         tokens: GRAPH_TOKENS.load(Relaxed),
         ahead: GRAPH_AHEAD.load(Relaxed),
+        gated: GRAPH_GATED.load(Relaxed),
         gpu_ms: (timed > 0).then(|| ns / 1e6 / timed as f64),
     }
 }

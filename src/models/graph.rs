@@ -10,7 +10,10 @@
 //! (`mla_absorb` and `mla_attend` read it, with its RoPE row, instead of taking it by value: see
 //! [`super::mla::DeviceStep`]), the routes (chosen on the device into the fused launches'
 //! tables). The graph ends with the logits in its output, the greedy token written over its
-//! input token and the position advanced: the state of the next step.
+//! input token and the position advanced: the state of the next step. In a lazy cell (experts
+//! may miss) each MoE layer's router is followed by a gate where the step waits for the host
+//! to report the layer's step to the cache, load its misses and answer with the experts'
+//! addresses ([`Session::serve`]); such a step is never queued ahead of its call.
 //!
 //! After each launch its routes, its greedy token (and under `HARNESS_CHECK_GREEDY` its logits)
 //! are copied into pinned host memory without a wait, one slot of two per launch in flight. A
@@ -207,7 +210,8 @@ impl Model {
         if pos0 >= positions || kv.layers.iter().any(|l| l.len() != pos0) {
             return Ok(None);
         }
-        let Some(mut session) = self.device_session(1, pos0, &*access)? else {
+        let gated = self.gates_on.load(Relaxed);
+        let Some(mut session) = self.device_session(1, pos0, &*access, gated)? else {
             return Ok(None);
         };
         if !g.warm {
@@ -272,6 +276,8 @@ impl Model {
         let queued = ahead.filter(|a| {
             want != Want::Logits && matched && a.pos == pos0 && a.input == Some(tokens[0])
         });
+        // A gated step waits for the host at its gates: none is queued ahead of its call.
+        let queued = queued.filter(|_| !session.gated());
         let slot = if let Some(a) = queued {
             // This step's launch and its copies were queued by the call before.
             replayed(&g, kv, &mut session)?;
@@ -317,7 +323,7 @@ impl Model {
         };
         // The next token's launch goes in before this one's results are read: the GPU runs it
         // while the host reports this step's routes and the caller takes the token.
-        if want == (Want::Greedy { ahead: true }) && pos0 + 1 < positions {
+        if want == (Want::Greedy { ahead: true }) && pos0 + 1 < positions && !session.gated() {
             let next = 1 - slot;
             launch(&mut g, next, &stream, &session, &output)?;
             g.ahead = Some(Ahead {
@@ -327,11 +333,33 @@ impl Model {
             });
         }
         let s = &g.slots[slot];
+        let served = match session.gated() {
+            // The host's turn at each MoE layer's gate, while the step runs.
+            true => Some(
+                session.serve(access, pos0, || match s.copied.try_is_complete() {
+                    Ok(false) => Ok(()),
+                    Ok(true) => Err(Error::Input(
+                        "internal: a gated step ended before its gates were answered".into(),
+                    )),
+                    Err(e) => Err(driver("gated decode step", e)),
+                })?,
+            ),
+            false => None,
+        };
         s.copied
             .synchronize()
             .map_err(|e| driver("graph results copy", e))?;
-        let routes = s.routes.as_slice().map_err(|e| driver("routes copy", e))?;
-        let routing = session.finish_with(routes, access, pos0)?;
+        let routing = match served {
+            Some(routing) => {
+                session.release();
+                super::fallback::graph_gated();
+                routing
+            }
+            None => {
+                let routes = s.routes.as_slice().map_err(|e| driver("routes copy", e))?;
+                session.finish_with(routes, access, pos0)?
+            }
+        };
         // Timing is a diagnostic: a token whose events fail is counted untimed, never failed.
         let ms = (s.timed)
             .then_some(s.events.as_ref())

@@ -197,10 +197,16 @@ named_enum! {
     /// Whether a decode step on a CUDA GPU may run from a captured CUDA graph.
     pub enum GpuGraph {
         /// Where every attention layer is MLA with its fused kernels and every MoE layer is
-        /// routed on the device (an all-resident cell): the step is captured once and each
-        /// later token is one graph launch; elsewhere, or if a capture fails, launch by launch.
+        /// routed on the device: the step is captured once and each later token is one graph
+        /// launch — in an all-resident cell without a wait, in a lazy cell (miss mode `load`)
+        /// with a gate after each MoE layer's router where the host reports the step to the
+        /// cache, loads its misses and answers with the experts' addresses; elsewhere, or if a
+        /// capture fails, launch by launch.
         #[default]
         Auto = "auto",
+        /// Graphs only where every expert is resident (no gates: lazy cells launch by launch,
+        /// routed on the host; the form before gates, kept for comparison).
+        Resident = "resident",
         /// Launch by launch always (the form before graphs, kept for comparison).
         Off = "off",
     }
@@ -319,9 +325,12 @@ pub struct Model {
     routing_on_device: std::sync::atomic::AtomicBool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device_routes: std::sync::Mutex<device_routing::DeviceRoutes>,
-    /// `--gpu-graph auto`.
+    /// `--gpu-graph auto` or `resident`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     graph_on: std::sync::atomic::AtomicBool,
+    /// `--gpu-graph auto`: also steps whose experts may miss, with gates.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    gates_on: std::sync::atomic::AtomicBool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     graphs: std::sync::Mutex<graph::Graphs>,
 }
@@ -418,6 +427,7 @@ impl Model {
             routing_on_device: true.into(),
             device_routes: Default::default(),
             graph_on: true.into(),
+            gates_on: true.into(),
             graphs: Default::default(),
         })
     }
@@ -443,8 +453,9 @@ impl Model {
     /// Chooses whether decode steps on a CUDA GPU may run from a captured graph (see
     /// [`GpuGraph`]).
     pub fn set_gpu_graph(&self, g: GpuGraph) {
-        self.graph_on
-            .store(g == GpuGraph::Auto, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.graph_on.store(g != GpuGraph::Off, Relaxed);
+        self.gates_on.store(g == GpuGraph::Auto, Relaxed);
     }
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -505,7 +516,7 @@ impl Model {
         let mut clock = Clock::start(&self.device, on, tokens.len())?;
         let h = self.embed.forward(tokens, &self.device)?;
         Clock::mark(&mut clock, Part::Embed)?;
-        let mut session = self.device_session(tokens.len(), pos0, &*access)?;
+        let mut session = self.device_session(tokens.len(), pos0, &*access, false)?;
         let (x, mut routing) =
             self.layers_forward(h, pos0, kv, access, session.as_mut(), &mut clock, None)?;
         // `x` is the final norm of every row.

@@ -49,6 +49,12 @@ pub trait ExpertAccess {
     fn resident_layer(&self, _layer: u32) -> Option<&[Option<Arc<ExpertWeights>>]> {
         None
     }
+    /// MoE `layer`'s expert slots, resident (`Some`) or not, and whether every miss is loaded
+    /// and run (miss mode `load`): a decode token may then be routed on the device with the
+    /// host answering each MoE layer's gate in turn (`models::device_routing`). `None`: not so.
+    fn gated_layer(&self, _layer: u32) -> Option<&[Option<Arc<ExpertWeights>>]> {
+        None
+    }
     /// Whether no step of MoE `layer` can evict an expert (the budget holds all of the layer's
     /// experts): a prompt's experts may then be fetched for all its tokens before any runs.
     fn never_evicts(&self, _layer: u32) -> bool {

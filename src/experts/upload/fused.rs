@@ -264,6 +264,61 @@ if (lane == 0u) {
 }
 "#;
 
+/// `moe_gate`: the host's turn inside a captured decode step whose experts may miss (see
+/// [`super::gates`]).
+const GATE_SRC: &str = r#"
+__device__ __forceinline__ unsigned long long gate_now() {
+unsigned long long t;
+asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+return t;
+}
+
+// One MoE layer's gate (one warp). The token's number is the device counter `seq` (advanced by
+// the step's first gate, `bump`). Copies the layer's `words` route words (ids, weight bits, then
+// any lookahead prediction's) from `out` to the layer's slot in mapped host memory `slot`,
+// then posts the number (slot[0]) and waits until the host answers it (slot[16]) with every
+// chosen expert resident and their addresses written at byte 384 of the slot (gate, up, down
+// per chosen expert, router order); copies those and the weights into entries 0..k of the
+// fused launch's table. An answer with the top bit set (the host failed) or no answer within
+// `timeout_ns` stops the step: the kernel traps, and no later launch of the context runs.
+extern "C" __global__ void moe_gate(
+const unsigned int* out, unsigned int words, unsigned int k, unsigned int* seq,
+unsigned int bump, volatile unsigned int* slot, Experts* launch,
+unsigned long long timeout_ns) {
+__shared__ unsigned int token;
+unsigned int lane = threadIdx.x;
+if (lane == 0u) {
+    unsigned int v = *seq;
+    if (bump) { v = (v + 1u) & 0x7fffffffu; *seq = v; }
+    token = v;
+}
+__syncwarp();
+unsigned int v = token;
+for (unsigned int i = lane; i < words; i += 32u) slot[32u + i] = out[i];
+__threadfence_system();
+__syncwarp();
+if (lane == 0u) {
+    slot[0] = v;
+    __threadfence_system();
+    unsigned long long t0 = gate_now();
+    unsigned int r = slot[16];
+    while (r != v) {
+        if (r == (v | 0x80000000u) || gate_now() - t0 > timeout_ns) __trap();
+        r = slot[16];
+    }
+}
+__syncwarp();
+__threadfence_system();
+const volatile unsigned long long* e = (const volatile unsigned long long*)(slot + 96u);
+for (unsigned int i = lane; i < 9u * k; i += 32u) {
+    unsigned int x = i / 9u, m = (i / 3u) % 3u;
+    Packed* p = m == 0u ? &launch->gate[x] : m == 1u ? &launch->up[x] : &launch->down[x];
+    ((unsigned long long*)p)[i % 3u] = e[i];
+}
+for (unsigned int i = lane; i < k; i += 32u) launch->w[i] = __uint_as_float(out[k + i]);
+}
+"#;
+
 /// Entries of one launch: [`MAX_K`] routed experts and a shared expert.
 pub(super) const ENTRIES: usize = MAX_K + 1;
 
@@ -334,6 +389,8 @@ pub(super) struct Kernels {
     down_at: &'static CudaFunction,
     /// `moe_route` (see [`super::routed`]).
     pub(super) route: &'static CudaFunction,
+    /// `moe_gate` (see [`super::gates`]).
+    pub(super) gate: &'static CudaFunction,
 }
 
 /// The kernels for `dev`; `None` where they failed to compile (said once; the experts then run
@@ -342,13 +399,14 @@ pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
     static WARNED: std::sync::Once = std::sync::Once::new();
     let f = KERNELS.get_or_warn(
         dev,
-        || format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}{ROUTE_SRC}"),
+        || format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}{ROUTE_SRC}{GATE_SRC}"),
         &[
             "moe_gate_up",
             "moe_down",
             "moe_gate_up_at",
             "moe_down_at",
             "moe_route",
+            "moe_gate",
         ],
         &WARNED,
         "fused expert kernels",
@@ -360,6 +418,7 @@ pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
         gate_up_at: &f[2],
         down_at: &f[3],
         route: &f[4],
+        gate: &f[5],
     })
 }
 
@@ -489,7 +548,9 @@ impl DevicePacked {
             }
             table.w[i] = 1.0;
         }
-        let y = first.launch_fused(x, entries, Entries::Value(&table))?;
+        let y = first
+            .form()
+            .launch_fused(x, entries, Entries::Value(&table))?;
         drop((guards, shared_guards));
         Ok(y.map(|y| (y, shared.is_some())))
     }
@@ -504,8 +565,36 @@ impl DevicePacked {
         ]
     }
 
-    /// The two fused launches over `entries` entries of `table`, each of this expert's form
-    /// (checked by the caller), on `x` `[1, H]`; `None` where the kernels failed to compile.
+    /// What a fused launch needs to know of this expert: its [`Form`].
+    pub(super) fn form(&self) -> Form {
+        Form {
+            dev: self.dev.clone(),
+            offs: self.offs,
+            kinds: self.kinds,
+            projs: self.projs,
+        }
+    }
+}
+
+/// The form of a layer's fused experts (device, projection shapes and quantization, scale
+/// types, buffer layout) without any expert's buffer: what the two fused launches need besides
+/// the entries' addresses, kept by a layer whose experts come and go ([`super::routed`]).
+#[derive(Clone)]
+pub struct Form {
+    pub(super) dev: CudaDevice,
+    offs: [u64; 9],
+    kinds: [u32; 3],
+    projs: [super::QuantProj; 3],
+}
+
+impl Form {
+    /// Whether `p` has this form (so one launch takes it with the others).
+    pub(super) fn holds(&self, p: &DevicePacked) -> bool {
+        p.fused && self.projs == p.projs && self.offs == p.offs && self.kinds == p.kinds
+    }
+
+    /// The two fused launches over `entries` entries of `table`, each of this form (checked by
+    /// the caller), on `x` `[1, H]`; `None` where the kernels failed to compile.
     pub(super) fn launch_fused(
         &self,
         x: &Tensor,
@@ -595,6 +684,6 @@ impl DevicePacked {
         };
         unsafe { b.launch(down_cfg) }.map_err(|e| driver("fused down kernel", e))?;
         drop(done_guard);
-        Ok(Some(self.wrap(y, (1, hidden))))
+        Ok(Some(crate::weights::cuda::wrap(&self.dev, y, (1, hidden))))
     }
 }

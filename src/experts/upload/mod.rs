@@ -640,12 +640,16 @@ pub fn keep_pool_memory(device: &Device) {
 #[cfg(feature = "cuda")]
 pub use cuda::DevicePacked;
 #[cfg(feature = "cuda")]
+pub use gates::Gates;
+#[cfg(feature = "cuda")]
 pub use routed::{ResidentLayer, RouteRule};
 
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
 mod fused;
+#[cfg(feature = "cuda")]
+mod gates;
 #[cfg(feature = "cuda")]
 mod routed;
 

@@ -15,12 +15,13 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::{Storage, Tensor};
 
 use super::cuda::{driver, DevicePacked};
-use super::fused::{kernels, Entries, Table, MAX_EXPERTS, MAX_K};
+use super::fused::{kernels, Entries, Form, Table, MAX_EXPERTS, MAX_K};
+use super::gates::Gates;
 use crate::error::{Error, Result};
 use crate::experts::store::{ExpertMats, ExpertWeights};
 use crate::weights::cuda::{DeviceMatrix, Packed};
@@ -50,12 +51,19 @@ pub enum RouteRule {
     },
 }
 
-/// Every routed expert of one MoE layer, resident in the fused form, with the device tables
-/// `moe_route` reads (each expert's addresses) and writes (the fused launch's entries).
+/// One MoE layer's device routing: every routed expert resident in the fused form, with the
+/// device tables `moe_route` reads (each expert's addresses) and writes (the fused launch's
+/// entries); or, for a layer whose experts may miss ([`ResidentLayer::gated`]), only the
+/// launch table, which the layer's gate fills with the host's answer ([`super::gates`]).
 pub struct ResidentLayer {
-    /// Held so their buffers outlive every kernel that reads them (see `Drop`).
+    /// Held so their buffers outlive every kernel that reads them (see `Drop`); none for a
+    /// gated layer (the caller holds the experts a step's gate was given).
     experts: Vec<Arc<ExpertWeights>>,
-    table: CudaSlice<Packed>,
+    /// The layer's experts.
+    n: usize,
+    form: Form,
+    /// Each expert's addresses (not for a gated layer).
+    table: Option<CudaSlice<Packed>>,
     launch: CudaSlice<Table>,
     bias: Option<CudaSlice<f32>>,
     rule: RouteRule,
@@ -66,7 +74,8 @@ pub struct ResidentLayer {
 impl std::fmt::Debug for ResidentLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResidentLayer")
-            .field("experts", &self.experts.len())
+            .field("experts", &self.n)
+            .field("gated", &self.table.is_none())
             .field("rule", &self.rule)
             .field("top_k", &self.top_k)
             .field("shared", &self.shared)
@@ -100,7 +109,63 @@ impl ResidentLayer {
         let Some(list) = held.iter().map(|e| packed(e)).collect::<Option<Vec<_>>>() else {
             return Ok(None);
         };
-        let n = list.len();
+        let Some(&first) = list.first() else {
+            return Ok(None);
+        };
+        if !DevicePacked::fusable(first, list.iter().copied()) {
+            return Ok(None);
+        }
+        let stream = first.dev.cuda_stream();
+        // The compute stream waits for each expert's upload here, once.
+        let mut addrs = Vec::with_capacity(3 * list.len());
+        for p in &list {
+            let (base, _read) = p.buf.device_ptr(&stream);
+            addrs.extend(p.packed_at(base));
+        }
+        let table = stream
+            .clone_htod(&addrs)
+            .map_err(|e| driver("expert table upload", e))?;
+        Self::with_table(
+            first,
+            list.len(),
+            Some(table),
+            held.clone(),
+            shared,
+            rule,
+            top_k,
+        )
+    }
+
+    /// The tables of a layer of `n` experts whose experts may miss: `moe_route` chooses its
+    /// experts on the device, the layer's gate ([`ResidentLayer::gate`]) waits for the host to
+    /// make them resident and fills the launch with their addresses. `like` is any expert of
+    /// the layer in the fused form (its form is kept, not the expert); `None` where the device
+    /// cannot route the layer (as [`ResidentLayer::build`]).
+    pub fn gated(
+        like: &ExpertWeights,
+        n: usize,
+        shared: Option<[&DeviceMatrix; 3]>,
+        rule: &RouteRule,
+        top_k: usize,
+    ) -> Result<Option<Self>> {
+        match packed(like) {
+            Some(p) if DevicePacked::fusable(p, std::iter::empty()) => {
+                Self::with_table(p, n, None, Vec::new(), shared, rule, top_k)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_table(
+        first: &DevicePacked,
+        n: usize,
+        table: Option<CudaSlice<Packed>>,
+        held: Vec<Arc<ExpertWeights>>,
+        shared: Option<[&DeviceMatrix; 3]>,
+        rule: &RouteRule,
+        top_k: usize,
+    ) -> Result<Option<Self>> {
         let groups_ok = match rule {
             RouteRule::SigmoidGroups {
                 n_group,
@@ -115,28 +180,15 @@ impl ResidentLayer {
             }
             _ => true,
         };
-        let Some(&first) = list.first() else {
-            return Ok(None);
-        };
         if !groups_ok
             || top_k == 0
             || top_k > MAX_K.min(n)
             || n > MAX_EXPERTS
-            || !DevicePacked::fusable(first, list.iter().copied())
             || kernels(&first.dev).is_none()
         {
             return Ok(None);
         }
         let stream = first.dev.cuda_stream();
-        // The compute stream waits for each expert's upload here, once.
-        let mut addrs = Vec::with_capacity(3 * n);
-        for p in &list {
-            let (base, _read) = p.buf.device_ptr(&stream);
-            addrs.extend(p.packed_at(base));
-        }
-        let table = stream
-            .clone_htod(&addrs)
-            .map_err(|e| driver("expert table upload", e))?;
         let shared = first.shared_fits(shared);
         let mut entries = Table::default();
         if let Some(mats) = shared {
@@ -163,6 +215,8 @@ impl ResidentLayer {
         };
         Ok(Some(ResidentLayer {
             experts: held,
+            n,
+            form: first.form(),
             table,
             launch,
             bias,
@@ -174,7 +228,8 @@ impl ResidentLayer {
 
     /// Whether the tables were built from exactly these resident experts.
     pub fn holds(&self, experts: &[Option<Arc<ExpertWeights>>]) -> bool {
-        experts.len() == self.experts.len()
+        self.table.is_some()
+            && experts.len() == self.experts.len()
             && experts
                 .iter()
                 .zip(&self.experts)
@@ -188,18 +243,16 @@ impl ResidentLayer {
 
     /// Chooses one token's experts from its router `logits` `[1, E]` (f32, this device):
     /// ids into `out[..k]`, weight bits into `out[k..2k]`; into the fused launch's table too
-    /// when `for_launch` (a lookahead prediction only needs the ids).
+    /// when `for_launch` (a lookahead prediction only needs the ids; a gated layer's launch is
+    /// filled by its gate).
     pub fn route(
         &mut self,
         logits: &Tensor,
         out: &mut CudaViewMut<'_, u32>,
         for_launch: bool,
     ) -> Result<()> {
-        let n = self.experts.len();
-        let first = packed(&self.experts[0]).ok_or_else(|| {
-            Error::Input("internal: a resident layer holds an expert off the GPU".into())
-        })?;
-        let f = kernels(&first.dev).ok_or_else(|| {
+        let n = self.n;
+        let f = kernels(&self.form.dev).ok_or_else(|| {
             Error::Input("internal: the router kernel is unavailable after it compiled".into())
         })?;
         if out.len() < 2 * self.top_k || logits.elem_count() != n {
@@ -231,19 +284,19 @@ impl ResidentLayer {
         };
         let (n_u, k_u, norm_u) = (n as u32, self.top_k as u32, u32::from(norm));
         let null = 0u64;
-        let stream = first.dev.cuda_stream();
+        let stream = self.form.dev.cuda_stream();
         let mut b = stream.launch_builder(f.route);
         b.arg(&lv).arg(&n_u).arg(&k_u).arg(&kind).arg(&norm_u);
         match &self.bias {
             Some(bias) => b.arg(bias),
             None => b.arg(&null),
         };
-        b.arg(&n_group)
-            .arg(&topk_group)
-            .arg(&scale)
-            .arg(out)
-            .arg(&self.table);
-        if for_launch {
+        b.arg(&n_group).arg(&topk_group).arg(&scale).arg(out);
+        match &self.table {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
+        if for_launch && self.table.is_some() {
             b.arg(&mut self.launch);
         } else {
             b.arg(&null);
@@ -264,11 +317,8 @@ impl ResidentLayer {
     /// The routed experts `moe_route` chose last for this layer (and the shared expert when
     /// it is in the launch) on `x` `[1, H]`, in the two fused launches.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let first = packed(&self.experts[0]).ok_or_else(|| {
-            Error::Input("internal: a resident layer holds an expert off the GPU".into())
-        })?;
         let entries = self.top_k + usize::from(self.shared);
-        first
+        self.form
             .launch_fused(x, entries, Entries::Device(&self.launch))?
             .ok_or_else(|| {
                 Error::Input("internal: the fused expert kernels are unavailable".into())
@@ -276,10 +326,38 @@ impl ResidentLayer {
     }
 }
 
+impl ResidentLayer {
+    /// Queues a gated layer's gate as MoE slot `slot` of `gates`: it publishes the route words
+    /// `out` (`moe_route`'s ids and weights, then any prediction's) and fills the launch with
+    /// the host's answer.
+    pub fn gate(&mut self, gates: &mut Gates, slot: usize, out: &CudaView<'_, u32>) -> Result<()> {
+        if self.table.is_some() {
+            return Err(Error::Input("internal: a gate on a resident layer".into()));
+        }
+        gates.launch(&self.form.dev, slot, out, self.top_k, &mut self.launch)
+    }
+
+    /// The addresses a gated layer's gate is answered with for `experts` (router order): each
+    /// must be in the layer's fused form (the caller keeps them until the step has run).
+    pub fn addresses(&self, experts: &[Arc<ExpertWeights>]) -> Result<Vec<[Packed; 3]>> {
+        let stream = self.form.dev.cuda_stream();
+        experts
+            .iter()
+            .map(|e| match packed(e) {
+                Some(p) if self.form.holds(p) => Ok(p.packed_at(p.buf.device_ptr(&stream).0)),
+                _ => Err(Error::Input(
+                    "a graph step with gates was given an expert that is not on the GPU in its                      layer's fused form"
+                        .into(),
+                )),
+            })
+            .collect()
+    }
+}
+
 impl Drop for ResidentLayer {
     fn drop(&mut self) {
         // Kernels queued on the compute stream read these experts' buffers through the table
         // without recording it: they finish before the experts can be freed.
-        let _ = self.table.stream().synchronize();
+        let _ = self.launch.stream().synchronize();
     }
 }
