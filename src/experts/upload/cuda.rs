@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
     PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
@@ -363,8 +363,6 @@ impl DevicePacked {
 /// A copy stream and the pinned buffer it copies from.
 pub(super) struct Lane {
     stream: Arc<CudaStream>,
-    /// Timing events around an upload's copies, made once.
-    timing: [CudaEvent; 2],
     buf: PinnedHostSlice<u8>,
     /// Device copy of the bytes an f32-decoded upload brings over, reused by every such upload
     /// of this lane (each waits for its decode before the lane is reused); made at first use
@@ -376,11 +374,6 @@ impl Lane {
     pub(super) fn new(dev: &CudaDevice, bytes: usize, write_combined: bool) -> Result<Self> {
         let ctx = dev.cuda_stream().context().clone();
         let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
-        let event = || {
-            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| driver("event", e))
-        };
-        let timing = [event()?, event()?];
         let flags = if write_combined {
             sys::CU_MEMHOSTALLOC_WRITECOMBINED
         } else {
@@ -391,7 +384,6 @@ impl Lane {
             .map_err(|e| driver(&format!("pinned allocation of {bytes} bytes"), e))?;
         Ok(Lane {
             stream,
-            timing,
             buf,
             dev_buf: None,
         })
@@ -519,6 +511,7 @@ impl Lane {
         own: bool,
     ) -> Result<(Option<CudaSlice<u8>>, Option<f32>)> {
         let total: usize = srcs.iter().map(|s| aligned(s.len as u64)).sum();
+        let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut fresh = if own {
             // SAFETY: fully written by the copy.
             Some(unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?)
@@ -531,18 +524,12 @@ impl Lane {
                 unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?,
             );
         }
-        let [start, end] = &self.timing;
-        start.record(&self.stream).map_err(|e| driver("event", e))?;
-        // The longest copies go first, so the copy engine always has one queued while the
-        // host issues the next (a short copy ends before the host has issued another).
-        let mut at = Vec::with_capacity(srcs.len());
+        let start = self
+            .stream
+            .record_event(timed)
+            .map_err(|e| driver("event", e))?;
         let mut off = 0;
         for s in srcs {
-            at.push((off, s));
-            off += aligned(s.len as u64);
-        }
-        at.sort_by_key(|(_, s)| std::cmp::Reverse(s.len));
-        for (off, s) in at {
             // SAFETY: staged or registered host bytes, alive until the copies are waited for
             // below.
             let src = unsafe { std::slice::from_raw_parts(s.ptr, s.len) };
@@ -557,13 +544,17 @@ impl Lane {
             self.stream
                 .memcpy_htod(src, &mut dst)
                 .map_err(|e| driver("host→device copy", e))?;
+            off += aligned(s.len as u64);
         }
-        end.record(&self.stream).map_err(|e| driver("event", e))?;
+        let end = self
+            .stream
+            .record_event(timed)
+            .map_err(|e| driver("event", e))?;
         self.stream
             .synchronize()
             .map_err(|e| driver("copy stream", e))?;
         let ms = start
-            .elapsed_ms(end)
+            .elapsed_ms(&end)
             .map_err(|e| driver("event timing", e))?;
         Ok((fresh, Some(ms)))
     }
