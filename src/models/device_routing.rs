@@ -371,67 +371,74 @@ impl Session<'_> {
         mut alive: impl FnMut() -> Result<()>,
     ) -> Result<Routing> {
         let _gated = crate::experts::store::GatedStep::start();
-        let k = self.k;
+        self.gates_mut()?.next_token();
         let mut routing = Vec::with_capacity(self.ran.len());
-        self.state
-            .gates
-            .as_mut()
-            .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))?
-            .next_token();
         for slot in 0..self.ran.len() {
-            let (layer, next) = self.ran[slot];
-            let words = if next.is_some() { 4 * k } else { 2 * k };
-            let step =
-                (|| {
-                    let gates = self.state.gates.as_ref().ok_or_else(|| {
-                        Error::Input("internal: a gated step without gates".into())
-                    })?;
-                    let w = gates.wait(slot, words, &mut alive)?;
-                    let mut padded = w.clone();
-                    padded.resize(4 * k, 0);
-                    let (route, prediction) = self.parse(layer, next, &padded)?;
-                    access.begin_step(layer as u32, pos0, &route, prediction)?;
-                    let mut fetched = Vec::with_capacity(k);
-                    for &expert in &route.experts {
-                        let key = ExpertKey {
-                            layer: layer as u32,
-                            expert,
-                        };
-                        fetched.push(access.fetch(key)?.ok_or_else(|| {
-                            Error::Input(format!(
-                            "internal: layer {layer} expert {expert} was not loaded for a gated \
-                             step"
-                        ))
-                        })?);
-                    }
-                    let state = &mut *self.state;
-                    let table = state.gated[layer].as_ref().ok_or_else(|| {
-                        Error::Input("internal: a MoE layer without gated tables".into())
-                    })?;
-                    let entries = table.addresses(&fetched)?;
-                    state.held.extend(fetched);
-                    let gates = state.gates.as_mut().ok_or_else(|| {
-                        Error::Input("internal: a gated step without gates".into())
-                    })?;
-                    gates.answer(slot, &entries)?;
-                    Ok(route)
-                })();
-            let done = step.and_then(|route| {
-                access.end_step(&route)?;
-                Ok(route)
-            });
-            match done {
-                Ok(route) => routing.push((layer as u32, vec![route])),
+            match self.serve_layer(slot, access, pos0, &mut alive) {
+                Ok(route) => routing.push((self.ran[slot].0 as u32, vec![route])),
                 Err(e) => {
-                    if let Some(g) = self.state.gates.as_mut() {
-                        g.abort_from(slot);
-                    }
+                    self.gates_mut()?.abort_from(slot);
                     return Err(e);
                 }
             }
         }
         super::fallback::routed_on_device();
         Ok(routing)
+    }
+
+    fn gates_mut(&mut self) -> Result<&mut Gates> {
+        self.state
+            .gates
+            .as_mut()
+            .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))
+    }
+
+    /// Gate `slot` of the step: its route, once the step is reported and the gate answered.
+    fn serve_layer(
+        &mut self,
+        slot: usize,
+        access: &mut dyn ExpertAccess,
+        pos0: usize,
+        alive: &mut impl FnMut() -> Result<()>,
+    ) -> Result<Route> {
+        let k = self.k;
+        let (layer, next) = self.ran[slot];
+        let words = if next.is_some() { 4 * k } else { 2 * k };
+        let mut w = self.gates_mut()?.wait(slot, words, alive)?;
+        w.resize(4 * k, 0);
+        let (route, prediction) = self.parse(layer, next, &w)?;
+        access.begin_step(layer as u32, pos0, &route, prediction)?;
+        let mut fetched = Vec::with_capacity(k);
+        for &expert in &route.experts {
+            let key = ExpertKey {
+                layer: layer as u32,
+                expert,
+            };
+            fetched.push(access.fetch(key)?.ok_or_else(|| {
+                Error::Input(format!(
+                    "internal: layer {layer} expert {expert} was not loaded for a gated step"
+                ))
+            })?);
+        }
+        self.answer(slot, layer, &fetched)?;
+        access.end_step(&route)?;
+        Ok(route)
+    }
+
+    /// Answers gate `slot` (MoE layer `layer`) with `experts`' addresses; the step holds them
+    /// until it has run.
+    fn answer(&mut self, slot: usize, layer: usize, experts: &[Arc<ExpertWeights>]) -> Result<()> {
+        let state = &mut *self.state;
+        let table = state.gated[layer]
+            .as_ref()
+            .ok_or_else(|| Error::Input("internal: a MoE layer without gated tables".into()))?;
+        let entries = table.addresses(experts)?;
+        state.held.extend(experts.iter().cloned());
+        state
+            .gates
+            .as_mut()
+            .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))?
+            .answer(slot, &entries)
     }
 
     /// Drops the experts the gates of the step were answered with, once it has run.
