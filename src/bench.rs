@@ -358,8 +358,8 @@ pub fn bench(
         }
         let resident = report.rows.iter().find(|r| r.cell == "resident");
         if let (Some(res), Some(b)) = (resident, report.pinned_h2d_rate) {
-            let per_token = row.bytes_per_token / b;
-            let bound = 1.0 / (1.0 / res.decode_tps + per_token);
+            // The storage bound's form, with the pinned copy rate for the read rate.
+            let bound = storage_bound_tps(res.decode_tps, row.bytes_per_token, b);
             row.serial_bound_tps = Some(bound);
             row.serial_bound_fraction = Some(row.decode_tps / bound);
         }
