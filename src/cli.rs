@@ -298,14 +298,17 @@ pub struct GpuArgs {
     /// projections) or ops (one tensor op per step).
     #[arg(long, value_enum, default_value_t = GpuAttention::Fused)]
     pub gpu_attention: GpuAttention,
-    /// Where decode tokens are routed on CUDA: device (the router kernel chooses the experts
-    /// where every routed expert is resident; the routes come back once per token) or host
-    /// (router logits copied back at every MoE layer).
+    /// Where decode tokens are routed on CUDA: device (the router kernel chooses the experts;
+    /// all resident, the routes come back once per token; in a lazy cell under a graph, each
+    /// MoE layer's gate waits for the host) or host (router logits copied back at every MoE
+    /// layer).
     #[arg(long, value_enum, default_value_t = GpuRouting::Device)]
     pub gpu_routing: GpuRouting,
     /// Decode steps on CUDA from a captured CUDA graph: auto (where every attention layer is MLA
     /// with its fused kernels and every MoE layer is routed on the device, each token after the
-    /// captured one is one graph launch) or off (launch by launch).
+    /// captured one is one graph launch; in a lazy cell with a gate at each MoE layer where the
+    /// host loads the misses), resident (graphs only where every expert is resident) or off
+    /// (launch by launch).
     #[arg(long, value_enum, default_value_t = GpuGraph::Auto)]
     pub gpu_graph: GpuGraph,
     /// MLX-quantized dense weights on CUDA: packed (checkpoint bytes, packed matrix-vector
