@@ -346,7 +346,8 @@ impl ResidentLayer {
             .map(|e| match packed(e) {
                 Some(p) if self.form.holds(p) => Ok(p.packed_at(p.buf.device_ptr(&stream).0)),
                 _ => Err(Error::Input(
-                    "a graph step with gates was given an expert that is not on the GPU in its                      layer's fused form"
+                    "a graph step with gates was given an expert that is not on the GPU in its \
+                     layer's fused form"
                         .into(),
                 )),
             })
