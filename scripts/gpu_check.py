@@ -177,7 +177,7 @@ for d in sorted(root.iterdir()):
     # graph whose MoE layers wait at gates while the host reports each step to the cache, loads
     # the misses and answers with the experts' addresses (nothing queued ahead). Of 8 tokens:
     # the prompt's, one uncaptured step, then 6 from the graph, all gated; every pick checked
-    # against the host's argmax of the same launch's logits, the tokens and the cache's hits
+    # against the host's argmax of the same launch's logits, the tokens and the cache's misses
     # equal to those of the run without gates (`--gpu-graph resident`: routed on the host).
     if device == "cuda" and cfg.get("model_type") in MLA_ONLY and fused_form(d):
         for policy in ("lru", "lookahead"):
@@ -188,13 +188,13 @@ for d in sorted(root.iterdir()):
                    for g in ("auto", "resident")}
             a, o = gen["auto"], gen["resident"]
             # The cache's counts of the run (accesses, hit rate, misses): equal, and misses seen.
-            hits = lambda r: (re.findall(r"cache: \d+ accesses, hit rate [\d.]+% \((\d+) misses\)", r.stderr) or ["0"])[0]
+            misses = lambda r: (re.findall(r"cache: \d+ accesses, hit rate [\d.]+% \((\d+) misses\)", r.stderr) or ["0"])[0]
             want_g = "graph auto (1 captures, 6 tokens from a graph, 0 of them queued ahead, 6 with gates)"
             ok = (a.returncode == 0 and o.returncode == 0 and want_g in a.stderr
                   and "greedy check: 8 of 8 tokens" in a.stderr and a.stdout.strip() == o.stdout.strip()
-                  and hits(a) == hits(o) and int(hits(a)) > 0
+                  and misses(a) == misses(o) and int(misses(a)) > 0
                   and not any(l.startswith("CUDA graph:") for l in a.stderr.splitlines()))
             bad += not ok
             print(f"{d.name} generate greedy {policy} capacity {top_k}, graph with gates = no gates "
-                  f"({a.stdout.strip()}; {hits(a)} misses): {'ok' if ok else 'FAILED ' + a.stderr.strip()[-500:] + ' | resident: ' + o.stdout.strip() + ' ' + o.stderr.strip()[-300:]}")
+                  f"({a.stdout.strip()}; {misses(a)} misses): {'ok' if ok else 'FAILED ' + a.stderr.strip()[-500:] + ' | resident: ' + o.stdout.strip() + ' ' + o.stderr.strip()[-300:]}")
 sys.exit(1 if bad else 0)
