@@ -114,7 +114,7 @@ for d in sorted(root.iterdir()):
                     # the first decode step uncaptured, the second captured, the rest replayed;
                     # the graph's logits are the ones checked against HF below.
                     if n and cfg.get("model_type") in MLA_ONLY:
-                        g = f"graph auto (1 captures, {n - 2} tokens from a graph, 0 of them queued ahead, 0 with gates)"
+                        g = f"graph auto (1 captures, {n - 2} tokens from a graph, 0 of them queued ahead, 0 with gates, 0 misses copied by the gates)"
                         if g not in ran_on[0]:
                             missing.append(g)
                         fell_back += [l for l in r.stderr.splitlines() if l.startswith("CUDA graph:")]
@@ -125,8 +125,9 @@ for d in sorted(root.iterdir()):
                 if "--prefill" in extra and "--capacity" in extra and fused_form(d) \
                         and cfg.get("model_type") in MLA_ONLY and arg('--gpu-experts', 'fused') == 'fused':
                     n = len(meta["tokens"]) - int(arg('--prefill', '0')) - 1
-                    g = f"graph auto (1 captures, {n} tokens from a graph, 0 of them queued ahead, {n} with gates)"
-                    if g not in ran_on[0]:
+                    # ... and those gates copy the misses themselves (registered staging).
+                    g = rf"graph auto \(1 captures, {n} tokens from a graph, 0 of them queued ahead, {n} with gates, ([1-9]\d*) misses copied by the gates\)"
+                    if not re.search(g, ran_on[0]):
                         missing.append(g)
                     fell_back += [l for l in r.stderr.splitlines() if l.startswith("CUDA graph:")]
                 if missing or fell_back:
@@ -166,7 +167,7 @@ for d in sorted(root.iterdir()):
                                  capture_output=True, text=True, env={**os.environ, "HARNESS_CHECK_GREEDY": "1"})
                for g in ("auto", "off")}
         a, o = gen["auto"], gen["off"]
-        want_g = "graph auto (1 captures, 6 tokens from a graph, 5 of them queued ahead, 0 with gates)"
+        want_g = "graph auto (1 captures, 6 tokens from a graph, 5 of them queued ahead, 0 with gates, 0 misses copied by the gates)"
         ok = (a.returncode == 0 and o.returncode == 0 and want_g in a.stderr
               and "greedy check: 8 of 8 tokens" in a.stderr and a.stdout.strip() == o.stdout.strip()
               and not any(l.startswith("CUDA graph:") for l in a.stderr.splitlines()))
@@ -178,23 +179,31 @@ for d in sorted(root.iterdir()):
     # the misses and answers with the experts' addresses (nothing queued ahead). Of 8 tokens:
     # the prompt's, one uncaptured step, then 6 from the graph, all gated; every pick checked
     # against the host's argmax of the same launch's logits, the tokens and the cache's misses
-    # equal to those of the run without gates (`--gpu-graph resident`: routed on the host).
+    # equal to those of the run without gates (`--gpu-graph resident`: routed on the host). The
+    # gates copy the misses themselves (registered staging: the label counts them); with
+    # HARNESS_STEP_COPIES=0 the host copies them through the copy engine, same tokens and misses.
     if device == "cuda" and cfg.get("model_type") in MLA_ONLY and fused_form(d):
         for policy in ("lru", "lookahead"):
-            gen = {g: subprocess.run([harness, "generate", "--model", str(d), "--tokens", toks, "--max-tokens", "8",
+            runs = {"auto": ("auto", {}), "resident": ("resident", {}),
+                    "dma": ("auto", {"HARNESS_STEP_COPIES": "0"})}
+            gen = {k: subprocess.run([harness, "generate", "--model", str(d), "--tokens", toks, "--max-tokens", "8",
                                       "--device", device, "--capacity", str(top_k), "--policy", policy,
                                       "--gpu-graph", g],
-                                     capture_output=True, text=True, env={**os.environ, "HARNESS_CHECK_GREEDY": "1"})
-                   for g in ("auto", "resident")}
-            a, o = gen["auto"], gen["resident"]
+                                     capture_output=True, text=True,
+                                     env={**os.environ, "HARNESS_CHECK_GREEDY": "1", **env})
+                   for k, (g, env) in runs.items()}
+            a, o, c = gen["auto"], gen["resident"], gen["dma"]
             # The cache's counts of the run (accesses, hit rate, misses): equal, and misses seen.
             misses = lambda r: (re.findall(r"cache: \d+ accesses, hit rate [\d.]+% \((\d+) misses\)", r.stderr) or ["0"])[0]
-            want_g = "graph auto (1 captures, 6 tokens from a graph, 0 of them queued ahead, 6 with gates)"
-            ok = (a.returncode == 0 and o.returncode == 0 and want_g in a.stderr
-                  and "greedy check: 8 of 8 tokens" in a.stderr and a.stdout.strip() == o.stdout.strip()
-                  and misses(a) == misses(o) and int(misses(a)) > 0
-                  and not any(l.startswith("CUDA graph:") for l in a.stderr.splitlines()))
+            gated = r"graph auto \(1 captures, 6 tokens from a graph, 0 of them queued ahead, 6 with gates, (\d+) misses copied by the gates\)"
+            copied = lambda r: int((re.findall(gated, r.stderr) or ["-1"])[0])
+            ok = (all(r.returncode == 0 for r in (a, o, c)) and copied(a) > 0 and copied(c) == 0
+                  and all("greedy check: 8 of 8 tokens" in r.stderr for r in (a, c))
+                  and a.stdout.strip() == o.stdout.strip() == c.stdout.strip()
+                  and misses(a) == misses(o) == misses(c) and int(misses(a)) > 0
+                  and not any(l.startswith("CUDA graph:") for r in (a, c) for l in r.stderr.splitlines()))
             bad += not ok
-            print(f"{d.name} generate greedy {policy} capacity {top_k}, graph with gates = no gates "
-                  f"({a.stdout.strip()}; {misses(a)} misses): {'ok' if ok else 'FAILED ' + a.stderr.strip()[-500:] + ' | resident: ' + o.stdout.strip() + ' ' + o.stderr.strip()[-300:]}")
+            print(f"{d.name} generate greedy {policy} capacity {top_k}, graph with gates (misses copied by the "
+                  f"gates, by the copy engine) = no gates ({a.stdout.strip()}; {misses(a)} misses, {copied(a)} "
+                  f"copied by the gates): {'ok' if ok else 'FAILED ' + a.stderr.strip()[-500:] + ' | dma: ' + c.stderr.strip()[-300:] + ' | resident: ' + o.stdout.strip() + ' ' + o.stderr.strip()[-300:]}")
 sys.exit(1 if bad else 0)

@@ -116,6 +116,9 @@ pub struct BenchRow {
     pub dma_rate: Option<f64>,
     /// Rate of the whole miss path: bytes over the wall-clock time uploads were running.
     pub miss_path_rate: Option<f64>,
+    /// Rate of the copies gated decode steps made themselves (the gates' loads from the
+    /// registered mappings: bytes over their GPU time), when any ran.
+    pub step_copy_rate: Option<f64>,
     /// `B / bytes_per_token` tokens/s: every byte the cell moved (demand misses and
     /// prefetches) across the link at `B` (`None` when nothing moves or `B` is unknown). For a
     /// policy that does not prefetch, `bytes_per_token = (1 − h) · E · s`.
@@ -514,6 +517,7 @@ fn measure(
         h2d_rate: transfer.h2d_rate(),
         dma_rate: transfer.dma_rate(),
         miss_path_rate: transfer.path_rate(),
+        step_copy_rate: transfer.step_rate(),
         link_bound_tps,
         link_bound_fraction: link_bound_tps.map(|b| tps / b),
         serial_bound_tps: None,
@@ -632,7 +636,7 @@ pub fn format_report(r: &BenchReport) -> String {
     ));
     let t1 = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
     out.push_str(&format!(
-        "{:<18} {:>3} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+        "{:<18} {:>3} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
         "cell",
         "thr",
         "h",
@@ -646,6 +650,7 @@ pub fn format_report(r: &BenchReport) -> String {
         "h2d GB/s",
         "dma GB/s",
         "path GB/s",
+        "step GB/s",
         "link t/s",
         "frac",
         "serial t/s",
@@ -654,7 +659,7 @@ pub fn format_report(r: &BenchReport) -> String {
     ));
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<18} {:>3} {:>6.3} {:>8.1} {:>8.1} {:>9.1} {:>9} {:>9.2} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
+            "{:<18} {:>3} {:>6.3} {:>8.1} {:>8.1} {:>9.1} {:>9} {:>9.2} {:>9} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
             row.cell,
             row.load_threads,
             row.hit_rate,
@@ -669,6 +674,7 @@ pub fn format_report(r: &BenchReport) -> String {
             gb(row.h2d_rate),
             gb(row.dma_rate),
             gb(row.miss_path_rate),
+            gb(row.step_copy_rate),
             t1(row.link_bound_tps),
             f2(row.link_bound_fraction),
             t1(row.serial_bound_tps),

@@ -378,8 +378,8 @@ impl Engine {
             let g = crate::models::fallback::graph_counts();
             label += &format!(
                 ", graph {} ({} captures, {} tokens from a graph, {} of them queued ahead, {} \
-                 with gates)",
-                self.cfg.gpu_graph, g.captures, g.tokens, g.ahead, g.gated
+                 with gates, {} misses copied by the gates)",
+                self.cfg.gpu_graph, g.captures, g.tokens, g.ahead, g.gated, g.gate_copies
             );
             if let Some(ms) = g.gpu_ms {
                 // Against the token's whole time, the host's share between launches.

@@ -26,7 +26,7 @@ use super::moe::{ExpertAccess, MoeBlock, Route};
 use super::{Ffn, Model, Routing};
 use crate::error::{Error, Result};
 use crate::experts::store::ExpertWeights;
-use crate::experts::upload::{Gates, ResidentLayer};
+use crate::experts::upload::{Collector, Fill, FillHold, Gates, ResidentLayer};
 use crate::experts::ExpertKey;
 use crate::weights::cuda::driver;
 
@@ -40,6 +40,8 @@ pub(super) struct DeviceRoutes {
     gates: Option<Gates>,
     /// The experts the gates of the step in flight were answered with, dropped once it ran.
     held: Vec<Arc<ExpertWeights>>,
+    /// What the copies the step in flight makes itself need until it has run.
+    fills: FillHold,
     out: Option<CudaSlice<u32>>,
     /// Counts the times a table or the routes buffer was made anew (a captured CUDA graph of
     /// a decode step wrote through the old ones).
@@ -372,9 +374,10 @@ impl Session<'_> {
     ) -> Result<Routing> {
         let _gated = crate::experts::store::GatedStep::start();
         self.gates_mut()?.next_token();
+        let fills = crate::experts::upload::collect_step_fills(crate::experts::upload::MAX_FILLS);
         let mut routing = Vec::with_capacity(self.ran.len());
         for slot in 0..self.ran.len() {
-            match self.serve_layer(slot, access, pos0, &mut alive) {
+            match self.serve_layer(slot, access, pos0, &mut alive, &fills) {
                 Ok(route) => routing.push((self.ran[slot].0 as u32, vec![route])),
                 Err(e) => {
                     self.gates_mut()?.abort_from(slot);
@@ -382,6 +385,8 @@ impl Session<'_> {
                 }
             }
         }
+        self.state.fills = fills.finish();
+        super::fallback::gate_copies(self.state.fills.experts());
         super::fallback::routed_on_device();
         Ok(routing)
     }
@@ -400,6 +405,7 @@ impl Session<'_> {
         access: &mut dyn ExpertAccess,
         pos0: usize,
         alive: &mut impl FnMut() -> Result<()>,
+        fills: &Collector,
     ) -> Result<Route> {
         let k = self.k;
         let (layer, next) = self.ran[slot];
@@ -420,14 +426,21 @@ impl Session<'_> {
                 ))
             })?);
         }
-        self.answer(slot, layer, &fetched)?;
+        self.answer(slot, layer, &fetched, &fills.take())?;
         access.end_step(&route)?;
         Ok(route)
     }
 
-    /// Answers gate `slot` (MoE layer `layer`) with `experts`' addresses; the step holds them
-    /// until it has run.
-    fn answer(&mut self, slot: usize, layer: usize, experts: &[Arc<ExpertWeights>]) -> Result<()> {
+    /// Answers gate `slot` (MoE layer `layer`) with `experts`' addresses and the copies the
+    /// step makes for those the cache loaded without copying; the step holds them until it
+    /// has run.
+    fn answer(
+        &mut self,
+        slot: usize,
+        layer: usize,
+        experts: &[Arc<ExpertWeights>],
+        fills: &[Fill],
+    ) -> Result<()> {
         let state = &mut *self.state;
         let table = state.gated[layer]
             .as_ref()
@@ -438,11 +451,17 @@ impl Session<'_> {
             .gates
             .as_mut()
             .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))?
-            .answer(slot, &entries)
+            .answer(slot, &entries, fills)
     }
 
-    /// Drops the experts the gates of the step were answered with, once it has run.
+    /// Drops the experts the gates of the step were answered with, once it has run, and
+    /// counts the GPU time of the copies it made.
     pub(super) fn release(&mut self) {
-        self.state.held.clear();
+        let state = &mut *self.state;
+        if let Some(g) = state.gates.as_mut() {
+            state.fills.add_ns(g.filled_ns());
+        }
+        state.fills = FillHold::default();
+        state.held.clear();
     }
 }

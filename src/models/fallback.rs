@@ -62,6 +62,14 @@ pub fn graph_gated() {
     GRAPH_GATED.fetch_add(1, Relaxed);
 }
 
+static GATE_COPIES: AtomicU64 = AtomicU64::new(0);
+
+/// A gated decode step copied `n` missed experts itself, in its gates
+/// (`experts::upload::Gates`), rather than the host through the copy engine.
+pub fn gate_copies(n: u64) {
+    GATE_COPIES.fetch_add(n, Relaxed);
+}
+
 static GRAPH_GPU_NS: AtomicU64 = AtomicU64::new(0);
 static GRAPH_TIMED: AtomicU64 = AtomicU64::new(0);
 
@@ -86,6 +94,8 @@ pub struct GraphCounts {
     pub ahead: u64,
     /// Of those, tokens whose MoE layers waited at gates for the host (experts could miss).
     pub gated: u64,
+    /// Missed experts those gates copied themselves.
+    pub gate_copies: u64,
     /// Their mean time on the GPU (`None` if none was timed).
     pub gpu_ms: Option<f64>,
 }
@@ -99,6 +109,7 @@ pub fn graph_counts() -> GraphCounts {
         tokens: GRAPH_TOKENS.load(Relaxed),
         ahead: GRAPH_AHEAD.load(Relaxed),
         gated: GRAPH_GATED.load(Relaxed),
+        gate_copies: GATE_COPIES.load(Relaxed),
         gpu_ms: (timed > 0).then(|| ns / 1e6 / timed as f64),
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
@@ -22,6 +22,8 @@ use crate::weights::ByteRange;
 pub(super) struct Src {
     pub(super) ptr: *const u8,
     pub(super) len: usize,
+    /// The bytes' device address where they lie in a registered mapping (0: none).
+    pub(super) dev: u64,
 }
 
 /// Offsets inside a staging buffer are aligned for any element type and copy engine.
@@ -68,6 +70,9 @@ pub(crate) struct Registration {
     ctx: Arc<CudaContext>,
     /// Per shard: its mapping and the registered `[start, end)` byte ranges, sorted.
     shards: Vec<Option<Spans>>,
+    /// Per shard, the device address of each registered range's start (0 where the driver
+    /// gave none: the range is then only copied by the copy engine).
+    dev: Vec<Vec<u64>>,
     /// Bytes registered (whole pages).
     pub(super) bytes: u64,
     /// Seconds the registration took (the pages are faulted in and locked).
@@ -96,10 +101,12 @@ impl Registration {
         let mut reg = Registration {
             ctx,
             shards: Vec::with_capacity(maps.len()),
+            dev: Vec::with_capacity(maps.len()),
             bytes: 0,
             seconds: 0.0,
         };
         for (map, v) in maps.into_iter().zip(per) {
+            reg.dev.push(Vec::with_capacity(v.len()));
             if v.is_empty() {
                 reg.shards.push(None);
                 continue;
@@ -108,12 +115,12 @@ impl Registration {
             for &(a, b) in &v {
                 // SAFETY: [a, b) lies inside the mapping (whole pages of it), which `reg` keeps
                 // alive until it unregisters the range in `drop`. Read-only: the mapping is
-                // PROT_READ and the device only reads it.
+                // PROT_READ and the device only reads it (copies, and the gates' loads).
                 let rc = unsafe {
                     sys::cuMemHostRegister_v2(
                         map.as_ptr().add(a) as *mut std::ffi::c_void,
                         b - a,
-                        sys::CU_MEMHOSTREGISTER_READ_ONLY,
+                        sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_DEVICEMAP,
                     )
                 };
                 if rc != sys::CUresult::CUDA_SUCCESS {
@@ -125,6 +132,21 @@ impl Registration {
                 }
                 done.push((a, b));
                 reg.bytes += (b - a) as u64;
+                let mut at: sys::CUdeviceptr = 0;
+                // SAFETY: the range was just registered, mapped, in the current context.
+                let rc = unsafe {
+                    sys::cuMemHostGetDevicePointer_v2(
+                        &mut at,
+                        map.as_ptr().add(a) as *mut std::ffi::c_void,
+                        0,
+                    )
+                };
+                let at = if rc == sys::CUresult::CUDA_SUCCESS {
+                    at
+                } else {
+                    0
+                };
+                reg.dev.last_mut().expect("pushed above").push(at);
             }
             reg.shards.push(Some((map, done)));
         }
@@ -137,6 +159,19 @@ impl Registration {
         let (map, v) = self.shards.get(r.shard)?.as_ref()?;
         let (a, b) = (r.offset as usize, (r.offset + r.len) as usize);
         (super::covered(v, a, b) && b <= map.len()).then(|| &map[a..b])
+    }
+
+    /// The device address of `r`'s registered bytes, if all of it is registered and the
+    /// driver mapped its range.
+    pub(super) fn device(&self, r: &ByteRange) -> Option<u64> {
+        let (_, v) = self.shards.get(r.shard)?.as_ref()?;
+        let a = r.offset as usize;
+        if !super::covered(v, a, a + r.len as usize) {
+            return None;
+        }
+        let i = v.partition_point(|&(s, _)| s <= a).checked_sub(1)?;
+        let base = *self.dev.get(r.shard)?.get(i)?;
+        (base != 0).then(|| base + (a - v[i].0) as u64)
     }
 }
 
@@ -452,7 +487,11 @@ impl Lane {
         let base = self.buf.as_ptr().map_err(|e| driver("staging buffer", e))?;
         if whole {
             let len = parts.iter().map(|p| aligned(p.range.len)).sum();
-            return Ok(vec![Src { ptr: base, len }]);
+            return Ok(vec![Src {
+                ptr: base,
+                len,
+                dev: 0,
+            }]);
         }
         let mut off = 0;
         Ok(parts
@@ -464,6 +503,7 @@ impl Lane {
                 Src {
                     ptr,
                     len: p.range.len as usize,
+                    dev: 0,
                 }
             })
             .collect())
@@ -499,6 +539,30 @@ impl Lane {
             .synchronize()
             .map_err(|e| driver("copy stream", e))?;
         Ok(out)
+    }
+
+    /// A device buffer of its own for `srcs` laid out as [`Lane::copy_in`] lays them, nothing
+    /// copied in: the copies' destinations, one per source. The allocation is complete when
+    /// this returns, so any stream may write it.
+    pub(super) fn alloc_for(&mut self, srcs: &[Src]) -> Result<(CudaSlice<u8>, Vec<u64>)> {
+        let total: usize = srcs.iter().map(|s| aligned(s.len as u64)).sum();
+        // SAFETY: every byte a kernel reads is written by the copies the caller hands on.
+        let buf = unsafe { self.stream.alloc::<u8>(total) }.map_err(|e| driver("allocation", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| driver("copy stream", e))?;
+        let (base, _sync) = buf.device_ptr(&self.stream);
+        let mut off = 0u64;
+        let dsts = srcs
+            .iter()
+            .map(|s| {
+                let d = base + off;
+                off += aligned(s.len as u64) as u64;
+                d
+            })
+            .collect();
+        drop(_sync);
+        Ok((buf, dsts))
     }
 
     /// Copies `srcs` to consecutive 256-byte-aligned offsets (the staging layout: the whole

@@ -273,49 +273,152 @@ asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
 return t;
 }
 
-// One MoE layer's gate (one warp). The token's number is the device counter `seq` (advanced by
-// the step's first gate, `bump`). Copies the layer's `words` route words (ids, weight bits, then
-// any lookahead prediction's) from `out` to the layer's slot in mapped host memory `slot`,
-// then posts the number (slot[0]) and waits until the host answers it (slot[16]) with every
-// chosen expert resident and their addresses written at byte 384 of the slot (gate, up, down
-// per chosen expert, router order); copies those and the weights into entries 0..k of the
-// fused launch's table. An answer with the top bit set (the host failed) or no answer within
-// `timeout_ns` stops the step: the kernel traps, and no later launch of the context runs.
+// Copies `len` bytes from `src` to `dst` with every thread of the grid (thread `tid` of
+// `stride`, a multiple of 32), in 16-, 8- or 4-byte words where both addresses allow; where
+// only `dst` is 8-byte aligned (MLX writes its safetensors header unpadded, so a tensor may
+// start at any byte), each 8-byte word of `dst` from the two aligned source words it straddles,
+// the second shuffled over from the next lane (only aligned words holding bytes of the range are
+// read: none crosses a page past it); the rest byte by byte.
+__device__ __forceinline__ void gate_fill(const unsigned char* src, unsigned char* dst,
+unsigned long long len, unsigned long long tid, unsigned long long stride) {
+unsigned long long a = (unsigned long long)src | (unsigned long long)dst, done = 0ull;
+if ((a & 15ull) == 0ull) {
+    const uint4* s = (const uint4*)src;
+    uint4* d = (uint4*)dst;
+    unsigned long long w = len / 16ull, i = tid;
+    for (; i + 3ull * stride < w; i += 4ull * stride) {
+        uint4 p = s[i], q = s[i + stride], r = s[i + 2ull * stride], u = s[i + 3ull * stride];
+        d[i] = p; d[i + stride] = q; d[i + 2ull * stride] = r; d[i + 3ull * stride] = u;
+    }
+    for (; i < w; i += stride) d[i] = s[i];
+    done = w * 16ull;
+} else if ((a & 7ull) == 0ull) {
+    const uint2* s = (const uint2*)src;
+    uint2* d = (uint2*)dst;
+    unsigned long long w = len / 8ull, i = tid;
+    for (; i + 3ull * stride < w; i += 4ull * stride) {
+        uint2 p = s[i], q = s[i + stride], r = s[i + 2ull * stride], u = s[i + 3ull * stride];
+        d[i] = p; d[i + stride] = q; d[i + 2ull * stride] = r; d[i + 3ull * stride] = u;
+    }
+    for (; i < w; i += stride) d[i] = s[i];
+    done = w * 8ull;
+} else if ((a & 3ull) == 0ull) {
+    const unsigned int* s = (const unsigned int*)src;
+    unsigned int* d = (unsigned int*)dst;
+    unsigned long long w = len / 4ull;
+    for (unsigned long long i = tid; i < w; i += stride) d[i] = s[i];
+    done = w * 4ull;
+} else if ((((unsigned long long)dst) & 7ull) == 0ull) {
+    unsigned long long r = (unsigned long long)src & 7ull;
+    unsigned int sh = 8u * (unsigned int)r, lane = threadIdx.x & 31u;
+    const unsigned long long* s = (const unsigned long long*)(src - r);
+    unsigned long long* d = (unsigned long long*)dst;
+    unsigned long long w = len / 8ull;
+    for (unsigned long long b = tid - lane; b < w; b += stride) {
+        unsigned long long i = b + lane;
+        unsigned long long lo = i <= w ? s[i] : 0ull;
+        unsigned long long hi = __shfl_down_sync(0xffffffffu, lo, 1);
+        if (lane == 31u) hi = i + 1ull <= w ? s[i + 1ull] : 0ull;
+        if (i < w) d[i] = (lo >> sh) | (hi << (64u - sh));
+    }
+    done = w * 8ull;
+}
+for (unsigned long long i = done + tid; i < len; i += stride) dst[i] = src[i];
+}
+
+// One MoE layer's gate. The token's number is the device counter `seq` (advanced by the step's
+// first gate, `bump`). The first warp of block 0 copies the layer's `words` route words (ids,
+// weight bits, then any lookahead prediction's) from `out` to the layer's slot in mapped host
+// memory `slot`, then posts the number (slot[0]) and waits until the host answers it
+// (slot[16]) with the chosen experts' addresses written at byte 384 of the slot (gate, up,
+// down per chosen expert, router order); copies those and the weights into entries 0..k of
+// the fused launch's table. An answer with the top bit set (the host failed) or no answer
+// within `timeout_ns` stops the step: the kernel traps, and no later launch of the context
+// runs. The answer also gives slot[17] copies (source, destination, bytes: three words each
+// at byte 1536) for the chosen experts the host did not copy itself: block 0 moves them to
+// `scratch` (the layer's device words: the copies, then three control words) and publishes
+// their count; every block then copies them from host memory, and the last block to finish
+// writes the copies' GPU time (ns) at byte 72 of the slot and resets the control words.
 extern "C" __global__ void moe_gate(
 const unsigned int* out, unsigned int words, unsigned int k, unsigned int* seq,
 unsigned int bump, volatile unsigned int* slot, Experts* launch,
-unsigned long long timeout_ns) {
+unsigned long long timeout_ns, unsigned long long* scratch) {
 __shared__ unsigned int token;
-unsigned int lane = threadIdx.x;
-if (lane == 0u) {
-    unsigned int v = *seq;
-    if (bump) { v = (v + 1u) & 0x7fffffffu; *seq = v; }
-    token = v;
-}
-__syncwarp();
-unsigned int v = token;
-for (unsigned int i = lane; i < words; i += 32u) slot[32u + i] = out[i];
-__threadfence_system();
-__syncwarp();
-if (lane == 0u) {
-    slot[0] = v;
-    __threadfence_system();
-    unsigned long long t0 = gate_now();
-    unsigned int r = slot[16];
-    while (r != v) {
-        if (r == (v | 0x80000000u) || gate_now() - t0 > timeout_ns) __trap();
-        r = slot[16];
+__shared__ unsigned int n;
+volatile unsigned long long* ctl = scratch + 432u;
+unsigned int t = threadIdx.x;
+if (blockIdx.x == 0u) {
+    if (t < 32u) {
+        unsigned int lane = t;
+        if (lane == 0u) {
+            unsigned int v = *seq;
+            if (bump) { v = (v + 1u) & 0x7fffffffu; *seq = v; }
+            token = v;
+        }
+        __syncwarp();
+        unsigned int v = token;
+        for (unsigned int i = lane; i < words; i += 32u) slot[32u + i] = out[i];
+        __threadfence_system();
+        __syncwarp();
+        if (lane == 0u) {
+            slot[0] = v;
+            __threadfence_system();
+            unsigned long long t0 = gate_now();
+            unsigned int r = slot[16];
+            while (r != v) {
+                if (r == (v | 0x80000000u) || gate_now() - t0 > timeout_ns) __trap();
+                r = slot[16];
+            }
+        }
+        __syncwarp();
+        __threadfence_system();
+        const volatile unsigned long long* e = (const volatile unsigned long long*)(slot + 96u);
+        for (unsigned int i = lane; i < 9u * k; i += 32u) {
+            unsigned int x = i / 9u, m = (i / 3u) % 3u;
+            Packed* p = m == 0u ? &launch->gate[x] : m == 1u ? &launch->up[x] : &launch->down[x];
+            ((unsigned long long*)p)[i % 3u] = e[i];
+        }
+        for (unsigned int i = lane; i < k; i += 32u) launch->w[i] = __uint_as_float(out[k + i]);
+        if (lane == 0u) n = min(slot[17], 144u);
+    }
+    __syncthreads();
+    const volatile unsigned long long* h = (const volatile unsigned long long*)(slot + 384u);
+    for (unsigned int i = t; i < 3u * n; i += blockDim.x) scratch[i] = h[i];
+    __threadfence();
+    __syncthreads();
+    if (t == 0u) {
+        ctl[2] = gate_now();
+        __threadfence();
+        ctl[0] = (unsigned long long)n + 1ull;
     }
 }
-__syncwarp();
-__threadfence_system();
-const volatile unsigned long long* e = (const volatile unsigned long long*)(slot + 96u);
-for (unsigned int i = lane; i < 9u * k; i += 32u) {
-    unsigned int x = i / 9u, m = (i / 3u) % 3u;
-    Packed* p = m == 0u ? &launch->gate[x] : m == 1u ? &launch->up[x] : &launch->down[x];
-    ((unsigned long long*)p)[i % 3u] = e[i];
+if (t == 0u) {
+    unsigned long long p = ctl[0];
+    while (p == 0ull) p = ctl[0];
+    n = (unsigned int)(p - 1ull);
 }
-for (unsigned int i = lane; i < k; i += 32u) launch->w[i] = __uint_as_float(out[k + i]);
+__syncthreads();
+__threadfence();
+unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + t;
+unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+for (unsigned int c = 0u; c < n; c++) {
+    const unsigned char* src = (const unsigned char*)__ldcg(scratch + 3u * c);
+    unsigned char* dst = (unsigned char*)__ldcg(scratch + 3u * c + 1u);
+    gate_fill(src, dst, __ldcg(scratch + 3u * c + 2u), tid, stride);
+}
+__syncthreads();
+if (t == 0u) {
+    __threadfence();
+    unsigned long long a = atomicAdd((unsigned long long*)(scratch + 433u), 1ull);
+    if (a + 1ull == (unsigned long long)gridDim.x) {
+        if (n > 0u) {
+            *(volatile unsigned long long*)(slot + 18u) = gate_now() - ctl[2];
+            __threadfence_system();
+        }
+        ctl[1] = 0ull;
+        ctl[0] = 0ull;
+    }
+}
 }
 "#;
 

@@ -12,13 +12,23 @@
 //! ([`Gates::wait`] → the cache's step → [`Gates::answer`]): a layer that only hits costs two
 //! crossings of the link (the posted number, the answer), a miss its load besides.
 //!
-//! A slot (`STRIDE` bytes) holds the posted number (byte 0), the answer (byte 64), the route
-//! words (byte 128: ids, weight bits, then any lookahead prediction's ids and weights) and the
-//! chosen experts' addresses (byte 384: gate, up, down of each, router order). The token's
-//! number lives in device memory; the step's first gate advances it, and the host keeps the
-//! same count ([`Gates::next_token`]). An answer with the top bit set (the host failed: it
-//! returns its own error) or none within [`TIMEOUT_NS`] makes the gate trap, which stops the
-//! context: a step is never run on addresses the host did not give.
+//! A chosen expert the cache loads inside the step need not be copied by the host: with
+//! [`super::StepFills`] collecting, a miss whose bytes lie in the registered shard mappings gets
+//! its device buffer and no copy, and the answer lists the copies instead (source in mapped
+//! host memory, destination, bytes). Every block of the gate's grid then copies them, reading
+//! the page cache's pages over the link with the GPU's own loads, before the layer's experts
+//! run: one launch for all of a layer's misses, no copy issued, waited for or woken from by the
+//! host. The last block writes the copies' GPU time into the slot, which the host reads once
+//! the step has run ([`Gates::filled_ns`]).
+//!
+//! A slot (`STRIDE` bytes) holds the posted number (byte 0), the answer (byte 64), the number
+//! of copies (byte 68), their GPU time (byte 72), the route words (byte 128: ids, weight bits,
+//! then any lookahead prediction's ids and weights), the chosen experts' addresses (byte 384:
+//! gate, up, down of each, router order) and the copies (byte 1536). The token's number lives
+//! in device memory; the step's first gate advances it, and the host keeps the same count
+//! ([`Gates::next_token`]). An answer with the top bit set (the host failed: it returns its own
+//! error) or none within [`TIMEOUT_NS`] makes the gate trap, which stops the context: a step is
+//! never run on addresses the host did not give.
 
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaSlice, CudaView, LaunchConfig, PinnedHostSlice, PushKernelArg,
@@ -27,16 +37,27 @@ use candle_core::CudaDevice;
 
 use super::cuda::driver;
 use super::fused::{kernels, Table, MAX_K};
+use super::Fill;
 use crate::error::{Error, Result};
 use crate::weights::cuda::Packed;
 
 /// Bytes of one MoE layer's slot.
-const STRIDE: usize = 1536;
-/// Word offsets inside a slot: the posted number, the answer, the route words, the addresses.
+const STRIDE: usize = 5120;
+/// Word offsets inside a slot: the posted number, the answer, the number of copies, their GPU
+/// time (two words), the route words, the addresses, the copies.
 const POSTED: usize = 0;
 const READY: usize = 16;
+const FILLS: usize = 17;
+const FILL_NS: usize = 18;
 const WORDS: usize = 32;
 const ADDRS: usize = 96;
+const COPIES: usize = 384;
+/// Copies one answer can list: every part of every chosen expert.
+pub const MAX_FILLS: usize = 9 * MAX_K;
+/// Device words of one layer's gate: the copies, then three control words (see `moe_gate`).
+const SCRATCH: usize = 440;
+/// Threads of one block of a gate.
+const THREADS: u32 = 512;
 /// The answer's mark of a step the host gave up on.
 const ABORT: u32 = 0x8000_0000;
 /// How long a gate waits for the host before it stops the context (a host that died or hung).
@@ -51,8 +72,15 @@ pub struct Gates {
     dev_addr: u64,
     slots: usize,
     seq: CudaSlice<u32>,
+    /// Each layer's device words (`SCRATCH` a layer).
+    scratch: CudaSlice<u64>,
+    /// Blocks of a gate's grid: one a multiprocessor, so all of them run at once (the others
+    /// wait for block 0).
+    blocks: u32,
     /// The number of the token whose step the host follows now.
     token: u32,
+    /// The slots answered with copies in the current step.
+    filled: Vec<usize>,
 }
 
 // SAFETY: `host` points into `_mem`, which the struct owns; the slots are only touched through
@@ -94,13 +122,22 @@ impl Gates {
         let seq = stream
             .alloc_zeros::<u32>(1)
             .map_err(|e| driver("allocation", e))?;
+        let scratch = stream
+            .alloc_zeros::<u64>(slots.max(1) * SCRATCH)
+            .map_err(|e| driver("allocation", e))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver("device attribute", e))?;
         Ok(Gates {
             _mem: mem,
             host: host.cast(),
             dev_addr,
             slots,
             seq,
+            scratch,
+            blocks: u32::try_from(sms).unwrap_or(1).clamp(1, 1024),
             token: 0,
+            filled: Vec::new(),
         })
     }
 
@@ -133,6 +170,7 @@ impl Gates {
         let stream = dev.cuda_stream();
         let (words, k_u, bump) = (words as u32, k as u32, u32::from(slot == 0));
         let at = self.dev_addr + (slot * STRIDE) as u64;
+        let scratch = self.scratch.slice(slot * SCRATCH..(slot + 1) * SCRATCH);
         let mut b = stream.launch_builder(f.gate);
         b.arg(out)
             .arg(&words)
@@ -141,16 +179,21 @@ impl Gates {
             .arg(&bump)
             .arg(&at)
             .arg(launch)
-            .arg(&TIMEOUT_NS);
+            .arg(&TIMEOUT_NS)
+            .arg(&scratch);
         let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, 1, 1),
+            grid_dim: (self.blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: one warp reads `words` values of `out` (its length) and the counter, writes
-        // words 0..ADDRS of its slot inside the mapped allocation (`slot` < `slots`, checked)
-        // and reads 9·k ≤ 144 addresses from byte 384 (< STRIDE); writes entries below k ≤ 16
-        // of the launch table.
+        // SAFETY: block 0's first warp reads `words` values of `out` (its length) and the
+        // counter, writes words 0..ADDRS of its slot inside the mapped allocation (`slot` <
+        // `slots`, checked), reads 9·k ≤ 144 addresses from byte 384 and at most MAX_FILLS
+        // copies from byte 1536 (their end, 4992, < STRIDE), writes entries below k ≤ 16 of the
+        // launch table and the layer's SCRATCH words. The copies' sources lie in registered
+        // mappings the step keeps registered and their destinations in expert buffers it holds
+        // until it has run (the host's answer; see `answer`). One block a multiprocessor: every
+        // block is resident while the others wait for block 0.
         unsafe { b.launch(cfg) }.map_err(|e| driver("gate kernel", e))?;
         Ok(())
     }
@@ -158,6 +201,7 @@ impl Gates {
     /// Starts following a newly launched step: the number its first gate will post.
     pub fn next_token(&mut self) -> u32 {
         self.token = (self.token + 1) & !ABORT;
+        self.filled.clear();
         self.token
     }
 
@@ -204,12 +248,29 @@ impl Gates {
             .collect())
     }
 
-    /// Answers slot `slot`'s gate with the chosen experts' addresses (router order).
-    pub fn answer(&mut self, slot: usize, entries: &[[Packed; 3]]) -> Result<()> {
-        if slot >= self.slots || entries.len() > MAX_K {
+    /// Answers slot `slot`'s gate with the chosen experts' addresses (router order) and the
+    /// copies the step is to make before they run (their sources and destinations must stay
+    /// valid until the step has run).
+    pub fn answer(&mut self, slot: usize, entries: &[[Packed; 3]], fills: &[Fill]) -> Result<()> {
+        if slot >= self.slots || entries.len() > MAX_K || fills.len() > MAX_FILLS {
             return Err(Error::Input(format!(
                 "internal: gate {slot} answer too long"
             )));
+        }
+        let copies = self.word(slot, COPIES) as *mut u64;
+        for (i, f) in fills.iter().enumerate() {
+            for (j, v) in [f.src, f.dst, f.len].into_iter().enumerate() {
+                // SAFETY: 3·144 words of 8 bytes from byte 1536: inside the slot.
+                unsafe { std::ptr::write_volatile(copies.add(3 * i + j), v) };
+            }
+        }
+        // SAFETY: inside the slot; FILL_NS is 8-byte aligned (byte 72).
+        unsafe {
+            std::ptr::write_volatile(self.word(slot, FILLS), fills.len() as u32);
+            std::ptr::write_volatile(self.word(slot, FILL_NS) as *mut u64, 0);
+        }
+        if !fills.is_empty() {
+            self.filled.push(slot);
         }
         let at = self.word(slot, ADDRS) as *mut u64;
         for (i, e) in entries.iter().enumerate() {
@@ -224,6 +285,17 @@ impl Gates {
         // SAFETY: inside the slot.
         unsafe { std::ptr::write_volatile(self.word(slot, READY), self.token) };
         Ok(())
+    }
+
+    /// The GPU nanoseconds the copies of the step just run took (summed over its gates), once
+    /// it has run; forgets them.
+    pub fn filled_ns(&mut self) -> u64 {
+        let slots = std::mem::take(&mut self.filled);
+        slots
+            .into_iter()
+            // SAFETY: inside the slot; the step has run, so the device wrote it.
+            .map(|s| unsafe { std::ptr::read_volatile(self.word(s, FILL_NS) as *const u64) })
+            .sum()
     }
 
     /// Gives up on the current step from slot `slot` on: each of those gates traps when

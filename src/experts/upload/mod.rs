@@ -111,6 +111,12 @@ pub struct TransferStats {
     pub h2d_wall_seconds: f64,
     /// Wall-clock seconds during which at least one upload (read + copy) was running.
     pub path_wall_seconds: f64,
+    /// Bytes a gated decode step copied itself (the gates' loads from the registered
+    /// mappings, inside the step; not in `h2d_bytes`).
+    pub step_bytes: u64,
+    /// GPU seconds those copies took (the device's global timer, from a gate's answer to its
+    /// last block's end), summed over gates.
+    pub step_seconds: f64,
 }
 
 impl TransferStats {
@@ -126,9 +132,16 @@ impl TransferStats {
         (self.dma_seconds > 0.0).then(|| self.h2d_bytes as f64 / self.dma_seconds)
     }
 
-    /// Rate of the whole miss path: bytes read over the wall time uploads were running.
+    /// Rate of the whole miss path: bytes read over the wall time uploads were running (the
+    /// bytes a step copied itself left out: their uploads only allocate).
     pub fn path_rate(&self) -> Option<f64> {
-        (self.path_wall_seconds > 0.0).then(|| self.read_bytes as f64 / self.path_wall_seconds)
+        let bytes = self.read_bytes.saturating_sub(self.step_bytes);
+        (self.path_wall_seconds > 0.0 && bytes > 0).then(|| bytes as f64 / self.path_wall_seconds)
+    }
+
+    /// Rate of the copies gated steps made themselves (bytes over their GPU time).
+    pub fn step_rate(&self) -> Option<f64> {
+        (self.step_seconds > 0.0).then(|| self.step_bytes as f64 / self.step_seconds)
     }
 
     /// The counters accumulated since `before` was taken.
@@ -143,6 +156,8 @@ impl TransferStats {
             read_wall_seconds: self.read_wall_seconds - before.read_wall_seconds,
             h2d_wall_seconds: self.h2d_wall_seconds - before.h2d_wall_seconds,
             path_wall_seconds: self.path_wall_seconds - before.path_wall_seconds,
+            step_bytes: self.step_bytes.saturating_sub(before.step_bytes),
+            step_seconds: self.step_seconds - before.step_seconds,
         }
     }
 }
@@ -240,6 +255,9 @@ struct Counters {
     read_wall: BusyClock,
     h2d_wall: BusyClock,
     path_wall: BusyClock,
+    step_bytes: AtomicU64,
+    /// GPU nanoseconds of the copies gated steps made (added once each step has run).
+    step_ns: std::sync::Arc<AtomicU64>,
 }
 
 /// Moves expert bytes to the compute device.
@@ -376,6 +394,8 @@ impl Uploader {
             read_wall_seconds: c.read_wall.seconds(),
             h2d_wall_seconds: c.h2d_wall.seconds(),
             path_wall_seconds: c.path_wall.seconds(),
+            step_bytes: c.step_bytes.load(Ordering::Relaxed),
+            step_seconds: c.step_ns.load(Ordering::Relaxed) as f64 * 1e-9,
         }
     }
 
@@ -475,7 +495,30 @@ impl Uploader {
         let kernels = self.kernels(dev)?;
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
         self.counters.path_wall.time(|| {
-            let (mut lane, srcs, _held) = self.stage(dev, parts, read, true)?;
+            let (mut lane, srcs, held) = self.stage(dev, parts, read, true)?;
+            // A gated step collecting copies makes this one itself (see `fills`).
+            if let Some(reg) =
+                held.filter(|_| srcs.iter().all(|s| s.dev != 0) && fills::wants(srcs.len()))
+            {
+                let out = lane.alloc_for(&srcs).and_then(|(buf, dsts)| {
+                    let list = srcs
+                        .iter()
+                        .zip(dsts)
+                        .map(|(s, dst)| Fill {
+                            src: s.dev,
+                            dst,
+                            len: s.len as u64,
+                        })
+                        .collect();
+                    fills::defer(list, reg, &self.counters.step_ns);
+                    let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
+                    self.counters.step_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    let fused = self.gpu_fused.load(Ordering::Relaxed);
+                    DevicePacked::new(dev.clone(), kernels, buf, parts, *projs, fused)
+                });
+                self.return_lane(lane);
+                return out;
+            }
             let out = self
                 .timed_copy(parts, || lane.copy_in(&srcs, true))
                 .and_then(|buf| {
@@ -489,10 +532,10 @@ impl Uploader {
     }
 
     /// Takes a lane with room for `parts` and puts their host bytes where its copies take
-    /// them: straight in the registered mappings when every part lies there (aligned for its
-    /// element type), else read into the lane's staging buffer. Returns the lane, the sources
-    /// (one per part; a staged expert as one source when `whole`) and the registration they
-    /// point into, to be held until the copies are done.
+    /// them: straight in the registered mappings when every part lies there (for a typed copy,
+    /// `!whole`, aligned for its element type), else read into the lane's staging buffer.
+    /// Returns the lane, the sources (one per part; a staged expert as one source when
+    /// `whole`) and the registration they point into, to be held until the copies are done.
     #[cfg(feature = "cuda")]
     #[allow(clippy::type_complexity)]
     fn stage(
@@ -513,11 +556,13 @@ impl Uploader {
                 .iter()
                 .map(|p| {
                     let b = reg.host(&p.range)?;
-                    (b.as_ptr() as usize)
-                        .is_multiple_of(p.dtype.size_in_bytes())
+                    // Bytes copied as bytes (`whole`) may start anywhere (an MLX safetensors
+                    // header is unpadded); a typed copy needs its element type's alignment.
+                    (whole || (b.as_ptr() as usize).is_multiple_of(p.dtype.size_in_bytes()))
                         .then_some(cuda::Src {
                             ptr: b.as_ptr(),
                             len: b.len(),
+                            dev: reg.device(&p.range).unwrap_or(0),
                         })
                 })
                 .collect();
@@ -640,12 +685,16 @@ pub fn keep_pool_memory(device: &Device) {
 #[cfg(feature = "cuda")]
 pub use cuda::DevicePacked;
 #[cfg(feature = "cuda")]
-pub use gates::Gates;
+pub use fills::{collect as collect_step_fills, Collector, Fill, FillHold};
+#[cfg(feature = "cuda")]
+pub use gates::{Gates, MAX_FILLS};
 #[cfg(feature = "cuda")]
 pub use routed::{ResidentLayer, RouteRule};
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(any(feature = "cuda", test))]
+mod fills;
 #[cfg(feature = "cuda")]
 mod fused;
 #[cfg(feature = "cuda")]
