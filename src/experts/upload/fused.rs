@@ -279,35 +279,29 @@ return t;
 // start at any byte), each 8-byte word of `dst` from the two aligned source words it straddles,
 // the second shuffled over from the next lane (only aligned words holding bytes of the range are
 // read: none crosses a page past it); the rest byte by byte.
+template <typename W>
+__device__ __forceinline__ unsigned long long gate_words(const unsigned char* src,
+unsigned char* dst, unsigned long long len, unsigned long long tid, unsigned long long stride) {
+const W* s = (const W*)src;
+W* d = (W*)dst;
+unsigned long long w = len / sizeof(W), i = tid;
+for (; i + 3ull * stride < w; i += 4ull * stride) {
+    W p = s[i], q = s[i + stride], r = s[i + 2ull * stride], u = s[i + 3ull * stride];
+    d[i] = p; d[i + stride] = q; d[i + 2ull * stride] = r; d[i + 3ull * stride] = u;
+}
+for (; i < w; i += stride) d[i] = s[i];
+return w * sizeof(W);
+}
+
 __device__ __forceinline__ void gate_fill(const unsigned char* src, unsigned char* dst,
 unsigned long long len, unsigned long long tid, unsigned long long stride) {
 unsigned long long a = (unsigned long long)src | (unsigned long long)dst, done = 0ull;
 if ((a & 15ull) == 0ull) {
-    const uint4* s = (const uint4*)src;
-    uint4* d = (uint4*)dst;
-    unsigned long long w = len / 16ull, i = tid;
-    for (; i + 3ull * stride < w; i += 4ull * stride) {
-        uint4 p = s[i], q = s[i + stride], r = s[i + 2ull * stride], u = s[i + 3ull * stride];
-        d[i] = p; d[i + stride] = q; d[i + 2ull * stride] = r; d[i + 3ull * stride] = u;
-    }
-    for (; i < w; i += stride) d[i] = s[i];
-    done = w * 16ull;
+    done = gate_words<uint4>(src, dst, len, tid, stride);
 } else if ((a & 7ull) == 0ull) {
-    const uint2* s = (const uint2*)src;
-    uint2* d = (uint2*)dst;
-    unsigned long long w = len / 8ull, i = tid;
-    for (; i + 3ull * stride < w; i += 4ull * stride) {
-        uint2 p = s[i], q = s[i + stride], r = s[i + 2ull * stride], u = s[i + 3ull * stride];
-        d[i] = p; d[i + stride] = q; d[i + 2ull * stride] = r; d[i + 3ull * stride] = u;
-    }
-    for (; i < w; i += stride) d[i] = s[i];
-    done = w * 8ull;
+    done = gate_words<uint2>(src, dst, len, tid, stride);
 } else if ((a & 3ull) == 0ull) {
-    const unsigned int* s = (const unsigned int*)src;
-    unsigned int* d = (unsigned int*)dst;
-    unsigned long long w = len / 4ull;
-    for (unsigned long long i = tid; i < w; i += stride) d[i] = s[i];
-    done = w * 4ull;
+    done = gate_words<unsigned int>(src, dst, len, tid, stride);
 } else if ((((unsigned long long)dst) & 7ull) == 0ull) {
     unsigned long long r = (unsigned long long)src & 7ull;
     unsigned int sh = 8u * (unsigned int)r, lane = threadIdx.x & 31u;
