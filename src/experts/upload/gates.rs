@@ -13,7 +13,7 @@
 //! crossings of the link (the posted number, the answer), a miss its load besides.
 //!
 //! A chosen expert the cache loads inside the step need not be copied by the host: with
-//! [`super::StepFills`] collecting, a miss whose bytes lie in the registered shard mappings gets
+//! [`super::fills`] collecting, a miss whose bytes lie in the registered shard mappings gets
 //! its device buffer and no copy, and the answer lists the copies instead (source in mapped
 //! host memory, destination, bytes). Every block of the gate's grid then copies them, reading
 //! the page cache's pages over the link with the GPU's own loads, before the layer's experts
