@@ -22,6 +22,7 @@ MODULES = {
     "fused": ("src/experts/upload/fused.rs", ["FUSED_SRC"]),
     "mla": ("src/models/mla_cuda.rs", ["SRC"]),
     "argmax": ("src/models/argmax_cuda.rs", ["SRC"]),
+    "fill": ("src/experts/upload/fused.rs", ["FILL_SRC"]),
 }
 
 base = sources("src/weights/cuda/mod.rs")

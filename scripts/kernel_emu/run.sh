@@ -18,7 +18,7 @@ build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 python3 "$here/gen.py" "$build" || exit 1
 fail=0
-for t in matrix fused mla argmax; do
+for t in matrix fused mla argmax fill; do
   g++ -std=c++17 -O2 -w -I"$hip/include" -I"$here" -I"$build" "$here/t_$t.cpp" -o "$build/t_$t" -ltbb -pthread || { echo "kernel_emu: $t does not compile" >&2; exit 1; }
   i=0
   while true; do

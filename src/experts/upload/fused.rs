@@ -264,21 +264,15 @@ if (lane == 0u) {
 }
 "#;
 
-/// `moe_gate`: the host's turn inside a captured decode step whose experts may miss (see
-/// [`super::gates`]).
-const GATE_SRC: &str = r#"
-__device__ __forceinline__ unsigned long long gate_now() {
-unsigned long long t;
-asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-return t;
-}
-
+/// `gate_fill`: the copies a gate makes (see [`super::gates`]); its own source so that
+/// `scripts/kernel_emu` can run it on the CPU.
+const FILL_SRC: &str = r#"
 // Copies `len` bytes from `src` to `dst` with every thread of the grid (thread `tid` of
-// `stride`, a multiple of 32), in 16-, 8- or 4-byte words where both addresses allow; where
-// only `dst` is 8-byte aligned (MLX writes its safetensors header unpadded, so a tensor may
-// start at any byte), each 8-byte word of `dst` from the two aligned source words it straddles,
-// the second shuffled over from the next lane (only aligned words holding bytes of the range are
-// read: none crosses a page past it); the rest byte by byte.
+// `stride`, a multiple of the block size), in 16-, 8- or 4-byte words where both addresses
+// allow; where only `dst` is 8-byte aligned (MLX writes its safetensors header unpadded, so a
+// tensor may start at any byte), each 8-byte word of `dst` from the two aligned source words
+// it straddles, the second shuffled over from the next lane (only aligned words holding bytes
+// of the range are read: none crosses a page past it); the rest byte by byte.
 template <typename W>
 __device__ __forceinline__ unsigned long long gate_words(const unsigned char* src,
 unsigned char* dst, unsigned long long len, unsigned long long tid, unsigned long long stride) {
@@ -308,8 +302,9 @@ if ((a & 15ull) == 0ull) {
     const unsigned long long* s = (const unsigned long long*)(src - r);
     unsigned long long* d = (unsigned long long*)dst;
     unsigned long long w = len / 8ull;
-    for (unsigned long long b = tid - lane; b < w; b += stride) {
-        unsigned long long i = b + lane;
+    // Block-uniform trip count (every lane of a warp takes part in each shuffle).
+    for (unsigned long long b = tid - threadIdx.x; b < w; b += stride) {
+        unsigned long long i = b + threadIdx.x;
         unsigned long long lo = i <= w ? s[i] : 0ull;
         unsigned long long hi = __shfl_down_sync(0xffffffffu, lo, 1);
         if (lane == 31u) hi = i + 1ull <= w ? s[i + 1ull] : 0ull;
@@ -318,6 +313,16 @@ if ((a & 15ull) == 0ull) {
     done = w * 8ull;
 }
 for (unsigned long long i = done + tid; i < len; i += stride) dst[i] = src[i];
+}
+"#;
+
+/// `moe_gate`: the host's turn inside a captured decode step whose experts may miss (see
+/// [`super::gates`]).
+const GATE_SRC: &str = r#"
+__device__ __forceinline__ unsigned long long gate_now() {
+unsigned long long t;
+asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+return t;
 }
 
 // One MoE layer's gate. The token's number is the device counter `seq` (advanced by the step's
@@ -496,7 +501,7 @@ pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
     static WARNED: std::sync::Once = std::sync::Once::new();
     let f = KERNELS.get_or_warn(
         dev,
-        || format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}{ROUTE_SRC}{GATE_SRC}"),
+        || format!("{SCALE_SRC}{ROW_DOT_SRC}{FUSED_SRC}{ROUTE_SRC}{FILL_SRC}{GATE_SRC}"),
         &[
             "moe_gate_up",
             "moe_down",
