@@ -501,6 +501,10 @@ impl Uploader {
                 held.filter(|_| srcs.iter().all(|s| s.dev != 0) && fills::wants(srcs.len()))
             {
                 let out = lane.alloc_for(&srcs).and_then(|(buf, dsts)| {
+                    let fused = self.gpu_fused.load(Ordering::Relaxed);
+                    let packed =
+                        DevicePacked::new(dev.clone(), kernels, buf, parts, *projs, fused)?;
+                    // Handed on only once the expert owns its buffer (the copies write into it).
                     let list = srcs
                         .iter()
                         .zip(dsts)
@@ -513,8 +517,7 @@ impl Uploader {
                     fills::defer(list, reg, &self.counters.step_ns);
                     let bytes: u64 = parts.iter().map(|p| p.range.len).sum();
                     self.counters.step_bytes.fetch_add(bytes, Ordering::Relaxed);
-                    let fused = self.gpu_fused.load(Ordering::Relaxed);
-                    DevicePacked::new(dev.clone(), kernels, buf, parts, *projs, fused)
+                    Ok(packed)
                 });
                 self.return_lane(lane);
                 return out;
