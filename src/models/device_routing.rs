@@ -441,17 +441,12 @@ impl Session<'_> {
         experts: &[Arc<ExpertWeights>],
         fills: &[Fill],
     ) -> Result<()> {
-        let state = &mut *self.state;
-        let table = state.gated[layer]
+        let entries = self.state.gated[layer]
             .as_ref()
-            .ok_or_else(|| Error::Input("internal: a MoE layer without gated tables".into()))?;
-        let entries = table.addresses(experts)?;
-        state.held.extend(experts.iter().cloned());
-        state
-            .gates
-            .as_mut()
-            .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))?
-            .answer(slot, &entries, fills)
+            .ok_or_else(|| Error::Input("internal: a MoE layer without gated tables".into()))?
+            .addresses(experts)?;
+        self.state.held.extend(experts.iter().cloned());
+        self.gates_mut()?.answer(slot, &entries, fills)
     }
 
     /// Drops the experts the gates of the step were answered with, once it has run, and

@@ -551,7 +551,7 @@ impl Lane {
         self.stream
             .synchronize()
             .map_err(|e| driver("copy stream", e))?;
-        let (base, _sync) = buf.device_ptr(&self.stream);
+        let (base, guard) = buf.device_ptr(&self.stream);
         let mut off = 0u64;
         let dsts = srcs
             .iter()
@@ -561,7 +561,7 @@ impl Lane {
                 d
             })
             .collect();
-        drop(_sync);
+        drop(guard);
         Ok((buf, dsts))
     }
 
