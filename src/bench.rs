@@ -149,6 +149,9 @@ pub struct BenchRow {
     /// from a second, profiled pass over the measured prompts (the device synchronized at every
     /// part boundary, so its total exceeds `1000 / decode_tps`).
     pub decode_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
+    /// Where the gates of gated decode steps spent their time in this cell (CUDA lazy cells run
+    /// from a graph; `None` where no gate ran).
+    pub gate_times: Option<crate::models::fallback::GateTimes>,
 }
 
 /// The report of one `harness bench` run.
@@ -528,6 +531,7 @@ fn measure(
         storage_bound_tps: None,
         storage_bound_fraction: None,
         decode_ms_by_part: None,
+        gate_times: Some(after.gates.since(&before.gates)).filter(|g| g.gates > 0),
     }
 }
 
@@ -682,6 +686,9 @@ pub fn format_report(r: &BenchReport) -> String {
             f2(row.prefetch_hidden),
         ));
     }
+    if r.rows.iter().any(|row| row.gate_times.is_some()) {
+        out.push_str(&gate_table(&r.rows));
+    }
     let parts = crate::models::profile::PARTS.iter().chain(&["total"]);
     if r.rows.iter().any(|row| row.decode_ms_by_part.is_some()) {
         out.push_str(if crate::models::profile::host_only() {
@@ -703,6 +710,36 @@ pub fn format_report(r: &BenchReport) -> String {
                 out.push('\n');
             }
         }
+    }
+    out
+}
+
+/// The gated cells' gate times: per gate, microseconds from its start to its post (`post`),
+/// waiting for the host's answer (`wait`: the host's turn, `host`, and the rest, `link`: the
+/// post and the answer crossing the link and being noticed), from the answer to its end
+/// (`after`: addresses, the step's own copies, the grid's end) and from its end to the next
+/// gate (`between`: the layer's compute); `in gates` = milliseconds per token inside gates.
+fn gate_table(rows: &[BenchRow]) -> String {
+    let mut out = format!(
+        "gated decode steps, microseconds per gate (GPU global timer; host: its own clock)\n{:<18} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>11}\n",
+        "cell", "gates/t", "post", "wait", "host", "link", "after", "between", "in gates ms/t"
+    );
+    for row in rows {
+        let Some(g) = &row.gate_times else { continue };
+        let us = |ns: u64| ns as f64 / 1e3 / g.gates as f64;
+        let inside = (g.post_ns + g.wait_ns + g.after_ns) as f64 / 1e6;
+        out.push_str(&format!(
+            "{:<18} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>11.3}\n",
+            row.cell,
+            g.gates as f64 / row.decode_tokens.max(1) as f64,
+            us(g.post_ns),
+            us(g.wait_ns),
+            us(g.host_ns),
+            us(g.wait_ns.saturating_sub(g.host_ns)),
+            us(g.after_ns),
+            us(g.between_ns),
+            inside / row.decode_tokens.max(1) as f64,
+        ));
     }
     out
 }

@@ -144,6 +144,8 @@ pub struct EngineStats {
     /// Prompt steps (token × MoE layer) whose routed experts ran expert by expert over the
     /// prompt's tokens (CPU prefill where the budget holds every expert of the layer).
     pub prompt_steps_by_expert: u64,
+    /// Where gated decode steps' gates spent their time (process-wide, cumulative; CUDA).
+    pub gates: crate::models::fallback::GateTimes,
 }
 
 /// Result of [`Engine::generate`].
@@ -378,8 +380,14 @@ impl Engine {
             let g = crate::models::fallback::graph_counts();
             label += &format!(
                 ", graph {} ({} captures, {} tokens from a graph, {} of them queued ahead, {} \
-                 with gates, {} misses copied by the gates)",
-                self.cfg.gpu_graph, g.captures, g.tokens, g.ahead, g.gated, g.gate_copies
+                 with gates, {} of their {} misses copied by the gates)",
+                self.cfg.gpu_graph,
+                g.captures,
+                g.tokens,
+                g.ahead,
+                g.gated,
+                g.gate_copies,
+                g.gated_misses
             );
             if let Some(ms) = g.gpu_ms {
                 // Against the token's whole time, the host's share between launches.
@@ -516,6 +524,7 @@ impl Engine {
             transfer: self.store.transfer_stats(),
             low_bit_bytes: self.low.as_ref().map_or(0, |(_, s)| s.bytes_read()),
             prompt_steps_by_expert: self.by_expert,
+            gates: crate::models::fallback::gate_times_so_far(),
         }
     }
 

@@ -413,6 +413,12 @@ impl Session<'_> {
         let mut w = self.gates_mut()?.wait(slot, words, alive)?;
         w.resize(4 * k, 0);
         let (route, prediction) = self.parse(layer, next, &w)?;
+        // The chosen experts not held as the step begins: the misses the gate may copy.
+        let held = access.gated_layer(layer as u32).unwrap_or_default();
+        let missing = (route.experts.iter())
+            .filter(|&&e| held.get(e as usize).is_none_or(Option::is_none))
+            .count();
+        super::fallback::gated_misses(missing as u64);
         access.begin_step(layer as u32, pos0, &route, prediction)?;
         let mut fetched = Vec::with_capacity(k);
         for &expert in &route.experts {
@@ -450,11 +456,12 @@ impl Session<'_> {
     }
 
     /// Drops the experts the gates of the step were answered with, once it has run, and
-    /// counts the GPU time of the copies it made.
+    /// counts the GPU time of the copies it made and where its gates' time went.
     pub(super) fn release(&mut self) {
         let state = &mut *self.state;
         if let Some(g) = state.gates.as_mut() {
             state.fills.add_ns(g.filled_ns());
+            super::fallback::gate_times(&g.times());
         }
         state.fills = FillHold::default();
         state.held.clear();

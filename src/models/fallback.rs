@@ -70,6 +70,14 @@ pub fn gate_copies(n: u64) {
     GATE_COPIES.fetch_add(n, Relaxed);
 }
 
+static GATED_MISSES: AtomicU64 = AtomicU64::new(0);
+
+/// `n` experts chosen at a gate were not held when the host began the gate's step (the misses
+/// the gates may copy; one a prefetch already loads is counted too).
+pub fn gated_misses(n: u64) {
+    GATED_MISSES.fetch_add(n, Relaxed);
+}
+
 static GRAPH_GPU_NS: AtomicU64 = AtomicU64::new(0);
 static GRAPH_TIMED: AtomicU64 = AtomicU64::new(0);
 
@@ -96,6 +104,8 @@ pub struct GraphCounts {
     pub gated: u64,
     /// Missed experts those gates copied themselves.
     pub gate_copies: u64,
+    /// Experts chosen at those gates that were not held when their step began.
+    pub gated_misses: u64,
     /// Their mean time on the GPU (`None` if none was timed).
     pub gpu_ms: Option<f64>,
 }
@@ -110,6 +120,68 @@ pub fn graph_counts() -> GraphCounts {
         ahead: GRAPH_AHEAD.load(Relaxed),
         gated: GRAPH_GATED.load(Relaxed),
         gate_copies: GATE_COPIES.load(Relaxed),
+        gated_misses: GATED_MISSES.load(Relaxed),
         gpu_ms: (timed > 0).then(|| ns / 1e6 / timed as f64),
     }
+}
+
+/// Where the time of gated decode steps' gates went (`experts::upload::Gates`), summed over
+/// every gate run since the process started: the device's global timer for the GPU's parts,
+/// the host's clock for its turn. Durations only, so the two clocks never meet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct GateTimes {
+    /// Gates run (MoE layers of gated steps).
+    pub gates: u64,
+    /// Nanoseconds from a gate's start to its posting the routes (publishing the route words).
+    pub post_ns: u64,
+    /// Nanoseconds the GPU waited for the host's answer (from the post to seeing the answer).
+    pub wait_ns: u64,
+    /// Of those, nanoseconds of the host's turn (from seeing the post to writing the answer:
+    /// the cache's step and any misses loaded on the host's thread).
+    pub host_ns: u64,
+    /// Nanoseconds from the answer to the gate's end (the addresses read, the step's own copies
+    /// of misses, the grid's end).
+    pub after_ns: u64,
+    /// Nanoseconds between one gate's end and the next gate's start in the same step (the
+    /// layer's attention, router and experts).
+    pub between_ns: u64,
+}
+
+impl GateTimes {
+    /// The times accumulated since `before` was taken.
+    pub fn since(&self, before: &GateTimes) -> GateTimes {
+        GateTimes {
+            gates: self.gates.saturating_sub(before.gates),
+            post_ns: self.post_ns.saturating_sub(before.post_ns),
+            wait_ns: self.wait_ns.saturating_sub(before.wait_ns),
+            host_ns: self.host_ns.saturating_sub(before.host_ns),
+            after_ns: self.after_ns.saturating_sub(before.after_ns),
+            between_ns: self.between_ns.saturating_sub(before.between_ns),
+        }
+    }
+}
+
+static GATE_TIMES: std::sync::Mutex<GateTimes> = std::sync::Mutex::new(GateTimes {
+    gates: 0,
+    post_ns: 0,
+    wait_ns: 0,
+    host_ns: 0,
+    after_ns: 0,
+    between_ns: 0,
+});
+
+/// Adds one gated step's gate times.
+pub fn gate_times(t: &GateTimes) {
+    let mut g = GATE_TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    g.gates += t.gates;
+    g.post_ns += t.post_ns;
+    g.wait_ns += t.wait_ns;
+    g.host_ns += t.host_ns;
+    g.after_ns += t.after_ns;
+    g.between_ns += t.between_ns;
+}
+
+/// The gate times so far ([`GateTimes`]).
+pub fn gate_times_so_far() -> GateTimes {
+    *GATE_TIMES.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -333,11 +333,14 @@ return t;
 // down per chosen expert, router order); copies those and the weights into entries 0..k of
 // the fused launch's table. An answer with the top bit set (the host failed) or no answer
 // within `timeout_ns` stops the step: the kernel traps, and no later launch of the context
-// runs. The answer also gives slot[17] copies (source, destination, bytes: three words each
-// at byte 1536) for the chosen experts the host did not copy itself: block 0 moves them to
-// `scratch` (the layer's device words: the copies, then three control words) and publishes
-// their count; every block then copies them from host memory, and the last block to finish
-// writes the copies' GPU time (ns) at byte 72 of the slot and resets the control words.
+// runs. The answer's 8-byte word also gives (slot[17]) copies (source, destination, bytes:
+// three words each at byte 1536) for the chosen experts the host did not copy itself: block
+// 0 moves them to `scratch` (the layer's device words: the copies, then three control words)
+// and publishes their count; every block then copies them from host memory, and the last
+// block to finish writes the copies' GPU time (ns) at byte 72 of the slot and resets the
+// control words. Timestamps at byte 80: start, post, answer seen, end (the last block).
+// Reads of host memory cross the link, so each is one round trip: the answer is one load,
+// the addresses one batch.
 extern "C" __global__ void moe_gate(
 const unsigned int* out, unsigned int words, unsigned int k, unsigned int* seq,
 unsigned int bump, volatile unsigned int* slot, Experts* launch,
@@ -346,6 +349,7 @@ __shared__ unsigned int token;
 __shared__ unsigned int n;
 volatile unsigned long long* ctl = scratch + 432u;
 unsigned int t = threadIdx.x;
+unsigned long long t_start = gate_now();
 if (blockIdx.x == 0u) {
     if (t < 32u) {
         unsigned int lane = t;
@@ -357,28 +361,36 @@ if (blockIdx.x == 0u) {
         __syncwarp();
         unsigned int v = token;
         for (unsigned int i = lane; i < words; i += 32u) slot[32u + i] = out[i];
+        volatile unsigned long long* stamps = (volatile unsigned long long*)(slot + 20u);
+        if (lane == 0u) { stamps[0] = t_start; stamps[1] = gate_now(); }
         __threadfence_system();
         __syncwarp();
         if (lane == 0u) {
             slot[0] = v;
             __threadfence_system();
             unsigned long long t0 = gate_now();
-            unsigned int r = slot[16];
-            while (r != v) {
-                if (r == (v | 0x80000000u) || gate_now() - t0 > timeout_ns) __trap();
-                r = slot[16];
+            const volatile unsigned long long* ready = (const volatile unsigned long long*)(slot + 16u);
+            unsigned long long r = *ready;
+            while ((unsigned int)r != v) {
+                if ((unsigned int)r == (v | 0x80000000u) || gate_now() - t0 > timeout_ns) __trap();
+                r = *ready;
             }
+            n = min((unsigned int)(r >> 32), 144u);
+            stamps[2] = gate_now();
         }
         __syncwarp();
         __threadfence_system();
-        const volatile unsigned long long* e = (const volatile unsigned long long*)(slot + 96u);
-        for (unsigned int i = lane; i < 9u * k; i += 32u) {
-            unsigned int x = i / 9u, m = (i / 3u) % 3u;
+        const unsigned long long* e = (const unsigned long long*)(slot + 96u);
+        unsigned long long a[5];  // 9·k ≤ 144 addresses: all loads issued, then stored
+#pragma unroll
+        for (unsigned int j = 0u; j < 5u; j++) a[j] = lane + 32u * j < 9u * k ? __ldcv(e + lane + 32u * j) : 0ull;
+#pragma unroll
+        for (unsigned int j = 0u; j < 5u; j++) {
+            unsigned int i = lane + 32u * j, x = i / 9u, m = (i / 3u) % 3u;
             Packed* p = m == 0u ? &launch->gate[x] : m == 1u ? &launch->up[x] : &launch->down[x];
-            ((unsigned long long*)p)[i % 3u] = e[i];
+            if (i < 9u * k) ((unsigned long long*)p)[i % 3u] = a[j];
         }
         for (unsigned int i = lane; i < k; i += 32u) launch->w[i] = __uint_as_float(out[k + i]);
-        if (lane == 0u) n = min(slot[17], 144u);
     }
     __syncthreads();
     const volatile unsigned long long* h = (const volatile unsigned long long*)(slot + 384u);
@@ -410,10 +422,10 @@ if (t == 0u) {
     __threadfence();
     unsigned long long a = atomicAdd((unsigned long long*)(scratch + 433u), 1ull);
     if (a + 1ull == (unsigned long long)gridDim.x) {
-        if (n > 0u) {
-            *(volatile unsigned long long*)(slot + 18u) = gate_now() - ctl[2];
-            __threadfence_system();
-        }
+        unsigned long long end = gate_now();
+        if (n > 0u) *(volatile unsigned long long*)(slot + 18u) = end - ctl[2];
+        *(volatile unsigned long long*)(slot + 26u) = end;
+        __threadfence_system();
         ctl[1] = 0ull;
         ctl[0] = 0ull;
     }
@@ -427,23 +439,12 @@ pub(super) const ENTRIES: usize = MAX_K + 1;
 /// The entries of one launch: device addresses of each projection and the weights (the
 /// kernels' `Experts` struct, passed by value or read from device memory).
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub(super) struct Table {
     pub(super) gate: [Packed; ENTRIES],
     pub(super) up: [Packed; ENTRIES],
     pub(super) down: [Packed; ENTRIES],
     pub(super) w: [f32; ENTRIES],
-}
-
-impl Default for Table {
-    fn default() -> Self {
-        Table {
-            gate: [Packed::default(); ENTRIES],
-            up: [Packed::default(); ENTRIES],
-            down: [Packed::default(); ENTRIES],
-            w: [0.0; ENTRIES],
-        }
-    }
 }
 
 // SAFETY: plain-old-data with the C layout of the kernels' `Experts`.

@@ -21,8 +21,10 @@
 //! host. The last block writes the copies' GPU time into the slot, which the host reads once
 //! the step has run ([`Gates::filled_ns`]).
 //!
-//! A slot (`STRIDE` bytes) holds the posted number (byte 0), the answer (byte 64), the number
-//! of copies (byte 68), their GPU time (byte 72), the route words (byte 128: ids, weight bits,
+//! A slot (`STRIDE` bytes) holds the posted number (byte 0), the answer (byte 64) with the
+//! number of copies (byte 68; one 8-byte word, so one read of the link gives both), their GPU
+//! time (byte 72), the gate's timestamps (byte 80: start, post, answer seen, end; see
+//! [`Gates::times`]), the route words (byte 128: ids, weight bits,
 //! then any lookahead prediction's ids and weights), the chosen experts' addresses (byte 384:
 //! gate, up, down of each, router order) and the copies (byte 1536). The token's number lives
 //! in device memory; the step's first gate advances it, and the host keeps the same count
@@ -43,12 +45,13 @@ use crate::weights::cuda::Packed;
 
 /// Bytes of one MoE layer's slot.
 const STRIDE: usize = 5120;
-/// Word offsets inside a slot: the posted number, the answer, the number of copies, their GPU
-/// time (two words), the route words, the addresses, the copies.
+/// Word offsets inside a slot: the posted number, the answer (the number of copies in the
+/// next word), their GPU time (two words), the timestamps (four 8-byte words), the route
+/// words, the addresses, the copies.
 const POSTED: usize = 0;
 const READY: usize = 16;
-const FILLS: usize = 17;
 const FILL_NS: usize = 18;
+const STAMPS: usize = 20;
 const WORDS: usize = 32;
 const ADDRS: usize = 96;
 const COPIES: usize = 384;
@@ -81,6 +84,10 @@ pub struct Gates {
     token: u32,
     /// The slots answered with copies in the current step.
     filled: Vec<usize>,
+    /// Nanoseconds of the host's turns in the current step (from a post seen to its answer).
+    host_ns: u64,
+    /// When the host saw the post it is answering now.
+    seen: Option<std::time::Instant>,
 }
 
 // SAFETY: `host` points into `_mem`, which the struct owns; the slots are only touched through
@@ -138,6 +145,8 @@ impl Gates {
             blocks: u32::try_from(sms).unwrap_or(1).clamp(1, 1024),
             token: 0,
             filled: Vec::new(),
+            host_ns: 0,
+            seen: None,
         })
     }
 
@@ -202,6 +211,7 @@ impl Gates {
     pub fn next_token(&mut self) -> u32 {
         self.token = (self.token + 1) & !ABORT;
         self.filled.clear();
+        self.host_ns = 0;
         self.token
     }
 
@@ -215,7 +225,7 @@ impl Gates {
     /// words. `alive` is asked now and then while waiting: an error (the step failed on the
     /// device) ends the wait.
     pub fn wait(
-        &self,
+        &mut self,
         slot: usize,
         words: usize,
         mut alive: impl FnMut() -> Result<()>,
@@ -242,6 +252,7 @@ impl Gates {
             std::hint::spin_loop();
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        self.seen = Some(std::time::Instant::now());
         // SAFETY: words WORDS.. WORDS + words of the slot, written before the posted number.
         Ok((0..words)
             .map(|i| unsafe { std::ptr::read_volatile(self.word(slot, WORDS + i)) })
@@ -265,10 +276,7 @@ impl Gates {
             }
         }
         // SAFETY: inside the slot; FILL_NS is 8-byte aligned (byte 72).
-        unsafe {
-            std::ptr::write_volatile(self.word(slot, FILLS), fills.len() as u32);
-            std::ptr::write_volatile(self.word(slot, FILL_NS) as *mut u64, 0);
-        }
+        unsafe { std::ptr::write_volatile(self.word(slot, FILL_NS) as *mut u64, 0) };
         if !fills.is_empty() {
             self.filled.push(slot);
         }
@@ -282,9 +290,40 @@ impl Gates {
             }
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        // SAFETY: inside the slot.
-        unsafe { std::ptr::write_volatile(self.word(slot, READY), self.token) };
+        // The answer and the number of copies in one store (the gate reads them in one load).
+        let ready = (fills.len() as u64) << 32 | u64::from(self.token);
+        // SAFETY: inside the slot; READY is 8-byte aligned (byte 64).
+        unsafe { std::ptr::write_volatile(self.word(slot, READY) as *mut u64, ready) };
+        if let Some(t) = self.seen.take() {
+            self.host_ns += t.elapsed().as_nanos() as u64;
+        }
         Ok(())
+    }
+
+    /// Where the time of the step just run went, gate by gate (its timestamps; see
+    /// [`crate::models::fallback::GateTimes`]), once it has run.
+    pub fn times(&self) -> crate::models::fallback::GateTimes {
+        let mut t = crate::models::fallback::GateTimes {
+            gates: self.slots as u64,
+            host_ns: self.host_ns,
+            ..Default::default()
+        };
+        let mut end = None;
+        for s in 0..self.slots {
+            // SAFETY: four 8-byte words from byte 80 of the slot; the step has run, so the
+            // device wrote them.
+            let [t0, post, seen, done] = [0, 1, 2, 3].map(|i| unsafe {
+                std::ptr::read_volatile((self.word(s, STAMPS) as *const u64).add(i))
+            });
+            t.post_ns += post.saturating_sub(t0);
+            t.wait_ns += seen.saturating_sub(post);
+            t.after_ns += done.saturating_sub(seen);
+            if let Some(e) = end {
+                t.between_ns += t0.saturating_sub(e);
+            }
+            end = Some(done);
+        }
+        t
     }
 
     /// The GPU nanoseconds the copies of the step just run took (summed over its gates), once
