@@ -4,7 +4,7 @@ compile fails here, on a machine without a GPU (CI), instead of at a GPU user's 
 
 Each `KernelSet` call in src/ names its source as `|| format!("{A}{B}…")` or
 `|| NAME.to_string()` and its kernels as `&["k1", "k2", …]`; the constants are the file's own
-or the shared ones of src/weights/cuda/mod.rs. Every file with a `__global__` kernel in a raw
+its sibling files' or the shared ones of src/weights/cuda/mod.rs. Every file with a `__global__` kernel in a raw
 string must have such a call. NVRTC comes from PyPI's nvidia-cuda-nvrtc wheel (the CUDA 13.0
 release ../shared/tools/cuda-env.sh uses), downloaded into ~/.cache/moe-harness-nvrtc once.
 Usage: python3 scripts/nvrtc_check.py     (exit status 0 when everything compiles)
@@ -59,19 +59,28 @@ def compile_ptx(lib, src, name):
     return rc, log.value.decode(), ptx
 
 
+CALL = r'\|\|\s*(?:format!\("((?:\{\w+\})+)"\)|(\w+)\.to_string\(\))\s*,\s*&\[(.*?)\]'
+
+
 def main():
     shared = consts(open(os.path.join(ROOT, "src/weights/cuda/mod.rs")).read())
     lib = nvrtc()
     failures, modules = 0, 0
     for path in sorted(glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True)):
         text = open(path).read()
-        own = consts(text)
+        mine = consts(text)
         rel = os.path.relpath(path, ROOT)
-        calls = list(re.finditer(
-            r'\|\|\s*(?:format!\("((?:\{\w+\})+)"\)|(\w+)\.to_string\(\))\s*,\s*&\[(.*?)\]',
-            text, re.S))
+        calls = list(re.finditer(CALL, text, re.S))
+        # Constants of the module's sibling files too (a kernel source kept in a file of its own).
+        siblings = [p for p in glob.glob(os.path.join(os.path.dirname(path), "*.rs")) if p != path]
+        own = {}
+        for sib in siblings:
+            own.update(consts(open(sib).read()))
+        own.update(mine)
         if not calls:
-            if any("__global__" in v for v in own.values()):
+            used = {n for sib in siblings for c in re.finditer(CALL, open(sib).read(), re.S)
+                    for n in re.findall(r"\{(\w+)\}", c.group(1) or "")}
+            if any("__global__" in v and k not in used for k, v in mine.items()):
                 print(f"FAIL {rel}: CUDA kernels in a raw string but no KernelSet call this check can read")
                 failures += 1
             continue

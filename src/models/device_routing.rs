@@ -21,12 +21,14 @@ use std::sync::{Arc, MutexGuard};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{Device, Tensor};
 
-use super::layers::Mlp;
+use super::layers::{Mlp, RmsNorm};
 use super::moe::{ExpertAccess, MoeBlock, Route};
 use super::{Ffn, Model, Routing};
 use crate::error::{Error, Result};
 use crate::experts::store::ExpertWeights;
-use crate::experts::upload::{Collector, Fill, FillHold, Gates, ResidentLayer};
+use crate::experts::upload::{
+    Ahead, Collector, Fill, FillHold, Gates, ResidentLayer, RouterScratch,
+};
 use crate::experts::ExpertKey;
 use crate::weights::cuda::driver;
 
@@ -43,6 +45,8 @@ pub(super) struct DeviceRoutes {
     /// What the copies the step in flight makes itself need until it has run.
     fills: FillHold,
     out: Option<CudaSlice<u32>>,
+    /// The scratch of the one-launch router (`moe_router`).
+    router: Option<RouterScratch>,
     /// Counts the times a table or the routes buffer was made anew (a captured CUDA graph of
     /// a decode step wrote through the old ones).
     generation: u64,
@@ -54,6 +58,24 @@ impl std::fmt::Debug for DeviceRoutes {
             .field("layers", &self.layers.iter().flatten().count())
             .finish()
     }
+}
+
+/// The next MoE layer of a lookahead prediction ([`Session::route`]): its decoder layer, MoE
+/// block, the hidden state the prediction is made from and the norm before that block.
+#[derive(Clone, Copy)]
+pub(super) struct Next<'a> {
+    pub(super) layer: usize,
+    pub(super) moe: &'a MoeBlock,
+    pub(super) h: &'a Tensor,
+    pub(super) norm: &'a RmsNorm,
+}
+
+/// Whether a layer's router and routes run in one launch where they can (`moe_router`);
+/// `HARNESS_FUSED_ROUTER=0` keeps the cuBLAS product and one router kernel per route (for A/B
+/// runs).
+fn fused_router() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_FUSED_ROUTER").map_or(true, |v| v != "0"))
 }
 
 /// One decode token routed on the device.
@@ -195,6 +217,10 @@ impl Model {
             state.out = Some(out);
             state.generation += 1;
         }
+        if state.router.is_none() {
+            state.router = Some(RouterScratch::new(dev)?);
+            state.generation += 1;
+        }
         Ok(Some(Session {
             state,
             k,
@@ -228,13 +254,15 @@ impl Session<'_> {
     }
 
     /// Routes decoder layer `layer`'s MoE block on its normalised input `x` `[1, H]`; with
-    /// `next`, also the lookahead prediction for MoE layer `next.0` from its router `logits`.
+    /// `next`, also the lookahead prediction for the next MoE layer from the hidden state
+    /// `h` — in one launch where both routers are f32 on the device (`moe_router`), else the
+    /// logits first, then the router kernel for each.
     pub(super) fn route(
         &mut self,
         layer: usize,
         moe: &MoeBlock,
         x: &Tensor,
-        next: Option<(usize, Tensor)>,
+        next: Option<Next<'_>>,
     ) -> Result<()> {
         let (k, slot) = (self.k, self.ran.len());
         let DeviceRoutes {
@@ -242,6 +270,7 @@ impl Session<'_> {
             gated,
             gates,
             out,
+            router,
             ..
         } = &mut *self.state;
         let out = out
@@ -249,23 +278,53 @@ impl Session<'_> {
             .ok_or_else(|| Error::Input("internal: device routes without a buffer".into()))?;
         let tables = if self.gated { gated } else { layers };
         let missing = || Error::Input("internal: a MoE layer without device tables".into());
-        let logits = moe.router.logits(x)?;
         let o = 4 * k * slot;
-        let table = tables[layer].as_mut().ok_or_else(missing)?;
-        table.route(&logits, &mut out.slice_mut(o..o + 2 * k), true)?;
-        if let Some((j, logits)) = &next {
-            let table = tables[*j].as_mut().ok_or_else(missing)?;
-            table.route(logits, &mut out.slice_mut(o + 2 * k..o + 4 * k), false)?;
+        let words = if next.is_some() { 4 * k } else { 2 * k };
+        let fused = match (moe.router.device_f32(), router.as_mut(), fused_router()) {
+            (Some(w), Some(scratch), true) => {
+                let mut view = out.slice_mut(o..o + words);
+                match &next {
+                    None => {
+                        let table = tables[layer].as_mut().ok_or_else(missing)?;
+                        table.route_with(w, x, None, &mut view, scratch)?
+                    }
+                    Some(n) => match n.moe.router.device_f32() {
+                        Some(nw) if n.layer > layer => {
+                            let (lo, hi) = tables.split_at_mut(n.layer);
+                            let table = lo[layer].as_mut().ok_or_else(missing)?;
+                            let ahead = Ahead {
+                                layer: hi[0].as_ref().ok_or_else(missing)?,
+                                router: nw,
+                                h: n.h,
+                                norm: n.norm.weight(),
+                                eps: n.norm.eps(),
+                            };
+                            table.route_with(w, x, Some(ahead), &mut view, scratch)?
+                        }
+                        _ => false,
+                    },
+                }
+            }
+            _ => false,
+        };
+        if !fused {
+            let logits = moe.router.logits(x)?;
+            let table = tables[layer].as_mut().ok_or_else(missing)?;
+            table.route(&logits, &mut out.slice_mut(o..o + 2 * k), true)?;
+            if let Some(n) = &next {
+                let logits = n.moe.router.logits(&n.norm.forward(n.h)?)?;
+                let table = tables[n.layer].as_mut().ok_or_else(missing)?;
+                table.route(&logits, &mut out.slice_mut(o + 2 * k..o + 4 * k), false)?;
+            }
         }
         if self.gated {
             let gates = gates
                 .as_mut()
                 .ok_or_else(|| Error::Input("internal: a gated step without gates".into()))?;
-            let words = if next.is_some() { 4 * k } else { 2 * k };
             let table = tables[layer].as_mut().ok_or_else(missing)?;
             table.gate(gates, slot, &out.slice(o..o + words))?;
         }
-        self.ran.push((layer, next.map(|(j, _)| j)));
+        self.ran.push((layer, next.map(|n| n.layer)));
         Ok(())
     }
 

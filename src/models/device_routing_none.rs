@@ -9,6 +9,16 @@ use candle_core::Tensor;
 #[derive(Debug, Default)]
 pub(super) struct DeviceRoutes;
 
+/// The next MoE layer of a lookahead prediction (as with CUDA; never routed on the device here).
+#[derive(Clone, Copy)]
+#[allow(dead_code)] // built by the shared decoder, read only by the CUDA session
+pub(super) struct Next<'a> {
+    pub(super) layer: usize,
+    pub(super) moe: &'a MoeBlock,
+    pub(super) h: &'a Tensor,
+    pub(super) norm: &'a super::layers::RmsNorm,
+}
+
 /// A decode token routed on the device: none without CUDA.
 pub(super) struct Session<'a>(std::convert::Infallible, std::marker::PhantomData<&'a ()>);
 
@@ -31,7 +41,7 @@ impl Session<'_> {
         _layer: usize,
         _moe: &MoeBlock,
         _x: &Tensor,
-        _next: Option<(usize, Tensor)>,
+        _next: Option<Next<'_>>,
     ) -> Result<()> {
         match self.0 {}
     }

@@ -149,6 +149,15 @@ impl Linear {
         }
     }
 
+    /// The weight where it is f32 in a CUDA device's memory and the layer has no bias.
+    #[cfg(feature = "cuda")]
+    pub fn device_f32(&self) -> Option<&Tensor> {
+        match (&self.weight, &self.bias) {
+            (Weight::Dense(t), None) if t.dtype() == DType::F32 && t.device().is_cuda() => Some(t),
+            _ => None,
+        }
+    }
+
     /// Applies the layer to `norm(x)` (one launch where the weight is packed on the GPU and the
     /// layer has no bias).
     pub fn forward_normed(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {

@@ -597,12 +597,15 @@ impl Model {
                 }
                 // Routed on the device (every expert resident): the host does not wait.
                 (Ffn::Moe(moe), Some(s)) => {
-                    let next = match lookahead.then(|| self.next_moe(i)).flatten() {
-                        Some((j, nl, nm)) => {
-                            Some((j, nm.router.logits(&nl.post_norm.forward(&h)?)?))
-                        }
-                        None => None,
-                    };
+                    let next = lookahead
+                        .then(|| self.next_moe(i))
+                        .flatten()
+                        .map(|(j, nl, nm)| device_routing::Next {
+                            layer: j,
+                            moe: nm,
+                            h: &h,
+                            norm: &nl.post_norm,
+                        });
                     s.route(i, moe, &x, next)?;
                     Clock::mark(clock, Part::Router)?;
                     let y = s.experts(i, moe, &x)?;

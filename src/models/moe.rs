@@ -115,6 +115,13 @@ impl Router {
         self.gate.forward(x)
     }
 
+    /// The gate matrix `[E, H]` where it is f32 in a CUDA device's memory without a bias (what
+    /// the one-launch router kernel takes).
+    #[cfg(feature = "cuda")]
+    pub fn device_f32(&self) -> Option<&Tensor> {
+        self.gate.device_f32()
+    }
+
     /// The selection rule as the device router kernel applies it.
     #[cfg(feature = "cuda")]
     pub fn rule(&self) -> crate::experts::upload::RouteRule {

@@ -16,6 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::{CudaDevice, Storage, Tensor};
 
 use super::cuda::{driver, DevicePacked};
+use super::route_src::ROUTE_SRC;
 use crate::error::{Error, Result};
 use crate::weights::cuda::{DeviceMatrix, Packed, ROW_DOT_SRC, SCALE_SRC};
 
@@ -144,123 +145,6 @@ const Experts* t, unsigned int k, unsigned int d_kind, const float* act, float* 
 unsigned int* done, float* y, unsigned int rows, unsigned int cols, unsigned int bits,
 unsigned int group, unsigned int tile_rows) {
 down(*t, k, d_kind, act, part, done, y, rows, cols, bits, group, tile_rows);
-}
-"#;
-
-/// `moe_route`: a decode token's routes chosen on the device (see [`super::routed`]).
-const ROUTE_SRC: &str = r#"
-// Whether (v, i) ranks before (bv, bi): larger value first, lower index first on ties; an
-// empty candidate (index 0xffffffff) ranks last (the host's `top_k`).
-__device__ __forceinline__ bool before(float v, unsigned int i, float bv, unsigned int bi) {
-return bi == 0xffffffffu || (i != 0xffffffffu && (v > bv || (v == bv && i < bi)));
-}
-
-// One token's routes from its router logits (one warp, n <= 1024 experts, k <= 16):
-// kind 0: softmax, top-k of the probabilities (renormalised when `norm`); kind 1: top-k, then
-// their probabilities renormalised (Mixtral); kind 2: sigmoid scores, top-k of score + bias
-// within the `topk_group` groups of the largest top-2 sums (DeepSeek-V3), weights the scores
-// (renormalised when `norm`) times `scale`. Writes ids to out[0..k], weight bits to
-// out[k..2k], and, when `launch` is set, the chosen experts' addresses (3 per expert in
-// `table`) and weights into entries 0..k of the fused kernels' table.
-extern "C" __global__ void moe_route(
-const float* logits, unsigned int n, unsigned int k, unsigned int kind, unsigned int norm,
-const float* bias, unsigned int n_group, unsigned int topk_group, float scale,
-unsigned int* out, const Packed* table, Experts* launch) {
-extern __shared__ float sm[];
-float* sel = sm;
-float* src = sm + n;
-__shared__ unsigned int ids[16];
-__shared__ float gs[64];
-__shared__ unsigned int keep[64];
-unsigned int lane = threadIdx.x;
-if (kind < 2u) {
-    float m = __int_as_float(0xff800000);
-    for (unsigned int i = lane; i < n; i += 32u) m = fmaxf(m, logits[i]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float s = 0.0f;
-    for (unsigned int i = lane; i < n; i += 32u) {
-        float e = expf(logits[i] - m);
-        src[i] = e;
-        s += e;
-    }
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    for (unsigned int i = lane; i < n; i += 32u) {
-        float p = src[i] / s;
-        src[i] = p;
-        sel[i] = p;
-    }
-} else {
-    for (unsigned int i = lane; i < n; i += 32u) {
-        float c = 1.0f / (1.0f + expf(-logits[i]));
-        src[i] = c;
-        sel[i] = bias ? c + bias[i] : c;
-    }
-    __syncwarp();
-    unsigned int per = n / n_group;
-    for (unsigned int g = lane; g < n_group; g += 32u) {
-        float a = __int_as_float(0xff800000), b = __int_as_float(0xff800000);
-        for (unsigned int j = 0; j < per; ++j) {
-            float v = sel[g * per + j];
-            if (v > a) { b = a; a = v; } else if (v > b) b = v;
-        }
-        gs[g] = a + b;
-        keep[g] = 0u;
-    }
-    __syncwarp();
-    if (lane == 0u) {
-        for (unsigned int t = 0; t < topk_group; ++t) {
-            unsigned int best = 0xffffffffu;
-            float bv = 0.0f;
-            for (unsigned int g = 0; g < n_group; ++g)
-                if (!keep[g] && before(gs[g], g, bv, best)) { best = g; bv = gs[g]; }
-            keep[best] = 1u;
-        }
-    }
-    __syncwarp();
-    for (unsigned int i = lane; i < n; i += 32u)
-        if (!keep[i / per]) sel[i] = __int_as_float(0xff800000);
-}
-__syncwarp();
-for (unsigned int t = 0; t < k; ++t) {
-    float bv = 0.0f;
-    unsigned int bi = 0xffffffffu;
-    for (unsigned int i = lane; i < n; i += 32u) {
-        bool taken = false;
-        for (unsigned int u = 0; u < t; ++u) taken |= ids[u] == i;
-        if (!taken && before(sel[i], i, bv, bi)) { bv = sel[i]; bi = i; }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        unsigned int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-    }
-    if (lane == 0u) ids[t] = bi;
-    __syncwarp();
-}
-if (lane == 0u) {
-    float w[16];
-    float s = 0.0f;
-    for (unsigned int t = 0; t < k; ++t) { w[t] = src[ids[t]]; s += w[t]; }
-    if (kind == 1u || (kind == 0u && norm))
-        for (unsigned int t = 0; t < k; ++t) w[t] = w[t] / s;
-    if (kind == 2u) {
-        if (norm) {
-            s += 1e-20f;
-            for (unsigned int t = 0; t < k; ++t) w[t] = w[t] / s;
-        }
-        for (unsigned int t = 0; t < k; ++t) w[t] = w[t] * scale;
-    }
-    for (unsigned int t = 0; t < k; ++t) {
-        out[t] = ids[t];
-        out[k + t] = __float_as_uint(w[t]);
-        if (launch) {
-            launch->gate[t] = table[3u * ids[t]];
-            launch->up[t] = table[3u * ids[t] + 1u];
-            launch->down[t] = table[3u * ids[t] + 2u];
-            launch->w[t] = w[t];
-        }
-    }
-}
 }
 "#;
 
@@ -494,6 +378,8 @@ pub(super) struct Kernels {
     pub(super) route: &'static CudaFunction,
     /// `moe_gate` (see [`super::gates`]).
     pub(super) gate: &'static CudaFunction,
+    /// `moe_router`: a layer's router and route(s) in one launch (see [`super::routed`]).
+    pub(super) router: &'static CudaFunction,
 }
 
 /// The kernels for `dev`; `None` where they failed to compile (said once; the experts then run
@@ -510,6 +396,7 @@ pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
             "moe_down_at",
             "moe_route",
             "moe_gate",
+            "moe_router",
         ],
         &WARNED,
         "fused expert kernels",
@@ -522,6 +409,7 @@ pub(super) fn kernels(dev: &CudaDevice) -> Option<Kernels> {
         down_at: &f[3],
         route: &f[4],
         gate: &f[5],
+        router: &f[6],
     })
 }
 

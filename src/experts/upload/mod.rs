@@ -692,7 +692,7 @@ pub use fills::{collect as collect_step_fills, Collector, Fill, FillHold};
 #[cfg(feature = "cuda")]
 pub use gates::{Gates, MAX_FILLS};
 #[cfg(feature = "cuda")]
-pub use routed::{ResidentLayer, RouteRule};
+pub use routed::{Ahead, ResidentLayer, RouteRule, RouterScratch};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -702,6 +702,8 @@ mod fills;
 mod fused;
 #[cfg(feature = "cuda")]
 mod gates;
+#[cfg(feature = "cuda")]
+mod route_src;
 #[cfg(feature = "cuda")]
 mod routed;
 

@@ -15,7 +15,8 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::{Storage, Tensor};
 
@@ -49,6 +50,88 @@ pub enum RouteRule {
         /// The score correction bias, one per expert.
         bias: Option<Vec<f32>>,
     },
+}
+
+/// A route's rule and destinations as the router kernels take them (`Rule` in their source):
+/// device addresses (0: none) and the rule's parameters.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Rule {
+    router: u64,
+    bias: u64,
+    out: u64,
+    table: u64,
+    launch: u64,
+    n: u32,
+    k: u32,
+    kind: u32,
+    norm: u32,
+    n_group: u32,
+    topk_group: u32,
+    scale: f32,
+    pad: u32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernels' `Rule`.
+unsafe impl DeviceRepr for Rule {}
+
+/// Threads of a `moe_router` block (two router rows at a time, four warps each).
+const BLOCK: u32 = 256;
+
+/// What `moe_router` keeps between launches: the logits it computes (two layers' worth) and
+/// its block counter (zero between launches: the last block returns it to 0). One a device,
+/// kept while its launches (captured graphs among them) may run.
+pub struct RouterScratch {
+    logits: CudaSlice<f32>,
+    counter: CudaSlice<u32>,
+}
+
+impl RouterScratch {
+    /// The scratch on `dev`.
+    pub fn new(dev: &candle_core::CudaDevice) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        let alloc = |e| driver("router scratch allocation", e);
+        Ok(RouterScratch {
+            logits: stream.alloc_zeros::<f32>(2 * MAX_EXPERTS).map_err(alloc)?,
+            counter: stream.alloc_zeros::<u32>(1).map_err(alloc)?,
+        })
+    }
+}
+
+/// The next MoE layer's predicted route, chosen in the same launch as this layer's
+/// ([`ResidentLayer::route_with`]): that layer's tables (its rule), router matrix, the hidden
+/// state the prediction is made from, and the RMS norm before that layer's MoE block.
+pub struct Ahead<'a> {
+    /// The next MoE layer's tables.
+    pub layer: &'a ResidentLayer,
+    /// Its router matrix `[E, H]`.
+    pub router: &'a Tensor,
+    /// The hidden state `[1, H]`.
+    pub h: &'a Tensor,
+    /// The norm's scale `[H]`.
+    pub norm: &'a Tensor,
+    /// The norm's epsilon.
+    pub eps: f32,
+}
+
+/// The device address of `len` contiguous f32 values of a tensor's storage on `stream`'s
+/// device, with its guard; `None` where it is not that.
+fn f32_at<'a>(
+    st: &'a Storage,
+    layout: &candle_core::Layout,
+    len: usize,
+    stream: &'a CudaStream,
+) -> Option<(u64, SyncOnDrop<'a>)> {
+    let Storage::Cuda(cs) = st else {
+        return None;
+    };
+    let s = cs.as_cuda_slice::<f32>().ok()?;
+    let start = layout.start_offset();
+    if !layout.is_contiguous() || layout.shape().elem_count() != len || s.len() < start + len {
+        return None;
+    }
+    let (base, guard) = s.device_ptr(stream);
+    Some((base + 4 * start as u64, guard))
 }
 
 /// One MoE layer's device routing: every routed expert resident in the fused form, with the
@@ -241,6 +324,43 @@ impl ResidentLayer {
         self.shared
     }
 
+    /// This layer's rule for the router kernels, writing ids and weight bits to `out`, the
+    /// logits from the router matrix at `router` (`moe_router` only); the caller sets where
+    /// the fused launch's table is, for a layer with an expert table.
+    fn rule(&self, router: u64, out: u64) -> Rule {
+        let (kind, norm, n_group, topk_group, scale) = match &self.rule {
+            RouteRule::SoftmaxTopK { norm } => (0u32, *norm, 1, 1, 1.0f32),
+            RouteRule::TopKSoftmax => (1, false, 1, 1, 1.0),
+            RouteRule::SigmoidGroups {
+                n_group,
+                topk_group,
+                norm,
+                scale,
+                ..
+            } => (2, *norm, *n_group as u32, *topk_group as u32, *scale),
+        };
+        let stream = self.form.dev.cuda_stream();
+        // The bias and the expert table are made once with the layer and only read: their
+        // addresses stay valid while it lives, and the compute stream made them.
+        let bias = self.bias.as_ref().map_or(0, |b| b.device_ptr(&stream).0);
+        let table = self.table.as_ref().map_or(0, |t| t.device_ptr(&stream).0);
+        Rule {
+            router,
+            bias,
+            out,
+            table,
+            launch: 0,
+            n: self.n as u32,
+            k: self.top_k as u32,
+            kind,
+            norm: u32::from(norm),
+            n_group,
+            topk_group,
+            scale,
+            pad: 0,
+        }
+    }
+
     /// Chooses one token's experts from its router `logits` `[1, E]` (f32, this device):
     /// ids into `out[..k]`, weight bits into `out[k..2k]`; into the fused launch's table too
     /// when `for_launch` (a lookahead prediction only needs the ids; a gated layer's launch is
@@ -263,44 +383,21 @@ impl ResidentLayer {
             )));
         }
         let logits = logits.contiguous()?;
+        let stream = self.form.dev.cuda_stream();
         let (st, layout) = logits.storage_and_layout();
-        let Storage::Cuda(cs) = &*st else {
+        let Some((lp, _lg)) = f32_at(&st, layout, n, &stream) else {
             return Err(Error::Input(
-                "internal: router logits are not on the GPU".into(),
+                "internal: router logits are not f32 on the GPU".into(),
             ));
         };
-        let ls = cs.as_cuda_slice::<f32>()?;
-        let lv = ls.slice(layout.start_offset()..layout.start_offset() + n);
-        let (kind, norm, n_group, topk_group, scale) = match &self.rule {
-            RouteRule::SoftmaxTopK { norm } => (0u32, *norm, 1, 1, 1.0f32),
-            RouteRule::TopKSoftmax => (1, false, 1, 1, 1.0),
-            RouteRule::SigmoidGroups {
-                n_group,
-                topk_group,
-                norm,
-                scale,
-                ..
-            } => (2, *norm, *n_group as u32, *topk_group as u32, *scale),
-        };
-        let (n_u, k_u, norm_u) = (n as u32, self.top_k as u32, u32::from(norm));
-        let null = 0u64;
-        let stream = self.form.dev.cuda_stream();
-        let mut b = stream.launch_builder(f.route);
-        b.arg(&lv).arg(&n_u).arg(&k_u).arg(&kind).arg(&norm_u);
-        match &self.bias {
-            Some(bias) => b.arg(bias),
-            None => b.arg(&null),
-        };
-        b.arg(&n_group).arg(&topk_group).arg(&scale).arg(out);
-        match &self.table {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
-        if for_launch && self.table.is_some() {
-            b.arg(&mut self.launch);
-        } else {
-            b.arg(&null);
+        let (op, _og) = out.device_ptr_mut(&stream);
+        let mut rule = self.rule(0, op);
+        let (tp, _tg) = self.launch.device_ptr_mut(&stream);
+        if for_launch && rule.table != 0 {
+            rule.launch = tp;
         }
+        let mut b = stream.launch_builder(f.route);
+        b.arg(&lp).arg(&rule);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
@@ -312,6 +409,115 @@ impl ResidentLayer {
         // of the launch table.
         unsafe { b.launch(cfg) }.map_err(|e| driver("router kernel", e))?;
         Ok(())
+    }
+
+    /// The layer's router and route in one launch (`moe_router`): the router matrix `router`
+    /// `[E, H]` times `x` `[1, H]`, this layer's route into `out[..2k]` (and the launch table,
+    /// as [`ResidentLayer::route`] with `for_launch`), and with `ahead` the next MoE layer's
+    /// router on the RMS norm of its hidden state and that layer's route into `out[2k..4k]`.
+    /// `false`, launching nothing, where a router or an input is not f32 in this device's
+    /// memory (the caller then computes the logits and calls [`ResidentLayer::route`]).
+    pub fn route_with(
+        &mut self,
+        router: &Tensor,
+        x: &Tensor,
+        ahead: Option<Ahead<'_>>,
+        out: &mut CudaViewMut<'_, u32>,
+        scratch: &mut RouterScratch,
+    ) -> Result<bool> {
+        let Some(f) = kernels(&self.form.dev) else {
+            return Ok(false);
+        };
+        let (n, k) = (self.n, self.top_k);
+        let cols = x.elem_count();
+        let rows = n + ahead.as_ref().map_or(0, |a| a.layer.n);
+        let words = if ahead.is_some() { 4 * k } else { 2 * k };
+        if out.len() < words
+            || router.dims() != [n, cols]
+            || rows > scratch.logits.len()
+            || ahead.as_ref().is_some_and(|a| {
+                a.layer.top_k != k
+                    || a.router.dims() != [a.layer.n, cols]
+                    || a.h.elem_count() != cols
+                    || a.norm.elem_count() != cols
+            })
+        {
+            return Ok(false);
+        }
+        let stream = self.form.dev.cuda_stream();
+        let (sw, lw) = router.storage_and_layout();
+        let (sx, lx) = x.storage_and_layout();
+        let Some(((wp, _wg), (xp, _xg))) =
+            f32_at(&sw, lw, n * cols, &stream).zip(f32_at(&sx, lx, cols, &stream))
+        else {
+            return Ok(false);
+        };
+        let guards = ahead.as_ref().map(|a| {
+            (
+                a.router.storage_and_layout(),
+                a.h.storage_and_layout(),
+                a.norm.storage_and_layout(),
+            )
+        });
+        let next = match (&ahead, &guards) {
+            (Some(a), Some(((sr, lr), (sh, lh), (sg, lg)))) => {
+                let ptrs = f32_at(sr, lr, a.layer.n * cols, &stream)
+                    .zip(f32_at(sh, lh, cols, &stream))
+                    .zip(f32_at(sg, lg, cols, &stream));
+                let Some((((rp, rg), (hp, hg)), (gp, gg))) = ptrs else {
+                    return Ok(false);
+                };
+                Some((a, rp, hp, gp, [rg, hg, gg]))
+            }
+            _ => None,
+        };
+        let (op, _og) = out.device_ptr_mut(&stream);
+        let mut a = self.rule(wp, op);
+        let (tp, _tg) = self.launch.device_ptr_mut(&stream);
+        if a.table != 0 {
+            a.launch = tp;
+        }
+        let (b, two, hp, gp, eps) = match &next {
+            Some((ah, rp, hp, gp, _)) => {
+                let b = ah.layer.rule(*rp, op + 4 * 2 * k as u64);
+                (b, 1u32, *hp, *gp, ah.eps)
+            }
+            None => (Rule::default(), 0, 0, 0, 0.0),
+        };
+        let cols_u = cols as u32;
+        let aligned = |p: u64| p.is_multiple_of(16);
+        let vec = u32::from(
+            cols.is_multiple_of(4)
+                && [wp, xp].into_iter().all(aligned)
+                && next
+                    .as_ref()
+                    .is_none_or(|(_, rp, hp, gp, _)| [*rp, *hp, *gp].into_iter().all(aligned)),
+        );
+        // Two rows a block (the grid strides past 2048 rows).
+        let blocks = (rows as u32).div_ceil(2).clamp(1, 1024);
+        let (lp, _lg) = scratch.logits.device_ptr_mut(&stream);
+        let (cp, _cg) = scratch.counter.device_ptr_mut(&stream);
+        let mut l = stream.launch_builder(f.router);
+        l.arg(&a)
+            .arg(&b)
+            .arg(&two)
+            .arg(&xp)
+            .arg(&hp)
+            .arg(&gp)
+            .arg(&eps);
+        l.arg(&cols_u).arg(&vec).arg(&lp).arg(&cp);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: (8 * rows) as u32,
+        };
+        // SAFETY: the grid reads `rows` router rows of `cols` floats (both matrices checked
+        // `[n, cols]` above) and `cols` floats of `x`, `h` and the norm's scale, writes `rows`
+        // floats of the scratch (checked) and one counter; its last block keeps 2·rows floats
+        // in the shared memory sized for them and writes `words` values of `out` (checked) and
+        // entries below k ≤ 16 of the launch table, reading table entries of ids < n.
+        unsafe { l.launch(cfg) }.map_err(|e| driver("router kernel", e))?;
+        Ok(true)
     }
 
     /// The routed experts `moe_route` chose last for this layer (and the shared expert when
