@@ -113,6 +113,13 @@ for d in sorted(root.iterdir()):
                     # Where every attention layer is MLA, those tokens run from a CUDA graph:
                     # the first decode step uncaptured, the second captured, the rest replayed;
                     # the graph's logits are the ones checked against HF below.
+                    # Where the routers are unquantized (f32 on the GPU), every layer's router
+                    # product and routes are issued as one launch; MLX-packed routers: split.
+                    if n:
+                        one = re.search(r"routers issued in one launch (\d+), as product \+ route (\d+)", ran_on[0])
+                        fused_router = cfg.get("model_type") in ("deepseek_v3", "glm4_moe")
+                        if not one or (int(one.group(1)) > 0) != fused_router or (int(one.group(2)) > 0) == fused_router:
+                            missing.append("routers issued in one launch" if fused_router else "routers issued as product + route")
                     if n and cfg.get("model_type") in MLA_ONLY:
                         g = f"graph auto (1 captures, {n - 2} tokens from a graph, 0 of them queued ahead, 0 with gates, 0 of their 0 misses copied by the gates)"
                         if g not in ran_on[0]:

@@ -376,6 +376,9 @@ impl Engine {
                 self.cfg.gpu_dense,
                 self.cfg.gpu_routing
             );
+            // How those routings were issued (a graph's replays issue nothing).
+            let (one, split) = crate::models::fallback::router_counts();
+            label += &format!(", routers issued in one launch {one}, as product + route {split}");
             // Decode steps captured into CUDA graphs and tokens run from them.
             let g = crate::models::fallback::graph_counts();
             label += &format!(

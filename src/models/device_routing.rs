@@ -307,6 +307,7 @@ impl Session<'_> {
             }
             _ => false,
         };
+        super::fallback::router_issued(fused);
         if !fused {
             let logits = moe.router.logits(x)?;
             let table = tables[layer].as_mut().ok_or_else(missing)?;

@@ -39,6 +39,24 @@ pub fn routed_on_device_count() -> u64 {
     ROUTED_ON_DEVICE.load(Relaxed)
 }
 
+static ROUTER_FUSED: AtomicU64 = AtomicU64::new(0);
+static ROUTER_SPLIT: AtomicU64 = AtomicU64::new(0);
+
+/// A MoE layer's device routing was issued (`models::device_routing`; a captured graph's
+/// replays issue nothing): in one launch (`moe_router`, `fused`) or as the router product then
+/// one route kernel a route.
+pub fn router_issued(fused: bool) {
+    match fused {
+        true => ROUTER_FUSED.fetch_add(1, Relaxed),
+        false => ROUTER_SPLIT.fetch_add(1, Relaxed),
+    };
+}
+
+/// MoE layers' device routings issued since the process started: in one launch, and split.
+pub fn router_counts() -> (u64, u64) {
+    (ROUTER_FUSED.load(Relaxed), ROUTER_SPLIT.load(Relaxed))
+}
+
 static GRAPH_CAPTURED: AtomicU64 = AtomicU64::new(0);
 static GRAPH_TOKENS: AtomicU64 = AtomicU64::new(0);
 
