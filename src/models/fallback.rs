@@ -166,40 +166,64 @@ pub struct GateTimes {
 }
 
 impl GateTimes {
+    /// Nothing timed.
+    const ZERO: GateTimes = GateTimes {
+        gates: 0,
+        post_ns: 0,
+        wait_ns: 0,
+        host_ns: 0,
+        after_ns: 0,
+        between_ns: 0,
+    };
+
+    /// `f` applied field by field to `self` and `other`.
+    fn zip(&self, other: &GateTimes, f: impl Fn(u64, u64) -> u64) -> GateTimes {
+        GateTimes {
+            gates: f(self.gates, other.gates),
+            post_ns: f(self.post_ns, other.post_ns),
+            wait_ns: f(self.wait_ns, other.wait_ns),
+            host_ns: f(self.host_ns, other.host_ns),
+            after_ns: f(self.after_ns, other.after_ns),
+            between_ns: f(self.between_ns, other.between_ns),
+        }
+    }
+
     /// The times accumulated since `before` was taken.
     pub fn since(&self, before: &GateTimes) -> GateTimes {
-        GateTimes {
-            gates: self.gates.saturating_sub(before.gates),
-            post_ns: self.post_ns.saturating_sub(before.post_ns),
-            wait_ns: self.wait_ns.saturating_sub(before.wait_ns),
-            host_ns: self.host_ns.saturating_sub(before.host_ns),
-            after_ns: self.after_ns.saturating_sub(before.after_ns),
-            between_ns: self.between_ns.saturating_sub(before.between_ns),
-        }
+        self.zip(before, u64::saturating_sub)
     }
 }
 
-static GATE_TIMES: std::sync::Mutex<GateTimes> = std::sync::Mutex::new(GateTimes {
-    gates: 0,
-    post_ns: 0,
-    wait_ns: 0,
-    host_ns: 0,
-    after_ns: 0,
-    between_ns: 0,
-});
+static GATE_TIMES: std::sync::Mutex<GateTimes> = std::sync::Mutex::new(GateTimes::ZERO);
 
 /// Adds one gated step's gate times.
 pub fn gate_times(t: &GateTimes) {
     let mut g = GATE_TIMES.lock().unwrap_or_else(|e| e.into_inner());
-    g.gates += t.gates;
-    g.post_ns += t.post_ns;
-    g.wait_ns += t.wait_ns;
-    g.host_ns += t.host_ns;
-    g.after_ns += t.after_ns;
-    g.between_ns += t.between_ns;
+    *g = g.zip(t, u64::saturating_add);
 }
 
 /// The gate times so far ([`GateTimes`]).
 pub fn gate_times_so_far() -> GateTimes {
     *GATE_TIMES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GateTimes;
+
+    #[test]
+    fn gate_times_since_takes_each_field_and_never_underflows() {
+        let t = |g, p, w, h, a, b| GateTimes {
+            gates: g,
+            post_ns: p,
+            wait_ns: w,
+            host_ns: h,
+            after_ns: a,
+            between_ns: b,
+        };
+        let before = t(46, 10, 200, 150, 30, 4000);
+        let after = t(92, 25, 410, 290, 70, 8100);
+        assert_eq!(after.since(&before), t(46, 15, 210, 140, 40, 4100));
+        assert_eq!(before.since(&after), GateTimes::default());
+    }
 }
