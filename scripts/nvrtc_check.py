@@ -3,9 +3,9 @@ it, and checks that each kernel it looks up is in the result: a kernel change th
 compile fails here, on a machine without a GPU (CI), instead of at a GPU user's first run.
 
 Each `KernelSet` call in src/ names its source as `|| format!("{A}{B}…")` or
-`|| NAME.to_string()` and its kernels as `&["k1", "k2", …]`; the constants are the file's own
-its sibling files' or the shared ones of src/weights/cuda/mod.rs. Every file with a `__global__` kernel in a raw
-string must have such a call. NVRTC comes from PyPI's nvidia-cuda-nvrtc wheel (the CUDA 13.0
+`|| NAME.to_string()` and its kernels as `&["k1", "k2", …]`; the constants are the file's own,
+its sibling files' or the shared ones of src/weights/cuda/mod.rs. Every file with a `__global__`
+kernel in a raw string must have such a call, or a sibling's call must use it. NVRTC comes from PyPI's nvidia-cuda-nvrtc wheel (the CUDA 13.0
 release ../shared/tools/cuda-env.sh uses), downloaded into ~/.cache/moe-harness-nvrtc once.
 Usage: python3 scripts/nvrtc_check.py     (exit status 0 when everything compiles)
 """
@@ -66,19 +66,20 @@ def main():
     shared = consts(open(os.path.join(ROOT, "src/weights/cuda/mod.rs")).read())
     lib = nvrtc()
     failures, modules = 0, 0
-    for path in sorted(glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True)):
-        text = open(path).read()
+    texts = {p: open(p).read()
+             for p in sorted(glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True))}
+    for path, text in texts.items():
         mine = consts(text)
         rel = os.path.relpath(path, ROOT)
         calls = list(re.finditer(CALL, text, re.S))
         # Constants of the module's sibling files too (a kernel source kept in a file of its own).
-        siblings = [p for p in glob.glob(os.path.join(os.path.dirname(path), "*.rs")) if p != path]
+        siblings = [p for p in texts if p != path and os.path.dirname(p) == os.path.dirname(path)]
         own = {}
         for sib in siblings:
-            own.update(consts(open(sib).read()))
+            own.update(consts(texts[sib]))
         own.update(mine)
         if not calls:
-            used = {n for sib in siblings for c in re.finditer(CALL, open(sib).read(), re.S)
+            used = {n for sib in siblings for c in re.finditer(CALL, texts[sib], re.S)
                     for n in re.findall(r"\{(\w+)\}", c.group(1) or "")}
             if any("__global__" in v and k not in used for k, v in mine.items()):
                 print(f"FAIL {rel}: CUDA kernels in a raw string but no KernelSet call this check can read")
