@@ -350,14 +350,15 @@ impl Engine {
     }
 
     /// What the products ran with, as reports name it: the kernel kind and the CPU's SIMD form
-    /// (`int8/avx2`, `exact/neon`), or `gpu` on a GPU.
+    /// (`int8/avx2`, `int8x2/avx512-vnni`, `exact/neon`), or `gpu` on a GPU.
     pub fn kernels_label(&self) -> String {
         if self.model.device().is_cpu() {
-            format!(
-                "{}/{}",
-                self.compute.kernels,
-                crate::weights::kernels::q4::Simd::current().name()
-            )
+            let simd = crate::weights::kernels::q4::Simd::current();
+            let form = match self.compute.kernels {
+                crate::weights::kernels::Kernels::Exact => simd.name(),
+                _ => simd.int8_name(),
+            };
+            format!("{}/{}", self.compute.kernels, form)
         } else {
             // Only MLA layers have fused decode kernels: elsewhere the setting has no effect,
             // and the label says what ran.

@@ -96,6 +96,10 @@ mod quant;
 
 pub use quant::{int8_fits, QRow, QuantizedInput, RESIDUAL_STEPS};
 
+#[cfg(target_arch = "x86_64")]
+#[path = "q4_vnni.rs"]
+pub mod vnni;
+
 /// The one reduction of the eight lane accumulators, shared by every form.
 #[inline(always)]
 fn reduce(l: [f32; 8]) -> f32 {
@@ -597,6 +601,16 @@ impl Simd {
         }
     }
 
+    /// The name of the form the int8 kinds run in reports: this form's, or `avx512-vnni` where
+    /// the AVX2 form's integer sums run on VNNI ([`vnni`]).
+    pub fn int8_name(self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx2 && vnni::available() {
+            return "avx512-vnni";
+        }
+        self.name()
+    }
+
     /// [`row_exact`] in this form.
     #[inline(always)]
     pub fn row_exact<S: Scales>(self, r: Row<'_, S>, x: &[f32], xsum: &[f32]) -> f32 {
@@ -712,6 +726,17 @@ impl Simd {
         );
         // SAFETY: `Avx2` is only detected on CPUs with AVX2 and FMA; the kernel asserts its
         // slice lengths.
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx2 && vnni::available() {
+            // SAFETY: `available` checked AVX2, FMA, AVX512-VL and AVX512-VNNI; the kernel
+            // asserts its slice lengths.
+            return unsafe {
+                match two {
+                    true => vnni::rows::<S, true, M>(first, n, x, xsum, out, stride),
+                    false => vnni::rows::<S, false, M>(first, n, x, xsum, out, stride),
+                }
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         if self == Simd::Avx2 {
             return unsafe {

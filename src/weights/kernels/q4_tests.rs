@@ -80,7 +80,11 @@ fn every_form_is_bit_equal_to_the_portable_one_and_near_the_dequantized_product(
     if cfg!(target_arch = "aarch64") {
         assert_eq!(simd, Simd::Neon);
     }
-    eprintln!("kernel form under test: {}", simd.name());
+    eprintln!(
+        "kernel form under test: {} (int8 kinds: {})",
+        simd.name(),
+        simd.int8_name()
+    );
     for (seed, cols, gs) in [(1, 64, 32), (2, 1024, 64), (3, 512, 128), (4, 2816, 64)] {
         for s in 0..4 {
             let c = case(seed * 101 + s, cols, gs);
@@ -336,6 +340,96 @@ fn a_non_finite_activation_makes_the_int8_product_nan_as_the_exact_one_is() {
                 simd.row_int8(c.row(), qi.row(0), &qsum),
             ] {
                 assert!(y.is_nan(), "{bad} residual {residual}, {simd:?}: {y}");
+            }
+        }
+    }
+}
+
+/// Both x86-64 int8 forms run here where the CPU has them, whatever `Simd::current` picks: the
+/// AVX2 form (`maddubs`) and, on CPUs with AVX512-VNNI, the VNNI form (`dpbusd`), each bit-equal
+/// to the portable form over blocks of rows, one and four inputs, one and two parts.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_and_vnni_int8_forms_are_bit_equal_to_the_portable_one() {
+    if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+    {
+        eprintln!("no AVX2: nothing to compare");
+        return;
+    }
+    let vnni = vnni::available();
+    eprintln!(
+        "VNNI form {}",
+        if vnni {
+            "checked"
+        } else {
+            "NOT RUN (no AVX512-VNNI here)"
+        }
+    );
+    for (seed, cols, gs) in [(31, 64, 32), (32, 1024, 64), (33, 512, 128), (34, 2816, 64)] {
+        let rows: Vec<Case> = (0..3).map(|k| case(seed * 11 + k, cols, gs)).collect();
+        let words: Vec<u32> = rows.iter().flat_map(|c| c.words.iter().copied()).collect();
+        let s: Vec<f32> = rows.iter().flat_map(|c| c.s.iter().copied()).collect();
+        let b: Vec<f32> = rows.iter().flat_map(|c| c.b.iter().copied()).collect();
+        let groups = cols / gs;
+        let first = Row {
+            words: &words,
+            s: &s[..],
+            b: &b[..],
+            k0: 0,
+            groups,
+            gs,
+        };
+        let xs: Vec<f32> = (0..4)
+            .flat_map(|k| case(seed * 13 + k, cols, gs).x)
+            .collect();
+        for residual in [false, true] {
+            let qi = QuantizedInput::new(&xs, cols, residual);
+            let qsum = qi.group_sums(gs);
+            let sums = [0, 1, 2, 3].map(|i| &qsum[i * groups..(i + 1) * groups]);
+            let want: Vec<u32> = (0..3)
+                .flat_map(|j| (0..4).map(move |i| (j, i)))
+                .map(|(j, i)| row_int8(first.nth(j), qi.row(i), sums[i]).to_bits())
+                .collect();
+            let x4 = [0, 1, 2, 3].map(|i| qi.row(i));
+            let mut forms: Vec<(&str, Vec<f32>)> = Vec::new();
+            // SAFETY: AVX2 and FMA checked above; AVX512-VL and VNNI by `vnni::available`.
+            unsafe {
+                let mut four = vec![0f32; 12];
+                let mut ones = vec![0f32; 12];
+                match residual {
+                    true => int8_avx2::<_, true, 4>(first, 3, x4, sums, &mut four, 4),
+                    false => int8_avx2::<_, false, 4>(first, 3, x4, sums, &mut four, 4),
+                }
+                for i in 0..4 {
+                    let (x1, s1) = ([qi.row(i)], [sums[i]]);
+                    match residual {
+                        true => int8_avx2::<_, true, 1>(first, 3, x1, s1, &mut ones[i..], 4),
+                        false => int8_avx2::<_, false, 1>(first, 3, x1, s1, &mut ones[i..], 4),
+                    }
+                }
+                forms.push(("avx2, 4 inputs", four));
+                forms.push(("avx2, 1 input", ones));
+                if vnni {
+                    let mut four = vec![0f32; 12];
+                    let mut ones = vec![0f32; 12];
+                    match residual {
+                        true => vnni::rows::<_, true, 4>(first, 3, x4, sums, &mut four, 4),
+                        false => vnni::rows::<_, false, 4>(first, 3, x4, sums, &mut four, 4),
+                    }
+                    for i in 0..4 {
+                        let (x1, s1) = ([qi.row(i)], [sums[i]]);
+                        match residual {
+                            true => vnni::rows::<_, true, 1>(first, 3, x1, s1, &mut ones[i..], 4),
+                            false => vnni::rows::<_, false, 1>(first, 3, x1, s1, &mut ones[i..], 4),
+                        }
+                    }
+                    forms.push(("vnni, 4 inputs", four));
+                    forms.push(("vnni, 1 input", ones));
+                }
+            }
+            for (name, got) in forms {
+                let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "{name}, {cols}/{gs}, residual {residual}");
             }
         }
     }
