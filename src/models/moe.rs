@@ -251,6 +251,95 @@ fn run_expert(xt: &Tensor, ew: &ExpertWeights) -> Result<Tensor> {
     expert_forward(xt, ew)
 }
 
+/// The outputs of a token's experts (`xt`: one row on the CPU) when every one is host-held, each
+/// bit-identical to [`run_expert`]'s, computed in two parallel regions over all the context's
+/// threads: the gate and up rows of every expert in blocks, then the down rows. One expert a
+/// thread (the form before) left all but `top_k` threads idle through the experts, the larger
+/// part of a decode step. `None` where an expert is held otherwise, or one thread runs, or
+/// `HARNESS_EXPERT_BLOCKS=0`.
+fn host_experts_by_blocks(
+    xt: &Tensor,
+    fetched: &[(std::sync::Arc<ExpertWeights>, f32)],
+) -> Result<Option<Vec<Tensor>>> {
+    use crate::experts::store::ExpertMats;
+    use crate::weights::kernels::{current_threads, par_for};
+    use std::sync::Mutex;
+    // `HARNESS_EXPERT_BLOCKS=0` keeps one expert a thread (for A/B runs).
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("HARNESS_EXPERT_BLOCKS").map_or(true, |v| v != "0"));
+    let threads = current_threads();
+    if !on || threads <= 1 || !xt.device().is_cpu() || xt.dim(0)? != 1 {
+        return Ok(None);
+    }
+    let mats: Option<Vec<_>> = fetched
+        .iter()
+        .map(|(ew, _)| match &ew.mats {
+            ExpertMats::Host { gate, up, down } => Some((gate, up, down)),
+            _ => None,
+        })
+        .collect();
+    let Some(mats) = mats else {
+        return Ok(None);
+    };
+    let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
+    // Blocks of rows of each expert, about two per thread in each region (a row is computed
+    // the same way in any block, so the split does not change a bit).
+    let blocks = |rows: usize| -> Vec<std::ops::Range<usize>> {
+        let per = (rows * mats.len())
+            .div_ceil(2 * threads)
+            .clamp(8, rows.max(8));
+        (0..rows)
+            .step_by(per)
+            .map(|r| r..(r + per).min(rows))
+            .collect()
+    };
+    let units = |rows: &dyn Fn(usize) -> usize| -> Vec<(usize, std::ops::Range<usize>)> {
+        (0..mats.len())
+            .flat_map(|i| blocks(rows(i)).into_iter().map(move |b| (i, b)))
+            .collect()
+    };
+    // Gate and up, block by block.
+    let first = units(&|i| mats[i].0.rows());
+    let gu: Vec<Mutex<(Vec<f32>, Vec<f32>)>> = first.iter().map(|_| Default::default()).collect();
+    par_for(first.len(), &|k| {
+        let (i, b) = &first[k];
+        let (g, u) = (
+            mats[*i].0.matmul_range(b.clone(), &xs),
+            mats[*i].1.matmul_range(b.clone(), &xs),
+        );
+        *gu[k].lock().unwrap_or_else(|p| p.into_inner()) = (g, u);
+    });
+    // silu(z) · u per expert, as `host_expert_rows` computes it.
+    let mut acts: Vec<Vec<f32>> = mats
+        .iter()
+        .map(|m| Vec::with_capacity(m.0.rows()))
+        .collect();
+    for ((i, _), gu) in first.iter().zip(gu) {
+        let (g, u) = gu.into_inner().unwrap_or_else(|p| p.into_inner());
+        acts[*i].extend(g.iter().zip(&u).map(|(z, u)| z / (1.0 + (-z).exp()) * u));
+    }
+    // Down, block by block.
+    let second = units(&|i| mats[i].2.rows());
+    let ys: Vec<Mutex<Vec<f32>>> = second.iter().map(|_| Default::default()).collect();
+    par_for(second.len(), &|k| {
+        let (i, b) = &second[k];
+        *ys[k].lock().unwrap_or_else(|p| p.into_inner()) =
+            mats[*i].2.matmul_range(b.clone(), &acts[*i]);
+    });
+    let mut outs: Vec<Vec<f32>> = mats
+        .iter()
+        .map(|m| Vec::with_capacity(m.2.rows()))
+        .collect();
+    for ((i, _), y) in second.iter().zip(ys) {
+        outs[*i].extend(y.into_inner().unwrap_or_else(|p| p.into_inner()));
+    }
+    outs.into_iter()
+        .zip(&mats)
+        .map(|(y, m)| Ok(Tensor::from_vec(y, (1, m.2.rows()), xt.device())?))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 /// `acc + y` in router order (the first expert's output as is).
 fn add(acc: Option<Tensor>, y: Tensor) -> Result<Tensor> {
     Ok(match acc {
@@ -409,6 +498,15 @@ impl MoeBlock {
                             acc
                         }
                     };
+                    access.end_step(route)?;
+                    outs.push(finish(acc, kept, route, &xt)?);
+                    continue;
+                }
+                // Host-held experts: every expert's row blocks on all the threads at once.
+                if let Some(ys) = host_experts_by_blocks(&xt, &fetched)? {
+                    for ((_, w), y) in fetched.iter().zip(ys) {
+                        acc = Some(add(acc, (y * *w as f64)?)?);
+                    }
                     access.end_step(route)?;
                     outs.push(finish(acc, kept, route, &xt)?);
                     continue;

@@ -125,6 +125,11 @@ pub fn parallel() -> bool {
     current_pool().is_some()
 }
 
+/// Threads of this thread's context (1 outside [`with`] or inside a parallel job's block).
+pub fn current_threads() -> usize {
+    current_pool().map_or(1, |p| if p.in_job() { 1 } else { p.threads() })
+}
+
 /// `f(i)` for every `i < n`, each once, on the context's threads (serially without a context
 /// of several threads, or when called from inside another parallel job). The caller combines
 /// the results in index order, so the outcome does not depend on the thread count.

@@ -148,6 +148,11 @@ impl SpinPool {
         })
     }
 
+    /// Whether the calling thread is running a block of a job (where [`SpinPool::run`] is serial).
+    pub fn in_job(&self) -> bool {
+        IN_JOB.with(|j| j.get())
+    }
+
     /// Threads that run blocks (the caller included).
     pub fn threads(&self) -> usize {
         self.workers.len() + 1
