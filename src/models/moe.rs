@@ -13,6 +13,7 @@ use crate::experts::ExpertKey;
 use crate::weights::Vb;
 
 use super::layers::{expert_forward, rows, Linear, Mlp};
+use crate::weights::host::HostMatrix;
 
 mod prefill;
 
@@ -252,38 +253,65 @@ fn run_expert(xt: &Tensor, ew: &ExpertWeights) -> Result<Tensor> {
 }
 
 /// The outputs of a token's experts (`xt`: one row on the CPU) when every one is host-held, each
-/// bit-identical to [`run_expert`]'s, computed in two parallel regions over all the context's
-/// threads: the gate and up rows of every expert in blocks, then the down rows. One expert a
-/// thread (the form before) left all but `top_k` threads idle through the experts, the larger
-/// part of a decode step. `None` where an expert is held otherwise, or one thread runs, or
-/// `HARNESS_EXPERT_BLOCKS=0`.
+/// bit-identical to [`run_expert`]'s, through [`host_experts_rows`]. `None` where an expert is
+/// held otherwise, or [`expert_blocks`] says no.
 fn host_experts_by_blocks(
     xt: &Tensor,
     fetched: &[(std::sync::Arc<ExpertWeights>, f32)],
 ) -> Result<Option<Vec<Tensor>>> {
-    use crate::experts::store::ExpertMats;
-    use crate::weights::kernels::{current_threads, par_for};
-    use std::sync::Mutex;
-    // `HARNESS_EXPERT_BLOCKS=0` keeps one expert a thread (for A/B runs).
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("HARNESS_EXPERT_BLOCKS").map_or(true, |v| v != "0"));
-    let threads = current_threads();
-    if !on || threads <= 1 || !xt.device().is_cpu() || xt.dim(0)? != 1 {
+    if !expert_blocks(fetched.len()) || !xt.device().is_cpu() || xt.dim(0)? != 1 {
         return Ok(None);
     }
-    let mats: Option<Vec<_>> = fetched
-        .iter()
-        .map(|(ew, _)| match &ew.mats {
-            ExpertMats::Host { gate, up, down } => Some((gate, up, down)),
-            _ => None,
-        })
-        .collect();
-    let Some(mats) = mats else {
+    let Some(mats) = host_mats(fetched.iter().map(|(ew, _)| &**ew)) else {
         return Ok(None);
     };
     let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
-    // Blocks of rows of each expert, about two per thread in each region (a row is computed
-    // the same way in any block, so the split does not change a bit).
+    let inputs = vec![&xs[..]; mats.len()];
+    host_experts_rows(&mats, &inputs)
+        .into_iter()
+        .zip(&mats)
+        .map(|(y, m)| Ok(Tensor::from_vec(y, (1, m.2.rows()), xt.device())?))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// A host-held expert's gate, up and down matrices.
+pub(super) type HostMats<'a> = (&'a HostMatrix, &'a HostMatrix, &'a HostMatrix);
+
+/// Every expert's matrices where all are host-held (else `None`).
+pub(super) fn host_mats<'a>(
+    experts: impl Iterator<Item = &'a ExpertWeights>,
+) -> Option<Vec<HostMats<'a>>> {
+    use crate::experts::store::ExpertMats;
+    experts
+        .map(|ew| match &ew.mats {
+            ExpertMats::Host { gate, up, down } => Some((gate, up, down)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `n` experts run by row blocks over all the threads ([`host_experts_rows`]): where
+/// the context has more threads than experts (one expert a thread would leave some idle; with
+/// fewer threads it balances as well and keeps each expert's products on one thread's cache).
+/// `HARNESS_EXPERT_BLOCKS=0` keeps one expert a thread (for A/B runs).
+pub(super) fn expert_blocks(n: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("HARNESS_EXPERT_BLOCKS").map_or(true, |v| v != "0"));
+    on && crate::weights::kernels::current_threads() > n
+}
+
+/// Experts `mats[i]` on their input rows `inputs[i]` (`T_i` rows of `H`): `[T_i, H]` each,
+/// row-major, bit-identical to [`super::layers::host_expert_rows`] of each, computed in two parallel regions
+/// over all the context's threads: the gate and up rows of every expert in blocks, then the down
+/// rows. One expert a thread (the form before) left all but `top_k` threads idle through a
+/// decode step's experts, the larger part of the step. A row is computed the same way in any
+/// block, so the split does not change a bit.
+pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
+    use crate::weights::kernels::{current_threads, par_for};
+    use std::sync::Mutex;
+    let threads = current_threads();
+    // Blocks of rows of each expert: about two units per thread in each region, at least 8 rows.
     let blocks = |rows: usize| -> Vec<std::ops::Range<usize>> {
         let per = (rows * mats.len())
             .div_ceil(2 * threads)
@@ -298,26 +326,49 @@ fn host_experts_by_blocks(
             .flat_map(|i| blocks(rows(i)).into_iter().map(move |b| (i, b)))
             .collect()
     };
+    // A product's blocks (`[T, len]` each, as `matmul_range` gives them) back into `[T, rows]`.
+    let gather = |rows: usize, parts: Vec<(std::ops::Range<usize>, Vec<f32>)>| {
+        let t = parts.first().map_or(0, |(b, p)| p.len() / b.len().max(1));
+        let mut full = vec![0f32; t * rows];
+        for (b, part) in parts {
+            for (k, src) in part.chunks_exact(b.len()).enumerate() {
+                full[k * rows + b.start..k * rows + b.end].copy_from_slice(src);
+            }
+        }
+        full
+    };
     // Gate and up, block by block.
     let first = units(&|i| mats[i].0.rows());
     let gu: Vec<Mutex<(Vec<f32>, Vec<f32>)>> = first.iter().map(|_| Default::default()).collect();
     par_for(first.len(), &|k| {
         let (i, b) = &first[k];
         let (g, u) = (
-            mats[*i].0.matmul_range(b.clone(), &xs),
-            mats[*i].1.matmul_range(b.clone(), &xs),
+            mats[*i].0.matmul_range(b.clone(), inputs[*i]),
+            mats[*i].1.matmul_range(b.clone(), inputs[*i]),
         );
         *gu[k].lock().unwrap_or_else(|p| p.into_inner()) = (g, u);
     });
-    // silu(z) · u per expert, as `host_expert_rows` computes it.
-    let mut acts: Vec<Vec<f32>> = mats
-        .iter()
-        .map(|m| Vec::with_capacity(m.0.rows()))
-        .collect();
-    for ((i, _), gu) in first.iter().zip(gu) {
+    let (mut gs, mut us): (Vec<Vec<_>>, Vec<Vec<_>>) =
+        (vec![Vec::new(); mats.len()], vec![Vec::new(); mats.len()]);
+    for ((i, b), gu) in first.into_iter().zip(gu) {
         let (g, u) = gu.into_inner().unwrap_or_else(|p| p.into_inner());
-        acts[*i].extend(g.iter().zip(&u).map(|(z, u)| z / (1.0 + (-z).exp()) * u));
+        gs[i].push((b.clone(), g));
+        us[i].push((b, u));
     }
+    // silu(z) · u, element by element as `host_expert_rows` computes it.
+    let acts: Vec<Vec<f32>> = (0..mats.len())
+        .map(|i| {
+            let rows = mats[i].0.rows();
+            let (g, u) = (
+                gather(rows, std::mem::take(&mut gs[i])),
+                gather(rows, std::mem::take(&mut us[i])),
+            );
+            g.iter()
+                .zip(&u)
+                .map(|(z, u)| z / (1.0 + (-z).exp()) * u)
+                .collect()
+        })
+        .collect();
     // Down, block by block.
     let second = units(&|i| mats[i].2.rows());
     let ys: Vec<Mutex<Vec<f32>>> = second.iter().map(|_| Default::default()).collect();
@@ -326,18 +377,15 @@ fn host_experts_by_blocks(
         *ys[k].lock().unwrap_or_else(|p| p.into_inner()) =
             mats[*i].2.matmul_range(b.clone(), &acts[*i]);
     });
-    let mut outs: Vec<Vec<f32>> = mats
-        .iter()
-        .map(|m| Vec::with_capacity(m.2.rows()))
-        .collect();
-    for ((i, _), y) in second.iter().zip(ys) {
-        outs[*i].extend(y.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let mut parts: Vec<Vec<_>> = vec![Vec::new(); mats.len()];
+    for ((i, b), y) in second.into_iter().zip(ys) {
+        parts[i].push((b, y.into_inner().unwrap_or_else(|p| p.into_inner())));
     }
-    outs.into_iter()
-        .zip(&mats)
-        .map(|(y, m)| Ok(Tensor::from_vec(y, (1, m.2.rows()), xt.device())?))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| gather(mats[i].2.rows(), p))
+        .collect()
 }
 
 /// `acc + y` in router order (the first expert's output as is).

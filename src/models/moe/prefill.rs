@@ -100,9 +100,20 @@ pub(super) fn routed_by_expert(
     Ok(Tensor::from_vec(out, (t_all, h), x.device())?)
 }
 
-/// Each group's expert on its tokens' rows of `xs`: `[tokens, H]` per group. Groups run side by
-/// side on the context's threads (each product then on its thread alone).
+/// Each group's expert on its tokens' rows of `xs`: `[tokens, H]` per group: row blocks of every
+/// group's expert over all the threads ([`super::host_experts_rows`]) where all are host-held and
+/// threads outnumber groups, else groups side by side on the context's threads (each product
+/// then on its thread alone).
 fn run_groups(groups: &[Group], xs: &[f32], h: usize) -> Result<Vec<Vec<f32>>> {
+    // More threads than groups, every group host-held: row blocks of every expert over all
+    // the threads at once.
+    if super::expert_blocks(groups.len()) {
+        if let Some(mats) = super::host_mats(groups.iter().map(|g| &*g.weights)) {
+            let inputs: Vec<Vec<f32>> = groups.iter().map(|g| gather_rows(g, xs, h)).collect();
+            let inputs: Vec<&[f32]> = inputs.iter().map(|v| &v[..]).collect();
+            return Ok(super::host_experts_rows(&mats, &inputs));
+        }
+    }
     let slots: Vec<Mutex<Option<Result<Vec<f32>>>>> =
         groups.iter().map(|_| Mutex::default()).collect();
     crate::weights::kernels::par_for(groups.len(), &|i| {
@@ -128,11 +139,7 @@ fn run_groups(groups: &[Group], xs: &[f32], h: usize) -> Result<Vec<Vec<f32>>> {
 fn run_group(g: &Group, xs: &[f32], h: usize) -> Result<Vec<f32>> {
     let rows = |t: usize| &xs[t * h..(t + 1) * h];
     if let ExpertMats::Host { gate, up, down } = &g.weights.mats {
-        let mut input = Vec::with_capacity(g.tokens.len() * h);
-        for &t in &g.tokens {
-            input.extend_from_slice(rows(t));
-        }
-        return Ok(host_expert_rows(gate, up, down, &input));
+        return Ok(host_expert_rows(gate, up, down, &gather_rows(g, xs, h)));
     }
     let mut out = Vec::with_capacity(g.tokens.len() * h);
     for &t in &g.tokens {
@@ -144,6 +151,15 @@ fn run_group(g: &Group, xs: &[f32], h: usize) -> Result<Vec<f32>> {
         );
     }
     Ok(out)
+}
+
+/// The group's tokens' rows of `xs`, in token order.
+fn gather_rows(g: &Group, xs: &[f32], h: usize) -> Vec<f32> {
+    let mut input = Vec::with_capacity(g.tokens.len() * h);
+    for &t in &g.tokens {
+        input.extend_from_slice(&xs[t * h..(t + 1) * h]);
+    }
+    input
 }
 
 /// One token's routed output into `row`: its experts' outputs weighted and added in router
