@@ -96,10 +96,6 @@ mod quant;
 
 pub use quant::{int8_fits, QRow, QuantizedInput, RESIDUAL_STEPS};
 
-#[cfg(target_arch = "x86_64")]
-#[path = "q4_vnni.rs"]
-pub mod vnni;
-
 /// The one reduction of the eight lane accumulators, shared by every form.
 #[inline(always)]
 fn reduce(l: [f32; 8]) -> f32 {
@@ -365,92 +361,124 @@ unsafe fn exact_multi_avx2<S: Scales, const N: usize>(
     }
 }
 
-/// Int8 kernel with AVX2 (`maddubs`: unsigned nibbles × signed int8 activations; bit-equal to
-/// [`row_int8`]) over `n` consecutive rows of one matrix, `first` and the `n − 1` after it
-/// (its `words` spanning them all), against `M` inputs `x` (their group sums `xsum`), each
-/// chunk's nibbles unpacked once for all of them; row `j`'s output for input `m` goes to
+/// Defines an int8 row kernel of x86-64 (`int8_avx2` and `vnni::rows`) from how it forms a
+/// chunk's integer lane sums: `part(lo, hi, q, c)` is one int8 part's sum for input bytes `q`
+/// (lane `k`: word `8c + k`'s low nibbles by `q[64c..]`'s even bytes and its high nibbles by the
+/// odd ones, in whatever width `one` / `two` then take), `one(p)` its 32-bit lane sums, and
+/// `two(p1, p2)` the two parts' `254·n1 + n2`. Everything else — the chunks, the scales, the
+/// float accumulation, the bias sum — is this one body, so the forms differ only in their
+/// integer instructions, whose sums are exact: each is bit-equal to [`row_int8`].
+///
+/// The kernel runs `n` consecutive rows of one matrix, `first` and the `n − 1` after it (its
+/// `words` spanning them all), against `M` inputs `x` (their group sums `xsum`), each chunk's
+/// nibbles unpacked once for all of them; row `j`'s output for input `m` goes to
 /// `out[j · stride + m]`. `TWO`: the inputs have a residual part. One call a matrix's block of
 /// rows: no per-row call or checks.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn int8_avx2<S: Scales, const TWO: bool, const M: usize>(
-    first: Row<'_, S>,
-    n: usize,
-    x: [QRow<'_>; M],
-    xsum: [&[f32]; M],
-    out: &mut [f32],
-    stride: usize,
-) {
-    let Row {
-        words,
-        s,
-        b,
-        k0,
-        groups,
-        gs,
-    } = first;
-    use std::arch::x86_64::*;
-    let chunks = first.int8_chunks(x[0], TWO);
-    for x in &x {
-        assert_eq!(first.int8_chunks(*x, TWO), chunks);
-    }
-    assert!(n == 0 || (words.len() >= n * chunks * 8 && out.len() >= (n - 1) * stride + M));
-    let sh = gs.trailing_zeros();
-    let low = _mm256_set1_epi8(15);
-    let ones = _mm256_set1_epi16(1);
-    let steps = _mm256_set1_epi16(RESIDUAL_STEPS as i16);
-    let qp = x.map(|x| x.q.as_ptr());
-    let qp2 = x.map(|x| x.q2.as_ptr());
-    let dp = x.map(|x| x.d.as_ptr());
-    for j in 0..n {
-        let wp = words.as_ptr().add(j * chunks * 8) as *const u8;
-        let k0 = k0 + j * groups;
-        let mut total = [_mm256_setzero_ps(); M];
-        for c in 0..chunks {
-            // The words 2 KB ahead (the next rows' once this one ends): the matrix streams
-            // from memory, and the hardware prefetcher alone left the loads waiting (+10–20 %
-            // tok/s on the 2-core VM, alternated runs). A prefetch never faults.
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c * 32 + PREFETCH) as *const i8);
-            let w = _mm256_loadu_si256(wp.add(c * 32) as *const __m256i);
-            let lo = _mm256_and_si256(w, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-            // Pairs of products in 16 bits (at most 2·15·127 each), then the lanes' 32-bit sums.
-            let pairs = |qp: *const i8| {
-                let qe = _mm256_loadu_si256(qp.add(c * 64) as *const __m256i);
-                let qo = _mm256_loadu_si256(qp.add(c * 64 + 32) as *const __m256i);
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo))
-            };
-            let sv = if gs >= 64 {
-                _mm256_set1_ps(s.at(k0 + ((c * 64) >> sh)))
-            } else {
-                _mm256_set_m128(
-                    _mm_set1_ps(s.at(k0 + 2 * c + 1)),
-                    _mm_set1_ps(s.at(k0 + 2 * c)),
-                )
-            };
-            for m in 0..M {
-                let sum = if TWO {
-                    _mm256_add_epi32(
-                        _mm256_madd_epi16(pairs(qp[m]), steps),
-                        _mm256_madd_epi16(pairs(qp2[m]), ones),
-                    )
-                } else {
-                    _mm256_madd_epi16(pairs(qp[m]), ones)
-                };
-                let d = _mm256_mul_ps(_mm256_loadu_ps(dp[m].add(c * 8)), sv);
-                total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, total[m]);
+macro_rules! int8_rows_kernel {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident, features = $features:literal,
+        setup = { $($setup:tt)* },
+        part = $part:expr, one = $one:expr, two = $two:expr $(,)?
+    ) => {
+        $(#[$attr])*
+        #[target_feature(enable = $features)]
+        $vis unsafe fn $name<S: Scales, const TWO: bool, const M: usize>(
+            first: Row<'_, S>,
+            n: usize,
+            x: [QRow<'_>; M],
+            xsum: [&[f32]; M],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            use std::arch::x86_64::*;
+            let Row {
+                words,
+                s,
+                b,
+                k0,
+                groups,
+                gs,
+            } = first;
+            let chunks = first.int8_chunks(x[0], TWO);
+            for x in &x {
+                assert_eq!(first.int8_chunks(*x, TWO), chunks);
+            }
+            assert!(n == 0 || (words.len() >= n * chunks * 8 && out.len() >= (n - 1) * stride + M));
+            let sh = gs.trailing_zeros();
+            let low = _mm256_set1_epi8(15);
+            $($setup)*
+            let qp = x.map(|x| x.q.as_ptr());
+            let qp2 = x.map(|x| x.q2.as_ptr());
+            let dp = x.map(|x| x.d.as_ptr());
+            for j in 0..n {
+                let wp = words.as_ptr().add(j * chunks * 8) as *const u8;
+                let k0 = k0 + j * groups;
+                let mut total = [_mm256_setzero_ps(); M];
+                for c in 0..chunks {
+                    // The words 2 KB ahead (the next rows' once this one ends): the matrix
+                    // streams from memory, and the hardware prefetcher alone left the loads
+                    // waiting (+10–20 % tok/s on the 2-core VM, alternated runs). A prefetch
+                    // never faults.
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c * 32 + PREFETCH) as *const i8);
+                    let w = _mm256_loadu_si256(wp.add(c * 32) as *const __m256i);
+                    let lo = _mm256_and_si256(w, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                    let sv = if gs >= 64 {
+                        _mm256_set1_ps(s.at(k0 + ((c * 64) >> sh)))
+                    } else {
+                        _mm256_set_m128(
+                            _mm_set1_ps(s.at(k0 + 2 * c + 1)),
+                            _mm_set1_ps(s.at(k0 + 2 * c)),
+                        )
+                    };
+                    for m in 0..M {
+                        let p1 = ($part)(lo, hi, qp[m], c);
+                        let sum = if TWO {
+                            ($two)(p1, ($part)(lo, hi, qp2[m], c))
+                        } else {
+                            ($one)(p1)
+                        };
+                        let d = _mm256_mul_ps(_mm256_loadu_ps(dp[m].add(c * 8)), sv);
+                        total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, total[m]);
+                    }
+                }
+                for m in 0..M {
+                    let mut l = [0f32; 8];
+                    _mm256_storeu_ps(l.as_mut_ptr(), total[m]);
+                    *out.get_unchecked_mut(j * stride + m) =
+                        reduce(l) + bias_sum(groups, xsum[m], b, k0);
+                }
             }
         }
-        for m in 0..M {
-            let mut l = [0f32; 8];
-            _mm256_storeu_ps(l.as_mut_ptr(), total[m]);
-            *out.get_unchecked_mut(j * stride + m) = reduce(l) + bias_sum(groups, xsum[m], b, k0);
-        }
-    }
+    };
 }
+
+#[cfg(target_arch = "x86_64")]
+int8_rows_kernel! {
+    /// Int8 kernel with AVX2 (`maddubs`: unsigned nibbles × signed int8 activations, pairs of
+    /// products in 16 bits — at most 2·15·127 each, two added — then `madd` into 32-bit lanes).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    fn int8_avx2, features = "avx2,fma",
+    setup = {
+        let ones = _mm256_set1_epi16(1);
+        let steps = _mm256_set1_epi16(RESIDUAL_STEPS as i16);
+    },
+    part = |lo, hi, q: *const i8, c: usize| {
+        let qe = _mm256_loadu_si256(q.add(c * 64) as *const __m256i);
+        let qo = _mm256_loadu_si256(q.add(c * 64 + 32) as *const __m256i);
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo))
+    },
+    one = |p| _mm256_madd_epi16(p, ones),
+    two = |p1, p2| _mm256_add_epi32(_mm256_madd_epi16(p1, steps), _mm256_madd_epi16(p2, ones)),
+}
+
+#[cfg(target_arch = "x86_64")]
+#[path = "q4_vnni.rs"]
+pub mod vnni;
 
 /// Exact kernel with NEON (bit-equal to [`row_exact`]).
 ///

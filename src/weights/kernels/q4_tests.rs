@@ -279,23 +279,44 @@ fn a_block_of_rows_is_bit_equal_to_one_row_at_a_time() {
     }
 }
 
+/// Three consecutive rows of one matrix (seeded cases `seed..seed + 3`).
+struct Rows3 {
+    words: Vec<u32>,
+    s: Vec<f32>,
+    b: Vec<f32>,
+    gs: usize,
+}
+
+impl Rows3 {
+    fn new(seed: u64, cols: usize, gs: usize) -> Self {
+        let rows: Vec<Case> = (0..3).map(|k| case(seed + k, cols, gs)).collect();
+        Rows3 {
+            words: rows.iter().flat_map(|c| c.words.iter().copied()).collect(),
+            s: rows.iter().flat_map(|c| c.s.iter().copied()).collect(),
+            b: rows.iter().flat_map(|c| c.b.iter().copied()).collect(),
+            gs,
+        }
+    }
+
+    /// The first row, its `words` spanning all three, as the kernels take a block.
+    fn first(&self) -> Row<'_, &[f32]> {
+        Row {
+            words: &self.words,
+            s: &self.s[..],
+            b: &self.b[..],
+            k0: 0,
+            groups: self.s.len() / 3,
+            gs: self.gs,
+        }
+    }
+}
+
 #[test]
 fn several_int8_inputs_at_once_are_bit_equal_to_one_at_a_time() {
     let simd = Simd::current();
     for (seed, cols, gs) in [(15, 64, 32), (16, 1024, 64)] {
-        let rows: Vec<Case> = (0..3).map(|k| case(seed * 5 + k, cols, gs)).collect();
-        let words: Vec<u32> = rows.iter().flat_map(|c| c.words.iter().copied()).collect();
-        let s: Vec<f32> = rows.iter().flat_map(|c| c.s.iter().copied()).collect();
-        let b: Vec<f32> = rows.iter().flat_map(|c| c.b.iter().copied()).collect();
-        let groups = cols / gs;
-        let first = Row {
-            words: &words,
-            s: &s[..],
-            b: &b[..],
-            k0: 0,
-            groups,
-            gs,
-        };
+        let m = Rows3::new(seed * 5, cols, gs);
+        let (first, groups) = (m.first(), cols / gs);
         for residual in [false, true] {
             // Four inputs quantized together, as a prompt's rows are.
             let xs: Vec<f32> = (0..4)
@@ -366,19 +387,8 @@ fn avx2_and_vnni_int8_forms_are_bit_equal_to_the_portable_one() {
         }
     );
     for (seed, cols, gs) in [(31, 64, 32), (32, 1024, 64), (33, 512, 128), (34, 2816, 64)] {
-        let rows: Vec<Case> = (0..3).map(|k| case(seed * 11 + k, cols, gs)).collect();
-        let words: Vec<u32> = rows.iter().flat_map(|c| c.words.iter().copied()).collect();
-        let s: Vec<f32> = rows.iter().flat_map(|c| c.s.iter().copied()).collect();
-        let b: Vec<f32> = rows.iter().flat_map(|c| c.b.iter().copied()).collect();
-        let groups = cols / gs;
-        let first = Row {
-            words: &words,
-            s: &s[..],
-            b: &b[..],
-            k0: 0,
-            groups,
-            gs,
-        };
+        let m = Rows3::new(seed * 11, cols, gs);
+        let (first, groups) = (m.first(), cols / gs);
         let xs: Vec<f32> = (0..4)
             .flat_map(|k| case(seed * 13 + k, cols, gs).x)
             .collect();
