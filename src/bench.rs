@@ -149,6 +149,8 @@ pub struct BenchRow {
     /// from a second, profiled pass over the measured prompts (the device synchronized at every
     /// part boundary, so its total exceeds `1000 / decode_tps`).
     pub decode_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
+    /// With `--profile`: prefill milliseconds per prompt token by part, from the same pass.
+    pub prefill_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
     /// Where the gates of gated decode steps spent their time in this cell (CUDA lazy cells run
     /// from a graph; `None` where no gate ran).
     pub gate_times: Option<crate::models::fallback::GateTimes>,
@@ -375,14 +377,16 @@ pub fn bench(
             for m in &measured {
                 m.generate(&mut engine)?;
             }
-            let p = engine.model.profile().decode.since(&p0.decode);
+            let p = engine.model.profile();
             engine.model.set_profiling(false);
-            row.decode_ms_by_part = Some(
-                p.ms_per_token()
+            let by_part = |t: crate::models::profile::PartTimes| {
+                t.ms_per_token()
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))
-                    .collect(),
-            );
+                    .collect()
+            };
+            row.decode_ms_by_part = Some(by_part(p.decode.since(&p0.decode)));
+            row.prefill_ms_by_part = Some(by_part(p.prefill.since(&p0.prefill)));
         }
         progress(&row);
         report.rows.push(row);
@@ -531,6 +535,7 @@ fn measure(
         storage_bound_tps: None,
         storage_bound_fraction: None,
         decode_ms_by_part: None,
+        prefill_ms_by_part: None,
         gate_times: Some(after.gates.since(&before.gates)).filter(|g| g.gates > 0),
     }
 }
@@ -689,26 +694,50 @@ pub fn format_report(r: &BenchReport) -> String {
     if r.rows.iter().any(|row| row.gate_times.is_some()) {
         out.push_str(&gate_table(&r.rows));
     }
+    let how = if crate::models::profile::host_only() {
+        "a second, profiled pass: host time issuing each part, the device not synchronized: HARNESS_PROFILE_HOST"
+    } else {
+        "a second, profiled pass: the device synchronized at every part boundary"
+    };
+    out.push_str(&parts_table(
+        &r.rows,
+        &format!("decode ms per token by part ({how})"),
+        |row| row.decode_ms_by_part.as_ref(),
+    ));
+    out.push_str(&parts_table(
+        &r.rows,
+        &format!("prefill ms per prompt token by part ({how})"),
+        |row| row.prefill_ms_by_part.as_ref(),
+    ));
+    out
+}
+
+/// A table of milliseconds per token by part of the decoder, one line per cell that has them
+/// (empty when none has).
+fn parts_table(
+    rows: &[BenchRow],
+    title: &str,
+    ms: impl Fn(&BenchRow) -> Option<&std::collections::BTreeMap<String, f64>>,
+) -> String {
+    let mut out = String::new();
+    if !rows.iter().any(|row| ms(row).is_some()) {
+        return out;
+    }
     let parts = crate::models::profile::PARTS.iter().chain(&["total"]);
-    if r.rows.iter().any(|row| row.decode_ms_by_part.is_some()) {
-        out.push_str(if crate::models::profile::host_only() {
-            "decode ms per token by part (a second, profiled pass: host time issuing each part, the device not synchronized: HARNESS_PROFILE_HOST)\n"
-        } else {
-            "decode ms per token by part (a second, profiled pass: the device synchronized at every part boundary)\n"
-        });
-        out.push_str(&format!("{:<18}", "cell"));
-        for p in parts.clone() {
-            out.push_str(&format!(" {p:>9}"));
-        }
-        out.push('\n');
-        for row in &r.rows {
-            if let Some(ms) = &row.decode_ms_by_part {
-                out.push_str(&format!("{:<18}", row.cell));
-                for p in parts.clone() {
-                    out.push_str(&format!(" {:>9.3}", ms.get(*p).copied().unwrap_or(0.0)));
-                }
-                out.push('\n');
+    out.push_str(title);
+    out.push('\n');
+    out.push_str(&format!("{:<18}", "cell"));
+    for p in parts.clone() {
+        out.push_str(&format!(" {p:>9}"));
+    }
+    out.push('\n');
+    for row in rows {
+        if let Some(ms) = ms(row) {
+            out.push_str(&format!("{:<18}", row.cell));
+            for p in parts.clone() {
+                out.push_str(&format!(" {:>9.3}", ms.get(*p).copied().unwrap_or(0.0)));
             }
+            out.push('\n');
         }
     }
     out

@@ -36,7 +36,7 @@ pub(crate) fn opts() -> BenchOptions {
 }
 
 #[test]
-fn profiled_pass_times_every_part_of_decode() {
+fn profiled_pass_times_every_part_of_decode_and_prefill() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/glm4-moe-tiny/mlx-4bit");
     let o = BenchOptions {
         capacities: vec![4],
@@ -45,8 +45,12 @@ fn profiled_pass_times_every_part_of_decode() {
         ..opts()
     };
     let r = bench(&model, Device::Cpu, &o, |_| {}).unwrap();
-    for row in &r.rows {
-        let p = row.decode_ms_by_part.as_ref().expect("profiled");
+    let profiles = r.rows.iter().flat_map(|row| {
+        let decode = row.decode_ms_by_part.as_ref().expect("profiled");
+        let prefill = row.prefill_ms_by_part.as_ref().expect("profiled");
+        [(row, decode), (row, prefill)]
+    });
+    for (row, p) in profiles {
         for part in moe_harness::models::profile::PARTS {
             // Only steps routed on a GPU wait for their routes.
             if part == "wait" {
@@ -64,7 +68,10 @@ fn profiled_pass_times_every_part_of_decode() {
     }
     // Without --profile nothing is timed, and the model splits prefill from decode calls.
     let r = bench(&model, Device::Cpu, &opts(), |_| {}).unwrap();
-    assert!(r.rows.iter().all(|row| row.decode_ms_by_part.is_none()));
+    assert!(r
+        .rows
+        .iter()
+        .all(|row| row.decode_ms_by_part.is_none() && row.prefill_ms_by_part.is_none()));
     let mut e = moe_harness::engine::Engine::open(&model, Device::Cpu, Default::default()).unwrap();
     e.model.set_profiling(true);
     e.generate(
