@@ -7,6 +7,8 @@ use crate::config::AttentionSpec;
 use crate::error::Result;
 use crate::weights::Vb;
 
+use super::host_attention::{decode_attention, prompt_attention};
+
 pub use super::kv::{DeltaState, LayerKv};
 pub use super::weight::{gemv, Weight};
 
@@ -430,20 +432,30 @@ impl Attention {
         let s = k.dim(2)?;
         let rep = nh / nkv;
         let scale = (hd as f64).powf(-0.5);
-        // One CPU decode step: attend straight over the cache's buffers (no per-head copies of
-        // the keys and values, no small-matrix products).
-        let host = match t == 1 && dev.is_cpu() {
-            true => {
+        // On the CPU: attend straight over the cache's buffers (no per-head copies of the keys
+        // and values, no small-matrix products), a decode step's heads or a prompt's (query,
+        // head) pairs side by side on the threads.
+        let window = self.spec.sliding_window;
+        let host = match (t, dev.is_cpu()) {
+            (1, true) => {
                 let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-                let first = self.spec.sliding_window.map_or(0, |w| s.saturating_sub(w));
+                let first = window.map_or(0, |w| s.saturating_sub(w));
                 kv.with_host_buffers(|kb, vb, cap| {
                     decode_attention(&qv, kb, vb, cap, (first, s), (nh, rep, hd), scale as f32)
                 })
             }
-            false => None,
+            (_, true) if host_prompt_attention() => {
+                // `[1, nh, T, hd]` → `[T, nh · hd]`.
+                let qv: Vec<f32> = q.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1()?;
+                kv.with_host_buffers(|kb, vb, cap| {
+                    let (dims, scale) = ((nh, rep, hd), scale as f32);
+                    prompt_attention(&qv, kb, vb, cap, (s - t, t), window, dims, scale)
+                })
+            }
+            _ => None,
         };
         if let Some(y) = host {
-            let y = Tensor::from_vec(y, (1, nh * hd), dev)?;
+            let y = Tensor::from_vec(y, (t, nh * hd), dev)?;
             let y = match gate {
                 Some(g) => (y * candle_nn::ops::sigmoid(&g)?)?,
                 None => y,
@@ -474,132 +486,11 @@ impl Attention {
     }
 }
 
-/// One query token's attention on the host: for every query head `h` (`rep` per KV head), the
-/// softmax of `scale · q_h · k_j` over the cached positions `j` in `keys.0..keys.1`, and the
-/// weighted sum of their values. `kb`/`vb`: `[kv heads, cap, hd]`. Returns `[nh · hd]`.
-fn decode_attention(
-    q: &[f32],
-    kb: &[f32],
-    vb: &[f32],
-    cap: usize,
-    keys: (usize, usize),
-    (nh, rep, hd): (usize, usize, usize),
-    scale: f32,
-) -> Vec<f32> {
-    let (first, s) = keys;
-    let mut out = vec![0f32; nh * hd];
-    // Heads side by side on the context's threads (each head's arithmetic as alone).
-    let work = nh * (s - first) * hd * 2;
-    crate::weights::kernels::by_blocks(&mut out, hd, work, |start, oh| {
-        let h = start / hd;
-        let g = h / rep;
-        let (k, v) = (&kb[g * cap * hd..], &vb[g * cap * hd..]);
-        let qh = &q[h * hd..(h + 1) * hd];
-        #[cfg(target_arch = "x86_64")]
-        if crate::weights::kernels::q4::Simd::current() == crate::weights::kernels::q4::Simd::Avx2 {
-            // SAFETY: `Avx2` is only detected on CPUs with AVX2.
-            return unsafe { attend_head_avx2(qh, k, v, (first, s), scale, oh) };
-        }
-        attend_head(qh, k, v, (first, s), scale, oh)
-    });
-    out
-}
-
-/// [`attend_head`] compiled for AVX2: the same operations (no fused multiply-adds), eight lanes
-/// a vector instead of four, so the same bits.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_head_avx2(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    keys: (usize, usize),
-    scale: f32,
-    out: &mut [f32],
-) {
-    attend_head(q, k, v, keys, scale, out)
-}
-
-/// `e^x` for `x ≤ 0` (NaN stays NaN) in plain arithmetic, so that a loop of it vectorizes (a
-/// libm call per value does not): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its Taylor
-/// polynomial to degree 7 (relative error below 1e-7), scaled by `2^n` in the exponent bits;
-/// below −87 (where `e^x` < 2^-125) it is 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    let xc = x.max(-87.0);
-    let n = (xc * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
-    // ln 2 in two parts, the first with 15 significant bits: n·hi is exact for |n| ≤ 127.
-    let r = (xc - n * 0.693_145_75) - n * 1.428_606_8e-6;
-    let mut e = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        e = e * r + c;
-    }
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
-    let y = e * scale;
-    if x >= -87.0 {
-        y
-    } else if x < -87.0 {
-        0.0
-    } else {
-        x // NaN
-    }
-}
-
-/// One query head `q` over the keys `k` and values `v` of its KV head (`[positions, hd]`) at
-/// positions `keys.0..keys.1`: the softmax-weighted sum of the values into `out` (zeros).
-#[inline(always)]
-fn attend_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    (first, s): (usize, usize),
-    scale: f32,
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    let mut p = vec![0f32; s];
-    let mut max = f32::NEG_INFINITY;
-    for (j, pj) in p.iter_mut().enumerate().take(s).skip(first) {
-        let kj = &k[j * hd..(j + 1) * hd];
-        // Eight lanes, so that the products vectorize (a last part shorter than eight adds
-        // into the first lanes).
-        let mut acc = [0f32; 8];
-        let (qs, ks) = (q.chunks_exact(8), kj.chunks_exact(8));
-        let (qr, kr) = (qs.remainder(), ks.remainder());
-        for (qc, kc) in qs.zip(ks) {
-            for l in 0..8 {
-                acc[l] += qc[l] * kc[l];
-            }
-        }
-        for (l, (a, b)) in qr.iter().zip(kr).enumerate() {
-            acc[l] += a * b;
-        }
-        *pj = acc.iter().sum::<f32>() * scale;
-        max = max.max(*pj);
-    }
-    for pj in &mut p[first..s] {
-        *pj = exp_nonpositive(*pj - max);
-    }
-    let sum: f32 = p[first..s].iter().sum();
-    for (j, pj) in p.iter().enumerate().take(s).skip(first) {
-        let w = pj / sum;
-        let vj = &v[j * hd..(j + 1) * hd];
-        for (o, v) in out.iter_mut().zip(vj) {
-            *o += w * v;
-        }
-    }
+/// Whether a prompt's attention on the CPU runs on the host over the cache's buffers
+/// ([`prompt_attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs).
+fn host_prompt_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_PROMPT_ATTENTION").map_or(true, |v| v != "ops"))
 }
 
 /// Additive causal (and sliding-window) mask `[T, S]` for `t` queries at the end of `s` cached
@@ -696,6 +587,9 @@ pub fn rows(x: &Tensor) -> Result<Vec<Vec<f32>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
+    use crate::models::host_attention::attend_head_avx2;
+    use crate::models::host_attention::{attend_head, exp_nonpositive};
 
     /// The rule the CUDA greedy kernel mirrors (`argmax_cuda`): the first index of the maximum,
     /// NaNs never chosen, 0 when the first value is NaN.

@@ -16,6 +16,7 @@ mod graph;
 #[cfg(not(feature = "cuda"))]
 #[path = "graph_none.rs"]
 mod graph;
+pub(crate) mod host_attention;
 pub mod kda;
 pub mod kimi_linear;
 pub mod kv;

@@ -1,0 +1,171 @@
+//! Attention on the host over the KV cache's buffers (CPU): one decode token's
+//! ([`decode_attention`]) and a prompt's queries ([`prompt_attention`]), each (query, head) pair's
+//! softmax and weighted sum computed alone with the same operations, side by side on the
+//! context's threads, so the result does not depend on the thread count.
+
+/// One query token's attention on the host: for every query head `h` (`rep` per KV head), the
+/// softmax of `scale · q_h · k_j` over the cached positions `j` in `keys.0..keys.1`, and the
+/// weighted sum of their values. `kb`/`vb`: `[kv heads, cap, hd]`. Returns `[nh · hd]`.
+pub(crate) fn decode_attention(
+    q: &[f32],
+    kb: &[f32],
+    vb: &[f32],
+    cap: usize,
+    keys: (usize, usize),
+    (nh, rep, hd): (usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let (first, s) = keys;
+    let mut out = vec![0f32; nh * hd];
+    // Heads side by side on the context's threads (each head's arithmetic as alone).
+    let work = nh * (s - first) * hd * 2;
+    crate::weights::kernels::by_blocks(&mut out, hd, work, |start, oh| {
+        let h = start / hd;
+        let g = h / rep;
+        let (k, v) = (&kb[g * cap * hd..], &vb[g * cap * hd..]);
+        let qh = &q[h * hd..(h + 1) * hd];
+        #[cfg(target_arch = "x86_64")]
+        if crate::weights::kernels::q4::Simd::current() == crate::weights::kernels::q4::Simd::Avx2 {
+            // SAFETY: `Avx2` is only detected on CPUs with AVX2.
+            return unsafe { attend_head_avx2(qh, k, v, (first, s), scale, oh) };
+        }
+        attend_head(qh, k, v, (first, s), scale, oh)
+    });
+    out
+}
+
+/// [`attend_head`] compiled for AVX2: the same operations (no fused multiply-adds), eight lanes
+/// a vector instead of four, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn attend_head_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) {
+    attend_head(q, k, v, keys, scale, out)
+}
+
+/// `e^x` for `x ≤ 0` (NaN stays NaN) in plain arithmetic, so that a loop of it vectorizes (a
+/// libm call per value does not): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its Taylor
+/// polynomial to degree 7 (relative error below 1e-7), scaled by `2^n` in the exponent bits;
+/// below −87 (where `e^x` < 2^-125) it is 0.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let xc = x.max(-87.0);
+    let n = (xc * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    // ln 2 in two parts, the first with 15 significant bits: n·hi is exact for |n| ≤ 127.
+    let r = (xc - n * 0.693_145_75) - n * 1.428_606_8e-6;
+    let mut e = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        e = e * r + c;
+    }
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let y = e * scale;
+    if x >= -87.0 {
+        y
+    } else if x < -87.0 {
+        0.0
+    } else {
+        x // NaN
+    }
+}
+
+/// One query head `q` over the keys `k` and values `v` of its KV head (`[positions, hd]`) at
+/// positions `keys.0..keys.1`: the softmax-weighted sum of the values into `out` (zeros).
+#[inline(always)]
+pub(crate) fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (first, s): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut p = vec![0f32; s];
+    let mut max = f32::NEG_INFINITY;
+    for (j, pj) in p.iter_mut().enumerate().take(s).skip(first) {
+        let kj = &k[j * hd..(j + 1) * hd];
+        // Eight lanes, so that the products vectorize (a last part shorter than eight adds
+        // into the first lanes).
+        let mut acc = [0f32; 8];
+        let (qs, ks) = (q.chunks_exact(8), kj.chunks_exact(8));
+        let (qr, kr) = (qs.remainder(), ks.remainder());
+        for (qc, kc) in qs.zip(ks) {
+            for l in 0..8 {
+                acc[l] += qc[l] * kc[l];
+            }
+        }
+        for (l, (a, b)) in qr.iter().zip(kr).enumerate() {
+            acc[l] += a * b;
+        }
+        *pj = acc.iter().sum::<f32>() * scale;
+        max = max.max(*pj);
+    }
+    for pj in &mut p[first..s] {
+        *pj = exp_nonpositive(*pj - max);
+    }
+    let sum: f32 = p[first..s].iter().sum();
+    for (j, pj) in p.iter().enumerate().take(s).skip(first) {
+        let w = pj / sum;
+        let vj = &v[j * hd..(j + 1) * hd];
+        for (o, v) in out.iter_mut().zip(vj) {
+            *o += w * v;
+        }
+    }
+}
+
+/// A prompt's `t` queries on the host, each over the cached keys it may see (causal, within
+/// `window` positions when set), the prompt's own keys and values already appended at cache
+/// positions `base..base + t`: for query `i` and head `h`, what [`decode_attention`] computes for
+/// that head with the keys `0..base + i + 1` (the window's last ones). `q`: `[t, nh · hd]`;
+/// `kb`/`vb`: `[kv heads, cap, hd]`. Returns `[t, nh · hd]`. The
+/// (query, head) pairs run side by side on the context's threads: the prompt's tensor-op path
+/// (batched products, mask, softmax) ran on one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prompt_attention(
+    q: &[f32],
+    kb: &[f32],
+    vb: &[f32],
+    cap: usize,
+    (base, t): (usize, usize),
+    window: Option<usize>,
+    (nh, rep, hd): (usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let mut out = vec![0f32; t * nh * hd];
+    let keys = |i: usize| {
+        let s = base + i + 1;
+        (window.map_or(0, |w| s.saturating_sub(w)), s)
+    };
+    let work = (0..t).map(|i| keys(i).1 - keys(i).0).sum::<usize>() * nh * hd * 2;
+    crate::weights::kernels::by_blocks(&mut out, hd, work, |start, oh| {
+        let (i, h) = (start / (nh * hd), start / hd % nh);
+        let g = h / rep;
+        let (k, v) = (&kb[g * cap * hd..], &vb[g * cap * hd..]);
+        let qh = &q[i * nh * hd + h * hd..i * nh * hd + (h + 1) * hd];
+        #[cfg(target_arch = "x86_64")]
+        if crate::weights::kernels::q4::Simd::current() == crate::weights::kernels::q4::Simd::Avx2 {
+            // SAFETY: `Avx2` is only detected on CPUs with AVX2.
+            return unsafe { attend_head_avx2(qh, k, v, keys(i), scale, oh) };
+        }
+        attend_head(qh, k, v, keys(i), scale, oh)
+    });
+    out
+}
