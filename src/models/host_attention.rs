@@ -1,38 +1,7 @@
-//! Attention on the host over the KV cache's buffers (CPU): one decode token's
-//! ([`decode_attention`]) and a prompt's queries ([`prompt_attention`]), each (query, head) pair's
-//! softmax and weighted sum computed alone with the same operations, side by side on the
-//! context's threads, so the result does not depend on the thread count.
-
-/// One query token's attention on the host: for every query head `h` (`rep` per KV head), the
-/// softmax of `scale · q_h · k_j` over the cached positions `j` in `keys.0..keys.1`, and the
-/// weighted sum of their values. `kb`/`vb`: `[kv heads, cap, hd]`. Returns `[nh · hd]`.
-pub(crate) fn decode_attention(
-    q: &[f32],
-    kb: &[f32],
-    vb: &[f32],
-    cap: usize,
-    keys: (usize, usize),
-    (nh, rep, hd): (usize, usize, usize),
-    scale: f32,
-) -> Vec<f32> {
-    let (first, s) = keys;
-    let mut out = vec![0f32; nh * hd];
-    // Heads side by side on the context's threads (each head's arithmetic as alone).
-    let work = nh * (s - first) * hd * 2;
-    crate::weights::kernels::by_blocks(&mut out, hd, work, |start, oh| {
-        let h = start / hd;
-        let g = h / rep;
-        let (k, v) = (&kb[g * cap * hd..], &vb[g * cap * hd..]);
-        let qh = &q[h * hd..(h + 1) * hd];
-        #[cfg(target_arch = "x86_64")]
-        if crate::weights::kernels::q4::Simd::current() == crate::weights::kernels::q4::Simd::Avx2 {
-            // SAFETY: `Avx2` is only detected on CPUs with AVX2.
-            return unsafe { attend_head_avx2(qh, k, v, (first, s), scale, oh) };
-        }
-        attend_head(qh, k, v, (first, s), scale, oh)
-    });
-    out
-}
+//! Attention on the host over the KV cache's buffers (CPU), for a decode token or a prompt's
+//! queries ([`attention`]): each (query, head) pair's softmax and weighted sum computed alone
+//! with the same operations, side by side on the context's threads, so the result does not
+//! depend on the thread count.
 
 /// [`attend_head`] compiled for AVX2: the same operations (no fused multiply-adds), eight lanes
 /// a vector instead of four, so the same bits.
@@ -131,15 +100,15 @@ pub(crate) fn attend_head(
     }
 }
 
-/// A prompt's `t` queries on the host, each over the cached keys it may see (causal, within
-/// `window` positions when set), the prompt's own keys and values already appended at cache
-/// positions `base..base + t`: for query `i` and head `h`, what [`decode_attention`] computes for
-/// that head with the keys `0..base + i + 1` (the window's last ones). `q`: `[t, nh · hd]`;
-/// `kb`/`vb`: `[kv heads, cap, hd]`. Returns `[t, nh · hd]`. The
-/// (query, head) pairs run side by side on the context's threads: the prompt's tensor-op path
-/// (batched products, mask, softmax) ran on one.
+/// `t` queries on the host (a decode token, `t = 1`, or a prompt's), each over the cached keys it
+/// may see (causal, within `window` positions when set), their own keys and values already
+/// appended at cache positions `base..base + t`: for query `i` and query head `h` (`rep` per KV
+/// head), the softmax of `scale · q · k_j` over the keys `j < base + i + 1` (the window's last
+/// ones) and the weighted sum of their values. `q`: `[t, nh · hd]`; `kb`/`vb`: `[kv heads, cap,
+/// hd]`. Returns `[t, nh · hd]`. The (query, head) pairs run side by side on the context's
+/// threads (a prompt's tensor-op path — batched products, mask, softmax — ran on one).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn prompt_attention(
+pub(crate) fn attention(
     q: &[f32],
     kb: &[f32],
     vb: &[f32],

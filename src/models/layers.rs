@@ -7,7 +7,7 @@ use crate::config::AttentionSpec;
 use crate::error::Result;
 use crate::weights::Vb;
 
-use super::host_attention::{decode_attention, prompt_attention};
+use super::host_attention::attention;
 
 pub use super::kv::{DeltaState, LayerKv};
 pub use super::weight::{gemv, Weight};
@@ -436,23 +436,16 @@ impl Attention {
         // and values, no small-matrix products), a decode step's heads or a prompt's (query,
         // head) pairs side by side on the threads.
         let window = self.spec.sliding_window;
-        let host = match (t, dev.is_cpu()) {
-            (1, true) => {
-                let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-                let first = window.map_or(0, |w| s.saturating_sub(w));
-                kv.with_host_buffers(|kb, vb, cap| {
-                    decode_attention(&qv, kb, vb, cap, (first, s), (nh, rep, hd), scale as f32)
-                })
-            }
-            (_, true) if host_prompt_attention() => {
+        let host = match dev.is_cpu() && (t == 1 || host_prompt_attention()) {
+            true => {
                 // `[1, nh, T, hd]` → `[T, nh · hd]`.
                 let qv: Vec<f32> = q.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1()?;
                 kv.with_host_buffers(|kb, vb, cap| {
                     let (dims, scale) = ((nh, rep, hd), scale as f32);
-                    prompt_attention(&qv, kb, vb, cap, (s - t, t), window, dims, scale)
+                    attention(&qv, kb, vb, cap, (s - t, t), window, dims, scale)
                 })
             }
-            _ => None,
+            false => None,
         };
         if let Some(y) = host {
             let y = Tensor::from_vec(y, (t, nh * hd), dev)?;
@@ -487,7 +480,7 @@ impl Attention {
 }
 
 /// Whether a prompt's attention on the CPU runs on the host over the cache's buffers
-/// ([`prompt_attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs).
+/// ([`attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs).
 fn host_prompt_attention() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("HARNESS_PROMPT_ATTENTION").map_or(true, |v| v != "ops"))
