@@ -358,7 +358,18 @@ impl Engine {
                 crate::weights::kernels::Kernels::Exact => simd.name(),
                 _ => simd.int8_name(),
             };
-            format!("{}/{}", self.compute.kernels, form)
+            // The CPU forms an A/B run turned off, so that its figures say what ran.
+            let mut off = Vec::new();
+            if !crate::models::moe::expert_blocks_on() {
+                off.push("experts one a thread");
+            }
+            if !crate::models::layers::host_prompt_attention() {
+                off.push("prompt attention as tensor ops");
+            }
+            match off.is_empty() {
+                true => format!("{}/{}", self.compute.kernels, form),
+                false => format!("{}/{} ({})", self.compute.kernels, form, off.join(", ")),
+            }
         } else {
             // Only MLA layers have fused decode kernels: elsewhere the setting has no effect,
             // and the label says what ran.

@@ -241,13 +241,16 @@ pub fn host_expert_rows(
     xs: &[f32],
 ) -> Vec<f32> {
     let (g, u) = (gate.matmul_rows(xs), up.matmul_rows(xs));
-    // silu(z) = z / (1 + e^-z), as candle computes it.
-    let act: Vec<f32> = g
-        .iter()
-        .zip(&u)
+    down.matmul_rows(&silu_mul(&g, &u))
+}
+
+/// `silu(g) · u` element by element, silu(z) = z / (1 + e^-z) as candle computes it (every
+/// host expert path uses this one, so their outputs are the same bits).
+pub(crate) fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
+    g.iter()
+        .zip(u)
         .map(|(z, u)| z / (1.0 + (-z).exp()) * u)
-        .collect();
-    down.matmul_rows(&act)
+        .collect()
 }
 
 fn dense_expert(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
@@ -480,8 +483,9 @@ impl Attention {
 }
 
 /// Whether a prompt's attention on the CPU runs on the host over the cache's buffers
-/// ([`attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs).
-fn host_prompt_attention() -> bool {
+/// ([`attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs, which
+/// the engine's kernel label then says).
+pub(crate) fn host_prompt_attention() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("HARNESS_PROMPT_ATTENTION").map_or(true, |v| v != "ops"))
 }

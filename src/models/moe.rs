@@ -12,7 +12,7 @@ use crate::experts::store::ExpertWeights;
 use crate::experts::ExpertKey;
 use crate::weights::Vb;
 
-use super::layers::{expert_forward, rows, Linear, Mlp};
+use super::layers::{expert_forward, rows, silu_mul, Linear, Mlp};
 use crate::weights::host::HostMatrix;
 
 mod prefill;
@@ -296,9 +296,14 @@ pub(super) fn host_mats<'a>(
 /// fewer threads it balances as well and keeps each expert's products on one thread's cache).
 /// `HARNESS_EXPERT_BLOCKS=0` keeps one expert a thread (for A/B runs).
 pub(super) fn expert_blocks(n: usize) -> bool {
+    expert_blocks_on() && crate::weights::kernels::current_threads() > n
+}
+
+/// Whether [`expert_blocks`] may say yes: not with `HARNESS_EXPERT_BLOCKS=0` (an A/B run, which
+/// the engine's kernel label then says).
+pub(crate) fn expert_blocks_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("HARNESS_EXPERT_BLOCKS").map_or(true, |v| v != "0"));
-    on && crate::weights::kernels::current_threads() > n
+    *ON.get_or_init(|| std::env::var("HARNESS_EXPERT_BLOCKS").map_or(true, |v| v != "0"))
 }
 
 /// Experts `mats[i]` on their input rows `inputs[i]` (`T_i` rows of `H`): `[T_i, H]` each,
@@ -355,7 +360,7 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
         gs[i].push((b.clone(), g));
         us[i].push((b, u));
     }
-    // silu(z) · u, element by element as `host_expert_rows` computes it.
+    // silu(z) · u, as `host_expert_rows` computes it.
     let acts: Vec<Vec<f32>> = (0..mats.len())
         .map(|i| {
             let rows = mats[i].0.rows();
@@ -363,10 +368,7 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
                 gather(rows, std::mem::take(&mut gs[i])),
                 gather(rows, std::mem::take(&mut us[i])),
             );
-            g.iter()
-                .zip(&u)
-                .map(|(z, u)| z / (1.0 + (-z).exp()) * u)
-                .collect()
+            silu_mul(&g, &u)
         })
         .collect();
     // Down, block by block.
