@@ -246,9 +246,11 @@ fn int8_portable<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &
     reduce(total) + bias_sum(groups, xsum, b, k0)
 }
 
-/// Bytes ahead of the current word that the AVX2 kernels prefetch.
+/// Bytes ahead of the current word that the AVX2 kernels prefetch: 4 KB (2 KB before
+/// 2026-12-04; `scripts/peers/q4_stream.sh` timed 4 KB at 0.92–0.98 of 2 KB's time on 256 KB
+/// matrices read in random order, as a decode step reads its experts, on the 2-core Zen 4 VM).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH: usize = 2048;
+const PREFETCH: usize = 4096;
 
 /// Exact kernel with AVX2 + FMA (bit-equal to [`row_exact`]) over `n` consecutive rows of one
 /// matrix against one input, as [`int8_avx2`] takes them (`first` and the rows after it, row
@@ -417,10 +419,10 @@ macro_rules! int8_rows_kernel {
                 let k0 = k0 + j * groups;
                 let mut total = [_mm256_setzero_ps(); M];
                 for c in 0..chunks {
-                    // The words 2 KB ahead (the next rows' once this one ends): the matrix
-                    // streams from memory, and the hardware prefetcher alone left the loads
-                    // waiting (+10–20 % tok/s on the 2-core VM, alternated runs). A prefetch
-                    // never faults.
+                    // The words `PREFETCH` bytes ahead (the next rows' once this one ends): the
+                    // matrix streams from memory, and the hardware prefetcher alone left the
+                    // loads waiting (+10–20 % tok/s on the 2-core VM, alternated runs). A
+                    // prefetch never faults.
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c * 32 + PREFETCH) as *const i8);
                     let w = _mm256_loadu_si256(wp.add(c * 32) as *const __m256i);
                     let lo = _mm256_and_si256(w, low);
