@@ -366,6 +366,9 @@ impl Engine {
             if !crate::models::layers::host_prompt_attention() {
                 off.push("prompt attention as tensor ops");
             }
+            if !crate::models::layers::host_qkv_on() {
+                off.push("attention's projections, norms and RoPE as tensor ops");
+            }
             match off.is_empty() {
                 true => format!("{}/{}", self.compute.kernels, form),
                 false => format!("{}/{} ({})", self.compute.kernels, form, off.join(", ")),

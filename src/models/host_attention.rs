@@ -3,6 +3,31 @@
 //! with the same operations, side by side on the context's threads, so the result does not
 //! depend on the thread count.
 
+/// RMSNorm of each `w.len()`-long row of `x` in place with weight `w`: candle's CPU `rms_norm`
+/// arithmetic (a sequential f32 sum of squares, `v / sqrt(Σ/n + eps) · w`), so the same bits.
+pub(crate) fn rms_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for row in x.chunks_exact_mut(n) {
+        let sum2 = row.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(v, w)| *v = *v / m * w);
+    }
+}
+
+/// RoPE of each `hd`-long head of `x` in place over its first `2 · cos.len()` dims (one
+/// position's `cos`, `sin`): candle's CPU `rope` arithmetic (halves `a`, `b`: `a·c − b·s`,
+/// `a·s + b·c`), so the same bits.
+pub(crate) fn rope_heads(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(hd) {
+        for i in 0..half {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos[i] - b * sin[i];
+            head[i + half] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
 /// [`attend_head`] compiled for AVX2: the same operations (no fused multiply-adds), eight lanes
 /// a vector instead of four, so the same bits.
 ///
@@ -137,4 +162,87 @@ pub(crate) fn attention(
         attend_head(qh, k, v, keys(i), scale, oh)
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rms_rows, rope_heads};
+    use candle_core::{Device, Tensor};
+
+    /// Seeded values in ±2 with some large ones (the sums' rounding then matters).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0;
+                if i % 17 == 0 {
+                    v * 300.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    /// The host attention's norm and RoPE give the bits of the candle ops the tensor-op form of
+    /// `Attention::forward` runs (its host form relies on it: the same logits whichever ran).
+    #[test]
+    fn host_norm_and_rope_give_the_tensor_ops_bits() {
+        let dev = Device::Cpu;
+        let (t, heads, hd) = (3, 4, 64);
+        let x = values(t * heads * hd, 7);
+        let w = values(hd, 11);
+        let eps = 1e-5f32;
+        let mut host = x.clone();
+        rms_rows(&mut host, &w, eps);
+        let xt = Tensor::from_vec(x.clone(), (t, heads, hd), &dev).unwrap();
+        let wt = Tensor::from_vec(w.clone(), hd, &dev).unwrap();
+        let ops: Vec<f32> = candle_nn::ops::rms_norm(&xt, &wt, eps)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            host.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            ops.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "rms_rows"
+        );
+        // Partial rotary (half the head) and full.
+        for rd in [hd / 2, hd] {
+            let rope = crate::models::layers::Rope::new(1e6, rd);
+            let mut host = x.clone();
+            for i in 0..t {
+                let (c, s) = rope.values(5 + i);
+                rope_heads(&mut host[i * heads * hd..(i + 1) * heads * hd], hd, &c, &s);
+            }
+            // The tensor form: `[1, heads, T, hd]`.
+            let xh = xt
+                .transpose(0, 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let (c, s) = rope.tables(5, t, &dev).unwrap();
+            let ops: Vec<f32> = crate::models::layers::apply_rope(&xh, &c, &s)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(
+                host.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                ops.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "rope_heads, rotary dim {rd}"
+            );
+        }
+    }
 }
