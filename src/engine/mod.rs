@@ -366,6 +366,9 @@ impl Engine {
             if !crate::models::layers::host_prompt_attention() {
                 off.push("prompt attention as tensor ops");
             }
+            if !crate::models::moe::host_moe_on() {
+                off.push("shared expert apart, expert sums as tensor ops");
+            }
             if !crate::models::layers::host_qkv_on() {
                 off.push("attention's projections, norms and RoPE as tensor ops");
             }

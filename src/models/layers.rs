@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::AttentionSpec;
 use crate::error::Result;
+use crate::weights::host::HostMatrix;
 use crate::weights::Vb;
 
 use super::host_attention::attention;
@@ -240,6 +241,18 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+
+    /// The gate, up and down matrices where all three are host matrices without biases (what a
+    /// host expert path takes: [`host_expert_rows`] of them is [`Mlp::forward`]'s bits).
+    pub(crate) fn host_mats(&self) -> Option<(&HostMatrix, &HostMatrix, &HostMatrix)> {
+        fn m(l: &Linear) -> Option<&HostMatrix> {
+            match (&l.weight, &l.bias) {
+                (Weight::Host(m), None) => Some(m),
+                _ => None,
+            }
+        }
+        Some((m(&self.gate)?, m(&self.up)?, m(&self.down)?))
     }
 }
 

@@ -299,6 +299,14 @@ pub(super) fn expert_blocks(n: usize) -> bool {
     expert_blocks_on() && crate::weights::kernels::current_threads() > n
 }
 
+/// Whether [`MoeBlock`]'s decode step may run its shared expert with the routed ones and sum
+/// them on the host (`HARNESS_HOST_MOE=0`: apart, summed by tensor ops; for A/B runs, which the
+/// engine's kernel label then says).
+pub(crate) fn host_moe_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_HOST_MOE").map_or(true, |v| v != "0"))
+}
+
 /// Whether [`expert_blocks`] may say yes: not with `HARNESS_EXPERT_BLOCKS=0` (an A/B run, which
 /// the engine's kernel label then says).
 pub(crate) fn expert_blocks_on() -> bool {
@@ -552,6 +560,14 @@ impl MoeBlock {
                     outs.push(finish(acc, kept, route, &xt)?);
                     continue;
                 }
+                // A decode token's host-held experts and its shared expert in one set of row
+                // blocks, summed on the host.
+                if routes.len() == 1 {
+                    if let Some(y) = self.host_step(&xt, &fetched, kept, route)? {
+                        access.end_step(route)?;
+                        return Ok(y);
+                    }
+                }
                 // Host-held experts: every expert's row blocks on all the threads at once.
                 if let Some(ys) = host_experts_by_blocks(&xt, &fetched)? {
                     for ((_, w), y) in fetched.iter().zip(ys) {
@@ -598,6 +614,50 @@ impl MoeBlock {
         }
         let routed = Tensor::cat(&outs, 0)?;
         self.add_shared(routed, x, shared_done)
+    }
+
+    /// A decode token's MoE output `[1, H]` (routed and shared) where its experts and the
+    /// shared expert are host matrices and the context has more threads than they are many: all
+    /// of them as row blocks over the threads in two parallel regions ([`host_experts_rows`]),
+    /// the weighted sum and the shared expert's output added on the host with the candle ops'
+    /// f32 arithmetic ([`prefill::combine`], then `routed + shared`), so the same bits as the
+    /// form with the shared expert run apart (three more parallel regions) and tensor ops
+    /// summing. `None`: not such a step, or `HARNESS_HOST_MOE=0` (for A/B runs; the engine's
+    /// kernel label then says so).
+    fn host_step(
+        &self,
+        xt: &Tensor,
+        fetched: &[(Arc<ExpertWeights>, f32)],
+        kept: f32,
+        route: &Route,
+    ) -> Result<Option<Tensor>> {
+        let Some(shared) = self.fusable_shared().and_then(|s| s.host_mats()) else {
+            return Ok(None);
+        };
+        if !host_moe_on()
+            || !expert_blocks(fetched.len() + 1)
+            || !xt.device().is_cpu()
+            || xt.dtype() != candle_core::DType::F32
+            || xt.dim(0)? != 1
+        {
+            return Ok(None);
+        }
+        let Some(mut mats) = host_mats(fetched.iter().map(|(ew, _)| &**ew)) else {
+            return Ok(None);
+        };
+        mats.push(shared);
+        let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
+        let mut ys = host_experts_rows(&mats, &vec![&xs[..]; mats.len()]);
+        let shared_y = ys.pop().unwrap_or_default();
+        let picks: Vec<(usize, usize, f32)> = fetched
+            .iter()
+            .enumerate()
+            .map(|(g, (_, w))| (g, 0, *w))
+            .collect();
+        let mut row = vec![0f32; xs.len()];
+        prefill::combine(&mut row, &picks, &ys, kept, route);
+        row.iter_mut().zip(&shared_y).for_each(|(o, s)| *o += s);
+        Ok(Some(Tensor::from_vec(row, (1, xs.len()), xt.device())?))
     }
 
     /// The shared expert when it may join the routed experts' fused launch (an ungated one;

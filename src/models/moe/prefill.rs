@@ -165,7 +165,7 @@ fn gather_rows(g: &Group, xs: &[f32], h: usize) -> Vec<f32> {
 /// One token's routed output into `row`: its experts' outputs weighted and added in router
 /// order, rescaled where skip-on-miss dropped some (zeros where it dropped all), with the same
 /// f32 operations as the per-token loop's candle ops (`y · w + 0`, `a + b`, `a · s + 0`).
-fn combine(
+pub(super) fn combine(
     row: &mut [f32],
     picks: &[(usize, usize, f32)],
     ys: &[Vec<f32>],
