@@ -723,7 +723,11 @@ fn parts_table(
     if !rows.iter().any(|row| ms(row).is_some()) {
         return out;
     }
-    let parts = crate::models::profile::PARTS.iter().chain(&["total"]);
+    // `parallel`: ms per token inside the compute threads' parallel regions (the rest of
+    // `total` ran on the engine thread alone); `regions`: how many a token ran.
+    let parts = crate::models::profile::PARTS
+        .iter()
+        .chain(&["total", "parallel", "regions"]);
     out.push_str(title);
     out.push('\n');
     out.push_str(&format!("{:<18}", "cell"));

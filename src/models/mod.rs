@@ -536,7 +536,7 @@ impl Model {
             self.profile
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .record(&c.times);
+                .record(&c.finish());
         }
         Ok((logits, routing))
     }

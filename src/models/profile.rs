@@ -33,6 +33,11 @@ pub struct PartTimes {
     pub calls: u64,
     /// Tokens they processed.
     pub tokens: u64,
+    /// Parallel regions of the CPU's compute threads in these calls (products, attention,
+    /// expert blocks: each one fork and join).
+    pub regions: u64,
+    /// Seconds spent in them (the rest of the calls' time ran on the engine thread alone).
+    pub region_seconds: f64,
 }
 
 impl PartTimes {
@@ -42,6 +47,8 @@ impl PartTimes {
             seconds: std::array::from_fn(|i| self.seconds[i] - before.seconds[i]),
             calls: self.calls - before.calls,
             tokens: self.tokens - before.tokens,
+            regions: self.regions - before.regions,
+            region_seconds: self.region_seconds - before.region_seconds,
         }
     }
 
@@ -54,6 +61,8 @@ impl PartTimes {
             .map(|(&k, v)| (k, v * 1e3 / n))
             .collect();
         m.insert("total", self.seconds.iter().sum::<f64>() * 1e3 / n);
+        m.insert("parallel", self.region_seconds * 1e3 / n);
+        m.insert("regions", self.regions as f64 / n);
         m
     }
 
@@ -63,6 +72,8 @@ impl PartTimes {
         }
         self.calls += other.calls;
         self.tokens += other.tokens;
+        self.regions += other.regions;
+        self.region_seconds += other.region_seconds;
     }
 }
 
@@ -120,6 +131,8 @@ pub fn host_only() -> bool {
 pub(crate) struct Clock<'a> {
     dev: &'a Device,
     last: Instant,
+    /// The parallel regions counted before the call ([`crate::weights::kernels::spin::regions`]).
+    regions0: (u64, f64),
     /// The times so far.
     pub(crate) times: PartTimes,
 }
@@ -131,8 +144,10 @@ impl<'a> Clock<'a> {
             return Ok(None);
         }
         dev.synchronize()?;
+        crate::weights::kernels::spin::count_regions(true);
         Ok(Some(Clock {
             dev,
+            regions0: crate::weights::kernels::spin::regions(),
             last: Instant::now(),
             times: PartTimes {
                 calls: 1,
@@ -156,6 +171,18 @@ impl<'a> Clock<'a> {
         c.last = now;
         c.times.seconds[part as usize] += dt;
         Ok(())
+    }
+
+    /// The call's times, with the parallel regions it ran; stops counting regions.
+    pub(crate) fn finish(self) -> PartTimes {
+        use crate::weights::kernels::spin;
+        let (n, secs) = spin::regions();
+        spin::count_regions(false);
+        PartTimes {
+            regions: n - self.regions0.0,
+            region_seconds: secs - self.regions0.1,
+            ..self.times
+        }
     }
 }
 

@@ -21,6 +21,28 @@ use std::time::{Duration, Instant};
 /// How long a worker spins for the next job before it parks.
 const SPIN: Duration = Duration::from_millis(2);
 
+/// Whether [`SpinPool::run`] counts its parallel regions and their wall time (a profiled
+/// forward call turns it on: [`count_regions`]).
+static TIMING: AtomicBool = AtomicBool::new(false);
+/// Parallel regions run while [`TIMING`] was on, by every pool.
+static REGIONS: AtomicU64 = AtomicU64::new(0);
+/// Their wall time in nanoseconds, from the job's start to its last block's end.
+static REGION_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Turns the counting of parallel regions on or off (profiled forward calls).
+pub fn count_regions(on: bool) {
+    TIMING.store(on, Ordering::Relaxed);
+}
+
+/// Parallel regions counted so far and the seconds spent in them: what of a step ran spread
+/// over the threads (the rest of its time ran on the calling thread alone).
+pub fn regions() -> (u64, f64) {
+    (
+        REGIONS.load(Ordering::Relaxed),
+        REGION_NS.load(Ordering::Relaxed) as f64 * 1e-9,
+    )
+}
+
 /// One job: the closure over block indices (on the stack of [`SpinPool::run`]'s caller).
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
@@ -169,6 +191,7 @@ impl SpinPool {
         let Ok(_busy) = self.busy.try_lock() else {
             return serial();
         };
+        let t0 = TIMING.load(Ordering::Relaxed).then(Instant::now);
         let sh = &*self.shared;
         let job = Job { f };
         // SAFETY: the pointer is only dereferenced by a worker holding a claim of this epoch,
@@ -190,6 +213,10 @@ impl SpinPool {
         }
         if sh.panicked.swap(false, Ordering::AcqRel) {
             panic!("a block of a parallel product panicked (see the message above)");
+        }
+        if let Some(t0) = t0 {
+            REGIONS.fetch_add(1, Ordering::Relaxed);
+            REGION_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 }
