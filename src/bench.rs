@@ -151,6 +151,11 @@ pub struct BenchRow {
     pub decode_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
     /// With `--profile`: prefill milliseconds per prompt token by part, from the same pass.
     pub prefill_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
+    /// `--profile`: of `decode_ms_by_part`, the ms per token in the compute threads' parallel
+    /// regions, by part (the rest ran on the engine thread alone).
+    pub decode_parallel_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
+    /// `--profile`: the same for prompt tokens.
+    pub prefill_parallel_ms_by_part: Option<std::collections::BTreeMap<String, f64>>,
     /// Where the gates of gated decode steps spent their time in this cell (CUDA lazy cells run
     /// from a graph; `None` where no gate ran).
     pub gate_times: Option<crate::models::fallback::GateTimes>,
@@ -379,14 +384,14 @@ pub fn bench(
             }
             let p = engine.model.profile();
             engine.model.set_profiling(false);
-            let by_part = |t: crate::models::profile::PartTimes| {
-                t.ms_per_token()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect()
+            let named = |m: std::collections::BTreeMap<&'static str, f64>| {
+                m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
             };
-            row.decode_ms_by_part = Some(by_part(p.decode.since(&p0.decode)));
-            row.prefill_ms_by_part = Some(by_part(p.prefill.since(&p0.prefill)));
+            let (d, f) = (p.decode.since(&p0.decode), p.prefill.since(&p0.prefill));
+            row.decode_ms_by_part = Some(named(d.ms_per_token()));
+            row.prefill_ms_by_part = Some(named(f.ms_per_token()));
+            row.decode_parallel_ms_by_part = Some(named(d.parallel_ms_per_token()));
+            row.prefill_parallel_ms_by_part = Some(named(f.parallel_ms_per_token()));
         }
         progress(&row);
         report.rows.push(row);
@@ -536,6 +541,8 @@ fn measure(
         storage_bound_fraction: None,
         decode_ms_by_part: None,
         prefill_ms_by_part: None,
+        decode_parallel_ms_by_part: None,
+        prefill_parallel_ms_by_part: None,
         gate_times: Some(after.gates.since(&before.gates)).filter(|g| g.gates > 0),
     }
 }
@@ -709,6 +716,17 @@ pub fn format_report(r: &BenchReport) -> String {
         &format!("prefill ms per prompt token by part ({how})"),
         |row| row.prefill_ms_by_part.as_ref(),
     ));
+    let within = "of which in the compute threads' parallel regions (the rest ran on the engine thread alone)";
+    out.push_str(&parts_table(
+        &r.rows,
+        &format!("decode ms per token by part, {within}"),
+        |row| row.decode_parallel_ms_by_part.as_ref(),
+    ));
+    out.push_str(&parts_table(
+        &r.rows,
+        &format!("prefill ms per prompt token by part, {within}"),
+        |row| row.prefill_parallel_ms_by_part.as_ref(),
+    ));
     out
 }
 
@@ -725,9 +743,16 @@ fn parts_table(
     }
     // `parallel`: ms per token inside the compute threads' parallel regions (the rest of
     // `total` ran on the engine thread alone); `regions`: how many a token ran.
-    let parts = crate::models::profile::PARTS
+    let parts: Vec<&str> = crate::models::profile::PARTS
         .iter()
-        .chain(&["total", "parallel", "regions"]);
+        .chain(&["total", "parallel", "regions"])
+        .copied()
+        .filter(|p| {
+            rows.iter()
+                .any(|row| ms(row).is_some_and(|m| m.contains_key(*p)))
+        })
+        .collect();
+    let parts = parts.iter();
     out.push_str(title);
     out.push('\n');
     out.push_str(&format!("{:<18}", "cell"));

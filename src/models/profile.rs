@@ -36,8 +36,9 @@ pub struct PartTimes {
     /// Parallel regions of the CPU's compute threads in these calls (products, attention,
     /// expert blocks: each one fork and join).
     pub regions: u64,
-    /// Seconds spent in them (the rest of the calls' time ran on the engine thread alone).
-    pub region_seconds: f64,
+    /// Seconds spent in them per part (the rest of a part's time ran on the engine thread
+    /// alone), indexed as `seconds`.
+    pub parallel: [f64; PARTS.len()],
 }
 
 impl PartTimes {
@@ -48,7 +49,7 @@ impl PartTimes {
             calls: self.calls - before.calls,
             tokens: self.tokens - before.tokens,
             regions: self.regions - before.regions,
-            region_seconds: self.region_seconds - before.region_seconds,
+            parallel: std::array::from_fn(|i| self.parallel[i] - before.parallel[i]),
         }
     }
 
@@ -61,8 +62,21 @@ impl PartTimes {
             .map(|(&k, v)| (k, v * 1e3 / n))
             .collect();
         m.insert("total", self.seconds.iter().sum::<f64>() * 1e3 / n);
-        m.insert("parallel", self.region_seconds * 1e3 / n);
+        m.insert("parallel", self.parallel.iter().sum::<f64>() * 1e3 / n);
         m.insert("regions", self.regions as f64 / n);
+        m
+    }
+
+    /// Milliseconds per token of each part (named as in [`PARTS`]) spent in the compute
+    /// threads' parallel regions, and their `total`: what of each part the threads shared.
+    pub fn parallel_ms_per_token(&self) -> BTreeMap<&'static str, f64> {
+        let n = self.tokens.max(1) as f64;
+        let mut m: BTreeMap<&'static str, f64> = PARTS
+            .iter()
+            .zip(self.parallel)
+            .map(|(&k, v)| (k, v * 1e3 / n))
+            .collect();
+        m.insert("total", self.parallel.iter().sum::<f64>() * 1e3 / n);
         m
     }
 
@@ -73,7 +87,9 @@ impl PartTimes {
         self.calls += other.calls;
         self.tokens += other.tokens;
         self.regions += other.regions;
-        self.region_seconds += other.region_seconds;
+        for (a, b) in self.parallel.iter_mut().zip(other.parallel) {
+            *a += b;
+        }
     }
 }
 
@@ -131,8 +147,8 @@ pub fn host_only() -> bool {
 pub(crate) struct Clock<'a> {
     dev: &'a Device,
     last: Instant,
-    /// The parallel regions counted before the call ([`crate::weights::kernels::spin::regions`]).
-    regions0: (u64, f64),
+    /// The parallel regions counted at the last mark ([`crate::weights::kernels::spin::regions`]).
+    regions: (u64, f64),
     /// The times so far.
     pub(crate) times: PartTimes,
 }
@@ -147,7 +163,7 @@ impl<'a> Clock<'a> {
         crate::weights::kernels::spin::count_regions(true);
         Ok(Some(Clock {
             dev,
-            regions0: crate::weights::kernels::spin::regions(),
+            regions: crate::weights::kernels::spin::regions(),
             last: Instant::now(),
             times: PartTimes {
                 calls: 1,
@@ -170,19 +186,18 @@ impl<'a> Clock<'a> {
         let dt = (now - c.last).as_secs_f64();
         c.last = now;
         c.times.seconds[part as usize] += dt;
+        let r = crate::weights::kernels::spin::regions();
+        c.times.regions += r.0 - c.regions.0;
+        c.times.parallel[part as usize] += r.1 - c.regions.1;
+        c.regions = r;
         Ok(())
     }
 
-    /// The call's times, with the parallel regions it ran; stops counting regions.
+    /// The call's times (its parallel regions charged to the parts they ran in); stops
+    /// counting regions.
     pub(crate) fn finish(self) -> PartTimes {
-        use crate::weights::kernels::spin;
-        let (n, secs) = spin::regions();
-        spin::count_regions(false);
-        PartTimes {
-            regions: n - self.regions0.0,
-            region_seconds: secs - self.regions0.1,
-            ..self.times
-        }
+        crate::weights::kernels::spin::count_regions(false);
+        self.times
     }
 }
 

@@ -59,12 +59,29 @@ fn profiled_pass_times_every_part_of_decode_and_prefill() {
             }
             assert!(p[part] > 0.0, "{}: {part} {p:?}", row.cell);
         }
+        let parts = moe_harness::models::profile::PARTS;
         let sum: f64 = p
             .iter()
-            .filter(|(k, _)| *k != "total")
+            .filter(|(k, _)| parts.contains(&k.as_str()))
             .map(|(_, v)| v)
             .sum();
         assert!((sum - p["total"]).abs() < 1e-9 * sum, "{p:?}");
+        // Time in parallel regions is part of the time: never more than it, part by part.
+        assert!(p["parallel"] <= p["total"] && p["regions"] >= 0.0, "{p:?}");
+    }
+    for row in &r.rows {
+        for (all, par) in [
+            (&row.decode_ms_by_part, &row.decode_parallel_ms_by_part),
+            (&row.prefill_ms_by_part, &row.prefill_parallel_ms_by_part),
+        ] {
+            let (all, par) = (all.as_ref().unwrap(), par.as_ref().expect("profiled"));
+            for part in moe_harness::models::profile::PARTS {
+                assert!(
+                    par[part] >= 0.0 && par[part] <= all[part],
+                    "{part}: {par:?} {all:?}"
+                );
+            }
+        }
     }
     // Without --profile nothing is timed, and the model splits prefill from decode calls.
     let r = bench(&model, Device::Cpu, &opts(), |_| {}).unwrap();
