@@ -350,34 +350,27 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
         }
         full
     };
-    // Gate and up, block by block.
+    // Gate and up, block by block, and each block's silu(z) · u as `host_expert_rows` computes
+    // it (element by element, so the same bits in any block; in the region, not after it on
+    // the engine thread: a step's e^-z per gate value were a serial stretch of every layer).
     let first = units(&|i| mats[i].0.rows());
-    let gu: Vec<Mutex<(Vec<f32>, Vec<f32>)>> = first.iter().map(|_| Default::default()).collect();
+    let act: Vec<Mutex<Vec<f32>>> = first.iter().map(|_| Default::default()).collect();
     par_for(first.len(), &|k| {
         let (i, b) = &first[k];
         let (g, u) = (
             mats[*i].0.matmul_range(b.clone(), inputs[*i]),
             mats[*i].1.matmul_range(b.clone(), inputs[*i]),
         );
-        *gu[k].lock().unwrap_or_else(|p| p.into_inner()) = (g, u);
+        *act[k].lock().unwrap_or_else(|p| p.into_inner()) = silu_mul(&g, &u);
     });
-    let (mut gs, mut us): (Vec<Vec<_>>, Vec<Vec<_>>) =
-        (vec![Vec::new(); mats.len()], vec![Vec::new(); mats.len()]);
-    for ((i, b), gu) in first.into_iter().zip(gu) {
-        let (g, u) = gu.into_inner().unwrap_or_else(|p| p.into_inner());
-        gs[i].push((b.clone(), g));
-        us[i].push((b, u));
+    let mut parts: Vec<Vec<_>> = vec![Vec::new(); mats.len()];
+    for ((i, b), a) in first.into_iter().zip(act) {
+        parts[i].push((b, a.into_inner().unwrap_or_else(|p| p.into_inner())));
     }
-    // silu(z) · u, as `host_expert_rows` computes it.
-    let acts: Vec<Vec<f32>> = (0..mats.len())
-        .map(|i| {
-            let rows = mats[i].0.rows();
-            let (g, u) = (
-                gather(rows, std::mem::take(&mut gs[i])),
-                gather(rows, std::mem::take(&mut us[i])),
-            );
-            silu_mul(&g, &u)
-        })
+    let acts: Vec<Vec<f32>> = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| gather(mats[i].0.rows(), p))
         .collect();
     // Down, block by block.
     let second = units(&|i| mats[i].2.rows());
