@@ -15,6 +15,15 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
+    // candle runs its element-wise CPU ops of 64 Ki values and more on a pool of its own, one
+    // thread per physical core but one, that spins after each op: a `--threads 1` run then used
+    // another core (a 64-token prompt's residual adds), and a run on every core had candle's
+    // spinners competing with the compute threads. One thread: those ops run inline, on the
+    // engine thread, like every other tensor op of a forward call (`weights::kernels`).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: before any other thread exists (candle reads it when its pool first starts).
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     // The Parquet decoder panics on some corrupted files; the library catches those panics and
     // reports a corrupt file, so their messages are kept off the terminal. Any other panic is a
     // bug and is shown as usual.
