@@ -199,37 +199,44 @@ pub fn by_row_runs(
 ) -> Vec<f32> {
     let t1 = t.max(1);
     let run = run.max(1);
-    let mut by_row = vec![0f32; rows * t1];
-    // Rows r0..r1, whose outputs are `block`, run by run.
+    let mut out = vec![0f32; rows * t1];
+    // Rows r0..r1, whose outputs are `block` (`[r1 − r0, t]`), run by run.
     let runs = |r0: usize, r1: usize, block: &mut [f32]| {
-        for (k, out) in block.chunks_mut(run * t1).enumerate() {
+        for (k, o) in block.chunks_mut(run * t1).enumerate() {
             let a = r0 + k * run;
-            f(a, run.min(r1 - a), out);
+            f(a, run.min(r1 - a), o);
         }
     };
+    // Rows r0..r1 into `out` (`[t, rows]`): with one input the block is its part of `out`;
+    // with several, each input's outputs go from the block to their row of `out` where the
+    // block ran (on the block's thread, not after the region on the caller's: a prompt's
+    // products left that transpose to the engine thread, a serial stretch of each product).
+    let rows_into = |r0: usize, r1: usize, out: &Blocks<f32>| {
+        if t1 == 1 {
+            // SAFETY: rows r0..r1 of `out`, this block's alone.
+            runs(r0, r1, unsafe { out.part(r0, r1 - r0) });
+            return;
+        }
+        let mut block = vec![0f32; (r1 - r0) * t1];
+        runs(r0, r1, &mut block);
+        for k in 0..t1 {
+            // SAFETY: input k's outputs of rows r0..r1: this block's alone, one at a time.
+            let dst = unsafe { out.part(k * rows + r0, r1 - r0) };
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = block[j * t1 + k];
+            }
+        }
+    };
+    let buf = Blocks(out.as_mut_ptr());
     match current_pool() {
         Some(pool) if work >= PARALLEL_WORK && rows >= 16 => {
             // A few blocks per thread for balance, each at least 8 rows.
             let per = rows.div_ceil(4 * pool.threads()).max(8);
-            let buf = Blocks(by_row.as_mut_ptr());
             pool.run(rows.div_ceil(per), &|b| {
-                let (r0, r1) = (b * per, ((b + 1) * per).min(rows));
-                // SAFETY: block `b` is rows r0..r1 of `by_row`, claimed by this thread only.
-                let block = unsafe { buf.part(r0 * t1, (r1 - r0) * t1) };
-                runs(r0, r1, block);
+                rows_into(b * per, ((b + 1) * per).min(rows), &buf);
             });
         }
-        _ => runs(0, rows, &mut by_row),
-    }
-    if t1 == 1 {
-        return by_row;
-    }
-    // [rows, t] → [t, rows].
-    let mut out = vec![0f32; rows * t1];
-    for r in 0..rows {
-        for k in 0..t1 {
-            out[k * rows + r] = by_row[r * t1 + k];
-        }
+        _ => rows_into(0, rows, &buf),
     }
     out
 }
