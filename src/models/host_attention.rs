@@ -187,6 +187,15 @@ mod tests {
             .collect()
     }
 
+    /// A tensor's values in row-major order.
+    fn values_of(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|v| v.to_bits()).collect()
+    }
+
     /// The host attention's norm and RoPE give the bits of the candle ops the tensor-op form of
     /// `Attention::forward` runs (its host form relies on it: the same logits whichever ran).
     #[test]
@@ -200,17 +209,8 @@ mod tests {
         rms_rows(&mut host, &w, eps);
         let xt = Tensor::from_vec(x.clone(), (t, heads, hd), &dev).unwrap();
         let wt = Tensor::from_vec(w.clone(), hd, &dev).unwrap();
-        let ops: Vec<f32> = candle_nn::ops::rms_norm(&xt, &wt, eps)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(
-            host.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            ops.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "rms_rows"
-        );
+        let ops = candle_nn::ops::rms_norm(&xt, &wt, eps).unwrap();
+        assert_eq!(bits(&host), bits(&values_of(&ops)), "rms_rows");
         // Partial rotary (half the head) and full.
         for rd in [hd / 2, hd] {
             let rope = crate::models::layers::Rope::new(1e6, rd);
@@ -228,19 +228,12 @@ mod tests {
                 .contiguous()
                 .unwrap();
             let (c, s) = rope.tables(5, t, &dev).unwrap();
-            let ops: Vec<f32> = crate::models::layers::apply_rope(&xh, &c, &s)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .transpose(0, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ops = crate::models::layers::apply_rope(&xh, &c, &s).unwrap();
+            // Back to `[T, heads, hd]`.
+            let ops = ops.squeeze(0).unwrap().transpose(0, 1).unwrap();
             assert_eq!(
-                host.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                ops.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                bits(&host),
+                bits(&values_of(&ops)),
                 "rope_heads, rotary dim {rd}"
             );
         }
