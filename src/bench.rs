@@ -706,68 +706,31 @@ pub fn format_report(r: &BenchReport) -> String {
     } else {
         "a second, profiled pass: the device synchronized at every part boundary"
     };
-    out.push_str(&parts_table(
-        &r.rows,
-        &format!("decode ms per token by part ({how})"),
-        |row| row.decode_ms_by_part.as_ref(),
-    ));
-    out.push_str(&parts_table(
-        &r.rows,
-        &format!("prefill ms per prompt token by part ({how})"),
-        |row| row.prefill_ms_by_part.as_ref(),
-    ));
+    // Each part's time, then of it the time in the compute threads' parallel regions.
+    type ByPart = Option<std::collections::BTreeMap<String, f64>>;
     let within = "of which in the compute threads' parallel regions (the rest ran on the engine thread alone)";
-    out.push_str(&parts_table(
-        &r.rows,
-        &format!("decode ms per token by part, {within}"),
-        |row| row.decode_parallel_ms_by_part.as_ref(),
-    ));
-    out.push_str(&parts_table(
-        &r.rows,
-        &format!("prefill ms per prompt token by part, {within}"),
-        |row| row.prefill_parallel_ms_by_part.as_ref(),
-    ));
-    out
-}
-
-/// A table of milliseconds per token by part of the decoder, one line per cell that has them
-/// (empty when none has).
-fn parts_table(
-    rows: &[BenchRow],
-    title: &str,
-    ms: impl Fn(&BenchRow) -> Option<&std::collections::BTreeMap<String, f64>>,
-) -> String {
-    let mut out = String::new();
-    if !rows.iter().any(|row| ms(row).is_some()) {
-        return out;
-    }
-    // `parallel`: ms per token inside the compute threads' parallel regions (the rest of
-    // `total` ran on the engine thread alone); `regions`: how many a token ran.
-    let parts: Vec<&str> = crate::models::profile::PARTS
-        .iter()
-        .chain(&["total", "parallel", "regions"])
-        .copied()
-        .filter(|p| {
-            rows.iter()
-                .any(|row| ms(row).is_some_and(|m| m.contains_key(*p)))
-        })
-        .collect();
-    let parts = parts.iter();
-    out.push_str(title);
-    out.push('\n');
-    out.push_str(&format!("{:<18}", "cell"));
-    for p in parts.clone() {
-        out.push_str(&format!(" {p:>9}"));
-    }
-    out.push('\n');
-    for row in rows {
-        if let Some(ms) = ms(row) {
-            out.push_str(&format!("{:<18}", row.cell));
-            for p in parts.clone() {
-                out.push_str(&format!(" {:>9.3}", ms.get(*p).copied().unwrap_or(0.0)));
-            }
-            out.push('\n');
-        }
+    let tables: [(String, fn(&BenchRow) -> &ByPart); 4] = [
+        (format!("decode ms per token by part ({how})"), |r| {
+            &r.decode_ms_by_part
+        }),
+        (
+            format!("prefill ms per prompt token by part ({how})"),
+            |r| &r.prefill_ms_by_part,
+        ),
+        (format!("decode ms per token by part, {within}"), |r| {
+            &r.decode_parallel_ms_by_part
+        }),
+        (
+            format!("prefill ms per prompt token by part, {within}"),
+            |r| &r.prefill_parallel_ms_by_part,
+        ),
+    ];
+    for (title, of) in tables {
+        let cells = r
+            .rows
+            .iter()
+            .filter_map(|row| Some((&row.cell[..], of(row).as_ref()?)));
+        out.push_str(&crate::models::profile::table(&title, cells.collect()));
     }
     out
 }

@@ -201,6 +201,34 @@ impl<'a> Clock<'a> {
     }
 }
 
+/// A table of milliseconds per token by part (`cells`: each cell's name and its
+/// [`PartTimes::ms_per_token`] or [`PartTimes::parallel_ms_per_token`]), the columns every cell
+/// has among the parts, `total`, `parallel` (ms per token inside the compute threads' parallel
+/// regions) and `regions` (how many a token ran); empty without cells.
+pub fn table(title: &str, cells: Vec<(&str, &BTreeMap<String, f64>)>) -> String {
+    let mut out = String::new();
+    if cells.is_empty() {
+        return out;
+    }
+    let cols: Vec<&str> = PARTS
+        .iter()
+        .chain(&["total", "parallel", "regions"])
+        .copied()
+        .filter(|p| cells.iter().any(|(_, m)| m.contains_key(*p)))
+        .collect();
+    out.push_str(&format!("{title}\n{:<18}", "cell"));
+    cols.iter().for_each(|p| out.push_str(&format!(" {p:>9}")));
+    out.push('\n');
+    for (cell, ms) in cells {
+        out.push_str(&format!("{cell:<18}"));
+        for p in &cols {
+            out.push_str(&format!(" {:>9.3}", ms.get(*p).copied().unwrap_or(0.0)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,26 +21,27 @@ use std::time::{Duration, Instant};
 /// How long a worker spins for the next job before it parks.
 const SPIN: Duration = Duration::from_millis(2);
 
-/// Whether [`SpinPool::run`] counts its parallel regions and their wall time (a profiled
-/// forward call turns it on: [`count_regions`]).
-static TIMING: AtomicBool = AtomicBool::new(false);
-/// Parallel regions run while [`TIMING`] was on, by every pool.
-static REGIONS: AtomicU64 = AtomicU64::new(0);
-/// Their wall time in nanoseconds, from the job's start to its last block's end.
-static REGION_NS: AtomicU64 = AtomicU64::new(0);
-
-/// Turns the counting of parallel regions on or off (profiled forward calls).
-pub fn count_regions(on: bool) {
-    TIMING.store(on, Ordering::Relaxed);
+thread_local! {
+    /// Whether [`SpinPool::run`] called from this thread counts its parallel regions, how many
+    /// it counted and their wall time in nanoseconds (from the job's start to its last block's
+    /// end). Per calling thread — a forward call's engine thread — so that two engines (or two
+    /// tests) in one process count only their own.
+    static REGIONS: Cell<(bool, u64, u64)> = const { Cell::new((false, 0, 0)) };
 }
 
-/// Parallel regions counted so far and the seconds spent in them: what of a step ran spread
-/// over the threads (the rest of its time ran on the calling thread alone).
+/// Turns the counting of this thread's parallel regions on or off (profiled forward calls).
+pub fn count_regions(on: bool) {
+    REGIONS.with(|r| {
+        let (_, n, ns) = r.get();
+        r.set((on, n, ns));
+    });
+}
+
+/// Parallel regions this thread has run while counting, and the seconds spent in them: what
+/// of a step ran spread over the threads (the rest of its time ran on this thread alone).
 pub fn regions() -> (u64, f64) {
-    (
-        REGIONS.load(Ordering::Relaxed),
-        REGION_NS.load(Ordering::Relaxed) as f64 * 1e-9,
-    )
+    let (_, n, ns) = REGIONS.with(|r| r.get());
+    (n, ns as f64 * 1e-9)
 }
 
 /// One job: the closure over block indices (on the stack of [`SpinPool::run`]'s caller).
@@ -191,7 +192,7 @@ impl SpinPool {
         let Ok(_busy) = self.busy.try_lock() else {
             return serial();
         };
-        let t0 = TIMING.load(Ordering::Relaxed).then(Instant::now);
+        let t0 = REGIONS.with(|r| r.get().0).then(Instant::now);
         let sh = &*self.shared;
         let job = Job { f };
         // SAFETY: the pointer is only dereferenced by a worker holding a claim of this epoch,
@@ -215,8 +216,11 @@ impl SpinPool {
             panic!("a block of a parallel product panicked (see the message above)");
         }
         if let Some(t0) = t0 {
-            REGIONS.fetch_add(1, Ordering::Relaxed);
-            REGION_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let ns = t0.elapsed().as_nanos() as u64;
+            REGIONS.with(|r| {
+                let (on, n, total) = r.get();
+                r.set((on, n + 1, total + ns));
+            });
         }
     }
 }
