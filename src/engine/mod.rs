@@ -359,19 +359,7 @@ impl Engine {
                 _ => simd.int8_name(),
             };
             // The CPU forms an A/B run turned off, so that its figures say what ran.
-            let mut off = Vec::new();
-            if !crate::models::moe::expert_blocks_on() {
-                off.push("experts one a thread");
-            }
-            if !crate::models::layers::host_prompt_attention() {
-                off.push("prompt attention as tensor ops");
-            }
-            if !crate::models::moe::host_moe_on() {
-                off.push("shared expert apart, expert sums as tensor ops");
-            }
-            if !crate::models::layers::host_qkv_on() {
-                off.push("attention's projections, norms and RoPE as tensor ops");
-            }
+            let off = crate::models::forms_turned_off();
             match off.is_empty() {
                 true => format!("{}/{}", self.compute.kernels, form),
                 false => format!("{}/{} ({})", self.compute.kernels, form, off.join(", ")),

@@ -689,3 +689,28 @@ impl Model {
             })
     }
 }
+
+/// The CPU forms an A/B knob turned off in this process (`HARNESS_EXPERT_BLOCKS=0`,
+/// `HARNESS_PROMPT_ATTENTION=ops`, `HARNESS_HOST_MOE=0`, `HARNESS_HOST_QKV=0`), as the engine's
+/// kernel label names them.
+pub fn forms_turned_off() -> Vec<&'static str> {
+    [
+        (moe::expert_blocks_on(), "experts one a thread"),
+        (
+            layers::host_prompt_attention(),
+            "prompt attention as tensor ops",
+        ),
+        (
+            moe::host_moe_on(),
+            "shared expert apart, expert sums as tensor ops",
+        ),
+        (
+            layers::host_qkv_on(),
+            "attention's projections, norms and RoPE as tensor ops",
+        ),
+    ]
+    .into_iter()
+    .filter(|(on, _)| !on)
+    .map(|(_, name)| name)
+    .collect()
+}
