@@ -179,34 +179,6 @@ impl Linear {
             None => y,
         })
     }
-
-    /// Whether [`Linear::host_rows`] takes this layer: a host matrix, any bias f32 on the CPU.
-    fn is_host(&self) -> bool {
-        matches!(self.weight, Weight::Host(_))
-            && self
-                .bias
-                .as_ref()
-                .is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32)
-    }
-
-    /// [`Linear::forward`] of the rows `xs` (`[T, in]`, row-major) on the host, without
-    /// tensors: the same product and the same f32 bias add, so the same bits. Only where
-    /// [`Linear::is_host`].
-    fn host_rows(&self, xs: &[f32]) -> Result<Vec<f32>> {
-        let Weight::Host(m) = &self.weight else {
-            return Err(crate::error::Error::Input(
-                "internal: a host product of a device weight".into(),
-            ));
-        };
-        let mut y = m.matmul_rows(xs);
-        if let Some(b) = &self.bias {
-            let b: Vec<f32> = b.to_vec1()?;
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
-            }
-        }
-        Ok(y)
-    }
 }
 
 /// SwiGLU MLP: `down(silu(gate x) · up x)` (dense layers and shared experts).
@@ -526,103 +498,9 @@ impl Attention {
     }
 }
 
-impl Attention {
-    /// [`Attention::forward`] on the host where the activations are f32 on the CPU and q, k, v
-    /// are host matrices (not Qwen3-Next's gated query): the projections straight into vectors,
-    /// the q/k norms and RoPE in place (candle's CPU arithmetic: `host_attention::rms_rows`,
-    /// `rope_heads`), the keys and values appended to the cache, [`attention`] over its
-    /// buffers. The tensor-op form ran two dozen small ops a layer on the engine thread (copies,
-    /// transposes, narrow / cat around RoPE), serial work that did not shrink with threads. The
-    /// same bits as the tensor-op form (each step the same f32 operations). `None`: not such a
-    /// layer, or `HARNESS_HOST_QKV=0` (for A/B runs; the engine's kernel label then says so).
-    fn forward_host(&self, x: &Tensor, pos0: usize, kv: &mut LayerKv) -> Result<Option<Tensor>> {
-        use super::host_attention::{rms_rows, rope_heads};
-        let (t, _) = x.dims2()?;
-        let f32_cpu = |w: &Option<RmsNorm>| {
-            w.as_ref()
-                .is_none_or(|n| n.weight().dtype() == DType::F32 && n.weight().device().is_cpu())
-        };
-        if !host_qkv_on()
-            || self.gated
-            || !x.device().is_cpu()
-            || x.dtype() != DType::F32
-            || (t > 1 && !host_prompt_attention())
-            || ![&self.q, &self.k, &self.v].iter().all(|l| l.is_host())
-            || !f32_cpu(&self.q_norm)
-            || !f32_cpu(&self.k_norm)
-        {
-            return Ok(None);
-        }
-        let (nh, nkv, hd) = (
-            self.spec.num_heads,
-            self.spec.num_kv_heads,
-            self.spec.head_dim,
-        );
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        // `[T, heads, hd]` each.
-        let (mut q, mut k, v) = (
-            self.q.host_rows(&xs)?,
-            self.k.host_rows(&xs)?,
-            self.v.host_rows(&xs)?,
-        );
-        for (y, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
-            if let Some(n) = norm {
-                rms_rows(y, &n.weight().to_vec1::<f32>()?, n.eps());
-            }
-        }
-        if self.spec.rotary_dim > 0 {
-            for (i, p) in (pos0..pos0 + t).enumerate() {
-                let (cos, sin) = self.rope.values(p);
-                rope_heads(&mut q[i * nh * hd..(i + 1) * nh * hd], hd, &cos, &sin);
-                rope_heads(&mut k[i * nkv * hd..(i + 1) * nkv * hd], hd, &cos, &sin);
-            }
-        }
-        // The cache's `[1, kv heads, T, hd]`.
-        let by_head = |y: &[f32]| -> Vec<f32> {
-            let mut o = Vec::with_capacity(y.len());
-            for g in 0..nkv {
-                for i in 0..t {
-                    o.extend_from_slice(&y[(i * nkv + g) * hd..(i * nkv + g + 1) * hd]);
-                }
-            }
-            o
-        };
-        let dev = x.device();
-        let cache = |y: &[f32]| Tensor::from_vec(by_head(y), (1, nkv, t, hd), dev);
-        let (kt, _) = kv.append(cache(&k)?, cache(&v)?, 2)?;
-        let s = kt.dim(2)?;
-        let scale = (hd as f64).powf(-0.5) as f32;
-        let window = self.spec.sliding_window;
-        let y = kv
-            .with_host_buffers(|kb, vb, cap| {
-                attention(
-                    &q,
-                    kb,
-                    vb,
-                    cap,
-                    (s - t, t),
-                    window,
-                    (nh, nh / nkv, hd),
-                    scale,
-                )
-            })
-            .ok_or_else(|| {
-                crate::error::Error::Input("internal: a CPU KV cache without f32 buffers".into())
-            })?;
-        Ok(Some(self.o.forward(&Tensor::from_vec(
-            y,
-            (t, nh * hd),
-            dev,
-        )?)?))
-    }
-}
-
-/// Whether [`Attention::forward`] runs its host form on the CPU (`HARNESS_HOST_QKV=0`: the
-/// tensor ops, for A/B runs, which the engine's kernel label then says).
-pub(crate) fn host_qkv_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("HARNESS_HOST_QKV").map_or(true, |v| v != "0"))
-}
+#[path = "layers_host.rs"]
+mod host;
+pub(crate) use host::host_qkv_on;
 
 /// Whether a prompt's attention on the CPU runs on the host over the cache's buffers
 /// ([`attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs, which

@@ -1,0 +1,178 @@
+//! The host forms of [`super::Attention`] and [`super::Linear`] on the CPU: products straight
+//! into vectors, several in one parallel region, no tensor ops between them.
+
+use candle_core::{DType, Tensor};
+
+use super::{attention, host_prompt_attention, Attention, LayerKv, Linear, RmsNorm, Weight};
+use crate::error::Result;
+
+impl Linear {
+    /// Whether [`host_rows_together`] takes this layer: a host matrix, any bias f32 on the CPU.
+    fn is_host(&self) -> bool {
+        matches!(self.weight, Weight::Host(_))
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32)
+    }
+}
+
+/// [`Linear::forward`] of each of `layers` (all [`Linear::is_host`]) on the `t` rows `xs`,
+/// without tensors, their row blocks side by side in one parallel region instead of a region
+/// each: a block's rows are computed as in the layer's own product, and each layer's bias added
+/// after with the same f32 add, so the same bits. The layers' input is quantized once per thread (each thread's last inputs are
+/// kept: `weights::packed`).
+fn host_rows_together<const N: usize>(
+    layers: [&Linear; N],
+    xs: &[f32],
+    t: usize,
+) -> Result<[Vec<f32>; N]> {
+    use crate::weights::kernels::{current_threads, par_for};
+    use std::sync::Mutex;
+    let mats = layers.map(|l| match &l.weight {
+        Weight::Host(m) => Some(m),
+        _ => None,
+    });
+    let Some(mats) = mats.iter().copied().collect::<Option<Vec<_>>>() else {
+        return Err(crate::error::Error::Input(
+            "internal: a host product of a device weight".into(),
+        ));
+    };
+    let total: usize = mats.iter().map(|m| m.rows()).sum();
+    // About four blocks a thread, at least 8 rows each.
+    let per = total.div_ceil(4 * current_threads()).max(8);
+    let units: Vec<(usize, std::ops::Range<usize>)> = mats
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            let rows = m.rows();
+            (0..rows)
+                .step_by(per)
+                .map(move |r| (i, r..(r + per).min(rows)))
+        })
+        .collect();
+    let outs: Vec<Mutex<Vec<f32>>> = units.iter().map(|_| Default::default()).collect();
+    par_for(units.len(), &|u| {
+        let (i, b) = &units[u];
+        *outs[u].lock().unwrap_or_else(|p| p.into_inner()) = mats[*i].matmul_range(b.clone(), xs);
+    });
+    // Each block is `[T, len]`: into the layer's `[T, rows]`.
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; t * m.rows()]).collect();
+    for ((i, b), out) in units.into_iter().zip(outs) {
+        let out = out.into_inner().unwrap_or_else(|p| p.into_inner());
+        let rows = mats[i].rows();
+        for (k, src) in out.chunks_exact(b.len()).enumerate() {
+            ys[i][k * rows + b.start..k * rows + b.end].copy_from_slice(src);
+        }
+    }
+    for (y, l) in ys.iter_mut().zip(layers) {
+        if let Some(b) = &l.bias {
+            let b: Vec<f32> = b.to_vec1()?;
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            }
+        }
+    }
+    let mut ys = ys.into_iter();
+    Ok(std::array::from_fn(|_| ys.next().unwrap_or_default()))
+}
+
+impl Attention {
+    /// [`Attention::forward`] on the host where the activations are f32 on the CPU and q, k, v
+    /// are host matrices (not Qwen3-Next's gated query): the projections straight into vectors,
+    /// the q/k norms and RoPE in place (candle's CPU arithmetic: `host_attention::rms_rows`,
+    /// `rope_heads`), the keys and values appended to the cache, [`attention`] over its
+    /// buffers. The tensor-op form ran two dozen small ops a layer on the engine thread (copies,
+    /// transposes, narrow / cat around RoPE), serial work that did not shrink with threads. The
+    /// same bits as the tensor-op form (each step the same f32 operations). `None`: not such a
+    /// layer, or `HARNESS_HOST_QKV=0` (for A/B runs; the engine's kernel label then says so).
+    pub(super) fn forward_host(
+        &self,
+        x: &Tensor,
+        pos0: usize,
+        kv: &mut LayerKv,
+    ) -> Result<Option<Tensor>> {
+        use crate::models::host_attention::{rms_rows, rope_heads};
+        let (t, _) = x.dims2()?;
+        let f32_cpu = |w: &Option<RmsNorm>| {
+            w.as_ref()
+                .is_none_or(|n| n.weight().dtype() == DType::F32 && n.weight().device().is_cpu())
+        };
+        if !host_qkv_on()
+            || self.gated
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || (t > 1 && !host_prompt_attention())
+            || ![&self.q, &self.k, &self.v].iter().all(|l| l.is_host())
+            || !f32_cpu(&self.q_norm)
+            || !f32_cpu(&self.k_norm)
+        {
+            return Ok(None);
+        }
+        let (nh, nkv, hd) = (
+            self.spec.num_heads,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+        );
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        // `[T, heads, hd]` each, in one parallel region.
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            host_rows_together([&self.q, &self.k, &self.v], &xs, t)?;
+        for (y, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
+            if let Some(n) = norm {
+                rms_rows(y, &n.weight().to_vec1::<f32>()?, n.eps());
+            }
+        }
+        if self.spec.rotary_dim > 0 {
+            for (i, p) in (pos0..pos0 + t).enumerate() {
+                let (cos, sin) = self.rope.values(p);
+                rope_heads(&mut q[i * nh * hd..(i + 1) * nh * hd], hd, &cos, &sin);
+                rope_heads(&mut k[i * nkv * hd..(i + 1) * nkv * hd], hd, &cos, &sin);
+            }
+        }
+        // The cache's `[1, kv heads, T, hd]`.
+        let by_head = |y: &[f32]| -> Vec<f32> {
+            let mut o = Vec::with_capacity(y.len());
+            for g in 0..nkv {
+                for i in 0..t {
+                    o.extend_from_slice(&y[(i * nkv + g) * hd..(i * nkv + g + 1) * hd]);
+                }
+            }
+            o
+        };
+        let dev = x.device();
+        let cache = |y: &[f32]| Tensor::from_vec(by_head(y), (1, nkv, t, hd), dev);
+        let (kt, _) = kv.append(cache(&k)?, cache(&v)?, 2)?;
+        let s = kt.dim(2)?;
+        let scale = (hd as f64).powf(-0.5) as f32;
+        let window = self.spec.sliding_window;
+        let y = kv
+            .with_host_buffers(|kb, vb, cap| {
+                attention(
+                    &q,
+                    kb,
+                    vb,
+                    cap,
+                    (s - t, t),
+                    window,
+                    (nh, nh / nkv, hd),
+                    scale,
+                )
+            })
+            .ok_or_else(|| {
+                crate::error::Error::Input("internal: a CPU KV cache without f32 buffers".into())
+            })?;
+        Ok(Some(self.o.forward(&Tensor::from_vec(
+            y,
+            (t, nh * hd),
+            dev,
+        )?)?))
+    }
+}
+
+/// Whether [`Attention::forward`] runs its host form on the CPU (`HARNESS_HOST_QKV=0`: the
+/// tensor ops, for A/B runs, which the engine's kernel label then says).
+pub(crate) fn host_qkv_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_HOST_QKV").map_or(true, |v| v != "0"))
+}
