@@ -708,8 +708,9 @@ pub fn format_report(r: &BenchReport) -> String {
     };
     // Each part's time, then of it the time in the compute threads' parallel regions.
     type ByPart = Option<std::collections::BTreeMap<String, f64>>;
+    type Of = fn(&BenchRow) -> &ByPart;
     let within = "of which in the compute threads' parallel regions (the rest ran on the engine thread alone)";
-    let tables: [(String, fn(&BenchRow) -> &ByPart); 4] = [
+    let tables: [(String, Of); 4] = [
         (format!("decode ms per token by part ({how})"), |r| {
             &r.decode_ms_by_part
         }),
