@@ -17,18 +17,13 @@ impl Linear {
     }
 }
 
-/// [`Linear::forward`] of each of `layers` (all [`Linear::is_host`]) on the `t` rows `xs`,
-/// without tensors, their row blocks side by side in one parallel region instead of a region
-/// each: a block's rows are computed as in the layer's own product, and each layer's bias added
-/// after with the same f32 add, so the same bits. The layers' input is quantized once per thread (each thread's last inputs are
-/// kept: `weights::packed`).
-fn host_rows_together<const N: usize>(
-    layers: [&Linear; N],
-    xs: &[f32],
-    t: usize,
-) -> Result<[Vec<f32>; N]> {
-    use crate::weights::kernels::{current_threads, par_for};
-    use std::sync::Mutex;
+/// [`Linear::forward`] of each of `layers` (all [`Linear::is_host`]) on the rows `xs`, without
+/// tensors, their row blocks side by side in one parallel region instead of a region each
+/// ([`by_product_blocks`]): a block's rows are computed as in the layer's own product, and each
+/// layer's bias added after with the same f32 add, so the same bits. The layers' input is
+/// quantized once per thread (each thread's last inputs are kept: `weights::packed`).
+fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Result<[Vec<f32>; N]> {
+    use crate::weights::kernels::{by_product_blocks, current_threads};
     let mats = layers.map(|l| match &l.weight {
         Weight::Host(m) => Some(m),
         _ => None,
@@ -38,33 +33,14 @@ fn host_rows_together<const N: usize>(
             "internal: a host product of a device weight".into(),
         ));
     };
-    let total: usize = mats.iter().map(|m| m.rows()).sum();
+    let rows: Vec<usize> = mats.iter().map(|m| m.rows()).collect();
     // About four blocks a thread, at least 8 rows each.
-    let per = total.div_ceil(4 * current_threads()).max(8);
-    let units: Vec<(usize, std::ops::Range<usize>)> = mats
+    let per = rows
         .iter()
-        .enumerate()
-        .flat_map(|(i, m)| {
-            let rows = m.rows();
-            (0..rows)
-                .step_by(per)
-                .map(move |r| (i, r..(r + per).min(rows)))
-        })
-        .collect();
-    let outs: Vec<Mutex<Vec<f32>>> = units.iter().map(|_| Default::default()).collect();
-    par_for(units.len(), &|u| {
-        let (i, b) = &units[u];
-        *outs[u].lock().unwrap_or_else(|p| p.into_inner()) = mats[*i].matmul_range(b.clone(), xs);
-    });
-    // Each block is `[T, len]`: into the layer's `[T, rows]`.
-    let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; t * m.rows()]).collect();
-    for ((i, b), out) in units.into_iter().zip(outs) {
-        let out = out.into_inner().unwrap_or_else(|p| p.into_inner());
-        let rows = mats[i].rows();
-        for (k, src) in out.chunks_exact(b.len()).enumerate() {
-            ys[i][k * rows + b.start..k * rows + b.end].copy_from_slice(src);
-        }
-    }
+        .sum::<usize>()
+        .div_ceil(4 * current_threads())
+        .max(8);
+    let mut ys = by_product_blocks(&rows, &vec![per; N], |i, b| mats[i].matmul_range(b, xs));
     for (y, l) in ys.iter_mut().zip(layers) {
         if let Some(b) = &l.bias {
             let b: Vec<f32> = b.to_vec1()?;
@@ -117,7 +93,7 @@ impl Attention {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         // `[T, heads, hd]` each, in one parallel region.
         let [mut q, mut k, v]: [Vec<f32>; 3] =
-            host_rows_together([&self.q, &self.k, &self.v], &xs, t)?;
+            host_rows_together([&self.q, &self.k, &self.v], &xs)?;
         for (y, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
             if let Some(n) = norm {
                 rms_rows(y, &n.weight().to_vec1::<f32>()?, n.eps());

@@ -700,10 +700,7 @@ pub fn forms_turned_off() -> Vec<&'static str> {
             layers::host_prompt_attention(),
             "prompt attention as tensor ops",
         ),
-        (
-            moe::host_moe_on(),
-            "shared expert apart, expert sums as tensor ops",
-        ),
+        (moe::host_moe_on(), "shared expert apart"),
         (
             layers::host_qkv_on(),
             "attention's projections, norms and RoPE as tensor ops",

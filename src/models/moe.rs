@@ -252,29 +252,6 @@ fn run_expert(xt: &Tensor, ew: &ExpertWeights) -> Result<Tensor> {
     expert_forward(xt, ew)
 }
 
-/// The outputs of a token's experts (`xt`: one row on the CPU) when every one is host-held, each
-/// bit-identical to [`run_expert`]'s, through [`host_experts_rows`]. `None` where an expert is
-/// held otherwise, or [`expert_blocks`] says no.
-fn host_experts_by_blocks(
-    xt: &Tensor,
-    fetched: &[(std::sync::Arc<ExpertWeights>, f32)],
-) -> Result<Option<Vec<Tensor>>> {
-    if !expert_blocks(fetched.len()) || !xt.device().is_cpu() || xt.dim(0)? != 1 {
-        return Ok(None);
-    }
-    let Some(mats) = host_mats(fetched.iter().map(|(ew, _)| &**ew)) else {
-        return Ok(None);
-    };
-    let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
-    let inputs = vec![&xs[..]; mats.len()];
-    host_experts_rows(&mats, &inputs)
-        .into_iter()
-        .zip(&mats)
-        .map(|(y, m)| Ok(Tensor::from_vec(y, (1, m.2.rows()), xt.device())?))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
 /// A host-held expert's gate, up and down matrices.
 pub(super) type HostMats<'a> = (&'a HostMatrix, &'a HostMatrix, &'a HostMatrix);
 
@@ -299,9 +276,9 @@ pub(super) fn expert_blocks(n: usize) -> bool {
     expert_blocks_on() && crate::weights::kernels::current_threads() > n
 }
 
-/// Whether [`MoeBlock`]'s decode step may run its shared expert with the routed ones and sum
-/// them on the host (`HARNESS_HOST_MOE=0`: apart, summed by tensor ops; for A/B runs, which the
-/// engine's kernel label then says).
+/// Whether [`MoeBlock`]'s decode step may run its shared expert in its routed experts' row
+/// blocks (`HARNESS_HOST_MOE=0`: apart, for A/B runs, which the engine's kernel label then
+/// says).
 pub(crate) fn host_moe_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("HARNESS_HOST_MOE").map_or(true, |v| v != "0"))
@@ -321,74 +298,29 @@ pub(crate) fn expert_blocks_on() -> bool {
 /// decode step's experts, the larger part of the step. A row is computed the same way in any
 /// block, so the split does not change a bit.
 pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
-    use crate::weights::kernels::{current_threads, par_for};
-    use std::sync::Mutex;
+    use crate::weights::kernels::{by_product_blocks, current_threads};
     let threads = current_threads();
     // Blocks of rows of each expert: about two units per thread in each region, at least 8 rows.
-    let blocks = |rows: usize| -> Vec<std::ops::Range<usize>> {
-        let per = (rows * mats.len())
-            .div_ceil(2 * threads)
-            .clamp(8, rows.max(8));
-        (0..rows)
-            .step_by(per)
-            .map(|r| r..(r + per).min(rows))
-            .collect()
-    };
-    let units = |rows: &dyn Fn(usize) -> usize| -> Vec<(usize, std::ops::Range<usize>)> {
-        (0..mats.len())
-            .flat_map(|i| blocks(rows(i)).into_iter().map(move |b| (i, b)))
-            .collect()
-    };
-    // A product's blocks (`[T, len]` each, as `matmul_range` gives them) back into `[T, rows]`.
-    let gather = |rows: usize, parts: Vec<(std::ops::Range<usize>, Vec<f32>)>| {
-        let t = parts.first().map_or(0, |(b, p)| p.len() / b.len().max(1));
-        let mut full = vec![0f32; t * rows];
-        for (b, part) in parts {
-            for (k, src) in part.chunks_exact(b.len()).enumerate() {
-                full[k * rows + b.start..k * rows + b.end].copy_from_slice(src);
-            }
-        }
-        full
+    let per = |rows: &[usize]| -> Vec<usize> {
+        let per = |r: usize| (r * mats.len()).div_ceil(2 * threads).clamp(8, r.max(8));
+        rows.iter().map(|&r| per(r)).collect()
     };
     // Gate and up, block by block, and each block's silu(z) · u as `host_expert_rows` computes
     // it (element by element, so the same bits in any block; in the region, not after it on
     // the engine thread: a step's e^-z per gate value were a serial stretch of every layer).
-    let first = units(&|i| mats[i].0.rows());
-    let act: Vec<Mutex<Vec<f32>>> = first.iter().map(|_| Default::default()).collect();
-    par_for(first.len(), &|k| {
-        let (i, b) = &first[k];
-        let (g, u) = (
-            mats[*i].0.matmul_range(b.clone(), inputs[*i]),
-            mats[*i].1.matmul_range(b.clone(), inputs[*i]),
-        );
-        *act[k].lock().unwrap_or_else(|p| p.into_inner()) = silu_mul(&g, &u);
+    let rows: Vec<usize> = mats.iter().map(|m| m.0.rows()).collect();
+    let acts = by_product_blocks(&rows, &per(&rows), |i, b| {
+        let (gate, up, _) = mats[i];
+        silu_mul(
+            &gate.matmul_range(b.clone(), inputs[i]),
+            &up.matmul_range(b, inputs[i]),
+        )
     });
-    let mut parts: Vec<Vec<_>> = vec![Vec::new(); mats.len()];
-    for ((i, b), a) in first.into_iter().zip(act) {
-        parts[i].push((b, a.into_inner().unwrap_or_else(|p| p.into_inner())));
-    }
-    let acts: Vec<Vec<f32>> = parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| gather(mats[i].0.rows(), p))
-        .collect();
     // Down, block by block.
-    let second = units(&|i| mats[i].2.rows());
-    let ys: Vec<Mutex<Vec<f32>>> = second.iter().map(|_| Default::default()).collect();
-    par_for(second.len(), &|k| {
-        let (i, b) = &second[k];
-        *ys[k].lock().unwrap_or_else(|p| p.into_inner()) =
-            mats[*i].2.matmul_range(b.clone(), &acts[*i]);
-    });
-    let mut parts: Vec<Vec<_>> = vec![Vec::new(); mats.len()];
-    for ((i, b), y) in second.into_iter().zip(ys) {
-        parts[i].push((b, y.into_inner().unwrap_or_else(|p| p.into_inner())));
-    }
-    parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| gather(mats[i].2.rows(), p))
-        .collect()
+    let rows: Vec<usize> = mats.iter().map(|m| m.2.rows()).collect();
+    by_product_blocks(&rows, &per(&rows), |i, b| {
+        mats[i].2.matmul_range(b, &acts[i])
+    })
 }
 
 /// `acc + y` in router order (the first expert's output as is).
@@ -553,21 +485,14 @@ impl MoeBlock {
                     outs.push(finish(acc, kept, route, &xt)?);
                     continue;
                 }
-                // A decode token's host-held experts and its shared expert in one set of row
-                // blocks, summed on the host.
-                if routes.len() == 1 {
-                    if let Some(y) = self.host_step(&xt, &fetched, kept, route)? {
-                        access.end_step(route)?;
-                        return Ok(y);
-                    }
-                }
-                // Host-held experts: every expert's row blocks on all the threads at once.
-                if let Some(ys) = host_experts_by_blocks(&xt, &fetched)? {
-                    for ((_, w), y) in fetched.iter().zip(ys) {
-                        acc = Some(add(acc, (y * *w as f64)?)?);
-                    }
+                // Host-held experts (with a decode token's shared expert where it fits): row
+                // blocks of all of them on all the threads at once, summed on the host.
+                if let Some((y, with_shared)) =
+                    self.host_step(&xt, &fetched, kept, route, routes.len() == 1)?
+                {
+                    shared_done = with_shared;
                     access.end_step(route)?;
-                    outs.push(finish(acc, kept, route, &xt)?);
+                    outs.push(y);
                     continue;
                 }
                 let ys: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
@@ -609,26 +534,24 @@ impl MoeBlock {
         self.add_shared(routed, x, shared_done)
     }
 
-    /// A decode token's MoE output `[1, H]` (routed and shared) where its experts and the
-    /// shared expert are host matrices and the context has more threads than they are many: all
-    /// of them as row blocks over the threads in two parallel regions ([`host_experts_rows`]),
-    /// the weighted sum and the shared expert's output added on the host with the candle ops'
-    /// f32 arithmetic ([`prefill::combine`], then `routed + shared`), so the same bits as the
-    /// form with the shared expert run apart (three more parallel regions) and tensor ops
-    /// summing. `None`: not such a step, or `HARNESS_HOST_MOE=0` (for A/B runs; the engine's
-    /// kernel label then says so).
+    /// A token's routed output `[1, H]` where its experts are host matrices and the context
+    /// has more threads than they are many: all of them as row blocks over the threads in two
+    /// parallel regions ([`host_experts_rows`]), the weighted sum on the host with the candle
+    /// ops' f32 arithmetic ([`prefill::combine`]); with `shared` (a decode token), the shared
+    /// expert's matrices join the blocks where the threads outnumber them too, and its output
+    /// is added (`routed + shared`, as [`MoeBlock::add_shared`]): two regions for all instead of
+    /// three more for it. Returns whether the shared expert is in the output. The same bits as
+    /// the tensor-op forms. `None`: not such a step. `HARNESS_HOST_MOE=0` keeps the shared expert
+    /// apart (for A/B runs; the engine's kernel label then says so).
     fn host_step(
         &self,
         xt: &Tensor,
         fetched: &[(Arc<ExpertWeights>, f32)],
         kept: f32,
         route: &Route,
-    ) -> Result<Option<Tensor>> {
-        let Some(shared) = self.fusable_shared().and_then(|s| s.host_mats()) else {
-            return Ok(None);
-        };
-        if !host_moe_on()
-            || !expert_blocks(fetched.len() + 1)
+        shared: bool,
+    ) -> Result<Option<(Tensor, bool)>> {
+        if !expert_blocks(fetched.len())
             || !xt.device().is_cpu()
             || xt.dtype() != candle_core::DType::F32
             || xt.dim(0)? != 1
@@ -638,10 +561,14 @@ impl MoeBlock {
         let Some(mut mats) = host_mats(fetched.iter().map(|(ew, _)| &**ew)) else {
             return Ok(None);
         };
-        mats.push(shared);
+        let shared = self
+            .fusable_shared()
+            .and_then(|s| s.host_mats())
+            .filter(|_| shared && host_moe_on() && expert_blocks(fetched.len() + 1));
+        mats.extend(shared);
         let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
         let mut ys = host_experts_rows(&mats, &vec![&xs[..]; mats.len()]);
-        let shared_y = ys.pop().unwrap_or_default();
+        let shared_y = shared.and_then(|_| ys.pop());
         let picks: Vec<(usize, usize, f32)> = fetched
             .iter()
             .enumerate()
@@ -649,8 +576,11 @@ impl MoeBlock {
             .collect();
         let mut row = vec![0f32; xs.len()];
         prefill::combine(&mut row, &picks, &ys, kept, route);
-        row.iter_mut().zip(&shared_y).for_each(|(o, s)| *o += s);
-        Ok(Some(Tensor::from_vec(row, (1, xs.len()), xt.device())?))
+        if let Some(s) = &shared_y {
+            row.iter_mut().zip(s).for_each(|(o, s)| *o += s);
+        }
+        let y = Tensor::from_vec(row, (1, xs.len()), xt.device())?;
+        Ok(Some((y, shared_y.is_some())))
     }
 
     /// The shared expert when it may join the routed experts' fused launch (an ungated one;

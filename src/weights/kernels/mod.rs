@@ -241,6 +241,42 @@ pub fn by_row_runs(
     out
 }
 
+/// Row blocks of several products side by side on the context's threads, in one parallel
+/// region: product `i` has `rows[i]` rows cut in blocks of `per[i]`, `f(i, block)` returns a
+/// block's outputs `[T, block.len()]` (`T` inputs), and each product comes back as `[T,
+/// rows[i]]`. A block's rows must be computed as in the whole product (then the split changes
+/// no bit).
+pub fn by_product_blocks(
+    rows: &[usize],
+    per: &[usize],
+    f: impl Fn(usize, std::ops::Range<usize>) -> Vec<f32> + Sync,
+) -> Vec<Vec<f32>> {
+    use std::sync::Mutex;
+    let units: Vec<(usize, std::ops::Range<usize>)> = (0..rows.len())
+        .flat_map(|i| {
+            let (n, per) = (rows[i], per[i].max(1));
+            (0..n).step_by(per).map(move |r| (i, r..(r + per).min(n)))
+        })
+        .collect();
+    let outs: Vec<Mutex<Vec<f32>>> = units.iter().map(|_| Default::default()).collect();
+    par_for(units.len(), &|u| {
+        let (i, b) = &units[u];
+        *outs[u].lock().unwrap_or_else(|p| p.into_inner()) = f(*i, b.clone());
+    });
+    let mut ys: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
+    for ((i, b), out) in units.into_iter().zip(outs) {
+        let out = out.into_inner().unwrap_or_else(|p| p.into_inner());
+        let t = out.len() / b.len().max(1);
+        if ys[i].is_empty() {
+            ys[i] = vec![0f32; t * rows[i]];
+        }
+        for (k, src) in out.chunks_exact(b.len()).enumerate() {
+            ys[i][k * rows[i] + b.start..k * rows[i] + b.end].copy_from_slice(src);
+        }
+    }
+    ys
+}
+
 /// Runs `f(start, part)` over blocks of `data` (`block` elements each, the last shorter) on the
 /// context's threads when `data` holds `work` or more elements of work.
 pub fn by_blocks<T: Send>(
