@@ -247,8 +247,9 @@ fn int8_portable<S: Scales, const TWO: bool>(r: Row<'_, S>, x: QRow<'_>, xsum: &
 }
 
 /// Bytes ahead of the current word that the AVX2 kernels prefetch: 4 KB (2 KB before
-/// 2026-12-04; `scripts/peers/q4_stream.sh` timed 4 KB at 0.92–0.98 of 2 KB's time on 256 KB
-/// matrices read in random order, as a decode step reads its experts, on the 2-core Zen 4 VM).
+/// 2026-12-04; `scripts/peers/q4_stream.sh` timed 4 KB at 0.93–1.01 of 2 KB's time, four runs,
+/// on 256 KB matrices read in random order, as a decode step reads its experts, on the 2-core
+/// Zen 4 VM; whole-engine runs there could not resolve it).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 4096;
 
