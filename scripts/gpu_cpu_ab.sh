@@ -46,13 +46,18 @@ def row(path):
             f = line.split()
             return float(f[4]), float(f[3])  # prefill, decode tok/s
     return None
-label = None
 ratios = {}
-for line in open(f"{o}/B_t{threads[0]}_r1.txt"):
-    m = re.search(r"kernels ([^;]*);", line)
-    if m:
-        label = m.group(1)
-print(f"A: `{env}`; B: the default (`{label}`)\n")
+def label(path):
+    # What the run says it ran: the kernel label names any form an A/B knob turned off.
+    for line in open(path):
+        m = re.search(r"kernels ([^;]*);", line)
+        if m:
+            return m.group(1)
+    return "no label: the run failed"
+a_label, b_label = label(f"{o}/A_t{threads[0]}_r1.txt"), label(f"{o}/B_t{threads[0]}_r1.txt")
+print(f"A: `{env}` (ran `{a_label}`); B: the default (ran `{b_label}`)")
+print("harness bench --device cpu, the all-resident row (every expert in host memory, no I/O),")
+print("routed by the synth checkpoint's own router; prefill of 16-token prompts, 64 new tokens.\n")
 print("| threads | round | A prefill / decode tok/s | B prefill / decode tok/s | B ÷ A prefill | B ÷ A decode |")
 print("|---|---|---|---|---|---|")
 for t in threads:
