@@ -304,7 +304,9 @@ impl Rows4<'_> {
                 let sums = |i: usize| &self.xsum[i * groups..(i + 1) * groups];
                 by_row_runs(rows, t, work, run, |r0, n, out| {
                     let first = rows_at(self.r0 + r0, n);
-                    // Four inputs at a time share each unpacked chunk (prefill), then one by one.
+                    // Four inputs at a time share each unpacked chunk (prefill), then the last
+                    // three, two or one together (a prompt's expert is often chosen by only one
+                    // to three of its tokens).
                     let mut i = 0;
                     while i + 4 <= t1 {
                         let (x, xs) = (
@@ -314,8 +316,18 @@ impl Rows4<'_> {
                         simd.rows_int8(first, n, x, xs, &mut out[i..], t1);
                         i += 4;
                     }
-                    for i in i..t1 {
-                        simd.rows_int8(first, n, [qi.row(i)], [sums(i)], &mut out[i..], t1);
+                    let o = &mut out[i..];
+                    match t1 - i {
+                        3 => {
+                            let k = [i, i + 1, i + 2];
+                            simd.rows_int8(first, n, k.map(|k| qi.row(k)), k.map(sums), o, t1)
+                        }
+                        2 => {
+                            let k = [i, i + 1];
+                            simd.rows_int8(first, n, k.map(|k| qi.row(k)), k.map(sums), o, t1)
+                        }
+                        1 => simd.rows_int8(first, n, [qi.row(i)], [sums(i)], o, t1),
+                        _ => {}
                     }
                 })
             }

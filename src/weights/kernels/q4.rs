@@ -679,8 +679,8 @@ impl Simd {
     }
 
     /// [`Simd::row_exact`] of one row against every input row of `xs` (`c` columns each, their
-    /// per-group sums in `xsums`), written to `out`; on AVX2 four inputs share each unpacked
-    /// word. Bit-equal to calling [`row_exact`] per input.
+    /// per-group sums in `xsums`), written to `out`; on AVX2 up to four inputs share each
+    /// unpacked word. Bit-equal to calling [`row_exact`] per input.
     pub fn row_exact_inputs<S: Scales>(
         self,
         r: Row<'_, S>,
@@ -690,16 +690,16 @@ impl Simd {
         out: &mut [f32],
     ) {
         let g = r.groups;
-        let i = self.exact_by_four(r, xs, c, xsums, out);
+        let i = self.exact_together(r, xs, c, xsums, out);
         for (k, o) in out.iter_mut().enumerate().skip(i) {
             *o = self.row_exact(r, &xs[k * c..(k + 1) * c], &xsums[k * g..(k + 1) * g]);
         }
     }
 
-    /// The leading blocks of four inputs of [`Simd::row_exact_inputs`] that this form runs
-    /// together; returns how many inputs it did.
+    /// The leading inputs of [`Simd::row_exact_inputs`] that this form runs together (blocks
+    /// of four, then the last three or two); returns how many it did.
     #[allow(unused_variables)]
-    fn exact_by_four<S: Scales>(
+    fn exact_together<S: Scales>(
         self,
         r: Row<'_, S>,
         xs: &[f32],
@@ -709,22 +709,20 @@ impl Simd {
     ) -> usize {
         #[cfg(target_arch = "x86_64")]
         if self == Simd::Avx2 {
-            let g = r.groups;
-            let blocks = out.len() / 4;
-            for k in 0..blocks {
-                let i = 4 * k;
+            let (g, n, mut i) = (r.groups, out.len(), 0);
+            while n - i >= 2 {
+                let (x, xsum, o) = (&xs[i * c..], &xsums[i * g..], &mut out[i..]);
                 // SAFETY: as in `row_exact`.
                 unsafe {
-                    exact_multi_avx2::<S, 4>(
-                        r,
-                        &xs[i * c..(i + 4) * c],
-                        c,
-                        &xsums[i * g..(i + 4) * g],
-                        &mut out[i..i + 4],
-                    )
-                };
+                    match n - i {
+                        2 => exact_multi_avx2::<S, 2>(r, x, c, xsum, o),
+                        3 => exact_multi_avx2::<S, 3>(r, x, c, xsum, o),
+                        _ => exact_multi_avx2::<S, 4>(r, x, c, xsum, o),
+                    }
+                }
+                i += (n - i).min(4);
             }
-            return 4 * blocks;
+            return i;
         }
         0
     }

@@ -136,7 +136,7 @@ fn several_inputs_at_once_are_bit_equal_to_one_at_a_time() {
     for (seed, cols, gs) in [(5, 64, 32), (6, 1024, 64), (7, 512, 128)] {
         let c = case(seed, cols, gs);
         let r = c.row();
-        // 1 to 9 inputs: blocks of four and the rest one by one.
+        // 1 to 9 inputs: blocks of four, then the last three or two together, or one.
         for n in 1..=9 {
             let inputs: Vec<Case> = (0..n)
                 .map(|k| case(seed * 31 + k as u64, cols, gs))
@@ -338,6 +338,37 @@ fn several_int8_inputs_at_once_are_bit_equal_to_one_at_a_time() {
                         out[4 * j + i].to_bits(),
                         "{simd:?} {cols}/{gs}"
                     );
+                }
+            }
+            // Three and two together (a prompt's last inputs), inputs 1.. of the four.
+            let mut out3 = vec![0f32; 3 * 3];
+            let k3 = [1, 2, 3];
+            simd.rows_int8(
+                first,
+                3,
+                k3.map(|i| qi.row(i)),
+                k3.map(|i| sums[i]),
+                &mut out3,
+                3,
+            );
+            let mut out2 = vec![0f32; 3 * 2];
+            let k2 = [2, 3];
+            simd.rows_int8(
+                first,
+                3,
+                k2.map(|i| qi.row(i)),
+                k2.map(|i| sums[i]),
+                &mut out2,
+                2,
+            );
+            for j in 0..3 {
+                for (m, &i) in k3.iter().enumerate() {
+                    let want = row_int8(first.nth(j), qi.row(i), sums[i]).to_bits();
+                    assert_eq!(want, out3[3 * j + m].to_bits(), "{simd:?} three");
+                }
+                for (m, &i) in k2.iter().enumerate() {
+                    let want = row_int8(first.nth(j), qi.row(i), sums[i]).to_bits();
+                    assert_eq!(want, out2[2 * j + m].to_bits(), "{simd:?} two");
                 }
             }
         }
