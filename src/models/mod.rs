@@ -691,11 +691,12 @@ impl Model {
 }
 
 /// The CPU forms an A/B knob turned off in this process (`HARNESS_EXPERT_BLOCKS=0`,
-/// `HARNESS_PROMPT_ATTENTION=ops`, `HARNESS_HOST_MOE=0`, `HARNESS_HOST_QKV=0`), as the engine's
+/// `HARNESS_PROMPT_BLOCKS=0`, `HARNESS_PROMPT_ATTENTION=ops`, `HARNESS_HOST_MOE=0`, `HARNESS_HOST_QKV=0`), as the engine's
 /// kernel label names them.
 pub fn forms_turned_off() -> Vec<&'static str> {
     [
         (moe::expert_blocks_on(), "experts one a thread"),
+        (moe::prompt_blocks_on(), "a prompt's experts one a thread"),
         (
             layers::host_prompt_attention(),
             "prompt attention as tensor ops",

@@ -268,12 +268,27 @@ pub(super) fn host_mats<'a>(
         .collect()
 }
 
-/// Whether `n` experts run by row blocks over all the threads ([`host_experts_rows`]): where
-/// the context has more threads than experts (one expert a thread would leave some idle; with
-/// fewer threads it balances as well and keeps each expert's products on one thread's cache).
-/// `HARNESS_EXPERT_BLOCKS=0` keeps one expert a thread (for A/B runs).
-pub(super) fn expert_blocks(n: usize) -> bool {
-    expert_blocks_on() && crate::weights::kernels::current_threads() > n
+/// Whether `n` experts run by row blocks over all the threads ([`host_experts_rows`]): a
+/// decode token's where the context has more threads than experts (one expert a thread would
+/// leave some idle; with fewer threads it balances as well and keeps each expert's products on
+/// one thread's cache); a prompt's (`prompt`) also where they are fewer than four a thread:
+/// their token counts differ (1 to 16 a 16-token prompt's), and with few experts a thread, one
+/// expert a thread waited on the largest (16-core host: 1.14× prefill at 16 threads, ≈ 40
+/// experts a layer; inside the noise at 2–8). `HARNESS_EXPERT_BLOCKS=0` keeps one expert a
+/// thread, `HARNESS_PROMPT_BLOCKS=0` a prompt's where threads do not outnumber them (for A/B
+/// runs).
+pub(super) fn expert_blocks(n: usize, prompt: bool) -> bool {
+    let threads = crate::weights::kernels::current_threads();
+    expert_blocks_on()
+        && (threads > n || (prompt && threads > 1 && prompt_blocks_on() && n < 4 * threads))
+}
+
+/// Whether [`expert_blocks`] cuts a prompt's experts into blocks where they outnumber the
+/// threads (`HARNESS_PROMPT_BLOCKS=0`: no, for A/B runs, which the engine's kernel label then
+/// says).
+pub(crate) fn prompt_blocks_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_PROMPT_BLOCKS").map_or(true, |v| v != "0"))
 }
 
 /// Whether [`MoeBlock`]'s decode step may run its shared expert in its routed experts' row
@@ -295,15 +310,28 @@ pub(crate) fn expert_blocks_on() -> bool {
 /// row-major, bit-identical to [`super::layers::host_expert_rows`] of each, computed in two parallel regions
 /// over all the context's threads: the gate and up rows of every expert in blocks, then the down
 /// rows. One expert a thread (the form before) left all but `top_k` threads idle through a
-/// decode step's experts, the larger part of the step. A row is computed the same way in any
-/// block, so the split does not change a bit.
+/// decode step's experts, the larger part of the step, and a prompt's experts — as many
+/// tokens each as chose them — unevenly loaded. A row is computed the same way in any block,
+/// so the split does not change a bit.
 pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
     use crate::weights::kernels::{by_product_blocks, current_threads};
     let threads = current_threads();
-    // Blocks of rows of each expert: about two units per thread in each region, at least 8 rows.
+    let tokens: Vec<usize> = mats
+        .iter()
+        .zip(inputs)
+        // An input row is the hidden state: the down matrix's output size.
+        .map(|(m, x)| (x.len() / m.2.rows().max(1)).max(1))
+        .collect();
+    // Blocks of rows of each expert, sized by its tokens: about two units of equal work (rows
+    // × tokens) per thread in each region, at least 8 rows (a decode step's experts, one token
+    // each: the same blocks as by rows alone).
     let per = |rows: &[usize]| -> Vec<usize> {
-        let per = |r: usize| (r * mats.len()).div_ceil(2 * threads).clamp(8, r.max(8));
-        rows.iter().map(|&r| per(r)).collect()
+        let work: usize = rows.iter().zip(&tokens).map(|(r, t)| r * t).sum();
+        let unit = work.div_ceil(2 * threads);
+        rows.iter()
+            .zip(&tokens)
+            .map(|(&r, &t)| unit.div_ceil(t).clamp(8, r.max(8)))
+            .collect()
     };
     // Gate and up, block by block, and each block's silu(z) · u as `host_expert_rows` computes
     // it (element by element, so the same bits in any block; in the region, not after it on
@@ -433,9 +461,22 @@ impl MoeBlock {
     ) -> Result<Tensor> {
         if x.device().is_cpu() && routes.len() > 1 && access.never_evicts(self.layer) {
             // A prompt on the CPU: each expert once over all the tokens that chose it.
-            let routed =
-                prefill::routed_by_expert(self.layer, x, pos0, routes, predictions, access)?;
-            return self.add_shared(routed, x, false);
+            // The shared expert with the routed ones (host-held and ungated; in their blocks
+            // where they run by blocks; `HARNESS_HOST_MOE=0` keeps it apart).
+            let shared = self
+                .fusable_shared()
+                .and_then(|s| s.host_mats())
+                .filter(|_| host_moe_on());
+            let routed = prefill::routed_by_expert(
+                self.layer,
+                x,
+                pos0,
+                routes,
+                predictions,
+                access,
+                shared,
+            )?;
+            return self.add_shared(routed, x, shared.is_some());
         }
         let mut outs = Vec::with_capacity(routes.len());
         // A single decode token on a GPU: the shared expert may join the routed experts' fused
@@ -551,7 +592,7 @@ impl MoeBlock {
         route: &Route,
         shared: bool,
     ) -> Result<Option<(Tensor, bool)>> {
-        if !expert_blocks(fetched.len())
+        if !expert_blocks(fetched.len(), false)
             || !xt.device().is_cpu()
             || xt.dtype() != candle_core::DType::F32
             || xt.dim(0)? != 1
@@ -564,7 +605,7 @@ impl MoeBlock {
         let shared = self
             .fusable_shared()
             .and_then(|s| s.host_mats())
-            .filter(|_| shared && host_moe_on() && expert_blocks(fetched.len() + 1));
+            .filter(|_| shared && host_moe_on() && expert_blocks(fetched.len() + 1, false));
         mats.extend(shared);
         let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
         let mut ys = host_experts_rows(&mats, &vec![&xs[..]; mats.len()]);

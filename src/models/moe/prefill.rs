@@ -22,7 +22,7 @@ use crate::experts::store::{ExpertMats, ExpertWeights};
 use crate::experts::ExpertKey;
 use crate::models::layers::{expert_forward, host_expert_rows};
 
-use super::{ExpertAccess, Route};
+use super::{ExpertAccess, HostMats, Route};
 
 /// Bytes of expert outputs a chunk of the prompt holds at once (the tokens of a chunk are
 /// reported, then computed; a long prompt runs as several chunks).
@@ -36,7 +36,11 @@ struct Group {
 
 /// The routed output `[T, H]` of `x` (normalised, on the CPU) for `routes`, token by token
 /// through `access` and expert by expert through the kernels; `predictions` as
-/// [`super::MoeBlock::forward`] takes them.
+/// [`super::MoeBlock::forward`] takes them. With `shared` (the layer's ungated shared expert,
+/// host-held) its output on every token is added to each token's routed sum (`routed +
+/// shared`, [`super::MoeBlock::add_shared`]'s f32 add) in the same parallel region, and its
+/// matrices join the routed experts' row blocks where those run ([`run_groups`]): two parallel
+/// regions a chunk for all instead of three more for it, and its silu in them.
 pub(super) fn routed_by_expert(
     layer: u32,
     x: &Tensor,
@@ -44,6 +48,7 @@ pub(super) fn routed_by_expert(
     routes: &[Route],
     predictions: Option<(u32, &[Route])>,
     access: &mut dyn ExpertAccess,
+    shared: Option<HostMats<'_>>,
 ) -> Result<Tensor> {
     let (t_all, h) = x.dims2()?;
     let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -90,37 +95,61 @@ pub(super) fn routed_by_expert(
             picks.push(mine);
             kept.push(k);
         }
-        let ys = run_groups(&groups, &xs, h)?;
+        let chunk_xs = &xs[c0 * h..c1 * h];
+        let (ys, shared_ys) = run_groups(&groups, &xs, h, shared.map(|m| (m, chunk_xs)))?;
         access.ran_by_expert(c1 - c0);
-        for (i, t) in (c0..c1).enumerate() {
-            let row = &mut out[t * h..(t + 1) * h];
-            combine(row, &picks[i], &ys, kept[i], &routes[t]);
-        }
+        // Each token's sum (and shared output) on the threads, a block of tokens each: the
+        // same f32 operations per row as one after another.
+        let work = (c1 - c0) * h * (top_k + 1);
+        crate::weights::kernels::by_blocks(&mut out[c0 * h..c1 * h], h, work, |start, row| {
+            let i = start / h;
+            combine(row, &picks[i], &ys, kept[i], &routes[c0 + i]);
+            if let Some(s) = &shared_ys {
+                row.iter_mut()
+                    .zip(&s[i * h..(i + 1) * h])
+                    .for_each(|(o, s)| *o += s);
+            }
+        });
     }
     Ok(Tensor::from_vec(out, (t_all, h), x.device())?)
 }
 
 /// Each group's expert on its tokens' rows of `xs`: `[tokens, H]` per group: row blocks of every
 /// group's expert over all the threads ([`super::host_experts_rows`]) where all are host-held and
-/// threads outnumber groups, else groups side by side on the context's threads (each product
-/// then on its thread alone).
-fn run_groups(groups: &[Group], xs: &[f32], h: usize) -> Result<Vec<Vec<f32>>> {
-    // More threads than groups, every group host-held: row blocks of every expert over all
-    // the threads at once.
-    if super::expert_blocks(groups.len()) {
-        if let Some(mats) = super::host_mats(groups.iter().map(|g| &*g.weights)) {
+/// there are threads to share, else groups side by side on the context's threads (each product
+/// then on its thread alone). With `shared` (an expert's matrices and its input rows), that
+/// expert's output too: in the same blocks where they run, else product by product over the
+/// threads ([`host_expert_rows`], [`super::Mlp::forward`]'s bits).
+#[allow(clippy::type_complexity)]
+fn run_groups(
+    groups: &[Group],
+    xs: &[f32],
+    h: usize,
+    shared: Option<(HostMats<'_>, &[f32])>,
+) -> Result<(Vec<Vec<f32>>, Option<Vec<f32>>)> {
+    // Several threads, every group host-held: row blocks of every expert over all the threads
+    // at once, sized by the group's tokens.
+    if super::expert_blocks(groups.len() + usize::from(shared.is_some()), true) {
+        if let Some(mut mats) = super::host_mats(groups.iter().map(|g| &*g.weights)) {
             let inputs: Vec<Vec<f32>> = groups.iter().map(|g| gather_rows(g, xs, h)).collect();
-            let inputs: Vec<&[f32]> = inputs.iter().map(|v| &v[..]).collect();
-            return Ok(super::host_experts_rows(&mats, &inputs));
+            let mut inputs: Vec<&[f32]> = inputs.iter().map(|v| &v[..]).collect();
+            if let Some((m, x)) = shared {
+                mats.push(m);
+                inputs.push(x);
+            }
+            let mut ys = super::host_experts_rows(&mats, &inputs);
+            let shared_y = shared.and_then(|_| ys.pop());
+            return Ok((ys, shared_y));
         }
     }
+    let shared_y = shared.map(|((gate, up, down), x)| host_expert_rows(gate, up, down, x));
     let slots: Vec<Mutex<Option<Result<Vec<f32>>>>> =
         groups.iter().map(|_| Mutex::default()).collect();
     crate::weights::kernels::par_for(groups.len(), &|i| {
         let y = run_group(&groups[i], xs, h);
         *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
     });
-    slots
+    let ys = slots
         .into_iter()
         .map(|s| {
             s.into_inner()
@@ -131,7 +160,8 @@ fn run_groups(groups: &[Group], xs: &[f32], h: usize) -> Result<Vec<Vec<f32>>> {
                     ))
                 })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((ys, shared_y))
 }
 
 /// One group: packed host experts take all its rows in one product; any other form runs each
