@@ -77,6 +77,9 @@ impl RmsNorm {
         if let Some(r) = self.add_forward_cuda(h, a)? {
             return Ok(r);
         }
+        if let Some(r) = self.add_forward_host(h, a)? {
+            return Ok(r);
+        }
         let h = (h + a)?;
         let x = self.forward(&h)?;
         Ok((h, x))
@@ -211,6 +214,9 @@ impl Mlp {
 
     /// Applies the MLP to `x` `[T, H]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_host(x)? {
+            return Ok(y);
+        }
         let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         self.down.forward(&(g * self.up.forward(x)?)?)
     }
@@ -500,7 +506,7 @@ impl Attention {
 
 #[path = "layers_host.rs"]
 mod host;
-pub(crate) use host::host_qkv_on;
+pub(crate) use host::{host_norm_mlp_on, host_qkv_on};
 
 /// Whether a prompt's attention on the CPU runs on the host over the cache's buffers
 /// ([`attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs, which

@@ -1,9 +1,10 @@
-//! The host forms of [`super::Attention`] and [`super::Linear`] on the CPU: products straight
-//! into vectors, several in one parallel region, no tensor ops between them.
+//! The host forms of [`super::Attention`], [`super::Linear`], [`super::Mlp`] and
+//! [`super::RmsNorm::add_forward`] on the CPU: products straight into vectors, several in one
+//! parallel region, no tensor ops between them.
 
 use candle_core::{DType, Tensor};
 
-use super::{attention, host_prompt_attention, Attention, LayerKv, Linear, RmsNorm, Weight};
+use super::{attention, host_prompt_attention, Attention, LayerKv, Linear, Mlp, RmsNorm, Weight};
 use crate::error::Result;
 
 impl Linear {
@@ -151,4 +152,75 @@ impl Attention {
 pub(crate) fn host_qkv_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("HARNESS_HOST_QKV").map_or(true, |v| v != "0"))
+}
+
+impl Mlp {
+    /// [`Mlp::forward`] on the host where `x` is f32 `[T, H]` on the CPU and the three matrices
+    /// are host matrices without biases: gate and up in one parallel region with silu(g)·u in
+    /// it, then down ([`super::super::moe::host_experts_rows`], [`super::host_expert_rows`]'s
+    /// bits, which are `forward`'s). The tensor-op form ran the silu and the product (2816
+    /// values a token in the CPU-bench's dense layer) on the engine thread. `None`: not such an
+    /// MLP, or `HARNESS_HOST_NORM_MLP=0` (for A/B runs; the engine's kernel label then says so).
+    pub(super) fn forward_host(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(mats) = self.host_mats() else {
+            return Ok(None);
+        };
+        if !host_norm_mlp_on() || !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 2 {
+            return Ok(None);
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let y = super::super::moe::host_experts_rows(&[mats], &[&xs[..]]);
+        let y = y.into_iter().next().unwrap_or_default();
+        let (t, h) = (x.dim(0)?, mats.2.rows());
+        Ok(Some(Tensor::from_vec(y, (t, h), x.device())?))
+    }
+}
+
+impl RmsNorm {
+    /// [`RmsNorm::add_forward`] on the host where `h` and `a` are f32 `[T, n]` on the CPU: the
+    /// residual add (candle's f32 `h + a`), then each row's norm with candle's CPU arithmetic
+    /// ([`super::super::host_attention::rms_rows`]), a prompt's rows in blocks over the
+    /// threads: the same bits. The tensor ops ran a prompt's norms (a chain of 1024 dependent
+    /// adds a row) on the engine thread. `None`: not such inputs, or `HARNESS_HOST_NORM_MLP=0`.
+    pub(super) fn add_forward_host(
+        &self,
+        h: &Tensor,
+        a: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !host_norm_mlp_on()
+            || !cpu_f32(h)
+            || !cpu_f32(a)
+            || !cpu_f32(self.weight())
+            || h.rank() != 2
+            || h.dims() != a.dims()
+        {
+            return Ok(None);
+        }
+        let (t, n) = h.dims2()?;
+        let mut hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
+        let av: Vec<f32> = a.flatten_all()?.to_vec1()?;
+        hv.iter_mut().zip(&av).for_each(|(h, a)| *h += a);
+        let w: Vec<f32> = self.weight().to_vec1()?;
+        let mut xv = hv.clone();
+        // A row's norm costs about what 6n weights of a product do (its sum is a chain of n
+        // dependent adds), so a prompt's rows go to the threads and a decode token's stays.
+        let (eps, work) = (self.eps(), 6 * t * n);
+        crate::weights::kernels::by_blocks(&mut xv, n, work, |_, row| {
+            super::super::host_attention::rms_rows(row, &w, eps)
+        });
+        let dev = h.device();
+        Ok(Some((
+            Tensor::from_vec(hv, (t, n), dev)?,
+            Tensor::from_vec(xv, (t, n), dev)?,
+        )))
+    }
+}
+
+/// Whether [`Mlp::forward`] and [`RmsNorm::add_forward`] run their host forms on the CPU
+/// (`HARNESS_HOST_NORM_MLP=0`: the tensor ops, for A/B runs, which the engine's kernel label
+/// then says).
+pub(crate) fn host_norm_mlp_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_HOST_NORM_MLP").map_or(true, |v| v != "0"))
 }

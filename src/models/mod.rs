@@ -691,8 +691,8 @@ impl Model {
 }
 
 /// The CPU forms an A/B knob turned off in this process (`HARNESS_EXPERT_BLOCKS=0`,
-/// `HARNESS_PROMPT_BLOCKS=0`, `HARNESS_PROMPT_ATTENTION=ops`, `HARNESS_HOST_MOE=0`, `HARNESS_HOST_QKV=0`), as the engine's
-/// kernel label names them.
+/// `HARNESS_PROMPT_BLOCKS=0`, `HARNESS_PROMPT_ATTENTION=ops`, `HARNESS_HOST_MOE=0`,
+/// `HARNESS_HOST_QKV=0`, `HARNESS_HOST_NORM_MLP=0`), as the engine's kernel label names them.
 pub fn forms_turned_off() -> Vec<&'static str> {
     [
         (moe::expert_blocks_on(), "experts one a thread"),
@@ -705,6 +705,10 @@ pub fn forms_turned_off() -> Vec<&'static str> {
         (
             layers::host_qkv_on(),
             "attention's projections, norms and RoPE as tensor ops",
+        ),
+        (
+            layers::host_norm_mlp_on(),
+            "residual norms and MLPs as tensor ops",
         ),
     ]
     .into_iter()
