@@ -5,6 +5,12 @@ use criterion::criterion_main;
 mod common;
 mod decode;
 mod expert_miss;
+mod pool;
 mod simulator;
 
-criterion_main!(expert_miss::benches, decode::benches, simulator::benches);
+criterion_main!(
+    expert_miss::benches,
+    decode::benches,
+    pool::benches,
+    simulator::benches
+);
