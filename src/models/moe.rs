@@ -284,8 +284,8 @@ pub(super) fn expert_blocks(n: usize, prompt: bool) -> bool {
 }
 
 /// Whether [`expert_blocks`] cuts a prompt's experts into blocks where they outnumber the
-/// threads (`HARNESS_PROMPT_BLOCKS=0`: no, for A/B runs, which the engine's kernel label then
-/// says).
+/// threads but are fewer than four a thread (`HARNESS_PROMPT_BLOCKS=0`: no, for A/B runs, which
+/// the engine's kernel label then says).
 pub(crate) fn prompt_blocks_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("HARNESS_PROMPT_BLOCKS").map_or(true, |v| v != "0"))
