@@ -177,11 +177,13 @@ impl Mlp {
 }
 
 impl RmsNorm {
-    /// [`RmsNorm::add_forward`] on the host where `h` and `a` are f32 `[T, n]` on the CPU: the
-    /// residual add (candle's f32 `h + a`), then each row's norm with candle's CPU arithmetic
-    /// ([`super::super::host_attention::rms_rows`]), a prompt's rows in blocks over the
-    /// threads: the same bits. The tensor ops ran a prompt's norms (a chain of 1024 dependent
-    /// adds a row) on the engine thread. `None`: not such inputs, or `HARNESS_HOST_NORM_MLP=0`.
+    /// [`RmsNorm::add_forward`] on the host where `h` and `a` are f32 `[T, n]` on the CPU and
+    /// their rows go to several threads: the residual add (candle's f32 `h + a`), then each
+    /// row's norm with candle's CPU arithmetic ([`super::super::host_attention::rms_rows`]), a
+    /// prompt's rows in blocks over the threads: the same bits. The tensor ops ran a prompt's
+    /// norms (a chain of 1024 dependent adds a row) on the engine thread. `None`: not such
+    /// inputs, too few rows to split (a decode token's: the copies in and out cost more than
+    /// candle's one op, 2.7 µs a norm more on the 2-core VM), or `HARNESS_HOST_NORM_MLP=0`.
     pub(super) fn add_forward_host(
         &self,
         h: &Tensor,
@@ -198,14 +200,18 @@ impl RmsNorm {
             return Ok(None);
         }
         let (t, n) = h.dims2()?;
+        // A row's norm costs about what 6n weights of a product do (its sum is a chain of n
+        // dependent adds).
+        let work = 6 * t * n;
+        if !crate::weights::kernels::splits(work) {
+            return Ok(None);
+        }
         let mut hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
         let av: Vec<f32> = a.flatten_all()?.to_vec1()?;
         hv.iter_mut().zip(&av).for_each(|(h, a)| *h += a);
         let w: Vec<f32> = self.weight().to_vec1()?;
         let mut xv = hv.clone();
-        // A row's norm costs about what 6n weights of a product do (its sum is a chain of n
-        // dependent adds), so a prompt's rows go to the threads and a decode token's stays.
-        let (eps, work) = (self.eps(), 6 * t * n);
+        let eps = self.eps();
         crate::weights::kernels::by_blocks(&mut xv, n, work, |_, row| {
             super::super::host_attention::rms_rows(row, &w, eps)
         });

@@ -125,6 +125,12 @@ pub fn parallel() -> bool {
     current_pool().is_some()
 }
 
+/// Whether [`by_blocks`] (and the products) split `work` over this thread's context: a pool
+/// of several threads, not inside one of its blocks, and at least [`PARALLEL_WORK`].
+pub fn splits(work: usize) -> bool {
+    work >= PARALLEL_WORK && current_pool().is_some_and(|p| !p.in_job())
+}
+
 /// Threads of this thread's context (1 outside [`with`] or inside a parallel job's block).
 pub fn current_threads() -> usize {
     current_pool().map_or(1, |p| if p.in_job() { 1 } else { p.threads() })
