@@ -183,7 +183,7 @@ impl RmsNorm {
     /// prompt's rows in blocks over the threads: the same bits. The tensor ops ran a prompt's
     /// norms (a chain of 1024 dependent adds a row) on the engine thread. `None`: not such
     /// inputs, too few rows to split (a decode token's: the copies in and out cost more than
-    /// candle's one op, 2.7 µs a norm more on the 2-core VM), or `HARNESS_HOST_NORM_MLP=0`.
+    /// candle's one op, 0.5–2.7 µs a norm more on the 2-core VM), or `HARNESS_HOST_NORM_MLP=0`.
     pub(super) fn add_forward_host(
         &self,
         h: &Tensor,

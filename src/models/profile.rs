@@ -56,12 +56,7 @@ impl PartTimes {
     /// Milliseconds per token of each part (named as in [`PARTS`]), and their `total`.
     pub fn ms_per_token(&self) -> BTreeMap<&'static str, f64> {
         let n = self.tokens.max(1) as f64;
-        let mut m: BTreeMap<&'static str, f64> = PARTS
-            .iter()
-            .zip(self.seconds)
-            .map(|(&k, v)| (k, v * 1e3 / n))
-            .collect();
-        m.insert("total", self.seconds.iter().sum::<f64>() * 1e3 / n);
+        let mut m = self.per_token(&self.seconds);
         m.insert("parallel", self.parallel.iter().sum::<f64>() * 1e3 / n);
         m.insert("regions", self.regions as f64 / n);
         m
@@ -70,13 +65,18 @@ impl PartTimes {
     /// Milliseconds per token of each part (named as in [`PARTS`]) spent in the compute
     /// threads' parallel regions, and their `total`: what of each part the threads shared.
     pub fn parallel_ms_per_token(&self) -> BTreeMap<&'static str, f64> {
+        self.per_token(&self.parallel)
+    }
+
+    /// `seconds` per part as milliseconds per token, named as in [`PARTS`], and their `total`.
+    fn per_token(&self, seconds: &[f64]) -> BTreeMap<&'static str, f64> {
         let n = self.tokens.max(1) as f64;
         let mut m: BTreeMap<&'static str, f64> = PARTS
             .iter()
-            .zip(self.parallel)
+            .zip(seconds)
             .map(|(&k, v)| (k, v * 1e3 / n))
             .collect();
-        m.insert("total", self.parallel.iter().sum::<f64>() * 1e3 / n);
+        m.insert("total", seconds.iter().sum::<f64>() * 1e3 / n);
         m
     }
 

@@ -125,7 +125,7 @@ pub fn parallel() -> bool {
     current_pool().is_some()
 }
 
-/// Whether [`by_blocks`] (and the products) split `work` over this thread's context: a pool
+/// Whether [`by_blocks`] splits `work` over this thread's context: a pool
 /// of several threads, not inside one of its blocks, and at least [`PARALLEL_WORK`].
 pub fn splits(work: usize) -> bool {
     work >= PARALLEL_WORK && current_pool().is_some_and(|p| !p.in_job())
@@ -294,7 +294,7 @@ pub fn by_blocks<T: Send>(
     let block = block.max(1);
     let len = data.len();
     match current_pool() {
-        Some(pool) if work >= PARALLEL_WORK && len > block => {
+        Some(pool) if splits(work) && len > block => {
             let buf = Blocks(data.as_mut_ptr());
             pool.run(len.div_ceil(block), &|b| {
                 let (s, e) = (b * block, ((b + 1) * block).min(len));
