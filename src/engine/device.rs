@@ -84,3 +84,34 @@ fn disable_event_tracking(dev: &Device) {
     }
     let _ = dev;
 }
+
+/// Whether the host holds MLX 4-bit matrices in 8-row tiles (`PackedMatrix::tile`): on the CPU
+/// with an int8 kernel kind, whose tile kernels they feed, unless `HARNESS_TILES=0` (A/B runs
+/// of the row layout). Exact engines keep the checkpoint's layout, read in place.
+pub(super) fn tiles_for(device: &Device, kernels: crate::weights::kernels::Kernels) -> bool {
+    device.is_cpu()
+        && kernels != crate::weights::kernels::Kernels::Exact
+        && crate::weights::packed::tiles_on()
+}
+
+/// What the CPU's products ran with, as reports name it: the kernel kind and the SIMD form
+/// (`int8/avx2`, `int8x2/avx512-vnni`, `exact/neon`), and in brackets the forms an A/B run
+/// turned off (so that its figures say what ran). `tiles`: the dense matrices are tiled.
+pub(super) fn cpu_kernels_label(kernels: crate::weights::kernels::Kernels, tiles: bool) -> String {
+    use crate::weights::kernels::Kernels;
+    let simd = crate::weights::kernels::q4::Simd::current();
+    let form = match kernels {
+        Kernels::Exact => simd.name(),
+        _ => simd.int8_name(),
+    };
+    let mut off = crate::models::forms_turned_off();
+    match (kernels, tiles) {
+        (Kernels::Exact, true) => off.push("exact through copies of tiled rows"),
+        (Kernels::Exact, false) | (_, true) => {}
+        (_, false) => off.push("rows untiled"),
+    }
+    match off.is_empty() {
+        true => format!("{kernels}/{form}"),
+        false => format!("{kernels}/{form} ({})", off.join(", ")),
+    }
+}

@@ -207,6 +207,8 @@ pub struct Engine {
     /// On a GPU, the last generation's cache buffers, reused by the next that fits
     /// ([`KvCache::reuse`]): its decode steps then replay the CUDA graph captured on them.
     spare_kv: Option<KvCache>,
+    /// The dense MLX 4-bit matrices were tiled at open (`device::tiles_for`).
+    tiles: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -248,6 +250,7 @@ impl Engine {
         let io = ck.set_io(cfg.io, cfg.storage);
         check_budget(&spec, &store, &cfg)?;
         store.set_gpu_experts(cfg.gpu_experts);
+        let tiles = device::tiles_for(&device, cfg.kernels);
         let model = Model::load(
             &ck,
             &spec,
@@ -256,7 +259,9 @@ impl Engine {
             &device,
             cfg.dense == DenseForm::Mapped,
             cfg.gpu_dense == GpuDense::Packed,
+            tiles,
         )?;
+        store.set_host_tiles(tiles);
         model.set_gpu_attention(cfg.gpu_attention);
         model.set_gpu_routing(cfg.gpu_routing);
         model.set_gpu_graph(cfg.gpu_graph);
@@ -331,6 +336,7 @@ impl Engine {
             compute,
             low,
             spare_kv: None,
+            tiles,
         })
     }
 
@@ -353,17 +359,7 @@ impl Engine {
     /// (`int8/avx2`, `int8x2/avx512-vnni`, `exact/neon`), or `gpu` on a GPU.
     pub fn kernels_label(&self) -> String {
         if self.model.device().is_cpu() {
-            let simd = crate::weights::kernels::q4::Simd::current();
-            let form = match self.compute.kernels {
-                crate::weights::kernels::Kernels::Exact => simd.name(),
-                _ => simd.int8_name(),
-            };
-            // The CPU forms an A/B run turned off, so that its figures say what ran.
-            let off = crate::models::forms_turned_off();
-            match off.is_empty() {
-                true => format!("{}/{}", self.compute.kernels, form),
-                false => format!("{}/{} ({})", self.compute.kernels, form, off.join(", ")),
-            }
+            device::cpu_kernels_label(self.compute.kernels, self.tiles)
         } else {
             // Only MLA layers have fused decode kernels: elsewhere the setting has no effect,
             // and the label says what ran.
@@ -464,6 +460,9 @@ impl Engine {
         if (cfg.threads, cfg.kernels) != (self.cfg.threads, self.cfg.kernels) {
             self.compute = compute_context(self.model.device(), &cfg)?;
         }
+        // Experts loaded from now on take the new kind's layout (the dense ones keep theirs).
+        self.store
+            .set_host_tiles(device::tiles_for(self.model.device(), cfg.kernels));
         // Fixed when the engine opened: the loaded weights keep their form.
         let (dense, gpu_dense) = (self.cfg.dense, self.cfg.gpu_dense);
         self.cfg = EngineConfig {

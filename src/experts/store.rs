@@ -266,6 +266,8 @@ pub struct ExpertStore {
     device_path: std::sync::atomic::AtomicBool,
     /// The staging asked for and what is in effect (for reports).
     staging: std::sync::Mutex<(Staging, String)>,
+    /// The host miss path holds MLX 4-bit experts in 8-row tiles (the int8 kernels' layout).
+    host_tiles: std::sync::atomic::AtomicBool,
 }
 
 impl ExpertStore {
@@ -356,6 +358,7 @@ impl ExpertStore {
             uploader: Uploader::new(device.clone()),
             device_path: (!device.is_cpu()).into(),
             staging: std::sync::Mutex::new((Staging::Auto, String::new())),
+            host_tiles: false.into(),
             device,
         })
     }
@@ -427,6 +430,19 @@ impl ExpertStore {
         let on = on || !self.device.is_cpu();
         self.device_path
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Hold MLX 4-bit experts loaded on the host from now on in 8-row tiles, the int8
+    /// kernels' layout ([`PackedMatrix::tile`]; the engine sets it for the int8 kernel kinds on
+    /// the CPU). Experts already cached keep their layout; both work with every kernel.
+    pub fn set_host_tiles(&self, on: bool) {
+        self.host_tiles
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether experts loaded on the host from now on are tiled ([`ExpertStore::set_host_tiles`]).
+    pub fn host_tiles(&self) -> bool {
+        self.host_tiles.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keep MLX-quantized experts packed in GPU memory (default on CUDA) or decode them to f32
@@ -661,8 +677,12 @@ impl ExpertStore {
                     self.read(weight, wb)?;
                     self.read(scales, sb)?;
                     self.read(biases, bb)?;
+                    let new = match self.host_tiles() {
+                        true => PackedMatrix::new_tiled,
+                        false => PackedMatrix::new,
+                    };
                     HostMatrix::Packed(
-                        PackedMatrix::new(wb, sb, bb, *scale_dtype, *params, rows, cols)
+                        new(wb, sb, bb, *scale_dtype, *params, rows, cols)
                             .map_err(|m| fail(weight.shard, m))?,
                     )
                 }

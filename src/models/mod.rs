@@ -341,8 +341,11 @@ impl Model {
     /// layers). Routed experts are not touched.
     /// On the CPU, dense weights are read in place from the memory map when `in_place`, else
     /// copied into memory; on a CUDA GPU, MLX-quantized ones stay packed when `gpu_packed`, else
-    /// f32. `layout` is how the checkpoint stores its experts (as the expert
-    /// store detected it): it names the MoE module and tells Qwen3-Next's norm convention.
+    /// f32; with `tile`, MLX 4-bit dense matrices go to 8-row tiles on the CPU (the int8
+    /// kernels' layout, an owned copy in place of the mapped bytes). `layout` is how the
+    /// checkpoint stores its experts (as the expert store detected it): it names the MoE module
+    /// and tells Qwen3-Next's norm convention.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         ck: &Checkpoint,
         spec: &ModelSpec,
@@ -351,10 +354,12 @@ impl Model {
         dev: &Device,
         in_place: bool,
         gpu_packed: bool,
+        tile: bool,
     ) -> Result<Self> {
         let mut root = Vb::root(ck, spec.quantization.as_ref(), dev);
         root.in_place = in_place;
         root.gpu_packed = gpu_packed;
+        root.tile = tile;
         let (h, v) = (spec.hidden_size, spec.vocab_size);
         let model = root.pp(&prefix.model);
         let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;

@@ -40,9 +40,10 @@ impl Weight {
         }
         let mut fell_back = false;
         let place = |e: &TensorEntry| vb.source(e);
+        let mut tiled = false;
         let (weight, used) = if vb.has("scales") {
             let (w, s, b, p) = quantized_parts(ck, vb.quant, vb.path(), &[], rows, cols)?;
-            let m = PackedMatrix::from_sources(
+            let mut m = PackedMatrix::from_sources(
                 place(w),
                 place(s),
                 place(b),
@@ -53,6 +54,8 @@ impl Weight {
                 &mut fell_back,
             )
             .map_err(|m| ck.tensor_err(&vb.key("weight"), w, m))?;
+            // Tiled: an owned copy, so the mapped pages go as below.
+            tiled = vb.tile && m.tile();
             (Weight::Host(HostMatrix::Packed(m)), vec![w, s, b])
         } else {
             let key = vb.key("weight");
@@ -68,7 +71,7 @@ impl Weight {
             let m = FloatMatrix::new(data, rows, cols).map_err(|m| ck.tensor_err(&key, e, m))?;
             (Weight::Host(HostMatrix::Float(m)), vec![e])
         };
-        if fell_back || !vb.in_place {
+        if fell_back || tiled || !vb.in_place {
             // Copied: the mapped pages are not needed any more.
             for e in used {
                 ck.release(e);

@@ -38,6 +38,9 @@ pub struct Vb<'a> {
     pub in_place: bool,
     /// On a CUDA GPU, keep MLX-quantized dense weights packed (default) rather than as f32.
     pub gpu_packed: bool,
+    /// On the CPU, hold MLX 4-bit dense matrices in 8-row tiles for the int8 kernels
+    /// ([`packed::PackedMatrix::tile`]): an owned copy in place of the mapped bytes.
+    pub tile: bool,
     path: String,
 }
 
@@ -54,6 +57,7 @@ impl<'a> Vb<'a> {
             dev,
             in_place: true,
             gpu_packed: true,
+            tile: false,
             path: String::new(),
         }
     }

@@ -4,13 +4,18 @@
 
 use crate::config::QuantParams;
 
+use super::kernels::q4::tile::{self, Tiles, TILE};
 use super::kernels::{by_row_runs, by_rows, current_kernels, q4, Kernels};
-use super::matrix::{words_from, Floats, FloatsView, Source, Words};
+use super::matrix::{words_from, Floats, FloatsView, Half, Slab, Source, Words};
 use super::safetensors::DType;
 
 /// An MLX-affine matrix `[rows, cols]` kept packed: its checkpoint bytes (packed words, and
 /// scales and biases in their own float type), in place in the memory map for dense modules or
 /// owned for cached experts. [`PackedMatrix::matmul_rows`] decodes inside the product.
+///
+/// A 4-bit matrix may instead hold its rows in 8-row tiles ([`PackedMatrix::tile`]), the
+/// layout of the int8 tile kernels ([`q4::tile`]): an owned copy made at load in place of the
+/// checkpoint's, never beside it.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     words: Words,
@@ -19,6 +24,8 @@ pub struct PackedMatrix {
     rows: usize,
     cols: usize,
     p: QuantParams,
+    /// Words, scales and biases interleaved in 8-row tiles ([`tile::interleave`]).
+    tiled: bool,
 }
 
 impl PackedMatrix {
@@ -40,19 +47,14 @@ impl PackedMatrix {
         let bad = || format!("scales of type {scale_dtype:?} (expected F32, F16 or BF16)");
         let scales = Floats::new(scales, scale_dtype, fell_back).ok_or_else(bad)?;
         let biases = Floats::new(biases, scale_dtype, fell_back).ok_or_else(bad)?;
-        if !(p.group_size * p.bits).is_multiple_of(32)
-            || words.as_slice().len() * 32 != rows * cols * p.bits
-            || scales.len() != rows * cols / p.group_size
-            || biases.len() != scales.len()
-        {
-            return Err(format!(
-                "quantized sizes disagree: {} packed words, {} scales for [{rows}, {cols}] at {} bits, group {}",
-                words.as_slice().len(),
-                scales.len(),
-                p.bits,
-                p.group_size
-            ));
-        }
+        check_sizes(
+            words.as_slice().len(),
+            scales.len(),
+            biases.len(),
+            p,
+            rows,
+            cols,
+        )?;
         Ok(PackedMatrix {
             words,
             scales,
@@ -60,6 +62,7 @@ impl PackedMatrix {
             rows,
             cols,
             p,
+            tiled: false,
         })
     }
 
@@ -86,9 +89,120 @@ impl PackedMatrix {
         )
     }
 
+    /// As [`PackedMatrix::new`], in 8-row tiles where the matrix is tileable (see
+    /// [`PackedMatrix::tile`]): the bytes go straight to their tiled places, one copy (the
+    /// host miss path's; a copy then a tiling would fault in a second fresh buffer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_tiled(
+        packed: &[u8],
+        scales: &[u8],
+        biases: &[u8],
+        scale_dtype: DType,
+        p: QuantParams,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, String> {
+        let width = match scale_dtype {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            _ => 0,
+        };
+        if width == 0 || !tileable(p, rows, cols) {
+            let mut m = Self::new(packed, scales, biases, scale_dtype, p, rows, cols)?;
+            m.tile();
+            return Ok(m);
+        }
+        check_sizes(
+            packed.len() / 4,
+            scales.len() / width,
+            biases.len() / width,
+            p,
+            rows,
+            cols,
+        )?;
+        let (groups, wpr) = (cols / p.group_size, cols / 8);
+        let u32_at =
+            |b: &[u8], k: usize| u32::from_le_bytes(b[4 * k..4 * k + 4].try_into().expect("4"));
+        let u16_at = |b: &[u8], k: usize| u16::from_le_bytes([b[2 * k], b[2 * k + 1]]);
+        let floats = |b: &[u8]| match scale_dtype {
+            DType::F32 => Floats::F32(Slab::Owned(tile::interleave(rows, groups, |k| {
+                f32::from_bits(u32_at(b, k))
+            }))),
+            DType::BF16 => Floats::Half(
+                Slab::Owned(tile::interleave(rows, groups, |k| u16_at(b, k))),
+                Half::Bf16,
+            ),
+            _ => Floats::Half(
+                Slab::Owned(tile::interleave(rows, groups, |k| u16_at(b, k))),
+                Half::F16,
+            ),
+        };
+        Ok(PackedMatrix {
+            words: Slab::Owned(tile::interleave(rows, wpr, |k| u32_at(packed, k))),
+            scales: floats(scales),
+            biases: floats(biases),
+            rows,
+            cols,
+            p,
+            tiled: true,
+        })
+    }
+
     /// Output size.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Whether [`PackedMatrix::tile`] can tile this matrix here: 4-bit, rows a multiple of 8,
+    /// columns the int8 kernels take, on a CPU with the tile kernels' SIMD form (x86-64 AVX2;
+    /// elsewhere the portable form would be slower than the row kernels).
+    pub fn tileable(&self) -> bool {
+        tileable(self.p, self.rows, self.cols)
+    }
+
+    /// Moves the matrix into 8-row tiles, the int8 kernels' fast layout, where
+    /// [`PackedMatrix::tileable`]: its words, scales and biases become owned copies in tile order
+    /// (the checkpoint's bytes, mapped or owned, are let go: the caller may release mapped
+    /// pages). Returns whether it did. Every product and lookup works in either layout; the
+    /// exact kernels read a tiled matrix through a per-block copy back to rows (bit-equal, a
+    /// little slower), the int8 kernels change their summation order (see [`q4::tile`]).
+    pub fn tile(&mut self) -> bool {
+        if self.tiled || !self.tileable() {
+            return false;
+        }
+        let (rows, groups) = (self.rows, self.cols / self.p.group_size);
+        let wpr = self.cols / 8;
+        let floats = |f: &Floats| match f {
+            Floats::F32(v) => {
+                let v = v.as_slice();
+                Floats::F32(Slab::Owned(tile::interleave(rows, groups, |k| v[k])))
+            }
+            Floats::Half(v, h) => {
+                let v = v.as_slice();
+                Floats::Half(Slab::Owned(tile::interleave(rows, groups, |k| v[k])), *h)
+            }
+        };
+        let w = self.words.as_slice();
+        self.words = Slab::Owned(tile::interleave(rows, wpr, |k| w[k]));
+        self.scales = floats(&self.scales);
+        self.biases = floats(&self.biases);
+        self.tiled = true;
+        true
+    }
+
+    /// Whether the matrix is in 8-row tiles.
+    pub fn is_tiled(&self) -> bool {
+        self.tiled
+    }
+
+    /// Index of element `j` of row `r` of a `rows × n` part (words: `n` words a row; scales
+    /// and biases: `n` groups a row) in this matrix's layout.
+    #[inline(always)]
+    fn index(&self, r: usize, j: usize, n: usize) -> usize {
+        match self.tiled {
+            true => tile::tiled_index(r, j, n),
+            false => r * n + j,
+        }
     }
 
     /// Bytes held in this process's heap (0 when every part is read in place).
@@ -104,10 +218,12 @@ impl PackedMatrix {
         let mask = (1u32 << bits) - 1;
         let words = self.words.as_slice();
         let (scales, biases) = (self.scales.view(), self.biases.view());
+        let wpr = groups * wpg;
         for g in 0..groups {
-            let k = r * groups + g;
+            let k = self.index(r, g, groups);
             let (sc, bi) = (scales.get(k), biases.get(k));
-            for w in &words[k * wpg..(k + 1) * wpg] {
+            for i in g * wpg..(g + 1) * wpg {
+                let w = words[self.index(r, i, wpr)];
                 for j in 0..32 / bits {
                     out.push(sc * ((w >> (j * bits)) & mask) as f32 + bi);
                 }
@@ -145,6 +261,9 @@ impl PackedMatrix {
         let words = self.words.as_slice();
         let (scales, biases) = (self.scales.view(), self.biases.view());
         let work = rows.len() * c;
+        if self.tiled {
+            return self.tiled_range(rows, xs);
+        }
         if bits == 4 && gs.is_multiple_of(8) {
             let kind = current_kernels();
             let int8 = kind != Kernels::Exact && q4::int8_fits(c, gs);
@@ -203,6 +322,129 @@ impl PackedMatrix {
         by_rows(rows.len(), t, work, row)
     }
 
+    /// [`PackedMatrix::matmul_range`] of a tiled matrix. Rows that do not start or end on a
+    /// tile run with their whole tiles (a row comes out the same in any block).
+    fn tiled_range(&self, rows: std::ops::Range<usize>, xs: &[f32]) -> Vec<f32> {
+        if !rows.start.is_multiple_of(TILE) || !rows.end.is_multiple_of(TILE) {
+            let (a, b) = (rows.start / TILE * TILE, rows.end.next_multiple_of(TILE));
+            let full = self.tiled_range(a..b, xs);
+            let t1 = (xs.len() / self.cols).max(1);
+            let mut out = Vec::with_capacity(rows.len() * t1);
+            for i in 0..t1 {
+                let o = i * (b - a);
+                out.extend_from_slice(&full[o + rows.start - a..o + rows.end - a]);
+            }
+            return out;
+        }
+        match (self.scales.view(), self.biases.view()) {
+            (FloatsView::Bf16(s), FloatsView::Bf16(b)) => {
+                self.tiled_run(q4::Bf16s(s), q4::Bf16s(b), rows, xs)
+            }
+            (FloatsView::F16(s), FloatsView::F16(b)) => {
+                self.tiled_run(q4::F16s(s), q4::F16s(b), rows, xs)
+            }
+            (FloatsView::F32(s), FloatsView::F32(b)) => self.tiled_run(s, b, rows, xs),
+            _ => unreachable!("scales and biases share one type (checked at load)"),
+        }
+    }
+
+    /// [`PackedMatrix::tiled_range`] over whole tiles with the scales' type `S`.
+    fn tiled_run<S: q4::Scales>(
+        &self,
+        s: S,
+        b: S,
+        rows: std::ops::Range<usize>,
+        xs: &[f32],
+    ) -> Vec<f32> {
+        let (c, gs) = (self.cols, self.p.group_size);
+        let (groups, wpr) = (c / gs, c / 8);
+        let t = xs.len() / c;
+        let t1 = t.max(1);
+        let words = self.words.as_slice();
+        let simd = q4::Simd::current();
+        let work = rows.len() * c;
+        // Rows a kernel call takes: up to 32 KB of words, whole tiles.
+        let run = ((1 << 15) / (c / 2).max(1)).max(1).next_multiple_of(TILE);
+        let kind = current_kernels();
+        if kind == Kernels::Exact {
+            let xsum: Vec<f32> = xs.chunks_exact(gs).map(|g| g.iter().sum()).collect();
+            return by_row_runs(rows.len(), t, work, run, |a, n, out| {
+                // The run's rows back in their own layout (scales as f32, converted exactly),
+                // then the row kernels: the same bits as the untiled matrix.
+                let r0 = rows.start + a;
+                let mut w = vec![0u32; n * wpr];
+                let (mut sc, mut bi) = (vec![0f32; n * groups], vec![0f32; n * groups]);
+                for j in 0..n {
+                    tile::row_out(words, r0 + j, wpr, &mut w[j * wpr..]);
+                    for g in 0..groups {
+                        let k = tile::tiled_index(r0 + j, g, groups);
+                        (sc[j * groups + g], bi[j * groups + g]) = (s.at(k), b.at(k));
+                    }
+                }
+                let row = |j: usize, n: usize| q4::Row {
+                    words: &w[j * wpr..(j + n) * wpr],
+                    s: &sc[..],
+                    b: &bi[..],
+                    k0: j * groups,
+                    groups,
+                    gs,
+                };
+                if t <= 1 {
+                    simd.rows_exact(row(0, n), n, xs, &xsum, out, 1);
+                } else {
+                    for j in 0..n {
+                        let o = &mut out[j * t1..(j + 1) * t1];
+                        simd.row_exact_inputs(row(j, 1), xs, c, &xsum, o);
+                    }
+                }
+            });
+        }
+        let qi = quantized(xs, c, kind == Kernels::Int8x2);
+        let qi = &*qi;
+        let xsum = qi.group_sums(gs);
+        let sums = |i: usize| &xsum[i * groups..(i + 1) * groups];
+        let per_tile = wpr * TILE;
+        by_row_runs(rows.len(), t, work, run, |a, n, out| {
+            assert!(n.is_multiple_of(TILE), "runs of whole tiles");
+            let (t0, nt) = ((rows.start + a) / TILE, n / TILE);
+            let first = Tiles {
+                words: &words[t0 * per_tile..(t0 + nt) * per_tile],
+                s,
+                b,
+                k0: t0 * groups * TILE,
+                groups,
+                gs,
+            };
+            // Four inputs at a time share each unpacked block, then the last three, two or one.
+            let mut i = 0;
+            while i + 4 <= t1 {
+                let k = [i, i + 1, i + 2, i + 3];
+                simd.tiles_int8(
+                    first,
+                    nt,
+                    k.map(|k| qi.row(k)),
+                    k.map(sums),
+                    &mut out[i..],
+                    t1,
+                );
+                i += 4;
+            }
+            let o = &mut out[i..];
+            match t1 - i {
+                3 => {
+                    let k = [i, i + 1, i + 2];
+                    simd.tiles_int8(first, nt, k.map(|k| qi.row(k)), k.map(sums), o, t1)
+                }
+                2 => {
+                    let k = [i, i + 1];
+                    simd.tiles_int8(first, nt, k.map(|k| qi.row(k)), k.map(sums), o, t1)
+                }
+                1 => simd.tiles_int8(first, nt, [qi.row(i)], [sums(i)], o, t1),
+                _ => {}
+            }
+        })
+    }
+
     /// `out += Σ_r w[r − rows.start] · W[r, :]` over `rows`, dequantizing on the way (a product
     /// with the transpose: MLA's query absorbed into the latent space).
     pub fn weighted_rows(&self, rows: std::ops::Range<usize>, w: &[f32], out: &mut [f32]) {
@@ -213,13 +455,15 @@ impl PackedMatrix {
         let mask = (1u32 << bits) - 1;
         let words = self.words.as_slice();
         let (scales, biases) = (self.scales.view(), self.biases.view());
+        let wpr = groups * wpg;
         for (k, r) in rows.enumerate() {
             let a = w[k];
             for g in 0..groups {
-                let kk = r * groups + g;
+                let kk = self.index(r, g, groups);
                 let (sa, ba) = (a * scales.get(kk), a * biases.get(kk));
                 let o = &mut out[g * gs..(g + 1) * gs];
-                for (wi, word) in words[kk * wpg..(kk + 1) * wpg].iter().enumerate() {
+                for wi in 0..wpg {
+                    let word = words[self.index(r, g * wpg + wi, wpr)];
                     let o = &mut o[wi * per_word..(wi + 1) * per_word];
                     for (j, v) in o.iter_mut().enumerate() {
                         *v += sa * ((word >> (j * bits)) & mask) as f32 + ba;
@@ -228,6 +472,45 @@ impl PackedMatrix {
             }
         }
     }
+}
+
+/// Whether a matrix of this shape can be tiled here (see [`PackedMatrix::tileable`]).
+fn tileable(p: QuantParams, rows: usize, cols: usize) -> bool {
+    p.bits == 4
+        && rows > 0
+        && rows.is_multiple_of(TILE)
+        && q4::int8_fits(cols, p.group_size)
+        && q4::Simd::current() == q4::Simd::Avx2
+}
+
+/// Checks that `words` packed words and `scales` / `biases` group values hold a `[rows, cols]`
+/// matrix quantized with `p`.
+fn check_sizes(
+    words: usize,
+    scales: usize,
+    biases: usize,
+    p: QuantParams,
+    rows: usize,
+    cols: usize,
+) -> Result<(), String> {
+    if !(p.group_size * p.bits).is_multiple_of(32)
+        || words * 32 != rows * cols * p.bits
+        || scales != rows * cols / p.group_size
+        || biases != scales
+    {
+        return Err(format!(
+            "quantized sizes disagree: {words} packed words, {scales} scales for [{rows}, {cols}] at {} bits, group {}",
+            p.bits, p.group_size
+        ));
+    }
+    Ok(())
+}
+
+/// Whether engines tile their 4-bit matrices for the int8 kernels (`HARNESS_TILES=0`: keep
+/// the checkpoint's row layout, for A/B runs; read once).
+pub fn tiles_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_TILES").map_or(true, |v| v != "0"))
 }
 
 /// Inputs of up to this many values stay quantized on their thread (the last two), so that
@@ -342,3 +625,7 @@ impl Rows4<'_> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "packed_tests.rs"]
+mod tests;

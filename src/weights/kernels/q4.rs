@@ -483,6 +483,9 @@ int8_rows_kernel! {
 #[path = "q4_vnni.rs"]
 pub mod vnni;
 
+#[path = "q4_tile.rs"]
+pub mod tile;
+
 /// Exact kernel with NEON (bit-equal to [`row_exact`]).
 ///
 /// # Safety
