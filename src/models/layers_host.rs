@@ -35,12 +35,12 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
         ));
     };
     let rows: Vec<usize> = mats.iter().map(|m| m.rows()).collect();
-    // About four blocks a thread, at least 8 rows each.
+    // About four blocks a thread, each a multiple of 8 rows (whole tiles of a tiled matrix).
     let per = rows
         .iter()
         .sum::<usize>()
         .div_ceil(4 * current_threads())
-        .max(8);
+        .next_multiple_of(8);
     let mut ys = by_product_blocks(&rows, &vec![per; N], |i, b| mats[i].matmul_range(b, xs));
     for (y, l) in ys.iter_mut().zip(layers) {
         if let Some(b) = &l.bias {

@@ -323,14 +323,14 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
         .map(|(m, x)| (x.len() / m.2.rows().max(1)).max(1))
         .collect();
     // Blocks of rows of each expert, sized by its tokens: about two units of equal work (rows
-    // × tokens) per thread in each region, at least 8 rows (a decode step's experts, one token
-    // each: the same blocks as by rows alone).
+    // × tokens) per thread in each region, a multiple of 8 rows (whole tiles of a tiled
+    // matrix; a decode step's experts, one token each: the same blocks as by rows alone).
     let per = |rows: &[usize]| -> Vec<usize> {
         let work: usize = rows.iter().zip(&tokens).map(|(r, t)| r * t).sum();
         let unit = work.div_ceil(2 * threads);
         rows.iter()
             .zip(&tokens)
-            .map(|(&r, &t)| unit.div_ceil(t).clamp(8, r.max(8)))
+            .map(|(&r, &t)| unit.div_ceil(t).clamp(8, r.max(8)).next_multiple_of(8))
             .collect()
     };
     // Gate and up, block by block, and each block's silu(z) · u as `host_expert_rows` computes
