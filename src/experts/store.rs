@@ -6,6 +6,7 @@
 //!
 //! Building the store reads headers only: zero expert bytes are read at load time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -205,7 +206,7 @@ pub struct ExpertWeights {
 /// would never end. Every expert the step's kernels read is held by the step until it has run
 /// (`models::device_routing`), so an expert dropped meanwhile is read by no queued kernel.
 #[cfg(feature = "cuda")]
-static GATED_STEP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static GATED_STEP: AtomicBool = AtomicBool::new(false);
 
 /// Marks the time the host follows a step's gates (see `GATED_STEP`); cleared when dropped.
 #[cfg(feature = "cuda")]
@@ -215,7 +216,7 @@ pub(crate) struct GatedStep(());
 impl GatedStep {
     /// Starts the mark.
     pub(crate) fn start() -> Self {
-        GATED_STEP.store(true, std::sync::atomic::Ordering::SeqCst);
+        GATED_STEP.store(true, Ordering::SeqCst);
         GatedStep(())
     }
 }
@@ -223,7 +224,7 @@ impl GatedStep {
 #[cfg(feature = "cuda")]
 impl Drop for GatedStep {
     fn drop(&mut self) {
-        GATED_STEP.store(false, std::sync::atomic::Ordering::SeqCst);
+        GATED_STEP.store(false, Ordering::SeqCst);
     }
 }
 
@@ -235,7 +236,7 @@ impl Drop for ExpertWeights {
         // after a router's logits came back, so the stream is then usually idle already; while
         // a gated step runs, no queued kernel reads an expert that is dropped (`GATED_STEP`).
         #[cfg(feature = "cuda")]
-        if !GATED_STEP.load(std::sync::atomic::Ordering::SeqCst) {
+        if !GATED_STEP.load(Ordering::SeqCst) {
             let dev = match &self.mats {
                 ExpertMats::DevicePacked(p) => Some(p.device().clone()),
                 ExpertMats::Dense { gate_up, .. } => match gate_up.device() {
@@ -263,11 +264,11 @@ pub struct ExpertStore {
     device: Device,
     uploader: Uploader,
     /// Use the device miss path even on the CPU (tests of the GPU path's arithmetic).
-    device_path: std::sync::atomic::AtomicBool,
+    device_path: AtomicBool,
     /// The staging asked for and what is in effect (for reports).
     staging: std::sync::Mutex<(Staging, String)>,
     /// The host miss path holds MLX 4-bit experts in 8-row tiles (the int8 kernels' layout).
-    host_tiles: std::sync::atomic::AtomicBool,
+    host_tiles: AtomicBool,
 }
 
 impl ExpertStore {
@@ -388,7 +389,7 @@ impl ExpertStore {
             let mut buf = Vec::new();
             let mut bytes = 0;
             loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&k) = keys.get(i) else {
                     return Ok(bytes);
                 };
@@ -428,21 +429,13 @@ impl ExpertStore {
     /// than the CPU always take it.
     pub fn set_device_path(&self, on: bool) {
         let on = on || !self.device.is_cpu();
-        self.device_path
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.device_path.store(on, Ordering::Relaxed);
     }
 
-    /// Hold MLX 4-bit experts loaded on the host from now on in 8-row tiles, the int8
-    /// kernels' layout ([`PackedMatrix::tile`]; the engine sets it for the int8 kernel kinds on
-    /// the CPU). Experts already cached keep their layout; both work with every kernel.
+    /// Hold MLX 4-bit experts loaded on the host from now on in 8-row tiles (`PackedMatrix::tile`,
+    /// the engine's choice for the int8 kinds). Cached experts keep theirs; both run any kernel.
     pub fn set_host_tiles(&self, on: bool) {
-        self.host_tiles
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether experts loaded on the host from now on are tiled ([`ExpertStore::set_host_tiles`]).
-    pub fn host_tiles(&self) -> bool {
-        self.host_tiles.load(std::sync::atomic::Ordering::Relaxed)
+        self.host_tiles.store(on, Ordering::Relaxed);
     }
 
     /// Keep MLX-quantized experts packed in GPU memory (default on CUDA) or decode them to f32
@@ -550,7 +543,7 @@ impl ExpertStore {
     /// stays packed and a float one becomes f32; on any other device the checkpoint bytes are
     /// uploaded and decoded there ([`ExpertStore::load_on_device`]).
     pub fn load(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
-        if self.device_path.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.device_path.load(Ordering::Relaxed) {
             return self.load_on_device(key);
         }
         self.load_on_host(key)
@@ -677,12 +670,13 @@ impl ExpertStore {
                     self.read(weight, wb)?;
                     self.read(scales, sb)?;
                     self.read(biases, bb)?;
-                    let new = match self.host_tiles() {
-                        true => PackedMatrix::new_tiled,
-                        false => PackedMatrix::new,
-                    };
+                    let (tile, d, q) = (
+                        self.host_tiles.load(Ordering::Relaxed),
+                        *scale_dtype,
+                        *params,
+                    );
                     HostMatrix::Packed(
-                        new(wb, sb, bb, *scale_dtype, *params, rows, cols)
+                        PackedMatrix::from_bytes(wb, sb, bb, d, q, rows, cols, tile)
                             .map_err(|m| fail(weight.shard, m))?,
                     )
                 }
@@ -769,42 +763,5 @@ fn source(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::weights::storage::DeviceModel;
-
-    fn io(effective: IoMode, device: Option<DeviceModel>) -> IoSetup {
-        IoSetup {
-            asked: effective,
-            effective,
-            note: None,
-            device,
-        }
-    }
-
-    #[test]
-    fn registration_needs_page_cache_misses_no_emulation_and_room() {
-        let gb = 1_000_000_000u64;
-        let plain = io(IoMode::PageCache, None);
-        assert_eq!(not_registrable(&plain, 16 * gb, Some(128 * gb)), None);
-        assert_eq!(
-            not_registrable(&plain, 64 * gb, Some(128 * gb)),
-            None,
-            "exactly half"
-        );
-        let big = not_registrable(&plain, 65 * gb, Some(128 * gb)).unwrap();
-        assert!(
-            big.contains("65.00 GB") && big.contains("64.00 GB"),
-            "{big}"
-        );
-        assert!(not_registrable(&plain, gb, None)
-            .unwrap()
-            .contains("unknown"));
-        let direct = not_registrable(&io(IoMode::Direct, None), gb, Some(128 * gb)).unwrap();
-        assert!(direct.contains("`direct`"), "{direct}");
-        assert!(not_registrable(&io(IoMode::Cold, None), gb, Some(128 * gb)).is_some());
-        let nvme = DeviceModel::preset("pcie4-nvme").unwrap();
-        let emulated = not_registrable(&io(IoMode::PageCache, Some(nvme)), gb, Some(128 * gb));
-        assert!(emulated.unwrap().contains("emulated"));
-    }
-}
+#[path = "store_tests.rs"]
+mod tests;

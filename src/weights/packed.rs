@@ -89,11 +89,11 @@ impl PackedMatrix {
         )
     }
 
-    /// As [`PackedMatrix::new`], in 8-row tiles where the matrix is tileable (see
-    /// [`PackedMatrix::tile`]): the bytes go straight to their tiled places, one copy (the
+    /// As [`PackedMatrix::new`], and with `tile` in 8-row tiles where the matrix is tileable
+    /// (see [`PackedMatrix::tile`]): the bytes go straight to their tiled places, one copy (the
     /// host miss path's; a copy then a tiling would fault in a second fresh buffer).
     #[allow(clippy::too_many_arguments)]
-    pub fn new_tiled(
+    pub fn from_bytes(
         packed: &[u8],
         scales: &[u8],
         biases: &[u8],
@@ -101,16 +101,15 @@ impl PackedMatrix {
         p: QuantParams,
         rows: usize,
         cols: usize,
+        tile: bool,
     ) -> Result<Self, String> {
         let width = match scale_dtype {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
             _ => 0,
         };
-        if width == 0 || !tileable(p, rows, cols) {
-            let mut m = Self::new(packed, scales, biases, scale_dtype, p, rows, cols)?;
-            m.tile();
-            return Ok(m);
+        if !tile || width == 0 || !tileable(p, rows, cols) {
+            return Self::new(packed, scales, biases, scale_dtype, p, rows, cols);
         }
         check_sizes(
             packed.len() / 4,

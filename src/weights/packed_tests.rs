@@ -54,7 +54,8 @@ fn a_tiled_matrix_gives_the_row_layouts_results() {
         return;
     }
     assert!(t.tile() && t.is_tiled() && !t.tile(), "tiles once");
-    let direct = PackedMatrix::new_tiled(&packed, &sc, &bi, DType::BF16, m.p, rows, cols).unwrap();
+    let direct =
+        PackedMatrix::from_bytes(&packed, &sc, &bi, DType::BF16, m.p, rows, cols, true).unwrap();
     assert!(direct.is_tiled());
     assert_eq!(
         direct.words.as_slice(),
@@ -124,11 +125,12 @@ fn untileable_shapes_stay_in_rows() {
     for (rows, cols) in [(12, 256), (16, 96)] {
         let (mut m, [packed, sc, bi]) = matrix(rows, cols, 32);
         assert!(!m.tile() && !m.is_tiled());
-        let d = PackedMatrix::new_tiled(&packed, &sc, &bi, DType::BF16, m.p, rows, cols).unwrap();
+        let d = PackedMatrix::from_bytes(&packed, &sc, &bi, DType::BF16, m.p, rows, cols, true)
+            .unwrap();
         assert!(!d.is_tiled());
     }
     // Sizes that disagree are refused as by `new`.
     let (m, [packed, sc, bi]) = matrix(16, 256, 64);
-    let err = PackedMatrix::new_tiled(&packed[1..], &sc, &bi, DType::BF16, m.p, 16, 256);
+    let err = PackedMatrix::from_bytes(&packed[1..], &sc, &bi, DType::BF16, m.p, 16, 256, true);
     assert!(err.unwrap_err().contains("sizes disagree"));
 }
