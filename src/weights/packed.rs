@@ -9,6 +9,36 @@ use super::kernels::{by_row_runs, by_rows, current_kernels, q4, Kernels};
 use super::matrix::{words_from, Floats, FloatsView, Half, Slab, Source, Words};
 use super::safetensors::DType;
 
+/// `$call` for inputs `0..$t` in groups, `$k` bound to each group's indices as an array: blocks
+/// of four, then the last three, two or one together (the kernels take a group's inputs as a
+/// const-sized array, so each size is its own instance).
+macro_rules! input_groups {
+    ($t:expr, |$k:ident| $call:expr) => {{
+        let t: usize = $t;
+        let mut i = 0;
+        while i + 4 <= t {
+            let $k = [i, i + 1, i + 2, i + 3];
+            $call;
+            i += 4;
+        }
+        match t - i {
+            3 => {
+                let $k = [i, i + 1, i + 2];
+                $call
+            }
+            2 => {
+                let $k = [i, i + 1];
+                $call
+            }
+            1 => {
+                let $k = [i];
+                $call
+            }
+            _ => {}
+        }
+    }};
+}
+
 /// An MLX-affine matrix `[rows, cols]` kept packed: its checkpoint bytes (packed words, and
 /// scales and biases in their own float type), in place in the memory map for dense modules or
 /// owned for cached experts. [`PackedMatrix::matmul_rows`] decodes inside the product.
@@ -415,32 +445,14 @@ impl PackedMatrix {
                 gs,
             };
             // Four inputs at a time share each unpacked block, then the last three, two or one.
-            let mut i = 0;
-            while i + 4 <= t1 {
-                let k = [i, i + 1, i + 2, i + 3];
-                simd.tiles_int8(
-                    first,
-                    nt,
-                    k.map(|k| qi.row(k)),
-                    k.map(sums),
-                    &mut out[i..],
-                    t1,
-                );
-                i += 4;
-            }
-            let o = &mut out[i..];
-            match t1 - i {
-                3 => {
-                    let k = [i, i + 1, i + 2];
-                    simd.tiles_int8(first, nt, k.map(|k| qi.row(k)), k.map(sums), o, t1)
-                }
-                2 => {
-                    let k = [i, i + 1];
-                    simd.tiles_int8(first, nt, k.map(|k| qi.row(k)), k.map(sums), o, t1)
-                }
-                1 => simd.tiles_int8(first, nt, [qi.row(i)], [sums(i)], o, t1),
-                _ => {}
-            }
+            input_groups!(t1, |k| simd.tiles_int8(
+                first,
+                nt,
+                k.map(|k| qi.row(k)),
+                k.map(sums),
+                &mut out[k[0]..],
+                t1
+            ));
         })
     }
 
@@ -589,28 +601,14 @@ impl Rows4<'_> {
                     // Four inputs at a time share each unpacked chunk (prefill), then the last
                     // three, two or one together (a prompt's expert is often chosen by only one
                     // to three of its tokens).
-                    let mut i = 0;
-                    while i + 4 <= t1 {
-                        let (x, xs) = (
-                            [i, i + 1, i + 2, i + 3].map(|k| qi.row(k)),
-                            [i, i + 1, i + 2, i + 3].map(sums),
-                        );
-                        simd.rows_int8(first, n, x, xs, &mut out[i..], t1);
-                        i += 4;
-                    }
-                    let o = &mut out[i..];
-                    match t1 - i {
-                        3 => {
-                            let k = [i, i + 1, i + 2];
-                            simd.rows_int8(first, n, k.map(|k| qi.row(k)), k.map(sums), o, t1)
-                        }
-                        2 => {
-                            let k = [i, i + 1];
-                            simd.rows_int8(first, n, k.map(|k| qi.row(k)), k.map(sums), o, t1)
-                        }
-                        1 => simd.rows_int8(first, n, [qi.row(i)], [sums(i)], o, t1),
-                        _ => {}
-                    }
+                    input_groups!(t1, |k| simd.rows_int8(
+                        first,
+                        n,
+                        k.map(|k| qi.row(k)),
+                        k.map(sums),
+                        &mut out[k[0]..],
+                        t1
+                    ));
                 })
             }
             // One input (decode): a run of rows a kernel call.

@@ -751,11 +751,7 @@ impl Simd {
         out: &mut [f32],
         stride: usize,
     ) {
-        let two = x.iter().any(|x| !x.q2.is_empty());
-        assert!(
-            x.iter().all(|x| x.q2.is_empty() != two),
-            "inputs of one kind"
-        );
+        let two = quant::residual(&x);
         // SAFETY: `Avx2` is only detected on CPUs with AVX2 and FMA; the kernel asserts its
         // slice lengths.
         #[cfg(target_arch = "x86_64")]

@@ -43,6 +43,16 @@ pub struct QuantizedInput {
     pub cols: usize,
 }
 
+/// Whether the inputs of one kernel call have a residual part (all of them, or none: asserted).
+pub fn residual(x: &[QRow<'_>]) -> bool {
+    let two = x.iter().any(|x| !x.q2.is_empty());
+    assert!(
+        x.iter().all(|x| x.q2.is_empty() != two),
+        "inputs of one kind"
+    );
+    two
+}
+
 /// Whether the int8 kernels take a matrix with `cols` columns and groups of `gs`.
 pub fn int8_fits(cols: usize, gs: usize) -> bool {
     cols.is_multiple_of(64) && gs >= 32 && gs.is_power_of_two()

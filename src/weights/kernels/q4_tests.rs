@@ -4,16 +4,17 @@
 
 use super::*;
 
-/// A seeded xorshift stream (this file stays free of dependencies for the aarch64 test).
-struct Rng(u64);
+/// A seeded xorshift stream (this file stays free of dependencies for the aarch64 test; the tile
+/// kernels' tests take it too).
+pub(super) struct Rng(pub(super) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn f(&mut self) -> f32 {
+    pub(super) fn f(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     }
 }

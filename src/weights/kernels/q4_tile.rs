@@ -291,11 +291,7 @@ impl super::Simd {
         out: &mut [f32],
         stride: usize,
     ) {
-        let two = x.iter().any(|x| !x.q2.is_empty());
-        assert!(
-            x.iter().all(|x| x.q2.is_empty() != two),
-            "inputs of one kind"
-        );
+        let two = super::quant::residual(&x);
         #[cfg(target_arch = "x86_64")]
         if self == super::Simd::Avx2 {
             let vnni = super::vnni::available();
@@ -329,22 +325,9 @@ impl super::Simd {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::Rng;
     use super::super::{row_int8, Bf16s, QuantizedInput, Row, Simd};
     use super::*;
-
-    /// A seeded xorshift stream in [-1, 1) (std only: the aarch64 test compiles this file).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn f(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
 
     /// A matrix's interleaved words, scales and biases.
     type Tiled = (Arc<[u32]>, Arc<[u16]>, Arc<[u16]>);
