@@ -5,12 +5,14 @@ use criterion::criterion_main;
 mod common;
 mod decode;
 mod expert_miss;
+mod kernels;
 mod pool;
 mod simulator;
 
 criterion_main!(
     expert_miss::benches,
     decode::benches,
+    kernels::benches,
     pool::benches,
     simulator::benches
 );
