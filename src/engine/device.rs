@@ -95,21 +95,31 @@ pub(super) fn tiles_for(device: &Device, kernels: crate::weights::kernels::Kerne
 }
 
 /// What the CPU's products ran with, as reports name it: the kernel kind and the SIMD form
-/// (`int8/avx2`, `int8x2/avx512-vnni`, `exact/neon`), and in brackets the forms an A/B run
-/// turned off (so that its figures say what ran). `tiles`: the dense matrices are tiled.
+/// (`int8/avx2`, `exact/neon`; `int8x2/avx512-vnni tiles` where the int8 kinds read 8-row
+/// tiles), and in brackets the forms an A/B run turned off (so that its figures say what ran).
+/// `tiles`: the engine tiled its dense matrices when it opened (experts follow the kind in
+/// effect).
 pub(super) fn cpu_kernels_label(kernels: crate::weights::kernels::Kernels, tiles: bool) -> String {
-    use crate::weights::kernels::Kernels;
-    let simd = crate::weights::kernels::q4::Simd::current();
-    let form = match kernels {
-        Kernels::Exact => simd.name(),
-        _ => simd.int8_name(),
-    };
+    use crate::weights::kernels::{q4::Simd, Kernels};
+    let simd = Simd::current();
+    // Tiles exist only where the tile kernels have their SIMD form.
+    let tiles_here = simd == Simd::Avx2;
     let mut off = crate::models::forms_turned_off();
-    match (kernels, tiles) {
-        (Kernels::Exact, true) => off.push("exact through copies of tiled rows"),
-        (Kernels::Exact, false) | (_, true) => {}
-        (_, false) => off.push("rows untiled"),
-    }
+    let form = match kernels {
+        Kernels::Exact => {
+            if tiles && tiles_here {
+                off.push("exact through copies of tiled rows");
+            }
+            simd.name().to_string()
+        }
+        _ if tiles && tiles_here => format!("{} tiles", simd.int8_name()),
+        _ => {
+            if tiles_here {
+                off.push("rows untiled");
+            }
+            simd.int8_name().to_string()
+        }
+    };
     match off.is_empty() {
         true => format!("{kernels}/{form}"),
         false => format!("{kernels}/{form} ({})", off.join(", ")),
