@@ -30,7 +30,13 @@ fn outputs(
     )
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     assert_eq!(e.compute_threads(), threads);
-    assert!(e.kernels_label().starts_with(kernels.as_str()));
+    let label = e.kernels_label();
+    assert!(label.starts_with(kernels.as_str()), "{label}");
+    // The int8 kinds read 8-row tiles where the CPU has their SIMD form (the label says so).
+    let tiles = kernels != Kernels::Exact
+        && moe_harness::weights::kernels::q4::Simd::current()
+            == moe_harness::weights::kernels::q4::Simd::Avx2;
+    assert_eq!(label.contains(" tiles"), tiles, "{label}");
     let mut out = e.logits(tokens).unwrap().0.concat();
     if steps > 0 {
         let mut greedy = moe_harness::engine::Sampler::Greedy;
