@@ -97,24 +97,22 @@ pub(super) fn tiles_for(device: &Device, kernels: crate::weights::kernels::Kerne
 /// What the CPU's products ran with, as reports name it: the kernel kind and the SIMD form
 /// (`int8/avx2`, `exact/neon`; `int8x2/avx512-vnni tiles` where the int8 kinds read 8-row
 /// tiles), and in brackets the forms an A/B run turned off (so that its figures say what ran).
-/// `tiles`: the engine tiled its dense matrices when it opened (experts follow the kind in
-/// effect).
+/// `tiles`: dense matrices were loaded into tiles (experts follow the kind in effect).
 pub(super) fn cpu_kernels_label(kernels: crate::weights::kernels::Kernels, tiles: bool) -> String {
-    use crate::weights::kernels::{q4::Simd, Kernels};
-    let simd = Simd::current();
-    // Tiles exist only where the tile kernels have their SIMD form.
-    let tiles_here = simd == Simd::Avx2;
+    use crate::weights::kernels::{q4, Kernels};
+    let simd = q4::Simd::current();
     let mut off = crate::models::forms_turned_off();
     let form = match kernels {
         Kernels::Exact => {
-            if tiles && tiles_here {
+            if tiles {
                 off.push("exact through copies of tiled rows");
             }
             simd.name().to_string()
         }
-        _ if tiles && tiles_here => format!("{} tiles", simd.int8_name()),
+        _ if tiles => format!("{} tiles", simd.int8_name()),
         _ => {
-            if tiles_here {
+            // Only where tiles could have been (elsewhere rows are the one layout).
+            if q4::tile::simd_here() {
                 off.push("rows untiled");
             }
             simd.int8_name().to_string()

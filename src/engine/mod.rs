@@ -207,8 +207,6 @@ pub struct Engine {
     /// On a GPU, the last generation's cache buffers, reused by the next that fits
     /// ([`KvCache::reuse`]): its decode steps then replay the CUDA graph captured on them.
     spare_kv: Option<KvCache>,
-    /// The dense MLX 4-bit matrices were tiled at open (`device::tiles_for`).
-    tiles: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -336,7 +334,6 @@ impl Engine {
             compute,
             low,
             spare_kv: None,
-            tiles,
         })
     }
 
@@ -359,7 +356,7 @@ impl Engine {
     /// (`int8/avx2`, `int8x2/avx512-vnni`, `exact/neon`), or `gpu` on a GPU.
     pub fn kernels_label(&self) -> String {
         if self.model.device().is_cpu() {
-            device::cpu_kernels_label(self.compute.kernels, self.tiles)
+            device::cpu_kernels_label(self.compute.kernels, self.model.tiled_matrices() > 0)
         } else {
             // Only MLA layers have fused decode kernels: elsewhere the setting has no effect,
             // and the label says what ran.

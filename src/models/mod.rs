@@ -334,6 +334,8 @@ pub struct Model {
     gates_on: std::sync::atomic::AtomicBool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     graphs: std::sync::Mutex<graph::Graphs>,
+    /// Dense matrices loaded into 8-row tiles.
+    tiled_matrices: usize,
 }
 
 impl Model {
@@ -356,10 +358,11 @@ impl Model {
         gpu_packed: bool,
         tile: bool,
     ) -> Result<Self> {
+        let tiled = std::sync::atomic::AtomicUsize::new(0);
         let mut root = Vb::root(ck, spec.quantization.as_ref(), dev);
         root.in_place = in_place;
         root.gpu_packed = gpu_packed;
-        root.tile = tile;
+        root.tile = tile.then_some(&tiled);
         let (h, v) = (spec.hidden_size, spec.vocab_size);
         let model = root.pp(&prefix.model);
         let embed = Embedding::load(&model.pp("embed_tokens"), v, h)?;
@@ -435,7 +438,14 @@ impl Model {
             graph_on: true.into(),
             gates_on: true.into(),
             graphs: Default::default(),
+            tiled_matrices: tiled.load(std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// Dense matrices held in 8-row tiles (`Model::load`'s `tile`): what the engine's kernel
+    /// label reports, so it says the layout that was loaded, not the one asked for.
+    pub fn tiled_matrices(&self) -> usize {
+        self.tiled_matrices
     }
 
     /// Chooses the GPU attention kernels of decode tokens: fused (default) or tensor ops (the

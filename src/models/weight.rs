@@ -55,7 +55,10 @@ impl Weight {
             )
             .map_err(|m| ck.tensor_err(&vb.key("weight"), w, m))?;
             // Tiled: an owned copy, so the mapped pages go as below.
-            tiled = vb.tile && m.tile();
+            if let Some(count) = vb.tile {
+                tiled = m.tile();
+                count.fetch_add(usize::from(tiled), std::sync::atomic::Ordering::Relaxed);
+            }
             (Weight::Host(HostMatrix::Packed(m)), vec![w, s, b])
         } else {
             let key = vb.key("weight");

@@ -39,8 +39,9 @@ pub struct Vb<'a> {
     /// On a CUDA GPU, keep MLX-quantized dense weights packed (default) rather than as f32.
     pub gpu_packed: bool,
     /// On the CPU, hold MLX 4-bit dense matrices in 8-row tiles for the int8 kernels
-    /// ([`packed::PackedMatrix::tile`]): an owned copy in place of the mapped bytes.
-    pub tile: bool,
+    /// ([`packed::PackedMatrix::tile`]: an owned copy in place of the mapped bytes), counting
+    /// each matrix tiled here.
+    pub tile: Option<&'a std::sync::atomic::AtomicUsize>,
     path: String,
 }
 
@@ -57,7 +58,7 @@ impl<'a> Vb<'a> {
             dev,
             in_place: true,
             gpu_packed: true,
-            tile: false,
+            tile: None,
             path: String::new(),
         }
     }

@@ -491,7 +491,7 @@ fn tileable(p: QuantParams, rows: usize, cols: usize) -> bool {
         && rows > 0
         && rows.is_multiple_of(TILE)
         && q4::int8_fits(cols, p.group_size)
-        && q4::Simd::current() == q4::Simd::Avx2
+        && tile::simd_here()
 }
 
 /// Checks that `words` packed words and `scales` / `biases` group values hold a `[rows, cols]`

@@ -32,11 +32,11 @@ fn outputs(
     assert_eq!(e.compute_threads(), threads);
     let label = e.kernels_label();
     assert!(label.starts_with(kernels.as_str()), "{label}");
-    // The int8 kinds read 8-row tiles where the CPU has their SIMD form (the label says so).
-    let tiles = kernels != Kernels::Exact
-        && moe_harness::weights::kernels::q4::Simd::current()
-            == moe_harness::weights::kernels::q4::Simd::Avx2;
+    // The int8 kinds read 8-row tiles where the CPU has their SIMD form: the label counts the
+    // matrices loaded into tiles, so it says that they were.
+    let tiles = kernels != Kernels::Exact && moe_harness::weights::kernels::q4::tile::simd_here();
     assert_eq!(label.contains(" tiles"), tiles, "{label}");
+    assert_eq!(e.model.tiled_matrices() > 0, tiles, "{label}");
     let mut out = e.logits(tokens).unwrap().0.concat();
     if steps > 0 {
         let mut greedy = moe_harness::engine::Sampler::Greedy;

@@ -36,6 +36,13 @@ use super::{QRow, Scales, RESIDUAL_STEPS};
 /// Rows per tile.
 pub const TILE: usize = 8;
 
+/// Whether this CPU runs the tile kernels in a SIMD form (x86-64 AVX2, with VNNI where
+/// present); elsewhere only the portable form exists, slower than the row kernels, so matrices
+/// stay in rows.
+pub fn simd_here() -> bool {
+    super::Simd::current() == super::Simd::Avx2
+}
+
 /// A `rows × n` matrix (element `k` of its row-major order given by `src(k)`, `rows` a
 /// multiple of [`TILE`]) with its rows interleaved in tiles: element `(r, j)` at index
 /// `((r / 8) · n + j) · 8 + r % 8`. Words (`n` = words a row) and group scales (`n` = groups a
