@@ -274,9 +274,12 @@ impl PackedMatrix {
 
     /// `W[rows] x` for every input row of `xs` (see [`PackedMatrix::matmul_rows`]). 4-bit
     /// matrices run the kernels of [`super::kernels::q4`] of the kind the current
-    /// [`super::kernels::Context`] names (exact f32 or int8 activations); other widths run the
-    /// portable exact loop.
+    /// [`super::kernels::Context`] names (exact f32 or int8 activations; a tiled matrix the
+    /// tile kernels of [`q4::tile`]); other widths run the portable exact loop.
     pub fn matmul_range(&self, rows: std::ops::Range<usize>, xs: &[f32]) -> Vec<f32> {
+        if self.tiled {
+            return self.tiled_range(rows, xs);
+        }
         let (gs, bits) = (self.p.group_size, self.p.bits);
         let c = self.cols;
         let t = xs.len() / c;
@@ -290,9 +293,6 @@ impl PackedMatrix {
         let words = self.words.as_slice();
         let (scales, biases) = (self.scales.view(), self.biases.view());
         let work = rows.len() * c;
-        if self.tiled {
-            return self.tiled_range(rows, xs);
-        }
         if bits == 4 && gs.is_multiple_of(8) {
             let kind = current_kernels();
             let int8 = kind != Kernels::Exact && q4::int8_fits(c, gs);
