@@ -45,7 +45,9 @@ TOML
 printf '#[path = "%s/src/weights/kernels/q4.rs"]\npub mod q4;\n' "$repo" > "$t/src/lib.rs"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
-out=$(cd "$t" && CARGO_TARGET_DIR="$t/target" cargo test --quiet --target "$target" -- --nocapture 2>&1) \
+# One test at a time: with several, the harness's progress dots land inside the line grepped
+# for below (".kernel form under test: .neon" failed a run).
+out=$(cd "$t" && CARGO_TARGET_DIR="$t/target" cargo test --quiet --target "$target" -- --nocapture --test-threads=1 2>&1) \
   || { echo "$out" >&2; fail "the aarch64 kernel tests failed"; }
 echo "$out" | grep -q "kernel form under test: neon" || { echo "$out" >&2; fail "the NEON form did not run"; }
 echo "$out" | grep -E "test result" >&2

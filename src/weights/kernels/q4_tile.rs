@@ -298,7 +298,10 @@ impl super::Simd {
         out: &mut [f32],
         stride: usize,
     ) {
+        // All inputs of one kind (asserted); the portable form reads it from each input.
         let two = super::quant::residual(&x);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = two;
         #[cfg(target_arch = "x86_64")]
         if self == super::Simd::Avx2 {
             let vnni = super::vnni::available();
