@@ -113,7 +113,7 @@ mod tests {
         let Some(before) = Rss::now() else {
             return; // not Linux
         };
-        let v: Vec<u8> = vec![1; 64 << 20];
+        let v: Vec<u8> = std::hint::black_box(vec![1; 64 << 20]);
         let after = Rss::now().unwrap();
         assert!(
             after.anon >= before.anon + (60 << 20),

@@ -506,7 +506,7 @@ impl Attention {
 
 #[path = "layers_host.rs"]
 mod host;
-pub(crate) use host::{host_norm_mlp_on, host_qkv_on};
+pub(crate) use host::{host_norm_mlp_on, host_qkv_on, via_tensor};
 
 /// Whether a prompt's attention on the CPU runs on the host over the cache's buffers
 /// ([`attention`]); `HARNESS_PROMPT_ATTENTION=ops` keeps the tensor ops (for A/B runs, which

@@ -16,6 +16,37 @@ impl Linear {
                 .as_ref()
                 .is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32)
     }
+
+    /// [`Linear::forward`] on the `t` rows `xs` (f32, row-major, on the host): a host matrix's
+    /// product straight into a vector and the bias added with the same f32 add, so the same
+    /// bits; any other weight through the tensor op.
+    pub(crate) fn forward_rows(&self, xs: &[f32], t: usize) -> Result<Vec<f32>> {
+        let Weight::Host(m) = &self.weight else {
+            return via_tensor(xs, t, |x| self.forward(x));
+        };
+        if !self.is_host() {
+            return via_tensor(xs, t, |x| self.forward(x));
+        }
+        let mut y = m.matmul_rows(xs);
+        if let Some(b) = &self.bias {
+            let b: Vec<f32> = b.to_vec1()?;
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// `f` on the `t` rows `xs` as an f32 `[t, n]` tensor on the CPU, its output back as rows: the
+/// row forms' way to a module without a host form (the tensor ops' bits).
+pub(crate) fn via_tensor(
+    xs: &[f32],
+    t: usize,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<f32>> {
+    let x = Tensor::from_slice(xs, (t, xs.len() / t.max(1)), &candle_core::Device::Cpu)?;
+    Ok(f(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 /// [`Linear::forward`] of each of `layers` (all [`Linear::is_host`]) on the rows `xs`, without
@@ -41,7 +72,10 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
         .sum::<usize>()
         .div_ceil(4 * current_threads())
         .next_multiple_of(8);
-    let mut ys = by_product_blocks(&rows, &vec![per; N], |i, b| mats[i].matmul_range(b, xs));
+    let t = xs.len() / mats[0].cols().max(1);
+    let mut ys = by_product_blocks(&rows, &vec![per; N], &[t; N], |i, b| {
+        mats[i].matmul_range(b, xs)
+    });
     for (y, l) in ys.iter_mut().zip(layers) {
         if let Some(b) = &l.bias {
             let b: Vec<f32> = b.to_vec1()?;
@@ -69,16 +103,34 @@ impl Attention {
         pos0: usize,
         kv: &mut LayerKv,
     ) -> Result<Option<Tensor>> {
-        use crate::models::host_attention::{rms_rows, rope_heads};
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
         let (t, _) = x.dims2()?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let Some(y) = self.forward_rows(&xs, t, pos0, kv)? else {
+            return Ok(None);
+        };
+        let n = y.len() / t.max(1);
+        Ok(Some(Tensor::from_vec(y, (t, n), x.device())?))
+    }
+
+    /// [`Attention::forward_host`] on the `t` rows `xs` (f32, row-major): the output rows, or
+    /// `None` where the host form does not apply (the caller then runs the tensor ops).
+    pub(crate) fn forward_rows(
+        &self,
+        xs: &[f32],
+        t: usize,
+        pos0: usize,
+        kv: &mut LayerKv,
+    ) -> Result<Option<Vec<f32>>> {
+        use crate::models::host_attention::{rms_rows, rope_heads};
         let f32_cpu = |w: &Option<RmsNorm>| {
             w.as_ref()
                 .is_none_or(|n| n.weight().dtype() == DType::F32 && n.weight().device().is_cpu())
         };
         if !host_qkv_on()
             || self.gated
-            || !x.device().is_cpu()
-            || x.dtype() != DType::F32
             || (t > 1 && !host_prompt_attention())
             || ![&self.q, &self.k, &self.v].iter().all(|l| l.is_host())
             || !f32_cpu(&self.q_norm)
@@ -91,21 +143,29 @@ impl Attention {
             self.spec.num_kv_heads,
             self.spec.head_dim,
         );
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         // `[T, heads, hd]` each, in one parallel region.
-        let [mut q, mut k, v]: [Vec<f32>; 3] =
-            host_rows_together([&self.q, &self.k, &self.v], &xs)?;
-        for (y, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
-            if let Some(n) = norm {
-                rms_rows(y, &n.weight().to_vec1::<f32>()?, n.eps());
+        let [mut q, mut k, v]: [Vec<f32>; 3] = host_rows_together([&self.q, &self.k, &self.v], xs)?;
+        // Each token's heads normalised, then rotated, a prompt's tokens in blocks over the
+        // threads (a norm costs about 6 weights' work a value, RoPE about 4).
+        for (y, norm, heads) in [(&mut q, &self.q_norm, nh), (&mut k, &self.k_norm, nkv)] {
+            let w = match norm {
+                Some(n) => Some((n.weight().to_vec1::<f32>()?, n.eps())),
+                None => None,
+            };
+            let rotary = self.spec.rotary_dim > 0;
+            if w.is_none() && !rotary {
+                continue;
             }
-        }
-        if self.spec.rotary_dim > 0 {
-            for (i, p) in (pos0..pos0 + t).enumerate() {
-                let (cos, sin) = self.rope.values(p);
-                rope_heads(&mut q[i * nh * hd..(i + 1) * nh * hd], hd, &cos, &sin);
-                rope_heads(&mut k[i * nkv * hd..(i + 1) * nkv * hd], hd, &cos, &sin);
-            }
+            let work = 10 * y.len();
+            crate::weights::kernels::by_blocks(y, heads * hd, work, |start, token| {
+                if let Some((w, eps)) = &w {
+                    rms_rows(token, w, *eps);
+                }
+                if rotary {
+                    let (cos, sin) = self.rope.values(pos0 + start / (heads * hd));
+                    rope_heads(token, hd, &cos, &sin);
+                }
+            });
         }
         // The cache's `[1, kv heads, T, hd]`.
         let by_head = |y: &[f32]| -> Vec<f32> {
@@ -117,8 +177,8 @@ impl Attention {
             }
             o
         };
-        let dev = x.device();
-        let cache = |y: &[f32]| Tensor::from_vec(by_head(y), (1, nkv, t, hd), dev);
+        let dev = candle_core::Device::Cpu;
+        let cache = |y: &[f32]| Tensor::from_vec(by_head(y), (1, nkv, t, hd), &dev);
         let (kt, _) = kv.append(cache(&k)?, cache(&v)?, 2)?;
         let s = kt.dim(2)?;
         let scale = (hd as f64).powf(-0.5) as f32;
@@ -139,11 +199,7 @@ impl Attention {
             .ok_or_else(|| {
                 crate::error::Error::Input("internal: a CPU KV cache without f32 buffers".into())
             })?;
-        Ok(Some(self.o.forward(&Tensor::from_vec(
-            y,
-            (t, nh * hd),
-            dev,
-        )?)?))
+        Ok(Some(self.o.forward_rows(&y, t)?))
     }
 }
 
@@ -162,17 +218,31 @@ impl Mlp {
     /// values a token in the CPU-bench's dense layer) on the engine thread. `None`: not such an
     /// MLP, or `HARNESS_HOST_NORM_MLP=0` (for A/B runs; the engine's kernel label then says so).
     pub(super) fn forward_host(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(mats) = self.host_mats() else {
-            return Ok(None);
-        };
-        if !host_norm_mlp_on() || !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 2 {
+        if self.host_mats().is_none()
+            || !host_norm_mlp_on()
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || x.rank() != 2
+        {
             return Ok(None);
         }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let y = super::super::moe::host_experts_rows(&[mats], &[&xs[..]]);
-        let y = y.into_iter().next().unwrap_or_default();
-        let (t, h) = (x.dim(0)?, mats.2.rows());
+        let t = x.dim(0)?;
+        let y = self.forward_rows(&xs, t)?;
+        let h = y.len() / t.max(1);
         Ok(Some(Tensor::from_vec(y, (t, h), x.device())?))
+    }
+
+    /// [`Mlp::forward`] on the `t` rows `xs` (f32, row-major, on the host): the host form of
+    /// [`Mlp::forward_host`] where it applies, else the tensor ops.
+    pub(crate) fn forward_rows(&self, xs: &[f32], t: usize) -> Result<Vec<f32>> {
+        match self.host_mats().filter(|_| host_norm_mlp_on()) {
+            Some(mats) => Ok(super::super::moe::host_experts_rows(&[mats], &[xs])
+                .into_iter()
+                .next()
+                .unwrap_or_default()),
+            None => via_tensor(xs, t, |x| self.forward(x)),
+        }
     }
 }
 
@@ -208,18 +278,52 @@ impl RmsNorm {
         }
         let mut hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
         let av: Vec<f32> = a.flatten_all()?.to_vec1()?;
-        hv.iter_mut().zip(&av).for_each(|(h, a)| *h += a);
-        let w: Vec<f32> = self.weight().to_vec1()?;
-        let mut xv = hv.clone();
-        let eps = self.eps();
-        crate::weights::kernels::by_blocks(&mut xv, n, work, |_, row| {
-            super::super::host_attention::rms_rows(row, &w, eps)
-        });
+        let xv = self.add_rows(&mut hv, &av)?;
         let dev = h.device();
         Ok(Some((
             Tensor::from_vec(hv, (t, n), dev)?,
             Tensor::from_vec(xv, (t, n), dev)?,
         )))
+    }
+
+    /// Whether the row forms of this norm run on the host (an f32 scale on the CPU, and not
+    /// `HARNESS_HOST_NORM_MLP=0`).
+    fn host_rows(&self) -> bool {
+        host_norm_mlp_on() && self.weight().dtype() == DType::F32 && self.weight().device().is_cpu()
+    }
+
+    /// [`RmsNorm::forward`] on the rows `xs` (f32, `n` each, on the host): candle's CPU
+    /// arithmetic ([`super::super::host_attention::rms_rows`]), a prompt's rows in blocks over
+    /// the threads: the same bits.
+    pub(crate) fn forward_rows(&self, xs: &[f32]) -> Result<Vec<f32>> {
+        let n = self.weight().elem_count();
+        if !self.host_rows() {
+            return via_tensor(xs, xs.len() / n.max(1), |x| self.forward(x));
+        }
+        let mut x = xs.to_vec();
+        self.norm_in_place(&mut x)?;
+        Ok(x)
+    }
+
+    /// [`RmsNorm::add_forward`] on rows: `h += a` (candle's f32 add) and the norm of the sum,
+    /// returned; the same bits as the tensor ops.
+    pub(crate) fn add_rows(&self, h: &mut [f32], a: &[f32]) -> Result<Vec<f32>> {
+        h.iter_mut().zip(a).for_each(|(h, a)| *h += a);
+        self.forward_rows(h)
+    }
+
+    /// Each row of `x` normalised in place ([`super::super::host_attention::rms_rows`]), in
+    /// blocks of rows over the threads where they are enough to split.
+    fn norm_in_place(&self, x: &mut [f32]) -> Result<()> {
+        let w: Vec<f32> = self.weight().to_vec1()?;
+        let (n, eps) = (w.len(), self.eps());
+        // A row's norm costs about what 6n weights of a product do (its sum is a chain of n
+        // dependent adds).
+        let work = 6 * x.len();
+        crate::weights::kernels::by_blocks(x, n, work, |_, row| {
+            super::super::host_attention::rms_rows(row, &w, eps)
+        });
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! and resolves it into a [`ModelSpec`]; the shared decoder below runs any of them, with dense
 //! weights resident and routed experts resolved per token through an [`moe::ExpertAccess`].
 
+mod decoder_rows;
 pub mod deepseek_v3;
 pub mod deltanet;
 #[cfg(feature = "cuda")]
@@ -533,8 +534,18 @@ impl Model {
         let h = self.embed.forward(tokens, &self.device)?;
         Clock::mark(&mut clock, Part::Embed)?;
         let mut session = self.device_session(tokens.len(), pos0, &*access, false)?;
-        let (x, mut routing) =
-            self.layers_forward(h, pos0, kv, access, session.as_mut(), &mut clock, None)?;
+        let rows = session.is_none()
+            && self.device.is_cpu()
+            && h.dtype() == candle_core::DType::F32
+            && decoder_rows::host_layers_on();
+        let (x, mut routing) = if rows {
+            let (n, d) = h.dims2()?;
+            let hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
+            let (x, routing) = self.layers_rows(hv, n, pos0, kv, access, &mut clock)?;
+            (Tensor::from_vec(x, (n, d), &self.device)?, routing)
+        } else {
+            self.layers_forward(h, pos0, kv, access, session.as_mut(), &mut clock, None)?
+        };
         // `x` is the final norm of every row.
         let x = if last_only {
             x.narrow(0, tokens.len() - 1, 1)?
@@ -707,7 +718,8 @@ impl Model {
 
 /// The CPU forms an A/B knob turned off in this process (`HARNESS_EXPERT_BLOCKS=0`,
 /// `HARNESS_PROMPT_BLOCKS=0`, `HARNESS_PROMPT_ATTENTION=ops`, `HARNESS_HOST_MOE=0`,
-/// `HARNESS_HOST_QKV=0`, `HARNESS_HOST_NORM_MLP=0`), as the engine's kernel label names them.
+/// `HARNESS_HOST_QKV=0`, `HARNESS_HOST_NORM_MLP=0`, `HARNESS_HOST_LAYERS=0`), as the engine's
+/// kernel label names them.
 pub fn forms_turned_off() -> Vec<&'static str> {
     [
         (moe::expert_blocks_on(), "experts one a thread"),
@@ -724,6 +736,10 @@ pub fn forms_turned_off() -> Vec<&'static str> {
         (
             layers::host_norm_mlp_on(),
             "residual norms and MLPs as tensor ops",
+        ),
+        (
+            decoder_rows::host_layers_on(),
+            "tensors between the decoder's modules",
         ),
     ]
     .into_iter()

@@ -16,6 +16,7 @@ use super::layers::{expert_forward, rows, silu_mul, Linear, Mlp};
 use crate::weights::host::HostMatrix;
 
 mod prefill;
+mod rows;
 
 /// One token's routing decision: expert ids (in the router's top-k order) and their weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,10 +235,21 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 
 /// Indices of the `k` largest values, largest first (lower index first on ties).
 pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..x.len()).collect();
-    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
+    // One pass keeping the best `k` in order (a router's k is small; a sort of every index per
+    // token and layer was a visible part of the engine thread's serial work): an index goes
+    // before the first kept one it beats by `total_cmp`, so among equal values the lower
+    // index, seen first, stays first — the order of a stable sort by descending value.
+    let k = k.min(x.len());
+    let mut best: Vec<usize> = Vec::with_capacity(k + 1);
+    for (i, v) in x.iter().enumerate() {
+        if best.len() == k && best.last().is_none_or(|&j| v.total_cmp(&x[j]).is_le()) {
+            continue;
+        }
+        let at = best.partition_point(|&j| v.total_cmp(&x[j]).is_le());
+        best.insert(at, i);
+        best.truncate(k);
+    }
+    best
 }
 
 /// One expert on one token. An expert held on the host (a `cpu-compute` miss of a GPU engine)
@@ -341,7 +353,7 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     // it (element by element, so the same bits in any block; in the region, not after it on
     // the engine thread: a step's e^-z per gate value were a serial stretch of every layer).
     let rows: Vec<usize> = mats.iter().map(|m| m.0.rows()).collect();
-    let acts = by_product_blocks(&rows, &per(&rows), |i, b| {
+    let acts = by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
         let (gate, up, _) = mats[i];
         silu_mul(
             &gate.matmul_range(b.clone(), inputs[i]),
@@ -350,7 +362,7 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     });
     // Down, block by block.
     let rows: Vec<usize> = mats.iter().map(|m| m.2.rows()).collect();
-    by_product_blocks(&rows, &per(&rows), |i, b| {
+    by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
         mats[i].2.matmul_range(b, &acts[i])
     })
 }
@@ -372,6 +384,37 @@ fn finish(acc: Option<Tensor>, kept: f32, route: &Route, xt: &Tensor) -> Result<
         Some(a) => a,
         None => xt.zeros_like()?,
     })
+}
+
+/// A token's fetched experts `(weights, router weight)` on `xt` `[1, H]`, one expert a thread
+/// (side by side on the context's threads), weighted and added in router order, then
+/// [`finish`]ed: the sums of the one-by-one loop.
+fn experts_apart(
+    xt: &Tensor,
+    fetched: &[(Arc<ExpertWeights>, f32)],
+    kept: f32,
+    route: &Route,
+) -> Result<Tensor> {
+    let ys: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
+        fetched.iter().map(|_| Default::default()).collect();
+    crate::weights::kernels::par_for(fetched.len(), &|i| {
+        let (ew, w) = &fetched[i];
+        let y = run_expert(xt, ew).and_then(|y| Ok((y * *w as f64)?));
+        *ys[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
+    });
+    let mut acc: Option<Tensor> = None;
+    for y in ys {
+        let y = y
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(|| {
+                Err(crate::error::Error::Input(
+                    "internal: an expert of the step was not computed".into(),
+                ))
+            })?;
+        acc = Some(add(acc, y)?);
+    }
+    finish(acc, kept, route, xt)
 }
 
 /// A token's routed experts in the fused GPU kernels, where every one is packed on the GPU in
@@ -471,15 +514,10 @@ impl MoeBlock {
                 .fusable_shared()
                 .and_then(|s| s.host_mats())
                 .filter(|_| host_moe_on());
-            let routed = prefill::routed_by_expert(
-                self.layer,
-                x,
-                pos0,
-                routes,
-                predictions,
-                access,
-                shared,
-            )?;
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let step = (self.layer, pos0, routes, predictions);
+            let routed = prefill::routed_by_expert(step, &xs, access, shared)?;
+            let routed = Tensor::from_vec(routed, x.dims(), x.device())?;
             return self.add_shared(routed, x, shared.is_some());
         }
         let mut outs = Vec::with_capacity(routes.len());
@@ -498,17 +536,8 @@ impl MoeBlock {
                 // Fetch the step's experts in router order, then compute them together: in the
                 // fused kernels on a GPU, side by side on several CPU threads; either way added
                 // in router order (the same sums as one by one).
-                let mut fetched = Vec::with_capacity(route.experts.len());
-                for (&e, &w) in route.experts.iter().zip(&route.weights) {
-                    let key = ExpertKey {
-                        layer: self.layer,
-                        expert: e,
-                    };
-                    if let Some(ew) = access.fetch(key)? {
-                        kept += w;
-                        fetched.push((ew, w));
-                    }
-                }
+                let fetched;
+                (fetched, kept) = self.fetch_step(route, access)?;
                 if gpu {
                     // Only with every routed expert kept (skip-on-miss rescales the routed sum).
                     let shared = fusable_shared.filter(|_| fetched.len() == route.experts.len());
@@ -530,47 +559,30 @@ impl MoeBlock {
                     outs.push(finish(acc, kept, route, &xt)?);
                     continue;
                 }
-                // Host-held experts (with a decode token's shared expert where it fits): row
-                // blocks of all of them on all the threads at once, summed on the host.
-                if let Some((y, with_shared)) =
-                    self.host_step(&xt, &fetched, kept, route, routes.len() == 1)?
-                {
-                    shared_done = with_shared;
-                    access.end_step(route)?;
-                    outs.push(y);
+                // Host-held experts (with a decode token's shared expert where it fits): on
+                // the host, summed there.
+                let y = match self.host_step(&xt, &fetched, kept, route, routes.len() == 1)? {
+                    Some((y, with_shared)) => {
+                        shared_done = with_shared;
+                        y
+                    }
+                    None => experts_apart(&xt, &fetched, kept, route)?,
+                };
+                access.end_step(route)?;
+                outs.push(y);
+                continue;
+            }
+            for (&e, &w) in route.experts.iter().zip(&route.weights) {
+                let Some(ew) = access.fetch(ExpertKey {
+                    layer: self.layer,
+                    expert: e,
+                })?
+                else {
                     continue;
-                }
-                let ys: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
-                    fetched.iter().map(|_| Default::default()).collect();
-                crate::weights::kernels::par_for(fetched.len(), &|i| {
-                    let (ew, w) = &fetched[i];
-                    let y = run_expert(&xt, ew).and_then(|y| Ok((y * *w as f64)?));
-                    *ys[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
-                });
-                for y in ys {
-                    let y = y
-                        .into_inner()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .unwrap_or_else(|| {
-                            Err(crate::error::Error::Input(
-                                "internal: an expert of the step was not computed".into(),
-                            ))
-                        })?;
-                    acc = Some(add(acc, y)?);
-                }
-            } else {
-                for (&e, &w) in route.experts.iter().zip(&route.weights) {
-                    let Some(ew) = access.fetch(ExpertKey {
-                        layer: self.layer,
-                        expert: e,
-                    })?
-                    else {
-                        continue;
-                    };
-                    kept += w;
-                    let y = (run_expert(&xt, &ew)? * w as f64)?;
-                    acc = Some(add(acc, y)?);
-                }
+                };
+                kept += w;
+                let y = (run_expert(&xt, &ew)? * w as f64)?;
+                acc = Some(add(acc, y)?);
             }
             access.end_step(route)?;
             outs.push(finish(acc, kept, route, &xt)?);
@@ -579,15 +591,7 @@ impl MoeBlock {
         self.add_shared(routed, x, shared_done)
     }
 
-    /// A token's routed output `[1, H]` where its experts are host matrices and the context
-    /// has more threads than they are many: all of them as row blocks over the threads in two
-    /// parallel regions ([`host_experts_rows`]), the weighted sum on the host with the candle
-    /// ops' f32 arithmetic ([`prefill::combine`]); with `shared` (a decode token), the shared
-    /// expert's matrices join the blocks where the threads outnumber them too, and its output
-    /// is added (`routed + shared`, as [`MoeBlock::add_shared`]): two regions for all instead of
-    /// three more for it. Returns whether the shared expert is in the output. The same bits as
-    /// the tensor-op forms. `None`: not such a step. `HARNESS_HOST_MOE=0` keeps the shared expert
-    /// apart (for A/B runs; the engine's kernel label then says so).
+    /// [`MoeBlock::host_step_rows`] of the token `xt` `[1, H]` (f32 on the CPU).
     fn host_step(
         &self,
         xt: &Tensor,
@@ -596,36 +600,19 @@ impl MoeBlock {
         route: &Route,
         shared: bool,
     ) -> Result<Option<(Tensor, bool)>> {
-        if !expert_blocks(fetched.len(), false)
-            || !xt.device().is_cpu()
-            || xt.dtype() != candle_core::DType::F32
-            || xt.dim(0)? != 1
-        {
+        if !xt.device().is_cpu() || xt.dtype() != candle_core::DType::F32 || xt.dim(0)? != 1 {
             return Ok(None);
         }
-        let Some(mut mats) = host_mats(fetched.iter().map(|(ew, _)| &**ew)) else {
+        let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
+        let Some((row, with_shared)) = self.host_step_rows(&xs, fetched, kept, route, shared)
+        else {
             return Ok(None);
         };
-        let shared = self
-            .fusable_shared()
-            .and_then(|s| s.host_mats())
-            .filter(|_| shared && host_moe_on() && expert_blocks(fetched.len() + 1, false));
-        mats.extend(shared);
-        let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
-        let mut ys = host_experts_rows(&mats, &vec![&xs[..]; mats.len()]);
-        let shared_y = shared.and_then(|_| ys.pop());
-        let picks: Vec<(usize, usize, f32)> = fetched
-            .iter()
-            .enumerate()
-            .map(|(g, (_, w))| (g, 0, *w))
-            .collect();
-        let mut row = vec![0f32; xs.len()];
-        prefill::combine(&mut row, &picks, &ys, kept, route);
-        if let Some(s) = &shared_y {
-            row.iter_mut().zip(s).for_each(|(o, s)| *o += s);
-        }
-        let y = Tensor::from_vec(row, (1, xs.len()), xt.device())?;
-        Ok(Some((y, shared_y.is_some())))
+        let n = row.len();
+        Ok(Some((
+            Tensor::from_vec(row, (1, n), xt.device())?,
+            with_shared,
+        )))
     }
 
     /// The shared expert when it may join the routed experts' fused launch (an ungated one;
@@ -649,5 +636,37 @@ impl MoeBlock {
             (Some(s), None) => (routed + s.forward(x)?)?,
             (None, _) => routed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `top_k` is the first `k` of a stable sort by descending value (`total_cmp`): ties to
+    /// the lower index, NaNs where `total_cmp` puts them, every `k` up to past the length.
+    #[test]
+    fn top_k_is_the_head_of_a_stable_descending_sort() {
+        let mut s = 7u64;
+        for case in 0..400 {
+            let n = 1 + case % 70;
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    match (s >> 59, i % 11) {
+                        (_, 3) => f32::NAN,
+                        (_, 5) => -f32::NAN,
+                        (0..=9, _) => ((s >> 40) % 5) as f32, // many ties
+                        _ => (s >> 40) as f32 / 1e6 - 8.0,
+                    }
+                })
+                .collect();
+            let mut sorted: Vec<usize> = (0..n).collect();
+            sorted.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+            for k in [0, 1, 2, 4, 8, n, n + 3] {
+                let want: Vec<usize> = sorted.iter().copied().take(k).collect();
+                assert_eq!(super::top_k(&x, k), want, "case {case}, k {k}, {x:?}");
+            }
+        }
     }
 }

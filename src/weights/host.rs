@@ -22,6 +22,14 @@ impl HostMatrix {
         }
     }
 
+    /// Input size.
+    pub fn cols(&self) -> usize {
+        match self {
+            HostMatrix::Packed(m) => m.cols(),
+            HostMatrix::Float(m) => m.cols(),
+        }
+    }
+
     /// `W x` for every input row of `xs`: `T × rows` outputs, row-major.
     pub fn matmul_rows(&self, xs: &[f32]) -> Vec<f32> {
         match self {

@@ -182,6 +182,11 @@ impl PackedMatrix {
         self.rows
     }
 
+    /// Input size.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Whether [`PackedMatrix::tile`] can tile this matrix here: 4-bit, rows a multiple of 8,
     /// columns the int8 kernels take, on a CPU with the tile kernels' SIMD form (x86-64 AVX2;
     /// elsewhere the portable form would be slower than the row kernels).

@@ -28,13 +28,17 @@ use super::{ExpertAccess, HostMats, Route};
 /// reported, then computed; a long prompt runs as several chunks).
 const CHUNK_BYTES: usize = 8 << 20;
 
+/// A prompt's step at a MoE layer: the layer, the first token's position, the tokens' routes
+/// and any lookahead predictions (as [`super::MoeBlock::forward`] takes them).
+pub(super) type Step<'a> = (u32, usize, &'a [Route], Option<(u32, &'a [Route])>);
+
 /// One distinct expert of a chunk and the chunk tokens that chose it, in token order.
 struct Group {
     weights: Arc<ExpertWeights>,
     tokens: Vec<usize>,
 }
 
-/// The routed output `[T, H]` of `x` (normalised, on the CPU) for `routes`, token by token
+/// The routed output `[T, H]` (row-major) of the rows `xs` (normalised) for `routes`, token by token
 /// through `access` and expert by expert through the kernels; `predictions` as
 /// [`super::MoeBlock::forward`] takes them. With `shared` (the layer's ungated shared expert,
 /// host-held) its output on every token is added to each token's routed sum (`routed +
@@ -42,16 +46,13 @@ struct Group {
 /// matrices join the routed experts' row blocks where those run ([`run_groups`]): two parallel
 /// regions a chunk for all instead of three more for it, and its silu in them.
 pub(super) fn routed_by_expert(
-    layer: u32,
-    x: &Tensor,
-    pos0: usize,
-    routes: &[Route],
-    predictions: Option<(u32, &[Route])>,
+    (layer, pos0, routes, predictions): Step<'_>,
+    xs: &[f32],
     access: &mut dyn ExpertAccess,
     shared: Option<HostMats<'_>>,
-) -> Result<Tensor> {
-    let (t_all, h) = x.dims2()?;
-    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+) -> Result<Vec<f32>> {
+    let t_all = routes.len();
+    let h = xs.len() / t_all.max(1);
     let top_k = routes
         .iter()
         .map(|r| r.experts.len())
@@ -96,7 +97,7 @@ pub(super) fn routed_by_expert(
             kept.push(k);
         }
         let chunk_xs = &xs[c0 * h..c1 * h];
-        let (ys, shared_ys) = run_groups(&groups, &xs, h, shared.map(|m| (m, chunk_xs)))?;
+        let (ys, shared_ys) = run_groups(&groups, xs, h, shared.map(|m| (m, chunk_xs)))?;
         access.ran_by_expert(c1 - c0);
         // Each token's sum (and shared output) on the threads, a block of tokens each: the
         // same f32 operations per row as one after another.
@@ -111,7 +112,7 @@ pub(super) fn routed_by_expert(
             }
         });
     }
-    Ok(Tensor::from_vec(out, (t_all, h), x.device())?)
+    Ok(out)
 }
 
 /// Each group's expert on its tokens' rows of `xs`: `[tokens, H]` per group: row blocks of every

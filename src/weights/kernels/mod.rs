@@ -249,38 +249,41 @@ pub fn by_row_runs(
 }
 
 /// Row blocks of several products side by side on the context's threads, in one parallel
-/// region: product `i` has `rows[i]` rows cut in blocks of `per[i]`, `f(i, block)` returns a
-/// block's outputs `[T, block.len()]` (`T` inputs), and each product comes back as `[T,
-/// rows[i]]`. A block's rows must be computed as in the whole product (then the split changes
-/// no bit).
+/// region: product `i` has `rows[i]` rows cut in blocks of `per[i]` and `inputs[i]` input rows,
+/// `f(i, block)` returns a block's outputs `[inputs[i], block.len()]`, and each product comes
+/// back as `[inputs[i], rows[i]]`, each block's outputs copied into place by the thread that
+/// computed them (on the engine thread after the region, that copy was serial work of every
+/// product). A block's rows must be computed as in the whole product (then the split changes no
+/// bit).
 pub fn by_product_blocks(
     rows: &[usize],
     per: &[usize],
+    inputs: &[usize],
     f: impl Fn(usize, std::ops::Range<usize>) -> Vec<f32> + Sync,
 ) -> Vec<Vec<f32>> {
-    use std::sync::Mutex;
     let units: Vec<(usize, std::ops::Range<usize>)> = (0..rows.len())
         .flat_map(|i| {
             let (n, per) = (rows[i], per[i].max(1));
             (0..n).step_by(per).map(move |r| (i, r..(r + per).min(n)))
         })
         .collect();
-    let outs: Vec<Mutex<Vec<f32>>> = units.iter().map(|_| Default::default()).collect();
+    let mut ys: Vec<Vec<f32>> = rows
+        .iter()
+        .zip(inputs)
+        .map(|(&r, &t)| vec![0f32; r * t.max(1)])
+        .collect();
+    let bufs: Vec<Blocks<f32>> = ys.iter_mut().map(|y| Blocks(y.as_mut_ptr())).collect();
     par_for(units.len(), &|u| {
-        let (i, b) = &units[u];
-        *outs[u].lock().unwrap_or_else(|p| p.into_inner()) = f(*i, b.clone());
-    });
-    let mut ys: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
-    for ((i, b), out) in units.into_iter().zip(outs) {
-        let out = out.into_inner().unwrap_or_else(|p| p.into_inner());
-        let t = out.len() / b.len().max(1);
-        if ys[i].is_empty() {
-            ys[i] = vec![0f32; t * rows[i]];
-        }
+        let (i, b) = (units[u].0, units[u].1.clone());
+        let out = f(i, b.clone());
+        let t = inputs[i].max(1);
+        assert_eq!(out.len(), t * b.len(), "a block's outputs: inputs × rows");
         for (k, src) in out.chunks_exact(b.len()).enumerate() {
-            ys[i][k * rows[i] + b.start..k * rows[i] + b.end].copy_from_slice(src);
+            // SAFETY: `ys[i]` holds `t · rows[i]` values and outlives the region; the units of
+            // product `i` have disjoint row ranges, so each writes its own parts.
+            unsafe { bufs[i].part(k * rows[i] + b.start, b.len()) }.copy_from_slice(src);
         }
-    }
+    });
     ys
 }
 
