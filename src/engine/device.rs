@@ -96,7 +96,7 @@ pub(super) fn tiles_for(device: &Device, kernels: crate::weights::kernels::Kerne
 
 /// What the CPU's products ran with, as reports name it: the kernel kind and the SIMD form
 /// (`int8/avx2`, `exact/neon`; `int8x2/avx512-vnni tiles` where the int8 kinds read 8-row
-/// tiles), and in brackets the forms an A/B run turned off (so that its figures say what ran).
+/// tiles, `int8x2/avx512-vnni tiles, 512-bit` where pairs of them fill 512-bit vectors), and in brackets the forms an A/B run turned off (so that its figures say what ran).
 /// `tiles`: dense matrices were loaded into tiles (experts follow the kind in effect).
 pub(super) fn cpu_kernels_label(kernels: crate::weights::kernels::Kernels, tiles: bool) -> String {
     use crate::weights::kernels::{q4, Kernels};
@@ -109,7 +109,13 @@ pub(super) fn cpu_kernels_label(kernels: crate::weights::kernels::Kernels, tiles
             }
             simd.name().to_string()
         }
-        _ if tiles => format!("{} tiles", simd.int8_name()),
+        _ if tiles && q4::tile::vnni512_available() => "avx512-vnni tiles, 512-bit".to_string(),
+        _ if tiles => {
+            if q4::tile::vnni512_turned_off() {
+                off.push("tiles on 256-bit vectors");
+            }
+            format!("{} tiles", simd.int8_name())
+        }
         _ => {
             // Only where tiles could have been (elsewhere rows are the one layout).
             if q4::tile::simd_here() {

@@ -66,15 +66,22 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
         ));
     };
     let rows: Vec<usize> = mats.iter().map(|m| m.rows()).collect();
-    // About four blocks a thread, each a multiple of 8 rows (whole tiles of a tiled matrix).
+    // About four blocks a thread, each a multiple of 16 rows (whole pairs of tiles of a tiled
+    // matrix: the 512-bit tile kernels take two at once).
     let per = rows
         .iter()
         .sum::<usize>()
         .div_ceil(4 * current_threads())
-        .next_multiple_of(8);
+        .next_multiple_of(16);
     let t = xs.len() / mats[0].cols().max(1);
+    // A prompt's input quantized once for the int8 kernels by the first block, shared by the
+    // others (as `moe::host_experts_rows`); a decode token's by each thread (its own last ones).
+    let q = std::sync::OnceLock::new();
     let mut ys = by_product_blocks(&rows, &vec![per; N], &[t; N], |i, b| {
-        mats[i].matmul_range(b, xs)
+        let q = (t > 1)
+            .then(|| crate::weights::packed::quantized_once(&q, xs, mats[i].cols()))
+            .flatten();
+        mats[i].matmul_range_q(b, xs, q)
     });
     for (y, l) in ys.iter_mut().zip(layers) {
         if let Some(b) = &l.bias {

@@ -326,7 +326,10 @@ pub(crate) fn expert_blocks_on() -> bool {
 /// tokens each as chose them — unevenly loaded. A row is computed the same way in any block,
 /// so the split does not change a bit.
 pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
+    use crate::weights::kernels::q4::QuantizedInput;
     use crate::weights::kernels::{by_product_blocks, current_threads};
+    use crate::weights::packed::quantized_once;
+    use std::sync::OnceLock;
     let threads = current_threads();
     let tokens: Vec<usize> = mats
         .iter()
@@ -338,32 +341,47 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     // two per thread in each region for a decode step (its experts one token each: the same
     // blocks as by rows alone) and four for a prompt's (experts chosen by 1 to 16 tokens: finer
     // blocks balance them; on the 16-core host, ABBA: 16 threads prefill 1.12×, four rounds
-    // 1.04–1.18×; decode with four 0.97×, with eight 0.79×), each a multiple of 8 rows (whole
-    // tiles of a tiled matrix).
+    // 1.04–1.18×; decode with four 0.97×, with eight 0.79×; sized by rows × (tokens + c), the
+    // weights' reading counted apart, was slower for every c tried, 4 to 64: the work is the
+    // products), each a multiple of 16 rows (whole pairs of tiles of a tiled matrix: the
+    // 512-bit kernels take two at once).
     let units = if tokens.iter().any(|&t| t > 1) { 4 } else { 2 };
     let per = |rows: &[usize]| -> Vec<usize> {
         let work: usize = rows.iter().zip(&tokens).map(|(r, t)| r * t).sum();
         let unit = work.div_ceil(units * threads);
         rows.iter()
             .zip(&tokens)
-            .map(|(&r, &t)| unit.div_ceil(t).clamp(8, r.max(8)).next_multiple_of(8))
+            .map(|(&r, &t)| unit.div_ceil(t).clamp(16, r.max(16)).next_multiple_of(16))
             .collect()
     };
     // Gate and up, block by block, and each block's silu(z) · u as `host_expert_rows` computes
     // it (element by element, so the same bits in any block; in the region, not after it on
     // the engine thread: a step's e^-z per gate value were a serial stretch of every layer).
+    // A prompt's inputs quantized once for the int8 kernels, by the first block of each expert
+    // that needs them, shared by its other blocks (each thread quantized every input it took a
+    // block of, checking each against its last ones first: on the 16-core host the threads
+    // spent 7.7× the time quantizing that one thread did). A decode token's input is short:
+    // each thread keeps its own (no wait on another thread).
+    let shared_q = tokens.iter().any(|&t| t > 1);
+    let once = || -> Vec<OnceLock<Option<QuantizedInput>>> {
+        mats.iter().map(|_| OnceLock::new()).collect()
+    };
+    let (q_in, q_acts) = (once(), once());
     let rows: Vec<usize> = mats.iter().map(|m| m.0.rows()).collect();
     let acts = by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
         let (gate, up, _) = mats[i];
+        let q = shared_q.then(|| quantized_once(&q_in[i], inputs[i], gate.cols()));
+        let q = q.flatten();
         silu_mul(
-            &gate.matmul_range(b.clone(), inputs[i]),
-            &up.matmul_range(b, inputs[i]),
+            &gate.matmul_range_q(b.clone(), inputs[i], q),
+            &up.matmul_range_q(b, inputs[i], q),
         )
     });
     // Down, block by block.
     let rows: Vec<usize> = mats.iter().map(|m| m.2.rows()).collect();
     by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
-        mats[i].2.matmul_range(b, &acts[i])
+        let q = shared_q.then(|| quantized_once(&q_acts[i], &acts[i], mats[i].2.cols()));
+        mats[i].2.matmul_range_q(b, &acts[i], q.flatten())
     })
 }
 

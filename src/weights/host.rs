@@ -38,6 +38,20 @@ impl HostMatrix {
         }
     }
 
+    /// [`HostMatrix::matmul_range`] with the inputs already quantized for the int8 kernels
+    /// (`q`: [`super::packed::quantize_input`] of `xs`; float matrices do not use it).
+    pub fn matmul_range_q(
+        &self,
+        rows: std::ops::Range<usize>,
+        xs: &[f32],
+        q: Option<&super::kernels::q4::QuantizedInput>,
+    ) -> Vec<f32> {
+        match self {
+            HostMatrix::Packed(m) => m.matmul_range_q(rows, xs, q),
+            HostMatrix::Float(m) => m.matmul_range(rows, xs),
+        }
+    }
+
     /// Appends row `r` as f32 (an embedding lookup).
     pub fn row_into(&self, r: usize, out: &mut Vec<f32>) {
         match self {

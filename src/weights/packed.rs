@@ -282,8 +282,21 @@ impl PackedMatrix {
     /// [`super::kernels::Context`] names (exact f32 or int8 activations; a tiled matrix the
     /// tile kernels of [`q4::tile`]); other widths run the portable exact loop.
     pub fn matmul_range(&self, rows: std::ops::Range<usize>, xs: &[f32]) -> Vec<f32> {
+        self.matmul_range_q(rows, xs, None)
+    }
+
+    /// [`PackedMatrix::matmul_range`] with `q`, the inputs `xs` already quantized for the
+    /// int8 kernels ([`quantize_input`]: the blocks of one product in a parallel region share
+    /// one quantization instead of each thread making its own); `None`, or a `q` of another
+    /// kind or size, quantizes here. The same bits either way.
+    pub fn matmul_range_q(
+        &self,
+        rows: std::ops::Range<usize>,
+        xs: &[f32],
+        q: Option<&q4::QuantizedInput>,
+    ) -> Vec<f32> {
         if self.tiled {
-            return self.tiled_range(rows, xs);
+            return self.tiled_range(rows, xs, q);
         }
         let (gs, bits) = (self.p.group_size, self.p.bits);
         let c = self.cols;
@@ -301,8 +314,15 @@ impl PackedMatrix {
         if bits == 4 && gs.is_multiple_of(8) {
             let kind = current_kernels();
             let int8 = kind != Kernels::Exact && q4::int8_fits(c, gs);
-            let qi = int8.then(|| quantized(xs, c, kind == Kernels::Int8x2));
-            let qi = qi.as_deref();
+            let kept;
+            let qi = match int8.then(|| given_or(q, xs, c, kind == Kernels::Int8x2)) {
+                Some(Ok(q)) => Some(q),
+                Some(Err(k)) => {
+                    kept = k;
+                    Some(&*kept)
+                }
+                None => None,
+            };
             let xsum = match qi {
                 Some(q) => q.group_sums(gs),
                 None => exact_sums(),
@@ -358,10 +378,15 @@ impl PackedMatrix {
 
     /// [`PackedMatrix::matmul_range`] of a tiled matrix. Rows that do not start or end on a
     /// tile run with their whole tiles (a row comes out the same in any block).
-    fn tiled_range(&self, rows: std::ops::Range<usize>, xs: &[f32]) -> Vec<f32> {
+    fn tiled_range(
+        &self,
+        rows: std::ops::Range<usize>,
+        xs: &[f32],
+        q: Option<&q4::QuantizedInput>,
+    ) -> Vec<f32> {
         if !rows.start.is_multiple_of(TILE) || !rows.end.is_multiple_of(TILE) {
             let (a, b) = (rows.start / TILE * TILE, rows.end.next_multiple_of(TILE));
-            let full = self.tiled_range(a..b, xs);
+            let full = self.tiled_range(a..b, xs, q);
             let t1 = (xs.len() / self.cols).max(1);
             let mut out = Vec::with_capacity(rows.len() * t1);
             for i in 0..t1 {
@@ -372,12 +397,12 @@ impl PackedMatrix {
         }
         match (self.scales.view(), self.biases.view()) {
             (FloatsView::Bf16(s), FloatsView::Bf16(b)) => {
-                self.tiled_run(q4::Bf16s(s), q4::Bf16s(b), rows, xs)
+                self.tiled_run(q4::Bf16s(s), q4::Bf16s(b), rows, xs, q)
             }
             (FloatsView::F16(s), FloatsView::F16(b)) => {
-                self.tiled_run(q4::F16s(s), q4::F16s(b), rows, xs)
+                self.tiled_run(q4::F16s(s), q4::F16s(b), rows, xs, q)
             }
-            (FloatsView::F32(s), FloatsView::F32(b)) => self.tiled_run(s, b, rows, xs),
+            (FloatsView::F32(s), FloatsView::F32(b)) => self.tiled_run(s, b, rows, xs, q),
             _ => unreachable!("scales and biases share one type (checked at load)"),
         }
     }
@@ -389,6 +414,7 @@ impl PackedMatrix {
         b: S,
         rows: std::ops::Range<usize>,
         xs: &[f32],
+        q: Option<&q4::QuantizedInput>,
     ) -> Vec<f32> {
         let (c, gs) = (self.cols, self.p.group_size);
         let (groups, wpr) = (c / gs, c / 8);
@@ -433,8 +459,14 @@ impl PackedMatrix {
                 }
             });
         }
-        let qi = quantized(xs, c, kind == Kernels::Int8x2);
-        let qi = &*qi;
+        let kept;
+        let qi = match given_or(q, xs, c, kind == Kernels::Int8x2) {
+            Ok(q) => q,
+            Err(k) => {
+                kept = k;
+                &*kept
+            }
+        };
         let xsum = qi.group_sums(gs);
         let sums = |i: usize| &xsum[i * groups..(i + 1) * groups];
         let per_tile = wpr * TILE;
@@ -539,6 +571,39 @@ type Quantized = (bool, usize, Vec<u32>, std::rc::Rc<q4::QuantizedInput>);
 thread_local! {
     static LAST_QUANTIZED: std::cell::RefCell<Vec<Quantized>> =
         const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `q` where it is `xs` quantized as the int8 kernels of kind `two` take it (the caller's
+/// word that it holds these values; its size and kind are checked), else [`quantized`].
+fn given_or<'a>(
+    q: Option<&'a q4::QuantizedInput>,
+    xs: &[f32],
+    cols: usize,
+    two: bool,
+) -> Result<&'a q4::QuantizedInput, std::rc::Rc<q4::QuantizedInput>> {
+    match q {
+        Some(q) if q.fits(xs.len(), cols, two) => Ok(q),
+        _ => Err(quantized(xs, cols, two)),
+    }
+}
+
+/// The rows `xs` (`cols` each) quantized once for the int8 kernels of the current context's
+/// kind, for every block of a product to share ([`PackedMatrix::matmul_range_q`]); `None`
+/// with the exact kernels (nothing to quantize).
+pub fn quantize_input(xs: &[f32], cols: usize) -> Option<q4::QuantizedInput> {
+    let kind = current_kernels();
+    (kind != Kernels::Exact && cols.is_multiple_of(64) && xs.len().is_multiple_of(cols))
+        .then(|| q4::QuantizedInput::new(xs, cols, kind == Kernels::Int8x2))
+}
+
+/// [`quantize_input`] of `xs` kept in `cell`: made by the first caller, the others (blocks
+/// of one product on other threads) wait for it and share it.
+pub fn quantized_once<'a>(
+    cell: &'a std::sync::OnceLock<Option<q4::QuantizedInput>>,
+    xs: &[f32],
+    cols: usize,
+) -> Option<&'a q4::QuantizedInput> {
+    cell.get_or_init(|| quantize_input(xs, cols)).as_ref()
 }
 
 /// `xs` quantized for the int8 kernels (`two`: with the residual part), taken from this

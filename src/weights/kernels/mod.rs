@@ -236,9 +236,9 @@ pub fn by_row_runs(
     let buf = Blocks(out.as_mut_ptr());
     match current_pool() {
         Some(pool) if work >= PARALLEL_WORK && rows >= 16 => {
-            // A few blocks per thread for balance, each a multiple of 8 rows (whole tiles of a
-            // tiled matrix, `q4::tile`).
-            let per = rows.div_ceil(4 * pool.threads()).next_multiple_of(8);
+            // A few blocks per thread for balance, each a multiple of 16 rows (whole pairs of
+            // tiles of a tiled matrix, `q4::tile`: the 512-bit kernels take two at once).
+            let per = rows.div_ceil(4 * pool.threads()).next_multiple_of(16);
             pool.run(rows.div_ceil(per), &|b| {
                 rows_into(b * per, ((b + 1) * per).min(rows), &buf);
             });

@@ -167,6 +167,12 @@ unsafe fn quantize_block_avx2(
 }
 
 impl QuantizedInput {
+    /// Whether this is an input of `len` values, `cols` a row, quantized with (`residual`) or
+    /// without the residual part.
+    pub fn fits(&self, len: usize, cols: usize, residual: bool) -> bool {
+        self.cols == cols && self.q.len() == len && self.q2.is_empty() != residual
+    }
+
     /// Quantizes every `cols`-long row of `xs` (`cols` a multiple of 64) into one part, or two
     /// (`residual`).
     pub fn new(xs: &[f32], cols: usize, residual: bool) -> Self {

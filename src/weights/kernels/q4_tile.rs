@@ -285,6 +285,170 @@ tile_kernel! {
     },
 }
 
+/// Whether this CPU runs [`tiles_vnni512`] (AVX-512 F and VNNI; detected once;
+/// `HARNESS_VNNI512=0` says no, for A/B runs, which the engine's kernel label then says).
+pub fn vnni512_available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::vnni::available()
+                && std::env::var("HARNESS_VNNI512").map_or(true, |v| v != "0")
+                && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Whether `HARNESS_VNNI512=0` turned [`tiles_vnni512`] off on a CPU that has it.
+pub fn vnni512_turned_off() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !vnni512_available()
+            && super::vnni::available()
+            && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The VNNI tile kernel on 512-bit vectors over `pairs` pairs of consecutive tiles from
+/// `first`: a vector's 16 lanes hold the two tiles' 16 rows (each 256-bit half one tile, its
+/// words loaded where the tile keeps them), so each `vpdpbusd` and each float operation covers
+/// twice the rows of [`tiles_vnni`]'s (server cores with two 512-bit units run twice the
+/// products a cycle; Zen 4 splits them in two). Each lane's operations are the 256-bit form's,
+/// so the outputs are bit-equal. Arguments as [`tiles_vnni`]'s, with `2 · pairs` tiles.
+///
+/// # Safety
+/// The CPU must support AVX512-F and AVX512-VNNI ([`vnni512_available`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+// `m` indexes the inputs' pointers and the accumulators alike.
+#[allow(clippy::needless_range_loop)]
+unsafe fn tiles_vnni512<S: Scales, const TWO: bool, const M: usize>(
+    first: Tiles<'_, S>,
+    pairs: usize,
+    x: [QRow<'_>; M],
+    xsum: [&[f32]; M],
+    out: &mut [f32],
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let n = 2 * pairs;
+    let blocks = first.blocks(n, x[0], TWO);
+    for x in &x {
+        assert_eq!(first.blocks(n, *x, TWO), blocks);
+    }
+    for s in &xsum {
+        assert!(s.len() >= first.groups);
+    }
+    assert!(n == 0 || out.len() >= ((n - 1) * TILE + TILE - 1) * stride + M);
+    let Tiles {
+        words,
+        s,
+        b,
+        k0,
+        groups,
+        gs,
+    } = first;
+    let per_group = gs / 32;
+    let per_tile = blocks * 4 * TILE;
+    let low = _mm512_set1_epi8(15);
+    let bcast = |p: *const i8| _mm512_set1_epi32((p as *const i32).read_unaligned());
+    let part = |lo: &[__m512i; 4], hi: &[__m512i; 4], q: *const i8| {
+        let z = _mm512_setzero_si512();
+        let a0 = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(z, lo[0], bcast(q)),
+            lo[2],
+            bcast(q.add(8)),
+        );
+        let a1 = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(z, hi[0], bcast(q.add(32))),
+            hi[2],
+            bcast(q.add(40)),
+        );
+        let a2 = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(z, lo[1], bcast(q.add(4))),
+            lo[3],
+            bcast(q.add(12)),
+        );
+        let a3 = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(z, hi[1], bcast(q.add(36))),
+            hi[3],
+            bcast(q.add(44)),
+        );
+        _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))
+    };
+    // The two tiles' 8 values of a group side by side.
+    let lanes16 = |v: S, k: usize| -> __m512 {
+        let (a, c) = (v.at8(k), v.at8(k + groups * TILE));
+        let mut l = [0f32; 16];
+        l[..8].copy_from_slice(&a);
+        l[8..].copy_from_slice(&c);
+        _mm512_loadu_ps(l.as_ptr())
+    };
+    let qp = x.map(|x| x.q.as_ptr());
+    let qp2 = x.map(|x| x.q2.as_ptr());
+    let dp = x.map(|x| x.d.as_ptr());
+    let xs = xsum.map(|s| s.as_ptr());
+    for p in 0..pairs {
+        let t = 2 * p;
+        let wt = words.as_ptr().add(t * per_tile) as *const u8;
+        let wt2 = wt.add(per_tile * 4);
+        let kt = k0 + t * groups * TILE;
+        let mut acc = [_mm512_setzero_ps(); M];
+        for g in 0..groups {
+            let sv = lanes16(s, kt + g * TILE);
+            let bv = lanes16(b, kt + g * TILE);
+            for k in g * per_group..(g + 1) * per_group {
+                let (wp, wp2) = (wt.add(k * 128), wt2.add(k * 128));
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(super::PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(super::PREFETCH + 64) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(wp2.wrapping_add(super::PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(wp2.wrapping_add(super::PREFETCH + 64) as *const i8);
+                let w = [0, 1, 2, 3].map(|v| {
+                    let a = _mm256_loadu_si256(wp.add(32 * v) as *const __m256i);
+                    let c = _mm256_loadu_si256(wp2.add(32 * v) as *const __m256i);
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), c)
+                });
+                let lo = w.map(|w| _mm512_and_si512(w, low));
+                // A 32-bit shift then the nibble mask: the 16-bit shift's bytes.
+                let hi = w.map(|w| _mm512_and_si512(_mm512_srli_epi32::<4>(w), low));
+                let off = (k / 2) * 64 + (k % 2) * 16;
+                for m in 0..M {
+                    let n1 = part(&lo, &hi, qp[m].add(off));
+                    let sum = if TWO {
+                        let n2 = part(&lo, &hi, qp2[m].add(off));
+                        // 254·n1 + n2 as 256·n1 − 2·n1 + n2 (exact in 32 bits).
+                        _mm512_add_epi32(
+                            _mm512_sub_epi32(
+                                _mm512_slli_epi32::<8>(n1),
+                                _mm512_slli_epi32::<1>(n1),
+                            ),
+                            n2,
+                        )
+                    } else {
+                        n1
+                    };
+                    let ds = _mm512_mul_ps(sv, _mm512_set1_ps(*dp[m].add(k * 4)));
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), ds, acc[m]);
+                }
+            }
+            for m in 0..M {
+                acc[m] = _mm512_fmadd_ps(bv, _mm512_set1_ps(*xs[m].add(g)), acc[m]);
+            }
+        }
+        for m in 0..M {
+            let mut l = [0f32; 16];
+            _mm512_storeu_ps(l.as_mut_ptr(), acc[m]);
+            for (i, v) in l.into_iter().enumerate() {
+                *out.get_unchecked_mut((t * TILE + i) * stride + m) = v;
+            }
+        }
+    }
+}
+
 impl super::Simd {
     /// [`tile_int8`] of `n` consecutive tiles against `M` inputs in this form, row `8·t + i`'s
     /// output for input `m` written to `out[(8·t + i) · stride + m]`; the inputs share each
@@ -308,6 +472,30 @@ impl super::Simd {
             // SAFETY: `Avx2` is only detected with AVX2 and FMA, `available` checked the VNNI
             // features; the kernels assert their slice lengths.
             unsafe {
+                // Pairs of tiles on 512-bit vectors where the CPU has them, any last tile on
+                // 256-bit ones.
+                let pairs = if vnni && vnni512_available() {
+                    n / 2
+                } else {
+                    0
+                };
+                if pairs > 0 {
+                    match two {
+                        true => tiles_vnni512::<S, true, M>(first, pairs, x, xsum, out, stride),
+                        false => tiles_vnni512::<S, false, M>(first, pairs, x, xsum, out, stride),
+                    }
+                }
+                let done = 2 * pairs;
+                if done == n {
+                    return;
+                }
+                let per_tile = first.groups * first.gs / 8 * TILE;
+                let first = Tiles {
+                    words: &first.words[done * per_tile..],
+                    k0: first.k0 + done * first.groups * TILE,
+                    ..first
+                };
+                let (n, out) = (n - done, &mut out[done * TILE * stride..]);
                 match (vnni, two) {
                     (true, true) => tiles_vnni::<S, true, M>(first, n, x, xsum, out, stride),
                     (true, false) => tiles_vnni::<S, false, M>(first, n, x, xsum, out, stride),
@@ -498,6 +686,23 @@ mod tests {
                             }
                         }
                         forms.push(("vnni four".into(), v));
+                        if vnni512_available() {
+                            let mut v = vec![0f32; want.len()];
+                            // SAFETY: `vnni512_available` checked AVX512-F and AVX512-VNNI.
+                            unsafe {
+                                match residual {
+                                    true => {
+                                        tiles_vnni512::<_, true, 4>(first, 1, x, sums, &mut v, 4)
+                                    }
+                                    false => {
+                                        tiles_vnni512::<_, false, 4>(first, 1, x, sums, &mut v, 4)
+                                    }
+                                }
+                            }
+                            forms.push(("vnni512 four".into(), v));
+                        } else {
+                            eprintln!("512-bit VNNI tile form NOT RUN (no AVX512-F here)");
+                        }
                     } else {
                         eprintln!("VNNI tile form NOT RUN (no AVX512-VNNI here)");
                     }
