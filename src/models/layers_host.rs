@@ -21,12 +21,9 @@ impl Linear {
     /// product straight into a vector and the bias added with the same f32 add, so the same
     /// bits; any other weight through the tensor op.
     pub(crate) fn forward_rows(&self, xs: &[f32], t: usize) -> Result<Vec<f32>> {
-        let Weight::Host(m) = &self.weight else {
+        let (Weight::Host(m), true) = (&self.weight, self.is_host()) else {
             return via_tensor(xs, t, |x| self.forward(x));
         };
-        if !self.is_host() {
-            return via_tensor(xs, t, |x| self.forward(x));
-        }
         let mut y = m.matmul_rows(xs);
         if let Some(b) = &self.bias {
             let b: Vec<f32> = b.to_vec1()?;

@@ -126,11 +126,10 @@ impl MoeBlock {
         route: &Route,
         shared: bool,
     ) -> Option<(Vec<f32>, bool)> {
-        let threads = crate::weights::kernels::current_threads();
-        let mut mats = host_mats(fetched.iter().map(|(ew, _)| &**ew))?;
-        if threads < 2 {
+        if crate::weights::kernels::current_threads() < 2 {
             return None;
         }
+        let mut mats = host_mats(fetched.iter().map(|(ew, _)| &**ew))?;
         let picks: Vec<(usize, usize, f32)> = fetched
             .iter()
             .enumerate()
