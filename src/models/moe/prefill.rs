@@ -132,8 +132,22 @@ fn run_groups(
     // at once, sized by the group's tokens.
     if super::expert_blocks(groups.len() + usize::from(shared.is_some()), true) {
         if let Some(mut mats) = super::host_mats(groups.iter().map(|g| &*g.weights)) {
-            let inputs: Vec<Vec<f32>> = groups.iter().map(|g| gather_rows(g, xs, h)).collect();
-            let mut inputs: Vec<&[f32]> = inputs.iter().map(|v| &v[..]).collect();
+            // Every group's token rows, gathered into one buffer over the threads.
+            let order: Vec<usize> = groups
+                .iter()
+                .flat_map(|g| g.tokens.iter().copied())
+                .collect();
+            let all = crate::weights::kernels::gather_rows(order.len(), h, |r| {
+                &xs[order[r] * h..(order[r] + 1) * h]
+            });
+            let mut at = 0;
+            let mut inputs: Vec<&[f32]> = groups
+                .iter()
+                .map(|g| {
+                    at += g.tokens.len() * h;
+                    &all[at - g.tokens.len() * h..at]
+                })
+                .collect();
             if let Some((m, x)) = shared {
                 mats.push(m);
                 inputs.push(x);

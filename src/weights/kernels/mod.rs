@@ -173,6 +173,45 @@ impl<T> Blocks<T> {
     unsafe fn part(&self, start: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
+
+    /// Copies `src` to elements `start..start + src.len()` (which may not be initialised yet:
+    /// no reference to them is made).
+    ///
+    /// # Safety
+    /// In bounds of the allocation, and no other thread reads or writes them meanwhile.
+    unsafe fn write(&self, start: usize, src: &[T])
+    where
+        T: Copy,
+    {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(start), src.len());
+    }
+}
+
+/// `rows` rows of `h` values, row `r` a copy of `src(r)` (`h` long), copied side by side on the
+/// context's threads when they are many enough to split: a prompt's expert inputs gathered from
+/// its tokens' rows (on the engine thread alone, that copy was serial work of every MoE layer).
+/// Nothing is zeroed first: every value is written once.
+pub fn gather_rows<'a>(rows: usize, h: usize, src: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(rows * h);
+    let buf = Blocks(out.as_mut_ptr());
+    let copy = |r: usize| {
+        let s = src(r);
+        assert_eq!(s.len(), h, "a gathered row has h values");
+        // SAFETY: row `r` of the allocation, written by this call alone.
+        unsafe { buf.write(r * h, s) };
+    };
+    match current_pool() {
+        Some(pool) if splits(rows * h) && rows > 1 => {
+            let per = rows.div_ceil(2 * pool.threads());
+            pool.run(rows.div_ceil(per), &|b| {
+                (b * per..((b + 1) * per).min(rows)).for_each(copy);
+            });
+        }
+        _ => (0..rows).for_each(copy),
+    }
+    // SAFETY: every row was written above (a panic in a row's copy leaves the length 0).
+    unsafe { out.set_len(rows * h) };
+    out
 }
 
 /// Products of at least this many weights are split across threads (≈ 10 µs of work with the
@@ -267,10 +306,12 @@ pub fn by_product_blocks(
             (0..n).step_by(per).map(move |r| (i, r..(r + per).min(n)))
         })
         .collect();
+    // Not zeroed first (serial work of every product): the units cover every row of every
+    // product, and each writes its rows of each input row once.
     let mut ys: Vec<Vec<f32>> = rows
         .iter()
         .zip(inputs)
-        .map(|(&r, &t)| vec![0f32; r * t.max(1)])
+        .map(|(&r, &t)| Vec::with_capacity(r * t.max(1)))
         .collect();
     let bufs: Vec<Blocks<f32>> = ys.iter_mut().map(|y| Blocks(y.as_mut_ptr())).collect();
     par_for(units.len(), &|u| {
@@ -279,11 +320,16 @@ pub fn by_product_blocks(
         let t = inputs[i].max(1);
         assert_eq!(out.len(), t * b.len(), "a block's outputs: inputs × rows");
         for (k, src) in out.chunks_exact(b.len()).enumerate() {
-            // SAFETY: `ys[i]` holds `t · rows[i]` values and outlives the region; the units of
-            // product `i` have disjoint row ranges, so each writes its own parts.
-            unsafe { bufs[i].part(k * rows[i] + b.start, b.len()) }.copy_from_slice(src);
+            // SAFETY: `ys[i]` has room for `t · rows[i]` values and outlives the region; the
+            // units of product `i` have disjoint row ranges, so each writes its own parts.
+            unsafe { bufs[i].write(k * rows[i] + b.start, src) };
         }
     });
+    for (y, (&r, &t)) in ys.iter_mut().zip(rows.iter().zip(inputs)) {
+        // SAFETY: every unit ran (a panicking one is re-raised above, before this), and the
+        // units of product `i` cover its `rows[i]` rows for each of its `t` input rows.
+        unsafe { y.set_len(r * t.max(1)) };
+    }
     ys
 }
 
