@@ -73,7 +73,7 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
     let t = xs.len() / mats[0].cols().max(1);
     // A prompt's input quantized once for the int8 kernels by the first block, shared by the
     // others (as `moe::host_experts_rows`); a decode token's by each thread (its own last ones).
-    let q = std::sync::OnceLock::new();
+    let q = crate::weights::kernels::spin::SpinOnce::default();
     let mut ys = by_product_blocks(&rows, &vec![per; N], &[t; N], |i, b| {
         let q = (t > 1)
             .then(|| crate::weights::packed::quantized_once(&q, xs, mats[i].cols()))

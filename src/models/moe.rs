@@ -327,9 +327,9 @@ pub(crate) fn expert_blocks_on() -> bool {
 /// so the split does not change a bit.
 pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
     use crate::weights::kernels::q4::QuantizedInput;
+    use crate::weights::kernels::spin::SpinOnce;
     use crate::weights::kernels::{by_product_blocks, current_threads};
     use crate::weights::packed::quantized_once;
-    use std::sync::OnceLock;
     let threads = current_threads();
     let tokens: Vec<usize> = mats
         .iter()
@@ -363,8 +363,8 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     // spent 7.7× the time quantizing that one thread did). A decode token's input is short:
     // each thread keeps its own (no wait on another thread).
     let shared_q = tokens.iter().any(|&t| t > 1);
-    let once = || -> Vec<OnceLock<Option<QuantizedInput>>> {
-        mats.iter().map(|_| OnceLock::new()).collect()
+    let once = || -> Vec<SpinOnce<Option<QuantizedInput>>> {
+        mats.iter().map(|_| SpinOnce::default()).collect()
     };
     let (q_in, q_acts) = (once(), once());
     let rows: Vec<usize> = mats.iter().map(|m| m.0.rows()).collect();

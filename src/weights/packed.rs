@@ -597,9 +597,9 @@ pub fn quantize_input(xs: &[f32], cols: usize) -> Option<q4::QuantizedInput> {
 }
 
 /// [`quantize_input`] of `xs` kept in `cell`: made by the first caller, the others (blocks
-/// of one product on other threads) wait for it and share it.
+/// of one product on other threads) wait for it, spinning, and share it.
 pub fn quantized_once<'a>(
-    cell: &'a std::sync::OnceLock<Option<q4::QuantizedInput>>,
+    cell: &'a super::kernels::spin::SpinOnce<Option<q4::QuantizedInput>>,
     xs: &[f32],
     cols: usize,
 ) -> Option<&'a q4::QuantizedInput> {
