@@ -285,29 +285,51 @@ tile_kernel! {
     },
 }
 
-/// Whether this CPU runs [`tiles_vnni512`] (AVX-512 F and VNNI; detected once;
-/// `HARNESS_VNNI512=0` says no, for A/B runs, which the engine's kernel label then says).
+/// Whether this CPU can run [`tiles_vnni512`] (AVX-512 F and VNNI, with the 256-bit VNNI
+/// form's features).
+fn vnni512_capable() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::vnni::available() && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the tile kernels run [`tiles_vnni512`] here (detected once): by default on Intel
+/// CPUs that can, whose server cores run two 512-bit operations a cycle (the 16-core host:
+/// 1.06–1.31× prefill); not on AMD ones, where Zen 4 splits each into two 256-bit halves and the
+/// pairing's extra loads made it slower (this VM: decode 0.68×, prefill 0.82× at 1 thread).
+/// `HARNESS_VNNI512=1` runs it on any CPU that can, `HARNESS_VNNI512=0` on none (for A/B runs;
+/// the engine's kernel label says which form ran).
 pub fn vnni512_available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::vnni::available()
-                && std::env::var("HARNESS_VNNI512").map_or(true, |v| v != "0")
-                && std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        vnni512_capable()
+            && match std::env::var("HARNESS_VNNI512") {
+                Ok(v) => v != "0",
+                Err(_) => intel(),
+            }
     })
 }
 
 /// Whether `HARNESS_VNNI512=0` turned [`tiles_vnni512`] off on a CPU that has it.
 pub fn vnni512_turned_off() -> bool {
+    vnni512_capable() && std::env::var("HARNESS_VNNI512").is_ok_and(|v| v == "0")
+}
+
+/// Whether this is an Intel CPU (CPUID's vendor string).
+fn intel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        !vnni512_available()
-            && super::vnni::available()
-            && std::arch::is_x86_feature_detected!("avx512f")
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"GenuineIntel"
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -686,9 +708,9 @@ mod tests {
                             }
                         }
                         forms.push(("vnni four".into(), v));
-                        if vnni512_available() {
+                        if vnni512_capable() {
                             let mut v = vec![0f32; want.len()];
-                            // SAFETY: `vnni512_available` checked AVX512-F and AVX512-VNNI.
+                            // SAFETY: `vnni512_capable` checked AVX512-F and AVX512-VNNI.
                             unsafe {
                                 match residual {
                                     true => {
