@@ -25,13 +25,20 @@ impl Linear {
             return via_tensor(xs, t, |x| self.forward(x));
         };
         let mut y = m.matmul_rows(xs);
+        self.add_bias(&mut y)?;
+        Ok(y)
+    }
+
+    /// The bias, if any, added to each output row of `y` (candle's f32 broadcast add: the same
+    /// bits).
+    fn add_bias(&self, y: &mut [f32]) -> Result<()> {
         if let Some(b) = &self.bias {
             let b: Vec<f32> = b.to_vec1()?;
             for row in y.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
             }
         }
-        Ok(y)
+        Ok(())
     }
 }
 
@@ -81,12 +88,7 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
         mats[i].matmul_range_q(b, xs, q)
     });
     for (y, l) in ys.iter_mut().zip(layers) {
-        if let Some(b) = &l.bias {
-            let b: Vec<f32> = b.to_vec1()?;
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
-            }
-        }
+        l.add_bias(y)?;
     }
     let mut ys = ys.into_iter();
     Ok(std::array::from_fn(|_| ys.next().unwrap_or_default()))

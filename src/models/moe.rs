@@ -524,20 +524,29 @@ impl MoeBlock {
         predictions: Option<(u32, &[Route])>,
         access: &mut dyn ExpertAccess,
     ) -> Result<Tensor> {
-        if x.device().is_cpu() && routes.len() > 1 && access.never_evicts(self.layer) {
-            // A prompt on the CPU: each expert once over all the tokens that chose it.
-            // The shared expert with the routed ones (host-held and ungated; in their blocks
-            // where they run by blocks; `HARNESS_HOST_MOE=0` keeps it apart).
-            let shared = self
-                .fusable_shared()
-                .and_then(|s| s.host_mats())
-                .filter(|_| host_moe_on());
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            // On the CPU the row form runs the block (a prompt expert by expert, a decode step's
+            // experts together on the threads; one thread's loop comes back to
+            // `forward_tensors`).
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let step = (self.layer, pos0, routes, predictions);
-            let routed = prefill::routed_by_expert(step, &xs, access, shared)?;
-            let routed = Tensor::from_vec(routed, x.dims(), x.device())?;
-            return self.add_shared(routed, x, shared.is_some());
+            let t = routes.len();
+            let y = self.forward_rows(&xs, t, pos0, routes, predictions, access)?;
+            return Ok(Tensor::from_vec(y, x.dims(), x.device())?);
         }
+        self.forward_tensors(x, pos0, routes, predictions, access)
+    }
+
+    /// [`MoeBlock::forward`] by tensor ops, token by token: on a GPU (the fused kernels where
+    /// the experts take them), and the CPU's one-thread loop (each expert fetched and run in
+    /// turn).
+    fn forward_tensors(
+        &self,
+        x: &Tensor,
+        pos0: usize,
+        routes: &[Route],
+        predictions: Option<(u32, &[Route])>,
+        access: &mut dyn ExpertAccess,
+    ) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(routes.len());
         // A single decode token on a GPU: the shared expert may join the routed experts' fused
         // launches (HF's `routed + shared` in one sum).
@@ -577,15 +586,9 @@ impl MoeBlock {
                     outs.push(finish(acc, kept, route, &xt)?);
                     continue;
                 }
-                // Host-held experts (with a decode token's shared expert where it fits): on
-                // the host, summed there.
-                let y = match self.host_step(&xt, &fetched, kept, route, routes.len() == 1)? {
-                    Some((y, with_shared)) => {
-                        shared_done = with_shared;
-                        y
-                    }
-                    None => experts_apart(&xt, &fetched, kept, route)?,
-                };
+                // Several CPU threads with activations other than f32 (the row form takes
+                // f32): the experts side by side.
+                let y = experts_apart(&xt, &fetched, kept, route)?;
                 access.end_step(route)?;
                 outs.push(y);
                 continue;
@@ -607,30 +610,6 @@ impl MoeBlock {
         }
         let routed = Tensor::cat(&outs, 0)?;
         self.add_shared(routed, x, shared_done)
-    }
-
-    /// [`MoeBlock::host_step_rows`] of the token `xt` `[1, H]` (f32 on the CPU).
-    fn host_step(
-        &self,
-        xt: &Tensor,
-        fetched: &[(Arc<ExpertWeights>, f32)],
-        kept: f32,
-        route: &Route,
-        shared: bool,
-    ) -> Result<Option<(Tensor, bool)>> {
-        if !xt.device().is_cpu() || xt.dtype() != candle_core::DType::F32 || xt.dim(0)? != 1 {
-            return Ok(None);
-        }
-        let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
-        let Some((row, with_shared)) = self.host_step_rows(&xs, fetched, kept, route, shared)
-        else {
-            return Ok(None);
-        };
-        let n = row.len();
-        Ok(Some((
-            Tensor::from_vec(row, (1, n), xt.device())?,
-            with_shared,
-        )))
     }
 
     /// The shared expert when it may join the routed experts' fused launch (an ungated one;

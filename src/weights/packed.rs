@@ -314,15 +314,8 @@ impl PackedMatrix {
         if bits == 4 && gs.is_multiple_of(8) {
             let kind = current_kernels();
             let int8 = kind != Kernels::Exact && q4::int8_fits(c, gs);
-            let kept;
-            let qi = match int8.then(|| given_or(q, xs, c, kind == Kernels::Int8x2)) {
-                Some(Ok(q)) => Some(q),
-                Some(Err(k)) => {
-                    kept = k;
-                    Some(&*kept)
-                }
-                None => None,
-            };
+            let qi = int8.then(|| given_or(q, xs, c, kind == Kernels::Int8x2));
+            let qi = qi.as_deref();
             let xsum = match qi {
                 Some(q) => q.group_sums(gs),
                 None => exact_sums(),
@@ -459,14 +452,8 @@ impl PackedMatrix {
                 }
             });
         }
-        let kept;
-        let qi = match given_or(q, xs, c, kind == Kernels::Int8x2) {
-            Ok(q) => q,
-            Err(k) => {
-                kept = k;
-                &*kept
-            }
-        };
+        let qi = given_or(q, xs, c, kind == Kernels::Int8x2);
+        let qi = &*qi;
         let xsum = qi.group_sums(gs);
         let sums = |i: usize| &xsum[i * groups..(i + 1) * groups];
         let per_tile = wpr * TILE;
@@ -573,6 +560,22 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A product's quantized input: the caller's, or this thread's ([`quantized`]).
+enum ProductInput<'a> {
+    Given(&'a q4::QuantizedInput),
+    Kept(std::rc::Rc<q4::QuantizedInput>),
+}
+
+impl std::ops::Deref for ProductInput<'_> {
+    type Target = q4::QuantizedInput;
+    fn deref(&self) -> &q4::QuantizedInput {
+        match self {
+            ProductInput::Given(q) => q,
+            ProductInput::Kept(q) => q,
+        }
+    }
+}
+
 /// `q` where it is `xs` quantized as the int8 kernels of kind `two` take it (the caller's
 /// word that it holds these values; its size and kind are checked), else [`quantized`].
 fn given_or<'a>(
@@ -580,10 +583,10 @@ fn given_or<'a>(
     xs: &[f32],
     cols: usize,
     two: bool,
-) -> Result<&'a q4::QuantizedInput, std::rc::Rc<q4::QuantizedInput>> {
+) -> ProductInput<'a> {
     match q {
-        Some(q) if q.fits(xs.len(), cols, two) => Ok(q),
-        _ => Err(quantized(xs, cols, two)),
+        Some(q) if q.fits(xs.len(), cols, two) => ProductInput::Given(q),
+        _ => ProductInput::Kept(quantized(xs, cols, two)),
     }
 }
 

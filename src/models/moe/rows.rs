@@ -58,9 +58,9 @@ impl MoeBlock {
             return self.add_shared_rows(routed, xs, t, shared.is_some());
         }
         if !crate::weights::kernels::parallel() {
-            // One thread: `forward`'s loop fetches and runs the experts one by one.
+            // One thread: the tensor loop fetches and runs the experts one by one.
             return via_tensor(xs, t, |x| {
-                self.forward(x, pos0, routes, predictions, access)
+                self.forward_tensors(x, pos0, routes, predictions, access)
             });
         }
         let mut out = Vec::with_capacity(xs.len());
