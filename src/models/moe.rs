@@ -283,20 +283,20 @@ pub(super) fn host_mats<'a>(
 /// Whether `n` experts run by row blocks over all the threads ([`host_experts_rows`]): a
 /// decode token's where the context has more threads than experts (one expert a thread would
 /// leave some idle; with fewer threads it balances as well and keeps each expert's products on
-/// one thread's cache); a prompt's (`prompt`) also where they are fewer than four a thread:
-/// their token counts differ (1 to 16 a 16-token prompt's), and with few experts a thread, one
-/// expert a thread waited on the largest (16-core host: 1.14× prefill at 16 threads, ≈ 40
-/// experts a layer; inside the noise at 2–8). `HARNESS_EXPERT_BLOCKS=0` keeps one expert a
-/// thread, `HARNESS_PROMPT_BLOCKS=0` a prompt's where threads do not outnumber them (for A/B
-/// runs).
+/// one thread's cache); a prompt's (`prompt`) wherever there are threads to share: their token
+/// counts differ (1 to 16 a 16-token prompt's, the shared expert all of them), and one expert a
+/// thread waited on the largest (16-core host: 1.14× prefill at 16 threads, ≈ 40 experts a
+/// layer) and left the shared expert to three regions of its own, its quantizing and silu on
+/// the engine thread alone (where the experts outnumbered the threads four to one: 2–8
+/// threads). `HARNESS_EXPERT_BLOCKS=0` keeps one expert a thread, `HARNESS_PROMPT_BLOCKS=0` a
+/// prompt's where threads do not outnumber them (for A/B runs).
 pub(super) fn expert_blocks(n: usize, prompt: bool) -> bool {
     let threads = crate::weights::kernels::current_threads();
-    expert_blocks_on()
-        && (threads > n || (prompt && threads > 1 && prompt_blocks_on() && n < 4 * threads))
+    expert_blocks_on() && (threads > n || (prompt && threads > 1 && prompt_blocks_on()))
 }
 
 /// Whether [`expert_blocks`] cuts a prompt's experts into blocks where they outnumber the
-/// threads but are fewer than four a thread (`HARNESS_PROMPT_BLOCKS=0`: no, for A/B runs, which
+/// threads (`HARNESS_PROMPT_BLOCKS=0`: no, for A/B runs, which
 /// the engine's kernel label then says).
 pub(crate) fn prompt_blocks_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
