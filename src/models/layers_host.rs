@@ -33,13 +33,29 @@ impl Linear {
     /// bits).
     fn add_bias(&self, y: &mut [f32]) -> Result<()> {
         if let Some(b) = &self.bias {
-            let b: Vec<f32> = b.to_vec1()?;
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
-            }
+            with_f32(b, |b| {
+                for row in y.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            })?;
         }
         Ok(())
     }
+}
+
+/// `f` on the values of `t`: borrowed where it is a contiguous f32 tensor on the CPU (a norm's
+/// scale, a bias: no copy made a call), else copied to the host as f32 first.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&cpu.as_slice::<f32>()?[a..b]));
+        }
+    }
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(f(&v))
 }
 
 /// `f` on the `t` rows `xs` as an f32 `[t, n]` tensor on the CPU, its output back as rows: the
@@ -154,24 +170,24 @@ impl Attention {
         // Each token's heads normalised, then rotated, a prompt's tokens in blocks over the
         // threads (a norm costs about 6 weights' work a value, RoPE about 4).
         for (y, norm, heads) in [(&mut q, &self.q_norm, nh), (&mut k, &self.k_norm, nkv)] {
-            let w = match norm {
-                Some(n) => Some((n.weight().to_vec1::<f32>()?, n.eps())),
-                None => None,
-            };
             let rotary = self.spec.rotary_dim > 0;
-            if w.is_none() && !rotary {
-                continue;
+            let run = |y: &mut [f32], w: Option<(&[f32], f32)>| {
+                let work = 10 * y.len();
+                crate::weights::kernels::by_blocks(y, heads * hd, work, |start, token| {
+                    if let Some((w, eps)) = w {
+                        rms_rows(token, w, eps);
+                    }
+                    if rotary {
+                        let (cos, sin) = self.rope.values(pos0 + start / (heads * hd));
+                        rope_heads(token, hd, &cos, &sin);
+                    }
+                });
+            };
+            match norm {
+                Some(n) => with_f32(n.weight(), |w| run(y, Some((w, n.eps()))))?,
+                None if rotary => run(y, None),
+                None => {}
             }
-            let work = 10 * y.len();
-            crate::weights::kernels::by_blocks(y, heads * hd, work, |start, token| {
-                if let Some((w, eps)) = &w {
-                    rms_rows(token, w, *eps);
-                }
-                if rotary {
-                    let (cos, sin) = self.rope.values(pos0 + start / (heads * hd));
-                    rope_heads(token, hd, &cos, &sin);
-                }
-            });
         }
         // The cache's `[1, kv heads, T, hd]`.
         let by_head = |y: &[f32]| -> Vec<f32> {
@@ -321,15 +337,15 @@ impl RmsNorm {
     /// Each row of `x` normalised in place ([`super::super::host_attention::rms_rows`]), in
     /// blocks of rows over the threads where they are enough to split.
     fn norm_in_place(&self, x: &mut [f32]) -> Result<()> {
-        let w: Vec<f32> = self.weight().to_vec1()?;
-        let (n, eps) = (w.len(), self.eps());
+        let eps = self.eps();
         // A row's norm costs about what 6n weights of a product do (its sum is a chain of n
         // dependent adds).
         let work = 6 * x.len();
-        crate::weights::kernels::by_blocks(x, n, work, |_, row| {
-            super::super::host_attention::rms_rows(row, &w, eps)
-        });
-        Ok(())
+        with_f32(self.weight(), |w| {
+            crate::weights::kernels::by_blocks(x, w.len(), work, |_, row| {
+                super::super::host_attention::rms_rows(row, w, eps)
+            })
+        })
     }
 }
 
