@@ -84,6 +84,8 @@ pub struct Router {
     bias: Option<Vec<f32>>,
     spec: RouterSpec,
     top_k: usize,
+    /// Routed experts: the gate's outputs.
+    experts: usize,
 }
 
 impl Router {
@@ -109,6 +111,7 @@ impl Router {
             bias,
             spec: spec.moe.router.clone(),
             top_k: spec.moe.top_k,
+            experts: e,
         })
     }
 
