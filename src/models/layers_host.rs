@@ -24,6 +24,12 @@ impl Linear {
         let (Weight::Host(m), true) = (&self.weight, self.is_host()) else {
             return via_tensor(xs, t, |x| self.forward(x));
         };
+        if t > 1 && crate::weights::kernels::splits(m.rows() * xs.len()) {
+            // A prompt's rows quantized by the region's blocks together, not on this thread
+            // before it (the o projection's 16 × 1024 values: 11 µs on the VM).
+            let [y] = host_rows_together([self], xs)?;
+            return Ok(y);
+        }
         let mut y = m.matmul_rows(xs);
         self.add_bias(&mut y)?;
         Ok(y)
@@ -72,8 +78,9 @@ pub(crate) fn via_tensor(
 /// [`Linear::forward`] of each of `layers` (all [`Linear::is_host`]) on the rows `xs`, without
 /// tensors, their row blocks side by side in one parallel region instead of a region each
 /// ([`by_product_blocks`]): a block's rows are computed as in the layer's own product, and each
-/// layer's bias added after with the same f32 add, so the same bits. The layers' input is
-/// quantized once per thread (each thread's last inputs are kept: `weights::packed`).
+/// layer's bias added after with the same f32 add, so the same bits. A decode token's input is
+/// quantized once per thread (each thread's last inputs are kept: `weights::packed`), a
+/// prompt's once by the blocks together ([`crate::weights::QuantizedRows`]).
 fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Result<[Vec<f32>; N]> {
     use crate::weights::kernels::{by_product_blocks, current_threads};
     let mats = layers.map(|l| match &l.weight {
@@ -94,13 +101,11 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
         .div_ceil(4 * current_threads())
         .next_multiple_of(16);
     let t = xs.len() / mats[0].cols().max(1);
-    // A prompt's input quantized once for the int8 kernels by the first block, shared by the
-    // others (as `moe::host_experts_rows`); a decode token's by each thread (its own last ones).
-    let q = crate::weights::kernels::spin::SpinOnce::default();
+    // A prompt's input quantized once for the int8 kernels by the blocks together, shared (as
+    // `moe::host_experts_rows`); a decode token's by each thread (its own last ones).
+    let q = crate::weights::QuantizedRows::default();
     let mut ys = by_product_blocks(&rows, &vec![per; N], &[t; N], |i, b| {
-        let q = (t > 1)
-            .then(|| crate::weights::packed::quantized_once(&q, xs, mats[i].cols()))
-            .flatten();
+        let q = (t > 1).then(|| q.get(xs, mats[i].cols())).flatten();
         mats[i].matmul_range_q(b, xs, q)
     });
     for (y, l) in ys.iter_mut().zip(layers) {

@@ -329,10 +329,8 @@ pub(crate) fn expert_blocks_on() -> bool {
 /// tokens each as chose them — unevenly loaded. A row is computed the same way in any block,
 /// so the split does not change a bit.
 pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
-    use crate::weights::kernels::q4::QuantizedInput;
-    use crate::weights::kernels::spin::SpinOnce;
     use crate::weights::kernels::{by_product_blocks, current_threads};
-    use crate::weights::packed::quantized_once;
+    use crate::weights::QuantizedRows;
     let threads = current_threads();
     let tokens: Vec<usize> = mats
         .iter()
@@ -360,20 +358,19 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     // Gate and up, block by block, and each block's silu(z) · u as `host_expert_rows` computes
     // it (element by element, so the same bits in any block; in the region, not after it on
     // the engine thread: a step's e^-z per gate value were a serial stretch of every layer).
-    // A prompt's inputs quantized once for the int8 kernels, by the first block of each expert
-    // that needs them, shared by its other blocks (each thread quantized every input it took a
-    // block of, checking each against its last ones first: on the 16-core host the threads
-    // spent 7.7× the time quantizing that one thread did). A decode token's input is short:
+    // A prompt's inputs quantized once for the int8 kernels, by the blocks of each expert that
+    // need them together ([`QuantizedRows`]), shared by all its blocks (each thread quantized
+    // every input it took a block of, checking each against its last ones first: on the
+    // 16-core host the threads spent 7.7× the time quantizing that one thread did). A decode
+    // token's input is short:
     // each thread keeps its own (no wait on another thread).
     let shared_q = tokens.iter().any(|&t| t > 1);
-    let once = || -> Vec<SpinOnce<Option<QuantizedInput>>> {
-        mats.iter().map(|_| SpinOnce::default()).collect()
-    };
+    let once = || -> Vec<QuantizedRows> { mats.iter().map(|_| QuantizedRows::default()).collect() };
     let (q_in, q_acts) = (once(), once());
     let rows: Vec<usize> = mats.iter().map(|m| m.0.rows()).collect();
     let acts = by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
         let (gate, up, _) = mats[i];
-        let q = shared_q.then(|| quantized_once(&q_in[i], inputs[i], gate.cols()));
+        let q = shared_q.then(|| q_in[i].get(inputs[i], gate.cols()));
         let q = q.flatten();
         silu_mul(
             &gate.matmul_range_q(b.clone(), inputs[i], q),
@@ -383,7 +380,7 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     // Down, block by block.
     let rows: Vec<usize> = mats.iter().map(|m| m.2.rows()).collect();
     by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
-        let q = shared_q.then(|| quantized_once(&q_acts[i], &acts[i], mats[i].2.cols()));
+        let q = shared_q.then(|| q_acts[i].get(&acts[i], mats[i].2.cols()));
         mats[i].2.matmul_range_q(b, &acts[i], q.flatten())
     })
 }

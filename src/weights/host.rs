@@ -39,7 +39,7 @@ impl HostMatrix {
     }
 
     /// [`HostMatrix::matmul_range`] with the inputs already quantized for the int8 kernels
-    /// (`q`: [`super::packed::quantize_input`] of `xs`; float matrices do not use it).
+    /// (`q`: [`super::QuantizedRows`] of `xs`; float matrices do not use it).
     pub fn matmul_range_q(
         &self,
         rows: std::ops::Range<usize>,

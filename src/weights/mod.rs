@@ -13,9 +13,11 @@ pub mod layout;
 pub mod matrix;
 pub mod packed;
 pub mod quant;
+pub mod quantized_rows;
 pub mod safetensors;
 pub mod storage;
 
+pub use self::quantized_rows::QuantizedRows;
 pub use self::safetensors::{ByteRange, Checkpoint, DType, IoSetup, MappedBytes, TensorEntry};
 
 use crate::config::{QuantParams, QuantSpec};

@@ -286,7 +286,7 @@ impl PackedMatrix {
     }
 
     /// [`PackedMatrix::matmul_range`] with `q`, the inputs `xs` already quantized for the
-    /// int8 kernels ([`quantize_input`]: the blocks of one product in a parallel region share
+    /// int8 kernels ([`super::QuantizedRows`]: the blocks of one product in a parallel region share
     /// one quantization instead of each thread making its own); `None`, or a `q` of another
     /// kind or size, quantizes here. The same bits either way.
     pub fn matmul_range_q(
@@ -588,25 +588,6 @@ fn given_or<'a>(
         Some(q) if q.fits(xs.len(), cols, two) => ProductInput::Given(q),
         _ => ProductInput::Kept(quantized(xs, cols, two)),
     }
-}
-
-/// The rows `xs` (`cols` each) quantized once for the int8 kernels of the current context's
-/// kind, for every block of a product to share ([`PackedMatrix::matmul_range_q`]); `None`
-/// with the exact kernels (nothing to quantize).
-pub fn quantize_input(xs: &[f32], cols: usize) -> Option<q4::QuantizedInput> {
-    let kind = current_kernels();
-    (kind != Kernels::Exact && cols.is_multiple_of(64) && xs.len().is_multiple_of(cols))
-        .then(|| q4::QuantizedInput::new(xs, cols, kind == Kernels::Int8x2))
-}
-
-/// [`quantize_input`] of `xs` kept in `cell`: made by the first caller, the others (blocks
-/// of one product on other threads) wait for it, spinning, and share it.
-pub fn quantized_once<'a>(
-    cell: &'a super::kernels::spin::SpinOnce<Option<q4::QuantizedInput>>,
-    xs: &[f32],
-    cols: usize,
-) -> Option<&'a q4::QuantizedInput> {
-    cell.get_or_init(|| quantize_input(xs, cols)).as_ref()
 }
 
 /// `xs` quantized for the int8 kernels (`two`: with the residual part), taken from this

@@ -94,7 +94,7 @@ pub fn f16_to_f32(h: u16) -> f32 {
 #[path = "q4_quant.rs"]
 mod quant;
 
-pub use quant::{int8_fits, QRow, QuantizedInput, RESIDUAL_STEPS};
+pub use quant::{int8_fits, quantize_into, Parts, QRow, QuantizedInput, RESIDUAL_STEPS};
 
 /// The one reduction of the eight lane accumulators, shared by every form.
 #[inline(always)]

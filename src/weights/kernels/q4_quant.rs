@@ -166,6 +166,75 @@ unsafe fn quantize_block_avx2(
     (d, s1, s2)
 }
 
+/// The parts of whole input rows of a [`QuantizedInput`] ([`quantize_into`]'s output): for `n`
+/// values, `n` of `q` (and of `q2` with the residual part, else empty), `n / 8` of `d` and
+/// `n / 32` of `block_sums`.
+pub struct Parts<'a> {
+    /// See [`QuantizedInput::q`].
+    pub q: &'a mut [i8],
+    /// See [`QuantizedInput::q2`].
+    pub q2: &'a mut [i8],
+    /// See [`QuantizedInput::d`].
+    pub d: &'a mut [f32],
+    /// See [`QuantizedInput::block_sums`].
+    pub block_sums: &'a mut [f32],
+}
+
+/// Quantizes the rows `xs` (whole rows, each a multiple of 64 values) into `out`, with the
+/// quantizer of `simd` (every form bit-equal): a row's values depend on that row alone, so
+/// rows quantized apart are the same bits as rows quantized together.
+pub fn quantize_into(simd: Simd, xs: &[f32], residual: bool, out: Parts<'_>) {
+    debug_assert!(xs.len().is_multiple_of(64) && out.q.len() == xs.len());
+    let Parts {
+        q: oq,
+        q2: oq2,
+        d: od,
+        block_sums,
+    } = out;
+    let (mut q, mut q2) = ([0i32; 32], [0i32; 32]);
+    for (blk, x) in xs.chunks_exact(32).enumerate() {
+        // Block `blk` is half `h` of chunk `blk / 2`: its even columns go to positions
+        // 16h.. of the chunk's even half, its odd ones to 32 + 16h.. of the odd half.
+        let base = (blk / 2) * 64 + 16 * (blk % 2);
+        let (d, s1, s2) = match simd {
+            // SAFETY: `Avx2` is only detected on CPUs with AVX2; the block holds 32 values
+            // and the row's parts 48 from `base` (the odd half ends 32 + 16 after it).
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe {
+                let q2 = if residual {
+                    &mut oq2[base..]
+                } else {
+                    &mut [][..]
+                };
+                quantize_block_avx2(x, residual, &mut oq[base..], q2)
+            },
+            _ => {
+                let d = quantize_block(x, residual, &mut q, &mut q2);
+                let (mut s1, mut s2) = (0i32, 0i32);
+                for i in 0..16 {
+                    let (e, o) = (base + i, base + 32 + i);
+                    oq[e] = q[2 * i] as i8;
+                    oq[o] = q[2 * i + 1] as i8;
+                    s1 += q[2 * i] + q[2 * i + 1];
+                    if residual {
+                        oq2[e] = q2[2 * i] as i8;
+                        oq2[o] = q2[2 * i + 1] as i8;
+                        s2 += q2[2 * i] + q2[2 * i + 1];
+                    }
+                }
+                (d, s1, s2)
+            }
+        };
+        let (lane, units) = if residual {
+            (d / RESIDUAL_STEPS as f32, RESIDUAL_STEPS * s1 + s2)
+        } else {
+            (d, s1)
+        };
+        od[4 * blk..4 * blk + 4].fill(lane);
+        block_sums[blk] = lane * units as f32;
+    }
+}
+
 impl QuantizedInput {
     /// Whether this is an input of `len` values, `cols` a row, quantized with (`residual`) or
     /// without the residual part.
@@ -181,58 +250,29 @@ impl QuantizedInput {
 
     /// [`QuantizedInput::new`] with the quantizer of `simd` (every form bit-equal).
     pub fn new_in(simd: Simd, xs: &[f32], cols: usize, residual: bool) -> Self {
-        debug_assert!(cols.is_multiple_of(64) && xs.len().is_multiple_of(cols));
-        let n = xs.len();
-        let mut qi = QuantizedInput {
+        let mut qi = Self::unfilled(xs.len(), cols, residual);
+        let q2: &mut [i8] = &mut qi.q2;
+        let parts = Parts {
+            q: &mut qi.q,
+            q2,
+            d: &mut qi.d,
+            block_sums: &mut qi.block_sums,
+        };
+        quantize_into(simd, xs, residual, parts);
+        qi
+    }
+
+    /// Room for `n` values, `cols` a row, all zero: [`quantize_into`] fills it, whole rows at a
+    /// time, in any order or on several threads (`weights::QuantizedRows`).
+    pub fn unfilled(n: usize, cols: usize, residual: bool) -> Self {
+        debug_assert!(cols.is_multiple_of(64) && n.is_multiple_of(cols));
+        QuantizedInput {
             q: vec![0i8; n],
             q2: if residual { vec![0i8; n] } else { Vec::new() },
-            d: Vec::with_capacity(n / 8),
-            block_sums: Vec::with_capacity(n / 32),
+            d: vec![0f32; n / 8],
+            block_sums: vec![0f32; n / 32],
             cols,
-        };
-        let (mut q, mut q2) = ([0i32; 32], [0i32; 32]);
-        for (blk, x) in xs.chunks_exact(32).enumerate() {
-            // Block `blk` is half `h` of chunk `blk / 2`: its even columns go to positions
-            // 16h.. of the chunk's even half, its odd ones to 32 + 16h.. of the odd half.
-            let base = (blk / 2) * 64 + 16 * (blk % 2);
-            let (d, s1, s2) = match simd {
-                // SAFETY: `Avx2` is only detected on CPUs with AVX2; the block holds 32 values
-                // and the row's parts 48 from `base` (the odd half ends 32 + 16 after it).
-                #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 => unsafe {
-                    let q2 = if residual {
-                        &mut qi.q2[base..]
-                    } else {
-                        &mut [][..]
-                    };
-                    quantize_block_avx2(x, residual, &mut qi.q[base..], q2)
-                },
-                _ => {
-                    let d = quantize_block(x, residual, &mut q, &mut q2);
-                    let (mut s1, mut s2) = (0i32, 0i32);
-                    for i in 0..16 {
-                        let (e, o) = (base + i, base + 32 + i);
-                        qi.q[e] = q[2 * i] as i8;
-                        qi.q[o] = q[2 * i + 1] as i8;
-                        s1 += q[2 * i] + q[2 * i + 1];
-                        if residual {
-                            qi.q2[e] = q2[2 * i] as i8;
-                            qi.q2[o] = q2[2 * i + 1] as i8;
-                            s2 += q2[2 * i] + q2[2 * i + 1];
-                        }
-                    }
-                    (d, s1, s2)
-                }
-            };
-            let (lane, units) = if residual {
-                (d / RESIDUAL_STEPS as f32, RESIDUAL_STEPS * s1 + s2)
-            } else {
-                (d, s1)
-            };
-            qi.d.extend([lane; 4]);
-            qi.block_sums.push(lane * units as f32);
         }
-        qi
     }
 
     /// Input row `i`.

@@ -308,7 +308,7 @@ impl Drop for SpinPool {
 
 /// A value made once by the first thread that asks for it, the others spinning until it is
 /// there: the blocks of one product in a parallel region sharing its quantized input
-/// (`weights::packed::quantized_once`). `std::sync::OnceLock` parks the threads that wait in
+/// (the room of `weights::QuantizedRows`). `std::sync::OnceLock` parks the threads that wait in
 /// the kernel; their wake-up cost more than the quantizing they saved (on the 16-core host a
 /// 16-token prompt's q/k/v product took 243 µs at 16 threads, 175 µs at 8).
 pub struct SpinOnce<T> {
