@@ -151,6 +151,35 @@ impl LayerKv {
         self.commit(n)
     }
 
+    /// On the CPU: appends `t` entries given token by token (`k` and `v` `[t, heads, hd]`, the
+    /// projections' rows) straight into f32 buffers `[1, heads, capacity, hd]` (no tensors of
+    /// the new entries, no copies between layouts on the way) and returns the entries filled.
+    /// The same values as [`LayerKv::append`] of the entries as `[1, heads, t, hd]` tensors.
+    pub fn append_rows(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        (heads, hd): (usize, usize),
+    ) -> Result<usize> {
+        let t = k.len() / (heads * hd).max(1);
+        let shape = [1, heads, t, hd];
+        let (kb, vb, pos) = self.reserve([&shape, &shape], DType::F32, &Device::Cpu, 2, t)?;
+        kb.inplace_op1(&WriteRows {
+            src: k,
+            heads,
+            hd,
+            pos,
+        })?;
+        vb.inplace_op1(&WriteRows {
+            src: v,
+            heads,
+            hd,
+            pos,
+        })?;
+        self.commit(t)?;
+        Ok(self.len())
+    }
+
     /// On the CPU, `f(keys, values, capacity)` over the cache's f32 buffers, each
     /// `[kv heads, capacity, head dim]` (positions past the cached ones are unused); `None` when
     /// the cache is not such a buffer (another device or dtype, or nothing cached yet).
@@ -175,6 +204,52 @@ impl LayerKv {
     pub fn bytes(&self) -> u64 {
         let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
         self.kv.as_ref().map_or(0, |b| size(&b.k) + size(&b.v)) + self.delta.bytes()
+    }
+}
+
+/// New entries `src` (`[t, heads, hd]`) written into a `[1, heads, capacity, hd]` f32 buffer from
+/// position `pos` ([`LayerKv::append_rows`]).
+struct WriteRows<'a> {
+    src: &'a [f32],
+    heads: usize,
+    hd: usize,
+    pos: usize,
+}
+
+impl candle_core::InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (heads, hd) = (self.heads, self.hd);
+        let t = self.src.len() / (heads * hd).max(1);
+        let (candle_core::CpuStorage::F32(buf), Some((start, end)), &[1, h, cap, d]) =
+            (storage, layout.contiguous_offsets(), layout.dims())
+        else {
+            return Err(candle_core::Error::Msg(
+                "internal: a KV buffer that is not a contiguous f32 [1, heads, S, hd]".into(),
+            ));
+        };
+        if (h, d) != (heads, hd) || self.pos + t > cap || end - start != h * cap * d {
+            return Err(candle_core::Error::Msg(format!(
+                "internal: {t} KV entries of [{heads}, {hd}] at {} into a [{h}, {cap}, {d}] buffer",
+                self.pos
+            )));
+        }
+        let buf = &mut buf[start..end];
+        for g in 0..heads {
+            for i in 0..t {
+                let dst = (g * cap + self.pos + i) * hd;
+                let src = (i * heads + g) * hd;
+                buf[dst..dst + hd].copy_from_slice(&self.src[src..src + hd]);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -222,6 +297,44 @@ mod tests {
         let (k, v) = kv.commit(1).unwrap();
         assert_eq!(rows(&k)[3], vec![4.0; 3]);
         assert_eq!(v.dim(0).unwrap(), 4);
+    }
+
+    /// Entries given token by token land where `append` puts the same entries as
+    /// `[1, heads, t, hd]` tensors, across a growth of the buffers; a buffer of another shape is
+    /// an error.
+    #[test]
+    fn rows_appended_in_place_equal_appended_tensors() {
+        let dev = Device::Cpu;
+        let (heads, hd) = (3, 4);
+        let (mut a, mut b) = (LayerKv::with_capacity(4), LayerKv::with_capacity(4));
+        let mut n = 0f32;
+        for t in [3, 1, 2] {
+            let mut vals = || -> Vec<f32> {
+                (0..t * heads * hd)
+                    .map(|_| {
+                        n += 1.0;
+                        n
+                    })
+                    .collect()
+            };
+            let (k, v) = (vals(), vals());
+            // `[t, heads, hd]` → `[1, heads, t, hd]`.
+            let by_head = |x: &[f32]| {
+                Tensor::from_slice(x, (t, heads, hd), &dev)
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap()
+            };
+            a.append(by_head(&k), by_head(&v), 2).unwrap();
+            assert_eq!(b.append_rows(&k, &v, (heads, hd)).unwrap(), a.len());
+        }
+        let all = |kv: &LayerKv| kv.with_host_buffers(|k, v, cap| (k.to_vec(), v.to_vec(), cap));
+        assert_eq!(all(&a), all(&b));
+        assert_eq!((b.len(), b.room()), (6, 8));
+        let err = b.append_rows(&[0.0; 8], &[0.0; 8], (2, 4)).unwrap_err();
+        assert!(err.to_string().contains("into a [3, 8, 4] buffer"), "{err}");
     }
 
     #[test]

@@ -39,29 +39,61 @@ impl Linear {
     /// bits).
     fn add_bias(&self, y: &mut [f32]) -> Result<()> {
         if let Some(b) = &self.bias {
-            with_f32(b, |b| {
-                for row in y.chunks_exact_mut(b.len()) {
-                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-                }
-            })?;
+            let b = host_f32(b)?;
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b);
+            }
         }
         Ok(())
     }
 }
 
-/// `f` on the values of `t`: borrowed where it is a contiguous f32 tensor on the CPU (a norm's
-/// scale, a bias: no copy made a call), else copied to the host as f32 first.
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    if t.device().is_cpu() && t.dtype() == DType::F32 {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(f(&cpu.as_slice::<f32>()?[a..b]));
+/// The values of a tensor as f32 on the host ([`host_f32`]): its storage, read-locked (the
+/// guard `G`), and the tensor's part of it; or a copy.
+enum HostF32<G> {
+    Borrowed(G, std::ops::Range<usize>),
+    Owned(Vec<f32>),
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> std::ops::Deref for HostF32<G> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            HostF32::Borrowed(storage, range) => match &**storage {
+                // Checked f32 when borrowed.
+                candle_core::Storage::Cpu(c) => {
+                    c.as_slice::<f32>().map_or(&[][..], |s| &s[range.clone()])
+                }
+                _ => &[],
+            },
+            HostF32::Owned(v) => v,
         }
     }
-    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(f(&v))
+}
+
+/// `t`'s values as f32 on the host: borrowed where it is a contiguous f32 tensor on the CPU (a
+/// norm's scale, a bias: no copy made a call), else copied.
+pub(crate) fn host_f32(t: &Tensor) -> Result<impl std::ops::Deref<Target = [f32]> + Sync + '_> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Some((a, b)), candle_core::Storage::Cpu(_)) =
+            (layout.contiguous_offsets(), &*storage)
+        {
+            return Ok(HostF32::Borrowed(storage, a..b));
+        }
+    }
+    Ok(HostF32::Owned(
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+    ))
+}
+
+/// A norm's scale on the host ([`host_f32`]) and its epsilon, if there is a norm.
+fn norm_weights(
+    n: &Option<RmsNorm>,
+) -> Result<Option<(impl std::ops::Deref<Target = [f32]> + Sync + '_, f32)>> {
+    n.as_ref()
+        .map(|n| Ok((host_f32(n.weight())?, n.eps())))
+        .transpose()
 }
 
 /// `f` on the `t` rows `xs` as an f32 `[t, n]` tensor on the CPU, its output back as rows: the
@@ -173,41 +205,35 @@ impl Attention {
         // `[T, heads, hd]` each, in one parallel region.
         let [mut q, mut k, v]: [Vec<f32>; 3] = host_rows_together([&self.q, &self.k, &self.v], xs)?;
         // Each token's heads normalised, then rotated, a prompt's tokens in blocks over the
-        // threads (a norm costs about 6 weights' work a value, RoPE about 4).
-        for (y, norm, heads) in [(&mut q, &self.q_norm, nh), (&mut k, &self.k_norm, nkv)] {
-            let rotary = self.spec.rotary_dim > 0;
-            let run = |y: &mut [f32], w: Option<(&[f32], f32)>| {
-                let work = 10 * y.len();
-                crate::weights::kernels::by_blocks(y, heads * hd, work, |start, token| {
-                    if let Some((w, eps)) = w {
-                        rms_rows(token, w, eps);
+        // threads, its queries and keys in one block (a norm costs about 6 weights' work a
+        // value, RoPE about 4).
+        let (qw, kw) = (norm_weights(&self.q_norm)?, norm_weights(&self.k_norm)?);
+        let rotary = self.spec.rotary_dim > 0;
+        if rotary || qw.is_some() || kw.is_some() {
+            let (qw, kw) = (
+                qw.as_ref().map(|(w, e)| (&w[..], *e)),
+                kw.as_ref().map(|(w, e)| (&w[..], *e)),
+            );
+            let work = 10 * (q.len() + k.len());
+            let pairs = (&mut q[..], nh * hd);
+            crate::weights::kernels::by_block_pairs(
+                pairs,
+                (&mut k[..], nkv * hd),
+                work,
+                |start, qt, kt| {
+                    let rope = rotary.then(|| self.rope.values(pos0 + start / (nh * hd)));
+                    for (token, w) in [(qt, qw), (kt, kw)] {
+                        if let Some((w, eps)) = w {
+                            rms_rows(token, w, eps);
+                        }
+                        if let Some((cos, sin)) = &rope {
+                            rope_heads(token, hd, cos, sin);
+                        }
                     }
-                    if rotary {
-                        let (cos, sin) = self.rope.values(pos0 + start / (heads * hd));
-                        rope_heads(token, hd, &cos, &sin);
-                    }
-                });
-            };
-            match norm {
-                Some(n) => with_f32(n.weight(), |w| run(y, Some((w, n.eps()))))?,
-                None if rotary => run(y, None),
-                None => {}
-            }
+                },
+            );
         }
-        // The cache's `[1, kv heads, T, hd]`.
-        let by_head = |y: &[f32]| -> Vec<f32> {
-            let mut o = Vec::with_capacity(y.len());
-            for g in 0..nkv {
-                for i in 0..t {
-                    o.extend_from_slice(&y[(i * nkv + g) * hd..(i * nkv + g + 1) * hd]);
-                }
-            }
-            o
-        };
-        let dev = candle_core::Device::Cpu;
-        let cache = |y: &[f32]| Tensor::from_vec(by_head(y), (1, nkv, t, hd), &dev);
-        let (kt, _) = kv.append(cache(&k)?, cache(&v)?, 2)?;
-        let s = kt.dim(2)?;
+        let s = kv.append_rows(&k, &v, (nkv, hd))?;
         let scale = (hd as f64).powf(-0.5) as f32;
         let window = self.spec.sliding_window;
         let y = kv
@@ -335,22 +361,39 @@ impl RmsNorm {
     /// [`RmsNorm::add_forward`] on rows: `h += a` (candle's f32 add) and the norm of the sum,
     /// returned; the same bits as the tensor ops.
     pub(crate) fn add_rows(&self, h: &mut [f32], a: &[f32]) -> Result<Vec<f32>> {
-        h.iter_mut().zip(a).for_each(|(h, a)| *h += a);
-        self.forward_rows(h)
+        if !self.host_rows() {
+            h.iter_mut().zip(a).for_each(|(h, a)| *h += a);
+            return self.forward_rows(h);
+        }
+        // Row by row, the add, the copy and the norm in one block (a prompt's rows over the
+        // threads): the add and the copy of all rows ran on the engine thread before the
+        // norms' region.
+        let (w, eps) = (host_f32(self.weight())?, self.eps());
+        let n = w.len();
+        let mut x = vec![0f32; h.len()];
+        // A row's norm costs about what 6n weights of a product do (its sum is a chain of n
+        // dependent adds).
+        let work = 7 * h.len();
+        crate::weights::kernels::by_block_pairs((h, n), (&mut x, n), work, |start, h, x| {
+            let a = &a[start..start + h.len()];
+            h.iter_mut().zip(a).for_each(|(h, a)| *h += a);
+            x.copy_from_slice(h);
+            super::super::host_attention::rms_rows(x, &w, eps);
+        });
+        Ok(x)
     }
 
     /// Each row of `x` normalised in place ([`super::super::host_attention::rms_rows`]), in
     /// blocks of rows over the threads where they are enough to split.
     fn norm_in_place(&self, x: &mut [f32]) -> Result<()> {
-        let eps = self.eps();
+        let (w, eps) = (host_f32(self.weight())?, self.eps());
         // A row's norm costs about what 6n weights of a product do (its sum is a chain of n
         // dependent adds).
         let work = 6 * x.len();
-        with_f32(self.weight(), |w| {
-            crate::weights::kernels::by_blocks(x, w.len(), work, |_, row| {
-                super::super::host_attention::rms_rows(row, w, eps)
-            })
-        })
+        crate::weights::kernels::by_blocks(x, w.len(), work, |_, row| {
+            super::super::host_attention::rms_rows(row, &w, eps)
+        });
+        Ok(())
     }
 }
 

@@ -333,6 +333,39 @@ pub fn by_product_blocks(
     ys
 }
 
+/// As [`by_blocks`] over two buffers cut into the same number of blocks: `f(start, a_part,
+/// b_part)` on block `k` of `a` (`block` elements, `start` its first) and of `b` (`block_b`
+/// elements), on the context's threads when they hold `work` or more elements of work. Two
+/// products of a step that go through the same rows (a prompt's queries and keys, the residual
+/// and its norm) in one parallel region instead of one each.
+pub fn by_block_pairs<T: Send, U: Send>(
+    (a, block): (&mut [T], usize),
+    (b, block_b): (&mut [U], usize),
+    work: usize,
+    f: impl Fn(usize, &mut [T], &mut [U]) + Sync,
+) {
+    let (block, block_b) = (block.max(1), block_b.max(1));
+    let (la, lb) = (a.len(), b.len());
+    let n = la.div_ceil(block);
+    assert_eq!(n, lb.div_ceil(block_b), "two buffers of as many blocks");
+    match current_pool() {
+        Some(pool) if splits(work) && n > 1 => {
+            let (pa, pb) = (Blocks(a.as_mut_ptr()), Blocks(b.as_mut_ptr()));
+            pool.run(n, &|k| {
+                let (s, e) = (k * block, ((k + 1) * block).min(la));
+                let (sb, eb) = (k * block_b, ((k + 1) * block_b).min(lb));
+                // SAFETY: block `k` of each buffer, claimed by this thread only.
+                unsafe { f(s, pa.part(s, e - s), pb.part(sb, eb - sb)) };
+            });
+        }
+        _ => {
+            for (k, (pa, pb)) in a.chunks_mut(block).zip(b.chunks_mut(block_b)).enumerate() {
+                f(k * block, pa, pb);
+            }
+        }
+    }
+}
+
 /// Runs `f(start, part)` over blocks of `data` (`block` elements each, the last shorter) on the
 /// context's threads when `data` holds `work` or more elements of work.
 pub fn by_blocks<T: Send>(
