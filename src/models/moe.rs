@@ -361,17 +361,22 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     // A prompt's inputs quantized once for the int8 kernels, by the blocks of each expert that
     // need them together ([`QuantizedRows`]), shared by all its blocks (each thread quantized
     // every input it took a block of, checking each against its last ones first: on the
-    // 16-core host the threads spent 7.7× the time quantizing that one thread did). A decode
-    // token's input is short:
-    // each thread keeps its own (no wait on another thread).
-    let shared_q = tokens.iter().any(|&t| t > 1);
-    let once = || -> Vec<QuantizedRows> { mats.iter().map(|_| QuantizedRows::default()).collect() };
-    let (q_in, q_acts) = (once(), once());
+    // 16-core host the threads spent 7.7× the time quantizing that one thread did), where an
+    // expert has several blocks; one block's input, and a decode token's (short), its thread
+    // quantizes as its own (no wait on another thread, and no shared room made on one thread
+    // and freed on the engine thread: a 16-token prompt's ~80 rooms, four allocations each,
+    // took 12–27 µs a layer to free on the VM's engine thread).
+    let once = |per: &[usize], rows: &[usize]| -> Vec<Option<QuantizedRows>> {
+        (0..mats.len())
+            .map(|i| (tokens[i] > 1 && rows[i] > per[i]).then(QuantizedRows::default))
+            .collect()
+    };
     let rows: Vec<usize> = mats.iter().map(|m| m.0.rows()).collect();
-    let acts = by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
+    let per_in = per(&rows);
+    let q_in = once(&per_in, &rows);
+    let acts = by_product_blocks(&rows, &per_in, &tokens, |i, b| {
         let (gate, up, _) = mats[i];
-        let q = shared_q.then(|| q_in[i].get(inputs[i], gate.cols()));
-        let q = q.flatten();
+        let q = q_in[i].as_ref().and_then(|q| q.get(inputs[i], gate.cols()));
         silu_mul(
             &gate.matmul_range_q(b.clone(), inputs[i], q),
             &up.matmul_range_q(b, inputs[i], q),
@@ -379,9 +384,13 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     });
     // Down, block by block.
     let rows: Vec<usize> = mats.iter().map(|m| m.2.rows()).collect();
-    by_product_blocks(&rows, &per(&rows), &tokens, |i, b| {
-        let q = shared_q.then(|| q_acts[i].get(&acts[i], mats[i].2.cols()));
-        mats[i].2.matmul_range_q(b, &acts[i], q.flatten())
+    let per_acts = per(&rows);
+    let q_acts = once(&per_acts, &rows);
+    by_product_blocks(&rows, &per_acts, &tokens, |i, b| {
+        let q = q_acts[i]
+            .as_ref()
+            .and_then(|q| q.get(&acts[i], mats[i].2.cols()));
+        mats[i].2.matmul_range_q(b, &acts[i], q)
     })
 }
 
