@@ -38,6 +38,13 @@ for r in $(seq "${ROUNDS:-2}"); do
     done
   done
 done
+# PROFILE_THREADS (e.g. "16 8"): then one `--profile` run of each KINDS' first kind at those
+# thread counts (ms a token by part, and what of it ran in the parallel regions).
+for T in ${PROFILE_THREADS:-}; do
+  k=${KINDS:-exact int8x2}; k=${k%% *}
+  CUDA_VISIBLE_DEVICES= timeout 100 ./harness bench --model /tmp/cb4 --device cpu --policy lru --capacity 64 --prompts 6 \
+    --prompt-len 16 --tokens 16 --threads "$T" --kernels "$k" --profile > "$O/profile_t$T.txt" 2>&1
+done
 python3 scripts/peers/table.py "$O" > "$O/table.md" 2>> "$O/log.txt"
 echo "done $(( $(date +%s) - t0 )) s" >> "$O/log.txt"
 exit 0
