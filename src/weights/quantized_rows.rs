@@ -45,7 +45,7 @@ impl QuantizedRows {
             .room
             .get_or_init(|| {
                 let kind = current_kernels();
-                let fits = cols.is_multiple_of(64) && xs.len().is_multiple_of(cols);
+                let fits = cols > 0 && cols.is_multiple_of(64) && xs.len().is_multiple_of(cols);
                 (kind != Kernels::Exact && fits).then(|| {
                     let two = kind == Kernels::Int8x2;
                     let mut qi = q4::QuantizedInput::unfilled(xs.len(), cols, two);
