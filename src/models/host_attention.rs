@@ -148,10 +148,11 @@ pub(crate) fn attention(
         let s = base + i + 1;
         (window.map_or(0, |w| s.saturating_sub(w)), s)
     };
-    // A key costs a head about eight weights' work a value: its product with the query, its
-    // exponential and its value's weighted add (a decode token's 16 heads over 17 to 48 keys
-    // took 12 µs on the VM's engine thread alone at a weight of two, below the split).
-    let work = (0..t).map(|i| keys(i).1 - keys(i).0).sum::<usize>() * nh * hd * 8;
+    // A key weighs two weights' work a value: a decode token's heads stay on the engine
+    // thread until its keys are many (weighed at eight, splitting a 16-head token over 17–48
+    // keys ran decode at 0.93× on the 2-core VM, alternated, 8 rounds: the region cost more
+    // than the ~12 µs of attention it split).
+    let work = (0..t).map(|i| keys(i).1 - keys(i).0).sum::<usize>() * nh * hd * 2;
     crate::weights::kernels::by_blocks(&mut out, hd, work, |start, oh| {
         let (i, h) = (start / (nh * hd), start / hd % nh);
         let g = h / rep;
