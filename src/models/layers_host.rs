@@ -110,7 +110,9 @@ pub(crate) fn via_tensor(
 /// [`Linear::forward`] of each of `layers` (all [`Linear::is_host`]) on the rows `xs`, without
 /// tensors, their row blocks side by side in one parallel region instead of a region each
 /// ([`by_product_blocks`]): a block's rows are computed as in the layer's own product, and each
-/// layer's bias added after with the same f32 add, so the same bits. A decode token's input is
+/// layer's bias added to them in the block with the same f32 add, so the same bits (added after
+/// the region, on the engine thread, it read every output row the other threads had just
+/// written: 16 × 1536 values a prompt's q/k/v). A decode token's input is
 /// quantized once per thread (each thread's last inputs are kept: `weights::packed`), a
 /// prompt's once by the blocks together ([`crate::weights::QuantizedRows`]).
 fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Result<[Vec<f32>; N]> {
@@ -136,13 +138,21 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
     // A prompt's input quantized once for the int8 kernels by the blocks together, shared (as
     // `moe::host_experts_rows`); a decode token's by each thread (its own last ones).
     let q = crate::weights::QuantizedRows::default();
-    let mut ys = by_product_blocks(&rows, &vec![per; N], &[t; N], |i, b| {
+    let biases = layers
+        .iter()
+        .map(|l| l.bias.as_ref().map(host_f32).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    let ys = by_product_blocks(&rows, &vec![per; N], &[t; N], |i, b| {
         let q = (t > 1).then(|| q.get(xs, mats[i].cols())).flatten();
-        mats[i].matmul_range_q(b, xs, q)
+        let mut y = mats[i].matmul_range_q(b.clone(), xs, q);
+        if let Some(bias) = &biases[i] {
+            let bias = &bias[b.clone()];
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        y
     });
-    for (y, l) in ys.iter_mut().zip(layers) {
-        l.add_bias(y)?;
-    }
     let mut ys = ys.into_iter();
     Ok(std::array::from_fn(|_| ys.next().unwrap_or_default()))
 }
