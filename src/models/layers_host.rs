@@ -39,12 +39,16 @@ impl Linear {
     /// bits).
     fn add_bias(&self, y: &mut [f32]) -> Result<()> {
         if let Some(b) = &self.bias {
-            let b = host_f32(b)?;
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b);
-            }
+            add_to_rows(y, &host_f32(b)?);
         }
         Ok(())
+    }
+}
+
+/// `b` added to each `b.len()`-long row of `y` (candle's f32 broadcast add: the same bits).
+fn add_to_rows(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len().max(1)) {
+        row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
     }
 }
 
@@ -146,10 +150,7 @@ fn host_rows_together<const N: usize>(layers: [&Linear; N], xs: &[f32]) -> Resul
         let q = (t > 1).then(|| q.get(xs, mats[i].cols())).flatten();
         let mut y = mats[i].matmul_range_q(b.clone(), xs, q);
         if let Some(bias) = &biases[i] {
-            let bias = &bias[b.clone()];
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-            }
+            add_to_rows(&mut y, &bias[b.clone()]);
         }
         y
     });

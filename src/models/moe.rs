@@ -422,23 +422,17 @@ fn experts_apart(
     kept: f32,
     route: &Route,
 ) -> Result<Tensor> {
-    let ys: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
-        fetched.iter().map(|_| Default::default()).collect();
-    crate::weights::kernels::par_for(fetched.len(), &|i| {
+    let ys = crate::weights::kernels::par_map(fetched.len(), &|i| {
         let (ew, w) = &fetched[i];
-        let y = run_expert(xt, ew).and_then(|y| Ok((y * *w as f64)?));
-        *ys[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
+        run_expert(xt, ew).and_then(|y| Ok((y * *w as f64)?))
     });
     let mut acc: Option<Tensor> = None;
     for y in ys {
-        let y = y
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or_else(|| {
-                Err(crate::error::Error::Input(
-                    "internal: an expert of the step was not computed".into(),
-                ))
-            })?;
+        let y = y.unwrap_or_else(|| {
+            Err(crate::error::Error::Input(
+                "internal: an expert of the step was not computed".into(),
+            ))
+        })?;
         acc = Some(add(acc, y)?);
     }
     finish(acc, kept, route, xt)

@@ -13,7 +13,7 @@
 //! an early token is then still the cache's when a later token's step runs, so holding every
 //! fetched expert until the group runs holds nothing beyond the budget.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -158,22 +158,14 @@ fn run_groups(
         }
     }
     let shared_y = shared.map(|((gate, up, down), x)| host_expert_rows(gate, up, down, x));
-    let slots: Vec<Mutex<Option<Result<Vec<f32>>>>> =
-        groups.iter().map(|_| Mutex::default()).collect();
-    crate::weights::kernels::par_for(groups.len(), &|i| {
-        let y = run_group(&groups[i], xs, h);
-        *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
-    });
-    let ys = slots
+    let ys = crate::weights::kernels::par_map(groups.len(), &|i| run_group(&groups[i], xs, h))
         .into_iter()
-        .map(|s| {
-            s.into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or_else(|| {
-                    Err(Error::Input(
-                        "internal: an expert of the prompt was not computed".into(),
-                    ))
-                })
+        .map(|y| {
+            y.unwrap_or_else(|| {
+                Err(Error::Input(
+                    "internal: an expert of the prompt was not computed".into(),
+                ))
+            })
         })
         .collect::<Result<_>>()?;
     Ok((ys, shared_y))

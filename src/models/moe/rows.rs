@@ -31,25 +31,19 @@ impl Router {
         // the VM), and the selections ran one after another on the engine thread. A row's
         // product alone is its product among others (the kernels' contract): the same bits.
         if t > 1 && crate::weights::kernels::splits(t * h * self.experts) {
-            let routes: Vec<std::sync::Mutex<Option<Result<Route>>>> =
-                (0..t).map(|_| Default::default()).collect();
-            crate::weights::kernels::par_for(t, &|i| {
-                let r = self
-                    .gate
+            let routes = crate::weights::kernels::par_map(t, &|i| {
+                self.gate
                     .forward_rows(&xs[i * h..(i + 1) * h], 1)
-                    .map(|l| self.select(&l));
-                *routes[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    .map(|l| self.select(&l))
             });
             return routes
                 .into_iter()
                 .map(|r| {
-                    r.into_inner()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .unwrap_or_else(|| {
-                            Err(crate::error::Error::Input(
-                                "internal: a prompt token was not routed".into(),
-                            ))
-                        })
+                    r.unwrap_or_else(|| {
+                        Err(crate::error::Error::Input(
+                            "internal: a prompt token was not routed".into(),
+                        ))
+                    })
                 })
                 .collect();
         }
@@ -167,17 +161,13 @@ impl MoeBlock {
         let mut row = vec![0f32; xs.len()];
         if !expert_blocks(fetched.len(), false) {
             // One expert a thread, each on its thread alone.
-            let ys: Vec<std::sync::Mutex<Vec<f32>>> =
-                mats.iter().map(|_| Default::default()).collect();
-            crate::weights::kernels::par_for(mats.len(), &|i| {
+            let ys: Vec<Vec<f32>> = crate::weights::kernels::par_map(mats.len(), &|i| {
                 let (gate, up, down) = mats[i];
-                let y = crate::models::layers::host_expert_rows(gate, up, down, xs);
-                *ys[i].lock().unwrap_or_else(|p| p.into_inner()) = y;
-            });
-            let ys: Vec<Vec<f32>> = ys
-                .into_iter()
-                .map(|y| y.into_inner().unwrap_or_else(|p| p.into_inner()))
-                .collect();
+                crate::models::layers::host_expert_rows(gate, up, down, xs)
+            })
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
             prefill::combine(&mut row, &picks, &ys, kept, route);
             return Some((row, false));
         }

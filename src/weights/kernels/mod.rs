@@ -156,6 +156,20 @@ pub fn par_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     });
 }
 
+/// `f(i)` for `i` in `0..n` as [`par_for`] runs them, each value in its place (`None` where an
+/// index did not run: a caller's internal error, not expected).
+pub fn par_map<T: Send>(n: usize, f: &(dyn Fn(usize) -> T + Sync)) -> Vec<Option<T>> {
+    let slots: Vec<std::sync::Mutex<Option<T>>> = (0..n).map(|_| Default::default()).collect();
+    par_for(n, &|i| {
+        let y = f(i);
+        *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
+    });
+    slots
+        .into_iter()
+        .map(|s| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect()
+}
+
 /// A pointer to disjoint blocks of one buffer, handed to the pool's threads.
 #[derive(Clone, Copy)]
 struct Blocks<T>(*mut T);
