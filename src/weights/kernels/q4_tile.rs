@@ -347,7 +347,8 @@ fn intel() -> bool {
 /// words loaded where the tile keeps them), so each `vpdpbusd` and each float operation covers
 /// twice the rows of [`tiles_vnni`]'s (server cores with two 512-bit units run twice the
 /// products a cycle; Zen 4 splits them in two), each part in two chains of four as there. Each
-/// lane's operations are the 256-bit form's, so the outputs are bit-equal. Arguments as [`tiles_vnni`]'s, with `2 · pairs` tiles.
+/// lane's operations are the 256-bit form's, so the outputs are bit-equal. Arguments as
+/// [`tiles_vnni`]'s, with `2 · pairs` tiles.
 ///
 /// # Safety
 /// The CPU must support AVX512-F and AVX512-VNNI ([`vnni512_available`]).
