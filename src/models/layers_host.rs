@@ -226,9 +226,8 @@ impl Attention {
                 kw.as_ref().map(|(w, e)| (&w[..], *e)),
             );
             let work = 10 * (q.len() + k.len());
-            let pairs = (&mut q[..], nh * hd);
             crate::weights::kernels::by_block_pairs(
-                pairs,
+                (&mut q[..], nh * hd),
                 (&mut k[..], nkv * hd),
                 work,
                 |start, qt, kt| {

@@ -427,13 +427,8 @@ fn experts_apart(
         run_expert(xt, ew).and_then(|y| Ok((y * *w as f64)?))
     });
     let mut acc: Option<Tensor> = None;
-    for y in ys {
-        let y = y.unwrap_or_else(|| {
-            Err(crate::error::Error::Input(
-                "internal: an expert of the step was not computed".into(),
-            ))
-        })?;
-        acc = Some(add(acc, y)?);
+    for y in ys? {
+        acc = Some(add(acc, y?)?);
     }
     finish(acc, kept, route, xt)
 }

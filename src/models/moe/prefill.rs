@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::experts::store::{ExpertMats, ExpertWeights};
 use crate::experts::ExpertKey;
 use crate::models::layers::{expert_forward, host_expert_rows};
@@ -158,15 +158,8 @@ fn run_groups(
         }
     }
     let shared_y = shared.map(|((gate, up, down), x)| host_expert_rows(gate, up, down, x));
-    let ys = crate::weights::kernels::par_map(groups.len(), &|i| run_group(&groups[i], xs, h))
+    let ys = crate::weights::kernels::par_map(groups.len(), &|i| run_group(&groups[i], xs, h))?
         .into_iter()
-        .map(|y| {
-            y.unwrap_or_else(|| {
-                Err(Error::Input(
-                    "internal: an expert of the prompt was not computed".into(),
-                ))
-            })
-        })
         .collect::<Result<_>>()?;
     Ok((ys, shared_y))
 }

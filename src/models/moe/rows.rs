@@ -31,21 +31,13 @@ impl Router {
         // the VM), and the selections ran one after another on the engine thread. A row's
         // product alone is its product among others (the kernels' contract): the same bits.
         if t > 1 && crate::weights::kernels::splits(t * h * self.experts) {
-            let routes = crate::weights::kernels::par_map(t, &|i| {
+            return crate::weights::kernels::par_map(t, &|i| {
                 self.gate
                     .forward_rows(&xs[i * h..(i + 1) * h], 1)
                     .map(|l| self.select(&l))
-            });
-            return routes
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(crate::error::Error::Input(
-                            "internal: a prompt token was not routed".into(),
-                        ))
-                    })
-                })
-                .collect();
+            })?
+            .into_iter()
+            .collect();
         }
         let logits = self.gate.forward_rows(xs, t)?;
         let e = logits.len() / t.max(1);
@@ -160,14 +152,13 @@ impl MoeBlock {
             .collect();
         let mut row = vec![0f32; xs.len()];
         if !expert_blocks(fetched.len(), false) {
-            // One expert a thread, each on its thread alone.
+            // One expert a thread, each on its thread alone (an index that did not run: the
+            // caller's tensor-op form instead).
             let ys: Vec<Vec<f32>> = crate::weights::kernels::par_map(mats.len(), &|i| {
                 let (gate, up, down) = mats[i];
                 crate::models::layers::host_expert_rows(gate, up, down, xs)
             })
-            .into_iter()
-            .map(Option::unwrap_or_default)
-            .collect();
+            .ok()?;
             prefill::combine(&mut row, &picks, &ys, kept, route);
             return Some((row, false));
         }

@@ -156,9 +156,9 @@ pub fn par_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     });
 }
 
-/// `f(i)` for `i` in `0..n` as [`par_for`] runs them, each value in its place (`None` where an
-/// index did not run: a caller's internal error, not expected).
-pub fn par_map<T: Send>(n: usize, f: &(dyn Fn(usize) -> T + Sync)) -> Vec<Option<T>> {
+/// `f(i)` for `i` in `0..n` as [`par_for`] runs them, each value in its place; an internal
+/// error if an index did not run ([`par_for`] runs each once: not expected).
+pub fn par_map<T: Send>(n: usize, f: &(dyn Fn(usize) -> T + Sync)) -> crate::error::Result<Vec<T>> {
     let slots: Vec<std::sync::Mutex<Option<T>>> = (0..n).map(|_| Default::default()).collect();
     par_for(n, &|i| {
         let y = f(i);
@@ -166,7 +166,16 @@ pub fn par_map<T: Send>(n: usize, f: &(dyn Fn(usize) -> T + Sync)) -> Vec<Option
     });
     slots
         .into_iter()
-        .map(|s| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .enumerate()
+        .map(|(i, s)| {
+            s.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .ok_or_else(|| {
+                    crate::error::Error::Input(format!(
+                        "internal: index {i} of {n} of a parallel map did not run"
+                    ))
+                })
+        })
         .collect()
 }
 
