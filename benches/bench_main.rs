@@ -7,6 +7,7 @@ mod decode;
 mod expert_miss;
 mod kernels;
 mod pool;
+mod scaling;
 mod simulator;
 
 criterion_main!(
@@ -14,5 +15,6 @@ criterion_main!(
     decode::benches,
     kernels::benches,
     pool::benches,
+    scaling::benches,
     simulator::benches
 );

@@ -11,8 +11,8 @@ use moe_harness::weights::kernels::Kernels;
 
 use crate::common::{engine, shipped};
 
-const STEPS: u32 = 16;
-const PROMPT: [u32; 8] = [100, 200, 300, 400, 500, 600, 700, 800];
+pub(crate) const STEPS: u32 = 16;
+pub(crate) const PROMPT: [u32; 8] = [100, 200, 300, 400, 500, 600, 700, 800];
 
 fn decode_steps(e: &mut Engine, kv: &mut KvCache) {
     let mut tok = 17;
@@ -25,7 +25,7 @@ fn decode_steps(e: &mut Engine, kv: &mut KvCache) {
 
 /// `iters` times: a prefill of `prompt` (not timed), then [`STEPS`] timed decode steps; the
 /// trace, if recorded, is dropped after each.
-fn timed_decode(e: &mut Engine, prompt: &[u32], iters: u64) -> std::time::Duration {
+pub(crate) fn timed_decode(e: &mut Engine, prompt: &[u32], iters: u64) -> std::time::Duration {
     let mut total = std::time::Duration::ZERO;
     for _ in 0..iters {
         let mut kv = KvCache::default();
@@ -187,8 +187,10 @@ fn dense_in_place(c: &mut Criterion) {
 
 /// CPU decode over threads and kernel kinds on the CPU benchmark shape (glm4_moe, hidden 1024,
 /// 8 layers, 64 experts of 512 top-4 + 1 shared, vocab 8192: `experiments/configs/
-/// glm4-moe-cpu-bench.json`, MLX 4-bit, written into a tempdir), all experts resident: the
-/// 1 → 2 core scaling of each kind, read as the ratio of two rows of one run.
+/// glm4-moe-cpu-bench.json`, MLX 4-bit, written into a tempdir), all experts resident: each
+/// thread count's decode time. The 1 → 2 core speed-up is measured as one value, from paired
+/// runs, by `cpu_scaling` (`scaling.rs`); the ratio of two rows here mixes in the drift between
+/// runs seconds apart.
 fn cpu_threads(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_threads");
     g.throughput(Throughput::Elements(STEPS as u64));
