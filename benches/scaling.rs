@@ -1,6 +1,8 @@
 //! The 1 → 2 core decode speed-up as one criterion measurement: each iteration decodes the same
-//! tokens on a 1-thread engine and on a 2-thread engine back to back (the order alternating),
-//! and its value is the 2-thread time as a fraction of the 1-thread time of that same pair.
+//! tokens on a 1-thread engine and on a 2-thread engine back to back (the order alternating,
+//! each timed decode after an untimed one on the same engine, so neither is timed while its
+//! threads wake up or its weights come back into the caches after the other engine's run), and
+//! its value is the 2-thread time as a fraction of the 1-thread time of that same pair.
 //!
 //! `cpu_threads` (in `decode.rs`) times each thread count in its own criterion run, seconds
 //! apart, and the scaling is the ratio of two of its rows; on a shared VM whose speed drifts by
@@ -110,12 +112,17 @@ fn cpu_scaling(c: &mut Criterion<PairedFraction>) {
                     (0..iters)
                         .map(|_| {
                             flip = !flip;
+                            // An untimed decode, then the timed one.
+                            let mut warm = |e: &mut Engine| {
+                                timed_decode(e, &PROMPT, 1);
+                                timed_decode(e, &PROMPT, 1)
+                            };
                             let (t1, t2) = if flip {
-                                let t1 = timed_decode(&mut one, &PROMPT, 1);
-                                (t1, timed_decode(&mut two, &PROMPT, 1))
+                                let t1 = warm(&mut one);
+                                (t1, warm(&mut two))
                             } else {
-                                let t2 = timed_decode(&mut two, &PROMPT, 1);
-                                (timed_decode(&mut one, &PROMPT, 1), t2)
+                                let t2 = warm(&mut two);
+                                (warm(&mut one), t2)
                             };
                             t2.as_secs_f64() / t1.as_secs_f64()
                         })
