@@ -10,6 +10,9 @@
 //! binary. Here both sides of every ratio are measured within ~0.1 s of each other, so drift
 //! that is slow against one pair cancels, and criterion's interval is the interval of the
 //! ratio itself.
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use moe_harness::engine::{Engine, EngineConfig};
@@ -109,29 +112,132 @@ fn cpu_scaling(c: &mut Criterion<PairedFraction>) {
             BenchmarkId::new("glm4-moe-cpu-bench 16 tokens, 2 vs 1 threads", kernels),
             |b| {
                 b.iter_custom(|iters| {
-                    (0..iters)
-                        .map(|_| {
-                            flip = !flip;
-                            // An untimed decode, then the timed one.
-                            let mut warm = |e: &mut Engine| {
-                                timed_decode(e, &PROMPT, 1);
-                                timed_decode(e, &PROMPT, 1)
-                            };
-                            let (t1, t2) = if flip {
-                                let t1 = warm(&mut one);
-                                (t1, warm(&mut two))
-                            } else {
-                                let t2 = warm(&mut two);
-                                (warm(&mut one), t2)
-                            };
-                            t2.as_secs_f64() / t1.as_secs_f64()
-                        })
-                        .sum::<f64>()
+                    paired(
+                        iters,
+                        &mut flip,
+                        || decode_after_warm_up(&mut one),
+                        || decode_after_warm_up(&mut two),
+                    )
                 })
             },
         );
     }
+    // The bound next to them: how much more a second core reads from memory. A decode token
+    // streams its weights (53 MB of `int8x2`), so a memory-bound kind cannot scale past this.
+    let words: Vec<u64> = (0..STREAM_BYTES / 8).map(|i| i as u64).collect();
+    let mut flip = false;
+    g.bench_function(
+        BenchmarkId::new("stream read 256 MiB, 2 vs 1 threads", "u64 sum"),
+        |b| {
+            b.iter_custom(|iters| {
+                paired(
+                    iters,
+                    &mut flip,
+                    || read_after_warm_up(&words, 1),
+                    || read_after_warm_up(&words, 2),
+                )
+            })
+        },
+    );
+    // And how much more a second core computes: arithmetic in registers, no memory. On a shared
+    // VM the second vCPU may not be a whole core; no kind can scale past this either.
+    let mut flip = false;
+    g.bench_function(
+        BenchmarkId::new("register arithmetic, 2 vs 1 threads", "f64 chains"),
+        |b| {
+            b.iter_custom(|iters| {
+                paired(
+                    iters,
+                    &mut flip,
+                    || compute_after_warm_up(1),
+                    || compute_after_warm_up(2),
+                )
+            })
+        },
+    );
     g.finish();
+}
+
+/// Steps of the register-arithmetic bound a pass (≈ 20 ms on one core of the 2-core VM).
+const COMPUTE_STEPS: u64 = 1 << 23;
+
+/// [`COMPUTE_STEPS`] steps of eight independent multiply-add chains, split over `threads`
+/// threads, once untimed, then timed.
+fn compute_after_warm_up(threads: usize) -> Duration {
+    let pass = || {
+        let steps = COMPUTE_STEPS / threads as u64;
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(move || {
+                    let (m, a) = (black_box(0.999_999f64), black_box(1e-9f64));
+                    let mut x = [1.0f64; 8];
+                    for _ in 0..steps {
+                        for v in &mut x {
+                            *v = *v * m + a;
+                        }
+                    }
+                    black_box(x);
+                });
+            }
+        });
+    };
+    pass();
+    let t = Instant::now();
+    pass();
+    t.elapsed()
+}
+
+/// Bytes the stream-read bound reads a pass: well past any last-level cache.
+const STREAM_BYTES: usize = 256 << 20;
+
+/// The sum over `iters` pairs of `two() ÷ one()`, the pair's order alternating with `flip`.
+fn paired(
+    iters: u64,
+    flip: &mut bool,
+    mut one: impl FnMut() -> Duration,
+    mut two: impl FnMut() -> Duration,
+) -> f64 {
+    (0..iters)
+        .map(|_| {
+            *flip = !*flip;
+            let (t1, t2) = if *flip {
+                let t1 = one();
+                (t1, two())
+            } else {
+                let t2 = two();
+                (one(), t2)
+            };
+            t2.as_secs_f64() / t1.as_secs_f64()
+        })
+        .sum()
+}
+
+/// One untimed decode on `e`, then the timed one.
+fn decode_after_warm_up(e: &mut Engine) -> Duration {
+    timed_decode(e, &PROMPT, 1);
+    timed_decode(e, &PROMPT, 1)
+}
+
+/// `words` summed by `threads` threads (contiguous parts), once untimed, then timed.
+fn read_after_warm_up(words: &[u64], threads: usize) -> Duration {
+    let pass = || {
+        let part = words.len().div_ceil(threads);
+        let sum = std::thread::scope(|s| {
+            let parts: Vec<_> = words
+                .chunks(part)
+                .map(|p| s.spawn(move || p.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .collect();
+            parts
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .fold(0u64, u64::wrapping_add)
+        });
+        black_box(sum);
+    };
+    pass();
+    let t = Instant::now();
+    pass();
+    t.elapsed()
 }
 
 criterion_group!(
