@@ -1,15 +1,16 @@
 //! The 1 → 2 core decode speed-up as one criterion measurement: each iteration decodes the same
 //! tokens on a 1-thread engine and on a 2-thread engine back to back (the order alternating,
 //! each timed decode after an untimed one on the same engine, so neither is timed while its
-//! threads wake up or its weights come back into the caches after the other engine's run), and
-//! its value is the 2-thread time as a fraction of the 1-thread time of that same pair.
+//! threads wake up or its weights come back into the caches after the other engine's run); a
+//! pair's value is the 2-thread time as a fraction of the 1-thread time, and a sample's the
+//! median of its pairs' values.
 //!
 //! `cpu_threads` (in `decode.rs`) times each thread count in its own criterion run, seconds
 //! apart, and the scaling is the ratio of two of its rows; on a shared VM whose speed drifts by
 //! 15–25 % between those runs, that ratio moved 1.28–1.88× over four runs of an unchanged
 //! binary. Here both sides of every ratio are measured within ~0.1 s of each other, so drift
-//! that is slow against one pair cancels, and criterion's interval is the interval of the
-//! ratio itself.
+//! that is slow against one pair cancels, a stall of one run moves one pair, not the median,
+//! and criterion's interval is the interval of the ratio itself.
 //!
 //! Next to the decode speed-ups, measured the same way: what a second core adds in arithmetic
 //! on registers and in bandwidth reading a buffer larger than the caches. A decode kind scales
@@ -25,10 +26,10 @@ use moe_harness::weights::kernels::Kernels;
 
 use crate::decode::{timed_decode, PROMPT};
 
-/// A measurement in units of the paired 1-thread decode time: the routine returns the sum over
-/// its iterations of each pair's 2-thread time ÷ 1-thread time, so criterion's per-iteration
-/// value is that fraction (lower is faster, as with times) and its throughput with
-/// `Throughput::Elements(1)` is the speed-up.
+/// A measurement in units of the paired 1-thread decode time: the routine returns its
+/// iterations times the median of its pairs' 2-thread time ÷ 1-thread time, so criterion's
+/// per-iteration value is that fraction (lower is faster, as with times) and its throughput
+/// with `Throughput::Elements(1)` is the speed-up.
 pub struct PairedFraction;
 
 impl Measurement for PairedFraction {
@@ -200,14 +201,18 @@ fn compute_after_warm_up(threads: usize) -> Duration {
 /// Bytes the stream-read bound reads a pass: well past any last-level cache.
 const STREAM_BYTES: usize = 256 << 20;
 
-/// The sum over `iters` pairs of `two() ÷ one()`, the pair's order alternating with `flip`.
+/// `iters` times the median over `iters` pairs of `two() ÷ one()`, the pair's order alternating
+/// with `flip`: criterion's per-iteration value is then each sample's median pair. On the
+/// shared VM single runs of either side stall now and then (a 1-thread decode read 123–291 ms
+/// and a 2-thread one 64–110 within a minute): the mean of the pairs' ratios follows those,
+/// their median does not.
 fn paired(
     iters: u64,
     flip: &mut bool,
     mut one: impl FnMut() -> Duration,
     mut two: impl FnMut() -> Duration,
 ) -> f64 {
-    (0..iters)
+    let mut ratios: Vec<f64> = (0..iters)
         .map(|_| {
             *flip = !*flip;
             let (t1, t2) = if *flip {
@@ -219,7 +224,15 @@ fn paired(
             };
             t2.as_secs_f64() / t1.as_secs_f64()
         })
-        .sum()
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = match n {
+        0 => return 0.0,
+        _ if n % 2 == 1 => ratios[n / 2],
+        _ => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+    };
+    iters as f64 * median
 }
 
 /// One untimed decode on `e`, then the timed one.
