@@ -195,19 +195,7 @@ fn cpu_threads(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_threads");
     g.throughput(Throughput::Elements(STEPS as u64));
     g.sample_size(10);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("m");
-    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("experiments/configs/glm4-moe-cpu-bench.json");
-    moe_harness::synth::synth(
-        &cfg,
-        &dir,
-        moe_harness::synth::SynthLayout::Mlx(4),
-        None,
-        0,
-        1 << 30,
-    )
-    .unwrap();
+    let (_d, dir) = crate::common::cpu_bench_checkpoint();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for kernels in [Kernels::Exact, Kernels::Int8x2, Kernels::Int8] {
         for threads in [1, 2.min(cores), cores]

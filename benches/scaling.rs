@@ -89,19 +89,7 @@ fn cpu_scaling(c: &mut Criterion<PairedFraction>) {
     let mut g = c.benchmark_group("cpu_scaling");
     g.throughput(Throughput::Elements(1));
     g.sample_size(10);
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().join("m");
-    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("experiments/configs/glm4-moe-cpu-bench.json");
-    moe_harness::synth::synth(
-        &cfg,
-        &dir,
-        moe_harness::synth::SynthLayout::Mlx(4),
-        None,
-        0,
-        1 << 30,
-    )
-    .unwrap();
+    let (_d, dir) = crate::common::cpu_bench_checkpoint();
     let open = |threads, kernels| {
         let cfg = EngineConfig {
             threads: Some(threads),
@@ -128,39 +116,26 @@ fn cpu_scaling(c: &mut Criterion<PairedFraction>) {
             },
         );
     }
-    // The bound next to them: how much more a second core reads from memory. A decode token
-    // streams its weights (53 MB of `int8x2`), so a memory-bound kind cannot scale past this.
+    // The bounds next to them: how much more a second core reads from memory (a decode token
+    // streams its weights, 53 MB of `int8x2`, so a memory-bound kind cannot scale past this),
+    // and how much more it computes in registers (on a shared VM the second vCPU may not be a
+    // whole core; no kind scales past this either).
     let words: Vec<u64> = (0..STREAM_BYTES / 8).map(|i| i as u64).collect();
-    let mut flip = false;
-    g.bench_function(
-        BenchmarkId::new("stream read 256 MiB, 2 vs 1 threads", "u64 sum"),
-        |b| {
-            b.iter_custom(|iters| {
-                paired(
-                    iters,
-                    &mut flip,
-                    || read_after_warm_up(&words, 1),
-                    || read_after_warm_up(&words, 2),
-                )
-            })
-        },
-    );
-    // And how much more a second core computes: arithmetic in registers, no memory. On a shared
-    // VM the second vCPU may not be a whole core; no kind can scale past this either.
-    let mut flip = false;
-    g.bench_function(
-        BenchmarkId::new("register arithmetic, 2 vs 1 threads", "f64 chains"),
-        |b| {
-            b.iter_custom(|iters| {
-                paired(
-                    iters,
-                    &mut flip,
-                    || compute_after_warm_up(1),
-                    || compute_after_warm_up(2),
-                )
-            })
-        },
-    );
+    let read = |threads| read_after_warm_up(&words, threads);
+    let bounds: [(&str, &str, &Pass); 2] = [
+        ("stream read 256 MiB, 2 vs 1 threads", "u64 sum", &read),
+        (
+            "register arithmetic, 2 vs 1 threads",
+            "f64 chains",
+            &compute_after_warm_up,
+        ),
+    ];
+    for (name, form, run) in bounds {
+        let mut flip = false;
+        g.bench_function(BenchmarkId::new(name, form), |b| {
+            b.iter_custom(|iters| paired(iters, &mut flip, || run(1), || run(2)))
+        });
+    }
     g.finish();
 }
 
@@ -197,6 +172,9 @@ fn compute_after_warm_up(threads: usize) -> Duration {
     pass();
     t.elapsed()
 }
+
+/// One timed pass of a bound on the given number of threads.
+type Pass<'a> = dyn Fn(usize) -> Duration + 'a;
 
 /// Bytes the stream-read bound reads a pass: well past any last-level cache.
 const STREAM_BYTES: usize = 256 << 20;
