@@ -15,7 +15,7 @@
 //! Next to the decode speed-ups, measured the same way: what a second core adds in arithmetic
 //! on registers and in bandwidth reading a buffer larger than the caches. A decode kind scales
 //! at most as the one of these it is bound by, so a run where the register arithmetic itself
-//! gains 1.4× (the second vCPU of a shared VM busy elsewhere) says so in its own output.
+//! gains 1.33× (the second vCPU of a shared VM busy elsewhere) says so in its own output.
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use moe_harness::weights::kernels::Kernels;
 
 use crate::decode::{timed_decode, PROMPT};
 
-/// A measurement in units of the paired 1-thread decode time: the routine returns its
+/// A measurement in units of the paired 1-thread time: the routine returns its
 /// iterations times the median of its pairs' 2-thread time ÷ 1-thread time, so criterion's
 /// per-iteration value is that fraction (lower is faster, as with times) and its throughput
 /// with `Throughput::Elements(1)` is the speed-up.
