@@ -266,6 +266,22 @@ tile_kernel! {
     },
 }
 
+/// One int8 part's sum in the VNNI tile kernels, at either vector width (the intrinsics given):
+/// its eight `vpdpbusd`s in two chains of four, added once (see [`tiles_vnni`]).
+#[cfg(target_arch = "x86_64")]
+macro_rules! vnni_part {
+    ($dp:ident, $add:ident, $zero:expr, $lo:ident, $hi:ident, $q:ident, $bcast:ident) => {{
+        let z = $zero;
+        let chain = |v: usize| {
+            let a = $dp(z, $lo[v], $bcast($q.add(4 * v)));
+            let a = $dp(a, $lo[v + 2], $bcast($q.add(8 + 4 * v)));
+            let a = $dp(a, $hi[v], $bcast($q.add(32 + 4 * v)));
+            $dp(a, $hi[v + 2], $bcast($q.add(40 + 4 * v)))
+        };
+        $add(chain(0), chain(1))
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 tile_kernel! {
     /// The tile kernel with AVX-512 VNNI (`vpdpbusd` on 256-bit vectors): each part's eight
@@ -281,14 +297,7 @@ tile_kernel! {
     pub fn tiles_vnni, features = "avx2,fma,avx512vl,avx512vnni",
     setup = {},
     part = |lo: &[__m256i; 4], hi: &[__m256i; 4], q: *const i8| {
-        let z = _mm256_setzero_si256();
-        let chain = |v: usize| {
-            let a = _mm256_dpbusd_epi32(z, lo[v], bcast(q.add(4 * v)));
-            let a = _mm256_dpbusd_epi32(a, lo[v + 2], bcast(q.add(8 + 4 * v)));
-            let a = _mm256_dpbusd_epi32(a, hi[v], bcast(q.add(32 + 4 * v)));
-            _mm256_dpbusd_epi32(a, hi[v + 2], bcast(q.add(40 + 4 * v)))
-        };
-        _mm256_add_epi32(chain(0), chain(1))
+        vnni_part!(_mm256_dpbusd_epi32, _mm256_add_epi32, _mm256_setzero_si256(), lo, hi, q, bcast)
     },
 }
 
@@ -387,14 +396,15 @@ unsafe fn tiles_vnni512<S: Scales, const TWO: bool, const M: usize>(
     let low = _mm512_set1_epi8(15);
     let bcast = |p: *const i8| _mm512_set1_epi32((p as *const i32).read_unaligned());
     let part = |lo: &[__m512i; 4], hi: &[__m512i; 4], q: *const i8| {
-        let z = _mm512_setzero_si512();
-        let chain = |v: usize| {
-            let a = _mm512_dpbusd_epi32(z, lo[v], bcast(q.add(4 * v)));
-            let a = _mm512_dpbusd_epi32(a, lo[v + 2], bcast(q.add(8 + 4 * v)));
-            let a = _mm512_dpbusd_epi32(a, hi[v], bcast(q.add(32 + 4 * v)));
-            _mm512_dpbusd_epi32(a, hi[v + 2], bcast(q.add(40 + 4 * v)))
-        };
-        _mm512_add_epi32(chain(0), chain(1))
+        vnni_part!(
+            _mm512_dpbusd_epi32,
+            _mm512_add_epi32,
+            _mm512_setzero_si512(),
+            lo,
+            hi,
+            q,
+            bcast
+        )
     };
     // The two tiles' 8 values of a group side by side.
     let lanes16 = |v: S, k: usize| -> __m512 {
