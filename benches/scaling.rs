@@ -8,7 +8,7 @@
 //! `cpu_threads` (in `decode.rs`) times each thread count in its own criterion run, seconds
 //! apart, and the scaling is the ratio of two of its rows; on a shared VM whose speed drifts by
 //! 15–25 % between those runs, that ratio moved 1.28–1.88× over four runs of an unchanged
-//! binary. Here both sides of every ratio are measured within ~0.1 s of each other, so drift
+//! binary. Here both sides of every ratio are measured within a second of each other, so drift
 //! that is slow against one pair cancels, a stall of one run moves one pair, not the median,
 //! and criterion's interval is the interval of the ratio itself.
 //!
