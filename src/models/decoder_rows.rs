@@ -67,11 +67,11 @@ impl Model {
                     y
                 }
                 Ffn::Moe(moe) => {
-                    let (routes, predictions) =
+                    let (routes, predictions, acts) =
                         self.routes_rows(i, moe, (&x, &h), pos0, n, lookahead, &*access)?;
                     Clock::mark(clock, Part::Router)?;
                     let pred_ref = predictions.as_ref().map(|(l, p)| (*l, p.as_slice()));
-                    let y = moe.forward_rows(&x, n, pos0, &routes, pred_ref, access)?;
+                    let y = moe.forward_rows(&x, n, pos0, &routes, pred_ref, access, acts)?;
                     Clock::mark(clock, Part::Experts)?;
                     routing.push((moe.layer, routes));
                     y
@@ -89,8 +89,9 @@ impl Model {
     }
 
     /// [`Model::host_routes`] on rows (`x` the layer's normalised input, `h` the hidden
-    /// state): the router's product on the host; with router lookahead, the tensor form (its
-    /// two routers' logits in one product).
+    /// state): the router's product on the host, with a decode step's shared-expert activations
+    /// where they join it ([`MoeBlock::route_step_rows`]); with router lookahead, the tensor
+    /// form (its two routers' logits in one product).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn routes_rows(
         &self,
@@ -101,17 +102,17 @@ impl Model {
         n: usize,
         lookahead: bool,
         access: &dyn ExpertAccess,
-    ) -> Result<(Vec<Route>, Option<(u32, Vec<Route>)>)> {
+    ) -> Result<(Vec<Route>, Option<(u32, Vec<Route>)>, Option<Vec<f32>>)> {
         if lookahead && self.next_moe(i).is_some() {
             let dev = candle_core::Device::Cpu;
             let xt = Tensor::from_slice(x, (n, x.len() / n.max(1)), &dev)?;
             let ht = Tensor::from_slice(h, (n, h.len() / n.max(1)), &dev)?;
-            return self.host_routes(i, moe, &xt, &ht, pos0, n, lookahead, access);
+            let (routes, predictions) =
+                self.host_routes(i, moe, &xt, &ht, pos0, n, lookahead, access)?;
+            return Ok((routes, predictions, None));
         }
-        let routes = match access.replayed_routes(moe.layer, pos0, n)? {
-            Some(r) => r,
-            None => moe.router.route_rows(x, n)?,
-        };
-        Ok((routes, None))
+        let replayed = access.replayed_routes(moe.layer, pos0, n)?;
+        let (routes, acts) = moe.route_step_rows(x, n, replayed)?;
+        Ok((routes, None, acts))
     }
 }

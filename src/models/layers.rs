@@ -224,13 +224,11 @@ impl Mlp {
     /// The gate, up and down matrices where all three are host matrices without biases (what a
     /// host expert path takes: [`host_expert_rows`] of them is [`Mlp::forward`]'s bits).
     pub(crate) fn host_mats(&self) -> Option<(&HostMatrix, &HostMatrix, &HostMatrix)> {
-        fn m(l: &Linear) -> Option<&HostMatrix> {
-            match (&l.weight, &l.bias) {
-                (Weight::Host(m), None) => Some(m),
-                _ => None,
-            }
-        }
-        Some((m(&self.gate)?, m(&self.up)?, m(&self.down)?))
+        Some((
+            self.gate.host_matrix()?,
+            self.up.host_matrix()?,
+            self.down.host_matrix()?,
+        ))
     }
 }
 

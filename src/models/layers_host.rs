@@ -17,6 +17,15 @@ impl Linear {
                 .is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32)
     }
 
+    /// The layer's host matrix where it has no bias (its product is the matrix's alone, as
+    /// [`Linear::forward_rows`] computes it), else `None`.
+    pub(crate) fn host_matrix(&self) -> Option<&crate::weights::host::HostMatrix> {
+        match (&self.weight, &self.bias) {
+            (Weight::Host(m), None) => Some(m),
+            _ => None,
+        }
+    }
+
     /// [`Linear::forward`] on the `t` rows `xs` (f32, row-major, on the host): a host matrix's
     /// product straight into a vector and the bias added with the same f32 add, so the same
     /// bits; any other weight through the tensor op.

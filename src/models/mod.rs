@@ -718,8 +718,8 @@ impl Model {
 
 /// The CPU forms an A/B knob turned off in this process (`HARNESS_EXPERT_BLOCKS=0`,
 /// `HARNESS_PROMPT_BLOCKS=0`, `HARNESS_PROMPT_ATTENTION=ops`, `HARNESS_HOST_MOE=0`,
-/// `HARNESS_HOST_QKV=0`, `HARNESS_HOST_NORM_MLP=0`, `HARNESS_HOST_LAYERS=0`), as the engine's
-/// kernel label names them.
+/// `HARNESS_SHARED_BY_ROUTER=0`, `HARNESS_HOST_QKV=0`, `HARNESS_HOST_NORM_MLP=0`,
+/// `HARNESS_HOST_LAYERS=0`), as the engine's kernel label names them.
 pub fn forms_turned_off() -> Vec<&'static str> {
     [
         (moe::expert_blocks_on(), "experts one a thread"),
@@ -729,6 +729,10 @@ pub fn forms_turned_off() -> Vec<&'static str> {
             "prompt attention as tensor ops",
         ),
         (moe::host_moe_on(), "shared expert apart"),
+        (
+            moe::shared_by_router_on(),
+            "shared expert apart from the router",
+        ),
         (
             layers::host_qkv_on(),
             "attention's projections, norms and RoPE as tensor ops",

@@ -314,6 +314,15 @@ pub(crate) fn host_moe_on() -> bool {
     *ON.get_or_init(|| std::env::var("HARNESS_HOST_MOE").map_or(true, |v| v != "0"))
 }
 
+/// Whether a decode token's shared expert computes its gate and up in the router's parallel
+/// region and its down in the routed experts' ([`MoeBlock::route_step_rows`];
+/// `HARNESS_SHARED_BY_ROUTER=0`: in regions of their own, for A/B runs, which the engine's kernel
+/// label then says).
+pub(crate) fn shared_by_router_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HARNESS_SHARED_BY_ROUTER").map_or(true, |v| v != "0"))
+}
+
 /// Whether [`expert_blocks`] may say yes: not with `HARNESS_EXPERT_BLOCKS=0` (an A/B run, which
 /// the engine's kernel label then says).
 pub(crate) fn expert_blocks_on() -> bool {
@@ -528,7 +537,7 @@ impl MoeBlock {
             // `forward_tensors`).
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let t = routes.len();
-            let y = self.forward_rows(&xs, t, pos0, routes, predictions, access)?;
+            let y = self.forward_rows(&xs, t, pos0, routes, predictions, access, None)?;
             return Ok(Tensor::from_vec(y, x.dims(), x.device())?);
         }
         self.forward_tensors(x, pos0, routes, predictions, access)

@@ -120,7 +120,9 @@ pub(crate) enum Part {
     Attention = 0,
     /// Post-attention norms and the residual additions.
     Norms = 1,
-    /// Routers, and the router lookahead's predictions when a policy asks for them.
+    /// Routers, and the router lookahead's predictions when a policy asks for them (on the CPU
+    /// with several threads, a decode step's shared-expert gate and up products too: they run
+    /// in the router's parallel region, `MoeBlock::route_step_rows`).
     Router = 2,
     /// Routed and shared experts of MoE layers, including any wait for an expert to load.
     Experts = 3,

@@ -254,3 +254,64 @@ fn experiment_engine_settings_reach_the_cells_and_their_summaries() {
         .to_string();
     assert!(err.contains("kernel"), "{err}");
 }
+
+/// A decode step's shared expert runs beside its router and routed experts at 2–3 threads (its
+/// gate and up in the router's parallel region, its down among the experts one a thread:
+/// `MoeBlock::route_step_rows`), in its own products at 1. The same bits, also where a step keeps
+/// fewer experts than there are threads (misses skipped: the experts then in row blocks, the
+/// shared expert's down after them) and where a trace's routes replace the router's (the
+/// router's product then left out of that region).
+#[test]
+fn decode_steps_that_skip_or_replay_give_one_threads_bits() {
+    use moe_harness::engine::{MissMode, Replay, Sampler};
+    use moe_harness::experts::budget::Budget;
+    let d = split_sized();
+    let dir = d.path().join("m");
+    let tokens: Vec<u32> = (0..6).map(|i| (i * 613 + 5) % 8192).collect();
+    let run = |threads: usize, replay: Option<Replay>| {
+        let mut e = Engine::open(
+            &dir,
+            candle_core::Device::Cpu,
+            EngineConfig {
+                kernels: Kernels::Int8x2,
+                threads: Some(threads),
+                budget: Budget::SlotsPerLayer(4),
+                miss: MissMode::Skip,
+                record_trace: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(e.compute_threads(), threads);
+        e.set_replay(replay);
+        let g = e
+            .generate_with(&tokens, 12, &mut Sampler::Greedy, &[], true)
+            .unwrap();
+        let trace = e.take_trace();
+        let replays = Replay::from_rows(&trace, e.spec()).unwrap();
+        (g.step_logits.concat(), trace, replays)
+    };
+    let (one, trace, mut replays) = run(1, None);
+    // Four slots for 64 experts, misses skipped: steps that keep fewer than two.
+    let kept = |r: &moe_harness::trace::TraceRow| r.hits.iter().filter(|h| **h).count();
+    assert!(
+        trace
+            .iter()
+            .filter(|r| r.phase == moe_harness::experts::Phase::Decode)
+            .any(|r| kept(r) < 2),
+        "no decode step kept fewer experts than two threads: the test would prove little"
+    );
+    let replay = replays.remove(0);
+    for threads in [2, 3] {
+        for (what, replay) in [("routed", None), ("replayed", Some(replay.clone()))] {
+            let many = run(threads, replay).0;
+            assert!(
+                one.iter()
+                    .zip(&many)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads, {what}: decode differs from 1 thread (rel L2 {:.2e})",
+                rel_l2(&many, &one)
+            );
+        }
+    }
+}

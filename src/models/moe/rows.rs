@@ -16,9 +16,10 @@ use crate::models::layers::via_tensor;
 pub(super) type Fetched = Vec<(Arc<ExpertWeights>, f32)>;
 
 use super::{
-    expert_blocks, experts_apart, host_experts_rows, host_mats, host_moe_on, prefill, ExpertAccess,
-    MoeBlock, Route, Router,
+    expert_blocks, experts_apart, host_experts_rows, host_mats, host_moe_on, prefill,
+    shared_by_router_on, ExpertAccess, HostMats, MoeBlock, Route, Router,
 };
+use crate::weights::host::HostMatrix;
 
 impl Router {
     /// [`Router::route`] of the `t` rows `xs`: the gate's product on the host, each row's
@@ -49,9 +50,80 @@ impl Router {
 }
 
 impl MoeBlock {
+    /// The shared expert's matrices where a decode step of `t` rows runs them beside the router
+    /// and the routed experts ([`MoeBlock::route_step_rows`]): one row, an ungated shared expert
+    /// of host matrices, several threads and no more than the router picks (one routed expert a
+    /// thread: with more threads the experts run in row blocks, the shared expert among them).
+    fn shared_by_router(&self, t: usize) -> Option<HostMats<'_>> {
+        let threads = crate::weights::kernels::current_threads();
+        self.fusable_shared()
+            .and_then(|s| s.host_mats())
+            .filter(|_| t == 1 && threads > 1 && !expert_blocks(self.router.top_k, false))
+            .filter(|_| host_moe_on() && shared_by_router_on())
+    }
+
+    /// A step's routes — `replayed` (a trace's) or the router's on the `t` rows `xs` — and, for
+    /// a decode step that runs its shared expert beside them ([`MoeBlock::shared_by_router`]),
+    /// that expert's activations `silu(gate x) · up x`, computed in the router's parallel region
+    /// (its down product then joins the routed experts' region, [`MoeBlock::forward_rows`]).
+    /// Two parallel regions a step instead of four (the router's, the routed experts', the
+    /// shared expert's gate and up, its down): each costs a hand-off and a wait at its end,
+    /// and the router's 64 rows alone were too little work to hide them. Each row is computed
+    /// as in its own product: the same routes and bits.
+    pub fn route_step_rows(
+        &self,
+        xs: &[f32],
+        t: usize,
+        replayed: Option<Vec<Route>>,
+    ) -> Result<(Vec<Route>, Option<Vec<f32>>)> {
+        let Some((gate, up, _)) = self.shared_by_router(t) else {
+            let routes = match replayed {
+                Some(r) => r,
+                None => self.router.route_rows(xs, t)?,
+            };
+            return Ok((routes, None));
+        };
+        let router = match replayed {
+            Some(_) => None,
+            None => self.router.gate.host_matrix(),
+        };
+        // Blocks of whole tile pairs (16 rows): four a thread of the shared expert's, the
+        // router's (a fifth to a tenth of the work a row) in as many as there are threads.
+        let threads = crate::weights::kernels::current_threads();
+        let mut rows = vec![gate.rows()];
+        let mut per = vec![gate.rows().div_ceil(4 * threads).next_multiple_of(16)];
+        if let Some(g) = router {
+            rows.push(g.rows());
+            per.push(g.rows().div_ceil(threads).next_multiple_of(16));
+        }
+        let mut ys = crate::weights::kernels::by_product_blocks(
+            &rows,
+            &per,
+            &vec![1; rows.len()],
+            |i, b| match (i, router) {
+                (0, _) => crate::models::layers::silu_mul(
+                    &gate.matmul_range_q(b.clone(), xs, None),
+                    &up.matmul_range_q(b, xs, None),
+                ),
+                (_, Some(g)) => g.matmul_range_q(b, xs, None),
+                (_, None) => Vec::new(),
+            },
+        )
+        .into_iter();
+        let acts = ys.next().unwrap_or_default();
+        let routes = match (replayed, ys.next()) {
+            (Some(r), _) => r,
+            (None, Some(logits)) => vec![self.router.select(&logits)],
+            (None, None) => self.router.route_rows(xs, t)?,
+        };
+        Ok((routes, Some(acts)))
+    }
+
     /// [`MoeBlock::forward`] on the `t` rows `xs` (normalised): the same calls to `access` in
     /// the same order and the same bits, without a tensor between the steps where the experts
-    /// are host matrices.
+    /// are host matrices. `shared_acts`: a decode step's shared-expert activations from
+    /// [`MoeBlock::route_step_rows`] (its down product left to do).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_rows(
         &self,
         xs: &[f32],
@@ -60,7 +132,9 @@ impl MoeBlock {
         routes: &[Route],
         predictions: Option<(u32, &[Route])>,
         access: &mut dyn ExpertAccess,
+        shared_acts: Option<Vec<f32>>,
     ) -> Result<Vec<f32>> {
+        let acts = shared_acts.filter(|_| t == 1);
         let h = xs.len() / t.max(1);
         if t > 1 && access.never_evicts(self.layer) {
             // As `forward`: each expert once over all the tokens that chose it.
@@ -70,7 +144,7 @@ impl MoeBlock {
                 .filter(|_| host_moe_on());
             let step = (self.layer, pos0, routes, predictions);
             let routed = prefill::routed_by_expert(step, xs, access, shared)?;
-            return self.add_shared_rows(routed, xs, t, shared.is_some());
+            return self.add_shared_rows(routed, xs, t, shared.is_some(), None);
         }
         if !crate::weights::kernels::parallel() {
             // One thread: the tensor loop fetches and runs the experts one by one.
@@ -85,7 +159,7 @@ impl MoeBlock {
             let pred = predictions.map(|(l, p)| (l, p[i].experts.as_slice()));
             access.begin_step(self.layer, pos0 + i, route, pred)?;
             let (fetched, kept) = self.fetch_step(route, access)?;
-            match self.host_step_rows(xr, &fetched, kept, route, t == 1) {
+            match self.host_step_rows(xr, &fetched, kept, route, t == 1, acts.as_deref()) {
                 Some((row, with_shared)) => {
                     shared_done = with_shared;
                     out.extend(row);
@@ -98,7 +172,7 @@ impl MoeBlock {
             }
             access.end_step(route)?;
         }
-        self.add_shared_rows(out, xs, t, shared_done)
+        self.add_shared_rows(out, xs, t, shared_done, acts.as_deref())
     }
 
     /// The step's experts fetched in router order: `(weights, router weight)` of each kept one,
@@ -128,11 +202,12 @@ impl MoeBlock {
     /// them as row blocks over the threads in two parallel regions ([`host_experts_rows`]),
     /// with `shared` (a decode token) the shared expert's matrices in the same blocks where
     /// the threads outnumber them too, its output added (`routed + shared`, as
-    /// [`MoeBlock::add_shared`]); else one expert a thread. The weighted sum on the host with
-    /// the candle ops' f32 arithmetic ([`prefill::combine`]). Returns whether the shared expert
-    /// is in the output. The same bits as the tensor-op forms. `None`: not such a step.
-    /// `HARNESS_HOST_MOE=0` keeps the shared expert apart (for A/B runs; the engine's kernel
-    /// label then says so).
+    /// [`MoeBlock::add_shared`]); else one expert a thread, with `acts` (the shared expert's
+    /// activations, [`MoeBlock::route_step_rows`]) its down product's row blocks among them.
+    /// The weighted sum on the host with the candle ops' f32 arithmetic ([`prefill::combine`]).
+    /// Returns whether the shared expert is in the output. The same bits as the tensor-op
+    /// forms. `None`: not such a step. `HARNESS_HOST_MOE=0` keeps the shared expert apart (for
+    /// A/B runs; the engine's kernel label then says so).
     pub(super) fn host_step_rows(
         &self,
         xs: &[f32],
@@ -140,6 +215,7 @@ impl MoeBlock {
         kept: f32,
         route: &Route,
         shared: bool,
+        acts: Option<&[f32]>,
     ) -> Option<(Vec<f32>, bool)> {
         if crate::weights::kernels::current_threads() < 2 {
             return None;
@@ -154,18 +230,21 @@ impl MoeBlock {
         if !expert_blocks(fetched.len(), false) {
             // One expert a thread, each on its thread alone (an index that did not run: the
             // caller's tensor-op form instead).
-            let ys: Vec<Vec<f32>> = crate::weights::kernels::par_map(mats.len(), &|i| {
-                let (gate, up, down) = mats[i];
-                crate::models::layers::host_expert_rows(gate, up, down, xs)
-            })
-            .ok()?;
+            let down = acts.and_then(|a| Some((self.fusable_shared()?.host_mats()?.2, a)));
+            let (ys, shared_y) = experts_and_down(&mats, xs, down)?;
             prefill::combine(&mut row, &picks, &ys, kept, route);
-            return Some((row, false));
+            if let Some(s) = &shared_y {
+                row.iter_mut().zip(s).for_each(|(o, s)| *o += s);
+            }
+            return Some((row, shared_y.is_some()));
         }
+        // With `acts` (a step that kept fewer experts than there are threads, its misses
+        // skipped), the shared expert's down product is left to `add_shared_rows`.
         let shared = self
             .fusable_shared()
             .and_then(|s| s.host_mats())
-            .filter(|_| shared && host_moe_on() && expert_blocks(fetched.len() + 1, false));
+            .filter(|_| shared && acts.is_none())
+            .filter(|_| host_moe_on() && expert_blocks(fetched.len() + 1, false));
         mats.extend(shared);
         let mut ys = host_experts_rows(&mats, &vec![xs; mats.len()]);
         let shared_y = shared.and_then(|_| ys.pop());
@@ -177,20 +256,25 @@ impl MoeBlock {
     }
 
     /// [`MoeBlock::add_shared`] on rows: `routed` plus the shared expert's output on `xs`
-    /// (candle's f32 add), unless it is already in `routed`; a gated shared expert (Qwen3-Next)
-    /// through the tensor ops.
+    /// (candle's f32 add; from `acts`, its activations, where given: the same bits), unless it
+    /// is already in `routed`; a gated shared expert (Qwen3-Next) through the tensor ops.
     fn add_shared_rows(
         &self,
         mut routed: Vec<f32>,
         xs: &[f32],
         t: usize,
         shared_done: bool,
+        acts: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         match (&self.shared, &self.shared_gate) {
             (None, _) => Ok(routed),
             _ if shared_done => Ok(routed),
             (Some(s), None) => {
-                let y = s.forward_rows(xs, t)?;
+                let down = acts.and_then(|a| Some((s.host_mats()?.2, a)));
+                let y = match down {
+                    Some((down, a)) => down.matmul_rows(a),
+                    None => s.forward_rows(xs, t)?,
+                };
                 routed.iter_mut().zip(&y).for_each(|(r, y)| *r += y);
                 Ok(routed)
             }
@@ -201,4 +285,63 @@ impl MoeBlock {
             }
         }
     }
+}
+
+/// A decode step's outputs from [`experts_and_down`]: each routed expert's, and the shared
+/// expert's where its down product ran among them.
+type StepOutputs = (Vec<Vec<f32>>, Option<Vec<f32>>);
+
+/// One part of a decode step's parallel region in [`experts_and_down`].
+#[derive(Clone)]
+enum Part {
+    /// A routed expert, whole.
+    Expert(usize),
+    /// Rows of the shared expert's down product.
+    Down(std::ops::Range<usize>),
+}
+
+/// A decode token's routed experts `mats` on its row `xs`, one a thread, and with `down` the
+/// shared expert's down product on its activations in row blocks beside them, in one parallel
+/// region: each expert's output ([`crate::models::layers::host_expert_rows`]'s bits) and the
+/// shared expert's. The pool deals its blocks as contiguous ranges, one a thread: the parts are
+/// ordered so that each range holds its share of the experts and two of the down blocks (the
+/// experts first, then the down blocks each range ran in one region: the thread that took only
+/// down blocks stole an expert and ended a third of one after the others). `None`: a part did not
+/// run (not expected).
+fn experts_and_down(
+    mats: &[HostMats<'_>],
+    xs: &[f32],
+    down: Option<(&HostMatrix, &[f32])>,
+) -> Option<StepOutputs> {
+    let threads = crate::weights::kernels::current_threads().max(1);
+    let (ne, rows) = (mats.len(), down.map_or(0, |(d, _)| d.rows()));
+    let per = rows.div_ceil(2 * threads).next_multiple_of(16).max(16);
+    let nd = rows.div_ceil(per);
+    let parts: Vec<Part> = (0..threads)
+        .flat_map(|k| {
+            let experts = (k * ne / threads..(k + 1) * ne / threads).map(Part::Expert);
+            let blocks = (k * nd / threads..(k + 1) * nd / threads)
+                .map(|j| Part::Down(j * per..((j + 1) * per).min(rows)));
+            experts.chain(blocks)
+        })
+        .collect();
+    let ys = crate::weights::kernels::par_map(parts.len(), &|u| match (parts[u].clone(), down) {
+        (Part::Expert(i), _) => {
+            let (gate, up, d) = mats[i];
+            crate::models::layers::host_expert_rows(gate, up, d, xs)
+        }
+        (Part::Down(b), Some((d, a))) => d.matmul_range_q(b, a, None),
+        (Part::Down(_), None) => Vec::new(),
+    })
+    .ok()?;
+    let mut experts: Vec<Option<Vec<f32>>> = vec![None; ne];
+    let mut shared = down.map(|_| Vec::with_capacity(rows));
+    // The down blocks in row order: the parts hold them in order, range by range.
+    for (part, y) in parts.iter().zip(ys) {
+        match part {
+            Part::Expert(i) => experts[*i] = Some(y),
+            Part::Down(_) => shared.as_mut()?.extend(y),
+        }
+    }
+    Some((experts.into_iter().collect::<Option<Vec<_>>>()?, shared))
 }
