@@ -87,8 +87,8 @@ impl MoeBlock {
             Some(_) => None,
             None => self.router.gate.host_matrix(),
         };
-        // Blocks of whole tile pairs (16 rows): four a thread of the shared expert's, the
-        // router's (a fifth to a tenth of the work a row) in as many as there are threads.
+        // Blocks of whole tile pairs (16 rows): the shared expert's rows in four blocks a
+        // thread, the router's (64–512 rows of one matrix, not two) in one a thread.
         let threads = crate::weights::kernels::current_threads();
         let mut rows = vec![gate.rows()];
         let mut per = vec![gate.rows().div_ceil(4 * threads).next_multiple_of(16)];
@@ -304,10 +304,10 @@ enum Part {
 /// shared expert's down product on its activations in row blocks beside them, in one parallel
 /// region: each expert's output ([`crate::models::layers::host_expert_rows`]'s bits) and the
 /// shared expert's. The pool deals its blocks as contiguous ranges, one a thread: the parts are
-/// ordered so that each range holds its share of the experts and two of the down blocks (the
-/// experts first, then the down blocks each range ran in one region: the thread that took only
-/// down blocks stole an expert and ended a third of one after the others). `None`: a part did not
-/// run (not expected).
+/// ordered so that each range holds its share of the experts and two of the down blocks (with
+/// all the experts first, one thread's range would be down blocks alone: it would run out first,
+/// take a whole expert from another's range, and end up to a third of an expert's time after the
+/// others). `None`: a part did not run (not expected).
 fn experts_and_down(
     mats: &[HostMats<'_>],
     xs: &[f32],
