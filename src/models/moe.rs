@@ -386,10 +386,7 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
     let acts = by_product_blocks(&rows, &per_in, &tokens, |i, b| {
         let (gate, up, _) = mats[i];
         let q = q_in[i].as_ref().and_then(|q| q.get(inputs[i], gate.cols()));
-        silu_mul(
-            &gate.matmul_range_q(b.clone(), inputs[i], q),
-            &up.matmul_range_q(b, inputs[i], q),
-        )
+        gate_up_block(gate, up, b, inputs[i], q)
     });
     // Down, block by block.
     let rows: Vec<usize> = mats.iter().map(|m| m.2.rows()).collect();
@@ -401,6 +398,22 @@ pub(super) fn host_experts_rows(mats: &[HostMats<'_>], inputs: &[&[f32]]) -> Vec
             .and_then(|q| q.get(&acts[i], mats[i].2.cols()));
         mats[i].2.matmul_range_q(b, &acts[i], q)
     })
+}
+
+/// Rows `b` of an expert's activations `silu(gate x) · up x` on its inputs `xs` (`q`: them
+/// quantized, as [`crate::weights::host::HostMatrix::matmul_range_q`] takes it): what every
+/// block of a gate/up region computes, the same bits as the whole product's rows.
+pub(super) fn gate_up_block(
+    gate: &HostMatrix,
+    up: &HostMatrix,
+    b: std::ops::Range<usize>,
+    xs: &[f32],
+    q: Option<&crate::weights::kernels::q4::QuantizedInput>,
+) -> Vec<f32> {
+    silu_mul(
+        &gate.matmul_range_q(b.clone(), xs, q),
+        &up.matmul_range_q(b, xs, q),
+    )
 }
 
 /// `acc + y` in router order (the first expert's output as is).

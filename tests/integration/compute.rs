@@ -283,6 +283,9 @@ fn decode_steps_that_skip_or_replay_give_one_threads_bits() {
         )
         .unwrap();
         assert_eq!(e.compute_threads(), threads);
+        // The label names an A/B knob that turned the form under test off.
+        let label = e.kernels_label();
+        assert!(!label.contains("apart from the router"), "{label}");
         e.set_replay(replay);
         let g = e
             .generate_with(&tokens, 12, &mut Sampler::Greedy, &[], true)
